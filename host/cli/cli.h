@@ -1,0 +1,19 @@
+/* The sysformer command-line tool: shared helpers of the subcommands. */
+#ifndef SF_CLI_H
+#define SF_CLI_H
+
+#include <stdint.h>
+
+#include "sysformer.h"
+
+int cmd_forward(int argc, char **argv);
+int cmd_random_model(int argc, char **argv);
+int cmd_info(int argc, char **argv);
+
+/* Prints "sysformer: <what>: <status>: <last error>" to stderr and returns exit code 1. */
+int cli_report(const char *what, sf_status status);
+
+/* Parses "12,5,7" into a malloc'd array. Returns 0 on success, prints and returns 2 on error. */
+int cli_parse_ids(const char *text, int32_t **ids, int32_t *n);
+
+#endif

@@ -1,0 +1,200 @@
+/* sysformer forward / info: run token ids through a model; print a model's config. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "cli/cli.h"
+
+enum { MAX_REQUESTS = 64 };
+
+static void forward_usage(FILE *out) {
+    fprintf(out,
+            "usage: sysformer forward --model DIR --tokens IDS [--tokens IDS ...] [--top K]\n"
+            "\n"
+            "Runs each --tokens list (comma-separated token ids, one request each) through the\n"
+            "model as one packed batch on the CPU reference path, and prints the K most likely\n"
+            "next tokens of every request with their probabilities.\n"
+            "\n"
+            "  --model DIR    Hugging Face model directory (config.json + *.safetensors)\n"
+            "  --tokens IDS   token ids of one request, e.g. 1,15,2; repeat for a batch\n"
+            "  --top K        how many next tokens to print (default 5)\n");
+}
+
+static double now_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* Prints the top k entries of one row of logits as probabilities (softmax in double). */
+static void print_top(const float *logits, int32_t vocab, int k) {
+    double max = logits[0];
+    for (int32_t i = 1; i < vocab; i++) max = logits[i] > max ? logits[i] : max;
+    double sum = 0.0;
+    for (int32_t i = 0; i < vocab; i++) sum += exp((double)logits[i] - max);
+    char *taken = calloc((size_t)vocab, 1);
+    if (!taken) return;
+    for (int j = 0; j < k && j < vocab; j++) {
+        int32_t best = -1;
+        for (int32_t i = 0; i < vocab; i++) {
+            if (!taken[i] && (best < 0 || logits[i] > logits[best])) best = i;
+        }
+        taken[best] = 1;
+        printf("    %2d. token %6d  p = %.4f  logit = %+.4f\n", j + 1, best,
+               exp((double)logits[best] - max) / sum, logits[best]);
+    }
+    free(taken);
+}
+
+int cmd_forward(int argc, char **argv) {
+    const char *model_dir = NULL;
+    const char *token_lists[MAX_REQUESTS];
+    int n_req = 0, top = 5;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+            forward_usage(stdout);
+            return 0;
+        }
+        if (i + 1 >= argc) {
+            fprintf(stderr, "sysformer forward: %s needs a value\n", a);
+            return 2;
+        }
+        if (!strcmp(a, "--model")) model_dir = argv[++i];
+        else if (!strcmp(a, "--tokens")) {
+            if (n_req == MAX_REQUESTS) {
+                fprintf(stderr, "sysformer forward: at most %d requests\n", MAX_REQUESTS);
+                return 2;
+            }
+            token_lists[n_req++] = argv[++i];
+        } else if (!strcmp(a, "--top")) {
+            top = atoi(argv[++i]);
+            if (top < 1) {
+                fprintf(stderr, "sysformer forward: --top must be at least 1\n");
+                return 2;
+            }
+        } else {
+            fprintf(stderr, "sysformer forward: unknown option '%s'\n", a);
+            forward_usage(stderr);
+            return 2;
+        }
+    }
+    if (!model_dir || n_req == 0) {
+        fprintf(stderr, "sysformer forward: --model and --tokens are required\n");
+        forward_usage(stderr);
+        return 2;
+    }
+
+    /* Pack the requests back to back. */
+    int32_t cu[MAX_REQUESTS + 1] = {0};
+    int32_t *ids = NULL;
+    for (int r = 0; r < n_req; r++) {
+        int32_t *one = NULL, n = 0;
+        if (cli_parse_ids(token_lists[r], &one, &n) != 0) {
+            free(ids);
+            return 2;
+        }
+        int32_t *grown = realloc(ids, (size_t)(cu[r] + n) * sizeof *ids);
+        if (!grown) {
+            free(one);
+            free(ids);
+            fprintf(stderr, "sysformer forward: out of memory\n");
+            return 1;
+        }
+        ids = grown;
+        memcpy(ids + cu[r], one, (size_t)n * sizeof *ids);
+        cu[r + 1] = cu[r] + n;
+        free(one);
+    }
+
+    fprintf(stderr, "loading %s ...\n", model_dir);
+    double t0 = now_seconds();
+    sf_llm *llm = NULL;
+    sf_status st = sf_llm_load(model_dir, &llm);
+    if (st != SF_OK) {
+        free(ids);
+        return cli_report("loading the model", st);
+    }
+    const sf_llm_config *cfg = sf_llm_get_config(llm);
+    fprintf(stderr, "loaded in %.2f s: %d layers, hidden %d, vocab %d\n", now_seconds() - t0,
+            cfg->num_layers, cfg->hidden_size, cfg->vocab_size);
+
+    int32_t last_rows[MAX_REQUESTS];
+    for (int r = 0; r < n_req; r++) last_rows[r] = cu[r + 1] - 1;
+    float *logits = malloc((size_t)n_req * (size_t)cfg->vocab_size * sizeof(float));
+    sf_batch batch = {
+        .n_requests = n_req,
+        .cu_seqlens = cu,
+        .token_ids = ids,
+        .n_logit_rows = n_req,
+        .logit_rows = last_rows,
+    };
+    int rc = 0;
+    t0 = now_seconds();
+    st = logits ? sf_llm_forward_cpu(llm, &batch, logits) : SF_ERR_OUT_OF_MEMORY;
+    const double dt = now_seconds() - t0;
+    if (st != SF_OK) {
+        rc = cli_report("forward", st);
+    } else {
+        printf("prefill of %d tokens in %d request%s: %.3f s (%.1f tokens/s, CPU)\n", cu[n_req],
+               n_req, n_req == 1 ? "" : "s", dt, cu[n_req] / (dt > 0 ? dt : 1e-9));
+        for (int r = 0; r < n_req; r++) {
+            printf("request %d (%d tokens), next token:\n", r, cu[r + 1] - cu[r]);
+            print_top(logits + (size_t)r * (size_t)cfg->vocab_size, cfg->vocab_size, top);
+        }
+    }
+    free(logits);
+    free(ids);
+    sf_llm_free(llm);
+    return rc;
+}
+
+static const char *arch_name(sf_arch a) {
+    switch (a) {
+    case SF_ARCH_LLAMA: return "llama";
+    case SF_ARCH_MISTRAL: return "mistral";
+    case SF_ARCH_QWEN2: return "qwen2";
+    case SF_ARCH_PHI3: return "phi3";
+    }
+    return "?";
+}
+
+static const char *rope_name(sf_rope_type t) {
+    switch (t) {
+    case SF_ROPE_DEFAULT: return "default";
+    case SF_ROPE_LINEAR: return "linear";
+    case SF_ROPE_LLAMA3: return "llama3";
+    case SF_ROPE_LONGROPE: return "longrope";
+    }
+    return "?";
+}
+
+int cmd_info(int argc, char **argv) {
+    if (argc != 3 || strcmp(argv[1], "--model") != 0) {
+        fprintf(argc == 2 && !strcmp(argv[1], "--help") ? stdout : stderr,
+                "usage: sysformer info --model DIR\n\nLoads the model and prints its config.\n");
+        return argc == 2 && !strcmp(argv[1], "--help") ? 0 : 2;
+    }
+    sf_llm *llm = NULL;
+    sf_status st = sf_llm_load(argv[2], &llm);
+    if (st != SF_OK) return cli_report("loading the model", st);
+    const sf_llm_config *c = sf_llm_get_config(llm);
+    printf("arch                  %s\n", arch_name(c->arch));
+    printf("vocab_size            %d\n", c->vocab_size);
+    printf("hidden_size           %d\n", c->hidden_size);
+    printf("intermediate_size     %d\n", c->intermediate_size);
+    printf("layers                %d\n", c->num_layers);
+    printf("heads / kv heads      %d / %d (head_dim %d)\n", c->num_heads, c->num_kv_heads,
+           c->head_dim);
+    printf("max positions         %d\n", c->max_position_embeddings);
+    printf("rms_norm_eps          %g\n", c->rms_norm_eps);
+    printf("rope                  %s, theta %g\n", rope_name(c->rope.type), c->rope_theta);
+    printf("sliding window        %d\n", c->sliding_window);
+    printf("tied embeddings       %s\n", c->tie_word_embeddings ? "yes" : "no");
+    printf("attention bias        %s\n",
+           c->attention_bias ? "q, k, v, o" : (c->qkv_bias ? "q, k, v" : "none"));
+    sf_llm_free(llm);
+    return 0;
+}

@@ -1,0 +1,82 @@
+/* sysformer — command-line front end of libsysformer. The library never prints; this does. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli/cli.h"
+
+static void usage(FILE *out) {
+    fprintf(out,
+            "usage: sysformer <command> [options]\n"
+            "\n"
+            "commands:\n"
+            "  forward        run token ids through a model and print the top next tokens\n"
+            "  info           print a model's configuration\n"
+            "  random-model   write a small random Llama model (the embedded default)\n"
+            "  version        print the library version\n"
+            "\n"
+            "Run 'sysformer <command> --help' for a command's options.\n");
+}
+
+int cli_report(const char *what, sf_status status) {
+    const char *msg = sf_last_error();
+    fprintf(stderr, "sysformer: %s: %s%s%s\n", what, sf_status_string(status), *msg ? ": " : "",
+            msg);
+    return 1;
+}
+
+int cli_parse_ids(const char *text, int32_t **ids, int32_t *n) {
+    *ids = NULL;
+    *n = 0;
+    size_t cap = 1;
+    for (const char *p = text; *p; p++) cap += (*p == ',');
+    int32_t *out = malloc(cap * sizeof *out);
+    if (!out) {
+        fprintf(stderr, "sysformer: out of memory\n");
+        return 2;
+    }
+    const char *p = text;
+    int32_t count = 0;
+    while (*p) {
+        char *end = NULL;
+        long v = strtol(p, &end, 10);
+        if (end == p || v < 0 || v > 0x7fffffffL || (*end != ',' && *end != '\0')) {
+            fprintf(stderr, "sysformer: bad token id list '%s' (want e.g. 1,15,2)\n", text);
+            free(out);
+            return 2;
+        }
+        out[count++] = (int32_t)v;
+        p = (*end == ',') ? end + 1 : end;
+    }
+    if (count == 0) {
+        fprintf(stderr, "sysformer: empty token id list\n");
+        free(out);
+        return 2;
+    }
+    *ids = out;
+    *n = count;
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") ||
+        !strcmp(argv[1], "help")) {
+        usage(argc < 2 ? stderr : stdout);
+        return argc < 2 ? 2 : 0;
+    }
+    const char *cmd = argv[1];
+    if (!strcmp(cmd, "forward")) return cmd_forward(argc - 1, argv + 1);
+    if (!strcmp(cmd, "info")) return cmd_info(argc - 1, argv + 1);
+    if (!strcmp(cmd, "random-model")) return cmd_random_model(argc - 1, argv + 1);
+    if (!strcmp(cmd, "version") || !strcmp(cmd, "--version")) {
+        int devices = 0;
+        sf_cuda_device_count(&devices);
+        printf("sysformer %d.%d.%d (CUDA %s, %d device%s)\n", SF_VERSION_MAJOR, SF_VERSION_MINOR,
+               SF_VERSION_PATCH, sf_cuda_built() ? "built" : "not built", devices,
+               devices == 1 ? "" : "s");
+        return 0;
+    }
+    fprintf(stderr, "sysformer: unknown command '%s'\n\n", cmd);
+    usage(stderr);
+    return 2;
+}

@@ -1,0 +1,25 @@
+/* Internal: the CUDA launchers, callable from C and C++. Device pointers throughout; every
+ * launcher enqueues on the given stream, never synchronises, and returns SF_ERR_CUDA when the
+ * launch itself fails. */
+#ifndef SF_KERNELS_H
+#define SF_KERNELS_H
+
+#include <cuda_runtime.h>
+
+#include "sysformer.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* embedding.cu: out[i, :] = table[ids[i], :] for fp32 rows of dim floats. An id outside
+ * [0, vocab) writes a zero row and, when bad_ids is not NULL, increments *bad_ids (device int),
+ * so a serving stack can check validity without a host round trip. */
+sf_status sf_cuda_embedding_f32(float *out, const float *table, const int32_t *ids, int64_t n,
+                                int64_t dim, int32_t vocab, int *bad_ids, cudaStream_t stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
