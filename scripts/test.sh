@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it (.ci/run calls this):
+#   1. the Release build (CUDA kernels too when nvcc exists) and every GoogleTest test;
+#   2. the CPU tests again under AddressSanitizer + UndefinedBehaviorSanitizer;
+#   3. install, then build and run an integrator's project against find_package(sysformer).
+# Usage: scripts/test.sh [BUILD_ROOT]     (default: build)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=${1:-build}
+jobs=$(nproc)
+
+scripts/setup.sh --tests
+# ctest runs tests in parallel; one BLAS/OpenMP thread per test process avoids oversubscription.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-1}
+
+echo "== 1/3 release build and tests"
+cmake -S . -B "$root" -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake --build "$root" -j "$jobs"
+ctest --test-dir "$root" --output-on-failure -j "$jobs"
+
+echo "== 2/3 sanitizer build (ASan + UBSan) and CPU tests"
+cmake -S . -B "$root-asan" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSF_SANITIZE=ON -DSF_CUDA=OFF \
+      -DSF_BUILD_CLI=OFF >/dev/null
+cmake --build "$root-asan" -j "$jobs"
+ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
+    ctest --test-dir "$root-asan" --output-on-failure -j "$jobs"
+
+echo "== 3/3 find_package(sysformer) from an integrator's project"
+rm -rf "$root/install" "$root/consumer"
+cmake --install "$root" --prefix "$root/install" >/dev/null
+cmake -S tests/consumer -B "$root/consumer" -DCMAKE_PREFIX_PATH="$PWD/$root/install" >/dev/null
+cmake --build "$root/consumer"
+"$root/sysformer" random-model --out "$root/consumer/model" >/dev/null
+"$root/consumer/consumer" "$root/consumer/model"
+
+echo "== all test stages passed"
