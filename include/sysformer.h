@@ -164,6 +164,142 @@ typedef struct sf_batch {
 sf_status sf_llm_forward_cpu(const sf_llm *llm, const sf_batch *batch, float *logits);
 
 /* ------------------------------------------------------------------------------------------ */
+/* The Sysformer: rewriting system-prompt embeddings per request                               */
+/* ------------------------------------------------------------------------------------------ */
+
+/* A PyTorch nn.TransformerDecoder over the system-prompt embeddings S (queries, self-attention)
+ * with the user-prompt embeddings P as memory (cross-attention), no masks, no dropout:
+ *   norm_first = false:  X = LN1(X + SA(X));  X = LN2(X + CA(X, P));  X = LN3(X + FF(X))
+ *   norm_first = true:   X = X + SA(LN1(X));  X = X + CA(LN2(X), P);  X = X + FF(LN3(X))
+ * FF(x) = linear2(act(linear1(x))); S' = X, or norm(X) with final_norm. See docs/SYSFORMER.md
+ * for the on-disk format (sysformer.json + sysformer.safetensors with PyTorch's names). */
+typedef enum sf_activation {
+    SF_ACT_RELU = 0,
+    SF_ACT_GELU = 1, /* exact erf form, as PyTorch's "gelu" */
+} sf_activation;
+
+typedef struct sf_sysformer_config {
+    int32_t d_model;         /* must equal the LLM's hidden size                        */
+    int32_t num_layers;
+    int32_t num_heads;       /* must divide d_model                                     */
+    int32_t dim_feedforward;
+    sf_activation activation;
+    bool norm_first;
+    float layer_norm_eps;
+    bool final_norm;
+    bool has_classifier;     /* the training head classifier.weight [1, d] / .bias [1]   */
+    /* Provenance, all optional (NULL or 0 when unknown); strings owned by the Sysformer. */
+    const char *llm_name;
+    int32_t llm_hidden_size;
+    int32_t llm_vocab_size;
+    const char *llm_embedding_hash; /* "fnv1a64:<16 hex>" over the fp32 embedding table */
+    const char *system_prompt;      /* the default system prompt text                   */
+    const char *chat_template;      /* the chat template name, e.g. "llama3"            */
+} sf_sysformer_config;
+
+typedef struct sf_sysformer sf_sysformer;
+
+/* The configuration a new Sysformer gets for this LLM: d_model = hidden size, 2 layers, the
+ * LLM's head count, 4·d feed-forward, relu, norm_first = true, eps 1e-5, no final norm, with a
+ * classifier head, and the LLM's sizes as provenance. */
+sf_sysformer_config sf_sysformer_default_config(const sf_llm *llm);
+
+/* Creates a Sysformer for llm. out_proj and linear2 (weights and biases) are zero, so that with
+ * norm_first and no final norm S' = S exactly (a -0.0 input entry comes out as +0.0, which
+ * compares equal); the other weights follow PyTorch's default initialisation (xavier-uniform
+ * in_proj, kaiming-uniform linears, zero attention biases, unit norms) drawn from seed, each
+ * layer independently. Fails with SF_ERR_CONFIG when cfg disagrees with the LLM. */
+sf_status sf_sysformer_init(const sf_llm *llm, const sf_sysformer_config *cfg, uint64_t seed,
+                            sf_sysformer **out);
+
+/* Loads dir/sysformer.json and the safetensors file it names (default sysformer.safetensors)
+ * and validates it against llm: d_model equals the hidden size, heads divide d_model, every
+ * tensor is present with the right shape, and recorded provenance (hidden size, vocab size,
+ * embedding hash) matches. Errors name the tensor or key. */
+sf_status sf_sysformer_load(const char *dir, const sf_llm *llm, sf_sysformer **out);
+
+/* Writes dir/sysformer.json and dir/sysformer.safetensors (F32). dir must exist. */
+sf_status sf_sysformer_save(const sf_sysformer *sysformer, const char *dir);
+
+void sf_sysformer_free(sf_sysformer *sysformer);
+
+const sf_sysformer_config *sf_sysformer_get_config(const sf_sysformer *sysformer);
+
+/* Computes "fnv1a64:<16 hex digits>", FNV-1a 64 over the bytes of the LLM's embedding table as
+ * little-endian fp32 (vocab x hidden), into buf (at least 25 bytes). */
+sf_status sf_llm_embedding_hash(const sf_llm *llm, char *buf, size_t buf_size);
+
+/* A packed batch of rewrite requests: request r's system rows are [cu_system[r],
+ * cu_system[r+1]) of system, its user rows [cu_user[r], cu_user[r+1]) of user. A request with
+ * no system rows has nothing to rewrite; one with system rows but no user rows is refused
+ * (SF_ERR_INVALID_ARGUMENT): cross-attention over nothing is undefined. */
+typedef struct sf_rewrite_batch {
+    int32_t n_requests;
+    const int32_t *cu_system; /* [n_requests + 1] */
+    const int32_t *cu_user;   /* [n_requests + 1] */
+    const float *system;      /* [cu_system[n], d_model] the LLM's embeddings of the system spans */
+    const float *user;        /* [cu_user[n], d_model]   the LLM's embeddings of the user spans   */
+} sf_rewrite_batch;
+
+/* Runs the Sysformer on the CPU: system_out [cu_system[n], d_model] receives S'. system_out may
+ * equal system (in place). */
+sf_status sf_sysformer_forward_cpu(const sf_sysformer *sysformer, const sf_rewrite_batch *batch,
+                                   float *system_out);
+
+/* ------------------------------------------------------------------------------------------ */
+/* Guarded prompts                                                                             */
+/* ------------------------------------------------------------------------------------------ */
+
+/* The five spans of an assembled chat prompt, as token counts, in order:
+ * prefix | system content | middle | user content | suffix (the suffix opens the assistant
+ * turn). */
+typedef struct sf_prompt_spans {
+    int32_t prefix, system, middle, user, suffix;
+} sf_prompt_spans;
+
+/* A chat template split into the token ids of its fixed pieces. (Tokenizers and the built-in
+ * templates that produce these arrive with the tokenizer; callers can fill it themselves.) */
+typedef struct sf_chat_template {
+    const int32_t *prefix;
+    int32_t n_prefix;
+    const int32_t *middle;
+    int32_t n_middle;
+    const int32_t *suffix;
+    int32_t n_suffix;
+} sf_chat_template;
+
+/* Writes prefix ⊕ system ⊕ middle ⊕ user ⊕ suffix into out_ids (capacity ids) and the span
+ * lengths into *spans. Fails with SF_ERR_OUT_OF_RANGE if capacity is too small. */
+sf_status sf_assemble_prompt(const sf_chat_template *tmpl, const int32_t *system_ids,
+                             int32_t n_system, const int32_t *user_ids, int32_t n_user,
+                             int32_t *out_ids, int32_t capacity, sf_prompt_spans *spans);
+
+/* A packed batch of assembled prompts: request r's tokens are token_ids[cu_seqlens[r] ..
+ * cu_seqlens[r+1]), split by spans[r] (whose lengths must add up to the request's length). */
+typedef struct sf_guarded_batch {
+    int32_t n_requests;
+    const int32_t *cu_seqlens;     /* [n_requests + 1]                                    */
+    const int32_t *token_ids;      /* [total]                                             */
+    const sf_prompt_spans *spans;  /* [n_requests]                                        */
+    sf_kv_cache *const *kv_caches; /* [n_requests], or NULL; as in sf_batch. Each cache must
+                                      be empty: a guarded prompt is a fresh prefill         */
+    int32_t n_logit_rows;
+    const int32_t *logit_rows;     /* [n_logit_rows], packed row indices                 */
+} sf_guarded_batch;
+
+/* Builds the LLM's input embeddings for the batch: E[token] for every row, with the system
+ * span of each request replaced by the Sysformer's S' (computed from that request's system and
+ * user embeddings). embeds is [total, hidden_size]. With sysformer NULL, plain E[token]. */
+sf_status sf_guarded_embed_cpu(const sf_llm *llm, const sf_sysformer *sysformer,
+                               const sf_guarded_batch *batch, float *embeds);
+
+/* sf_guarded_embed_cpu, then the LLM prefill from those embeddings (sf_llm_forward_cpu):
+ * logits [n_logit_rows, vocab]. Decoding then continues with sf_llm_forward_cpu on the same
+ * caches, one token per request. */
+sf_status sf_guarded_forward_cpu(const sf_llm *llm, const sf_sysformer *sysformer,
+                                 const sf_guarded_batch *batch, float *logits);
+
+/* ------------------------------------------------------------------------------------------ */
 /* CUDA                                                                                        */
 /* ------------------------------------------------------------------------------------------ */
 
