@@ -5,10 +5,13 @@
 #include <stdlib.h>
 #include <unistd.h>
 
+#include <string.h>
+
 #include <cmath>
 #include <string>
 #include <vector>
 
+#include "io/safetensors.h"
 #include "model/random_llm.h"
 #include "sysformer.h"
 
@@ -61,4 +64,54 @@ inline double rel_error(const float *a, const float *b, size_t n) {
         den += (double)b[i] * (double)b[i];
     }
     return std::sqrt(num / (den > 0.0 ? den : 1.0));
+}
+
+// Deterministic values in [-2, 2) without zeros (so no -0.0 can appear), seeded.
+inline std::vector<float> random_rows(size_t n, unsigned seed) {
+    std::vector<float> v(n);
+    uint64_t x = 0x9E3779B97F4A7C15ull * (seed + 1);
+    for (auto &f : v) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        f = (float)((double)(x >> 11) / 9007199254740992.0 * 4.0 - 2.0);
+        if (f == 0.0f) f = 0.5f;
+    }
+    return v;
+}
+
+// Writes a Sysformer for llm to dir (which must exist) whose every weight is random and
+// non-zero, as after training: attention and feed-forward branches all open, norms near 1.
+// Failures are reported through gtest in the caller's test.
+inline void write_trained_sysformer(const sf_llm *llm, const sf_sysformer_config &cfg,
+                                    uint64_t seed, const std::string &dir) {
+    sf_sysformer *sf = nullptr;
+    ASSERT_EQ(sf_sysformer_init(llm, &cfg, seed, &sf), SF_OK) << sf_last_error();
+    ASSERT_EQ(sf_sysformer_save(sf, dir.c_str()), SF_OK) << sf_last_error();
+    sf_sysformer_free(sf);
+    const std::string path = dir + "/sysformer.safetensors";
+    sf_st_archive *ar = nullptr;
+    ASSERT_EQ(sf_st_open(path.c_str(), &ar), SF_OK) << sf_last_error();
+    const int64_t n = sf_st_count(ar);
+    std::vector<std::string> names;
+    std::vector<std::vector<float>> data;
+    std::vector<sf_st_entry> entries((size_t)n);
+    for (int64_t i = 0; i < n; i++) {
+        const sf_st_tensor *t = sf_st_at(ar, i);
+        names.push_back(t->name);
+        data.push_back(random_rows((size_t)t->numel, (unsigned)(seed * 131 + i)));
+        for (auto &f : data.back()) f *= 0.3f;
+        if (strstr(t->name, "norm") && strstr(t->name, "weight")) {
+            for (auto &f : data.back()) f += 1.0f;
+        }
+        entries[i].dtype = SF_DTYPE_F32;
+        entries[i].ndim = t->ndim;
+        for (int j = 0; j < t->ndim; j++) entries[i].shape[j] = t->shape[j];
+    }
+    sf_st_close(ar);
+    for (int64_t i = 0; i < n; i++) {
+        entries[i].name = names[i].c_str();
+        entries[i].data = data[i].data();
+    }
+    ASSERT_EQ(sf_st_write(path.c_str(), entries.data(), n, nullptr), SF_OK) << sf_last_error();
 }
