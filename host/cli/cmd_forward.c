@@ -11,15 +11,19 @@ enum { MAX_REQUESTS = 64 };
 
 static void forward_usage(FILE *out) {
     fprintf(out,
-            "usage: sysformer forward --model DIR --tokens IDS [--tokens IDS ...] [--top K]\n"
+            "usage: sysformer forward --model DIR --tokens IDS [--spans P,S,M,U,X]\n"
+            "                         [--tokens IDS [--spans ...] ...] [--sysformer DIR] [--top K]\n"
             "\n"
             "Runs each --tokens list (comma-separated token ids, one request each) through the\n"
             "model as one packed batch on the CPU reference path, and prints the K most likely\n"
             "next tokens of every request with their probabilities.\n"
             "\n"
-            "  --model DIR    Hugging Face model directory (config.json + *.safetensors)\n"
-            "  --tokens IDS   token ids of one request, e.g. 1,15,2; repeat for a batch\n"
-            "  --top K        how many next tokens to print (default 5)\n");
+            "  --model DIR      Hugging Face model directory (config.json + *.safetensors)\n"
+            "  --tokens IDS     token ids of one request, e.g. 1,15,2; repeat for a batch\n"
+            "  --spans LENS     the request's span lengths prefix,system,middle,user,suffix\n"
+            "                   (they must add up to its token count); needed with --sysformer\n"
+            "  --sysformer DIR  guard the prompts: rewrite each system span with this Sysformer\n"
+            "  --top K          how many next tokens to print (default 5)\n");
 }
 
 static double now_seconds(void) {
@@ -49,8 +53,9 @@ static void print_top(const float *logits, int32_t vocab, int k) {
 }
 
 int cmd_forward(int argc, char **argv) {
-    const char *model_dir = NULL;
+    const char *model_dir = NULL, *sysformer_dir = NULL;
     const char *token_lists[MAX_REQUESTS];
+    const char *span_lists[MAX_REQUESTS] = {NULL};
     int n_req = 0, top = 5;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -69,6 +74,14 @@ int cmd_forward(int argc, char **argv) {
                 return 2;
             }
             token_lists[n_req++] = argv[++i];
+        } else if (!strcmp(a, "--spans")) {
+            if (n_req == 0) {
+                fprintf(stderr, "sysformer forward: --spans follows the --tokens it describes\n");
+                return 2;
+            }
+            span_lists[n_req - 1] = argv[++i];
+        } else if (!strcmp(a, "--sysformer")) {
+            sysformer_dir = argv[++i];
         } else if (!strcmp(a, "--top")) {
             top = atoi(argv[++i]);
             if (top < 1) {
@@ -109,6 +122,31 @@ int cmd_forward(int argc, char **argv) {
         free(one);
     }
 
+    sf_prompt_spans spans[MAX_REQUESTS];
+    for (int r = 0; r < n_req; r++) {
+        int32_t *lens = NULL, n = 0;
+        if (!span_lists[r]) {
+            if (sysformer_dir) {
+                fprintf(stderr, "sysformer forward: request %d needs --spans with --sysformer\n", r);
+                free(ids);
+                return 2;
+            }
+            continue;
+        }
+        if (cli_parse_ids(span_lists[r], &lens, &n) != 0) {
+            free(ids);
+            return 2;
+        }
+        if (n != 5) {
+            fprintf(stderr, "sysformer forward: --spans takes 5 lengths, got %d\n", n);
+            free(lens);
+            free(ids);
+            return 2;
+        }
+        spans[r] = (sf_prompt_spans){lens[0], lens[1], lens[2], lens[3], lens[4]};
+        free(lens);
+    }
+
     fprintf(stderr, "loading %s ...\n", model_dir);
     double t0 = now_seconds();
     sf_llm *llm = NULL;
@@ -120,6 +158,17 @@ int cmd_forward(int argc, char **argv) {
     const sf_llm_config *cfg = sf_llm_get_config(llm);
     fprintf(stderr, "loaded in %.2f s: %d layers, hidden %d, vocab %d\n", now_seconds() - t0,
             cfg->num_layers, cfg->hidden_size, cfg->vocab_size);
+    sf_sysformer *sf = NULL;
+    if (sysformer_dir) {
+        st = sf_sysformer_load(sysformer_dir, llm, &sf);
+        if (st != SF_OK) {
+            free(ids);
+            sf_llm_free(llm);
+            return cli_report("loading the Sysformer", st);
+        }
+        fprintf(stderr, "guarding with the Sysformer in %s (%d layers)\n", sysformer_dir,
+                sf_sysformer_get_config(sf)->num_layers);
+    }
 
     int32_t last_rows[MAX_REQUESTS];
     for (int r = 0; r < n_req; r++) last_rows[r] = cu[r + 1] - 1;
@@ -133,13 +182,21 @@ int cmd_forward(int argc, char **argv) {
     };
     int rc = 0;
     t0 = now_seconds();
-    st = logits ? sf_llm_forward_cpu(llm, &batch, logits) : SF_ERR_OUT_OF_MEMORY;
+    if (!logits) {
+        st = SF_ERR_OUT_OF_MEMORY;
+    } else if (sf) {
+        sf_guarded_batch gb = {n_req, cu, ids, spans, NULL, n_req, last_rows};
+        st = sf_guarded_forward_cpu(llm, sf, &gb, logits);
+    } else {
+        st = sf_llm_forward_cpu(llm, &batch, logits);
+    }
     const double dt = now_seconds() - t0;
     if (st != SF_OK) {
         rc = cli_report("forward", st);
     } else {
-        printf("prefill of %d tokens in %d request%s: %.3f s (%.1f tokens/s, CPU)\n", cu[n_req],
-               n_req, n_req == 1 ? "" : "s", dt, cu[n_req] / (dt > 0 ? dt : 1e-9));
+        printf("%sprefill of %d tokens in %d request%s: %.3f s (%.1f tokens/s, CPU)\n",
+               sf ? "guarded " : "", cu[n_req], n_req, n_req == 1 ? "" : "s", dt,
+               cu[n_req] / (dt > 0 ? dt : 1e-9));
         for (int r = 0; r < n_req; r++) {
             printf("request %d (%d tokens), next token:\n", r, cu[r + 1] - cu[r]);
             print_top(logits + (size_t)r * (size_t)cfg->vocab_size, cfg->vocab_size, top);
@@ -147,6 +204,7 @@ int cmd_forward(int argc, char **argv) {
     }
     free(logits);
     free(ids);
+    sf_sysformer_free(sf);
     sf_llm_free(llm);
     return rc;
 }

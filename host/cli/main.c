@@ -12,6 +12,8 @@ static void usage(FILE *out) {
             "commands:\n"
             "  forward        run token ids through a model and print the top next tokens\n"
             "  info           print a model's configuration\n"
+            "  init           create a new Sysformer for a model\n"
+            "  rewrite        write a system prompt's embeddings before and after a Sysformer\n"
             "  random-model   write a small random Llama model (the embedded default)\n"
             "  version        print the library version\n"
             "\n"
@@ -68,6 +70,8 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "forward")) return cmd_forward(argc - 1, argv + 1);
     if (!strcmp(cmd, "info")) return cmd_info(argc - 1, argv + 1);
     if (!strcmp(cmd, "random-model")) return cmd_random_model(argc - 1, argv + 1);
+    if (!strcmp(cmd, "init")) return cmd_init(argc - 1, argv + 1);
+    if (!strcmp(cmd, "rewrite")) return cmd_rewrite(argc - 1, argv + 1);
     if (!strcmp(cmd, "version") || !strcmp(cmd, "--version")) {
         int devices = 0;
         sf_cuda_device_count(&devices);
