@@ -23,7 +23,6 @@ typedef struct weight_slot {
     char name[SF_NAME_MAX];
     int32_t ndim;
     int64_t shape[2];
-    const sf_st_tensor *tensor;
     int64_t offset; /* into sf_llm.weights, in floats, once assigned */
     int n_dst;
     const float **dst[3];
@@ -130,29 +129,22 @@ static sf_status list_weights(sf_llm *llm, slot_list *list) {
     return SF_OK;
 }
 
-static bool is_float_dtype(sf_dtype t) {
-    return t == SF_DTYPE_F32 || t == SF_DTYPE_F16 || t == SF_DTYPE_BF16;
-}
-
-static sf_status load_weights(sf_llm *llm, const sf_st_archive *ar) {
+static sf_status load_weights(sf_llm *llm, const sf_weight_source *src) {
     slot_list list = {0};
     sf_status st = list_weights(llm, &list);
     int64_t total = 0;
     for (int64_t i = 0; st == SF_OK && i < list.count; i++) {
         weight_slot *s = &list.items[i];
-        st = sf_st_get(ar, s->name, s->ndim, s->shape, &s->tensor);
-        if (st == SF_OK && !is_float_dtype(s->tensor->dtype)) {
-            st = sf_fail(SF_ERR_SHAPE, "%s: tensor '%s' has dtype %s; expected F32, F16 or BF16",
-                         s->tensor->path, s->name, sf_dtype_name(s->tensor->dtype));
-        }
+        st = src->check(src->ctx, s->name, s->ndim, s->shape);
         if (st == SF_OK) {
             s->offset = total;
-            total += s->tensor->numel; /* shapes were checked against int32 config values */
+            /* shapes were checked against int32 config values, so this cannot overflow */
+            total += s->shape[0] * (s->ndim == 2 ? s->shape[1] : 1);
         }
     }
     if (st == SF_OK) {
-        llm->weights = malloc((size_t)total * sizeof(float));
-        if (!llm->weights && total > 0) {
+        llm->weights = malloc((size_t)(total + 1) * sizeof(float));
+        if (!llm->weights) {
             st = sf_fail(SF_ERR_OUT_OF_MEMORY, "cannot allocate %lld bytes for the weights",
                          (long long)total * 4);
         }
@@ -161,7 +153,7 @@ static sf_status load_weights(sf_llm *llm, const sf_st_archive *ar) {
     for (int64_t i = 0; st == SF_OK && i < list.count; i++) {
         weight_slot *s = &list.items[i];
         float *dst = llm->weights + s->offset;
-        st = sf_st_to_f32(s->tensor, dst);
+        st = src->read(src->ctx, s->name, dst);
         for (int j = 0; j < s->n_dst; j++) *s->dst[j] = dst + s->dst_offset[j];
     }
     if (st == SF_OK && llm->cfg.tie_word_embeddings) llm->lm_head = llm->embed;
@@ -169,33 +161,72 @@ static sf_status load_weights(sf_llm *llm, const sf_st_archive *ar) {
     return st;
 }
 
-sf_status sf_llm_load(const char *model_dir, sf_llm **out) {
-    if (!model_dir || !out) return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_llm_load: NULL argument");
+sf_status sf_llm_build(sf_llm_config *cfg, const sf_weight_source *src, sf_llm **out) {
     *out = NULL;
-    size_t dir_len = strlen(model_dir);
-    char *config_path = malloc(dir_len + sizeof "/config.json");
-    if (!config_path) return sf_fail(SF_ERR_OUT_OF_MEMORY, "sf_llm_load: out of memory");
-    memcpy(config_path, model_dir, dir_len);
-    memcpy(config_path + dir_len, "/config.json", sizeof "/config.json");
-
     sf_llm *llm = calloc(1, sizeof *llm);
-    sf_st_archive *ar = NULL;
-    sf_status st = llm ? SF_OK : sf_fail(SF_ERR_OUT_OF_MEMORY, "sf_llm_load: out of memory");
-    if (st == SF_OK) st = sf_llm_config_load(config_path, &llm->cfg);
-    if (st == SF_OK) {
-        llm->layers = calloc((size_t)llm->cfg.num_layers, sizeof *llm->layers);
-        if (!llm->layers) st = sf_fail(SF_ERR_OUT_OF_MEMORY, "sf_llm_load: out of memory");
+    if (!llm) {
+        sf_llm_config_release(cfg);
+        return sf_fail(SF_ERR_OUT_OF_MEMORY, "sf_llm_load: out of memory");
     }
-    if (st == SF_OK) st = sf_st_open(model_dir, &ar);
-    if (st == SF_OK) st = load_weights(llm, ar);
-    sf_st_close(ar);
-    free(config_path);
+    llm->cfg = *cfg;
+    memset(cfg, 0, sizeof *cfg); /* the model owns the config's arrays now */
+    sf_status st = SF_OK;
+    llm->layers = calloc((size_t)llm->cfg.num_layers, sizeof *llm->layers);
+    if (!llm->layers) st = sf_fail(SF_ERR_OUT_OF_MEMORY, "sf_llm_load: out of memory");
+    if (st == SF_OK) st = load_weights(llm, src);
     if (st != SF_OK) {
         sf_llm_free(llm);
         return st;
     }
     *out = llm;
     return SF_OK;
+}
+
+/* The safetensors source: tensors by their Hugging Face names, F32/F16/BF16. */
+static sf_status st_check(void *ctx, const char *name, int32_t ndim, const int64_t *shape) {
+    const sf_st_tensor *t = NULL;
+    sf_status st = sf_st_get(ctx, name, ndim, shape, &t);
+    if (st == SF_OK && t->dtype != SF_DTYPE_F32 && t->dtype != SF_DTYPE_F16 &&
+        t->dtype != SF_DTYPE_BF16) {
+        st = sf_fail(SF_ERR_SHAPE, "%s: tensor '%s' has dtype %s; expected F32, F16 or BF16",
+                     t->path, name, sf_dtype_name(t->dtype));
+    }
+    return st;
+}
+
+static sf_status st_read(void *ctx, const char *name, float *dst) {
+    return sf_st_to_f32(sf_st_find(ctx, name), dst);
+}
+
+static bool ends_with(const char *s, const char *suffix) {
+    size_t n = strlen(s), m = strlen(suffix);
+    return n >= m && strcmp(s + n - m, suffix) == 0;
+}
+
+sf_status sf_llm_load(const char *path, sf_llm **out) {
+    if (!path || !out) return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_llm_load: NULL argument");
+    *out = NULL;
+    if (ends_with(path, ".gguf")) return sf_llm_load_gguf(path, out);
+
+    size_t dir_len = strlen(path);
+    char *config_path = malloc(dir_len + sizeof "/config.json");
+    if (!config_path) return sf_fail(SF_ERR_OUT_OF_MEMORY, "sf_llm_load: out of memory");
+    memcpy(config_path, path, dir_len);
+    memcpy(config_path + dir_len, "/config.json", sizeof "/config.json");
+    sf_llm_config cfg;
+    sf_st_archive *ar = NULL;
+    sf_status st = sf_llm_config_load(config_path, &cfg);
+    free(config_path);
+    if (st != SF_OK) return st;
+    st = sf_st_open(path, &ar);
+    if (st != SF_OK) {
+        sf_llm_config_release(&cfg);
+        return st;
+    }
+    sf_weight_source src = {ar, st_check, st_read};
+    st = sf_llm_build(&cfg, &src, out);
+    sf_st_close(ar);
+    return st;
 }
 
 void sf_llm_free(sf_llm *llm) {

@@ -41,6 +41,25 @@ struct sf_kv_cache {
     float *v;                  /* [n_layers, capacity, kv_dim]            */
 };
 
+/* Where a model's tensors come from, named as in Hugging Face checkpoints
+ * ("model.layers.3.self_attn.q_proj.weight"): a safetensors archive, or a GGUF file whose names
+ * and layouts the source translates. */
+typedef struct sf_weight_source {
+    void *ctx;
+    /* Fails (naming the tensor) unless `name` exists with this shape (ndim entries) and can be
+     * read as floats. */
+    sf_status (*check)(void *ctx, const char *name, int32_t ndim, const int64_t *shape);
+    /* Writes the checked tensor to dst as fp32, in Hugging Face layout. */
+    sf_status (*read)(void *ctx, const char *name, float *dst);
+} sf_weight_source;
+
+/* Builds a model from a parsed config, which it takes over (cfg is zeroed; on failure it is
+ * released), checking every tensor the config implies before one fp32 allocation. */
+sf_status sf_llm_build(sf_llm_config *cfg, const sf_weight_source *src, sf_llm **out);
+
+/* llm_gguf.c: loads a llama.cpp GGUF file (config from its metadata, tensors dequantised). */
+sf_status sf_llm_load_gguf(const char *path, sf_llm **out);
+
 #ifdef __cplusplus
 }
 #endif
