@@ -164,6 +164,58 @@ typedef struct sf_batch {
 sf_status sf_llm_forward_cpu(const sf_llm *llm, const sf_batch *batch, float *logits);
 
 /* ------------------------------------------------------------------------------------------ */
+/* Tokenizers                                                                                  */
+/* ------------------------------------------------------------------------------------------ */
+
+/* A tokenizer of one of two families: byte-level BPE (GPT-2 / Llama-3 / Qwen2 / SmolLM2) or
+ * SentencePiece-style BPE with byte fallback (Llama-2 / Mistral / zephyr / Phi-3). */
+typedef struct sf_tokenizer sf_tokenizer;
+
+/* Loads a tokenizer from a model directory (tokenizer.json, plus tokenizer_config.json when
+ * present for special tokens, BOS handling and the chat template) or from a .gguf file's
+ * tokenizer.ggml.* metadata. */
+sf_status sf_tokenizer_load(const char *path, sf_tokenizer **out);
+void sf_tokenizer_free(sf_tokenizer *tok);
+
+int32_t sf_tokenizer_vocab_size(const sf_tokenizer *tok);
+int32_t sf_tokenizer_bos_id(const sf_tokenizer *tok); /* -1 when none */
+int32_t sf_tokenizer_eos_id(const sf_tokenizer *tok); /* -1 when none */
+/* Whether encoding adds BOS by default (tokenizer_config / GGUF add_bos_token). */
+bool sf_tokenizer_adds_bos(const sf_tokenizer *tok);
+/* The id of a token given by its exact text (e.g. "<|im_end|>"), or -1. */
+int32_t sf_tokenizer_token_id(const sf_tokenizer *tok, const char *piece);
+/* Whether id is a special (control) token, which decoding may skip. */
+bool sf_tokenizer_is_special(const sf_tokenizer *tok, int32_t id);
+/* The chat template text (Jinja source) the files carry, or NULL. Valid as long as tok. */
+const char *sf_tokenizer_chat_template(const sf_tokenizer *tok);
+
+/* Encodes len bytes of UTF-8 text. With parse_special, added/special tokens written in the text
+ * ("<|im_start|>") become their ids before BPE runs on the rest; without it they are ordinary
+ * text. add_bos prepends BOS (when the tokenizer has one). Writes at most capacity ids; *n_ids
+ * receives the number the text needs, and SF_ERR_OUT_OF_RANGE is returned when that exceeds
+ * capacity. Invalid UTF-8 fails with SF_ERR_INVALID_ARGUMENT naming the byte offset. */
+sf_status sf_tokenizer_encode(const sf_tokenizer *tok, const char *text, size_t len,
+                              bool add_bos, bool parse_special, int32_t *ids, int32_t capacity,
+                              int32_t *n_ids);
+
+/* Decodes ids to UTF-8 text as transformers' decode does (skip_special drops special tokens).
+ * Writes at most cap bytes plus a NUL; *len receives the length needed (excluding the NUL) and
+ * SF_ERR_OUT_OF_RANGE is returned when it does not fit. Ids out of range fail. */
+sf_status sf_tokenizer_decode(const sf_tokenizer *tok, const int32_t *ids, int32_t n,
+                              bool skip_special, char *out, size_t cap, size_t *len);
+
+/* Incremental decoding for streaming: push one id at a time and get only complete UTF-8
+ * characters back; bytes of a character split across tokens are held until it completes. */
+typedef struct sf_detokenizer sf_detokenizer;
+sf_status sf_detokenizer_create(const sf_tokenizer *tok, bool skip_special, sf_detokenizer **out);
+void sf_detokenizer_free(sf_detokenizer *d);
+/* Appends the text that id completes to out (cap bytes, NUL-terminated); *len receives its
+ * length. Never returns a partial UTF-8 sequence. */
+sf_status sf_detokenizer_push(sf_detokenizer *d, int32_t id, char *out, size_t cap, size_t *len);
+/* Returns what is still held (an incomplete sequence at the end comes back as U+FFFD). */
+sf_status sf_detokenizer_flush(sf_detokenizer *d, char *out, size_t cap, size_t *len);
+
+/* ------------------------------------------------------------------------------------------ */
 /* The Sysformer: rewriting system-prompt embeddings per request                               */
 /* ------------------------------------------------------------------------------------------ */
 
@@ -298,6 +350,126 @@ sf_status sf_guarded_embed_cpu(const sf_llm *llm, const sf_sysformer *sysformer,
  * caches, one token per request. */
 sf_status sf_guarded_forward_cpu(const sf_llm *llm, const sf_sysformer *sysformer,
                                  const sf_guarded_batch *batch, float *logits);
+
+/* ------------------------------------------------------------------------------------------ */
+/* Chat templates                                                                              */
+/* ------------------------------------------------------------------------------------------ */
+
+/* The built-in chat templates. Each is a family's template cut into fixed text pieces around
+ * the system and user contents (no Jinja engine): see docs/TEMPLATES.md, which also says how
+ * to add one. */
+typedef enum sf_template_id {
+    SF_TEMPLATE_LLAMA3 = 0,
+    SF_TEMPLATE_LLAMA2 = 1,
+    SF_TEMPLATE_MISTRAL = 2, /* no system role: the system text opens the first [INST]       */
+    SF_TEMPLATE_PHI3 = 3,
+    SF_TEMPLATE_ZEPHYR = 4,
+    SF_TEMPLATE_CHATML = 5,  /* SmolLM2, Qwen2                                               */
+} sf_template_id;
+
+/* The text pieces of a template, in prompt order:
+ *   prefix  SYSTEM  middle  [history]  USER  suffix  → the assistant reply → assistant_end
+ * A conversation's earlier turns go between middle and the last user message, each as
+ *   user_i  suffix  reply_i  assistant_end  user_start
+ * end_of_turn is the token text that ends an assistant reply ("<|eot_id|>", "<|im_end|>"). */
+typedef struct sf_template_text {
+    const char *name;
+    const char *prefix;
+    const char *middle;
+    const char *suffix;
+    const char *assistant_end;
+    const char *user_start;
+    const char *end_of_turn;
+} sf_template_text;
+
+/* The pieces of a built-in template (static storage). NULL for an unknown id. */
+const sf_template_text *sf_template_get(sf_template_id id);
+
+/* Looks a template up by name ("llama3", "chatml", ...). SF_ERR_NOT_FOUND lists the names. */
+sf_status sf_template_by_name(const char *name, sf_template_id *out);
+
+/* Recognises a family from a Jinja chat-template source (tokenizer_config.json or GGUF
+ * tokenizer.chat_template) by the markers it uses. SF_ERR_NOT_FOUND when none matches. */
+sf_status sf_template_detect(const char *jinja_source, sf_template_id *out);
+
+/* One earlier exchange of a conversation. */
+typedef struct sf_chat_turn {
+    const char *user;
+    const char *assistant;
+} sf_chat_turn;
+
+/* Tokenizes a chat prompt piece by piece so that its spans are exact: the template pieces with
+ * special tokens parsed, the system and user contents as plain text (a user cannot inject a
+ * control token). history (n_history turns, may be 0) lands in the middle span. Writes at most
+ * capacity ids and the spans; SF_ERR_OUT_OF_RANGE when the prompt needs more (*n_ids says how
+ * many). */
+sf_status sf_chat_encode(const sf_tokenizer *tok, sf_template_id tmpl, const char *system_text,
+                         const sf_chat_turn *history, int32_t n_history, const char *user_text,
+                         int32_t *ids, int32_t capacity, int32_t *n_ids, sf_prompt_spans *spans);
+
+/* ------------------------------------------------------------------------------------------ */
+/* Generation                                                                                  */
+/* ------------------------------------------------------------------------------------------ */
+
+typedef struct sf_sampling {
+    float temperature; /* <= 0: greedy (argmax; the lowest id wins a tie)                    */
+    int32_t top_k;     /* keep the k most likely tokens; <= 0: off                           */
+    float top_p;       /* keep the smallest set with probability mass >= top_p; >= 1: off    */
+    uint64_t seed;     /* each request draws from its own stream started from this seed, so
+                          a request's output does not depend on the rest of the batch       */
+} sf_sampling;
+
+/* Picks one token from a row of logits. *rng_state is the request's stream (start it at
+ * sampling->seed); it advances by one draw per sampled token. */
+sf_status sf_sample(const float *logits, int32_t vocab, const sf_sampling *sampling,
+                    uint64_t *rng_state, int32_t *token);
+
+typedef enum sf_finish_reason {
+    SF_FINISH_LENGTH = 0,      /* max_new_tokens reached                     */
+    SF_FINISH_STOP_TOKEN = 1,  /* a stop id (EOS, end of turn) was generated  */
+    SF_FINISH_STOP_STRING = 2, /* the text ended with a stop string          */
+    SF_FINISH_CONTEXT = 3,     /* the context window is full                 */
+    SF_FINISH_CALLBACK = 4,    /* the stream callback asked to stop          */
+} sf_finish_reason;
+
+/* A batch of prompts to continue: packed token ids as in sf_guarded_batch. */
+typedef struct sf_generation {
+    int32_t n_requests;
+    const int32_t *cu_seqlens;     /* [n_requests + 1]                                      */
+    const int32_t *token_ids;      /* [total] the prompts                                   */
+    const sf_prompt_spans *spans;  /* [n_requests]; required with a Sysformer, else unused  */
+    int32_t max_new_tokens;
+    sf_sampling sampling;
+    const int32_t *stop_ids;       /* [n_stop_ids] tokens that end a reply (not emitted)    */
+    int32_t n_stop_ids;
+    const char *const *stop_strings; /* [n_stop_strings]; need a tokenizer; removed from text */
+    int32_t n_stop_strings;
+} sf_generation;
+
+/* Streaming: called after every new token of a request, with the UTF-8 text it completes (may
+ * be empty; never a partial character; only with a tokenizer, else NULL). Return false to stop
+ * that request. */
+typedef bool (*sf_stream_fn)(void *user, int32_t request, int32_t token, const char *text,
+                             size_t text_len);
+
+typedef struct sf_generation_result {
+    int32_t *tokens;  /* the generated ids (stop id excluded); free with the result */
+    int32_t n_tokens;
+    char *text;       /* the decoded reply (special tokens skipped, stop string removed), when
+                         a tokenizer was given; else NULL */
+    sf_finish_reason finish;
+} sf_generation_result;
+
+/* Generates continuations for every prompt on the CPU: one packed prefill (guarded when
+ * sysformer is not NULL), then batched decode steps of one token per unfinished request, each
+ * with its own KV cache, until each request stops. results[n_requests] are filled (release each
+ * with sf_generation_result_free). tok may be NULL (no text, no stop strings). A prompt that
+ * leaves no room in the context window fails with SF_ERR_OUT_OF_RANGE. */
+sf_status sf_generate_cpu(const sf_llm *llm, const sf_sysformer *sysformer,
+                          const sf_tokenizer *tok, const sf_generation *gen, sf_stream_fn stream,
+                          void *user, sf_generation_result *results);
+
+void sf_generation_result_free(sf_generation_result *result);
 
 /* ------------------------------------------------------------------------------------------ */
 /* CUDA                                                                                        */
