@@ -1,0 +1,259 @@
+// Sampling and batched generation on a tiny random model (no tokenizer needed).
+#include <gtest/gtest.h>
+
+#include <math.h>
+#include <string.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "model_fixtures.h"
+#include "sysformer.h"
+
+namespace {
+
+TEST(Sample, GreedyTakesTheFirstMaximum) {
+    const float logits[5] = {0.5f, 2.0f, -1.0f, 2.0f, 1.0f};
+    sf_sampling s = {};
+    uint64_t rng = 0;
+    int32_t t = -1;
+    ASSERT_EQ(sf_sample(logits, 5, &s, &rng, &t), SF_OK);
+    EXPECT_EQ(t, 1);
+    s.temperature = 0.7f;
+    s.top_k = 1;  // top-1 sampling is greedy whatever the draw
+    for (int i = 0; i < 20; i++) {
+        ASSERT_EQ(sf_sample(logits, 5, &s, &rng, &t), SF_OK);
+        EXPECT_EQ(t, 1);
+    }
+    EXPECT_EQ(sf_sample(logits, 0, &s, &rng, &t), SF_ERR_INVALID_ARGUMENT);
+}
+
+// Frequencies of N draws from softmax([0, ln 2, ln 4]) = (1/7, 2/7, 4/7). Each count is
+// binomial: its frequency has standard deviation sqrt(p(1-p)/N) <= 0.0035 for N = 20000, so a
+// correct sampler lands within 5 sigma (0.018) except with probability < 1e-6 per check, and
+// the draws are seeded, so the outcome is fixed anyway. A sampler ignoring temperature, top-k
+// or top-p misses by >= 0.1.
+TEST(Sample, FrequenciesFollowTheFilteredSoftmax) {
+    const float logits[3] = {0.0f, logf(2.0f), logf(4.0f)};
+    const int N = 20000;
+    auto freqs = [&](sf_sampling s) {
+        std::vector<int> count(3, 0);
+        uint64_t rng = s.seed;
+        for (int i = 0; i < N; i++) {
+            int32_t t = -1;
+            EXPECT_EQ(sf_sample(logits, 3, &s, &rng, &t), SF_OK);
+            if (t >= 0 && t < 3) count[t]++;
+        }
+        return std::vector<double>{(double)count[0] / N, (double)count[1] / N, (double)count[2] / N};
+    };
+    const double tol = 5 * 0.0035;
+    auto f = freqs({1.0f, 0, 1.0f, 7});
+    EXPECT_NEAR(f[0], 1.0 / 7, tol);
+    EXPECT_NEAR(f[1], 2.0 / 7, tol);
+    EXPECT_NEAR(f[2], 4.0 / 7, tol);
+    f = freqs({1.0f, 2, 1.0f, 8});  // top-2: (2/6, 4/6)
+    EXPECT_EQ(f[0], 0.0);
+    EXPECT_NEAR(f[1], 1.0 / 3, tol);
+    EXPECT_NEAR(f[2], 2.0 / 3, tol);
+    f = freqs({1.0f, 0, 0.5f, 9});  // 4/7 >= 0.5 already: only the top token
+    EXPECT_EQ(f[2], 1.0);
+    f = freqs({1.0f, 0, 0.6f, 10});  // 4/7 < 0.6: the top two
+    EXPECT_EQ(f[0], 0.0);
+    EXPECT_NEAR(f[1], 1.0 / 3, tol);
+    f = freqs({0.5f, 0, 1.0f, 11});  // T = 0.5 squares the odds: (1, 4, 16) / 21
+    EXPECT_NEAR(f[2], 16.0 / 21, tol);
+}
+
+TEST(Sample, SameSeedSameDraws) {
+    const float logits[4] = {0.1f, 0.2f, 0.3f, 0.4f};
+    sf_sampling s = {1.0f, 0, 1.0f, 42};
+    uint64_t a = s.seed, b = s.seed, c = 43;
+    int diff = 0;
+    for (int i = 0; i < 50; i++) {
+        int32_t ta, tb, tc;
+        sf_sample(logits, 4, &s, &a, &ta);
+        sf_sample(logits, 4, &s, &b, &tb);
+        sf_sample(logits, 4, &s, &c, &tc);
+        EXPECT_EQ(ta, tb);
+        diff += ta != tc;
+    }
+    EXPECT_GT(diff, 0);
+}
+
+class Generate : public ::testing::Test {
+  protected:
+    void SetUp() override {
+        sf_llm_config cfg = tiny_llama_config();
+        ASSERT_EQ(sf_random_llm_write(dir_.path().c_str(), &cfg, 31), SF_OK) << sf_last_error();
+        ASSERT_EQ(sf_llm_load(dir_.path().c_str(), &llm_), SF_OK) << sf_last_error();
+        prompts_ = {{1, 5, 9, 13, 2}, {1, 40}, {1, 7, 7, 7, 7, 7, 7, 3}};
+    }
+    void TearDown() override { sf_llm_free(llm_); }
+
+    // Generates for the given prompts; returns the token lists.
+    std::vector<std::vector<int32_t>> run(const std::vector<std::vector<int32_t>> &prompts,
+                                          sf_generation g, std::vector<sf_finish_reason> *why = nullptr,
+                                          sf_status want = SF_OK) {
+        std::vector<int32_t> cu = {0}, ids;
+        for (auto &p : prompts) {
+            ids.insert(ids.end(), p.begin(), p.end());
+            cu.push_back((int32_t)ids.size());
+        }
+        g.n_requests = (int32_t)prompts.size();
+        g.cu_seqlens = cu.data();
+        g.token_ids = ids.data();
+        std::vector<sf_generation_result> res(prompts.size());
+        EXPECT_EQ(sf_generate_cpu(llm_, nullptr, nullptr, &g, nullptr, nullptr, res.data()), want)
+            << sf_last_error();
+        std::vector<std::vector<int32_t>> out;
+        if (want != SF_OK) return out;
+        for (auto &r : res) {
+            out.emplace_back(r.tokens, r.tokens + r.n_tokens);
+            EXPECT_EQ(r.text, nullptr);
+            if (why) why->push_back(r.finish);
+            sf_generation_result_free(&r);
+        }
+        return out;
+    }
+
+    TempDir dir_;
+    sf_llm *llm_ = nullptr;
+    std::vector<std::vector<int32_t>> prompts_;
+};
+
+TEST_F(Generate, BatchedGreedyEqualsEachRequestAlone) {
+    sf_generation g = {};
+    g.max_new_tokens = 12;
+    std::vector<sf_finish_reason> why;
+    auto batched = run(prompts_, g, &why);
+    ASSERT_EQ(batched.size(), 3u);
+    for (size_t r = 0; r < prompts_.size(); r++) {
+        EXPECT_EQ(batched[r].size(), 12u);
+        EXPECT_EQ(why[r], SF_FINISH_LENGTH);
+        auto alone = run({prompts_[r]}, g);
+        EXPECT_EQ(alone[0], batched[r]) << "request " << r;
+    }
+}
+
+// A stop id ends one request early while the others run on (and is not emitted).
+TEST_F(Generate, RequestsFinishAtDifferentTimes) {
+    sf_generation g = {};
+    g.max_new_tokens = 10;
+    auto free_run = run(prompts_, g);
+    const int32_t stop = free_run[1][3];
+    size_t first_in_1 = 0;
+    while (free_run[1][first_in_1] != stop) first_in_1++;
+    g.stop_ids = &stop;
+    g.n_stop_ids = 1;
+    std::vector<sf_finish_reason> why;
+    auto stopped = run(prompts_, g, &why);
+    EXPECT_EQ(why[1], SF_FINISH_STOP_TOKEN);
+    EXPECT_EQ(stopped[1], std::vector<int32_t>(free_run[1].begin(), free_run[1].begin() + first_in_1));
+    for (int r : {0, 2}) {
+        auto it = std::find(free_run[r].begin(), free_run[r].end(), stop);
+        EXPECT_EQ(stopped[r], std::vector<int32_t>(free_run[r].begin(), it)) << "request " << r;
+    }
+}
+
+TEST_F(Generate, ContextWindowLimits) {
+    const int32_t max_pos = sf_llm_get_config(llm_)->max_position_embeddings;
+    sf_generation g = {};
+    g.max_new_tokens = 10;
+    std::vector<int32_t> too_long(max_pos, 3);
+    run({too_long}, g, nullptr, SF_ERR_OUT_OF_RANGE);
+    EXPECT_NE(strstr(sf_last_error(), "context window"), nullptr) << sf_last_error();
+    // Two positions left: the reply fills them, plus the token sampled at the last position.
+    std::vector<sf_finish_reason> why;
+    auto out = run({std::vector<int32_t>(max_pos - 2, 3)}, g, &why);
+    EXPECT_EQ(why[0], SF_FINISH_CONTEXT);
+    EXPECT_EQ(out[0].size(), 3u);
+    g.max_new_tokens = 0;
+    run({prompts_[0]}, g, nullptr, SF_ERR_INVALID_ARGUMENT);
+    g.max_new_tokens = 4;
+    run({std::vector<int32_t>{}}, g, nullptr, SF_ERR_INVALID_ARGUMENT);
+}
+
+// A request's sampled output depends on its seed, not on the rest of the batch.
+TEST_F(Generate, SamplingIsRepeatableAndBatchIndependent) {
+    sf_generation g = {};
+    g.max_new_tokens = 8;
+    g.sampling = {1.0f, 20, 0.95f, 1234};
+    auto a = run(prompts_, g);
+    auto b = run(prompts_, g);
+    EXPECT_EQ(a, b);
+    auto alone = run({prompts_[2]}, g);
+    EXPECT_EQ(alone[0], a[2]);
+    g.sampling.seed = 99;
+    auto c = run(prompts_, g);
+    EXPECT_NE(a, c);
+}
+
+struct StreamLog {
+    std::vector<std::pair<int32_t, int32_t>> calls;
+    int stop_after = -1;
+};
+
+bool record(void *user, int32_t request, int32_t token, const char *text, size_t len) {
+    auto *log = static_cast<StreamLog *>(user);
+    EXPECT_EQ(text, nullptr);  // no tokenizer, no text
+    EXPECT_EQ(len, 0u);
+    log->calls.emplace_back(request, token);
+    return !(log->stop_after >= 0 && (int)log->calls.size() >= log->stop_after);
+}
+
+TEST_F(Generate, StreamingSeesEveryTokenAndCanStop) {
+    std::vector<int32_t> cu = {0, 5}, ids = prompts_[0];
+    sf_generation g = {};
+    g.n_requests = 1;
+    g.cu_seqlens = cu.data();
+    g.token_ids = ids.data();
+    g.max_new_tokens = 6;
+    StreamLog log;
+    sf_generation_result res;
+    ASSERT_EQ(sf_generate_cpu(llm_, nullptr, nullptr, &g, record, &log, &res), SF_OK);
+    ASSERT_EQ(log.calls.size(), 6u);
+    for (int i = 0; i < 6; i++) EXPECT_EQ(log.calls[i].second, res.tokens[i]);
+    sf_generation_result_free(&res);
+    log = StreamLog{};
+    log.stop_after = 2;
+    ASSERT_EQ(sf_generate_cpu(llm_, nullptr, nullptr, &g, record, &log, &res), SF_OK);
+    EXPECT_EQ(res.finish, SF_FINISH_CALLBACK);
+    EXPECT_EQ(res.n_tokens, 2);
+    sf_generation_result_free(&res);
+}
+
+// Guarded generation with a fresh Sysformer is unguarded generation; stop strings need a
+// tokenizer, and a Sysformer needs spans.
+TEST_F(Generate, GuardedWithAFreshSysformerAndArgumentChecks) {
+    sf_sysformer_config c = sf_sysformer_default_config(llm_);
+    sf_sysformer *sf = nullptr;
+    ASSERT_EQ(sf_sysformer_init(llm_, &c, 3, &sf), SF_OK);
+    std::vector<int32_t> ids = {1, 5, 6, 7, 2, 9, 10, 3}, cu = {0, 8};
+    sf_prompt_spans spans = {1, 3, 1, 2, 1};
+    sf_generation g = {};
+    g.n_requests = 1;
+    g.cu_seqlens = cu.data();
+    g.token_ids = ids.data();
+    g.spans = &spans;
+    g.max_new_tokens = 6;
+    sf_generation_result guarded, plain;
+    ASSERT_EQ(sf_generate_cpu(llm_, sf, nullptr, &g, nullptr, nullptr, &guarded), SF_OK)
+        << sf_last_error();
+    ASSERT_EQ(sf_generate_cpu(llm_, nullptr, nullptr, &g, nullptr, nullptr, &plain), SF_OK);
+    ASSERT_EQ(guarded.n_tokens, plain.n_tokens);
+    EXPECT_EQ(0, memcmp(guarded.tokens, plain.tokens, plain.n_tokens * sizeof(int32_t)));
+    sf_generation_result_free(&guarded);
+    sf_generation_result_free(&plain);
+
+    g.spans = nullptr;
+    EXPECT_EQ(sf_generate_cpu(llm_, sf, nullptr, &g, nullptr, nullptr, &plain), SF_ERR_INVALID_ARGUMENT);
+    g.spans = &spans;
+    const char *stop = "x";
+    g.stop_strings = &stop;
+    g.n_stop_strings = 1;
+    EXPECT_EQ(sf_generate_cpu(llm_, sf, nullptr, &g, nullptr, nullptr, &plain), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_NE(strstr(sf_last_error(), "tokenizer"), nullptr);
+    sf_sysformer_free(sf);
+}
+
+}  // namespace
