@@ -43,5 +43,30 @@ grep -q "guarded prefill" "$tmp/out" || { echo "FAIL: guarded output"; fails=$((
 expect 2 "forward --sysformer without --spans" -- "$cli" forward --model "$m" --sysformer "$tmp/sf2" --tokens 1,2
 expect 1 "forward, spans not adding up" -- "$cli" forward --model "$m" --sysformer "$tmp/sf2" \
     --tokens 1,2,3 --spans 1,1,1,1,1
+
+# Text in, text out on the real model when it has been fetched (weights/fetch_smollm2.sh).
+here=$(cd "$(dirname "$0")/.." && pwd)
+g=${SF_SMOLLM2_GGUF:-$here/weights/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
+if [[ -f $g ]]; then
+    expect 0 "generate --prompt" -- "$cli" generate --model "$g" --prompt "What is the capital of France?" \
+        --max-new-tokens 16
+    grep -q "Paris" "$tmp/out" || { echo "FAIL: no Paris in the reply"; fails=$((fails + 1)); }
+    printf '%s\n' '{"prompt": "Say hi."}' '{"instruction": "Name a color.", "id": 7}' >"$tmp/in.jsonl"
+    expect 0 "generate --input JSONL" -- "$cli" generate --model "$g" --input "$tmp/in.jsonl" \
+        --output "$tmp/out.jsonl" --max-new-tokens 8 --temperature 0.7 --top-p 0.9 --seed 1
+    [[ $(grep -c '"response"' "$tmp/out.jsonl") -eq 2 ]] && grep -q '"id":7' "$tmp/out.jsonl" ||
+        { echo "FAIL: JSONL output"; cat "$tmp/out.jsonl"; fails=$((fails + 1)); }
+    expect 0 "generate guarded" -- "$cli" init --model "$g" --out "$tmp/sfg" --template chatml
+    expect 0 "generate --sysformer" -- "$cli" generate --model "$g" --sysformer "$tmp/sfg" \
+        --system "Be brief." --prompt "What is the capital of France?" --max-new-tokens 16
+    expect 0 "chat (piped)" -- bash -c "printf 'Hello\n/reset\nWhat is 2+2?\n' | '$cli' chat --model '$g' --max-new-tokens 8"
+    expect 2 "generate without a prompt" -- "$cli" generate --model "$g"
+    expect 1 "generate, unknown template" -- "$cli" generate --model "$g" --template vicuna --prompt hi
+    grep -q "chatml" "$tmp/out" || { echo "FAIL: template hint"; fails=$((fails + 1)); }
+    printf 'not json\n' >"$tmp/bad.jsonl"
+    expect 2 "generate, malformed JSONL" -- "$cli" generate --model "$g" --input "$tmp/bad.jsonl" --output "$tmp/x.jsonl"
+else
+    echo "skipped: generate/chat on SmolLM2 (run weights/fetch_smollm2.sh)"
+fi
 echo "${fails} failed"
 [[ $fails -eq 0 ]]

@@ -11,6 +11,8 @@ int cmd_random_model(int argc, char **argv);
 int cmd_info(int argc, char **argv);
 int cmd_init(int argc, char **argv);
 int cmd_rewrite(int argc, char **argv);
+int cmd_generate(int argc, char **argv);
+int cmd_chat(int argc, char **argv);
 
 /* Prints "sysformer: <what>: <status>: <last error>" to stderr and returns exit code 1. */
 int cli_report(const char *what, sf_status status);

@@ -10,6 +10,8 @@ static void usage(FILE *out) {
             "usage: sysformer <command> [options]\n"
             "\n"
             "commands:\n"
+            "  generate       reply to a prompt, or to a JSONL file of prompts\n"
+            "  chat           an interactive conversation\n"
             "  forward        run token ids through a model and print the top next tokens\n"
             "  info           print a model's configuration\n"
             "  init           create a new Sysformer for a model\n"
@@ -67,6 +69,8 @@ int main(int argc, char **argv) {
         return argc < 2 ? 2 : 0;
     }
     const char *cmd = argv[1];
+    if (!strcmp(cmd, "generate")) return cmd_generate(argc - 1, argv + 1);
+    if (!strcmp(cmd, "chat")) return cmd_chat(argc - 1, argv + 1);
     if (!strcmp(cmd, "forward")) return cmd_forward(argc - 1, argv + 1);
     if (!strcmp(cmd, "info")) return cmd_info(argc - 1, argv + 1);
     if (!strcmp(cmd, "random-model")) return cmd_random_model(argc - 1, argv + 1);

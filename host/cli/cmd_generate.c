@@ -1,0 +1,423 @@
+/* sysformer generate / chat: text in, text out, optionally guarded by a Sysformer. */
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "cli/cli.h"
+#include "core/error.h"
+
+static const char k_default_system[] = "You are a helpful assistant.";
+
+/* Everything a generate or chat session loads once. */
+typedef struct session {
+    sf_llm *llm;
+    sf_tokenizer *tok;
+    sf_sysformer *sf;
+    sf_template_id tmpl;
+    const char *system;
+    sf_sampling sampling;
+    int32_t max_new_tokens;
+    int32_t stop_ids[2];
+    int32_t n_stop_ids;
+    const char *stops[16];
+    int32_t n_stops;
+} session;
+
+typedef struct options {
+    const char *model, *tokenizer, *sysformer, *system, *template_name;
+    const char *prompt, *input, *output;
+    int32_t max_new_tokens, batch;
+    sf_sampling sampling;
+    const char *stops[16];
+    int32_t n_stops;
+} options;
+
+static void usage(FILE *out, const char *cmd) {
+    const bool chat = !strcmp(cmd, "chat");
+    fprintf(out, "usage: sysformer %s --model PATH [options]\n\n", cmd);
+    if (chat) {
+        fprintf(out, "An interactive conversation: type a message and press enter; the reply\n"
+                     "streams back. /reset starts a new conversation, /quit (or end of input)\n"
+                     "leaves.\n\n");
+    } else {
+        fprintf(out, "Generates a reply to one prompt (--prompt, streamed to stdout), or to every\n"
+                     "line of a JSONL file (--input: {\"prompt\": ...} or {\"instruction\": ...},\n"
+                     "optionally \"system\") written as JSONL to --output, with a progress bar.\n\n");
+    }
+    fprintf(out,
+            "  --model PATH          a .gguf file or a Hugging Face model directory\n"
+            "  --tokenizer PATH      tokenizer (default: the model's own files)\n"
+            "  --sysformer DIR       guard every prompt with this Sysformer\n"
+            "  --system TEXT         the system prompt (default: the Sysformer's recorded one,\n"
+            "                        else \"%s\")\n"
+            "  --template NAME       llama3, llama2, mistral, phi3, zephyr or chatml\n"
+            "                        (default: detected from the tokenizer's chat template)\n"
+            "  --max-new-tokens N    default 256\n"
+            "  --temperature T       0 (default) is greedy\n"
+            "  --top-k K, --top-p P  sampling filters (default off)\n"
+            "  --seed S              sampling seed (default 0)\n"
+            "  --stop TEXT           stop when the reply ends with TEXT (repeatable)\n",
+            k_default_system);
+    if (!chat) {
+        fprintf(out,
+                "  --prompt TEXT         one prompt\n"
+                "  --input FILE.jsonl    many prompts ...\n"
+                "  --output FILE.jsonl   ... and where their replies go\n"
+                "  --batch N             prompts generated together (default 8)\n");
+    }
+}
+
+static int parse_options(int argc, char **argv, const char *cmd, options *o) {
+    memset(o, 0, sizeof *o);
+    o->max_new_tokens = 256;
+    o->batch = 8;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+            usage(stdout, cmd);
+            return -1;
+        }
+        if (i + 1 >= argc) {
+            fprintf(stderr, "sysformer %s: %s needs a value (see --help)\n", cmd, a);
+            return 2;
+        }
+        const char *v = argv[++i];
+        char *end = NULL;
+        if (!strcmp(a, "--model")) o->model = v;
+        else if (!strcmp(a, "--tokenizer")) o->tokenizer = v;
+        else if (!strcmp(a, "--sysformer")) o->sysformer = v;
+        else if (!strcmp(a, "--system")) o->system = v;
+        else if (!strcmp(a, "--template")) o->template_name = v;
+        else if (!strcmp(a, "--prompt")) o->prompt = v;
+        else if (!strcmp(a, "--input")) o->input = v;
+        else if (!strcmp(a, "--output")) o->output = v;
+        else if (!strcmp(a, "--max-new-tokens")) o->max_new_tokens = (int32_t)strtol(v, &end, 10);
+        else if (!strcmp(a, "--batch")) o->batch = (int32_t)strtol(v, &end, 10);
+        else if (!strcmp(a, "--temperature")) o->sampling.temperature = strtof(v, &end);
+        else if (!strcmp(a, "--top-k")) o->sampling.top_k = (int32_t)strtol(v, &end, 10);
+        else if (!strcmp(a, "--top-p")) o->sampling.top_p = strtof(v, &end);
+        else if (!strcmp(a, "--seed")) o->sampling.seed = strtoull(v, &end, 10);
+        else if (!strcmp(a, "--stop")) {
+            if (o->n_stops == 16) {
+                fprintf(stderr, "sysformer %s: at most 16 --stop strings\n", cmd);
+                return 2;
+            }
+            o->stops[o->n_stops++] = v;
+        } else {
+            fprintf(stderr, "sysformer %s: unknown option '%s' (see --help)\n", cmd, a);
+            return 2;
+        }
+        if (end && *end) {
+            fprintf(stderr, "sysformer %s: %s wants a number, not '%s'\n", cmd, a, v);
+            return 2;
+        }
+    }
+    if (!o->model) {
+        fprintf(stderr, "sysformer %s: --model is required: a .gguf file or a model directory "
+                        "(weights/fetch_smollm2.sh fetches SmolLM2-135M-Instruct)\n", cmd);
+        return 2;
+    }
+    if (o->max_new_tokens < 1 || o->batch < 1) {
+        fprintf(stderr, "sysformer %s: --max-new-tokens and --batch must be at least 1\n", cmd);
+        return 2;
+    }
+    return 0;
+}
+
+static void session_free(session *s) {
+    sf_sysformer_free(s->sf);
+    sf_tokenizer_free(s->tok);
+    sf_llm_free(s->llm);
+}
+
+static int session_open(const options *o, const char *cmd, session *s) {
+    memset(s, 0, sizeof *s);
+    fprintf(stderr, "loading %s ...\n", o->model);
+    sf_status st = sf_llm_load(o->model, &s->llm);
+    if (st != SF_OK) return cli_report("loading the model", st);
+    st = sf_tokenizer_load(o->tokenizer ? o->tokenizer : o->model, &s->tok);
+    if (st != SF_OK) {
+        session_free(s);
+        fprintf(stderr, "sysformer %s: the tokenizer is read from the model's own files "
+                        "(tokenizer.json or GGUF metadata); give --tokenizer PATH otherwise\n", cmd);
+        return cli_report("loading the tokenizer", st);
+    }
+    if (o->sysformer) {
+        st = sf_sysformer_load(o->sysformer, s->llm, &s->sf);
+        if (st != SF_OK) {
+            session_free(s);
+            return cli_report("loading the Sysformer", st);
+        }
+    }
+    const char *src = sf_tokenizer_chat_template(s->tok);
+    if (o->template_name) st = sf_template_by_name(o->template_name, &s->tmpl);
+    else if (s->sf && sf_sysformer_get_config(s->sf)->chat_template)
+        st = sf_template_by_name(sf_sysformer_get_config(s->sf)->chat_template, &s->tmpl);
+    else if (src) st = sf_template_detect(src, &s->tmpl);
+    else st = sf_fail(SF_ERR_NOT_FOUND, "the tokenizer carries no chat template; pass "
+                      "--template NAME (llama3, llama2, mistral, phi3, zephyr, chatml)");
+    if (st != SF_OK) {
+        session_free(s);
+        return cli_report("choosing the chat template", st);
+    }
+    s->system = o->system;
+    if (!s->system && s->sf) s->system = sf_sysformer_get_config(s->sf)->system_prompt;
+    if (!s->system) s->system = k_default_system;
+    s->sampling = o->sampling;
+    s->max_new_tokens = o->max_new_tokens;
+    const sf_template_text *t = sf_template_get(s->tmpl);
+    const int32_t eos = sf_tokenizer_eos_id(s->tok);
+    const int32_t eot = sf_tokenizer_token_id(s->tok, t->end_of_turn);
+    if (eos >= 0) s->stop_ids[s->n_stop_ids++] = eos;
+    if (eot >= 0 && eot != eos) s->stop_ids[s->n_stop_ids++] = eot;
+    for (int32_t i = 0; i < o->n_stops; i++) s->stops[s->n_stops++] = o->stops[i];
+    fprintf(stderr, "model: %d layers, hidden %d, context %d; template %s%s%s\n",
+            sf_llm_get_config(s->llm)->num_layers, sf_llm_get_config(s->llm)->hidden_size,
+            sf_llm_get_config(s->llm)->max_position_embeddings, t->name,
+            s->sf ? "; guarded by " : "", s->sf ? o->sysformer : "");
+    return 0;
+}
+
+static bool stream_to_stdout(void *user, int32_t request, int32_t token, const char *text,
+                             size_t len) {
+    (void)user;
+    (void)request;
+    (void)token;
+    if (len) {
+        fwrite(text, 1, len, stdout);
+        fflush(stdout);
+    }
+    return true;
+}
+
+/* Generates replies for n (system, history, user) prompts in one batch. */
+static sf_status generate_batch(session *s, int32_t n, const char *const *systems,
+                                const sf_chat_turn *history, int32_t n_history,
+                                const char *const *users, bool stream,
+                                sf_generation_result *results) {
+    const int32_t ctx = sf_llm_get_config(s->llm)->max_position_embeddings;
+    int32_t *ids = malloc((size_t)n * (size_t)ctx * sizeof *ids);
+    int32_t *cu = malloc((size_t)(n + 1) * sizeof *cu);
+    sf_prompt_spans *spans = malloc((size_t)n * sizeof *spans);
+    sf_status st = (ids && cu && spans) ? SF_OK : SF_ERR_OUT_OF_MEMORY;
+    if (st != SF_OK) sf_fail(st, "out of memory");
+    if (cu) cu[0] = 0;
+    for (int32_t r = 0; st == SF_OK && r < n; r++) {
+        int32_t len = 0;
+        st = sf_chat_encode(s->tok, s->tmpl, systems[r], history, n_history, users[r],
+                            ids + cu[r], ctx, &len, &spans[r]);
+        if (st == SF_ERR_OUT_OF_RANGE || (st == SF_OK && len >= ctx)) {
+            st = sf_fail(SF_ERR_OUT_OF_RANGE, "prompt %d needs %d tokens; the context window is "
+                         "%d (shorten the prompt or start a new conversation)", r, len, ctx);
+        }
+        if (st == SF_OK) cu[r + 1] = cu[r] + len;
+    }
+    if (st == SF_OK) {
+        sf_generation g = {n, cu, ids, spans, s->max_new_tokens, s->sampling, s->stop_ids,
+                           s->n_stop_ids, s->stops, s->n_stops};
+        st = sf_generate_cpu(s->llm, s->sf, s->tok, &g, stream ? stream_to_stdout : NULL, NULL,
+                             results);
+    }
+    free(ids);
+    free(cu);
+    free(spans);
+    return st;
+}
+
+static const char *finish_name(sf_finish_reason f) {
+    switch (f) {
+    case SF_FINISH_LENGTH: return "length";
+    case SF_FINISH_STOP_TOKEN: return "stop";
+    case SF_FINISH_STOP_STRING: return "stop_string";
+    case SF_FINISH_CONTEXT: return "context";
+    case SF_FINISH_CALLBACK: return "callback";
+    }
+    return "?";
+}
+
+static double now_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static void progress(int done, int total, long tokens, double seconds) {
+    const int width = 30, fill = total ? done * width / total : width;
+    fprintf(stderr, "\r[%.*s%.*s] %d/%d prompts, %.1f tokens/s", fill,
+            "==============================", width - fill, "                              ",
+            done, total, seconds > 0 ? (double)tokens / seconds : 0.0);
+    if (done == total) fputc('\n', stderr);
+}
+
+static int run_jsonl(session *s, const options *o) {
+    FILE *in = fopen(o->input, "r");
+    if (!in) {
+        fprintf(stderr, "sysformer generate: cannot open --input %s\n", o->input);
+        return 1;
+    }
+    /* Read every line first: the progress bar needs the total. */
+    json_t *rows = json_array();
+    char *line = NULL;
+    size_t cap = 0;
+    ssize_t got;
+    int line_no = 0, rc = 0;
+    while ((got = getline(&line, &cap, in)) > 0) {
+        line_no++;
+        if (strspn(line, " \t\r\n") == (size_t)got) continue;
+        json_error_t err;
+        json_t *row = json_loadb(line, (size_t)got, 0, &err);
+        json_t *p = row ? json_object_get(row, "prompt") : NULL;
+        if (!p && row) p = json_object_get(row, "instruction");
+        if (!row || !json_is_string(p)) {
+            fprintf(stderr, "sysformer generate: %s:%d: %s\n", o->input, line_no,
+                    row ? "want an object with a string \"prompt\" or \"instruction\""
+                        : err.text);
+            json_decref(row);
+            rc = 2;
+            break;
+        }
+        json_array_append_new(rows, row);
+    }
+    free(line);
+    fclose(in);
+    FILE *out = rc ? NULL : fopen(o->output, "w");
+    if (!rc && !out) {
+        fprintf(stderr, "sysformer generate: cannot write --output %s\n", o->output);
+        rc = 1;
+    }
+    const int total = (int)json_array_size(rows);
+    long tokens = 0;
+    const double t0 = now_seconds();
+    if (!rc) progress(0, total, 0, 0.0);
+    for (int i = 0; !rc && i < total; i += o->batch) {
+        const int n = total - i < o->batch ? total - i : o->batch;
+        const char *systems[256], *users[256];
+        sf_generation_result results[256];
+        for (int r = 0; r < n && r < 256; r++) {
+            json_t *row = json_array_get(rows, (size_t)(i + r));
+            json_t *p = json_object_get(row, "prompt");
+            if (!p) p = json_object_get(row, "instruction");
+            json_t *sys = json_object_get(row, "system");
+            users[r] = json_string_value(p);
+            systems[r] = json_is_string(sys) ? json_string_value(sys) : s->system;
+        }
+        sf_status st = generate_batch(s, n > 256 ? 256 : n, systems, NULL, 0, users, false, results);
+        if (st != SF_OK) {
+            fputc('\n', stderr);
+            rc = cli_report("generate", st);
+            break;
+        }
+        for (int r = 0; r < n && r < 256; r++) {
+            json_t *row = json_deep_copy(json_array_get(rows, (size_t)(i + r)));
+            json_object_set_new(row, "response", json_string(results[r].text ? results[r].text : ""));
+            json_object_set_new(row, "finish", json_string(finish_name(results[r].finish)));
+            json_object_set_new(row, "n_tokens", json_integer(results[r].n_tokens));
+            json_object_set_new(row, "guarded", json_boolean(s->sf != NULL));
+            char *text = json_dumps(row, JSON_COMPACT | JSON_ENSURE_ASCII);
+            if (text) fprintf(out, "%s\n", text);
+            free(text);
+            json_decref(row);
+            tokens += results[r].n_tokens;
+            sf_generation_result_free(&results[r]);
+        }
+        progress(i + n, total, tokens, now_seconds() - t0);
+    }
+    if (out && fclose(out) != 0 && !rc) {
+        fprintf(stderr, "sysformer generate: error writing %s\n", o->output);
+        rc = 1;
+    }
+    json_decref(rows);
+    if (!rc) fprintf(stderr, "wrote %d replies to %s\n", total, o->output);
+    return rc;
+}
+
+int cmd_generate(int argc, char **argv) {
+    options o;
+    int rc = parse_options(argc, argv, "generate", &o);
+    if (rc) return rc < 0 ? 0 : rc;
+    if (o.batch > 256) o.batch = 256;
+    if (!o.prompt == !o.input || (o.input && !o.output)) {
+        fprintf(stderr, "sysformer generate: give --prompt TEXT, or --input FILE.jsonl with "
+                        "--output FILE.jsonl (see --help)\n");
+        return 2;
+    }
+    session s;
+    rc = session_open(&o, "generate", &s);
+    if (rc) return rc;
+    if (o.input) {
+        rc = run_jsonl(&s, &o);
+    } else {
+        const char *systems[1] = {s.system}, *users[1] = {o.prompt};
+        sf_generation_result res;
+        const double t0 = now_seconds();
+        sf_status st = generate_batch(&s, 1, systems, NULL, 0, users, true, &res);
+        if (st != SF_OK) {
+            rc = cli_report("generate", st);
+        } else {
+            const double dt = now_seconds() - t0;
+            printf("\n");
+            fprintf(stderr, "[%d tokens, %s, %.1f tokens/s%s]\n", res.n_tokens,
+                    finish_name(res.finish), dt > 0 ? res.n_tokens / dt : 0.0,
+                    s.sf ? ", guarded" : "");
+            sf_generation_result_free(&res);
+        }
+    }
+    session_free(&s);
+    return rc;
+}
+
+int cmd_chat(int argc, char **argv) {
+    options o;
+    int rc = parse_options(argc, argv, "chat", &o);
+    if (rc) return rc < 0 ? 0 : rc;
+    session s;
+    rc = session_open(&o, "chat", &s);
+    if (rc) return rc;
+    enum { MAX_TURNS = 64 };
+    sf_chat_turn turns[MAX_TURNS];
+    int n_turns = 0;
+    char *line = NULL;
+    size_t cap = 0;
+    const bool tty = isatty(STDIN_FILENO);
+    fprintf(stderr, "type a message; /reset starts over, /quit leaves\n");
+    for (;;) {
+        if (tty) fprintf(stderr, "> ");
+        ssize_t got = getline(&line, &cap, stdin);
+        if (got <= 0) break;
+        while (got > 0 && (line[got - 1] == '\n' || line[got - 1] == '\r')) line[--got] = '\0';
+        if (!strcmp(line, "/quit")) break;
+        if (!strcmp(line, "/reset") || n_turns == MAX_TURNS) {
+            for (int i = 0; i < n_turns; i++) {
+                free((char *)turns[i].user);
+                free((char *)turns[i].assistant);
+            }
+            n_turns = 0;
+            fprintf(stderr, "(new conversation)\n");
+            if (!strcmp(line, "/reset")) continue;
+        }
+        if (!got) continue;
+        const char *systems[1] = {s.system}, *users[1] = {line};
+        sf_generation_result res;
+        sf_status st = generate_batch(&s, 1, systems, turns, n_turns, users, true, &res);
+        printf("\n");
+        fflush(stdout);
+        if (st != SF_OK) {
+            cli_report("chat", st);
+            continue;
+        }
+        turns[n_turns].user = strdup(line);
+        turns[n_turns].assistant = strdup(res.text ? res.text : "");
+        if (turns[n_turns].user && turns[n_turns].assistant) n_turns++;
+        sf_generation_result_free(&res);
+    }
+    for (int i = 0; i < n_turns; i++) {
+        free((char *)turns[i].user);
+        free((char *)turns[i].assistant);
+    }
+    free(line);
+    session_free(&s);
+    return 0;
+}
