@@ -3,7 +3,7 @@
 # Usage: scripts/setup.sh [--tests]     (--tests adds GoogleTest)
 set -euo pipefail
 
-pkgs=(cmake make gcc g++ libjansson-dev libopenblas-openmp-dev)
+pkgs=(cmake make gcc g++ libjansson-dev libpcre2-dev libopenblas-openmp-dev python3 python3-pip)
 [[ "${1:-}" == "--tests" ]] && pkgs+=(libgtest-dev)
 
 missing=()

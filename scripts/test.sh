@@ -10,6 +10,8 @@ root=${1:-build}
 jobs=$(nproc)
 
 scripts/setup.sh --tests
+# The real model for the SmolLM2 tests (they skip, saying so, if it cannot be fetched).
+weights/fetch_smollm2.sh >/dev/null || echo "warning: SmolLM2 not fetched; its tests will skip"
 # ctest runs tests in parallel; one BLAS/OpenMP thread per test process avoids oversubscription.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-1}
 
