@@ -133,4 +133,61 @@ TEST_F(SmolLM2, GreedyContinuationMatchesTransformers) {
     }
 }
 
+struct Streamed {
+    std::string text;
+    int calls = 0;
+};
+
+bool collect(void *user, int32_t, int32_t, const char *text, size_t len) {
+    auto *s = static_cast<Streamed *>(user);
+    s->text.append(text, len);
+    s->calls++;
+    return true;
+}
+
+// Text out: the streamed pieces add up to the reply, the reply is the decoded tokens, and a
+// stop string ends the reply and is removed from it.
+TEST_F(SmolLM2, StreamedTextAndStopStrings) {
+    sf_tokenizer *tok = nullptr;
+    ASSERT_EQ(sf_tokenizer_load(path_.c_str(), &tok), SF_OK) << sf_last_error();
+    std::vector<int32_t> ids(256);
+    int32_t n = 0;
+    sf_prompt_spans spans;
+    ASSERT_EQ(sf_chat_encode(tok, SF_TEMPLATE_CHATML, "You are a helpful assistant.", nullptr, 0,
+                             "What is the capital of France?", ids.data(), 256, &n, &spans),
+              SF_OK);
+    int32_t cu[2] = {0, n};
+    const int32_t eot = sf_tokenizer_token_id(tok, "<|im_end|>");
+    sf_generation g = {};
+    g.n_requests = 1;
+    g.cu_seqlens = cu;
+    g.token_ids = ids.data();
+    g.max_new_tokens = 24;
+    g.stop_ids = &eot;
+    g.n_stop_ids = 1;
+    Streamed streamed;
+    sf_generation_result res;
+    ASSERT_EQ(sf_generate_cpu(llm_, nullptr, tok, &g, collect, &streamed, &res), SF_OK) << sf_last_error();
+    EXPECT_EQ(res.finish, SF_FINISH_STOP_TOKEN);
+    ASSERT_NE(res.text, nullptr);
+    EXPECT_EQ(streamed.text, res.text);
+    EXPECT_EQ(streamed.calls, res.n_tokens);
+    EXPECT_NE(strstr(res.text, "Paris"), nullptr) << res.text;
+    char decoded[512];
+    size_t len = 0;
+    ASSERT_EQ(sf_tokenizer_decode(tok, res.tokens, res.n_tokens, true, decoded, sizeof decoded, &len), SF_OK);
+    EXPECT_STREQ(decoded, res.text);
+    sf_generation_result_free(&res);
+
+    const char *stop = "Paris";
+    g.stop_strings = &stop;
+    g.n_stop_strings = 1;
+    ASSERT_EQ(sf_generate_cpu(llm_, nullptr, tok, &g, nullptr, nullptr, &res), SF_OK) << sf_last_error();
+    EXPECT_EQ(res.finish, SF_FINISH_STOP_STRING);
+    EXPECT_EQ(strstr(res.text, "Paris"), nullptr) << res.text;
+    EXPECT_NE(strstr(res.text, "capital of France is"), nullptr) << res.text;
+    sf_generation_result_free(&res);
+    sf_tokenizer_free(tok);
+}
+
 }  // namespace
