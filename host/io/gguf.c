@@ -32,6 +32,7 @@
 #include <unistd.h>
 
 #include "core/error.h"
+#include "core/half.h"
 
 /* Numbers and tensor data are read in place, so the host must share the format's byte order. */
 #if defined(__BYTE_ORDER__) && defined(__ORDER_LITTLE_ENDIAN__)
@@ -938,27 +939,9 @@ sf_status sf_gguf_get_string(const sf_gguf *g, const char *key, sf_gguf_string *
 /* Dequantisation                                                                              */
 /* ------------------------------------------------------------------------------------------ */
 
-static float f32_from_bits(uint32_t bits) {
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-/* binary16 -> binary32; exact, since every binary16 value is a binary32 value. */
-static float f16_to_f32(uint16_t h) {
-    const uint32_t sign = (uint32_t)(h >> 15) << 31;
-    const uint32_t e = (h >> 10) & 0x1fu;
-    const uint32_t frac = h & 0x3ffu;
-    if (e == 0x1f) return f32_from_bits(sign | 0x7f800000u | (frac << 13)); /* inf, NaN */
-    if (e != 0) return f32_from_bits(sign | ((e + 127u - 15u) << 23) | (frac << 13));
-    /* zero or subnormal: frac * 2^-24, exact in binary32 */
-    float mag = ldexpf((float)frac, -24);
-    return sign ? -mag : mag;
-}
-
 static uint16_t le16(const unsigned char *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
 
-static float half_at(const unsigned char *p) { return f16_to_f32(le16(p)); }
+static float half_at(const unsigned char *p) { return sf_f16_to_f32(le16(p)); }
 
 static void deq_q8_0(const unsigned char *b, int64_t n_blocks, float *y) {
     for (int64_t i = 0; i < n_blocks; i++, b += 34, y += 32) {
@@ -1081,7 +1064,7 @@ sf_status sf_gguf_dequantize(const sf_gguf_tensor *t, float *dst) {
         break;
     case SF_GGML_BF16:
         for (int64_t i = 0; i < t->numel; i++)
-            dst[i] = f32_from_bits((uint32_t)le16(src + 2 * i) << 16);
+            dst[i] = sf_bf16_to_f32(le16(src + 2 * i));
         break;
     case SF_GGML_Q8_0: deq_q8_0(src, n_blocks, dst); break;
     case SF_GGML_Q4_0: deq_q4_0(src, n_blocks, dst); break;

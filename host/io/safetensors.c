@@ -19,6 +19,7 @@
 
 #include "core/error.h"
 #include "core/file.h"
+#include "core/half.h"
 
 /* Tensor data is handed out as raw pointers into the file and F32 is converted with memcpy, so
  * the host must share the format's little-endian byte order. */
@@ -713,40 +714,6 @@ sf_status sf_st_get(const sf_st_archive *archive, const char *name, int32_t ndim
 /* Conversion                                                                                  */
 /* ------------------------------------------------------------------------------------------ */
 
-static float bits_to_float(uint32_t bits) {
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-/* IEEE binary16 -> binary32, exact for every input (binary32 holds every binary16 value). */
-static float half_to_float(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
-    uint32_t exp = (h >> 10) & 0x1fu;
-    uint32_t mant = h & 0x3ffu;
-    uint32_t bits;
-    if (exp == 0x1f) {
-        /* Inf or NaN; the payload moves to the top of the wider mantissa, keeping quiet NaNs
-         * quiet. */
-        bits = sign | 0x7f800000u | (mant << 13);
-    } else if (exp != 0) {
-        /* Rebias: 127 - 15 = 112. */
-        bits = sign | ((exp + 112u) << 23) | (mant << 13);
-    } else if (mant == 0) {
-        bits = sign;
-    } else {
-        /* Subnormal: value = mant * 2^-24. Shift until the implicit bit (bit 10) is set; after s
-         * shifts value = 1.frac * 2^(-14 - s), normal in binary32. */
-        uint32_t s = 0;
-        while (!(mant & 0x400u)) {
-            mant <<= 1;
-            s++;
-        }
-        bits = sign | ((127u - 14u - s) << 23) | ((mant & 0x3ffu) << 13);
-    }
-    return bits_to_float(bits);
-}
-
 sf_status sf_st_to_f32(const sf_st_tensor *t, float *dst) {
     if (!t || (!dst && t->numel > 0)) {
         return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_st_to_f32: NULL tensor or destination");
@@ -760,13 +727,13 @@ sf_status sf_st_to_f32(const sf_st_tensor *t, float *dst) {
     case SF_DTYPE_F16:
         for (size_t i = 0; i < n; i++) {
             uint16_t h = (uint16_t)(src[2 * i] | (src[2 * i + 1] << 8));
-            dst[i] = half_to_float(h);
+            dst[i] = sf_f16_to_f32(h);
         }
         return SF_OK;
     case SF_DTYPE_BF16:
         for (size_t i = 0; i < n; i++) {
-            uint32_t h = (uint32_t)src[2 * i] | ((uint32_t)src[2 * i + 1] << 8);
-            dst[i] = bits_to_float(h << 16);
+            uint16_t h = (uint16_t)(src[2 * i] | (src[2 * i + 1] << 8));
+            dst[i] = sf_bf16_to_f32(h);
         }
         return SF_OK;
     case SF_DTYPE_I32:
