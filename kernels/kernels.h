@@ -1,6 +1,7 @@
 /* Internal: the CUDA launchers, callable from C and C++. Device pointers throughout; every
  * launcher enqueues on the given stream, never synchronises, and returns SF_ERR_CUDA when the
- * launch itself fails. */
+ * launch itself fails. One header per op family (kernels/<op>.h beside kernels/<op>.cu); this
+ * one holds the shared types and the embedding gather. */
 #ifndef SF_KERNELS_H
 #define SF_KERNELS_H
 
@@ -11,6 +12,9 @@
 #ifdef __cplusplus
 extern "C" {
 #endif
+
+/* bfloat16 values as their 16 bits, in device memory (the .cu files see __nv_bfloat16). */
+typedef uint16_t sf_bf16;
 
 /* embedding.cu: out[i, :] = table[ids[i], :] for fp32 rows of dim floats. An id outside
  * [0, vocab) writes a zero row and, when bad_ids is not NULL, increments *bad_ids (device int),
