@@ -1,0 +1,346 @@
+// Bandwidth of the elementwise kernels at Llama-3.1-8B shapes, next to the device-to-device
+// copy bandwidth measured in the same run (the ceiling for a kernel that reads and writes).
+//
+//   bench_elementwise [tokens]     (default 8192 tokens; prints a table, one row per kernel)
+//
+// Each kernel is timed with CUDA events around one launch, after warm-up, over enough rotated
+// input sets that the working set exceeds the L2 cache several times, and the median of the
+// repeats is reported. GB/s counts the bytes the kernel must move (stated per row: reads plus
+// writes, 10^9 bytes). Without a GPU it says so and exits 0.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <vector>
+
+#include "activations.h"
+#include "embedding.h"
+#include "rope.h"
+#include "sampling.h"
+
+namespace {
+
+#define BENCH_CUDA(call)                                                       \
+    do {                                                                       \
+        cudaError_t e_ = (call);                                               \
+        if (e_ != cudaSuccess) {                                               \
+            std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, \
+                         cudaGetErrorString(e_));                              \
+            std::exit(1);                                                      \
+        }                                                                      \
+    } while (0)
+
+#define BENCH_SF(call)                                                                           \
+    do {                                                                                         \
+        sf_status s_ = (call);                                                                   \
+        if (s_ != SF_OK) {                                                                       \
+            std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, sf_last_error()); \
+            std::exit(1);                                                                        \
+        }                                                                                        \
+    } while (0)
+
+// Llama-3.1-8B.
+constexpr int64_t kHidden = 4096;
+constexpr int32_t kHeads = 32, kKvHeads = 8, kHeadDim = 128;
+constexpr int64_t kFF = 14336;
+constexpr int32_t kVocab = 128256;
+
+constexpr int kWarmup = 5;
+constexpr int kRepeats = 50;
+
+size_t g_l2_bytes = 0;
+
+// How many copies of a working set of `bytes` to rotate through so that one pass over all of
+// them is at least 4x the L2 cache (2..16).
+int rotations(size_t bytes) {
+    size_t r = (4 * g_l2_bytes + bytes - 1) / std::max<size_t>(bytes, 1);
+    return (int)std::min<size_t>(16, std::max<size_t>(2, r));
+}
+
+void *dalloc(size_t bytes) {
+    void *p = nullptr;
+    BENCH_CUDA(cudaMalloc(&p, bytes));
+    return p;
+}
+
+// Fills a device buffer of bf16 with small random values (generated once on the host).
+void fill_bf16(void *d, size_t n, uint32_t seed) {
+    std::vector<uint16_t> h(n);
+    uint32_t x = seed * 2654435761u + 1;
+    for (size_t i = 0; i < n; i++) {
+        x = x * 1664525u + 1013904223u;
+        const float f = ((float)(x >> 8) / 16777216.0f - 0.5f) * 4.0f;
+        uint32_t u;
+        std::memcpy(&u, &f, 4);
+        h[i] = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    }
+    BENCH_CUDA(cudaMemcpy(d, h.data(), n * 2, cudaMemcpyHostToDevice));
+}
+
+// Median time in microseconds of launch(rot) over kRepeats launches, rot cycling through the
+// rotated sets.
+double time_us(int n_rot, const std::function<void(int)> &launch, cudaStream_t stream) {
+    cudaEvent_t start, stop;
+    BENCH_CUDA(cudaEventCreate(&start));
+    BENCH_CUDA(cudaEventCreate(&stop));
+    for (int i = 0; i < kWarmup; i++) launch(i % n_rot);
+    BENCH_CUDA(cudaStreamSynchronize(stream));
+    std::vector<double> t;
+    for (int i = 0; i < kRepeats; i++) {
+        BENCH_CUDA(cudaEventRecord(start, stream));
+        launch(i % n_rot);
+        BENCH_CUDA(cudaEventRecord(stop, stream));
+        BENCH_CUDA(cudaEventSynchronize(stop));
+        float ms = 0;
+        BENCH_CUDA(cudaEventElapsedTime(&ms, start, stop));
+        t.push_back(ms * 1e3);
+    }
+    BENCH_CUDA(cudaEventDestroy(start));
+    BENCH_CUDA(cudaEventDestroy(stop));
+    std::sort(t.begin(), t.end());
+    return t[t.size() / 2];
+}
+
+double g_copy_gbs = 0;
+
+void report(const char *name, const char *shape, double bytes, double us) {
+    const double gbs = bytes / (us * 1e-6) / 1e9;
+    std::printf("%-28s %-34s %10.1f %9.1f %8.1f%%\n", name, shape, us, gbs,
+                g_copy_gbs > 0 ? 100.0 * gbs / g_copy_gbs : 0.0);
+}
+
+}  // namespace
+
+int main(int argc, char **argv) {
+    int count = 0;
+    if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
+        cudaGetLastError();
+        std::printf("bench_elementwise: no CUDA device; nothing measured\n");
+        return 0;
+    }
+    const int64_t tokens = argc > 1 ? std::atoll(argv[1]) : 8192;
+    if (tokens < 1) {
+        std::fprintf(stderr, "usage: bench_elementwise [tokens >= 1]\n");
+        return 2;
+    }
+    cudaDeviceProp prop;
+    BENCH_CUDA(cudaGetDeviceProperties(&prop, 0));
+    g_l2_bytes = (size_t)prop.l2CacheSize;
+    cudaStream_t stream;
+    BENCH_CUDA(cudaStreamCreate(&stream));
+    std::printf(
+        "bench_elementwise: %s, L2 %.0f MB, %lld tokens, Llama-3.1-8B shapes, median of %d\n",
+        prop.name, g_l2_bytes / 1e6, (long long)tokens, kRepeats);
+    std::printf("%-28s %-34s %10s %9s %9s\n", "kernel", "shape", "time_us", "GB/s", "of_copy");
+    char shape[64];
+
+    // Device-to-device copy: reads and writes `bytes` each.
+    {
+        const size_t bytes = (size_t)tokens * kFF * 2;
+        const int r = rotations(2 * bytes);
+        std::vector<void *> src(r), dst(r);
+        for (int i = 0; i < r; i++) {
+            src[i] = dalloc(bytes);
+            dst[i] = dalloc(bytes);
+            BENCH_CUDA(cudaMemset(src[i], 1, bytes));
+        }
+        const double us = time_us(
+            r,
+            [&](int i) {
+                BENCH_CUDA(
+                    cudaMemcpyAsync(dst[i], src[i], bytes, cudaMemcpyDeviceToDevice, stream));
+            },
+            stream);
+        g_copy_gbs = 2.0 * bytes / (us * 1e-6) / 1e9;
+        std::snprintf(shape, sizeof shape, "%.0f MB", bytes / 1e6);
+        report("cudaMemcpyAsync D2D", shape, 2.0 * bytes, us);
+        for (int i = 0; i < r; i++) {
+            BENCH_CUDA(cudaFree(src[i]));
+            BENCH_CUDA(cudaFree(dst[i]));
+        }
+    }
+
+    // RoPE on q [tokens, 32, 128] and on k [tokens, 8, 128], in place: read + write the tensor,
+    // read the positions (the inv_freq table is 256 bytes and stays cached).
+    for (int32_t heads : {kHeads, kKvHeads}) {
+        const int64_t n = tokens * heads * kHeadDim;
+        const size_t bytes = (size_t)n * 2;
+        const int r = rotations(bytes);
+        std::vector<void *> x(r);
+        for (int i = 0; i < r; i++) {
+            x[i] = dalloc(bytes);
+            fill_bf16(x[i], (size_t)n, 10 + i);
+        }
+        std::vector<int32_t> pos(tokens);
+        for (int64_t t = 0; t < tokens; t++) pos[t] = (int32_t)(t % 2048);
+        std::vector<float> inv(kHeadDim / 2);
+        for (int i = 0; i < kHeadDim / 2; i++)
+            inv[i] = (float)std::pow(500000.0, -2.0 * i / kHeadDim);
+        int32_t *d_pos = (int32_t *)dalloc(tokens * 4);
+        float *d_inv = (float *)dalloc(inv.size() * 4);
+        BENCH_CUDA(cudaMemcpy(d_pos, pos.data(), tokens * 4, cudaMemcpyHostToDevice));
+        BENCH_CUDA(cudaMemcpy(d_inv, inv.data(), inv.size() * 4, cudaMemcpyHostToDevice));
+        const double us = time_us(
+            r,
+            [&](int i) {
+                BENCH_SF(sf_cuda_rope_bf16((sf_bf16 *)x[i], d_pos, tokens, heads, kHeadDim,
+                                           (int64_t)heads * kHeadDim, d_inv, 1.0f, stream));
+            },
+            stream);
+        std::snprintf(shape, sizeof shape, "[%lld, %d, %d]", (long long)tokens, heads, kHeadDim);
+        report(heads == kHeads ? "sf_cuda_rope_bf16 (q)" : "sf_cuda_rope_bf16 (k)", shape,
+               2.0 * bytes + 4.0 * tokens, us);
+        for (void *p : x) BENCH_CUDA(cudaFree(p));
+        BENCH_CUDA(cudaFree(d_pos));
+        BENCH_CUDA(cudaFree(d_inv));
+    }
+
+    // SwiGLU: gate and up [tokens, 14336] read, out written; the fused form reads one
+    // [tokens, 2 * 14336] buffer. Same bytes: 3 * tokens * ff * 2.
+    {
+        const int64_t n = tokens * kFF;
+        const size_t bytes = (size_t)n * 2;
+        const int r = rotations(3 * bytes);
+        std::vector<void *> gu(r), out(r);
+        for (int i = 0; i < r; i++) {
+            gu[i] = dalloc(2 * bytes);
+            out[i] = dalloc(bytes);
+            fill_bf16(gu[i], 2 * (size_t)n, 20 + i);
+        }
+        std::snprintf(shape, sizeof shape, "[%lld, %lld]", (long long)tokens, (long long)kFF);
+        double us = time_us(
+            r,
+            [&](int i) {
+                const sf_bf16 *g = (const sf_bf16 *)gu[i];
+                BENCH_SF(sf_cuda_swiglu_bf16((sf_bf16 *)out[i], g, g + n, n, stream));
+            },
+            stream);
+        report("sf_cuda_swiglu_bf16", shape, 3.0 * bytes, us);
+        us = time_us(
+            r,
+            [&](int i) {
+                BENCH_SF(sf_cuda_swiglu_fused_bf16((sf_bf16 *)out[i], (const sf_bf16 *)gu[i],
+                                                   tokens, kFF, stream));
+            },
+            stream);
+        report("sf_cuda_swiglu_fused_bf16", shape, 3.0 * bytes, us);
+        for (int i = 0; i < r; i++) {
+            BENCH_CUDA(cudaFree(gu[i]));
+            BENCH_CUDA(cudaFree(out[i]));
+        }
+    }
+
+    // Embedding gather from the [128256, 4096] bf16 table (1 GB, far beyond L2): read
+    // tokens rows + the ids, write tokens rows. Then the splice of 256 S' rows per request into
+    // the packed buffer (tokens / 512 requests of 512 tokens).
+    {
+        const size_t table_bytes = (size_t)kVocab * kHidden * 2;
+        void *table = dalloc(table_bytes);
+        fill_bf16(table, (size_t)kVocab * kHidden, 30);
+        const size_t out_bytes = (size_t)tokens * kHidden * 2;
+        const int r = rotations(out_bytes);
+        std::vector<void *> out(r);
+        std::vector<int32_t *> ids(r);
+        for (int i = 0; i < r; i++) {
+            out[i] = dalloc(out_bytes);
+            std::vector<int32_t> h(tokens);
+            uint32_t x = 12345u + i;
+            for (auto &id : h) id = (int32_t)((x = x * 1664525u + 1013904223u) % kVocab);
+            ids[i] = (int32_t *)dalloc(tokens * 4);
+            BENCH_CUDA(cudaMemcpy(ids[i], h.data(), tokens * 4, cudaMemcpyHostToDevice));
+        }
+        std::snprintf(shape, sizeof shape, "%lld x %lld of [%d, %lld]", (long long)tokens,
+                      (long long)kHidden, kVocab, (long long)kHidden);
+        double us = time_us(
+            r,
+            [&](int i) {
+                BENCH_SF(sf_cuda_embedding_bf16((sf_bf16 *)out[i], (const sf_bf16 *)table, ids[i],
+                                                tokens, kHidden, kVocab, nullptr, stream));
+            },
+            stream);
+        report("sf_cuda_embedding_bf16", shape, 2.0 * out_bytes + 4.0 * tokens, us);
+
+        const int64_t requests = std::max<int64_t>(1, tokens / 512);
+        const int64_t n_s = std::min<int64_t>(256, tokens);
+        const int64_t rows = requests * n_s;
+        std::vector<int32_t> h_rows(rows);
+        for (int64_t q = 0; q < requests; q++)
+            for (int64_t j = 0; j < n_s; j++) h_rows[q * n_s + j] = (int32_t)(q * 512 + 8 + j);
+        for (auto &v : h_rows) v = v < tokens ? v : -1;
+        int32_t *d_rows = (int32_t *)dalloc(rows * 4);
+        BENCH_CUDA(cudaMemcpy(d_rows, h_rows.data(), rows * 4, cudaMemcpyHostToDevice));
+        void *src = dalloc((size_t)rows * kHidden * 2);
+        fill_bf16(src, (size_t)rows * kHidden, 31);
+        std::snprintf(shape, sizeof shape, "%lld rows of %lld", (long long)rows,
+                      (long long)kHidden);
+        us = time_us(
+            r,
+            [&](int i) {
+                BENCH_SF(sf_cuda_splice_rows_bf16((sf_bf16 *)out[i], (const sf_bf16 *)src, d_rows,
+                                                  rows, kHidden, stream));
+            },
+            stream);
+        report("sf_cuda_splice_rows_bf16", shape, 2.0 * rows * kHidden * 2 + 4.0 * rows, us);
+        for (int i = 0; i < r; i++) {
+            BENCH_CUDA(cudaFree(out[i]));
+            BENCH_CUDA(cudaFree(ids[i]));
+        }
+        BENCH_CUDA(cudaFree(table));
+        BENCH_CUDA(cudaFree(src));
+        BENCH_CUDA(cudaFree(d_rows));
+    }
+
+    // Sampling over 32 rows of 128256 fp32 logits (a decode step of 32 requests): argmax, top-k
+    // 50 with top-p 0.9, and top-p alone (a full-vocabulary sort). Bytes: the logits once; the
+    // sampler re-reads them, so its GB/s says how far it is from one pass.
+    {
+        const int64_t rows = 32;
+        const size_t n = (size_t)rows * kVocab;
+        std::vector<float> h(n);
+        uint32_t x = 777;
+        for (float &f : h)
+            f = ((float)((x = x * 1664525u + 1013904223u) >> 8) / 16777216.0f) * 20.0f - 10.0f;
+        float *logits = (float *)dalloc(n * 4);
+        BENCH_CUDA(cudaMemcpy(logits, h.data(), n * 4, cudaMemcpyHostToDevice));
+        std::vector<double> hu(rows, 0.37);
+        double *u = (double *)dalloc(rows * 8);
+        BENCH_CUDA(cudaMemcpy(u, hu.data(), rows * 8, cudaMemcpyHostToDevice));
+        int32_t *out = (int32_t *)dalloc(rows * 4);
+        const size_t ws_bytes = sf_cuda_sample_workspace_bytes(rows, kVocab);
+        void *ws = dalloc(ws_bytes);
+        std::snprintf(shape, sizeof shape, "[%lld, %d] fp32", (long long)rows, kVocab);
+        double us = time_us(
+            1, [&](int) { BENCH_SF(sf_cuda_argmax_f32(out, logits, rows, kVocab, stream)); },
+            stream);
+        report("sf_cuda_argmax_f32", shape, 4.0 * n, us);
+        const sf_sampling topk = {0.8f, 50, 0.9f, 0}, topp = {1.0f, 0, 0.9f, 0};
+        us = time_us(
+            1,
+            [&](int) {
+                BENCH_SF(
+                    sf_cuda_sample_f32(out, logits, u, rows, kVocab, &topk, ws, ws_bytes, stream));
+            },
+            stream);
+        report("sf_cuda_sample_f32 k50 p0.9", shape, 4.0 * n, us);
+        us = time_us(
+            1,
+            [&](int) {
+                BENCH_SF(
+                    sf_cuda_sample_f32(out, logits, u, rows, kVocab, &topp, ws, ws_bytes, stream));
+            },
+            stream);
+        report("sf_cuda_sample_f32 p0.9", shape, 4.0 * n, us);
+        BENCH_CUDA(cudaFree(logits));
+        BENCH_CUDA(cudaFree(u));
+        BENCH_CUDA(cudaFree(out));
+        BENCH_CUDA(cudaFree(ws));
+    }
+
+    BENCH_CUDA(cudaStreamDestroy(stream));
+    return 0;
+}

@@ -1,0 +1,127 @@
+// Rotary position embeddings, rotate-half pairing. CPU twin: sf_cpu_rope_apply in
+// host/cpu/rope.c (angles and cos/sin in double there; fp32 sincosf here, see the test for the
+// resulting bound).
+#include <cuda_bf16.h>
+
+#include "cuda_check.cuh"
+#include "rope.h"
+
+namespace {
+
+// One block per token: its cos/sin table is computed once into shared memory and serves every
+// head of that token (32 q heads for Llama-3.1-8B), so sincosf costs half a call per head_dim
+// values instead of one call per pair. Threads then stride over (head, group of VEC pairs).
+constexpr int kBlock = 128;
+constexpr int kMaxHalf = 256;  // head_dim <= 512
+constexpr int kVec = 8;
+
+inline bool aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
+
+// ---------------------------------------------------------------------------------------------
+// Kernels
+// ---------------------------------------------------------------------------------------------
+
+template <int VEC>
+__device__ __forceinline__ void load_f32(const __nv_bfloat16 *p, float (&v)[VEC]) {
+    if constexpr (VEC == 1) {
+        v[0] = __bfloat162float(*p);
+    } else {
+        static_assert(VEC == 8, "VEC is 1 or 8");
+        const uint4 raw = *reinterpret_cast<const uint4 *>(p);
+        const __nv_bfloat162 *h = reinterpret_cast<const __nv_bfloat162 *>(&raw);
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const float2 f = __bfloat1622float2(h[i]);
+            v[2 * i] = f.x;
+            v[2 * i + 1] = f.y;
+        }
+    }
+}
+
+template <int VEC>
+__device__ __forceinline__ void store_bf16(__nv_bfloat16 *p, const float (&v)[VEC]) {
+    if constexpr (VEC == 1) {
+        *p = __float2bfloat16_rn(v[0]);
+    } else {
+        __align__(16) __nv_bfloat162 h[4];
+#pragma unroll
+        for (int i = 0; i < 4; i++) h[i] = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
+        *reinterpret_cast<uint4 *>(p) = *reinterpret_cast<const uint4 *>(h);
+    }
+}
+
+// VEC = 8 needs half % 8 == 0, row_stride % 8 == 0 and x 16-byte aligned, so that every group
+// of 8 pairs is two aligned 128-bit words (one in each half of the head).
+template <int VEC>
+__global__ void __launch_bounds__(kBlock)
+    rope_kernel(__nv_bfloat16 *__restrict__ x, const int32_t *__restrict__ positions,
+                int32_t n_heads, int32_t head_dim, int64_t row_stride,
+                const float *__restrict__ inv_freq, float attention_scale) {
+    __shared__ float cos_s[kMaxHalf], sin_s[kMaxHalf];
+    const int64_t t = blockIdx.x;
+    const int half = head_dim / 2;
+    const float pos = (float)positions[t];
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        float s, c;
+        // Full-range sincosf (not __sinf/__cosf): the angle reaches positions * 1 rad.
+        sincosf(pos * inv_freq[i], &s, &c);
+        cos_s[i] = c * attention_scale;
+        sin_s[i] = s * attention_scale;
+    }
+    __syncthreads();
+
+    __nv_bfloat16 *row = x + t * row_stride;
+    const int groups = half / VEC;
+    for (int w = threadIdx.x; w < n_heads * groups; w += blockDim.x) {
+        const int h = w / groups;
+        const int i0 = (w - h * groups) * VEC;
+        __nv_bfloat16 *lo = row + (int64_t)h * head_dim + i0;
+        __nv_bfloat16 *hi = lo + half;
+        float x0[VEC], x1[VEC], y0[VEC], y1[VEC];
+        load_f32<VEC>(lo, x0);
+        load_f32<VEC>(hi, x1);
+#pragma unroll
+        for (int k = 0; k < VEC; k++) {
+            const float c = cos_s[i0 + k], s = sin_s[i0 + k];
+            y0[k] = x0[k] * c - x1[k] * s;
+            y1[k] = x1[k] * c + x0[k] * s;
+        }
+        store_bf16<VEC>(lo, y0);
+        store_bf16<VEC>(hi, y1);
+    }
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Launchers
+// ---------------------------------------------------------------------------------------------
+
+extern "C" sf_status sf_cuda_rope_bf16(sf_bf16 *x, const int32_t *positions, int64_t n,
+                                       int32_t n_heads, int32_t head_dim, int64_t row_stride,
+                                       const float *inv_freq, float attention_scale,
+                                       cudaStream_t stream) {
+    if (n < 0 || n > 0x7fffffff || n_heads < 0 || head_dim < 2 || head_dim % 2 != 0 ||
+        head_dim / 2 > kMaxHalf || (int64_t)n_heads * head_dim > 0x7fffffff ||
+        row_stride < (int64_t)n_heads * head_dim || (n > 0 && row_stride > INT64_MAX / n)) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                       "sf_cuda_rope_bf16: n = %lld, n_heads = %d, head_dim = %d (even, 2..%d), "
+                       "row_stride = %lld",
+                       (long long)n, n_heads, head_dim, 2 * kMaxHalf, (long long)row_stride);
+    }
+    if (n == 0 || n_heads == 0) return SF_OK;
+    if (!x || !positions || !inv_freq) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_cuda_rope_bf16: NULL pointer");
+    }
+    sf_nvtx_range range("sf_cuda_rope_bf16");
+    __nv_bfloat16 *xb = reinterpret_cast<__nv_bfloat16 *>(x);
+    if ((head_dim / 2) % kVec == 0 && row_stride % kVec == 0 && aligned16(x)) {
+        rope_kernel<kVec><<<(unsigned)n, kBlock, 0, stream>>>(
+            xb, positions, n_heads, head_dim, row_stride, inv_freq, attention_scale);
+    } else {
+        rope_kernel<1><<<(unsigned)n, kBlock, 0, stream>>>(xb, positions, n_heads, head_dim,
+                                                           row_stride, inv_freq, attention_scale);
+    }
+    SF_CUDA_TRY(cudaGetLastError());
+    return SF_OK;
+}

@@ -1,0 +1,379 @@
+// Greedy and top-k / top-p sampling over fp32 logits. CPU twin: sf_sample in
+// host/model/generate.c.
+//
+// Design: one block per row. sf_sample sorts the whole vocabulary and walks it in order, so the
+// kernel builds the same order exactly: every comparison is on the fp32 logit (dividing by a
+// positive temperature in double keeps distinct floats distinct and ordered), mapped to a
+// 32-bit key whose unsigned order is "logit descending", and a stable sort keeps ascending
+// indices among equal logits. top_k is a radix select on those keys followed by a stable
+// compaction (so the kept set, ties included, is exactly sf_sample's), then an LSD radix sort of
+// the kept set in the caller's workspace. Weights, the nucleus and the draw are then prefix sums
+// in double over the sorted list, computed in a fixed order (deterministic run to run).
+//
+// Against sf_sample the only differences are the rounding of exp (CUDA's double exp is within
+// 1 ulp, so is glibc's) and the order of the double sums: relative differences below ~1e-11 for
+// 256K terms. A token can differ only if u * total or the top_p mass lands that close to a
+// boundary; tests/test_cuda_elementwise.cpp checks that margin for its inputs.
+//
+// Cost: the full-vocabulary sort (top_k off) is 4 passes over the row per block, about a
+// millisecond for 128K logits; with top_k on, the sort only sees k keys. Rows run in parallel.
+#include <limits.h>
+
+#include "cuda_check.cuh"
+#include "sampling.h"
+
+namespace {
+
+constexpr int kArgmaxBlock = 512;
+constexpr int kSampleBlock = 1024;
+constexpr int kWarps = kSampleBlock / 32;
+constexpr int kRadix = 256;
+constexpr unsigned kFull = 0xffffffffu;
+
+// ---------------------------------------------------------------------------------------------
+// Kernels
+// ---------------------------------------------------------------------------------------------
+
+// The sort key: unsigned ascending order = logit descending. -0 is folded onto +0 (they compare
+// equal in sf_sample) and NaN sorts after everything.
+__device__ __forceinline__ uint32_t sort_key(float f) {
+    if (f != f) return 0xffffffffu;
+    if (f == 0.0f) f = 0.0f;
+    const uint32_t b = __float_as_uint(f);
+    const uint32_t ordered = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+    return ~ordered;
+}
+
+__device__ __forceinline__ float key_logit(uint32_t key) {
+    const uint32_t ordered = ~key;
+    return __uint_as_float((ordered & 0x80000000u) ? (ordered & 0x7fffffffu) : ~ordered);
+}
+
+// Greedy: the largest (key, lowest index) as one 64-bit maximum. A NaN gets the lowest rank,
+// except at index 0, where it gets the highest: sf_sample's loop starts from index 0 and no
+// comparison with NaN ever replaces it.
+__global__ void __launch_bounds__(kArgmaxBlock)
+    argmax_kernel(int32_t *__restrict__ out, const float *__restrict__ logits, int32_t vocab) {
+    __shared__ unsigned long long warp_best[kArgmaxBlock / 32];
+    const float *row = logits + (int64_t)blockIdx.x * vocab;
+    unsigned long long best = 0;
+    for (int32_t i = threadIdx.x; i < vocab; i += blockDim.x) {
+        const float f = row[i];
+        const uint32_t rank = f != f ? (i == 0 ? 0xffffffffu : 0u) : ~sort_key(f);
+        const unsigned long long packed =
+            ((unsigned long long)rank << 32) | (unsigned long long)(~(uint32_t)i);
+        best = packed > best ? packed : best;
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        const unsigned long long other = __shfl_xor_sync(kFull, best, o);
+        best = other > best ? other : best;
+    }
+    if ((threadIdx.x & 31) == 0) warp_best[threadIdx.x >> 5] = best;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < kArgmaxBlock / 32; w++)
+            best = warp_best[w] > best ? warp_best[w] : best;
+        out[blockIdx.x] = (int32_t) ~(uint32_t)best;
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_inclusive_scan(T v, int lane) {
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const T y = __shfl_up_sync(kFull, v, o);
+        if (lane >= o) v += y;
+    }
+    return v;
+}
+
+// Inclusive scan over the block in thread order (fixed association, so deterministic for
+// double); *total receives the block's sum. Every thread must call; scratch holds kWarps + 1.
+template <typename T>
+__device__ T block_inclusive_scan(T v, T *total, T *scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const T incl = warp_inclusive_scan(v, lane);
+    if (lane == 31) scratch[warp] = incl;
+    __syncthreads();
+    if (warp == 0) {
+        const T w = scratch[lane];
+        const T w_incl = warp_inclusive_scan(w, lane);
+        const T w_excl = __shfl_up_sync(kFull, w_incl, 1);
+        __syncwarp();
+        scratch[lane] = lane == 0 ? T(0) : w_excl;
+        if (lane == 31) scratch[kWarps] = w_incl;
+    }
+    __syncthreads();
+    const T result = incl + scratch[warp];
+    *total = scratch[kWarps];
+    __syncthreads();
+    return result;
+}
+
+struct SampleShared {
+    int hist[kRadix];
+    int digit_base[kRadix];
+    int warp_digit[kWarps][kRadix];  // per-tile counts, then offsets, of each digit per warp
+    int int_scan[kWarps + 1];
+    double dbl_scan[kWarps + 1];
+    int found;
+    uint32_t digit;
+    int remaining;
+    int skip;
+};
+
+// The first index i < n (in sorted order) whose running sum of value(i) over [0, i] satisfies
+// reached(sum); n when none does. Sums are in double, in tiles of the block, carried across.
+template <typename Value, typename Reached>
+__device__ int first_reaching(int n, Value value, Reached reached, SampleShared &sh) {
+    if (threadIdx.x == 0) sh.found = INT_MAX;
+    __syncthreads();
+    double carry = 0.0;
+    for (int base = 0; base < n; base += kSampleBlock) {
+        const int i = base + threadIdx.x;
+        double tile_total;
+        const double incl =
+            block_inclusive_scan(i < n ? value(i) : 0.0, &tile_total, sh.dbl_scan) + carry;
+        if (i < n && reached(incl)) atomicMin(&sh.found, i);
+        __syncthreads();
+        if (sh.found != INT_MAX) break;
+        carry += tile_total;
+    }
+    const int found = sh.found;
+    __syncthreads();  // everyone has read found before a later call resets it
+    return found == INT_MAX ? n : found;
+}
+
+template <typename Value>
+__device__ double block_sum(int n, Value value, SampleShared &sh) {
+    double part = 0.0;
+    for (int i = threadIdx.x; i < n; i += kSampleBlock) part += value(i);
+    double total;
+    block_inclusive_scan(part, &total, sh.dbl_scan);
+    return total;
+}
+
+// One stable LSD pass over keys/ids [0, n) by the digit at shift, src -> dst. Returns false (and
+// moves nothing) when every key has the same digit, so the data stay in src.
+__device__ bool radix_pass(const uint32_t *src_k, const uint32_t *src_i, uint32_t *dst_k,
+                           uint32_t *dst_i, int n, int shift, SampleShared &sh) {
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    for (int d = tid; d < kRadix; d += kSampleBlock) sh.hist[d] = 0;
+    __syncthreads();
+    for (int i = tid; i < n; i += kSampleBlock) atomicAdd(&sh.hist[(src_k[i] >> shift) & 255], 1);
+    __syncthreads();
+    if (tid == 0) {
+        int run = 0, skip = 0;
+        for (int d = 0; d < kRadix; d++) {
+            sh.digit_base[d] = run;
+            skip |= sh.hist[d] == n;
+            run += sh.hist[d];
+        }
+        sh.skip = skip;
+    }
+    __syncthreads();
+    if (sh.skip) return false;
+
+    const uint32_t lanes_below = (1u << lane) - 1u;
+    for (int base = 0; base < n; base += kSampleBlock) {
+        const int i = base + tid;
+        const bool valid = i < n;
+        const uint32_t key = valid ? src_k[i] : 0u;
+        const uint32_t id = valid ? src_i[i] : 0u;
+        const int d = valid ? (int)((key >> shift) & 255) : kRadix;  // kRadix: no digit
+        for (int j = tid; j < kWarps * kRadix; j += kSampleBlock) (&sh.warp_digit[0][0])[j] = 0;
+        __syncthreads();
+        // Lanes with the same digit, in lane order = index order: that is what makes it stable.
+        const uint32_t peers = __match_any_sync(kFull, d);
+        const int rank = __popc(peers & lanes_below);
+        if (valid && rank == 0) sh.warp_digit[warp][d] = __popc(peers);
+        __syncthreads();
+        int tile_count = 0;
+        if (tid < kRadix) {
+            for (int w = 0; w < kWarps; w++) {
+                const int c = sh.warp_digit[w][tid];
+                sh.warp_digit[w][tid] = tile_count;
+                tile_count += c;
+            }
+        }
+        __syncthreads();
+        if (valid) {
+            const int pos = sh.digit_base[d] + sh.warp_digit[warp][d] + rank;
+            dst_k[pos] = key;
+            dst_i[pos] = id;
+        }
+        __syncthreads();
+        if (tid < kRadix) sh.digit_base[tid] += tile_count;
+    }
+    __syncthreads();
+    return true;
+}
+
+// workspace per row: 4 * vocab words (keys and indices, two buffers). Written and read back by
+// other threads of the block across __syncthreads, so it is not __restrict__ (no read-only
+// cache path).
+__global__ void __launch_bounds__(kSampleBlock)
+    sample_kernel(int32_t *__restrict__ out, const float *__restrict__ logits,
+                  const double *__restrict__ u, int32_t vocab, float temperature, int32_t top_k,
+                  float top_p, uint32_t *workspace) {
+    __shared__ SampleShared sh;
+    const int tid = threadIdx.x;
+    const float *row = logits + (int64_t)blockIdx.x * vocab;
+    uint32_t *key_a = workspace + (int64_t)blockIdx.x * 4 * vocab;
+    uint32_t *id_a = key_a + vocab, *key_b = id_a + vocab, *id_b = key_b + vocab;
+
+    // 1. The candidates, in index order, in (key_a, id_a).
+    const int keep = top_k > 0 && top_k < vocab ? top_k : vocab;
+    if (keep < vocab) {
+        // Radix select, most significant digit first: the key of the keep-th smallest key, and
+        // how many of the keys equal to it are kept (the lowest-index ones).
+        uint32_t prefix = 0, mask = 0;
+        int remaining = keep;
+        for (int shift = 24; shift >= 0; shift -= 8) {
+            for (int d = tid; d < kRadix; d += kSampleBlock) sh.hist[d] = 0;
+            __syncthreads();
+            for (int i = tid; i < vocab; i += kSampleBlock) {
+                const uint32_t k = sort_key(row[i]);
+                if ((k & mask) == prefix) atomicAdd(&sh.hist[(k >> shift) & 255], 1);
+            }
+            __syncthreads();
+            if (tid == 0) {
+                int below = 0, d = 0;
+                while (below + sh.hist[d] < remaining) below += sh.hist[d++];
+                sh.digit = (uint32_t)d;
+                sh.remaining = remaining - below;
+            }
+            __syncthreads();
+            prefix |= sh.digit << shift;
+            mask |= 255u << shift;
+            remaining = sh.remaining;
+        }
+        const uint32_t threshold = prefix;
+        // Stable compaction: keys below the threshold, and the first `remaining` keys equal to
+        // it in index order.
+        int eq_before = 0, kept_before = 0;
+        for (int base = 0; base < vocab && kept_before < keep; base += kSampleBlock) {
+            const int i = base + tid;
+            const bool valid = i < vocab;
+            const uint32_t k = valid ? sort_key(row[i]) : 0xffffffffu;
+            const int is_eq = valid && k == threshold;
+            int eq_total, kept_total;
+            const int eq_rank =
+                eq_before + block_inclusive_scan(is_eq, &eq_total, sh.int_scan) - is_eq;
+            const int kept = valid && (k < threshold || (is_eq && eq_rank < remaining));
+            const int pos =
+                kept_before + block_inclusive_scan(kept, &kept_total, sh.int_scan) - kept;
+            if (kept) {
+                key_a[pos] = k;
+                id_a[pos] = (uint32_t)i;
+            }
+            eq_before += eq_total;
+            kept_before += kept_total;
+        }
+    } else {
+        for (int i = tid; i < vocab; i += kSampleBlock) {
+            key_a[i] = sort_key(row[i]);
+            id_a[i] = (uint32_t)i;
+        }
+    }
+    __syncthreads();
+    const int n = keep;
+
+    // 2. Stable LSD radix sort of the candidates by key.
+    uint32_t *src_k = key_a, *src_i = id_a, *dst_k = key_b, *dst_i = id_b;
+    for (int shift = 0; shift < 32; shift += 8) {
+        if (radix_pass(src_k, src_i, dst_k, dst_i, n, shift, sh)) {
+            uint32_t *t = src_k;
+            src_k = dst_k;
+            dst_k = t;
+            t = src_i;
+            src_i = dst_i;
+            dst_i = t;
+        }
+    }
+    const uint32_t *sorted_k = src_k, *sorted_i = src_i;
+
+    // 3. Weights exp(z - z_max) in double, z = logit / temperature, as sf_sample forms them.
+    const double t = (double)temperature;
+    const double z_max = (double)key_logit(sorted_k[0]) / t;
+    auto weight = [&](int i) { return exp((double)key_logit(sorted_k[i]) / t - z_max); };
+    double total = block_sum(n, weight, sh);
+
+    // 4. The nucleus: the shortest prefix whose mass reaches top_p.
+    int n_kept = n;
+    if (top_p > 0.0f && top_p < 1.0f) {
+        const double p = (double)top_p;
+        const int cut = first_reaching(
+            n, [&](int i) { return weight(i) / total; }, [&](double mass) { return mass >= p; },
+            sh);
+        n_kept = cut < n ? cut + 1 : n;
+        total = block_sum(n_kept, weight, sh);
+    }
+
+    // 5. The draw: the first token whose running weight exceeds u * total.
+    const double target = u[blockIdx.x] * total;
+    const int pick = first_reaching(
+        n_kept, weight, [&](double acc) { return target < acc; }, sh);
+    if (tid == 0) out[blockIdx.x] = (int32_t)sorted_i[pick < n_kept ? pick : n_kept - 1];
+}
+
+sf_status check_rows(const char *who, int32_t *out, const float *logits, int64_t n_rows,
+                     int32_t vocab) {
+    if (n_rows < 0 || n_rows > 0x7fffffff || vocab < 1) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: n_rows = %lld, vocab = %d", who,
+                       (long long)n_rows, vocab);
+    }
+    if (n_rows > 0 && (!out || !logits)) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: NULL pointer", who);
+    }
+    return SF_OK;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Launchers
+// ---------------------------------------------------------------------------------------------
+
+extern "C" sf_status sf_cuda_argmax_f32(int32_t *out, const float *logits, int64_t n_rows,
+                                        int32_t vocab, cudaStream_t stream) {
+    sf_status st = check_rows("sf_cuda_argmax_f32", out, logits, n_rows, vocab);
+    if (st != SF_OK || n_rows == 0) return st;
+    sf_nvtx_range range("sf_cuda_argmax_f32");
+    argmax_kernel<<<(unsigned)n_rows, kArgmaxBlock, 0, stream>>>(out, logits, vocab);
+    SF_CUDA_TRY(cudaGetLastError());
+    return SF_OK;
+}
+
+extern "C" size_t sf_cuda_sample_workspace_bytes(int64_t n_rows, int32_t vocab) {
+    if (n_rows < 0 || vocab < 0) return 0;
+    const uint64_t per_row = 16u * (uint64_t)vocab;
+    if (n_rows > 0 && (uint64_t)n_rows > (uint64_t)SIZE_MAX / per_row) return 0;
+    return (size_t)((uint64_t)n_rows * per_row);
+}
+
+extern "C" sf_status sf_cuda_sample_f32(int32_t *out, const float *logits, const double *u,
+                                        int64_t n_rows, int32_t vocab, const sf_sampling *sampling,
+                                        void *workspace, size_t workspace_bytes,
+                                        cudaStream_t stream) {
+    sf_status st = check_rows("sf_cuda_sample_f32", out, logits, n_rows, vocab);
+    if (st != SF_OK) return st;
+    if (!sampling) return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_cuda_sample_f32: NULL sampling");
+    if (!(sampling->temperature > 0.0f))
+        return sf_cuda_argmax_f32(out, logits, n_rows, vocab, stream);
+    if (n_rows == 0) return SF_OK;
+    const size_t need = sf_cuda_sample_workspace_bytes(n_rows, vocab);
+    if (!u || !workspace || ((uintptr_t)workspace & 3u) != 0 || need == 0 ||
+        workspace_bytes < need) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                       "sf_cuda_sample_f32: u = %p, workspace = %p (%zu bytes; %zu needed, "
+                       "4-byte aligned)",
+                       (const void *)u, workspace, workspace_bytes, need);
+    }
+    sf_nvtx_range range("sf_cuda_sample_f32");
+    sample_kernel<<<(unsigned)n_rows, kSampleBlock, 0, stream>>>(
+        out, logits, u, vocab, sampling->temperature, sampling->top_k, sampling->top_p,
+        static_cast<uint32_t *>(workspace));
+    SF_CUDA_TRY(cudaGetLastError());
+    return SF_OK;
+}
