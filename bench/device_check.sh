@@ -46,8 +46,18 @@ else
     row "compute-sanitizer" "not found"
 fi
 
+for b in bench_norms bench_elementwise bench_attention; do
+    if [[ -x "$build/$b" ]]; then
+        timeout 120 "$build/$b" >"$OUT/$b.log" 2>&1
+        row "$b" "rc=$? (table in $b.log)"
+    fi
+done
+
 "$build/bench_cpu_forward" --requests 8 --len 256 --decode 32 >"$OUT/bench_cpu_forward.log" 2>&1
 row "bench_cpu_forward (host CPU)" "$(grep prefill "$OUT/bench_cpu_forward.log" | awk '{print $(NF-5), "tok/s prefill"}')"
 
 echo
 printf '%s\n' "${table[@]}" | tee "$OUT/summary.txt"
+for b in bench_norms bench_elementwise bench_attention; do
+    [[ -f "$OUT/$b.log" ]] && { echo; echo "== $b"; cat "$OUT/$b.log"; }
+done
