@@ -1,0 +1,213 @@
+// Fused attention throughput: sf_cuda_attention_bf16 at the shapes DESIGN.md §9 names.
+//
+// usage: bench_attention [--repeats R] [--warmup W]
+//   Sysformer self-attention   32 requests x n_s = 256 queries, bidirectional, 32/32 heads, d 128
+//   Sysformer cross-attention  32 requests x 256 queries against n_u = 512 / 2048 keys
+//   causal prefill             1 and 8 requests x 2048 tokens, GQA 32/8, d 128
+//   decode                     32 requests x 1 query against 2048 cached rows, GQA 32/8, d 128
+// FLOPs count the two matrix products over the visible (query, key) pairs only:
+// 4 * head_dim * n_heads * pairs (a causal prefill of n tokens has n (n + 1) / 2 pairs).
+// Time: CUDA events around each launch after warm-up, median of R. Inputs are random bf16 in
+// [-1, 1] filled on the device. Exits 0 with a message when there is no GPU.
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "attention.h"
+#include "sysformer.h"
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Kernels
+// ---------------------------------------------------------------------------------------------
+
+// Deterministic pseudo-random bf16 in [-1, 1] from a hash of the index.
+__global__ void fill_bf16_kernel(uint16_t *x, int64_t n, uint32_t seed) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        uint32_t h = (uint32_t)i * 2654435761u ^ seed;
+        h ^= h >> 15;
+        h *= 2246822519u;
+        h ^= h >> 13;
+        const float f = (float)(h & 0xffffff) / (float)0x800000 - 1.0f;
+        const uint32_t u = __float_as_uint(f);
+        x[i] = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Harness
+// ---------------------------------------------------------------------------------------------
+
+#define BENCH_CUDA(call)                                                                      \
+    do {                                                                                      \
+        cudaError_t e_ = (call);                                                              \
+        if (e_ != cudaSuccess) {                                                              \
+            fprintf(stderr, "bench_attention: %s: %s\n", #call, cudaGetErrorString(e_));      \
+            exit(1);                                                                          \
+        }                                                                                     \
+    } while (0)
+
+struct Shape {
+    const char *name;
+    int n_requests, n_q, n_kv;  // every request alike
+    int n_heads, n_kv_heads, head_dim;
+    bool causal;
+    int q_pos0;  // causal decode: position of the query
+};
+
+double visible_pairs(const Shape &s) {
+    double pairs = 0;
+    for (int i = 0; i < s.n_q; i++) {
+        int64_t n = s.n_kv;
+        if (s.causal) n = std::min<int64_t>(n, (int64_t)s.q_pos0 + i + 1);
+        pairs += (double)std::max<int64_t>(n, 0);
+    }
+    return pairs * s.n_requests;
+}
+
+// TODO(cuDNN peer): time cuDNN's fused SDPA (cudnnBackend* graph: matmul -> scale -> [causal
+// mask] -> softmax -> matmul, bf16 in/out, fp32 compute) on the same buffers and shape, return
+// its median milliseconds. Until it lands, the column reads "n/a" and the peer comes from the
+// PyTorch run (torch.nn.functional.scaled_dot_product_attention under
+// sdpa_kernel(SDPBackend.CUDNN_ATTENTION)) that device_check.sh records beside this table.
+bool cudnn_peer_ms(const Shape &, const sf_attention_args &, float *) { return false; }
+
+float median(std::vector<float> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+}
+
+void run_shape(const Shape &s, int warmup, int repeats) {
+    const int64_t q_rows = (int64_t)s.n_requests * s.n_q, kv_rows = (int64_t)s.n_requests * s.n_kv;
+    const int64_t q_row = (int64_t)s.n_heads * s.head_dim;
+    const int64_t kv_row = (int64_t)s.n_kv_heads * s.head_dim;
+    uint16_t *q, *k, *v, *out;
+    int32_t *cu_q, *cu_kv, *pos0;
+    BENCH_CUDA(cudaMalloc(&q, q_rows * q_row * 2));
+    BENCH_CUDA(cudaMalloc(&out, q_rows * q_row * 2));
+    BENCH_CUDA(cudaMalloc(&k, kv_rows * kv_row * 2));
+    BENCH_CUDA(cudaMalloc(&v, kv_rows * kv_row * 2));
+    BENCH_CUDA(cudaMalloc(&cu_q, (s.n_requests + 1) * sizeof(int32_t)));
+    BENCH_CUDA(cudaMalloc(&cu_kv, (s.n_requests + 1) * sizeof(int32_t)));
+    BENCH_CUDA(cudaMalloc(&pos0, s.n_requests * sizeof(int32_t)));
+    fill_bf16_kernel<<<1024, 256>>>(q, q_rows * q_row, 1u);
+    fill_bf16_kernel<<<1024, 256>>>(k, kv_rows * kv_row, 2u);
+    fill_bf16_kernel<<<1024, 256>>>(v, kv_rows * kv_row, 3u);
+    BENCH_CUDA(cudaGetLastError());
+    std::vector<int32_t> hcu_q(s.n_requests + 1), hcu_kv(s.n_requests + 1), hpos(s.n_requests);
+    for (int r = 0; r <= s.n_requests; r++) {
+        hcu_q[r] = r * s.n_q;
+        hcu_kv[r] = r * s.n_kv;
+        if (r < s.n_requests) hpos[r] = s.q_pos0;
+    }
+    BENCH_CUDA(cudaMemcpy(cu_q, hcu_q.data(), hcu_q.size() * 4, cudaMemcpyHostToDevice));
+    BENCH_CUDA(cudaMemcpy(cu_kv, hcu_kv.data(), hcu_kv.size() * 4, cudaMemcpyHostToDevice));
+    BENCH_CUDA(cudaMemcpy(pos0, hpos.data(), hpos.size() * 4, cudaMemcpyHostToDevice));
+
+    sf_attention_args a = {};
+    a.out = out;
+    a.q = q;
+    a.k = k;
+    a.v = v;
+    a.cu_q = cu_q;
+    a.cu_kv = cu_kv;
+    a.q_pos0 = pos0;
+    a.n_requests = s.n_requests;
+    a.max_q_len = s.n_q;
+    a.n_heads = s.n_heads;
+    a.n_kv_heads = s.n_kv_heads;
+    a.head_dim = s.head_dim;
+    a.q_stride = a.out_stride = q_row;
+    a.kv_stride = kv_row;
+    a.causal = s.causal;
+    a.window = 0;
+    a.scale = 1.0f / sqrtf((float)s.head_dim);
+
+    cudaEvent_t t0, t1;
+    BENCH_CUDA(cudaEventCreate(&t0));
+    BENCH_CUDA(cudaEventCreate(&t1));
+    std::vector<float> ms;
+    for (int it = 0; it < warmup + repeats; it++) {
+        BENCH_CUDA(cudaEventRecord(t0));
+        sf_status st = sf_cuda_attention_bf16(&a, 0);
+        BENCH_CUDA(cudaEventRecord(t1));
+        if (st != SF_OK) {
+            fprintf(stderr, "bench_attention: %s: %s\n", s.name, sf_last_error());
+            exit(1);
+        }
+        BENCH_CUDA(cudaEventSynchronize(t1));
+        float t = 0;
+        BENCH_CUDA(cudaEventElapsedTime(&t, t0, t1));
+        if (it >= warmup) ms.push_back(t);
+    }
+    const float med = median(ms);
+    const double flops = 4.0 * s.head_dim * s.n_heads * visible_pairs(s);
+    // bytes each launch must move at least once: q, k, v in, out back
+    const double bytes = 2.0 * (2.0 * q_rows * q_row + 2.0 * kv_rows * kv_row);
+    float peer = 0;
+    char peer_col[32] = "n/a (TODO)";
+    if (cudnn_peer_ms(s, a, &peer))
+        snprintf(peer_col, sizeof peer_col, "%.1f", flops / (peer * 1e9));
+    printf("%-26s %4d x %4d q x %5d kv  %2d/%-2d  %3d  %s  %9.4f  %8.1f  %8.0f  %s\n", s.name,
+           s.n_requests, s.n_q, s.n_kv, s.n_heads, s.n_kv_heads, s.head_dim,
+           s.causal ? "causal" : "bidir ", med, flops / (med * 1e9), bytes / (med * 1e6),
+           peer_col);
+    fflush(stdout);
+
+    cudaEventDestroy(t0);
+    cudaEventDestroy(t1);
+    cudaFree(q);
+    cudaFree(k);
+    cudaFree(v);
+    cudaFree(out);
+    cudaFree(cu_q);
+    cudaFree(cu_kv);
+    cudaFree(pos0);
+}
+
+}  // namespace
+
+int main(int argc, char **argv) {
+    int repeats = 20, warmup = 3;
+    for (int i = 1; i + 1 < argc; i += 2) {
+        if (!strcmp(argv[i], "--repeats")) repeats = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--warmup")) warmup = atoi(argv[i + 1]);
+        else {
+            fprintf(stderr, "bench_attention: unknown option %s\n", argv[i]);
+            return 2;
+        }
+    }
+    if (repeats < 1 || warmup < 0) {
+        fprintf(stderr, "bench_attention: bad --repeats / --warmup\n");
+        return 2;
+    }
+    int count = 0;
+    if (sf_cuda_device_count(&count) != SF_OK || count == 0) {
+        printf("bench_attention: no CUDA device; nothing to measure\n");
+        return 0;
+    }
+    cudaDeviceProp prop;
+    BENCH_CUDA(cudaGetDeviceProperties(&prop, 0));
+    printf("bench_attention: %s (sm_%d%d, %d SMs), median of %d after %d warm-up\n", prop.name,
+           prop.major, prop.minor, prop.multiProcessorCount, repeats, warmup);
+    printf("%-26s %-27s %-5s  %-3s  %-6s  %9s  %8s  %8s  %s\n", "case", "shape", "heads", "d",
+           "mask", "ms", "TFLOP/s", "GB/s", "cuDNN TFLOP/s");
+
+    const Shape shapes[] = {
+        {"sysformer SA", 32, 256, 256, 32, 32, 128, false, 0},
+        {"sysformer CA", 32, 256, 512, 32, 32, 128, false, 0},
+        {"sysformer CA", 32, 256, 2048, 32, 32, 128, false, 0},
+        {"causal prefill", 1, 2048, 2048, 32, 8, 128, true, 0},
+        {"causal prefill", 8, 2048, 2048, 32, 8, 128, true, 0},
+        {"decode (GB/s-bound)", 32, 1, 2048, 32, 8, 128, true, 2047},
+    };
+    for (const Shape &s : shapes) run_shape(s, warmup, repeats);
+    return 0;
+}

@@ -1,0 +1,421 @@
+// sf_cuda_attention_bf16 against its CPU twin sf_cpu_attention (fp32 math on the same
+// bf16-rounded inputs), request by request, over every head dim, GQA ratios 1/2/4/8, causal
+// packed prefill with mixed lengths, sliding windows, chunked prefill and decode against a cache,
+// bidirectional self-attention and cross-attention. The argument tests run without a GPU (the
+// launcher checks everything before its first CUDA call); the others skip when none is present.
+//
+// Tolerance, derived (FlashAttention's rule): the kernel stores bf16 and rounds P to bf16 before
+// the PV product, so it cannot match the fp32 reference to fp32 precision. The yardstick is the
+// same attention done the naive bf16 way, computed here on the CPU:
+//   S = bf16(Q K^T) (fp32 accumulation), S = bf16(S * scale), P = bf16(softmax_fp32(S)),
+//   O = bf16(P V) (fp32 accumulation),
+// i.e. what a bf16 framework's unfused softmax(Q K^T * scale) V produces. Then
+//   max |gpu - ref| <= 2 * max |naive - ref| + 1e-5          (over every output of the batch)
+// The factor 2 is FlashAttention's margin for a different (here: smaller) set of roundings; the
+// 1e-5 floor only matters where the naive error is ~0, which happens when every row sees a
+// single key (both are then exact) and otherwise leaves room for fp32 summation-order noise
+// (|o| <= 1, a few thousand terms: ~1e-6 typical). On top of that: no NaN/Inf in any output, and
+// every element the kernel must not write (row padding past n_heads * head_dim, rows past the
+// last request) still holds its 0xFFFF poison.
+#include <gtest/gtest.h>
+
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include <algorithm>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "attention.h"
+#include "cpu/ops.h"
+#include "cuda_test_util.h"
+#include "sysformer.h"
+
+namespace {
+
+struct Request {
+    int n_q, n_kv;
+    int pos0;  // position of the first query (causal only)
+};
+
+struct Case {
+    int head_dim, n_heads, n_kv_heads;
+    bool causal;
+    int window;
+    bool pass_pos0;  // false: q_pos0 = NULL (every pos0 must then be 0)
+    std::vector<Request> reqs;
+    int extra_q_len = 0;  // max_q_len = longest request + this (it is only an upper bound)
+    int q_pad = 8, kv_pad = 8, out_pad = 16;  // stride padding, in elements
+};
+
+std::string describe(const Case &c) {
+    char buf[160];
+    snprintf(buf, sizeof buf, "d=%d heads=%d/%d %s window=%d pos0=%s reqs:", c.head_dim,
+             c.n_heads, c.n_kv_heads, c.causal ? "causal" : "bidirectional", c.window,
+             c.pass_pos0 ? "given" : "NULL");
+    std::string s = buf;
+    for (const Request &r : c.reqs) {
+        snprintf(buf, sizeof buf, " %dx%d@%d", r.n_q, r.n_kv, r.pos0);
+        s += buf;
+    }
+    return s;
+}
+
+inline float round_bf16(float x) { return from_bf16(to_bf16(x)); }
+
+// The naive bf16 attention of the tolerance comment above, for one request, contiguous rows.
+void naive_bf16_attention(float *out, const float *q, const float *k, const float *v, int n_q,
+                          int n_kv, int n_heads, int n_kv_heads, int d, bool causal, int pos0,
+                          int window, float scale) {
+    const int group = n_heads / n_kv_heads;
+    const int64_t qs = (int64_t)n_heads * d, kvs = (int64_t)n_kv_heads * d;
+    std::vector<float> s(n_kv > 0 ? n_kv : 1);
+    for (int i = 0; i < n_q; i++) {
+        for (int h = 0; h < n_heads; h++) {
+            const int g = h / group;
+            float *o = out + i * qs + (int64_t)h * d;
+            const float *qr = q + i * qs + (int64_t)h * d;
+            int64_t lo = 0, hi = n_kv;
+            if (causal) {
+                const int64_t pos = (int64_t)pos0 + i;
+                hi = std::min<int64_t>(hi, pos + 1);
+                if (window > 0) lo = std::max<int64_t>(lo, pos - window + 1);
+            }
+            for (int e = 0; e < d; e++) o[e] = 0.0f;
+            if (lo >= hi) continue;
+            float mx = -INFINITY;
+            for (int64_t j = lo; j < hi; j++) {
+                const float *kr = k + j * kvs + (int64_t)g * d;
+                float dot = 0.0f;
+                for (int e = 0; e < d; e++) dot += qr[e] * kr[e];
+                s[j] = round_bf16(round_bf16(dot) * scale);
+                mx = std::max(mx, s[j]);
+            }
+            float sum = 0.0f;
+            for (int64_t j = lo; j < hi; j++) {
+                s[j] = expf(s[j] - mx);
+                sum += s[j];
+            }
+            for (int64_t j = lo; j < hi; j++) s[j] = round_bf16(s[j] / sum);
+            for (int e = 0; e < d; e++) {
+                float acc = 0.0f;
+                for (int64_t j = lo; j < hi; j++) acc += s[j] * v[j * kvs + (int64_t)g * d + e];
+                o[e] = round_bf16(acc);
+            }
+        }
+    }
+}
+
+// Runs one case on the GPU and checks it as the header comment says.
+void run_case(const Case &c, uint32_t seed) {
+    SCOPED_TRACE(describe(c));
+    const int d = c.head_dim;
+    const int64_t q_row = (int64_t)c.n_heads * d, kv_row = (int64_t)c.n_kv_heads * d;
+    const int64_t q_stride = q_row + c.q_pad, kv_stride = kv_row + c.kv_pad,
+                  out_stride = q_row + c.out_pad;
+    const int n_req = (int)c.reqs.size();
+    std::vector<int32_t> cu_q(n_req + 1, 0), cu_kv(n_req + 1, 0), pos0(n_req, 0);
+    int max_q = 0;
+    for (int r = 0; r < n_req; r++) {
+        cu_q[r + 1] = cu_q[r] + c.reqs[r].n_q;
+        cu_kv[r + 1] = cu_kv[r] + c.reqs[r].n_kv;
+        pos0[r] = c.reqs[r].pos0;
+        max_q = std::max(max_q, c.reqs[r].n_q);
+    }
+    const int64_t total_q = cu_q[n_req], total_kv = cu_kv[n_req];
+    const int64_t extra_rows = 3;  // past the last request: must stay poisoned
+
+    // Inputs: q and k in [-2, 2] (scores of std ~1.3 at scale 1/sqrt(d): peaked softmaxes),
+    // v in [-1, 1]; stride padding holds NaN, which must never reach an output.
+    std::mt19937 rng(seed);
+    std::uniform_real_distribution<float> u2(-2.0f, 2.0f), u1(-1.0f, 1.0f);
+    const uint16_t nan_bits = 0x7fc0;
+    std::vector<uint16_t> hq(std::max<int64_t>(total_q, 1) * q_stride, nan_bits);
+    std::vector<uint16_t> hk(std::max<int64_t>(total_kv, 1) * kv_stride, nan_bits);
+    std::vector<uint16_t> hv(hk.size(), nan_bits);
+    for (int64_t i = 0; i < total_q; i++)
+        for (int64_t e = 0; e < q_row; e++) hq[i * q_stride + e] = to_bf16(u2(rng));
+    for (int64_t j = 0; j < total_kv; j++) {
+        for (int64_t e = 0; e < kv_row; e++) hk[j * kv_stride + e] = to_bf16(u2(rng));
+        for (int64_t e = 0; e < kv_row; e++) hv[j * kv_stride + e] = to_bf16(u1(rng));
+    }
+    const float scale = 1.0f / sqrtf((float)d);
+
+    DeviceBuffer<uint16_t> dq(hq), dk(hk), dv(hv);
+    DeviceBuffer<uint16_t> dout((size_t)((total_q + extra_rows) * out_stride));  // 0xFFFF poison
+    DeviceBuffer<int32_t> dcu_q(cu_q), dcu_kv(cu_kv), dpos0(pos0);
+    ASSERT_TRUE(dq.get() && dk.get() && dv.get() && dout.get() && dcu_q.get() && dcu_kv.get() &&
+                dpos0.get());
+
+    sf_attention_args a = {};
+    a.out = dout.get();
+    a.q = dq.get();
+    a.k = dk.get();
+    a.v = dv.get();
+    a.cu_q = dcu_q.get();
+    a.cu_kv = dcu_kv.get();
+    a.q_pos0 = c.pass_pos0 ? dpos0.get() : nullptr;
+    a.n_requests = n_req;
+    a.max_q_len = max_q + c.extra_q_len;
+    a.n_heads = c.n_heads;
+    a.n_kv_heads = c.n_kv_heads;
+    a.head_dim = d;
+    a.q_stride = q_stride;
+    a.kv_stride = kv_stride;
+    a.out_stride = out_stride;
+    a.causal = c.causal;
+    a.window = c.window;
+    a.scale = scale;
+    ASSERT_EQ(sf_cuda_attention_bf16(&a, 0), SF_OK) << sf_last_error();
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    const std::vector<uint16_t> got = dout.host();
+
+    // References, request by request on contiguous copies of the bf16 inputs.
+    double err_gpu = 0.0, err_naive = 0.0, num = 0.0, den = 0.0;
+    int64_t bad_values = 0, bad_padding = 0;
+    for (int r = 0; r < n_req; r++) {
+        const int nq = c.reqs[r].n_q, nkv = c.reqs[r].n_kv;
+        std::vector<float> q((size_t)nq * q_row + 1), k((size_t)nkv * kv_row + 1),
+            v((size_t)nkv * kv_row + 1), ref((size_t)nq * q_row + 1), naive((size_t)nq * q_row + 1);
+        for (int i = 0; i < nq; i++)
+            for (int64_t e = 0; e < q_row; e++)
+                q[i * q_row + e] = from_bf16(hq[(cu_q[r] + i) * q_stride + e]);
+        for (int j = 0; j < nkv; j++) {
+            for (int64_t e = 0; e < kv_row; e++) {
+                k[j * kv_row + e] = from_bf16(hk[(cu_kv[r] + j) * kv_stride + e]);
+                v[j * kv_row + e] = from_bf16(hv[(cu_kv[r] + j) * kv_stride + e]);
+            }
+        }
+        sf_cpu_attention(ref.data(), q.data(), k.data(), v.data(), nq, nkv, c.n_heads,
+                         c.n_kv_heads, d, c.causal, c.reqs[r].pos0, c.window, scale);
+        naive_bf16_attention(naive.data(), q.data(), k.data(), v.data(), nq, nkv, c.n_heads,
+                             c.n_kv_heads, d, c.causal, c.reqs[r].pos0, c.window, scale);
+        for (int i = 0; i < nq; i++) {
+            const uint16_t *row = &got[(cu_q[r] + i) * out_stride];
+            for (int64_t e = 0; e < q_row; e++) {
+                const float g = from_bf16(row[e]), want = ref[i * q_row + e];
+                if (!std::isfinite(g)) {
+                    bad_values++;
+                    continue;
+                }
+                err_gpu = std::max(err_gpu, (double)fabsf(g - want));
+                err_naive = std::max(err_naive, (double)fabsf(naive[i * q_row + e] - want));
+                num += ((double)g - want) * ((double)g - want);
+                den += (double)want * want;
+            }
+            for (int64_t e = q_row; e < out_stride; e++) bad_padding += row[e] != 0xffff;
+        }
+    }
+    for (int64_t i = total_q * out_stride; i < (int64_t)got.size(); i++)
+        bad_padding += got[i] != 0xffff;
+
+    const double tol = 2.0 * err_naive + 1e-5;
+    EXPECT_EQ(bad_values, 0) << "NaN/Inf (or unwritten poison) in the outputs";
+    EXPECT_EQ(bad_padding, 0) << "elements outside the outputs were written";
+    EXPECT_LE(err_gpu, tol) << "max |gpu - fp32 ref| = " << err_gpu
+                            << ", naive bf16: " << err_naive
+                            << ", rel l2 = " << sqrt(num / (den > 0 ? den : 1));
+}
+
+// Mixed lengths in one batch; for prefill n_kv = n_q.
+std::vector<Request> prefill(std::initializer_list<int> lens) {
+    std::vector<Request> v;
+    for (int n : lens) v.push_back({n, n, 0});
+    return v;
+}
+
+const int kHeadDims[] = {64, 80, 96, 128};
+
+// ---------------------------------------------------------------------------------------------
+// Argument checks: no GPU needed, nothing reaches CUDA.
+// ---------------------------------------------------------------------------------------------
+
+sf_attention_args valid_args() {
+    // Fake, aligned device addresses: every case below fails (or finishes) before any use.
+    sf_attention_args a = {};
+    a.out = reinterpret_cast<sf_bf16 *>(0x10000);
+    a.q = reinterpret_cast<const sf_bf16 *>(0x20000);
+    a.k = reinterpret_cast<const sf_bf16 *>(0x30000);
+    a.v = reinterpret_cast<const sf_bf16 *>(0x40000);
+    a.cu_q = reinterpret_cast<const int32_t *>(0x50000);
+    a.cu_kv = reinterpret_cast<const int32_t *>(0x60000);
+    a.n_requests = 2;
+    a.max_q_len = 5;
+    a.n_heads = 8;
+    a.n_kv_heads = 2;
+    a.head_dim = 64;
+    a.q_stride = a.out_stride = 8 * 64;
+    a.kv_stride = 2 * 64;
+    a.causal = true;
+    a.scale = 0.125f;
+    return a;
+}
+
+TEST(CudaAttentionArgs, RejectsNullAndNegativeCounts) {
+    EXPECT_EQ(sf_cuda_attention_bf16(nullptr, 0), SF_ERR_INVALID_ARGUMENT);
+    sf_attention_args a = valid_args();
+    a.n_requests = -1;
+    EXPECT_EQ(sf_cuda_attention_bf16(&a, 0), SF_ERR_INVALID_ARGUMENT);
+    a = valid_args();
+    a.max_q_len = -3;
+    EXPECT_EQ(sf_cuda_attention_bf16(&a, 0), SF_ERR_INVALID_ARGUMENT);
+    for (int which = 0; which < 6; which++) {
+        a = valid_args();
+        switch (which) {
+            case 0: a.out = nullptr; break;
+            case 1: a.q = nullptr; break;
+            case 2: a.k = nullptr; break;
+            case 3: a.v = nullptr; break;
+            case 4: a.cu_q = nullptr; break;
+            default: a.cu_kv = nullptr; break;
+        }
+        EXPECT_EQ(sf_cuda_attention_bf16(&a, 0), SF_ERR_INVALID_ARGUMENT) << "pointer " << which;
+        EXPECT_NE(std::string(sf_last_error()).find("sf_cuda_attention_bf16"), std::string::npos);
+    }
+}
+
+TEST(CudaAttentionArgs, RejectsBadHeads) {
+    sf_attention_args a = valid_args();
+    a.n_kv_heads = 3;  // does not divide 8
+    EXPECT_EQ(sf_cuda_attention_bf16(&a, 0), SF_ERR_INVALID_ARGUMENT);
+    a = valid_args();
+    a.n_heads = 0;
+    EXPECT_EQ(sf_cuda_attention_bf16(&a, 0), SF_ERR_INVALID_ARGUMENT);
+    a = valid_args();
+    a.n_kv_heads = -2;
+    EXPECT_EQ(sf_cuda_attention_bf16(&a, 0), SF_ERR_INVALID_ARGUMENT);
+    for (int d : {0, 32, 100, 112, 256}) {
+        a = valid_args();
+        a.head_dim = d;
+        a.q_stride = a.out_stride = 8 * 256;
+        a.kv_stride = 2 * 256;
+        EXPECT_EQ(sf_cuda_attention_bf16(&a, 0), SF_ERR_UNSUPPORTED) << "head_dim " << d;
+    }
+}
+
+TEST(CudaAttentionArgs, RejectsShortMisalignedStridesAndPointers) {
+    sf_attention_args a = valid_args();
+    a.q_stride = 8 * 64 - 8;
+    EXPECT_EQ(sf_cuda_attention_bf16(&a, 0), SF_ERR_INVALID_ARGUMENT);
+    a = valid_args();
+    a.kv_stride = 2 * 64 - 1;
+    EXPECT_EQ(sf_cuda_attention_bf16(&a, 0), SF_ERR_INVALID_ARGUMENT);
+    a = valid_args();
+    a.out_stride = 64;
+    EXPECT_EQ(sf_cuda_attention_bf16(&a, 0), SF_ERR_INVALID_ARGUMENT);
+    a = valid_args();
+    a.kv_stride = 2 * 64 + 4;  // long enough, but rows would not be 16-byte aligned
+    EXPECT_EQ(sf_cuda_attention_bf16(&a, 0), SF_ERR_UNSUPPORTED);
+    a = valid_args();
+    a.q = reinterpret_cast<const sf_bf16 *>(0x20002);
+    EXPECT_EQ(sf_cuda_attention_bf16(&a, 0), SF_ERR_UNSUPPORTED);
+    a = valid_args();
+    a.n_requests = 70000;  // over the grid's z limit
+    EXPECT_EQ(sf_cuda_attention_bf16(&a, 0), SF_ERR_UNSUPPORTED);
+    a = valid_args();
+    a.scale = NAN;
+    EXPECT_EQ(sf_cuda_attention_bf16(&a, 0), SF_ERR_INVALID_ARGUMENT);
+}
+
+TEST(CudaAttentionArgs, NothingToDoIsOk) {
+    sf_attention_args a = valid_args();
+    a.n_requests = 0;
+    a.out = nullptr;  // never touched
+    EXPECT_EQ(sf_cuda_attention_bf16(&a, 0), SF_OK);
+    a = valid_args();
+    a.max_q_len = 0;
+    EXPECT_EQ(sf_cuda_attention_bf16(&a, 0), SF_OK);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Against the CPU twin.
+// ---------------------------------------------------------------------------------------------
+
+// Causal packed-varlen prefill, lengths 1, 7, 65 and 300 in one batch (tiles cut mid-request,
+// mid-group and on the diagonal), every head dim and GQA ratio, q_pos0 NULL.
+TEST(CudaAttention, CausalPackedPrefillEveryHeadDimAndGroup) {
+    SF_SKIP_WITHOUT_GPU();
+    uint32_t seed = 1;
+    for (int d : kHeadDims) {
+        for (int group : {1, 2, 4, 8}) {
+            Case c{d, 2 * group, 2, true, 0, false, prefill({1, 7, 65, 300})};
+            run_case(c, seed++);
+        }
+    }
+}
+
+// Sliding windows (1: only itself; 16 and 100: cut inside and across key tiles).
+TEST(CudaAttention, CausalSlidingWindow) {
+    SF_SKIP_WITHOUT_GPU();
+    uint32_t seed = 100;
+    for (int d : {64, 80, 128}) {
+        for (int window : {1, 16, 100}) {
+            Case c{d, 8, 2, true, window, false, prefill({7, 300, 1, 65})};
+            run_case(c, seed++);
+        }
+    }
+}
+
+// Chunked prefill against a cache: the queries are the cache's last rows (pos0 = n_kv - n_q),
+// with and without a window; one request's first queries sit at negative positions and see
+// nothing (zeros).
+TEST(CudaAttention, ChunkedPrefillAgainstCache) {
+    SF_SKIP_WITHOUT_GPU();
+    uint32_t seed = 200;
+    for (int d : {96, 128}) {
+        for (int window : {0, 64}) {
+            Case c{d, 16, 4, true, window, true,
+                   {{65, 265, 200}, {7, 137, 130}, {1, 1000, 999}, {9, 6, -3}, {33, 33, 0}}};
+            c.extra_q_len = 5;
+            run_case(c, seed++);
+        }
+    }
+}
+
+// Decode: one query per request at the cache's last position, caches from 1 to 2048 rows;
+// with minimal strides, and with a window.
+TEST(CudaAttention, DecodeAgainstLongCache) {
+    SF_SKIP_WITHOUT_GPU();
+    uint32_t seed = 300;
+    for (int d : kHeadDims) {
+        for (int group : {4, 8}) {
+            for (int window : {0, 256}) {
+                Case c{d, 4 * group, 4, true, window, true,
+                       {{1, 1, 0}, {1, 100, 99}, {1, 2048, 2047}, {1, 777, 776}, {1, 65, 65}}};
+                c.q_pad = c.kv_pad = c.out_pad = 0;
+                run_case(c, seed++);
+            }
+        }
+    }
+}
+
+// Bidirectional self-attention (the Sysformer's SA): every key of the request. Group 3 does not
+// divide the kernel's row tiles, so a query's heads straddle two of them.
+TEST(CudaAttention, BidirectionalSelfAttention) {
+    SF_SKIP_WITHOUT_GPU();
+    uint32_t seed = 400;
+    for (int d : kHeadDims) {
+        for (int group : {1, 3, 4}) {
+            Case c{d, 4 * group, 4, false, 0, false, prefill({1, 7, 65, 300})};
+            run_case(c, seed++);
+        }
+    }
+}
+
+// Cross-attention (the Sysformer's CA): other q and kv lengths, 1x17, 33x100, 5x1, plus a request
+// with no queries and one with no keys (zeros); window and q_pos0 are ignored when !causal.
+TEST(CudaAttention, CrossAttentionOtherLengths) {
+    SF_SKIP_WITHOUT_GPU();
+    uint32_t seed = 500;
+    for (int d : kHeadDims) {
+        for (int group : {1, 2}) {
+            Case c{d, 4 * group, 4, false, 7, true,
+                   {{1, 17, 3}, {33, 100, 0}, {5, 1, 0}, {0, 10, 0}, {3, 0, 0}, {130, 70, 9}}};
+            run_case(c, seed++);
+        }
+    }
+}
+
+}  // namespace
