@@ -3,6 +3,7 @@
 // resulting bound).
 #include <cuda_bf16.h>
 
+#include "bf16_vec.cuh"
 #include "cuda_check.cuh"
 #include "rope.h"
 
@@ -15,40 +16,13 @@ constexpr int kBlock = 128;
 constexpr int kMaxHalf = 256;  // head_dim <= 512
 constexpr int kVec = 8;
 
-inline bool aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
+using sf_vec::aligned16;
+using sf_vec::load_f32;
+using sf_vec::store_bf16;
 
 // ---------------------------------------------------------------------------------------------
 // Kernels
 // ---------------------------------------------------------------------------------------------
-
-template <int VEC>
-__device__ __forceinline__ void load_f32(const __nv_bfloat16 *p, float (&v)[VEC]) {
-    if constexpr (VEC == 1) {
-        v[0] = __bfloat162float(*p);
-    } else {
-        static_assert(VEC == 8, "VEC is 1 or 8");
-        const uint4 raw = *reinterpret_cast<const uint4 *>(p);
-        const __nv_bfloat162 *h = reinterpret_cast<const __nv_bfloat162 *>(&raw);
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            const float2 f = __bfloat1622float2(h[i]);
-            v[2 * i] = f.x;
-            v[2 * i + 1] = f.y;
-        }
-    }
-}
-
-template <int VEC>
-__device__ __forceinline__ void store_bf16(__nv_bfloat16 *p, const float (&v)[VEC]) {
-    if constexpr (VEC == 1) {
-        *p = __float2bfloat16_rn(v[0]);
-    } else {
-        __align__(16) __nv_bfloat162 h[4];
-#pragma unroll
-        for (int i = 0; i < 4; i++) h[i] = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
-        *reinterpret_cast<uint4 *>(p) = *reinterpret_cast<const uint4 *>(h);
-    }
-}
 
 // VEC = 8 needs half % 8 == 0, row_stride % 8 == 0 and x 16-byte aligned, so that every group
 // of 8 pairs is two aligned 128-bit words (one in each half of the head).
