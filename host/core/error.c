@@ -38,3 +38,16 @@ sf_status sf_fail(sf_status status, const char *fmt, ...) {
     va_end(ap);
     return status;
 }
+
+void sf_format_shape(char *buf, size_t cap, int32_t ndim, const int64_t *shape) {
+    if (cap == 0) return;
+    size_t used = 0;
+    int n = snprintf(buf, cap, "[");
+    if (n > 0) used = (size_t)n;
+    for (int32_t i = 0; i < ndim && used < cap; i++) {
+        n = snprintf(buf + used, cap - used, "%s%lld", i ? ", " : "", (long long)shape[i]);
+        if (n < 0) return;
+        used += (size_t)n;
+    }
+    if (used < cap) snprintf(buf + used, cap - used, "]");
+}

@@ -16,6 +16,9 @@ sf_status sf_fail(sf_status status, const char *fmt, ...)
 #endif
     ;
 
+/* Writes a shape as "[64, 32]" for messages; truncated (never overflowing) if buf is small. */
+void sf_format_shape(char *buf, size_t cap, int32_t ndim, const int64_t *shape);
+
 #ifdef __cplusplus
 }
 #endif

@@ -133,19 +133,6 @@ static int64_t checked_numel(int32_t ndim, const int64_t *shape) {
     return numel;
 }
 
-/* "[64, 32]"; truncated (never overflowing) if buf is too small. */
-static void format_shape(char *buf, size_t cap, int32_t ndim, const int64_t *shape) {
-    size_t used = 0;
-    int n = snprintf(buf, cap, "[");
-    if (n > 0) used = (size_t)n;
-    for (int32_t i = 0; i < ndim && used < cap; i++) {
-        n = snprintf(buf + used, cap - used, "%s%lld", i ? ", " : "", (long long)shape[i]);
-        if (n < 0) return;
-        used += (size_t)n;
-    }
-    if (used < cap) snprintf(buf + used, cap - used, "]");
-}
-
 static int cmp_tensor_name(const void *a, const void *b) {
     const sf_st_tensor *x = a, *y = b;
     return strcmp(x->name, y->name);
@@ -327,7 +314,7 @@ static sf_status parse_entry(const char *path, const char *name, json_t *entry,
     char shape_buf[256];
     int64_t numel = checked_numel(t->ndim, t->shape);
     if (numel < 0) {
-        format_shape(shape_buf, sizeof shape_buf, t->ndim, t->shape);
+        sf_format_shape(shape_buf, sizeof shape_buf, t->ndim, t->shape);
         return sf_fail(SF_ERR_FORMAT, "%s: tensor '%s': element count of shape %s overflows",
                        path, name, shape_buf);
     }
@@ -335,7 +322,7 @@ static sf_status parse_entry(const char *path, const char *name, json_t *entry,
     /* numel < 2^63 and esize <= 8, so this cannot wrap a uint64. */
     uint64_t nbytes = (uint64_t)numel * esize;
     if (end - begin != nbytes) {
-        format_shape(shape_buf, sizeof shape_buf, t->ndim, t->shape);
+        sf_format_shape(shape_buf, sizeof shape_buf, t->ndim, t->shape);
         return sf_fail(SF_ERR_FORMAT,
                        "%s: tensor '%s': data_offsets [%llu, %llu] hold %llu bytes, but %s x %s "
                        "needs %llu (file offset %llu)",
@@ -701,8 +688,8 @@ sf_status sf_st_get(const sf_st_archive *archive, const char *name, int32_t ndim
     for (int32_t i = 0; same && i < ndim; i++) same = t->shape[i] == shape[i];
     if (!same) {
         char have[256], want[256];
-        format_shape(have, sizeof have, t->ndim, t->shape);
-        format_shape(want, sizeof want, ndim, shape);
+        sf_format_shape(have, sizeof have, t->ndim, t->shape);
+        sf_format_shape(want, sizeof want, ndim, shape);
         return sf_fail(SF_ERR_SHAPE, "%s: tensor '%s' has shape %s, expected %s", t->path, name,
                        have, want);
     }

@@ -509,18 +509,6 @@ static bool tensor_expected(const sf_llm_config *c, const char *name) {
 /* The weight source                                                                           */
 /* ------------------------------------------------------------------------------------------ */
 
-static void format_dims(char *buf, size_t cap, int n, const int64_t *d) {
-    size_t used = 0;
-    int w = snprintf(buf, cap, "[");
-    if (w > 0) used = (size_t)w;
-    for (int i = 0; i < n && used < cap; i++) {
-        w = snprintf(buf + used, cap - used, "%s%lld", i ? ", " : "", (long long)d[i]);
-        if (w < 0) return;
-        used += (size_t)w;
-    }
-    if (used < cap) snprintf(buf + used, cap - used, "]");
-}
-
 static sf_status gg_lookup(const gguf_source *s, const char *name, const sf_gguf_tensor **out,
                            qk_kind *kind) {
     char gname[GG_NAME_MAX];
@@ -551,8 +539,8 @@ static sf_status gg_check(void *ctx, const char *name, int32_t ndim, const int64
         char have[96], want[96];
         int64_t ne_rev[4];
         for (int i = 0; i < t->n_dims; i++) ne_rev[i] = t->ne[t->n_dims - 1 - i];
-        format_dims(have, sizeof have, t->n_dims, ne_rev);
-        format_dims(want, sizeof want, ndim, shape);
+        sf_format_shape(have, sizeof have, t->n_dims, ne_rev);
+        sf_format_shape(want, sizeof want, ndim, shape);
         return sf_fail(
             SF_ERR_SHAPE,
             "%s: tensor '%s' (data at byte offset %llu) has shape %s (ggml ne reversed), "
