@@ -37,7 +37,7 @@ row "GPU tests" "$(grep -cE '^\[       OK ' "$OUT/gpu_tests.log") ok, $(grep -cE
 PATH=$PATH:/usr/local/cuda/bin
 if command -v compute-sanitizer >/dev/null; then
     for tool in memcheck racecheck; do
-        compute-sanitizer --tool "$tool" --error-exitcode 3 \
+        timeout 100 compute-sanitizer --tool "$tool" --error-exitcode 3 \
             "$build/tests/sf_tests" --gtest_filter='Cuda*' >"$OUT/sanitizer_$tool.log" 2>&1
         rc=$?
         row "compute-sanitizer $tool" "$([ $rc -eq 0 ] && echo clean || echo "rc=$rc")"
@@ -53,11 +53,16 @@ for b in bench_norms bench_elementwise bench_attention; do
     fi
 done
 
+if command -v python3 >/dev/null; then
+    timeout 120 python3 bench/peer_attention.py >"$OUT/peer_attention.log" 2>&1
+    row "peer_attention (torch SDPA)" "rc=$? (table in peer_attention.log)"
+fi
+
 "$build/bench_cpu_forward" --requests 8 --len 256 --decode 32 >"$OUT/bench_cpu_forward.log" 2>&1
 row "bench_cpu_forward (host CPU)" "$(grep prefill "$OUT/bench_cpu_forward.log" | awk '{print $(NF-5), "tok/s prefill"}')"
 
 echo
 printf '%s\n' "${table[@]}" | tee "$OUT/summary.txt"
-for b in bench_norms bench_elementwise bench_attention; do
+for b in bench_norms bench_elementwise bench_attention peer_attention; do
     [[ -f "$OUT/$b.log" ]] && { echo; echo "== $b"; cat "$OUT/$b.log"; }
 done
