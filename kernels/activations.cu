@@ -74,6 +74,20 @@ __global__ void swiglu_fused_kernel(__nv_bfloat16 *__restrict__ out,
     }
 }
 
+// The residual add that no norm follows (the Sysformer's last sub-block without a final norm).
+template <int VEC>
+__global__ void add_kernel(__nv_bfloat16 *out, const __nv_bfloat16 *a, const __nv_bfloat16 *b,
+                           int64_t n_vec) {
+    const int64_t v = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (v >= n_vec) return;
+    float x[VEC], y[VEC];
+    load_f32<VEC>(a + v * VEC, x);
+    load_f32<VEC>(b + v * VEC, y);
+#pragma unroll
+    for (int i = 0; i < VEC; i++) x[i] += y[i];
+    store_bf16<VEC>(out + v * VEC, x);
+}
+
 template <int VEC>
 __global__ void gelu_kernel(__nv_bfloat16 *out, const __nv_bfloat16 *x, int64_t n_vec) {
     const int64_t v = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -195,6 +209,26 @@ extern "C" sf_status sf_cuda_swiglu_fused_bf16(sf_bf16 *out, const sf_bf16 *gate
     } else {
         swiglu_fused_kernel<1>
             <<<grid_2d(rows, ff), kBlock, 0, stream>>>(bf(out), bf(gate_up), rows, ff);
+    }
+    SF_CUDA_TRY(cudaGetLastError());
+    return SF_OK;
+}
+
+extern "C" sf_status sf_cuda_add_bf16(sf_bf16 *out, const sf_bf16 *a, const sf_bf16 *b,
+                                      int64_t n, cudaStream_t stream) {
+    if (n < 0 || (n > 0 && (!out || !a || !b))) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_cuda_add_bf16: n = %lld or NULL pointer",
+                       (long long)n);
+    }
+    if (n == 0) return SF_OK;
+    sf_nvtx_range range("sf_cuda_add_bf16");
+    if (n % kVec == 0 && aligned16(out) && aligned16(a) && aligned16(b)) {
+        const int64_t n_vec = n / kVec;
+        add_kernel<kVec><<<(unsigned)ceil_div(n_vec, kBlock), kBlock, 0, stream>>>(
+            bf(out), bf(a), bf(b), n_vec);
+    } else {
+        add_kernel<1><<<(unsigned)ceil_div(n, kBlock), kBlock, 0, stream>>>(bf(out), bf(a),
+                                                                              bf(b), n);
     }
     SF_CUDA_TRY(cudaGetLastError());
     return SF_OK;

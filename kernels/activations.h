@@ -23,6 +23,10 @@ sf_status sf_cuda_swiglu_bf16(sf_bf16 *out, const sf_bf16 *gate, const sf_bf16 *
 sf_status sf_cuda_swiglu_fused_bf16(sf_bf16 *out, const sf_bf16 *gate_up, int64_t rows, int64_t ff,
                                     cudaStream_t stream);
 
+/* out[i] = a[i] + b[i] (fp32 sum, rounded once). out may be a or b (exactly). */
+sf_status sf_cuda_add_bf16(sf_bf16 *out, const sf_bf16 *a, const sf_bf16 *b, int64_t n,
+                           cudaStream_t stream);
+
 /* out[i] = x[i] / 2 * (1 + erf(x[i] / sqrt 2)) (exact GELU, torch's approximate="none").
  * out may be x. */
 sf_status sf_cuda_gelu_bf16(sf_bf16 *out, const sf_bf16 *x, int64_t n, cudaStream_t stream);

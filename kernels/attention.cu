@@ -55,6 +55,7 @@ struct AttnParams {
     const uint16_t *v;
     const int32_t *cu_q;
     const int32_t *cu_kv;
+    const int32_t *kv_len;
     const int32_t *q_pos0;
     int64_t q_stride, kv_stride, out_stride;
     int32_t group;  // n_heads / n_kv_heads
@@ -174,7 +175,7 @@ __global__ void __launch_bounds__(kThreads)
     const int32_t q_len = p.cu_q[req + 1] - q_begin;
     if (row0 >= q_len * group) return;  // whole CTA: past this request's queries
     const int32_t kv_begin = p.cu_kv[req];
-    const int32_t kv_len = p.cu_kv[req + 1] - kv_begin;
+    const int32_t kv_len = p.kv_len ? p.kv_len[req] : p.cu_kv[req + 1] - kv_begin;
     const int64_t pos0 = p.q_pos0 ? p.q_pos0[req] : 0;
 
     // Keys any row of the CTA sees: [lo, hi) (first query's lo, last query's hi, both monotone
@@ -494,6 +495,7 @@ extern "C" sf_status sf_cuda_attention_bf16(const sf_attention_args *a, cudaStre
     p.v = a->v;
     p.cu_q = a->cu_q;
     p.cu_kv = a->cu_kv;
+    p.kv_len = a->kv_len;
     p.q_pos0 = a->q_pos0;
     p.q_stride = a->q_stride;
     p.kv_stride = a->kv_stride;

@@ -46,6 +46,10 @@ typedef struct sf_attention_args {
     const sf_bf16 *v;     /* [kv rows, kv_stride] (device)                                 */
     const int32_t *cu_q;  /* [n_requests + 1] first query row of each request, then the end */
     const int32_t *cu_kv; /* [n_requests + 1] first key/value row of each request, then end */
+    const int32_t *kv_len; /* [n_requests] or NULL: request r's keys are the kv_len[r] rows from
+                              cu_kv[r] (then cu_kv[n_requests] is not read), so requests can
+                              sit in fixed KV-cache slots with gaps between them; NULL:
+                              cu_kv[r+1] - cu_kv[r]                                          */
     const int32_t *q_pos0; /* [n_requests] position of each request's first query; NULL = 0 */
     int32_t n_requests;
     int32_t max_q_len; /* upper bound on cu_q[r+1] - cu_q[r], sizes the grid */

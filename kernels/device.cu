@@ -1,6 +1,6 @@
-// Device discovery.
+// Device discovery, and NVTX ranges for the C host code.
 #include "cuda_check.cuh"
-#include "sysformer.h"
+#include "kernels.h"
 
 extern "C" bool sf_cuda_built(void) { return true; }
 
@@ -20,3 +20,7 @@ extern "C" sf_status sf_cuda_device_count(int *count) {
     }
     return SF_OK;
 }
+
+extern "C" void sf_nvtx_push(const char *name) { nvtxRangePushA(name); }
+
+extern "C" void sf_nvtx_pop(void) { nvtxRangePop(); }

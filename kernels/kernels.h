@@ -22,6 +22,11 @@ typedef uint16_t sf_bf16;
 sf_status sf_cuda_embedding_f32(float *out, const float *table, const int32_t *ids, int64_t n,
                                 int64_t dim, int32_t vocab, int *bad_ids, cudaStream_t stream);
 
+/* device.cu: NVTX ranges for the C host code (the launchers use sf_nvtx_range), so Nsight
+ * Systems shows every stage and layer of a step by name. Ranges nest; pop closes the last. */
+void sf_nvtx_push(const char *name);
+void sf_nvtx_pop(void);
+
 #ifdef __cplusplus
 }
 #endif

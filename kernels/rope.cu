@@ -30,11 +30,16 @@ template <int VEC>
 __global__ void __launch_bounds__(kBlock)
     rope_kernel(__nv_bfloat16 *__restrict__ x, const int32_t *__restrict__ positions,
                 int32_t n_heads, int32_t head_dim, int64_t row_stride,
-                const float *__restrict__ inv_freq, float attention_scale) {
+                const float *__restrict__ inv_freq, float attention_scale,
+                const int32_t *__restrict__ table, float attention_scale_1) {
     __shared__ float cos_s[kMaxHalf], sin_s[kMaxHalf];
     const int64_t t = blockIdx.x;
     const int half = head_dim / 2;
     const float pos = (float)positions[t];
+    if (table && table[t] == 1) {  // longrope: this token's request uses the second table
+        inv_freq += half;
+        attention_scale = attention_scale_1;
+    }
     for (int i = threadIdx.x; i < half; i += blockDim.x) {
         float s, c;
         // Full-range sincosf (not __sinf/__cosf): the angle reaches positions * 1 rad.
@@ -71,31 +76,48 @@ __global__ void __launch_bounds__(kBlock)
 // Launchers
 // ---------------------------------------------------------------------------------------------
 
-extern "C" sf_status sf_cuda_rope_bf16(sf_bf16 *x, const int32_t *positions, int64_t n,
-                                       int32_t n_heads, int32_t head_dim, int64_t row_stride,
-                                       const float *inv_freq, float attention_scale,
-                                       cudaStream_t stream) {
+static sf_status rope_launch(const char *fn, sf_bf16 *x, const int32_t *positions,
+                             const int32_t *table, int64_t n, int32_t n_heads, int32_t head_dim,
+                             int64_t row_stride, const float *inv_freq, float scale0,
+                             float scale1, cudaStream_t stream) {
     if (n < 0 || n > 0x7fffffff || n_heads < 0 || head_dim < 2 || head_dim % 2 != 0 ||
         head_dim / 2 > kMaxHalf || (int64_t)n_heads * head_dim > 0x7fffffff ||
         row_stride < (int64_t)n_heads * head_dim || (n > 0 && row_stride > INT64_MAX / n)) {
         return sf_fail(SF_ERR_INVALID_ARGUMENT,
-                       "sf_cuda_rope_bf16: n = %lld, n_heads = %d, head_dim = %d (even, 2..%d), "
+                       "%s: n = %lld, n_heads = %d, head_dim = %d (even, 2..%d), "
                        "row_stride = %lld",
-                       (long long)n, n_heads, head_dim, 2 * kMaxHalf, (long long)row_stride);
+                       fn, (long long)n, n_heads, head_dim, 2 * kMaxHalf, (long long)row_stride);
     }
     if (n == 0 || n_heads == 0) return SF_OK;
     if (!x || !positions || !inv_freq) {
-        return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_cuda_rope_bf16: NULL pointer");
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: NULL pointer", fn);
     }
-    sf_nvtx_range range("sf_cuda_rope_bf16");
+    sf_nvtx_range range(fn);
     __nv_bfloat16 *xb = reinterpret_cast<__nv_bfloat16 *>(x);
     if ((head_dim / 2) % kVec == 0 && row_stride % kVec == 0 && aligned16(x)) {
         rope_kernel<kVec><<<(unsigned)n, kBlock, 0, stream>>>(
-            xb, positions, n_heads, head_dim, row_stride, inv_freq, attention_scale);
+            xb, positions, n_heads, head_dim, row_stride, inv_freq, scale0, table, scale1);
     } else {
-        rope_kernel<1><<<(unsigned)n, kBlock, 0, stream>>>(xb, positions, n_heads, head_dim,
-                                                           row_stride, inv_freq, attention_scale);
+        rope_kernel<1><<<(unsigned)n, kBlock, 0, stream>>>(
+            xb, positions, n_heads, head_dim, row_stride, inv_freq, scale0, table, scale1);
     }
     SF_CUDA_TRY(cudaGetLastError());
     return SF_OK;
+}
+
+extern "C" sf_status sf_cuda_rope_bf16(sf_bf16 *x, const int32_t *positions, int64_t n,
+                                       int32_t n_heads, int32_t head_dim, int64_t row_stride,
+                                       const float *inv_freq, float attention_scale,
+                                       cudaStream_t stream) {
+    return rope_launch("sf_cuda_rope_bf16", x, positions, NULL, n, n_heads, head_dim, row_stride,
+                       inv_freq, attention_scale, attention_scale, stream);
+}
+
+extern "C" sf_status sf_cuda_rope2_bf16(sf_bf16 *x, const int32_t *positions,
+                                        const int32_t *table, int64_t n, int32_t n_heads,
+                                        int32_t head_dim, int64_t row_stride,
+                                        const float *inv_freq2, float attention_scale0,
+                                        float attention_scale1, cudaStream_t stream) {
+    return rope_launch("sf_cuda_rope2_bf16", x, positions, table, n, n_heads, head_dim,
+                       row_stride, inv_freq2, attention_scale0, attention_scale1, stream);
 }

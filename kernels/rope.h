@@ -24,6 +24,14 @@ sf_status sf_cuda_rope_bf16(sf_bf16 *x, const int32_t *positions, int64_t n, int
                             int32_t head_dim, int64_t row_stride, const float *inv_freq,
                             float attention_scale, cudaStream_t stream);
 
+/* The same with two frequency tables, for longrope (whose short and long factors apply per
+ * request): inv_freq2 is [2, head_dim / 2]; token t uses table table[t] (0 or 1; table NULL: 0)
+ * and attention_scale0 or attention_scale1 with it. */
+sf_status sf_cuda_rope2_bf16(sf_bf16 *x, const int32_t *positions, const int32_t *table,
+                             int64_t n, int32_t n_heads, int32_t head_dim, int64_t row_stride,
+                             const float *inv_freq2, float attention_scale0,
+                             float attention_scale1, cudaStream_t stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -48,6 +48,9 @@ struct Case {
     std::vector<Request> reqs;
     int extra_q_len = 0;  // max_q_len = longest request + this (it is only an upper bound)
     int q_pad = 8, kv_pad = 8, out_pad = 16;  // stride padding, in elements
+    // > 0: each request's keys sit kv_gap NaN rows after the previous request's (KV-cache slots
+    // with unused rows between them), and kv_len gives the lengths instead of cu_kv.
+    int kv_gap = 0;
 };
 
 std::string describe(const Case &c) {
@@ -116,11 +119,12 @@ void run_case(const Case &c, uint32_t seed) {
     const int64_t q_stride = q_row + c.q_pad, kv_stride = kv_row + c.kv_pad,
                   out_stride = q_row + c.out_pad;
     const int n_req = (int)c.reqs.size();
-    std::vector<int32_t> cu_q(n_req + 1, 0), cu_kv(n_req + 1, 0), pos0(n_req, 0);
+    std::vector<int32_t> cu_q(n_req + 1, 0), cu_kv(n_req + 1, 0), pos0(n_req, 0), kv_len(n_req, 0);
     int max_q = 0;
     for (int r = 0; r < n_req; r++) {
         cu_q[r + 1] = cu_q[r] + c.reqs[r].n_q;
-        cu_kv[r + 1] = cu_kv[r] + c.reqs[r].n_kv;
+        cu_kv[r + 1] = cu_kv[r] + c.reqs[r].n_kv + c.kv_gap;
+        kv_len[r] = c.reqs[r].n_kv;
         pos0[r] = c.reqs[r].pos0;
         max_q = std::max(max_q, c.reqs[r].n_q);
     }
@@ -137,17 +141,19 @@ void run_case(const Case &c, uint32_t seed) {
     std::vector<uint16_t> hv(hk.size(), nan_bits);
     for (int64_t i = 0; i < total_q; i++)
         for (int64_t e = 0; e < q_row; e++) hq[i * q_stride + e] = to_bf16(u2(rng));
-    for (int64_t j = 0; j < total_kv; j++) {
-        for (int64_t e = 0; e < kv_row; e++) hk[j * kv_stride + e] = to_bf16(u2(rng));
-        for (int64_t e = 0; e < kv_row; e++) hv[j * kv_stride + e] = to_bf16(u1(rng));
+    for (int r = 0; r < n_req; r++) {
+        for (int64_t j = cu_kv[r]; j < cu_kv[r] + kv_len[r]; j++) {  // gap rows stay NaN
+            for (int64_t e = 0; e < kv_row; e++) hk[j * kv_stride + e] = to_bf16(u2(rng));
+            for (int64_t e = 0; e < kv_row; e++) hv[j * kv_stride + e] = to_bf16(u1(rng));
+        }
     }
     const float scale = 1.0f / sqrtf((float)d);
 
     DeviceBuffer<uint16_t> dq(hq), dk(hk), dv(hv);
     DeviceBuffer<uint16_t> dout((size_t)((total_q + extra_rows) * out_stride));  // 0xFFFF poison
-    DeviceBuffer<int32_t> dcu_q(cu_q), dcu_kv(cu_kv), dpos0(pos0);
+    DeviceBuffer<int32_t> dcu_q(cu_q), dcu_kv(cu_kv), dpos0(pos0), dkv_len(kv_len);
     ASSERT_TRUE(dq.get() && dk.get() && dv.get() && dout.get() && dcu_q.get() && dcu_kv.get() &&
-                dpos0.get());
+                dpos0.get() && dkv_len.get());
 
     sf_attention_args a = {};
     a.out = dout.get();
@@ -156,6 +162,7 @@ void run_case(const Case &c, uint32_t seed) {
     a.v = dv.get();
     a.cu_q = dcu_q.get();
     a.cu_kv = dcu_kv.get();
+    a.kv_len = c.kv_gap > 0 ? dkv_len.get() : nullptr;
     a.q_pos0 = c.pass_pos0 ? dpos0.get() : nullptr;
     a.n_requests = n_req;
     a.max_q_len = max_q + c.extra_q_len;
@@ -371,6 +378,21 @@ TEST(CudaAttention, ChunkedPrefillAgainstCache) {
             c.extra_q_len = 5;
             run_case(c, seed++);
         }
+    }
+}
+
+// The engine's layout: each request's cache in a fixed slot of rows, lengths from kv_len, NaN
+// rows between the slots that no query may read. Chunked prefill and decode.
+TEST(CudaAttention, SlottedCacheWithGaps) {
+    SF_SKIP_WITHOUT_GPU();
+    uint32_t seed = 250;
+    for (int d : kHeadDims) {
+        Case c{d, 8, 2, true, 0, true, {{5, 40, 35}, {1, 1, 0}, {17, 17, 0}, {1, 300, 299}}};
+        c.kv_gap = 29;
+        run_case(c, seed++);
+        Case w{d, 8, 8, false, 0, true, {{12, 30, 0}, {3, 0, 0}, {64, 7, 0}}};  // Sysformer CA
+        w.kv_gap = 16;
+        run_case(w, seed++);
     }
 }
 

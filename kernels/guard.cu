@@ -1,0 +1,273 @@
+// The engine's bookkeeping kernels: row indices, positions and attention offsets of a step,
+// computed on the device from device inputs. CPU twins: the index loops of
+// host/model/guarded.c (spans -> system/user rows) and host/model/forward_cpu.c (positions,
+// cache rows). These are tiny (a few thousand integers); what matters is that they keep the
+// host out of the step, not their speed.
+#include <cuda_bf16.h>
+
+#include "bf16_vec.cuh"
+#include "cuda_check.cuh"
+#include "guard.h"
+
+namespace {
+
+constexpr int kBlock = 128;
+
+// ---------------------------------------------------------------------------------------------
+// Kernels
+// ---------------------------------------------------------------------------------------------
+
+// One block per request.
+__global__ void __launch_bounds__(kBlock)
+    guard_layout_kernel(const int32_t *__restrict__ cu_seqlens, const int32_t *__restrict__ spans,
+                        int32_t n_requests, int32_t max_system, int32_t max_user,
+                        int32_t *__restrict__ sys_rows, int32_t *__restrict__ user_rows,
+                        int32_t *__restrict__ cu_sys, int32_t *__restrict__ cu_user,
+                        int32_t *__restrict__ sys_len, int32_t *__restrict__ user_len,
+                        int *__restrict__ errors) {
+    const int32_t r = blockIdx.x;
+    const int32_t begin = cu_seqlens[r], end = cu_seqlens[r + 1];
+    const int32_t prefix = spans[5 * r + 0], system = spans[5 * r + 1], middle = spans[5 * r + 2],
+                  user = spans[5 * r + 3], suffix = spans[5 * r + 4];
+    // int64 sums: hostile spans must not overflow into a false "valid".
+    const int64_t sum = (int64_t)prefix + system + middle + user + suffix;
+    const bool valid = prefix >= 0 && system >= 0 && middle >= 0 && user >= 0 && suffix >= 0 &&
+                       end >= begin && sum == (int64_t)end - begin && system <= max_system &&
+                       user <= max_user && !(system > 0 && user == 0);
+    const int32_t ns = valid ? system : 0, nu = valid ? user : 0;
+    const int32_t sys0 = begin + (valid ? prefix : 0);
+    const int32_t user0 = sys0 + (valid ? system + middle : 0);
+    for (int32_t i = threadIdx.x; i < max_system; i += blockDim.x) {
+        sys_rows[(int64_t)r * max_system + i] = i < ns ? sys0 + i : -1;
+    }
+    for (int32_t j = threadIdx.x; j < max_user; j += blockDim.x) {
+        user_rows[(int64_t)r * max_user + j] = j < nu ? user0 + j : -1;
+    }
+    if (threadIdx.x == 0) {
+        sys_len[r] = ns;
+        user_len[r] = nu;
+        cu_sys[r] = r * max_system;
+        cu_user[r] = r * max_user;
+        if (r == n_requests - 1) {
+            cu_sys[n_requests] = n_requests * max_system;
+            cu_user[n_requests] = n_requests * max_user;
+        }
+        if (!valid && errors) atomicAdd(errors, 1);
+    }
+}
+
+// One block per row; VEC bf16 per access.
+template <int VEC>
+__global__ void __launch_bounds__(kBlock)
+    gather_rows_kernel(__nv_bfloat16 *__restrict__ dst, int64_t dst_stride,
+                       const __nv_bfloat16 *__restrict__ src, int64_t src_stride,
+                       const int32_t *__restrict__ rows, int64_t dim) {
+    const int64_t i = blockIdx.x;
+    const int32_t r = rows[i];
+    __nv_bfloat16 *d = dst + i * dst_stride;
+    for (int64_t c = threadIdx.x * VEC; c < dim; c += (int64_t)blockDim.x * VEC) {
+        float v[VEC];
+        if (r >= 0) {
+            sf_vec::load_f32<VEC>(src + (int64_t)r * src_stride + c, v);
+        } else {
+#pragma unroll
+            for (int k = 0; k < VEC; k++) v[k] = 0.0f;
+        }
+        sf_vec::store_bf16<VEC>(d + c, v);
+    }
+}
+
+template <int VEC>
+__global__ void __launch_bounds__(kBlock)
+    scatter_rows_kernel(__nv_bfloat16 *__restrict__ dst, int64_t dst_stride,
+                        const __nv_bfloat16 *__restrict__ src, int64_t src_stride,
+                        const int32_t *__restrict__ rows, int64_t dim) {
+    const int64_t i = blockIdx.x;
+    const int32_t r = rows[i];
+    if (r < 0) return;
+    __nv_bfloat16 *d = dst + (int64_t)r * dst_stride;
+    for (int64_t c = threadIdx.x * VEC; c < dim; c += (int64_t)blockDim.x * VEC) {
+        float v[VEC];
+        sf_vec::load_f32<VEC>(src + i * src_stride + c, v);
+        sf_vec::store_bf16<VEC>(d + c, v);
+    }
+}
+
+// One block per request. Every thread reads the slot's length before thread 0 advances it.
+__global__ void __launch_bounds__(kBlock)
+    step_layout_kernel(const int32_t *__restrict__ slots, const int32_t *__restrict__ cu_seqlens,
+                       int32_t n_requests, int32_t *__restrict__ slot_len, int32_t max_context,
+                       int32_t long_after, const int32_t *__restrict__ slot_next,
+                       int32_t *__restrict__ ids, int32_t *__restrict__ positions,
+                       int32_t *__restrict__ kv_rows, int32_t *__restrict__ rope_table,
+                       int32_t *__restrict__ cu_q, int32_t *__restrict__ cu_kv,
+                       int32_t *__restrict__ kv_len, int32_t *__restrict__ q_pos0,
+                       int32_t *__restrict__ last_row) {
+    const int32_t r = blockIdx.x;
+    const int32_t s = slots[r];
+    const int32_t begin = cu_seqlens ? cu_seqlens[r] : r;
+    const int32_t end = cu_seqlens ? cu_seqlens[r + 1] : r + 1;
+    const int32_t len = slot_len[s];
+    const int32_t n = end - begin;
+    const int32_t table = (len + n > long_after) ? 1 : 0;
+    for (int32_t i = threadIdx.x; i < n; i += blockDim.x) {
+        positions[begin + i] = len + i;
+        kv_rows[begin + i] = s * max_context + len + i;
+        if (rope_table) rope_table[begin + i] = table;
+    }
+    if (threadIdx.x == 0) {
+        cu_q[r] = begin;
+        if (r == n_requests - 1) cu_q[n_requests] = end;
+        cu_kv[r] = s * max_context;
+        if (r == n_requests - 1) cu_kv[n_requests] = s * max_context + len + n;
+        kv_len[r] = len + n;
+        q_pos0[r] = len;
+        last_row[r] = end - 1;
+        if (!cu_seqlens) ids[r] = slot_next[s];
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) slot_len[s] = len + n;
+}
+
+__global__ void store_next_kernel(int32_t *__restrict__ slot_next,
+                                  const int32_t *__restrict__ slots,
+                                  const int32_t *__restrict__ tokens, int32_t n_requests) {
+    const int32_t r = blockIdx.x * blockDim.x + threadIdx.x;
+    if (r < n_requests) slot_next[slots[r]] = tokens[r];
+}
+
+bool rows_vec8(const void *a, int64_t a_stride, const void *b, int64_t b_stride, int64_t dim) {
+    return dim % 8 == 0 && a_stride % 8 == 0 && b_stride % 8 == 0 && sf_vec::aligned16(a) &&
+           sf_vec::aligned16(b);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Launchers
+// ---------------------------------------------------------------------------------------------
+
+extern "C" sf_status sf_cuda_guard_layout(const int32_t *cu_seqlens, const int32_t *spans,
+                                          int32_t n_requests, int32_t max_system,
+                                          int32_t max_user, int32_t *sys_rows,
+                                          int32_t *user_rows, int32_t *cu_sys, int32_t *cu_user,
+                                          int32_t *sys_len, int32_t *user_len, int *errors,
+                                          cudaStream_t stream) {
+    if (n_requests < 0 || n_requests > 65535 || max_system < 0 || max_user < 0 ||
+        (int64_t)n_requests * max_system > 0x7fffffff ||
+        (int64_t)n_requests * max_user > 0x7fffffff) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                       "sf_cuda_guard_layout: n_requests = %d, max_system = %d, max_user = %d",
+                       n_requests, max_system, max_user);
+    }
+    if (n_requests == 0) return SF_OK;
+    if (!cu_seqlens || !spans || !sys_rows || !user_rows || !cu_sys || !cu_user || !sys_len ||
+        !user_len) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_cuda_guard_layout: NULL pointer");
+    }
+    sf_nvtx_range range("sf_cuda_guard_layout");
+    guard_layout_kernel<<<n_requests, kBlock, 0, stream>>>(cu_seqlens, spans, n_requests,
+                                                           max_system, max_user, sys_rows,
+                                                           user_rows, cu_sys, cu_user, sys_len,
+                                                           user_len, errors);
+    SF_CUDA_TRY(cudaGetLastError());
+    return SF_OK;
+}
+
+static sf_status rows_args(const char *fn, const void *dst, int64_t dst_stride, const void *src,
+                           int64_t src_stride, const int32_t *rows, int64_t n, int64_t dim) {
+    if (n < 0 || n > 0x7fffffff || dim < 0 || dst_stride < dim || src_stride < dim) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                       "%s: n = %lld, dim = %lld, strides %lld / %lld", fn, (long long)n,
+                       (long long)dim, (long long)dst_stride, (long long)src_stride);
+    }
+    if (n > 0 && dim > 0 && (!dst || !src || !rows)) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: NULL pointer", fn);
+    }
+    return SF_OK;
+}
+
+extern "C" sf_status sf_cuda_gather_rows_bf16(sf_bf16 *dst, int64_t dst_stride,
+                                              const sf_bf16 *src, int64_t src_stride,
+                                              const int32_t *rows, int64_t n, int64_t dim,
+                                              cudaStream_t stream) {
+    sf_status st = rows_args("sf_cuda_gather_rows_bf16", dst, dst_stride, src, src_stride, rows,
+                             n, dim);
+    if (st != SF_OK || n == 0 || dim == 0) return st;
+    sf_nvtx_range range("sf_cuda_gather_rows_bf16");
+    auto *d = reinterpret_cast<__nv_bfloat16 *>(dst);
+    auto *s = reinterpret_cast<const __nv_bfloat16 *>(src);
+    if (rows_vec8(dst, dst_stride, src, src_stride, dim)) {
+        gather_rows_kernel<8><<<(unsigned)n, kBlock, 0, stream>>>(d, dst_stride, s, src_stride,
+                                                                  rows, dim);
+    } else {
+        gather_rows_kernel<1><<<(unsigned)n, kBlock, 0, stream>>>(d, dst_stride, s, src_stride,
+                                                                  rows, dim);
+    }
+    SF_CUDA_TRY(cudaGetLastError());
+    return SF_OK;
+}
+
+extern "C" sf_status sf_cuda_scatter_rows_bf16(sf_bf16 *dst, int64_t dst_stride,
+                                               const sf_bf16 *src, int64_t src_stride,
+                                               const int32_t *rows, int64_t n, int64_t dim,
+                                               cudaStream_t stream) {
+    sf_status st = rows_args("sf_cuda_scatter_rows_bf16", dst, dst_stride, src, src_stride, rows,
+                             n, dim);
+    if (st != SF_OK || n == 0 || dim == 0) return st;
+    sf_nvtx_range range("sf_cuda_scatter_rows_bf16");
+    auto *d = reinterpret_cast<__nv_bfloat16 *>(dst);
+    auto *s = reinterpret_cast<const __nv_bfloat16 *>(src);
+    if (rows_vec8(dst, dst_stride, src, src_stride, dim)) {
+        scatter_rows_kernel<8><<<(unsigned)n, kBlock, 0, stream>>>(d, dst_stride, s, src_stride,
+                                                                   rows, dim);
+    } else {
+        scatter_rows_kernel<1><<<(unsigned)n, kBlock, 0, stream>>>(d, dst_stride, s, src_stride,
+                                                                   rows, dim);
+    }
+    SF_CUDA_TRY(cudaGetLastError());
+    return SF_OK;
+}
+
+extern "C" sf_status sf_cuda_step_layout(const int32_t *slots, const int32_t *cu_seqlens,
+                                         int32_t n_requests, int32_t *slot_len,
+                                         int32_t max_context, int32_t long_after,
+                                         const int32_t *slot_next, int32_t *ids,
+                                         int32_t *positions, int32_t *kv_rows,
+                                         int32_t *rope_table, int32_t *cu_q, int32_t *cu_kv,
+                                         int32_t *kv_len, int32_t *q_pos0, int32_t *last_row,
+                                         cudaStream_t stream) {
+    if (n_requests < 0 || n_requests > 65535 || max_context <= 0) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                       "sf_cuda_step_layout: n_requests = %d, max_context = %d", n_requests,
+                       max_context);
+    }
+    if (n_requests == 0) return SF_OK;
+    if (!slots || !slot_len || !positions || !kv_rows || !cu_q || !cu_kv || !kv_len || !q_pos0 ||
+        !last_row || (!cu_seqlens && (!slot_next || !ids))) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_cuda_step_layout: NULL pointer");
+    }
+    sf_nvtx_range range("sf_cuda_step_layout");
+    step_layout_kernel<<<n_requests, kBlock, 0, stream>>>(
+        slots, cu_seqlens, n_requests, slot_len, max_context, long_after, slot_next, ids,
+        positions, kv_rows, rope_table, cu_q, cu_kv, kv_len, q_pos0, last_row);
+    SF_CUDA_TRY(cudaGetLastError());
+    return SF_OK;
+}
+
+extern "C" sf_status sf_cuda_store_next(int32_t *slot_next, const int32_t *slots,
+                                        const int32_t *tokens, int32_t n_requests,
+                                        cudaStream_t stream) {
+    if (n_requests < 0) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_cuda_store_next: n_requests = %d",
+                       n_requests);
+    }
+    if (n_requests == 0) return SF_OK;
+    if (!slot_next || !slots || !tokens) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_cuda_store_next: NULL pointer");
+    }
+    store_next_kernel<<<(n_requests + kBlock - 1) / kBlock, kBlock, 0, stream>>>(
+        slot_next, slots, tokens, n_requests);
+    SF_CUDA_TRY(cudaGetLastError());
+    return SF_OK;
+}

@@ -1,0 +1,71 @@
+/* Internal: the engine's bookkeeping kernels (kernels/guard.cu): turning a step's packed
+ * offsets, prompt spans and KV-slot lengths into the row indices, positions and attention
+ * offsets the other kernels read, on the device, so a step needs no host round trip and a
+ * decode step can be replayed as a CUDA graph. CPU twins: the loops of host/model/guarded.c
+ * and host/model/forward_cpu.c that compute the same indices. Device pointers; each launcher
+ * enqueues on the given stream, never synchronises, validates what it can on the host
+ * (SF_ERR_INVALID_ARGUMENT) and returns SF_ERR_CUDA when the launch fails. */
+#ifndef SF_KERNELS_GUARD_H
+#define SF_KERNELS_GUARD_H
+
+#include "kernels.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* The Sysformer's view of a packed guarded batch, in a padded layout of max_system query rows
+ * and max_user key rows per request. For request r with spans (prefix, system, middle, user,
+ * suffix) over packed rows [cu_seqlens[r], cu_seqlens[r+1]):
+ *   valid   = spans non-negative, adding up to the request's length, system <= max_system,
+ *             user <= max_user, and not (system > 0 and user == 0);
+ *   sys_rows[r * max_system + i]  = cu_seqlens[r] + prefix + i      for i < system, else -1
+ *   user_rows[r * max_user + j]   = cu_seqlens[r] + prefix + system + middle + j  (j < user)
+ *   cu_sys[r] = r * max_system, cu_user[r] = r * max_user (r <= n_requests)
+ *   sys_len[r] = system, user_len[r] = user  (both 0 for an invalid request)
+ * An invalid request is left unrewritten and, when errors is not NULL, increments *errors.
+ * max_system, max_user >= 0; n_requests < 65536. */
+sf_status sf_cuda_guard_layout(const int32_t *cu_seqlens, const int32_t *spans, int32_t n_requests,
+                               int32_t max_system, int32_t max_user, int32_t *sys_rows,
+                               int32_t *user_rows, int32_t *cu_sys, int32_t *cu_user,
+                               int32_t *sys_len, int32_t *user_len, int *errors,
+                               cudaStream_t stream);
+
+/* dst[i, :] = src[rows[i], :] (rows of dim bf16; src row stride src_stride, dst dst_stride), or
+ * zeros where rows[i] < 0. n <= INT32_MAX. */
+sf_status sf_cuda_gather_rows_bf16(sf_bf16 *dst, int64_t dst_stride, const sf_bf16 *src,
+                                   int64_t src_stride, const int32_t *rows, int64_t n, int64_t dim,
+                                   cudaStream_t stream);
+
+/* dst[rows[i], :] = src[i, :] for rows[i] >= 0 (strides as above). Rows must be distinct. */
+sf_status sf_cuda_scatter_rows_bf16(sf_bf16 *dst, int64_t dst_stride, const sf_bf16 *src,
+                                    int64_t src_stride, const int32_t *rows, int64_t n,
+                                    int64_t dim, cudaStream_t stream);
+
+/* One step's per-row and per-request indices from the slots' lengths, then the lengths
+ * advanced. Request r (slot s = slots[r], L = slot_len[s], new tokens n_r = cu_seqlens[r+1] -
+ * cu_seqlens[r], or 1 each when cu_seqlens is NULL: a decode step) gets, for its packed rows
+ * t = cu_seqlens[r] + i:
+ *   positions[t] = L + i;   kv_rows[t] = s * max_context + L + i   (its K/V cache row)
+ *   rope_table[t] = (L + n_r > long_after) ? 1 : 0   (longrope's switch; NULL: not written)
+ * and per request: cu_q[r] = cu_seqlens[r] (also cu_q[n]), cu_kv[r] = s * max_context,
+ * kv_len[r] = L + n_r, q_pos0[r] = L, last_row[r] = cu_seqlens[r+1] - 1; then slot_len[s] =
+ * L + n_r. In a decode step (cu_seqlens NULL) also ids[r] = slot_next[s]: the token sampled for
+ * the slot by the previous step. The host has checked that the slots are distinct and that
+ * L + n_r <= max_context. */
+sf_status sf_cuda_step_layout(const int32_t *slots, const int32_t *cu_seqlens, int32_t n_requests,
+                              int32_t *slot_len, int32_t max_context, int32_t long_after,
+                              const int32_t *slot_next, int32_t *ids, int32_t *positions,
+                              int32_t *kv_rows, int32_t *rope_table, int32_t *cu_q,
+                              int32_t *cu_kv, int32_t *kv_len, int32_t *q_pos0,
+                              int32_t *last_row, cudaStream_t stream);
+
+/* slot_next[slots[r]] = tokens[r] for r < n_requests. */
+sf_status sf_cuda_store_next(int32_t *slot_next, const int32_t *slots, const int32_t *tokens,
+                             int32_t n_requests, cudaStream_t stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
