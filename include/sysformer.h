@@ -482,6 +482,156 @@ bool sf_cuda_built(void);
  * Returns SF_OK in both of those cases; SF_ERR_CUDA only when the runtime itself fails. */
 sf_status sf_cuda_device_count(int *count);
 
+/* The CUDA engine: the frozen LLM and (optionally) a Sysformer on one GPU, bf16 storage with
+ * fp32 accumulation. Every function below exists in every build; without CUDA support, or
+ * for a device ordinal with no GPU behind it, they return SF_ERR_NO_DEVICE.
+ *
+ * The engine owns one CUDA stream, its weights (uploaded once as bf16), one device arena sized
+ * at creation (activations for max_batch_tokens packed tokens, logits and sampling scratch for
+ * max_slots rows, cuBLASLt workspace) and a KV cache of max_context positions for each of
+ * max_slots request slots. Nothing is allocated after creation. A step enqueues its work on the
+ * engine's stream and returns without waiting for the GPU: there is no device synchronisation
+ * and no device-to-host copy inside it, except the asynchronous copy of the sampled token ids
+ * into pinned host memory, which sf_cuda_engine_read_tokens waits for. Decode steps (one token
+ * per request, input = the token the previous step sampled for that slot) are captured once per
+ * batch size as a CUDA graph and replayed. NVTX ranges name every stage and every layer.
+ *
+ * An engine is not thread-safe: one host thread drives it at a time. */
+typedef struct sf_cuda_engine sf_cuda_engine;
+
+typedef struct sf_cuda_engine_options {
+    int32_t device;           /* CUDA device ordinal (default 0)                                */
+    int32_t max_slots;        /* KV cache slots = requests held at once, and the most requests
+                                 in one step (default 8)                                      */
+    int32_t max_context;      /* positions each slot holds; 0: min(max_position_embeddings,
+                                 4096). Never more than max_position_embeddings.             */
+    int32_t max_batch_tokens; /* packed tokens in one step (sum over its requests); 0:
+                                 max_context                                                   */
+    bool cuda_graphs;         /* replay decode steps as CUDA graphs (default true)           */
+} sf_cuda_engine_options;
+
+sf_cuda_engine_options sf_cuda_engine_default_options(void);
+
+/* Uploads llm (and sysformer, which may be NULL: no rewriting) to the GPU and sizes everything.
+ * The CPU objects are only read: they may be freed once this returns. SF_ERR_OUT_OF_MEMORY
+ * (naming the bytes asked for) when the device cannot hold it all; SF_ERR_UNSUPPORTED for a
+ * head dimension the fused attention does not have (64, 80, 96, 128), for the LLM or the
+ * Sysformer. */
+sf_status sf_cuda_engine_create(const sf_llm *llm, const sf_sysformer *sysformer,
+                                const sf_cuda_engine_options *options, sf_cuda_engine **out);
+
+/* The same with weights drawn on the device (uniform, scaled like PyTorch's default init; RMSNorm
+ * and LayerNorm weights near 1), for benchmarks at real model shapes without any file.
+ * sysformer_cfg NULL: no Sysformer. Token ids are then in [0, llm_cfg->vocab_size). */
+sf_status sf_cuda_engine_create_random(const sf_llm_config *llm_cfg,
+                                       const sf_sysformer_config *sysformer_cfg, uint64_t seed,
+                                       const sf_cuda_engine_options *options,
+                                       sf_cuda_engine **out);
+
+void sf_cuda_engine_free(sf_cuda_engine *engine);
+
+/* Device bytes the engine holds, by purpose. */
+typedef struct sf_cuda_memory {
+    size_t weights;     /* LLM + Sysformer, bf16                                   */
+    size_t kv_cache;    /* max_slots x max_context positions x layers x K and V     */
+    size_t activations; /* the arena: activations, logits, sampling and GEMM scratch */
+    size_t total;
+} sf_cuda_memory;
+sf_status sf_cuda_engine_memory(const sf_cuda_engine *engine, sf_cuda_memory *out);
+
+/* The engine's cudaStream_t, for callers that order their own work around its steps. */
+void *sf_cuda_engine_stream(const sf_cuda_engine *engine);
+
+/* Positions stored in a slot (the next token of its request gets this position); -1 for a slot
+ * outside [0, max_slots). */
+int32_t sf_cuda_engine_slot_length(const sf_cuda_engine *engine, int32_t slot);
+/* Empties a slot so that it can serve a new request. */
+sf_status sf_cuda_engine_reset_slot(sf_cuda_engine *engine, int32_t slot);
+
+/* One step over a packed batch of requests, each bound to its own KV slot.
+ *   Prefill (token_ids != NULL): request r appends the tokens token_ids[cu_seqlens[r] ..
+ *   cu_seqlens[r+1]) to its slot. With spans (and a Sysformer) the step is guarded: each slot
+ *   must be empty, spans[r] splits the request's prompt as in sf_guarded_batch, and the system
+ *   rows' embeddings are rewritten on the device before the LLM runs.
+ *   Decode (token_ids == NULL, cu_seqlens and spans NULL): each request appends one token, the
+ *   one the last sampling step picked for its slot.
+ * Afterwards the logits of each request's last new row are kept on the device (fp32 [n_requests,
+ * vocab]); with sampling != NULL one token per request is picked on the device from them (the
+ * temperature/top-k/top-p of sf_sample; uniforms[r] in [0, 1) is request r's draw, as sf_sample
+ * would take from the request's stream; NULL for greedy) and copied back asynchronously.
+ * Every argument is checked on the host before anything is enqueued: SF_ERR_INVALID_ARGUMENT
+ * for a bad slot, a repeated slot, a non-empty slot in a guarded step, ids outside the vocabulary
+ * or spans that do not add up; SF_ERR_OUT_OF_RANGE for more requests than slots, more tokens
+ * than max_batch_tokens, a slot that would pass max_context, or a guarded step whose requests
+ * padded to its longest system (or user) span pass max_batch_tokens rows. A decode step needs a
+ * token sampled for each of its slots by the previous step (SF_ERR_INVALID_ARGUMENT otherwise).
+ * If the step fails after validation (a CUDA error), its slots are emptied. */
+typedef struct sf_cuda_step {
+    int32_t n_requests;
+    const int32_t *slots;         /* [n_requests] distinct slots in [0, max_slots)           */
+    const int32_t *cu_seqlens;    /* [n_requests + 1] (prefill), every request >= 1 token    */
+    const int32_t *token_ids;     /* [cu_seqlens[n]] (prefill), or NULL (decode)             */
+    const sf_prompt_spans *spans; /* [n_requests] (guarded prefill), or NULL                 */
+    const sf_sampling *sampling;  /* NULL: no sampling, logits only                          */
+    const double *uniforms;       /* [n_requests] when sampling is not greedy, else unused   */
+} sf_cuda_step;
+sf_status sf_cuda_engine_step(sf_cuda_engine *engine, const sf_cuda_step *step);
+
+/* Waits for the last step and copies its n sampled tokens to tokens (host). */
+sf_status sf_cuda_engine_read_tokens(sf_cuda_engine *engine, int32_t *tokens, int32_t n);
+
+/* Waits for the last step and copies its logits (fp32 [n, vocab]) to host memory: for tests and
+ * tools; a serving loop never needs it. */
+sf_status sf_cuda_engine_read_logits(sf_cuda_engine *engine, float *logits, int32_t n);
+
+/* Stage timing, for benchmarks and profiling: when on, eager steps record CUDA events between
+ * their stages (no synchronisation); sf_cuda_engine_stage_times waits for the last step and
+ * reports the milliseconds of each stage. A step replayed as a CUDA graph is timed as a whole
+ * (its stages then read 0 and total the step). */
+typedef struct sf_cuda_stage_times {
+    float upload_ms;    /* host inputs -> device (ids, offsets, spans)                   */
+    float embed_ms;     /* embedding gather                                              */
+    float sysformer_ms; /* Sysformer rewrite of the system rows, and the splice          */
+    float layers_ms;    /* the LLM's decoder layers                                      */
+    float head_ms;      /* final norm and LM head on the logit rows                      */
+    float sample_ms;    /* sampling and the copy of the ids back                         */
+    float total_ms;
+} sf_cuda_stage_times;
+sf_status sf_cuda_engine_set_timing(sf_cuda_engine *engine, bool on);
+sf_status sf_cuda_engine_stage_times(sf_cuda_engine *engine, sf_cuda_stage_times *out);
+
+/* sf_generate_cpu on the GPU: one guarded prefill, then decode steps (CUDA graphs) until each
+ * request stops; the same stop rules, results and streaming. The requests' uniforms come from
+ * their own streams exactly as on the CPU, so with equal logits the CPU and GPU pick the same
+ * tokens. At most max_slots requests (SF_ERR_OUT_OF_RANGE otherwise); slots 0 .. n-1 are reset
+ * and used. */
+sf_status sf_generate_cuda(sf_cuda_engine *engine, const sf_tokenizer *tok,
+                           const sf_generation *gen, sf_stream_fn stream, void *user,
+                           sf_generation_result *results);
+
+/* The integration point for serving stacks: writes the guarded input embeddings of a packed
+ * batch into a caller-owned device buffer, entirely on the caller's stream, reading only device
+ * memory: E[token] for every row, with each request's system span replaced by the Sysformer's S'
+ * (plain E[token] when the engine has no Sysformer). The caller then feeds the buffer to its own
+ * LLM forward (as inputs_embeds).
+ *   d_cu_seqlens [n_requests + 1], d_token_ids [n_tokens], d_spans [n_requests]: device memory;
+ *   d_embeds: device bf16 [n_tokens, hidden_size], 16-byte aligned, written in full;
+ *   max_system, max_user: host bounds on any request's system and user span lengths (they size
+ *   the work: the Sysformer runs on n_requests x max_system query rows);
+ *   d_errors: device int or NULL; when not NULL it is incremented for every row with a token id
+ *   outside the vocabulary (embedded as zeros) and, with a Sysformer, for every request whose
+ *   spans are negative, do not add up to its length, exceed max_system / max_user, or have a
+ *   system span without a user span (that request's rows stay plain E[token]), so the stack can
+ *   check validity without a host round trip.
+ * Host-side checks (before anything is enqueued): n_tokens <= max_batch_tokens,
+ * n_requests <= max_slots, max_system * n_requests and max_user * n_requests <= max_batch_tokens.
+ * It uses the engine's arena, so it must not run concurrently with the engine's own steps. */
+sf_status sf_cuda_guarded_embed(sf_cuda_engine *engine, int32_t n_requests, int32_t n_tokens,
+                                const int32_t *d_cu_seqlens, const int32_t *d_token_ids,
+                                const sf_prompt_spans *d_spans, int32_t max_system,
+                                int32_t max_user, void *d_embeds, int *d_errors,
+                                void *cuda_stream);
+
 #ifdef __cplusplus
 }
 #endif

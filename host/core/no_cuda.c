@@ -1,4 +1,7 @@
 /* The CUDA entry points of a build without CUDA: they say so instead of failing to link. */
+#include <string.h>
+
+#include "core/error.h"
 #include "sysformer.h"
 
 bool sf_cuda_built(void) { return false; }
@@ -6,4 +9,97 @@ bool sf_cuda_built(void) { return false; }
 sf_status sf_cuda_device_count(int *count) {
     if (count) *count = 0;
     return SF_OK;
+}
+
+static sf_status no_cuda(const char *fn) {
+    return sf_fail(SF_ERR_NO_DEVICE, "%s: libsysformer was built without CUDA", fn);
+}
+
+sf_cuda_engine_options sf_cuda_engine_default_options(void) {
+    sf_cuda_engine_options o;
+    memset(&o, 0, sizeof o);
+    o.max_slots = 8;
+    o.cuda_graphs = true;
+    return o;
+}
+
+sf_status sf_cuda_engine_create(const sf_llm *llm, const sf_sysformer *sysformer,
+                                const sf_cuda_engine_options *options, sf_cuda_engine **out) {
+    (void)llm, (void)sysformer, (void)options;
+    if (out) *out = NULL;
+    return no_cuda("sf_cuda_engine_create");
+}
+
+sf_status sf_cuda_engine_create_random(const sf_llm_config *llm_cfg,
+                                       const sf_sysformer_config *sysformer_cfg, uint64_t seed,
+                                       const sf_cuda_engine_options *options,
+                                       sf_cuda_engine **out) {
+    (void)llm_cfg, (void)sysformer_cfg, (void)seed, (void)options;
+    if (out) *out = NULL;
+    return no_cuda("sf_cuda_engine_create_random");
+}
+
+void sf_cuda_engine_free(sf_cuda_engine *engine) { (void)engine; }
+
+sf_status sf_cuda_engine_memory(const sf_cuda_engine *engine, sf_cuda_memory *out) {
+    (void)engine, (void)out;
+    return no_cuda("sf_cuda_engine_memory");
+}
+
+void *sf_cuda_engine_stream(const sf_cuda_engine *engine) {
+    (void)engine;
+    return NULL;
+}
+
+int32_t sf_cuda_engine_slot_length(const sf_cuda_engine *engine, int32_t slot) {
+    (void)engine, (void)slot;
+    return -1;
+}
+
+sf_status sf_cuda_engine_reset_slot(sf_cuda_engine *engine, int32_t slot) {
+    (void)engine, (void)slot;
+    return no_cuda("sf_cuda_engine_reset_slot");
+}
+
+sf_status sf_cuda_engine_step(sf_cuda_engine *engine, const sf_cuda_step *step) {
+    (void)engine, (void)step;
+    return no_cuda("sf_cuda_engine_step");
+}
+
+sf_status sf_cuda_engine_read_tokens(sf_cuda_engine *engine, int32_t *tokens, int32_t n) {
+    (void)engine, (void)tokens, (void)n;
+    return no_cuda("sf_cuda_engine_read_tokens");
+}
+
+sf_status sf_cuda_engine_read_logits(sf_cuda_engine *engine, float *logits, int32_t n) {
+    (void)engine, (void)logits, (void)n;
+    return no_cuda("sf_cuda_engine_read_logits");
+}
+
+sf_status sf_cuda_engine_set_timing(sf_cuda_engine *engine, bool on) {
+    (void)engine, (void)on;
+    return no_cuda("sf_cuda_engine_set_timing");
+}
+
+sf_status sf_cuda_engine_stage_times(sf_cuda_engine *engine, sf_cuda_stage_times *out) {
+    (void)engine, (void)out;
+    return no_cuda("sf_cuda_engine_stage_times");
+}
+
+sf_status sf_generate_cuda(sf_cuda_engine *engine, const sf_tokenizer *tok,
+                           const sf_generation *gen, sf_stream_fn stream, void *user,
+                           sf_generation_result *results) {
+    (void)engine, (void)tok, (void)gen, (void)stream, (void)user, (void)results;
+    return no_cuda("sf_generate_cuda");
+}
+
+sf_status sf_cuda_guarded_embed(sf_cuda_engine *engine, int32_t n_requests, int32_t n_tokens,
+                                const int32_t *d_cu_seqlens, const int32_t *d_token_ids,
+                                const sf_prompt_spans *d_spans, int32_t max_system,
+                                int32_t max_user, void *d_embeds, int *d_errors,
+                                void *cuda_stream) {
+    (void)engine, (void)n_requests, (void)n_tokens, (void)d_cu_seqlens, (void)d_token_ids;
+    (void)d_spans, (void)max_system, (void)max_user, (void)d_embeds, (void)d_errors;
+    (void)cuda_stream;
+    return no_cuda("sf_cuda_guarded_embed");
 }

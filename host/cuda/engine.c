@@ -1,0 +1,438 @@
+/* The CUDA engine's life cycle: options, sizing, the three device allocations (weights, KV
+ * cache, arena) and the pinned staging, made once at creation; slots, timing and accessors.
+ * Nothing here runs on the hot path. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/error.h"
+#include "cpu/ops.h"
+#include "cuda/engine.h"
+#include "model/llm.h"
+#include "sampling.h"
+#include "sysformer/module.h"
+
+#define ALIGN 256
+
+#define CUDA_OR_FAIL(call)                                                                     \
+    do {                                                                                       \
+        cudaError_t e_ = (call);                                                               \
+        if (e_ != cudaSuccess) {                                                               \
+            return sf_fail(SF_ERR_CUDA, "%s: %s", #call, cudaGetErrorString(e_));              \
+        }                                                                                      \
+    } while (0)
+
+sf_cuda_engine_options sf_cuda_engine_default_options(void) {
+    sf_cuda_engine_options o;
+    memset(&o, 0, sizeof o);
+    o.device = 0;
+    o.max_slots = 8;
+    o.max_context = 0;
+    o.max_batch_tokens = 0;
+    o.cuda_graphs = true;
+    return o;
+}
+
+int32_t sf_cuda_engine_max_context(const sf_cuda_engine *e) { return e ? e->max_context : 0; }
+int32_t sf_cuda_engine_max_slots(const sf_cuda_engine *e) { return e ? e->max_slots : 0; }
+int32_t sf_cuda_engine_vocab(const sf_cuda_engine *e) { return e ? e->cfg.vocab_size : 0; }
+
+static bool attention_head_dim(int64_t hd) { return hd == 64 || hd == 80 || hd == 96 || hd == 128; }
+
+/* A bump allocator over one base: with base NULL it only measures. */
+typedef struct carver {
+    char *base;
+    size_t off;
+} carver;
+
+static void *carve(carver *c, size_t bytes) {
+    c->off = (c->off + ALIGN - 1) / ALIGN * ALIGN;
+    void *p = c->base ? c->base + c->off : NULL;
+    c->off += bytes;
+    return p;
+}
+
+/* Lays out (or, with base NULL, measures) the arena. */
+static size_t carve_arena(sf_cuda_engine *e, char *base) {
+    carver c = {base, 0};
+    sf_cuda_arena *a = &e->a;
+    const size_t T = (size_t)e->max_batch_tokens, R = (size_t)e->max_slots;
+    const size_t d = (size_t)e->d, b = sizeof(sf_bf16), i4 = sizeof(int32_t);
+    a->ids = carve(&c, T * i4);
+    a->cu_seqlens = carve(&c, (R + 1) * i4);
+    a->spans = carve(&c, R * 5 * i4);
+    a->slots = carve(&c, R * i4);
+    a->uniforms = carve(&c, R * sizeof(double));
+    a->positions = carve(&c, T * i4);
+    a->kv_rows = carve(&c, T * i4);
+    a->rope_table = carve(&c, T * i4);
+    a->cu_q = carve(&c, (R + 1) * i4);
+    a->cu_kv = carve(&c, (R + 1) * i4);
+    a->kv_len = carve(&c, R * i4);
+    a->q_pos0 = carve(&c, R * i4);
+    a->last_row = carve(&c, R * i4);
+    a->x = carve(&c, T * d * b);
+    a->xn = carve(&c, T * d * b);
+    a->tmp = carve(&c, T * d * b);
+    a->qkv = carve(&c, T * (size_t)e->qkv_dim * b);
+    a->attn = carve(&c, T * (size_t)e->q_dim * b);
+    a->gate_up = carve(&c, T * 2 * (size_t)e->ff * b);
+    a->act = carve(&c, T * (size_t)e->ff * b);
+    if (e->has_sysformer) {
+        a->sys_rows = carve(&c, T * i4);
+        a->user_rows = carve(&c, T * i4);
+        a->cu_sys = carve(&c, (R + 1) * i4);
+        a->cu_user = carve(&c, (R + 1) * i4);
+        a->sys_len = carve(&c, R * i4);
+        a->user_len = carve(&c, R * i4);
+        a->s_x = carve(&c, T * d * b);
+        a->s_xn = carve(&c, T * d * b);
+        a->s_tmp = carve(&c, T * d * b);
+        a->s_attn = carve(&c, T * d * b);
+        a->s_qkv = carve(&c, T * 3 * d * b);
+        a->u = carve(&c, T * d * b);
+        a->u_kv = carve(&c, T * 2 * d * b);
+        a->s_ff = carve(&c, T * (size_t)e->sys_ff * b);
+    }
+    a->head_x = carve(&c, R * d * b);
+    a->head_tmp = carve(&c, R * d * b);
+    a->logits = carve(&c, R * (size_t)e->cfg.vocab_size * sizeof(float));
+    a->sampled = carve(&c, R * i4);
+    a->sample_ws_bytes = sf_cuda_sample_workspace_bytes((int64_t)R, e->cfg.vocab_size);
+    a->sample_ws = carve(&c, a->sample_ws_bytes);
+    a->gemm_ws = carve(&c, SF_GEMM_WORKSPACE_BYTES);
+    a->slot_len = carve(&c, R * i4);
+    a->slot_next = carve(&c, R * i4);
+    a->errors = carve(&c, sizeof(int));
+    a->inv_freq = carve(&c, (size_t)e->cfg.head_dim * sizeof(float));
+    return c.off;
+}
+
+static sf_status device_alloc(void **p, size_t bytes, const char *what) {
+    cudaError_t err = cudaMalloc(p, bytes ? bytes : 1);
+    if (err != cudaSuccess) {
+        *p = NULL;
+        (void)cudaGetLastError(); /* an allocation failure is not sticky: clear it */
+        return sf_fail(err == cudaErrorMemoryAllocation ? SF_ERR_OUT_OF_MEMORY : SF_ERR_CUDA,
+                       "sf_cuda_engine: cannot allocate %.2f GiB of device memory for %s: %s",
+                       (double)bytes / (1u << 30), what, cudaGetErrorString(err));
+    }
+    return SF_OK;
+}
+
+/* The checks that need no device. */
+static sf_status check_inputs(const sf_llm_config *cfg, const sf_sysformer_config *scfg,
+                              const sf_cuda_engine_options *o) {
+    if (!attention_head_dim(cfg->head_dim)) {
+        return sf_fail(SF_ERR_UNSUPPORTED,
+                       "sf_cuda_engine: LLM head_dim %d (the fused attention has 64, 80, 96, "
+                       "128)",
+                       cfg->head_dim);
+    }
+    if (cfg->hidden_size <= 0 || cfg->hidden_size % 8 != 0 || cfg->intermediate_size <= 0 ||
+        cfg->intermediate_size % 8 != 0 || cfg->num_layers <= 0 || cfg->num_heads <= 0 ||
+        cfg->num_kv_heads <= 0 || cfg->num_heads % cfg->num_kv_heads != 0 ||
+        cfg->vocab_size <= 0 || cfg->max_position_embeddings <= 0) {
+        return sf_fail(SF_ERR_UNSUPPORTED,
+                       "sf_cuda_engine: LLM shape d %d, ff %d, layers %d, heads %d/%d, vocab %d "
+                       "(d and ff must be positive multiples of 8)",
+                       cfg->hidden_size, cfg->intermediate_size, cfg->num_layers, cfg->num_heads,
+                       cfg->num_kv_heads, cfg->vocab_size);
+    }
+    if (scfg) {
+        if (scfg->d_model != cfg->hidden_size || scfg->num_heads <= 0 ||
+            scfg->d_model % scfg->num_heads != 0 || scfg->num_layers < 0 ||
+            scfg->dim_feedforward <= 0 || scfg->dim_feedforward % 8 != 0) {
+            return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                           "sf_cuda_engine: Sysformer d_model %d, heads %d, ff %d for an LLM of "
+                           "hidden size %d",
+                           scfg->d_model, scfg->num_heads, scfg->dim_feedforward,
+                           cfg->hidden_size);
+        }
+        if (!attention_head_dim(scfg->d_model / scfg->num_heads)) {
+            return sf_fail(SF_ERR_UNSUPPORTED,
+                           "sf_cuda_engine: Sysformer head dim %d (the fused attention has 64, "
+                           "80, 96, 128)",
+                           scfg->d_model / scfg->num_heads);
+        }
+    }
+    if (o->max_slots < 1 || o->max_slots > 65535 || o->max_context < 0 ||
+        o->max_batch_tokens < 0 || o->device < 0) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                       "sf_cuda_engine: options max_slots %d (1..65535), max_context %d, "
+                       "max_batch_tokens %d, device %d",
+                       o->max_slots, o->max_context, o->max_batch_tokens, o->device);
+    }
+    if (o->max_context > cfg->max_position_embeddings) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                       "sf_cuda_engine: max_context %d exceeds the model's "
+                       "max_position_embeddings %d",
+                       o->max_context, cfg->max_position_embeddings);
+    }
+    return SF_OK;
+}
+
+/* Everything but the weights' contents. */
+static sf_status engine_new(const sf_llm_config *cfg, const sf_sysformer_config *scfg,
+                            const sf_cuda_engine_options *opt, sf_cuda_engine **out) {
+    sf_cuda_engine_options o = opt ? *opt : sf_cuda_engine_default_options();
+    sf_status st = check_inputs(cfg, scfg, &o);
+    if (st != SF_OK) return st;
+    int count = 0;
+    st = sf_cuda_device_count(&count);
+    if (st != SF_OK) return st;
+    if (o.device >= count) {
+        return sf_fail(SF_ERR_NO_DEVICE, "sf_cuda_engine: no CUDA device %d (%d found)",
+                       o.device, count);
+    }
+    CUDA_OR_FAIL(cudaSetDevice(o.device));
+
+    sf_cuda_engine *e = calloc(1, sizeof *e);
+    if (!e) return sf_fail(SF_ERR_OUT_OF_MEMORY, "sf_cuda_engine: out of host memory");
+    e->cfg = *cfg;
+    e->has_sysformer = scfg != NULL;
+    if (scfg) {
+        e->sys_cfg = *scfg;
+        e->sys_cfg.llm_name = e->sys_cfg.llm_embedding_hash = NULL;
+        e->sys_cfg.system_prompt = e->sys_cfg.chat_template = NULL;
+    }
+    e->device = o.device;
+    e->max_slots = o.max_slots;
+    e->max_context = o.max_context ? o.max_context
+                                   : (cfg->max_position_embeddings < 4096
+                                          ? cfg->max_position_embeddings
+                                          : 4096);
+    e->max_batch_tokens = o.max_batch_tokens ? o.max_batch_tokens : e->max_context;
+    if (e->max_batch_tokens < e->max_slots) e->max_batch_tokens = e->max_slots;
+    e->cuda_graphs = o.cuda_graphs;
+    e->d = cfg->hidden_size;
+    e->q_dim = (int64_t)cfg->num_heads * cfg->head_dim;
+    e->kv_dim = (int64_t)cfg->num_kv_heads * cfg->head_dim;
+    e->qkv_dim = e->q_dim + 2 * e->kv_dim;
+    e->ff = cfg->intermediate_size;
+    e->sys_ff = scfg ? scfg->dim_feedforward : 0;
+    *out = e;
+
+    if ((int64_t)e->max_slots * e->max_context > 0x7fffffff) {
+        return sf_fail(SF_ERR_OUT_OF_RANGE,
+                       "sf_cuda_engine: %d slots x %d positions pass 2^31 cache rows",
+                       e->max_slots, e->max_context);
+    }
+    /* rope tables: the short one (any request up to the original context) and the long one */
+    e->long_after = cfg->rope.type == SF_ROPE_LONGROPE
+                        ? cfg->rope.original_max_position_embeddings
+                        : 0x7fffffff;
+    const int half = cfg->head_dim / 2;
+    double inv[2][256], scale[2];
+    sf_cpu_rope_freqs(cfg, 1, inv[0], &scale[0]);
+    sf_cpu_rope_freqs(cfg, cfg->max_position_embeddings, inv[1], &scale[1]);
+    if (cfg->rope.type != SF_ROPE_LONGROPE) {
+        memcpy(inv[1], inv[0], sizeof inv[0]);
+        scale[1] = scale[0];
+    }
+    e->rope_scale[0] = (float)scale[0];
+    e->rope_scale[1] = (float)scale[1];
+    e->cfg.rope.short_factor = e->cfg.rope.long_factor = NULL;
+
+    st = sf_cuda_weights_alloc(e);
+    if (st != SF_OK) return st;
+    e->kv_bytes = (size_t)cfg->num_layers * (size_t)e->max_slots * (size_t)e->max_context *
+                  (size_t)e->kv_dim * sizeof(sf_bf16);
+    st = device_alloc((void **)&e->k_cache, e->kv_bytes, "the K cache");
+    if (st != SF_OK) return st;
+    st = device_alloc((void **)&e->v_cache, e->kv_bytes, "the V cache");
+    if (st != SF_OK) return st;
+    e->kv_bytes *= 2;
+    e->arena_bytes = carve_arena(e, NULL);
+    st = device_alloc(&e->arena_base, e->arena_bytes, "the activation arena");
+    if (st != SF_OK) return st;
+    carve_arena(e, e->arena_base);
+
+    /* pinned staging */
+    carver hc = {NULL, 0};
+    const size_t T = (size_t)e->max_batch_tokens, R = (size_t)e->max_slots;
+    for (int pass = 0; pass < 2; pass++) {
+        hc.off = 0;
+        e->h.ids = carve(&hc, T * 4);
+        e->h.cu_seqlens = carve(&hc, (R + 1) * 4);
+        e->h.spans = carve(&hc, R * 5 * 4);
+        e->h.slots = carve(&hc, R * 4);
+        e->h.uniforms = carve(&hc, R * sizeof(double));
+        e->h.tokens = carve(&hc, R * 4);
+        if (pass == 0) {
+            cudaError_t err = cudaHostAlloc(&e->h.base, hc.off, cudaHostAllocDefault);
+            if (err != cudaSuccess) {
+                e->h.base = NULL;
+                (void)cudaGetLastError();
+                return sf_fail(SF_ERR_OUT_OF_MEMORY,
+                               "sf_cuda_engine: cannot pin %zu bytes of host staging: %s",
+                               hc.off, cudaGetErrorString(err));
+            }
+            hc.base = e->h.base;
+        }
+    }
+    e->host_slot_len = calloc(R, sizeof(int32_t));
+    e->host_slot_sampled = calloc(R, sizeof(bool));
+    e->graphs = calloc(R + 1, sizeof(sf_cuda_graph));
+    if (!e->host_slot_len || !e->host_slot_sampled || !e->graphs) {
+        return sf_fail(SF_ERR_OUT_OF_MEMORY, "sf_cuda_engine: out of host memory");
+    }
+    CUDA_OR_FAIL(cudaStreamCreateWithFlags(&e->stream, cudaStreamNonBlocking));
+    CUDA_OR_FAIL(cudaEventCreateWithFlags(&e->done, cudaEventDisableTiming));
+    CUDA_OR_FAIL(cudaEventCreateWithFlags(&e->staging_free, cudaEventDisableTiming));
+    for (int i = 0; i < SF_STAGE_EVENTS; i++) CUDA_OR_FAIL(cudaEventCreate(&e->ev[i]));
+    st = sf_gemm_cache_create(e->a.gemm_ws, SF_GEMM_WORKSPACE_BYTES, &e->gemm);
+    if (st != SF_OK) return st;
+
+    float inv_f[512];
+    for (int t = 0; t < 2; t++) {
+        for (int i = 0; i < half; i++) inv_f[t * half + i] = (float)inv[t][i];
+    }
+    CUDA_OR_FAIL(cudaMemcpyAsync(e->a.inv_freq, inv_f, (size_t)cfg->head_dim * sizeof(float),
+                                 cudaMemcpyHostToDevice, e->stream));
+    CUDA_OR_FAIL(cudaMemsetAsync(e->a.slot_len, 0, R * 4, e->stream));
+    CUDA_OR_FAIL(cudaMemsetAsync(e->a.slot_next, 0, R * 4, e->stream));
+    CUDA_OR_FAIL(cudaMemsetAsync(e->a.errors, 0, sizeof(int), e->stream));
+    return SF_OK;
+}
+
+static sf_status finish_create(sf_cuda_engine *e, sf_status st, sf_cuda_engine **out) {
+    if (st == SF_OK) {
+        cudaError_t err = cudaStreamSynchronize(e->stream);
+        if (err != cudaSuccess) {
+            st = sf_fail(SF_ERR_CUDA, "sf_cuda_engine: uploading the weights: %s",
+                         cudaGetErrorString(err));
+        }
+    }
+    if (st != SF_OK) {
+        sf_cuda_engine_free(e);
+        *out = NULL;
+        return st;
+    }
+    *out = e;
+    return SF_OK;
+}
+
+sf_status sf_cuda_engine_create(const sf_llm *llm, const sf_sysformer *sysformer,
+                                const sf_cuda_engine_options *options, sf_cuda_engine **out) {
+    if (out) *out = NULL;
+    if (!llm || !out) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_cuda_engine_create: NULL model or out");
+    }
+    const sf_sysformer_config *scfg = sysformer ? &sysformer->cfg : NULL;
+    if (scfg && (scfg->llm_hidden_size && scfg->llm_hidden_size != llm->cfg.hidden_size)) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                       "sf_cuda_engine_create: the Sysformer was made for hidden size %d, the "
+                       "LLM has %d",
+                       scfg->llm_hidden_size, llm->cfg.hidden_size);
+    }
+    sf_cuda_engine *e = NULL;
+    sf_status st = engine_new(&llm->cfg, scfg, options, &e);
+    if (st == SF_OK) st = sf_cuda_weights_upload(e, llm, sysformer);
+    if (!e) return st;
+    return finish_create(e, st, out);
+}
+
+sf_status sf_cuda_engine_create_random(const sf_llm_config *llm_cfg,
+                                       const sf_sysformer_config *sysformer_cfg, uint64_t seed,
+                                       const sf_cuda_engine_options *options,
+                                       sf_cuda_engine **out) {
+    if (out) *out = NULL;
+    if (!llm_cfg || !out) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                       "sf_cuda_engine_create_random: NULL config or out");
+    }
+    sf_cuda_engine *e = NULL;
+    sf_status st = engine_new(llm_cfg, sysformer_cfg, options, &e);
+    if (st == SF_OK) st = sf_cuda_weights_random(e, seed);
+    if (!e) return st;
+    return finish_create(e, st, out);
+}
+
+void sf_cuda_engine_free(sf_cuda_engine *e) {
+    if (!e) return;
+    (void)cudaSetDevice(e->device);
+    if (e->stream) (void)cudaStreamSynchronize(e->stream);
+    sf_cuda_graphs_destroy(e);
+    sf_gemm_cache_free(e->gemm);
+    if (e->stream) (void)cudaStreamDestroy(e->stream);
+    if (e->done) (void)cudaEventDestroy(e->done);
+    if (e->staging_free) (void)cudaEventDestroy(e->staging_free);
+    for (int i = 0; i < SF_STAGE_EVENTS; i++) {
+        if (e->ev[i]) (void)cudaEventDestroy(e->ev[i]);
+    }
+    cudaFree(e->weights);
+    cudaFree(e->k_cache);
+    cudaFree(e->v_cache);
+    cudaFree(e->arena_base);
+    if (e->h.base) cudaFreeHost(e->h.base);
+    (void)cudaGetLastError();
+    free(e->layers);
+    free(e->sys_layers);
+    free(e->host_slot_len);
+    free(e->host_slot_sampled);
+    free(e->graphs);
+    free(e);
+}
+
+sf_status sf_cuda_engine_memory(const sf_cuda_engine *e, sf_cuda_memory *out) {
+    if (!e || !out) return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_cuda_engine_memory: NULL");
+    out->weights = e->weight_bytes;
+    out->kv_cache = e->kv_bytes;
+    out->activations = e->arena_bytes;
+    out->total = out->weights + out->kv_cache + out->activations;
+    return SF_OK;
+}
+
+void *sf_cuda_engine_stream(const sf_cuda_engine *e) { return e ? (void *)e->stream : NULL; }
+
+int32_t sf_cuda_engine_slot_length(const sf_cuda_engine *e, int32_t slot) {
+    if (!e || slot < 0 || slot >= e->max_slots) return -1;
+    return e->host_slot_len[slot];
+}
+
+sf_status sf_cuda_engine_reset_slot(sf_cuda_engine *e, int32_t slot) {
+    if (!e || slot < 0 || slot >= e->max_slots) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_cuda_engine_reset_slot: slot %d of %d", slot,
+                       e ? e->max_slots : 0);
+    }
+    /* ordered after any step already enqueued; the cache rows need no clearing: a slot's
+     * attention reads only its first slot_len rows */
+    CUDA_OR_FAIL(cudaMemsetAsync(e->a.slot_len + slot, 0, sizeof(int32_t), e->stream));
+    e->host_slot_len[slot] = 0;
+    e->host_slot_sampled[slot] = false;
+    return SF_OK;
+}
+
+sf_status sf_cuda_engine_set_timing(sf_cuda_engine *e, bool on) {
+    if (!e) return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_cuda_engine_set_timing: NULL engine");
+    e->timing = on;
+    return SF_OK;
+}
+
+sf_status sf_cuda_engine_stage_times(sf_cuda_engine *e, sf_cuda_stage_times *out) {
+    if (!e || !out) return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_cuda_engine_stage_times: NULL");
+    memset(out, 0, sizeof *out);
+    if (!e->last_timed) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                       "sf_cuda_engine_stage_times: the last step was not timed "
+                       "(sf_cuda_engine_set_timing before it)");
+    }
+    CUDA_OR_FAIL(cudaEventSynchronize(e->ev[SF_STAGE_EVENTS - 1]));
+    float ms[SF_STAGE_EVENTS - 1] = {0};
+    if (e->last_graph) {
+        CUDA_OR_FAIL(cudaEventElapsedTime(&out->total_ms, e->ev[0], e->ev[SF_STAGE_EVENTS - 1]));
+        return SF_OK;
+    }
+    for (int i = 0; i + 1 < SF_STAGE_EVENTS; i++) {
+        CUDA_OR_FAIL(cudaEventElapsedTime(&ms[i], e->ev[i], e->ev[i + 1]));
+    }
+    out->upload_ms = ms[0];
+    out->embed_ms = ms[1];
+    out->sysformer_ms = ms[2];
+    out->layers_ms = ms[3];
+    out->head_ms = ms[4];
+    out->sample_ms = ms[5];
+    CUDA_OR_FAIL(cudaEventElapsedTime(&out->total_ms, e->ev[0], e->ev[SF_STAGE_EVENTS - 1]));
+    return SF_OK;
+}

@@ -1,0 +1,176 @@
+/* Internal: the CUDA engine's state (the files of host/cuda/). One engine = one device, one
+ * stream, the weights as bf16, one arena of activations sized at creation, and the KV cache
+ * slots.
+ *
+ *   engine.c            create / free / options / memory / slots / timing
+ *   weights.c           bf16 upload of an sf_llm and an sf_sysformer, or random weights
+ *   llm_forward.c       the decoder layers and the LM head over a packed step
+ *   sysformer_forward.c the Sysformer on the device and the guarded embedding (integration point)
+ *   step.c              sf_cuda_engine_step: validation, upload, decode CUDA graphs, read-back
+ *   generate.c          sf_generate_cuda */
+#ifndef SF_CUDA_ENGINE_H
+#define SF_CUDA_ENGINE_H
+
+#include <cuda_runtime.h>
+
+#include "cuda/gemm.h"
+#include "kernels.h"
+#include "sysformer.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* One LLM decoder layer on the device. The q, k and v projections are stacked row blocks of
+ * one [q_dim + 2 kv_dim, d] matrix (one GEMM), gate and up likewise ([2 ff, d]). */
+typedef struct sf_cuda_llm_layer {
+    sf_bf16 *attn_norm;  /* [d]                          */
+    sf_bf16 *w_qkv;      /* [q_dim + 2 kv_dim, d]         */
+    sf_bf16 *b_qkv;      /* [q_dim + 2 kv_dim] or NULL    */
+    sf_bf16 *w_o;        /* [d, q_dim]                    */
+    sf_bf16 *b_o;        /* [d] or NULL                   */
+    sf_bf16 *mlp_norm;   /* [d]                           */
+    sf_bf16 *w_gate_up;  /* [2 ff, d]: gate rows, then up */
+    sf_bf16 *w_down;     /* [d, ff]                       */
+} sf_cuda_llm_layer;
+
+/* One Sysformer layer (PyTorch nn.TransformerDecoderLayer names). in_proj stacks q, k, v. */
+typedef struct sf_cuda_sys_layer {
+    sf_bf16 *sa_in_w, *sa_in_b;   /* [3d, d], [3d] */
+    sf_bf16 *sa_out_w, *sa_out_b; /* [d, d], [d]   */
+    sf_bf16 *ca_in_w, *ca_in_b;   /* [3d, d], [3d]: rows [0, d) project the queries, [d, 3d)
+                                     the user rows' keys and values                         */
+    sf_bf16 *ca_out_w, *ca_out_b;
+    sf_bf16 *l1_w, *l1_b;         /* [ff, d], [ff] */
+    sf_bf16 *l2_w, *l2_b;         /* [d, ff], [d]  */
+    sf_bf16 *norm_w[3], *norm_b[3];
+} sf_cuda_sys_layer;
+
+/* Everything a step reads and writes on the device, carved from one allocation. T =
+ * max_batch_tokens rows, R = max_slots requests. */
+typedef struct sf_cuda_arena {
+    /* step inputs (copied from the pinned staging) */
+    int32_t *ids;        /* [T]     */
+    int32_t *cu_seqlens; /* [R + 1] */
+    int32_t *spans;      /* [R * 5] */
+    int32_t *slots;      /* [R]     */
+    double *uniforms;    /* [R]     */
+    /* step layout (kernels/guard.h) */
+    int32_t *positions, *kv_rows, *rope_table;          /* [T]     */
+    int32_t *cu_q, *cu_kv;                              /* [R + 1] */
+    int32_t *kv_len, *q_pos0, *last_row;                /* [R]     */
+    /* the LLM's activations */
+    sf_bf16 *x, *xn, *tmp;        /* [T, d]          */
+    sf_bf16 *qkv;                 /* [T, qkv_dim]    */
+    sf_bf16 *attn;                /* [T, q_dim]      */
+    sf_bf16 *gate_up;             /* [T, 2 ff]       */
+    sf_bf16 *act;                 /* [T, ff]         */
+    /* the Sysformer's (padded layout: R x max_system query rows, R x max_user key rows) */
+    int32_t *sys_rows, *user_rows; /* [T]            */
+    int32_t *cu_sys, *cu_user;     /* [R + 1]        */
+    int32_t *sys_len, *user_len;   /* [R]            */
+    sf_bf16 *s_x, *s_xn, *s_tmp, *s_attn; /* [T, d]  */
+    sf_bf16 *s_qkv;                /* [T, 3d]        */
+    sf_bf16 *u;                    /* [T, d] user rows   */
+    sf_bf16 *u_kv;                 /* [T, 2d]        */
+    sf_bf16 *s_ff;                 /* [T, sys ff]    */
+    /* the head */
+    sf_bf16 *head_x, *head_tmp;   /* [R, d]          */
+    float *logits;                /* [R, vocab]      */
+    int32_t *sampled;             /* [R]             */
+    void *sample_ws;
+    size_t sample_ws_bytes;
+    void *gemm_ws;
+    /* state that outlives a step */
+    int32_t *slot_len;            /* [R] positions stored per slot   */
+    int32_t *slot_next;           /* [R] last token sampled per slot */
+    int *errors;                  /* bad ids / spans seen on the device */
+    float *inv_freq;              /* [2, head_dim / 2] rope tables (short, long) */
+} sf_cuda_arena;
+
+/* Host-pinned staging of one step's inputs and of the sampled ids. */
+typedef struct sf_cuda_staging {
+    int32_t *ids, *cu_seqlens, *spans, *slots;
+    double *uniforms;
+    int32_t *tokens; /* [R] sampled ids, copied back asynchronously */
+    void *base;
+} sf_cuda_staging;
+
+enum { SF_STAGE_EVENTS = 7 };
+
+typedef struct sf_cuda_graph {
+    cudaGraphExec_t exec; /* NULL: not captured */
+    sf_sampling sampling; /* what it was captured with */
+    bool sampling_on, greedy;
+} sf_cuda_graph;
+
+struct sf_cuda_engine {
+    sf_llm_config cfg;            /* rope factor pointers cleared: the tables are on the device */
+    bool has_sysformer;
+    sf_sysformer_config sys_cfg;  /* provenance strings cleared */
+    int32_t device;
+    int32_t max_slots, max_context, max_batch_tokens;
+    bool cuda_graphs;
+    int64_t d, q_dim, kv_dim, qkv_dim, ff, sys_ff;
+    int32_t long_after;           /* longrope: table 1 when a request's length passes this */
+    float rope_scale[2];
+
+    cudaStream_t stream;
+    sf_gemm_cache *gemm;
+    void *weights;                /* one allocation */
+    size_t weight_bytes;
+    sf_bf16 *embed, *final_norm, *lm_head;
+    sf_cuda_llm_layer *layers;
+    sf_cuda_sys_layer *sys_layers;
+    sf_bf16 *sys_final_w, *sys_final_b;
+    sf_bf16 *k_cache, *v_cache;   /* [layers, R * max_context, kv_dim] each */
+    size_t kv_bytes;
+    void *arena_base;
+    size_t arena_bytes;
+    sf_cuda_arena a;
+    sf_cuda_staging h;
+
+    int32_t *host_slot_len;       /* mirror of a.slot_len, for the host checks */
+    bool *host_slot_sampled;      /* a slot has a sampled token to decode from */
+    int32_t last_n;               /* requests in the last step */
+    bool last_sampled;
+    cudaEvent_t done;             /* the last step's read-back is complete */
+    cudaEvent_t staging_free;     /* the last step's uploads have been read */
+    cudaEvent_t ev[SF_STAGE_EVENTS];
+    bool timing, last_timed, last_graph;
+    sf_cuda_graph *graphs;        /* [R + 1], by decode batch size */
+};
+
+/* engine.c: internal accessors (also used by generate.c). */
+int32_t sf_cuda_engine_max_context(const sf_cuda_engine *e);
+int32_t sf_cuda_engine_max_slots(const sf_cuda_engine *e);
+int32_t sf_cuda_engine_vocab(const sf_cuda_engine *e);
+
+/* weights.c */
+sf_status sf_cuda_weights_alloc(sf_cuda_engine *e);
+sf_status sf_cuda_weights_upload(sf_cuda_engine *e, const sf_llm *llm, const sf_sysformer *sf);
+sf_status sf_cuda_weights_random(sf_cuda_engine *e, uint64_t seed);
+
+/* llm_forward.c: the decoder layers over the step's packed rows (x holds their embeddings; the
+ * step layout is in the arena), then the final norm and LM head on each request's last row:
+ * logits [n_requests, vocab]. n_tokens and max_q_len are the host's view of the step. */
+sf_status sf_cuda_llm_layers(sf_cuda_engine *e, int32_t n_requests, int32_t n_tokens,
+                             int32_t max_q_len, cudaStream_t stream);
+sf_status sf_cuda_llm_head(sf_cuda_engine *e, int32_t n_requests, cudaStream_t stream);
+
+/* sysformer_forward.c: rewrites the system rows of x [n_tokens, d] (embeddings of a packed
+ * guarded batch) in place, from device offsets and spans, in the padded layout of
+ * sf_cuda_guard_layout. */
+sf_status sf_cuda_rewrite_system(sf_cuda_engine *e, int32_t n_requests,
+                                 const int32_t *d_cu_seqlens, const int32_t *d_spans,
+                                 int32_t max_system, int32_t max_user, sf_bf16 *x, int *d_errors,
+                                 cudaStream_t stream);
+
+/* step.c */
+void sf_cuda_graphs_destroy(sf_cuda_engine *e);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,421 @@
+/* sf_cuda_engine_step: host-side validation, one packed upload through pinned staging, then
+ * the whole step on the engine's stream, and the read-back of the sampled ids.
+ *
+ * The stages (NVTX-named, and timed with CUDA events when timing is on):
+ *   upload     ids, offsets, spans, slots, uniforms: pinned host -> device, asynchronous
+ *   embed      step layout (positions, cache rows, attention offsets; slot lengths advanced),
+ *              embedding gather
+ *   sysformer  guarded prefill only: the Sysformer rewrites the system rows in place
+ *   layers     the LLM's decoder layers
+ *   head       last row of each request: final norm, LM head (fp32 logits)
+ *   sample     token choice on the device, remembered per slot, copied back asynchronously
+ * Nothing in a step waits for the device, with one exception that a caller never meets in a
+ * read-tokens loop: the pinned staging is reused, so a step first waits until the previous
+ * step's upload has been consumed.
+ *
+ * Decode steps (every request one token, the one last sampled for its slot) read their inputs
+ * from the device and the staging only, so with cuda_graphs they are captured once per batch
+ * size (and sampling setting) and replayed: the upload memcpys are graph nodes reading the same
+ * pinned buffers, whose contents change between replays. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/error.h"
+#include "cuda/engine.h"
+#include "embedding.h"
+#include "guard.h"
+#include "sampling.h"
+
+#define CUDA_OR_FAIL(call)                                                                     \
+    do {                                                                                       \
+        cudaError_t e_ = (call);                                                               \
+        if (e_ != cudaSuccess) {                                                               \
+            return sf_fail(SF_ERR_CUDA, "%s: %s", #call, cudaGetErrorString(e_));              \
+        }                                                                                      \
+    } while (0)
+
+#define TRY(call)                              \
+    do {                                       \
+        sf_status st_ = (call);                \
+        if (st_ != SF_OK) return st_;          \
+    } while (0)
+
+/* What validation learns about a step. */
+typedef struct step_info {
+    int32_t n, tokens, max_q_len, max_system, max_user;
+    bool decode, guarded, sample, greedy;
+} step_info;
+
+static bool is_greedy(const sf_sampling *s) { return !(s->temperature > 0.0f); }
+
+static sf_status validate(const sf_cuda_engine *e, const sf_cuda_step *s, step_info *info) {
+    memset(info, 0, sizeof *info);
+    if (!s) return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_cuda_engine_step: NULL step");
+    const int32_t n = s->n_requests;
+    if (n < 1) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_cuda_engine_step: n_requests = %d", n);
+    }
+    if (n > e->max_slots) {
+        return sf_fail(SF_ERR_OUT_OF_RANGE,
+                       "sf_cuda_engine_step: %d requests; the engine has %d slots", n,
+                       e->max_slots);
+    }
+    if (!s->slots) return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_cuda_engine_step: slots is NULL");
+    for (int32_t r = 0; r < n; r++) {
+        const int32_t slot = s->slots[r];
+        if (slot < 0 || slot >= e->max_slots) {
+            return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                           "sf_cuda_engine_step: slots[%d] = %d outside [0, %d)", r, slot,
+                           e->max_slots);
+        }
+        for (int32_t q = 0; q < r; q++) {
+            if (s->slots[q] == slot) {
+                return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                               "sf_cuda_engine_step: requests %d and %d share slot %d", q, r,
+                               slot);
+            }
+        }
+    }
+    info->n = n;
+    info->decode = s->token_ids == NULL;
+    if (info->decode) {
+        if (s->cu_seqlens || s->spans) {
+            return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                           "sf_cuda_engine_step: a decode step (token_ids NULL) takes no "
+                           "cu_seqlens or spans");
+        }
+        for (int32_t r = 0; r < n; r++) {
+            const int32_t slot = s->slots[r];
+            if (!e->host_slot_sampled[slot]) {
+                return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                               "sf_cuda_engine_step: decode in slot %d, which has no sampled "
+                               "token to continue from",
+                               slot);
+            }
+            if (e->host_slot_len[slot] + 1 > e->max_context) {
+                return sf_fail(SF_ERR_OUT_OF_RANGE,
+                               "sf_cuda_engine_step: slot %d is full (%d positions)", slot,
+                               e->max_context);
+            }
+        }
+        info->tokens = n;
+        info->max_q_len = 1;
+    } else {
+        const int32_t *cu = s->cu_seqlens;
+        if (!cu) {
+            return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_cuda_engine_step: cu_seqlens is NULL");
+        }
+        if (cu[0] != 0) {
+            return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_cuda_engine_step: cu_seqlens[0] = %d",
+                           cu[0]);
+        }
+        for (int32_t r = 0; r < n; r++) {
+            const int64_t len = (int64_t)cu[r + 1] - cu[r];
+            if (len < 1) {
+                return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                               "sf_cuda_engine_step: request %d has %lld new tokens (at least "
+                               "1)",
+                               r, (long long)len);
+            }
+            if (cu[r + 1] > e->max_batch_tokens) {
+                return sf_fail(SF_ERR_OUT_OF_RANGE,
+                               "sf_cuda_engine_step: %d+ tokens in one step; the engine takes "
+                               "%d (max_batch_tokens)",
+                               cu[r + 1], e->max_batch_tokens);
+            }
+            const int32_t slot = s->slots[r];
+            if (e->host_slot_len[slot] + len > e->max_context) {
+                return sf_fail(SF_ERR_OUT_OF_RANGE,
+                               "sf_cuda_engine_step: request %d needs %lld positions; slot %d "
+                               "holds %d",
+                               r, (long long)(e->host_slot_len[slot] + len), slot,
+                               e->max_context);
+            }
+            if (len > info->max_q_len) info->max_q_len = (int32_t)len;
+        }
+        info->tokens = cu[n];
+        for (int32_t t = 0; t < info->tokens; t++) {
+            if (s->token_ids[t] < 0 || s->token_ids[t] >= e->cfg.vocab_size) {
+                return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                               "sf_cuda_engine_step: token id %d at packed row %d outside "
+                               "[0, %d)",
+                               s->token_ids[t], t, e->cfg.vocab_size);
+            }
+        }
+        if (s->spans) {
+            for (int32_t r = 0; r < n; r++) {
+                const sf_prompt_spans *p = &s->spans[r];
+                const int64_t sum = (int64_t)p->prefix + p->system + p->middle + p->user +
+                                    p->suffix;
+                if (p->prefix < 0 || p->system < 0 || p->middle < 0 || p->user < 0 ||
+                    p->suffix < 0 || sum != cu[r + 1] - cu[r]) {
+                    return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                                   "sf_cuda_engine_step: spans of request %d (%d %d %d %d %d) "
+                                   "do not add up to its %d tokens",
+                                   r, p->prefix, p->system, p->middle, p->user, p->suffix,
+                                   cu[r + 1] - cu[r]);
+                }
+                if (p->system > 0 && p->user == 0) {
+                    return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                                   "sf_cuda_engine_step: request %d has a system span but no "
+                                   "user span to attend to",
+                                   r);
+                }
+                if (e->host_slot_len[s->slots[r]] != 0) {
+                    return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                                   "sf_cuda_engine_step: guarded prefill into slot %d, which "
+                                   "holds %d positions (reset it first)",
+                                   s->slots[r], e->host_slot_len[s->slots[r]]);
+                }
+                if (p->system > info->max_system) info->max_system = p->system;
+                if (p->user > info->max_user) info->max_user = p->user;
+            }
+            if ((int64_t)n * info->max_system > e->max_batch_tokens ||
+                (int64_t)n * info->max_user > e->max_batch_tokens) {
+                return sf_fail(SF_ERR_OUT_OF_RANGE,
+                               "sf_cuda_engine_step: %d requests x %d system / %d user rows "
+                               "(padded to the longest) pass max_batch_tokens %d",
+                               n, info->max_system, info->max_user, e->max_batch_tokens);
+            }
+            info->guarded = e->has_sysformer && info->max_system > 0;
+        }
+    }
+    if (s->sampling) {
+        info->sample = true;
+        info->greedy = is_greedy(s->sampling);
+        if (!info->greedy) {
+            if (!s->uniforms) {
+                return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                               "sf_cuda_engine_step: sampling at temperature %g needs uniforms",
+                               (double)s->sampling->temperature);
+            }
+            for (int32_t r = 0; r < n; r++) {
+                if (!(s->uniforms[r] >= 0.0 && s->uniforms[r] < 1.0)) {
+                    return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                                   "sf_cuda_engine_step: uniforms[%d] = %g outside [0, 1)", r,
+                                   s->uniforms[r]);
+                }
+            }
+        }
+    }
+    return SF_OK;
+}
+
+static sf_status mark(sf_cuda_engine *e, int i) {
+    if (e->timing) CUDA_OR_FAIL(cudaEventRecord(e->ev[i], e->stream));
+    return SF_OK;
+}
+
+/* Everything a step enqueues after the host staging holds its inputs. A decode step's body is
+ * what a CUDA graph captures (marks are then off). */
+static sf_status step_body(sf_cuda_engine *e, const step_info *info, const sf_sampling *sampling,
+                           bool marks) {
+    sf_cuda_arena *a = &e->a;
+    sf_cuda_staging *h = &e->h;
+    cudaStream_t s = e->stream;
+    const int32_t n = info->n;
+    sf_nvtx_push("upload");
+    if (!info->decode) {
+        CUDA_OR_FAIL(cudaMemcpyAsync(a->ids, h->ids, (size_t)info->tokens * 4,
+                                     cudaMemcpyHostToDevice, s));
+        CUDA_OR_FAIL(cudaMemcpyAsync(a->cu_seqlens, h->cu_seqlens, (size_t)(n + 1) * 4,
+                                     cudaMemcpyHostToDevice, s));
+        if (info->guarded) {
+            CUDA_OR_FAIL(cudaMemcpyAsync(a->spans, h->spans, (size_t)n * 5 * 4,
+                                         cudaMemcpyHostToDevice, s));
+        }
+    }
+    CUDA_OR_FAIL(cudaMemcpyAsync(a->slots, h->slots, (size_t)n * 4, cudaMemcpyHostToDevice, s));
+    if (info->sample && !info->greedy) {
+        CUDA_OR_FAIL(cudaMemcpyAsync(a->uniforms, h->uniforms, (size_t)n * sizeof(double),
+                                     cudaMemcpyHostToDevice, s));
+    }
+    sf_nvtx_pop();
+    if (marks) TRY(mark(e, 1));
+
+    sf_nvtx_push("embed");
+    sf_status st = sf_cuda_step_layout(
+        a->slots, info->decode ? NULL : a->cu_seqlens, n, a->slot_len, e->max_context,
+        e->long_after, a->slot_next, a->ids, a->positions, a->kv_rows,
+        e->cfg.rope.type == SF_ROPE_LONGROPE ? a->rope_table : NULL, a->cu_q, a->cu_kv,
+        a->kv_len, a->q_pos0, a->last_row, s);
+    if (st == SF_OK) {
+        st = sf_cuda_embedding_bf16(a->x, e->embed, a->ids, info->tokens, e->d,
+                                    e->cfg.vocab_size, a->errors, s);
+    }
+    sf_nvtx_pop();
+    if (st != SF_OK) return st;
+    if (marks) TRY(mark(e, 2));
+
+    if (info->guarded) {
+        TRY(sf_cuda_rewrite_system(e, n, a->cu_seqlens, a->spans, info->max_system,
+                                   info->max_user, a->x, a->errors, s));
+    }
+    if (marks) TRY(mark(e, 3));
+    TRY(sf_cuda_llm_layers(e, n, info->tokens, info->max_q_len, s));
+    if (marks) TRY(mark(e, 4));
+    TRY(sf_cuda_llm_head(e, n, s));
+    if (marks) TRY(mark(e, 5));
+
+    if (info->sample) {
+        sf_nvtx_push("sample");
+        st = sf_cuda_sample_f32(a->sampled, a->logits, info->greedy ? NULL : a->uniforms, n,
+                                e->cfg.vocab_size, sampling, a->sample_ws, a->sample_ws_bytes,
+                                s);
+        if (st == SF_OK) st = sf_cuda_store_next(a->slot_next, a->slots, a->sampled, n, s);
+        if (st == SF_OK && cudaMemcpyAsync(h->tokens, a->sampled, (size_t)n * 4,
+                                           cudaMemcpyDeviceToHost, s) != cudaSuccess) {
+            st = sf_fail(SF_ERR_CUDA, "sf_cuda_engine_step: copying the sampled ids back");
+        }
+        sf_nvtx_pop();
+        if (st != SF_OK) return st;
+    }
+    return SF_OK;
+}
+
+void sf_cuda_graphs_destroy(sf_cuda_engine *e) {
+    if (!e->graphs) return;
+    for (int32_t n = 0; n <= e->max_slots; n++) {
+        if (e->graphs[n].exec) (void)cudaGraphExecDestroy(e->graphs[n].exec);
+        e->graphs[n].exec = NULL;
+    }
+}
+
+static bool same_sampling(const sf_cuda_graph *g, const step_info *info,
+                          const sf_sampling *sampling) {
+    if (!info->sample) return !g->sampling_on;
+    if (!g->sampling_on || g->greedy != info->greedy) return false;
+    if (info->greedy) return true;
+    return g->sampling.temperature == sampling->temperature &&
+           g->sampling.top_k == sampling->top_k && g->sampling.top_p == sampling->top_p;
+}
+
+/* Captures the decode body for this batch size and sampling setting (once), then launches it. */
+static sf_status decode_graph(sf_cuda_engine *e, const step_info *info,
+                              const sf_sampling *sampling) {
+    sf_cuda_graph *g = &e->graphs[info->n];
+    if (g->exec && !same_sampling(g, info, sampling)) {
+        (void)cudaGraphExecDestroy(g->exec);
+        g->exec = NULL;
+    }
+    if (!g->exec) {
+        CUDA_OR_FAIL(cudaStreamBeginCapture(e->stream, cudaStreamCaptureModeThreadLocal));
+        sf_status st = step_body(e, info, sampling, false);
+        cudaGraph_t graph = NULL;
+        cudaError_t err = cudaStreamEndCapture(e->stream, &graph);
+        if (st == SF_OK && err != cudaSuccess) {
+            st = sf_fail(SF_ERR_CUDA, "sf_cuda_engine_step: capturing the decode graph: %s",
+                         cudaGetErrorString(err));
+        }
+        if (st == SF_OK) {
+            err = cudaGraphInstantiate(&g->exec, graph, 0);
+            if (err != cudaSuccess) {
+                g->exec = NULL;
+                st = sf_fail(SF_ERR_CUDA, "sf_cuda_engine_step: instantiating the decode graph: %s",
+                             cudaGetErrorString(err));
+            }
+        }
+        if (graph) (void)cudaGraphDestroy(graph);
+        if (st != SF_OK) {
+            (void)cudaGetLastError();
+            return st;
+        }
+        g->sampling_on = info->sample;
+        g->greedy = info->greedy;
+        if (sampling) g->sampling = *sampling;
+    }
+    sf_nvtx_push("decode step (graph)");
+    cudaError_t err = cudaGraphLaunch(g->exec, e->stream);
+    sf_nvtx_pop();
+    if (err != cudaSuccess) {
+        return sf_fail(SF_ERR_CUDA, "sf_cuda_engine_step: cudaGraphLaunch: %s",
+                       cudaGetErrorString(err));
+    }
+    return SF_OK;
+}
+
+sf_status sf_cuda_engine_step(sf_cuda_engine *e, const sf_cuda_step *s) {
+    if (!e) return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_cuda_engine_step: NULL engine");
+    step_info info;
+    TRY(validate(e, s, &info));
+    CUDA_OR_FAIL(cudaSetDevice(e->device));
+
+    /* the staging is free once the previous step's uploads have run */
+    CUDA_OR_FAIL(cudaEventSynchronize(e->staging_free));
+    const int32_t n = info.n;
+    sf_cuda_staging *h = &e->h;
+    memcpy(h->slots, s->slots, (size_t)n * 4);
+    if (!info.decode) {
+        memcpy(h->ids, s->token_ids, (size_t)info.tokens * 4);
+        memcpy(h->cu_seqlens, s->cu_seqlens, (size_t)(n + 1) * 4);
+        if (info.guarded) memcpy(h->spans, s->spans, (size_t)n * sizeof(sf_prompt_spans));
+    }
+    if (info.sample && !info.greedy) memcpy(h->uniforms, s->uniforms, (size_t)n * sizeof(double));
+
+    sf_nvtx_push(info.decode ? "sf_cuda_engine_step (decode)"
+                             : info.guarded ? "sf_cuda_engine_step (guarded prefill)"
+                                            : "sf_cuda_engine_step (prefill)");
+    sf_status st = SF_OK;
+    const bool graph = info.decode && e->cuda_graphs;
+    if (e->timing) st = mark(e, 0);
+    if (st == SF_OK) {
+        st = graph ? decode_graph(e, &info, s->sampling) : step_body(e, &info, s->sampling, true);
+    }
+    if (st == SF_OK && e->timing) st = mark(e, SF_STAGE_EVENTS - 1);
+    if (st == SF_OK && cudaEventRecord(e->staging_free, e->stream) != cudaSuccess) {
+        st = sf_fail(SF_ERR_CUDA, "sf_cuda_engine_step: cudaEventRecord");
+    }
+    if (st == SF_OK && cudaEventRecord(e->done, e->stream) != cudaSuccess) {
+        st = sf_fail(SF_ERR_CUDA, "sf_cuda_engine_step: cudaEventRecord");
+    }
+    sf_nvtx_pop();
+    if (st != SF_OK) {
+        /* Something failed after validation (a launch or a CUDA call): the slots' device state
+         * may be partly advanced, so every slot of this step is emptied. */
+        for (int32_t r = 0; r < n; r++) (void)sf_cuda_engine_reset_slot(e, s->slots[r]);
+        e->last_n = 0;
+        return st;
+    }
+    for (int32_t r = 0; r < n; r++) {
+        const int32_t slot = s->slots[r];
+        e->host_slot_len[slot] += info.decode ? 1 : s->cu_seqlens[r + 1] - s->cu_seqlens[r];
+        e->host_slot_sampled[slot] = info.sample;
+    }
+    e->last_n = n;
+    e->last_sampled = info.sample;
+    e->last_timed = e->timing;
+    e->last_graph = graph;
+    return SF_OK;
+}
+
+sf_status sf_cuda_engine_read_tokens(sf_cuda_engine *e, int32_t *tokens, int32_t n) {
+    if (!e || !tokens || n < 0) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_cuda_engine_read_tokens: bad argument");
+    }
+    if (!e->last_sampled || n > e->last_n) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                       "sf_cuda_engine_read_tokens: %d tokens asked; the last step sampled %d",
+                       n, e->last_sampled ? e->last_n : 0);
+    }
+    cudaError_t err = cudaEventSynchronize(e->done);
+    if (err != cudaSuccess) {
+        return sf_fail(SF_ERR_CUDA, "sf_cuda_engine_read_tokens: the step failed: %s",
+                       cudaGetErrorString(err));
+    }
+    memcpy(tokens, e->h.tokens, (size_t)n * 4);
+    return SF_OK;
+}
+
+sf_status sf_cuda_engine_read_logits(sf_cuda_engine *e, float *logits, int32_t n) {
+    if (!e || !logits || n < 0 || n > e->last_n) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                       "sf_cuda_engine_read_logits: %d rows asked; the last step has %d", n,
+                       e ? e->last_n : 0);
+    }
+    CUDA_OR_FAIL(cudaSetDevice(e->device));
+    CUDA_OR_FAIL(cudaMemcpyAsync(logits, e->a.logits,
+                                 (size_t)n * (size_t)e->cfg.vocab_size * sizeof(float),
+                                 cudaMemcpyDeviceToHost, e->stream));
+    CUDA_OR_FAIL(cudaStreamSynchronize(e->stream));
+    return SF_OK;
+}

@@ -1,0 +1,270 @@
+/* The engine's weights on the device: one bf16 allocation laid out tensor by tensor (256-byte
+ * aligned, so every GEMM operand meets cuBLASLt's best alignment), filled either from the CPU
+ * objects (fp32, rounded to nearest-even bf16 on the device) or with random values drawn on the
+ * device for benchmarks. The q/k/v projections are stacked into one matrix, gate and up into
+ * another, so each costs one GEMM. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "convert.h"
+#include "core/error.h"
+#include "cuda/engine.h"
+#include "model/llm.h"
+#include "random.h"
+#include "sysformer/module.h"
+
+#define ALIGN 256
+#define STAGE_FLOATS ((size_t)16 << 20) /* 64 MiB of fp32 per upload chunk */
+
+typedef struct carver {
+    char *base;
+    size_t off;
+} carver;
+
+static sf_bf16 *carve(carver *c, size_t elems) {
+    c->off = (c->off + ALIGN - 1) / ALIGN * ALIGN;
+    sf_bf16 *p = c->base ? (sf_bf16 *)(c->base + c->off) : NULL;
+    c->off += elems * sizeof(sf_bf16);
+    return p;
+}
+
+static bool llm_has_qkv_bias(const sf_llm_config *c) { return c->attention_bias || c->qkv_bias; }
+
+static size_t carve_weights(sf_cuda_engine *e, char *base) {
+    carver c = {base, 0};
+    const sf_llm_config *cfg = &e->cfg;
+    const size_t d = (size_t)e->d, ff = (size_t)e->ff;
+    e->embed = carve(&c, (size_t)cfg->vocab_size * d);
+    e->final_norm = carve(&c, d);
+    e->lm_head = cfg->tie_word_embeddings ? e->embed : carve(&c, (size_t)cfg->vocab_size * d);
+    for (int l = 0; l < cfg->num_layers; l++) {
+        sf_cuda_llm_layer *L = &e->layers[l];
+        L->attn_norm = carve(&c, d);
+        L->w_qkv = carve(&c, (size_t)e->qkv_dim * d);
+        L->b_qkv = llm_has_qkv_bias(cfg) ? carve(&c, (size_t)e->qkv_dim) : NULL;
+        L->w_o = carve(&c, d * (size_t)e->q_dim);
+        L->b_o = cfg->attention_bias ? carve(&c, d) : NULL;
+        L->mlp_norm = carve(&c, d);
+        L->w_gate_up = carve(&c, 2 * ff * d);
+        L->w_down = carve(&c, d * ff);
+    }
+    if (e->has_sysformer) {
+        const size_t sff = (size_t)e->sys_ff;
+        for (int l = 0; l < e->sys_cfg.num_layers; l++) {
+            sf_cuda_sys_layer *S = &e->sys_layers[l];
+            S->sa_in_w = carve(&c, 3 * d * d);
+            S->sa_in_b = carve(&c, 3 * d);
+            S->sa_out_w = carve(&c, d * d);
+            S->sa_out_b = carve(&c, d);
+            S->ca_in_w = carve(&c, 3 * d * d);
+            S->ca_in_b = carve(&c, 3 * d);
+            S->ca_out_w = carve(&c, d * d);
+            S->ca_out_b = carve(&c, d);
+            S->l1_w = carve(&c, sff * d);
+            S->l1_b = carve(&c, sff);
+            S->l2_w = carve(&c, d * sff);
+            S->l2_b = carve(&c, d);
+            for (int k = 0; k < 3; k++) {
+                S->norm_w[k] = carve(&c, d);
+                S->norm_b[k] = carve(&c, d);
+            }
+        }
+        e->sys_final_w = e->sys_cfg.final_norm ? carve(&c, d) : NULL;
+        e->sys_final_b = e->sys_cfg.final_norm ? carve(&c, d) : NULL;
+    }
+    return c.off;
+}
+
+sf_status sf_cuda_weights_alloc(sf_cuda_engine *e) {
+    e->layers = calloc((size_t)e->cfg.num_layers, sizeof *e->layers);
+    e->sys_layers = calloc((size_t)(e->has_sysformer ? e->sys_cfg.num_layers : 0) + 1,
+                           sizeof *e->sys_layers);
+    if (!e->layers || !e->sys_layers) {
+        return sf_fail(SF_ERR_OUT_OF_MEMORY, "sf_cuda_engine: out of host memory");
+    }
+    e->weight_bytes = carve_weights(e, NULL);
+    cudaError_t err = cudaMalloc(&e->weights, e->weight_bytes);
+    if (err != cudaSuccess) {
+        e->weights = NULL;
+        (void)cudaGetLastError();
+        return sf_fail(err == cudaErrorMemoryAllocation ? SF_ERR_OUT_OF_MEMORY : SF_ERR_CUDA,
+                       "sf_cuda_engine: cannot allocate %.2f GiB of device memory for the "
+                       "weights: %s",
+                       (double)e->weight_bytes / (1u << 30), cudaGetErrorString(err));
+    }
+    carve_weights(e, e->weights);
+    return SF_OK;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Upload from the CPU objects                                                              */
+/* ---------------------------------------------------------------------------------------- */
+
+typedef struct uploader {
+    float *stage; /* device fp32, STAGE_FLOATS */
+    cudaStream_t stream;
+} uploader;
+
+static sf_status put(uploader *u, sf_bf16 *dst, const float *src, size_t n) {
+    for (size_t off = 0; off < n; off += STAGE_FLOATS) {
+        const size_t m = n - off < STAGE_FLOATS ? n - off : STAGE_FLOATS;
+        cudaError_t err = cudaMemcpyAsync(u->stage, src + off, m * sizeof(float),
+                                          cudaMemcpyHostToDevice, u->stream);
+        if (err != cudaSuccess) {
+            return sf_fail(SF_ERR_CUDA, "sf_cuda_engine: weight upload: %s",
+                           cudaGetErrorString(err));
+        }
+        sf_status st = sf_cuda_f32_to_bf16(dst + off, u->stage, (int64_t)m, u->stream);
+        if (st != SF_OK) return st;
+    }
+    return SF_OK;
+}
+
+#define PUT(dst, src, n)                                      \
+    do {                                                      \
+        st = put(&u, (dst), (src), (size_t)(n));              \
+        if (st != SF_OK) goto done;                           \
+    } while (0)
+
+sf_status sf_cuda_weights_upload(sf_cuda_engine *e, const sf_llm *llm, const sf_sysformer *sf) {
+    uploader u = {NULL, e->stream};
+    cudaError_t err = cudaMalloc((void **)&u.stage, STAGE_FLOATS * sizeof(float));
+    if (err != cudaSuccess) {
+        (void)cudaGetLastError();
+        return sf_fail(SF_ERR_OUT_OF_MEMORY, "sf_cuda_engine: no device memory to stage "
+                                             "the weight upload");
+    }
+    sf_status st = SF_OK;
+    const sf_llm_config *c = &e->cfg;
+    const int64_t d = e->d, ff = e->ff, q = e->q_dim, kv = e->kv_dim;
+    PUT(e->embed, llm->embed, (int64_t)c->vocab_size * d);
+    PUT(e->final_norm, llm->final_norm, d);
+    if (!c->tie_word_embeddings) PUT(e->lm_head, llm->lm_head, (int64_t)c->vocab_size * d);
+    for (int l = 0; l < c->num_layers; l++) {
+        const sf_llm_layer *H = &llm->layers[l];
+        sf_cuda_llm_layer *L = &e->layers[l];
+        PUT(L->attn_norm, H->attn_norm, d);
+        PUT(L->w_qkv, H->wq, q * d);
+        PUT(L->w_qkv + q * d, H->wk, kv * d);
+        PUT(L->w_qkv + (q + kv) * d, H->wv, kv * d);
+        if (L->b_qkv) {
+            PUT(L->b_qkv, H->bq, q);
+            PUT(L->b_qkv + q, H->bk, kv);
+            PUT(L->b_qkv + q + kv, H->bv, kv);
+        }
+        PUT(L->w_o, H->wo, d * q);
+        if (L->b_o) PUT(L->b_o, H->bo, d);
+        PUT(L->mlp_norm, H->mlp_norm, d);
+        PUT(L->w_gate_up, H->w_gate, ff * d);
+        PUT(L->w_gate_up + ff * d, H->w_up, ff * d);
+        PUT(L->w_down, H->w_down, d * ff);
+    }
+    if (sf && e->has_sysformer) {
+        const int64_t sff = e->sys_ff;
+        for (int l = 0; l < e->sys_cfg.num_layers; l++) {
+            const sf_sysformer_layer *H = &sf->layers[l];
+            sf_cuda_sys_layer *S = &e->sys_layers[l];
+            PUT(S->sa_in_w, H->self_attn.in_proj_weight, 3 * d * d);
+            PUT(S->sa_in_b, H->self_attn.in_proj_bias, 3 * d);
+            PUT(S->sa_out_w, H->self_attn.out_proj_weight, d * d);
+            PUT(S->sa_out_b, H->self_attn.out_proj_bias, d);
+            PUT(S->ca_in_w, H->cross_attn.in_proj_weight, 3 * d * d);
+            PUT(S->ca_in_b, H->cross_attn.in_proj_bias, 3 * d);
+            PUT(S->ca_out_w, H->cross_attn.out_proj_weight, d * d);
+            PUT(S->ca_out_b, H->cross_attn.out_proj_bias, d);
+            PUT(S->l1_w, H->linear1_weight, sff * d);
+            PUT(S->l1_b, H->linear1_bias, sff);
+            PUT(S->l2_w, H->linear2_weight, d * sff);
+            PUT(S->l2_b, H->linear2_bias, d);
+            for (int k = 0; k < 3; k++) {
+                PUT(S->norm_w[k], H->norm_weight[k], d);
+                PUT(S->norm_b[k], H->norm_bias[k], d);
+            }
+        }
+        if (e->sys_final_w) {
+            PUT(e->sys_final_w, sf->final_norm_weight, d);
+            PUT(e->sys_final_b, sf->final_norm_bias, d);
+        }
+    }
+done:
+    /* the staging buffer is read by work still in flight: wait before freeing it */
+    err = cudaStreamSynchronize(e->stream);
+    cudaFree(u.stage);
+    if (st == SF_OK && err != cudaSuccess) {
+        st = sf_fail(SF_ERR_CUDA, "sf_cuda_engine: weight upload: %s", cudaGetErrorString(err));
+    }
+    return st;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Random weights                                                                           */
+/* ---------------------------------------------------------------------------------------- */
+
+typedef struct filler {
+    uint64_t seed;
+    cudaStream_t stream;
+} filler;
+
+/* Uniform in [-bound, bound]; each tensor from its own stream of the seed. */
+static sf_status fill(filler *f, sf_bf16 *x, int64_t n, float lo, float hi) {
+    f->seed += 0x9E3779B97F4A7C15ull;
+    return sf_cuda_fill_uniform_bf16(x, n, f->seed, lo, hi, f->stream);
+}
+
+#define FILL(x, n, lo, hi)                                         \
+    do {                                                           \
+        sf_status st_ = fill(&f, (x), (int64_t)(n), (lo), (hi));   \
+        if (st_ != SF_OK) return st_;                              \
+    } while (0)
+
+sf_status sf_cuda_weights_random(sf_cuda_engine *e, uint64_t seed) {
+    filler f = {seed, e->stream};
+    const sf_llm_config *c = &e->cfg;
+    const int64_t d = e->d, ff = e->ff, q = e->q_dim;
+    /* nn.Linear's default init bound 1/sqrt(in_features); norms near 1 */
+    const float bd = 1.0f / sqrtf((float)d), bq = 1.0f / sqrtf((float)q);
+    const float bff = 1.0f / sqrtf((float)ff);
+    FILL(e->embed, (int64_t)c->vocab_size * d, -1.0f, 1.0f);
+    FILL(e->final_norm, d, 0.9f, 1.1f);
+    if (!c->tie_word_embeddings) FILL(e->lm_head, (int64_t)c->vocab_size * d, -bd, bd);
+    for (int l = 0; l < c->num_layers; l++) {
+        sf_cuda_llm_layer *L = &e->layers[l];
+        FILL(L->attn_norm, d, 0.9f, 1.1f);
+        FILL(L->w_qkv, e->qkv_dim * d, -bd, bd);
+        if (L->b_qkv) FILL(L->b_qkv, e->qkv_dim, -bd, bd);
+        FILL(L->w_o, d * q, -bq, bq);
+        if (L->b_o) FILL(L->b_o, d, -bq, bq);
+        FILL(L->mlp_norm, d, 0.9f, 1.1f);
+        FILL(L->w_gate_up, 2 * ff * d, -bd, bd);
+        FILL(L->w_down, d * ff, -bff, bff);
+    }
+    if (e->has_sysformer) {
+        const int64_t sff = e->sys_ff;
+        const float bs = 1.0f / sqrtf((float)sff);
+        for (int l = 0; l < e->sys_cfg.num_layers; l++) {
+            sf_cuda_sys_layer *S = &e->sys_layers[l];
+            FILL(S->sa_in_w, 3 * d * d, -bd, bd);
+            FILL(S->sa_in_b, 3 * d, -bd, bd);
+            FILL(S->sa_out_w, d * d, -bd, bd);
+            FILL(S->sa_out_b, d, -bd, bd);
+            FILL(S->ca_in_w, 3 * d * d, -bd, bd);
+            FILL(S->ca_in_b, 3 * d, -bd, bd);
+            FILL(S->ca_out_w, d * d, -bd, bd);
+            FILL(S->ca_out_b, d, -bd, bd);
+            FILL(S->l1_w, sff * d, -bd, bd);
+            FILL(S->l1_b, sff, -bd, bd);
+            FILL(S->l2_w, d * sff, -bs, bs);
+            FILL(S->l2_b, d, -bs, bs);
+            for (int k = 0; k < 3; k++) {
+                FILL(S->norm_w[k], d, 0.9f, 1.1f);
+                FILL(S->norm_b[k], d, -0.1f, 0.1f);
+            }
+        }
+        if (e->sys_final_w) {
+            FILL(e->sys_final_w, d, 0.9f, 1.1f);
+            FILL(e->sys_final_b, d, -0.1f, 0.1f);
+        }
+    }
+    return SF_OK;
+}
