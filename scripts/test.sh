@@ -34,5 +34,9 @@ cmake -S tests/consumer -B "$root/consumer" -DCMAKE_PREFIX_PATH="$PWD/$root/inst
 cmake --build "$root/consumer"
 "$root/sysformer" random-model --out "$root/consumer/model" >/dev/null
 "$root/consumer/consumer" "$root/consumer/model"
+# The serving-stack example (built when the install has CUDA; without a GPU it says so).
+if [[ -x "$root/consumer/serving_example" ]]; then
+    "$root/consumer/serving_example" "$root/consumer/serving_model"
+fi
 
 echo "== all test stages passed"

@@ -44,6 +44,34 @@ expect 2 "forward --sysformer without --spans" -- "$cli" forward --model "$m" --
 expect 1 "forward, spans not adding up" -- "$cli" forward --model "$m" --sysformer "$tmp/sf2" \
     --tokens 1,2,3 --spans 1,1,1,1,1
 
+# --device. forward stays on the CPU unless asked, so --device cpu must print what it always did
+# (all but the timing line). A usable GPU means CUDA built in and a device present; the CLI's own
+# `version` says both, which nvidia-smi alone would not for a build without CUDA.
+"$cli" forward --model "$m" --tokens 1,2,3 --tokens 4 --top 3 2>/dev/null | grep -v "prefill of" >"$tmp/fw_default"
+"$cli" forward --model "$m" --tokens 1,2,3 --tokens 4 --top 3 --device cpu 2>/dev/null |
+    grep -v "prefill of" >"$tmp/fw_cpu"
+if [[ -s $tmp/fw_cpu ]] && cmp -s "$tmp/fw_default" "$tmp/fw_cpu"; then
+    echo "ok: forward --device cpu prints what forward prints"
+else
+    echo "FAIL: forward --device cpu differs from forward"; fails=$((fails + 1))
+fi
+expect 2 "forward --device bogus" -- "$cli" forward --model "$m" --tokens 1 --device bogus
+grep -q "cpu or cuda" "$tmp/out" || { echo "FAIL: --device usage message"; fails=$((fails + 1)); }
+expect 2 "generate --device bogus" -- "$cli" generate --model "$m" --prompt hi --device tpu
+grep -q "cpu or cuda" "$tmp/out" || { echo "FAIL: --device usage message"; fails=$((fails + 1)); }
+expect 2 "chat --device bogus" -- "$cli" chat --model "$m" --device gpu
+gpu=0
+"$cli" version | grep -q "CUDA built, [1-9]" && gpu=1
+if [[ $gpu -eq 0 ]]; then
+    # Refused before the model loads, with the reason ("built without CUDA" or "no CUDA
+    # device"), exit 1, no crash.
+    for c in "generate --prompt hi" "chat" "forward --tokens 1,2"; do
+        expect 1 "${c%% *} --device cuda without a GPU" -- "$cli" $c --model "$m" --device cuda
+        grep -q -e "without CUDA" -e "no CUDA device" "$tmp/out" ||
+            { echo "FAIL: ${c%% *} --device cuda message"; fails=$((fails + 1)); }
+    done
+fi
+
 # Text in, text out on the real model when it has been fetched (weights/fetch_smollm2.sh).
 here=$(cd "$(dirname "$0")/.." && pwd)
 g=${SF_SMOLLM2_GGUF:-$here/weights/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
@@ -65,6 +93,41 @@ if [[ -f $g ]]; then
     grep -q "chatml" "$tmp/out" || { echo "FAIL: template hint"; fails=$((fails + 1)); }
     printf 'not json\n' >"$tmp/bad.jsonl"
     expect 2 "generate, malformed JSONL" -- "$cli" generate --model "$g" --input "$tmp/bad.jsonl" --output "$tmp/x.jsonl"
+    # --device cpu is the CPU path as it always was: without a GPU the default is the CPU, and
+    # the reply must be byte for byte the same.
+    q="What is the capital of France?"
+    "$cli" generate --model "$g" --prompt "$q" --max-new-tokens 16 --device cpu >"$tmp/cpu.txt" 2>/dev/null
+    grep -q "Paris" "$tmp/cpu.txt" || { echo "FAIL: --device cpu: no Paris"; fails=$((fails + 1)); }
+    if [[ $gpu -eq 0 ]]; then
+        "$cli" generate --model "$g" --prompt "$q" --max-new-tokens 16 >"$tmp/default.txt" 2>/dev/null
+        if cmp -s "$tmp/cpu.txt" "$tmp/default.txt"; then
+            echo "ok: generate --device cpu prints the default (CPU) reply"
+        else
+            echo "FAIL: generate --device cpu differs from the default"; fails=$((fails + 1))
+        fi
+    else
+        # On a GPU only "it runs and replies" is checked here: bf16 weights against the CPU's
+        # fp32 may legitimately flip a near-tie argmax, so the tokens need not match the CPU's
+        # (the engine tests compare logits with tolerances instead).
+        expect 0 "generate --device cuda" -- "$cli" generate --model "$g" --prompt "$q" \
+            --max-new-tokens 8 --device cuda
+        grep -q "device: cuda" "$tmp/out" || { echo "FAIL: no device line"; fails=$((fails + 1)); }
+        "$cli" generate --model "$g" --prompt "$q" --max-new-tokens 8 --device cuda \
+            >"$tmp/cuda.txt" 2>/dev/null
+        [[ $(tr -d '[:space:]' <"$tmp/cuda.txt" | wc -c) -gt 0 ]] ||
+            { echo "FAIL: generate --device cuda printed no reply"; fails=$((fails + 1)); }
+        expect 0 "generate --device cuda --sysformer" -- "$cli" generate --model "$g" \
+            --sysformer "$tmp/sfg" --system "Be brief." --prompt "$q" --max-new-tokens 8 --device cuda
+        expect 0 "generate --device cuda --input JSONL" -- "$cli" generate --model "$g" \
+            --input "$tmp/in.jsonl" --output "$tmp/cuda.jsonl" --max-new-tokens 8 \
+            --temperature 0.7 --top-p 0.9 --seed 1 --device cuda
+        [[ $(grep -c '"response"' "$tmp/cuda.jsonl") -eq 2 ]] ||
+            { echo "FAIL: JSONL output on cuda"; cat "$tmp/cuda.jsonl"; fails=$((fails + 1)); }
+        expect 0 "chat --device cuda (piped)" -- bash -c "printf 'Hello\nWhat is 2+2?\n' | '$cli' chat --model '$g' --max-new-tokens 8 --device cuda"
+        expect 0 "forward --device cuda" -- "$cli" forward --model "$g" --tokens 1,2,3 --tokens 4 \
+            --device cuda
+        grep -q "request 1 (1 tokens)" "$tmp/out" || { echo "FAIL: forward cuda output"; fails=$((fails + 1)); }
+    fi
 else
     echo "skipped: generate/chat on SmolLM2 (run weights/fetch_smollm2.sh)"
 fi

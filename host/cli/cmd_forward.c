@@ -13,23 +13,91 @@ static void forward_usage(FILE *out) {
     fprintf(out,
             "usage: sysformer forward --model DIR --tokens IDS [--spans P,S,M,U,X]\n"
             "                         [--tokens IDS [--spans ...] ...] [--sysformer DIR] [--top K]\n"
+            "                         [--device cpu|cuda]\n"
             "\n"
             "Runs each --tokens list (comma-separated token ids, one request each) through the\n"
-            "model as one packed batch on the CPU reference path, and prints the K most likely\n"
-            "next tokens of every request with their probabilities.\n"
+            "model as one packed batch, on the CPU reference path unless --device cuda says\n"
+            "otherwise, and prints the K most likely next tokens of every request with their\n"
+            "probabilities.\n"
             "\n"
             "  --model DIR      Hugging Face model directory (config.json + *.safetensors)\n"
             "  --tokens IDS     token ids of one request, e.g. 1,15,2; repeat for a batch\n"
             "  --spans LENS     the request's span lengths prefix,system,middle,user,suffix\n"
             "                   (they must add up to its token count); needed with --sysformer\n"
             "  --sysformer DIR  guard the prompts: rewrite each system span with this Sysformer\n"
-            "  --top K          how many next tokens to print (default 5)\n");
+            "  --top K          how many next tokens to print (default 5)\n"
+            "  --device D       cpu (default: the fp32 reference) or cuda (the bf16 engine)\n");
 }
 
 static double now_seconds(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* Whether --device cuda can run here; prints why not. */
+static bool cuda_usable(void) {
+    if (!sf_cuda_built()) {
+        fprintf(stderr, "sysformer forward: --device cuda: this sysformer was built without CUDA "
+                        "(use --device cpu, or rebuild where nvcc is found)\n");
+        return false;
+    }
+    int count = 0;
+    const sf_status st = sf_cuda_device_count(&count);
+    if (st != SF_OK) {
+        cli_report("looking for a CUDA device", st);
+        return false;
+    }
+    if (count < 1) {
+        fprintf(stderr,
+                "sysformer forward: --device cuda: no CUDA device found (use --device cpu)\n");
+        return false;
+    }
+    return true;
+}
+
+/* The same prefill on the CUDA engine: one step with no sampling, then the last rows' logits.
+ * The engine is sized for exactly this batch. */
+static sf_status forward_cuda(const sf_llm *llm, const sf_sysformer *sf, int32_t n_req,
+                              const int32_t *cu, const int32_t *ids, const sf_prompt_spans *spans,
+                              float *logits, double *seconds) {
+    const int32_t max_pos = sf_llm_get_config(llm)->max_position_embeddings;
+    const int32_t ctx = max_pos < 4096 ? max_pos : 4096; /* the engine's default max_context */
+    sf_cuda_engine_options opts = sf_cuda_engine_default_options();
+    opts.max_slots = n_req;
+    opts.max_context = 0;
+    /* A guarded step lays the Sysformer's rows out padded: n_req x the longest span. */
+    int32_t need = cu[n_req];
+    for (int32_t r = 0; sf && r < n_req; r++) {
+        if (n_req * spans[r].system > need) need = n_req * spans[r].system;
+        if (n_req * spans[r].user > need) need = n_req * spans[r].user;
+    }
+    opts.max_batch_tokens = need > ctx ? need : 0;
+    sf_cuda_engine *engine = NULL;
+    sf_status st = sf_cuda_engine_create(llm, sf, &opts, &engine);
+    sf_cuda_memory mem;
+    if (st == SF_OK) st = sf_cuda_engine_memory(engine, &mem);
+    if (st == SF_OK) {
+        const double mib = 1024.0 * 1024.0;
+        fprintf(stderr, "device: cuda %d; engine: weights %.1f MiB, KV cache %.1f MiB, "
+                        "activations %.1f MiB\n", opts.device, (double)mem.weights / mib,
+                (double)mem.kv_cache / mib, (double)mem.activations / mib);
+    }
+    int32_t slots[MAX_REQUESTS];
+    for (int32_t r = 0; r < n_req; r++) slots[r] = r;
+    const sf_cuda_step step = {
+        .n_requests = n_req,
+        .slots = slots,
+        .cu_seqlens = cu,
+        .token_ids = ids,
+        .spans = sf ? spans : NULL,
+    };
+    const double t0 = now_seconds();
+    if (st == SF_OK) st = sf_cuda_engine_step(engine, &step);
+    if (st == SF_OK) st = sf_cuda_engine_read_logits(engine, logits, n_req);
+    *seconds = now_seconds() - t0;
+    sf_cuda_engine_free(engine);
+    return st;
 }
 
 /* Prints the top k entries of one row of logits as probabilities (softmax in double). */
@@ -57,6 +125,7 @@ int cmd_forward(int argc, char **argv) {
     const char *token_lists[MAX_REQUESTS];
     const char *span_lists[MAX_REQUESTS] = {NULL};
     int n_req = 0, top = 5;
+    bool cuda = false;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
@@ -82,6 +151,13 @@ int cmd_forward(int argc, char **argv) {
             span_lists[n_req - 1] = argv[++i];
         } else if (!strcmp(a, "--sysformer")) {
             sysformer_dir = argv[++i];
+        } else if (!strcmp(a, "--device")) {
+            const char *v = argv[++i];
+            if (strcmp(v, "cpu") != 0 && strcmp(v, "cuda") != 0) {
+                fprintf(stderr, "sysformer forward: --device is cpu or cuda, not '%s'\n", v);
+                return 2;
+            }
+            cuda = !strcmp(v, "cuda");
         } else if (!strcmp(a, "--top")) {
             top = atoi(argv[++i]);
             if (top < 1) {
@@ -99,6 +175,7 @@ int cmd_forward(int argc, char **argv) {
         forward_usage(stderr);
         return 2;
     }
+    if (cuda && !cuda_usable()) return 1;
 
     /* Pack the requests back to back. */
     int32_t cu[MAX_REQUESTS + 1] = {0};
@@ -182,21 +259,24 @@ int cmd_forward(int argc, char **argv) {
     };
     int rc = 0;
     t0 = now_seconds();
+    double dt = 0.0;
     if (!logits) {
         st = SF_ERR_OUT_OF_MEMORY;
+    } else if (cuda) {
+        st = forward_cuda(llm, sf, n_req, cu, ids, spans, logits, &dt);
     } else if (sf) {
         sf_guarded_batch gb = {n_req, cu, ids, spans, NULL, n_req, last_rows};
         st = sf_guarded_forward_cpu(llm, sf, &gb, logits);
     } else {
         st = sf_llm_forward_cpu(llm, &batch, logits);
     }
-    const double dt = now_seconds() - t0;
+    if (!cuda) dt = now_seconds() - t0;
     if (st != SF_OK) {
         rc = cli_report("forward", st);
     } else {
-        printf("%sprefill of %d tokens in %d request%s: %.3f s (%.1f tokens/s, CPU)\n",
+        printf("%sprefill of %d tokens in %d request%s: %.3f s (%.1f tokens/s, %s)\n",
                sf ? "guarded " : "", cu[n_req], n_req, n_req == 1 ? "" : "s", dt,
-               cu[n_req] / (dt > 0 ? dt : 1e-9));
+               cu[n_req] / (dt > 0 ? dt : 1e-9), cuda ? "CUDA" : "CPU");
         for (int r = 0; r < n_req; r++) {
             printf("request %d (%d tokens), next token:\n", r, cu[r + 1] - cu[r]);
             print_top(logits + (size_t)r * (size_t)cfg->vocab_size, cfg->vocab_size, top);

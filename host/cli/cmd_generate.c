@@ -11,6 +11,8 @@
 
 static const char k_default_system[] = "You are a helpful assistant.";
 
+typedef enum device { DEVICE_DEFAULT, DEVICE_CPU, DEVICE_CUDA } device;
+
 /* Everything a generate or chat session loads once. */
 typedef struct session {
     sf_llm *llm;
@@ -24,6 +26,10 @@ typedef struct session {
     int32_t n_stop_ids;
     const char *stops[16];
     int32_t n_stops;
+    device dev;               /* DEVICE_CPU or DEVICE_CUDA once the session is open */
+    sf_cuda_engine *engine;   /* with DEVICE_CUDA, created by session_engine */
+    int32_t engine_slots;     /* the requests it holds at once */
+    int32_t engine_tokens;    /* the packed prompt tokens one prefill step may carry */
 } session;
 
 typedef struct options {
@@ -33,6 +39,7 @@ typedef struct options {
     sf_sampling sampling;
     const char *stops[16];
     int32_t n_stops;
+    device dev;
 } options;
 
 static void usage(FILE *out, const char *cmd) {
@@ -59,7 +66,9 @@ static void usage(FILE *out, const char *cmd) {
             "  --temperature T       0 (default) is greedy\n"
             "  --top-k K, --top-p P  sampling filters (default off)\n"
             "  --seed S              sampling seed (default 0)\n"
-            "  --stop TEXT           stop when the reply ends with TEXT (repeatable)\n",
+            "  --stop TEXT           stop when the reply ends with TEXT (repeatable)\n"
+            "  --device cpu|cuda     where to run (default: cuda when this build has CUDA\n"
+            "                        support and a GPU is present, else cpu)\n",
             k_default_system);
     if (!chat) {
         fprintf(out,
@@ -100,7 +109,15 @@ static int parse_options(int argc, char **argv, const char *cmd, options *o) {
         else if (!strcmp(a, "--top-k")) o->sampling.top_k = (int32_t)strtol(v, &end, 10);
         else if (!strcmp(a, "--top-p")) o->sampling.top_p = strtof(v, &end);
         else if (!strcmp(a, "--seed")) o->sampling.seed = strtoull(v, &end, 10);
-        else if (!strcmp(a, "--stop")) {
+        else if (!strcmp(a, "--device")) {
+            if (!strcmp(v, "cpu")) o->dev = DEVICE_CPU;
+            else if (!strcmp(v, "cuda")) o->dev = DEVICE_CUDA;
+            else {
+                fprintf(stderr, "sysformer %s: --device is cpu or cuda, not '%s' (see --help)\n",
+                        cmd, v);
+                return 2;
+            }
+        } else if (!strcmp(a, "--stop")) {
             if (o->n_stops == 16) {
                 fprintf(stderr, "sysformer %s: at most 16 --stop strings\n", cmd);
                 return 2;
@@ -128,13 +145,42 @@ static int parse_options(int argc, char **argv, const char *cmd, options *o) {
 }
 
 static void session_free(session *s) {
+    sf_cuda_engine_free(s->engine);
     sf_sysformer_free(s->sf);
     sf_tokenizer_free(s->tok);
     sf_llm_free(s->llm);
 }
 
+/* Settles --device before anything loads. An explicit cuda must be usable; the default takes
+ * cuda only when it is, so a machine without a GPU keeps the CPU path it always had. */
+static int resolve_device(const char *cmd, device asked, device *out) {
+    *out = DEVICE_CPU;
+    if (asked == DEVICE_CPU) return 0;
+    int count = 0;
+    const sf_status st = sf_cuda_built() ? sf_cuda_device_count(&count) : SF_OK;
+    if (asked == DEVICE_DEFAULT) {
+        if (st == SF_OK && count > 0) *out = DEVICE_CUDA;
+        return 0;
+    }
+    if (!sf_cuda_built()) {
+        fprintf(stderr, "sysformer %s: --device cuda: this sysformer was built without CUDA "
+                        "(use --device cpu, or rebuild where nvcc is found)\n", cmd);
+        return 1;
+    }
+    if (st != SF_OK) return cli_report("looking for a CUDA device", st);
+    if (count < 1) {
+        fprintf(stderr, "sysformer %s: --device cuda: no CUDA device found (use --device cpu)\n",
+                cmd);
+        return 1;
+    }
+    *out = DEVICE_CUDA;
+    return 0;
+}
+
 static int session_open(const options *o, const char *cmd, session *s) {
     memset(s, 0, sizeof *s);
+    int rc = resolve_device(cmd, o->dev, &s->dev);
+    if (rc) return rc;
     fprintf(stderr, "loading %s ...\n", o->model);
     sf_status st = sf_llm_load(o->model, &s->llm);
     if (st != SF_OK) return cli_report("loading the model", st);
@@ -181,6 +227,37 @@ static int session_open(const options *o, const char *cmd, session *s) {
     return 0;
 }
 
+/* Makes sure the CUDA engine holds a batch of `slots` prompts with `tokens` packed prompt tokens
+ * in all. It is created for the first batch and re-created (the weights uploaded again) only when
+ * a later batch needs more, which a JSONL run of long prompts can. */
+static sf_status session_engine(session *s, int32_t slots, int32_t tokens) {
+    if (s->engine && slots <= s->engine_slots && tokens <= s->engine_tokens) return SF_OK;
+    /* The engine's default max_context, which is also its default max_batch_tokens. */
+    const int32_t max_pos = sf_llm_get_config(s->llm)->max_position_embeddings;
+    const int32_t ctx = max_pos < 4096 ? max_pos : 4096;
+    if (slots < s->engine_slots) slots = s->engine_slots;
+    if (tokens < s->engine_tokens) tokens = s->engine_tokens;
+    sf_cuda_engine_options opts = sf_cuda_engine_default_options();
+    opts.max_slots = slots < 1 ? 1 : slots;
+    opts.max_context = 0;
+    opts.max_batch_tokens = tokens > ctx ? tokens : 0;
+    sf_cuda_engine_free(s->engine);
+    s->engine = NULL;
+    sf_status st = sf_cuda_engine_create(s->llm, s->sf, &opts, &s->engine);
+    if (st != SF_OK) return st;
+    s->engine_slots = opts.max_slots;
+    s->engine_tokens = tokens > ctx ? tokens : ctx;
+    sf_cuda_memory mem;
+    st = sf_cuda_engine_memory(s->engine, &mem);
+    if (st != SF_OK) return st;
+    const double mib = 1024.0 * 1024.0;
+    fprintf(stderr, "device: cuda %d; engine for %d request%s: weights %.1f MiB, KV cache %.1f "
+                    "MiB, activations %.1f MiB\n", opts.device, opts.max_slots,
+            opts.max_slots == 1 ? "" : "s", (double)mem.weights / mib,
+            (double)mem.kv_cache / mib, (double)mem.activations / mib);
+    return SF_OK;
+}
+
 static bool stream_to_stdout(void *user, int32_t request, int32_t token, const char *text,
                              size_t len) {
     (void)user;
@@ -215,11 +292,26 @@ static sf_status generate_batch(session *s, int32_t n, const char *const *system
         }
         if (st == SF_OK) cu[r + 1] = cu[r] + len;
     }
+    if (st == SF_OK && s->dev == DEVICE_CUDA) {
+        /* A guarded step lays the Sysformer's rows out padded, n x the longest system (and
+         * user) span, in the same activation rows as the packed prompts. */
+        int32_t need = cu[n];
+        for (int32_t r = 0; s->sf && r < n; r++) {
+            if (n * spans[r].system > need) need = n * spans[r].system;
+            if (n * spans[r].user > need) need = n * spans[r].user;
+        }
+        st = session_engine(s, n, need);
+    }
     if (st == SF_OK) {
         sf_generation g = {n, cu, ids, spans, s->max_new_tokens, s->sampling, s->stop_ids,
                            s->n_stop_ids, s->stops, s->n_stops};
-        st = sf_generate_cpu(s->llm, s->sf, s->tok, &g, stream ? stream_to_stdout : NULL, NULL,
-                             results);
+        if (s->dev == DEVICE_CUDA) {
+            st = sf_generate_cuda(s->engine, s->tok, &g, stream ? stream_to_stdout : NULL, NULL,
+                                  results);
+        } else {
+            st = sf_generate_cpu(s->llm, s->sf, s->tok, &g, stream ? stream_to_stdout : NULL,
+                                 NULL, results);
+        }
     }
     free(ids);
     free(cu);
@@ -290,6 +382,11 @@ static int run_jsonl(session *s, const options *o) {
     }
     const int total = (int)json_array_size(rows);
     long tokens = 0;
+    /* Size the engine before the progress bar starts, so that its line does not break the bar. */
+    if (!rc && total > 0 && s->dev == DEVICE_CUDA) {
+        sf_status st = session_engine(s, total < o->batch ? total : o->batch, 0);
+        if (st != SF_OK) rc = cli_report("creating the CUDA engine", st);
+    }
     const double t0 = now_seconds();
     if (!rc) progress(0, total, 0, 0.0);
     for (int i = 0; !rc && i < total; i += o->batch) {
@@ -352,16 +449,18 @@ int cmd_generate(int argc, char **argv) {
     } else {
         const char *systems[1] = {s.system}, *users[1] = {o.prompt};
         sf_generation_result res;
+        /* The weights' upload is not part of the tokens/s. */
+        sf_status st = s.dev == DEVICE_CUDA ? session_engine(&s, 1, 0) : SF_OK;
         const double t0 = now_seconds();
-        sf_status st = generate_batch(&s, 1, systems, NULL, 0, users, true, &res);
+        if (st == SF_OK) st = generate_batch(&s, 1, systems, NULL, 0, users, true, &res);
         if (st != SF_OK) {
             rc = cli_report("generate", st);
         } else {
             const double dt = now_seconds() - t0;
             printf("\n");
-            fprintf(stderr, "[%d tokens, %s, %.1f tokens/s%s]\n", res.n_tokens,
+            fprintf(stderr, "[%d tokens, %s, %.1f tokens/s%s%s]\n", res.n_tokens,
                     finish_name(res.finish), dt > 0 ? res.n_tokens / dt : 0.0,
-                    s.sf ? ", guarded" : "");
+                    s.sf ? ", guarded" : "", s.dev == DEVICE_CUDA ? ", cuda" : "");
             sf_generation_result_free(&res);
         }
     }
@@ -376,6 +475,15 @@ int cmd_chat(int argc, char **argv) {
     session s;
     rc = session_open(&o, "chat", &s);
     if (rc) return rc;
+    /* The engine outlives the conversation: create it once, before the first message. */
+    if (s.dev == DEVICE_CUDA) {
+        sf_status st = session_engine(&s, 1, 0);
+        if (st != SF_OK) {
+            rc = cli_report("creating the CUDA engine", st);
+            session_free(&s);
+            return rc;
+        }
+    }
     enum { MAX_TURNS = 64 };
     sf_chat_turn turns[MAX_TURNS];
     int n_turns = 0;

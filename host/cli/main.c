@@ -19,6 +19,8 @@ static void usage(FILE *out) {
             "  random-model   write a small random Llama model (the embedded default)\n"
             "  version        print the library version\n"
             "\n"
+            "generate and chat run on the GPU when this build has CUDA support and a GPU is\n"
+            "present, else on the CPU; --device cpu|cuda chooses (forward: cpu unless asked).\n"
             "Run 'sysformer <command> --help' for a command's options.\n");
 }
 
