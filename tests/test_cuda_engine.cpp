@@ -1,0 +1,1364 @@
+// The CUDA engine (host/cuda/*) end to end against the CPU reference path: guarded prefill,
+// the device-side guarded embedding for serving stacks, decode over the KV slots, CUDA-graph
+// replay, generation, hostile arguments, the memory report and stage timing. Every test but
+// CudaEngineArgs.* skips without a GPU (bench/device_check.sh runs them on a lent one);
+// CudaEngineArgs.CreateWithoutAGpuReportsNoDevice runs only without one.
+//
+// Models: the golden configurations of tests/golden/llm rebuilt at head_dim 64 (the fused
+// attention has 64, 80, 96 and 128 only; see engine_test_util.h for what each one covers), each
+// with an "open" Sysformer (every branch non-zero, weights scaled like nn.Linear's), and
+// SmolLM2-135M-Instruct when weights/smollm2/ holds it.
+//
+// Tolerance, derived once for every GPU-vs-CPU comparison of logits.
+//   The engine stores weights and activations in bf16 and accumulates in fp32; the CPU path is
+//   fp32 throughout, so its own error (~1e-6, see test_llm_golden.cpp) is negligible here.
+//   Rounding to bf16 moves a value by at most u = 2^-9 of itself (8 significant bits). In the
+//   standard first-order model every rounding injects a relative perturbation <= u into the
+//   vector it rounds, and what reaches the residual stream adds up over the sub-layers.
+//   One residual sub-layer (x += f(norm(x))) rounds: the norm output, the first GEMM's weights
+//   and output, the inner op's output (RoPE / attention, or the activation product), the second
+//   GEMM's weights and output, and the residual add: seven roundings, but only the residual add
+//   acts on the whole stream; the other six act on the branch, whose norm is at most about the
+//   stream's for these models (weights with std 1/sqrt(fan_in), norm weights near 1) and whose
+//   six errors are independent, so they add like sqrt(6) ~ 2.5 of them rather than 6. We count
+//   3u per sub-layer (one for the residual add, two for the branch, a bound that is not tight
+//   when the roundings are independent and that also absorbs the attention softmax's mild
+//   amplification of score errors, |scores| = O(1) here).
+//   An LLM layer has two sub-layers (attention, MLP): 6u per layer. A Sysformer layer has three
+//   (self-attention, cross-attention, feed-forward): 9u per layer; its error reaches the logits
+//   only through the system rows, so counting all of it is conservative. Plus the embedding
+//   table's rounding (1u, which S, P and the LLM's other rows all carry) and the head: the
+//   final RMSNorm's output and the LM head's weights (2u; the logits are fp32, not rounded).
+//   Growth across layers is taken as additive: RMSNorm re-scales, it does not amplify.
+//       logits, normwise relative:  b = u (6 L + 9 L_s + 3)
+//   e.g. 2 LLM layers + 2 Sysformer layers: 33u = 0.064; SmolLM2 (30 + 2): 201u = 0.39.
+//   S' alone (sf_cuda_guarded_embed), per request over its system rows: b_s = u (9 L_s + 1).
+//   For scale, measured on the CPU: rounding only the weights to bf16 moves these models'
+//   logits by 1.4-3.8u (SmolLM2: 1-2u), while leaving the Sysformer out moves the tiny models'
+//   logits by 0.09-0.38 on the requests whose last row can see the system span (and a wrong
+//   window alone moved the golden Mistral's by 0.9, see test_llm_golden.cpp).
+//   Two bf16 paths (decode over the cache vs a fresh prefill, whose GEMMs have other row counts
+//   and may get other cuBLASLt algorithms) are each within b of the same fp32 truth: 2b apart.
+//
+// Argmax. |g_i - c_i| <= ||g - c||_2 <= b ||c||_2 for every entry, so where the CPU's top-2
+//   margin exceeds 2 b ||c||_2 the GPU must pick the same token: required. Within that the two
+//   may differ without a bug, so nothing is required there. The device's greedy pick must be
+//   exactly the first maximum of the logits it kept (sf_cuda_engine_read_logits): required.
+//
+// Determinism. Graph replay runs the same kernels with the same arguments as the eager path,
+//   on the same shapes (so cuBLASLt's per-shape algorithm cache gives the same algorithm), with
+//   no atomics in the reductions: its logits must equal the eager engine's bit for bit. The
+//   same holds for repeating a step on the same engine (used to show that refused steps left
+//   nothing behind).
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+#include <string.h>
+
+#include <algorithm>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "cuda_test_util.h"
+#include "engine_test_util.h"
+#include "sysformer.h"
+
+namespace {
+
+using namespace sf_engine_test;
+
+// The bounds derived above.
+double logit_bound(int llm_layers, int sys_layers) {
+    return kUbf16 * (6.0 * llm_layers + 9.0 * sys_layers + 3.0);
+}
+double splice_bound(int sys_layers) { return kUbf16 * (9.0 * sys_layers + 1.0); }
+
+const sf_sampling kGreedy = {0.0f, 0, 1.0f, 0};
+
+struct EngineFree {
+    void operator()(sf_cuda_engine *e) const { sf_cuda_engine_free(e); }
+};
+using EnginePtr = std::unique_ptr<sf_cuda_engine, EngineFree>;
+
+sf_cuda_engine_options options(int32_t max_slots, int32_t max_context = 0,
+                               int32_t max_batch_tokens = 0, bool graphs = true) {
+    sf_cuda_engine_options o = sf_cuda_engine_default_options();
+    o.max_slots = max_slots;
+    o.max_context = max_context;
+    o.max_batch_tokens = max_batch_tokens;
+    o.cuda_graphs = graphs;
+    return o;
+}
+
+EnginePtr make_engine(const sf_llm *llm, const sf_sysformer *sf, const sf_cuda_engine_options &o) {
+    sf_cuda_engine *e = nullptr;
+    const sf_status st = sf_cuda_engine_create(llm, sf, &o, &e);
+    EXPECT_EQ(st, SF_OK) << sf_status_string(st) << ": " << sf_last_error();
+    return EnginePtr(st == SF_OK ? e : nullptr);
+}
+
+// What a step left: logits [n, vocab] and the n sampled tokens.
+struct StepOut {
+    std::vector<float> logits;
+    std::vector<int32_t> tokens;
+    const float *row(int32_t i, int64_t vocab) const { return logits.data() + (size_t)i * vocab; }
+};
+
+::testing::AssertionResult read_step(sf_cuda_engine *e, int32_t n, int64_t vocab, StepOut *out) {
+    out->logits.assign((size_t)n * vocab, NAN);
+    out->tokens.assign((size_t)n, -1);
+    sf_status st = sf_cuda_engine_read_logits(e, out->logits.data(), n);
+    if (st != SF_OK) {
+        return ::testing::AssertionFailure()
+               << "read_logits: " << sf_status_string(st) << ": " << sf_last_error();
+    }
+    st = sf_cuda_engine_read_tokens(e, out->tokens.data(), n);
+    if (st != SF_OK) {
+        return ::testing::AssertionFailure()
+               << "read_tokens: " << sf_status_string(st) << ": " << sf_last_error();
+    }
+    return ::testing::AssertionSuccess();
+}
+
+// A prefill step over p's requests on the given slots (guarded: with p's spans), greedy; reads
+// logits and tokens into out unless out is NULL.
+::testing::AssertionResult prefill(sf_cuda_engine *e, const Prompts &p,
+                                   const std::vector<int32_t> &slots, bool guarded, int64_t vocab,
+                                   StepOut *out) {
+    sf_cuda_step s = {};
+    s.n_requests = p.n();
+    s.slots = slots.data();
+    s.cu_seqlens = p.cu.data();
+    s.token_ids = p.ids.data();
+    s.spans = guarded ? p.spans.data() : nullptr;
+    s.sampling = &kGreedy;
+    const sf_status st = sf_cuda_engine_step(e, &s);
+    if (st != SF_OK) {
+        return ::testing::AssertionFailure()
+               << "prefill step: " << sf_status_string(st) << ": " << sf_last_error();
+    }
+    return out ? read_step(e, p.n(), vocab, out) : ::testing::AssertionSuccess();
+}
+
+// A greedy decode step on the given slots.
+::testing::AssertionResult decode(sf_cuda_engine *e, const std::vector<int32_t> &slots,
+                                  int64_t vocab, StepOut *out) {
+    sf_cuda_step s = {};
+    s.n_requests = (int32_t)slots.size();
+    s.slots = slots.data();
+    s.sampling = &kGreedy;
+    const sf_status st = sf_cuda_engine_step(e, &s);
+    if (st != SF_OK) {
+        return ::testing::AssertionFailure()
+               << "decode step: " << sf_status_string(st) << ": " << sf_last_error();
+    }
+    return out ? read_step(e, (int32_t)slots.size(), vocab, out) : ::testing::AssertionSuccess();
+}
+
+// One row of GPU logits against the CPU's: finite, within the normwise bound, the same argmax
+// where the CPU's margin is beyond the bound's reach, and the device's greedy pick = argmax(gpu).
+void expect_logits_close(const float *gpu, const float *cpu, int64_t vocab, double bound,
+                         const std::string &what, const int32_t *sampled = nullptr) {
+    ASSERT_TRUE(all_finite(gpu, vocab)) << what << ": NaN or inf in the GPU logits";
+    const double rel = rel_error(gpu, cpu, (size_t)vocab);
+    EXPECT_LE(rel, bound) << what << ": normwise relative error " << rel << ", bound " << bound;
+    const Top2 c = top2(cpu, vocab), g = top2(gpu, vocab);
+    if (c.margin > 2.0 * bound * norm2(cpu, vocab)) {
+        EXPECT_EQ(g.id, c.id) << what << ": argmax differs though the CPU's margin " << c.margin
+                              << " exceeds 2 b ||c|| = " << 2.0 * bound * norm2(cpu, vocab);
+    }
+    if (sampled) {
+        EXPECT_EQ(*sampled, g.id) << what << ": the greedy pick is not the first maximum of the "
+                                    "logits the engine kept";
+    }
+    if (getenv("SF_TEST_VERBOSE")) printf("  %-40s rel %.2e (bound %.2e)\n", what.c_str(), rel, bound);
+}
+
+// CPU KV caches, freed on scope exit.
+struct CpuCaches {
+    std::vector<sf_kv_cache *> kv;
+    CpuCaches(const sf_llm *llm, int n, int32_t capacity) : kv((size_t)n, nullptr) {
+        for (auto &c : kv) EXPECT_EQ(sf_kv_cache_create(llm, capacity, &c), SF_OK) << sf_last_error();
+    }
+    ~CpuCaches() {
+        for (auto *c : kv) sf_kv_cache_free(c);
+    }
+};
+
+// One CPU step over some requests' caches: n_i new tokens each (packed), logits of each
+// request's last new row.
+std::vector<float> cpu_step(const sf_llm *llm, const std::vector<sf_kv_cache *> &kv,
+                            const std::vector<int32_t> &cu, const std::vector<int32_t> &ids) {
+    const int64_t vocab = sf_llm_get_config(llm)->vocab_size;
+    const int32_t n = (int32_t)kv.size();
+    std::vector<int32_t> rows((size_t)n);
+    for (int32_t r = 0; r < n; r++) rows[r] = cu[r + 1] - 1;
+    sf_batch b = {n, cu.data(), ids.data(), nullptr, kv.data(), n, rows.data()};
+    std::vector<float> out((size_t)n * vocab, NAN);
+    EXPECT_EQ(sf_llm_forward_cpu(llm, &b, out.data()), SF_OK) << sf_last_error();
+    return out;
+}
+
+void free_results(std::vector<sf_generation_result> *res) {
+    for (auto &r : *res) sf_generation_result_free(&r);
+}
+
+struct StreamLog {
+    std::vector<std::vector<int32_t>> tokens;
+};
+bool record_stream(void *user, int32_t request, int32_t token, const char *, size_t) {
+    auto *log = static_cast<StreamLog *>(user);
+    if (request >= 0 && (size_t)request < log->tokens.size()) log->tokens[request].push_back(token);
+    return true;
+}
+
+// sf_generate_cuda against sf_generate_cpu, greedy, max_new tokens per request, on slots 0..n-1.
+//  1. Both finish every request by length; the stream callback saw exactly the GPU's tokens.
+//  2. Replaying the same steps by hand (prefill + decodes, reading every step's logits d_j)
+//     gives the same tokens bit for bit (same engine, same computation), and each token is the
+//     first maximum of d_j.
+//  3. d_j is within the bound of the CPU's logits c_j for the same prefix (the CPU's guarded
+//     prefill and decode steps, fed the GPU's tokens).
+//  4. The CPU's and the GPU's sequences agree token by token until the first position where
+//     the CPU's top-2 margin is within 2 max|d_j - c_j| (plus 2e-4 max|c_j|, room for fp32
+//     summation-order differences between that replay and sf_generate_cpu's own steps): past
+//     such a near-tie they may part without a bug. Given 2-3 this cannot flake; it fails when
+//     the generation loop or the sampler picks anything but the argmax of what it computed.
+void check_generate(const sf_llm *llm, const sf_sysformer *sf, const sf_tokenizer *tok,
+                    sf_cuda_engine *e, const Prompts &p, int32_t max_new, double bound) {
+    const int64_t vocab = sf_llm_get_config(llm)->vocab_size;
+    const int32_t n = p.n();
+    sf_generation g = {};
+    g.n_requests = n;
+    g.cu_seqlens = p.cu.data();
+    g.token_ids = p.ids.data();
+    g.spans = p.spans.data();
+    g.max_new_tokens = max_new;
+    g.sampling = kGreedy;
+
+    std::vector<sf_generation_result> gpu((size_t)n), cpu((size_t)n);
+    StreamLog log;
+    log.tokens.resize((size_t)n);
+    ASSERT_EQ(sf_generate_cuda(e, tok, &g, record_stream, &log, gpu.data()), SF_OK)
+        << sf_last_error();
+    const sf_status cst = sf_generate_cpu(llm, sf, tok, &g, nullptr, nullptr, cpu.data());
+    if (cst != SF_OK) free_results(&gpu);
+    ASSERT_EQ(cst, SF_OK) << sf_last_error();
+    struct Free {
+        std::vector<sf_generation_result> *a, *b;
+        ~Free() {
+            free_results(a);
+            free_results(b);
+        }
+    } free_all{&gpu, &cpu};
+
+    for (int32_t r = 0; r < n; r++) {
+        ASSERT_EQ(gpu[r].n_tokens, max_new) << "request " << r;
+        ASSERT_EQ(cpu[r].n_tokens, max_new) << "request " << r;
+        EXPECT_EQ(gpu[r].finish, SF_FINISH_LENGTH) << "request " << r;
+        EXPECT_EQ(log.tokens[r], std::vector<int32_t>(gpu[r].tokens, gpu[r].tokens + max_new))
+            << "request " << r << ": the stream callback saw other tokens";
+        EXPECT_EQ(gpu[r].text != nullptr, tok != nullptr) << "request " << r;
+    }
+
+    // 2. The same steps by hand.
+    std::vector<int32_t> slots((size_t)n);
+    for (int32_t r = 0; r < n; r++) {
+        slots[r] = r;
+        ASSERT_EQ(sf_cuda_engine_reset_slot(e, r), SF_OK) << sf_last_error();
+    }
+    std::vector<StepOut> d((size_t)max_new);
+    ASSERT_TRUE(prefill(e, p, slots, sf != nullptr, vocab, &d[0]));
+    for (int32_t j = 1; j < max_new; j++) ASSERT_TRUE(decode(e, slots, vocab, &d[j]));
+    for (int32_t r = 0; r < n; r++) {
+        for (int32_t j = 0; j < max_new; j++) {
+            EXPECT_EQ(d[j].tokens[r], gpu[r].tokens[j]) << "request " << r << " token " << j
+                                                        << ": the replayed steps differ";
+            EXPECT_EQ(d[j].tokens[r], top2(d[j].row(r, vocab), vocab).id)
+                << "request " << r << " token " << j << ": not the greedy pick";
+        }
+    }
+
+    // 3. The CPU's logits for the same prefixes, computed the way generation computes them: a
+    // guarded prefill into caches, then decode steps fed the GPU's tokens. (Not one prefill of
+    // the whole sequence: with longrope a request that crosses original_max while decoding
+    // keeps short-factor keys in its cache, and a fresh prefill would not.)
+    int32_t capacity = 0;
+    for (int32_t r = 0; r < n; r++) capacity = std::max(capacity, p.len(r) + max_new);
+    CpuCaches caches(llm, n, capacity);
+    std::vector<std::vector<float>> c((size_t)max_new);
+    {
+        const std::vector<int32_t> rows = last_rows(p);
+        sf_guarded_batch gb = {n, p.cu.data(), p.ids.data(), p.spans.data(), caches.kv.data(), n,
+                               rows.data()};
+        c[0].assign((size_t)n * vocab, NAN);
+        ASSERT_EQ(sf_guarded_forward_cpu(llm, sf, &gb, c[0].data()), SF_OK) << sf_last_error();
+        std::vector<int32_t> cu((size_t)n + 1);
+        for (int32_t r = 0; r <= n; r++) cu[r] = r;
+        for (int32_t j = 1; j < max_new; j++) {
+            std::vector<int32_t> fed((size_t)n);
+            for (int32_t r = 0; r < n; r++) fed[r] = gpu[r].tokens[j - 1];
+            c[j] = cpu_step(llm, caches.kv, cu, fed);
+        }
+    }
+    for (int32_t r = 0; r < n; r++) {
+        for (int32_t j = 0; j < max_new; j++) {
+            expect_logits_close(d[j].row(r, vocab), c[j].data() + (size_t)r * vocab, vocab, bound,
+                                "request " + std::to_string(r) + " token " + std::to_string(j));
+        }
+    }
+
+    // 4. CPU and GPU sequences up to the first near-tie.
+    for (int32_t r = 0; r < n; r++) {
+        int32_t decisive = 0;
+        for (int32_t j = 0; j < max_new; j++) {
+            const float *cj = c[j].data() + (size_t)r * vocab;
+            const float *dj = d[j].row(r, vocab);
+            double max_c = 0;
+            for (int64_t i = 0; i < vocab; i++) max_c = std::max(max_c, std::fabs((double)cj[i]));
+            const double tol = 2.0 * max_abs_diff(dj, cj, vocab) + 2e-4 * max_c;
+            if (!(top2(cj, vocab).margin > tol)) break;
+            EXPECT_EQ(gpu[r].tokens[j], cpu[r].tokens[j])
+                << "request " << r << " token " << j << ": CPU margin " << top2(cj, vocab).margin
+                << " > " << tol;
+            if (gpu[r].tokens[j] != cpu[r].tokens[j]) break;
+            decisive++;
+        }
+        ::testing::Test::RecordProperty("decisive_tokens_request_" + std::to_string(r), decisive);
+        if (decisive == max_new && tok) {
+            EXPECT_STREQ(gpu[r].text, cpu[r].text) << "request " << r;
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// No GPU needed
+// ------------------------------------------------------------------------------------------
+
+// Argument checks that come before any device call, so they answer the same with or without a
+// GPU.
+TEST(CudaEngineArgs, RefusesBadArgumentsBeforeTouchingTheDevice) {
+    ASSERT_TRUE(sf_cuda_built());
+    const sf_cuda_engine_options d = sf_cuda_engine_default_options();
+    EXPECT_EQ(d.device, 0);
+    EXPECT_EQ(d.max_slots, 8);
+    EXPECT_EQ(d.max_context, 0);
+    EXPECT_EQ(d.max_batch_tokens, 0);
+    EXPECT_TRUE(d.cuda_graphs);
+
+    TempDir dir;
+    ASSERT_TRUE(write_llm_variant("llama_gqa_llama3", dir.path(), 17));
+    sf_llm *llm = nullptr;
+    ASSERT_EQ(sf_llm_load(dir.path().c_str(), &llm), SF_OK) << sf_last_error();
+    std::unique_ptr<sf_llm, void (*)(sf_llm *)> llm_guard(llm, sf_llm_free);
+
+    sf_cuda_engine *e = nullptr;
+    EXPECT_EQ(sf_cuda_engine_create(nullptr, nullptr, &d, &e), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(e, nullptr);
+    EXPECT_EQ(sf_cuda_engine_create(llm, nullptr, &d, nullptr), SF_ERR_INVALID_ARGUMENT);
+    const sf_llm_config *cfg = sf_llm_get_config(llm);
+    EXPECT_EQ(sf_cuda_engine_create_random(nullptr, nullptr, 1, &d, &e), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(e, nullptr);
+    EXPECT_EQ(sf_cuda_engine_create_random(cfg, nullptr, 1, &d, nullptr), SF_ERR_INVALID_ARGUMENT);
+
+    sf_cuda_step step = {};
+    int32_t slot = 0, tok = 0;
+    float logit = 0;
+    step.n_requests = 1;
+    step.slots = &slot;
+    EXPECT_EQ(sf_cuda_engine_step(nullptr, &step), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cuda_engine_read_tokens(nullptr, &tok, 1), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cuda_engine_read_logits(nullptr, &logit, 1), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cuda_engine_reset_slot(nullptr, 0), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cuda_engine_set_timing(nullptr, true), SF_ERR_INVALID_ARGUMENT);
+    sf_cuda_stage_times times;
+    EXPECT_EQ(sf_cuda_engine_stage_times(nullptr, &times), SF_ERR_INVALID_ARGUMENT);
+    sf_cuda_memory mem;
+    EXPECT_EQ(sf_cuda_engine_memory(nullptr, &mem), SF_ERR_INVALID_ARGUMENT);
+    sf_cuda_engine_free(nullptr);  // a no-op
+
+    int32_t cu[2] = {0, 1}, ids[1] = {5};
+    sf_generation g = {};
+    g.n_requests = 1;
+    g.cu_seqlens = cu;
+    g.token_ids = ids;
+    g.max_new_tokens = 1;
+    sf_generation_result res;
+    EXPECT_EQ(sf_generate_cuda(nullptr, nullptr, &g, nullptr, nullptr, &res),
+              SF_ERR_INVALID_ARGUMENT);
+    int err = 0;
+    uint16_t out[64];
+    EXPECT_EQ(sf_cuda_guarded_embed(nullptr, 1, 1, cu, ids, nullptr, 0, 0, out, &err, nullptr),
+              SF_ERR_INVALID_ARGUMENT);
+}
+
+// Without a GPU a well-formed create reports the missing device with the status sysformer.h
+// defines for it (SF_ERR_NO_DEVICE: "CUDA support not built in, or no usable GPU present") and
+// hands back nothing. Runs only where there is no GPU (CI).
+TEST(CudaEngineArgs, CreateWithoutAGpuReportsNoDevice) {
+    int count = 0;
+    ASSERT_EQ(sf_cuda_device_count(&count), SF_OK);
+    if (count > 0) GTEST_SKIP() << "a GPU is present";
+    TempDir dir;
+    ASSERT_TRUE(write_llm_variant("llama_gqa_llama3", dir.path(), 17));
+    sf_llm *llm = nullptr;
+    ASSERT_EQ(sf_llm_load(dir.path().c_str(), &llm), SF_OK) << sf_last_error();
+    std::unique_ptr<sf_llm, void (*)(sf_llm *)> llm_guard(llm, sf_llm_free);
+    const sf_cuda_engine_options d = sf_cuda_engine_default_options();
+    sf_cuda_engine *e = nullptr;
+    EXPECT_EQ(sf_cuda_engine_create(llm, nullptr, &d, &e), SF_ERR_NO_DEVICE) << sf_last_error();
+    EXPECT_EQ(e, nullptr);
+    EXPECT_EQ(sf_cuda_engine_create_random(sf_llm_get_config(llm), nullptr, 1, &d, &e),
+              SF_ERR_NO_DEVICE)
+        << sf_last_error();
+    EXPECT_EQ(e, nullptr);
+}
+
+// ------------------------------------------------------------------------------------------
+// The golden configurations at head_dim 64, each with an open Sysformer
+// ------------------------------------------------------------------------------------------
+
+class CudaEngineVariant : public ::testing::TestWithParam<std::string> {
+  protected:
+    void SetUp() override {
+        if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+        ASSERT_TRUE(write_llm_variant(GetParam(), dir_.path(), 17));
+        ASSERT_EQ(sf_llm_load(dir_.path().c_str(), &llm_), SF_OK) << sf_last_error();
+        ASSERT_TRUE(make_open_sysformer(llm_, 5, &sf_));
+        cfg_ = sf_llm_get_config(llm_);
+        vocab_ = cfg_->vocab_size;
+        L_ = cfg_->num_layers;
+        Ls_ = sf_sysformer_get_config(sf_)->num_layers;
+    }
+    void TearDown() override {
+        sf_sysformer_free(sf_);
+        sf_llm_free(llm_);
+    }
+
+    // Four requests of 15, 16, 29 and 12 tokens (72 in all): system spans of 5, 1, 12 and 0
+    // rows (the last has nothing to rewrite), user spans of 2, 7, 9 and 4. With longrope's
+    // original_max 16 the first two stay on the short factors (16 is not > 16), the third
+    // is long; with the window of 8 the longer requests lose their first keys.
+    static Prompts four_prompts(uint64_t seed) {
+        return tiny_prompts({{5, 2}, {1, 7}, {12, 9}, {0, 4}}, seed);
+    }
+
+    TempDir dir_;
+    sf_llm *llm_ = nullptr;
+    sf_sysformer *sf_ = nullptr;
+    const sf_llm_config *cfg_ = nullptr;
+    int64_t vocab_ = 0;
+    int L_ = 0, Ls_ = 0;
+};
+
+// 1. A packed guarded prefill (four requests on scattered slots) against sf_guarded_forward_cpu;
+// then the same prompts unguarded (spans NULL) against the plain model.
+TEST_P(CudaEngineVariant, GuardedPrefillMatchesCpu) {
+    EnginePtr e = make_engine(llm_, sf_, options(4));
+    ASSERT_TRUE(e);
+    const Prompts p = four_prompts(3);
+    const std::vector<int32_t> slots = {1, 3, 0, 2};
+    for (int32_t s = 0; s < 4; s++) EXPECT_EQ(sf_cuda_engine_slot_length(e.get(), s), 0);
+
+    StepOut out;
+    ASSERT_TRUE(prefill(e.get(), p, slots, true, vocab_, &out));
+    const double b = logit_bound(L_, Ls_);
+    const std::vector<float> cpu = cpu_guarded_logits(llm_, sf_, p, last_rows(p));
+    for (int32_t r = 0; r < p.n(); r++) {
+        expect_logits_close(out.row(r, vocab_), cpu.data() + (size_t)r * vocab_, vocab_, b,
+                            "guarded request " + std::to_string(r), &out.tokens[r]);
+        EXPECT_EQ(sf_cuda_engine_slot_length(e.get(), slots[r]), p.len(r)) << "request " << r;
+    }
+
+    for (int32_t s = 0; s < 4; s++) {
+        ASSERT_EQ(sf_cuda_engine_reset_slot(e.get(), s), SF_OK) << sf_last_error();
+        EXPECT_EQ(sf_cuda_engine_slot_length(e.get(), s), 0);
+    }
+    ASSERT_TRUE(prefill(e.get(), p, slots, false, vocab_, &out));
+    const std::vector<float> plain = cpu_guarded_logits(llm_, nullptr, p, last_rows(p));
+    for (int32_t r = 0; r < p.n(); r++) {
+        expect_logits_close(out.row(r, vocab_), plain.data() + (size_t)r * vocab_, vocab_,
+                            logit_bound(L_, 0), "unguarded request " + std::to_string(r),
+                            &out.tokens[r]);
+    }
+}
+
+// 2. sf_cuda_guarded_embed on caller-owned device buffers and the caller's stream, against
+// sf_guarded_embed_cpu; then hostile device inputs, which are counted in d_errors, not faulted.
+TEST_P(CudaEngineVariant, GuardedEmbedMatchesCpuAndCountsBadInputs) {
+    EnginePtr e = make_engine(llm_, sf_, options(4));  // max_batch_tokens = max_context = 128
+    ASSERT_TRUE(e);
+    const int64_t d = cfg_->hidden_size;
+    const Prompts p = four_prompts(4);
+    const int32_t n = p.n(), total = p.total();
+
+    // A step first, to show afterwards that the embed left the engine as it was.
+    StepOut ref;
+    ASSERT_TRUE(prefill(e.get(), p, {0, 1, 2, 3}, true, vocab_, &ref));
+
+    cudaStream_t stream = nullptr;
+    ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+    std::unique_ptr<CUstream_st, cudaError_t (*)(cudaStream_t)> stream_guard(stream,
+                                                                            cudaStreamDestroy);
+    auto flat = [](const std::vector<sf_prompt_spans> &spans) {
+        std::vector<int32_t> v;
+        for (const auto &s : spans) v.insert(v.end(), {s.prefix, s.system, s.middle, s.user, s.suffix});
+        return v;
+    };
+    static_assert(sizeof(sf_prompt_spans) == 5 * sizeof(int32_t), "spans are five int32");
+
+    // --- Valid batch.
+    DeviceBuffer<int32_t> d_cu(p.cu), d_ids(p.ids), d_spans(flat(p.spans));
+    DeviceBuffer<uint16_t> d_out((size_t)total * d);  // NaN-poisoned: unwritten rows show
+    DeviceBuffer<int> d_err(1);
+    ASSERT_TRUE(d_cu.get() && d_ids.get() && d_spans.get() && d_out.get() && d_err.get());
+    ASSERT_EQ(cudaMemset(d_err.get(), 0, sizeof(int)), cudaSuccess);
+    int32_t max_system = 0, max_user = 0;
+    for (const auto &s : p.spans) {
+        max_system = std::max(max_system, s.system);
+        max_user = std::max(max_user, s.user);
+    }
+    ASSERT_EQ(sf_cuda_guarded_embed(e.get(), n, total, d_cu.get(), d_ids.get(),
+                                    (const sf_prompt_spans *)d_spans.get(), max_system, max_user,
+                                    d_out.get(), d_err.get(), stream),
+              SF_OK)
+        << sf_last_error();
+    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    EXPECT_EQ(d_err.host()[0], 0);
+
+    std::vector<float> want((size_t)total * d);
+    sf_guarded_batch gb = {n, p.cu.data(), p.ids.data(), p.spans.data(), nullptr, 0, nullptr};
+    ASSERT_EQ(sf_guarded_embed_cpu(llm_, sf_, &gb, want.data()), SF_OK) << sf_last_error();
+    std::vector<float> plain((size_t)total * d);
+    ASSERT_EQ(sf_llm_embed(llm_, p.ids.data(), total, plain.data()), SF_OK);
+    const std::vector<uint16_t> got = d_out.host();
+    const double bs = splice_bound(Ls_);
+    for (int32_t r = 0; r < n; r++) {
+        const sf_prompt_spans &s = p.spans[r];
+        const int32_t sys0 = p.cu[r] + s.prefix, sys1 = sys0 + s.system;
+        // Rows outside the system span are E[token] rounded once (to nearest even).
+        int64_t mismatches = 0;
+        for (int32_t row = p.cu[r]; row < p.cu[r + 1]; row++) {
+            if (row >= sys0 && row < sys1) continue;
+            for (int64_t k = 0; k < d; k++)
+                mismatches += got[(size_t)row * d + k] != to_bf16(want[(size_t)row * d + k]);
+        }
+        EXPECT_EQ(mismatches, 0) << "request " << r << ": rows outside the system span";
+        if (s.system == 0) continue;
+        const size_t off = (size_t)sys0 * d, len = (size_t)s.system * d;
+        std::vector<float> g(len);
+        for (size_t k = 0; k < len; k++) g[k] = from_bf16(got[off + k]);
+        ASSERT_TRUE(all_finite(g.data(), (int64_t)len)) << "request " << r;
+        const double rel = rel_error(g.data(), want.data() + off, len);
+        EXPECT_LE(rel, bs) << "request " << r << ": S' normwise relative error, bound " << bs;
+        // The test has teeth: the Sysformer moves S far beyond the bound.
+        EXPECT_GT(rel_error(plain.data() + off, want.data() + off, len), 10 * bs) << "request " << r;
+    }
+
+    // --- Hostile device inputs. Request 0: valid. Request 1: valid spans, but its last token
+    // (in the suffix) is outside the vocabulary: that row is zeros, counted once. Request 2:
+    // spans that do not add up (suffix one too long), and a first token of -1: both counted,
+    // and the request's rows are plain E[token] (zeros for the bad id). Request 3: request 2's
+    // valid layout, but its system span (12) exceeds max_system (7): counted, rows plain.
+    // d_errors = 1 + 2 + 1 = 4.
+    Prompts h;
+    std::vector<int32_t> t1 = p.request(1), t2 = p.request(2);
+    h.add(p.request(0), p.spans[0]);
+    t1.back() = (int32_t)vocab_;
+    h.add(t1, p.spans[1]);
+    sf_prompt_spans bad = p.spans[2];
+    bad.suffix += 1;
+    t2[0] = -1;
+    h.add(t2, bad);
+    h.add(p.request(2), p.spans[2]);
+    const int32_t h_max_system = 7, h_max_user = 9;
+    DeviceBuffer<int32_t> h_cu(h.cu), h_ids(h.ids), h_spans(flat(h.spans));
+    DeviceBuffer<uint16_t> h_out((size_t)h.total() * d);
+    ASSERT_TRUE(h_cu.get() && h_ids.get() && h_spans.get() && h_out.get());
+    ASSERT_EQ(cudaMemset(d_err.get(), 0, sizeof(int)), cudaSuccess);
+    ASSERT_EQ(sf_cuda_guarded_embed(e.get(), h.n(), h.total(), h_cu.get(), h_ids.get(),
+                                    (const sf_prompt_spans *)h_spans.get(), h_max_system,
+                                    h_max_user, h_out.get(), d_err.get(), stream),
+              SF_OK)
+        << sf_last_error();
+    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess) << "the hostile batch faulted";
+    ASSERT_EQ(cudaGetLastError(), cudaSuccess);
+    EXPECT_EQ(d_err.host()[0], 4);
+    const std::vector<uint16_t> hg = h_out.host();
+    for (int32_t r = 0; r < h.n(); r++) {
+        const bool rewritten = r < 2;  // requests 0 and 1 are valid
+        const sf_prompt_spans &s = h.spans[r];
+        const int32_t sys0 = h.cu[r] + s.prefix, sys1 = sys0 + s.system;
+        int64_t mismatches = 0;
+        for (int32_t row = h.cu[r]; row < h.cu[r + 1]; row++) {
+            if (rewritten && row >= sys0 && row < sys1) continue;
+            const int32_t id = h.ids[row];
+            std::vector<float> e_row((size_t)d, 0.0f);
+            if (id >= 0 && id < vocab_) {
+                ASSERT_EQ(sf_llm_embed(llm_, &id, 1, e_row.data()), SF_OK);
+            }
+            for (int64_t k = 0; k < d; k++)
+                mismatches += hg[(size_t)row * d + k] != to_bf16(e_row[(size_t)k]);
+        }
+        EXPECT_EQ(mismatches, 0) << "hostile request " << r << ": plain rows";
+        if (!rewritten) continue;
+        // The valid requests' S' is what the valid batch's CPU reference gave (their system
+        // and user rows are requests 0 and 1 of p).
+        const size_t len = (size_t)s.system * d, off_h = (size_t)sys0 * d;
+        const size_t off_p = (size_t)(p.cu[r] + p.spans[r].prefix) * d;
+        std::vector<float> g(len);
+        for (size_t k = 0; k < len; k++) g[k] = from_bf16(hg[off_h + k]);
+        EXPECT_LE(rel_error(g.data(), want.data() + off_p, len), bs) << "hostile request " << r;
+    }
+
+    // --- Host-side refusals: nothing is enqueued and d_errors is untouched. The header names
+    // the checks but not their status; the step's own checks use SF_ERR_OUT_OF_RANGE for sizes.
+    auto is_refusal = [](sf_status st) {
+        return st == SF_ERR_OUT_OF_RANGE || st == SF_ERR_INVALID_ARGUMENT;
+    };
+    EXPECT_PRED1(is_refusal, sf_cuda_guarded_embed(e.get(), 5, total, d_cu.get(), d_ids.get(),
+                                                   (const sf_prompt_spans *)d_spans.get(), 12, 9,
+                                                   d_out.get(), d_err.get(), stream))
+        << "more requests than max_slots (4)";
+    EXPECT_PRED1(is_refusal, sf_cuda_guarded_embed(e.get(), n, 129, d_cu.get(), d_ids.get(),
+                                                   (const sf_prompt_spans *)d_spans.get(), 12, 9,
+                                                   d_out.get(), d_err.get(), stream))
+        << "more tokens than max_batch_tokens (128)";
+    EXPECT_PRED1(is_refusal, sf_cuda_guarded_embed(e.get(), n, total, d_cu.get(), d_ids.get(),
+                                                   (const sf_prompt_spans *)d_spans.get(), 33, 9,
+                                                   d_out.get(), d_err.get(), stream))
+        << "max_system x n_requests = 132 > max_batch_tokens";
+    EXPECT_PRED1(is_refusal, sf_cuda_guarded_embed(e.get(), n, total, d_cu.get(), d_ids.get(),
+                                                   (const sf_prompt_spans *)d_spans.get(), 12, 33,
+                                                   d_out.get(), d_err.get(), stream))
+        << "max_user x n_requests = 132 > max_batch_tokens";
+    EXPECT_EQ(sf_cuda_guarded_embed(e.get(), n, total, d_cu.get(), d_ids.get(),
+                                    (const sf_prompt_spans *)d_spans.get(), 12, 9, nullptr,
+                                    d_err.get(), stream),
+              SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cuda_guarded_embed(e.get(), n, total, nullptr, d_ids.get(),
+                                    (const sf_prompt_spans *)d_spans.get(), 12, 9, d_out.get(),
+                                    d_err.get(), stream),
+              SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cuda_guarded_embed(e.get(), -1, total, d_cu.get(), d_ids.get(),
+                                    (const sf_prompt_spans *)d_spans.get(), 12, 9, d_out.get(),
+                                    d_err.get(), stream),
+              SF_ERR_INVALID_ARGUMENT);
+    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    EXPECT_EQ(d_err.host()[0], 4);
+
+    // The engine's own steps are unaffected.
+    for (int32_t s = 0; s < 4; s++) ASSERT_EQ(sf_cuda_engine_reset_slot(e.get(), s), SF_OK);
+    StepOut again;
+    ASSERT_TRUE(prefill(e.get(), p, {0, 1, 2, 3}, true, vocab_, &again));
+    EXPECT_EQ(again.tokens, ref.tokens);
+    EXPECT_EQ(0, memcmp(again.logits.data(), ref.logits.data(), ref.logits.size() * sizeof(float)))
+        << "a repeated step after sf_cuda_guarded_embed differs";
+}
+
+// 3. Decode over the KV slots, with requests joining, pausing and changing order between
+// steps, against the CPU's decode over its caches (fed the tokens the GPU sampled) after every
+// step, and the final logits against a fresh prefill of each whole sequence in other slots.
+TEST_P(CudaEngineVariant, DecodeWithTheKvCacheMatchesRecomputation) {
+    EnginePtr e = make_engine(llm_, sf_, options(6));
+    ASSERT_TRUE(e);
+    const Prompts p = tiny_prompts({{5, 2}, {1, 7}, {12, 9}}, 11);  // 15, 16, 29 tokens
+    const std::vector<int32_t> slot_of = {3, 0, 2};
+    const double b = logit_bound(L_, Ls_);
+
+    StepOut pre;
+    ASSERT_TRUE(prefill(e.get(), p, slot_of, true, vocab_, &pre));
+    CpuCaches cpu(llm_, 3, 128);
+    const std::vector<int32_t> rows = last_rows(p);
+    sf_guarded_batch gb = {3, p.cu.data(), p.ids.data(), p.spans.data(), cpu.kv.data(), 3,
+                           rows.data()};
+    std::vector<float> cl((size_t)3 * vocab_);
+    ASSERT_EQ(sf_guarded_forward_cpu(llm_, sf_, &gb, cl.data()), SF_OK) << sf_last_error();
+    std::vector<std::vector<int32_t>> sampled(3), fed(3);
+    std::vector<std::vector<float>> last(3);
+    for (int32_t r = 0; r < 3; r++) {
+        expect_logits_close(pre.row(r, vocab_), cl.data() + (size_t)r * vocab_, vocab_, b,
+                            "prefill request " + std::to_string(r), &pre.tokens[r]);
+        sampled[r].push_back(pre.tokens[r]);
+        last[r].assign(pre.row(r, vocab_), pre.row(r, vocab_) + vocab_);
+    }
+
+    // Batch sizes 3, 2, 1 and 3 again in another order; request 1 sits out steps 3-4.
+    const std::vector<std::vector<int32_t>> schedule = {{0, 1, 2}, {0, 1, 2}, {0, 1, 2}, {2, 0},
+                                                        {2, 0},    {1},       {1, 2, 0}};
+    for (size_t k = 0; k < schedule.size(); k++) {
+        const std::vector<int32_t> &reqs = schedule[k];
+        const int32_t m = (int32_t)reqs.size();
+        std::vector<int32_t> slots, toks, cu = {0};
+        std::vector<sf_kv_cache *> kv;
+        for (int32_t r : reqs) {
+            slots.push_back(slot_of[r]);
+            toks.push_back(sampled[r].back());
+            cu.push_back(cu.back() + 1);
+            kv.push_back(cpu.kv[r]);
+        }
+        StepOut out;
+        ASSERT_TRUE(decode(e.get(), slots, vocab_, &out)) << "step " << k;
+        const std::vector<float> want = cpu_step(llm_, kv, cu, toks);
+        for (int32_t i = 0; i < m; i++) {
+            const int32_t r = reqs[i];
+            expect_logits_close(out.row(i, vocab_), want.data() + (size_t)i * vocab_, vocab_, b,
+                                "step " + std::to_string(k) + " request " + std::to_string(r),
+                                &out.tokens[i]);
+            fed[r].push_back(toks[i]);
+            sampled[r].push_back(out.tokens[i]);
+            last[r].assign(out.row(i, vocab_), out.row(i, vocab_) + vocab_);
+        }
+        for (int32_t r = 0; r < 3; r++) {
+            EXPECT_EQ(sf_cuda_engine_slot_length(e.get(), slot_of[r]),
+                      p.len(r) + (int32_t)fed[r].size())
+                << "step " << k << " request " << r;
+        }
+    }
+
+    // The whole sequences (prompt + fed tokens) as one fresh guarded prefill in slots 1, 4, 5.
+    const Prompts full = p.extended(fed);
+    StepOut re;
+    ASSERT_TRUE(prefill(e.get(), full, {1, 4, 5}, true, vocab_, &re));
+    const std::vector<float> cf = cpu_guarded_logits(llm_, sf_, full, last_rows(full));
+    const int32_t orig = cfg_->rope.original_max_position_embeddings;
+    for (int32_t r = 0; r < 3; r++) {
+        expect_logits_close(re.row(r, vocab_), cf.data() + (size_t)r * vocab_, vocab_, b,
+                            "recomputed request " + std::to_string(r), &re.tokens[r]);
+        // Longrope switches factors per call (transformers' rule, the CPU's and the engine's):
+        // a request that crossed original_max while decoding keeps short-factor keys in its
+        // cache, which a fresh prefill of the whole sequence does not have. Only those differ.
+        const bool crossed = cfg_->rope.type == SF_ROPE_LONGROPE && p.len(r) <= orig &&
+                             full.len(r) > orig;
+        if (crossed) continue;
+        const double rel = rel_error(last[r].data(), re.row(r, vocab_), (size_t)vocab_);
+        EXPECT_LE(rel, 2 * b) << "request " << r << ": decode vs recomputation";
+    }
+}
+
+// Chunked prefill: an unguarded prefill step appends several tokens to non-empty slots (queries
+// at positions > 0 against the cache), then one decode step; both against the CPU's caches.
+TEST_P(CudaEngineVariant, ChunkedPrefillContinuesTheSlots) {
+    EnginePtr e = make_engine(llm_, sf_, options(4));
+    ASSERT_TRUE(e);
+    const Prompts p = tiny_prompts({{5, 2}, {1, 7}, {12, 9}}, 12);
+    const std::vector<int32_t> slots = {2, 0, 1};
+    const double b = logit_bound(L_, Ls_);
+    StepOut pre;
+    ASSERT_TRUE(prefill(e.get(), p, slots, true, vocab_, &pre));
+    CpuCaches cpu(llm_, 3, 128);
+    const std::vector<int32_t> rows = last_rows(p);
+    sf_guarded_batch gb = {3, p.cu.data(), p.ids.data(), p.spans.data(), cpu.kv.data(), 3,
+                           rows.data()};
+    std::vector<float> cl((size_t)3 * vocab_);
+    ASSERT_EQ(sf_guarded_forward_cpu(llm_, sf_, &gb, cl.data()), SF_OK) << sf_last_error();
+
+    Prompts chunk;  // 3, 1 and 5 tokens; spans unused (unguarded)
+    Uniform rng(99);
+    for (int len : {3, 1, 5}) {
+        std::vector<int32_t> t;
+        for (int i = 0; i < len; i++) t.push_back(rng.below(3, 89));
+        chunk.add(t, sf_prompt_spans{0, 0, 0, 0, len});
+    }
+    StepOut out;
+    ASSERT_TRUE(prefill(e.get(), chunk, slots, false, vocab_, &out));
+    std::vector<float> want = cpu_step(llm_, cpu.kv, chunk.cu, chunk.ids);
+    for (int32_t r = 0; r < 3; r++) {
+        expect_logits_close(out.row(r, vocab_), want.data() + (size_t)r * vocab_, vocab_, b,
+                            "chunk request " + std::to_string(r), &out.tokens[r]);
+        EXPECT_EQ(sf_cuda_engine_slot_length(e.get(), slots[r]), p.len(r) + chunk.len(r));
+    }
+    StepOut dec;
+    ASSERT_TRUE(decode(e.get(), slots, vocab_, &dec));
+    want = cpu_step(llm_, cpu.kv, {0, 1, 2, 3}, out.tokens);
+    for (int32_t r = 0; r < 3; r++) {
+        expect_logits_close(dec.row(r, vocab_), want.data() + (size_t)r * vocab_, vocab_, b,
+                            "decode request " + std::to_string(r), &dec.tokens[r]);
+        EXPECT_EQ(sf_cuda_engine_slot_length(e.get(), slots[r]), p.len(r) + chunk.len(r) + 1);
+    }
+}
+
+// 4. Two engines from the same model, graphs on and off, the same steps: the same tokens and
+// bit-identical logits. The graph engine runs most decode steps back to back without reading
+// anything (the serving pattern); round 2 resets the slots and replays every captured graph
+// (batch sizes 3, 2, 1) on new prompts.
+TEST_P(CudaEngineVariant, GraphReplayEqualsEagerBitForBit) {
+    EnginePtr g = make_engine(llm_, sf_, options(6, 0, 0, true));
+    EnginePtr x = make_engine(llm_, sf_, options(6, 0, 0, false));
+    ASSERT_TRUE(g && x);
+    const std::vector<int32_t> slot_of = {3, 0, 2};
+    const std::vector<std::vector<int32_t>> schedule = {{0, 1, 2}, {0, 1, 2}, {0, 1, 2}, {2, 0},
+                                                        {2, 0},    {1},       {1, 2, 0}};
+    auto same = [&](const StepOut &a, const StepOut &c, const std::string &what) {
+        EXPECT_EQ(a.tokens, c.tokens) << what;
+        ASSERT_EQ(a.logits.size(), c.logits.size()) << what;
+        EXPECT_EQ(0, memcmp(a.logits.data(), c.logits.data(), a.logits.size() * sizeof(float)))
+            << what << ": logits differ (max |diff| "
+            << max_abs_diff(a.logits.data(), c.logits.data(), (int64_t)a.logits.size()) << ")";
+    };
+    for (int round = 0; round < 2; round++) {
+        if (round == 1) {
+            for (int32_t s : slot_of) {
+                ASSERT_EQ(sf_cuda_engine_reset_slot(g.get(), s), SF_OK);
+                ASSERT_EQ(sf_cuda_engine_reset_slot(x.get(), s), SF_OK);
+            }
+        }
+        const Prompts p = tiny_prompts({{5, 2}, {1, 7}, {12, 9}}, 30 + round);
+        StepOut pg, px;
+        ASSERT_TRUE(prefill(g.get(), p, slot_of, true, vocab_, &pg));
+        ASSERT_TRUE(prefill(x.get(), p, slot_of, true, vocab_, &px));
+        same(pg, px, "round " + std::to_string(round) + " prefill");
+        for (size_t k = 0; k < schedule.size(); k++) {
+            std::vector<int32_t> slots;
+            for (int32_t r : schedule[k]) slots.push_back(slot_of[r]);
+            const bool read = k == 0 || k == 3 || k == 5 || k + 1 == schedule.size();
+            StepOut og, ox;
+            ASSERT_TRUE(decode(x.get(), slots, vocab_, &ox));
+            ASSERT_TRUE(decode(g.get(), slots, vocab_, read ? &og : nullptr));
+            ASSERT_TRUE(all_finite(ox.logits.data(), (int64_t)ox.logits.size()));
+            if (read) same(og, ox, "round " + std::to_string(round) + " step " + std::to_string(k));
+        }
+        for (int32_t s : slot_of) {
+            EXPECT_EQ(sf_cuda_engine_slot_length(g.get(), s), sf_cuda_engine_slot_length(x.get(), s));
+        }
+    }
+}
+
+// 5. sf_generate_cuda against sf_generate_cpu (see check_generate).
+TEST_P(CudaEngineVariant, GenerateMatchesCpu) {
+    EnginePtr e = make_engine(llm_, sf_, options(4));
+    ASSERT_TRUE(e);
+    const Prompts p = tiny_prompts({{5, 2}, {1, 7}, {12, 9}}, 21);
+    check_generate(llm_, sf_, nullptr, e.get(), p, 8, logit_bound(L_, Ls_));
+}
+
+INSTANTIATE_TEST_SUITE_P(CudaEngine, CudaEngineVariant, ::testing::ValuesIn(variant_names()),
+                         [](const ::testing::TestParamInfo<std::string> &info) {
+                             return info.param;
+                         });
+
+// ------------------------------------------------------------------------------------------
+// One model for the hostile, memory and timing tests
+// ------------------------------------------------------------------------------------------
+
+class CudaEngineTiny : public ::testing::Test {
+  protected:
+    void SetUp() override {
+        if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+        ASSERT_TRUE(write_llm_variant("llama_gqa_llama3", dir_.path(), 17));
+        ASSERT_EQ(sf_llm_load(dir_.path().c_str(), &llm_), SF_OK) << sf_last_error();
+        ASSERT_TRUE(make_open_sysformer(llm_, 5, &sf_));
+        vocab_ = sf_llm_get_config(llm_)->vocab_size;
+    }
+    void TearDown() override {
+        sf_sysformer_free(sf_);
+        sf_llm_free(llm_);
+    }
+    TempDir dir_;
+    sf_llm *llm_ = nullptr;
+    sf_sysformer *sf_ = nullptr;
+    int64_t vocab_ = 0;
+};
+
+// 6. Every documented refusal of a step, with its exact status; a refused step changes no slot,
+// and afterwards the engine repeats an earlier step bit for bit. Engine: 4 slots, max_context
+// 64, max_batch_tokens 96 (more than max_context, so the two limits can be told apart).
+TEST_F(CudaEngineTiny, HostileStepsAreRefusedAndTheEngineStaysUsable) {
+    EnginePtr e = make_engine(llm_, sf_, options(4, 64, 96));
+    ASSERT_TRUE(e);
+    const Prompts ref_p = tiny_prompts({{5, 2}}, 41);  // 15 tokens
+    StepOut ref;
+    ASSERT_TRUE(prefill(e.get(), ref_p, {0}, true, vocab_, &ref));
+
+    std::vector<int32_t> expect_len = {15, 0, 0, 0};
+    auto lengths = [&]() {
+        std::vector<int32_t> v;
+        for (int32_t s = 0; s < 4; s++) v.push_back(sf_cuda_engine_slot_length(e.get(), s));
+        return v;
+    };
+    ASSERT_EQ(lengths(), expect_len);
+    auto check = [&](const char *what, sf_status got, sf_status want) {
+        EXPECT_EQ(got, want) << what << ": got " << sf_status_string(got) << " (" << sf_last_error()
+                             << ")";
+        EXPECT_EQ(lengths(), expect_len) << what << " changed a slot";
+    };
+    Uniform rng(77);
+    auto random_ids = [&](int n) {
+        std::vector<int32_t> v;
+        for (int i = 0; i < n; i++) v.push_back(rng.below(3, 89));
+        return v;
+    };
+    auto unguarded = [&](const std::vector<int32_t> &slots, const std::vector<int32_t> &cu,
+                         const std::vector<int32_t> &ids) {
+        sf_cuda_step s = {};
+        s.n_requests = (int32_t)slots.size();
+        s.slots = slots.data();
+        s.cu_seqlens = cu.data();
+        s.token_ids = ids.data();
+        s.sampling = &kGreedy;
+        return sf_cuda_engine_step(e.get(), &s);
+    };
+    auto guarded = [&](const std::vector<int32_t> &slots, const std::vector<int32_t> &cu,
+                       const std::vector<int32_t> &ids, const std::vector<sf_prompt_spans> &sp) {
+        sf_cuda_step s = {};
+        s.n_requests = (int32_t)slots.size();
+        s.slots = slots.data();
+        s.cu_seqlens = cu.data();
+        s.token_ids = ids.data();
+        s.spans = sp.data();
+        s.sampling = &kGreedy;
+        return sf_cuda_engine_step(e.get(), &s);
+    };
+    const std::vector<int32_t> ids15 = ref_p.ids;  // spans {3, 5, 2, 2, 3}
+    const sf_prompt_spans sp15 = ref_p.spans[0];
+
+    check("NULL step", sf_cuda_engine_step(e.get(), nullptr), SF_ERR_INVALID_ARGUMENT);
+    {
+        sf_cuda_step s = {};
+        int32_t slot = 1;
+        s.n_requests = -1;
+        s.slots = &slot;
+        s.sampling = &kGreedy;
+        check("n_requests = -1", sf_cuda_engine_step(e.get(), &s), SF_ERR_INVALID_ARGUMENT);
+        s.n_requests = 1;
+        s.slots = nullptr;
+        const int32_t cu[2] = {0, 15};
+        s.cu_seqlens = cu;
+        s.token_ids = ids15.data();
+        check("NULL slots", sf_cuda_engine_step(e.get(), &s), SF_ERR_INVALID_ARGUMENT);
+    }
+    check("an empty request in a prefill", unguarded({1, 2}, {0, 15, 15}, ids15),
+          SF_ERR_INVALID_ARGUMENT);
+    check("an empty request in a guarded prefill",
+          guarded({1, 2}, {0, 15, 15}, ids15, {sp15, sf_prompt_spans{0, 0, 0, 0, 0}}),
+          SF_ERR_INVALID_ARGUMENT);
+    check("decreasing cu_seqlens", unguarded({1, 2}, {0, 15, 10}, ids15), SF_ERR_INVALID_ARGUMENT);
+    {
+        sf_prompt_spans s = sp15;
+        s.suffix += 1;
+        check("spans that do not add up", guarded({1}, {0, 15}, ids15, {s}),
+              SF_ERR_INVALID_ARGUMENT);
+        s = sp15;
+        s.prefix -= 4;  // -1
+        s.suffix += 4;
+        check("a negative span", guarded({1}, {0, 15}, ids15, {s}), SF_ERR_INVALID_ARGUMENT);
+        s = sp15;
+        s.suffix += s.user;
+        s.user = 0;
+        check("a system span with an empty user span", guarded({1}, {0, 15}, ids15, {s}),
+              SF_ERR_INVALID_ARGUMENT);
+    }
+    check("5 requests, 4 slots", unguarded({1, 2, 3, 0, 1}, {0, 1, 2, 3, 4, 5}, {5, 6, 7, 8, 9}),
+          SF_ERR_OUT_OF_RANGE);
+    check("a repeated slot", unguarded({1, 1}, {0, 1, 2}, {5, 6}), SF_ERR_INVALID_ARGUMENT);
+    check("slot 4 of 4", unguarded({4}, {0, 1}, {5}), SF_ERR_INVALID_ARGUMENT);
+    check("slot -1", unguarded({-1}, {0, 1}, {5}), SF_ERR_INVALID_ARGUMENT);
+    check("a guarded prefill into a used slot", guarded({0}, {0, 15}, ids15, {sp15}),
+          SF_ERR_INVALID_ARGUMENT);
+    check("100 tokens > max_batch_tokens 96", unguarded({1, 2}, {0, 50, 100}, random_ids(100)),
+          SF_ERR_OUT_OF_RANGE);
+    check("a 65-token prompt > max_context 64", unguarded({1}, {0, 65}, random_ids(65)),
+          SF_ERR_OUT_OF_RANGE);
+    check("appending 50 to a slot of 15 > max_context", unguarded({0}, {0, 50}, random_ids(50)),
+          SF_ERR_OUT_OF_RANGE);
+    {
+        std::vector<int32_t> ids = random_ids(3);
+        ids[1] = (int32_t)vocab_;
+        check("an id = vocab", unguarded({1}, {0, 3}, ids), SF_ERR_INVALID_ARGUMENT);
+        ids[1] = -1;
+        check("an id = -1", unguarded({1}, {0, 3}, ids), SF_ERR_INVALID_ARGUMENT);
+        std::vector<sf_prompt_spans> sp = {sp15};
+        std::vector<int32_t> bad15 = ids15;
+        bad15[4] = (int32_t)vocab_;  // inside the system span
+        check("an id = vocab in a guarded prefill", guarded({1}, {0, 15}, bad15, sp),
+              SF_ERR_INVALID_ARGUMENT);
+    }
+    {
+        const sf_sampling hot = {1.0f, 0, 1.0f, 7};
+        const std::vector<int32_t> slots = {1}, cu = {0, 3}, ids = random_ids(3);
+        sf_cuda_step s = {};
+        s.n_requests = 1;
+        s.slots = slots.data();
+        s.cu_seqlens = cu.data();
+        s.token_ids = ids.data();
+        s.sampling = &hot;
+        s.uniforms = nullptr;
+        check("temperature sampling without uniforms", sf_cuda_engine_step(e.get(), &s),
+              SF_ERR_INVALID_ARGUMENT);
+    }
+    {
+        sf_cuda_step s = {};
+        const int32_t four[1] = {4}, zeros[2] = {0, 0};
+        s.n_requests = 1;
+        s.slots = four;
+        s.sampling = &kGreedy;
+        check("decode on slot 4", sf_cuda_engine_step(e.get(), &s), SF_ERR_INVALID_ARGUMENT);
+        s.n_requests = 2;
+        s.slots = zeros;
+        check("decode with a repeated slot", sf_cuda_engine_step(e.get(), &s),
+              SF_ERR_INVALID_ARGUMENT);
+    }
+
+    // A slot filled to max_context: the prefill is fine (64 <= 64), its decode is not.
+    StepOut full;
+    ASSERT_TRUE(prefill(e.get(), tiny_prompts({{27, 29}}, 43), {3}, false, vocab_, &full));
+    expect_len[3] = 64;
+    ASSERT_EQ(lengths(), expect_len);
+    {
+        int32_t toks[4];
+        float logits[2 * 96];
+        ASSERT_EQ(vocab_, 96);
+        EXPECT_EQ(sf_cuda_engine_read_tokens(e.get(), toks, 2), SF_ERR_INVALID_ARGUMENT)
+            << "the last step had 1 request";
+        EXPECT_EQ(sf_cuda_engine_read_logits(e.get(), logits, 2), SF_ERR_INVALID_ARGUMENT)
+            << "the last step had 1 request";
+        EXPECT_EQ(sf_cuda_engine_read_tokens(e.get(), toks, -1), SF_ERR_INVALID_ARGUMENT);
+        EXPECT_EQ(sf_cuda_engine_read_tokens(e.get(), nullptr, 1), SF_ERR_INVALID_ARGUMENT);
+        EXPECT_EQ(sf_cuda_engine_read_logits(e.get(), nullptr, 1), SF_ERR_INVALID_ARGUMENT);
+        ASSERT_EQ(sf_cuda_engine_read_tokens(e.get(), toks, 1), SF_OK) << sf_last_error();
+        EXPECT_EQ(toks[0], full.tokens[0]);
+    }
+    {
+        sf_cuda_step s = {};
+        const int32_t one[1] = {3}, two[2] = {0, 3};
+        s.n_requests = 1;
+        s.slots = one;
+        s.sampling = &kGreedy;
+        check("decode in a full slot", sf_cuda_engine_step(e.get(), &s), SF_ERR_OUT_OF_RANGE);
+        s.n_requests = 2;
+        s.slots = two;
+        check("decode in a full slot beside a fine one", sf_cuda_engine_step(e.get(), &s),
+              SF_ERR_OUT_OF_RANGE);
+    }
+
+    EXPECT_EQ(sf_cuda_engine_reset_slot(e.get(), 4), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cuda_engine_reset_slot(e.get(), -1), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cuda_engine_slot_length(e.get(), 4), -1);
+    EXPECT_EQ(sf_cuda_engine_slot_length(e.get(), -1), -1);
+
+    // sf_generate_cuda's own refusals come before it resets any slot.
+    {
+        const Prompts five = tiny_prompts({{1, 1}, {1, 1}, {1, 1}, {1, 1}, {1, 1}}, 44);
+        sf_generation g = {};
+        g.n_requests = 5;
+        g.cu_seqlens = five.cu.data();
+        g.token_ids = five.ids.data();
+        g.spans = five.spans.data();
+        g.max_new_tokens = 2;
+        g.sampling = kGreedy;
+        std::vector<sf_generation_result> res(5);
+        check("generate: 5 requests, 4 slots",
+              sf_generate_cuda(e.get(), nullptr, &g, nullptr, nullptr, res.data()),
+              SF_ERR_OUT_OF_RANGE);
+        const Prompts long_p = tiny_prompts({{27, 29}}, 45);  // 64 tokens: no room left
+        g.n_requests = 1;
+        g.cu_seqlens = long_p.cu.data();
+        g.token_ids = long_p.ids.data();
+        g.spans = long_p.spans.data();
+        check("generate: a 64-token prompt with max_context 64",
+              sf_generate_cuda(e.get(), nullptr, &g, nullptr, nullptr, res.data()),
+              SF_ERR_OUT_OF_RANGE);
+    }
+
+    // Still usable: the first step again, bit for bit.
+    ASSERT_EQ(sf_cuda_engine_reset_slot(e.get(), 0), SF_OK) << sf_last_error();
+    EXPECT_EQ(sf_cuda_engine_slot_length(e.get(), 0), 0);
+    StepOut again;
+    ASSERT_TRUE(prefill(e.get(), ref_p, {0}, true, vocab_, &again));
+    EXPECT_EQ(again.tokens, ref.tokens);
+    EXPECT_EQ(0, memcmp(again.logits.data(), ref.logits.data(), ref.logits.size() * sizeof(float)))
+        << "the repeated step differs";
+    ASSERT_EQ(cudaStreamSynchronize((cudaStream_t)sf_cuda_engine_stream(e.get())), cudaSuccess);
+}
+
+// Options the engine must refuse, and a model no device can hold: refused with the documented
+// status, nothing handed back, and the next engine works.
+TEST_F(CudaEngineTiny, CreateRefusesBadOptionsAndImpossibleSizes) {
+    sf_cuda_engine *e = nullptr;
+    sf_cuda_engine_options o = options(4, 129);  // max_position_embeddings is 128
+    EXPECT_EQ(sf_cuda_engine_create(llm_, sf_, &o, &e), SF_ERR_INVALID_ARGUMENT)
+        << "max_context 129 > max_position_embeddings 128: " << sf_last_error();
+    EXPECT_EQ(e, nullptr);
+    sf_cuda_engine_free(e);
+    e = nullptr;
+    o = options(-1);
+    EXPECT_EQ(sf_cuda_engine_create(llm_, sf_, &o, &e), SF_ERR_INVALID_ARGUMENT) << "max_slots -1";
+    EXPECT_EQ(e, nullptr);
+    o = options(4, -1);
+    EXPECT_EQ(sf_cuda_engine_create(llm_, sf_, &o, &e), SF_ERR_INVALID_ARGUMENT) << "max_context -1";
+    EXPECT_EQ(e, nullptr);
+    o = options(4, 0, -1);
+    EXPECT_EQ(sf_cuda_engine_create(llm_, sf_, &o, &e), SF_ERR_INVALID_ARGUMENT)
+        << "max_batch_tokens -1";
+    EXPECT_EQ(e, nullptr);
+
+    // An embedding table of (2^31 - 1) x 16384 bf16 values is 64 TiB.
+    sf_llm_config big = *sf_llm_get_config(llm_);
+    big.arch = SF_ARCH_LLAMA;
+    big.vocab_size = 2147483647;
+    big.hidden_size = 16384;
+    big.intermediate_size = 53248;
+    big.num_layers = 1;
+    big.num_heads = 128;
+    big.num_kv_heads = 8;
+    big.head_dim = 128;
+    big.max_position_embeddings = 4096;
+    big.rope.type = SF_ROPE_DEFAULT;
+    big.rope.factor = 1.0;
+    big.rope.attention_factor = 1.0;
+    big.rope.short_factor = nullptr;
+    big.rope.long_factor = nullptr;
+    big.sliding_window = 0;
+    big.attention_bias = false;
+    big.qkv_bias = false;
+    big.tie_word_embeddings = false;
+    o = options(1, 16, 16);
+    EXPECT_EQ(sf_cuda_engine_create_random(&big, nullptr, 1, &o, &e), SF_ERR_OUT_OF_MEMORY)
+        << sf_last_error();
+    EXPECT_EQ(e, nullptr);
+    sf_cuda_engine_free(e);
+
+    // The device and the library are fine afterwards.
+    EnginePtr ok = make_engine(llm_, sf_, options(2));
+    ASSERT_TRUE(ok);
+    StepOut out;
+    ASSERT_TRUE(prefill(ok.get(), tiny_prompts({{5, 2}}, 46), {0}, true, vocab_, &out));
+    EXPECT_TRUE(all_finite(out.logits.data(), vocab_));
+    (void)cudaGetLastError();  // leave no stale error to later tests, whatever happened above
+}
+
+// 7. The memory report. kv_cache is exactly max_slots x max_context positions x layers x (K and
+// V) x kv_heads x head_dim bf16 values:
+//     kv_cache = max_slots * max_context * layers * 2 * kv_heads * head_dim * 2 bytes;
+// weights hold every parameter once as bf16 (2 bytes), tied tables at least once, the
+// Sysformer's classifier head optionally: >= 2 P_min, and at most 2 P_max plus 2% and 8 MiB for
+// alignment and tables (fp32 storage would be twice); total is the sum of the three.
+int64_t llm_params(const sf_llm_config &c, bool count_tied_twice) {
+    const int64_t d = c.hidden_size, ff = c.intermediate_size, v = c.vocab_size;
+    const int64_t q = (int64_t)c.num_heads * c.head_dim, kv = (int64_t)c.num_kv_heads * c.head_dim;
+    int64_t layer = 2 * d + d * q + 2 * d * kv + q * d + 3 * d * ff;
+    if (c.attention_bias) layer += q + 2 * kv + d;
+    else if (c.qkv_bias) layer += q + 2 * kv;
+    const bool head = !c.tie_word_embeddings || count_tied_twice;
+    return v * d + (head ? v * d : 0) + d + c.num_layers * layer;
+}
+int64_t sysformer_params(const sf_sysformer_config &s, bool with_classifier) {
+    const int64_t d = s.d_model, ff = s.dim_feedforward;
+    const int64_t layer = 2 * (3 * d * d + 3 * d + d * d + d) + ff * d + ff + d * ff + d + 6 * d;
+    return s.num_layers * layer + (s.final_norm ? 2 * d : 0) +
+           (with_classifier && s.has_classifier ? d + 1 : 0);
+}
+void expect_memory(sf_cuda_engine *e, const sf_llm_config &c, const sf_sysformer_config *s,
+                   int64_t slots, int64_t context, const std::string &what) {
+    sf_cuda_memory m;
+    ASSERT_EQ(sf_cuda_engine_memory(e, &m), SF_OK) << sf_last_error();
+    const size_t kv = (size_t)(slots * context * c.num_layers * 2 * c.num_kv_heads * c.head_dim * 2);
+    EXPECT_EQ(m.kv_cache, kv) << what;
+    const double p_min = (double)llm_params(c, false) + (s ? sysformer_params(*s, false) : 0);
+    const double p_max = (double)llm_params(c, true) + (s ? sysformer_params(*s, true) : 0);
+    EXPECT_GE((double)m.weights, 2.0 * p_min) << what;
+    EXPECT_LE((double)m.weights, 2.0 * p_max * 1.02 + 8.0 * 1048576.0) << what;
+    EXPECT_GT(m.activations, 0u) << what;
+    EXPECT_EQ(m.total, m.weights + m.kv_cache + m.activations) << what;
+}
+
+TEST_F(CudaEngineTiny, MemoryReportAddsUp) {
+    const sf_llm_config &c = *sf_llm_get_config(llm_);
+    const sf_sysformer_config *s = sf_sysformer_get_config(sf_);
+    {
+        EnginePtr e = make_engine(llm_, sf_, options(3, 100));
+        ASSERT_TRUE(e);
+        expect_memory(e.get(), c, s, 3, 100, "3 slots x 100");
+    }
+    {
+        EnginePtr e = make_engine(llm_, nullptr, sf_cuda_engine_default_options());
+        ASSERT_TRUE(e);
+        expect_memory(e.get(), c, nullptr, 8, 128, "defaults: 8 slots x min(128, 4096)");
+    }
+
+    // A model of ~144M parameters drawn on the device, where fp32 storage could not hide in the
+    // slack; max_context 0 with max_position_embeddings 8192 means 4096.
+    sf_llm_config big = c;
+    big.vocab_size = 32000;
+    big.hidden_size = 1024;
+    big.intermediate_size = 2816;
+    big.num_layers = 4;
+    big.num_heads = 16;
+    big.num_kv_heads = 4;
+    big.head_dim = 64;
+    big.max_position_embeddings = 8192;
+    big.rope.type = SF_ROPE_DEFAULT;
+    big.rope.factor = 1.0;
+    big.rope.attention_factor = 1.0;
+    big.rope.short_factor = nullptr;
+    big.rope.long_factor = nullptr;
+    big.tie_word_embeddings = false;
+    sf_sysformer_config sc = *s;
+    sc.d_model = 1024;
+    sc.num_layers = 2;
+    sc.num_heads = 16;
+    sc.dim_feedforward = 4096;
+    sc.final_norm = true;
+    sc.has_classifier = false;
+    sc.llm_name = nullptr;
+    sc.llm_hidden_size = 0;
+    sc.llm_vocab_size = 0;
+    sc.llm_embedding_hash = nullptr;
+    sc.system_prompt = nullptr;
+    sc.chat_template = nullptr;
+    sf_cuda_engine *raw = nullptr;
+    sf_cuda_engine_options o = options(2, 0, 512);
+    ASSERT_EQ(sf_cuda_engine_create_random(&big, &sc, 7, &o, &raw), SF_OK) << sf_last_error();
+    EnginePtr e(raw);
+    expect_memory(e.get(), big, &sc, 2, 4096, "random 144M");
+
+    // It runs: a guarded and an unguarded request.
+    const Prompts p = tiny_prompts({{5, 2}, {0, 3}}, 47);  // ids < 96 <= vocab
+    StepOut out;
+    ASSERT_TRUE(prefill(e.get(), p, {0, 1}, true, big.vocab_size, &out));
+    EXPECT_TRUE(all_finite(out.logits.data(), (int64_t)out.logits.size()));
+    for (int32_t r = 0; r < 2; r++) {
+        EXPECT_EQ(out.tokens[r], top2(out.row(r, big.vocab_size), big.vocab_size).id);
+    }
+}
+
+// 8. Stage timing: sane numbers, never speed. Eager steps report their stages; a decode step
+// replayed as a CUDA graph reports 0 for every stage and its whole time as total.
+TEST_F(CudaEngineTiny, StageTimesAreSane) {
+    auto sane = [](const sf_cuda_stage_times &t, const std::string &what) {
+        const float st[6] = {t.upload_ms, t.embed_ms, t.sysformer_ms, t.layers_ms, t.head_ms,
+                             t.sample_ms};
+        double sum = 0;
+        for (float v : st) {
+            EXPECT_TRUE(std::isfinite(v) && v >= 0.0f) << what << ": a stage reads " << v;
+            sum += v;
+        }
+        EXPECT_TRUE(std::isfinite(t.total_ms) && t.total_ms > 0.0f) << what << ": " << t.total_ms;
+        EXPECT_GE(t.total_ms, 0.5 * sum) << what << ": total below the stages' sum " << sum;
+        EXPECT_LT(t.total_ms, 60000.0f) << what;
+    };
+    const Prompts p = tiny_prompts({{5, 2}, {12, 9}}, 48);
+    for (bool graphs : {true, false}) {
+        const std::string mode = graphs ? "graphs" : "eager";
+        EnginePtr e = make_engine(llm_, sf_, options(2, 0, 0, graphs));
+        ASSERT_TRUE(e);
+        ASSERT_EQ(sf_cuda_engine_set_timing(e.get(), true), SF_OK) << sf_last_error();
+        ASSERT_TRUE(prefill(e.get(), p, {0, 1}, true, vocab_, nullptr));
+        sf_cuda_stage_times t;
+        ASSERT_EQ(sf_cuda_engine_stage_times(e.get(), &t), SF_OK) << sf_last_error();
+        sane(t, mode + " guarded prefill");
+        EXPECT_GT(t.layers_ms, 0.0f) << mode;
+        EXPECT_GT(t.sysformer_ms, 0.0f) << mode << ": a guarded step rewrote 17 system rows";
+
+        ASSERT_TRUE(decode(e.get(), {0, 1}, vocab_, nullptr));
+        ASSERT_TRUE(decode(e.get(), {0, 1}, vocab_, nullptr));  // graphs: a replay
+        ASSERT_EQ(sf_cuda_engine_stage_times(e.get(), &t), SF_OK) << sf_last_error();
+        sane(t, mode + " decode");
+        if (graphs) {
+            EXPECT_EQ(t.upload_ms, 0.0f);
+            EXPECT_EQ(t.embed_ms, 0.0f);
+            EXPECT_EQ(t.sysformer_ms, 0.0f);
+            EXPECT_EQ(t.layers_ms, 0.0f);
+            EXPECT_EQ(t.head_ms, 0.0f);
+            EXPECT_EQ(t.sample_ms, 0.0f);
+        } else {
+            EXPECT_GT(t.layers_ms, 0.0f) << "an eager decode step has stages";
+        }
+        ASSERT_EQ(sf_cuda_engine_set_timing(e.get(), false), SF_OK);
+        StepOut out;
+        ASSERT_TRUE(decode(e.get(), {0, 1}, vocab_, &out));
+        EXPECT_TRUE(all_finite(out.logits.data(), (int64_t)out.logits.size()));
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// SmolLM2-135M-Instruct (when fetched), guarded by an open Sysformer, on ChatML prompts
+// ------------------------------------------------------------------------------------------
+
+class CudaEngineSmolLM2 : public ::testing::Test {
+  protected:
+    static void SetUpTestSuite() {
+        if (!have_gpu()) {
+            skip_ = "no CUDA device";
+            return;
+        }
+        const std::string path = smollm2_path();
+        if (path.empty()) {
+            skip_ = "SmolLM2-135M-Instruct GGUF not found: run weights/fetch_smollm2.sh or set "
+                    "SF_SMOLLM2_GGUF";
+            return;
+        }
+        if (sf_llm_load(path.c_str(), &llm_) != SF_OK ||
+            sf_tokenizer_load(path.c_str(), &tok_) != SF_OK) {
+            error_ = sf_last_error();
+            return;
+        }
+        const ::testing::AssertionResult ok = make_open_sysformer(llm_, 9, &sf_);
+        if (!ok) {
+            error_ = ok.message();
+            return;
+        }
+        const char *system[3] = {"You are a helpful assistant.",
+                                 "You are a careful assistant that refuses harmful requests.",
+                                 "Answer in one word."};
+        const char *user[3] = {"What is the capital of France?", "Write a haiku about GPUs.",
+                               "Name a primary colour."};
+        prompts_ = Prompts();
+        for (int r = 0; r < 3; r++) {
+            std::vector<int32_t> ids(256);
+            int32_t n = 0;
+            sf_prompt_spans s;
+            if (sf_chat_encode(tok_, SF_TEMPLATE_CHATML, system[r], nullptr, 0, user[r], ids.data(),
+                               256, &n, &s) != SF_OK) {
+                error_ = sf_last_error();
+                return;
+            }
+            ids.resize((size_t)n);
+            prompts_.add(ids, s);
+        }
+    }
+    static void TearDownTestSuite() {
+        sf_sysformer_free(sf_);
+        sf_tokenizer_free(tok_);
+        sf_llm_free(llm_);
+        sf_ = nullptr;
+        tok_ = nullptr;
+        llm_ = nullptr;
+    }
+    void SetUp() override {
+        if (!skip_.empty()) GTEST_SKIP() << skip_;
+        ASSERT_TRUE(error_.empty()) << error_;
+        ASSERT_EQ(sf_llm_get_config(llm_)->head_dim, 64);
+    }
+    static double bound() {
+        return logit_bound(sf_llm_get_config(llm_)->num_layers,
+                           sf_sysformer_get_config(sf_)->num_layers);
+    }
+
+    static inline std::string skip_, error_;
+    static inline sf_llm *llm_ = nullptr;
+    static inline sf_tokenizer *tok_ = nullptr;
+    static inline sf_sysformer *sf_ = nullptr;
+    static inline Prompts prompts_;
+};
+
+TEST_F(CudaEngineSmolLM2, GuardedPrefillMatchesCpu) {
+    EnginePtr e = make_engine(llm_, sf_, options(4, 256, 256));
+    ASSERT_TRUE(e);
+    const int64_t vocab = sf_llm_get_config(llm_)->vocab_size;
+    StepOut out;
+    ASSERT_TRUE(prefill(e.get(), prompts_, {2, 0, 1}, true, vocab, &out));
+    const std::vector<float> cpu = cpu_guarded_logits(llm_, sf_, prompts_, last_rows(prompts_));
+    for (int32_t r = 0; r < prompts_.n(); r++) {
+        expect_logits_close(out.row(r, vocab), cpu.data() + (size_t)r * vocab, vocab, bound(),
+                            "SmolLM2 request " + std::to_string(r), &out.tokens[r]);
+    }
+}
+
+TEST_F(CudaEngineSmolLM2, GenerateMatchesCpu) {
+    EnginePtr e = make_engine(llm_, sf_, options(4, 256, 256));
+    ASSERT_TRUE(e);
+    check_generate(llm_, sf_, tok_, e.get(), prompts_, 8, bound());
+}
+
+}  // namespace
