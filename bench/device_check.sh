@@ -1,17 +1,42 @@
 #!/usr/bin/env bash
 # The one script to run on a lent GPU machine (see ../shared/GPU.md), from the repo root, with
 # .deps carried (bench/prepare_device_deps.sh made it here):
-#   build for sm_90 with all cores -> GPU + CPU tests -> compute-sanitizer memcheck and
-#   racecheck on the CUDA tests -> benchmarks; a short table on stdout, full logs under $OUT.
-# Budget: well under 8 minutes, so a second run fits in one lease.
+#   bench/device_check.sh quick   build the tests and the engine bench for sm_90, run the GPU
+#                                 tests and one small end-to-end config (about 2 minutes)
+#   bench/device_check.sh [full]  build everything, GPU + CPU tests, compute-sanitizer memcheck
+#                                 and racecheck on small filters, kernel benchmarks with their
+#                                 peers (torch SDPA: cuDNN, flash), the end-to-end engine bench
+#                                 and its transformers peer (well under 8 minutes)
+# A short table goes to stdout; under $OUT (at most 8 files come back from the device tool):
+# summary.txt, the GPU-test and end-to-end logs, and logs.tar.gz with every log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/device_check}
-mkdir -p "$OUT"
+mode=${1:-full}
+DEST=${OUT:-/tmp/device_check}
+OUT=$(mktemp -d /tmp/device_check_logs.XXXXXX)  # every log; copied to $DEST at the end
+mkdir -p "$DEST"
 build=build-gpu
 jobs=$(nproc)
 declare -a table
-row() { table+=("$(printf '%-34s %s' "$1" "$2")"); echo "[$(date +%T)] $1: $2"; }
+# After every row the logs so far are copied to $DEST, so a run cut short by its time limit
+# still brings back everything it did.
+snapshot() {
+    printf '%s\n' "${table[@]}" >"$OUT/summary.txt"
+    tar czf "$DEST/logs.tar.gz" -C "$OUT" . 2>/dev/null
+    for f in summary.txt gpu_tests.log bench_engine.log peer_e2e.log bench_attention.log \
+        build.log; do
+        [[ -f "$OUT/$f" ]] && cp "$OUT/$f" "$DEST/"
+    done
+}
+row() {
+    table+=("$(printf '%-34s %s' "$1" "$2")")
+    echo "[$(date +%T)] $1: $2"
+    snapshot
+}
+finish() {
+    echo
+    printf '%s\n' "${table[@]}"
+}
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv \
     >"$OUT/gpu.txt" 2>&1
@@ -19,29 +44,53 @@ row "gpu" "$(tail -n 1 "$OUT/gpu.txt")"
 row "commit" "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo '+dirty')"
 
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+targets=()
+[[ $mode == quick ]] && targets=(--target sf_tests bench_engine)
 if cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
         -DCMAKE_PREFIX_PATH="$PWD/.deps/prefix" >"$OUT/configure.log" 2>&1 &&
-    cmake --build "$build" -j "$jobs" >"$OUT/build.log" 2>&1; then
-    row "build (sm_90)" "ok"
+    cmake --build "$build" -j "$jobs" "${targets[@]}" >"$OUT/build.log" 2>&1; then
+    row "build (sm_90, $mode)" "ok"
 else
-    row "build (sm_90)" "FAILED (see configure.log / build.log)"
-    printf '%s\n' "${table[@]}" | tee "$OUT/summary.txt"
+    row "build (sm_90, $mode)" "FAILED (see configure.log / build.log)"
+    tail -n 30 "$OUT/build.log"
+    finish
     exit 1
 fi
 
-ctest --test-dir "$build" -j 8 --output-on-failure >"$OUT/ctest.log" 2>&1
-row "ctest (all)" "$(grep -E 'tests passed|tests failed' "$OUT/ctest.log" | tail -n 1)"
-"$build/tests/sf_tests" --gtest_filter='Cuda*' >"$OUT/gpu_tests.log" 2>&1
-row "GPU tests" "$(grep -cE '^\[       OK ' "$OUT/gpu_tests.log") ok, $(grep -cE '^\[  FAILED  \] [A-Z]' "$OUT/gpu_tests.log") failed, $(grep -cE '^\[  SKIPPED \] [A-Z]' "$OUT/gpu_tests.log") skipped"
+gpu_tests() {  # $1: gtest filter, $2: log name, $3: timeout
+    timeout "$3" "$build/tests/sf_tests" --gtest_filter="$1" >"$OUT/$2.log" 2>&1
+    local rc=$?
+    row "GPU tests $1" "rc=$rc: $(grep -cE '^\[       OK ' "$OUT/$2.log") ok, $(grep -cE '^\[  FAILED  \] [A-Z]' "$OUT/$2.log") failed, $(grep -cE '^\[  SKIPPED \] [A-Z]' "$OUT/$2.log") skipped"
+    grep -E '^\[  FAILED  \] [A-Z]' "$OUT/$2.log" | sort -u | head -n 20
+}
+
+if [[ $mode == quick ]]; then
+    gpu_tests 'Cuda*' gpu_tests 240
+    grep -B 3 -A 12 -E 'Failure|error:' "$OUT/gpu_tests.log" | head -n 150
+    timeout 90 "$build/bench_engine" --configs smollm2-135m --requests 8 --prompt 256 \
+        --system 32 --user 160 --decode 8 --repeats 3 >"$OUT/bench_engine.log" 2>&1
+    row "bench_engine (smollm2, small)" "rc=$?"
+    cat "$OUT/bench_engine.log"
+    finish
+    exit 0
+fi
+
+# The CPU tests run in CI on every change; here only the CLI smoke test, for its GPU part.
+ctest --test-dir "$build" -R cli_smoke --output-on-failure >"$OUT/ctest.log" 2>&1
+row "ctest cli_smoke (GPU part)" "$(grep -E 'tests passed|tests failed' "$OUT/ctest.log" | tail -n 1)"
+gpu_tests 'Cuda*' gpu_tests 240
 
 PATH=$PATH:/usr/local/cuda/bin
 if command -v compute-sanitizer >/dev/null; then
-    for tool in memcheck racecheck; do
-        timeout 100 compute-sanitizer --tool "$tool" --error-exitcode 3 \
-            "$build/tests/sf_tests" --gtest_filter='Cuda*' >"$OUT/sanitizer_$tool.log" 2>&1
-        rc=$?
-        row "compute-sanitizer $tool" "$([ $rc -eq 0 ] && echo clean || echo "rc=$rc")"
-    done
+    timeout 75 compute-sanitizer --tool memcheck --error-exitcode 3 "$build/tests/sf_tests" \
+        --gtest_filter='CudaEngine*:CudaAttention.Slotted*' >"$OUT/sanitizer_memcheck.log" 2>&1
+    rc=$?
+    row "compute-sanitizer memcheck (engine)" "$([ $rc -eq 0 ] && echo clean || echo "rc=$rc")"
+    timeout 45 compute-sanitizer --tool racecheck --error-exitcode 3 "$build/tests/sf_tests" \
+        --gtest_filter='CudaNorms.RmsNorm*:CudaAttention.Bidirectional*' \
+        >"$OUT/sanitizer_racecheck.log" 2>&1
+    rc=$?
+    row "compute-sanitizer racecheck (small)" "$([ $rc -eq 0 ] && echo clean || echo "rc=$rc")"
 else
     row "compute-sanitizer" "not found"
 fi
@@ -52,17 +101,17 @@ for b in bench_norms bench_elementwise bench_attention; do
         row "$b" "rc=$? (table in $b.log)"
     fi
 done
-
 if command -v python3 >/dev/null; then
     timeout 120 python3 bench/peer_attention.py >"$OUT/peer_attention.log" 2>&1
     row "peer_attention (torch SDPA)" "rc=$? (table in peer_attention.log)"
 fi
+timeout 150 "$build/bench_engine" >"$OUT/bench_engine.log" 2>&1
+row "bench_engine" "rc=$? $(grep -c '^SUMMARY .*prefill_tok_s' "$OUT/bench_engine.log")/4 configs"
+PYTHONUNBUFFERED=1 timeout 240 python3 bench/peer_e2e.py >"$OUT/peer_e2e.log" 2>&1
+row "peer_e2e (transformers)" "rc=$?"
 
-"$build/bench_cpu_forward" --requests 8 --len 256 --decode 32 >"$OUT/bench_cpu_forward.log" 2>&1
-row "bench_cpu_forward (host CPU)" "$(grep prefill "$OUT/bench_cpu_forward.log" | awk '{print $(NF-5), "tok/s prefill"}')"
-
-echo
-printf '%s\n' "${table[@]}" | tee "$OUT/summary.txt"
-for b in bench_norms bench_elementwise bench_attention peer_attention; do
+finish
+grep -h '^SUMMARY' "$OUT/bench_engine.log" "$OUT/peer_e2e.log"
+for b in bench_norms bench_elementwise bench_attention peer_attention bench_engine peer_e2e; do
     [[ -f "$OUT/$b.log" ]] && { echo; echo "== $b"; cat "$OUT/$b.log"; }
 done

@@ -1,0 +1,679 @@
+/* End-to-end benchmark of the CUDA engine at real model shapes, random bf16 weights drawn on the
+ * device (sf_cuda_engine_create_random): guarded prefill, unguarded prefill, decode, and the
+ * serving-stack entry point sf_cuda_guarded_embed. bench/peer_e2e.py measures PyTorch +
+ * transformers at the same shapes in the same device run.
+ *
+ * usage: bench_engine [--configs llama3.1-8b,mistral-7b,phi3.5-mini,smollm2-135m]
+ *                     [--requests 32] [--prompt 512] [--system 64] [--user 384] [--decode 32]
+ *                     [--repeats 5] [--seed 1] [--peak 989] [--no-graphs]
+ *
+ * Each request's prompt is prefix 5 | system S | middle 5 | user U | suffix (the rest) tokens,
+ * random ids in [0, vocab) from a fixed-seed generator; all requests are packed into one step.
+ * Timing: wall clock (CLOCK_MONOTONIC) around sf_cuda_engine_step + sf_cuda_engine_read_tokens
+ * (the end-to-end number a serving loop sees), plus the engine's own per-stage CUDA-event times.
+ * Prefill numbers are the median of --repeats after one warm-up.
+ *
+ * FLOPs of one prefill (multiply-add = 2 FLOPs; R requests of P tokens, T = R·P):
+ *   LLM  = 2·T·L·[d·hd·(2·H + 2·Hkv) + 3·d·ff]        q, k, v, o projections and the SwiGLU MLP
+ *        + 4·hd·H·L·pairs                             QK^T and PV over the visible causal pairs,
+ *                                                     pairs = R·P·(P+1)/2 (no sliding window)
+ *        + 2·d·V·R                                    LM head on one row per request
+ *   Sysformer (guarded only), per layer, Rs = R·S, Ru = R·U, ffs = its feed-forward width:
+ *        + 2·Rs·d·3d + 2·Rs·d·d                       self-attention in_proj (q, k, v) and out_proj
+ *        + 4·d·R·S·S                                  self-attention scores and values (hd·heads = d)
+ *        + 2·Rs·d·d + 2·Ru·d·2d + 2·Rs·d·d            cross-attention q (system rows), k and v
+ *                                                     (user rows), out_proj
+ *        + 4·d·R·S·U                                  cross-attention scores and values
+ *        + 2·2·Rs·d·ffs                               linear1 and linear2
+ * Norms, RoPE, activations, softmax and sampling are not counted (they are memory-bound).
+ * MFU = FLOPs / time / peak, with peak = 989 TFLOP/s, the H200's dense bf16 spec (--peak).
+ */
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "sysformer.h"
+
+#define MAX_REPEATS 99
+
+/* ---------------------------------------------------------------------------------------- */
+/* Options, shapes, FLOPs                                                                      */
+/* ---------------------------------------------------------------------------------------- */
+
+typedef struct options {
+    const char *configs;
+    int requests, prompt, system, user, decode, repeats;
+    uint64_t seed;
+    double peak_tflops;
+    bool graphs;
+} options;
+
+/* The published shapes of each model, by hand (no files needed). Only shapes matter for
+ * throughput; RoPE variants differ only in the cos/sin tables. */
+static bool make_llm_config(const char *name, sf_llm_config *c, const char **note) {
+    memset(c, 0, sizeof *c);
+    c->rms_norm_eps = 1e-5f;
+    c->rope.type = SF_ROPE_DEFAULT;
+    c->rope.factor = 1.0;
+    c->rope.attention_factor = 1.0;
+    c->bos_token_id = -1;
+    *note = "";
+    if (!strcmp(name, "llama3.1-8b")) {
+        c->arch = SF_ARCH_LLAMA;
+        c->vocab_size = 128256;
+        c->hidden_size = 4096;
+        c->intermediate_size = 14336;
+        c->num_layers = 32;
+        c->num_heads = 32;
+        c->num_kv_heads = 8;
+        c->head_dim = 128;
+        c->max_position_embeddings = 131072;
+        c->rope_theta = 500000.0;
+        c->rope.type = SF_ROPE_LLAMA3;
+        c->rope.factor = 8.0;
+        c->rope.low_freq_factor = 1.0;
+        c->rope.high_freq_factor = 4.0;
+        c->rope.original_max_position_embeddings = 8192;
+        *note = "rope llama3 (factor 8, theta 5e5)";
+    } else if (!strcmp(name, "mistral-7b")) {
+        c->arch = SF_ARCH_MISTRAL;
+        c->vocab_size = 32768;
+        c->hidden_size = 4096;
+        c->intermediate_size = 14336;
+        c->num_layers = 32;
+        c->num_heads = 32;
+        c->num_kv_heads = 8;
+        c->head_dim = 128;
+        c->max_position_embeddings = 32768;
+        c->rope_theta = 1e6;
+        c->sliding_window = 0; /* v0.3 has none */
+        *note = "rope default (theta 1e6), no sliding window";
+    } else if (!strcmp(name, "phi3.5-mini")) {
+        c->arch = SF_ARCH_PHI3;
+        c->vocab_size = 32064;
+        c->hidden_size = 3072;
+        c->intermediate_size = 8192;
+        c->num_layers = 32;
+        c->num_heads = 32;
+        c->num_kv_heads = 32;
+        c->head_dim = 96;
+        c->max_position_embeddings = 131072;
+        /* The real model uses longrope (original 4096 positions, per-dimension factors). Only
+         * the shapes matter for throughput and prompts here are far below 4096 positions, where
+         * longrope uses its short factors anyway, so the plain default RoPE is used. */
+        c->rope_theta = 10000.0;
+        *note = "rope DEFAULT theta 1e4 instead of longrope (same cost; shapes are what count)";
+    } else if (!strcmp(name, "smollm2-135m")) {
+        c->arch = SF_ARCH_LLAMA;
+        c->vocab_size = 49152;
+        c->hidden_size = 576;
+        c->intermediate_size = 1536;
+        c->num_layers = 30;
+        c->num_heads = 9;
+        c->num_kv_heads = 3;
+        c->head_dim = 64;
+        c->max_position_embeddings = 8192;
+        c->rope_theta = 100000.0;
+        c->tie_word_embeddings = true;
+        *note = "rope default (theta 1e5), tied embeddings";
+    } else {
+        return false;
+    }
+    return true;
+}
+
+/* sf_sysformer_default_config's values, by hand (there is no CPU sf_llm here). */
+static sf_sysformer_config make_sysformer_config(const sf_llm_config *c) {
+    sf_sysformer_config s;
+    memset(&s, 0, sizeof s);
+    s.d_model = c->hidden_size;
+    s.num_layers = 2;
+    s.num_heads = c->num_heads;
+    s.dim_feedforward = 4 * c->hidden_size;
+    s.activation = SF_ACT_RELU;
+    s.norm_first = true;
+    s.layer_norm_eps = 1e-5f;
+    s.final_norm = false;
+    s.has_classifier = true;
+    s.llm_hidden_size = c->hidden_size;
+    s.llm_vocab_size = c->vocab_size;
+    return s;
+}
+
+/* Per-token matmul parameters of one LLM decoder layer. */
+static double llm_layer_params(const sf_llm_config *c) {
+    const double d = c->hidden_size, hd = c->head_dim;
+    return d * hd * (2.0 * c->num_heads + 2.0 * c->num_kv_heads) + 3.0 * d * c->intermediate_size;
+}
+
+/* Visible (query, key) pairs of one causal request of n new tokens starting at position 0. */
+static double causal_pairs(const sf_llm_config *c, int n) {
+    if (c->sliding_window <= 0 || c->sliding_window >= n) return 0.5 * (double)n * (n + 1.0);
+    double s = 0;
+    for (int i = 0; i < n; i++) s += (i + 1 < c->sliding_window) ? i + 1 : c->sliding_window;
+    return s;
+}
+
+static double llm_prefill_flops(const sf_llm_config *c, int R, int P) {
+    const double T = (double)R * P;
+    return 2.0 * T * c->num_layers * llm_layer_params(c)
+           + 4.0 * c->head_dim * c->num_heads * c->num_layers * (R * causal_pairs(c, P))
+           + 2.0 * (double)c->hidden_size * c->vocab_size * R;
+}
+
+static double sysformer_flops(const sf_sysformer_config *s, int R, int S, int U) {
+    const double d = s->d_model, Rs = (double)R * S, Ru = (double)R * U;
+    const double per_layer = 2.0 * Rs * d * 3.0 * d + 2.0 * Rs * d * d  /* SA projections */
+                             + 4.0 * d * (double)R * S * S              /* SA attention   */
+                             + 2.0 * Rs * d * d + 2.0 * Ru * d * 2.0 * d
+                             + 2.0 * Rs * d * d                         /* CA projections */
+                             + 4.0 * d * (double)R * S * U              /* CA attention   */
+                             + 2.0 * 2.0 * Rs * d * s->dim_feedforward; /* FF             */
+    return per_layer * s->num_layers;
+}
+
+/* Bytes one decode step must read at least: the LLM's matmul weights and LM head (bf16), and
+ * the KV cache of every request at an average context ctx. */
+static double decode_bytes(const sf_llm_config *c, int R, double ctx) {
+    const double w = c->num_layers * llm_layer_params(c) + (double)c->hidden_size * c->vocab_size;
+    const double kv = (double)R * ctx * c->num_layers * 2.0 * c->num_kv_heads * c->head_dim;
+    return 2.0 * (w + kv);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Small helpers                                                                               */
+/* ---------------------------------------------------------------------------------------- */
+
+static double now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return 1e3 * (double)ts.tv_sec + 1e-6 * (double)ts.tv_nsec;
+}
+
+static int cmp_double(const void *a, const void *b) {
+    const double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static double median(const double *v, int n) {
+    if (n <= 0) return NAN;
+    double *tmp = malloc((size_t)n * sizeof *tmp);
+    if (!tmp) return NAN;
+    memcpy(tmp, v, (size_t)n * sizeof *v);
+    qsort(tmp, (size_t)n, sizeof *tmp, cmp_double);
+    const double m = (n % 2) ? tmp[n / 2] : 0.5 * (tmp[n / 2 - 1] + tmp[n / 2]);
+    free(tmp);
+    return m;
+}
+
+/* The median of each stage separately. */
+static sf_cuda_stage_times median_stages(const sf_cuda_stage_times *t, int n) {
+    sf_cuda_stage_times m;
+    memset(&m, 0, sizeof m);
+    double v[MAX_REPEATS];
+    if (n > MAX_REPEATS) n = MAX_REPEATS;
+#define MED_FIELD(f)                                  \
+    do {                                              \
+        for (int i = 0; i < n; i++) v[i] = t[i].f;    \
+        m.f = (float)median(v, n);                    \
+    } while (0)
+    MED_FIELD(upload_ms);
+    MED_FIELD(embed_ms);
+    MED_FIELD(sysformer_ms);
+    MED_FIELD(layers_ms);
+    MED_FIELD(head_ms);
+    MED_FIELD(sample_ms);
+    MED_FIELD(total_ms);
+#undef MED_FIELD
+    return m;
+}
+
+static uint64_t splitmix64(uint64_t *s) {
+    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+static double gib(size_t bytes) { return (double)bytes / (1024.0 * 1024.0 * 1024.0); }
+
+/* bf16 bits -> float, for a sanity look at sf_cuda_guarded_embed's output. */
+static float bf16_to_float(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static bool tokens_in_range(const int32_t *t, int n, int vocab) {
+    for (int i = 0; i < n; i++)
+        if (t[i] < 0 || t[i] >= vocab) return false;
+    return true;
+}
+
+#define SF_TRY(what, call)                                                                   \
+    do {                                                                                     \
+        sf_status st_ = (call);                                                              \
+        if (st_ != SF_OK) {                                                                  \
+            printf("  ERROR %s: %s: %s\n", (what), sf_status_string(st_), sf_last_error()); \
+            goto done;                                                                       \
+        }                                                                                    \
+    } while (0)
+
+#define CUDA_TRY(what, call)                                                                 \
+    do {                                                                                     \
+        cudaError_t ce_ = (call);                                                            \
+        if (ce_ != cudaSuccess) {                                                            \
+            printf("  ERROR %s: %s\n", (what), cudaGetErrorString(ce_));                    \
+            goto done;                                                                       \
+        }                                                                                    \
+    } while (0)
+
+static sf_status reset_slots(sf_cuda_engine *e, int R) {
+    for (int r = 0; r < R; r++) {
+        sf_status st = sf_cuda_engine_reset_slot(e, r);
+        if (st != SF_OK) return st;
+    }
+    return SF_OK;
+}
+
+/* One timed step: wall time around step + read_tokens, then the engine's stage times. */
+static sf_status timed_step(sf_cuda_engine *e, const sf_cuda_step *step, int32_t *tokens,
+                            double *wall_ms, sf_cuda_stage_times *stages) {
+    const double t0 = now_ms();
+    sf_status st = sf_cuda_engine_step(e, step);
+    if (st != SF_OK) return st;
+    st = sf_cuda_engine_read_tokens(e, tokens, step->n_requests);
+    if (st != SF_OK) return st;
+    *wall_ms = now_ms() - t0;
+    return sf_cuda_engine_stage_times(e, stages);
+}
+
+/* Warm-up 1, then opt->repeats prefills from empty slots. Fills the medians; *same is whether
+ * every repeat sampled the same tokens as the warm-up (greedy decoding is deterministic). */
+static sf_status bench_prefill(sf_cuda_engine *e, const sf_cuda_step *step, int repeats,
+                               int vocab, int32_t *tokens, int32_t *first, double *wall_med,
+                               sf_cuda_stage_times *stage_med, bool *same, bool *in_range) {
+    double wall[MAX_REPEATS] = {0};
+    sf_cuda_stage_times stages[MAX_REPEATS];
+    *same = true;
+    *in_range = true;
+    for (int it = -1; it < repeats; it++) {
+        sf_status st = reset_slots(e, step->n_requests);
+        if (st != SF_OK) return st;
+        double w;
+        sf_cuda_stage_times s;
+        st = timed_step(e, step, tokens, &w, &s);
+        if (st != SF_OK) return st;
+        if (!tokens_in_range(tokens, step->n_requests, vocab)) *in_range = false;
+        if (it < 0) {
+            memcpy(first, tokens, (size_t)step->n_requests * sizeof *tokens);
+        } else {
+            if (memcmp(first, tokens, (size_t)step->n_requests * sizeof *tokens)) *same = false;
+            wall[it] = w;
+            stages[it] = s;
+        }
+    }
+    *wall_med = median(wall, repeats);
+    *stage_med = median_stages(stages, repeats);
+    return SF_OK;
+}
+
+static void print_stages(const char *label, const sf_cuda_stage_times *s) {
+    printf("  %-22s upload %7.3f  embed %7.3f  sysformer %7.3f  layers %8.3f  head %7.3f  "
+           "sample %7.3f  total %8.3f ms\n",
+           label, s->upload_ms, s->embed_ms, s->sysformer_ms, s->layers_ms, s->head_ms,
+           s->sample_ms, s->total_ms);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* One config                                                                                  */
+/* ---------------------------------------------------------------------------------------- */
+
+static int bench_config(const char *name, const options *o) {
+    sf_llm_config c;
+    const char *note;
+    if (!make_llm_config(name, &c, &note)) {
+        printf("\n== %s: unknown config (known: llama3.1-8b, mistral-7b, phi3.5-mini, "
+               "smollm2-135m)\nSUMMARY %s FAILED\n", name, name);
+        return 1;
+    }
+    const sf_sysformer_config sc = make_sysformer_config(&c);
+    const int R = o->requests, P = o->prompt, S = o->system, U = o->user;
+    const int64_t T = (int64_t)R * P;
+    const int d = c.hidden_size, V = c.vocab_size;
+
+    printf("\n== %s: d %d, ff %d, layers %d, heads %d/%d, hd %d, vocab %d%s; %s\n", name, d,
+           c.intermediate_size, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, V,
+           c.tie_word_embeddings ? ", tied" : "", note);
+    printf("   sysformer: %d layers, %d heads (hd %d), ff %d, relu, norm_first; %d requests x "
+           "%d tokens (S %d, U %d), decode %d\n",
+           sc.num_layers, sc.num_heads, sc.d_model / sc.num_heads, sc.dim_feedforward, R, P, S,
+           U, o->decode);
+    fflush(stdout);
+
+    int rc = 1;
+    bool ok = true, summary = false;
+    sf_cuda_engine *e = NULL;
+    int32_t *ids = NULL, *cu = NULL, *slots = NULL, *tokens = NULL, *first = NULL;
+    sf_prompt_spans *spans = NULL;
+    void *d_embeds = NULL, *d_cu = NULL, *d_ids = NULL, *d_spans = NULL;
+    int *d_errors = NULL;
+    cudaEvent_t ev0 = NULL, ev1 = NULL;
+    uint16_t *probe = NULL;
+
+    if ((int64_t)P + o->decode > c.max_position_embeddings) {
+        printf("  ERROR prompt + decode exceeds max_position_embeddings %d\n",
+               c.max_position_embeddings);
+        goto done;
+    }
+
+    /* Prompts. */
+    ids = malloc((size_t)T * sizeof *ids);
+    cu = malloc((size_t)(R + 1) * sizeof *cu);
+    slots = malloc((size_t)R * sizeof *slots);
+    tokens = malloc((size_t)R * sizeof *tokens);
+    first = malloc((size_t)R * sizeof *first);
+    spans = malloc((size_t)R * sizeof *spans);
+    probe = malloc((size_t)d * sizeof *probe);
+    if (!ids || !cu || !slots || !tokens || !first || !spans || !probe) {
+        printf("  ERROR out of host memory\n");
+        goto done;
+    }
+    uint64_t rng = o->seed * 0x2545f4914f6cdd1dull + 12345u;
+    for (int64_t i = 0; i < T; i++) ids[i] = (int32_t)(splitmix64(&rng) % (uint64_t)V);
+    for (int r = 0; r <= R; r++) cu[r] = r * P;
+    for (int r = 0; r < R; r++) {
+        slots[r] = r;
+        spans[r] = (sf_prompt_spans){.prefix = 5, .system = S, .middle = 5, .user = U,
+                                     .suffix = P - 10 - S - U};
+    }
+
+    /* Engine. */
+    sf_cuda_engine_options eo = sf_cuda_engine_default_options();
+    eo.max_slots = R;
+    eo.max_context = P + o->decode;
+    eo.max_batch_tokens = (int32_t)T;
+    eo.cuda_graphs = o->graphs;
+    const double tc0 = now_ms();
+    SF_TRY("sf_cuda_engine_create_random", sf_cuda_engine_create_random(&c, &sc, o->seed, &eo,
+                                                                         &e));
+    cudaDeviceSynchronize();
+    const double create_ms = now_ms() - tc0;
+    sf_cuda_memory mem;
+    SF_TRY("sf_cuda_engine_memory", sf_cuda_engine_memory(e, &mem));
+    printf("  created in %.0f ms; device memory GiB: weights %.2f  kv_cache %.2f  activations "
+           "%.2f  total %.2f\n",
+           create_ms, gib(mem.weights), gib(mem.kv_cache), gib(mem.activations),
+           gib(mem.total));
+    SF_TRY("sf_cuda_engine_set_timing", sf_cuda_engine_set_timing(e, true));
+
+    const sf_sampling greedy = {.temperature = 0.0f, .top_k = 0, .top_p = 1.0f, .seed = 0};
+    const double f_llm = llm_prefill_flops(&c, R, P);
+    const double f_sys = sysformer_flops(&sc, R, S, U);
+    const double f_layers = 2.0 * (double)T * c.num_layers * llm_layer_params(&c)
+                            + 4.0 * c.head_dim * c.num_heads * c.num_layers *
+                                  (R * causal_pairs(&c, P));
+    printf("  FLOPs per prefill: LLM %.3f T (layers %.3f T), Sysformer %.4f T (%.2f%% of "
+           "guarded)\n",
+           f_llm * 1e-12, f_layers * 1e-12, f_sys * 1e-12, 100.0 * f_sys / (f_llm + f_sys));
+
+    /* Guarded prefill. */
+    sf_cuda_step gstep = {.n_requests = R, .slots = slots, .cu_seqlens = cu, .token_ids = ids,
+                          .spans = spans, .sampling = &greedy, .uniforms = NULL};
+    double g_ms;
+    sf_cuda_stage_times g_st;
+    bool g_same, g_range;
+    SF_TRY("guarded prefill", bench_prefill(e, &gstep, o->repeats, V, tokens, first, &g_ms,
+                                            &g_st, &g_same, &g_range));
+    const double g_tok_s = (double)T / (g_ms * 1e-3);
+    const double g_tflops = (f_llm + f_sys) / (g_ms * 1e-3) * 1e-12;
+    const double g_mfu = 100.0 * g_tflops / o->peak_tflops;
+    const double share = g_st.total_ms > 0 ? 100.0 * g_st.sysformer_ms / g_st.total_ms : NAN;
+
+    /* Unguarded prefill of the same tokens. */
+    sf_cuda_step ustep = gstep;
+    ustep.spans = NULL;
+    double u_ms;
+    sf_cuda_stage_times u_st;
+    bool u_same, u_range;
+    SF_TRY("unguarded prefill", bench_prefill(e, &ustep, o->repeats, V, tokens, first, &u_ms,
+                                              &u_st, &u_same, &u_range));
+    const double u_tok_s = (double)T / (u_ms * 1e-3);
+    const double u_tflops = f_llm / (u_ms * 1e-3) * 1e-12;
+
+    printf("  %-22s %10s %12s %9s %7s  %s\n", "", "wall ms", "tokens/s", "TFLOP/s", "MFU",
+           "checks");
+    printf("  %-22s %10.3f %12.0f %9.1f %6.1f%%  tokens %s, repeats %s\n", "guarded prefill",
+           g_ms, g_tok_s, g_tflops, g_mfu, g_range ? "in range" : "OUT OF RANGE",
+           g_same ? "identical" : "DIFFER");
+    printf("  %-22s %10.3f %12.0f %9.1f %6.1f%%  tokens %s, repeats %s\n", "unguarded prefill",
+           u_ms, u_tok_s, u_tflops, 100.0 * u_tflops / o->peak_tflops,
+           u_range ? "in range" : "OUT OF RANGE", u_same ? "identical" : "DIFFER");
+    print_stages("guarded stages", &g_st);
+    print_stages("unguarded stages", &u_st);
+    printf("  sysformer share %.2f%% of the guarded step (stage sysformer / total); guard cost "
+           "%+.2f%% wall vs unguarded; LLM layers alone %.1f TFLOP/s (%.1f%% of peak)\n",
+           share, 100.0 * (g_ms / u_ms - 1.0),
+           g_st.layers_ms > 0 ? f_layers / (g_st.layers_ms * 1e-3) * 1e-12 : NAN,
+           g_st.layers_ms > 0 ? 100.0 * f_layers / (g_st.layers_ms * 1e-3) * 1e-12 /
+                                    o->peak_tflops
+                              : NAN);
+
+    /* Decode after a guarded prefill: step with token_ids = NULL, read tokens each step. */
+    double d_first = NAN, d_med = NAN, d_dev_med = NAN, d_tok_s = NAN;
+    if (o->decode > 0) {
+        SF_TRY("reset before decode", reset_slots(e, R));
+        double w;
+        sf_cuda_stage_times s;
+        SF_TRY("prefill before decode", timed_step(e, &gstep, tokens, &w, &s));
+        sf_cuda_step dstep = {.n_requests = R, .slots = slots, .cu_seqlens = NULL,
+                              .token_ids = NULL, .spans = NULL, .sampling = &greedy,
+                              .uniforms = NULL};
+        double *dw = malloc((size_t)o->decode * sizeof *dw);
+        double *dd = malloc((size_t)o->decode * sizeof *dd);
+        if (!dw || !dd) {
+            free(dw);
+            free(dd);
+            printf("  ERROR out of host memory\n");
+            goto done;
+        }
+        bool d_range = true;
+        sf_status dst = SF_OK;
+        for (int i = 0; i < o->decode && dst == SF_OK; i++) {
+            dst = timed_step(e, &dstep, tokens, &dw[i], &s);
+            dd[i] = s.total_ms;
+            if (dst == SF_OK && !tokens_in_range(tokens, R, V)) d_range = false;
+        }
+        if (dst == SF_OK) {
+            d_first = dw[0];
+            if (o->decode > 1) {
+                d_med = median(dw + 1, o->decode - 1);
+                d_dev_med = median(dd + 1, o->decode - 1);
+            } else {
+                d_med = dw[0];
+                d_dev_med = dd[0];
+            }
+            d_tok_s = R / (d_med * 1e-3);
+        }
+        free(dw);
+        free(dd);
+        SF_TRY("decode step", dst);
+        const int32_t len0 = sf_cuda_engine_slot_length(e, 0);
+        ok = ok && d_range && len0 == P + o->decode;
+        const double ctx = P + 0.5 * o->decode;
+        printf("  %-22s first %.3f ms%s, then median %.3f ms wall / %.3f ms "
+               "device per step: %.0f tokens/s, ~%.0f GB/s of weights+KV; tokens %s, slot 0 "
+               "length %d (expect %d)\n",
+               "decode", d_first, o->graphs ? " (graph capture)" : "", d_med, d_dev_med, d_tok_s,
+               decode_bytes(&c, R, ctx) / (d_med * 1e-3) * 1e-9,
+               d_range ? "in range" : "OUT OF RANGE", len0, P + o->decode);
+    }
+
+    /* The integration entry point: guarded embeddings into a caller-owned device buffer. */
+    {
+        CUDA_TRY("cudaMalloc embeds", cudaMalloc(&d_embeds, (size_t)T * (size_t)d * 2));
+        CUDA_TRY("cudaMalloc cu_seqlens", cudaMalloc(&d_cu, (size_t)(R + 1) * sizeof *cu));
+        CUDA_TRY("cudaMalloc token ids", cudaMalloc(&d_ids, (size_t)T * sizeof *ids));
+        CUDA_TRY("cudaMalloc spans", cudaMalloc(&d_spans, (size_t)R * sizeof *spans));
+        CUDA_TRY("cudaMalloc errors", cudaMalloc((void **)&d_errors, sizeof(int)));
+        CUDA_TRY("cudaMemcpy cu_seqlens", cudaMemcpy(d_cu, cu, (size_t)(R + 1) * sizeof *cu,
+                                                     cudaMemcpyHostToDevice));
+        CUDA_TRY("cudaMemcpy ids",
+                 cudaMemcpy(d_ids, ids, (size_t)T * sizeof *ids, cudaMemcpyHostToDevice));
+        CUDA_TRY("cudaMemcpy spans", cudaMemcpy(d_spans, spans, (size_t)R * sizeof *spans,
+                                                cudaMemcpyHostToDevice));
+        CUDA_TRY("cudaMemset errors", cudaMemset(d_errors, 0, sizeof(int)));
+        CUDA_TRY("cudaMemset embeds", cudaMemset(d_embeds, 0xff, (size_t)T * (size_t)d * 2));
+        CUDA_TRY("cudaEventCreate", cudaEventCreate(&ev0));
+        CUDA_TRY("cudaEventCreate", cudaEventCreate(&ev1));
+        cudaStream_t stream = (cudaStream_t)sf_cuda_engine_stream(e);
+        double ge[MAX_REPEATS];
+        for (int it = -1; it < o->repeats; it++) {
+            CUDA_TRY("cudaEventRecord", cudaEventRecord(ev0, stream));
+            SF_TRY("sf_cuda_guarded_embed",
+                   sf_cuda_guarded_embed(e, R, (int32_t)T, (const int32_t *)d_cu,
+                                         (const int32_t *)d_ids,
+                                         (const sf_prompt_spans *)d_spans, S, U, d_embeds,
+                                         d_errors, stream));
+            CUDA_TRY("cudaEventRecord", cudaEventRecord(ev1, stream));
+            CUDA_TRY("cudaEventSynchronize", cudaEventSynchronize(ev1));
+            float ms = 0;
+            CUDA_TRY("cudaEventElapsedTime", cudaEventElapsedTime(&ms, ev0, ev1));
+            if (it >= 0) ge[it] = ms;
+        }
+        const double ge_ms = median(ge, o->repeats);
+        int n_err = -1;
+        CUDA_TRY("cudaMemcpy errors",
+                 cudaMemcpy(&n_err, d_errors, sizeof n_err, cudaMemcpyDeviceToHost));
+        /* Probe the first system row and the last row of the batch: finite after poisoning. */
+        int bad = 0;
+        const int64_t rows[2] = {5, T - 1};
+        for (int k = 0; k < 2; k++) {
+            CUDA_TRY("cudaMemcpy probe",
+                     cudaMemcpy(probe, (const char *)d_embeds + (size_t)rows[k] * (size_t)d * 2,
+                                (size_t)d * 2, cudaMemcpyDeviceToHost));
+            for (int j = 0; j < d; j++)
+                if (!isfinite(bf16_to_float(probe[j]))) bad++;
+        }
+        const double ge_bytes = (double)T * d * 2.0 * 2.0; /* gather read + write, bf16 */
+        printf("  %-22s %.3f ms median (CUDA events, caller's stream): %.1f TFLOP/s of "
+               "Sysformer, %.0f GB/s gather+write; d_errors %d, probed rows %s\n",
+               "sf_cuda_guarded_embed", ge_ms, f_sys / (ge_ms * 1e-3) * 1e-12,
+               ge_bytes / (ge_ms * 1e-3) * 1e-9, n_err, bad ? "NON-FINITE" : "finite");
+        printf("SUMMARY %s prefill_tok_s=%.0f mfu=%.1f%% sysformer_share=%.2f%% "
+               "decode_tok_s=%.0f unguarded_tok_s=%.0f decode_ms=%.3f guarded_embed_ms=%.3f\n",
+               name, g_tok_s, g_mfu, share, d_tok_s, u_tok_s, d_med, ge_ms);
+        summary = true;
+        ok = ok && g_same && g_range && u_same && u_range && n_err == 0 && !bad;
+        rc = ok ? 0 : 1;
+        if (!ok) printf("  CHECK FAILED: see the checks above\n");
+    }
+
+done:
+    if (!summary) printf("SUMMARY %s FAILED\n", name);
+    fflush(stdout);
+    if (ev0) cudaEventDestroy(ev0);
+    if (ev1) cudaEventDestroy(ev1);
+    cudaFree(d_embeds);
+    cudaFree(d_cu);
+    cudaFree(d_ids);
+    cudaFree(d_spans);
+    cudaFree(d_errors);
+    sf_cuda_engine_free(e);
+    free(ids);
+    free(cu);
+    free(slots);
+    free(tokens);
+    free(first);
+    free(spans);
+    free(probe);
+    return rc;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+
+static int usage(void) {
+    fprintf(stderr,
+            "usage: bench_engine [--configs llama3.1-8b,mistral-7b,phi3.5-mini,smollm2-135m] "
+            "[--requests 32] [--prompt 512] [--system 64] [--user 384] [--decode 32] "
+            "[--repeats 5] [--seed 1] [--peak 989] [--no-graphs]\n");
+    return 2;
+}
+
+int main(int argc, char **argv) {
+    options o = {.configs = "llama3.1-8b,mistral-7b,phi3.5-mini,smollm2-135m",
+                 .requests = 32, .prompt = 512, .system = 64, .user = 384, .decode = 32,
+                 .repeats = 5, .seed = 1, .peak_tflops = 989.0, .graphs = true};
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "--no-graphs")) {
+            o.graphs = false;
+            continue;
+        }
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+            usage();
+            return 0;
+        }
+        if (i + 1 >= argc) return usage();
+        const char *v = argv[++i];
+        if (!strcmp(a, "--configs")) o.configs = v;
+        else if (!strcmp(a, "--requests")) o.requests = atoi(v);
+        else if (!strcmp(a, "--prompt")) o.prompt = atoi(v);
+        else if (!strcmp(a, "--system")) o.system = atoi(v);
+        else if (!strcmp(a, "--user")) o.user = atoi(v);
+        else if (!strcmp(a, "--decode")) o.decode = atoi(v);
+        else if (!strcmp(a, "--repeats")) o.repeats = atoi(v);
+        else if (!strcmp(a, "--seed")) o.seed = strtoull(v, NULL, 10);
+        else if (!strcmp(a, "--peak")) o.peak_tflops = atof(v);
+        else {
+            fprintf(stderr, "bench_engine: unknown option %s\n", a);
+            return usage();
+        }
+    }
+    if (o.requests < 1 || o.system < 1 || o.user < 1 || o.decode < 0 || o.decode > 100000 ||
+        o.repeats < 1 || o.repeats > MAX_REPEATS || !(o.peak_tflops > 0) ||
+        o.prompt < 10 + o.system + o.user + 1 ||
+        (int64_t)o.requests * o.prompt > INT32_MAX / 2) {
+        fprintf(stderr, "bench_engine: bad sizes (need prompt >= 10 + system + user + 1, "
+                        "1 <= repeats <= %d)\n", MAX_REPEATS);
+        return 2;
+    }
+
+    int count = 0;
+    if (!sf_cuda_built() || sf_cuda_device_count(&count) != SF_OK || count <= 0) {
+        printf("bench_engine: no CUDA device; nothing to measure\n");
+        return 0;
+    }
+    struct cudaDeviceProp prop;
+    memset(&prop, 0, sizeof prop);
+    if (cudaGetDeviceProperties(&prop, 0) != cudaSuccess) snprintf(prop.name, 8, "unknown");
+    printf("bench_engine: %s (%d SMs, %.0f GiB); %d requests x %d tokens = %d packed tokens "
+           "per prefill (prefix 5 | system %d | middle 5 | user %d | suffix %d), decode %d "
+           "steps, median of %d after 1 warm-up, CUDA graphs %s\n",
+           prop.name, prop.multiProcessorCount, gib(prop.totalGlobalMem), o.requests, o.prompt,
+           o.requests * o.prompt, o.system, o.user, o.prompt - 10 - o.system - o.user,
+           o.decode, o.repeats, o.graphs ? "on" : "off");
+    printf("assumptions: random bf16 weights drawn on the device; greedy sampling; MFU against "
+           "%.0f TFLOP/s dense bf16 (H200 spec; a measured 8192^3 bf16 GEMM reaches ~790);\n"
+           "  FLOPs = 2*T*L*[d*hd*(2H+2Hkv) + 3*d*ff] + 4*hd*H*L*causal_pairs + 2*d*V*R "
+           "(LM head, 1 row/request) + Sysformer GEMMs and attention (guarded only);\n"
+           "  Phi-3.5-mini runs with DEFAULT RoPE (theta 1e4) in place of longrope: same cost, "
+           "only shapes matter for throughput\n",
+           o.peak_tflops);
+
+    int failed = 0;
+    char *list = strdup(o.configs);
+    if (!list) return 1;
+    char *save = NULL;
+    for (char *name = strtok_r(list, ",", &save); name; name = strtok_r(NULL, ",", &save))
+        failed += bench_config(name, &o) != 0;
+    free(list);
+    printf("\nbench_engine: %s\n", failed ? "some configs failed (see ERROR lines)" : "done");
+    return failed ? 1 : 0;
+}
