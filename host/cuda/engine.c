@@ -129,20 +129,21 @@ static sf_status check_inputs(const sf_llm_config *cfg, const sf_sysformer_confi
                        "128)",
                        cfg->head_dim);
     }
+    /* d % 8: the Sysformer's attention reads rows of d values in 16-byte chunks */
     if (cfg->hidden_size <= 0 || cfg->hidden_size % 8 != 0 || cfg->intermediate_size <= 0 ||
-        cfg->intermediate_size % 8 != 0 || cfg->num_layers <= 0 || cfg->num_heads <= 0 ||
+        cfg->num_layers <= 0 || cfg->num_heads <= 0 ||
         cfg->num_kv_heads <= 0 || cfg->num_heads % cfg->num_kv_heads != 0 ||
         cfg->vocab_size <= 0 || cfg->max_position_embeddings <= 0) {
         return sf_fail(SF_ERR_UNSUPPORTED,
                        "sf_cuda_engine: LLM shape d %d, ff %d, layers %d, heads %d/%d, vocab %d "
-                       "(d and ff must be positive multiples of 8)",
+                       "(d must be a positive multiple of 8)",
                        cfg->hidden_size, cfg->intermediate_size, cfg->num_layers, cfg->num_heads,
                        cfg->num_kv_heads, cfg->vocab_size);
     }
     if (scfg) {
         if (scfg->d_model != cfg->hidden_size || scfg->num_heads <= 0 ||
             scfg->d_model % scfg->num_heads != 0 || scfg->num_layers < 0 ||
-            scfg->dim_feedforward <= 0 || scfg->dim_feedforward % 8 != 0) {
+            scfg->dim_feedforward <= 0) {
             return sf_fail(SF_ERR_INVALID_ARGUMENT,
                            "sf_cuda_engine: Sysformer d_model %d, heads %d, ff %d for an LLM of "
                            "hidden size %d",
