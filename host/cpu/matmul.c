@@ -116,3 +116,73 @@ void sf_cpu_matmul(float *out, const float *x, const float *w, const float *bias
 #endif
     sf_cpu_matmul_portable(out, x, w, bias, m, n, k);
 }
+
+/* ---- backward ------------------------------------------------------------------------------ */
+
+/* dx[m, k] (= or +=) dy[m, n] . w[n, k]: each dx row is a sum of w rows weighted by one dy row,
+ * an axpy over contiguous rows, so rows of dx are independent and split across threads. */
+static void linear_dx_portable(float *dx, bool accumulate, const float *dy, const float *w,
+                               int64_t m, int64_t n, int64_t k) {
+    SF_OMP(omp parallel for schedule(static))
+    for (int64_t i = 0; i < m; i++) {
+        float *dxr = dx + i * k;
+        const float *dyr = dy + i * n;
+        if (!accumulate)
+            for (int64_t p = 0; p < k; p++) dxr[p] = 0.0f;
+        for (int64_t j = 0; j < n; j++) {
+            float a = dyr[j];
+            const float *wr = w + j * k;
+            SF_OMP(omp simd)
+            for (int64_t p = 0; p < k; p++) dxr[p] += a * wr[p];
+        }
+    }
+}
+
+/* dw[n, k] += dy[m, n]^T . x[m, k]: dw row j is a sum of x rows weighted by column j of dy, so
+ * threads split the rows of dw and none of them shares an output. */
+static void linear_dw_portable(float *dw, const float *dy, const float *x, int64_t m, int64_t n,
+                               int64_t k) {
+    SF_OMP(omp parallel for schedule(static))
+    for (int64_t j = 0; j < n; j++) {
+        float *dwr = dw + j * k;
+        for (int64_t i = 0; i < m; i++) {
+            float a = dy[i * n + j];
+            const float *xr = x + i * k;
+            SF_OMP(omp simd)
+            for (int64_t p = 0; p < k; p++) dwr[p] += a * xr[p];
+        }
+    }
+}
+
+void sf_cpu_linear_backward(float *dx, bool accumulate_dx, float *dw, float *db, const float *dy,
+                            const float *x, const float *w, int64_t m, int64_t n, int64_t k) {
+    if (db != NULL) {
+        /* Columns are independent sums over rows; accumulating in double keeps a bias gradient
+         * summed over thousands of tokens at fp32 accuracy. */
+        SF_OMP(omp parallel for schedule(static))
+        for (int64_t j = 0; j < n; j++) {
+            double s = 0.0;
+            for (int64_t i = 0; i < m; i++) s += dy[i * n + j];
+            db[j] = (float)((double)db[j] + s);
+        }
+    }
+#ifdef SF_HAVE_CBLAS
+    /* As in sf_cpu_matmul: CBLAS takes int sizes, xerbla prints on a zero leading dimension, and
+     * tiny products are no faster through it, so those take the portable loops. Every size must
+     * be positive here: with n == 0, "dx = dy . w" is a zero fill that sgemm with k_inner == 0
+     * would also do, but not every BLAS honours beta for an empty inner product. */
+    bool blas = m >= MM_BLAS_MIN_ROWS && n >= MM_BLAS_MIN_ROWS && k >= MM_BLAS_MIN_ROWS &&
+                m <= INT_MAX && n <= INT_MAX && k <= INT_MAX;
+    if (blas) {
+        if (dx != NULL)
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)m, (int)k, (int)n, 1.0f,
+                        dy, (int)n, w, (int)k, accumulate_dx ? 1.0f : 0.0f, dx, (int)k);
+        if (dw != NULL)
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)n, (int)k, (int)m, 1.0f, dy,
+                        (int)n, x, (int)k, 1.0f, dw, (int)k);
+        return;
+    }
+#endif
+    if (dx != NULL) linear_dx_portable(dx, accumulate_dx, dy, w, m, n, k);
+    if (dw != NULL) linear_dw_portable(dw, dy, x, m, n, k);
+}

@@ -79,6 +79,54 @@ void sf_cpu_log_softmax(float *out, const float *x, int64_t rows, int64_t n);
 void sf_cpu_embedding(float *out, const float *table, const int32_t *ids, int64_t n,
                       int64_t dim);
 
+/* ---------------------------------------------------------------------------------------- */
+/* Backward passes (training). Each lives in its forward's file. "+=" means the gradient is  */
+/* added to what the buffer holds (weights' gradients accumulate over a batch); "=" means    */
+/* it is overwritten. A NULL gradient pointer means "not wanted" (the frozen LLM's weights). */
+/* ---------------------------------------------------------------------------------------- */
+
+/* matmul.c: for y[m, n] = x[m, k] w[n, k]^T + b:
+ *   dx[m, k] (= or +=, accumulate_dx) dy . w;  dw[n, k] += dy^T . x;  db[n] += sum_rows dy. */
+void sf_cpu_linear_backward(float *dx, bool accumulate_dx, float *dw, float *db, const float *dy,
+                            const float *x, const float *w, int64_t m, int64_t n, int64_t k);
+
+/* rmsnorm.c: dx = d(rmsnorm)/dx^T dy (=); dw += sum_rows dy * x_hat (when dw != NULL).
+ * dx may alias dy. */
+void sf_cpu_rmsnorm_backward(float *dx, float *dw, const float *dy, const float *x,
+                             const float *w, int64_t rows, int64_t dim, float eps);
+
+/* layernorm.c: dx (=), dw += sum_rows dy * x_hat, db += sum_rows dy (each when not NULL).
+ * dx may alias dy. */
+void sf_cpu_layernorm_backward(float *dx, float *dw, float *db, const float *dy, const float *x,
+                               const float *w, int64_t rows, int64_t dim, float eps);
+
+/* rope.c: the backward of sf_cpu_rope_apply with the same arguments, in place on d (dy in, dx
+ * out): the transposed rotation, scaled by attention_scale. */
+void sf_cpu_rope_backward(float *d, const int32_t *positions, int64_t n, int32_t n_heads,
+                          int32_t head_dim, const double *inv_freq, double attention_scale);
+
+/* attention.c: the backward of sf_cpu_attention with the same shape and mask arguments:
+ * dq [n_q, n_heads * head_dim] (=), dk and dv [n_kv, n_kv_heads * head_dim] (=; each kv head
+ * sums the gradients of the query heads that read it). Recomputes the softmax. */
+void sf_cpu_attention_backward(float *dq, float *dk, float *dv, const float *dout,
+                               const float *q, const float *k, const float *v, int64_t n_q,
+                               int64_t n_kv, int32_t n_heads, int32_t n_kv_heads,
+                               int32_t head_dim, bool causal, int64_t q_pos0, int32_t window,
+                               float scale);
+
+/* activations.c, elementwise (=); outputs may alias dout / dy. */
+void sf_cpu_swiglu_backward(float *dgate, float *dup, const float *dout, const float *gate,
+                            const float *up, int64_t n);
+void sf_cpu_gelu_backward(float *dx, const float *dy, const float *x, int64_t n);
+void sf_cpu_relu_backward(float *dx, const float *dy, const float *x, int64_t n);
+
+/* softmax.c: token cross-entropy. For each row r < rows: loss_r = -log softmax(logits[r])
+ * [targets[r]]; returns sum_r weights[r] * loss_r (weights NULL: 1) in double, and when
+ * dlogits != NULL writes dlogits[r] = weights[r] * (softmax(logits[r]) - onehot(targets[r]))
+ * (=). dlogits may alias logits. */
+double sf_cpu_cross_entropy(float *dlogits, const float *logits, const int32_t *targets,
+                            const float *weights, int64_t rows, int32_t vocab);
+
 #ifdef __cplusplus
 }
 #endif

@@ -90,3 +90,28 @@ void sf_cpu_rope_apply(float *x, const int32_t *positions, int64_t n, int32_t n_
         }
     }
 }
+
+/* The rotation is orthogonal up to the factor attention_scale, so its transpose is the rotation
+ * by the negative angle with the same factor: (x0, x1) <- (x0 c + x1 s, x1 c - x0 s). */
+void sf_cpu_rope_backward(float *d, const int32_t *positions, int64_t n, int32_t n_heads,
+                          int32_t head_dim, const double *inv_freq, double attention_scale) {
+    int32_t half = head_dim / 2;
+    int64_t row = (int64_t)n_heads * head_dim;
+    SF_OMP(omp parallel for schedule(static))
+    for (int64_t t = 0; t < n; t++) {
+        float *dt = d + t * row;
+        double pos = (double)positions[t];
+        for (int32_t i = 0; i < half; i++) {
+            double angle = pos * inv_freq[i];
+            double c = cos(angle) * attention_scale;
+            double s = sin(angle) * attention_scale;
+            for (int32_t h = 0; h < n_heads; h++) {
+                float *dh = dt + (int64_t)h * head_dim;
+                double d0 = dh[i];
+                double d1 = dh[i + half];
+                dh[i] = (float)(d0 * c + d1 * s);
+                dh[i + half] = (float)(d1 * c - d0 * s);
+            }
+        }
+    }
+}

@@ -45,3 +45,40 @@ void sf_cpu_log_softmax(float *out, const float *x, int64_t rows, int64_t n) {
         for (int64_t i = 0; i < n; i++) orow[i] = (float)(((double)xr[i] - m) - log_sum);
     }
 }
+
+/* Cross-entropy as log-sum-exp minus the target logit, per row in double (the same sums as
+ * sf_cpu_log_softmax). The gradient's exponentials are recomputed rather than stored, so dlogits
+ * may be logits; the target logit is read before the row is overwritten. */
+double sf_cpu_cross_entropy(float *dlogits, const float *logits, const int32_t *targets,
+                            const float *weights, int64_t rows, int32_t vocab) {
+    if (vocab <= 0) return 0.0;
+    double total = 0.0;
+    SF_OMP(omp parallel for schedule(static) reduction(+ : total))
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = logits + r * vocab;
+        double wr = weights != NULL ? (double)weights[r] : 1.0;
+        /* A weight of 0 masks the row (padding, prompt tokens): its gradient is zero and its
+         * loss is skipped, so that an infinite loss there cannot turn the sum into 0 * inf. */
+        if (wr == 0.0) {
+            if (dlogits != NULL)
+                for (int64_t i = 0; i < vocab; i++) dlogits[r * vocab + i] = 0.0f;
+            continue;
+        }
+        double m = row_max(xr, vocab);
+        double sum = 0.0;
+        for (int64_t i = 0; i < vocab; i++) sum += exp((double)xr[i] - m);
+        int32_t t = targets[r];
+        total += wr * ((m - (double)xr[t]) + log(sum));
+        if (dlogits != NULL) {
+            float *dr = dlogits + r * vocab;
+            double inv = 1.0 / sum;
+            /* The one-hot term is subtracted before rounding, so the target's gradient
+             * (p - 1, possibly tiny) is rounded once too. */
+            for (int64_t i = 0; i < vocab; i++) {
+                double p = exp((double)xr[i] - m) * inv;
+                dr[i] = (float)(wr * (i == t ? p - 1.0 : p));
+            }
+        }
+    }
+    return total;
+}
