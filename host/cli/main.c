@@ -5,6 +5,8 @@
 
 #include "cli/cli.h"
 
+int cmd_train(int argc, char **argv); /* cmd_train.c */
+
 static void usage(FILE *out) {
     fprintf(out,
             "usage: sysformer <command> [options]\n"
@@ -16,6 +18,7 @@ static void usage(FILE *out) {
             "  info           print a model's configuration\n"
             "  init           create a new Sysformer for a model\n"
             "  rewrite        write a system prompt's embeddings before and after a Sysformer\n"
+            "  train          train a Sysformer for a model on prompt datasets\n"
             "  random-model   write a small random Llama model (the embedded default)\n"
             "  version        print the library version\n"
             "\n"
@@ -78,6 +81,7 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "random-model")) return cmd_random_model(argc - 1, argv + 1);
     if (!strcmp(cmd, "init")) return cmd_init(argc - 1, argv + 1);
     if (!strcmp(cmd, "rewrite")) return cmd_rewrite(argc - 1, argv + 1);
+    if (!strcmp(cmd, "train")) return cmd_train(argc - 1, argv + 1);
     if (!strcmp(cmd, "version") || !strcmp(cmd, "--version")) {
         int devices = 0;
         sf_cuda_device_count(&devices);
