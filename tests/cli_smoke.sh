@@ -131,5 +131,25 @@ if [[ -f $g ]]; then
 else
     echo "skipped: generate/chat on SmolLM2 (run weights/fetch_smollm2.sh)"
 fi
+
+# Training: argument and data errors anywhere; a two-example run and its resume on SmolLM2
+# when the model and ../shared/datasets are both present (about 10 s).
+echo '[{"instruction": 1}]' >"$tmp/bad.json"
+expect 1 "train, malformed dataset" -- "$cli" train --llm "$m" --harmful "$tmp/bad.json" \
+    --harmless "$tmp/bad.json" --out "$tmp/tr"
+expect 2 "train, missing flags" -- "$cli" train --llm "$m" --harmful x
+ds=$here/../shared/datasets
+if [[ -f $g && -f $ds/harmful_train.json ]]; then
+    T=(--harmful "$ds/harmful_train.json" --harmless "$ds/harmless_train.json"
+       --harmful-val "$ds/harmful_val.json" --harmless-val "$ds/harmless_val.json"
+       --out "$tmp/tr" --max-harmful 2 --max-harmless 2 --max-val 1 --val-harmful-n 1
+       --val-harmless-n 1 --val-max-new-tokens 4 --compl-max-tokens 4 --epochs 1)
+    expect 0 "train SmolLM2 (2 + 2 examples)" -- "$cli" train --llm "$g" "${T[@]}"
+    [[ -s $tmp/tr/train_log.jsonl && -f $tmp/tr/sysformer.safetensors ]] ||
+        { echo "FAIL: train wrote no log or checkpoint"; fails=$((fails + 1)); }
+    expect 0 "train --resume (finished run)" -- "$cli" train --llm "$g" "${T[@]}" --resume
+else
+    echo "skipped: train on SmolLM2 (needs the GGUF and ../shared/datasets)"
+fi
 echo "${fails} failed"
 [[ $fails -eq 0 ]]
