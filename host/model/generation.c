@@ -1,0 +1,150 @@
+/* The per-request bookkeeping of generation, shared by the CPU and CUDA loops (generation.h).
+ *
+ * Messages carry the caller's name, so each entry point reports failures as its own. */
+#include "model/generation.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/error.h"
+
+static sf_status text_append(const char *who, sf_gen_request *rq, const char *s, size_t n) {
+    if (rq->text_len + n + 1 > rq->text_cap) {
+        size_t cap = rq->text_cap ? rq->text_cap * 2 : 256;
+        while (cap < rq->text_len + n + 1) cap *= 2;
+        char *grown = realloc(rq->text, cap);
+        if (!grown) return sf_fail(SF_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
+        rq->text = grown;
+        rq->text_cap = cap;
+    }
+    memcpy(rq->text + rq->text_len, s, n);
+    rq->text_len += n;
+    rq->text[rq->text_len] = '\0';
+    return SF_OK;
+}
+
+static bool ends_with_stop_string(const sf_gen_request *rq, const sf_generation *g,
+                                  size_t *stop_len) {
+    for (int32_t i = 0; i < g->n_stop_strings; i++) {
+        const size_t n = strlen(g->stop_strings[i]);
+        if (n && rq->text_len >= n && !memcmp(rq->text + rq->text_len - n, g->stop_strings[i], n)) {
+            *stop_len = n;
+            return true;
+        }
+    }
+    return false;
+}
+
+sf_status sf_gen_check_args(const char *who, bool have_model, bool needs_spans,
+                            const sf_tokenizer *tok, const sf_generation *g,
+                            const sf_generation_result *results) {
+    if (!have_model || !g || !results || g->n_requests < 0 || !g->cu_seqlens || !g->token_ids) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: NULL argument", who);
+    }
+    if (g->max_new_tokens < 1) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: max_new_tokens = %d", who,
+                       g->max_new_tokens);
+    }
+    if (needs_spans && !g->spans) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: a Sysformer needs each prompt's spans", who);
+    }
+    if (g->n_stop_strings > 0 && !tok) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: stop strings need a tokenizer", who);
+    }
+    if ((g->n_stop_ids > 0 && !g->stop_ids) || (g->n_stop_strings > 0 && !g->stop_strings)) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: NULL stop list", who);
+    }
+    return SF_OK;
+}
+
+sf_status sf_gen_check_prompts(const char *who, const sf_generation *g, int32_t window,
+                               const char *window_name) {
+    for (int32_t r = 0; r < g->n_requests; r++) {
+        const int32_t n = g->cu_seqlens[r + 1] - g->cu_seqlens[r];
+        if (n < 1) return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: prompt %d is empty", who, r);
+        if (n >= window) {
+            return sf_fail(SF_ERR_OUT_OF_RANGE,
+                           "prompt %d has %d tokens; %s is %d, leaving no room to generate "
+                           "(shorten the prompt)",
+                           r, n, window_name, window);
+        }
+    }
+    return SF_OK;
+}
+
+sf_status sf_gen_request_init(const sf_gen_ctx *c, sf_status st, const sf_tokenizer *tok,
+                              sf_gen_request *rq, sf_generation_result *res) {
+    rq->rng = c->g->sampling.seed;
+    /* Allocated even after a failure, as the caller's cleanup frees every result alike. */
+    res->tokens = malloc((size_t)c->g->max_new_tokens * sizeof(int32_t));
+    if (st == SF_OK && !res->tokens) {
+        st = sf_fail(SF_ERR_OUT_OF_MEMORY, "%s: out of memory", c->who);
+    }
+    if (st == SF_OK && tok) st = sf_detokenizer_create(tok, true, &rq->detok);
+    return st;
+}
+
+sf_status sf_gen_accept(const sf_gen_ctx *c, int32_t r, int32_t token, sf_gen_room room,
+                        sf_gen_request *rq, sf_generation_result *res) {
+    const sf_generation *g = c->g;
+    for (int32_t i = 0; i < g->n_stop_ids; i++) {
+        if (token == g->stop_ids[i]) {
+            rq->done = true;
+            res->finish = SF_FINISH_STOP_TOKEN;
+            return SF_OK;
+        }
+    }
+    res->tokens[res->n_tokens++] = token;
+    rq->last = token;
+    char piece[256];
+    size_t piece_len = 0;
+    if (rq->detok) {
+        sf_status st = sf_detokenizer_push(rq->detok, token, piece, sizeof piece, &piece_len);
+        if (st == SF_OK) st = text_append(c->who, rq, piece, piece_len);
+        if (st != SF_OK) return st;
+    }
+    if (c->stream && !c->stream(c->user, r, token, rq->detok ? piece : NULL, piece_len)) {
+        rq->done = true;
+        res->finish = SF_FINISH_CALLBACK;
+        return SF_OK;
+    }
+    size_t stop_len = 0;
+    if (rq->detok && ends_with_stop_string(rq, g, &stop_len)) {
+        rq->text_len -= stop_len;
+        rq->text[rq->text_len] = '\0';
+        rq->done = true;
+        res->finish = SF_FINISH_STOP_STRING;
+    } else if (res->n_tokens >= g->max_new_tokens) {
+        rq->done = true;
+        res->finish = SF_FINISH_LENGTH;
+    } else if (room.used >= room.capacity) {
+        /* The token just accepted has no position left to be fed at. */
+        rq->done = true;
+        res->finish = room.window == room.capacity ? SF_FINISH_CONTEXT : SF_FINISH_LENGTH;
+    }
+    return SF_OK;
+}
+
+sf_status sf_gen_end(const sf_gen_ctx *c, sf_status st, int32_t n, sf_gen_request *rq,
+                     sf_generation_result *results) {
+    for (int32_t r = 0; rq && r < n; r++) {
+        if (st == SF_OK && rq[r].detok) {
+            char tail[64];
+            size_t tail_len = 0;
+            if (results[r].finish != SF_FINISH_STOP_STRING &&
+                sf_detokenizer_flush(rq[r].detok, tail, sizeof tail, &tail_len) == SF_OK) {
+                st = text_append(c->who, &rq[r], tail, tail_len);
+            }
+            if (st == SF_OK && !rq[r].text) st = text_append(c->who, &rq[r], "", 0);
+            results[r].text = rq[r].text;
+            rq[r].text = NULL;
+        }
+        free(rq[r].text);
+        sf_detokenizer_free(rq[r].detok);
+        rq[r].detok = NULL;
+    }
+    if (st != SF_OK) {
+        for (int32_t r = 0; r < n; r++) sf_generation_result_free(&results[r]);
+    }
+    return st;
+}

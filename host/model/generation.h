@@ -1,0 +1,69 @@
+/* Internal: the per-request bookkeeping shared by sf_generate_cpu and sf_generate_cuda.
+ *
+ * Both loops feed tokens differently (the CPU reference forward vs the CUDA engine's slots) but
+ * must apply the same stop rules and produce the same results, so the argument checks, the
+ * handling of each sampled token and the final flush live here once. What differs between them
+ * is passed in: the caller's name for messages and how full the request's context is. */
+#ifndef SF_MODEL_GENERATION_H
+#define SF_MODEL_GENERATION_H
+
+#include "sysformer.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* One request's state while generating. */
+typedef struct sf_gen_request {
+    sf_detokenizer *detok;
+    uint64_t rng;     /* the request's own sampling stream */
+    int32_t last;     /* the token last accepted, the one to feed next */
+    bool done;
+    char *text;       /* decoded so far */
+    size_t text_len, text_cap;
+} sf_gen_request;
+
+/* What every accepted token needs; who names the public entry point in messages. */
+typedef struct sf_gen_ctx {
+    const char *who;
+    const sf_generation *g;
+    sf_stream_fn stream;
+    void *user;
+} sf_gen_ctx;
+
+/* How full a request's context is once the token just accepted is stored: the request ends when
+ * used reaches capacity, as SF_FINISH_CONTEXT if capacity is the whole window, else as
+ * SF_FINISH_LENGTH (a cache sized to prompt + max_new_tokens ran out first). */
+typedef struct sf_gen_room {
+    int32_t used, capacity, window;
+} sf_gen_room;
+
+/* The argument checks before any prompt is looked at; have_model is false for a NULL model or
+ * engine, needs_spans true when a Sysformer guards the prompts. */
+sf_status sf_gen_check_args(const char *who, bool have_model, bool needs_spans,
+                            const sf_tokenizer *tok, const sf_generation *g,
+                            const sf_generation_result *results);
+
+/* Every prompt non-empty and shorter than window; window_name says whose window it is. */
+sf_status sf_gen_check_prompts(const char *who, const sf_generation *g, int32_t window,
+                               const char *window_name);
+
+/* Sets up request r after the caller's own setup returned st: its stream, its token buffer and,
+ * with a tokenizer, its detokenizer. Returns the first failure. */
+sf_status sf_gen_request_init(const sf_gen_ctx *c, sf_status st, const sf_tokenizer *tok,
+                              sf_gen_request *rq, sf_generation_result *res);
+
+/* Records one sampled token for request r and decides whether it finishes the request. */
+sf_status sf_gen_accept(const sf_gen_ctx *c, int32_t r, int32_t token, sf_gen_room room,
+                        sf_gen_request *rq, sf_generation_result *res);
+
+/* Flushes each request's text into its result (when st is SF_OK) and frees the request state
+ * (not the array); on failure frees the results too. Returns st, or the flush's failure. */
+sf_status sf_gen_end(const sf_gen_ctx *c, sf_status st, int32_t n, sf_gen_request *rq,
+                     sf_generation_result *results);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* SF_MODEL_GENERATION_H */
