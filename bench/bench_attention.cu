@@ -72,11 +72,11 @@ double visible_pairs(const Shape &s) {
     return pairs * s.n_requests;
 }
 
-// TODO(cuDNN peer): time cuDNN's fused SDPA (cudnnBackend* graph: matmul -> scale -> [causal
-// mask] -> softmax -> matmul, bf16 in/out, fp32 compute) on the same buffers and shape, return
-// its median milliseconds. Until it lands, the column reads "n/a" and the peer comes from the
-// PyTorch run (torch.nn.functional.scaled_dot_product_attention under
-// sdpa_kernel(SDPBackend.CUDNN_ATTENTION)) that device_check.sh records beside this table.
+// Not yet here: cuDNN's fused SDPA through its backend API (cudnnBackend* graph: matmul -> scale
+// -> [causal mask] -> softmax -> matmul, bf16 in/out, fp32 compute) on the same buffers. Until
+// then the column reads "see peer" and the peer is bench/peer_attention.py: cuDNN's fused
+// attention reached through torch SDPA (SDPBackend.CUDNN_ATTENTION) at the same shapes, which
+// device_check.sh runs in the same session and prints beside this table.
 bool cudnn_peer_ms(const Shape &, const sf_attention_args &, float *) { return false; }
 
 float median(std::vector<float> v) {
@@ -152,7 +152,7 @@ void run_shape(const Shape &s, int warmup, int repeats) {
     // bytes each launch must move at least once: q, k, v in, out back
     const double bytes = 2.0 * (2.0 * q_rows * q_row + 2.0 * kv_rows * kv_row);
     float peer = 0;
-    char peer_col[32] = "n/a (TODO)";
+    char peer_col[32] = "see peer";
     if (cudnn_peer_ms(s, a, &peer))
         snprintf(peer_col, sizeof peer_col, "%.1f", flops / (peer * 1e9));
     printf("%-26s %4d x %4d q x %5d kv  %2d/%-2d  %3d  %s  %9.4f  %8.1f  %8.0f  %s\n", s.name,
