@@ -140,6 +140,13 @@ static sf_status check_inputs(const sf_llm_config *cfg, const sf_sysformer_confi
                        cfg->hidden_size, cfg->intermediate_size, cfg->num_layers, cfg->num_heads,
                        cfg->num_kv_heads, cfg->vocab_size);
     }
+    if (cfg->rope.type == SF_ROPE_LONGROPE &&
+        (!cfg->rope.short_factor || !cfg->rope.long_factor ||
+         cfg->rope.original_max_position_embeddings <= 0)) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                       "sf_cuda_engine: longrope needs short_factor, long_factor and "
+                       "original_max_position_embeddings");
+    }
     if (scfg) {
         if (scfg->d_model != cfg->hidden_size || scfg->num_heads <= 0 ||
             scfg->d_model % scfg->num_heads != 0 || scfg->num_layers < 0 ||
