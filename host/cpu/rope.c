@@ -66,8 +66,10 @@ void sf_cpu_rope_freqs(const sf_llm_config *cfg, int64_t seq_len, double *inv_fr
     }
 }
 
-void sf_cpu_rope_apply(float *x, const int32_t *positions, int64_t n, int32_t n_heads,
-                       int32_t head_dim, const double *inv_freq, double attention_scale) {
+/* Rotates each (x[i], x[i + half]) pair of every head by angle sign * positions[t] * inv_freq[i],
+ * scaled by attention_scale: the forward (sign +1) and its transpose (sign -1) share this. */
+static void rotate(float *x, const int32_t *positions, int64_t n, int32_t n_heads,
+                   int32_t head_dim, const double *inv_freq, double attention_scale, double sign) {
     int32_t half = head_dim / 2;
     int64_t row = (int64_t)n_heads * head_dim;
     SF_OMP(omp parallel for schedule(static))
@@ -79,7 +81,7 @@ void sf_cpu_rope_apply(float *x, const int32_t *positions, int64_t n, int32_t n_
         for (int32_t i = 0; i < half; i++) {
             double angle = pos * inv_freq[i];
             double c = cos(angle) * attention_scale;
-            double s = sin(angle) * attention_scale;
+            double s = sign * sin(angle) * attention_scale;
             for (int32_t h = 0; h < n_heads; h++) {
                 float *xh = xt + (int64_t)h * head_dim;
                 double x0 = xh[i];
@@ -91,27 +93,14 @@ void sf_cpu_rope_apply(float *x, const int32_t *positions, int64_t n, int32_t n_
     }
 }
 
+void sf_cpu_rope_apply(float *x, const int32_t *positions, int64_t n, int32_t n_heads,
+                       int32_t head_dim, const double *inv_freq, double attention_scale) {
+    rotate(x, positions, n, n_heads, head_dim, inv_freq, attention_scale, 1.0);
+}
+
 /* The rotation is orthogonal up to the factor attention_scale, so its transpose is the rotation
  * by the negative angle with the same factor: (x0, x1) <- (x0 c + x1 s, x1 c - x0 s). */
 void sf_cpu_rope_backward(float *d, const int32_t *positions, int64_t n, int32_t n_heads,
                           int32_t head_dim, const double *inv_freq, double attention_scale) {
-    int32_t half = head_dim / 2;
-    int64_t row = (int64_t)n_heads * head_dim;
-    SF_OMP(omp parallel for schedule(static))
-    for (int64_t t = 0; t < n; t++) {
-        float *dt = d + t * row;
-        double pos = (double)positions[t];
-        for (int32_t i = 0; i < half; i++) {
-            double angle = pos * inv_freq[i];
-            double c = cos(angle) * attention_scale;
-            double s = sin(angle) * attention_scale;
-            for (int32_t h = 0; h < n_heads; h++) {
-                float *dh = dt + (int64_t)h * head_dim;
-                double d0 = dh[i];
-                double d1 = dh[i + half];
-                dh[i] = (float)(d0 * c + d1 * s);
-                dh[i + half] = (float)(d1 * c - d0 * s);
-            }
-        }
-    }
+    rotate(d, positions, n, n_heads, head_dim, inv_freq, attention_scale, -1.0);
 }
