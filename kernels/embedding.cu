@@ -2,6 +2,7 @@
 // CPU twin: host/cpu/embedding.c (the splice is the same row copy with the indices swapped).
 #include "cuda_check.cuh"
 #include "embedding.h"
+#include "guard.h"
 #include "kernels.h"
 
 namespace {
@@ -60,16 +61,6 @@ __global__ void embedding_bf16_kernel(T *__restrict__ out, const T *__restrict__
     copy_row(dst, table + (int64_t)id * dim_t, dim_t);
 }
 
-// The splice, one block per source row: the scatter twin of the gather.
-template <typename T>
-__global__ void splice_rows_bf16_kernel(T *__restrict__ dst, const T *__restrict__ src,
-                                        const int32_t *__restrict__ dst_rows, int64_t dim_t) {
-    const int64_t row = blockIdx.x;
-    const int32_t to = dst_rows[row];
-    if (to < 0) return;
-    copy_row(dst + (int64_t)to * dim_t, src + row * dim_t, dim_t);
-}
-
 // ---------------------------------------------------------------------------------------------
 // Launchers
 // ---------------------------------------------------------------------------------------------
@@ -114,27 +105,9 @@ extern "C" sf_status sf_cuda_embedding_bf16(sf_bf16 *out, const sf_bf16 *table, 
     return SF_OK;
 }
 
+// The splice is the scatter of kernels/guard.cu with packed rows (row strides = dim).
 extern "C" sf_status sf_cuda_splice_rows_bf16(sf_bf16 *dst, const sf_bf16 *src,
                                               const int32_t *dst_rows, int64_t n_rows,
                                               int64_t dim, cudaStream_t stream) {
-    if (n_rows < 0 || dim < 0 || n_rows > 0x7fffffff) {
-        return sf_fail(SF_ERR_INVALID_ARGUMENT,
-                       "sf_cuda_splice_rows_bf16: n_rows = %lld, dim = %lld", (long long)n_rows,
-                       (long long)dim);
-    }
-    if (n_rows == 0 || dim == 0) return SF_OK;
-    if (!dst || !src || !dst_rows) {
-        return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_cuda_splice_rows_bf16: NULL pointer");
-    }
-    sf_nvtx_range range("sf_cuda_splice_rows_bf16");
-    if (dim % kVec == 0 && aligned16(dst) && aligned16(src)) {
-        splice_rows_bf16_kernel<uint4><<<(unsigned)n_rows, kRowBlock, 0, stream>>>(
-            reinterpret_cast<uint4 *>(dst), reinterpret_cast<const uint4 *>(src), dst_rows,
-            dim / kVec);
-    } else {
-        splice_rows_bf16_kernel<uint16_t><<<(unsigned)n_rows, kRowBlock, 0, stream>>>(dst, src,
-                                                                                  dst_rows, dim);
-    }
-    SF_CUDA_TRY(cudaGetLastError());
-    return SF_OK;
+    return sf_cuda_scatter_rows_bf16(dst, dim, src, dim, dst_rows, n_rows, dim, stream);
 }

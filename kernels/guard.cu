@@ -56,41 +56,19 @@ __global__ void __launch_bounds__(kBlock)
     }
 }
 
-// One block per row; VEC bf16 per access.
-template <int VEC>
+// One block per row, T = uint4 (8 bf16, when the rows are 16-byte aligned) or uint16_t: a bit
+// copy of row i of src to row rows[i] of dst (scatter), or of row rows[i] of src to row i of dst
+// (gather). A negative index skips the row (scatter) or writes zeros (gather). Strides are in T.
+template <typename T, bool kScatter>
 __global__ void __launch_bounds__(kBlock)
-    gather_rows_kernel(__nv_bfloat16 *__restrict__ dst, int64_t dst_stride,
-                       const __nv_bfloat16 *__restrict__ src, int64_t src_stride,
-                       const int32_t *__restrict__ rows, int64_t dim) {
+    move_rows_kernel(T *__restrict__ dst, int64_t dst_stride, const T *__restrict__ src,
+                     int64_t src_stride, const int32_t *__restrict__ rows, int64_t dim) {
     const int64_t i = blockIdx.x;
     const int32_t r = rows[i];
-    __nv_bfloat16 *d = dst + i * dst_stride;
-    for (int64_t c = threadIdx.x * VEC; c < dim; c += (int64_t)blockDim.x * VEC) {
-        float v[VEC];
-        if (r >= 0) {
-            sf_vec::load_f32<VEC>(src + (int64_t)r * src_stride + c, v);
-        } else {
-#pragma unroll
-            for (int k = 0; k < VEC; k++) v[k] = 0.0f;
-        }
-        sf_vec::store_bf16<VEC>(d + c, v);
-    }
-}
-
-template <int VEC>
-__global__ void __launch_bounds__(kBlock)
-    scatter_rows_kernel(__nv_bfloat16 *__restrict__ dst, int64_t dst_stride,
-                        const __nv_bfloat16 *__restrict__ src, int64_t src_stride,
-                        const int32_t *__restrict__ rows, int64_t dim) {
-    const int64_t i = blockIdx.x;
-    const int32_t r = rows[i];
-    if (r < 0) return;
-    __nv_bfloat16 *d = dst + (int64_t)r * dst_stride;
-    for (int64_t c = threadIdx.x * VEC; c < dim; c += (int64_t)blockDim.x * VEC) {
-        float v[VEC];
-        sf_vec::load_f32<VEC>(src + i * src_stride + c, v);
-        sf_vec::store_bf16<VEC>(d + c, v);
-    }
+    if (kScatter && r < 0) return;
+    T *d = dst + (kScatter ? (int64_t)r : i) * dst_stride;
+    const T *from = src + (kScatter ? i : (int64_t)r) * src_stride;
+    for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) d[c] = r >= 0 ? from[c] : T{};
 }
 
 // One block per request. Every thread reads the slot's length before thread 0 advances it.
@@ -187,46 +165,39 @@ static sf_status rows_args(const char *fn, const void *dst, int64_t dst_stride, 
     return SF_OK;
 }
 
+template <bool kScatter>
+static sf_status move_rows(const char *fn, sf_bf16 *dst, int64_t dst_stride, const sf_bf16 *src,
+                           int64_t src_stride, const int32_t *rows, int64_t n, int64_t dim,
+                           cudaStream_t stream) {
+    sf_status st = rows_args(fn, dst, dst_stride, src, src_stride, rows, n, dim);
+    if (st != SF_OK || n == 0 || dim == 0) return st;
+    sf_nvtx_range range(fn);
+    if (rows_vec8(dst, dst_stride, src, src_stride, dim)) {
+        move_rows_kernel<uint4, kScatter><<<(unsigned)n, kBlock, 0, stream>>>(
+            reinterpret_cast<uint4 *>(dst), dst_stride / 8,
+            reinterpret_cast<const uint4 *>(src), src_stride / 8, rows, dim / 8);
+    } else {
+        move_rows_kernel<uint16_t, kScatter><<<(unsigned)n, kBlock, 0, stream>>>(
+            dst, dst_stride, src, src_stride, rows, dim);
+    }
+    SF_CUDA_TRY(cudaGetLastError());
+    return SF_OK;
+}
+
 extern "C" sf_status sf_cuda_gather_rows_bf16(sf_bf16 *dst, int64_t dst_stride,
                                               const sf_bf16 *src, int64_t src_stride,
                                               const int32_t *rows, int64_t n, int64_t dim,
                                               cudaStream_t stream) {
-    sf_status st = rows_args("sf_cuda_gather_rows_bf16", dst, dst_stride, src, src_stride, rows,
-                             n, dim);
-    if (st != SF_OK || n == 0 || dim == 0) return st;
-    sf_nvtx_range range("sf_cuda_gather_rows_bf16");
-    auto *d = reinterpret_cast<__nv_bfloat16 *>(dst);
-    auto *s = reinterpret_cast<const __nv_bfloat16 *>(src);
-    if (rows_vec8(dst, dst_stride, src, src_stride, dim)) {
-        gather_rows_kernel<8><<<(unsigned)n, kBlock, 0, stream>>>(d, dst_stride, s, src_stride,
-                                                                  rows, dim);
-    } else {
-        gather_rows_kernel<1><<<(unsigned)n, kBlock, 0, stream>>>(d, dst_stride, s, src_stride,
-                                                                  rows, dim);
-    }
-    SF_CUDA_TRY(cudaGetLastError());
-    return SF_OK;
+    return move_rows<false>("sf_cuda_gather_rows_bf16", dst, dst_stride, src, src_stride, rows,
+                            n, dim, stream);
 }
 
 extern "C" sf_status sf_cuda_scatter_rows_bf16(sf_bf16 *dst, int64_t dst_stride,
                                                const sf_bf16 *src, int64_t src_stride,
                                                const int32_t *rows, int64_t n, int64_t dim,
                                                cudaStream_t stream) {
-    sf_status st = rows_args("sf_cuda_scatter_rows_bf16", dst, dst_stride, src, src_stride, rows,
-                             n, dim);
-    if (st != SF_OK || n == 0 || dim == 0) return st;
-    sf_nvtx_range range("sf_cuda_scatter_rows_bf16");
-    auto *d = reinterpret_cast<__nv_bfloat16 *>(dst);
-    auto *s = reinterpret_cast<const __nv_bfloat16 *>(src);
-    if (rows_vec8(dst, dst_stride, src, src_stride, dim)) {
-        scatter_rows_kernel<8><<<(unsigned)n, kBlock, 0, stream>>>(d, dst_stride, s, src_stride,
-                                                                   rows, dim);
-    } else {
-        scatter_rows_kernel<1><<<(unsigned)n, kBlock, 0, stream>>>(d, dst_stride, s, src_stride,
-                                                                   rows, dim);
-    }
-    SF_CUDA_TRY(cudaGetLastError());
-    return SF_OK;
+    return move_rows<true>("sf_cuda_scatter_rows_bf16", dst, dst_stride, src, src_stride, rows,
+                           n, dim, stream);
 }
 
 extern "C" sf_status sf_cuda_step_layout(const int32_t *slots, const int32_t *cu_seqlens,
