@@ -12,16 +12,6 @@
 #include "sampling.h"
 #include "sysformer/module.h"
 
-#define ALIGN 256
-
-#define CUDA_OR_FAIL(call)                                                                     \
-    do {                                                                                       \
-        cudaError_t e_ = (call);                                                               \
-        if (e_ != cudaSuccess) {                                                               \
-            return sf_fail(SF_ERR_CUDA, "%s: %s", #call, cudaGetErrorString(e_));              \
-        }                                                                                      \
-    } while (0)
-
 sf_cuda_engine_options sf_cuda_engine_default_options(void) {
     sf_cuda_engine_options o;
     memset(&o, 0, sizeof o);
@@ -39,72 +29,59 @@ int32_t sf_cuda_engine_vocab(const sf_cuda_engine *e) { return e ? e->cfg.vocab_
 
 static bool attention_head_dim(int64_t hd) { return hd == 64 || hd == 80 || hd == 96 || hd == 128; }
 
-/* A bump allocator over one base: with base NULL it only measures. */
-typedef struct carver {
-    char *base;
-    size_t off;
-} carver;
-
-static void *carve(carver *c, size_t bytes) {
-    c->off = (c->off + ALIGN - 1) / ALIGN * ALIGN;
-    void *p = c->base ? c->base + c->off : NULL;
-    c->off += bytes;
-    return p;
-}
-
 /* Lays out (or, with base NULL, measures) the arena. */
 static size_t carve_arena(sf_cuda_engine *e, char *base) {
-    carver c = {base, 0};
+    sf_carver c = {base, 0};
     sf_cuda_arena *a = &e->a;
     const size_t T = (size_t)e->max_batch_tokens, R = (size_t)e->max_slots;
     const size_t d = (size_t)e->d, b = sizeof(sf_bf16), i4 = sizeof(int32_t);
-    a->ids = carve(&c, T * i4);
-    a->cu_seqlens = carve(&c, (R + 1) * i4);
-    a->spans = carve(&c, R * 5 * i4);
-    a->slots = carve(&c, R * i4);
-    a->uniforms = carve(&c, R * sizeof(double));
-    a->positions = carve(&c, T * i4);
-    a->kv_rows = carve(&c, T * i4);
-    a->rope_table = carve(&c, T * i4);
-    a->cu_q = carve(&c, (R + 1) * i4);
-    a->cu_kv = carve(&c, (R + 1) * i4);
-    a->kv_len = carve(&c, R * i4);
-    a->q_pos0 = carve(&c, R * i4);
-    a->last_row = carve(&c, R * i4);
-    a->x = carve(&c, T * d * b);
-    a->xn = carve(&c, T * d * b);
-    a->tmp = carve(&c, T * d * b);
-    a->qkv = carve(&c, T * (size_t)e->qkv_dim * b);
-    a->attn = carve(&c, T * (size_t)e->q_dim * b);
-    a->gate_up = carve(&c, T * 2 * (size_t)e->ff * b);
-    a->act = carve(&c, T * (size_t)e->ff * b);
+    a->ids = sf_carve(&c, T * i4);
+    a->cu_seqlens = sf_carve(&c, (R + 1) * i4);
+    a->spans = sf_carve(&c, R * 5 * i4);
+    a->slots = sf_carve(&c, R * i4);
+    a->uniforms = sf_carve(&c, R * sizeof(double));
+    a->positions = sf_carve(&c, T * i4);
+    a->kv_rows = sf_carve(&c, T * i4);
+    a->rope_table = sf_carve(&c, T * i4);
+    a->cu_q = sf_carve(&c, (R + 1) * i4);
+    a->cu_kv = sf_carve(&c, (R + 1) * i4);
+    a->kv_len = sf_carve(&c, R * i4);
+    a->q_pos0 = sf_carve(&c, R * i4);
+    a->last_row = sf_carve(&c, R * i4);
+    a->x = sf_carve(&c, T * d * b);
+    a->xn = sf_carve(&c, T * d * b);
+    a->tmp = sf_carve(&c, T * d * b);
+    a->qkv = sf_carve(&c, T * (size_t)e->qkv_dim * b);
+    a->attn = sf_carve(&c, T * (size_t)e->q_dim * b);
+    a->gate_up = sf_carve(&c, T * 2 * (size_t)e->ff * b);
+    a->act = sf_carve(&c, T * (size_t)e->ff * b);
     if (e->has_sysformer) {
-        a->sys_rows = carve(&c, T * i4);
-        a->user_rows = carve(&c, T * i4);
-        a->cu_sys = carve(&c, (R + 1) * i4);
-        a->cu_user = carve(&c, (R + 1) * i4);
-        a->sys_len = carve(&c, R * i4);
-        a->user_len = carve(&c, R * i4);
-        a->s_x = carve(&c, T * d * b);
-        a->s_xn = carve(&c, T * d * b);
-        a->s_tmp = carve(&c, T * d * b);
-        a->s_attn = carve(&c, T * d * b);
-        a->s_qkv = carve(&c, T * 3 * d * b);
-        a->u = carve(&c, T * d * b);
-        a->u_kv = carve(&c, T * 2 * d * b);
-        a->s_ff = carve(&c, T * (size_t)e->sys_ff * b);
+        a->sys_rows = sf_carve(&c, T * i4);
+        a->user_rows = sf_carve(&c, T * i4);
+        a->cu_sys = sf_carve(&c, (R + 1) * i4);
+        a->cu_user = sf_carve(&c, (R + 1) * i4);
+        a->sys_len = sf_carve(&c, R * i4);
+        a->user_len = sf_carve(&c, R * i4);
+        a->s_x = sf_carve(&c, T * d * b);
+        a->s_xn = sf_carve(&c, T * d * b);
+        a->s_tmp = sf_carve(&c, T * d * b);
+        a->s_attn = sf_carve(&c, T * d * b);
+        a->s_qkv = sf_carve(&c, T * 3 * d * b);
+        a->u = sf_carve(&c, T * d * b);
+        a->u_kv = sf_carve(&c, T * 2 * d * b);
+        a->s_ff = sf_carve(&c, T * (size_t)e->sys_ff * b);
     }
-    a->head_x = carve(&c, R * d * b);
-    a->head_tmp = carve(&c, R * d * b);
-    a->logits = carve(&c, R * (size_t)e->cfg.vocab_size * sizeof(float));
-    a->sampled = carve(&c, R * i4);
+    a->head_x = sf_carve(&c, R * d * b);
+    a->head_tmp = sf_carve(&c, R * d * b);
+    a->logits = sf_carve(&c, R * (size_t)e->cfg.vocab_size * sizeof(float));
+    a->sampled = sf_carve(&c, R * i4);
     a->sample_ws_bytes = sf_cuda_sample_workspace_bytes((int64_t)R, e->cfg.vocab_size);
-    a->sample_ws = carve(&c, a->sample_ws_bytes);
-    a->gemm_ws = carve(&c, SF_GEMM_WORKSPACE_BYTES);
-    a->slot_len = carve(&c, R * i4);
-    a->slot_next = carve(&c, R * i4);
-    a->errors = carve(&c, sizeof(int));
-    a->inv_freq = carve(&c, (size_t)e->cfg.head_dim * sizeof(float));
+    a->sample_ws = sf_carve(&c, a->sample_ws_bytes);
+    a->gemm_ws = sf_carve(&c, SF_GEMM_WORKSPACE_BYTES);
+    a->slot_len = sf_carve(&c, R * i4);
+    a->slot_next = sf_carve(&c, R * i4);
+    a->errors = sf_carve(&c, sizeof(int));
+    a->inv_freq = sf_carve(&c, (size_t)e->cfg.head_dim * sizeof(float));
     return c.off;
 }
 
@@ -193,7 +170,7 @@ static sf_status engine_new(const sf_llm_config *cfg, const sf_sysformer_config 
         return sf_fail(SF_ERR_NO_DEVICE, "sf_cuda_engine: no CUDA device %d (%d found)",
                        o.device, count);
     }
-    CUDA_OR_FAIL(cudaSetDevice(o.device));
+    SF_CUDA_OR_FAIL(cudaSetDevice(o.device));
 
     sf_cuda_engine *e = calloc(1, sizeof *e);
     if (!e) return sf_fail(SF_ERR_OUT_OF_MEMORY, "sf_cuda_engine: out of host memory");
@@ -257,16 +234,16 @@ static sf_status engine_new(const sf_llm_config *cfg, const sf_sysformer_config 
     carve_arena(e, e->arena_base);
 
     /* pinned staging */
-    carver hc = {NULL, 0};
+    sf_carver hc = {NULL, 0};
     const size_t T = (size_t)e->max_batch_tokens, R = (size_t)e->max_slots;
     for (int pass = 0; pass < 2; pass++) {
         hc.off = 0;
-        e->h.ids = carve(&hc, T * 4);
-        e->h.cu_seqlens = carve(&hc, (R + 1) * 4);
-        e->h.spans = carve(&hc, R * 5 * 4);
-        e->h.slots = carve(&hc, R * 4);
-        e->h.uniforms = carve(&hc, R * sizeof(double));
-        e->h.tokens = carve(&hc, R * 4);
+        e->h.ids = sf_carve(&hc, T * 4);
+        e->h.cu_seqlens = sf_carve(&hc, (R + 1) * 4);
+        e->h.spans = sf_carve(&hc, R * 5 * 4);
+        e->h.slots = sf_carve(&hc, R * 4);
+        e->h.uniforms = sf_carve(&hc, R * sizeof(double));
+        e->h.tokens = sf_carve(&hc, R * 4);
         if (pass == 0) {
             cudaError_t err = cudaHostAlloc(&e->h.base, hc.off, cudaHostAllocDefault);
             if (err != cudaSuccess) {
@@ -285,10 +262,10 @@ static sf_status engine_new(const sf_llm_config *cfg, const sf_sysformer_config 
     if (!e->host_slot_len || !e->host_slot_sampled || !e->graphs) {
         return sf_fail(SF_ERR_OUT_OF_MEMORY, "sf_cuda_engine: out of host memory");
     }
-    CUDA_OR_FAIL(cudaStreamCreateWithFlags(&e->stream, cudaStreamNonBlocking));
-    CUDA_OR_FAIL(cudaEventCreateWithFlags(&e->done, cudaEventDisableTiming));
-    CUDA_OR_FAIL(cudaEventCreateWithFlags(&e->staging_free, cudaEventDisableTiming));
-    for (int i = 0; i < SF_STAGE_EVENTS; i++) CUDA_OR_FAIL(cudaEventCreate(&e->ev[i]));
+    SF_CUDA_OR_FAIL(cudaStreamCreateWithFlags(&e->stream, cudaStreamNonBlocking));
+    SF_CUDA_OR_FAIL(cudaEventCreateWithFlags(&e->done, cudaEventDisableTiming));
+    SF_CUDA_OR_FAIL(cudaEventCreateWithFlags(&e->staging_free, cudaEventDisableTiming));
+    for (int i = 0; i < SF_STAGE_EVENTS; i++) SF_CUDA_OR_FAIL(cudaEventCreate(&e->ev[i]));
     st = sf_gemm_cache_create(e->a.gemm_ws, SF_GEMM_WORKSPACE_BYTES, &e->gemm);
     if (st != SF_OK) return st;
 
@@ -296,11 +273,11 @@ static sf_status engine_new(const sf_llm_config *cfg, const sf_sysformer_config 
     for (int t = 0; t < 2; t++) {
         for (int i = 0; i < half; i++) inv_f[t * half + i] = (float)inv[t][i];
     }
-    CUDA_OR_FAIL(cudaMemcpyAsync(e->a.inv_freq, inv_f, (size_t)cfg->head_dim * sizeof(float),
+    SF_CUDA_OR_FAIL(cudaMemcpyAsync(e->a.inv_freq, inv_f, (size_t)cfg->head_dim * sizeof(float),
                                  cudaMemcpyHostToDevice, e->stream));
-    CUDA_OR_FAIL(cudaMemsetAsync(e->a.slot_len, 0, R * 4, e->stream));
-    CUDA_OR_FAIL(cudaMemsetAsync(e->a.slot_next, 0, R * 4, e->stream));
-    CUDA_OR_FAIL(cudaMemsetAsync(e->a.errors, 0, sizeof(int), e->stream));
+    SF_CUDA_OR_FAIL(cudaMemsetAsync(e->a.slot_len, 0, R * 4, e->stream));
+    SF_CUDA_OR_FAIL(cudaMemsetAsync(e->a.slot_next, 0, R * 4, e->stream));
+    SF_CUDA_OR_FAIL(cudaMemsetAsync(e->a.errors, 0, sizeof(int), e->stream));
     return SF_OK;
 }
 
@@ -406,7 +383,7 @@ sf_status sf_cuda_engine_reset_slot(sf_cuda_engine *e, int32_t slot) {
     }
     /* ordered after any step already enqueued; the cache rows need no clearing: a slot's
      * attention reads only its first slot_len rows */
-    CUDA_OR_FAIL(cudaMemsetAsync(e->a.slot_len + slot, 0, sizeof(int32_t), e->stream));
+    SF_CUDA_OR_FAIL(cudaMemsetAsync(e->a.slot_len + slot, 0, sizeof(int32_t), e->stream));
     e->host_slot_len[slot] = 0;
     e->host_slot_sampled[slot] = false;
     return SF_OK;
@@ -426,14 +403,14 @@ sf_status sf_cuda_engine_stage_times(sf_cuda_engine *e, sf_cuda_stage_times *out
                        "sf_cuda_engine_stage_times: the last step was not timed "
                        "(sf_cuda_engine_set_timing before it)");
     }
-    CUDA_OR_FAIL(cudaEventSynchronize(e->ev[SF_STAGE_EVENTS - 1]));
+    SF_CUDA_OR_FAIL(cudaEventSynchronize(e->ev[SF_STAGE_EVENTS - 1]));
     float ms[SF_STAGE_EVENTS - 1] = {0};
     if (e->last_graph) {
-        CUDA_OR_FAIL(cudaEventElapsedTime(&out->total_ms, e->ev[0], e->ev[SF_STAGE_EVENTS - 1]));
+        SF_CUDA_OR_FAIL(cudaEventElapsedTime(&out->total_ms, e->ev[0], e->ev[SF_STAGE_EVENTS - 1]));
         return SF_OK;
     }
     for (int i = 0; i + 1 < SF_STAGE_EVENTS; i++) {
-        CUDA_OR_FAIL(cudaEventElapsedTime(&ms[i], e->ev[i], e->ev[i + 1]));
+        SF_CUDA_OR_FAIL(cudaEventElapsedTime(&ms[i], e->ev[i], e->ev[i + 1]));
     }
     out->upload_ms = ms[0];
     out->embed_ms = ms[1];
@@ -441,6 +418,6 @@ sf_status sf_cuda_engine_stage_times(sf_cuda_engine *e, sf_cuda_stage_times *out
     out->layers_ms = ms[3];
     out->head_ms = ms[4];
     out->sample_ms = ms[5];
-    CUDA_OR_FAIL(cudaEventElapsedTime(&out->total_ms, e->ev[0], e->ev[SF_STAGE_EVENTS - 1]));
+    SF_CUDA_OR_FAIL(cudaEventElapsedTime(&out->total_ms, e->ev[0], e->ev[SF_STAGE_EVENTS - 1]));
     return SF_OK;
 }

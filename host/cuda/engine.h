@@ -141,6 +141,36 @@ struct sf_cuda_engine {
     sf_cuda_graph *graphs;        /* [R + 1], by decode batch size */
 };
 
+/* Returns from the calling function with the status of a failing call. */
+#define SF_TRY(call)                           \
+    do {                                       \
+        sf_status st_ = (call);                \
+        if (st_ != SF_OK) return st_;          \
+    } while (0)
+
+/* The same for a CUDA runtime call: SF_ERR_CUDA naming the call. */
+#define SF_CUDA_OR_FAIL(call)                                                                  \
+    do {                                                                                       \
+        cudaError_t e_ = (call);                                                               \
+        if (e_ != cudaSuccess) {                                                               \
+            return sf_fail(SF_ERR_CUDA, "%s: %s", #call, cudaGetErrorString(e_));              \
+        }                                                                                      \
+    } while (0)
+
+/* A bump allocator over one device allocation (256-byte aligned pieces); with base NULL it only
+ * measures, so one layout function both sizes and carves. */
+typedef struct sf_carver {
+    char *base;
+    size_t off;
+} sf_carver;
+
+static inline void *sf_carve(sf_carver *c, size_t bytes) {
+    c->off = (c->off + 255) / 256 * 256;
+    void *p = c->base ? c->base + c->off : NULL;
+    c->off += bytes;
+    return p;
+}
+
 /* engine.c: internal accessors (also used by generate.c). */
 int32_t sf_cuda_engine_max_context(const sf_cuda_engine *e);
 int32_t sf_cuda_engine_max_slots(const sf_cuda_engine *e);

@@ -24,12 +24,6 @@
 #include "norms.h"
 #include "rope.h"
 
-#define TRY(call)                              \
-    do {                                       \
-        sf_status st_ = (call);                \
-        if (st_ != SF_OK) return st_;          \
-    } while (0)
-
 static sf_status gemm(sf_cuda_engine *e, void *y, bool y_f32, int64_t ldy, const sf_bf16 *x,
                       int64_t ldx, const sf_bf16 *w, const sf_bf16 *bias, int64_t m, int64_t n,
                       int64_t k, cudaStream_t stream) {
@@ -49,13 +43,14 @@ static sf_status layer(sf_cuda_engine *e, int l, int32_t n_requests, int64_t T,
     sf_bf16 *vc = e->v_cache + (int64_t)l * cache_rows * kv;
 
     /* the first layer normalises the embeddings; later ones add the previous MLP output */
-    TRY(sf_cuda_rmsnorm_bf16(a->xn, l ? a->x : NULL, l ? a->tmp : a->x, l ? a->x : NULL,
+    SF_TRY(sf_cuda_rmsnorm_bf16(a->xn, l ? a->x : NULL, l ? a->tmp : a->x, l ? a->x : NULL,
                              L->attn_norm, T, d, c->rms_norm_eps, s));
-    TRY(gemm(e, a->qkv, false, qkv, a->xn, d, L->w_qkv, L->b_qkv, T, qkv, d, s));
-    TRY(sf_cuda_rope2_bf16(a->qkv, a->positions, a->rope_table, T, c->num_heads + c->num_kv_heads,
-                           c->head_dim, qkv, a->inv_freq, e->rope_scale[0], e->rope_scale[1], s));
-    TRY(sf_cuda_scatter_rows_bf16(kc, kv, a->qkv + q, qkv, a->kv_rows, T, kv, s));
-    TRY(sf_cuda_scatter_rows_bf16(vc, kv, a->qkv + q + kv, qkv, a->kv_rows, T, kv, s));
+    SF_TRY(gemm(e, a->qkv, false, qkv, a->xn, d, L->w_qkv, L->b_qkv, T, qkv, d, s));
+    SF_TRY(sf_cuda_rope2_bf16(a->qkv, a->positions, a->rope_table, T,
+                              c->num_heads + c->num_kv_heads, c->head_dim, qkv, a->inv_freq,
+                              e->rope_scale[0], e->rope_scale[1], s));
+    SF_TRY(sf_cuda_scatter_rows_bf16(kc, kv, a->qkv + q, qkv, a->kv_rows, T, kv, s));
+    SF_TRY(sf_cuda_scatter_rows_bf16(vc, kv, a->qkv + q + kv, qkv, a->kv_rows, T, kv, s));
 
     sf_attention_args at = {0};
     at.out = a->attn;
@@ -77,13 +72,13 @@ static sf_status layer(sf_cuda_engine *e, int l, int32_t n_requests, int64_t T,
     at.causal = true;
     at.window = c->sliding_window;
     at.scale = (float)(1.0 / sqrt((double)c->head_dim));
-    TRY(sf_cuda_attention_bf16(&at, s));
+    SF_TRY(sf_cuda_attention_bf16(&at, s));
 
-    TRY(gemm(e, a->tmp, false, d, a->attn, q, L->w_o, L->b_o, T, d, q, s));
-    TRY(sf_cuda_rmsnorm_bf16(a->xn, a->x, a->tmp, a->x, L->mlp_norm, T, d, c->rms_norm_eps, s));
-    TRY(gemm(e, a->gate_up, false, 2 * ff, a->xn, d, L->w_gate_up, NULL, T, 2 * ff, d, s));
-    TRY(sf_cuda_swiglu_fused_bf16(a->act, a->gate_up, T, ff, s));
-    TRY(gemm(e, a->tmp, false, d, a->act, ff, L->w_down, NULL, T, d, ff, s));
+    SF_TRY(gemm(e, a->tmp, false, d, a->attn, q, L->w_o, L->b_o, T, d, q, s));
+    SF_TRY(sf_cuda_rmsnorm_bf16(a->xn, a->x, a->tmp, a->x, L->mlp_norm, T, d, c->rms_norm_eps, s));
+    SF_TRY(gemm(e, a->gate_up, false, 2 * ff, a->xn, d, L->w_gate_up, NULL, T, 2 * ff, d, s));
+    SF_TRY(sf_cuda_swiglu_fused_bf16(a->act, a->gate_up, T, ff, s));
+    SF_TRY(gemm(e, a->tmp, false, d, a->act, ff, L->w_down, NULL, T, d, ff, s));
     return SF_OK;
 }
 

@@ -26,20 +26,6 @@
 #include "guard.h"
 #include "sampling.h"
 
-#define CUDA_OR_FAIL(call)                                                                     \
-    do {                                                                                       \
-        cudaError_t e_ = (call);                                                               \
-        if (e_ != cudaSuccess) {                                                               \
-            return sf_fail(SF_ERR_CUDA, "%s: %s", #call, cudaGetErrorString(e_));              \
-        }                                                                                      \
-    } while (0)
-
-#define TRY(call)                              \
-    do {                                       \
-        sf_status st_ = (call);                \
-        if (st_ != SF_OK) return st_;          \
-    } while (0)
-
 /* What validation learns about a step. */
 typedef struct step_info {
     int32_t n, tokens, max_q_len, max_system, max_user;
@@ -202,7 +188,7 @@ static sf_status validate(const sf_cuda_engine *e, const sf_cuda_step *s, step_i
 }
 
 static sf_status mark(sf_cuda_engine *e, int i) {
-    if (e->timing) CUDA_OR_FAIL(cudaEventRecord(e->ev[i], e->stream));
+    if (e->timing) SF_CUDA_OR_FAIL(cudaEventRecord(e->ev[i], e->stream));
     return SF_OK;
 }
 
@@ -216,22 +202,22 @@ static sf_status step_body(sf_cuda_engine *e, const step_info *info, const sf_sa
     const int32_t n = info->n;
     sf_nvtx_push("upload");
     if (!info->decode) {
-        CUDA_OR_FAIL(cudaMemcpyAsync(a->ids, h->ids, (size_t)info->tokens * 4,
+        SF_CUDA_OR_FAIL(cudaMemcpyAsync(a->ids, h->ids, (size_t)info->tokens * 4,
                                      cudaMemcpyHostToDevice, s));
-        CUDA_OR_FAIL(cudaMemcpyAsync(a->cu_seqlens, h->cu_seqlens, (size_t)(n + 1) * 4,
+        SF_CUDA_OR_FAIL(cudaMemcpyAsync(a->cu_seqlens, h->cu_seqlens, (size_t)(n + 1) * 4,
                                      cudaMemcpyHostToDevice, s));
         if (info->guarded) {
-            CUDA_OR_FAIL(cudaMemcpyAsync(a->spans, h->spans, (size_t)n * 5 * 4,
+            SF_CUDA_OR_FAIL(cudaMemcpyAsync(a->spans, h->spans, (size_t)n * 5 * 4,
                                          cudaMemcpyHostToDevice, s));
         }
     }
-    CUDA_OR_FAIL(cudaMemcpyAsync(a->slots, h->slots, (size_t)n * 4, cudaMemcpyHostToDevice, s));
+    SF_CUDA_OR_FAIL(cudaMemcpyAsync(a->slots, h->slots, (size_t)n * 4, cudaMemcpyHostToDevice, s));
     if (info->sample && !info->greedy) {
-        CUDA_OR_FAIL(cudaMemcpyAsync(a->uniforms, h->uniforms, (size_t)n * sizeof(double),
+        SF_CUDA_OR_FAIL(cudaMemcpyAsync(a->uniforms, h->uniforms, (size_t)n * sizeof(double),
                                      cudaMemcpyHostToDevice, s));
     }
     sf_nvtx_pop();
-    if (marks) TRY(mark(e, 1));
+    if (marks) SF_TRY(mark(e, 1));
 
     sf_nvtx_push("embed");
     sf_status st = sf_cuda_step_layout(
@@ -245,17 +231,17 @@ static sf_status step_body(sf_cuda_engine *e, const step_info *info, const sf_sa
     }
     sf_nvtx_pop();
     if (st != SF_OK) return st;
-    if (marks) TRY(mark(e, 2));
+    if (marks) SF_TRY(mark(e, 2));
 
     if (info->guarded) {
-        TRY(sf_cuda_rewrite_system(e, n, a->cu_seqlens, a->spans, info->max_system,
+        SF_TRY(sf_cuda_rewrite_system(e, n, a->cu_seqlens, a->spans, info->max_system,
                                    info->max_user, a->x, a->errors, s));
     }
-    if (marks) TRY(mark(e, 3));
-    TRY(sf_cuda_llm_layers(e, n, info->tokens, info->max_q_len, s));
-    if (marks) TRY(mark(e, 4));
-    TRY(sf_cuda_llm_head(e, n, s));
-    if (marks) TRY(mark(e, 5));
+    if (marks) SF_TRY(mark(e, 3));
+    SF_TRY(sf_cuda_llm_layers(e, n, info->tokens, info->max_q_len, s));
+    if (marks) SF_TRY(mark(e, 4));
+    SF_TRY(sf_cuda_llm_head(e, n, s));
+    if (marks) SF_TRY(mark(e, 5));
 
     if (info->sample) {
         sf_nvtx_push("sample");
@@ -299,7 +285,7 @@ static sf_status decode_graph(sf_cuda_engine *e, const step_info *info,
         g->exec = NULL;
     }
     if (!g->exec) {
-        CUDA_OR_FAIL(cudaStreamBeginCapture(e->stream, cudaStreamCaptureModeThreadLocal));
+        SF_CUDA_OR_FAIL(cudaStreamBeginCapture(e->stream, cudaStreamCaptureModeThreadLocal));
         sf_status st = step_body(e, info, sampling, false);
         cudaGraph_t graph = NULL;
         cudaError_t err = cudaStreamEndCapture(e->stream, &graph);
@@ -337,11 +323,11 @@ static sf_status decode_graph(sf_cuda_engine *e, const step_info *info,
 sf_status sf_cuda_engine_step(sf_cuda_engine *e, const sf_cuda_step *s) {
     if (!e) return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_cuda_engine_step: NULL engine");
     step_info info;
-    TRY(validate(e, s, &info));
-    CUDA_OR_FAIL(cudaSetDevice(e->device));
+    SF_TRY(validate(e, s, &info));
+    SF_CUDA_OR_FAIL(cudaSetDevice(e->device));
 
     /* the staging is free once the previous step's uploads have run */
-    CUDA_OR_FAIL(cudaEventSynchronize(e->staging_free));
+    SF_CUDA_OR_FAIL(cudaEventSynchronize(e->staging_free));
     const int32_t n = info.n;
     sf_cuda_staging *h = &e->h;
     memcpy(h->slots, s->slots, (size_t)n * 4);
@@ -412,10 +398,10 @@ sf_status sf_cuda_engine_read_logits(sf_cuda_engine *e, float *logits, int32_t n
                        "sf_cuda_engine_read_logits: %d rows asked; the last step has %d", n,
                        e ? e->last_n : 0);
     }
-    CUDA_OR_FAIL(cudaSetDevice(e->device));
-    CUDA_OR_FAIL(cudaMemcpyAsync(logits, e->a.logits,
+    SF_CUDA_OR_FAIL(cudaSetDevice(e->device));
+    SF_CUDA_OR_FAIL(cudaMemcpyAsync(logits, e->a.logits,
                                  (size_t)n * (size_t)e->cfg.vocab_size * sizeof(float),
                                  cudaMemcpyDeviceToHost, e->stream));
-    CUDA_OR_FAIL(cudaStreamSynchronize(e->stream));
+    SF_CUDA_OR_FAIL(cudaStreamSynchronize(e->stream));
     return SF_OK;
 }

@@ -18,12 +18,6 @@
 #include "guard.h"
 #include "norms.h"
 
-#define TRY(call)                              \
-    do {                                       \
-        sf_status st_ = (call);                \
-        if (st_ != SF_OK) return st_;          \
-    } while (0)
-
 static sf_status gemm(sf_cuda_engine *e, sf_bf16 *y, int64_t ldy, const sf_bf16 *x, int64_t ldx,
                       const sf_bf16 *w, const sf_bf16 *bias, int64_t m, int64_t n, int64_t k,
                       sf_gemm_epilogue epi, cudaStream_t stream) {
@@ -67,9 +61,9 @@ static sf_status self_attention(sf_cuda_engine *e, const sf_cuda_sys_layer *L, c
                                 const sf_bf16 *in, cudaStream_t s) {
     sf_cuda_arena *a = &e->a;
     const int64_t d = e->d;
-    TRY(gemm(e, a->s_qkv, 3 * d, in, d, L->sa_in_w, L->sa_in_b, p->Ts, 3 * d, d, SF_GEMM_BIAS,
+    SF_TRY(gemm(e, a->s_qkv, 3 * d, in, d, L->sa_in_w, L->sa_in_b, p->Ts, 3 * d, d, SF_GEMM_BIAS,
              s));
-    TRY(attend(e, p, a->s_attn, a->s_qkv, 3 * d, a->s_qkv + d, a->s_qkv + 2 * d, 3 * d, false,
+    SF_TRY(attend(e, p, a->s_attn, a->s_qkv, 3 * d, a->s_qkv + d, a->s_qkv + 2 * d, 3 * d, false,
                s));
     return gemm(e, a->s_tmp, d, a->s_attn, d, L->sa_out_w, L->sa_out_b, p->Ts, d, d,
                 SF_GEMM_BIAS, s);
@@ -80,10 +74,10 @@ static sf_status cross_attention(sf_cuda_engine *e, const sf_cuda_sys_layer *L,
                                  const sys_step *p, const sf_bf16 *in, cudaStream_t s) {
     sf_cuda_arena *a = &e->a;
     const int64_t d = e->d;
-    TRY(gemm(e, a->s_qkv, d, in, d, L->ca_in_w, L->ca_in_b, p->Ts, d, d, SF_GEMM_BIAS, s));
-    TRY(gemm(e, a->u_kv, 2 * d, a->u, d, L->ca_in_w + d * d, L->ca_in_b + d, p->Tu, 2 * d, d,
+    SF_TRY(gemm(e, a->s_qkv, d, in, d, L->ca_in_w, L->ca_in_b, p->Ts, d, d, SF_GEMM_BIAS, s));
+    SF_TRY(gemm(e, a->u_kv, 2 * d, a->u, d, L->ca_in_w + d * d, L->ca_in_b + d, p->Tu, 2 * d, d,
              SF_GEMM_BIAS, s));
-    TRY(attend(e, p, a->s_attn, a->s_qkv, d, a->u_kv, a->u_kv + d, 2 * d, true, s));
+    SF_TRY(attend(e, p, a->s_attn, a->s_qkv, d, a->u_kv, a->u_kv + d, 2 * d, true, s));
     return gemm(e, a->s_tmp, d, a->s_attn, d, L->ca_out_w, L->ca_out_b, p->Ts, d, d,
                 SF_GEMM_BIAS, s);
 }
@@ -94,9 +88,9 @@ static sf_status feed_forward(sf_cuda_engine *e, const sf_cuda_sys_layer *L, con
     sf_cuda_arena *a = &e->a;
     const int64_t d = e->d, ff = e->sys_ff;
     const bool relu = e->sys_cfg.activation == SF_ACT_RELU;
-    TRY(gemm(e, a->s_ff, ff, in, d, L->l1_w, L->l1_b, p->Ts, ff, d,
+    SF_TRY(gemm(e, a->s_ff, ff, in, d, L->l1_w, L->l1_b, p->Ts, ff, d,
              relu ? SF_GEMM_RELU_BIAS : SF_GEMM_BIAS, s));
-    if (!relu) TRY(sf_cuda_gelu_bf16(a->s_ff, a->s_ff, p->Ts * ff, s));
+    if (!relu) SF_TRY(sf_cuda_gelu_bf16(a->s_ff, a->s_ff, p->Ts * ff, s));
     return gemm(e, a->s_tmp, d, a->s_ff, ff, L->l2_w, L->l2_b, p->Ts, d, ff, SF_GEMM_BIAS, s);
 }
 
@@ -119,15 +113,15 @@ static sf_status sysformer_layers(sf_cuda_engine *e, const sys_step *p, cudaStre
         for (int l = 0; l < n_layers; l++) {
             const sf_cuda_sys_layer *L = &e->sys_layers[l];
             if (l == 0) {
-                TRY(norm(e, L, 0, a->s_xn, NULL, a->s_x, NULL, Ts, s));
+                SF_TRY(norm(e, L, 0, a->s_xn, NULL, a->s_x, NULL, Ts, s));
             } else {
-                TRY(norm(e, L, 0, a->s_xn, a->s_x, a->s_tmp, a->s_x, Ts, s));
+                SF_TRY(norm(e, L, 0, a->s_xn, a->s_x, a->s_tmp, a->s_x, Ts, s));
             }
-            TRY(self_attention(e, L, p, a->s_xn, s));
-            TRY(norm(e, L, 1, a->s_xn, a->s_x, a->s_tmp, a->s_x, Ts, s));
-            TRY(cross_attention(e, L, p, a->s_xn, s));
-            TRY(norm(e, L, 2, a->s_xn, a->s_x, a->s_tmp, a->s_x, Ts, s));
-            TRY(feed_forward(e, L, p, a->s_xn, s));
+            SF_TRY(self_attention(e, L, p, a->s_xn, s));
+            SF_TRY(norm(e, L, 1, a->s_xn, a->s_x, a->s_tmp, a->s_x, Ts, s));
+            SF_TRY(cross_attention(e, L, p, a->s_xn, s));
+            SF_TRY(norm(e, L, 2, a->s_xn, a->s_x, a->s_tmp, a->s_x, Ts, s));
+            SF_TRY(feed_forward(e, L, p, a->s_xn, s));
         }
         if (n_layers > 0) {
             if (e->sys_final_w) {
@@ -141,12 +135,12 @@ static sf_status sysformer_layers(sf_cuda_engine *e, const sys_step *p, cudaStre
         /* x = LN1(x + SA(x)); x = LN2(x + CA(x)); x = LN3(x + FF(x)) */
         for (int l = 0; l < n_layers; l++) {
             const sf_cuda_sys_layer *L = &e->sys_layers[l];
-            TRY(self_attention(e, L, p, a->s_x, s));
-            TRY(norm(e, L, 0, a->s_x, NULL, a->s_tmp, a->s_x, Ts, s));
-            TRY(cross_attention(e, L, p, a->s_x, s));
-            TRY(norm(e, L, 1, a->s_x, NULL, a->s_tmp, a->s_x, Ts, s));
-            TRY(feed_forward(e, L, p, a->s_x, s));
-            TRY(norm(e, L, 2, a->s_x, NULL, a->s_tmp, a->s_x, Ts, s));
+            SF_TRY(self_attention(e, L, p, a->s_x, s));
+            SF_TRY(norm(e, L, 0, a->s_x, NULL, a->s_tmp, a->s_x, Ts, s));
+            SF_TRY(cross_attention(e, L, p, a->s_x, s));
+            SF_TRY(norm(e, L, 1, a->s_x, NULL, a->s_tmp, a->s_x, Ts, s));
+            SF_TRY(feed_forward(e, L, p, a->s_x, s));
+            SF_TRY(norm(e, L, 2, a->s_x, NULL, a->s_tmp, a->s_x, Ts, s));
         }
     }
     if (e->sys_final_w) {

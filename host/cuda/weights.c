@@ -14,25 +14,16 @@
 #include "random.h"
 #include "sysformer/module.h"
 
-#define ALIGN 256
 #define STAGE_FLOATS ((size_t)16 << 20) /* 64 MiB of fp32 per upload chunk */
 
-typedef struct carver {
-    char *base;
-    size_t off;
-} carver;
-
-static sf_bf16 *carve(carver *c, size_t elems) {
-    c->off = (c->off + ALIGN - 1) / ALIGN * ALIGN;
-    sf_bf16 *p = c->base ? (sf_bf16 *)(c->base + c->off) : NULL;
-    c->off += elems * sizeof(sf_bf16);
-    return p;
+static sf_bf16 *carve(sf_carver *c, size_t elems) {
+    return (sf_bf16 *)sf_carve(c, elems * sizeof(sf_bf16));
 }
 
 static bool llm_has_qkv_bias(const sf_llm_config *c) { return c->attention_bias || c->qkv_bias; }
 
 static size_t carve_weights(sf_cuda_engine *e, char *base) {
-    carver c = {base, 0};
+    sf_carver c = {base, 0};
     const sf_llm_config *cfg = &e->cfg;
     const size_t d = (size_t)e->d, ff = (size_t)e->ff;
     e->embed = carve(&c, (size_t)cfg->vocab_size * d);
