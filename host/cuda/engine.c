@@ -80,7 +80,6 @@ static size_t carve_arena(sf_cuda_engine *e, char *base) {
     a->gemm_ws = sf_carve(&c, SF_GEMM_WORKSPACE_BYTES);
     a->slot_len = sf_carve(&c, R * i4);
     a->slot_next = sf_carve(&c, R * i4);
-    a->errors = sf_carve(&c, sizeof(int));
     a->inv_freq = sf_carve(&c, (size_t)e->cfg.head_dim * sizeof(float));
     return c.off;
 }
@@ -274,10 +273,9 @@ static sf_status engine_new(const sf_llm_config *cfg, const sf_sysformer_config 
         for (int i = 0; i < half; i++) inv_f[t * half + i] = (float)inv[t][i];
     }
     SF_CUDA_OR_FAIL(cudaMemcpyAsync(e->a.inv_freq, inv_f, (size_t)cfg->head_dim * sizeof(float),
-                                 cudaMemcpyHostToDevice, e->stream));
+                                    cudaMemcpyHostToDevice, e->stream));
     SF_CUDA_OR_FAIL(cudaMemsetAsync(e->a.slot_len, 0, R * 4, e->stream));
     SF_CUDA_OR_FAIL(cudaMemsetAsync(e->a.slot_next, 0, R * 4, e->stream));
-    SF_CUDA_OR_FAIL(cudaMemsetAsync(e->a.errors, 0, sizeof(int), e->stream));
     return SF_OK;
 }
 

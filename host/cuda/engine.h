@@ -84,7 +84,6 @@ typedef struct sf_cuda_arena {
     /* state that outlives a step */
     int32_t *slot_len;            /* [R] positions stored per slot   */
     int32_t *slot_next;           /* [R] last token sampled per slot */
-    int *errors;                  /* bad ids / spans seen on the device */
     float *inv_freq;              /* [2, head_dim / 2] rope tables (short, long) */
 } sf_cuda_arena;
 

@@ -44,7 +44,7 @@ static sf_status layer(sf_cuda_engine *e, int l, int32_t n_requests, int64_t T,
 
     /* the first layer normalises the embeddings; later ones add the previous MLP output */
     SF_TRY(sf_cuda_rmsnorm_bf16(a->xn, l ? a->x : NULL, l ? a->tmp : a->x, l ? a->x : NULL,
-                             L->attn_norm, T, d, c->rms_norm_eps, s));
+                                L->attn_norm, T, d, c->rms_norm_eps, s));
     SF_TRY(gemm(e, a->qkv, false, qkv, a->xn, d, L->w_qkv, L->b_qkv, T, qkv, d, s));
     SF_TRY(sf_cuda_rope2_bf16(a->qkv, a->positions, a->rope_table, T,
                               c->num_heads + c->num_kv_heads, c->head_dim, qkv, a->inv_freq,

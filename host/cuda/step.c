@@ -203,18 +203,18 @@ static sf_status step_body(sf_cuda_engine *e, const step_info *info, const sf_sa
     sf_nvtx_push("upload");
     if (!info->decode) {
         SF_CUDA_OR_FAIL(cudaMemcpyAsync(a->ids, h->ids, (size_t)info->tokens * 4,
-                                     cudaMemcpyHostToDevice, s));
+                                        cudaMemcpyHostToDevice, s));
         SF_CUDA_OR_FAIL(cudaMemcpyAsync(a->cu_seqlens, h->cu_seqlens, (size_t)(n + 1) * 4,
-                                     cudaMemcpyHostToDevice, s));
+                                        cudaMemcpyHostToDevice, s));
         if (info->guarded) {
             SF_CUDA_OR_FAIL(cudaMemcpyAsync(a->spans, h->spans, (size_t)n * 5 * 4,
-                                         cudaMemcpyHostToDevice, s));
+                                            cudaMemcpyHostToDevice, s));
         }
     }
     SF_CUDA_OR_FAIL(cudaMemcpyAsync(a->slots, h->slots, (size_t)n * 4, cudaMemcpyHostToDevice, s));
     if (info->sample && !info->greedy) {
         SF_CUDA_OR_FAIL(cudaMemcpyAsync(a->uniforms, h->uniforms, (size_t)n * sizeof(double),
-                                     cudaMemcpyHostToDevice, s));
+                                        cudaMemcpyHostToDevice, s));
     }
     sf_nvtx_pop();
     if (marks) SF_TRY(mark(e, 1));
@@ -225,9 +225,9 @@ static sf_status step_body(sf_cuda_engine *e, const step_info *info, const sf_sa
         e->long_after, a->slot_next, a->ids, a->positions, a->kv_rows,
         e->cfg.rope.type == SF_ROPE_LONGROPE ? a->rope_table : NULL, a->cu_q, a->cu_kv,
         a->kv_len, a->q_pos0, a->last_row, s);
-    if (st == SF_OK) {
+    if (st == SF_OK) {  /* ids and spans were checked on the host: no device error count */
         st = sf_cuda_embedding_bf16(a->x, e->embed, a->ids, info->tokens, e->d,
-                                    e->cfg.vocab_size, a->errors, s);
+                                    e->cfg.vocab_size, NULL, s);
     }
     sf_nvtx_pop();
     if (st != SF_OK) return st;
@@ -235,7 +235,7 @@ static sf_status step_body(sf_cuda_engine *e, const step_info *info, const sf_sa
 
     if (info->guarded) {
         SF_TRY(sf_cuda_rewrite_system(e, n, a->cu_seqlens, a->spans, info->max_system,
-                                   info->max_user, a->x, a->errors, s));
+                                      info->max_user, a->x, NULL, s));
     }
     if (marks) SF_TRY(mark(e, 3));
     SF_TRY(sf_cuda_llm_layers(e, n, info->tokens, info->max_q_len, s));
@@ -400,8 +400,8 @@ sf_status sf_cuda_engine_read_logits(sf_cuda_engine *e, float *logits, int32_t n
     }
     SF_CUDA_OR_FAIL(cudaSetDevice(e->device));
     SF_CUDA_OR_FAIL(cudaMemcpyAsync(logits, e->a.logits,
-                                 (size_t)n * (size_t)e->cfg.vocab_size * sizeof(float),
-                                 cudaMemcpyDeviceToHost, e->stream));
+                                    (size_t)n * (size_t)e->cfg.vocab_size * sizeof(float),
+                                    cudaMemcpyDeviceToHost, e->stream));
     SF_CUDA_OR_FAIL(cudaStreamSynchronize(e->stream));
     return SF_OK;
 }

@@ -62,9 +62,9 @@ static sf_status self_attention(sf_cuda_engine *e, const sf_cuda_sys_layer *L, c
     sf_cuda_arena *a = &e->a;
     const int64_t d = e->d;
     SF_TRY(gemm(e, a->s_qkv, 3 * d, in, d, L->sa_in_w, L->sa_in_b, p->Ts, 3 * d, d, SF_GEMM_BIAS,
-             s));
+                s));
     SF_TRY(attend(e, p, a->s_attn, a->s_qkv, 3 * d, a->s_qkv + d, a->s_qkv + 2 * d, 3 * d, false,
-               s));
+                  s));
     return gemm(e, a->s_tmp, d, a->s_attn, d, L->sa_out_w, L->sa_out_b, p->Ts, d, d,
                 SF_GEMM_BIAS, s);
 }
@@ -76,7 +76,7 @@ static sf_status cross_attention(sf_cuda_engine *e, const sf_cuda_sys_layer *L,
     const int64_t d = e->d;
     SF_TRY(gemm(e, a->s_qkv, d, in, d, L->ca_in_w, L->ca_in_b, p->Ts, d, d, SF_GEMM_BIAS, s));
     SF_TRY(gemm(e, a->u_kv, 2 * d, a->u, d, L->ca_in_w + d * d, L->ca_in_b + d, p->Tu, 2 * d, d,
-             SF_GEMM_BIAS, s));
+                SF_GEMM_BIAS, s));
     SF_TRY(attend(e, p, a->s_attn, a->s_qkv, d, a->u_kv, a->u_kv + d, 2 * d, true, s));
     return gemm(e, a->s_tmp, d, a->s_attn, d, L->ca_out_w, L->ca_out_b, p->Ts, d, d,
                 SF_GEMM_BIAS, s);
@@ -89,7 +89,7 @@ static sf_status feed_forward(sf_cuda_engine *e, const sf_cuda_sys_layer *L, con
     const int64_t d = e->d, ff = e->sys_ff;
     const bool relu = e->sys_cfg.activation == SF_ACT_RELU;
     SF_TRY(gemm(e, a->s_ff, ff, in, d, L->l1_w, L->l1_b, p->Ts, ff, d,
-             relu ? SF_GEMM_RELU_BIAS : SF_GEMM_BIAS, s));
+                relu ? SF_GEMM_RELU_BIAS : SF_GEMM_BIAS, s));
     if (!relu) SF_TRY(sf_cuda_gelu_bf16(a->s_ff, a->s_ff, p->Ts * ff, s));
     return gemm(e, a->s_tmp, d, a->s_ff, ff, L->l2_w, L->l2_b, p->Ts, d, ff, SF_GEMM_BIAS, s);
 }
