@@ -240,6 +240,12 @@ typedef struct sf_sysformer_config {
     float layer_norm_eps;
     bool final_norm;
     bool has_classifier;     /* the training head classifier.weight [1, d] / .bias [1]   */
+    int32_t system_offset_rows; /* > 0: a learned offset system_offset [rows, d] is added to
+                                   the system rows before the layers: X = S + offset, so every
+                                   system span must be exactly this many tokens. With
+                                   num_layers = 0 that is the SystemEmbedder baseline, one
+                                   learned system-prompt embedding S' = S + offset that does
+                                   not depend on the user prompt. 0: none (a Sysformer)     */
     /* Provenance, all optional (NULL or 0 when unknown); strings owned by the Sysformer. */
     const char *llm_name;
     int32_t llm_hidden_size;

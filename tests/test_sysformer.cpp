@@ -15,6 +15,8 @@
 #include "io/safetensors.h"
 #include "model_fixtures.h"
 #include "sysformer.h"
+#include "sysformer/module.h"
+#include "train/train.h"
 
 namespace {
 
@@ -230,6 +232,72 @@ TEST_F(SysformerTest, EmptySpans) {
     b.cu_system = cu_bad;
     b.cu_user = cu_u;
     EXPECT_EQ(sf_sysformer_forward_cpu(sf, &b, out.data()), SF_ERR_INVALID_ARGUMENT);
+    sf_sysformer_free(sf);
+}
+
+// The SystemEmbedder baseline: no layers, a learned offset. Fresh it is the identity; with an
+// offset S' = S + offset exactly (one fp32 add per entry, as the reference computes it here);
+// it refuses a system span of another length without touching the rows (also in place); it
+// saves and loads; a file whose offset disagrees with its config is refused.
+TEST_F(SysformerTest, SystemEmbedder) {
+    sf_sysformer_config c = sf_sysformer_default_config(llm_);
+    c.num_layers = 0;
+    c.system_offset_rows = 3;
+    sf_sysformer *sf = nullptr;
+    ASSERT_EQ(sf_sysformer_init(llm_, &c, 2, &sf), SF_OK) << sf_last_error();
+    ASSERT_NE(sf->system_offset, nullptr);
+    auto sys = random_rows(6 * (size_t)d_, 3);
+    auto usr = random_rows(5 * (size_t)d_, 4);
+    int32_t cu_s[4] = {0, 3, 3, 6}, cu_u[4] = {0, 2, 4, 5};
+    sf_rewrite_batch b = {3, cu_s, cu_u, sys.data(), usr.data()};
+    std::vector<float> out(sys.size());
+    ASSERT_EQ(sf_sysformer_forward_cpu(sf, &b, out.data()), SF_OK) << sf_last_error();
+    EXPECT_EQ(0, memcmp(out.data(), sys.data(), sys.size() * sizeof(float)));
+
+    for (int64_t i = 0; i < 3 * (int64_t)d_; i++) sf->system_offset[i] = 0.25f * (float)(i % 7) - 0.5f;
+    ASSERT_EQ(sf_sysformer_forward_cpu(sf, &b, out.data()), SF_OK);
+    for (int r = 0; r < 2; r++)
+        for (int64_t i = 0; i < 3 * (int64_t)d_; i++)
+            ASSERT_EQ(out[(size_t)(r * 3 * d_ + i)], sys[(size_t)(r * 3 * d_ + i)] + sf->system_offset[i]);
+
+    int32_t cu_wrong[4] = {0, 3, 3, 5};
+    std::vector<float> inplace = sys;
+    sf_rewrite_batch bw = {3, cu_wrong, cu_u, inplace.data(), usr.data()};
+    EXPECT_EQ(sf_sysformer_forward_cpu(sf, &bw, inplace.data()), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_NE(strstr(sf_last_error(), "request 2 has a system span of 2 tokens"), nullptr)
+        << sf_last_error();
+    EXPECT_EQ(0, memcmp(inplace.data(), sys.data(), sys.size() * sizeof(float)));
+    sf_sysformer_tape *tape = nullptr;
+    EXPECT_EQ(sf_sysformer_forward_train(sf, &bw, inplace.data(), &tape), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(tape, nullptr);
+
+    TempDir dir;
+    ASSERT_EQ(sf_sysformer_save(sf, dir.path().c_str()), SF_OK) << sf_last_error();
+    EXPECT_NE(read_text(dir.file("sysformer.json")).find("\"system_offset_rows\": 3"),
+              std::string::npos);
+    sf_sysformer *back = nullptr;
+    ASSERT_EQ(load(dir.path(), &back), SF_OK) << sf_last_error();
+    EXPECT_EQ(sf_sysformer_get_config(back)->system_offset_rows, 3);
+    EXPECT_EQ(sf_sysformer_get_config(back)->num_layers, 0);
+    std::vector<float> out2(sys.size());
+    ASSERT_EQ(sf_sysformer_forward_cpu(back, &b, out2.data()), SF_OK);
+    EXPECT_EQ(0, memcmp(out.data(), out2.data(), out.size() * sizeof(float)));
+    sf_sysformer_free(back);
+
+    // The config says 2 rows, the file holds 3: a shape error naming the tensor; and an offset
+    // tensor under a config without one is refused as well.
+    const std::string json = read_text(dir.file("sysformer.json"));
+    write_text(dir.file("sysformer.json"),
+               replace(json, "\"system_offset_rows\": 3", "\"system_offset_rows\": 2"));
+    EXPECT_NE(load(dir.path(), &back), SF_OK);
+    EXPECT_NE(strstr(sf_last_error(), "system_offset"), nullptr) << sf_last_error();
+    write_text(dir.file("sysformer.json"),
+               replace(json, "\"system_offset_rows\": 3,", ""));
+    EXPECT_EQ(load(dir.path(), &back), SF_ERR_CONFIG);
+    EXPECT_NE(strstr(sf_last_error(), "system_offset_rows is 0"), nullptr) << sf_last_error();
+    write_text(dir.file("sysformer.json"),
+               replace(json, "\"system_offset_rows\": 3", "\"system_offset_rows\": -1"));
+    EXPECT_EQ(load(dir.path(), &back), SF_ERR_CONFIG);
     sf_sysformer_free(sf);
 }
 

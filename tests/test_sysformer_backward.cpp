@@ -85,12 +85,14 @@ std::vector<float> uniform_floats(size_t n, uint64_t seed, double lo, double hi)
 }
 
 // A packed batch: mixed lengths, two requests without system rows (one with user rows, whose
-// keys and values must get no gradient, one empty), a one-row system span.
+// keys and values must get no gradient, one empty), a one-row system span. With a learned
+// system offset of offset_rows rows every system span has that length instead (it must).
 struct Batch {
     std::vector<int32_t> cu_s{0}, cu_u{0};
     std::vector<float> sys, usr;
-    Batch(int d, uint64_t seed) {
-        const int ns[5] = {3, 0, 6, 0, 1}, nu[5] = {5, 4, 2, 0, 7};
+    Batch(int d, uint64_t seed, int offset_rows = 0) {
+        const int o = offset_rows;
+        const int ns[5] = {o ? o : 3, 0, o ? o : 6, 0, o ? o : 1}, nu[5] = {5, 4, 2, 0, 7};
         for (int r = 0; r < 5; r++) {
             cu_s.push_back(cu_s.back() + ns[r]);
             cu_u.push_back(cu_u.back() + nu[r]);
@@ -117,7 +119,7 @@ struct Layout {
         int64_t l1w, l1b, l2w, l2b, nw[3], nb[3];
     };
     std::vector<Layer> layers;
-    int64_t fnw = -1, fnb = -1;
+    int64_t fnw = -1, fnb = -1, offset = -1;
     explicit Layout(const sf_sysformer *sf) {
         auto off = [&](const float *p) { return (int64_t)(p - sf->weights); };
         for (int i = 0; i < sf->cfg.num_layers; i++) {
@@ -141,6 +143,7 @@ struct Layout {
             fnw = off(sf->final_norm_weight);
             fnb = off(sf->final_norm_bias);
         }
+        if (sf->cfg.system_offset_rows > 0) offset = off(sf->system_offset);
     }
 };
 
@@ -212,6 +215,12 @@ Vec ref_forward(const sf_sysformer_config &c, const Layout &lay, const Vec &Wv, 
     const int64_t ts = b.ts();
     Vec x(b.sys.begin(), b.sys.end()), m(b.usr.begin(), b.usr.end()), h, y, f;
     if (relu_signs) relu_signs->clear();
+    if (lay.offset >= 0) { // X = S + offset, the same rows for every request with a span
+        const int64_t rows = c.system_offset_rows;
+        for (size_t r = 0; r + 1 < b.cu_s.size(); r++)
+            for (int64_t i = 0; b.cu_s[r + 1] > b.cu_s[r] && i < rows * d; i++)
+                x[b.cu_s[r] * d + i] += W[lay.offset + i];
+    }
     auto block = [&](int j, const Layout::Layer &L, const Vec &in, Vec &out) {
         if (j == 0) ref_mha(out, in, in, b.cu_s, b.cu_s, W, L.sa, d, c.num_heads);
         if (j == 1) ref_mha(out, in, m, b.cu_s, b.cu_u, W, L.ca, d, c.num_heads);
@@ -259,13 +268,15 @@ struct Case {
     bool norm_first;
     sf_activation act;
     bool final_norm;
+    int offset_rows; // a learned system offset; with 0 layers the SystemEmbedder
 };
 
 std::string case_name(const ::testing::TestParamInfo<Case> &info) {
     const Case &c = info.param;
     return std::string(c.norm_first ? "PreLN" : "PostLN") +
            (c.act == SF_ACT_GELU ? "Gelu" : "Relu") + (c.final_norm ? "FinalNorm" : "") + "D" +
-           std::to_string(c.d) + "L" + std::to_string(c.layers) + "H" + std::to_string(c.heads);
+           std::to_string(c.d) + "L" + std::to_string(c.layers) + "H" + std::to_string(c.heads) +
+           (c.offset_rows ? "Offset" + std::to_string(c.offset_rows) : "");
 }
 
 class SysformerBackwardConfigs : public ::testing::TestWithParam<Case> {
@@ -273,6 +284,7 @@ class SysformerBackwardConfigs : public ::testing::TestWithParam<Case> {
     void SetUp() override {
         const Case &p = GetParam();
         cfg_ = small_config(p.d, p.layers, p.heads, p.norm_first, p.act, p.final_norm);
+        cfg_.system_offset_rows = p.offset_rows;
         sf_.reset(random_sysformer(cfg_, 100 + p.d + 7 * p.layers + p.norm_first));
     }
     sf_sysformer_config cfg_;
@@ -282,7 +294,7 @@ class SysformerBackwardConfigs : public ::testing::TestWithParam<Case> {
 // (1) The taped forward computes what the inference forward computes, bit for bit; also in
 // place (system_out == system), which the inference forward allows.
 TEST_P(SysformerBackwardConfigs, ForwardTrainIsBitIdenticalToForward) {
-    Batch b(cfg_.d_model, 1);
+    Batch b(cfg_.d_model, 1, cfg_.system_offset_rows);
     const sf_rewrite_batch bv = b.view();
     const size_t n = b.sys.size();
     std::vector<float> want(n), got(n, NAN);
@@ -320,7 +332,7 @@ TEST_P(SysformerBackwardConfigs, ForwardTrainIsBitIdenticalToForward) {
 // eight configurations: at most 1.3e-6, so ~ 40x margin, while a dropped or misrouted Jacobian
 // term misses it by orders of magnitude (checked by mutating the backward).
 TEST_P(SysformerBackwardConfigs, GradientsMatchFiniteDifferences) {
-    Batch b(cfg_.d_model, 2);
+    Batch b(cfg_.d_model, 2, cfg_.system_offset_rows);
     const sf_rewrite_batch bv = b.view();
     const size_t n = b.sys.size();
     std::vector<float> out(n);
@@ -442,7 +454,7 @@ TEST_P(SysformerBackwardConfigs, GradientsMatchFiniteDifferences) {
 
 // (3) Gradients are added, never overwritten; the classifier's are left alone.
 TEST_P(SysformerBackwardConfigs, GradientsAccumulate) {
-    Batch b(cfg_.d_model, 4);
+    Batch b(cfg_.d_model, 4, cfg_.system_offset_rows);
     const sf_rewrite_batch bv = b.view();
     std::vector<float> out(b.sys.size());
     sf_sysformer_tape *t = nullptr;
@@ -478,10 +490,13 @@ TEST_P(SysformerBackwardConfigs, GradientsAccumulate) {
 }
 
 const Case kCases[] = {
-    {16, 2, 2, true, SF_ACT_RELU, false},  {16, 2, 4, true, SF_ACT_GELU, true},
-    {24, 1, 4, true, SF_ACT_RELU, true},   {24, 1, 2, true, SF_ACT_GELU, false},
-    {16, 2, 2, false, SF_ACT_RELU, false}, {16, 2, 4, false, SF_ACT_GELU, true},
-    {24, 1, 4, false, SF_ACT_RELU, true},  {24, 1, 2, false, SF_ACT_GELU, false},
+    {16, 2, 2, true, SF_ACT_RELU, false, 0},  {16, 2, 4, true, SF_ACT_GELU, true, 0},
+    {24, 1, 4, true, SF_ACT_RELU, true, 0},   {24, 1, 2, true, SF_ACT_GELU, false, 0},
+    {16, 2, 2, false, SF_ACT_RELU, false, 0}, {16, 2, 4, false, SF_ACT_GELU, true, 0},
+    {24, 1, 4, false, SF_ACT_RELU, true, 0},  {24, 1, 2, false, SF_ACT_GELU, false, 0},
+    // the SystemEmbedder (no layers), and a learned offset in front of layers
+    {16, 0, 2, true, SF_ACT_RELU, false, 3}, {16, 1, 2, true, SF_ACT_GELU, false, 4},
+    {24, 1, 4, false, SF_ACT_RELU, true, 2},
 };
 
 INSTANTIATE_TEST_SUITE_P(SysformerBackward, SysformerBackwardConfigs,

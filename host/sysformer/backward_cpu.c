@@ -55,7 +55,8 @@ static bool same_config(const sf_sysformer_config *a, const sf_sysformer_config 
     return a->d_model == b->d_model && a->num_layers == b->num_layers &&
            a->num_heads == b->num_heads && a->dim_feedforward == b->dim_feedforward &&
            a->activation == b->activation && a->norm_first == b->norm_first &&
-           a->final_norm == b->final_norm && a->layer_norm_eps == b->layer_norm_eps;
+           a->final_norm == b->final_norm && a->layer_norm_eps == b->layer_norm_eps &&
+           a->system_offset_rows == b->system_offset_rows;
 }
 
 static bool tape_matches(const sf_sysformer_tape *t, const sf_sysformer_config *c) {
@@ -217,6 +218,15 @@ sf_status sf_sysformer_forward_train(const sf_sysformer *sf, const sf_rewrite_ba
     }
     /* Copied before anything is written, so system_out may be batch->system, as in forward. */
     memcpy(t->stream[0], batch->system, (size_t)(ts * d) * sizeof(float));
+    if (c->system_offset_rows > 0) {
+        st = sf_sysformer_add_offset(sf, batch->cu_system, nr, t->stream[0],
+                                     "sf_sysformer_forward_train");
+        if (st != SF_OK) {
+            free(y);
+            sf_sysformer_tape_free(t);
+            return st;
+        }
+    }
     const int32_t *cs = batch->cu_system, *cu = batch->cu_user;
     for (int i = 0; i < c->num_layers; i++) {
         const sf_sysformer_layer *L = &sf->layers[i];
@@ -431,7 +441,16 @@ sf_status sf_sysformer_backward(const sf_sysformer *sf, const sf_sysformer_tape 
     for (int i = tape->layers - 1; i >= 0; i--) {
         for (int j = 2; j >= 0; j--) sublayer_backward(sf, grads, tape, i, j, gx, &s);
     }
-    /* gx is now dL/dS: the inputs are frozen embeddings, so it goes nowhere. */
+    /* gx is now dL/dX0 with X0 = S + system_offset: the embeddings S are frozen, and the
+     * offset, shared by every request, collects the sum over the requests' spans. */
+    if (sf->cfg.system_offset_rows > 0) {
+        const int64_t span = (int64_t)sf->cfg.system_offset_rows * tape->d;
+        for (int32_t r = 0; r < tape->n_requests; r++) {
+            if (tape->cu_system[r + 1] == tape->cu_system[r]) continue;
+            const float *g = gx + (int64_t)tape->cu_system[r] * tape->d;
+            for (int64_t i = 0; i < span; i++) grads->system_offset[i] += g[i];
+        }
+    }
     bwd_scratch_free(&s);
     free(gx);
     return SF_OK;

@@ -130,6 +130,14 @@ sf_status sf_sysformer_forward_cpu(const sf_sysformer *sf, const sf_rewrite_batc
     if (st != SF_OK) return st;
     float *x = out; /* the residual stream lives in the output buffer */
     if (out != b->system) memcpy(x, b->system, (size_t)(ts * d) * sizeof(float));
+    if (c->system_offset_rows > 0) {
+        st = sf_sysformer_add_offset(sf, b->cu_system, b->n_requests, x,
+                                     "sf_sysformer_forward_cpu");
+        if (st != SF_OK) {
+            scratch_free(&s);
+            return st;
+        }
+    }
 
     for (int i = 0; i < c->num_layers; i++) {
         const sf_sysformer_layer *L = &sf->layers[i];

@@ -72,6 +72,9 @@ static sf_status parse_config(json_t *root, const char *path, sf_sysformer_confi
     if (st == SF_OK) st = read_int(root, "d_model", path, &cfg->d_model);
     if (st == SF_OK) st = read_int(root, "num_layers", path, &cfg->num_layers);
     if (st == SF_OK) st = read_int(root, "num_heads", path, &cfg->num_heads);
+    if (st == SF_OK) {
+        st = read_int(root, "system_offset_rows", path, &cfg->system_offset_rows);
+    }
     cfg->dim_feedforward = cfg->d_model <= (1 << 28) ? 4 * cfg->d_model : 0;
     if (st == SF_OK) st = read_int(root, "dim_feedforward", path, &cfg->dim_feedforward);
     if (st == SF_OK) st = read_bool(root, "norm_first", path, &cfg->norm_first);
@@ -111,8 +114,9 @@ static sf_status parse_config(json_t *root, const char *path, sf_sysformer_confi
     return st;
 }
 
-/* The classifier is optional in the file; norm.* must agree with final_norm, and no layer past
- * num_layers may exist (either would mean the config does not describe these weights). */
+/* The classifier is optional in the file; norm.* must agree with final_norm, system_offset
+ * with system_offset_rows, and no layer past num_layers may exist (any of these would mean the
+ * config does not describe these weights). */
 static sf_status check_extra_tensors(const sf_st_archive *ar, const char *prefix,
                                      const sf_sysformer_config *cfg, const char *path) {
     const size_t plen = strlen(prefix);
@@ -123,6 +127,10 @@ static sf_status check_extra_tensors(const sf_st_archive *ar, const char *prefix
         if (!cfg->final_norm && !strncmp(name, "norm.", 5)) {
             return sf_fail(SF_ERR_CONFIG, "%s: tensor '%s%s' exists but final_norm is false",
                            path, prefix, name);
+        }
+        if (!cfg->system_offset_rows && !strcmp(name, "system_offset")) {
+            return sf_fail(SF_ERR_CONFIG, "%s: tensor '%s%s' exists but system_offset_rows is "
+                           "0", path, prefix, name);
         }
         int layer = -1;
         if (sscanf(name, "layers.%d.", &layer) == 1 && (layer < 0 || layer >= cfg->num_layers)) {
@@ -217,6 +225,9 @@ static json_t *config_to_json(const sf_sysformer_config *c) {
     json_object_set_new(j, "norm_first", json_boolean(c->norm_first));
     json_object_set_new(j, "layer_norm_eps", json_real(c->layer_norm_eps));
     json_object_set_new(j, "final_norm", json_boolean(c->final_norm));
+    if (c->system_offset_rows > 0) {
+        json_object_set_new(j, "system_offset_rows", json_integer(c->system_offset_rows));
+    }
     json_object_set_new(j, "weights", json_string(k_default_weights));
     json_t *llm = json_object();
     if (c->llm_name) json_object_set_new(llm, "name", json_string(c->llm_name));

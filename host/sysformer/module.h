@@ -36,6 +36,7 @@ struct sf_sysformer {
     sf_sysformer_layer *layers;
     float *final_norm_weight; /* [d] or NULL */
     float *final_norm_bias;
+    float *system_offset;     /* [system_offset_rows, d] or NULL */
     float *classifier_weight; /* [1, d] or NULL */
     float *classifier_bias;   /* [1] */
 };
@@ -58,6 +59,11 @@ sf_status sf_sysformer_alloc(sf_sysformer *sf);
 
 /* Copies the provenance strings of src into one block owned by sf (cfg strings re-pointed). */
 sf_status sf_sysformer_set_config(sf_sysformer *sf, const sf_sysformer_config *src);
+
+/* X = S + system_offset for every request's system rows (cfg.system_offset_rows > 0; a
+ * request's span must have exactly that many rows, else SF_ERR_INVALID_ARGUMENT naming fn). */
+sf_status sf_sysformer_add_offset(const sf_sysformer *sf, const int32_t *cu_system,
+                                  int32_t n_requests, float *x, const char *fn);
 
 /* Checks cfg on its own and against llm (NULL: skip the LLM checks). */
 sf_status sf_sysformer_check_config(const sf_sysformer_config *cfg, const sf_llm *llm,

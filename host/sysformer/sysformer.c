@@ -53,6 +53,10 @@ sf_status sf_sysformer_check_config(const sf_sysformer_config *c, const sf_llm *
         return sf_fail(SF_ERR_CONFIG, "%s: num_heads = %d does not divide d_model = %d", source,
                        c->num_heads, c->d_model);
     }
+    if (c->system_offset_rows < 0 || c->system_offset_rows > (1 << 16)) {
+        return sf_fail(SF_ERR_CONFIG, "%s: system_offset_rows = %d", source,
+                       c->system_offset_rows);
+    }
     if (c->dim_feedforward < 1 || c->dim_feedforward > (1 << 20)) {
         return sf_fail(SF_ERR_CONFIG, "%s: dim_feedforward = %d", source, c->dim_feedforward);
     }
@@ -120,7 +124,7 @@ sf_sysformer_tensor *sf_sysformer_tensors(sf_sysformer *sf, int64_t *count) {
     const sf_sysformer_config *c = &sf->cfg;
     const int64_t d = c->d_model, ff = c->dim_feedforward;
     /* per layer: 2 attention blocks x 4, linear1/2 x 2, norm1..3 x 2; then norm and classifier */
-    const int64_t n = 18 * (int64_t)c->num_layers + 2 + 2;
+    const int64_t n = 18 * (int64_t)c->num_layers + 2 + 2 + 1;
     sf_sysformer_tensor *t = calloc((size_t)n, sizeof *t);
     *count = 0;
     if (!t) return NULL;
@@ -158,6 +162,9 @@ sf_sysformer_tensor *sf_sysformer_tensors(sf_sysformer *sf, int64_t *count) {
     if (c->final_norm) {
         TENSOR(sf->final_norm_weight, d, 0, "norm.weight");
         TENSOR(sf->final_norm_bias, d, 0, "norm.bias");
+    }
+    if (c->system_offset_rows > 0) {
+        TENSOR(sf->system_offset, c->system_offset_rows, d, "system_offset");
     }
     if (c->has_classifier) {
         TENSOR(sf->classifier_weight, 1, d, "classifier.weight");
@@ -260,10 +267,36 @@ sf_status sf_sysformer_init(const sf_llm *llm, const sf_sysformer_config *cfg, u
         fill_const(sf->final_norm_weight, d, 1.0f);
         fill_const(sf->final_norm_bias, d, 0.0f);
     }
+    /* Zero: the offset starts at the default system prompt's own embedding. */
+    if (cfg->system_offset_rows > 0) {
+        fill_const(sf->system_offset, (int64_t)cfg->system_offset_rows * d, 0.0f);
+    }
     if (cfg->has_classifier) {
         fill_uniform(sf->classifier_weight, d, 1.0 / sqrt((double)d), &rng);
         fill_uniform(sf->classifier_bias, 1, 1.0 / sqrt((double)d), &rng);
     }
     *out = sf;
+    return SF_OK;
+}
+
+sf_status sf_sysformer_add_offset(const sf_sysformer *sf, const int32_t *cu_system,
+                                  int32_t n_requests, float *x, const char *fn) {
+    const int64_t rows = sf->cfg.system_offset_rows, d = sf->cfg.d_model;
+    /* Every span is checked before any row changes, so a refused batch leaves x as it was. */
+    for (int32_t r = 0; r < n_requests; r++) {
+        const int32_t ns = cu_system[r + 1] - cu_system[r];
+        if (ns != 0 && ns != rows) {
+            return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                           "%s: request %d has a system span of %d tokens, but this module's "
+                           "learned system offset has %lld rows (it was trained for one system "
+                           "prompt; use that prompt)",
+                           fn, r, ns, (long long)rows);
+        }
+    }
+    for (int32_t r = 0; r < n_requests; r++) {
+        if (cu_system[r + 1] == cu_system[r]) continue;
+        float *xr = x + (int64_t)cu_system[r] * d;
+        for (int64_t i = 0; i < rows * d; i++) xr[i] += sf->system_offset[i];
+    }
     return SF_OK;
 }
