@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "eval/eval.h"
 #include "model/llm.h"
 #include "model_fixtures.h"
 #include "sysformer.h"
@@ -495,8 +496,9 @@ TEST_F(Train, BadInputsGiveClearStatuses) {
     EXPECT_EQ(read("[{\"instruction\": \"a\", \"category\": null}]"), SF_OK);
     EXPECT_EQ(sf_prompt_set_read(tmp.file("absent.json").c_str(), 0, 0, &ps), SF_ERR_IO);
     write_file(tmp.file("jb.json"), "[\"{instruction}!\", \"no placeholder\"]");
-    EXPECT_EQ(sf_jailbreak_templates_read(tmp.file("jb.json").c_str(), &ps), SF_ERR_FORMAT);
-    EXPECT_NE(std::string(sf_last_error()).find("template 1"), std::string::npos);
+    sf_jailbreak_set jbs;
+    EXPECT_EQ(sf_jailbreak_set_read(tmp.file("jb.json").c_str(), &jbs), SF_ERR_FORMAT);
+    EXPECT_NE(std::string(sf_last_error()).find("wrapper 1"), std::string::npos);
 
     // Token level.
     sf_train_set s = {};
@@ -574,17 +576,30 @@ TEST(TrainText, CompletionsAreGeneratedOnceAndEncoded) {
                "[{\"instruction\": \"Name a colour.\"}, {\"instruction\": \"Add two numbers\", "
                "\"input\": \"2 and 3\"}, {\"instruction\": \"Say hi\", \"output\": \"hi there\"}]");
     write_file(dir.file("harm.json"), "[{\"instruction\": \"Do a bad thing\"}]");
-    write_file(dir.file("jb.json"), "[\"A: {instruction}\", \"B: {instruction} {instruction}\"]");
-    sf_prompt_set safe, harm, jb, wrapped, again;
+    // Two wrappers to train with and one held out, which must never be picked.
+    write_file(dir.file("jb.json"),
+               "{\"wrappers\": [{\"name\": \"a\", \"template\": \"A: {instruction}\"}, "
+               "{\"name\": \"b\", \"template\": \"B: {instruction} {instruction}\"}, "
+               "{\"name\": \"c\", \"template\": \"C: {instruction}\", \"held_out\": true}]}");
+    sf_prompt_set safe, harm, wrapped, again;
+    sf_jailbreak_set jb;
     ASSERT_EQ(sf_prompt_set_read(dir.file("safe.json").c_str(), 0, 0, &safe), SF_OK);
     EXPECT_STREQ(safe.prompt[1], "Add two numbers\n\n2 and 3");
     EXPECT_STREQ(safe.response[2], "hi there");
     ASSERT_EQ(sf_prompt_set_read(dir.file("harm.json").c_str(), 0, 0, &harm), SF_OK);
-    ASSERT_EQ(sf_jailbreak_templates_read(dir.file("jb.json").c_str(), &jb), SF_OK);
+    ASSERT_EQ(sf_jailbreak_set_read(dir.file("jb.json").c_str(), &jb), SF_OK) << sf_last_error();
+    bool seen[2] = {false, false};
+    for (uint64_t seed = 0; seed < 32; seed++) {
+        ASSERT_EQ(sf_prompt_set_wrap(&harm, &jb, seed, &wrapped), SF_OK);
+        const bool a = !strcmp(wrapped.prompt[0], "A: Do a bad thing");
+        const bool b = !strcmp(wrapped.prompt[0], "B: Do a bad thing Do a bad thing");
+        EXPECT_TRUE(a || b) << wrapped.prompt[0];
+        seen[0] |= a;
+        seen[1] |= b;
+        sf_prompt_set_free(&wrapped);
+    }
+    EXPECT_TRUE(seen[0] && seen[1]); // both trainable wrappers are drawn over 32 seeds
     ASSERT_EQ(sf_prompt_set_wrap(&harm, &jb, 0, &wrapped), SF_OK);
-    EXPECT_TRUE(!strcmp(wrapped.prompt[0], "A: Do a bad thing") ||
-                !strcmp(wrapped.prompt[0], "B: Do a bad thing Do a bad thing"))
-        << wrapped.prompt[0];
 
     sf_train_text tx = {tok, SF_TEMPLATE_CHATML, "Be safe.", "No.", 128};
     EXPECT_EQ(sf_train_end_of_turn(&tx), 2);
@@ -674,7 +689,7 @@ TEST(TrainText, CompletionsAreGeneratedOnceAndEncoded) {
     sf_train_set_free(&set);
     sf_prompt_set_free(&safe);
     sf_prompt_set_free(&harm);
-    sf_prompt_set_free(&jb);
+    sf_jailbreak_set_free(&jb);
     sf_prompt_set_free(&wrapped);
     sf_llm_free(llm);
     sf_tokenizer_free(tok);

@@ -11,6 +11,7 @@
 
 #include "cli/cli.h"
 #include "core/error.h"
+#include "eval/eval.h"
 #include "train/trainer.h"
 
 int cmd_train(int argc, char **argv);
@@ -20,11 +21,11 @@ static const char k_default_refusal[] = "I am sorry I cannot help you";
 
 typedef struct options {
     const char *llm, *tokenizer, *harmful, *harmless, *harmful_val, *harmless_val;
-    const char *jailbreak, *out, *system, *template_name, *refusal;
+    const char *jailbreak, *out, *system, *template_name, *refusal, *init;
     int32_t max_harmful, max_harmless, max_val;
     int32_t layers, heads, ff;
     int32_t compl_max_tokens, max_tokens, gen_batch;
-    bool resume, gelu;
+    bool resume, gelu, system_embedder;
     sf_train_options t;
 } options;
 
@@ -50,8 +51,10 @@ static void usage(FILE *out) {
             "  --harmless FILE          harmless training prompts (trained to answer)\n"
             "  --harmful-val FILE       validation prompts (losses and refusal rates per epoch)\n"
             "  --harmless-val FILE\n"
-            "  --jailbreak-templates F  JSON list of strings with \"{instruction}\": each\n"
-            "                           harmful prompt is also trained wrapped in one of them\n"
+            "  --jailbreaks FILE        jailbreak wrappers (bench/jailbreaks.json's format):\n"
+            "                           each harmful prompt is also trained wrapped in one\n"
+            "                           wrapper not marked held_out (alias:\n"
+            "                           --jailbreak-templates)\n"
             "  --max-harmful N          seeded sample of N prompts (default: all)\n"
             "  --max-harmless N         (default: as many as harmful prompts)\n"
             "  --max-val N              of each validation file (default 32)\n"
@@ -82,6 +85,11 @@ static void usage(FILE *out) {
             "a new Sysformer:\n"
             "  --layers N --heads N --ff N   (default 2, the LLM's heads, 4 x hidden)\n"
             "  --activation relu|gelu        (default relu)\n"
+            "  --system-embedder        train the SystemEmbedder baseline instead: one learned\n"
+            "                           system-prompt embedding (no layers, not conditioned on\n"
+            "                           the user prompt), same losses, same code\n"
+            "  --init DIR               start from this Sysformer's weights (fine-tuning; its\n"
+            "                           recorded system prompt must be --system)\n"
             "\n"
             "validation:\n"
             "  --val-harmful-n N        harmful validation prompts generated and judged (%d)\n"
@@ -133,6 +141,7 @@ static int parse_options(int argc, char **argv, options *o) {
         }
         if (!strcmp(a, "--resume")) { o->resume = true; continue; }
         if (!strcmp(a, "--recompute")) { o->t.recompute = true; continue; }
+        if (!strcmp(a, "--system-embedder")) { o->system_embedder = true; continue; }
         if (!strcmp(a, "--no-initial-val")) { o->t.validate_first = false; continue; }
         if (i + 1 >= argc) {
             fprintf(stderr, "sysformer train: %s needs a value (see --help)\n", a);
@@ -147,8 +156,11 @@ static int parse_options(int argc, char **argv, options *o) {
         else if (!strcmp(a, "--harmless")) o->harmless = v;
         else if (!strcmp(a, "--harmful-val")) o->harmful_val = v;
         else if (!strcmp(a, "--harmless-val")) o->harmless_val = v;
-        else if (!strcmp(a, "--jailbreak-templates")) o->jailbreak = v;
+        else if (!strcmp(a, "--jailbreaks") || !strcmp(a, "--jailbreak-templates")) {
+            o->jailbreak = v;
+        }
         else if (!strcmp(a, "--out")) o->out = v;
+        else if (!strcmp(a, "--init")) o->init = v;
         else if (!strcmp(a, "--system")) o->system = v;
         else if (!strcmp(a, "--template")) o->template_name = v;
         else if (!strcmp(a, "--refusal")) o->refusal = v;
@@ -357,7 +369,8 @@ typedef struct run {
     sf_tokenizer *tok;
     sf_sysformer *sf;
     sf_trainer *trainer;
-    sf_prompt_set harmful, harmless, jb, wrapped, harmful_val, harmless_val;
+    sf_prompt_set harmful, harmless, wrapped, harmful_val, harmless_val;
+    sf_jailbreak_set jb;
     sf_train_set train, val;
     FILE *log;
     char *cache_path, *log_path;
@@ -370,7 +383,7 @@ static void run_free(run *r) {
     sf_train_set_free(&r->val);
     sf_prompt_set_free(&r->harmful);
     sf_prompt_set_free(&r->harmless);
-    sf_prompt_set_free(&r->jb);
+    sf_jailbreak_set_free(&r->jb);
     sf_prompt_set_free(&r->wrapped);
     sf_prompt_set_free(&r->harmful_val);
     sf_prompt_set_free(&r->harmless_val);
@@ -408,9 +421,9 @@ static int train_main(const options *o, run *r) {
         if (st != SF_OK) return cli_report("reading --harmless-val", st);
     }
     if (o->jailbreak) {
-        st = sf_jailbreak_templates_read(o->jailbreak, &r->jb);
+        st = sf_jailbreak_set_read(o->jailbreak, &r->jb);
         if (st == SF_OK) st = sf_prompt_set_wrap(&r->harmful, &r->jb, seed, &r->wrapped);
-        if (st != SF_OK) return cli_report("reading --jailbreak-templates", st);
+        if (st != SF_OK) return cli_report("reading --jailbreaks", st);
     }
     fprintf(stderr, "loading %s ...\n", o->llm);
     st = sf_llm_load(o->llm, &r->llm);
@@ -472,12 +485,30 @@ static int train_main(const options *o, run *r) {
     if (o->resume) {
         st = sf_sysformer_load(o->out, r->llm, &r->sf);
         if (st != SF_OK) return cli_report("loading the Sysformer to resume", st);
+    } else if (o->init) {
+        st = sf_sysformer_load(o->init, r->llm, &r->sf);
+        if (st != SF_OK) return cli_report("loading --init", st);
+        const char *recorded = sf_sysformer_get_config(r->sf)->system_prompt;
+        if (recorded && strcmp(recorded, o->system) != 0) {
+            fprintf(stderr, "sysformer train: --init %s was trained to rewrite \"%s\", not "
+                            "--system \"%s\"\n", o->init, recorded, o->system);
+            return 2;
+        }
     } else {
         sf_sysformer_config cfg = sf_sysformer_default_config(r->llm);
         if (o->layers) cfg.num_layers = o->layers;
         if (o->heads) cfg.num_heads = o->heads;
         if (o->ff) cfg.dim_feedforward = o->ff;
         cfg.activation = o->gelu ? SF_ACT_GELU : SF_ACT_RELU;
+        if (o->system_embedder) {
+            /* The offset has one row per token of the system prompt's span. */
+            int32_t ids[1024], n_ids = 0;
+            sf_prompt_spans spans;
+            st = sf_chat_encode(r->tok, tmpl, o->system, NULL, 0, "x", ids, 1024, &n_ids, &spans);
+            if (st != SF_OK) return cli_report("encoding --system", st);
+            cfg.num_layers = 0;
+            cfg.system_offset_rows = spans.system;
+        }
         cfg.system_prompt = o->system;
         cfg.chat_template = sf_template_get(tmpl)->name;
         cfg.llm_name = base_name(o->llm);
@@ -488,9 +519,15 @@ static int train_main(const options *o, run *r) {
         if (st != SF_OK) return cli_report("creating the Sysformer", st);
     }
     const sf_sysformer_config *sc = sf_sysformer_get_config(r->sf);
-    fprintf(stderr, "Sysformer: %d layers, d %d, %d heads, ff %d; system prompt \"%s\"; "
-                    "template %s\n", sc->num_layers, sc->d_model, sc->num_heads,
-            sc->dim_feedforward, o->system, sf_template_get(tmpl)->name);
+    if (sc->system_offset_rows > 0 && sc->num_layers == 0) {
+        fprintf(stderr, "SystemEmbedder: a learned %d x %d system-prompt embedding starting at "
+                        "\"%s\"; template %s\n", sc->system_offset_rows, sc->d_model,
+                o->system, sf_template_get(tmpl)->name);
+    } else {
+        fprintf(stderr, "Sysformer: %d layers, d %d, %d heads, ff %d; system prompt \"%s\"; "
+                        "template %s\n", sc->num_layers, sc->d_model, sc->num_heads,
+                sc->dim_feedforward, o->system, sf_template_get(tmpl)->name);
+    }
 
     int32_t stop[2], n_stop = 0;
     const int32_t eos = sf_tokenizer_eos_id(r->tok), eot = sf_train_end_of_turn(&tx);

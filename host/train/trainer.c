@@ -22,6 +22,7 @@
 #include "core/error.h"
 #include "core/file.h"
 #include "core/rng.h"
+#include "eval/eval.h"
 #include "io/safetensors.h"
 #include "model/llm.h"
 #include "sysformer/module.h"
@@ -1216,62 +1217,27 @@ sf_status sf_prompt_set_read(const char *path, int32_t max_n, uint64_t seed, sf_
     return st;
 }
 
-sf_status sf_jailbreak_templates_read(const char *path, sf_prompt_set *out) {
-    if (!path || !out) return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_jailbreak_templates_read");
-    memset(out, 0, sizeof *out);
-    json_t *root = NULL;
-    sf_status st = read_json_list(path, &root);
-    if (st != SF_OK) return st;
-    const int32_t n = (int32_t)json_array_size(root);
-    st = prompt_set_alloc(out, n);
-    for (int32_t i = 0; st == SF_OK && i < n; i++) {
-        const char *s = json_string_value(json_array_get(root, (size_t)i));
-        if (!s) {
-            st = sf_fail(SF_ERR_FORMAT, "%s: template %d is not a string", path, i);
-        } else if (!strstr(s, "{instruction}")) {
-            st = sf_fail(SF_ERR_FORMAT, "%s: template %d has no \"{instruction}\" to replace",
-                         path, i);
-        } else if (!(out->prompt[i] = dup_str(s))) {
-            st = oom("sf_jailbreak_templates_read");
-        }
-    }
-    if (st != SF_OK) sf_prompt_set_free(out);
-    json_decref(root);
-    return st;
-}
-
-/* tmpl with every "{instruction}" replaced by ins; malloc'd. */
-static char *fill_template(const char *tmpl, const char *ins) {
-    static const char key[] = "{instruction}";
-    const size_t klen = sizeof key - 1, ilen = strlen(ins);
-    size_t count = 0;
-    for (const char *p = strstr(tmpl, key); p; p = strstr(p + klen, key)) count++;
-    const size_t len = strlen(tmpl) + count * ilen - count * klen;
-    char *out = malloc(len + 1), *w = out;
-    if (!out) return NULL;
-    const char *p = tmpl;
-    for (const char *q = strstr(p, key); q; q = strstr(p, key)) {
-        memcpy(w, p, (size_t)(q - p));
-        w += q - p;
-        memcpy(w, ins, ilen);
-        w += ilen;
-        p = q + klen;
-    }
-    strcpy(w, p);
-    return out;
-}
-
-sf_status sf_prompt_set_wrap(const sf_prompt_set *prompts, const sf_prompt_set *templates,
+sf_status sf_prompt_set_wrap(const sf_prompt_set *prompts, const sf_jailbreak_set *wrappers,
                              uint64_t seed, sf_prompt_set *out) {
-    if (!prompts || !templates || !out || templates->n < 1) {
+    if (!prompts || !wrappers || !out) {
         return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_prompt_set_wrap: bad argument");
+    }
+    memset(out, 0, sizeof *out);
+    int32_t n_train = 0;
+    for (int32_t k = 0; k < wrappers->n; k++) n_train += !wrappers->w[k].held_out;
+    if (n_train == 0) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_prompt_set_wrap: every one of the %d "
+                       "jailbreak wrappers is held out; none is left to train with",
+                       wrappers->n);
     }
     sf_status st = prompt_set_alloc(out, prompts->n);
     sf_rng rng = sf_rng_seed(seed ^ 0x1A11B4EAull);
     for (int32_t i = 0; st == SF_OK && i < prompts->n; i++) {
-        const int32_t k = (int32_t)(sf_rng_next(&rng) % (uint64_t)templates->n);
-        out->prompt[i] = fill_template(templates->prompt[k], prompts->prompt[i]);
-        if (!out->prompt[i]) st = oom("sf_prompt_set_wrap");
+        int32_t pick = (int32_t)(sf_rng_next(&rng) % (uint64_t)n_train), k = 0;
+        for (;; k++) {
+            if (!wrappers->w[k].held_out && pick-- == 0) break;
+        }
+        st = sf_jailbreak_apply(&wrappers->w[k], prompts->prompt[i], &out->prompt[i]);
     }
     if (st != SF_OK) sf_prompt_set_free(out);
     return st;

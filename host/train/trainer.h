@@ -242,13 +242,13 @@ typedef struct sf_prompt_set {
  * instruction; SF_ERR_INVALID_ARGUMENT: no rows. Messages name the file and the row. */
 sf_status sf_prompt_set_read(const char *path, int32_t max_n, uint64_t seed, sf_prompt_set *out);
 
-/* Reads a JSON list of strings each containing "{instruction}". */
-sf_status sf_jailbreak_templates_read(const char *path, sf_prompt_set *out);
-
-/* out = every harmful prompt wrapped in one template (chosen by a generator seeded with
- * seed): "{instruction}" replaced by the prompt (every occurrence). */
-sf_status sf_prompt_set_wrap(const sf_prompt_set *prompts, const sf_prompt_set *templates,
-                             uint64_t seed, sf_prompt_set *out);
+/* out = every prompt wrapped in one jailbreak wrapper of wrappers (eval/eval.h), chosen
+ * uniformly by a generator seeded with seed among the wrappers NOT held out (those are kept
+ * for evaluation only). SF_ERR_INVALID_ARGUMENT when every wrapper is held out. */
+struct sf_jailbreak_set;
+sf_status sf_prompt_set_wrap(const sf_prompt_set *prompts,
+                             const struct sf_jailbreak_set *wrappers, uint64_t seed,
+                             sf_prompt_set *out);
 
 void sf_prompt_set_free(sf_prompt_set *set);
 
