@@ -377,7 +377,8 @@ typedef enum sf_template_id {
  *   prefix  SYSTEM  middle  [history]  USER  suffix  → the assistant reply → assistant_end
  * A conversation's earlier turns go between middle and the last user message, each as
  *   user_i  suffix  reply_i  assistant_end  user_start
- * end_of_turn is the token text that ends an assistant reply ("<|eot_id|>", "<|im_end|>"). */
+ * end_of_turn is the token text that ends an assistant reply ("<|eot_id|>", "<|im_end|>").
+ * A prompt with no system turn at all is  no_system  USER  suffix  (sf_chat_encode_no_system). */
 typedef struct sf_template_text {
     const char *name;
     const char *prefix;
@@ -386,6 +387,8 @@ typedef struct sf_template_text {
     const char *assistant_end;
     const char *user_start;
     const char *end_of_turn;
+    const char *no_system;     /* opens a conversation that has no system turn, up to the user
+                                  content ("<|im_start|>user\n", "<s>[INST] ", ...)            */
 } sf_template_text;
 
 /* The pieces of a built-in template (static storage). NULL for an unknown id. */
@@ -412,6 +415,16 @@ typedef struct sf_chat_turn {
 sf_status sf_chat_encode(const sf_tokenizer *tok, sf_template_id tmpl, const char *system_text,
                          const sf_chat_turn *history, int32_t n_history, const char *user_text,
                          int32_t *ids, int32_t capacity, int32_t *n_ids, sf_prompt_spans *spans);
+
+/* The same prompt with no system turn at all: no_system + user + suffix, for measuring an LLM
+ * without any system prompt. This is the literal absence of a system message, which is not what
+ * every family's Jinja template renders for one: SmolLM2's and Qwen2's chatml templates insert
+ * their own default system prompt when none is given, Llama 3.1's a dated system header.
+ * spans->system and spans->middle are 0 and the opening is the prefix span, so the prompt has
+ * nothing for a Sysformer to rewrite. Capacity, *n_ids and failures as in sf_chat_encode. */
+sf_status sf_chat_encode_no_system(const sf_tokenizer *tok, sf_template_id tmpl,
+                                   const char *user_text, int32_t *ids, int32_t capacity,
+                                   int32_t *n_ids, sf_prompt_spans *spans);
 
 /* ------------------------------------------------------------------------------------------ */
 /* Generation                                                                                  */

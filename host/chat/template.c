@@ -18,6 +18,7 @@ static const sf_template_text k_templates[] = {
         .assistant_end = "<|eot_id|>",
         .user_start = "<|start_header_id|>user<|end_header_id|>\n\n",
         .end_of_turn = "<|eot_id|>",
+        .no_system = "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n",
     },
     [SF_TEMPLATE_LLAMA2] = {
         .name = "llama2",
@@ -27,6 +28,7 @@ static const sf_template_text k_templates[] = {
         .assistant_end = " </s>",
         .user_start = "<s>[INST] ",
         .end_of_turn = "</s>",
+        .no_system = "<s>[INST] ",
     },
     [SF_TEMPLATE_MISTRAL] = {
         .name = "mistral",
@@ -36,6 +38,7 @@ static const sf_template_text k_templates[] = {
         .assistant_end = "</s>",
         .user_start = "[INST] ",
         .end_of_turn = "</s>",
+        .no_system = "<s>[INST] ",
     },
     [SF_TEMPLATE_PHI3] = {
         .name = "phi3",
@@ -45,6 +48,7 @@ static const sf_template_text k_templates[] = {
         .assistant_end = "<|end|>\n",
         .user_start = "<|user|>\n",
         .end_of_turn = "<|end|>",
+        .no_system = "<|user|>\n",
     },
     [SF_TEMPLATE_ZEPHYR] = {
         .name = "zephyr",
@@ -54,6 +58,7 @@ static const sf_template_text k_templates[] = {
         .assistant_end = "</s>\n",
         .user_start = "<|user|>\n",
         .end_of_turn = "</s>",
+        .no_system = "<|user|>\n",
     },
     [SF_TEMPLATE_CHATML] = {
         .name = "chatml",
@@ -63,6 +68,7 @@ static const sf_template_text k_templates[] = {
         .assistant_end = "<|im_end|>\n",
         .user_start = "<|im_start|>user\n",
         .end_of_turn = "<|im_end|>",
+        .no_system = "<|im_start|>user\n",
     },
 };
 enum { N_TEMPLATES = sizeof k_templates / sizeof k_templates[0] };
@@ -153,6 +159,38 @@ sf_status sf_chat_encode(const sf_tokenizer *tok, sf_template_id tmpl, const cha
     if (at > capacity) {
         return sf_fail(SF_ERR_OUT_OF_RANGE, "sf_chat_encode: the prompt has %lld tokens; the "
                        "buffer holds %d", (long long)at, capacity);
+    }
+    return SF_OK;
+}
+
+sf_status sf_chat_encode_no_system(const sf_tokenizer *tok, sf_template_id tmpl,
+                                   const char *user_text, int32_t *ids, int32_t capacity,
+                                   int32_t *n_ids, sf_prompt_spans *spans) {
+    const sf_template_text *t = sf_template_get(tmpl);
+    if (!tok || !t || !user_text || !n_ids || !spans || capacity < 0 || (capacity && !ids)) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_chat_encode_no_system: bad argument");
+    }
+    /* Everything before the user content is the prefix: with no system span there is nothing
+     * for a middle span to separate, and a prefix-only opening keeps the spans adding up. */
+    int64_t at = 0, mark;
+    sf_status st = append(tok, t->no_system, true, ids, capacity, &at);
+    spans->prefix = (int32_t)at;
+    spans->system = 0;
+    spans->middle = 0;
+    mark = at;
+    if (st == SF_OK) st = append(tok, user_text, false, ids, capacity, &at);
+    spans->user = (int32_t)(at - mark);
+    mark = at;
+    if (st == SF_OK) st = append(tok, t->suffix, true, ids, capacity, &at);
+    spans->suffix = (int32_t)(at - mark);
+    if (st != SF_OK) return st;
+    if (at > 0x7fffffff) {
+        return sf_fail(SF_ERR_OUT_OF_RANGE, "sf_chat_encode_no_system: prompt too long");
+    }
+    *n_ids = (int32_t)at;
+    if (at > capacity) {
+        return sf_fail(SF_ERR_OUT_OF_RANGE, "sf_chat_encode_no_system: the prompt has %lld "
+                       "tokens; the buffer holds %d", (long long)at, capacity);
     }
     return SF_OK;
 }

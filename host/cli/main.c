@@ -7,6 +7,7 @@
 
 int cmd_train(int argc, char **argv); /* cmd_train.c */
 int cmd_judge(int argc, char **argv); /* cmd_judge.c */
+int cmd_eval(int argc, char **argv);  /* cmd_eval.c */
 
 static void usage(FILE *out) {
     fprintf(out,
@@ -21,6 +22,7 @@ static void usage(FILE *out) {
             "  rewrite        write a system prompt's embeddings before and after a Sysformer\n"
             "  train          train a Sysformer for a model on prompt datasets\n"
             "  judge          the refusal rate of a JSONL file of replies\n"
+            "  eval           refusal rates of every method (baselines, Sysformer) on prompt sets\n"
             "  random-model   write a small random Llama model (the embedded default)\n"
             "  version        print the library version\n"
             "\n"
@@ -85,6 +87,7 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "rewrite")) return cmd_rewrite(argc - 1, argv + 1);
     if (!strcmp(cmd, "train")) return cmd_train(argc - 1, argv + 1);
     if (!strcmp(cmd, "judge")) return cmd_judge(argc - 1, argv + 1);
+    if (!strcmp(cmd, "eval")) return cmd_eval(argc - 1, argv + 1);
     if (!strcmp(cmd, "version") || !strcmp(cmd, "--version")) {
         int devices = 0;
         sf_cuda_device_count(&devices);

@@ -8,7 +8,7 @@
  *                              embeddings (activation gradients only: no LLM weight gradient is
  *                              ever computed or stored)
  *   host/train/trainer.c       data, batches, AdamW, schedule, clipping, checkpoints, validation
- *   host/train/judge.c         the string-match refusal judge
+ *   host/eval/judge.c          the string-match refusal judges (sf_judge_refusal below)
  *
  * Nothing here prints: progress goes through a callback. */
 #ifndef SF_TRAIN_TRAIN_H
