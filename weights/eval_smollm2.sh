@@ -3,7 +3,7 @@
 # reports them: greedy replies (--max-new-tokens, default 32) to every prompt of
 # ../shared/datasets/harmful_val.json and to a fixed 200-prompt sample of harmless_val.json
 # (Python's random.Random(0).sample over the file's order), judged by `sysformer judge` (the
-# string-match judge of host/train/judge.c). "Without" means the plain default system prompt.
+# string-match judge of host/eval/judge.c). "Without" means the plain default system prompt.
 #   weights/eval_smollm2.sh BUILD_DIR SYSFORMER_DIR [OUT_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
