@@ -18,20 +18,25 @@
 // during the QK^T of tile t+1. Key tiles the causal/window mask hides from every row of the CTA
 // are never visited; tiles it hides from none skip the per-element mask. Tile shapes per head
 // dim (the dispatch at the bottom) are chosen to stay under 255 registers without spills.
+//
+// With kLse (sf_attention_args.lse != NULL) the epilogue also stores each row's natural
+// log-sum-exp, ln 2 * (m + log2 l), for the backward (attention_backward.cu); the kernel
+// without it is the same code as before the option existed.
 #include <math.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 #include "attention.h"
+#include "attention_mma.cuh"
 #include "cuda_check.cuh"
 
 namespace {
 
+using namespace sf_attn;
+
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
-
-// Shared-memory rows are padded by 8 bf16 (16 bytes): for every supported head dim the 8 row
-// addresses of an ldmatrix phase then fall on distinct 16-byte bank groups.
-constexpr int kPad = 8;
 
 // D: head dim; MI: m16 tiles per warp, so a CTA covers kBlockM = 64 * MI packed rows; N: keys
 // per K/V tile.
@@ -64,70 +69,18 @@ struct AttnParams {
     bool causal;
 };
 
-// ---------------------------------------------------------------------------------------------
-// Device helpers: shared-memory copies, ldmatrix, mma
-// ---------------------------------------------------------------------------------------------
+// The kLse instantiations' parameters: a separate type, so that the plain kernel's parameter
+// block (and with it its code) stays exactly what it was before lse existed.
+struct AttnLseParams : AttnParams {
+    float *lse;  // [rows, n_heads]
+    int32_t n_heads;
+};
+template <bool kLse>
+using AttnParamsFor = typename std::conditional<kLse, AttnLseParams, AttnParams>::type;
 
-__device__ __forceinline__ uint32_t smem_u32(const void *p) {
-    return (uint32_t)__cvta_generic_to_shared(p);
-}
-
-// 16 bytes global -> shared, asynchronously; with pred false the destination is zero-filled and
-// nothing is read.
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void *src, bool pred) {
-    const int n = pred ? 16 : 0;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n)
-                 : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-// Waits until at most N of this thread's committed groups are still in flight.
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-// Four 8x8 b16 matrices; lanes 8m..8m+7 address the rows of matrix m. Register m receives
-// row lane / 4, columns 2 (lane % 4) and +1 of matrix m (.trans: the transposed matrix).
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr)
-                 : "memory");
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr)
-                 : "memory");
-}
-
-// c[16x8] += a[16x16] b[16x8], bf16 inputs, fp32 accumulators. Lane l (g = l / 4, t = l % 4):
-//   a: {a[0], a[1], a[2], a[3]} = rows (g, g+8, g, g+8), columns (2t, 2t, 2t+8, 2t+8) and +1;
-//   b: {b0, b1} = k rows (2t, 2t+8) and +1, column g;   c: c[0..1] row g, c[2..3] row g+8,
-//   columns 2t, 2t+1.
-__device__ __forceinline__ void mma_bf16_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                               uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// Two floats -> bf16x2 (round to nearest even), lo in the low half (the lower column index).
-__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
-    uint32_t r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
-// The two bf16 of a pack, back in fp32 and summed.
-__device__ __forceinline__ float sum_bf16x2(uint32_t x) {
-    return __uint_as_float(x << 16) + __uint_as_float(x & 0xffff0000u);
-}
-
-// The keys [lo, hi) of a request with kv_len keys that query position pos may see.
+// The keys [lo, hi) of a request with kv_len keys that query position pos may see: the rule of
+// sf_attn::visible_keys, kept in this form (reading the mask from the parameters) because with
+// it the lse == NULL kernel compiles to exactly the PTX it had before the backward existed.
 __device__ __forceinline__ void visible_keys(const AttnParams &p, int64_t pos, int32_t kv_len,
                                              int32_t *lo, int32_t *hi) {
     int64_t l = 0, h = kv_len;
@@ -149,9 +102,9 @@ __device__ __forceinline__ void visible_keys(const AttnParams &p, int64_t pos, i
 // Warp w owns rows [w * 16 * MI, (w + 1) * 16 * MI) of the tile, as MI m16 tiles: every K or V
 // fragment read from shared memory feeds MI mma, which is what keeps ldmatrix traffic below the
 // tensor cores' appetite.
-template <int D, int MI, int N>
+template <int D, int MI, int N, bool kLse>
 __global__ void __launch_bounds__(kThreads)
-    attention_bf16_kernel(const AttnParams p) {
+    attention_bf16_kernel(const AttnParamsFor<kLse> p) {
     using S = AttnShape<D, MI, N>;
     constexpr int kBlockN = S::kBlockN;
     constexpr int kRow = S::kRow;
@@ -394,6 +347,17 @@ __global__ void __launch_bounds__(kThreads)
             sum += __shfl_xor_sync(0xffffffffu, sum, 1);
             sum += __shfl_xor_sync(0xffffffffu, sum, 2);
             inv[h] = sum > 0.0f ? 1.0f / sum : 0.0f;  // 0: no visible key, zeros
+            if constexpr (kLse) {
+                // l is the sum of the rounded P the output was divided by, so the backward's
+                // exp(s - lse) reproduces the forward's normalised weights. No visible key:
+                // log 0 = -inf.
+                const int32_t prow = warp_row0 + mi * 16 + g + 8 * h;
+                const int32_t i = prow / group;
+                if (t4 == 0 && i < q_len) {
+                    p.lse[(int64_t)(q_begin + i) * p.n_heads + kv_head * group + prow % group] =
+                        sum > 0.0f ? (m[mi][h] + log2f(sum)) * 0.6931471805599453f : -INFINITY;
+                }
+            }
         }
         uint16_t *stage = sQ + (warp * kWarpRows + mi * 16 + g) * kRow + 2 * t4;
 #pragma unroll
@@ -426,28 +390,38 @@ __global__ void __launch_bounds__(kThreads)
 
 int32_t ceil_div(int64_t a, int64_t b) { return (int32_t)((a + b - 1) / b); }
 
-template <int D, int MI, int N>
-sf_status launch_attention(const AttnParams &p, const sf_attention_args *a, cudaStream_t stream) {
+template <int D, int MI, int N, bool kLse>
+sf_status launch_attention(const AttnParamsFor<kLse> &p, const sf_attention_args *a,
+                           cudaStream_t stream) {
     using S = AttnShape<D, MI, N>;
     constexpr size_t smem = S::kSmemBytes;
     if (smem > 48 * 1024) {
         // above the default 48 KB a kernel must opt in (per device; cheap to repeat)
-        SF_CUDA_TRY(cudaFuncSetAttribute(attention_bf16_kernel<D, MI, N>,
+        SF_CUDA_TRY(cudaFuncSetAttribute(attention_bf16_kernel<D, MI, N, kLse>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     }
     const dim3 grid((unsigned)ceil_div((int64_t)a->max_q_len * p.group, S::kBlockM),
                     (unsigned)a->n_kv_heads, (unsigned)a->n_requests);
-    attention_bf16_kernel<D, MI, N><<<grid, kThreads, smem, stream>>>(p);
+    attention_bf16_kernel<D, MI, N, kLse><<<grid, kThreads, smem, stream>>>(p);
     SF_CUDA_TRY(cudaGetLastError());
     return SF_OK;
+}
+
+template <int D, int MI, int N>
+sf_status launch_attention(const AttnParams &p, const sf_attention_args *a, cudaStream_t stream) {
+    if (!a->lse) return launch_attention<D, MI, N, false>(p, a, stream);
+    AttnLseParams pl;
+    static_cast<AttnParams &>(pl) = p;
+    pl.lse = a->lse;
+    pl.n_heads = a->n_heads;
+    return launch_attention<D, MI, N, true>(pl, a, stream);
 }
 
 bool aligned16(const void *ptr) { return ((uintptr_t)ptr & 15u) == 0; }
 
 }  // namespace
 
-extern "C" sf_status sf_cuda_attention_bf16(const sf_attention_args *a, cudaStream_t stream) {
-    static const char *fn = "sf_cuda_attention_bf16";
+extern "C" sf_status sf_attention_check_shapes(const sf_attention_args *a, const char *fn) {
     if (!a) return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: NULL args", fn);
     if (a->n_requests < 0 || a->max_q_len < 0) {
         return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: n_requests = %d, max_q_len = %d", fn,
@@ -470,7 +444,10 @@ extern "C" sf_status sf_cuda_attention_bf16(const sf_attention_args *a, cudaStre
                        (long long)kv_row, (long long)q_row);
     }
     if (!isfinite(a->scale)) return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: scale is not finite", fn);
-    if (a->n_requests == 0 || a->max_q_len == 0) return SF_OK;  // nothing to compute
+    return SF_OK;
+}
+
+extern "C" sf_status sf_attention_check_tensors(const sf_attention_args *a, const char *fn) {
     if (!a->out || !a->q || !a->k || !a->v || !a->cu_q || !a->cu_kv) {
         return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: NULL tensor or offsets", fn);
     }
@@ -486,8 +463,20 @@ extern "C" sf_status sf_cuda_attention_bf16(const sf_attention_args *a, cudaStre
                        "max_q_len * group = %lld)", fn, (int)a->n_requests, (int)a->n_kv_heads,
                        (long long)a->max_q_len * group);
     }
+    return SF_OK;
+}
+
+extern "C" sf_status sf_cuda_attention_bf16(const sf_attention_args *a, cudaStream_t stream) {
+    static const char *fn = "sf_cuda_attention_bf16";
+    sf_status st = sf_attention_check_shapes(a, fn);
+    if (st != SF_OK) return st;
+    if (a->n_requests == 0 || a->max_q_len == 0) return SF_OK;  // nothing to compute
+    st = sf_attention_check_tensors(a, fn);
+    if (st != SF_OK) return st;
 
     sf_nvtx_range range("sf_cuda_attention_bf16");
+    const int32_t d = a->head_dim;
+    const int32_t group = a->n_heads / a->n_kv_heads;
     AttnParams p;
     p.out = a->out;
     p.q = a->q;

@@ -1,6 +1,7 @@
 /* Internal: fused scaled-dot-product attention on bf16 tensors (flash-style online softmax, fp32
- * statistics and accumulation, tensor cores). CPU twin: sf_cpu_attention in host/cpu/attention.c,
- * whose semantics hold per request. */
+ * statistics and accumulation, tensor cores), forward (attention.cu) and backward
+ * (attention_backward.cu). CPU twins: sf_cpu_attention and sf_cpu_attention_backward in
+ * host/cpu/attention.c, whose semantics hold per request. */
 #ifndef SF_KERNELS_ATTENTION_H
 #define SF_KERNELS_ATTENTION_H
 
@@ -38,9 +39,16 @@ extern "C" {
  * max_q_len must bound every request's query count: rows past it are not computed. The offsets
  * live on the device and are not validated: they must be non-decreasing and inside the tensors.
  * Only the out rows of the requests' queries (first n_heads * head_dim values of each) are
- * written; out must not alias q, k or v. Asynchronous on stream; never synchronises. */
+ * written (and, when lse is given, their lse entries); out must not alias q, k or v.
+ * Asynchronous on stream; never synchronises. Zero-initialise the struct: fields added later
+ * (such as lse) then keep their off state. */
 typedef struct sf_attention_args {
     sf_bf16 *out;         /* [rows, out_stride] (device)                                   */
+    float *lse;           /* [rows, n_heads] fp32 (device) or NULL. Given: lse[i * n_heads + h]
+                             = ln sum_j exp(scale * q_ih . k_j) over the keys query i sees (the
+                             maximum included, natural log; -inf when it sees none), which the
+                             backward needs. NULL: not computed, and the forward runs exactly
+                             the code it runs without the option.                            */
     const sf_bf16 *q;     /* [rows, q_stride] (device)                                     */
     const sf_bf16 *k;     /* [kv rows, kv_stride] (device)                                 */
     const sf_bf16 *v;     /* [kv rows, kv_stride] (device)                                 */
@@ -68,6 +76,54 @@ typedef struct sf_attention_args {
  * SF_ERR_UNSUPPORTED for arguments outside the requirements above (before touching CUDA),
  * SF_ERR_CUDA when the launch fails, SF_OK otherwise (also when there is nothing to do). */
 sf_status sf_cuda_attention_bf16(const sf_attention_args *a, cudaStream_t stream);
+
+/* The forward's requirements on *a, in two halves shared by both launchers: the counts, heads,
+ * head dim, strides and scale; then the pointers, alignment and grid limits (a launcher with
+ * nothing to do returns in between). Each returns SF_OK or fails naming fn. */
+sf_status sf_attention_check_shapes(const sf_attention_args *a, const char *fn);
+sf_status sf_attention_check_tensors(const sf_attention_args *a, const char *fn);
+
+/* The backward of sf_cuda_attention_bf16: given the forward's arguments *a (the same q, k, v,
+ * offsets, masking, scale; a->out and a->lse as that forward wrote them, lse required) and the
+ * gradient dout of out, writes dq, dk, dv as fp32 (a training loop keeps gradients in fp32, and
+ * dq is accumulated there anyway). Semantics per request as sf_cpu_attention_backward: each kv
+ * head's dk, dv sum over the query heads of its GQA group.
+ *
+ * Layout of the gradients: dq [rows, dq_stride] like q (query head h of row i at
+ * dq + i * dq_stride + h * head_dim); dk, dv [kv rows, dkv_stride] like k and v. Written:
+ *   dq: every row of every request's queries (=), head values only (stride padding untouched);
+ *   dk, dv: the kv_len rows of every request's keys (=), zeros for keys no query sees; rows in
+ *   gaps between the requests' keys are untouched. Requests' key rows must not overlap.
+ * delta is scratch of the size of lse, [rows, n_heads] fp32: D = rowsum(dout * out) per
+ * (query, head), written by the first kernel, read by the second.
+ *
+ * Determinism: dk and dv are each summed by one thread block in a fixed order (bit-reproducible);
+ * dq is summed across key blocks with fp32 atomic adds, so its last bits can change from run to
+ * run with the order in which the blocks finish (the values stay within the derived tolerance).
+ *
+ * Requirements, checked before any CUDA call, on top of the forward's (a->out, a->q, a->k, a->v
+ * as there): a->lse, dout, dq, dk, dv and delta non-NULL; dout 16-byte aligned with dout_stride
+ * >= n_heads * head_dim and a multiple of 8; dq, dk, dv 16-byte aligned, dq_stride >= n_heads *
+ * head_dim, dkv_stride >= n_kv_heads * head_dim, both multiples of 4; max_kv_len >= 0 bounding
+ * every request's key count (keys past it get no gradient); max_q_len * n_heads < 2^31 - 256.
+ * Decode (one query against a cache) works too, but nothing here is tuned for it. */
+typedef struct sf_attention_grads {
+    const sf_bf16 *dout; /* [rows, dout_stride] (device) gradient of out                      */
+    float *dq;           /* [rows, dq_stride] (device)                                         */
+    float *dk;           /* [kv rows, dkv_stride] (device)                                     */
+    float *dv;           /* [kv rows, dkv_stride] (device)                                     */
+    float *delta;        /* [rows, n_heads] (device) scratch                                   */
+    int64_t dout_stride; /* elements between consecutive rows of dout                          */
+    int64_t dq_stride;   /* elements between consecutive rows of dq                            */
+    int64_t dkv_stride;  /* elements between consecutive rows of dk and of dv                  */
+    int32_t max_kv_len;  /* upper bound on every request's key count, sizes the grid           */
+} sf_attention_grads;
+
+/* Enqueues the backward on stream (two kernels). Returns SF_ERR_INVALID_ARGUMENT /
+ * SF_ERR_UNSUPPORTED for arguments outside the requirements (before touching CUDA), SF_ERR_CUDA
+ * when a launch fails, SF_OK otherwise. Asynchronous; never synchronises. */
+sf_status sf_cuda_attention_backward_bf16(const sf_attention_args *a, const sf_attention_grads *g,
+                                          cudaStream_t stream);
 
 #ifdef __cplusplus
 }
