@@ -108,6 +108,99 @@ __global__ void __launch_bounds__(TPR * ROWS)
     }
 }
 
+// Backward (norms.h), laid out as rmsnorm_backward_kernel. The statistics are the forward's
+// two passes over the row in registers; then sum(g) and sum(g (x - mean)) give
+//   dx = rstd (g - sum(g) / dim - (x - mean) rstd^2 sum(g (x - mean)) / dim),
+// the CPU twin's rstd (g - mean(g) - x_hat mean(g x_hat)) with rstd factored out of x_hat.
+template <int VEC, int TPR, int ROWS>
+__global__ void __launch_bounds__(TPR * ROWS)
+    layernorm_backward_kernel(float *dx, bool accumulate, float2 *__restrict__ stats,
+                              const float *dy, const uint16_t *__restrict__ x,
+                              const uint16_t *__restrict__ w, int64_t rows, int dim, float eps) {
+    using sf_norms::Pack;
+    constexpr int kChunks = sf_norms::bwd_chunks<VEC>();
+    static_assert(ROWS == 1 || TPR == 32, "several rows per block only with a warp per row");
+    // One array per reduction, so the second needs no barrier to protect the first's reads.
+    __shared__ float partial_1[TPR > 32 ? 2 * (TPR / 32) : 1];
+    __shared__ float partial_2[TPR > 32 ? 2 * (TPR / 32) : 1];
+
+    const int64_t row = (int64_t)blockIdx.x * ROWS + threadIdx.x / TPR;
+    if (row >= rows) return;  // a whole warp (warp-per-row variant only): no barrier waits
+    const int t = (int)(threadIdx.x % TPR);
+    const int n_chunks = dim / VEC;
+    const int64_t base = row * dim;
+
+    // Every load first; dx may be dy, and each element is read by the thread that writes it.
+    Pack<VEC> h[kChunks] = {};
+    float g[kChunks][VEC] = {};
+#pragma unroll
+    for (int k = 0; k < kChunks; k++) {
+        const int c = t + k * TPR;
+        if (c < n_chunks) {
+            h[k] = sf_norms::load_pack<VEC>(x + base + (int64_t)c * VEC);
+            sf_norms::load_f32<VEC>(dy + base + (int64_t)c * VEC, g[k]);
+            const Pack<VEC> wp = sf_norms::load_pack_ro<VEC>(w + (int64_t)c * VEC);
+#pragma unroll
+            for (int i = 0; i < VEC; i++) g[k][i] *= sf_norms::pack_get(wp, i);
+        }
+    }
+
+    // Reduction 1: the row sum (for the mean) and sum(g).
+    float sum = 0.0f, sg = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kChunks; k++) {
+#pragma unroll
+        for (int i = 0; i < VEC; i++) {
+            sum += sf_norms::pack_get(h[k], i);
+            sg += g[k][i];
+        }
+    }
+    const float2 s1 = sf_norms::row_sum2<TPR>(sum, sg, partial_1);
+    const float mean = s1.x / (float)dim;
+
+    // Reduction 2, over registers: the biased variance around that mean and sum(g (x - mean)).
+    // Chunks past the row hold zeros, which must not count as (0 - mean).
+    float sq = 0.0f, sgd = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kChunks; k++) {
+        if (t + k * TPR < n_chunks) {
+#pragma unroll
+            for (int i = 0; i < VEC; i++) {
+                const float d = sf_norms::pack_get(h[k], i) - mean;
+                sq = fmaf(d, d, sq);
+                sgd = fmaf(g[k][i], d, sgd);
+            }
+        }
+    }
+    const float2 s2 = sf_norms::row_sum2<TPR>(sq, sgd, partial_2);
+    const float rstd = rsqrtf(s2.x / (float)dim + eps);
+    if (stats && t == 0) stats[row] = make_float2(mean, rstd);
+    if (!dx) return;
+
+    const float mg = s1.y / (float)dim;
+    const float k2 = rstd * rstd * (s2.y / (float)dim);
+#pragma unroll
+    for (int k = 0; k < kChunks; k++) {
+        const int c = t + k * TPR;
+        if (c < n_chunks) {
+            float *p = dx + base + (int64_t)c * VEC;
+            float o[VEC];
+            if (accumulate) {
+                sf_norms::load_f32<VEC>(p, o);
+            } else {
+#pragma unroll
+                for (int i = 0; i < VEC; i++) o[i] = 0.0f;
+            }
+#pragma unroll
+            for (int i = 0; i < VEC; i++) {
+                const float d = sf_norms::pack_get(h[k], i) - mean;
+                o[i] += rstd * (g[k][i] - mg - d * k2);
+            }
+            sf_norms::store_f32<VEC>(p, o);
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Launchers
 // ---------------------------------------------------------------------------------------------
@@ -148,4 +241,63 @@ extern "C" sf_status sf_cuda_layernorm_bf16(sf_bf16 *out, sf_bf16 *residual_out,
                                             int64_t dim, float eps, cudaStream_t stream) {
     return sf_cuda_layernorm_bf16_variant(out, residual_out, x, residual, w, b, rows, dim, eps, 0,
                                           stream);
+}
+
+// The backward's row kernel for the planned variant: dx (or NULL) and stats (or NULL).
+static void layernorm_backward_rows(const sf_norms::Plan &plan, float *dx, bool accumulate,
+                                    float2 *stats, const float *dy, const sf_bf16 *x,
+                                    const sf_bf16 *w, int64_t rows, int64_t dim, float eps,
+                                    cudaStream_t stream) {
+    sf_norms::with_variant(plan, [&](auto variant) {
+        using V = decltype(variant);
+        const int64_t grid = sf_norms::ceil_div(rows, V::rows_per_block);
+        layernorm_backward_kernel<V::vec, V::threads_per_row, V::rows_per_block>
+            <<<(unsigned)grid, V::block, 0, stream>>>(dx, accumulate, stats, dy, x, w, rows,
+                                                      (int)dim, eps);
+    });
+}
+
+extern "C" sf_status sf_cuda_layernorm_backward_variant(float *dx, bool accumulate_dx, float *dw,
+                                                        float *db, const float *dy,
+                                                        const sf_bf16 *x, const sf_bf16 *w,
+                                                        int64_t rows, int64_t dim, float eps,
+                                                        void *workspace, size_t workspace_bytes,
+                                                        int threads_per_row,
+                                                        cudaStream_t stream) {
+    static const char fn[] = "sf_cuda_layernorm_backward";
+    const bool params = dw || db;
+    sf_status st = sf_norms::check_bwd_args(fn, dx, dy, x, w, rows, dim, eps, params, workspace,
+                                            workspace_bytes, threads_per_row);
+    if (st != SF_OK) return st;
+    if (rows == 0 || dim == 0 || (!dx && !params)) return SF_OK;
+    const bool vector_ok = dim % 8 == 0 && sf_norms::aligned16(dx) && sf_norms::aligned16(dy) &&
+                           sf_norms::aligned16(x) && sf_norms::aligned16(w);
+    sf_norms::Plan plan;
+    st = sf_norms::plan_bwd(fn, dim, vector_ok, threads_per_row, &plan);
+    if (st != SF_OK) return st;
+
+    sf_nvtx_range range(fn);
+    float2 *stats = static_cast<float2 *>(params ? workspace : nullptr);
+    if (params && dx == dy) {
+        // The column sums need the original dy: statistics, column sums, then dx over dy.
+        layernorm_backward_rows(plan, nullptr, false, stats, dy, x, w, rows, dim, eps, stream);
+        sf_norms::launch_param_grads(dw, db, dy, x, stats, rows, dim, stream);
+        layernorm_backward_rows(plan, dx, accumulate_dx, nullptr, dy, x, w, rows, dim, eps,
+                                stream);
+    } else {
+        layernorm_backward_rows(plan, dx, accumulate_dx, stats, dy, x, w, rows, dim, eps,
+                                stream);
+        if (params) sf_norms::launch_param_grads(dw, db, dy, x, stats, rows, dim, stream);
+    }
+    SF_CUDA_TRY(cudaGetLastError());
+    return SF_OK;
+}
+
+extern "C" sf_status sf_cuda_layernorm_backward(float *dx, bool accumulate_dx, float *dw,
+                                                float *db, const float *dy, const sf_bf16 *x,
+                                                const sf_bf16 *w, int64_t rows, int64_t dim,
+                                                float eps, void *workspace,
+                                                size_t workspace_bytes, cudaStream_t stream) {
+    return sf_cuda_layernorm_backward_variant(dx, accumulate_dx, dw, db, dy, x, w, rows, dim, eps,
+                                              workspace, workspace_bytes, 0, stream);
 }

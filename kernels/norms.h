@@ -31,6 +31,9 @@
 #ifndef SF_KERNELS_NORMS_H
 #define SF_KERNELS_NORMS_H
 
+#include <stdbool.h>
+#include <stddef.h>
+
 #include "kernels.h"
 
 #ifdef __cplusplus
@@ -65,6 +68,73 @@ sf_status sf_cuda_layernorm_bf16_variant(sf_bf16 *out, sf_bf16 *residual_out, co
                                          const sf_bf16 *residual, const sf_bf16 *w,
                                          const sf_bf16 *b, int64_t rows, int64_t dim, float eps,
                                          int threads_per_row, cudaStream_t stream);
+
+/* ---------------------------------------------------------------------------------------------
+ * Backward (training). CPU twins: sf_cpu_rmsnorm_backward, sf_cpu_layernorm_backward
+ * (host/cpu/ops.h), same semantics.
+ *
+ * Types. x is the bf16 row the forward normalised (its residual_out, or its x when there was no
+ * residual) and w the bf16 weight, as the forward stored them. Gradients are fp32: dy [rows, dim]
+ * in, dx [rows, dim] out. The residual stream's gradient passes through every layer's norms (60
+ * of them in a 30-layer model) and is summed across them; rounding it to bf16 at each step would
+ * compound 2^-9 relative errors that the fp32 stream does not have, so dx stays fp32 and a GEMM
+ * that consumes it converts once (sf_cuda_f32_to_bf16). dw and db are fp32 and accumulate
+ * (dw += sum over rows of dy * x_hat, db += sum over rows of dy), as in the CPU twins.
+ *
+ * dx is overwritten, or added to when accumulate_dx (dx += the gradient: the residual stream's
+ * gradient takes the norm's contribution without a separate add). dx may be dy (exactly; then
+ * accumulate_dx adds to dy's old value); otherwise no output overlaps an input. Any of dx, dw,
+ * db may be NULL (not wanted: the frozen LLM's weights); all NULL enqueues nothing.
+ *
+ * Method. One row per warp or block, as the forward (its variant choice, with 16 values per
+ * thread: one warp up to dim 512 on the 128-bit path, else one block of up to 1024 threads),
+ * recomputes the statistics in fp32 from x held in registers, forms g = dy * w and the row's two
+ * sums, and writes dx. dw and db are column sums over all rows: when wanted, the row kernel also
+ * writes each row's (mean, inverse deviation) to `workspace`, and a second kernel sums
+ * dy * x_hat and dy down the columns in a fixed order (no atomics: bit-identical from run to
+ * run). When dx is dy and dw or db is wanted, the statistics pass runs before the column sums
+ * and dx is written by a third launch, so the column sums read the original dy.
+ *
+ * workspace: at least sf_cuda_norm_backward_workspace_bytes(rows) bytes of device memory,
+ * 8-byte aligned; needed only when dw or db is not NULL (may be NULL otherwise). Scratch for
+ * the call: free again once the stream passes it.
+ *
+ * SF_ERR_INVALID_ARGUMENT (before any CUDA call) for a NULL dy, x or w, rows or dim out of the
+ * forward's range, eps negative, infinite or NaN, a pointer not aligned to its element (4 bytes
+ * for fp32, 2 for bf16), or a missing / short / misaligned workspace when dw or db is wanted.
+ * rows == 0 or dim == 0 enqueues nothing and returns SF_OK. SF_ERR_CUDA when a launch fails. */
+
+/* 8 bytes per row: the (mean, inverse deviation) pair the column sums read. */
+size_t sf_cuda_norm_backward_workspace_bytes(int64_t rows);
+
+/* rmsnorm.cu: with r = rsqrt(mean(x^2) + eps) and g = dy * w,
+ *   dx = r g - x r^3 / dim * sum(g x),   dw += sum_rows dy * x * r. */
+sf_status sf_cuda_rmsnorm_backward(float *dx, bool accumulate_dx, float *dw, const float *dy,
+                                   const sf_bf16 *x, const sf_bf16 *w, int64_t rows,
+                                   int64_t dim, float eps, void *workspace,
+                                   size_t workspace_bytes, cudaStream_t stream);
+
+/* layernorm.cu: with x_hat = (x - mean) rstd (biased variance) and g = dy * w,
+ *   dx = rstd (g - mean(g) - x_hat mean(g x_hat)),  dw += sum_rows dy x_hat,  db += sum_rows dy.
+ * The bias does not enter the backward. */
+sf_status sf_cuda_layernorm_backward(float *dx, bool accumulate_dx, float *dw, float *db,
+                                     const float *dy, const sf_bf16 *x, const sf_bf16 *w,
+                                     int64_t rows, int64_t dim, float eps, void *workspace,
+                                     size_t workspace_bytes, cudaStream_t stream);
+
+/* The backward launchers with the row kernel's variant forced (threads_per_row as for the
+ * forward's _variant launchers; at most 16 * threads_per_row values on either path), for the
+ * tests. */
+sf_status sf_cuda_rmsnorm_backward_variant(float *dx, bool accumulate_dx, float *dw,
+                                           const float *dy, const sf_bf16 *x, const sf_bf16 *w,
+                                           int64_t rows, int64_t dim, float eps, void *workspace,
+                                           size_t workspace_bytes, int threads_per_row,
+                                           cudaStream_t stream);
+sf_status sf_cuda_layernorm_backward_variant(float *dx, bool accumulate_dx, float *dw, float *db,
+                                             const float *dy, const sf_bf16 *x,
+                                             const sf_bf16 *w, int64_t rows, int64_t dim,
+                                             float eps, void *workspace, size_t workspace_bytes,
+                                             int threads_per_row, cudaStream_t stream);
 
 #ifdef __cplusplus
 }

@@ -8,6 +8,7 @@
 #include <cmath>
 
 #include "cuda_check.cuh"
+#include "f32_vec.cuh"
 #include "norms.h"
 
 namespace sf_norms {
@@ -142,6 +143,98 @@ __device__ __forceinline__ float row_sum(float v, float *partial) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Device helpers for the backward kernels (norms.h, "Backward")
+// ---------------------------------------------------------------------------------------------
+
+// The backward holds the row twice per value (x as bf16 bits, the fp32 product g = dy * w), so a
+// thread keeps 16 values: 2 chunks of 8 on the 128-bit path, 16 scalars on the scalar path. At
+// 1024 threads per row both reach SF_CUDA_NORM_MAX_DIM and stay inside the 64 registers a
+// 1024-thread block allows, without spills (-Xptxas -v); 32 values, as the forward holds, would
+// not.
+template <int VEC>
+__host__ __device__ constexpr int bwd_chunks() {
+    return VEC == 8 ? 2 : 16;
+}
+
+// fp32 gradient rows: sf_vec::load_f32 / store_f32 (f32_vec.cuh).
+using sf_vec::load_f32;
+using sf_vec::store_f32;
+
+// Two row sums at once (row_sum's butterfly and partials, one barrier for both); every thread
+// of the row gets the same bits back. partial holds 2 * (TPR / 32) floats.
+template <int TPR>
+__device__ __forceinline__ float2 row_sum2(float a, float b, float *partial) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        a += __shfl_xor_sync(0xffffffffu, a, o);
+        b += __shfl_xor_sync(0xffffffffu, b, o);
+    }
+    if constexpr (TPR > 32) {
+        constexpr int kWarps = TPR / 32;
+        const int warp = (int)threadIdx.x / 32, lane = (int)threadIdx.x % 32;
+        if (lane == 0) {
+            partial[warp] = a;
+            partial[kWarps + warp] = b;
+        }
+        __syncthreads();
+        a = lane < kWarps ? partial[lane] : 0.0f;
+        b = lane < kWarps ? partial[kWarps + lane] : 0.0f;
+#pragma unroll
+        for (int o = kWarps / 2; o > 0; o >>= 1) {
+            a += __shfl_xor_sync(0xffffffffu, a, o);
+            b += __shfl_xor_sync(0xffffffffu, b, o);
+        }
+        a = __shfl_sync(0xffffffffu, a, 0);
+        b = __shfl_sync(0xffffffffu, b, 0);
+    } else {
+        (void)partial;
+    }
+    return make_float2(a, b);
+}
+
+// The weight (and bias) gradients: column sums over all rows, deterministic. Block (32, kLanes):
+// threadIdx.x picks one of 32 adjacent columns (a warp reads 128 contiguous bytes of dy per
+// row), threadIdx.y one of kLanes interleaved row lanes; each lane sums its rows in order, then
+// row lane 0 adds the kLanes partials in lane order to dw (and db). No atomics, so the result
+// does not depend on scheduling. stats[r] = (mean, inverse deviation) of row r as the row
+// kernel computed them (mean 0 for RMSNorm), so x_hat = (x - mean) * inv.
+constexpr int kParamLanes = 16;
+
+namespace {
+__global__ void __launch_bounds__(32 * kParamLanes)
+    norm_param_grad_kernel(float *__restrict__ dw, float *__restrict__ db,
+                           const float *__restrict__ dy, const uint16_t *__restrict__ x,
+                           const float2 *__restrict__ stats, int64_t rows, int dim) {
+    __shared__ float sw[kParamLanes][33], sb[kParamLanes][33];
+    const int j = (int)blockIdx.x * 32 + (int)threadIdx.x;
+    float aw = 0.0f, ab = 0.0f;
+    if (j < dim) {
+#pragma unroll 4
+        for (int64_t r = threadIdx.y; r < rows; r += kParamLanes) {
+            const float2 s = stats[r];
+            const float d = dy[r * dim + j];
+            const float xv = __uint_as_float((uint32_t)x[r * dim + j] << 16);
+            aw = fmaf(d, (xv - s.x) * s.y, aw);
+            ab += d;
+        }
+    }
+    sw[threadIdx.y][threadIdx.x] = aw;
+    sb[threadIdx.y][threadIdx.x] = ab;
+    __syncthreads();
+    if (threadIdx.y == 0 && j < dim) {
+        float tw = sw[0][threadIdx.x], tb = sb[0][threadIdx.x];
+#pragma unroll
+        for (int l = 1; l < kParamLanes; l++) {
+            tw += sw[l][threadIdx.x];
+            tb += sb[l][threadIdx.x];
+        }
+        if (dw) dw[j] += tw;
+        if (db) db[j] += tb;
+    }
+}
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
 // Host side: variant choice and argument checks
 // ---------------------------------------------------------------------------------------------
 
@@ -251,6 +344,90 @@ void with_variant(const Plan &p, Launch &&launch) {
     } else {
         with_threads<1>(p.threads_per_row, launch);
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side of the backward
+// ---------------------------------------------------------------------------------------------
+
+inline int64_t capacity_bwd(int vec, int threads_per_row) {
+    return (int64_t)threads_per_row * (vec == 8 ? bwd_chunks<8>() : bwd_chunks<1>()) * vec;
+}
+
+// The backward's plan: the forward's rule with the backward's 16 values per thread.
+inline sf_status plan_bwd(const char *fn, int64_t dim, bool vector_ok, int threads_per_row,
+                          Plan *p) {
+    p->vec = vector_ok ? 8 : 1;
+    p->threads_per_row = threads_per_row;
+    if (threads_per_row == 0) {
+        p->threads_per_row = 1024;
+        for (int t = 32; t <= 1024; t *= 2) {
+            if (dim <= capacity_bwd(p->vec, t)) {
+                p->threads_per_row = t;
+                break;
+            }
+        }
+    }
+    if (dim > capacity_bwd(p->vec, p->threads_per_row)) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                       "%s: dim = %lld does not fit %d threads per row on the %s path (at most "
+                       "%lld)",
+                       fn, (long long)dim, p->threads_per_row,
+                       p->vec == 8 ? "128-bit" : "scalar",
+                       (long long)capacity_bwd(p->vec, p->threads_per_row));
+    }
+    return SF_OK;
+}
+
+// Checks what both backward launchers share, before any CUDA call. want_params: dw or db.
+inline sf_status check_bwd_args(const char *fn, const float *dx, const float *dy, const void *x,
+                                const void *w, int64_t rows, int64_t dim, float eps,
+                                bool want_params, const void *workspace,
+                                size_t workspace_bytes, int threads_per_row) {
+    if (!dy || !x || !w) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: NULL %s", fn,
+                       !dy ? "dy" : !x ? "x" : "w");
+    }
+    if (rows < 0 || rows > INT32_MAX || dim < 0 || dim > SF_CUDA_NORM_MAX_DIM) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                       "%s: rows = %lld, dim = %lld (need 0 <= rows <= %d, 0 <= dim <= %d)", fn,
+                       (long long)rows, (long long)dim, INT32_MAX, SF_CUDA_NORM_MAX_DIM);
+    }
+    if (!(eps >= 0.0f) || std::isinf(eps)) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: eps = %g (need a finite eps >= 0)", fn,
+                       (double)eps);
+    }
+    if (!valid_threads_per_row(threads_per_row)) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                       "%s: threads_per_row = %d (need 0, 32, 64, 128, 256, 512 or 1024)", fn,
+                       threads_per_row);
+    }
+    // A pointer off its element's alignment is a corrupt offset, not a view.
+    if (((uintptr_t)dx & 3u) || ((uintptr_t)dy & 3u) || ((uintptr_t)x & 1u) ||
+        ((uintptr_t)w & 1u)) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                       "%s: pointer not aligned to its element: dx=%p dy=%p x=%p w=%p", fn,
+                       (const void *)dx, (const void *)dy, x, w);
+    }
+    if (want_params) {
+        const size_t need = sf_cuda_norm_backward_workspace_bytes(rows);
+        if (!workspace || ((uintptr_t)workspace & 7u) || workspace_bytes < need) {
+            return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                           "%s: dw or db wanted: workspace %p of %zu bytes (need %zu, 8-byte "
+                           "aligned)",
+                           fn, workspace, workspace_bytes, need);
+        }
+    }
+    return SF_OK;
+}
+
+// Enqueues the column-sum kernel (see norm_param_grad_kernel) over rows x dim.
+inline void launch_param_grads(float *dw, float *db, const float *dy, const uint16_t *x,
+                               const float2 *stats, int64_t rows, int64_t dim,
+                               cudaStream_t stream) {
+    const dim3 block(32, kParamLanes);
+    norm_param_grad_kernel<<<(unsigned)ceil_div(dim, 32), block, 0, stream>>>(
+        dw, db, dy, x, stats, rows, (int)dim);
 }
 
 }  // namespace sf_norms

@@ -32,6 +32,30 @@ sf_status sf_cuda_rope2_bf16(sf_bf16 *x, const int32_t *positions, const int32_t
                              const float *inv_freq2, float attention_scale0,
                              float attention_scale1, cudaStream_t stream);
 
+/* Backward (training; CPU twin sf_cpu_rope_backward): the transpose of the rotation above,
+ * which is the rotation by the negative angle with the same scale s,
+ *   dx[t, h, i]            = dy[t, h, i] cos(a) s + dy[t, h, i + head_dim/2] sin(a) s
+ *   dx[t, h, i + head_dim/2] = dy[t, h, i + head_dim/2] cos(a) s - dy[t, h, i] sin(a) s,
+ * with the forward's arguments (positions, inv_freq, attention_scale, row_stride, n_heads,
+ * head_dim) and its fp32 angles. dy is the fp32 gradient; dx is written in fp32 (dx_bf16
+ * false; dx may be dy, for the rotation in place) or rounded once to bf16 (dx_bf16 true: ready
+ * for the q/k/v projection's GEMM backward; dx must not overlap dy). Both use row_stride, so q
+ * or k can be taken out of, and written into, fused qkv-shaped buffers; the values of a row
+ * outside its n_heads * head_dim rotated ones are neither read nor written.
+ * SF_ERR_INVALID_ARGUMENT as the forward, also for a NULL dy or dx, a pointer not aligned to
+ * its element, or a bf16 dx equal to dy. */
+sf_status sf_cuda_rope_backward(void *dx, bool dx_bf16, const float *dy,
+                                const int32_t *positions, int64_t n, int32_t n_heads,
+                                int32_t head_dim, int64_t row_stride, const float *inv_freq,
+                                float attention_scale, cudaStream_t stream);
+
+/* The backward of sf_cuda_rope2_bf16 (two frequency tables, token t using table[t]). */
+sf_status sf_cuda_rope2_backward(void *dx, bool dx_bf16, const float *dy,
+                                 const int32_t *positions, const int32_t *table, int64_t n,
+                                 int32_t n_heads, int32_t head_dim, int64_t row_stride,
+                                 const float *inv_freq2, float attention_scale0,
+                                 float attention_scale1, cudaStream_t stream);
+
 #ifdef __cplusplus
 }
 #endif

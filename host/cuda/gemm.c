@@ -3,6 +3,13 @@
  * Row-major y[m, n] = x[m, k] . w[n, k]^T is, read column-major (cuBLASLt's convention), the
  * product C (n x m, ld ldy) = op(A) B with A = w seen as a k x n matrix (ld k) transposed, and
  * B = x seen as a k x m matrix (ld ldx) as it is. No data moves; only the reading changes.
+ * The backward products read the same buffers other ways:
+ *   dx[m, k] = dy[m, n] . w[n, k]:    C (k x m, ld lddx) = A B,     A = w (k x n, ld k),
+ *                                     B = dy (n x m, ld lddy);
+ *   dw[n, k] = dy[m, n]^T . x[m, k]:  C (k x n, ld k)    = A B^T,   A = x (k x m, ld ldx),
+ *                                     B = dy (n x m, ld lddy).
+ * One cache holds all three; its key has the operation, hence the transpose flags and which
+ * buffer is which, besides the sizes, strides, output type, epilogue and alignments.
  *
  * Alignment. The heuristic never sees the matrix pointers, yet the kernel it picks may assume
  * them 256-byte aligned (the preference's default): a q block at column 576 of a fused qkv
@@ -30,18 +37,30 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "activations.h"
 #include "core/error.h"
 
 /* Distinct shapes a model's forward pass uses: a handful of weights times the batch sizes and
  * alignments that occur, far below this; when it does fill, the oldest entry goes. */
 enum { SF_GEMM_CACHE_CAPACITY = 512 };
 
+/* Which product an entry computes (see the top of this file). */
+typedef enum gemm_op { GEMM_FORWARD = 0, GEMM_DX = 1, GEMM_DW = 2 } gemm_op;
+
+static const char *const op_fn[] = {"sf_cuda_gemm", "sf_cuda_gemm_dx", "sf_cuda_gemm_dw"};
+/* The row strides of A, B and C by their names in each operation's arguments. */
+static const char *const op_ld_names[][3] = {
+    {"k", "ldx", "ldy"}, {"k", "lddy", "lddx"}, {"ldx", "lddy", "k"}};
+
 typedef struct gemm_key {
-    int64_t m, n, k, ldx, ldy;
+    int64_t m, n, k;       /* the row-major problem of the operation's arguments */
+    int64_t lda, ldb, ldc; /* cuBLASLt's A, B and C/D (forward: w, x, y)          */
     int32_t epilogue;
-    bool y_f32;
+    int8_t op;                /* gemm_op                                            */
+    int8_t trans_a, trans_b;  /* cublasOperation_t of A and B, implied by op          */
+    bool c_f32;
     /* log2 of each pointer's alignment, capped at 256 bytes (8); bias 0 when unused. */
-    uint8_t align_x, align_w, align_y, align_bias;
+    uint8_t align_a, align_b, align_c, align_bias;
 } gemm_key;
 
 typedef struct gemm_entry {
@@ -72,10 +91,11 @@ static const char *status_name(cublasStatus_t s) {
 }
 
 static sf_status lt_fail(cublasStatus_t s, const char *call, const gemm_key *key) {
-    return sf_fail(SF_ERR_CUDA,
-                   "sf_cuda_gemm: %s failed: %s (%d) at m=%lld n=%lld k=%lld ldx=%lld ldy=%lld",
-                   call, status_name(s), (int)s, (long long)key->m, (long long)key->n,
-                   (long long)key->k, (long long)key->ldx, (long long)key->ldy);
+    const char *const *ld = op_ld_names[key->op];
+    return sf_fail(SF_ERR_CUDA, "%s: %s failed: %s (%d) at m=%lld n=%lld k=%lld %s=%lld %s=%lld",
+                   op_fn[key->op], call, status_name(s), (int)s, (long long)key->m,
+                   (long long)key->n, (long long)key->k, ld[1], (long long)key->ldb, ld[2],
+                   (long long)key->ldc);
 }
 
 /* log2 of the largest power of two dividing the address, capped at 256 bytes. */
@@ -98,20 +118,42 @@ static uint64_t key_hash(const gemm_key *k) {
     h = mix(h, (uint64_t)k->m);
     h = mix(h, (uint64_t)k->n);
     h = mix(h, (uint64_t)k->k);
-    h = mix(h, (uint64_t)k->ldx);
-    h = mix(h, (uint64_t)k->ldy);
-    h = mix(h, (uint64_t)k->epilogue | (uint64_t)k->y_f32 << 8 | (uint64_t)k->align_x << 16 |
-                   (uint64_t)k->align_w << 24 | (uint64_t)k->align_y << 32 |
-                   (uint64_t)k->align_bias << 40);
+    h = mix(h, (uint64_t)k->lda);
+    h = mix(h, (uint64_t)k->ldb);
+    h = mix(h, (uint64_t)k->ldc);
+    h = mix(h, (uint64_t)k->epilogue | (uint64_t)k->c_f32 << 8 | (uint64_t)k->align_a << 16 |
+                   (uint64_t)k->align_b << 24 | (uint64_t)k->align_c << 32 |
+                   (uint64_t)k->align_bias << 40 | (uint64_t)(uint8_t)k->op << 48 |
+                   (uint64_t)(uint8_t)k->trans_a << 52 | (uint64_t)(uint8_t)k->trans_b << 56);
     h ^= h >> 29;
     return h;
 }
 
 static bool key_equal(const gemm_key *a, const gemm_key *b) {
-    return a->m == b->m && a->n == b->n && a->k == b->k && a->ldx == b->ldx &&
-           a->ldy == b->ldy && a->epilogue == b->epilogue && a->y_f32 == b->y_f32 &&
-           a->align_x == b->align_x && a->align_w == b->align_w && a->align_y == b->align_y &&
-           a->align_bias == b->align_bias;
+    return a->m == b->m && a->n == b->n && a->k == b->k && a->lda == b->lda &&
+           a->ldb == b->ldb && a->ldc == b->ldc && a->epilogue == b->epilogue &&
+           a->op == b->op && a->trans_a == b->trans_a && a->trans_b == b->trans_b &&
+           a->c_f32 == b->c_f32 && a->align_a == b->align_a && a->align_b == b->align_b &&
+           a->align_c == b->align_c && a->align_bias == b->align_bias;
+}
+
+/* The column-major shapes (rows x cols, as stored) of A, B and C for key's operation. */
+static void op_shapes(const gemm_key *key, uint64_t shape[3][2]) {
+    const uint64_t m = (uint64_t)key->m, n = (uint64_t)key->n, k = (uint64_t)key->k;
+    switch ((gemm_op)key->op) {
+    case GEMM_DX: /* A = w (k x n), B = dy (n x m), C = dx (k x m) */
+        shape[0][0] = k, shape[0][1] = n, shape[1][0] = n, shape[1][1] = m;
+        shape[2][0] = k, shape[2][1] = m;
+        return;
+    case GEMM_DW: /* A = x (k x m), B = dy (n x m), C = dw (k x n) */
+        shape[0][0] = k, shape[0][1] = m, shape[1][0] = n, shape[1][1] = m;
+        shape[2][0] = k, shape[2][1] = n;
+        return;
+    case GEMM_FORWARD: break;
+    }
+    /* A = w (k x n), B = x (k x m), C = y (n x m) */
+    shape[0][0] = k, shape[0][1] = n, shape[1][0] = k, shape[1][1] = m;
+    shape[2][0] = n, shape[2][1] = m;
 }
 
 static void entry_destroy(gemm_entry *e) {
@@ -191,8 +233,10 @@ static sf_status entry_build(sf_gemm_cache *cache, gemm_entry *e, const gemm_key
 
     sf_status st = SF_OK;
     cublasLtMatmulPreference_t pref = NULL;
-    const cudaDataType_t y_type = key->y_f32 ? CUDA_R_32F : CUDA_R_16BF;
-    const int32_t trans_a = CUBLAS_OP_T, trans_b = CUBLAS_OP_N;
+    const cudaDataType_t y_type = key->c_f32 ? CUDA_R_32F : CUDA_R_16BF;
+    const int32_t trans_a = key->trans_a, trans_b = key->trans_b;
+    uint64_t shape[3][2];
+    op_shapes(key, shape);
     const uint32_t epilogue = (uint32_t)lt_epilogue((sf_gemm_epilogue)key->epilogue);
 
     LT_TRY(cublasLtMatmulDescCreate(&e->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
@@ -211,19 +255,16 @@ static sf_status entry_build(sf_gemm_cache *cache, gemm_entry *e, const gemm_key
         LT_TRY(cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias,
                                               sizeof bias));
     }
-    LT_TRY(cublasLtMatrixLayoutCreate(&e->a, CUDA_R_16BF, (uint64_t)key->k, (uint64_t)key->n,
-                                      key->k));
-    LT_TRY(cublasLtMatrixLayoutCreate(&e->b, CUDA_R_16BF, (uint64_t)key->k, (uint64_t)key->m,
-                                      key->ldx));
-    LT_TRY(cublasLtMatrixLayoutCreate(&e->c, y_type, (uint64_t)key->n, (uint64_t)key->m,
-                                      key->ldy));
+    LT_TRY(cublasLtMatrixLayoutCreate(&e->a, CUDA_R_16BF, shape[0][0], shape[0][1], key->lda));
+    LT_TRY(cublasLtMatrixLayoutCreate(&e->b, CUDA_R_16BF, shape[1][0], shape[1][1], key->ldb));
+    LT_TRY(cublasLtMatrixLayoutCreate(&e->c, y_type, shape[2][0], shape[2][1], key->ldc));
 
     LT_TRY(cublasLtMatmulPreferenceCreate(&pref));
     const uint64_t max_ws = cache->workspace_bytes;
     LT_TRY(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                                                 &max_ws, sizeof max_ws));
-    const uint32_t align_a = 1u << key->align_w, align_b = 1u << key->align_x;
-    const uint32_t align_cd = 1u << key->align_y;
+    const uint32_t align_a = 1u << key->align_a, align_b = 1u << key->align_b;
+    const uint32_t align_cd = 1u << key->align_c;
     LT_TRY(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
                                                 &align_a, sizeof align_a));
     LT_TRY(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
@@ -241,14 +282,16 @@ static sf_status entry_build(sf_gemm_cache *cache, gemm_entry *e, const gemm_key
     /* NOT_SUPPORTED is how the heuristic says "nothing fits", not a failure of the call. */
     if (hs == CUBLAS_STATUS_NOT_SUPPORTED || (hs == CUBLAS_STATUS_SUCCESS && found < 1) ||
         (hs == CUBLAS_STATUS_SUCCESS && result.state != CUBLAS_STATUS_SUCCESS)) {
+        const char *const *ld = op_ld_names[key->op];
         st = sf_fail(SF_ERR_UNSUPPORTED,
-                     "sf_cuda_gemm: cuBLASLt has no algorithm for m=%lld n=%lld k=%lld ldx=%lld "
-                     "ldy=%lld %s output, epilogue %d, alignments x=%u w=%u y=%u bias=%u bytes, "
+                     "%s: cuBLASLt has no algorithm for m=%lld n=%lld k=%lld %s=%lld %s=%lld "
+                     "%s output, epilogue %d, alignments A=%u B=%u C=%u bias=%u bytes, "
                      "workspace %zu bytes",
-                     (long long)key->m, (long long)key->n, (long long)key->k,
-                     (long long)key->ldx, (long long)key->ldy, key->y_f32 ? "fp32" : "bf16",
-                     (int)key->epilogue, align_b, align_a, align_cd,
-                     key->align_bias ? 1u << key->align_bias : 0u, cache->workspace_bytes);
+                     op_fn[key->op], (long long)key->m, (long long)key->n, (long long)key->k,
+                     ld[1], (long long)key->ldb, ld[2], (long long)key->ldc,
+                     key->c_f32 ? "fp32" : "bf16", (int)key->epilogue, align_a, align_b,
+                     align_cd, key->align_bias ? 1u << key->align_bias : 0u,
+                     cache->workspace_bytes);
         goto fail;
     }
     LT_TRY(hs);
@@ -362,13 +405,17 @@ sf_status sf_cuda_gemm(sf_gemm_cache *cache, const sf_gemm_args *a, cudaStream_t
         .m = a->m,
         .n = a->n,
         .k = a->k,
-        .ldx = a->ldx,
-        .ldy = a->ldy,
+        .lda = a->k,
+        .ldb = a->ldx,
+        .ldc = a->ldy,
         .epilogue = (int32_t)a->epilogue,
-        .y_f32 = a->y_f32,
-        .align_x = align_log2(a->x),
-        .align_w = align_log2(a->w),
-        .align_y = align_log2(a->y),
+        .op = GEMM_FORWARD,
+        .trans_a = CUBLAS_OP_T,
+        .trans_b = CUBLAS_OP_N,
+        .c_f32 = a->y_f32,
+        .align_a = align_log2(a->w),
+        .align_b = align_log2(a->x),
+        .align_c = align_log2(a->y),
         .align_bias = has_bias ? align_log2(a->bias) : 0,
     };
     gemm_entry *e = NULL;
@@ -391,4 +438,165 @@ sf_status sf_cuda_gemm(sf_gemm_cache *cache, const sf_gemm_args *a, cudaStream_t
     sf_nvtx_pop();
     if (s != CUBLAS_STATUS_SUCCESS) return lt_fail(s, "cublasLtMatmul", &key);
     return SF_OK;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * The backward products
+ * ------------------------------------------------------------------------------------------- */
+
+/* Looks key up (building it on a miss) and enqueues D = A op B (+ C when beta is 1), C = D. */
+static sf_status run_product(sf_gemm_cache *cache, const gemm_key *key, const void *a,
+                             const void *b, void *c, bool accumulate, cudaStream_t stream) {
+    gemm_entry *e = NULL;
+    sf_status st = lookup(cache, key, NULL, &e);
+    if (st != SF_OK) return st;
+    const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+    /* C and D are one buffer with one layout: cuBLASLt's in-place form, read when beta is 1. */
+    sf_nvtx_push(op_fn[key->op]);
+    const cublasStatus_t s =
+        cublasLtMatmul(cache->handle, e->desc, &alpha, a, e->a, b, e->b, &beta, c, e->c, c,
+                       e->c, &e->algo, cache->workspace, cache->workspace_bytes, stream);
+    sf_nvtx_pop();
+    if (s != CUBLAS_STATUS_SUCCESS) return lt_fail(s, "cublasLtMatmul", key);
+    return SF_OK;
+}
+
+/* rows x cols of elem-byte values at p with row stride ld (in elements): fits in int64 bytes. */
+static bool fits(int64_t rows, int64_t ld, int64_t elem) {
+    return rows == 0 || ld <= INT64_MAX / elem / rows;
+}
+
+sf_status sf_cuda_gemm_dx(sf_gemm_cache *cache, const sf_gemm_dx_args *a, cudaStream_t stream) {
+    static const char fn[] = "sf_cuda_gemm_dx";
+    if (!a) return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: NULL args", fn);
+    if (!a->dx) return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: NULL dx", fn);
+    if (!a->dy) return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: NULL dy", fn);
+    if (!a->w) return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: NULL w", fn);
+    if (a->m < 0 || a->n < 0 || a->k < 0) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: negative size m=%lld n=%lld k=%lld", fn,
+                       (long long)a->m, (long long)a->n, (long long)a->k);
+    }
+    if (a->lddx < a->k || a->lddx < 1) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: lddx=%lld below k=%lld (or 1)", fn,
+                       (long long)a->lddx, (long long)a->k);
+    }
+    if (a->lddy < a->n || a->lddy < 1) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: lddy=%lld below n=%lld (or 1)", fn,
+                       (long long)a->lddy, (long long)a->n);
+    }
+    const int64_t dx_size = a->dx_f32 ? 4 : 2;
+    if (!fits(a->m, a->lddx, dx_size) || !fits(a->m, a->lddy, 2) || !fits(a->n, a->k, 2)) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                       "%s: sizes overflow 64-bit offsets: m=%lld n=%lld k=%lld lddx=%lld "
+                       "lddy=%lld",
+                       fn, (long long)a->m, (long long)a->n, (long long)a->k,
+                       (long long)a->lddx, (long long)a->lddy);
+    }
+    if ((uintptr_t)a->dx % (uintptr_t)dx_size || (uintptr_t)a->dy % 2 || (uintptr_t)a->w % 2) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                       "%s: pointer not aligned to its element: dx=%p dy=%p w=%p", fn, a->dx,
+                       (const void *)a->dy, (const void *)a->w);
+    }
+    if (!cache) return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: NULL cache", fn);
+    if (a->m == 0 || a->k == 0) return SF_OK;
+    if (a->n == 0) {
+        /* An empty inner product: dx = 0, or dx unchanged when accumulating. */
+        if (a->accumulate) return SF_OK;
+        const cudaError_t err =
+            cudaMemset2DAsync(a->dx, (size_t)(a->lddx * dx_size), 0, (size_t)(a->k * dx_size),
+                              (size_t)a->m, stream);
+        if (err != cudaSuccess) {
+            return sf_fail(SF_ERR_CUDA, "%s: cudaMemset2DAsync: %s", fn, cudaGetErrorString(err));
+        }
+        return SF_OK;
+    }
+    const gemm_key key = {
+        .m = a->m,
+        .n = a->n,
+        .k = a->k,
+        .lda = a->k,
+        .ldb = a->lddy,
+        .ldc = a->lddx,
+        .epilogue = SF_GEMM_NONE,
+        .op = GEMM_DX,
+        .trans_a = CUBLAS_OP_N,
+        .trans_b = CUBLAS_OP_N,
+        .c_f32 = a->dx_f32,
+        .align_a = align_log2(a->w),
+        .align_b = align_log2(a->dy),
+        .align_c = align_log2(a->dx),
+        .align_bias = 0,
+    };
+    return run_product(cache, &key, a->w, a->dy, a->dx, a->accumulate, stream);
+}
+
+sf_status sf_cuda_gemm_dw(sf_gemm_cache *cache, const sf_gemm_dw_args *a, cudaStream_t stream) {
+    static const char fn[] = "sf_cuda_gemm_dw";
+    if (!a) return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: NULL args", fn);
+    if (!a->dw && !a->db) return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: NULL dw and db", fn);
+    if (!a->dy) return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: NULL dy", fn);
+    if (a->dw && !a->x) return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: NULL x", fn);
+    if (a->m < 0 || a->n < 0 || a->k < 0) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: negative size m=%lld n=%lld k=%lld", fn,
+                       (long long)a->m, (long long)a->n, (long long)a->k);
+    }
+    if (a->lddy < a->n || a->lddy < 1) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: lddy=%lld below n=%lld (or 1)", fn,
+                       (long long)a->lddy, (long long)a->n);
+    }
+    if (a->dw && (a->ldx < a->k || a->ldx < 1)) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: ldx=%lld below k=%lld (or 1)", fn,
+                       (long long)a->ldx, (long long)a->k);
+    }
+    if (!fits(a->m, a->lddy, 2) || (a->dw && (!fits(a->m, a->ldx, 2) || !fits(a->n, a->k, 4)))) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                       "%s: sizes overflow 64-bit offsets: m=%lld n=%lld k=%lld ldx=%lld "
+                       "lddy=%lld",
+                       fn, (long long)a->m, (long long)a->n, (long long)a->k, (long long)a->ldx,
+                       (long long)a->lddy);
+    }
+    if ((uintptr_t)a->dw % 4 || (uintptr_t)a->db % 4 || (uintptr_t)a->dy % 2 ||
+        (uintptr_t)a->x % 2) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                       "%s: pointer not aligned to its element: dw=%p db=%p dy=%p x=%p", fn,
+                       (void *)a->dw, (void *)a->db, (const void *)a->dy, (const void *)a->x);
+    }
+    if (!cache) return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: NULL cache", fn);
+    if (a->n == 0) return SF_OK;
+
+    /* db: column sums of dy in a fixed order (kernels/activations.cu), from the same bf16 dy. */
+    if (a->db) {
+        sf_status st = sf_cuda_bias_backward(a->db, a->accumulate, a->dy, true, a->lddy, a->m,
+                                             a->n, stream);
+        if (st != SF_OK) return st;
+    }
+    if (!a->dw || a->k == 0) return SF_OK;
+    if (a->m == 0) {
+        /* An empty inner product: dw = 0, or dw unchanged when accumulating. */
+        if (a->accumulate) return SF_OK;
+        const cudaError_t err =
+            cudaMemsetAsync(a->dw, 0, (size_t)a->n * (size_t)a->k * sizeof(float), stream);
+        if (err != cudaSuccess) {
+            return sf_fail(SF_ERR_CUDA, "%s: cudaMemsetAsync: %s", fn, cudaGetErrorString(err));
+        }
+        return SF_OK;
+    }
+    const gemm_key key = {
+        .m = a->m,
+        .n = a->n,
+        .k = a->k,
+        .lda = a->ldx,
+        .ldb = a->lddy,
+        .ldc = a->k,
+        .epilogue = SF_GEMM_NONE,
+        .op = GEMM_DW,
+        .trans_a = CUBLAS_OP_N,
+        .trans_b = CUBLAS_OP_T,
+        .c_f32 = true,
+        .align_a = align_log2(a->x),
+        .align_b = align_log2(a->dy),
+        .align_c = align_log2(a->dw),
+        .align_bias = 0,
+    };
+    return run_product(cache, &key, a->x, a->dy, a->dw, a->accumulate, stream);
 }

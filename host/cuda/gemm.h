@@ -57,6 +57,55 @@ void sf_gemm_cache_free(sf_gemm_cache *cache);
  * returns SF_OK; k must be > 0 (SF_ERR_INVALID_ARGUMENT otherwise). */
 sf_status sf_cuda_gemm(sf_gemm_cache *cache, const sf_gemm_args *a, cudaStream_t stream);
 
+/* ---------------------------------------------------------------------------------------------
+ * Backward (training; CPU twin sf_cpu_linear_backward). For the forward y = x w^T + b:
+ *   dx[m, k] (= or +=) dy[m, n] . w[n, k]        (sf_cuda_gemm_dx)
+ *   dw[n, k] (= or +=) dy[m, n]^T . x[m, k]      (sf_cuda_gemm_dw, with db[n] (= or +=) the
+ *                                                 column sums of dy)
+ * cuBLASLt multiplies two operands of one type, so dy comes in bf16 like x and w: the fp32
+ * gradient stream is rounded once on its way in (by the backward op that produced it, e.g.
+ * sf_cuda_swiglu_backward with out_bf16, or sf_cuda_f32_to_bf16). Products and sums are fp32;
+ * dw and db are fp32 (weight gradients accumulate over a batch: accumulate = true adds with
+ * beta = 1 instead of overwriting); dx is fp32 (the gradient stream) or bf16.
+ *
+ * Same cache, same rules as sf_cuda_gemm: descriptors and algorithms are cached per operation,
+ * shape, stride, output type and alignment (forward, dx and dw entries never mix), nothing is
+ * allocated once a shape is cached, calls enqueue on `stream` and never synchronise.
+ * Arguments are checked before the cache and before any CUDA call: SF_ERR_INVALID_ARGUMENT for
+ * NULL pointers, negative sizes, row strides below the row lengths (or below 1), sizes whose
+ * byte offsets overflow int64, or a pointer not aligned to its element. Empty outputs enqueue
+ * nothing; an empty inner dimension (n == 0 for dx, m == 0 for dw and db) writes zeros, or
+ * nothing when accumulating. SF_ERR_UNSUPPORTED / SF_ERR_CUDA as sf_cuda_gemm. */
+
+typedef struct sf_gemm_dx_args {
+    void *dx;          /* [m, lddx] fp32 when dx_f32, else bf16                            */
+    int64_t lddx;      /* >= k                                                              */
+    bool dx_f32;
+    bool accumulate;   /* dx += dy w instead of dx = dy w                                   */
+    const sf_bf16 *dy; /* [m, lddy]                                                         */
+    int64_t lddy;      /* >= n                                                              */
+    const sf_bf16 *w;  /* [n, k], contiguous: the forward's weight                          */
+    int64_t m, n, k;   /* the forward's sizes                                               */
+} sf_gemm_dx_args;
+
+typedef struct sf_gemm_dw_args {
+    float *dw;         /* [n, k] fp32, contiguous; NULL when only db is wanted              */
+    float *db;         /* [n] fp32, or NULL: db[j] = sum_i dy[i, j] (fixed order)           */
+    bool accumulate;   /* dw += and db += instead of =                                      */
+    const sf_bf16 *dy; /* [m, lddy]                                                         */
+    int64_t lddy;      /* >= n                                                              */
+    const sf_bf16 *x;  /* [m, ldx]: the forward's input; may be NULL when dw is             */
+    int64_t ldx;       /* >= k (ignored when dw is NULL)                                    */
+    int64_t m, n, k;   /* the forward's sizes                                               */
+} sf_gemm_dw_args;
+
+/* Enqueues dx (=|+=) dy . w. dx must not overlap dy or w. */
+sf_status sf_cuda_gemm_dx(sf_gemm_cache *cache, const sf_gemm_dx_args *a, cudaStream_t stream);
+
+/* Enqueues dw (=|+=) dy^T . x and db (=|+=) column sums of dy (each when not NULL; at least
+ * one). dw and db must not overlap the inputs or each other. */
+sf_status sf_cuda_gemm_dw(sf_gemm_cache *cache, const sf_gemm_dw_args *a, cudaStream_t stream);
+
 /* The recommended workspace size. */
 #define SF_GEMM_WORKSPACE_BYTES ((size_t)32 << 20)
 

@@ -1,0 +1,251 @@
+// Token cross-entropy with its gradient, fused over the LM head's logits. CPU twin:
+// sf_cpu_cross_entropy (host/cpu/softmax.c, double) and the argmax count of ce_loss
+// (host/model/backward_cpu.c). Contract: loss.h.
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+#include "bf16_vec.cuh"
+#include "cuda_check.cuh"
+#include "f32_vec.cuh"
+#include "loss.h"
+
+namespace {
+
+// One block per row. 512 threads keep a 128K-entry vocabulary at 32 values per thread, and
+// rows (tokens of a batch) give the grid its width.
+constexpr int kBlock = 512;
+constexpr int kWarps = kBlock / 32;
+constexpr int kVec = 8;
+constexpr int kNoIndex = 0x7fffffff;  // "no candidate yet" in the argmax
+
+using sf_vec::aligned16;
+
+// ---------------------------------------------------------------------------------------------
+// Device helpers
+// ---------------------------------------------------------------------------------------------
+
+// VEC logits from either storage type as fp32 (exact).
+template <int VEC>
+__device__ __forceinline__ void load_logits(const float *p, float (&v)[VEC]) {
+    sf_vec::load_f32<VEC>(p, v);
+}
+template <int VEC>
+__device__ __forceinline__ void load_logits(const __nv_bfloat16 *p, float (&v)[VEC]) {
+    sf_vec::load_f32<VEC>(p, v);
+}
+
+// The running softmax statistics: maximum m and sum s of exp(z - m) over the values seen.
+// (m, s) = (-inf, 0) is the empty set. Combining rescales both sums to the larger maximum; a
+// side whose maximum is -inf holds nothing (all -inf) and adds 0, without forming -inf - -inf.
+struct Softmax {
+    float m, s;
+};
+
+__device__ __forceinline__ Softmax combine(Softmax a, Softmax b) {
+    const float m = fmaxf(a.m, b.m);
+    const float sa = a.m == -INFINITY ? 0.0f : a.s * expf(a.m - m);
+    const float sb = b.m == -INFINITY ? 0.0f : b.s * expf(b.m - m);
+    return {m, sa + sb};
+}
+
+// The argmax candidate: the largest value, then the lowest index; kNoIndex is no candidate (NaN
+// values never become one). Symmetric, so both sides of a butterfly pick the same.
+struct Best {
+    float v;
+    int32_t i;
+};
+
+__device__ __forceinline__ Best better(Best a, Best b) {
+    if (a.i == kNoIndex) return b;
+    if (b.i == kNoIndex) return a;
+    if (a.v != b.v) return a.v > b.v ? a : b;
+    return a.i < b.i ? a : b;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel
+// ---------------------------------------------------------------------------------------------
+
+// Pass 1 (one read of the row): per thread, over its chunks of VEC values, the online softmax
+// statistics and the first argmax; then the block's combination in a fixed order (xor butterfly
+// in each warp, then warp 0 over the warps' results). Pass 2: dlogits. dlogits may be logits:
+// each chunk is read and written by the same thread, and the two values a thread reads before
+// the first barrier (logits[t], logits[0]) are read before any write.
+template <int VEC, typename TIn, typename TOut>
+__global__ void __launch_bounds__(kBlock)
+    cross_entropy_kernel(float *__restrict__ loss, int32_t *__restrict__ correct, TOut *dlogits,
+                         const TIn *logits, const int32_t *__restrict__ targets,
+                         const float *__restrict__ weights, int32_t vocab) {
+    __shared__ Softmax warp_sm[kWarps];
+    __shared__ Best warp_best[kWarps];
+    __shared__ Softmax row_sm;
+
+    const int64_t row = blockIdx.x;
+    const TIn *z = logits + row * vocab;
+    TOut *dz = dlogits ? dlogits + row * vocab : nullptr;
+    const float w = weights ? weights[row] : 1.0f;
+    const int32_t target = targets[row];
+    const bool target_ok = target >= 0 && target < vocab;
+    const int n_chunks = vocab / VEC;
+
+    // A masked row whose accuracy nobody wants: zeros, without reading the logits.
+    if (w == 0.0f && !correct) {
+        if (threadIdx.x == 0 && loss) loss[row] = 0.0f;
+        if (dz) {
+            for (int c = threadIdx.x; c < n_chunks; c += kBlock) {
+                float o[VEC] = {};
+                sf_vec::store<VEC>(dz + (int64_t)c * VEC, o);
+            }
+        }
+        return;
+    }
+
+    float z_target = 0.0f, z_first = 0.0f;
+    if (threadIdx.x == 0) {
+        if (target_ok) z_target = sf_vec::to_f32(z[target]);
+        z_first = sf_vec::to_f32(z[0]);
+    }
+
+    Softmax sm = {-INFINITY, 0.0f};
+    Best best = {-INFINITY, kNoIndex};
+    for (int c = threadIdx.x; c < n_chunks; c += kBlock) {
+        float v[VEC];
+        load_logits<VEC>(z + (int64_t)c * VEC, v);
+        float cm = -INFINITY;
+#pragma unroll
+        for (int i = 0; i < VEC; i++) {
+            cm = fmaxf(cm, v[i]);  // ignores NaN; a NaN reaches s through its exponential
+            // Indices rise within a thread, so a strict > keeps the first maximum.
+            if (v[i] == v[i] && (best.i == kNoIndex || v[i] > best.v)) best = {v[i], c * VEC + i};
+        }
+        const float m = fmaxf(sm.m, cm);
+        if (m == -INFINITY) continue;  // everything so far is -inf: nothing to add
+        if (m > sm.m) sm.s *= expf(sm.m - m);
+        sm.m = m;
+#pragma unroll
+        for (int i = 0; i < VEC; i++) sm.s += expf(v[i] - m);
+    }
+
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const Softmax other = {__shfl_xor_sync(0xffffffffu, sm.m, o),
+                               __shfl_xor_sync(0xffffffffu, sm.s, o)};
+        sm = combine(sm, other);
+        const Best ob = {__shfl_xor_sync(0xffffffffu, best.v, o),
+                         __shfl_xor_sync(0xffffffffu, best.i, o)};
+        best = better(best, ob);
+    }
+    const int warp = (int)threadIdx.x / 32, lane = (int)threadIdx.x % 32;
+    if (lane == 0) {
+        warp_sm[warp] = sm;
+        warp_best[warp] = best;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        sm = lane < kWarps ? warp_sm[lane] : Softmax{-INFINITY, 0.0f};
+        best = lane < kWarps ? warp_best[lane] : Best{-INFINITY, kNoIndex};
+#pragma unroll
+        for (int o = kWarps / 2; o > 0; o >>= 1) {
+            const Softmax other = {__shfl_xor_sync(0xffffffffu, sm.m, o),
+                                   __shfl_xor_sync(0xffffffffu, sm.s, o)};
+            sm = combine(sm, other);
+            const Best ob = {__shfl_xor_sync(0xffffffffu, best.v, o),
+                             __shfl_xor_sync(0xffffffffu, best.i, o)};
+            best = better(best, ob);
+        }
+        if (lane == 0) {
+            row_sm = sm;
+            if (correct) {
+                // The CPU's loop starts at index 0 and only a strictly larger value moves it:
+                // a NaN there, or nothing but NaN, leaves 0.
+                const int32_t arg = (z_first != z_first || best.i == kNoIndex) ? 0 : best.i;
+                correct[row] = arg == target ? 1 : 0;
+            }
+            if (loss) {
+                loss[row] = w == 0.0f   ? 0.0f
+                            : target_ok ? w * ((sm.m - z_target) + logf(sm.s))
+                                        : __int_as_float(0x7fc00000);
+            }
+        }
+    }
+    if (!dz) return;
+    __syncthreads();
+
+    const Softmax fin = row_sm;
+    const float inv = 1.0f / fin.s;
+    for (int c = threadIdx.x; c < n_chunks; c += kBlock) {
+        float o[VEC];
+        if (w == 0.0f) {
+#pragma unroll
+            for (int i = 0; i < VEC; i++) o[i] = 0.0f;
+        } else {
+            load_logits<VEC>(z + (int64_t)c * VEC, o);
+#pragma unroll
+            for (int i = 0; i < VEC; i++) {
+                const float p = expf(o[i] - fin.m) * inv;
+                o[i] = w * (c * VEC + i == target ? p - 1.0f : p);
+            }
+        }
+        sf_vec::store<VEC>(dz + (int64_t)c * VEC, o);
+    }
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Launcher
+// ---------------------------------------------------------------------------------------------
+
+extern "C" sf_status sf_cuda_cross_entropy(float *loss, int32_t *correct, void *dlogits,
+                                           bool dlogits_bf16, const void *logits,
+                                           bool logits_bf16, const int32_t *targets,
+                                           const float *weights, int64_t rows, int32_t vocab,
+                                           cudaStream_t stream) {
+    static const char fn[] = "sf_cuda_cross_entropy";
+    if (rows < 0 || rows > INT32_MAX || (rows > 0 && vocab < 1)) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: rows = %lld, vocab = %d", fn,
+                       (long long)rows, vocab);
+    }
+    if (rows == 0) return SF_OK;
+    if (!logits || !targets) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: NULL %s", fn, !logits ? "logits" : "targets");
+    }
+    const uintptr_t in_mask = logits_bf16 ? 1u : 3u, out_mask = dlogits_bf16 ? 1u : 3u;
+    if (((uintptr_t)logits & in_mask) || ((uintptr_t)dlogits & out_mask) ||
+        ((uintptr_t)loss & 3u) || ((uintptr_t)correct & 3u) || ((uintptr_t)targets & 3u) ||
+        ((uintptr_t)weights & 3u)) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: pointer not aligned to its element", fn);
+    }
+    if (dlogits == logits && dlogits_bf16 != logits_bf16) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                       "%s: dlogits over logits needs one type for both (got %s over %s)", fn,
+                       dlogits_bf16 ? "bf16" : "fp32", logits_bf16 ? "bf16" : "fp32");
+    }
+    if (!loss && !correct && !dlogits) return SF_OK;
+
+    sf_nvtx_range range(fn);
+    const bool vec = vocab % kVec == 0 && aligned16(logits) && aligned16(dlogits);
+    auto go = [&](auto *out, auto *in) {
+        if (vec) {
+            cross_entropy_kernel<kVec><<<(unsigned)rows, kBlock, 0, stream>>>(
+                loss, correct, out, in, targets, weights, vocab);
+        } else {
+            cross_entropy_kernel<1><<<(unsigned)rows, kBlock, 0, stream>>>(
+                loss, correct, out, in, targets, weights, vocab);
+        }
+    };
+    auto with_in = [&](auto *out) {
+        if (logits_bf16) {
+            go(out, static_cast<const __nv_bfloat16 *>(logits));
+        } else {
+            go(out, static_cast<const float *>(logits));
+        }
+    };
+    if (dlogits_bf16) {
+        with_in(static_cast<__nv_bfloat16 *>(dlogits));
+    } else {
+        with_in(static_cast<float *>(dlogits));
+    }
+    SF_CUDA_TRY(cudaGetLastError());
+    return SF_OK;
+}
