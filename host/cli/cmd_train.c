@@ -565,8 +565,9 @@ static int train_main(const options *o, run *r) {
                 (long long)sf_trainer_step(r->trainer));
         return 130;
     }
-    printf("trained Sysformer written to %s (sysformer.json + sysformer.safetensors); log in "
-           "%s\n", o->out, r->log_path);
+    printf("trained %s written to %s (sysformer.json + sysformer.safetensors); log in %s\n",
+           sf_sysformer_get_config(r->sf)->num_layers == 0 ? "SystemEmbedder" : "Sysformer",
+           o->out, r->log_path);
     return 0;
 }
 
