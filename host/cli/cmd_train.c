@@ -80,6 +80,8 @@ static void usage(FILE *out) {
             "  --batch-tokens N         packed tokens per step (default %d)\n"
             "  --seed N                 shuffles, samples, templates, initialisation (default 0)\n"
             "  --recompute              recompute LLM layers in the backward (less memory)\n"
+            "  --device cpu|cuda[:N]    where each step's loss and gradient are computed\n"
+            "                           (default cpu: fp32; cuda: the GPU in bf16)\n"
             "  --resume                 continue from DIR's checkpoint (same data and flags)\n"
             "\n"
             "a new Sysformer:\n"
@@ -199,6 +201,18 @@ static int parse_options(int argc, char **argv, options *o) {
             else if (!strcmp(v, "constant")) o->t.schedule = SF_LR_CONSTANT;
             else {
                 fprintf(stderr, "sysformer train: --schedule is cosine or constant\n");
+                rc = 2;
+            }
+        } else if (!strcmp(a, "--device")) {
+            if (!strcmp(v, "cpu")) {
+                o->t.device = SF_TRAIN_CPU;
+            } else if (!strncmp(v, "cuda", 4) && (v[4] == '\0' || v[4] == ':')) {
+                o->t.device = SF_TRAIN_CUDA;
+                o->t.cuda_device = 0;
+                if (v[4] == ':') rc = parse_int(a, v + 5, &o->t.cuda_device);
+                if (!rc && o->t.cuda_device < 0) rc = bad_number(a, v);
+            } else {
+                fprintf(stderr, "sysformer train: --device is cpu, cuda or cuda:N\n");
                 rc = 2;
             }
         } else if (!strcmp(a, "--activation")) {

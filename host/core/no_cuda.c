@@ -2,6 +2,7 @@
 #include <string.h>
 
 #include "core/error.h"
+#include "cuda/train.h"
 #include "sysformer.h"
 
 bool sf_cuda_built(void) { return false; }
@@ -102,4 +103,35 @@ sf_status sf_cuda_guarded_embed(sf_cuda_engine *engine, int32_t n_requests, int3
     (void)d_spans, (void)max_system, (void)max_user, (void)d_embeds, (void)d_errors;
     (void)cuda_stream;
     return no_cuda("sf_cuda_guarded_embed");
+}
+
+/* host/cuda/train.h: the GPU training step. */
+sf_cuda_train_options sf_cuda_train_default_options(void) {
+    sf_cuda_train_options o;
+    memset(&o, 0, sizeof o);
+    o.max_tokens = 1024;
+    o.head_chunk = 256;
+    return o;
+}
+
+sf_status sf_cuda_train_create(const sf_llm *llm, const sf_sysformer *sf,
+                               const sf_cuda_train_options *options, sf_cuda_trainer **out) {
+    (void)llm, (void)sf, (void)options;
+    if (out) *out = NULL;
+    return no_cuda("sf_cuda_train_create");
+}
+
+void sf_cuda_train_free(sf_cuda_trainer *t) { (void)t; }
+
+sf_status sf_cuda_train_memory_report(const sf_cuda_trainer *t, sf_cuda_train_memory *out) {
+    (void)t, (void)out;
+    return no_cuda("sf_cuda_train_memory_report");
+}
+
+sf_status sf_cuda_train_loss_grad(sf_cuda_trainer *t, const sf_cuda_train_batch *batch,
+                                  sf_llm_loss_result *result, double *recon, float *grads) {
+    (void)t, (void)batch, (void)grads;
+    if (result) memset(result, 0, sizeof *result);
+    if (recon) *recon = 0.0;
+    return no_cuda("sf_cuda_train_loss_grad");
 }

@@ -22,6 +22,7 @@
 #include "core/error.h"
 #include "core/file.h"
 #include "core/rng.h"
+#include "cuda/train.h"
 #include "eval/eval.h"
 #include "io/safetensors.h"
 #include "model/llm.h"
@@ -222,6 +223,7 @@ struct sf_trainer {
     bool perm_ready;
     bool resumed;
     bool stepped;        /* grads hold the last step's gradient                             */
+    sf_cuda_trainer *gpu;/* with SF_TRAIN_CUDA: computes each step's loss and gradient      */
     double t_start;
     char *samples[2];    /* the last validation's first harmful and harmless replies        */
 };
@@ -333,7 +335,8 @@ sf_status sf_trainer_create(const sf_llm *llm, sf_sysformer *sf, const sf_tokeni
         !(o->adamw.beta1 >= 0 && o->adamw.beta1 < 1) ||
         !(o->adamw.beta2 >= 0 && o->adamw.beta2 < 1) || !(o->adamw.eps > 0) ||
         !(o->adamw.weight_decay >= 0) || o->val_max_new_tokens < 1 || o->val_batch < 1 ||
-        o->val_harmful_n < 0 || o->val_harmless_n < 0) {
+        o->val_harmful_n < 0 || o->val_harmless_n < 0 ||
+        (o->device != SF_TRAIN_CPU && o->device != SF_TRAIN_CUDA) || o->cuda_device < 0) {
         return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_trainer_create: an option is out of range "
                        "(epochs, batch tokens, lr, betas, eps, weight decay, validation sizes)");
     }
@@ -379,6 +382,18 @@ sf_status sf_trainer_create(const sf_llm *llm, sf_sysformer *sf, const sf_tokeni
         }
         t->warmup = o->warmup_steps >= 0 ? o->warmup_steps : (t->total_steps * 5 + 99) / 100;
     }
+    if (st == SF_OK && o->device == SF_TRAIN_CUDA) {
+        /* sized for the longest batch: batch_tokens, or one example longer than that */
+        int32_t rows = o->batch_tokens;
+        for (int32_t i = 0; i < train->n; i++) {
+            const int32_t r = train_rows(o, &train->ex[i]);
+            if (contributes(o, &train->ex[i]) && r > rows) rows = r;
+        }
+        sf_cuda_train_options co = sf_cuda_train_default_options();
+        co.device = o->cuda_device;
+        co.max_tokens = rows;
+        st = sf_cuda_train_create(llm, sf, &co, &t->gpu);
+    }
     if (st != SF_OK) {
         sf_trainer_free(t);
         return st;
@@ -389,6 +404,7 @@ sf_status sf_trainer_create(const sf_llm *llm, sf_sysformer *sf, const sf_tokeni
 
 void sf_trainer_free(sf_trainer *t) {
     if (!t) return;
+    sf_cuda_train_free(t->gpu);
     sf_sysformer_free(t->grads);
     free(t->m);
     free(t->v);
@@ -536,6 +552,53 @@ typedef struct step_stats {
     int32_t rows;
 } step_stats;
 
+/* Clips the gradient in t->grads, steps AdamW and fills the step's statistics. */
+static void apply_step(sf_trainer *t, const sf_llm_loss_result *res, double recon, int64_t rows,
+                       step_stats *out) {
+    const sf_train_options *o = &t->o;
+    int64_t n_w = 0;
+    float *w = sf_sysformer_flat(t->sf, &n_w);
+    float *g = sf_sysformer_flat(t->grads, NULL);
+    out->grad_norm = sf_clip_grad_norm(g, n_w, o->clip_norm);
+    out->lr = sf_train_lr_at(o, t->step, t->total_steps, t->warmup);
+    sf_adamw_step(w, g, t->m, t->v, n_w, out->lr, &o->adamw, t->step + 1);
+    t->step++;
+    t->stepped = true;
+    out->ce = res->ce;
+    out->cls = res->cls;
+    out->recon = recon;
+    out->loss = res->total + recon;
+    out->rows = (int32_t)rows;
+}
+
+/* The step's loss and gradient (into t->grads) on the GPU, from the packed batch with its loss
+ * rows: the same terms and weights as the CPU path below (host/cuda/train.h). */
+static sf_status gpu_loss_grad(sf_trainer *t, const int32_t *idx, const packed *p,
+                               sf_llm_loss_result *res, double *recon) {
+    const sf_train_options *o = &t->o;
+    const int32_t n = p->n;
+    sf_prompt_spans *spans = malloc((size_t)n * sizeof *spans);
+    if (!spans) return oom("trainer step");
+    for (int32_t i = 0; i < n; i++) {
+        const sf_train_example *e = &t->train->ex[idx[i]];
+        spans[i] = e->spans;
+        spans[i].suffix += p->cu[i + 1] - p->cu[i] - e->n_prompt; /* the reply rows, if any */
+    }
+    const bool cls = o->w_class > 0.0;
+    sf_cuda_train_batch b = {
+        .n_requests = n, .ids = p->ids, .cu_seqlens = p->cu, .spans = spans,
+        .n_ce = p->n_ce, .ce_rows = p->ce_rows, .ce_targets = p->ce_targets,
+        .ce_weights = p->ce_weights,
+        .n_class = cls ? n : 0, .class_rows = p->class_rows, .class_labels = p->class_labels,
+        .class_weights = p->class_weights,
+        .w_recon = o->w_recon,
+    };
+    sf_status st = sf_cuda_train_loss_grad(t->gpu, &b, res, recon,
+                                           sf_sysformer_flat(t->grads, NULL));
+    free(spans);
+    return st;
+}
+
 static sf_status train_step(sf_trainer *t, const int32_t *idx, int32_t n, step_stats *out) {
     const sf_train_set *set = t->train;
     const sf_train_options *o = &t->o;
@@ -572,6 +635,15 @@ static sf_status train_step(sf_trainer *t, const int32_t *idx, int32_t n, step_s
         p.class_rows[i] = last;
         p.class_labels[i] = e->harmful ? 1.0f : 0.0f;
         p.class_weights[i] = (float)(o->w_class / n);
+    }
+    if (t->gpu) {
+        sf_llm_loss_result gres;
+        double grecon = 0.0;
+        st = gpu_loss_grad(t, idx, &p, &gres, &grecon);
+        if (st == SF_OK) apply_step(t, &gres, grecon, p.rows, out);
+        free(with_reply);
+        packed_free(&p);
+        return st;
     }
     const int64_t ns = p.cu_sys[n];
     float *d_embeds = calloc((size_t)(p.rows * d), sizeof(float));
@@ -619,20 +691,7 @@ static sf_status train_step(sf_trainer *t, const int32_t *idx, int32_t n, step_s
         st = sf_sysformer_backward(t->sf, tape, d_sys, t->grads);
     }
     sf_sysformer_tape_free(tape);
-    if (st == SF_OK) {
-        int64_t n_w = 0;
-        float *w = sf_sysformer_flat(t->sf, &n_w);
-        out->grad_norm = sf_clip_grad_norm(g, n_w, o->clip_norm);
-        out->lr = sf_train_lr_at(o, t->step, t->total_steps, t->warmup);
-        sf_adamw_step(w, g, t->m, t->v, n_w, out->lr, &o->adamw, t->step + 1);
-        t->step++;
-        t->stepped = true;
-        out->ce = res.ce;
-        out->cls = res.cls;
-        out->recon = recon;
-        out->loss = res.total + recon;
-        out->rows = (int32_t)p.rows;
-    }
+    if (st == SF_OK) apply_step(t, &res, recon, p.rows, out);
     free(d_embeds);
     free(d_sys);
     free(with_reply);

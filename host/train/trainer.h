@@ -120,6 +120,13 @@ typedef bool (*sf_train_event_fn)(void *user, const sf_train_event *event);
 typedef bool (*sf_train_judge_fn)(void *user, const int32_t *ids, int32_t n_ids,
                                   const char *text);
 
+/* Where each step's loss and gradient are computed. */
+typedef enum sf_train_device {
+    SF_TRAIN_CPU = 0,  /* fp32 reference (host/sysformer, host/model backward_cpu.c)          */
+    SF_TRAIN_CUDA = 1, /* the GPU, bf16 storage and fp32 gradients (host/cuda/train.h); the
+                          optimizer, clipping and validation stay on the CPU                  */
+} sf_train_device;
+
 typedef struct sf_train_options {
     /* losses */
     double w_ref, w_compl, w_class, w_recon;
@@ -134,7 +141,10 @@ typedef struct sf_train_options {
     sf_adamw adamw;
     double clip_norm;       /* global gradient-norm clipping; <= 0: off                    */
     uint64_t seed;          /* the per-epoch shuffles                                       */
-    bool recompute;         /* the LLM backward recomputes layers instead of storing them  */
+    bool recompute;         /* the LLM backward recomputes layers instead of storing them
+                               (CPU only; the GPU step always stores them)                  */
+    sf_train_device device; /* SF_TRAIN_CPU (the default, 0) or SF_TRAIN_CUDA               */
+    int32_t cuda_device;    /* with SF_TRAIN_CUDA: the CUDA device ordinal                  */
     /* validation (with a validation set) */
     bool validate_first;    /* also validate before the first step of a fresh run          */
     int32_t val_harmful_n;  /* harmful validation prompts generated for and judged          */
@@ -185,7 +195,10 @@ typedef struct sf_trainer sf_trainer;
  * tok, the sets and the options' strings must outlive the trainer. tok (may be NULL) decodes
  * the validation generations for the judge; stop_ids end them. Fails with
  * SF_ERR_INVALID_ARGUMENT for an empty training set, ids outside the vocabulary, examples
- * longer than the context window, or absurd options. */
+ * longer than the context window, or absurd options. With device SF_TRAIN_CUDA it also sets up
+ * the GPU step (sized for the longest batch) and fails as sf_cuda_train_create does
+ * (SF_ERR_NO_DEVICE without a GPU or a CUDA build, SF_ERR_UNSUPPORTED for shapes the GPU path
+ * lacks, e.g. the SystemEmbedder baseline). */
 sf_status sf_trainer_create(const sf_llm *llm, sf_sysformer *sf, const sf_tokenizer *tok,
                             const int32_t *stop_ids, int32_t n_stop_ids,
                             const sf_train_set *train, const sf_train_set *val,

@@ -1,0 +1,100 @@
+/* Internal: the gradient of one Sysformer training batch on the GPU (host/cuda/train_step.c),
+ * the device twin of what host/train/trainer.c's step computes on the CPU with
+ * sf_sysformer_forward_train + sf_llm_loss_backward_cpu + sf_sysformer_backward (train.h):
+ * the same losses, the same normalisation (carried by the caller's weights, as on the CPU), the
+ * gradient of every Sysformer weight and of the classifier head, in sf_sysformer_flat's order.
+ *
+ * This header names no CUDA type, so the trainer (built with or without CUDA) can include it;
+ * a build without CUDA gets stubs that fail with SF_ERR_NO_DEVICE (host/core/no_cuda.c). */
+#ifndef SF_CUDA_TRAIN_H
+#define SF_CUDA_TRAIN_H
+
+#include "sysformer.h"
+#include "train/train.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct sf_cuda_trainer sf_cuda_trainer;
+
+typedef struct sf_cuda_train_options {
+    int32_t device;     /* CUDA device ordinal                                                */
+    int32_t max_tokens; /* packed rows of the largest batch: every buffer is sized for it at
+                           creation (> 0; 0 picks 1024, the trainer's default batch_tokens)   */
+    int32_t head_chunk; /* rows per LM-head chunk (logits [chunk, vocab] in fp32 and bf16);
+                           0 picks 256                                                         */
+} sf_cuda_train_options;
+
+sf_cuda_train_options sf_cuda_train_default_options(void);
+
+/* One packed batch, all host arrays (what the CPU trainer builds):
+ *   request r owns rows [cu_seqlens[r], cu_seqlens[r + 1]) of ids, split by spans[r] into
+ *   prefix | system | middle | user | suffix; the Sysformer rewrites the system rows from the
+ *   system and user rows' embeddings, and the frozen LLM runs over the result (positions from
+ *   0, no KV cache).
+ *   token cross-entropy: entry i < n_ce, weight ce_weights[i] (NULL: 1), row ce_rows[i] predicts
+ *   ce_targets[i];
+ *   classifier: entry i < n_class, weight class_weights[i] (NULL: 1), BCE of sigmoid(w . h + b)
+ *   against class_labels[i] in [0, 1], h the final-normed last hidden state of row
+ *   class_rows[i], (w, b) the Sysformer's classifier head;
+ *   reconstruction: w_recon / (N_s d) sum (S' - S)^2 over all system rows (0: off).
+ * These are exactly the terms of sf_llm_loss_backward_cpu plus the trainer's L_recon. */
+typedef struct sf_cuda_train_batch {
+    int32_t n_requests;
+    const int32_t *ids;             /* [T]            */
+    const int32_t *cu_seqlens;      /* [n_requests+1] */
+    const sf_prompt_spans *spans;   /* [n_requests]   */
+    int32_t n_ce;
+    const int32_t *ce_rows;
+    const int32_t *ce_targets;
+    const float *ce_weights;
+    int32_t n_class;
+    const int32_t *class_rows;
+    const float *class_labels;
+    const float *class_weights;
+    double w_recon;
+} sf_cuda_train_batch;
+
+/* Device memory a trainer holds, in bytes. */
+typedef struct sf_cuda_train_memory {
+    size_t llm_weights;  /* the frozen LLM, bf16 (with the small engine it is held in)      */
+    size_t sysformer;    /* its bf16 weights, fp32 staging and fp32 gradients              */
+    size_t activations;  /* everything a batch of max_tokens rows saves and works in       */
+    size_t pinned_host;  /* page-locked host staging                                       */
+    size_t total;        /* device total: llm_weights + sysformer + activations            */
+} sf_cuda_train_memory;
+
+/* Uploads the frozen LLM (bf16) and plans every buffer for batches of up to max_tokens rows.
+ * sf is the Sysformer being trained: it must outlive the trainer, and its current weights are
+ * read (and uploaded) at every sf_cuda_train_loss_grad, so the caller may update them in place
+ * between calls (AdamW on the host). Fails with SF_ERR_NO_DEVICE without a GPU or CUDA build,
+ * SF_ERR_UNSUPPORTED for head dimensions the fused attention lacks (LLM or Sysformer: 64, 80,
+ * 96, 128) or a learned system offset (CPU only), SF_ERR_CONFIG when sf does not fit the LLM,
+ * SF_ERR_OUT_OF_MEMORY when the plan does not fit the device. */
+sf_status sf_cuda_train_create(const sf_llm *llm, const sf_sysformer *sf,
+                               const sf_cuda_train_options *options, sf_cuda_trainer **out);
+
+void sf_cuda_train_free(sf_cuda_trainer *t);
+
+sf_status sf_cuda_train_memory_report(const sf_cuda_trainer *t, sf_cuda_train_memory *out);
+
+/* The forward, the losses and, when grads is not NULL, the backward of one batch:
+ *   *result: ce and cls the weighted sums (as sf_llm_loss_backward_cpu), total = ce + cls,
+ *            ce_correct the argmax hits;
+ *   *recon (may be NULL): the weighted reconstruction term w_recon / (N_s d) sum (S' - S)^2;
+ *   grads [n_weights of sf, sf_sysformer_flat's order]: dL/dW of L = ce + cls + recon for every
+ *            Sysformer weight and the classifier head (overwritten; zeros where no term
+ *            reaches).
+ * The LLM's weights are only read. The batch is validated completely first:
+ * SF_ERR_INVALID_ARGUMENT for malformed offsets, spans, ids, rows, targets, labels or weights;
+ * SF_ERR_OUT_OF_RANGE for more rows (or loss entries) than max_tokens, or a request longer than
+ * the LLM's context. Synchronises with the device before returning. */
+sf_status sf_cuda_train_loss_grad(sf_cuda_trainer *t, const sf_cuda_train_batch *batch,
+                                  sf_llm_loss_result *result, double *recon, float *grads);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

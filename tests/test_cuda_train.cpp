@@ -1,0 +1,706 @@
+// The GPU training step (host/cuda/train_step.c) against the CPU one: the same batch through
+// sf_cuda_train_loss_grad and through the CPU functions the trainer strings together
+// (sf_sysformer_forward_train, sf_llm_loss_backward_cpu, the L_recon term, sf_sysformer_backward:
+// host/train/trainer.c's train_step), comparing the three losses and the gradient of every
+// Sysformer tensor and of the classifier head. Every test but CudaTrainArgs.* skips without a
+// GPU (bench/device_check.sh runs them on a lent one); CudaTrainArgs.* run everywhere CUDA is
+// built (one only when no GPU is present).
+//
+// Models: the golden LLM configurations rebuilt at head_dim 64 (engine_test_util.h: GQA +
+// llama3 RoPE, Mistral's sliding window, Qwen2's q/k/v biases, Phi-3's longrope with requests on
+// both sides of its switch, tied embeddings + linear RoPE), each with a random Sysformer whose
+// every branch is open (tests/test_sysformer_backward.cpp's random_sysformer: norm weights
+// 1 + U(+-0.3), norm biases U(+-0.3), every other tensor U(+-1/sqrt(fan_in)), the classifier
+// included), head dim 64, in the four (norm_first, activation, final_norm) combinations.
+//
+// Tolerance, derived (first-order rounding model of tests/test_cuda_engine.cpp, u = 2^-9: every
+// bf16 rounding perturbs the vector it rounds by at most u of its norm; independent roundings in
+// one branch are counted as 3u per residual sub-layer, the branch being no larger than the
+// stream for these nn.Linear-scaled weights; nothing here amplifies: norms re-scale, attention
+// scores are O(1)).
+//   Forward. The GPU's logits and last hidden states are within b_f = u (6 L + 9 L_s + 3) of the
+//   CPU's (normwise, per row): 6u per LLM layer (two sub-layers), 9u per Sysformer layer (three),
+//   1u for the embedding table, 2u for the final norm's output and the head's weights. The
+//   normalised hidden state h (the classifier's input) lacks the head's weight: b_h = u (6 L +
+//   9 L_s + 2). S' lacks the LLM: b_s = u (9 L_s + 1), and S carries the table's 1u.
+//   Losses. A token cross-entropy term moves by at most 2 ||dz||_inf <= 2 b_f ||z_row||_2 (the
+//   log-sum-exp and the target logit are each 1-Lipschitz in the max norm): |d ce| <= 2 b_f
+//   sum_i w_i ||z_i||_2, with the CPU's logits of each row. BCE is 1-Lipschitz in its logit
+//   z = w . h + b, and |dz| <= ||w|| ||dh|| <= ||w|| b_h ||h|| with ||h|| <= max|g| sqrt(d) (h is
+//   RMS-normalised, g the final norm's weight): |d cls| <= b_h ||w|| max|g| sqrt(d) sum_i w_i.
+//   L_recon = c ||S' - S||^2 moves by c (2 ||S' - S|| e + e^2), e = b_s ||S'|| + u ||S||.
+//   Gradients. A weight's gradient dW = dY^T X is evaluated at the GPU's activations (the
+//   forward's error, at most b_f, reaches it with a gain of about 1: the losses' second
+//   derivatives are bounded by the O(1) softmax / sigmoid curvature here), and dY comes down a
+//   backward path that mirrors the forward with the same count of roundings per sub-layer (the
+//   gradient rounded to bf16 before each GEMM, the inner gradient rounded, the bf16 weights and
+//   saved activations it multiplies; the residual gradient itself stays fp32) and the head's
+//   (dlogits rounded, the head's weight, the final norm): another b_f. The weight gradient's GEMM
+//   rounds dY once more and X carries the forward's error again (2u). Per tensor, normwise
+//   relative:   b_g = 2 b_f + 2u = u (12 L + 18 L_s + 8)
+//   e.g. 2 + 2 layers: 68u = 0.133. This is what a bf16 training step can promise; a wiring
+//   error (a missing term, a wrong row, a transposed weight, a wrong scale) moves a gradient by
+//   O(1) of its norm. The attention backward sums dq with atomics (its last bits vary between
+//   runs), which the bound covers.
+//   The argmax count (ce_correct) may differ only on rows whose CPU top-2 margin is below
+//   2 b_f ||z||: the difference must not exceed the number of such rows.
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+#include <string.h>
+
+#include <array>
+#include <cmath>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cuda/train.h"
+#include "cuda_test_util.h"
+#include "engine_test_util.h"
+#include "model/llm.h"
+#include "sysformer.h"
+#include "sysformer/module.h"
+#include "train/train.h"
+#include "train/trainer.h"
+
+namespace {
+
+using namespace sf_engine_test;
+
+double forward_bound(int L, int Ls) { return kUbf16 * (6.0 * L + 9.0 * Ls + 3.0); }
+double hidden_bound(int L, int Ls) { return kUbf16 * (6.0 * L + 9.0 * Ls + 2.0); }
+double sprime_bound(int Ls) { return kUbf16 * (9.0 * Ls + 1.0); }
+double grad_bound(int L, int Ls) { return 2.0 * forward_bound(L, Ls) + 2.0 * kUbf16; }
+
+struct LlmFree {
+    void operator()(sf_llm *p) const { sf_llm_free(p); }
+};
+struct SfFree {
+    void operator()(sf_sysformer *p) const { sf_sysformer_free(p); }
+};
+struct TrainerFree {
+    void operator()(sf_cuda_trainer *p) const { sf_cuda_train_free(p); }
+};
+struct TapeFree {
+    void operator()(sf_sysformer_tape *p) const { sf_sysformer_tape_free(p); }
+};
+using LlmPtr = std::unique_ptr<sf_llm, LlmFree>;
+using SfPtr = std::unique_ptr<sf_sysformer, SfFree>;
+using TrainerPtr = std::unique_ptr<sf_cuda_trainer, TrainerFree>;
+using TapePtr = std::unique_ptr<sf_sysformer_tape, TapeFree>;
+
+// tests/test_sysformer_backward.cpp's random_sysformer: every tensor non-zero, norms near 1,
+// linear layers at nn.Linear's scale; head dim 64 for the fused attention.
+SfPtr random_sysformer(const sf_llm *llm, bool norm_first, sf_activation act, bool final_norm,
+                       uint64_t seed) {
+    sf_sysformer_config c = sf_sysformer_default_config(llm);
+    c.num_layers = 2;
+    c.num_heads = c.d_model / 64;
+    c.dim_feedforward = 2 * c.d_model + 8;
+    c.activation = act;
+    c.norm_first = norm_first;
+    c.final_norm = final_norm;
+    c.has_classifier = true;
+    EXPECT_EQ(sf_sysformer_check_config(&c, llm, "test"), SF_OK) << sf_last_error();
+    SfPtr sf(static_cast<sf_sysformer *>(calloc(1, sizeof(sf_sysformer))));
+    EXPECT_EQ(sf_sysformer_set_config(sf.get(), &c), SF_OK);
+    EXPECT_EQ(sf_sysformer_alloc(sf.get()), SF_OK);
+    int64_t n = 0;
+    sf_sysformer_tensor *t = sf_sysformer_tensors(sf.get(), &n);
+    std::mt19937_64 rng(seed);
+    std::uniform_real_distribution<double> u(-1.0, 1.0);
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t numel = t[i].shape[0] * (t[i].ndim == 2 ? t[i].shape[1] : 1);
+        const bool norm = strstr(t[i].name, "norm") != nullptr;
+        const bool weight = strstr(t[i].name, "weight") != nullptr;
+        const double fan_in = strstr(t[i].name, "linear2") ? c.dim_feedforward : c.d_model;
+        float *p = *t[i].slot;
+        for (int64_t j = 0; j < numel; j++) {
+            if (norm) p[j] = (float)((weight ? 1.0 : 0.0) + 0.3 * u(rng));
+            else p[j] = (float)(u(rng) / std::sqrt(fan_in));
+        }
+    }
+    free(t);
+    return sf;
+}
+
+// A packed training batch as the trainer builds it (trainer.c's train_step): each example a
+// chat prompt followed by its reply, every reply token predicted by the row before it, the
+// classifier on the last prompt row, harmful and harmless examples alternating.
+struct TrainBatch {
+    Prompts p;
+    std::vector<int32_t> ce_rows, ce_targets, class_rows;
+    std::vector<float> ce_weights, class_labels, class_weights;
+    double w_recon = 0.0;
+
+    sf_cuda_train_batch view() const {
+        sf_cuda_train_batch b;
+        memset(&b, 0, sizeof b);
+        b.n_requests = p.n();
+        b.ids = p.ids.data();
+        b.cu_seqlens = p.cu.data();
+        b.spans = p.spans.data();
+        b.n_ce = (int32_t)ce_rows.size();
+        b.ce_rows = ce_rows.data();
+        b.ce_targets = ce_targets.data();
+        b.ce_weights = ce_weights.data();
+        b.n_class = (int32_t)class_rows.size();
+        b.class_rows = class_rows.data();
+        b.class_labels = class_labels.data();
+        b.class_weights = class_weights.data();
+        b.w_recon = w_recon;
+        return b;
+    }
+};
+
+// shape: (system, user, reply) lengths per example; replies are random ids of the vocabulary.
+TrainBatch make_batch(const std::vector<std::array<int, 3>> &shape, uint64_t seed,
+                      double w_ce, double w_class, double w_recon) {
+    std::vector<std::pair<int, int>> su;
+    for (const auto &s : shape) su.push_back({s[0], s[1]});
+    const Prompts prompts = tiny_prompts(su, seed);
+    Uniform rng(seed ^ 0xABCDu);
+    TrainBatch b;
+    b.w_recon = w_recon;
+    const int32_t n = prompts.n();
+    for (int32_t r = 0; r < n; r++) {
+        std::vector<int32_t> t = prompts.request(r);
+        const int32_t n_prompt = (int32_t)t.size();
+        const int reply = shape[(size_t)r][2];
+        for (int i = 0; i < reply; i++) t.push_back(rng.below(3, 96));
+        sf_prompt_spans s = prompts.spans[(size_t)r];
+        s.suffix += reply;  // the reply rows follow the suffix (spans cover the whole request)
+        const int32_t row0 = b.p.total();
+        b.p.add(t, s);
+        const int32_t last = row0 + n_prompt - 1;
+        for (int j = 0; j < reply; j++) {
+            b.ce_rows.push_back(last + j);
+            b.ce_targets.push_back(t[(size_t)(n_prompt + j)]);
+            b.ce_weights.push_back((float)(w_ce / n / reply));
+        }
+        b.class_rows.push_back(last);
+        b.class_labels.push_back(r % 2 == 0 ? 1.0f : 0.0f);
+        b.class_weights.push_back((float)(w_class / n));
+    }
+    return b;
+}
+
+// The CPU step of trainer.c on the same batch.
+struct CpuResult {
+    sf_llm_loss_result res{};
+    double recon = 0.0;
+    std::vector<float> grads;
+    std::vector<float> s, s_prime;  // S and S' over the system rows
+};
+
+::testing::AssertionResult cpu_step(const sf_llm *llm, const sf_sysformer *sf,
+                                    const TrainBatch &b, CpuResult *out) {
+    const int64_t d = sf_llm_get_config(llm)->hidden_size;
+    const Prompts &p = b.p;
+    const int32_t n = p.n(), T = p.total();
+    std::vector<float> embeds((size_t)(T * d));
+    if (sf_llm_embed(llm, p.ids.data(), T, embeds.data()) != SF_OK) {
+        return ::testing::AssertionFailure() << sf_last_error();
+    }
+    std::vector<int32_t> cu_s{0}, cu_u{0};
+    std::vector<float> sys, usr;
+    for (int32_t r = 0; r < n; r++) {
+        const sf_prompt_spans &s = p.spans[(size_t)r];
+        const int64_t s0 = p.cu[(size_t)r] + s.prefix, u0 = s0 + s.system + s.middle;
+        sys.insert(sys.end(), embeds.begin() + s0 * d, embeds.begin() + (s0 + s.system) * d);
+        usr.insert(usr.end(), embeds.begin() + u0 * d, embeds.begin() + (u0 + s.user) * d);
+        cu_s.push_back(cu_s.back() + s.system);
+        cu_u.push_back(cu_u.back() + s.user);
+    }
+    const int64_t ns = cu_s.back();
+    out->s = sys;
+    out->s_prime.assign(sys.size(), 0.0f);
+    sys.push_back(0.0f);  // never empty
+    usr.push_back(0.0f);
+    sf_rewrite_batch rb = {n, cu_s.data(), cu_u.data(), sys.data(), usr.data()};
+    sf_sysformer_tape *tape = nullptr;
+    if (sf_sysformer_forward_train(sf, &rb, out->s_prime.data(), &tape) != SF_OK) {
+        return ::testing::AssertionFailure() << "forward_train: " << sf_last_error();
+    }
+    TapePtr tape_guard(tape);
+    for (int32_t r = 0; r < n; r++) {
+        const sf_prompt_spans &s = p.spans[(size_t)r];
+        memcpy(embeds.data() + (p.cu[(size_t)r] + s.prefix) * d,
+               out->s_prime.data() + (int64_t)cu_s[(size_t)r] * d,
+               (size_t)(s.system * d) * sizeof(float));
+    }
+    sf_sysformer *gz = nullptr;
+    if (sf_sysformer_clone_zero(sf, &gz) != SF_OK) return ::testing::AssertionFailure();
+    SfPtr grads(gz);
+    sf_llm_loss_spec spec = {};
+    spec.n_ce = (int32_t)b.ce_rows.size();
+    spec.ce_rows = b.ce_rows.data();
+    spec.ce_targets = b.ce_targets.data();
+    spec.ce_weights = b.ce_weights.data();
+    spec.n_class = (int32_t)b.class_rows.size();
+    spec.class_rows = b.class_rows.data();
+    spec.class_labels = b.class_labels.data();
+    spec.class_weights = b.class_weights.data();
+    spec.class_w = sf->classifier_weight;
+    spec.class_b = sf->classifier_bias ? sf->classifier_bias[0] : 0.0f;
+    std::vector<float> d_embeds((size_t)(T * d));
+    sf_llm_backward_options bo = {false};
+    if (sf_llm_loss_backward_cpu(llm, n, p.cu.data(), embeds.data(), &spec, &bo, &out->res,
+                                 d_embeds.data(), gz->classifier_weight,
+                                 gz->classifier_bias) != SF_OK) {
+        return ::testing::AssertionFailure() << "loss_backward: " << sf_last_error();
+    }
+    std::vector<float> d_sys((size_t)(ns * d) + 1);
+    for (int32_t r = 0; r < n; r++) {
+        const sf_prompt_spans &s = p.spans[(size_t)r];
+        memcpy(d_sys.data() + (int64_t)cu_s[(size_t)r] * d,
+               d_embeds.data() + (p.cu[(size_t)r] + s.prefix) * d,
+               (size_t)(s.system * d) * sizeof(float));
+    }
+    out->recon = 0.0;
+    if (b.w_recon > 0.0 && ns > 0) {
+        const double scale = b.w_recon / (double)(ns * d);
+        double sum = 0.0;
+        for (int64_t k = 0; k < ns * d; k++) {
+            const double diff = (double)out->s_prime[(size_t)k] - (double)out->s[(size_t)k];
+            sum += diff * diff;
+            d_sys[(size_t)k] += (float)(2.0 * scale * diff);
+        }
+        out->recon = scale * sum;
+    }
+    if (sf_sysformer_backward(sf, tape, d_sys.data(), gz) != SF_OK) {
+        return ::testing::AssertionFailure() << "backward: " << sf_last_error();
+    }
+    int64_t nw = 0;
+    const float *g = sf_sysformer_flat(gz, &nw);
+    out->grads.assign(g, g + nw);
+    return ::testing::AssertionSuccess();
+}
+
+double vnorm(const std::vector<float> &v) {
+    return sf_engine_test::norm2(v.data(), (int64_t)v.size());
+}
+
+// ------------------------------------------------------------------------------------------
+// GPU against CPU
+// ------------------------------------------------------------------------------------------
+
+struct TrainCase {
+    std::string llm;
+    bool norm_first;
+    sf_activation act;
+    bool final_norm;
+};
+
+std::string case_name(const ::testing::TestParamInfo<TrainCase> &i) {
+    return i.param.llm + (i.param.norm_first ? "_prenorm" : "_postnorm") +
+           (i.param.act == SF_ACT_GELU ? "_gelu" : "_relu") + (i.param.final_norm ? "_final" : "");
+}
+
+class CudaTrainVariant : public ::testing::TestWithParam<TrainCase> {
+  protected:
+    void SetUp() override {
+        SF_SKIP_WITHOUT_GPU();
+        const TrainCase &c = GetParam();
+        ASSERT_TRUE(write_llm_variant(c.llm, dir_.path(), 17));
+        sf_llm *llm = nullptr;
+        ASSERT_EQ(sf_llm_load(dir_.path().c_str(), &llm), SF_OK) << sf_last_error();
+        llm_.reset(llm);
+        sf_ = random_sysformer(llm, c.norm_first, c.act, c.final_norm, 29);
+        sf_cuda_train_options o = sf_cuda_train_default_options();
+        o.max_tokens = 256;
+        o.head_chunk = 16;  // several LM-head chunks, one cut through an example's reply
+        sf_cuda_trainer *t = nullptr;
+        ASSERT_EQ(sf_cuda_train_create(llm, sf_.get(), &o, &t), SF_OK) << sf_last_error();
+        tr_.reset(t);
+    }
+    TempDir dir_;
+    LlmPtr llm_;
+    SfPtr sf_;
+    TrainerPtr tr_;
+};
+
+// Every loss term and every tensor's gradient within the derived bounds.
+TEST_P(CudaTrainVariant, LossesAndGradientsMatchTheCpu) {
+    // Mixed lengths: a one-row system span, a long request (over phi3's longrope switch at 16
+    // and Mistral's window of 8), a reply of one token, a request whose reply is empty.
+    const TrainBatch b = make_batch({{{4, 5, 6}}, {{1, 3, 1}}, {{9, 17, 12}}, {{6, 2, 0}},
+                                     {{3, 7, 4}}},
+                                    5, 1.0, 1.0, 1.0);
+    const sf_cuda_train_batch bv = b.view();
+    CpuResult cpu;
+    ASSERT_TRUE(cpu_step(llm_.get(), sf_.get(), b, &cpu));
+
+    int64_t nw = 0;
+    sf_sysformer_flat(sf_.get(), &nw);
+    std::vector<float> g((size_t)nw, NAN);
+    sf_llm_loss_result res;
+    double recon = -1;
+    ASSERT_EQ(sf_cuda_train_loss_grad(tr_.get(), &bv, &res, &recon, g.data()), SF_OK)
+        << sf_last_error();
+
+    const sf_llm_config *c = sf_llm_get_config(llm_.get());
+    const int L = c->num_layers, Ls = sf_->cfg.num_layers;
+    const int64_t d = c->hidden_size, V = c->vocab_size;
+
+    // cross-entropy: the CPU's logits of the scored rows size the bound
+    const std::vector<float> z = cpu_guarded_logits(llm_.get(), sf_.get(), b.p, b.ce_rows);
+    const double bf = forward_bound(L, Ls);
+    double ce_tol = 0.0;
+    int32_t close_rows = 0;
+    for (size_t i = 0; i < b.ce_rows.size(); i++) {
+        const double zn = sf_engine_test::norm2(z.data() + i * V, V);
+        ce_tol += 2.0 * bf * zn * b.ce_weights[i];
+        if (top2(z.data() + i * V, V).margin < 2.0 * bf * zn) close_rows++;
+    }
+    EXPECT_NEAR(res.ce, cpu.res.ce, ce_tol);
+    EXPECT_LE(std::abs(res.ce_correct - cpu.res.ce_correct), close_rows);
+
+    // classifier
+    double gmax = 0.0, wsum = 0.0;
+    for (int64_t j = 0; j < d; j++) gmax = std::max(gmax, (double)std::fabs(llm_->final_norm[j]));
+    for (float w : b.class_weights) wsum += w;
+    const double cls_tol = hidden_bound(L, Ls) *
+                           sf_engine_test::norm2(sf_->classifier_weight, d) * gmax *
+                           std::sqrt((double)d) * wsum;
+    EXPECT_NEAR(res.cls, cpu.res.cls, cls_tol);
+    EXPECT_NEAR(res.total, res.ce + res.cls, 1e-12 * std::fabs(res.total));
+
+    // reconstruction
+    std::vector<float> diff(cpu.s.size());
+    for (size_t k = 0; k < diff.size(); k++) diff[k] = cpu.s_prime[k] - cpu.s[k];
+    const double scale = b.w_recon / (double)cpu.s.size();
+    const double e = sprime_bound(Ls) * vnorm(cpu.s_prime) + kUbf16 * vnorm(cpu.s);
+    EXPECT_NEAR(recon, cpu.recon, scale * (2.0 * vnorm(diff) * e + e * e));
+
+    // every tensor's gradient, normwise
+    const double bg = grad_bound(L, Ls);
+    int64_t nt = 0;
+    sf_sysformer_tensor *ts = sf_sysformer_tensors(sf_.get(), &nt);
+    ASSERT_NE(ts, nullptr);
+    for (int64_t i = 0; i < nt; i++) {
+        const float *p = *ts[i].slot;
+        if (!p) continue;
+        const int64_t off = p - sf_->weights;
+        const int64_t numel = ts[i].shape[0] * (ts[i].ndim == 2 ? ts[i].shape[1] : 1);
+        const std::vector<float> want(cpu.grads.begin() + off, cpu.grads.begin() + off + numel);
+        const std::vector<float> got(g.begin() + off, g.begin() + off + numel);
+        ASSERT_GT(vnorm(want), 0.0) << ts[i].name << ": the CPU gradient is zero";
+        EXPECT_LE(rel_err(got, want), bg) << ts[i].name;
+    }
+    free(ts);
+}
+
+// The LLM is only read: its host weights keep their checksum, and a second call on the same
+// trainer gives the same losses bit for bit (the forward is deterministic; anything the first
+// call wrote into the device's LLM weights would change them), with or without the backward.
+TEST_P(CudaTrainVariant, LeavesTheLlmUntouchedAndRepeats) {
+    const TrainBatch b = make_batch({{{3, 4, 5}}, {{7, 2, 3}}}, 11, 1.0, 1.0, 0.5);
+    const sf_cuda_train_batch bv = b.view();
+    auto checksum = [&]() {
+        uint64_t h = 1469598103934665603ull;
+        const unsigned char *p = reinterpret_cast<const unsigned char *>(llm_->weights);
+        for (size_t i = 0; i < (size_t)llm_->n_weights * sizeof(float); i++) {
+            h = (h ^ p[i]) * 1099511628211ull;
+        }
+        return h;
+    };
+    const uint64_t before = checksum();
+    int64_t nw = 0;
+    sf_sysformer_flat(sf_.get(), &nw);
+    std::vector<float> g1((size_t)nw), g2((size_t)nw);
+    sf_llm_loss_result r1, r2, r3;
+    double rec1 = 0, rec2 = 0, rec3 = 0;
+    ASSERT_EQ(sf_cuda_train_loss_grad(tr_.get(), &bv, &r1, &rec1, g1.data()), SF_OK)
+        << sf_last_error();
+    ASSERT_EQ(sf_cuda_train_loss_grad(tr_.get(), &bv, &r2, &rec2, g2.data()), SF_OK);
+    ASSERT_EQ(sf_cuda_train_loss_grad(tr_.get(), &bv, &r3, &rec3, nullptr), SF_OK);
+    EXPECT_EQ(checksum(), before);
+    EXPECT_EQ(r1.ce, r2.ce);
+    EXPECT_EQ(r1.cls, r2.cls);
+    EXPECT_EQ(rec1, rec2);
+    EXPECT_EQ(r1.ce_correct, r2.ce_correct);
+    EXPECT_EQ(r1.ce, r3.ce);
+    EXPECT_EQ(r1.cls, r3.cls);
+    EXPECT_EQ(rec1, rec3);
+    // dq's atomics may move last bits between runs; nothing more
+    EXPECT_LE(rel_err(g2, g1), 4.0 * kUbf16);
+}
+
+// A Sysformer update between calls is seen (its weights are re-read every call).
+TEST_P(CudaTrainVariant, ReadsTheCurrentSysformerWeights) {
+    const TrainBatch b = make_batch({{{3, 4, 5}}, {{2, 6, 3}}}, 13, 1.0, 1.0, 1.0);
+    const sf_cuda_train_batch bv = b.view();
+    sf_llm_loss_result r1, r2;
+    double rec1 = 0, rec2 = 0;
+    ASSERT_EQ(sf_cuda_train_loss_grad(tr_.get(), &bv, &r1, &rec1, nullptr), SF_OK);
+    sf_->layers[0].linear1_bias[0] += 0.5f;
+    sf_->classifier_bias[0] += 0.5f;
+    ASSERT_EQ(sf_cuda_train_loss_grad(tr_.get(), &bv, &r2, &rec2, nullptr), SF_OK);
+    EXPECT_NE(r1.cls, r2.cls);
+    EXPECT_NE(rec1, rec2);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Cuda, CudaTrainVariant,
+    ::testing::Values(TrainCase{"llama_gqa_llama3", true, SF_ACT_RELU, false},
+                      TrainCase{"llama_gqa_llama3", false, SF_ACT_GELU, true},
+                      TrainCase{"mistral_window", true, SF_ACT_GELU, false},
+                      TrainCase{"mistral_window", false, SF_ACT_RELU, false},
+                      TrainCase{"qwen2_bias", true, SF_ACT_RELU, true},
+                      TrainCase{"phi3_longrope", true, SF_ACT_GELU, true},
+                      TrainCase{"llama_tied_linear", false, SF_ACT_GELU, false}),
+    case_name);
+
+// ------------------------------------------------------------------------------------------
+// Hostile arguments
+// ------------------------------------------------------------------------------------------
+
+class CudaTrainTiny : public CudaTrainVariant {};
+
+TEST_P(CudaTrainTiny, RefusesBadBatchesAndStaysUsable) {
+    const TrainBatch good = make_batch({{{3, 4, 5}}, {{2, 6, 3}}}, 3, 1.0, 1.0, 1.0);
+    const sf_cuda_train_batch gv = good.view();
+    int64_t nw = 0;
+    sf_sysformer_flat(sf_.get(), &nw);
+    std::vector<float> g((size_t)nw);
+    sf_llm_loss_result r0, r;
+    double rec0 = 0, rec = 0;
+    ASSERT_EQ(sf_cuda_train_loss_grad(tr_.get(), &gv, &r0, &rec0, nullptr), SF_OK);
+
+    EXPECT_EQ(sf_cuda_train_loss_grad(nullptr, &gv, &r, &rec, g.data()), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cuda_train_loss_grad(tr_.get(), nullptr, &r, &rec, g.data()),
+              SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cuda_train_loss_grad(tr_.get(), &gv, nullptr, &rec, g.data()),
+              SF_ERR_INVALID_ARGUMENT);
+
+    auto expect = [&](const char *what, sf_status want, auto mutate) {
+        TrainBatch b = good;
+        mutate(b);
+        const sf_cuda_train_batch v = b.view();
+        EXPECT_EQ(sf_cuda_train_loss_grad(tr_.get(), &v, &r, &rec, g.data()), want) << what;
+        EXPECT_NE(std::string(sf_last_error()), "") << what;
+    };
+    expect("cu_seqlens[0] != 0", SF_ERR_INVALID_ARGUMENT, [](TrainBatch &b) { b.p.cu[0] = 1; });
+    expect("decreasing cu_seqlens", SF_ERR_INVALID_ARGUMENT,
+           [](TrainBatch &b) { b.p.cu[1] = b.p.cu[2] + 1; });
+    expect("spans not adding up", SF_ERR_INVALID_ARGUMENT,
+           [](TrainBatch &b) { b.p.spans[0].middle += 1; });
+    expect("negative span", SF_ERR_INVALID_ARGUMENT, [](TrainBatch &b) {
+        b.p.spans[1].prefix = -1;  // the sum still matches the request's length
+        b.p.spans[1].middle += 4;
+    });
+    expect("system without user", SF_ERR_INVALID_ARGUMENT, [](TrainBatch &b) {
+        b.p.spans[0].middle += b.p.spans[0].user;
+        b.p.spans[0].user = 0;
+    });
+    expect("id outside the vocabulary", SF_ERR_INVALID_ARGUMENT,
+           [](TrainBatch &b) { b.p.ids[2] = 96; });
+    expect("negative id", SF_ERR_INVALID_ARGUMENT, [](TrainBatch &b) { b.p.ids[0] = -1; });
+    expect("ce row outside the batch", SF_ERR_INVALID_ARGUMENT,
+           [](TrainBatch &b) { b.ce_rows[1] = b.p.total(); });
+    expect("ce target outside the vocabulary", SF_ERR_INVALID_ARGUMENT,
+           [](TrainBatch &b) { b.ce_targets[0] = 1000; });
+    expect("NaN ce weight", SF_ERR_INVALID_ARGUMENT,
+           [](TrainBatch &b) { b.ce_weights[0] = NAN; });
+    expect("class row outside the batch", SF_ERR_INVALID_ARGUMENT,
+           [](TrainBatch &b) { b.class_rows[0] = -1; });
+    expect("label above 1", SF_ERR_INVALID_ARGUMENT,
+           [](TrainBatch &b) { b.class_labels[1] = 1.5f; });
+    expect("infinite class weight", SF_ERR_INVALID_ARGUMENT,
+           [](TrainBatch &b) { b.class_weights[0] = INFINITY; });
+    expect("negative w_recon", SF_ERR_INVALID_ARGUMENT, [](TrainBatch &b) { b.w_recon = -1; });
+    expect("NaN w_recon", SF_ERR_INVALID_ARGUMENT, [](TrainBatch &b) { b.w_recon = NAN; });
+    // more rows than max_tokens (256): fifteen long examples
+    {
+        std::vector<std::array<int, 3>> big(15, {{5, 6, 8}});
+        const TrainBatch b = make_batch(big, 4, 1.0, 1.0, 0.0);
+        ASSERT_GT(b.p.total(), 256);
+        const sf_cuda_train_batch v = b.view();
+        EXPECT_EQ(sf_cuda_train_loss_grad(tr_.get(), &v, &r, &rec, g.data()), SF_ERR_OUT_OF_RANGE)
+            << "oversize batch";
+    }
+    // a request longer than the context window (128)
+    {
+        const TrainBatch b = make_batch({{{40, 60, 30}}}, 4, 1.0, 1.0, 0.0);
+        ASSERT_GT(b.p.total(), 128);
+        const sf_cuda_train_batch v = b.view();
+        EXPECT_EQ(sf_cuda_train_loss_grad(tr_.get(), &v, &r, &rec, g.data()), SF_ERR_OUT_OF_RANGE)
+            << "request past the context";
+    }
+    // nothing refused changed anything: the good batch gives the same losses bit for bit
+    ASSERT_EQ(sf_cuda_train_loss_grad(tr_.get(), &gv, &r, &rec, nullptr), SF_OK);
+    EXPECT_EQ(r.ce, r0.ce);
+    EXPECT_EQ(r.cls, r0.cls);
+    EXPECT_EQ(rec, rec0);
+    // an empty batch is no error: zero losses, zero gradients
+    TrainBatch empty;
+    const sf_cuda_train_batch ev = empty.view();
+    g.assign(g.size(), NAN);
+    ASSERT_EQ(sf_cuda_train_loss_grad(tr_.get(), &ev, &r, &rec, g.data()), SF_OK);
+    EXPECT_EQ(r.total, 0.0);
+    for (float x : g) ASSERT_EQ(x, 0.0f);
+}
+
+TEST_P(CudaTrainTiny, ReportsItsMemory) {
+    sf_cuda_train_memory m;
+    ASSERT_EQ(sf_cuda_train_memory_report(tr_.get(), &m), SF_OK);
+    EXPECT_GT(m.llm_weights, 0u);
+    EXPECT_GT(m.sysformer, (size_t)sf_->n_weights * 8);  // fp32 staging + fp32 gradients
+    EXPECT_GT(m.activations, 0u);
+    EXPECT_GT(m.pinned_host, 0u);
+    EXPECT_EQ(m.total, m.llm_weights + m.sysformer + m.activations);
+    EXPECT_EQ(sf_cuda_train_memory_report(nullptr, &m), SF_ERR_INVALID_ARGUMENT);
+}
+
+// A training set of the make_batch kind for the trainer.
+void fill_train_set(sf_train_set *set, int n, uint64_t seed) {
+    Uniform rng(seed);
+    for (int i = 0; i < n; i++) {
+        const int ns = 2 + i % 4, nu = 3 + (i * 5) % 7, nr = 1 + i % 5;
+        std::vector<int32_t> prompt = {1, 90, 91};
+        for (int k = 0; k < ns; k++) prompt.push_back(rng.below(3, 89));
+        prompt.push_back(92);
+        prompt.push_back(93);
+        for (int k = 0; k < nu; k++) prompt.push_back(rng.below(3, 89));
+        for (int32_t k : {94, 95, 89}) prompt.push_back(k);
+        std::vector<int32_t> reply;
+        for (int k = 0; k < nr; k++) reply.push_back(rng.below(3, 96));
+        const sf_prompt_spans sp = {3, ns, 2, nu, 3};
+        ASSERT_EQ(sf_train_set_add(set, prompt.data(), (int32_t)prompt.size(), &sp, reply.data(),
+                                   (int32_t)reply.size(), i % 2 == 0),
+                  SF_OK)
+            << sf_last_error();
+    }
+}
+
+// sf_trainer with device SF_TRAIN_CUDA: one step's gradient (clipping off, so it is the raw
+// gradient) against the CPU trainer's on the same data, within the per-tensor bound applied to
+// the whole flat gradient (its norm is dominated by the same tensors).
+TEST_P(CudaTrainTiny, TrainerStepOnTheGpuMatchesTheCpu) {
+    sf_train_set set = {};
+    fill_train_set(&set, 6, 21);
+    sf_train_options o = sf_train_default_options();
+    o.epochs = 1;
+    o.batch_tokens = 4096;  // the whole set in one step
+    o.clip_norm = 0.0;
+    o.w_recon = 1.0;
+    o.validate_first = false;
+    SfPtr sf_cpu = random_sysformer(llm_.get(), true, SF_ACT_RELU, false, 29);
+    SfPtr sf_gpu = random_sysformer(llm_.get(), true, SF_ACT_RELU, false, 29);
+    sf_trainer *tc = nullptr, *tg = nullptr;
+    ASSERT_EQ(sf_trainer_create(llm_.get(), sf_cpu.get(), nullptr, nullptr, 0, &set, nullptr, &o,
+                                &tc),
+              SF_OK)
+        << sf_last_error();
+    std::unique_ptr<sf_trainer, void (*)(sf_trainer *)> gc(tc, sf_trainer_free);
+    o.device = SF_TRAIN_CUDA;
+    ASSERT_EQ(sf_trainer_create(llm_.get(), sf_gpu.get(), nullptr, nullptr, 0, &set, nullptr, &o,
+                                &tg),
+              SF_OK)
+        << sf_last_error();
+    std::unique_ptr<sf_trainer, void (*)(sf_trainer *)> gg(tg, sf_trainer_free);
+    bool done = false;
+    ASSERT_EQ(sf_trainer_run(tc, 1, &done), SF_OK) << sf_last_error();
+    ASSERT_EQ(sf_trainer_run(tg, 1, &done), SF_OK) << sf_last_error();
+    int64_t nc = 0, ng = 0;
+    const float *gcpu = sf_trainer_last_gradient(tc, &nc);
+    const float *ggpu = sf_trainer_last_gradient(tg, &ng);
+    ASSERT_TRUE(gcpu && ggpu);
+    ASSERT_EQ(nc, ng);
+    const std::vector<float> want(gcpu, gcpu + nc), got(ggpu, ggpu + ng);
+    const sf_llm_config *c = sf_llm_get_config(llm_.get());
+    EXPECT_LE(rel_err(got, want), grad_bound(c->num_layers, sf_cpu->cfg.num_layers));
+    sf_train_set_free(&set);
+}
+
+INSTANTIATE_TEST_SUITE_P(Cuda, CudaTrainTiny,
+                         ::testing::Values(TrainCase{"llama_gqa_llama3", true, SF_ACT_RELU,
+                                                     false}),
+                         case_name);
+
+// These need no GPU: the checks before the device, and the refusal without one.
+class CudaTrainArgs : public ::testing::Test {
+  protected:
+    void SetUp() override {
+        ASSERT_TRUE(write_llm_variant("llama_gqa_llama3", dir_.path(), 17));
+        sf_llm *llm = nullptr;
+        ASSERT_EQ(sf_llm_load(dir_.path().c_str(), &llm), SF_OK) << sf_last_error();
+        llm_.reset(llm);
+    }
+    TempDir dir_;
+    LlmPtr llm_;
+};
+
+TEST_F(CudaTrainArgs, RefusesBadArgumentsBeforeTheDevice) {
+    SfPtr sf = random_sysformer(llm_.get(), true, SF_ACT_RELU, false, 3);
+    sf_cuda_trainer *t = reinterpret_cast<sf_cuda_trainer *>(0x1);
+    const sf_cuda_train_options d = sf_cuda_train_default_options();
+    EXPECT_EQ(d.max_tokens, 1024);
+    EXPECT_EQ(d.head_chunk, 256);
+    EXPECT_EQ(sf_cuda_train_create(nullptr, sf.get(), &d, &t), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(t, nullptr);
+    EXPECT_EQ(sf_cuda_train_create(llm_.get(), nullptr, &d, &t), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cuda_train_create(llm_.get(), sf.get(), &d, nullptr), SF_ERR_INVALID_ARGUMENT);
+    sf_cuda_train_options bad = d;
+    bad.max_tokens = -1;
+    EXPECT_EQ(sf_cuda_train_create(llm_.get(), sf.get(), &bad, &t), SF_ERR_INVALID_ARGUMENT);
+    bad = d;
+    bad.device = -2;
+    EXPECT_EQ(sf_cuda_train_create(llm_.get(), sf.get(), &bad, &t), SF_ERR_INVALID_ARGUMENT);
+
+    // a Sysformer head dim the fused attention lacks (256 / 8 = 32)
+    sf_sysformer_config c = sf->cfg;
+    c.num_heads = 8;
+    sf_sysformer *s32 = nullptr;
+    ASSERT_EQ(sf_sysformer_init(llm_.get(), &c, 1, &s32), SF_OK) << sf_last_error();
+    SfPtr s32_guard(s32);
+    EXPECT_EQ(sf_cuda_train_create(llm_.get(), s32, &d, &t), SF_ERR_UNSUPPORTED);
+    EXPECT_NE(std::string(sf_last_error()).find("head dim"), std::string::npos);
+
+    // the SystemEmbedder baseline (a learned offset) trains on the CPU only
+    c = sf->cfg;
+    c.num_layers = 0;
+    c.system_offset_rows = 4;
+    sf_sysformer *off = nullptr;
+    ASSERT_EQ(sf_sysformer_init(llm_.get(), &c, 1, &off), SF_OK) << sf_last_error();
+    SfPtr off_guard(off);
+    EXPECT_EQ(sf_cuda_train_create(llm_.get(), off, &d, &t), SF_ERR_UNSUPPORTED);
+
+    sf_cuda_train_free(nullptr);
+}
+
+TEST_F(CudaTrainArgs, CreateWithoutAGpuReportsNoDevice) {
+    int count = 0;
+    ASSERT_EQ(sf_cuda_device_count(&count), SF_OK);
+    if (count > 0) GTEST_SKIP() << "a GPU is present";
+    SfPtr sf = random_sysformer(llm_.get(), true, SF_ACT_RELU, false, 3);
+    const sf_cuda_train_options d = sf_cuda_train_default_options();
+    sf_cuda_trainer *t = nullptr;
+    EXPECT_EQ(sf_cuda_train_create(llm_.get(), sf.get(), &d, &t), SF_ERR_NO_DEVICE)
+        << sf_last_error();
+    EXPECT_EQ(t, nullptr);
+}
+
+// The trainer's GPU option on a machine without one: a clear SF_ERR_NO_DEVICE at creation.
+TEST_F(CudaTrainArgs, TrainerOnCudaWithoutAGpuReportsNoDevice) {
+    int count = 0;
+    ASSERT_EQ(sf_cuda_device_count(&count), SF_OK);
+    if (count > 0) GTEST_SKIP() << "a GPU is present";
+    sf_train_set set = {};
+    fill_train_set(&set, 2, 5);
+    SfPtr sf = random_sysformer(llm_.get(), true, SF_ACT_RELU, false, 3);
+    sf_train_options o = sf_train_default_options();
+    o.device = SF_TRAIN_CUDA;
+    sf_trainer *t = nullptr;
+    EXPECT_EQ(sf_trainer_create(llm_.get(), sf.get(), nullptr, nullptr, 0, &set, nullptr, &o, &t),
+              SF_ERR_NO_DEVICE);
+    EXPECT_EQ(t, nullptr);
+    o.device = static_cast<sf_train_device>(7);
+    EXPECT_EQ(sf_trainer_create(llm_.get(), sf.get(), nullptr, nullptr, 0, &set, nullptr, &o, &t),
+              SF_ERR_INVALID_ARGUMENT);
+    sf_train_set_free(&set);
+}
+
+}  // namespace
