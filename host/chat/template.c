@@ -122,6 +122,28 @@ static sf_status append(const sf_tokenizer *tok, const char *text, bool special,
     return SF_OK;
 }
 
+/* The end every prompt shares: the user content and the suffix from ids[at..], their spans, the
+ * total in *n_ids, and the capacity check. */
+static sf_status finish_user_turn(const sf_tokenizer *tok, const sf_template_text *t,
+                                  const char *user_text, int32_t *ids, int32_t capacity,
+                                  int64_t at, int32_t *n_ids, sf_prompt_spans *spans,
+                                  const char *fn) {
+    int64_t mark = at;
+    sf_status st = append(tok, user_text, false, ids, capacity, &at);
+    spans->user = (int32_t)(at - mark);
+    mark = at;
+    if (st == SF_OK) st = append(tok, t->suffix, true, ids, capacity, &at);
+    spans->suffix = (int32_t)(at - mark);
+    if (st != SF_OK) return st;
+    if (at > 0x7fffffff) return sf_fail(SF_ERR_OUT_OF_RANGE, "%s: prompt too long", fn);
+    *n_ids = (int32_t)at;
+    if (at > capacity) {
+        return sf_fail(SF_ERR_OUT_OF_RANGE, "%s: the prompt has %lld tokens; the buffer holds %d",
+                       fn, (long long)at, capacity);
+    }
+    return SF_OK;
+}
+
 sf_status sf_chat_encode(const sf_tokenizer *tok, sf_template_id tmpl, const char *system_text,
                          const sf_chat_turn *history, int32_t n_history, const char *user_text,
                          int32_t *ids, int32_t capacity, int32_t *n_ids, sf_prompt_spans *spans) {
@@ -147,20 +169,8 @@ sf_status sf_chat_encode(const sf_tokenizer *tok, sf_template_id tmpl, const cha
         if (st == SF_OK) st = append(tok, t->user_start, true, ids, capacity, &at);
     }
     spans->middle = (int32_t)(at - mark);
-    mark = at;
-    if (st == SF_OK) st = append(tok, user_text, false, ids, capacity, &at);
-    spans->user = (int32_t)(at - mark);
-    mark = at;
-    if (st == SF_OK) st = append(tok, t->suffix, true, ids, capacity, &at);
-    spans->suffix = (int32_t)(at - mark);
     if (st != SF_OK) return st;
-    if (at > 0x7fffffff) return sf_fail(SF_ERR_OUT_OF_RANGE, "sf_chat_encode: prompt too long");
-    *n_ids = (int32_t)at;
-    if (at > capacity) {
-        return sf_fail(SF_ERR_OUT_OF_RANGE, "sf_chat_encode: the prompt has %lld tokens; the "
-                       "buffer holds %d", (long long)at, capacity);
-    }
-    return SF_OK;
+    return finish_user_turn(tok, t, user_text, ids, capacity, at, n_ids, spans, "sf_chat_encode");
 }
 
 sf_status sf_chat_encode_no_system(const sf_tokenizer *tok, sf_template_id tmpl,
@@ -172,25 +182,12 @@ sf_status sf_chat_encode_no_system(const sf_tokenizer *tok, sf_template_id tmpl,
     }
     /* Everything before the user content is the prefix: with no system span there is nothing
      * for a middle span to separate, and a prefix-only opening keeps the spans adding up. */
-    int64_t at = 0, mark;
+    int64_t at = 0;
     sf_status st = append(tok, t->no_system, true, ids, capacity, &at);
     spans->prefix = (int32_t)at;
     spans->system = 0;
     spans->middle = 0;
-    mark = at;
-    if (st == SF_OK) st = append(tok, user_text, false, ids, capacity, &at);
-    spans->user = (int32_t)(at - mark);
-    mark = at;
-    if (st == SF_OK) st = append(tok, t->suffix, true, ids, capacity, &at);
-    spans->suffix = (int32_t)(at - mark);
     if (st != SF_OK) return st;
-    if (at > 0x7fffffff) {
-        return sf_fail(SF_ERR_OUT_OF_RANGE, "sf_chat_encode_no_system: prompt too long");
-    }
-    *n_ids = (int32_t)at;
-    if (at > capacity) {
-        return sf_fail(SF_ERR_OUT_OF_RANGE, "sf_chat_encode_no_system: the prompt has %lld "
-                       "tokens; the buffer holds %d", (long long)at, capacity);
-    }
-    return SF_OK;
+    return finish_user_turn(tok, t, user_text, ids, capacity, at, n_ids, spans,
+                            "sf_chat_encode_no_system");
 }
