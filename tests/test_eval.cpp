@@ -341,6 +341,7 @@ struct Fixture {
         s.harmful_path = "h.json";
         s.safe_path = "s.json";
         s.jailbreak_path = "jb.json";
+        s.sysformer = "guards/sf";
         s.wrappers = &set;
         s.jailbreak_prompts = 4;
         s.max_new_tokens = 32;
@@ -368,6 +369,8 @@ TEST(EvalReport, JSONSummaryParsesBackWithEveryNumber) {
     ASSERT_NE(j, nullptr) << err.text;
     EXPECT_STREQ(json_string_value(json_object_get(j, "judge")), "strmatch");
     EXPECT_STREQ(json_string_value(json_object_get(j, "llm")), "models/tiny \"llm\"");
+    EXPECT_STREQ(json_string_value(json_object_get(j, "sysformer")), "guards/sf");
+    EXPECT_TRUE(json_is_null(json_object_get(j, "system_embedder")));
     EXPECT_EQ(int_at(at(j, "decoding"), "max_new_tokens"), 32);
     EXPECT_TRUE(json_is_true(json_object_get(json_object_get(j, "decoding"), "greedy")));
     json_t *sp = json_object_get(j, "system_prompts");

@@ -901,6 +901,8 @@ static int eval_main(run *r) {
     s.llm = o->llm;
     s.tokenizer = o->tokenizer ? o->tokenizer : o->llm;
     s.template_name = sf_template_get(r->tmpl)->name;
+    s.sysformer = o->sysformer;
+    s.system_embedder = o->embedder;
     s.device = r->dev == DEVICE_CUDA ? "cuda" : "cpu";
     s.judge = r->judge.name;
     s.n_judges = N_JUDGES;

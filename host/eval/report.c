@@ -391,6 +391,8 @@ sf_status sf_eval_write_json(const sf_eval_summary *s, const char *path) {
                 &ok);
         }
         put(j, "data", data, &ok);
+        put(j, "sysformer", str_or_null(s->sysformer), &ok);
+        put(j, "system_embedder", str_or_null(s->system_embedder), &ok);
         json_t *sp = json_object();
         for (int32_t i = 0; sp && i < s->n_methods; i++) {
             put(sp, s->methods[i].name, str_or_null(s->methods[i].system_prompt), &ok);

@@ -68,6 +68,7 @@ typedef struct sf_eval_method {
 /* Everything a report says. Strings are borrowed. */
 typedef struct sf_eval_summary {
     const char *llm, *tokenizer, *template_name;
+    const char *sysformer, *system_embedder; /* the modules' directories, NULL when not given */
     const char *device;        /* the run's device (a method may differ: sf_eval_method)      */
     const char *judge;         /* the reporting judge's name                                  */
     int32_t n_judges;          /* names of by_judge's rows                                    */
