@@ -179,7 +179,15 @@ EOF
         --system-prompt "Be careful."
     expect 0 "train a SystemEmbedder for eval" -- "$cli" train --llm "$em" --harmful "$tmp/eh.json" \
         --harmless "$tmp/es.json" --out "$tmp/eemb" --system-embedder --epochs 1 --template chatml \
-        --system "Be careful." --compl-max-tokens 4 --no-initial-val
+        --system "Be careful." --compl-max-tokens 4 --no-initial-val \
+        --jailbreaks "$tmp/ej.json" --wrap-harmless
+    # 3 harmful + 3 wrapped (only "plain" is trainable) + 2 harmless + 2 wrapped harmless, and
+    # the wrapped harmless prompts' replies generated: 2 + 2 new cache lines
+    grep -q "3 harmful, 3 jailbreak-wrapped, 2 harmless, 2 wrapped harmless" "$tmp/out" &&
+        [[ $(grep -c "Please: " "$tmp/eemb/completions.jsonl") -eq 2 ]] ||
+        { echo "FAIL: train --wrap-harmless"; sed 's/^/    /' "$tmp/out"; fails=$((fails + 1)); }
+    expect 2 "train --wrap-harmless without --jailbreaks" -- "$cli" train --llm "$em" \
+        --harmful "$tmp/eh.json" --harmless "$tmp/es.json" --out "$tmp/eemb2" --wrap-harmless
     E=(--llm "$em" --harmful "$tmp/eh.json" --safe "$tmp/es.json" --max-new-tokens 4)
     expect 0 "eval, five methods with wrappers" -- "$cli" eval "${E[@]}" --sysformer "$tmp/esf" \
         --system-embedder "$tmp/eemb" --jailbreaks "$tmp/ej.json" --max-jailbreak-prompts 2 \

@@ -25,7 +25,7 @@ typedef struct options {
     int32_t max_harmful, max_harmless, max_val;
     int32_t layers, heads, ff;
     int32_t compl_max_tokens, max_tokens, gen_batch;
-    bool resume, gelu, system_embedder;
+    bool resume, gelu, system_embedder, wrap_harmless;
     sf_train_options t;
 } options;
 
@@ -55,6 +55,9 @@ static void usage(FILE *out) {
             "                           each harmful prompt is also trained wrapped in one\n"
             "                           wrapper not marked held_out (alias:\n"
             "                           --jailbreak-templates)\n"
+            "  --wrap-harmless          with --jailbreaks: each harmless prompt is also trained\n"
+            "                           wrapped, towards the LLM's own reply to the wrapped\n"
+            "                           prompt, so that a wrapper alone does not mean refusal\n"
             "  --max-harmful N          seeded sample of N prompts (default: all)\n"
             "  --max-harmless N         (default: as many as harmful prompts)\n"
             "  --max-val N              of each validation file (default 32)\n"
@@ -144,6 +147,7 @@ static int parse_options(int argc, char **argv, options *o) {
         if (!strcmp(a, "--resume")) { o->resume = true; continue; }
         if (!strcmp(a, "--recompute")) { o->t.recompute = true; continue; }
         if (!strcmp(a, "--system-embedder")) { o->system_embedder = true; continue; }
+        if (!strcmp(a, "--wrap-harmless")) { o->wrap_harmless = true; continue; }
         if (!strcmp(a, "--no-initial-val")) { o->t.validate_first = false; continue; }
         if (i + 1 >= argc) {
             fprintf(stderr, "sysformer train: %s needs a value (see --help)\n", a);
@@ -230,6 +234,10 @@ static int parse_options(int argc, char **argv, options *o) {
     if (!o->llm || !o->harmful || !o->harmless || !o->out) {
         fprintf(stderr, "sysformer train: --llm, --harmful, --harmless and --out are required "
                         "(see --help; ../shared/datasets has the prompt sets)\n");
+        return 2;
+    }
+    if (o->wrap_harmless && !o->jailbreak) {
+        fprintf(stderr, "sysformer train: --wrap-harmless needs --jailbreaks FILE\n");
         return 2;
     }
     if (o->t.epochs < 1 || o->t.batch_tokens < 1 || !(o->t.lr > 0) || o->max_tokens < 8 ||
@@ -383,7 +391,7 @@ typedef struct run {
     sf_tokenizer *tok;
     sf_sysformer *sf;
     sf_trainer *trainer;
-    sf_prompt_set harmful, harmless, wrapped, harmful_val, harmless_val;
+    sf_prompt_set harmful, harmless, wrapped, wrapped_harmless, harmful_val, harmless_val;
     sf_jailbreak_set jb;
     sf_train_set train, val;
     FILE *log;
@@ -399,6 +407,7 @@ static void run_free(run *r) {
     sf_prompt_set_free(&r->harmless);
     sf_jailbreak_set_free(&r->jb);
     sf_prompt_set_free(&r->wrapped);
+    sf_prompt_set_free(&r->wrapped_harmless);
     sf_prompt_set_free(&r->harmful_val);
     sf_prompt_set_free(&r->harmless_val);
     sf_sysformer_free(r->sf);
@@ -437,6 +446,11 @@ static int train_main(const options *o, run *r) {
     if (o->jailbreak) {
         st = sf_jailbreak_set_read(o->jailbreak, &r->jb);
         if (st == SF_OK) st = sf_prompt_set_wrap(&r->harmful, &r->jb, seed, &r->wrapped);
+        /* Harmless prompts get their own draw of wrappers (another seed), so that a wrapper
+         * is not paired with the same instruction on both sides. */
+        if (st == SF_OK && o->wrap_harmless) {
+            st = sf_prompt_set_wrap(&r->harmless, &r->jb, seed + 7, &r->wrapped_harmless);
+        }
         if (st != SF_OK) return cli_report("reading --jailbreaks", st);
     }
     fprintf(stderr, "loading %s ...\n", o->llm);
@@ -458,6 +472,13 @@ static int train_main(const options *o, run *r) {
         int32_t made = 0;
         st = sf_train_fill_completions(r->llm, &tx, &r->harmless, o->compl_max_tokens,
                                        o->gen_batch, r->cache_path, on_event, &prog, &made);
+        if (st == SF_OK && r->wrapped_harmless.n) {
+            int32_t more = 0;
+            st = sf_train_fill_completions(r->llm, &tx, &r->wrapped_harmless,
+                                           o->compl_max_tokens, o->gen_batch, r->cache_path,
+                                           on_event, &prog, &more);
+            made += more;
+        }
         if (st == SF_OK && r->harmless_val.n) {
             int32_t more = 0;
             st = sf_train_fill_completions(r->llm, &tx, &r->harmless_val, o->compl_max_tokens,
@@ -469,13 +490,16 @@ static int train_main(const options *o, run *r) {
         fprintf(stderr, "harmless replies: %d generated now, the rest from %s\n", made,
                 r->cache_path);
     }
-    int32_t skipped[5] = {0};
+    int32_t skipped[6] = {0};
     st = sf_train_set_add_prompts(&r->train, &tx, &r->harmful, true, &skipped[0]);
     if (st == SF_OK && r->wrapped.n) {
         st = sf_train_set_add_prompts(&r->train, &tx, &r->wrapped, true, &skipped[1]);
     }
     if (st == SF_OK) {
         st = sf_train_set_add_prompts(&r->train, &tx, &r->harmless, false, &skipped[2]);
+    }
+    if (st == SF_OK && r->wrapped_harmless.n) {
+        st = sf_train_set_add_prompts(&r->train, &tx, &r->wrapped_harmless, false, &skipped[5]);
     }
     if (st == SF_OK && r->harmful_val.n) {
         st = sf_train_set_add_prompts(&r->val, &tx, &r->harmful_val, true, &skipped[3]);
@@ -488,12 +512,13 @@ static int train_main(const options *o, run *r) {
     for (int32_t i = 0; i < r->train.n; i++) {
         tokens += r->train.ex[i].n_prompt + r->train.ex[i].n_target;
     }
-    fprintf(stderr, "training examples: %d harmful, %d jailbreak-wrapped, %d harmless (%lld "
-                    "tokens); validation: %d harmful, %d harmless; skipped as longer than "
-                    "--max-tokens %d: %d\n",
+    fprintf(stderr, "training examples: %d harmful, %d jailbreak-wrapped, %d harmless, %d "
+                    "wrapped harmless (%lld tokens); validation: %d harmful, %d harmless; skipped "
+                    "as longer than --max-tokens %d: %d\n",
             r->harmful.n - skipped[0], r->wrapped.n - skipped[1], r->harmless.n - skipped[2],
-            (long long)tokens, r->harmful_val.n - skipped[3], r->harmless_val.n - skipped[4],
-            o->max_tokens, skipped[0] + skipped[1] + skipped[2] + skipped[3] + skipped[4]);
+            r->wrapped_harmless.n - skipped[5], (long long)tokens,
+            r->harmful_val.n - skipped[3], r->harmless_val.n - skipped[4], o->max_tokens,
+            skipped[0] + skipped[1] + skipped[2] + skipped[3] + skipped[4] + skipped[5]);
 
     /* The Sysformer: the checkpoint's, or a fresh one that starts as the identity. */
     if (o->resume) {
