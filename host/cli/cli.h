@@ -17,6 +17,19 @@ int cmd_chat(int argc, char **argv);
 /* Prints "sysformer: <what>: <status>: <last error>" to stderr and returns exit code 1. */
 int cli_report(const char *what, sf_status status);
 
+/* Parses a non-negative int32 flag value into *out. Returns 0, or prints "sysformer CMD: FLAG
+ * wants a non-negative integer ..." and returns 2 (the usage-error exit code). */
+int cli_parse_count(const char *cmd, const char *flag, const char *value, int32_t *out);
+
+/* dir + "/" + name, malloc'd (NULL when out of memory). */
+char *cli_path_join(const char *dir, const char *name);
+
+/* A monotonic clock in seconds, for timing and progress. */
+double cli_now(void);
+
+/* How a generation ended, as the JSONL outputs spell it ("length", "stop", ...). */
+const char *cli_finish_name(sf_finish_reason f);
+
 /* Parses "12,5,7" into a malloc'd array. Returns 0 on success, prints and returns 2 on error. */
 int cli_parse_ids(const char *text, int32_t **ids, int32_t *n);
 

@@ -19,7 +19,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "cli/cli.h"
@@ -118,19 +117,15 @@ static void usage(FILE *out) {
             k_default_system, MAX_BATCH);
 }
 
+/* Integer flags: non-negative, in int32 range. */
+static int count_flag(const char *a, const char *v, int32_t *out) {
+    return cli_parse_count("eval", a, v, out);
+}
+
 static int bad_number(const char *a, const char *v) {
     fprintf(stderr, "sysformer eval: %s wants a non-negative number, not '%s' (see --help)\n", a,
             v);
     return 2;
-}
-
-static int parse_int(const char *a, const char *v, int32_t *out) {
-    char *end = NULL;
-    errno = 0;
-    const long x = strtol(v, &end, 10);
-    if (end == v || *end || errno || x < 0 || x > 0x7fffffffL) return bad_number(a, v);
-    *out = (int32_t)x;
-    return 0;
 }
 
 /* --methods: a comma list of known, distinct names, in the order given. */
@@ -195,11 +190,11 @@ static int parse_options(int argc, char **argv, options *o) {
         else if (!strcmp(a, "--methods")) o->methods = v;
         else if (!strcmp(a, "--judge")) o->judge = v;
         else if (!strcmp(a, "--out")) o->out = v;
-        else if (!strcmp(a, "--max-harmful")) rc = parse_int(a, v, &o->max_harmful);
-        else if (!strcmp(a, "--max-safe")) rc = parse_int(a, v, &o->max_safe);
-        else if (!strcmp(a, "--max-jailbreak-prompts")) rc = parse_int(a, v, &o->max_jb_prompts);
-        else if (!strcmp(a, "--max-new-tokens")) rc = parse_int(a, v, &o->max_new_tokens);
-        else if (!strcmp(a, "--batch")) rc = parse_int(a, v, &o->batch);
+        else if (!strcmp(a, "--max-harmful")) rc = count_flag(a, v, &o->max_harmful);
+        else if (!strcmp(a, "--max-safe")) rc = count_flag(a, v, &o->max_safe);
+        else if (!strcmp(a, "--max-jailbreak-prompts")) rc = count_flag(a, v, &o->max_jb_prompts);
+        else if (!strcmp(a, "--max-new-tokens")) rc = count_flag(a, v, &o->max_new_tokens);
+        else if (!strcmp(a, "--batch")) rc = count_flag(a, v, &o->batch);
         else if (!strcmp(a, "--seed")) {
             char *end = NULL;
             errno = 0;
@@ -284,19 +279,6 @@ static void run_free(run *r) {
     free(r->jsonl_path);
     free(r->json_path);
     free(r->svg_path);
-}
-
-static double now_seconds(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static char *out_file(const char *dir, const char *name) {
-    const size_t n = strlen(dir) + strlen(name) + 2;
-    char *p = malloc(n);
-    if (p) snprintf(p, n, "%s/%s", dir, name);
-    return p;
 }
 
 /* Reads a prompt file (a seeded sample of max_n rows when 0 < max_n < its length) and the index
@@ -478,9 +460,9 @@ static sf_status time_sysformer_cpu(const run *r, const sf_sysformer *sf, const 
     }
     if (st == SF_OK) {
         const sf_rewrite_batch rb = {n, cu_sys, cu_usr, sys, usr};
-        const double t0 = now_seconds();
+        const double t0 = cli_now();
         st = sf_sysformer_forward_cpu(sf, &rb, out);
-        *seconds = now_seconds() - t0;
+        *seconds = cli_now() - t0;
     }
     free(sys);
     free(usr);
@@ -543,17 +525,6 @@ static sf_status make_engine(const run *r, const sf_sysformer *sf, const encoded
     sf_status st = sf_cuda_engine_create(r->llm, sf, &opts, out);
     if (st == SF_OK && sf) st = sf_cuda_engine_set_timing(*out, true);
     return st;
-}
-
-static const char *finish_name(sf_finish_reason f) {
-    switch (f) {
-    case SF_FINISH_LENGTH: return "length";
-    case SF_FINISH_STOP_TOKEN: return "stop";
-    case SF_FINISH_STOP_STRING: return "stop_string";
-    case SF_FINISH_CONTEXT: return "context";
-    case SF_FINISH_CALLBACK: return "callback";
-    }
-    return "?";
 }
 
 /* A JSON string of text; bytes that are not UTF-8 (which jansson refuses) become U+FFFD. */
@@ -636,7 +607,7 @@ static sf_status record(run *r, sf_eval_method *res, int m, const item *it,
         verdicts = NULL;
     }
     ok = ok && !json_object_set_new(row, "new_tokens", json_integer(g->n_tokens));
-    ok = ok && !json_object_set_new(row, "finish", json_string(finish_name(g->finish)));
+    ok = ok && !json_object_set_new(row, "finish", json_string(cli_finish_name(g->finish)));
     char *line = ok ? json_dumps(row, JSON_COMPACT | JSON_ENSURE_ASCII) : NULL;
     json_decref(row);
     json_decref(verdicts);
@@ -703,13 +674,13 @@ static int run_method(run *r, int m, sf_eval_method *res) {
         const sf_generation g = {n, cu, e.ids + e.off[i], e.spans + i, r->o.max_new_tokens,
                                  (sf_sampling){0}, r->stop_ids, r->n_stop_ids, NULL, 0};
         cuda_probe probe = {engine, false, false, 0.0f};
-        const double t0 = now_seconds();
+        const double t0 = cli_now();
         if (engine) {
             st = sf_generate_cuda(engine, r->tok, &g, sf ? probe_prefill : NULL, &probe, results);
         } else {
             st = sf_generate_cpu(r->llm, sf, r->tok, &g, NULL, NULL, results);
         }
-        const double dt = now_seconds() - t0;
+        const double dt = cli_now() - t0;
         if (st != SF_OK) break;
         res->gen_s += dt;
         res->batches++;
@@ -806,7 +777,7 @@ static int load(run *r) {
 
 static int eval_main(run *r) {
     const options *o = &r->o;
-    const double t_start = now_seconds();
+    const double t_start = cli_now();
     /* Flags that need no file first, then the data, so that a broken file fails before the
      * slow model load; then the output directory, so that an unwritable one does too. */
     sf_status st = sf_judge_builtin(o->judge, &r->judge);
@@ -855,9 +826,9 @@ static int eval_main(run *r) {
         fprintf(stderr, "sysformer eval: cannot create %s: %s\n", o->out, strerror(errno));
         return 1;
     }
-    r->jsonl_path = out_file(o->out, "responses.jsonl");
-    r->json_path = out_file(o->out, "summary.json");
-    r->svg_path = out_file(o->out, "summary.svg");
+    r->jsonl_path = cli_path_join(o->out, "responses.jsonl");
+    r->json_path = cli_path_join(o->out, "summary.json");
+    r->svg_path = cli_path_join(o->out, "summary.svg");
     if (!r->jsonl_path || !r->json_path || !r->svg_path) {
         return cli_report("starting", SF_ERR_OUT_OF_MEMORY);
     }
@@ -918,7 +889,7 @@ static int eval_main(run *r) {
     s.z = SF_EVAL_Z95;
     s.n_methods = r->n_methods;
     s.methods = r->results;
-    s.wall_s = now_seconds() - t_start;
+    s.wall_s = cli_now() - t_start;
     char *table = NULL;
     st = sf_eval_table(&s, &table);
     if (st != SF_OK) return cli_report("writing the summary table", st);
@@ -930,7 +901,7 @@ static int eval_main(run *r) {
     st = sf_eval_write_svg(&s, r->svg_path);
     if (st != SF_OK) return cli_report("writing the chart", st);
     fprintf(stderr, "wrote %s, %s and %s (%.1f s)\n", r->jsonl_path, r->json_path, r->svg_path,
-            now_seconds() - t_start);
+            cli_now() - t_start);
     return 0;
 }
 

@@ -3,7 +3,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "cli/cli.h"
 
@@ -27,12 +26,6 @@ static void forward_usage(FILE *out) {
             "  --sysformer DIR  guard the prompts: rewrite each system span with this Sysformer\n"
             "  --top K          how many next tokens to print (default 5)\n"
             "  --device D       cpu (default: the fp32 reference) or cuda (the bf16 engine)\n");
-}
-
-static double now_seconds(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
 /* Whether --device cuda can run here; prints why not. */
@@ -92,10 +85,10 @@ static sf_status forward_cuda(const sf_llm *llm, const sf_sysformer *sf, int32_t
         .token_ids = ids,
         .spans = sf ? spans : NULL,
     };
-    const double t0 = now_seconds();
+    const double t0 = cli_now();
     if (st == SF_OK) st = sf_cuda_engine_step(engine, &step);
     if (st == SF_OK) st = sf_cuda_engine_read_logits(engine, logits, n_req);
-    *seconds = now_seconds() - t0;
+    *seconds = cli_now() - t0;
     sf_cuda_engine_free(engine);
     return st;
 }
@@ -225,7 +218,7 @@ int cmd_forward(int argc, char **argv) {
     }
 
     fprintf(stderr, "loading %s ...\n", model_dir);
-    double t0 = now_seconds();
+    double t0 = cli_now();
     sf_llm *llm = NULL;
     sf_status st = sf_llm_load(model_dir, &llm);
     if (st != SF_OK) {
@@ -233,7 +226,7 @@ int cmd_forward(int argc, char **argv) {
         return cli_report("loading the model", st);
     }
     const sf_llm_config *cfg = sf_llm_get_config(llm);
-    fprintf(stderr, "loaded in %.2f s: %d layers, hidden %d, vocab %d\n", now_seconds() - t0,
+    fprintf(stderr, "loaded in %.2f s: %d layers, hidden %d, vocab %d\n", cli_now() - t0,
             cfg->num_layers, cfg->hidden_size, cfg->vocab_size);
     sf_sysformer *sf = NULL;
     if (sysformer_dir) {
@@ -258,7 +251,7 @@ int cmd_forward(int argc, char **argv) {
         .logit_rows = last_rows,
     };
     int rc = 0;
-    t0 = now_seconds();
+    t0 = cli_now();
     double dt = 0.0;
     if (!logits) {
         st = SF_ERR_OUT_OF_MEMORY;
@@ -270,7 +263,7 @@ int cmd_forward(int argc, char **argv) {
     } else {
         st = sf_llm_forward_cpu(llm, &batch, logits);
     }
-    if (!cuda) dt = now_seconds() - t0;
+    if (!cuda) dt = cli_now() - t0;
     if (st != SF_OK) {
         rc = cli_report("forward", st);
     } else {

@@ -3,7 +3,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "cli/cli.h"
@@ -319,23 +318,6 @@ static sf_status generate_batch(session *s, int32_t n, const char *const *system
     return st;
 }
 
-static const char *finish_name(sf_finish_reason f) {
-    switch (f) {
-    case SF_FINISH_LENGTH: return "length";
-    case SF_FINISH_STOP_TOKEN: return "stop";
-    case SF_FINISH_STOP_STRING: return "stop_string";
-    case SF_FINISH_CONTEXT: return "context";
-    case SF_FINISH_CALLBACK: return "callback";
-    }
-    return "?";
-}
-
-static double now_seconds(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 static void progress(int done, int total, long tokens, double seconds) {
     const int width = 30, fill = total ? done * width / total : width;
     fprintf(stderr, "\r[%.*s%.*s] %d/%d prompts, %.1f tokens/s", fill,
@@ -387,7 +369,7 @@ static int run_jsonl(session *s, const options *o) {
         sf_status st = session_engine(s, total < o->batch ? total : o->batch, 0);
         if (st != SF_OK) rc = cli_report("creating the CUDA engine", st);
     }
-    const double t0 = now_seconds();
+    const double t0 = cli_now();
     if (!rc) progress(0, total, 0, 0.0);
     for (int i = 0; !rc && i < total; i += o->batch) {
         const int n = total - i < o->batch ? total - i : o->batch;
@@ -410,7 +392,7 @@ static int run_jsonl(session *s, const options *o) {
         for (int r = 0; r < n && r < 256; r++) {
             json_t *row = json_deep_copy(json_array_get(rows, (size_t)(i + r)));
             json_object_set_new(row, "response", json_string(results[r].text ? results[r].text : ""));
-            json_object_set_new(row, "finish", json_string(finish_name(results[r].finish)));
+            json_object_set_new(row, "finish", json_string(cli_finish_name(results[r].finish)));
             json_object_set_new(row, "n_tokens", json_integer(results[r].n_tokens));
             json_object_set_new(row, "guarded", json_boolean(s->sf != NULL));
             char *text = json_dumps(row, JSON_COMPACT | JSON_ENSURE_ASCII);
@@ -420,7 +402,7 @@ static int run_jsonl(session *s, const options *o) {
             tokens += results[r].n_tokens;
             sf_generation_result_free(&results[r]);
         }
-        progress(i + n, total, tokens, now_seconds() - t0);
+        progress(i + n, total, tokens, cli_now() - t0);
     }
     if (out && fclose(out) != 0 && !rc) {
         fprintf(stderr, "sysformer generate: error writing %s\n", o->output);
@@ -451,15 +433,15 @@ int cmd_generate(int argc, char **argv) {
         sf_generation_result res;
         /* The weights' upload is not part of the tokens/s. */
         sf_status st = s.dev == DEVICE_CUDA ? session_engine(&s, 1, 0) : SF_OK;
-        const double t0 = now_seconds();
+        const double t0 = cli_now();
         if (st == SF_OK) st = generate_batch(&s, 1, systems, NULL, 0, users, true, &res);
         if (st != SF_OK) {
             rc = cli_report("generate", st);
         } else {
-            const double dt = now_seconds() - t0;
+            const double dt = cli_now() - t0;
             printf("\n");
             fprintf(stderr, "[%d tokens, %s, %.1f tokens/s%s%s]\n", res.n_tokens,
-                    finish_name(res.finish), dt > 0 ? res.n_tokens / dt : 0.0,
+                    cli_finish_name(res.finish), dt > 0 ? res.n_tokens / dt : 0.0,
                     s.sf ? ", guarded" : "", s.dev == DEVICE_CUDA ? ", cuda" : "");
             sf_generation_result_free(&res);
         }

@@ -106,19 +106,14 @@ static void usage(FILE *out) {
             d.val_harmful_n, d.val_harmless_n, d.val_max_new_tokens);
 }
 
+/* Integer flags: non-negative, in int32 range. */
+static int count_flag(const char *a, const char *v, int32_t *out) {
+    return cli_parse_count("train", a, v, out);
+}
+
 static int bad_number(const char *a, const char *v) {
     fprintf(stderr, "sysformer train: %s wants a number, not '%s' (see --help)\n", a, v);
     return 2;
-}
-
-/* Integer flags: non-negative, in int32 range. */
-static int parse_int(const char *a, const char *v, int32_t *out) {
-    char *end = NULL;
-    errno = 0;
-    const long x = strtol(v, &end, 10);
-    if (end == v || *end || errno || x < 0 || x > 0x7fffffffL) return bad_number(a, v);
-    *out = (int32_t)x;
-    return 0;
 }
 
 static int parse_real(const char *a, const char *v, double *out) {
@@ -170,23 +165,23 @@ static int parse_options(int argc, char **argv, options *o) {
         else if (!strcmp(a, "--system")) o->system = v;
         else if (!strcmp(a, "--template")) o->template_name = v;
         else if (!strcmp(a, "--refusal")) o->refusal = v;
-        else if (!strcmp(a, "--max-harmful")) rc = parse_int(a, v, &o->max_harmful);
-        else if (!strcmp(a, "--max-harmless")) rc = parse_int(a, v, &o->max_harmless);
-        else if (!strcmp(a, "--max-val")) rc = parse_int(a, v, &o->max_val);
-        else if (!strcmp(a, "--compl-max-tokens")) rc = parse_int(a, v, &o->compl_max_tokens);
-        else if (!strcmp(a, "--max-tokens")) rc = parse_int(a, v, &o->max_tokens);
-        else if (!strcmp(a, "--gen-batch")) rc = parse_int(a, v, &o->gen_batch);
-        else if (!strcmp(a, "--layers")) rc = parse_int(a, v, &o->layers);
-        else if (!strcmp(a, "--heads")) rc = parse_int(a, v, &o->heads);
-        else if (!strcmp(a, "--ff")) rc = parse_int(a, v, &o->ff);
-        else if (!strcmp(a, "--epochs")) rc = parse_int(a, v, &o->t.epochs);
-        else if (!strcmp(a, "--batch-tokens")) rc = parse_int(a, v, &o->t.batch_tokens);
-        else if (!strcmp(a, "--val-harmful-n")) rc = parse_int(a, v, &o->t.val_harmful_n);
-        else if (!strcmp(a, "--val-harmless-n")) rc = parse_int(a, v, &o->t.val_harmless_n);
+        else if (!strcmp(a, "--max-harmful")) rc = count_flag(a, v, &o->max_harmful);
+        else if (!strcmp(a, "--max-harmless")) rc = count_flag(a, v, &o->max_harmless);
+        else if (!strcmp(a, "--max-val")) rc = count_flag(a, v, &o->max_val);
+        else if (!strcmp(a, "--compl-max-tokens")) rc = count_flag(a, v, &o->compl_max_tokens);
+        else if (!strcmp(a, "--max-tokens")) rc = count_flag(a, v, &o->max_tokens);
+        else if (!strcmp(a, "--gen-batch")) rc = count_flag(a, v, &o->gen_batch);
+        else if (!strcmp(a, "--layers")) rc = count_flag(a, v, &o->layers);
+        else if (!strcmp(a, "--heads")) rc = count_flag(a, v, &o->heads);
+        else if (!strcmp(a, "--ff")) rc = count_flag(a, v, &o->ff);
+        else if (!strcmp(a, "--epochs")) rc = count_flag(a, v, &o->t.epochs);
+        else if (!strcmp(a, "--batch-tokens")) rc = count_flag(a, v, &o->t.batch_tokens);
+        else if (!strcmp(a, "--val-harmful-n")) rc = count_flag(a, v, &o->t.val_harmful_n);
+        else if (!strcmp(a, "--val-harmless-n")) rc = count_flag(a, v, &o->t.val_harmless_n);
         else if (!strcmp(a, "--val-max-new-tokens")) {
-            rc = parse_int(a, v, &o->t.val_max_new_tokens);
+            rc = count_flag(a, v, &o->t.val_max_new_tokens);
         } else if (!strcmp(a, "--warmup")) {
-            rc = parse_int(a, v, &x);
+            rc = count_flag(a, v, &x);
             o->t.warmup_steps = x;
         } else if (!strcmp(a, "--lr")) rc = parse_real(a, v, &o->t.lr);
         else if (!strcmp(a, "--min-lr-ratio")) rc = parse_real(a, v, &o->t.min_lr_ratio);
@@ -213,7 +208,7 @@ static int parse_options(int argc, char **argv, options *o) {
             } else if (!strncmp(v, "cuda", 4) && (v[4] == '\0' || v[4] == ':')) {
                 o->t.device = SF_TRAIN_CUDA;
                 o->t.cuda_device = 0;
-                if (v[4] == ':') rc = parse_int(a, v + 5, &o->t.cuda_device);
+                if (v[4] == ':') rc = count_flag(a, v + 5, &o->t.cuda_device);
                 if (!rc && o->t.cuda_device < 0) rc = bad_number(a, v);
             } else {
                 fprintf(stderr, "sysformer train: --device is cpu, cuda or cuda:N\n");
@@ -371,13 +366,6 @@ static bool on_event(void *user, const sf_train_event *e) {
 /* The command                                                                                 */
 /* ------------------------------------------------------------------------------------------ */
 
-static char *out_file(const char *dir, const char *name) {
-    const size_t n = strlen(dir) + strlen(name) + 2;
-    char *p = malloc(n);
-    if (p) snprintf(p, n, "%s/%s", dir, name);
-    return p;
-}
-
 static const char *base_name(const char *path) {
     size_t n = strlen(path);
     while (n > 1 && path[n - 1] == '/') n--;
@@ -422,8 +410,8 @@ static int train_main(const options *o, run *r) {
         fprintf(stderr, "sysformer train: cannot create %s: %s\n", o->out, strerror(errno));
         return 1;
     }
-    r->cache_path = out_file(o->out, "completions.jsonl");
-    r->log_path = out_file(o->out, "train_log.jsonl");
+    r->cache_path = cli_path_join(o->out, "completions.jsonl");
+    r->log_path = cli_path_join(o->out, "train_log.jsonl");
     if (!r->cache_path || !r->log_path) return cli_report("starting", SF_ERR_OUT_OF_MEMORY);
 
     /* Data first, so that a broken file fails before the slow model load. The harmless sample

@@ -1,7 +1,9 @@
 /* sysformer — command-line front end of libsysformer. The library never prints; this does. */
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "cli/cli.h"
 
@@ -36,6 +38,43 @@ int cli_report(const char *what, sf_status status) {
     fprintf(stderr, "sysformer: %s: %s%s%s\n", what, sf_status_string(status), *msg ? ": " : "",
             msg);
     return 1;
+}
+
+int cli_parse_count(const char *cmd, const char *flag, const char *value, int32_t *out) {
+    char *end = NULL;
+    errno = 0;
+    const long x = strtol(value, &end, 10);
+    if (end == value || *end || errno || x < 0 || x > 0x7fffffffL) {
+        fprintf(stderr, "sysformer %s: %s wants a non-negative integer, not '%s' (see --help)\n",
+                cmd, flag, value);
+        return 2;
+    }
+    *out = (int32_t)x;
+    return 0;
+}
+
+char *cli_path_join(const char *dir, const char *name) {
+    const size_t n = strlen(dir) + strlen(name) + 2;
+    char *p = malloc(n);
+    if (p) snprintf(p, n, "%s/%s", dir, name);
+    return p;
+}
+
+double cli_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+const char *cli_finish_name(sf_finish_reason f) {
+    switch (f) {
+    case SF_FINISH_LENGTH: return "length";
+    case SF_FINISH_STOP_TOKEN: return "stop";
+    case SF_FINISH_STOP_STRING: return "stop_string";
+    case SF_FINISH_CONTEXT: return "context";
+    case SF_FINISH_CALLBACK: return "callback";
+    }
+    return "?";
 }
 
 int cli_parse_ids(const char *text, int32_t **ids, int32_t *n) {
