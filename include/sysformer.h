@@ -558,6 +558,15 @@ typedef struct sf_cuda_memory {
 } sf_cuda_memory;
 sf_status sf_cuda_engine_memory(const sf_cuda_engine *engine, sf_cuda_memory *out);
 
+/* The bytes sf_cuda_engine_create (or _create_random) would allocate for these shapes and
+ * options, without a device or a CUDA call: for sizing a deployment before creating it. Equal
+ * to what sf_cuda_engine_memory reports on the engine made with the same arguments. The same
+ * shape checks as creation (SF_ERR_UNSUPPORTED, SF_ERR_INVALID_ARGUMENT, SF_ERR_OUT_OF_RANGE);
+ * a build without CUDA answers SF_ERR_NO_DEVICE. */
+sf_status sf_cuda_engine_plan(const sf_llm_config *llm_cfg,
+                              const sf_sysformer_config *sysformer_cfg,
+                              const sf_cuda_engine_options *options, sf_cuda_memory *out);
+
 /* The engine's cudaStream_t, for callers that order their own work around its steps. */
 void *sf_cuda_engine_stream(const sf_cuda_engine *engine);
 

@@ -1148,10 +1148,8 @@ int64_t sysformer_params(const sf_sysformer_config &s, bool with_classifier) {
     return s.num_layers * layer + (s.final_norm ? 2 * d : 0) +
            (with_classifier && s.has_classifier ? d + 1 : 0);
 }
-void expect_memory(sf_cuda_engine *e, const sf_llm_config &c, const sf_sysformer_config *s,
-                   int64_t slots, int64_t context, const std::string &what) {
-    sf_cuda_memory m;
-    ASSERT_EQ(sf_cuda_engine_memory(e, &m), SF_OK) << sf_last_error();
+void expect_sizes(const sf_cuda_memory &m, const sf_llm_config &c, const sf_sysformer_config *s,
+                  int64_t slots, int64_t context, const std::string &what) {
     const size_t kv = (size_t)(slots * context * c.num_layers * 2 * c.num_kv_heads * c.head_dim * 2);
     EXPECT_EQ(m.kv_cache, kv) << what;
     const double p_min = (double)llm_params(c, false) + (s ? sysformer_params(*s, false) : 0);
@@ -1161,6 +1159,64 @@ void expect_memory(sf_cuda_engine *e, const sf_llm_config &c, const sf_sysformer
     EXPECT_GT(m.activations, 0u) << what;
     EXPECT_EQ(m.total, m.weights + m.kv_cache + m.activations) << what;
 }
+// The engine's report, and the device-free plan made from the same arguments: equal, field by
+// field.
+void expect_memory(sf_cuda_engine *e, const sf_llm_config &c, const sf_sysformer_config *s,
+                   const sf_cuda_engine_options &o, int64_t slots, int64_t context,
+                   const std::string &what) {
+    sf_cuda_memory m, p;
+    ASSERT_EQ(sf_cuda_engine_memory(e, &m), SF_OK) << sf_last_error();
+    expect_sizes(m, c, s, slots, context, what);
+    ASSERT_EQ(sf_cuda_engine_plan(&c, s, &o, &p), SF_OK) << sf_last_error();
+    EXPECT_EQ(p.weights, m.weights) << what;
+    EXPECT_EQ(p.kv_cache, m.kv_cache) << what;
+    EXPECT_EQ(p.activations, m.activations) << what;
+    EXPECT_EQ(p.total, m.total) << what;
+}
+
+// The plan needs no device (this runs in CI): the same sizes, the same refusals as creation.
+TEST(CudaEngineArgs, PlanNeedsNoDevice) {
+    TempDir dir;
+    ASSERT_TRUE(write_llm_variant("llama_gqa_llama3", dir.path(), 17));
+    sf_llm *llm = nullptr;
+    ASSERT_EQ(sf_llm_load(dir.path().c_str(), &llm), SF_OK) << sf_last_error();
+    std::unique_ptr<sf_llm, void (*)(sf_llm *)> llm_guard(llm, sf_llm_free);
+    const sf_llm_config &c = *sf_llm_get_config(llm);
+    sf_sysformer_config sc = sf_sysformer_default_config(llm);
+    sc.num_heads = sc.d_model / 64;
+    sf_cuda_memory m;
+    sf_cuda_engine_options o = options(3, 100);
+    ASSERT_EQ(sf_cuda_engine_plan(&c, &sc, &o, &m), SF_OK) << sf_last_error();
+    expect_sizes(m, c, &sc, 3, 100, "plan, 3 slots x 100");
+    sf_cuda_memory bare;
+    ASSERT_EQ(sf_cuda_engine_plan(&c, nullptr, &o, &bare), SF_OK) << sf_last_error();
+    expect_sizes(bare, c, nullptr, 3, 100, "plan without a Sysformer");
+    EXPECT_LT(bare.weights, m.weights);
+    EXPECT_LT(bare.activations, m.activations);  // no Sysformer buffers
+    // twice the slots: twice the cache, the weights unchanged
+    o = options(6, 100);
+    sf_cuda_memory six;
+    ASSERT_EQ(sf_cuda_engine_plan(&c, &sc, &o, &six), SF_OK);
+    EXPECT_EQ(six.kv_cache, 2 * m.kv_cache);
+    EXPECT_EQ(six.weights, m.weights);
+
+    EXPECT_EQ(sf_cuda_engine_plan(nullptr, nullptr, &o, &m), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cuda_engine_plan(&c, nullptr, &o, nullptr), SF_ERR_INVALID_ARGUMENT);
+    o = options(0, 100);
+    EXPECT_EQ(sf_cuda_engine_plan(&c, nullptr, &o, &m), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(m.total, 0u);
+    o = options(2, c.max_position_embeddings + 1);
+    EXPECT_EQ(sf_cuda_engine_plan(&c, nullptr, &o, &m), SF_ERR_INVALID_ARGUMENT);
+    o = options(65535);  // 65535 slots x 65536 positions pass 2^31 cache rows
+    sf_llm_config wide = c;
+    wide.max_position_embeddings = 1 << 16;
+    o.max_context = 1 << 16;
+    EXPECT_EQ(sf_cuda_engine_plan(&wide, nullptr, &o, &m), SF_ERR_OUT_OF_RANGE);
+    sf_llm_config odd = c;
+    odd.head_dim = 48;
+    o = options(2, 100);
+    EXPECT_EQ(sf_cuda_engine_plan(&odd, nullptr, &o, &m), SF_ERR_UNSUPPORTED);
+}
 
 TEST_F(CudaEngineTiny, MemoryReportAddsUp) {
     const sf_llm_config &c = *sf_llm_get_config(llm_);
@@ -1168,12 +1224,13 @@ TEST_F(CudaEngineTiny, MemoryReportAddsUp) {
     {
         EnginePtr e = make_engine(llm_, sf_, options(3, 100));
         ASSERT_TRUE(e);
-        expect_memory(e.get(), c, s, 3, 100, "3 slots x 100");
+        expect_memory(e.get(), c, s, options(3, 100), 3, 100, "3 slots x 100");
     }
     {
         EnginePtr e = make_engine(llm_, nullptr, sf_cuda_engine_default_options());
         ASSERT_TRUE(e);
-        expect_memory(e.get(), c, nullptr, 8, 128, "defaults: 8 slots x min(128, 4096)");
+        expect_memory(e.get(), c, nullptr, sf_cuda_engine_default_options(), 8, 128,
+                      "defaults: 8 slots x min(128, 4096)");
     }
 
     // A model of ~144M parameters drawn on the device, where fp32 storage could not hide in the
@@ -1210,7 +1267,7 @@ TEST_F(CudaEngineTiny, MemoryReportAddsUp) {
     sf_cuda_engine_options o = options(2, 0, 512);
     ASSERT_EQ(sf_cuda_engine_create_random(&big, &sc, 7, &o, &raw), SF_OK) << sf_last_error();
     EnginePtr e(raw);
-    expect_memory(e.get(), big, &sc, 2, 4096, "random 144M");
+    expect_memory(e.get(), big, &sc, o, 2, 4096, "random 144M");
 
     // It runs: a guarded and an unguarded request.
     const Prompts p = tiny_prompts({{5, 2}, {0, 3}}, 47);  // ids < 96 <= vocab

@@ -47,6 +47,14 @@ sf_status sf_cuda_engine_memory(const sf_cuda_engine *engine, sf_cuda_memory *ou
     return no_cuda("sf_cuda_engine_memory");
 }
 
+sf_status sf_cuda_engine_plan(const sf_llm_config *llm_cfg,
+                              const sf_sysformer_config *sysformer_cfg,
+                              const sf_cuda_engine_options *options, sf_cuda_memory *out) {
+    (void)llm_cfg, (void)sysformer_cfg, (void)options;
+    if (out) memset(out, 0, sizeof *out);
+    return no_cuda("sf_cuda_engine_plan");
+}
+
 void *sf_cuda_engine_stream(const sf_cuda_engine *engine) {
     (void)engine;
     return NULL;

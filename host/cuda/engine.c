@@ -161,6 +161,48 @@ static sf_status check_inputs(const sf_llm_config *cfg, const sf_sysformer_confi
     return SF_OK;
 }
 
+/* The engine's shape and sizes from its inputs, with no device call: what engine_new and
+ * sf_cuda_engine_plan share. Fills e (calloc'd by the caller) and its host layer arrays, and
+ * the byte counts of the weights, the KV cache and the arena (the pointers stay unset). */
+static sf_status engine_layout(sf_cuda_engine *e, const sf_llm_config *cfg,
+                               const sf_sysformer_config *scfg, const sf_cuda_engine_options *o) {
+    e->cfg = *cfg;
+    e->has_sysformer = scfg != NULL;
+    if (scfg) {
+        e->sys_cfg = *scfg;
+        e->sys_cfg.llm_name = e->sys_cfg.llm_embedding_hash = NULL;
+        e->sys_cfg.system_prompt = e->sys_cfg.chat_template = NULL;
+    }
+    e->device = o->device;
+    e->max_slots = o->max_slots;
+    e->max_context = o->max_context ? o->max_context
+                                    : (cfg->max_position_embeddings < 4096
+                                           ? cfg->max_position_embeddings
+                                           : 4096);
+    e->max_batch_tokens = o->max_batch_tokens ? o->max_batch_tokens : e->max_context;
+    if (e->max_batch_tokens < e->max_slots) e->max_batch_tokens = e->max_slots;
+    e->cuda_graphs = o->cuda_graphs;
+    e->d = cfg->hidden_size;
+    e->q_dim = (int64_t)cfg->num_heads * cfg->head_dim;
+    e->kv_dim = (int64_t)cfg->num_kv_heads * cfg->head_dim;
+    e->qkv_dim = e->q_dim + 2 * e->kv_dim;
+    e->ff = cfg->intermediate_size;
+    e->sys_ff = scfg ? scfg->dim_feedforward : 0;
+    e->cfg.rope.short_factor = e->cfg.rope.long_factor = NULL;
+    if ((int64_t)e->max_slots * e->max_context > 0x7fffffff) {
+        return sf_fail(SF_ERR_OUT_OF_RANGE,
+                       "sf_cuda_engine: %d slots x %d positions pass 2^31 cache rows",
+                       e->max_slots, e->max_context);
+    }
+    sf_status st = sf_cuda_weights_layout(e);
+    if (st != SF_OK) return st;
+    /* K and V: two allocations of this size each */
+    e->kv_bytes = (size_t)cfg->num_layers * (size_t)e->max_slots * (size_t)e->max_context *
+                  (size_t)e->kv_dim * sizeof(sf_bf16);
+    e->arena_bytes = carve_arena(e, NULL);
+    return SF_OK;
+}
+
 /* Everything but the weights' contents. */
 static sf_status engine_new(const sf_llm_config *cfg, const sf_sysformer_config *scfg,
                             const sf_cuda_engine_options *opt, sf_cuda_engine **out) {
@@ -178,35 +220,10 @@ static sf_status engine_new(const sf_llm_config *cfg, const sf_sysformer_config 
 
     sf_cuda_engine *e = calloc(1, sizeof *e);
     if (!e) return sf_fail(SF_ERR_OUT_OF_MEMORY, "sf_cuda_engine: out of host memory");
-    e->cfg = *cfg;
-    e->has_sysformer = scfg != NULL;
-    if (scfg) {
-        e->sys_cfg = *scfg;
-        e->sys_cfg.llm_name = e->sys_cfg.llm_embedding_hash = NULL;
-        e->sys_cfg.system_prompt = e->sys_cfg.chat_template = NULL;
-    }
-    e->device = o.device;
-    e->max_slots = o.max_slots;
-    e->max_context = o.max_context ? o.max_context
-                                   : (cfg->max_position_embeddings < 4096
-                                          ? cfg->max_position_embeddings
-                                          : 4096);
-    e->max_batch_tokens = o.max_batch_tokens ? o.max_batch_tokens : e->max_context;
-    if (e->max_batch_tokens < e->max_slots) e->max_batch_tokens = e->max_slots;
-    e->cuda_graphs = o.cuda_graphs;
-    e->d = cfg->hidden_size;
-    e->q_dim = (int64_t)cfg->num_heads * cfg->head_dim;
-    e->kv_dim = (int64_t)cfg->num_kv_heads * cfg->head_dim;
-    e->qkv_dim = e->q_dim + 2 * e->kv_dim;
-    e->ff = cfg->intermediate_size;
-    e->sys_ff = scfg ? scfg->dim_feedforward : 0;
     *out = e;
+    st = engine_layout(e, cfg, scfg, &o);
+    if (st != SF_OK) return st;
 
-    if ((int64_t)e->max_slots * e->max_context > 0x7fffffff) {
-        return sf_fail(SF_ERR_OUT_OF_RANGE,
-                       "sf_cuda_engine: %d slots x %d positions pass 2^31 cache rows",
-                       e->max_slots, e->max_context);
-    }
     /* rope tables: the short one (any request up to the original context) and the long one */
     e->long_after = cfg->rope.type == SF_ROPE_LONGROPE
                         ? cfg->rope.original_max_position_embeddings
@@ -221,18 +238,14 @@ static sf_status engine_new(const sf_llm_config *cfg, const sf_sysformer_config 
     }
     e->rope_scale[0] = (float)scale[0];
     e->rope_scale[1] = (float)scale[1];
-    e->cfg.rope.short_factor = e->cfg.rope.long_factor = NULL;
 
     st = sf_cuda_weights_alloc(e);
     if (st != SF_OK) return st;
-    e->kv_bytes = (size_t)cfg->num_layers * (size_t)e->max_slots * (size_t)e->max_context *
-                  (size_t)e->kv_dim * sizeof(sf_bf16);
     st = device_alloc((void **)&e->k_cache, e->kv_bytes, "the K cache");
     if (st != SF_OK) return st;
     st = device_alloc((void **)&e->v_cache, e->kv_bytes, "the V cache");
     if (st != SF_OK) return st;
     e->kv_bytes *= 2;
-    e->arena_bytes = carve_arena(e, NULL);
     st = device_alloc(&e->arena_base, e->arena_bytes, "the activation arena");
     if (st != SF_OK) return st;
     carve_arena(e, e->arena_base);
@@ -370,6 +383,28 @@ sf_status sf_cuda_engine_memory(const sf_cuda_engine *e, sf_cuda_memory *out) {
     out->activations = e->arena_bytes;
     out->total = out->weights + out->kv_cache + out->activations;
     return SF_OK;
+}
+
+sf_status sf_cuda_engine_plan(const sf_llm_config *llm_cfg,
+                              const sf_sysformer_config *sysformer_cfg,
+                              const sf_cuda_engine_options *options, sf_cuda_memory *out) {
+    if (out) memset(out, 0, sizeof *out);
+    if (!llm_cfg || !out) return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_cuda_engine_plan: NULL");
+    const sf_cuda_engine_options o = options ? *options : sf_cuda_engine_default_options();
+    SF_TRY(check_inputs(llm_cfg, sysformer_cfg, &o));
+    sf_cuda_engine *e = calloc(1, sizeof *e);
+    if (!e) return sf_fail(SF_ERR_OUT_OF_MEMORY, "sf_cuda_engine_plan: out of host memory");
+    const sf_status st = engine_layout(e, llm_cfg, sysformer_cfg, &o);
+    if (st == SF_OK) {
+        out->weights = e->weight_bytes;
+        out->kv_cache = 2 * e->kv_bytes;
+        out->activations = e->arena_bytes;
+        out->total = out->weights + out->kv_cache + out->activations;
+    }
+    free(e->layers);
+    free(e->sys_layers);
+    free(e);
+    return st;
 }
 
 void *sf_cuda_engine_stream(const sf_cuda_engine *e) { return e ? (void *)e->stream : NULL; }

@@ -175,7 +175,9 @@ int32_t sf_cuda_engine_max_context(const sf_cuda_engine *e);
 int32_t sf_cuda_engine_max_slots(const sf_cuda_engine *e);
 int32_t sf_cuda_engine_vocab(const sf_cuda_engine *e);
 
-/* weights.c */
+/* weights.c: the layout (host layer arrays, weight_bytes; no device call), then the one
+ * device allocation carved by it. */
+sf_status sf_cuda_weights_layout(sf_cuda_engine *e);
 sf_status sf_cuda_weights_alloc(sf_cuda_engine *e);
 sf_status sf_cuda_weights_upload(sf_cuda_engine *e, const sf_llm *llm, const sf_sysformer *sf);
 sf_status sf_cuda_weights_random(sf_cuda_engine *e, uint64_t seed);

@@ -67,7 +67,7 @@ static size_t carve_weights(sf_cuda_engine *e, char *base) {
     return c.off;
 }
 
-sf_status sf_cuda_weights_alloc(sf_cuda_engine *e) {
+sf_status sf_cuda_weights_layout(sf_cuda_engine *e) {
     e->layers = calloc((size_t)e->cfg.num_layers, sizeof *e->layers);
     e->sys_layers = calloc((size_t)(e->has_sysformer ? e->sys_cfg.num_layers : 0) + 1,
                            sizeof *e->sys_layers);
@@ -75,6 +75,10 @@ sf_status sf_cuda_weights_alloc(sf_cuda_engine *e) {
         return sf_fail(SF_ERR_OUT_OF_MEMORY, "sf_cuda_engine: out of host memory");
     }
     e->weight_bytes = carve_weights(e, NULL);
+    return SF_OK;
+}
+
+sf_status sf_cuda_weights_alloc(sf_cuda_engine *e) {
     cudaError_t err = cudaMalloc(&e->weights, e->weight_bytes);
     if (err != cudaSuccess) {
         e->weights = NULL;
