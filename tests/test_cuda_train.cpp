@@ -442,6 +442,41 @@ TEST_P(CudaTrainVariant, ReadsTheCurrentSysformerWeights) {
     EXPECT_NE(rec1, rec2);
 }
 
+// The recompute option: the same losses bit for bit (the recomputed layer runs the same kernels
+// on the same inputs, so the forward is identical), the gradients within the run-to-run spread
+// of the attention backward's atomic dq sums (4u, as above), and a smaller device plan.
+TEST_P(CudaTrainVariant, RecomputeGivesTheSameLossesAndGradients) {
+    sf_cuda_train_options o = sf_cuda_train_default_options();
+    o.max_tokens = 256;
+    o.head_chunk = 16;
+    o.recompute = true;
+    sf_cuda_trainer *raw = nullptr;
+    ASSERT_EQ(sf_cuda_train_create(llm_.get(), sf_.get(), &o, &raw), SF_OK) << sf_last_error();
+    TrainerPtr rc(raw);
+    const TrainBatch b = make_batch({{{4, 5, 6}}, {{9, 17, 12}}, {{3, 7, 4}}}, 17, 1.0, 1.0, 1.0);
+    const sf_cuda_train_batch bv = b.view();
+    int64_t nw = 0;
+    sf_sysformer_flat(sf_.get(), &nw);
+    std::vector<float> g1((size_t)nw), g2((size_t)nw);
+    sf_llm_loss_result r1, r2;
+    double rec1 = 0, rec2 = 0;
+    ASSERT_EQ(sf_cuda_train_loss_grad(tr_.get(), &bv, &r1, &rec1, g1.data()), SF_OK)
+        << sf_last_error();
+    ASSERT_EQ(sf_cuda_train_loss_grad(rc.get(), &bv, &r2, &rec2, g2.data()), SF_OK)
+        << sf_last_error();
+    EXPECT_EQ(r1.ce, r2.ce);
+    EXPECT_EQ(r1.cls, r2.cls);
+    EXPECT_EQ(r1.ce_correct, r2.ce_correct);
+    EXPECT_EQ(rec1, rec2);
+    ASSERT_GT(vnorm(g1), 0.0);
+    EXPECT_LE(rel_err(g2, g1), 4.0 * kUbf16);
+    sf_cuda_train_memory m1, m2;
+    ASSERT_EQ(sf_cuda_train_memory_report(tr_.get(), &m1), SF_OK);
+    ASSERT_EQ(sf_cuda_train_memory_report(rc.get(), &m2), SF_OK);
+    ASSERT_GT(sf_llm_get_config(llm_.get())->num_layers, 1);
+    EXPECT_LT(m2.activations, m1.activations);
+}
+
 INSTANTIATE_TEST_SUITE_P(
     Cuda, CudaTrainVariant,
     ::testing::Values(TrainCase{"llama_gqa_llama3", true, SF_ACT_RELU, false},
@@ -552,6 +587,17 @@ TEST_P(CudaTrainTiny, ReportsItsMemory) {
     EXPECT_GT(m.pinned_host, 0u);
     EXPECT_EQ(m.total, m.llm_weights + m.sysformer + m.activations);
     EXPECT_EQ(sf_cuda_train_memory_report(nullptr, &m), SF_ERR_INVALID_ARGUMENT);
+    // the device-free plan is what creation allocated, field by field
+    sf_cuda_train_options o = sf_cuda_train_default_options();
+    o.max_tokens = 256;
+    o.head_chunk = 16;
+    sf_cuda_train_memory p;
+    ASSERT_EQ(sf_cuda_train_plan(llm_.get(), sf_.get(), &o, &p), SF_OK) << sf_last_error();
+    EXPECT_EQ(p.llm_weights, m.llm_weights);
+    EXPECT_EQ(p.sysformer, m.sysformer);
+    EXPECT_EQ(p.activations, m.activations);
+    EXPECT_EQ(p.pinned_host, m.pinned_host);
+    EXPECT_EQ(p.total, m.total);
 }
 
 // A training set of the make_batch kind for the trainer.
@@ -669,6 +715,62 @@ TEST_F(CudaTrainArgs, RefusesBadArgumentsBeforeTheDevice) {
     EXPECT_EQ(sf_cuda_train_create(llm_.get(), off, &d, &t), SF_ERR_UNSUPPORTED);
 
     sf_cuda_train_free(nullptr);
+}
+
+// The plan needs no device. What recomputation saves is exact: L - 1 of the per-layer sets
+// the backward reads (residual after attention [T, d], q/k/v after RoPE [T, q + 2 kv], the
+// attention output [T, q] in bf16, its log-sum-exp [T, heads] in fp32, gate/up [T, 2 ff] in
+// bf16), each block starting on a 256-byte boundary as every carve does. The LLM's share is
+// the minimal engine's own plan (one slot of one position); the total is the three device
+// parts; the pinned staging does not depend on the option.
+TEST_F(CudaTrainArgs, PlanNeedsNoDeviceAndRecomputeDropsLayerSets) {
+    SfPtr sf = random_sysformer(llm_.get(), true, SF_ACT_RELU, false, 3);
+    const sf_llm_config &c = *sf_llm_get_config(llm_.get());
+    sf_cuda_train_options o = sf_cuda_train_default_options();
+    o.max_tokens = 300;
+    sf_cuda_train_memory keep, rec;
+    ASSERT_EQ(sf_cuda_train_plan(llm_.get(), sf.get(), &o, &keep), SF_OK) << sf_last_error();
+    o.recompute = true;
+    ASSERT_EQ(sf_cuda_train_plan(llm_.get(), sf.get(), &o, &rec), SF_OK) << sf_last_error();
+
+    auto align = [](size_t n) { return (n + 255) / 256 * 256; };
+    const size_t T = 300, d = (size_t)c.hidden_size, hd = (size_t)c.head_dim;
+    const size_t q = (size_t)c.num_heads * hd, kv = (size_t)c.num_kv_heads * hd;
+    const size_t set = align(T * d * 2) + align(T * (q + 2 * kv) * 2) + align(T * q * 2) +
+                       align(T * (size_t)c.num_heads * 4) +
+                       align(T * 2 * (size_t)c.intermediate_size * 2);
+    ASSERT_GT(c.num_layers, 1);
+    EXPECT_EQ(keep.activations - rec.activations, (size_t)(c.num_layers - 1) * set);
+    EXPECT_EQ(keep.sysformer, rec.sysformer);
+    EXPECT_EQ(keep.pinned_host, rec.pinned_host);
+    EXPECT_EQ(keep.llm_weights, rec.llm_weights);
+    for (const sf_cuda_train_memory *m : {&keep, &rec}) {
+        EXPECT_EQ(m->total, m->llm_weights + m->sysformer + m->activations);
+        // bf16 weights + fp32 staging + fp32 gradients of every Sysformer float, at least
+        EXPECT_GE(m->sysformer, (size_t)sf->n_weights * 10);
+    }
+    sf_cuda_engine_options eo = sf_cuda_engine_default_options();
+    eo.max_slots = 1;
+    eo.max_context = 1;
+    eo.max_batch_tokens = 1;
+    eo.cuda_graphs = false;
+    sf_cuda_memory em;
+    ASSERT_EQ(sf_cuda_engine_plan(&c, nullptr, &eo, &em), SF_OK) << sf_last_error();
+    EXPECT_EQ(keep.llm_weights, em.total);
+
+    // the activations grow linearly in max_tokens, apart from alignment and the LM-head chunk
+    o.recompute = false;
+    o.max_tokens = 600;
+    sf_cuda_train_memory twice;
+    ASSERT_EQ(sf_cuda_train_plan(llm_.get(), sf.get(), &o, &twice), SF_OK);
+    EXPECT_GT(twice.activations, keep.activations);
+
+    // the same checks as creation, without a device
+    EXPECT_EQ(sf_cuda_train_plan(nullptr, sf.get(), &o, &keep), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cuda_train_plan(llm_.get(), sf.get(), &o, nullptr), SF_ERR_INVALID_ARGUMENT);
+    o.max_tokens = -3;
+    EXPECT_EQ(sf_cuda_train_plan(llm_.get(), sf.get(), &o, &keep), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(keep.total, 0u);
 }
 
 TEST_F(CudaTrainArgs, CreateWithoutAGpuReportsNoDevice) {

@@ -294,6 +294,46 @@ TEST_F(Train, TheLlmStaysFrozen) {
     sf_sysformer_free(sf);
 }
 
+// The memory plan the trainer reports (CPU path): sized for the largest batch (batch_tokens, or
+// a longer example), the LLM backward's activations exactly sf_llm_backward_bytes of that many
+// rows (with and without recomputation), and 3 fp32 arrays per Sysformer weight (the gradients,
+// AdamW's m and v). The recomputing plan must be smaller: it keeps one layer's set, not L.
+TEST_F(Train, ReportsItsMemoryPlan) {
+    sf_sysformer *sf = fresh_sysformer();
+    int64_t nw = 0;
+    sf_sysformer_flat(sf, &nw);
+    size_t act[2] = {0, 0};
+    for (int recompute = 0; recompute < 2; recompute++) {
+        sf_train_options o = options();
+        o.recompute = recompute != 0;
+        o.batch_tokens = 8;  // shorter than every example: the longest one sets the plan
+        int32_t longest = 0;
+        for (int32_t i = 0; i < set_.n; i++) {
+            longest = std::max(longest, set_.ex[i].n_prompt + set_.ex[i].n_target);
+        }
+        ASSERT_GT(longest, o.batch_tokens);
+        sf_trainer *t = nullptr;
+        ASSERT_EQ(sf_trainer_create(llm_, sf, nullptr, nullptr, 0, &set_, nullptr, &o, &t),
+                  SF_OK)
+            << sf_last_error();
+        sf_train_memory m;
+        ASSERT_EQ(sf_trainer_memory(t, &m), SF_OK);
+        EXPECT_EQ(m.max_rows, longest);
+        EXPECT_EQ(m.recompute, o.recompute);
+        const sf_llm_backward_options bo = {o.recompute};
+        EXPECT_EQ(m.activations, sf_llm_backward_bytes(llm_, longest, &bo));
+        EXPECT_EQ(m.optimizer, (size_t)(3 * nw) * sizeof(float));
+        EXPECT_EQ(m.device_total, 0u);
+        act[recompute] = m.activations;
+        EXPECT_EQ(sf_trainer_memory(nullptr, &m), SF_ERR_INVALID_ARGUMENT);
+        EXPECT_EQ(sf_trainer_memory(t, nullptr), SF_ERR_INVALID_ARGUMENT);
+        sf_trainer_free(t);
+    }
+    ASSERT_GT(llm_->cfg.num_layers, 1);
+    EXPECT_LT(act[1], act[0]);
+    sf_sysformer_free(sf);
+}
+
 TEST_F(Train, ValidationJudgesGeneratedReplies) {
     sf_sysformer *sf = fresh_sysformer();
     sf_train_options o = options();

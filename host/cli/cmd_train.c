@@ -71,7 +71,9 @@ static void usage(FILE *out) {
             "\n"
             "losses (L = w_ref L_ref + w_compl L_compl + w_class L_class + w_recon L_recon):\n"
             "  --w-ref X --w-compl X --w-class X --w-recon X   (default %g %g %g %g)\n"
-            "\n"
+            "\n",
+            k_default_system, k_default_refusal, d.w_ref, d.w_compl, d.w_class, d.w_recon);
+    fprintf(out,
             "optimisation:\n"
             "  --epochs N               default %d\n"
             "  --lr X                   peak learning rate (default %g)\n"
@@ -82,7 +84,8 @@ static void usage(FILE *out) {
             "  --clip X                 global gradient-norm clipping, 0 = off (default %g)\n"
             "  --batch-tokens N         packed tokens per step (default %d)\n"
             "  --seed N                 shuffles, samples, templates, initialisation (default 0)\n"
-            "  --recompute              recompute LLM layers in the backward (less memory)\n"
+            "  --recompute              recompute each LLM layer's forward in the backward instead\n"
+            "                           of storing its activations (less memory, CPU and GPU)\n"
             "  --device cpu|cuda[:N]    where each step's loss and gradient are computed\n"
             "                           (default cpu: fp32; cuda: the GPU in bf16)\n"
             "  --resume                 continue from DIR's checkpoint (same data and flags)\n"
@@ -101,7 +104,6 @@ static void usage(FILE *out) {
             "  --val-harmless-n N       harmless ones (%d)\n"
             "  --val-max-new-tokens N   (default %d)\n"
             "  --no-initial-val         skip the validation before the first step\n",
-            k_default_system, k_default_refusal, d.w_ref, d.w_compl, d.w_class, d.w_recon,
             d.epochs, d.lr, d.min_lr_ratio, d.adamw.weight_decay, d.clip_norm, d.batch_tokens,
             d.val_harmful_n, d.val_harmless_n, d.val_max_new_tokens);
 }
@@ -304,6 +306,34 @@ static void log_event(FILE *log, const sf_train_event *e) {
         json_object_set_new(j, "seconds", json_real(e->seconds));
     }
     char *line = json_dumps(j, JSON_COMPACT | JSON_REAL_PRECISION(7));
+    if (line) {
+        fprintf(log, "%s\n", line);
+        fflush(log);
+    }
+    free(line);
+    json_decref(j);
+}
+
+/* The step's memory plan, on stderr and as the log's {"type": "memory"} line. */
+static void report_memory(FILE *log, const sf_train_memory *m, bool gpu) {
+    const double mib = 1024.0 * 1024.0;
+    fprintf(stderr, "memory: %.1f MiB of %s activations for batches up to %d rows (recompute "
+                    "%s), %.1f MiB of gradients + AdamW state on the host",
+            (double)m->activations / mib, gpu ? "device" : "LLM backward", m->max_rows,
+            m->recompute ? "on" : "off", (double)m->optimizer / mib);
+    if (gpu) fprintf(stderr, ", %.1f MiB on the device in all", (double)m->device_total / mib);
+    fprintf(stderr, "\n");
+    json_t *j = json_object();
+    json_object_set_new(j, "type", json_string("memory"));
+    json_object_set_new(j, "device", json_string(gpu ? "cuda" : "cpu"));
+    json_object_set_new(j, "max_rows", json_integer(m->max_rows));
+    json_object_set_new(j, "recompute", json_boolean(m->recompute));
+    json_object_set_new(j, "activation_bytes", json_integer((json_int_t)m->activations));
+    json_object_set_new(j, "optimizer_bytes", json_integer((json_int_t)m->optimizer));
+    if (gpu) {
+        json_object_set_new(j, "device_bytes", json_integer((json_int_t)m->device_total));
+    }
+    char *line = json_dumps(j, JSON_COMPACT);
     if (line) {
         fprintf(log, "%s\n", line);
         fflush(log);
@@ -584,6 +614,10 @@ static int train_main(const options *o, run *r) {
     fprintf(stderr, "%lld steps over %d epochs, %d tokens per batch, lr %g (%s)\n",
             (long long)sf_trainer_total_steps(r->trainer), o->t.epochs, o->t.batch_tokens,
             o->t.lr, o->t.schedule == SF_LR_COSINE ? "cosine" : "constant");
+    sf_train_memory mem;
+    st = sf_trainer_memory(r->trainer, &mem);
+    if (st != SF_OK) return cli_report("planning memory", st);
+    report_memory(r->log, &mem, o->t.device == SF_TRAIN_CUDA);
     bool finished = false;
     st = sf_trainer_run(r->trainer, 0, &finished);
     if (st != SF_OK) return cli_report("training", st);

@@ -136,6 +136,13 @@ sf_status sf_cuda_train_memory_report(const sf_cuda_trainer *t, sf_cuda_train_me
     return no_cuda("sf_cuda_train_memory_report");
 }
 
+sf_status sf_cuda_train_plan(const sf_llm *llm, const sf_sysformer *sf,
+                             const sf_cuda_train_options *options, sf_cuda_train_memory *out) {
+    (void)llm, (void)sf, (void)options;
+    if (out) memset(out, 0, sizeof *out);
+    return no_cuda("sf_cuda_train_plan");
+}
+
 sf_status sf_cuda_train_loss_grad(sf_cuda_trainer *t, const sf_cuda_train_batch *batch,
                                   sf_llm_loss_result *result, double *recon, float *grads) {
     (void)t, (void)batch, (void)grads;

@@ -24,6 +24,11 @@ typedef struct sf_cuda_train_options {
                            creation (> 0; 0 picks 1024, the trainer's default batch_tokens)   */
     int32_t head_chunk; /* rows per LM-head chunk (logits [chunk, vocab] in fp32 and bf16);
                            0 picks 256                                                         */
+    bool recompute;     /* keep only each LLM layer's input and run the layer's forward again
+                           in the backward: the LLM's saved activations shrink from layers x
+                           T x (2 d + 2 q + 2 kv + 2 ff) bf16 + lse to one such set (about one
+                           more LLM forward of time); the losses are the same bit for bit,
+                           the gradients up to the attention backward's atomic dq sums       */
 } sf_cuda_train_options;
 
 sf_cuda_train_options sf_cuda_train_default_options(void);
@@ -78,6 +83,13 @@ sf_status sf_cuda_train_create(const sf_llm *llm, const sf_sysformer *sf,
 void sf_cuda_train_free(sf_cuda_trainer *t);
 
 sf_status sf_cuda_train_memory_report(const sf_cuda_trainer *t, sf_cuda_train_memory *out);
+
+/* What sf_cuda_train_create would allocate for these arguments, computed without a device or
+ * any CUDA call (equal to sf_cuda_train_memory_report on the trainer so made): for choosing
+ * max_tokens and recompute before creating. Same argument checks as creation; a build without
+ * CUDA answers SF_ERR_NO_DEVICE. */
+sf_status sf_cuda_train_plan(const sf_llm *llm, const sf_sysformer *sf,
+                             const sf_cuda_train_options *options, sf_cuda_train_memory *out);
 
 /* The forward, the losses and, when grads is not NULL, the backward of one batch:
  *   *result: ce and cls the weighted sums (as sf_llm_loss_backward_cpu), total = ce + cls,

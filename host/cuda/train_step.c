@@ -21,7 +21,9 @@
  *                normalised input, projections, attention outputs and log-sum-exps; S'
  *                scattered over the system rows of x0
  *   llm layers   per layer saved: input, residual after attention, qkv after RoPE, attention
- *                output and log-sum-exp, gate_up (the backward's needs; no recomputation)
+ *                output and log-sum-exp, gate_up (the backward's needs); with the recompute
+ *                option only the inputs are kept, one set serves every layer, and the backward
+ *                runs each layer's forward again into it just before the layer's backward
  *   losses       the LM head over the cross-entropy rows in chunks of head_chunk rows (logits
  *                fp32, sf_cuda_cross_entropy with its gradient in bf16), the classifier as a
  *                two-way cross-entropy (below); their gradients go back through the LM head /
@@ -123,6 +125,8 @@ struct sf_cuda_trainer {
     int32_t slayers;
     float seps;
     int64_t n_w;                  /* floats in sf->weights                                */
+    bool recompute;               /* one llm_saved set, refilled per layer in the backward */
+    int32_t n_sets;               /* llm_saved sets: num_layers, or 1 with recompute      */
 
     /* device: the Sysformer's weights */
     void *wbase;
@@ -141,7 +145,7 @@ struct sf_cuda_trainer {
     size_t abytes;
     io_block io;                  /* device copy                                          */
     sf_bf16 *xs;                  /* [layers + 1, T, d]                                   */
-    llm_saved *ls;                /* [layers]                                             */
+    llm_saved *ls;                /* [n_sets]                                             */
     sf_bf16 *xn, *tmp, *act;      /* [T, d], [T, d], [T, ff]                              */
     float *dx, *dact, *dxn;       /* [T, d], [T, ff], [T, d]                              */
     sf_bf16 *dx16, *dgu16, *dattn16; /* [T, d], [T, 2 ff], [T, q]                         */
@@ -212,7 +216,7 @@ static size_t carve_activations(sf_cuda_trainer *t, char *base) {
     const int layers = t->llm->cfg.num_layers;
     carve_io(&c, &t->io, T);
     t->xs = sf_carve(&c, (size_t)(layers + 1) * T * d * b);
-    for (int l = 0; l < layers; l++) {
+    for (int l = 0; l < t->n_sets; l++) {
         llm_saved *L = &t->ls[l];
         L->x_mid = sf_carve(&c, T * d * b);
         L->qkv = sf_carve(&c, T * (size_t)t->qkv * b);
@@ -392,26 +396,30 @@ void sf_cuda_train_free(sf_cuda_trainer *t) {
     free(t);
 }
 
-static sf_status create(sf_cuda_trainer *t, const sf_cuda_train_options *o) {
-    const sf_llm *llm = t->llm;
-    const sf_sysformer *sf = t->sf;
+/* The minimal engine that holds the frozen LLM: one slot of one position. */
+static sf_cuda_engine_options llm_engine_options(int32_t device) {
     sf_cuda_engine_options eo = sf_cuda_engine_default_options();
-    eo.device = o->device;
+    eo.device = device;
     eo.max_slots = 1;
     eo.max_context = 1;
     eo.max_batch_tokens = 1;
     eo.cuda_graphs = false;
-    SF_TRY(sf_cuda_engine_create(llm, NULL, &eo, &t->e));
-    t->s = t->e->stream;
+    return eo;
+}
 
+/* Shapes, the Sysformer's tensor list, the host arrays and the byte count of every block,
+ * with no device call (shared by creation and sf_cuda_train_plan). */
+static sf_status layout(sf_cuda_trainer *t, const sf_cuda_train_options *o) {
+    const sf_llm *llm = t->llm;
+    const sf_sysformer *sf = t->sf;
     const sf_llm_config *c = &llm->cfg;
     t->T = o->max_tokens ? o->max_tokens : 1024;
     t->chunk = o->head_chunk ? o->head_chunk : 256;
     if (t->chunk > t->T) t->chunk = t->T;
     t->d = c->hidden_size;
-    t->q = t->e->q_dim;
-    t->kv = t->e->kv_dim;
-    t->qkv = t->e->qkv_dim;
+    t->q = (int64_t)c->num_heads * c->head_dim; /* the engine's q_dim, kv_dim, qkv_dim */
+    t->kv = (int64_t)c->num_kv_heads * c->head_dim;
+    t->qkv = t->q + 2 * t->kv;
     t->ff = c->intermediate_size;
     t->vocab = c->vocab_size;
     t->heads = c->num_heads;
@@ -421,6 +429,8 @@ static sf_status create(sf_cuda_trainer *t, const sf_cuda_train_options *o) {
     t->slayers = sf->cfg.num_layers;
     t->seps = sf->cfg.layer_norm_eps;
     t->n_w = sf->n_weights;
+    t->recompute = o->recompute;
+    t->n_sets = o->recompute ? (c->num_layers > 0 ? 1 : 0) : c->num_layers;
 
     /* the Sysformer's tensors, by offset into its flat weights (the listing only reads sf) */
     sf_sysformer_tensor *ts = sf_sysformer_tensors((sf_sysformer *)sf, &t->n_tensors);
@@ -429,7 +439,7 @@ static sf_status create(sf_cuda_trainer *t, const sf_cuda_train_options *o) {
     t->t_numel = calloc((size_t)t->n_tensors + 1, sizeof *t->t_numel);
     t->t_bf16 = calloc((size_t)t->n_tensors + 1, sizeof *t->t_bf16);
     t->sl = calloc((size_t)t->slayers + 1, sizeof *t->sl);
-    t->ls = calloc((size_t)c->num_layers + 1, sizeof *t->ls);
+    t->ls = calloc((size_t)t->n_sets + 1, sizeof *t->ls);
     t->ss = calloc((size_t)t->slayers + 1, sizeof *t->ss);
     t->stream = calloc((size_t)(3 * t->slayers + 1), sizeof *t->stream);
     t->h_seen = malloc((size_t)t->T * sizeof *t->h_seen);
@@ -448,8 +458,19 @@ static sf_status create(sf_cuda_trainer *t, const sf_cuda_train_options *o) {
     }
     free(ts);
     t->n_tensors = n_live;
-
     t->wbytes = carve_weights(t, NULL);
+    t->abytes = carve_activations(t, NULL);
+    t->hbytes = carve_host(t, NULL);
+    return SF_OK;
+}
+
+static sf_status create(sf_cuda_trainer *t, const sf_cuda_train_options *o) {
+    const sf_sysformer *sf = t->sf;
+    const sf_cuda_engine_options eo = llm_engine_options(o->device);
+    SF_TRY(sf_cuda_engine_create(t->llm, NULL, &eo, &t->e));
+    t->s = t->e->stream;
+    SF_TRY(layout(t, o));
+
     SF_TRY(dev_alloc(&t->wbase, t->wbytes, "the Sysformer's weights and gradients"));
     carve_weights(t, t->wbase);
     for (int i = 0; i < t->slayers; i++) {
@@ -475,11 +496,9 @@ static sf_status create(sf_cuda_trainer *t, const sf_cuda_train_options *o) {
     t->final_w = dev_tensor(t, sf->final_norm_weight);
     t->final_b = dev_tensor(t, sf->final_norm_bias);
 
-    t->abytes = carve_activations(t, NULL);
     SF_TRY(dev_alloc(&t->abase, t->abytes, "the training activations"));
     carve_activations(t, t->abase);
 
-    t->hbytes = carve_host(t, NULL);
     cudaError_t err = cudaHostAlloc(&t->hbase, t->hbytes, cudaHostAllocDefault);
     if (err != cudaSuccess) {
         t->hbase = NULL;
@@ -514,16 +533,43 @@ sf_status sf_cuda_train_create(const sf_llm *llm, const sf_sysformer *sf,
     return SF_OK;
 }
 
-sf_status sf_cuda_train_memory_report(const sf_cuda_trainer *t, sf_cuda_train_memory *out) {
-    if (!t || !out) return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_cuda_train_memory_report: NULL");
-    sf_cuda_memory m;
-    SF_TRY(sf_cuda_engine_memory(t->e, &m));
-    out->llm_weights = m.total;
+static void fill_memory(const sf_cuda_trainer *t, const sf_cuda_memory *engine,
+                        sf_cuda_train_memory *out) {
+    out->llm_weights = engine->total;
     out->sysformer = t->wbytes;
     out->activations = t->abytes;
     out->pinned_host = t->hbytes;
     out->total = out->llm_weights + out->sysformer + out->activations;
+}
+
+sf_status sf_cuda_train_memory_report(const sf_cuda_trainer *t, sf_cuda_train_memory *out) {
+    if (!t || !out) return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_cuda_train_memory_report: NULL");
+    sf_cuda_memory m;
+    SF_TRY(sf_cuda_engine_memory(t->e, &m));
+    fill_memory(t, &m, out);
     return SF_OK;
+}
+
+sf_status sf_cuda_train_plan(const sf_llm *llm, const sf_sysformer *sf,
+                             const sf_cuda_train_options *options, sf_cuda_train_memory *out) {
+    if (out) memset(out, 0, sizeof *out);
+    if (!llm || !sf || !out) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_cuda_train_plan: NULL model, Sysformer or "
+                       "out");
+    }
+    const sf_cuda_train_options o = options ? *options : sf_cuda_train_default_options();
+    SF_TRY(check_create(llm, sf, &o));
+    const sf_cuda_engine_options eo = llm_engine_options(o.device);
+    sf_cuda_memory m;
+    SF_TRY(sf_cuda_engine_plan(&llm->cfg, NULL, &eo, &m));
+    sf_cuda_trainer *t = calloc(1, sizeof *t);
+    if (!t) return sf_fail(SF_ERR_OUT_OF_MEMORY, "sf_cuda_train_plan: out of host memory");
+    t->llm = llm;
+    t->sf = sf;
+    const sf_status st = layout(t, &o);
+    if (st == SF_OK) fill_memory(t, &m, out);
+    sf_cuda_train_free(t); /* no engine: frees the host arrays only */
+    return st;
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -981,10 +1027,17 @@ static void llm_attention_args(const sf_cuda_trainer *t, const plan *p, const ll
     at->scale = (float)(1.0 / sqrt((double)c->head_dim)); /* backward_cpu.c's p.scale */
 }
 
-static sf_status llm_layer_forward(sf_cuda_trainer *t, const plan *p, int l) {
+/* Layer l's saved set: its own, or the one set the recompute option refills per layer. */
+static const llm_saved *saved(const sf_cuda_trainer *t, int l) {
+    return &t->ls[t->recompute ? 0 : l];
+}
+
+/* Layer l over xs[l], filling its saved set and, when write_out, xs[l + 1] (the backward's
+ * recomputation needs only the set). */
+static sf_status llm_layer_forward(sf_cuda_trainer *t, const plan *p, int l, bool write_out) {
     const sf_llm_config *c = &t->llm->cfg;
     const sf_cuda_llm_layer *L = &t->e->layers[l];
-    const llm_saved *S = &t->ls[l];
+    const llm_saved *S = saved(t, l);
     const int64_t T = p->T, d = t->d, ff = t->ff;
     const sf_bf16 *x = t->xs + (int64_t)l * t->T * d;
     sf_bf16 *x_out = t->xs + (int64_t)(l + 1) * t->T * d;
@@ -1004,6 +1057,7 @@ static sf_status llm_layer_forward(sf_cuda_trainer *t, const plan *p, int l) {
                                 t->s));
     SF_TRY(gemm(t, S->gate_up, false, 2 * ff, t->xn, d, L->w_gate_up, NULL, T, 2 * ff, d,
                 SF_GEMM_NONE));
+    if (!write_out) return SF_OK;
     SF_TRY(sf_cuda_swiglu_fused_bf16(t->act, S->gate_up, T, ff, t->s));
     SF_TRY(gemm(t, t->tmp, false, d, t->act, ff, L->w_down, NULL, T, d, ff, SF_GEMM_NONE));
     return sf_cuda_add_bf16(x_out, S->x_mid, t->tmp, T * d, t->s);
@@ -1013,7 +1067,7 @@ static sf_status llm_layer_forward(sf_cuda_trainer *t, const plan *p, int l) {
 static sf_status llm_layer_backward(sf_cuda_trainer *t, const plan *p, int l) {
     const sf_llm_config *c = &t->llm->cfg;
     const sf_cuda_llm_layer *L = &t->e->layers[l];
-    const llm_saved *S = &t->ls[l];
+    const llm_saved *S = saved(t, l);
     const int64_t T = p->T, d = t->d, ff = t->ff, q = t->q, qkv = t->qkv;
     const sf_bf16 *x = t->xs + (int64_t)l * t->T * d;
     /* MLP: out = x_mid + down(swiglu(gate_up)), gate_up = W . rmsnorm(x_mid) */
@@ -1182,7 +1236,7 @@ static sf_status enqueue(sf_cuda_trainer *t, const sf_cuda_train_batch *b, const
             SF_CUDA_OR_FAIL(cudaEventRecord(t->recon_ready, t->s));
         }
     }
-    for (int l = 0; l < c->num_layers; l++) SF_TRY(llm_layer_forward(t, p, l));
+    for (int l = 0; l < c->num_layers; l++) SF_TRY(llm_layer_forward(t, p, l, true));
     sf_nvtx_pop();
 
     sf_nvtx_push("train losses");
@@ -1197,7 +1251,10 @@ static sf_status enqueue(sf_cuda_trainer *t, const sf_cuda_train_batch *b, const
 
     if (backward) {
         sf_nvtx_push("train backward");
-        for (int l = c->num_layers - 1; l >= 0; l--) SF_TRY(llm_layer_backward(t, p, l));
+        for (int l = c->num_layers - 1; l >= 0; l--) {
+            if (t->recompute) SF_TRY(llm_layer_forward(t, p, l, false));
+            SF_TRY(llm_layer_backward(t, p, l));
+        }
         if (Ts > 0) SF_TRY(gather_f32(t, t->gx, t->dx, t->io.sys_rows, Ts, d));
     }
     *recon = 0.0;

@@ -224,6 +224,7 @@ struct sf_trainer {
     bool resumed;
     bool stepped;        /* grads hold the last step's gradient                             */
     sf_cuda_trainer *gpu;/* with SF_TRAIN_CUDA: computes each step's loss and gradient      */
+    int32_t max_rows;    /* packed rows of the largest batch: what the memory plan covers   */
     double t_start;
     char *samples[2];    /* the last validation's first harmful and harmless replies        */
 };
@@ -382,16 +383,17 @@ sf_status sf_trainer_create(const sf_llm *llm, sf_sysformer *sf, const sf_tokeni
         }
         t->warmup = o->warmup_steps >= 0 ? o->warmup_steps : (t->total_steps * 5 + 99) / 100;
     }
+    /* the longest batch: batch_tokens, or one example longer than that */
+    t->max_rows = o->batch_tokens;
+    for (int32_t i = 0; i < train->n; i++) {
+        const int32_t r = train_rows(o, &train->ex[i]);
+        if (contributes(o, &train->ex[i]) && r > t->max_rows) t->max_rows = r;
+    }
     if (st == SF_OK && o->device == SF_TRAIN_CUDA) {
-        /* sized for the longest batch: batch_tokens, or one example longer than that */
-        int32_t rows = o->batch_tokens;
-        for (int32_t i = 0; i < train->n; i++) {
-            const int32_t r = train_rows(o, &train->ex[i]);
-            if (contributes(o, &train->ex[i]) && r > rows) rows = r;
-        }
         sf_cuda_train_options co = sf_cuda_train_default_options();
         co.device = o->cuda_device;
-        co.max_tokens = rows;
+        co.max_tokens = t->max_rows;
+        co.recompute = o->recompute;
         st = sf_cuda_train_create(llm, sf, &co, &t->gpu);
     }
     if (st != SF_OK) {
@@ -412,6 +414,25 @@ void sf_trainer_free(sf_trainer *t) {
     free(t->samples[0]);
     free(t->samples[1]);
     free(t);
+}
+
+sf_status sf_trainer_memory(const sf_trainer *t, sf_train_memory *out) {
+    if (!t || !out) return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_trainer_memory: NULL");
+    memset(out, 0, sizeof *out);
+    out->max_rows = t->max_rows;
+    out->recompute = t->o.recompute;
+    out->optimizer = 3 * (size_t)t->n_weights * sizeof(float); /* gradients, m and v */
+    if (t->gpu) {
+        sf_cuda_train_memory m;
+        const sf_status st = sf_cuda_train_memory_report(t->gpu, &m);
+        if (st != SF_OK) return st;
+        out->activations = m.activations;
+        out->device_total = m.total;
+        return SF_OK;
+    }
+    const sf_llm_backward_options bo = {t->o.recompute};
+    out->activations = sf_llm_backward_bytes(t->llm, t->max_rows, &bo);
+    return SF_OK;
 }
 
 const float *sf_trainer_last_gradient(sf_trainer *t, int64_t *n) {

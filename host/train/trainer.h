@@ -141,8 +141,8 @@ typedef struct sf_train_options {
     sf_adamw adamw;
     double clip_norm;       /* global gradient-norm clipping; <= 0: off                    */
     uint64_t seed;          /* the per-epoch shuffles                                       */
-    bool recompute;         /* the LLM backward recomputes layers instead of storing them
-                               (CPU only; the GPU step always stores them)                  */
+    bool recompute;         /* the LLM backward recomputes each layer's forward instead of
+                               storing its activations (CPU and GPU; see sf_trainer_memory) */
     sf_train_device device; /* SF_TRAIN_CPU (the default, 0) or SF_TRAIN_CUDA               */
     int32_t cuda_device;    /* with SF_TRAIN_CUDA: the CUDA device ordinal                  */
     /* validation (with a validation set) */
@@ -224,6 +224,21 @@ sf_status sf_trainer_validate(sf_trainer *t, sf_train_event *out);
 /* Writes the checkpoint now: dir/sysformer.json + dir/sysformer.safetensors (sf_sysformer_save)
  * and dir/train_state.safetensors (written to a temporary name, then renamed). */
 sf_status sf_trainer_checkpoint(sf_trainer *t, const char *dir);
+
+/* The memory a trainer's steps hold, planned at creation for its largest batch. */
+typedef struct sf_train_memory {
+    int32_t max_rows;     /* packed rows of the largest batch (batch_tokens, or the longest
+                             example when that is longer)                                  */
+    bool recompute;       /* the option the plan was made with                             */
+    size_t activations;   /* CPU: the LLM backward's saved activations for max_rows
+                             (sf_llm_backward_bytes); GPU: the whole device activation arena
+                             (LLM and Sysformer activations, gradients in flight, scratch)  */
+    size_t optimizer;     /* host: the gradients and AdamW's m and v, fp32                 */
+    size_t device_total;  /* GPU: every device byte (frozen LLM, Sysformer, activations);
+                             CPU: 0                                                        */
+} sf_train_memory;
+
+sf_status sf_trainer_memory(const sf_trainer *t, sf_train_memory *out);
 
 /* The gradient the last step applied (after clipping), in sf_sysformer_flat's order: for
  * checking the losses' wiring against finite differences. NULL before the first step. */
