@@ -8,6 +8,7 @@
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <cmath>
 #include <fstream>
 #include <iterator>
 #include <string>
@@ -513,6 +514,35 @@ TEST(TrainOptimizer, ScheduleAndClipping) {
     g[1] = 4.0f;
     sf_clip_grad_norm(g, 2, 0.0); // off
     EXPECT_EQ(g[1], 4.0f);
+}
+
+// The norm over more than one group of blocks (2^14 squares a block, 256 blocks a group) and a
+// ragged tail: against a long-double sum of the same squares, each square exact in double
+// (a float squared has 48 significant bits) and the sum of n of them within n u_double of the
+// exact value (a first-order bound for any order of addition), so |norm - ref| / ref <=
+// n 2^-53 / 2 (the square root halves a relative error), about 3e-10 here; then clipping scales
+// every element by the same factor.
+TEST(TrainOptimizer, NormOverManyBlocks) {
+    const int64_t n = ((int64_t)1 << 14) * 256 * 2 + 12345;
+    std::vector<float> g((size_t)n);
+    uint64_t rng = 7;
+    long double ref = 0.0L;
+    for (int64_t i = 0; i < n; i++) {
+        rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+        g[(size_t)i] = (float)((double)(rng >> 40) / (double)(1 << 24) - 0.5);
+        ref += (long double)g[(size_t)i] * (long double)g[(size_t)i];
+    }
+    const double want = std::sqrt((double)ref);
+    const std::vector<float> g0 = g;
+    const double norm = sf_clip_grad_norm(g.data(), n, want * 2.0);  // under the limit
+    EXPECT_LE(std::fabs(norm - want) / want, (double)n * 0x1p-53 / 2.0);
+    EXPECT_EQ(g, g0);
+    EXPECT_EQ(sf_clip_grad_norm(g.data(), n, 0.0), norm);  // the same bits again
+    const double coef = 1.0 / (norm + 1e-6);
+    sf_clip_grad_norm(g.data(), n, 1.0);
+    for (int64_t i : {(int64_t)0, (int64_t)1 << 22, n - 1}) {
+        EXPECT_EQ(g[(size_t)i], (float)((double)g0[(size_t)i] * coef)) << i;
+    }
 }
 
 TEST_F(Train, BadInputsGiveClearStatuses) {
