@@ -133,17 +133,7 @@ __global__ void __launch_bounds__(TPR * ROWS)
     // Every load first; dx may be dy, and each element is read by the thread that writes it.
     Pack<VEC> h[kChunks] = {};
     float g[kChunks][VEC] = {};
-#pragma unroll
-    for (int k = 0; k < kChunks; k++) {
-        const int c = t + k * TPR;
-        if (c < n_chunks) {
-            h[k] = sf_norms::load_pack<VEC>(x + base + (int64_t)c * VEC);
-            sf_norms::load_f32<VEC>(dy + base + (int64_t)c * VEC, g[k]);
-            const Pack<VEC> wp = sf_norms::load_pack_ro<VEC>(w + (int64_t)c * VEC);
-#pragma unroll
-            for (int i = 0; i < VEC; i++) g[k][i] *= sf_norms::pack_get(wp, i);
-        }
-    }
+    sf_norms::load_backward_row<VEC, TPR, kChunks>(h, g, x, dy, w, base, t, n_chunks);
 
     // Reduction 1: the row sum (for the mean) and sum(g).
     float sum = 0.0f, sg = 0.0f;
@@ -179,26 +169,11 @@ __global__ void __launch_bounds__(TPR * ROWS)
 
     const float mg = s1.y / (float)dim;
     const float k2 = rstd * rstd * (s2.y / (float)dim);
-#pragma unroll
-    for (int k = 0; k < kChunks; k++) {
-        const int c = t + k * TPR;
-        if (c < n_chunks) {
-            float *p = dx + base + (int64_t)c * VEC;
-            float o[VEC];
-            if (accumulate) {
-                sf_norms::load_f32<VEC>(p, o);
-            } else {
-#pragma unroll
-                for (int i = 0; i < VEC; i++) o[i] = 0.0f;
-            }
-#pragma unroll
-            for (int i = 0; i < VEC; i++) {
-                const float d = sf_norms::pack_get(h[k], i) - mean;
-                o[i] += rstd * (g[k][i] - mg - d * k2);
-            }
-            sf_norms::store_f32<VEC>(p, o);
-        }
-    }
+    sf_norms::store_backward_row<VEC, TPR, kChunks>(
+        dx, accumulate, base, t, n_chunks, [&](int k, int i) {
+            const float d = sf_norms::pack_get(h[k], i) - mean;
+            return rstd * (g[k][i] - mg - d * k2);
+        });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -243,20 +218,6 @@ extern "C" sf_status sf_cuda_layernorm_bf16(sf_bf16 *out, sf_bf16 *residual_out,
                                           stream);
 }
 
-// The backward's row kernel for the planned variant: dx (or NULL) and stats (or NULL).
-static void layernorm_backward_rows(const sf_norms::Plan &plan, float *dx, bool accumulate,
-                                    float2 *stats, const float *dy, const sf_bf16 *x,
-                                    const sf_bf16 *w, int64_t rows, int64_t dim, float eps,
-                                    cudaStream_t stream) {
-    sf_norms::with_variant(plan, [&](auto variant) {
-        using V = decltype(variant);
-        const int64_t grid = sf_norms::ceil_div(rows, V::rows_per_block);
-        layernorm_backward_kernel<V::vec, V::threads_per_row, V::rows_per_block>
-            <<<(unsigned)grid, V::block, 0, stream>>>(dx, accumulate, stats, dy, x, w, rows,
-                                                      (int)dim, eps);
-    });
-}
-
 extern "C" sf_status sf_cuda_layernorm_backward_variant(float *dx, bool accumulate_dx, float *dw,
                                                         float *db, const float *dy,
                                                         const sf_bf16 *x, const sf_bf16 *w,
@@ -265,32 +226,20 @@ extern "C" sf_status sf_cuda_layernorm_backward_variant(float *dx, bool accumula
                                                         int threads_per_row,
                                                         cudaStream_t stream) {
     static const char fn[] = "sf_cuda_layernorm_backward";
-    const bool params = dw || db;
-    sf_status st = sf_norms::check_bwd_args(fn, dx, dy, x, w, rows, dim, eps, params, workspace,
-                                            workspace_bytes, threads_per_row);
+    const sf_status st = sf_norms::check_bwd_args(fn, dx, dy, x, w, rows, dim, eps, dw || db,
+                                                  workspace, workspace_bytes, threads_per_row);
     if (st != SF_OK) return st;
-    if (rows == 0 || dim == 0 || (!dx && !params)) return SF_OK;
-    const bool vector_ok = dim % 8 == 0 && sf_norms::aligned16(dx) && sf_norms::aligned16(dy) &&
-                           sf_norms::aligned16(x) && sf_norms::aligned16(w);
-    sf_norms::Plan plan;
-    st = sf_norms::plan_bwd(fn, dim, vector_ok, threads_per_row, &plan);
-    if (st != SF_OK) return st;
-
-    sf_nvtx_range range(fn);
-    float2 *stats = static_cast<float2 *>(params ? workspace : nullptr);
-    if (params && dx == dy) {
-        // The column sums need the original dy: statistics, column sums, then dx over dy.
-        layernorm_backward_rows(plan, nullptr, false, stats, dy, x, w, rows, dim, eps, stream);
-        sf_norms::launch_param_grads(dw, db, dy, x, stats, rows, dim, stream);
-        layernorm_backward_rows(plan, dx, accumulate_dx, nullptr, dy, x, w, rows, dim, eps,
-                                stream);
-    } else {
-        layernorm_backward_rows(plan, dx, accumulate_dx, stats, dy, x, w, rows, dim, eps,
-                                stream);
-        if (params) sf_norms::launch_param_grads(dw, db, dy, x, stats, rows, dim, stream);
-    }
-    SF_CUDA_TRY(cudaGetLastError());
-    return SF_OK;
+    return sf_norms::run_backward(
+        fn, dx, accumulate_dx, dw, db, dy, x, w, rows, dim, workspace, threads_per_row, stream,
+        [&](const sf_norms::Plan &plan, float *out, bool accumulate, float2 *stats) {
+            sf_norms::with_variant(plan, [&](auto variant) {
+                using V = decltype(variant);
+                const int64_t grid = sf_norms::ceil_div(rows, V::rows_per_block);
+                layernorm_backward_kernel<V::vec, V::threads_per_row, V::rows_per_block>
+                    <<<(unsigned)grid, V::block, 0, stream>>>(out, accumulate, stats, dy, x, w,
+                                                              rows, (int)dim, eps);
+            });
+        });
 }
 
 extern "C" sf_status sf_cuda_layernorm_backward(float *dx, bool accumulate_dx, float *dw,

@@ -192,6 +192,51 @@ __device__ __forceinline__ float2 row_sum2(float a, float b, float *partial) {
     return make_float2(a, b);
 }
 
+// The backward row kernels' loads (rmsnorm.cu, layernorm.cu): for chunk k of thread t (at
+// t + k * TPR) inside the row, x as bf16 bits in h[k] and dy * w in fp32 in g[k]; chunks past
+// the row keep the caller's zeros. Every load comes before any store, so dx may be dy.
+template <int VEC, int TPR, int kChunks>
+__device__ __forceinline__ void load_backward_row(Pack<VEC> (&h)[kChunks],
+                                                  float (&g)[kChunks][VEC],
+                                                  const uint16_t *__restrict__ x, const float *dy,
+                                                  const uint16_t *__restrict__ w, int64_t base,
+                                                  int t, int n_chunks) {
+#pragma unroll
+    for (int k = 0; k < kChunks; k++) {
+        const int c = t + k * TPR;
+        if (c < n_chunks) {
+            h[k] = load_pack<VEC>(x + base + (int64_t)c * VEC);
+            load_f32<VEC>(dy + base + (int64_t)c * VEC, g[k]);
+            const Pack<VEC> wp = load_pack_ro<VEC>(w + (int64_t)c * VEC);
+#pragma unroll
+            for (int i = 0; i < VEC; i++) g[k][i] *= pack_get(wp, i);
+        }
+    }
+}
+
+// Their stores: dx = (accumulate ? dx : 0) + grad(k, i) over the same chunks.
+template <int VEC, int TPR, int kChunks, typename Grad>
+__device__ __forceinline__ void store_backward_row(float *dx, bool accumulate, int64_t base,
+                                                   int t, int n_chunks, Grad grad) {
+#pragma unroll
+    for (int k = 0; k < kChunks; k++) {
+        const int c = t + k * TPR;
+        if (c < n_chunks) {
+            float *p = dx + base + (int64_t)c * VEC;
+            float o[VEC];
+            if (accumulate) {
+                load_f32<VEC>(p, o);
+            } else {
+#pragma unroll
+                for (int i = 0; i < VEC; i++) o[i] = 0.0f;
+            }
+#pragma unroll
+            for (int i = 0; i < VEC; i++) o[i] += grad(k, i);
+            store_f32<VEC>(p, o);
+        }
+    }
+}
+
 // The weight (and bias) gradients: column sums over all rows, deterministic. Block (32, kLanes):
 // threadIdx.x picks one of 32 adjacent columns (a warp reads 128 contiguous bytes of dy per
 // row), threadIdx.y one of kLanes interleaved row lanes; each lane sums its rows in order, then
@@ -298,29 +343,35 @@ inline sf_status check_args(const char *fn, const void *out, const void *residua
 // a warp per row for short rows, else a block per row. A thread's register chunks are sized for
 // max_chunks whatever it uses, so filling them costs no occupancy and gives each SM the most
 // loads in flight (d = 4096: 128 threads x 4 chunks, twice the bytes in flight per SM of
-// 256 x 2 at the same registers per thread).
-inline sf_status plan(const char *fn, int64_t dim, bool vector_ok, int threads_per_row,
-                      Plan *p) {
+// 256 x 2 at the same registers per thread). cap is the row length a variant holds: capacity
+// for the forward, capacity_bwd for the backward.
+inline sf_status plan_with(const char *fn, int64_t dim, bool vector_ok, int threads_per_row,
+                           int64_t (*cap)(int vec, int threads_per_row), Plan *p) {
     p->vec = vector_ok ? 8 : 1;
     p->threads_per_row = threads_per_row;
     if (threads_per_row == 0) {
         p->threads_per_row = 1024;
         for (int t = 32; t <= 1024; t *= 2) {
-            if (dim <= capacity(p->vec, t)) {
+            if (dim <= cap(p->vec, t)) {
                 p->threads_per_row = t;
                 break;
             }
         }
     }
-    if (dim > capacity(p->vec, p->threads_per_row)) {
+    if (dim > cap(p->vec, p->threads_per_row)) {
         return sf_fail(SF_ERR_INVALID_ARGUMENT,
                        "%s: dim = %lld does not fit %d threads per row on the %s path (at most "
                        "%lld)",
                        fn, (long long)dim, p->threads_per_row,
                        p->vec == 8 ? "128-bit" : "scalar",
-                       (long long)capacity(p->vec, p->threads_per_row));
+                       (long long)cap(p->vec, p->threads_per_row));
     }
     return SF_OK;
+}
+
+inline sf_status plan(const char *fn, int64_t dim, bool vector_ok, int threads_per_row,
+                      Plan *p) {
+    return plan_with(fn, dim, vector_ok, threads_per_row, capacity, p);
 }
 
 // Calls launch(Variant<vec, threads_per_row>{}) for the planned variant, so each kernel is
@@ -357,26 +408,7 @@ inline int64_t capacity_bwd(int vec, int threads_per_row) {
 // The backward's plan: the forward's rule with the backward's 16 values per thread.
 inline sf_status plan_bwd(const char *fn, int64_t dim, bool vector_ok, int threads_per_row,
                           Plan *p) {
-    p->vec = vector_ok ? 8 : 1;
-    p->threads_per_row = threads_per_row;
-    if (threads_per_row == 0) {
-        p->threads_per_row = 1024;
-        for (int t = 32; t <= 1024; t *= 2) {
-            if (dim <= capacity_bwd(p->vec, t)) {
-                p->threads_per_row = t;
-                break;
-            }
-        }
-    }
-    if (dim > capacity_bwd(p->vec, p->threads_per_row)) {
-        return sf_fail(SF_ERR_INVALID_ARGUMENT,
-                       "%s: dim = %lld does not fit %d threads per row on the %s path (at most "
-                       "%lld)",
-                       fn, (long long)dim, p->threads_per_row,
-                       p->vec == 8 ? "128-bit" : "scalar",
-                       (long long)capacity_bwd(p->vec, p->threads_per_row));
-    }
-    return SF_OK;
+    return plan_with(fn, dim, vector_ok, threads_per_row, capacity_bwd, p);
 }
 
 // Checks what both backward launchers share, before any CUDA call. want_params: dw or db.
@@ -428,6 +460,37 @@ inline void launch_param_grads(float *dw, float *db, const float *dy, const uint
     const dim3 block(32, kParamLanes);
     norm_param_grad_kernel<<<(unsigned)ceil_div(dim, 32), block, 0, stream>>>(
         dw, db, dy, x, stats, rows, (int)dim);
+}
+
+// What both backward launchers do once their arguments are checked: plan the variant, then
+// rows(plan, dx, accumulate, stats) enqueues the row kernel (dx or stats may be NULL) and the
+// column sums give dw (and db). When dx overwrites dy the column sums need the original dy, so
+// the statistics come first, then the column sums, then dx.
+template <typename Rows>
+sf_status run_backward(const char *fn, float *dx, bool accumulate_dx, float *dw, float *db,
+                       const float *dy, const uint16_t *x, const uint16_t *w, int64_t rows,
+                       int64_t dim, void *workspace, int threads_per_row, cudaStream_t stream,
+                       Rows &&row_kernel) {
+    const bool params = dw || db;
+    if (rows == 0 || dim == 0 || (!dx && !params)) return SF_OK;
+    const bool vector_ok = dim % 8 == 0 && aligned16(dx) && aligned16(dy) && aligned16(x) &&
+                           aligned16(w);
+    Plan plan;
+    const sf_status st = plan_bwd(fn, dim, vector_ok, threads_per_row, &plan);
+    if (st != SF_OK) return st;
+
+    sf_nvtx_range range(fn);
+    float2 *stats = static_cast<float2 *>(params ? workspace : nullptr);
+    if (params && dx == dy) {
+        row_kernel(plan, nullptr, false, stats);
+        launch_param_grads(dw, db, dy, x, stats, rows, dim, stream);
+        row_kernel(plan, dx, accumulate_dx, nullptr);
+    } else {
+        row_kernel(plan, dx, accumulate_dx, stats);
+        if (params) launch_param_grads(dw, db, dy, x, stats, rows, dim, stream);
+    }
+    SF_CUDA_TRY(cudaGetLastError());
+    return SF_OK;
 }
 
 }  // namespace sf_norms

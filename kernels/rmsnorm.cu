@@ -111,17 +111,7 @@ __global__ void __launch_bounds__(TPR * ROWS)
     // Every load first; dx may be dy, and each element is read by the thread that writes it.
     Pack<VEC> h[kChunks] = {};
     float g[kChunks][VEC] = {};
-#pragma unroll
-    for (int k = 0; k < kChunks; k++) {
-        const int c = t + k * TPR;
-        if (c < n_chunks) {
-            h[k] = sf_norms::load_pack<VEC>(x + base + (int64_t)c * VEC);
-            sf_norms::load_f32<VEC>(dy + base + (int64_t)c * VEC, g[k]);
-            const Pack<VEC> wp = sf_norms::load_pack_ro<VEC>(w + (int64_t)c * VEC);
-#pragma unroll
-            for (int i = 0; i < VEC; i++) g[k][i] *= sf_norms::pack_get(wp, i);
-        }
-    }
+    sf_norms::load_backward_row<VEC, TPR, kChunks>(h, g, x, dy, w, base, t, n_chunks);
 
     // sum(x^2) for r, sum(g x) for the gradient through r: one reduction for both.
     float ss = 0.0f, gx = 0.0f;
@@ -141,23 +131,9 @@ __global__ void __launch_bounds__(TPR * ROWS)
 
     // dx = r g - x c with c = r^3 / dim * sum(g x).
     const float c = r * r * r * (sums.y / (float)dim);
-#pragma unroll
-    for (int k = 0; k < kChunks; k++) {
-        const int c_idx = t + k * TPR;
-        if (c_idx < n_chunks) {
-            float *p = dx + base + (int64_t)c_idx * VEC;
-            float o[VEC];
-            if (accumulate) {
-                sf_norms::load_f32<VEC>(p, o);
-            } else {
-#pragma unroll
-                for (int i = 0; i < VEC; i++) o[i] = 0.0f;
-            }
-#pragma unroll
-            for (int i = 0; i < VEC; i++) o[i] += r * g[k][i] - sf_norms::pack_get(h[k], i) * c;
-            sf_norms::store_f32<VEC>(p, o);
-        }
-    }
+    sf_norms::store_backward_row<VEC, TPR, kChunks>(
+        dx, accumulate, base, t, n_chunks,
+        [&](int k, int i) { return r * g[k][i] - sf_norms::pack_get(h[k], i) * c; });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -201,20 +177,6 @@ extern "C" sf_status sf_cuda_rmsnorm_bf16(sf_bf16 *out, sf_bf16 *residual_out, c
                                         stream);
 }
 
-// The backward's row kernel for the planned variant: dx (or NULL) and stats (or NULL).
-static void rmsnorm_backward_rows(const sf_norms::Plan &plan, float *dx, bool accumulate,
-                                  float2 *stats, const float *dy, const sf_bf16 *x,
-                                  const sf_bf16 *w, int64_t rows, int64_t dim, float eps,
-                                  cudaStream_t stream) {
-    sf_norms::with_variant(plan, [&](auto variant) {
-        using V = decltype(variant);
-        const int64_t grid = sf_norms::ceil_div(rows, V::rows_per_block);
-        rmsnorm_backward_kernel<V::vec, V::threads_per_row, V::rows_per_block>
-            <<<(unsigned)grid, V::block, 0, stream>>>(dx, accumulate, stats, dy, x, w, rows,
-                                                      (int)dim, eps);
-    });
-}
-
 extern "C" sf_status sf_cuda_rmsnorm_backward_variant(float *dx, bool accumulate_dx, float *dw,
                                                       const float *dy, const sf_bf16 *x,
                                                       const sf_bf16 *w, int64_t rows,
@@ -222,30 +184,21 @@ extern "C" sf_status sf_cuda_rmsnorm_backward_variant(float *dx, bool accumulate
                                                       size_t workspace_bytes,
                                                       int threads_per_row, cudaStream_t stream) {
     static const char fn[] = "sf_cuda_rmsnorm_backward";
-    sf_status st = sf_norms::check_bwd_args(fn, dx, dy, x, w, rows, dim, eps, dw != nullptr,
-                                            workspace, workspace_bytes, threads_per_row);
+    const sf_status st = sf_norms::check_bwd_args(fn, dx, dy, x, w, rows, dim, eps,
+                                                  dw != nullptr, workspace, workspace_bytes,
+                                                  threads_per_row);
     if (st != SF_OK) return st;
-    if (rows == 0 || dim == 0 || (!dx && !dw)) return SF_OK;
-    const bool vector_ok = dim % 8 == 0 && sf_norms::aligned16(dx) && sf_norms::aligned16(dy) &&
-                           sf_norms::aligned16(x) && sf_norms::aligned16(w);
-    sf_norms::Plan plan;
-    st = sf_norms::plan_bwd(fn, dim, vector_ok, threads_per_row, &plan);
-    if (st != SF_OK) return st;
-
-    sf_nvtx_range range(fn);
-    float2 *stats = static_cast<float2 *>(dw ? workspace : nullptr);
-    if (dw && dx == dy) {
-        // The column sums need the original dy: statistics, column sums, then dx over dy.
-        rmsnorm_backward_rows(plan, nullptr, false, stats, dy, x, w, rows, dim, eps, stream);
-        sf_norms::launch_param_grads(dw, nullptr, dy, x, stats, rows, dim, stream);
-        rmsnorm_backward_rows(plan, dx, accumulate_dx, nullptr, dy, x, w, rows, dim, eps,
-                              stream);
-    } else {
-        rmsnorm_backward_rows(plan, dx, accumulate_dx, stats, dy, x, w, rows, dim, eps, stream);
-        if (dw) sf_norms::launch_param_grads(dw, nullptr, dy, x, stats, rows, dim, stream);
-    }
-    SF_CUDA_TRY(cudaGetLastError());
-    return SF_OK;
+    return sf_norms::run_backward(
+        fn, dx, accumulate_dx, dw, nullptr, dy, x, w, rows, dim, workspace, threads_per_row,
+        stream, [&](const sf_norms::Plan &plan, float *out, bool accumulate, float2 *stats) {
+            sf_norms::with_variant(plan, [&](auto variant) {
+                using V = decltype(variant);
+                const int64_t grid = sf_norms::ceil_div(rows, V::rows_per_block);
+                rmsnorm_backward_kernel<V::vec, V::threads_per_row, V::rows_per_block>
+                    <<<(unsigned)grid, V::block, 0, stream>>>(out, accumulate, stats, dy, x, w,
+                                                              rows, (int)dim, eps);
+            });
+        });
 }
 
 extern "C" sf_status sf_cuda_rmsnorm_backward(float *dx, bool accumulate_dx, float *dw,
