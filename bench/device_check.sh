@@ -6,7 +6,8 @@
 #   bench/device_check.sh [full]  build everything, GPU + CPU tests, compute-sanitizer memcheck
 #                                 and racecheck on small filters, kernel benchmarks with their
 #                                 peers (torch SDPA: cuDNN, flash), the end-to-end engine bench
-#                                 and its transformers peer (well under 8 minutes)
+#                                 and its transformers peer, the training-step bench (well
+#                                 under 8 minutes)
 # A short table goes to stdout; under $OUT (at most 8 files come back from the device tool):
 # summary.txt, the GPU-test and end-to-end logs, and logs.tar.gz with every log.
 set -uo pipefail
@@ -23,8 +24,8 @@ declare -a table
 snapshot() {
     printf '%s\n' "${table[@]}" >"$OUT/summary.txt"
     tar czf "$DEST/logs.tar.gz" -C "$OUT" . 2>/dev/null
-    for f in summary.txt gpu_tests.log bench_engine.log peer_e2e.log bench_attention.log \
-        build.log; do
+    for f in summary.txt gpu_tests.log bench_engine.log bench_train.log peer_e2e.log \
+        bench_attention.log build.log; do
         [[ -f "$OUT/$f" ]] && cp "$OUT/$f" "$DEST/"
     done
 }
@@ -107,11 +108,16 @@ if command -v python3 >/dev/null; then
 fi
 timeout 150 "$build/bench_engine" >"$OUT/bench_engine.log" 2>&1
 row "bench_engine" "rc=$? $(grep -c '^SUMMARY .*prefill_tok_s' "$OUT/bench_engine.log")/4 configs"
+# One Sysformer training step at SmolLM2-135M shapes (1008 tokens), GPU rows only (the CPU rows
+# are measured on the developer machine; here they would cost a minute of device time).
+timeout 90 "$build/bench_train" --devices cuda >"$OUT/bench_train.log" 2>&1
+row "bench_train" "rc=$? $(grep -c '^SUMMARY train .*step_s=' "$OUT/bench_train.log")/2 rows"
 PYTHONUNBUFFERED=1 timeout 240 python3 bench/peer_e2e.py >"$OUT/peer_e2e.log" 2>&1
 row "peer_e2e (transformers)" "rc=$?"
 
 finish
-grep -h '^SUMMARY' "$OUT/bench_engine.log" "$OUT/peer_e2e.log"
-for b in bench_norms bench_elementwise bench_attention peer_attention bench_engine peer_e2e; do
+grep -h '^SUMMARY' "$OUT/bench_engine.log" "$OUT/bench_train.log" "$OUT/peer_e2e.log"
+for b in bench_norms bench_elementwise bench_attention peer_attention bench_engine bench_train \
+    peer_e2e; do
     [[ -f "$OUT/$b.log" ]] && { echo; echo "== $b"; cat "$OUT/$b.log"; }
 done
