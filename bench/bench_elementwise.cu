@@ -296,8 +296,10 @@ int main(int argc, char **argv) {
     }
 
     // Sampling over 32 rows of 128256 fp32 logits (a decode step of 32 requests): argmax, top-k
-    // 50 with top-p 0.9, and top-p alone (a full-vocabulary sort). Bytes: the logits once; the
-    // sampler re-reads them, so its GB/s says how far it is from one pass.
+    // 50 with top-p 0.9, and top-p alone (the mass-weighted select, then a sort of its ~11%
+    // candidates for these logits, uniform in [-10, 10]: the nucleus is the tokens above ~7.7).
+    // Bytes: the logits once; the sampler re-reads them, so its GB/s says how far it is from one
+    // pass.
     {
         const int64_t rows = 32;
         const size_t n = (size_t)rows * kVocab;

@@ -15,8 +15,15 @@
 // 256K terms. A token can differ only if u * total or the top_p mass lands that close to a
 // boundary; tests/test_cuda_elementwise.cpp checks that margin for its inputs.
 //
-// Cost: the full-vocabulary sort (top_k off) is 4 passes over the row per block, about a
-// millisecond for 128K logits; with top_k on, the sort only sees k keys. Rows run in parallel.
+// top_p without top_k needs no full sort either: a radix select weighted by the softmax mass
+// (select_nucleus) finds a key threshold whose prefix holds the nucleus with a margin, and only
+// the keys up to it are sorted; the nucleus is then cut from them exactly as from the full sort,
+// and the tail's mass (the keys past the threshold) completes the row's total. The full sort
+// remains for rows whose mass is not finite (an infinite logit) and for plain sampling.
+//
+// Cost: the full-vocabulary sort is 4 passes over the row per block, about a millisecond for
+// 128K logits (measured on the H200: 1.8 ms for 32 rows); with top_k the sort sees k keys, with
+// top_p the nucleus's candidates. Rows run in parallel, one block each.
 #include <limits.h>
 
 #include "cuda_check.cuh"
@@ -116,9 +123,13 @@ struct SampleShared {
     int warp_digit[kWarps][kRadix];  // per-tile counts, then offsets, of each digit per warp
     int int_scan[kWarps + 1];
     double dbl_scan[kWarps + 1];
+    double mass[kRadix];  // select_nucleus: the softmax mass of each digit
+    double mass_left;     // select_nucleus: the mass still to reach inside the current prefix
+    uint32_t key_min;
     int found;
     uint32_t digit;
     int remaining;
+    int below;
     int skip;
 };
 
@@ -209,6 +220,85 @@ __device__ bool radix_pass(const uint32_t *src_k, const uint32_t *src_i, uint32_
     return true;
 }
 
+// The smallest key of the row (its largest logit) on every thread.
+__device__ uint32_t block_min_key(const float *row, int32_t vocab, SampleShared &sh) {
+    uint32_t m = 0xffffffffu;
+    for (int i = threadIdx.x; i < vocab; i += kSampleBlock) m = min(m, sort_key(row[i]));
+    for (int o = 16; o > 0; o >>= 1) m = min(m, __shfl_xor_sync(kFull, m, o));
+    if (threadIdx.x == 0) sh.key_min = 0xffffffffu;
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) atomicMin(&sh.key_min, m);
+    __syncthreads();
+    const uint32_t result = sh.key_min;
+    __syncthreads();
+    return result;
+}
+
+// top_p without top_k: a superset of the nucleus found without sorting. A most-significant-digit
+// radix select on the keys, each weighted by its softmax weight exp(z - z_max) (in double, as
+// step 3 forms it), finds the key `threshold` at which the mass of the keys up to it first
+// reaches top_p (1 + 1e-9) of the row's mass. The candidates are every key below the threshold
+// and every key equal to it. The digit masses are summed by atomics in no fixed order, so they
+// are off the exact sums by ~1e-13 relative at most (128K terms of a 2^-53 rounding each);
+// the 1e-9 margin covers that, so the candidates always hold the exact nucleus and the order
+// of the atomics cannot change the result. Returns the candidate count, or vocab when the select
+// cannot help (top_p (1 + 1e-9) reaches the whole mass, or that mass is not finite); *threshold,
+// and *ties (how many keys equal it) are set when the count is below vocab.
+__device__ int select_nucleus(const float *row, int32_t vocab, double t, double p,
+                              uint32_t *threshold, int *ties, SampleShared &sh) {
+    const int tid = threadIdx.x;
+    const double zm = (double)key_logit(block_min_key(row, vocab, sh)) / t;
+    if (!isfinite(zm)) return vocab;
+    uint32_t prefix = 0, mask = 0;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int d = tid; d < kRadix; d += kSampleBlock) {
+            sh.hist[d] = 0;
+            sh.mass[d] = 0.0;
+        }
+        __syncthreads();
+        for (int i = tid; i < vocab; i += kSampleBlock) {
+            const uint32_t k = sort_key(row[i]);
+            if ((k & mask) == prefix) {
+                const int d = (int)((k >> shift) & 255);
+                atomicAdd(&sh.hist[d], 1);
+                // NaN (key 0xffffffff) sorts last and carries no mass here
+                if (k != 0xffffffffu) atomicAdd(&sh.mass[d], exp((double)key_logit(k) / t - zm));
+            }
+        }
+        __syncthreads();
+        if (tid == 0) {
+            if (shift == 24) {
+                double total = 0.0;
+                for (int d = 0; d < kRadix; d++) total += sh.mass[d];
+                const double target = p * total * (1.0 + 1e-9);
+                sh.skip = !isfinite(total) || !(target < total);
+                sh.mass_left = target;
+                sh.below = 0;
+            }
+            // the first digit whose mass reaches what is left (the last one at worst)
+            double left = sh.mass_left;
+            int below = sh.below, d = 0;
+            while (d < kRadix - 1 && sh.mass[d] < left) {
+                left -= sh.mass[d];
+                below += sh.hist[d++];
+            }
+            sh.digit = (uint32_t)d;
+            sh.mass_left = left;
+            sh.below = below;
+            sh.remaining = sh.hist[d];
+        }
+        __syncthreads();
+        if (sh.skip) break;
+        prefix |= sh.digit << shift;
+        mask |= 255u << shift;
+    }
+    const int skip = sh.skip, n = sh.below + sh.remaining;
+    *ties = sh.remaining;
+    __syncthreads();  // everyone has read sh before it is reused
+    *threshold = prefix;
+    return skip || n >= vocab ? vocab : n;
+}
+
 // workspace per row: 4 * vocab words (keys and indices, two buffers). Written and read back by
 // other threads of the block across __syncthreads, so it is not __restrict__ (no read-only
 // cache path).
@@ -222,13 +312,17 @@ __global__ void __launch_bounds__(kSampleBlock)
     uint32_t *key_a = workspace + (int64_t)blockIdx.x * 4 * vocab;
     uint32_t *id_a = key_a + vocab, *key_b = id_a + vocab, *id_b = key_b + vocab;
 
-    // 1. The candidates, in index order, in (key_a, id_a).
-    const int keep = top_k > 0 && top_k < vocab ? top_k : vocab;
-    if (keep < vocab) {
-        // Radix select, most significant digit first: the key of the keep-th smallest key, and
+    // 1. The candidates, in index order, in (key_a, id_a): every key below `threshold` and the
+    //    first `ties` keys equal to it; n of them.
+    const bool nucleus_only = !(top_k > 0 && top_k < vocab) && top_p > 0.0f && top_p < 1.0f;
+    int n = top_k > 0 && top_k < vocab ? top_k : vocab;
+    uint32_t threshold = 0xffffffffu;
+    int ties = 0;
+    if (n < vocab) {
+        // Radix select, most significant digit first: the key of the n-th smallest key, and
         // how many of the keys equal to it are kept (the lowest-index ones).
         uint32_t prefix = 0, mask = 0;
-        int remaining = keep;
+        int remaining = n;
         for (int shift = 24; shift >= 0; shift -= 8) {
             for (int d = tid; d < kRadix; d += kSampleBlock) sh.hist[d] = 0;
             __syncthreads();
@@ -248,11 +342,18 @@ __global__ void __launch_bounds__(kSampleBlock)
             mask |= 255u << shift;
             remaining = sh.remaining;
         }
-        const uint32_t threshold = prefix;
-        // Stable compaction: keys below the threshold, and the first `remaining` keys equal to
-        // it in index order.
+        threshold = prefix;
+        ties = remaining;
+    } else if (nucleus_only) {
+        n = select_nucleus(row, vocab, (double)temperature, (double)top_p, &threshold, &ties,
+                           sh);
+    }
+    const bool selected = n < vocab;
+    if (selected) {
+        // Stable compaction: keys below the threshold, and the first `ties` keys equal to it in
+        // index order.
         int eq_before = 0, kept_before = 0;
-        for (int base = 0; base < vocab && kept_before < keep; base += kSampleBlock) {
+        for (int base = 0; base < vocab && kept_before < n; base += kSampleBlock) {
             const int i = base + tid;
             const bool valid = i < vocab;
             const uint32_t k = valid ? sort_key(row[i]) : 0xffffffffu;
@@ -260,7 +361,7 @@ __global__ void __launch_bounds__(kSampleBlock)
             int eq_total, kept_total;
             const int eq_rank =
                 eq_before + block_inclusive_scan(is_eq, &eq_total, sh.int_scan) - is_eq;
-            const int kept = valid && (k < threshold || (is_eq && eq_rank < remaining));
+            const int kept = valid && (k < threshold || (is_eq && eq_rank < ties));
             const int pos =
                 kept_before + block_inclusive_scan(kept, &kept_total, sh.int_scan) - kept;
             if (kept) {
@@ -277,7 +378,6 @@ __global__ void __launch_bounds__(kSampleBlock)
         }
     }
     __syncthreads();
-    const int n = keep;
 
     // 2. Stable LSD radix sort of the candidates by key.
     uint32_t *src_k = key_a, *src_i = id_a, *dst_k = key_b, *dst_i = id_b;
@@ -298,6 +398,17 @@ __global__ void __launch_bounds__(kSampleBlock)
     const double z_max = (double)key_logit(sorted_k[0]) / t;
     auto weight = [&](int i) { return exp((double)key_logit(sorted_k[i]) / t - z_max); };
     double total = block_sum(n, weight, sh);
+    if (nucleus_only && selected) {
+        // top_p's total is the whole row's: add the mass of the keys past the candidates (all
+        // greater than the threshold; NaN ones too, as the full sort would)
+        total += block_sum(
+            vocab,
+            [&](int i) {
+                const uint32_t k = sort_key(row[i]);
+                return k > threshold ? exp((double)key_logit(k) / t - z_max) : 0.0;
+            },
+            sh);
+    }
 
     // 4. The nucleus: the shortest prefix whose mass reaches top_p.
     int n_kept = n;

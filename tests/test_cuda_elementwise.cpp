@@ -702,6 +702,11 @@ const SampleCase kSampleCases[] = {
     {1.0f, 1, 1.0f},        // k = 1: the argmax
     {2.0f, 1 << 20, 0.5f},  // k beyond the vocabulary is off
     {0.5f, 1000, 0.99f},
+    // top-p alone takes the mass-weighted select (sampling.cu's select_nucleus): a small nucleus
+    // at a low temperature, a middling one, and one that keeps nearly the whole row
+    {0.25f, 0, 0.9f},
+    {0.7f, 0, 0.5f},
+    {1.0f, 0, 0.999f},
 };
 
 struct SampleMirror {
