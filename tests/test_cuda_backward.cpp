@@ -1519,6 +1519,358 @@ TEST_F(CudaBackwardGemm, EmptyInnerDimensions) {
 }
 
 // =============================================================================================
+// Edge paths: inputs and paths the tests above do not reach (found by running these kernels on a
+// CPU emulation of the SIMT model, where bugs planted in these paths went unnoticed by the
+// tests above): dx over dy with accumulate and parameter gradients, degenerate norm rows,
+// masked cross-entropy rows without `correct`, NaN / tied / -inf logits for the argmax, targets
+// out of range, RoPE heads wider than a block, SwiGLU's dup over dout, more bias shapes. The
+// bounds are the tests' own.
+// =============================================================================================
+
+// Norms: dx over dy with accumulate AND weight gradients (the 3-launch path accumulating onto
+// dy's old value), on every threads_per_row and both paths, and rows around 4 and 16.
+TEST(CudaBackwardEdges, NormInPlaceAccumulateWithParams) {
+    SF_SKIP_WITHOUT_GPU();
+    uint64_t seed = 7001;
+    for (bool layer : {false, true}) {
+        for (int tpr : {0, 32, 64, 256, 1024}) {
+            for (int64_t dim : {(int64_t)8, (int64_t)64, (int64_t)100, (int64_t)512, (int64_t)1001}) {
+                if (dim > 16 * (tpr ? tpr : 1024)) continue;
+                for (int64_t rows : {1, 5, 17}) {
+                    NormSpec s;
+                    s.layer = layer;
+                    s.rows = rows;
+                    s.dim = dim;
+                    s.threads_per_row = tpr;
+                    s.in_place = true;
+                    s.accumulate = true;
+                    check_norm(s, seed++);
+                    if (HasFailure()) return;
+                }
+            }
+        }
+    }
+}
+
+// LayerNorm rows with no spread (var = 0: rstd = eps^-1/2) and huge offsets, and RMSNorm rows
+// of tiny values: the statistics' extremes, against the CPU twin with the test's bounds.
+TEST(CudaBackwardEdges, NormDegenerateRows) {
+    SF_SKIP_WITHOUT_GPU();
+    for (bool layer : {false, true}) {
+        for (int64_t dim : {(int64_t)64, (int64_t)100}) {
+            const int64_t rows = 4;
+            NormSpec s;
+            s.layer = layer;
+            s.rows = rows;
+            s.dim = dim;
+            s.eps = 1e-5f;
+            NormData d = make_norm_data(rows, dim, 88);
+            for (int64_t i = 0; i < dim; i++) {
+                d.x[0 * dim + i] = 3.0f;                                      // constant
+                d.x[1 * dim + i] = 4096.0f + 32.0f * (float)(i % 3);  // offset, exact in bf16
+                d.x[2 * dim + i] = from_bf16(to_bf16(1e-6f * (float)((i % 5) - 2)));
+            }
+            std::vector<float> grad(rows * dim), ref_dw = d.dw0, ref_db = d.db0;
+            if (layer) {
+                sf_cpu_layernorm_backward(grad.data(), ref_dw.data(), ref_db.data(), d.dy.data(),
+                                          d.x.data(), d.w.data(), rows, dim, s.eps);
+            } else {
+                sf_cpu_rmsnorm_backward(grad.data(), ref_dw.data(), d.dy.data(), d.x.data(),
+                                        d.w.data(), rows, dim, s.eps);
+            }
+            const NormBounds b = norm_bounds(s, d, grad, ref_dw, ref_db);
+            DeviceBuffer<uint16_t> d_x(to_bf16(d.x)), d_w(to_bf16(d.w));
+            DeviceBuffer<float> d_dy(d.dy), d_dx(rows * dim), d_dw(d.dw0), d_db(d.db0);
+            const size_t ws_bytes = sf_cuda_norm_backward_workspace_bytes(rows);
+            DeviceBuffer<double> d_ws(ws_bytes / 8 + 1);
+            ASSERT_EQ(norm_launch(s, d_dx.get(), d_dw.get(), layer ? d_db.get() : nullptr,
+                                  d_dy.get(), d_x.get(), d_w.get(), d_ws.get(), ws_bytes),
+                      SF_OK);
+            SF_EXPECT_SYNC();
+            SCOPED_TRACE(describe(s) + " (degenerate rows)");
+            expect_within("dx", d_dx.host(), grad, b.dx);
+            expect_within("dw", d_dw.host(), ref_dw, b.dw);
+            if (layer) expect_within("db", d_db.host(), ref_db, b.db);
+        }
+    }
+}
+
+// Cross-entropy paths the GPU test does not take. Reference: the CPU twin per row (weights
+// != 0, target in range), else a double loop; the CPU's argmax loop for correct.
+struct CeExtra {
+    const char *name;
+    int64_t rows;
+    int32_t vocab;
+    bool want_loss = true, want_correct = true, want_d = true, weights = true;
+    bool in_bf16 = false, d_bf16 = false, in_place = false;
+    int d_shift = 0;  // dlogits only moved (logits stay aligned)
+};
+
+void check_ce_extra(const CeExtra &c, std::vector<float> z, const std::vector<int32_t> &targets,
+                    const std::vector<float> &weights) {
+    SCOPED_TRACE(c.name);
+    const int64_t rows = c.rows, V = c.vocab, n = rows * V;
+    if (c.in_bf16) z = bf16_round(z);
+    std::vector<float> ref_d(n, 0.0f);
+    std::vector<double> ref_loss(rows, 0.0), tol_loss(rows, 0.0), tol_d(n, 0.0);
+    std::vector<int32_t> ref_correct(rows);
+    std::vector<char> loss_nan(rows, 0);
+    const int vec = (V % 8 == 0 && c.d_shift == 0) ? 8 : 1;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *zr = &z[r * V];
+        int64_t best = 0;
+        for (int64_t i = 1; i < V; i++)
+            if (zr[i] > zr[best]) best = i;
+        ref_correct[r] = best == targets[r];
+        const double w = c.weights ? weights[r] : 1.0;
+        if (w == 0.0) continue;
+        const int32_t t = targets[r];
+        if (t >= 0 && t < V) {
+            const float wf = (float)w;
+            ref_loss[r] = sf_cpu_cross_entropy(&ref_d[r * V], zr, &t, &wf, 1, (int32_t)V);
+            tol_loss[r] = ce_row_bounds(zr, V, t, w, ref_loss[r], &ref_d[r * V], vec, c.d_bf16,
+                                        &tol_d[r * V]);
+        } else {  // NaN loss; dlogits = w softmax, no one-hot term
+            loss_nan[r] = 1;
+            double M = -INFINITY, S = 0.0;
+            for (int64_t i = 0; i < V; i++) M = std::max(M, (double)zr[i]);
+            for (int64_t i = 0; i < V; i++) S += std::exp((double)zr[i] - M);
+            for (int64_t i = 0; i < V; i++)
+                ref_d[r * V + i] = (float)(w * std::exp((double)zr[i] - M) / S);
+            ce_row_bounds(zr, V, 0, w, 0.0, &ref_d[r * V], vec, c.d_bf16, &tol_d[r * V]);
+        }
+    }
+    const size_t in_size = c.in_bf16 ? 2 : 4, out_size = c.d_bf16 ? 2 : 4;
+    DeviceBuffer<uint8_t> d_in(n * in_size), d_out((n + c.d_shift) * out_size);
+    DeviceBuffer<int32_t> d_t(targets), d_correct(rows);
+    DeviceBuffer<float> d_w(weights), d_loss(rows);
+    if (c.in_bf16) {
+        const std::vector<uint16_t> zb = to_bf16(z);
+        upload((uint16_t *)d_in.get(), zb);
+    } else {
+        upload((float *)d_in.get(), z);
+    }
+    void *out = c.in_place ? (void *)d_in.get() : (void *)(d_out.get() + c.d_shift * out_size);
+    ASSERT_EQ(sf_cuda_cross_entropy(c.want_loss ? d_loss.get() : nullptr,
+                                    c.want_correct ? d_correct.get() : nullptr,
+                                    c.want_d ? out : nullptr, c.d_bf16, d_in.get(), c.in_bf16,
+                                    d_t.get(), c.weights ? d_w.get() : nullptr, rows, (int32_t)V,
+                                    nullptr),
+              SF_OK)
+        << sf_last_error();
+    SF_EXPECT_SYNC();
+    if (c.want_loss) {
+        const std::vector<float> got = d_loss.host();
+        BoundCheck cl("loss");
+        for (int64_t r = 0; r < rows; r++) {
+            if (loss_nan[r]) {
+                EXPECT_TRUE(std::isnan(got[r])) << "row " << r << ": target out of range, loss "
+                                                << got[r];
+            } else {
+                cl.add(got[r], ref_loss[r], tol_loss[r], r);
+            }
+        }
+        EXPECT_TRUE(cl.ok());
+    } else {
+        EXPECT_EQ(bits(d_loss.host()[0]), 0xffffffffu) << "loss written although not wanted";
+    }
+    if (c.want_correct) {
+        const std::vector<int32_t> got = d_correct.host();
+        for (int64_t r = 0; r < rows; r++) EXPECT_EQ(got[r], ref_correct[r]) << "correct, row " << r;
+    } else {
+        EXPECT_EQ(d_correct.host()[0], -1) << "correct written although not wanted";
+    }
+    if (c.want_d) {
+        const std::vector<float> got = download_out(out, (size_t)n, c.d_bf16);
+        BoundCheck cd("dlogits");
+        for (int64_t i = 0; i < n; i++) {
+            const int64_t r = i / V;
+            const double w = c.weights ? weights[r] : 1.0;
+            if (w == 0.0) {  // exactly +0
+                const uint32_t b = c.d_bf16 ? (uint32_t)to_bf16(got[i]) : bits(got[i]);
+                if (b != 0u) {
+                    ADD_FAILURE() << "masked row " << r << " col " << i % V << ": " << got[i];
+                    break;
+                }
+                continue;
+            }
+            cd.add(got[i], ref_d[i], tol_d[i], i);
+        }
+        EXPECT_TRUE(cd.ok());
+    }
+}
+
+TEST(CudaBackwardEdges, CrossEntropyPaths) {
+    SF_SKIP_WITHOUT_GPU();
+    Rng rng(9101);
+    auto make = [&](int64_t rows, int32_t V, float sigma) {
+        std::vector<float> z(rows * V);
+        for (float &v : z) v = sigma * rng.normal();
+        return z;
+    };
+    // 1. Masked rows with correct NOT wanted: the early exit (zeros, no read of the logits).
+    for (int32_t V : {64, 1000, 4099}) {
+        for (bool d_bf16 : {false, true}) {
+            const int64_t rows = 6;
+            std::vector<float> z = make(rows, V, 3.0f);
+            std::vector<int32_t> t(rows);
+            std::vector<float> w(rows);
+            for (int64_t r = 0; r < rows; r++) {
+                t[r] = (int32_t)rng.below(V);
+                w[r] = r % 2 ? 0.0f : 0.5f + (float)r;
+            }
+            t[1] = -100;
+            t[3] = V + 5;
+            CeExtra c{"masked rows, correct NULL", rows, V};
+            c.want_correct = false;
+            c.d_bf16 = d_bf16;
+            check_ce_extra(c, z, t, w);
+            c.name = "masked rows, correct NULL, in place";
+            c.in_place = true;
+            c.in_bf16 = d_bf16;
+            check_ce_extra(c, z, t, w);
+            c.name = "masked rows, correct NULL, loss NULL";
+            c.in_place = false;
+            c.want_loss = false;
+            check_ce_extra(c, z, t, w);
+        }
+    }
+    // 2. Targets out of range on rows with weight != 0: NaN loss, correct 0, w softmax.
+    for (int32_t V : {8, 1000, 1001}) {
+        const int64_t rows = 4;
+        std::vector<float> z = make(rows, V, 2.0f);
+        std::vector<int32_t> t = {-1, V, (int32_t)rng.below(V), INT32_MIN};
+        std::vector<float> w = {1.0f, 0.25f, 2.0f, 1.5f};
+        CeExtra c{"targets out of range", rows, V};
+        check_ce_extra(c, z, t, w);
+        c.name = "targets out of range, no weights";
+        c.weights = false;
+        check_ce_extra(c, z, t, w);
+    }
+    // 3. Argmax: NaN at index 0 (the CPU keeps 0), NaN elsewhere (ignored), all NaN (0), ties
+    //    across warps and across lanes of the scalar path, a maximum at the very end.
+    for (int32_t V : {40, 4096, 4097}) {
+        const int64_t rows = 7;
+        std::vector<float> z = make(rows, V, 1.0f);
+        std::vector<int32_t> t(rows, 0);
+        std::vector<float> w(rows, 1.0f);
+        z[0 * V + 0] = NAN;                        // row 0: NaN first -> argmax 0
+        z[1 * V + 5] = NAN;                        // row 1: NaN inside, max elsewhere
+        z[1 * V + 9] = 50.0f;
+        t[1] = 9;
+        for (int32_t i = 0; i < V; i++) z[2 * V + i] = NAN;  // row 2: all NaN -> 0
+        z[3 * V + V - 1] = 30.0f;                  // row 3: tie, first wins
+        z[3 * V + V / 2 + 1] = 30.0f;
+        t[3] = V / 2 + 1;
+        z[4 * V + V - 1] = 30.0f;                  // row 4: tie, target the later one
+        z[4 * V + 3] = 30.0f;
+        t[4] = V - 1;
+        z[5 * V + V - 1] = 99.0f;                  // row 5: max at the end
+        t[5] = V - 1;
+        for (int32_t i = 0; i < V; i++) z[6 * V + i] = -INFINITY;  // row 6: -inf but one
+        z[6 * V + 17] = 1.0f;
+        t[6] = 17;
+        CeExtra c{"argmax cases, correct only", rows, V};
+        c.want_loss = false;
+        c.want_d = false;
+        check_ce_extra(c, z, t, w);
+        c.name = "argmax cases, correct only, bf16 logits";
+        c.in_bf16 = true;
+        check_ce_extra(c, z, t, w);
+        // The rows without NaN, all outputs (row 6: the -inf entries' gradient is exactly 0).
+        std::vector<float> z2(z.begin() + 3 * V, z.end());
+        std::vector<int32_t> t2(t.begin() + 3, t.end());
+        std::vector<float> w2(w.begin() + 3, w.end());
+        CeExtra c2{"ties, max at the end, -inf rows: all outputs", rows - 3, V};
+        check_ce_extra(c2, z2, t2, w2);
+    }
+    // 4. Only dlogits misaligned (logits aligned): the scalar path; bf16 and fp32.
+    for (bool d_bf16 : {false, true}) {
+        const int64_t rows = 3;
+        const int32_t V = 1024;
+        std::vector<float> z = make(rows, V, 4.0f);
+        std::vector<int32_t> t = {1, 1023, 512};
+        std::vector<float> w = {1.0f, 0.5f, 3.0f};
+        CeExtra c{"dlogits misaligned", rows, V};
+        c.d_shift = 1;
+        c.d_bf16 = d_bf16;
+        check_ce_extra(c, z, t, w);
+    }
+    // 5. Large logits (|z| ~ 1e4: exp(z - M) underflows for most of the row).
+    {
+        const int64_t rows = 2;
+        const int32_t V = 2048;
+        std::vector<float> z = make(rows, V, 1e4f);
+        std::vector<int32_t> t = {3, 2047};
+        std::vector<float> w = {1.0f, 1.0f};
+        CeExtra c{"large logits", rows, V};
+        check_ce_extra(c, z, t, w);
+    }
+}
+
+// RoPE: head dims whose half exceeds the block (the cos/sin table loop strides), an odd half
+// above the block, head_dim 2, and every token on the second table.
+TEST(CudaBackwardEdges, RopeWideHeads) {
+    SF_SKIP_WITHOUT_GPU();
+    uint64_t seed = 9301;
+    for (int32_t hd : {2, 258, 384, 512}) {
+        for (int mode = 0; mode < 3; mode++) {
+            RopeSpec s;
+            s.n_heads = hd > 256 ? 2 : 5;
+            s.n = 9;
+            s.out_bf16 = mode == 1;
+            s.in_place = mode == 2;
+            s.pad = mode == 0 ? 8 : 0;
+            check_rope(rope_config(SF_ROPE_DEFAULT, hd, 10000.0), s, seed++);
+            if (HasFailure()) return;
+        }
+    }
+}
+
+// SwiGLU with dup over dout (the test puts dgate there), and the fused layout with ff below a
+// block and rows past gridDim.y's cap would be too slow: rows 3, ff 8 * 256 + 8 (2 x-blocks).
+TEST(CudaBackwardEdges, SwigluDupInPlace) {
+    SF_SKIP_WITHOUT_GPU();
+    Rng rng(9401);
+    for (size_t n : {(size_t)9, (size_t)4096, (size_t)4099}) {
+        const std::vector<float> g = swiglu_gates(rng, n);
+        const std::vector<float> u = bf16_round(normal(rng, n, 2.0f));
+        const std::vector<float> dout = normal(rng, n, 1.0f);
+        std::vector<float> ref_dg(n), ref_du(n);
+        sf_cpu_swiglu_backward(ref_dg.data(), ref_du.data(), dout.data(), g.data(), u.data(),
+                               (int64_t)n);
+        DeviceBuffer<uint16_t> d_g(to_bf16(g)), d_u(to_bf16(u));
+        DeviceBuffer<float> d_dout(dout), d_dg(n);
+        ASSERT_EQ(sf_cuda_swiglu_backward(d_dg.get(), d_dout.get(), false, d_dout.get(), d_g.get(),
+                                          d_u.get(), (int64_t)n, nullptr),
+                  SF_OK);
+        SF_EXPECT_SYNC();
+        const std::vector<float> got_dg = d_dg.host(), got_du = d_dout.host();
+        BoundCheck cg("dgate"), cu("dup over dout");
+        for (size_t i = 0; i < n; i++) {
+            double tg, tu;
+            swiglu_bounds(dout[i], g[i], u[i], ref_dg[i], ref_du[i], false, &tg, &tu);
+            cg.add(got_dg[i], ref_dg[i], tg, (int64_t)i);
+            cu.add(got_du[i], ref_du[i], tu, (int64_t)i);
+        }
+        EXPECT_TRUE(cg.ok());
+        EXPECT_TRUE(cu.ok());
+    }
+}
+
+// Bias gradient: a column range over several x-blocks with every row lane busy, bf16 dy with
+// a row stride, rows = 0 without accumulate (zeros).
+TEST(CudaBackwardEdges, BiasGradientShapes) {
+    SF_SKIP_WITHOUT_GPU();
+    uint64_t seed = 9501;
+    check_bias_backward(33, 100, 104, true, false, seed++);
+    check_bias_backward(33, 100, 100, false, true, seed++);
+    check_bias_backward(0, 40, 40, false, false, seed++);
+    check_bias_backward(16, 64, 64, true, true, seed++);
+    check_bias_backward(17, 65, 70, false, false, seed++);
+}
+
+// =============================================================================================
 // Argument checks: before any CUDA call, so these run without a GPU. Pointers are host arrays
 // (or odd addresses) that no check dereferences; a call that passed every check would launch,
 // which on a machine without a GPU fails with SF_ERR_CUDA, not SF_ERR_INVALID_ARGUMENT.
