@@ -480,15 +480,7 @@ TEST(CudaBackward, NormZeroRows) {
 // RoPE backward
 // =============================================================================================
 
-sf_llm_config rope_config(sf_rope_type type, int32_t head_dim, double theta) {
-    sf_llm_config cfg = {};
-    cfg.head_dim = head_dim;
-    cfg.rope_theta = theta;
-    cfg.rope.type = type;
-    cfg.rope.factor = 1.0;
-    cfg.rope.attention_factor = 1.0;
-    return cfg;
-}
+using sf_test::rope_config;
 
 // One output of a rotated pair (d0, d1) at position pos, frequency inv64 (the CPU's double
 // table; the GPU's is its fp32 rounding):
@@ -603,24 +595,9 @@ void check_rope(const sf_llm_config &cfg, const RopeSpec &s, uint64_t seed) {
 // (+ 4: the scalar path); fp32 out of place and in place, bf16 out of place.
 TEST(CudaBackward, Rope) {
     SF_SKIP_WITHOUT_GPU();
-    std::vector<float> short_f(48), long_f(48);
-    for (int i = 0; i < 48; i++) {
-        short_f[i] = 1.0f + 0.01f * i;
-        long_f[i] = 1.0f + 0.5f * i;
-    }
-    sf_llm_config c64 = rope_config(SF_ROPE_DEFAULT, 64, 10000.0);
-    sf_llm_config c96 = rope_config(SF_ROPE_LONGROPE, 96, 10000.0);
-    c96.rope.original_max_position_embeddings = 4096;
-    c96.rope.attention_factor = 1.1902380714238083;
-    c96.rope.short_factor = short_f.data();
-    c96.rope.long_factor = long_f.data();
-    sf_llm_config c128 = rope_config(SF_ROPE_LLAMA3, 128, 500000.0);
-    c128.rope.factor = 8.0;
-    c128.rope.low_freq_factor = 1.0;
-    c128.rope.high_freq_factor = 4.0;
-    c128.rope.original_max_position_embeddings = 8192;
+    const sf_test::RopeConfigs rc;
     uint64_t seed = 300;
-    for (const sf_llm_config *cfg : {&c64, &c96, &c128}) {
+    for (const sf_llm_config *cfg : {&rc.c64, &rc.c96, &rc.c128}) {
         for (int32_t heads : {1, 8}) {
             for (int64_t n : {1, 7, 65}) {
                 for (int64_t pad : {(int64_t)0, (int64_t)(4 * cfg->head_dim + 4)}) {
@@ -631,7 +608,7 @@ TEST(CudaBackward, Rope) {
                         s.pad = pad;
                         s.out_bf16 = mode == 1;
                         s.in_place = mode == 2;
-                        s.two_tables = cfg == &c96 && n > 1;
+                        s.two_tables = cfg == &rc.c96 && n > 1;
                         check_rope(*cfg, s, seed++);
                         if (HasFailure()) return;
                     }

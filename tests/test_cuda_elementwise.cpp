@@ -309,15 +309,7 @@ struct RopeCase {
     int32_t n_heads;
 };
 
-sf_llm_config rope_config(sf_rope_type type, int32_t head_dim, double theta) {
-    sf_llm_config cfg = {};
-    cfg.head_dim = head_dim;
-    cfg.rope_theta = theta;
-    cfg.rope.type = type;
-    cfg.rope.factor = 1.0;
-    cfg.rope.attention_factor = 1.0;
-    return cfg;
-}
+using sf_test::rope_config;
 
 // Per-element bound for one rotated pair (x0, x1) at position pos and frequency i:
 //   angle:  the GPU forms a = fl32(pos * fl32(inv)), the CPU pos * inv in double, so
@@ -397,24 +389,9 @@ void check_rope(const sf_llm_config &cfg, int32_t n_heads, int64_t n, int64_t st
 // 1, 7 and 65 tokens; packed rows (128-bit path) and rows inside a wider buffer.
 TEST(CudaRope, MatchesCpuWithinDerivedBound) {
     SF_SKIP_WITHOUT_GPU();
-    std::vector<float> short_f(48), long_f(48);
-    for (int i = 0; i < 48; i++) {
-        short_f[i] = 1.0f + 0.01f * i;
-        long_f[i] = 1.0f + 0.5f * i;
-    }
-    sf_llm_config c64 = rope_config(SF_ROPE_DEFAULT, 64, 10000.0);
-    sf_llm_config c96 = rope_config(SF_ROPE_LONGROPE, 96, 10000.0);
-    c96.rope.original_max_position_embeddings = 4096;
-    c96.rope.attention_factor = 1.1902380714238083;
-    c96.rope.short_factor = short_f.data();
-    c96.rope.long_factor = long_f.data();
-    sf_llm_config c128 = rope_config(SF_ROPE_LLAMA3, 128, 500000.0);
-    c128.rope.factor = 8.0;
-    c128.rope.low_freq_factor = 1.0;
-    c128.rope.high_freq_factor = 4.0;
-    c128.rope.original_max_position_embeddings = 8192;
+    const sf_test::RopeConfigs rc;
     uint64_t seed = 100;
-    for (const sf_llm_config *cfg : {&c64, &c96, &c128}) {
+    for (const sf_llm_config *cfg : {&rc.c64, &rc.c96, &rc.c128}) {
         for (int32_t heads : {1, 8}) {
             for (int64_t n : {1, 7, 65}) {
                 for (int64_t pad : {0, 4 * cfg->head_dim + 4}) {  // + 4: scalar path

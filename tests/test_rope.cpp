@@ -20,15 +20,7 @@ namespace {
 using sf_test::BoundCheck;
 using sf_test::Rng;
 
-sf_llm_config base_config(sf_rope_type type, int32_t head_dim, double theta) {
-    sf_llm_config cfg = {};
-    cfg.head_dim = head_dim;
-    cfg.rope_theta = theta;
-    cfg.rope.type = type;
-    cfg.rope.factor = 1.0;
-    cfg.rope.attention_factor = 1.0;
-    return cfg;
-}
+using sf_test::rope_config;
 
 // ---------------------------------------------------------------------------------------------
 // Error bound for one inverse frequency computed with unit roundoff `unit`.
@@ -132,7 +124,7 @@ TEST(RopeFreqs, DefaultAndLinearMatchFormula) {
     BoundCheck check("rope_freqs_formula");
     for (int32_t hd : {16, 32, 64, 96, 128}) {
         for (double theta : {10000.0, 500000.0, 1e6}) {
-            sf_llm_config cfg = base_config(SF_ROPE_DEFAULT, hd, theta);
+            sf_llm_config cfg = rope_config(SF_ROPE_DEFAULT, hd, theta);
             check_against_independent(check, cfg, 10, "default hd=" + std::to_string(hd));
             cfg.rope.type = SF_ROPE_LINEAR;
             cfg.rope.factor = 4.0;
@@ -153,7 +145,7 @@ TEST(RopeFreqs, Llama3BandsMatchFormula) {
                  {64, 10000.0, 32.0, 2.0, 8.0, 256},
                  {96, 10000.0, 8.0, 1.0, 4.0, 512}};
     for (const Case &c : cases) {
-        sf_llm_config cfg = base_config(SF_ROPE_LLAMA3, c.hd, c.theta);
+        sf_llm_config cfg = rope_config(SF_ROPE_LLAMA3, c.hd, c.theta);
         cfg.rope.factor = c.factor;
         cfg.rope.low_freq_factor = c.low;
         cfg.rope.high_freq_factor = c.high;
@@ -176,7 +168,7 @@ TEST(RopeFreqs, LongropeSwitchesFactorsPastOriginalLength) {
     Rng rng(40);
     std::vector<float> shortf = rng.uniform_vec(hd / 2, 1.0f, 1.1f);
     std::vector<float> longf = rng.uniform_vec(hd / 2, 1.0f, 60.0f);
-    sf_llm_config cfg = base_config(SF_ROPE_LONGROPE, hd, 10000.0);
+    sf_llm_config cfg = rope_config(SF_ROPE_LONGROPE, hd, 10000.0);
     cfg.rope.original_max_position_embeddings = orig;
     cfg.rope.factor = 32.0;
     cfg.rope.attention_factor = std::sqrt(1.0 + std::log(32.0) / std::log((double)orig));
@@ -228,7 +220,7 @@ TEST(RopeFreqs, MatchTransformersGoldens) {
         json_t *seq = json_object_get(c, "seq_len");
         int64_t seq_len = json_is_integer(seq) ? json_integer_value(seq) : 0;
 
-        sf_llm_config cfg = base_config(SF_ROPE_DEFAULT, hd, theta);
+        sf_llm_config cfg = rope_config(SF_ROPE_DEFAULT, hd, theta);
         cfg.max_position_embeddings =
             (int32_t)json_integer_value(json_object_get(c, "max_position_embeddings"));
         std::vector<float> shortf, longf;
@@ -324,7 +316,7 @@ TEST(RopeApply, MatchesLongDoubleRotation) {
     for (int32_t hd : {16, 32, 64, 96, 128}) {
         for (int64_t n : {1, 7, 65}) {
             for (int32_t heads : {1, 3, 9}) {
-                sf_llm_config cfg = base_config(SF_ROPE_LLAMA3, hd, 500000.0);
+                sf_llm_config cfg = rope_config(SF_ROPE_LLAMA3, hd, 500000.0);
                 cfg.rope.factor = 8.0;
                 cfg.rope.low_freq_factor = 1.0;
                 cfg.rope.high_freq_factor = 4.0;

@@ -16,6 +16,8 @@
 #include <string>
 #include <vector>
 
+#include "sysformer.h"
+
 namespace sf_test {
 
 // Unit roundoff of fp32 and of double.
@@ -101,6 +103,44 @@ class BoundCheck {
     double worst_ratio_ = 0.0;
     double max_err_ = 0.0;
     std::string first_failure_;
+};
+
+// A config holding only what RoPE reads: head_dim, theta and the scaling type (factors 1).
+inline sf_llm_config rope_config(sf_rope_type type, int32_t head_dim, double theta) {
+    sf_llm_config cfg = {};
+    cfg.head_dim = head_dim;
+    cfg.rope_theta = theta;
+    cfg.rope.type = type;
+    cfg.rope.factor = 1.0;
+    cfg.rope.attention_factor = 1.0;
+    return cfg;
+}
+
+// The three RoPE configurations the CUDA RoPE tests (forward and backward) sweep: head dim 64
+// (default, theta 1e4), 96 (longrope with its attention factor and both factor tables) and 128
+// (Llama 3.1's scaling). The tables live here, so the configs stay valid with the object.
+struct RopeConfigs {
+    std::vector<float> short_f = std::vector<float>(48), long_f = std::vector<float>(48);
+    sf_llm_config c64, c96, c128;
+    RopeConfigs() {
+        for (int i = 0; i < 48; i++) {
+            short_f[i] = 1.0f + 0.01f * i;
+            long_f[i] = 1.0f + 0.5f * i;
+        }
+        c64 = rope_config(SF_ROPE_DEFAULT, 64, 10000.0);
+        c96 = rope_config(SF_ROPE_LONGROPE, 96, 10000.0);
+        c96.rope.original_max_position_embeddings = 4096;
+        c96.rope.attention_factor = 1.1902380714238083;
+        c96.rope.short_factor = short_f.data();
+        c96.rope.long_factor = long_f.data();
+        c128 = rope_config(SF_ROPE_LLAMA3, 128, 500000.0);
+        c128.rope.factor = 8.0;
+        c128.rope.low_freq_factor = 1.0;
+        c128.rope.high_freq_factor = 4.0;
+        c128.rope.original_max_position_embeddings = 8192;
+    }
+    RopeConfigs(const RopeConfigs &) = delete;
+    RopeConfigs &operator=(const RopeConfigs &) = delete;
 };
 
 } // namespace sf_test
