@@ -310,18 +310,9 @@ inline bool valid_threads_per_row(int t) {
     return t == 0 || t == 32 || t == 64 || t == 128 || t == 256 || t == 512 || t == 1024;
 }
 
-// Checks what both norms share; `fn` names the public launcher in the message.
-inline sf_status check_args(const char *fn, const void *out, const void *residual_out,
-                            const void *x, const void *w, int64_t rows, int64_t dim, float eps,
-                            int threads_per_row) {
-    if (!out || !x || !w) {
-        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: NULL %s", fn,
-                       !out ? "out" : !x ? "x" : "w");
-    }
-    if (out == residual_out) {
-        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: out and residual_out are the same buffer",
-                       fn);
-    }
+// The sizes, eps and threads_per_row, as every norm launcher (forward and backward) takes them.
+inline sf_status check_shape(const char *fn, int64_t rows, int64_t dim, float eps,
+                             int threads_per_row) {
     if (rows < 0 || rows > INT32_MAX || dim < 0 || dim > SF_CUDA_NORM_MAX_DIM) {
         return sf_fail(SF_ERR_INVALID_ARGUMENT,
                        "%s: rows = %lld, dim = %lld (need 0 <= rows <= %d, 0 <= dim <= %d)", fn,
@@ -336,6 +327,23 @@ inline sf_status check_args(const char *fn, const void *out, const void *residua
                        "%s: threads_per_row = %d (need 0, 32, 64, 128, 256, 512 or 1024)", fn,
                        threads_per_row);
     }
+    return SF_OK;
+}
+
+// Checks what both norms share; `fn` names the public launcher in the message.
+inline sf_status check_args(const char *fn, const void *out, const void *residual_out,
+                            const void *x, const void *w, int64_t rows, int64_t dim, float eps,
+                            int threads_per_row) {
+    if (!out || !x || !w) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: NULL %s", fn,
+                       !out ? "out" : !x ? "x" : "w");
+    }
+    if (out == residual_out) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: out and residual_out are the same buffer",
+                       fn);
+    }
+    const sf_status st = check_shape(fn, rows, dim, eps, threads_per_row);
+    if (st != SF_OK) return st;
     return SF_OK;
 }
 
@@ -420,20 +428,8 @@ inline sf_status check_bwd_args(const char *fn, const float *dx, const float *dy
         return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: NULL %s", fn,
                        !dy ? "dy" : !x ? "x" : "w");
     }
-    if (rows < 0 || rows > INT32_MAX || dim < 0 || dim > SF_CUDA_NORM_MAX_DIM) {
-        return sf_fail(SF_ERR_INVALID_ARGUMENT,
-                       "%s: rows = %lld, dim = %lld (need 0 <= rows <= %d, 0 <= dim <= %d)", fn,
-                       (long long)rows, (long long)dim, INT32_MAX, SF_CUDA_NORM_MAX_DIM);
-    }
-    if (!(eps >= 0.0f) || std::isinf(eps)) {
-        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: eps = %g (need a finite eps >= 0)", fn,
-                       (double)eps);
-    }
-    if (!valid_threads_per_row(threads_per_row)) {
-        return sf_fail(SF_ERR_INVALID_ARGUMENT,
-                       "%s: threads_per_row = %d (need 0, 32, 64, 128, 256, 512 or 1024)", fn,
-                       threads_per_row);
-    }
+    const sf_status st = check_shape(fn, rows, dim, eps, threads_per_row);
+    if (st != SF_OK) return st;
     // A pointer off its element's alignment is a corrupt offset, not a view.
     if (((uintptr_t)dx & 3u) || ((uintptr_t)dy & 3u) || ((uintptr_t)x & 1u) ||
         ((uintptr_t)w & 1u)) {
