@@ -62,6 +62,17 @@ __device__ __forceinline__ Best better(Best a, Best b) {
     return a.i < b.i ? a : b;
 }
 
+// One butterfly step of the row reduction: the softmax statistics and the argmax of this lane
+// and of lane ^ o, merged.
+__device__ __forceinline__ void merge_lane(Softmax &sm, Best &best, int o) {
+    const Softmax other = {__shfl_xor_sync(0xffffffffu, sm.m, o),
+                           __shfl_xor_sync(0xffffffffu, sm.s, o)};
+    sm = combine(sm, other);
+    const Best ob = {__shfl_xor_sync(0xffffffffu, best.v, o),
+                     __shfl_xor_sync(0xffffffffu, best.i, o)};
+    best = better(best, ob);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Kernel
 // ---------------------------------------------------------------------------------------------
@@ -128,12 +139,7 @@ __global__ void __launch_bounds__(kBlock)
 
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
-        const Softmax other = {__shfl_xor_sync(0xffffffffu, sm.m, o),
-                               __shfl_xor_sync(0xffffffffu, sm.s, o)};
-        sm = combine(sm, other);
-        const Best ob = {__shfl_xor_sync(0xffffffffu, best.v, o),
-                         __shfl_xor_sync(0xffffffffu, best.i, o)};
-        best = better(best, ob);
+        merge_lane(sm, best, o);
     }
     const int warp = (int)threadIdx.x / 32, lane = (int)threadIdx.x % 32;
     if (lane == 0) {
@@ -146,12 +152,7 @@ __global__ void __launch_bounds__(kBlock)
         best = lane < kWarps ? warp_best[lane] : Best{-INFINITY, kNoIndex};
 #pragma unroll
         for (int o = kWarps / 2; o > 0; o >>= 1) {
-            const Softmax other = {__shfl_xor_sync(0xffffffffu, sm.m, o),
-                                   __shfl_xor_sync(0xffffffffu, sm.s, o)};
-            sm = combine(sm, other);
-            const Best ob = {__shfl_xor_sync(0xffffffffu, best.v, o),
-                             __shfl_xor_sync(0xffffffffu, best.i, o)};
-            best = better(best, ob);
+            merge_lane(sm, best, o);
         }
         if (lane == 0) {
             row_sm = sm;
