@@ -683,7 +683,7 @@ const SampleCase kSampleCases[] = {
     // at a low temperature, a middling one, and one that keeps nearly the whole row
     {0.25f, 0, 0.9f},
     {0.7f, 0, 0.5f},
-    {1.0f, 0, 0.999f},
+    {1.0f, 0, 0.995f},
 };
 
 struct SampleMirror {
@@ -784,7 +784,6 @@ uint64_t row_seed(size_t shape, size_t c, int64_t r) { return 1000003 * shape + 
 TEST(CudaSampling, SamplingInputsHaveMargin) {
     for (size_t sh = 0; sh < sizeof kSampleShapes / sizeof kSampleShapes[0]; sh++) {
         const SampleShape shape = kSampleShapes[sh];
-        if (shape.vocab > 49152) continue;  // the large vocabularies are checked on the GPU run
         for (bool ties : {false, true}) {
             const std::vector<float> logits =
                 sample_logits(shape.rows, shape.vocab, shape_seed(sh, ties), ties);
