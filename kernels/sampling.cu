@@ -1,8 +1,9 @@
 // Greedy and top-k / top-p sampling over fp32 logits. CPU twin: sf_sample in
 // host/model/generate.c.
 //
-// Design: one block per row. sf_sample sorts the whole vocabulary and walks it in order, so the
-// kernel builds the same order exactly: every comparison is on the fp32 logit (dividing by a
+// Design: one block per row selects and samples (splitting the row first: further below).
+// sf_sample sorts the whole vocabulary and walks it in order, so the kernel builds the same
+// order exactly: every comparison is on the fp32 logit (dividing by a
 // positive temperature in double keeps distinct floats distinct and ordered), mapped to a
 // 32-bit key whose unsigned order is "logit descending", and a stable sort keeps ascending
 // indices among equal logits. top_k is a radix select on those keys followed by a stable
@@ -21,10 +22,21 @@
 // and the tail's mass (the keys past the threshold) completes the row's total. The full sort
 // remains for rows whose mass is not finite (an infinite logit) and for plain sampling.
 //
+// Filling the GPU. One block per row leaves most SMs idle at decode batch sizes (32 rows of
+// 128K logits on 132 SMs: argmax at 7% of the copy bandwidth, top-k 50 at 234 us on the H200,
+// docs/PERF.md). With a workspace, argmax splits each row over blocks of 8192 logits and a
+// second kernel takes the maximum of their maxima (the 64-bit maximum is associative: the same
+// answer). top_k <= 2048 splits the same way: each chunk's block stages its keys in shared
+// memory and writes its own top_k in index order (topk_chunk_kernel), which holds the row's
+// top_k with its ties in index order, and the per-row kernel then selects from those
+// candidates (32 x 50 for a 128K row) instead of the row.
+//
 // Cost: the full-vocabulary sort is 4 passes over the row per block, about a millisecond for
 // 128K logits (measured on the H200: 1.8 ms for 32 rows); with top_k the sort sees k keys, with
-// top_p the nucleus's candidates. Rows run in parallel, one block each.
+// top_p the nucleus's candidates.
 #include <limits.h>
+
+#include <type_traits>
 
 #include "cuda_check.cuh"
 #include "sampling.h"
@@ -32,6 +44,9 @@
 namespace {
 
 constexpr int kArgmaxBlock = 512;
+constexpr int32_t kArgmaxChunk = 8192;  // logits a block takes when rows are split (workspace)
+constexpr int kFinishBlock = 256;
+constexpr int32_t kTopkChunk = 8192;  // logits a block of the split top-k's first stage takes
 constexpr int kSampleBlock = 1024;
 constexpr int kWarps = kSampleBlock / 32;
 constexpr int kRadix = 256;
@@ -58,30 +73,69 @@ __device__ __forceinline__ float key_logit(uint32_t key) {
 
 // Greedy: the largest (key, lowest index) as one 64-bit maximum. A NaN gets the lowest rank,
 // except at index 0, where it gets the highest: sf_sample's loop starts from index 0 and no
-// comparison with NaN ever replaces it.
+// comparison with NaN ever replaces it. The maximum is associative, so a row may be split into
+// chunks whose maxima are combined later without changing the answer.
+__device__ __forceinline__ unsigned long long argmax_candidate(float f, int32_t i) {
+    const uint32_t rank = f != f ? (i == 0 ? 0xffffffffu : 0u) : ~sort_key(f);
+    return ((unsigned long long)rank << 32) | (unsigned long long)(~(uint32_t)i);
+}
+
+__device__ __forceinline__ unsigned long long max_u64(unsigned long long a, unsigned long long b) {
+    return a > b ? a : b;
+}
+
+// One block per (row, chunk of `chunk` logits), blocks row-major: the chunk's best candidate,
+// to out[row] when the row is a single chunk, else to partial[block] for argmax_finish_kernel.
+// kVec: rows start 16-byte aligned and chunk is a multiple of 4 (float4 loads).
+template <bool kVec>
 __global__ void __launch_bounds__(kArgmaxBlock)
-    argmax_kernel(int32_t *__restrict__ out, const float *__restrict__ logits, int32_t vocab) {
+    argmax_kernel(int32_t *__restrict__ out, unsigned long long *__restrict__ partial,
+                  const float *__restrict__ logits, int32_t vocab, int32_t chunk,
+                  int32_t chunks) {
     __shared__ unsigned long long warp_best[kArgmaxBlock / 32];
-    const float *row = logits + (int64_t)blockIdx.x * vocab;
+    const int64_t row = blockIdx.x / chunks;
+    const int32_t begin = (int32_t)(blockIdx.x - row * chunks) * chunk;
+    const int32_t end = (int32_t)min((int64_t)vocab, (int64_t)begin + chunk);
+    const float *row_logits = logits + row * vocab;
     unsigned long long best = 0;
-    for (int32_t i = threadIdx.x; i < vocab; i += blockDim.x) {
-        const float f = row[i];
-        const uint32_t rank = f != f ? (i == 0 ? 0xffffffffu : 0u) : ~sort_key(f);
-        const unsigned long long packed =
-            ((unsigned long long)rank << 32) | (unsigned long long)(~(uint32_t)i);
-        best = packed > best ? packed : best;
+    if (kVec) {
+        const float4 *row4 = reinterpret_cast<const float4 *>(row_logits);
+        for (int64_t j = begin / 4 + threadIdx.x; j < end / 4; j += kArgmaxBlock) {
+            const float4 f = row4[j];
+            const int32_t i = (int32_t)(4 * j);
+            best = max_u64(best, max_u64(max_u64(argmax_candidate(f.x, i),
+                                                 argmax_candidate(f.y, i + 1)),
+                                         max_u64(argmax_candidate(f.z, i + 2),
+                                                 argmax_candidate(f.w, i + 3))));
+        }
+    } else {
+        for (int64_t i = begin + threadIdx.x; i < end; i += kArgmaxBlock)
+            best = max_u64(best, argmax_candidate(row_logits[i], (int32_t)i));
     }
-    for (int o = 16; o > 0; o >>= 1) {
-        const unsigned long long other = __shfl_xor_sync(kFull, best, o);
-        best = other > best ? other : best;
-    }
+    for (int o = 16; o > 0; o >>= 1) best = max_u64(best, __shfl_xor_sync(kFull, best, o));
     if ((threadIdx.x & 31) == 0) warp_best[threadIdx.x >> 5] = best;
     __syncthreads();
     if (threadIdx.x == 0) {
-        for (int w = 1; w < kArgmaxBlock / 32; w++)
-            best = warp_best[w] > best ? warp_best[w] : best;
-        out[blockIdx.x] = (int32_t) ~(uint32_t)best;
+        for (int w = 1; w < kArgmaxBlock / 32; w++) best = max_u64(best, warp_best[w]);
+        if (chunks == 1) {
+            out[row] = (int32_t) ~(uint32_t)best;
+        } else {
+            partial[blockIdx.x] = best;
+        }
     }
+}
+
+// One warp per row: the best of the row's chunk maxima.
+__global__ void __launch_bounds__(kFinishBlock)
+    argmax_finish_kernel(int32_t *__restrict__ out, const unsigned long long *__restrict__ partial,
+                         int32_t chunks, int64_t n_rows) {
+    const int64_t row = ((int64_t)blockIdx.x * kFinishBlock + threadIdx.x) / 32;
+    if (row >= n_rows) return;  // whole warps: n_rows is uniform across a warp's lanes
+    const int lane = threadIdx.x & 31;
+    unsigned long long best = 0;
+    for (int32_t c = lane; c < chunks; c += 32) best = max_u64(best, partial[row * chunks + c]);
+    for (int o = 16; o > 0; o >>= 1) best = max_u64(best, __shfl_xor_sync(kFull, best, o));
+    if (lane == 0) out[row] = (int32_t) ~(uint32_t)best;
 }
 
 template <typename T>
@@ -220,6 +274,100 @@ __device__ bool radix_pass(const uint32_t *src_k, const uint32_t *src_i, uint32_
     return true;
 }
 
+// Warp 0 finds the digit at which the histogram's running count (digits ascending) first
+// reaches `remaining`, and stores it with what is left to reach inside it in sh.digit and
+// sh.remaining; every thread must call (it ends with a barrier). Each lane sums 8 digits, a
+// warp scan finds the lane holding the crossing, and that lane walks its 8: no thread walks
+// all 256 digits one shared-memory read at a time. The count always reaches `remaining` (the
+// callers ask for at most as many keys as match the prefix so far).
+template <typename Shared>
+__device__ void find_digit(int remaining, Shared &sh) {
+    static_assert(kRadix == 32 * 8, "8 digits a lane");
+    if (threadIdx.x < 32) {
+        const int lane = threadIdx.x;
+        int count[8], sum = 0;
+#pragma unroll
+        for (int j = 0; j < 8; j++) sum += (count[j] = sh.hist[8 * lane + j]);
+        const int incl = warp_inclusive_scan(sum, lane);
+        const unsigned reached = __ballot_sync(kFull, incl >= remaining);
+        if (lane == __ffs((int)reached) - 1) {
+            int below = incl - sum, d = 0;
+            while (d < 7 && below + count[d] < remaining) below += count[d++];
+            sh.digit = (uint32_t)(8 * lane + d);
+            sh.remaining = remaining - below;
+        }
+    }
+    __syncthreads();
+}
+
+// Radix select over keys [0, len) of src (most significant digit first): the key of the n-th
+// smallest (1 <= n <= len) in *threshold, and in *ties how many of the keys equal to it are
+// among the n smallest (the lowest-index ones, for a stable selection).
+template <typename Src, typename Shared>
+__device__ void select_kth(const Src &src, int len, int n, uint32_t *threshold, int *ties,
+                           Shared &sh) {
+    uint32_t prefix = 0, mask = 0;
+    int remaining = n;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int d = threadIdx.x; d < kRadix; d += blockDim.x) sh.hist[d] = 0;
+        __syncthreads();
+        for (int i = threadIdx.x; i < len; i += blockDim.x) {
+            const uint32_t k = src.key(i);
+            if ((k & mask) == prefix) atomicAdd(&sh.hist[(k >> shift) & 255], 1);
+        }
+        __syncthreads();
+        find_digit(remaining, sh);
+        prefix |= sh.digit << shift;
+        mask |= 255u << shift;
+        remaining = sh.remaining;  // rewritten only after two more barriers
+    }
+    *threshold = prefix;
+    *ties = remaining;
+}
+
+// Stable compaction of src [0, len) into (out_key, out_id): the keys below `threshold` and the
+// first `ties` keys equal to it, in index order; n is their count (the loop stops once they
+// are all out). Needs blockDim.x == kSampleBlock (the block scan).
+template <typename Src, typename Shared>
+__device__ void compact_kept(const Src &src, int len, int n, uint32_t threshold, int ties,
+                             uint32_t *out_key, uint32_t *out_id, Shared &sh) {
+    int eq_before = 0, kept_before = 0;
+    for (int base = 0; base < len && kept_before < n; base += kSampleBlock) {
+        const int i = base + threadIdx.x;
+        const bool valid = i < len;
+        const uint32_t k = valid ? src.key(i) : 0xffffffffu;
+        const int is_eq = valid && k == threshold;
+        int eq_total, kept_total;
+        const int eq_rank = eq_before + block_inclusive_scan(is_eq, &eq_total, sh.int_scan) - is_eq;
+        const int kept = valid && (k < threshold || (is_eq && eq_rank < ties));
+        const int pos = kept_before + block_inclusive_scan(kept, &kept_total, sh.int_scan) - kept;
+        if (kept) {
+            out_key[pos] = k;
+            out_id[pos] = src.id(i);
+        }
+        eq_before += eq_total;
+        kept_before += kept_total;
+    }
+}
+
+// Where the sampler's keys come from, in index order.
+struct RowKeys {  // one row of logits
+    const float *row;
+    __device__ uint32_t key(int i) const { return sort_key(row[i]); }
+    __device__ uint32_t id(int i) const { return (uint32_t)i; }
+};
+struct ChunkKeys {  // a chunk of a row, its keys staged in shared memory
+    const uint32_t *keys;
+    int32_t begin;  // the chunk's first index in the row
+    __device__ uint32_t key(int i) const { return keys[i]; }
+    __device__ uint32_t id(int i) const { return (uint32_t)(begin + i); }
+};
+struct CandidateKeys {  // the split top-k's candidates (topk_chunk_kernel's output)
+    const uint32_t *keys, *ids;
+    __device__ uint32_t key(int i) const { return keys[i]; }
+    __device__ uint32_t id(int i) const { return ids[i]; }
+};
+
 // The smallest key of the row (its largest logit) on every thread.
 __device__ uint32_t block_min_key(const float *row, int32_t vocab, SampleShared &sh) {
     uint32_t m = 0xffffffffu;
@@ -299,82 +447,105 @@ __device__ int select_nucleus(const float *row, int32_t vocab, double t, double 
     return skip || n >= vocab ? vocab : n;
 }
 
-// workspace per row: 4 * vocab words (keys and indices, two buffers). Written and read back by
-// other threads of the block across __syncthreads, so it is not __restrict__ (no read-only
-// cache path).
+// The split top-k's first stage: one block per (row, chunk of kTopkChunk logits), blocks
+// row-major. The chunk's keys are staged in shared memory, and its min(top_k, chunk length)
+// smallest (key, index) pairs are written in index order to the row's candidates at chunk *
+// top_k. Every key of the row's top_k is among its chunk's top_k, so the candidates hold the
+// row's top_k; and since chunks are in index order and each chunk's output is too, the
+// candidates are in index order: sample_kernel<true> then selects from them exactly as from
+// the whole row. cand: per row `row_words` words, the candidates' keys [n_cand] then their
+// indices [n_cand]. kVec: rows start 16-byte aligned (float4 loads; kTopkChunk % 4 == 0).
+struct ChunkShared {
+    uint32_t keys[kTopkChunk];
+    int hist[kRadix];
+    int int_scan[kWarps + 1];
+    uint32_t digit;
+    int remaining;
+};
+
+template <bool kVec>
+__global__ void __launch_bounds__(kSampleBlock)
+    topk_chunk_kernel(uint32_t *__restrict__ cand, const float *__restrict__ logits,
+                      int32_t vocab, int32_t chunks, int32_t top_k, int32_t n_cand,
+                      int64_t row_words) {
+    __shared__ ChunkShared sh;
+    const int64_t row = blockIdx.x / chunks;
+    const int32_t chunk = (int32_t)(blockIdx.x - row * chunks);
+    const int32_t begin = chunk * kTopkChunk;
+    const int len = (int)min((int64_t)kTopkChunk, (int64_t)vocab - begin);
+    const float *src = logits + row * vocab + begin;
+    if (kVec) {
+        const float4 *src4 = reinterpret_cast<const float4 *>(src);
+        for (int j = threadIdx.x; j < len / 4; j += kSampleBlock) {
+            const float4 f = src4[j];
+            sh.keys[4 * j] = sort_key(f.x);
+            sh.keys[4 * j + 1] = sort_key(f.y);
+            sh.keys[4 * j + 2] = sort_key(f.z);
+            sh.keys[4 * j + 3] = sort_key(f.w);
+        }
+        for (int i = len / 4 * 4 + threadIdx.x; i < len; i += kSampleBlock)
+            sh.keys[i] = sort_key(src[i]);
+    } else {
+        for (int i = threadIdx.x; i < len; i += kSampleBlock) sh.keys[i] = sort_key(src[i]);
+    }
+    __syncthreads();
+    const ChunkKeys keys{sh.keys, begin};
+    const int n = min(top_k, len);
+    uint32_t threshold = 0xffffffffu;  // n == len: everything, NaN keys (0xffffffff) included
+    int ties = len;
+    if (n < len) select_kth(keys, len, n, &threshold, &ties, sh);
+    uint32_t *out_key = cand + row * row_words + (int64_t)chunk * top_k;
+    compact_kept(keys, len, n, threshold, ties, out_key, out_key + n_cand, sh);
+}
+
+// One block per row. Without kCandidates the keys are the row's logits (vocab of them) and
+// the row's workspace is 4 * vocab words at row * 4 * vocab: two key/index buffer pairs. With
+// kCandidates they are the row's n_src candidates from topk_chunk_kernel (top_k > 0 is set),
+// and the two buffer pairs follow them in the row's row_words. The buffers are written and
+// read back by other threads of the block across __syncthreads, so they are not __restrict__
+// (no read-only cache path).
+template <bool kCandidates>
 __global__ void __launch_bounds__(kSampleBlock)
     sample_kernel(int32_t *__restrict__ out, const float *__restrict__ logits,
-                  const double *__restrict__ u, int32_t vocab, float temperature, int32_t top_k,
-                  float top_p, uint32_t *workspace) {
+                  const double *__restrict__ u, int32_t n_src, float temperature, int32_t top_k,
+                  float top_p, uint32_t *workspace, int64_t row_words) {
     __shared__ SampleShared sh;
     const int tid = threadIdx.x;
-    const float *row = logits + (int64_t)blockIdx.x * vocab;
-    uint32_t *key_a = workspace + (int64_t)blockIdx.x * 4 * vocab;
-    uint32_t *id_a = key_a + vocab, *key_b = id_a + vocab, *id_b = key_b + vocab;
+    using Src = typename std::conditional<kCandidates, CandidateKeys, RowKeys>::type;
+    Src src;
+    uint32_t *key_a;
+    const float *row = nullptr;
+    if constexpr (kCandidates) {
+        const uint32_t *cand = workspace + (int64_t)blockIdx.x * row_words;
+        src = CandidateKeys{cand, cand + n_src};
+        key_a = workspace + (int64_t)blockIdx.x * row_words + 2 * (int64_t)n_src;
+    } else {
+        row = logits + (int64_t)blockIdx.x * n_src;
+        src = RowKeys{row};
+        key_a = workspace + (int64_t)blockIdx.x * 4 * n_src;
+    }
+    uint32_t *id_a = key_a + n_src, *key_b = id_a + n_src, *id_b = key_b + n_src;
 
     // 1. The candidates, in index order, in (key_a, id_a): every key below `threshold` and the
     //    first `ties` keys equal to it; n of them.
-    const bool nucleus_only = !(top_k > 0 && top_k < vocab) && top_p > 0.0f && top_p < 1.0f;
-    int n = top_k > 0 && top_k < vocab ? top_k : vocab;
+    const bool nucleus_only = !(top_k > 0 && top_k < n_src) && top_p > 0.0f && top_p < 1.0f;
+    int n = top_k > 0 && top_k < n_src ? top_k : n_src;
     uint32_t threshold = 0xffffffffu;
     int ties = 0;
-    if (n < vocab) {
-        // Radix select, most significant digit first: the key of the n-th smallest key, and
-        // how many of the keys equal to it are kept (the lowest-index ones).
-        uint32_t prefix = 0, mask = 0;
-        int remaining = n;
-        for (int shift = 24; shift >= 0; shift -= 8) {
-            for (int d = tid; d < kRadix; d += kSampleBlock) sh.hist[d] = 0;
-            __syncthreads();
-            for (int i = tid; i < vocab; i += kSampleBlock) {
-                const uint32_t k = sort_key(row[i]);
-                if ((k & mask) == prefix) atomicAdd(&sh.hist[(k >> shift) & 255], 1);
-            }
-            __syncthreads();
-            if (tid == 0) {
-                int below = 0, d = 0;
-                while (below + sh.hist[d] < remaining) below += sh.hist[d++];
-                sh.digit = (uint32_t)d;
-                sh.remaining = remaining - below;
-            }
-            __syncthreads();
-            prefix |= sh.digit << shift;
-            mask |= 255u << shift;
-            remaining = sh.remaining;
-        }
-        threshold = prefix;
-        ties = remaining;
+    if (n < n_src) {
+        select_kth(src, n_src, n, &threshold, &ties, sh);
     } else if (nucleus_only) {
-        n = select_nucleus(row, vocab, (double)temperature, (double)top_p, &threshold, &ties,
-                           sh);
+        if constexpr (!kCandidates)
+            n = select_nucleus(row, n_src, (double)temperature, (double)top_p, &threshold, &ties,
+                               sh);
     }
-    const bool selected = n < vocab;
+    const bool selected = n < n_src;
     if (selected) {
-        // Stable compaction: keys below the threshold, and the first `ties` keys equal to it in
-        // index order.
-        int eq_before = 0, kept_before = 0;
-        for (int base = 0; base < vocab && kept_before < n; base += kSampleBlock) {
-            const int i = base + tid;
-            const bool valid = i < vocab;
-            const uint32_t k = valid ? sort_key(row[i]) : 0xffffffffu;
-            const int is_eq = valid && k == threshold;
-            int eq_total, kept_total;
-            const int eq_rank =
-                eq_before + block_inclusive_scan(is_eq, &eq_total, sh.int_scan) - is_eq;
-            const int kept = valid && (k < threshold || (is_eq && eq_rank < ties));
-            const int pos =
-                kept_before + block_inclusive_scan(kept, &kept_total, sh.int_scan) - kept;
-            if (kept) {
-                key_a[pos] = k;
-                id_a[pos] = (uint32_t)i;
-            }
-            eq_before += eq_total;
-            kept_before += kept_total;
-        }
+        compact_kept(src, n_src, n, threshold, ties, key_a, id_a, sh);
     } else {
-        for (int i = tid; i < vocab; i += kSampleBlock) {
-            key_a[i] = sort_key(row[i]);
-            id_a[i] = (uint32_t)i;
+        for (int i = tid; i < n_src; i += kSampleBlock) {
+            key_a[i] = src.key(i);
+            id_a[i] = src.id(i);
         }
     }
     __syncthreads();
@@ -398,16 +569,18 @@ __global__ void __launch_bounds__(kSampleBlock)
     const double z_max = (double)key_logit(sorted_k[0]) / t;
     auto weight = [&](int i) { return exp((double)key_logit(sorted_k[i]) / t - z_max); };
     double total = block_sum(n, weight, sh);
-    if (nucleus_only && selected) {
-        // top_p's total is the whole row's: add the mass of the keys past the candidates (all
-        // greater than the threshold; NaN ones too, as the full sort would)
-        total += block_sum(
-            vocab,
-            [&](int i) {
-                const uint32_t k = sort_key(row[i]);
-                return k > threshold ? exp((double)key_logit(k) / t - z_max) : 0.0;
-            },
-            sh);
+    if constexpr (!kCandidates) {
+        if (nucleus_only && selected) {
+            // top_p's total is the whole row's: add the mass of the keys past the candidates
+            // (all greater than the threshold; NaN ones too, as the full sort would)
+            total += block_sum(
+                n_src,
+                [&](int i) {
+                    const uint32_t k = sort_key(row[i]);
+                    return k > threshold ? exp((double)key_logit(k) / t - z_max) : 0.0;
+                },
+                sh);
+        }
     }
 
     // 4. The nucleus: the shortest prefix whose mass reaches top_p.
@@ -446,13 +619,73 @@ sf_status check_rows(const char *who, int32_t *out, const float *logits, int64_t
 // Launchers
 // ---------------------------------------------------------------------------------------------
 
+namespace {
+
+bool aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
+
+int32_t ceil_div(int32_t a, int32_t b) { return (int32_t)(((int64_t)a + b - 1) / b); }
+
+// Rows split into chunks need n_rows * chunks blocks in one grid dimension.
+bool fits_grid(int64_t n_rows, int32_t chunks) { return n_rows <= 0x7fffffff / chunks; }
+
+// The split top-k's plan: chunks of kTopkChunk and the candidate count per row, or false when
+// splitting does not pay (one chunk, or top_k too close to the chunk length for the candidates
+// to be few) or the workspace layout does not fit in sf_cuda_sample_workspace_bytes' 4 * vocab
+// words a row (6 * n_cand words are used: the candidates, then two key/index buffer pairs).
+bool topk_split_plan(int64_t n_rows, int32_t vocab, int32_t top_k, int32_t *chunks,
+                     int32_t *n_cand) {
+    if (!(top_k > 0 && top_k < vocab) || vocab <= kTopkChunk || top_k > kTopkChunk / 4)
+        return false;
+    *chunks = ceil_div(vocab, kTopkChunk);
+    const int32_t last = vocab - (*chunks - 1) * kTopkChunk;
+    *n_cand = (*chunks - 1) * top_k + (top_k < last ? top_k : last);
+    return 2 * (int64_t)*n_cand <= vocab && fits_grid(n_rows, *chunks);
+}
+
+}  // namespace
+
+extern "C" size_t sf_cuda_argmax_workspace_bytes(int64_t n_rows, int32_t vocab) {
+    if (n_rows < 0 || vocab < 1) return 0;
+    const int32_t chunks = ceil_div(vocab, kArgmaxChunk);
+    if (chunks == 1) return 0;
+    if ((uint64_t)n_rows > (uint64_t)SIZE_MAX / 8u / (uint64_t)chunks) return 0;
+    return (size_t)n_rows * (size_t)chunks * 8u;
+}
+
 extern "C" sf_status sf_cuda_argmax_f32(int32_t *out, const float *logits, int64_t n_rows,
-                                        int32_t vocab, cudaStream_t stream) {
+                                        int32_t vocab, void *workspace, size_t workspace_bytes,
+                                        cudaStream_t stream) {
     sf_status st = check_rows("sf_cuda_argmax_f32", out, logits, n_rows, vocab);
-    if (st != SF_OK || n_rows == 0) return st;
+    if (st != SF_OK) return st;
+    if (workspace && (((uintptr_t)workspace & 7u) != 0 ||
+                      workspace_bytes < sf_cuda_argmax_workspace_bytes(n_rows, vocab))) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                       "sf_cuda_argmax_f32: workspace %p of %zu bytes (%zu needed, 8-byte "
+                       "aligned)",
+                       workspace, workspace_bytes, sf_cuda_argmax_workspace_bytes(n_rows, vocab));
+    }
+    if (n_rows == 0) return SF_OK;
     sf_nvtx_range range("sf_cuda_argmax_f32");
-    argmax_kernel<<<(unsigned)n_rows, kArgmaxBlock, 0, stream>>>(out, logits, vocab);
+    int32_t chunks = ceil_div(vocab, kArgmaxChunk);
+    if (!workspace || !fits_grid(n_rows, chunks)) chunks = 1;
+    const int32_t chunk = chunks == 1 ? vocab : kArgmaxChunk;
+    auto *partial = static_cast<unsigned long long *>(workspace);
+    const unsigned blocks = (unsigned)(n_rows * chunks);
+    // float4 loads need every row (and chunk) to start 16-byte aligned
+    if (aligned16(logits) && vocab % 4 == 0) {
+        argmax_kernel<true><<<blocks, kArgmaxBlock, 0, stream>>>(out, partial, logits, vocab,
+                                                                 chunk, chunks);
+    } else {
+        argmax_kernel<false><<<blocks, kArgmaxBlock, 0, stream>>>(out, partial, logits, vocab,
+                                                                  chunk, chunks);
+    }
     SF_CUDA_TRY(cudaGetLastError());
+    if (chunks > 1) {
+        const unsigned finish_blocks = (unsigned)((n_rows * 32 + kFinishBlock - 1) / kFinishBlock);
+        argmax_finish_kernel<<<finish_blocks, kFinishBlock, 0, stream>>>(out, partial, chunks,
+                                                                         n_rows);
+        SF_CUDA_TRY(cudaGetLastError());
+    }
     return SF_OK;
 }
 
@@ -470,8 +703,13 @@ extern "C" sf_status sf_cuda_sample_f32(int32_t *out, const float *logits, const
     sf_status st = check_rows("sf_cuda_sample_f32", out, logits, n_rows, vocab);
     if (st != SF_OK) return st;
     if (!sampling) return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_cuda_sample_f32: NULL sampling");
-    if (!(sampling->temperature > 0.0f))
-        return sf_cuda_argmax_f32(out, logits, n_rows, vocab, stream);
+    if (!(sampling->temperature > 0.0f)) {
+        // greedy: the split argmax when the workspace can hold its partial maxima
+        const bool usable = workspace && ((uintptr_t)workspace & 7u) == 0 &&
+                            workspace_bytes >= sf_cuda_argmax_workspace_bytes(n_rows, vocab);
+        return sf_cuda_argmax_f32(out, logits, n_rows, vocab, usable ? workspace : NULL,
+                                  usable ? workspace_bytes : 0, stream);
+    }
     if (n_rows == 0) return SF_OK;
     const size_t need = sf_cuda_sample_workspace_bytes(n_rows, vocab);
     if (!u || !workspace || ((uintptr_t)workspace & 3u) != 0 || need == 0 ||
@@ -482,9 +720,28 @@ extern "C" sf_status sf_cuda_sample_f32(int32_t *out, const float *logits, const
                        (const void *)u, workspace, workspace_bytes, need);
     }
     sf_nvtx_range range("sf_cuda_sample_f32");
-    sample_kernel<<<(unsigned)n_rows, kSampleBlock, 0, stream>>>(
-        out, logits, u, vocab, sampling->temperature, sampling->top_k, sampling->top_p,
-        static_cast<uint32_t *>(workspace));
+    auto *ws = static_cast<uint32_t *>(workspace);
+    const float t = sampling->temperature, p = sampling->top_p;
+    const int32_t k = sampling->top_k;
+    int32_t chunks = 0, n_cand = 0;
+    if (topk_split_plan(n_rows, vocab, k, &chunks, &n_cand)) {
+        // top_k from each chunk, then the sampler over the candidates
+        const int64_t row_words = 6 * (int64_t)n_cand;
+        const unsigned blocks = (unsigned)(n_rows * chunks);
+        if (aligned16(logits) && vocab % 4 == 0) {
+            topk_chunk_kernel<true><<<blocks, kSampleBlock, 0, stream>>>(
+                ws, logits, vocab, chunks, k, n_cand, row_words);
+        } else {
+            topk_chunk_kernel<false><<<blocks, kSampleBlock, 0, stream>>>(
+                ws, logits, vocab, chunks, k, n_cand, row_words);
+        }
+        SF_CUDA_TRY(cudaGetLastError());
+        sample_kernel<true><<<(unsigned)n_rows, kSampleBlock, 0, stream>>>(
+            out, logits, u, n_cand, t, k, p, ws, row_words);
+    } else {
+        sample_kernel<false><<<(unsigned)n_rows, kSampleBlock, 0, stream>>>(
+            out, logits, u, vocab, t, k, p, ws, 4 * (int64_t)vocab);
+    }
     SF_CUDA_TRY(cudaGetLastError());
     return SF_OK;
 }

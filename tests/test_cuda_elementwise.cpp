@@ -112,9 +112,21 @@ TEST(CudaElementwiseArgs, RejectBadShapesWithoutTouchingCuda) {
     EXPECT_EQ(sf_cuda_bias_add_bf16(p, p, -1, 8, 0), SF_ERR_INVALID_ARGUMENT);
     EXPECT_EQ(sf_cuda_bias_add_bf16(p, nullptr, 2, 8, 0), SF_ERR_INVALID_ARGUMENT);
 
-    EXPECT_EQ(sf_cuda_argmax_f32(io, f, -1, 10, 0), SF_ERR_INVALID_ARGUMENT);
-    EXPECT_EQ(sf_cuda_argmax_f32(io, f, 2, 0, 0), SF_ERR_INVALID_ARGUMENT);
-    EXPECT_EQ(sf_cuda_argmax_f32(nullptr, f, 2, 10, 0), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cuda_argmax_f32(io, f, -1, 10, nullptr, 0, 0), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cuda_argmax_f32(io, f, 2, 0, nullptr, 0, 0), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cuda_argmax_f32(nullptr, f, 2, 10, nullptr, 0, 0), SF_ERR_INVALID_ARGUMENT);
+    // the split argmax: 8 bytes per row per started 8192 logits; none when a row is one block
+    EXPECT_EQ(sf_cuda_argmax_workspace_bytes(3, 8192), (size_t)0);
+    EXPECT_EQ(sf_cuda_argmax_workspace_bytes(3, 8193), (size_t)(3 * 2 * 8));
+    EXPECT_EQ(sf_cuda_argmax_workspace_bytes(-1, 9000), (size_t)0);
+    EXPECT_EQ(sf_cuda_argmax_workspace_bytes(INT64_MAX, 1 << 30), (size_t)0);
+    void *ws8 = reinterpret_cast<void *>(uintptr_t{256});
+    const size_t argmax_need = sf_cuda_argmax_workspace_bytes(2, 20000);
+    EXPECT_EQ(sf_cuda_argmax_f32(io, f, 2, 20000, ws8, argmax_need - 1, 0),
+              SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cuda_argmax_f32(io, f, 2, 20000, reinterpret_cast<void *>(uintptr_t{260}),
+                                 argmax_need, 0),
+              SF_ERR_INVALID_ARGUMENT);
 
     const double *u = reinterpret_cast<const double *>(uintptr_t{256});
     void *ws = reinterpret_cast<void *>(uintptr_t{256});
@@ -145,7 +157,7 @@ TEST(CudaElementwiseArgs, EmptyWorkSucceedsWithoutTouchingCuda) {
     EXPECT_EQ(sf_cuda_gelu_bf16(nullptr, nullptr, 0, 0), SF_OK);
     EXPECT_EQ(sf_cuda_relu_bf16(nullptr, nullptr, 0, 0), SF_OK);
     EXPECT_EQ(sf_cuda_bias_add_bf16(nullptr, nullptr, 5, 0, 0), SF_OK);
-    EXPECT_EQ(sf_cuda_argmax_f32(nullptr, nullptr, 0, 10, 0), SF_OK);
+    EXPECT_EQ(sf_cuda_argmax_f32(nullptr, nullptr, 0, 10, nullptr, 0, 0), SF_OK);
     sf_sampling s = {0.8f, 40, 0.9f, 0};
     EXPECT_EQ(sf_cuda_sample_f32(nullptr, nullptr, nullptr, 0, 10, &s, nullptr, 0, 0), SF_OK);
 }
@@ -596,7 +608,8 @@ sf_sampling greedy() { return sf_sampling{0.0f, 0, 1.0f, 0}; }
 TEST(CudaSampling, ArgmaxMatchesCpuExactly) {
     SF_SKIP_WITHOUT_GPU();
     Rng rng(41);
-    for (int32_t vocab : {1, 1000, 49152, 128256}) {
+    // 8192 and 8193: one chunk and just over it; 50257 (odd): scalar loads, split rows
+    for (int32_t vocab : {1, 1000, 8192, 8193, 49152, 50257, 128256}) {
         for (int64_t rows : {1, 7, 65}) {
             SCOPED_TRACE(testing::Message() << "vocab = " << vocab << ", rows = " << rows);
             std::vector<float> logits = scaled_normal(rng, (size_t)(rows * vocab), 3.0f);
@@ -635,9 +648,14 @@ TEST(CudaSampling, ArgmaxMatchesCpuExactly) {
             }
             DeviceBuffer<float> d_logits(logits);
             DeviceBuffer<int32_t> d_out((size_t)rows);
-            ASSERT_EQ(sf_cuda_argmax_f32(d_out.get(), d_logits.get(), rows, vocab, 0), SF_OK)
+            // Rows split over blocks (with a workspace) ...
+            const size_t ws_bytes = sf_cuda_argmax_workspace_bytes(rows, vocab);
+            DeviceBuffer<uint64_t> d_ws(ws_bytes / 8 + 1);
+            ASSERT_EQ(sf_cuda_argmax_f32(d_out.get(), d_logits.get(), rows, vocab, d_ws.get(),
+                                         ws_bytes, 0),
+                      SF_OK)
                 << sf_last_error();
-            // The sampler's greedy mode is the same kernel.
+            // ... and one block a row: the sampler's greedy mode without a workspace.
             DeviceBuffer<int32_t> d_out2((size_t)rows);
             ASSERT_EQ(sf_cuda_sample_f32(d_out2.get(), d_logits.get(), nullptr, rows, vocab, &s,
                                          nullptr, 0, 0),
