@@ -60,6 +60,9 @@ struct Shape {
     int n_heads, n_kv_heads, head_dim;
     bool causal;
     int q_pos0;  // causal decode: position of the query
+    // > 0: passed as max_kv_len with the workspace it asks for (decode: the split-KV kernel,
+    // attention_decode.cu); 0: the tiled kernel
+    int max_kv_len = 0;
 };
 
 double visible_pairs(const Shape &s) {
@@ -129,6 +132,9 @@ void run_shape(const Shape &s, int warmup, int repeats) {
     a.causal = s.causal;
     a.window = 0;
     a.scale = 1.0f / sqrtf((float)s.head_dim);
+    a.max_kv_len = s.max_kv_len;
+    a.workspace_bytes = sf_cuda_attention_workspace_bytes(&a);
+    if (a.workspace_bytes > 0) BENCH_CUDA(cudaMalloc(&a.workspace, a.workspace_bytes));
 
     cudaEvent_t t0, t1;
     BENCH_CUDA(cudaEventCreate(&t0));
@@ -170,6 +176,7 @@ void run_shape(const Shape &s, int warmup, int repeats) {
     cudaFree(cu_q);
     cudaFree(cu_kv);
     cudaFree(pos0);
+    cudaFree(a.workspace);
 }
 
 }  // namespace
@@ -206,7 +213,10 @@ int main(int argc, char **argv) {
         {"sysformer CA", 32, 256, 2048, 32, 32, 128, false, 0},
         {"causal prefill", 1, 2048, 2048, 32, 8, 128, true, 0},
         {"causal prefill", 8, 2048, 2048, 32, 8, 128, true, 0},
-        {"decode (GB/s-bound)", 32, 1, 2048, 32, 8, 128, true, 2047},
+        {"decode tiled", 32, 1, 2048, 32, 8, 128, true, 2047},
+        {"decode split-KV", 32, 1, 2048, 32, 8, 128, true, 2047, 2048},
+        {"decode tiled", 1, 1, 2048, 32, 8, 128, true, 2047},
+        {"decode split-KV", 1, 1, 2048, 32, 8, 128, true, 2047, 2048},
     };
     for (const Shape &s : shapes) run_shape(s, warmup, repeats);
     return 0;

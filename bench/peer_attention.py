@@ -25,7 +25,8 @@ SHAPES = [  # name, requests, n_q, n_kv, heads, kv heads, head dim, causal, pos0
     ("sysformer CA", 32, 256, 2048, 32, 32, 128, False, 0),
     ("causal prefill", 1, 2048, 2048, 32, 8, 128, True, 0),
     ("causal prefill", 8, 2048, 2048, 32, 8, 128, True, 0),
-    ("decode (GB/s-bound)", 32, 1, 2048, 32, 8, 128, True, 2047),
+    ("decode", 32, 1, 2048, 32, 8, 128, True, 2047),
+    ("decode", 1, 1, 2048, 32, 8, 128, True, 2047),
 ]
 
 

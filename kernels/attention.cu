@@ -474,6 +474,12 @@ extern "C" sf_status sf_cuda_attention_bf16(const sf_attention_args *a, cudaStre
     st = sf_attention_check_tensors(a, fn);
     if (st != SF_OK) return st;
 
+    if (sf_attention_decode_applies(a)) {
+        const size_t need = sf_cuda_attention_workspace_bytes(a);
+        if (need == 0 || (a->workspace && aligned16(a->workspace) && a->workspace_bytes >= need))
+            return sf_cuda_attention_decode_bf16(a, stream);
+    }
+
     sf_nvtx_range range("sf_cuda_attention_bf16");
     const int32_t d = a->head_dim;
     const int32_t group = a->n_heads / a->n_kv_heads;

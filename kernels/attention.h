@@ -70,7 +70,25 @@ typedef struct sf_attention_args {
     bool causal;
     int32_t window; /* > 0: sliding window (causal only); <= 0: none                        */
     float scale;    /* multiplies q . k before the softmax, usually 1 / sqrt(head_dim)      */
+    /* Decode (max_q_len == 1, at most 8 query heads per kv head, no lse) splits each request's keys
+     * over several blocks when max_kv_len > 0 bounds every request's visible key count (the
+     * engine passes its context length, a host value, so a captured graph stays valid) and a
+     * workspace of sf_cuda_attention_workspace_bytes (16-byte aligned; none needed when that
+     * is 0) is given; otherwise decode runs in the tiled kernel, with the same results up to
+     * rounding. Keys past max_kv_len are not seen.                                            */
+    int32_t max_kv_len;
+    float *workspace;       /* (device) scratch for the split decode, or NULL                 */
+    size_t workspace_bytes;
 } sf_attention_args;
+
+/* Bytes of workspace the split decode needs for *a (0: none, or not a split decode). */
+size_t sf_cuda_attention_workspace_bytes(const sf_attention_args *a);
+
+/* Internal to the attention family (attention_decode.cu): whether *a is a decode the split
+ * kernel takes, and that kernel's launcher (arguments already checked by
+ * sf_cuda_attention_bf16, which calls it). */
+bool sf_attention_decode_applies(const sf_attention_args *a);
+sf_status sf_cuda_attention_decode_bf16(const sf_attention_args *a, cudaStream_t stream);
 
 /* Enqueues the attention described by *a on stream. Returns SF_ERR_INVALID_ARGUMENT /
  * SF_ERR_UNSUPPORTED for arguments outside the requirements above (before touching CUDA),

@@ -51,6 +51,11 @@ struct Case {
     // > 0: each request's keys sit kv_gap NaN rows after the previous request's (KV-cache slots
     // with unused rows between them), and kv_len gives the lengths instead of cu_kv.
     int kv_gap = 0;
+    // > 0: passed as max_kv_len with the workspace it asks for, so that decode (max_q_len 1)
+    // runs in the split-KV kernel (attention_decode.cu); `splits` then says whether the keys
+    // must be split over blocks (a workspace is needed) or not.
+    int max_kv_len = 0;
+    bool splits = false;
 };
 
 std::string describe(const Case &c) {
@@ -175,6 +180,14 @@ void run_case(const Case &c, uint32_t seed) {
     a.causal = c.causal;
     a.window = c.window;
     a.scale = scale;
+    a.max_kv_len = c.max_kv_len;
+    const size_t ws_bytes = sf_cuda_attention_workspace_bytes(&a);
+    EXPECT_EQ(ws_bytes > 0, c.splits) << "workspace " << ws_bytes << " bytes";
+    DeviceBuffer<float> dws(ws_bytes / sizeof(float) + 1);
+    if (ws_bytes > 0) {
+        a.workspace = dws.get();
+        a.workspace_bytes = ws_bytes;
+    }
     ASSERT_EQ(sf_cuda_attention_bf16(&a, 0), SF_OK) << sf_last_error();
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     const std::vector<uint16_t> got = dout.host();
@@ -326,6 +339,31 @@ TEST(CudaAttentionArgs, RejectsShortMisalignedStridesAndPointers) {
     EXPECT_EQ(sf_cuda_attention_bf16(&a, 0), SF_ERR_INVALID_ARGUMENT);
 }
 
+// The split decode's workspace: only for decode (one query) with max_kv_len, no lse and at most
+// 8 query heads per kv head; n_requests * n_heads * splits * (head_dim + 2) floats.
+TEST(CudaAttentionArgs, SplitDecodeWorkspace) {
+    sf_attention_args a = valid_args();  // 2 requests, 8 / 2 heads, d 64
+    a.max_q_len = 1;
+    EXPECT_EQ(sf_cuda_attention_workspace_bytes(&a), (size_t)0);  // no max_kv_len
+    a.max_kv_len = 4096;
+    // 4 (request, kv head) pairs: 256 splits wanted, 16 of >= 256 keys allowed
+    EXPECT_EQ(sf_cuda_attention_workspace_bytes(&a), (size_t)2 * 8 * 16 * 66 * 4);
+    a.max_kv_len = 300;  // 2 splits
+    EXPECT_EQ(sf_cuda_attention_workspace_bytes(&a), (size_t)2 * 8 * 2 * 66 * 4);
+    a.max_kv_len = 200;  // one split: the decode kernel without a workspace
+    EXPECT_EQ(sf_cuda_attention_workspace_bytes(&a), (size_t)0);
+    a.max_kv_len = 4096;
+    a.max_q_len = 2;  // not decode
+    EXPECT_EQ(sf_cuda_attention_workspace_bytes(&a), (size_t)0);
+    a.max_q_len = 1;
+    a.lse = reinterpret_cast<float *>(0x70000);  // training's forward: the tiled kernel
+    EXPECT_EQ(sf_cuda_attention_workspace_bytes(&a), (size_t)0);
+    a.lse = nullptr;
+    a.n_heads = 32;  // 16 query heads per kv head
+    EXPECT_EQ(sf_cuda_attention_workspace_bytes(&a), (size_t)0);
+    EXPECT_EQ(sf_cuda_attention_workspace_bytes(nullptr), (size_t)0);
+}
+
 TEST(CudaAttentionArgs, NothingToDoIsOk) {
     sf_attention_args a = valid_args();
     a.n_requests = 0;
@@ -410,6 +448,42 @@ TEST(CudaAttention, DecodeAgainstLongCache) {
                 run_case(c, seed++);
             }
         }
+    }
+}
+
+// Decode through the split-KV kernel (max_kv_len and its workspace given), against the same
+// references and bound: the kernel keeps P in fp32, so it rounds less than the naive bf16
+// yardstick. Groups 1 to 8 (3 is SmolLM2's), windows, caches in slots with NaN gaps, a cache
+// of 4100 rows cut into splits (some past the shorter caches: empty parts), an empty cache, a
+// request with no query; one request alone (many splits of a long cache); and a batch large
+// enough that the keys are not split (one block per request and kv head).
+TEST(CudaAttention, DecodeSplitOverBlocks) {
+    SF_SKIP_WITHOUT_GPU();
+    uint32_t seed = 350;
+    for (int d : kHeadDims) {
+        for (int group : {1, 3, 4, 8}) {
+            for (int window : {0, 300}) {
+                Case c{d, 2 * group, 2, true, window, true,
+                       {{1, 1, 0}, {1, 4100, 4099}, {1, 777, 776}, {0, 5, 0}, {1, 0, 0},
+                        {1, 300, 299}}};
+                c.kv_gap = 13;
+                c.max_kv_len = 4100;
+                c.splits = true;
+                run_case(c, seed++);
+            }
+        }
+        Case one{d, 8, 2, true, 0, true, {{1, 3000, 2999}}};
+        one.max_kv_len = 4096;
+        one.splits = true;
+        one.q_pad = one.kv_pad = one.out_pad = 0;
+        run_case(one, seed++);
+        Case many{d, 4, 4, true, 0, true, {}};
+        for (int r = 0; r < 300; r++) {
+            const int n_kv = 1 + (r * 37) % 200;
+            many.reqs.push_back({1, n_kv, n_kv - 1});
+        }
+        many.max_kv_len = 256;  // 1200 (request, kv head) blocks: no split
+        run_case(many, seed++);
     }
 }
 

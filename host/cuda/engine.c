@@ -9,6 +9,7 @@
 #include "cpu/ops.h"
 #include "cuda/engine.h"
 #include "model/llm.h"
+#include "attention.h"
 #include "sampling.h"
 #include "sysformer/module.h"
 
@@ -28,6 +29,25 @@ int32_t sf_cuda_engine_max_slots(const sf_cuda_engine *e) { return e ? e->max_sl
 int32_t sf_cuda_engine_vocab(const sf_cuda_engine *e) { return e ? e->cfg.vocab_size : 0; }
 
 static bool attention_head_dim(int64_t hd) { return hd == 64 || hd == 80 || hd == 96 || hd == 128; }
+
+/* The split decode's workspace for any batch of up to max_slots requests: its split count falls
+ * as requests are added, so the largest need is found by trying each count. */
+static size_t decode_workspace_bytes(const sf_cuda_engine *e) {
+    sf_attention_args at;
+    memset(&at, 0, sizeof at);
+    at.max_q_len = 1;
+    at.max_kv_len = e->max_context;
+    at.n_heads = e->cfg.num_heads;
+    at.n_kv_heads = e->cfg.num_kv_heads;
+    at.head_dim = e->cfg.head_dim;
+    size_t most = 0;
+    for (int32_t n = 1; n <= e->max_slots; n++) {
+        at.n_requests = n;
+        const size_t need = sf_cuda_attention_workspace_bytes(&at);
+        if (need > most) most = need;
+    }
+    return most;
+}
 
 /* Lays out (or, with base NULL, measures) the arena. */
 static size_t carve_arena(sf_cuda_engine *e, char *base) {
@@ -78,6 +98,8 @@ static size_t carve_arena(sf_cuda_engine *e, char *base) {
     a->sample_ws_bytes = sf_cuda_sample_workspace_bytes((int64_t)R, e->cfg.vocab_size);
     a->sample_ws = sf_carve(&c, a->sample_ws_bytes);
     a->gemm_ws = sf_carve(&c, SF_GEMM_WORKSPACE_BYTES);
+    a->attn_ws_bytes = decode_workspace_bytes(e);
+    a->attn_ws = sf_carve(&c, a->attn_ws_bytes);
     a->slot_len = sf_carve(&c, R * i4);
     a->slot_next = sf_carve(&c, R * i4);
     a->inv_freq = sf_carve(&c, (size_t)e->cfg.head_dim * sizeof(float));

@@ -81,6 +81,8 @@ typedef struct sf_cuda_arena {
     void *sample_ws;
     size_t sample_ws_bytes;
     void *gemm_ws;
+    float *attn_ws;               /* the split decode's scratch (attention.h)             */
+    size_t attn_ws_bytes;
     /* state that outlives a step */
     int32_t *slot_len;            /* [R] positions stored per slot   */
     int32_t *slot_next;           /* [R] last token sampled per slot */

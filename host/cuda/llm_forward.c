@@ -72,6 +72,11 @@ static sf_status layer(sf_cuda_engine *e, int l, int32_t n_requests, int64_t T,
     at.causal = true;
     at.window = c->sliding_window;
     at.scale = (float)(1.0 / sqrt((double)c->head_dim));
+    /* decode: the keys split over blocks, bounded by the context (a host value, so the
+     * captured decode graph stays valid as the caches grow) */
+    at.max_kv_len = e->max_context;
+    at.workspace = a->attn_ws;
+    at.workspace_bytes = a->attn_ws_bytes;
     SF_TRY(sf_cuda_attention_bf16(&at, s));
 
     SF_TRY(gemm(e, a->tmp, false, d, a->attn, q, L->w_o, L->b_o, T, d, q, s));
