@@ -37,20 +37,11 @@ constexpr int kMinSplitKeys = 256;     // keys a split covers at least
 constexpr int64_t kTargetBlocks = 1024;  // about 8 resident 128-thread blocks per SM of 132
 
 struct DecodeParams {
-    uint16_t *out;
-    float *part_o;   // splits > 1: [n_requests, n_heads, splits, D] unnormalised outputs
-    float *part_ml;  // and [n_requests, n_heads, splits, 2] their running max m and sum l
-    const uint16_t *q;
-    const uint16_t *k;
-    const uint16_t *v;
-    const int32_t *cu_q;
-    const int32_t *cu_kv;
-    const int32_t *kv_len;
-    const int32_t *q_pos0;
-    int64_t q_stride, kv_stride, out_stride;
-    int32_t n_heads, group, window, splits, split_keys;
+    sf_attention_args a;  // the caller's arguments, by value (pointers, strides, masking)
+    float *part_o;        // splits > 1: [n_requests, n_heads, splits, D] unnormalised outputs
+    float *part_ml;       // and [n_requests, n_heads, splits, 2] their running max m and sum l
+    int32_t group, splits, split_keys;
     float scale_log2;
-    bool causal;
 };
 
 __device__ __forceinline__ float bf16_bits_to_f32(uint32_t bits16) {
@@ -64,15 +55,26 @@ __device__ __forceinline__ uint16_t f32_to_bf16_bits(float f) {
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
+// dst[0..3] = bf16(v * scale): one 8-byte store.
+__device__ __forceinline__ void store_bf16x4(uint16_t *dst, const float (&v)[4], float scale) {
+    uint32_t w[2];
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        w[i] = f32_to_bf16_bits(v[2 * i] * scale) |
+               (uint32_t)f32_to_bf16_bits(v[2 * i + 1] * scale) << 16;
+    }
+    *reinterpret_cast<uint2 *>(dst) = make_uint2(w[0], w[1]);
+}
+
 // The keys the request's query sees: [lo, hi), as sf_cpu_attention.
 __device__ __forceinline__ void visible_range(const DecodeParams &p, int32_t req, int32_t n_kv,
                                               int32_t *lo, int32_t *hi) {
     *lo = 0;
     *hi = n_kv;
-    if (p.causal) {
-        const int64_t pos = p.q_pos0 ? p.q_pos0[req] : 0;
+    if (p.a.causal) {
+        const int64_t pos = p.a.q_pos0 ? p.a.q_pos0[req] : 0;
         *hi = (int32_t)min((int64_t)n_kv, pos + 1);
-        if (p.window > 0) *lo = (int32_t)max((int64_t)0, pos - p.window + 1);
+        if (p.a.window > 0) *lo = (int32_t)max((int64_t)0, pos - p.a.window + 1);
     }
 }
 
@@ -84,12 +86,10 @@ __device__ __forceinline__ void store_head_column(const DecodeParams &p, int32_t
                                                   int d4, const float (&o)[4], float l) {
     if (p.splits == 1) {
         const float inv = l > 0.0f ? 1.0f / l : 0.0f;  // no visible key: zeros
-        uint16_t *dst = p.out + (int64_t)q_row * p.out_stride + (int64_t)head * D + 4 * d4;
-        const uint32_t lo = f32_to_bf16_bits(o[0] * inv) | (uint32_t)f32_to_bf16_bits(o[1] * inv) << 16;
-        const uint32_t hi = f32_to_bf16_bits(o[2] * inv) | (uint32_t)f32_to_bf16_bits(o[3] * inv) << 16;
-        *reinterpret_cast<uint2 *>(dst) = make_uint2(lo, hi);
+        store_bf16x4(p.a.out + (int64_t)q_row * p.a.out_stride + (int64_t)head * D + 4 * d4, o,
+                     inv);
     } else {
-        float *dst = p.part_o + (((int64_t)req * p.n_heads + head) * p.splits + split) * D;
+        float *dst = p.part_o + (((int64_t)req * p.a.n_heads + head) * p.splits + split) * D;
         *reinterpret_cast<float4 *>(dst + 4 * d4) = make_float4(o[0], o[1], o[2], o[3]);
     }
 }
@@ -105,10 +105,10 @@ __global__ void __launch_bounds__(kThreads) attention_decode_kernel(const Decode
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int32_t split = blockIdx.x, kv_head = blockIdx.y, req = blockIdx.z;
-    const int32_t q_row = p.cu_q[req];
-    if (p.cu_q[req + 1] - q_row < 1) return;  // no query (the whole block: uniform)
-    const int32_t kv0 = p.cu_kv[req];
-    const int32_t n_kv = p.kv_len ? p.kv_len[req] : p.cu_kv[req + 1] - kv0;
+    const int32_t q_row = p.a.cu_q[req];
+    if (p.a.cu_q[req + 1] - q_row < 1) return;  // no query (the whole block: uniform)
+    const int32_t kv0 = p.a.cu_kv[req];
+    const int32_t n_kv = p.a.kv_len ? p.a.kv_len[req] : p.a.cu_kv[req + 1] - kv0;
     int32_t lo, hi;
     visible_range(p, req, n_kv, &lo, &hi);
     const int32_t begin = lo + split * p.split_keys;
@@ -118,7 +118,7 @@ __global__ void __launch_bounds__(kThreads) attention_decode_kernel(const Decode
 
     for (int i = tid; i < group * D; i += kThreads) {
         const int h = i / D, e = i % D;
-        const uint16_t bits = p.q[(int64_t)q_row * p.q_stride + (int64_t)(head0 + h) * D + e];
+        const uint16_t bits = p.a.q[(int64_t)q_row * p.a.q_stride + (int64_t)(head0 + h) * D + e];
         reinterpret_cast<float *>(sQ[h])[e] = bf16_bits_to_f32(bits) * p.scale_log2;
     }
     if (tid < kMaxGroup) {
@@ -128,8 +128,8 @@ __global__ void __launch_bounds__(kThreads) attention_decode_kernel(const Decode
     // this thread's output slots: slot = tid + kThreads * s, head slot / kCols, columns
     // 4 (slot % kCols) .. + 3
     float o[2][4] = {};
-    const uint16_t *k_base = p.k + (int64_t)kv0 * p.kv_stride + (int64_t)kv_head * D;
-    const uint16_t *v_base = p.v + (int64_t)kv0 * p.kv_stride + (int64_t)kv_head * D;
+    const uint16_t *k_base = p.a.k + (int64_t)kv0 * p.a.kv_stride + (int64_t)kv_head * D;
+    const uint16_t *v_base = p.a.v + (int64_t)kv0 * p.a.kv_stride + (int64_t)kv_head * D;
     __syncthreads();
 
     for (int32_t t0 = begin; t0 < end; t0 += kThreads) {
@@ -139,7 +139,7 @@ __global__ void __launch_bounds__(kThreads) attention_decode_kernel(const Decode
 #pragma unroll
         for (int h = 0; h < kMaxGroup; h++) s[h] = 0.0f;
         if (tid < n_tile) {
-            const uint16_t *krow = k_base + (int64_t)(t0 + tid) * p.kv_stride;
+            const uint16_t *krow = k_base + (int64_t)(t0 + tid) * p.a.kv_stride;
 #pragma unroll
             for (int c = 0; c < D / 8; c++) {
                 const uint4 raw = *reinterpret_cast<const uint4 *>(krow + 8 * c);
@@ -169,7 +169,8 @@ __global__ void __launch_bounds__(kThreads) attention_decode_kernel(const Decode
         for (int h = warp; h < group; h += kThreads / 32) {
             float mx = -INFINITY;
             for (int j = lane; j < n_tile; j += 32) mx = fmaxf(mx, sP[h][j]);
-            for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+            for (int off = 16; off > 0; off >>= 1)
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
             const float m_old = sM[h];
             const float m_new = fmaxf(m_old, mx);
             // m_new = -inf only if every score so far is -inf (non-finite inputs): p = 0 then
@@ -200,10 +201,11 @@ __global__ void __launch_bounds__(kThreads) attention_decode_kernel(const Decode
                 const float alpha = sAlpha[h];
 #pragma unroll
                 for (int e = 0; e < 4; e++) o[si][e] *= alpha;
-                const uint16_t *vcol = v_base + (int64_t)t0 * p.kv_stride + 4 * d4;
+                const uint16_t *vcol = v_base + (int64_t)t0 * p.a.kv_stride + 4 * d4;
 #pragma unroll 4
                 for (int j = 0; j < n_tile; j++) {
-                    const uint2 raw = *reinterpret_cast<const uint2 *>(vcol + (int64_t)j * p.kv_stride);
+                    const uint2 raw =
+                        *reinterpret_cast<const uint2 *>(vcol + (int64_t)j * p.a.kv_stride);
                     const float pj = sP[h][j];
                     o[si][0] += pj * bf16_bits_to_f32(raw.x & 0xffffu);
                     o[si][1] += pj * bf16_bits_to_f32(raw.x >> 16);
@@ -224,7 +226,8 @@ __global__ void __launch_bounds__(kThreads) attention_decode_kernel(const Decode
         }
     }
     if (p.splits > 1 && tid < group) {
-        float *dst = p.part_ml + (((int64_t)req * p.n_heads + head0 + tid) * p.splits + split) * 2;
+        float *dst =
+            p.part_ml + (((int64_t)req * p.a.n_heads + head0 + tid) * p.splits + split) * 2;
         dst[0] = sM[tid];
         dst[1] = sL[tid];
     }
@@ -236,10 +239,10 @@ template <int D>
 __global__ void __launch_bounds__(32) attention_decode_combine_kernel(const DecodeParams p) {
     static_assert(D / 4 <= 32, "a lane per 4 columns");
     const int32_t head = blockIdx.x, req = blockIdx.y;
-    const int32_t q_row = p.cu_q[req];
+    const int32_t q_row = p.a.cu_q[req];
     const int d4 = threadIdx.x;
-    if (p.cu_q[req + 1] - q_row < 1 || d4 >= D / 4) return;
-    const int64_t first = ((int64_t)req * p.n_heads + head) * p.splits;
+    if (p.a.cu_q[req + 1] - q_row < 1 || d4 >= D / 4) return;
+    const int64_t first = ((int64_t)req * p.a.n_heads + head) * p.splits;
     const float *part_o = p.part_o + first * D, *part_ml = p.part_ml + first * 2;
     float M = -INFINITY;
     for (int32_t s = 0; s < p.splits; s++) M = fmaxf(M, part_ml[2 * s]);
@@ -257,10 +260,7 @@ __global__ void __launch_bounds__(32) attention_decode_combine_kernel(const Deco
         acc[3] += o.w * w;
     }
     const float inv = L > 0.0f ? 1.0f / L : 0.0f;
-    uint16_t *dst = p.out + (int64_t)q_row * p.out_stride + (int64_t)head * D + 4 * d4;
-    const uint32_t lo = f32_to_bf16_bits(acc[0] * inv) | (uint32_t)f32_to_bf16_bits(acc[1] * inv) << 16;
-    const uint32_t hi = f32_to_bf16_bits(acc[2] * inv) | (uint32_t)f32_to_bf16_bits(acc[3] * inv) << 16;
-    *reinterpret_cast<uint2 *>(dst) = make_uint2(lo, hi);
+    store_bf16x4(p.a.out + (int64_t)q_row * p.a.out_stride + (int64_t)head * D + 4 * d4, acc, inv);
 }
 
 // How the keys are split: enough blocks to fill the GPU (kTargetBlocks), splits of at least
@@ -315,27 +315,14 @@ extern "C" sf_status sf_cuda_attention_decode_bf16(const sf_attention_args *a,
                                                    cudaStream_t stream) {
     sf_nvtx_range range("sf_cuda_attention_decode_bf16");
     DecodeParams p;
-    p.out = a->out;
+    p.a = *a;
+    p.group = a->n_heads / a->n_kv_heads;
+    p.scale_log2 = a->scale * 1.4426950408889634f;
     plan_splits(a, &p.splits, &p.split_keys);
     p.part_o = a->workspace;
     p.part_ml = a->workspace
                     ? a->workspace + (int64_t)a->n_requests * a->n_heads * p.splits * a->head_dim
                     : nullptr;
-    p.q = a->q;
-    p.k = a->k;
-    p.v = a->v;
-    p.cu_q = a->cu_q;
-    p.cu_kv = a->cu_kv;
-    p.kv_len = a->kv_len;
-    p.q_pos0 = a->q_pos0;
-    p.q_stride = a->q_stride;
-    p.kv_stride = a->kv_stride;
-    p.out_stride = a->out_stride;
-    p.n_heads = a->n_heads;
-    p.group = a->n_heads / a->n_kv_heads;
-    p.window = a->window;
-    p.scale_log2 = a->scale * 1.4426950408889634f;
-    p.causal = a->causal;
     switch (a->head_dim) {
         case 64: return launch_decode<64>(p, a, stream);
         case 80: return launch_decode<80>(p, a, stream);
