@@ -11,19 +11,9 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bench_util.h"
 #include "model/random_llm.h"
 #include "sysformer.h"
-
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static int cmp_double(const void *a, const void *b) {
-    const double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
 
 static int fail(const char *what, sf_status st) {
     fprintf(stderr, "bench_cpu_forward: %s: %s: %s\n", what, sf_status_string(st),
@@ -93,24 +83,22 @@ int main(int argc, char **argv) {
         fprintf(stderr, "\rrepeat %d/%d ...", rep + 1, repeats);
         for (int r = 0; r < n_req; r++) sf_kv_cache_reset(caches[r]);
         sf_batch b = {n_req, cu, ids, NULL, caches, n_req, last};
-        double t0 = now();
+        double t0 = bench_now_s();
         st = sf_llm_forward_cpu(llm, &b, logits);
-        prefill_s[rep] = now() - t0;
+        prefill_s[rep] = bench_now_s() - t0;
         if (st != SF_OK) return fail("prefill", st);
         b.cu_seqlens = step_cu;
         b.logit_rows = step_rows;
-        t0 = now();
+        t0 = bench_now_s();
         for (int s = 0; s < n_decode; s++) {
             b.token_ids = ids + (size_t)s * n_req % (size_t)(total - n_req + 1);
             st = sf_llm_forward_cpu(llm, &b, logits);
             if (st != SF_OK) return fail("decode", st);
         }
-        decode_s[rep] = now() - t0;
+        decode_s[rep] = bench_now_s() - t0;
     }
     fprintf(stderr, "\r                 \r");
-    qsort(prefill_s, (size_t)repeats, sizeof(double), cmp_double);
-    qsort(decode_s, (size_t)repeats, sizeof(double), cmp_double);
-    const double p = prefill_s[repeats / 2], d = decode_s[repeats / 2];
+    const double p = bench_median(prefill_s, repeats), d = bench_median(decode_s, repeats);
     printf("model: %d layers, d=%d, heads %d/%d, vocab %d\n", c->num_layers, c->hidden_size,
            c->num_heads, c->num_kv_heads, c->vocab_size);
     printf("prefill  %d x %d tokens   %8.3f s  %10.1f tokens/s (CPU, median of %d)\n", n_req, len,

@@ -37,6 +37,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "bench_util.h"
 #include "sysformer.h"
 
 #define MAX_REPEATS 99
@@ -189,27 +190,7 @@ static double decode_bytes(const sf_llm_config *c, int R, double ctx) {
 /* Small helpers                                                                               */
 /* ---------------------------------------------------------------------------------------- */
 
-static double now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return 1e3 * (double)ts.tv_sec + 1e-6 * (double)ts.tv_nsec;
-}
-
-static int cmp_double(const void *a, const void *b) {
-    const double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-static double median(const double *v, int n) {
-    if (n <= 0) return NAN;
-    double *tmp = malloc((size_t)n * sizeof *tmp);
-    if (!tmp) return NAN;
-    memcpy(tmp, v, (size_t)n * sizeof *v);
-    qsort(tmp, (size_t)n, sizeof *tmp, cmp_double);
-    const double m = (n % 2) ? tmp[n / 2] : 0.5 * (tmp[n / 2 - 1] + tmp[n / 2]);
-    free(tmp);
-    return m;
-}
+static double now_ms(void) { return 1e3 * bench_now_s(); }
 
 /* The median of each stage separately. */
 static sf_cuda_stage_times median_stages(const sf_cuda_stage_times *t, int n) {
@@ -220,7 +201,7 @@ static sf_cuda_stage_times median_stages(const sf_cuda_stage_times *t, int n) {
 #define MED_FIELD(f)                                  \
     do {                                              \
         for (int i = 0; i < n; i++) v[i] = t[i].f;    \
-        m.f = (float)median(v, n);                    \
+        m.f = (float)bench_median(v, n);                    \
     } while (0)
     MED_FIELD(upload_ms);
     MED_FIELD(embed_ms);
@@ -319,7 +300,7 @@ static sf_status bench_prefill(sf_cuda_engine *e, const sf_cuda_step *step, int 
             stages[it] = s;
         }
     }
-    *wall_med = median(wall, repeats);
+    *wall_med = bench_median(wall, repeats);
     *stage_med = median_stages(stages, repeats);
     return SF_OK;
 }
@@ -493,8 +474,8 @@ static int bench_config(const char *name, const options *o) {
         if (dst == SF_OK) {
             d_first = dw[0];
             if (o->decode > 1) {
-                d_med = median(dw + 1, o->decode - 1);
-                d_dev_med = median(dd + 1, o->decode - 1);
+                d_med = bench_median(dw + 1, o->decode - 1);
+                d_dev_med = bench_median(dd + 1, o->decode - 1);
             } else {
                 d_med = dw[0];
                 d_dev_med = dd[0];
@@ -547,7 +528,7 @@ static int bench_config(const char *name, const options *o) {
             CUDA_TRY("cudaEventElapsedTime", cudaEventElapsedTime(&ms, ev0, ev1));
             if (it >= 0) ge[it] = ms;
         }
-        const double ge_ms = median(ge, o->repeats);
+        const double ge_ms = bench_median(ge, o->repeats);
         int n_err = -1;
         CUDA_TRY("cudaMemcpy errors",
                  cudaMemcpy(&n_err, d_errors, sizeof n_err, cudaMemcpyDeviceToHost));

@@ -17,13 +17,8 @@
 #include <sys/stat.h>
 #include <time.h>
 
+#include "bench_util.h"
 #include "sysformer.h"
-
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 /* A fixed linear congruential generator: the text must be the same on every machine. */
 static uint64_t g_rng = 0x2545F4914F6CDD1DULL;
@@ -92,9 +87,9 @@ static int exists(const char *path) {
 
 static void bench_one(const char *path, const char *text, size_t len, int repeats) {
     sf_tokenizer *tok = NULL;
-    double t0 = now();
+    double t0 = bench_now_s();
     sf_status st = sf_tokenizer_load(path, &tok);
-    double t_load = now() - t0;
+    double t_load = bench_now_s() - t0;
     if (st != SF_OK) {
         printf("%-60s load failed: %s\n", path, sf_last_error());
         return;
@@ -105,18 +100,18 @@ static void bench_one(const char *path, const char *text, size_t len, int repeat
     char *out = malloc(len * 2 + 16);
     double best_enc = 1e30, best_dec = 1e30;
     for (int r = 0; r < repeats && ids && out; r++) {
-        t0 = now();
+        t0 = bench_now_s();
         st = sf_tokenizer_encode(tok, text, len, false, true, ids, n, &n);
-        double t = now() - t0;
+        double t = bench_now_s() - t0;
         if (st != SF_OK) {
             printf("%-60s encode failed: %s\n", path, sf_last_error());
             break;
         }
         if (t < best_enc) best_enc = t;
         size_t out_len = 0;
-        t0 = now();
+        t0 = bench_now_s();
         st = sf_tokenizer_decode(tok, ids, n, false, out, len * 2 + 16, &out_len);
-        t = now() - t0;
+        t = bench_now_s() - t0;
         if (st != SF_OK) {
             printf("%-60s decode failed: %s\n", path, sf_last_error());
             break;

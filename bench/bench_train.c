@@ -70,6 +70,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bench_util.h"
 #include "cuda/train.h"
 #include "model/random_llm.h"
 #include "sysformer.h"
@@ -185,26 +186,6 @@ static double step_flops(const sf_llm_config *c, const sf_sysformer_config *s, c
 /* ---------------------------------------------------------------------------------------- */
 /* Small helpers                                                                               */
 /* ---------------------------------------------------------------------------------------- */
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static int cmp_double(const void *a, const void *b) {
-    const double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-/* Median of v[0..n), n <= MAX_REPEATS. */
-static double median_of(const double *v, int n) {
-    double tmp[MAX_REPEATS];
-    if (n <= 0 || n > MAX_REPEATS) return NAN;
-    memcpy(tmp, v, (size_t)n * sizeof *v);
-    qsort(tmp, (size_t)n, sizeof *tmp, cmp_double);
-    return n % 2 ? tmp[n / 2] : 0.5 * (tmp[n / 2 - 1] + tmp[n / 2]);
-}
 
 static uint64_t next_random(uint64_t *state) {
     uint64_t z = (*state += 0x9e3779b97f4a7c15ull);
@@ -337,9 +318,9 @@ static int bench_row(const sf_llm *llm, const char *config, const options *o, co
     memset(&rec, 0, sizeof rec);
     to.on_event = on_event;
     to.user = &rec;
-    const double tc0 = now_s();
+    const double tc0 = bench_now_s();
     ROW_TRY("sf_trainer_create", sf_trainer_create(llm, sf, NULL, NULL, 0, set, NULL, &to, &t));
-    const double create_s = now_s() - tc0;
+    const double create_s = bench_now_s() - tc0;
     sf_train_memory mem;
     ROW_TRY("sf_trainer_memory", sf_trainer_memory(t, &mem));
 
@@ -347,9 +328,9 @@ static int bench_row(const sf_llm *llm, const char *config, const options *o, co
     bool uniform = true, finite = true;
     for (int it = -1; it < o->repeats; it++) {
         const int64_t before = rec.steps;
-        const double t0 = now_s();
+        const double t0 = bench_now_s();
         ROW_TRY("sf_trainer_run", sf_trainer_run(t, 1, NULL));
-        const double dt = now_s() - t0;
+        const double dt = bench_now_s() - t0;
         if (rec.steps != before + 1) {
             printf("  ERROR %s %s: the trainer took %lld steps instead of 1\n", dev_name, rc_name,
                    (long long)(rec.steps - before));
@@ -368,7 +349,7 @@ static int bench_row(const sf_llm *llm, const char *config, const options *o, co
         if (it >= 0) times[it] = dt;
     }
 
-    const double step_s = median_of(times, o->repeats);
+    const double step_s = bench_median(times, o->repeats);
     double lo = times[0], hi = times[0];
     for (int i = 1; i < o->repeats; i++) {
         if (times[i] < lo) lo = times[i];
@@ -537,7 +518,7 @@ int main(int argc, char **argv) {
             return 1;
         }
         fprintf(stderr, "bench_train: writing a random %s into %s\n", o.config, dir);
-        const double t0 = now_s();
+        const double t0 = bench_now_s();
         sf_status st = sf_random_llm_write(dir, &cfg, o.seed);
         if (st == SF_OK) st = sf_llm_load(dir, &llm);
         if (st != SF_OK)
@@ -546,7 +527,7 @@ int main(int argc, char **argv) {
         remove_dir(dir); /* a loaded model no longer needs its files */
         if (st != SF_OK) return 1;
         fprintf(stderr, "bench_train: written and loaded in %.1f s (files deleted)\n",
-                now_s() - t0);
+                bench_now_s() - t0);
     }
     const sf_llm_config *c = sf_llm_get_config(llm);
 
