@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it (.ci/run calls this):
-#   1. the Release build (CUDA kernels too when nvcc exists) and every GoogleTest test;
+#   1. the Release build (CUDA kernels too when nvcc exists), every GoogleTest test (the GPU
+#      ones skip without a GPU) and the kernels' tests on the CPU emulator (tools/simt);
 #   2. the CPU tests again under AddressSanitizer + UndefinedBehaviorSanitizer;
 #   3. install, then build and run an integrator's project against find_package(sysformer).
 # Usage: scripts/test.sh [BUILD_ROOT]     (default: build)

@@ -1,0 +1,285 @@
+// tools/simt: the part of the CUDA runtime, math library, vector types and cuda_bf16.h that the
+// emulated kernels and their launchers use, on the host. Included at the end of shim.h.
+#pragma once
+#include <stdarg.h>
+
+#include <string>
+#include <vector>
+
+#define __align__(n) alignas(n)
+
+// ---------------------------------------------------------------------------------------------
+// Vector types (alignment as CUDA's vector_types.h)
+// ---------------------------------------------------------------------------------------------
+struct alignas(8) float2 {
+    float x, y;
+};
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
+struct alignas(16) uint4 {
+    unsigned x, y, z, w;
+};
+struct alignas(8) uint2 {
+    unsigned x, y;
+};
+inline float2 make_float2(float x, float y) { return {x, y}; }
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
+
+template <typename T>
+inline T __ldg(const T *p) {
+    return *p;
+}
+
+// ---------------------------------------------------------------------------------------------
+// bf16 (cuda_bf16.h): bits only, exact round-to-nearest-even; NaN -> canonical 0x7fff as
+// cvt.rn.bf16.f32 does on sm_80+.
+// ---------------------------------------------------------------------------------------------
+struct alignas(2) __nv_bfloat16 {
+    unsigned short __x;
+};
+struct alignas(4) __nv_bfloat162 {
+    __nv_bfloat16 x, y;
+};
+namespace emu {
+inline unsigned short f2bf_rn(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fffu;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (unsigned short)(u >> 16);
+}
+inline float bf2f(unsigned short h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+}  // namespace emu
+inline __nv_bfloat16 __float2bfloat16_rn(float f) { return {emu::f2bf_rn(f)}; }
+inline __nv_bfloat16 __float2bfloat16(float f) { return {emu::f2bf_rn(f)}; }
+inline float __bfloat162float(__nv_bfloat16 h) { return emu::bf2f(h.__x); }
+inline float2 __bfloat1622float2(__nv_bfloat162 h) {
+    return {emu::bf2f(h.x.__x), emu::bf2f(h.y.__x)};
+}
+inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) {
+    return {{emu::f2bf_rn(a)}, {emu::f2bf_rn(b)}};
+}
+inline __nv_bfloat162 __float22bfloat162_rn(float2 f) { return __floats2bfloat162_rn(f.x, f.y); }
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.__x; }
+inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short u) { return {u}; }
+
+// ---------------------------------------------------------------------------------------------
+// Math. IEEE basic operations are the host's. The transcendental functions are glibc's
+// (correctly rounded or nearly); emu::ulp_noise > 0 moves each result by up to that many ulps
+// (a deterministic pseudo-random direction per argument) to stay inside, but near, the CUDA
+// documented bounds (expf, rsqrtf, sincosf 2 ulp; erfcf 4 ulp; logf 1 ulp: not moved).
+// Applied to the kernel translation units only (EMU_DEVICE_MATH).
+// ---------------------------------------------------------------------------------------------
+namespace emu {
+inline int ulp_noise = 0;
+inline float nudge(float r, float arg, unsigned salt, int max_ulps) {
+    if (ulp_noise <= 0 || max_ulps <= 0 || !std::isfinite(r) || r == 0.0f) return r;
+    uint32_t a;
+    memcpy(&a, &arg, 4);
+    uint32_t h = (a ^ salt) * 0x9e3779b1u;
+    h ^= h >> 15;
+    h *= 0x85ebca77u;
+    h ^= h >> 13;
+    const int m = std::min(ulp_noise, max_ulps);
+    int k = (int)(h % (unsigned)(2 * m + 1)) - m;
+    for (; k > 0; k--) r = nextafterf(r, INFINITY);
+    for (; k < 0; k++) r = nextafterf(r, -INFINITY);
+    return r;
+}
+inline float dev_expf(float x) { return nudge(::expf(x), x, 0x1234u, 1); }
+inline float dev_logf(float x) { return ::logf(x); }
+inline float dev_erfcf(float x) { return nudge(::erfcf(x), x, 0x5678u, 3); }
+inline float dev_rsqrtf(float x) { return nudge(1.0f / ::sqrtf(x), x, 0x9abcu, 1); }
+inline void dev_sincosf(float x, float *s, float *c) {
+    ::sincosf(x, s, c);
+    *s = nudge(*s, x, 0xdef0u, 1);
+    *c = nudge(*c, x, 0x0fedu, 1);
+}
+}  // namespace emu
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __frcp_rn(float a) { return 1.0f / a; }
+inline float __saturatef(float a) { return a < 0.0f ? 0.0f : a > 1.0f ? 1.0f : a; }
+#ifdef EMU_DEVICE_MATH
+#define expf(x) emu::dev_expf(x)
+#define logf(x) emu::dev_logf(x)
+#define erfcf(x) emu::dev_erfcf(x)
+#define rsqrtf(x) emu::dev_rsqrtf(x)
+#define sincosf(x, s, c) emu::dev_sincosf(x, s, c)
+#define __expf(x) emu::dev_expf(x)
+#define __logf(x) emu::dev_logf(x)
+#else
+inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// CUDA runtime and NVTX, as far as the launchers go
+// ---------------------------------------------------------------------------------------------
+typedef struct CUstream_st *cudaStream_t;
+enum cudaError_t {
+    cudaSuccess = 0,
+    cudaErrorInvalidConfiguration = 9,
+    cudaErrorInvalidValue = 1,
+    cudaErrorLaunchFailure = 719,
+};
+namespace emu {
+inline cudaError_t last_error = cudaSuccess;
+struct LaunchRec {
+    std::string name;
+    dim3 grid, block;
+    bool ok;
+};
+inline std::vector<LaunchRec> launches;   // every launch since the driver cleared it
+inline std::vector<std::string> errors;   // emulator errors (deadlock, divergent warp op, config)
+inline int nvtx_depth = 0;
+// Emulator modes: thread order, the byte __shared__ is filled with before each block, the block
+// order and the warp schedule (shim.h run_block). mode_select 0..3 fixes one; 4 (default)
+// rotates through them launch by launch (so a test's "second run gives the same bits"
+// compares two modes).
+struct Mode {
+    int order;
+    unsigned char poison;
+    int block_order, sched, warp_order;
+    const char *name;
+};
+inline constexpr int kNumModes = 4;
+inline const Mode kModes[kNumModes] = {
+    {0, 0x00, 0, 0, 0, "lockstep/threads-asc/0x00/blocks-asc"},
+    {1, 0xff, 1, 1, 0, "warp-serial-asc/threads-desc/0xff/blocks-desc"},
+    {0, 0x5a, 2, 1, 1, "warp-serial-desc/threads-asc/0x5a/blocks-rand"},
+    {2, 0xa5, 0, 2, 2, "random-steps/threads-rand/0xa5/blocks-asc"}};
+inline int mode_select = kNumModes;
+inline unsigned long long launch_count = 0;
+inline void apply_mode(unsigned long long n) {
+    const Mode &m = kModes[mode_select < kNumModes ? mode_select : (int)(n % kNumModes)];
+    ctx.order = m.order;
+    ctx.poison = m.poison;
+    ctx.block_order = m.block_order;
+    ctx.sched = m.sched;
+    ctx.warp_order = m.warp_order;
+}
+
+// A kernel's __launch_bounds__(max_threads) against the running block (rewrite.py inserts the
+// call at the top of every kernel that declares one).
+inline void check_launch_bounds(long long max_threads, const char *kernel) {
+    const long long nt = (long long)blockDim.x * blockDim.y * blockDim.z;
+    if (nt > max_threads && threadIdx.x == 0 && threadIdx.y == 0 && threadIdx.z == 0 &&
+        blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0) {
+        errors.push_back(std::string(kernel) + ": block of " + std::to_string(nt) +
+                         " threads exceeds __launch_bounds__(" + std::to_string(max_threads) +
+                         ")");
+    }
+}
+
+template <typename F>
+struct Launch {
+    const char *name;
+    F f;
+    dim3 g, b;
+    size_t smem;
+    template <typename... A>
+    void operator()(A... a) {
+        const unsigned long long nt = (unsigned long long)b.x * b.y * b.z;
+        std::string cfg = std::string(name) + " <<<(" + std::to_string(g.x) + "," +
+                          std::to_string(g.y) + "," + std::to_string(g.z) + "), (" +
+                          std::to_string(b.x) + "," + std::to_string(b.y) + "," +
+                          std::to_string(b.z) + ")>>>";
+        if (g.x == 0 || g.y == 0 || g.z == 0 || g.x > 0x7fffffffu || g.y > 65535 || g.z > 65535 ||
+            nt == 0 || nt > 1024 || b.z > 64 || smem > 48 * 1024) {
+            last_error = cudaErrorInvalidConfiguration;
+            errors.push_back("invalid launch configuration: " + cfg);
+            launches.push_back({name, g, b, false});
+            return;
+        }
+        apply_mode(launch_count++);
+        const bool ok = emu::launch(g, b, [&] { f(a...); });
+        launches.push_back({name, g, b, ok});
+        if (!ok) {
+            last_error = cudaErrorLaunchFailure;
+            errors.push_back(cfg + ": " + ctx.error);
+        }
+    }
+};
+template <typename F>
+Launch<F> make_launch(const char *name, F f, dim3 g, dim3 b, size_t smem = 0,
+                      cudaStream_t s = nullptr) {
+    (void)s;
+    return Launch<F>{name, f, g, b, smem};
+}
+}  // namespace emu
+
+inline cudaError_t cudaGetLastError() {
+    const cudaError_t e = emu::last_error;
+    emu::last_error = cudaSuccess;
+    return e;
+}
+inline cudaError_t cudaPeekAtLastError() { return emu::last_error; }
+inline const char *cudaGetErrorString(cudaError_t e) {
+    switch (e) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    case cudaErrorLaunchFailure: return "unspecified launch failure (emulator)";
+    default: return "cuda error";
+    }
+}
+inline void nvtxRangePushA(const char *) { emu::nvtx_depth++; }
+inline void nvtxRangePop() { emu::nvtx_depth--; }
+
+// ---------------------------------------------------------------------------------------------
+// Device memory = host memory (256-byte aligned, as cudaMalloc). Kernel failures are reported
+// by cudaDeviceSynchronize, sticky, as a real launch failure is.
+// ---------------------------------------------------------------------------------------------
+enum cudaMemcpyKind {
+    cudaMemcpyHostToHost = 0,
+    cudaMemcpyHostToDevice = 1,
+    cudaMemcpyDeviceToHost = 2,
+    cudaMemcpyDeviceToDevice = 3,
+    cudaMemcpyDefault = 4
+};
+namespace emu {
+inline bool sticky_failure = false;
+}
+inline cudaError_t cudaMalloc(void **p, size_t n) {
+    if (posix_memalign(p, 256, n ? n : 1) != 0) return cudaErrorInvalidValue;
+    return cudaSuccess;
+}
+template <typename T>
+inline cudaError_t cudaMalloc(T **p, size_t n) {
+    return cudaMalloc(reinterpret_cast<void **>(p), n);
+}
+inline cudaError_t cudaFree(void *p) {
+    free(p);
+    return cudaSuccess;
+}
+inline cudaError_t cudaMemcpy(void *d, const void *s, size_t n, cudaMemcpyKind) {
+    if (n) memmove(d, s, n);
+    return cudaSuccess;
+}
+inline cudaError_t cudaMemset(void *d, int v, size_t n) {
+    if (n) memset(d, v, n);
+    return cudaSuccess;
+}
+inline cudaError_t cudaDeviceSynchronize() {
+    if (!emu::errors.empty()) {
+        for (const std::string &e : emu::errors) fprintf(stderr, "EMULATOR ERROR: %s\n", e.c_str());
+        emu::errors.clear();
+        emu::sticky_failure = true;
+    }
+    return emu::sticky_failure ? cudaErrorLaunchFailure : cudaSuccess;
+}
+inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaDeviceSynchronize(); }
+inline cudaError_t cudaMemcpyAsync(void *d, const void *s, size_t n, cudaMemcpyKind k, cudaStream_t = nullptr) {
+    return cudaMemcpy(d, s, n, k);
+}
+inline cudaError_t cudaMemsetAsync(void *d, int v, size_t n, cudaStream_t = nullptr) {
+    return cudaMemset(d, v, n);
+}

@@ -1,0 +1,29 @@
+#!/usr/bin/env python3
+"""The emulator's copy of tests/test_cuda_backward.cpp: its cuBLASLt GEMM section and GEMM
+argument test cut out (cuBLASLt cannot run on the host). Every cut must find its markers, so a
+change to the test file fails loudly here instead of silently running less.
+Usage: cut_gemm_tests.py in.cpp out.cpp"""
+import sys
+
+src_path, out_path = sys.argv[1], sys.argv[2]
+s = open(src_path).read()
+
+
+def need(s, text):
+    if s.count(text) != 1:
+        sys.exit('cut_gemm_tests.py: expected one %r in %s' % (text, src_path))
+
+
+need(s, '#include "cuda/gemm.h"\n')
+s = s.replace('#include "cuda/gemm.h"\n', '')
+banner = '// ' + '=' * 93 + '\n'
+need(s, '// GEMM backward (cuBLASLt)')
+need(s, '// Argument checks: before any CUDA call')
+gi = s.rindex(banner, 0, s.index('// GEMM backward (cuBLASLt)'))
+ai = s.rindex(banner, 0, s.index('// Argument checks: before any CUDA call'))
+s = s[:gi] + s[ai:]
+need(s, 'TEST(CudaBackwardArgs, GemmBackwardRejectsBadArgumentsBeforeTheCache)')
+ti = s.index('TEST(CudaBackwardArgs, GemmBackwardRejectsBadArgumentsBeforeTheCache)')
+te = s.rindex('}  // namespace')
+s = s[:ti] + s[te:]
+open(out_path, 'w').write(s)

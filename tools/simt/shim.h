@@ -1,0 +1,560 @@
+// tools/simt: compiles CUDA kernel source as host C++ and runs each block as one fiber per
+// thread (cooperative, one OS thread, x86-64). Force-included with -include shim.h.
+//
+// Model: threads of a block are fibers that run one at a time; a fiber runs until it reaches a
+// sync point (__syncthreads, a warp intrinsic), so atomics are trivially atomic and memory is
+// sequentially consistent. Blocks run serially, so __shared__ = a function-local static that
+// lives in the "emu_shared" section, which the launcher poisons before every block.
+#pragma once
+#include <limits.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <random>
+#include <source_location>
+#include <string>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ __attribute__((section("emu_shared"))) static
+
+struct dim3 {
+    unsigned x, y, z;
+    constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+inline dim3 threadIdx{0, 0, 0}, blockIdx{0, 0, 0}, blockDim{1, 1, 1}, gridDim{1, 1, 1};
+constexpr int warpSize = 32;
+
+extern "C" char __start_emu_shared[] __attribute__((weak));
+extern "C" char __stop_emu_shared[] __attribute__((weak));
+
+// Switches stacks: saves the callee-saved registers on the current stack, stores its sp in
+// *save_sp, loads new_sp and pops the registers saved there (System V x86-64). Opaque to the
+// compiler, so every global (shared memory, threadIdx) is reloaded after a sync point.
+extern "C" void emu_swap(void **save_sp, void *new_sp);
+asm(R"(
+    .text
+    .weak emu_swap
+    .type emu_swap, @function
+emu_swap:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size emu_swap, .-emu_swap
+)");
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#define EMU_ASAN 1
+#else
+#define EMU_ASAN 0
+#endif
+
+namespace emu {
+
+enum State { RUN, BAR, WARP, DONE };
+enum Op { SHFL_IDX, SHFL_UP, SHFL_DOWN, SHFL_XOR, MATCH_ANY, BALLOT, VOTE_ANY, VOTE_ALL, SYNCWARP };
+inline const char *op_name(int op) {
+    static const char *n[] = {"__shfl_sync",      "__shfl_up_sync", "__shfl_down_sync",
+                              "__shfl_xor_sync",  "__match_any_sync", "__ballot_sync",
+                              "__any_sync",       "__all_sync",     "__syncwarp"};
+    return n[op];
+}
+
+struct Fiber {
+    void *sp = nullptr;
+    State st = DONE;
+    Op op = SYNCWARP;
+    unsigned mask = 0;
+    int width = 32, arg = 0, size = 0;
+    uint64_t val = 0, res = 0;
+    unsigned line = 0;
+    const char *func = "";
+};
+
+struct Ctx {
+    std::vector<Fiber> f;
+    std::vector<char *> stacks;
+    size_t stack_size = 512 << 10;
+    void *sched_sp = nullptr;
+    int cur = -1;
+    std::function<void()> body;
+    std::string error;
+    int order = 0;  // 0: ascending thread order, 1: descending, 2: random per sweep
+    int block_order = 0;  // 0: ascending block order, 1: descending, 2: random
+    int sched = 0;        // 0: lockstep, 1: warp-serial, 2: random steps (see run_block)
+    int warp_order = 0;   // warp-serial: 0 ascending, 1 descending, 2 random
+    unsigned char poison = 0;
+    std::mt19937 rng{12345};
+    long long syncs = 0, warp_ops = 0, switches = 0;
+};
+inline Ctx ctx;
+
+// AddressSanitizer fiber annotations (SAN=asan), so it knows which stack is live.
+inline const void *main_stack_bottom = nullptr;
+inline size_t main_stack_size = 0;
+inline void asan_enter_fiber() {
+#if EMU_ASAN
+    __sanitizer_finish_switch_fiber(nullptr, &main_stack_bottom, &main_stack_size);
+#endif
+}
+inline void asan_leave_fiber() {
+#if EMU_ASAN
+    __sanitizer_start_switch_fiber(nullptr, main_stack_bottom, main_stack_size);
+#endif
+}
+
+[[noreturn]] inline void entry() {
+    asan_enter_fiber();
+    ctx.body();
+    Fiber &me = ctx.f[ctx.cur];
+    me.st = DONE;
+    void *dummy;
+    asan_leave_fiber();
+    emu_swap(&dummy, ctx.sched_sp);
+    __builtin_unreachable();
+}
+
+inline void yield() {
+    asan_leave_fiber();
+    emu_swap(&ctx.f[ctx.cur].sp, ctx.sched_sp);
+    asan_enter_fiber();
+}
+
+inline void reset_fiber(int i) {
+    if ((int)ctx.stacks.size() <= i) {
+        void *p = mmap(nullptr, ctx.stack_size, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (p == MAP_FAILED) {
+            perror("mmap");
+            abort();
+        }
+        mprotect(p, 4096, PROT_NONE);  // guard page against stack overflow
+        ctx.stacks.push_back((char *)p);
+    }
+#if EMU_ASAN
+    __asan_unpoison_memory_region(ctx.stacks[i] + 4096, ctx.stack_size - 4096);
+#endif
+    char *top = ctx.stacks[i] + ctx.stack_size;
+    uintptr_t a = ((uintptr_t)top - 32) & ~(uintptr_t)15;  // return-address slot, 16-aligned
+    void **slot = (void **)a;
+    slot[0] = (void *)&entry;
+    slot[1] = nullptr;
+    for (int k = 1; k <= 6; k++) slot[-k] = nullptr;  // rbp rbx r12..r15
+    ctx.f[i] = Fiber{};
+    ctx.f[i].sp = (void *)(slot - 6);
+    ctx.f[i].st = RUN;
+}
+
+inline void resume(int i) {
+    ctx.cur = i;
+    threadIdx = dim3{(unsigned)i % blockDim.x, ((unsigned)i / blockDim.x) % blockDim.y,
+                     (unsigned)i / (blockDim.x * blockDim.y)};
+    ctx.switches++;
+#if EMU_ASAN
+    __sanitizer_start_switch_fiber(nullptr, ctx.stacks[i] + 4096, ctx.stack_size - 4096);
+#endif
+    emu_swap(&ctx.sched_sp, ctx.f[i].sp);
+#if EMU_ASAN
+    __sanitizer_finish_switch_fiber(nullptr, nullptr, nullptr);
+#endif
+    ctx.cur = -1;
+}
+
+inline std::string describe(int i) {
+    const Fiber &f = ctx.f[i];
+    char b[256];
+    const char *s = f.st == RUN ? "running" : f.st == BAR ? "__syncthreads" : f.st == DONE ? "exited" : op_name(f.op);
+    snprintf(b, sizeof b, "thread %d: %s (%s line %u, mask %08x)", i, s, f.func, f.line, f.mask);
+    return b;
+}
+
+inline bool fail(std::string msg) {
+    char b[64];
+    snprintf(b, sizeof b, "block (%u,%u,%u): ", blockIdx.x, blockIdx.y, blockIdx.z);
+    ctx.error = b + msg;
+    return false;
+}
+
+// Resolves the warp ops of warp w whose participants have all arrived; returns true if any.
+inline bool resolve_warp(int w, int n, bool &bad) {
+    bool released = false;
+    for (int l = 0; l < 32; l++) {
+        Fiber &a = ctx.f[w * 32 + l];
+        if (a.st != WARP) continue;
+        const unsigned m = a.mask;
+        if (!((m >> l) & 1u)) {
+            bad = true;
+            return fail(describe(w * 32 + l) + ": calling lane not in mask (undefined)");
+        }
+        bool ready = true;
+        for (int j = 0; j < 32; j++) {
+            if (!((m >> j) & 1u)) continue;
+            if (w * 32 + j >= n) {
+                bad = true;
+                return fail(describe(w * 32 + l) + ": mask names a lane beyond blockDim");
+            }
+            const Fiber &b = ctx.f[w * 32 + j];
+            if (b.st != WARP) {
+                ready = false;
+                break;
+            }
+            if (b.mask != m || b.op != a.op || b.line != a.line || b.func != a.func ||
+                b.width != a.width || b.size != a.size) {
+                bad = true;
+                return fail("warp " + std::to_string(w) + " lanes disagree on the warp op: " +
+                            describe(w * 32 + l) + " vs " + describe(w * 32 + j));
+            }
+        }
+        if (!ready) continue;
+        const int width = a.width;
+        if (width < 1 || width > 32 || (width & (width - 1))) {
+            bad = true;
+            return fail(describe(w * 32 + l) + ": width not a power of 2 <= 32");
+        }
+        for (int j = 0; j < 32; j++) {
+            if (!((m >> j) & 1u)) continue;
+            Fiber &b = ctx.f[w * 32 + j];
+            int src = j;
+            switch (b.op) {
+                case SHFL_IDX: src = ((unsigned)b.arg % (unsigned)width) + (j / width) * width; break;
+                case SHFL_UP: src = (j % width) < b.arg ? j : j - b.arg; break;
+                case SHFL_DOWN: src = (j % width) + b.arg >= width ? j : j + b.arg; break;
+                case SHFL_XOR: src = j ^ b.arg; if (src / width > j / width || src > 31) src = j; break;
+                default: break;
+            }
+            if (b.op <= SHFL_XOR) {
+                if (!((m >> src) & 1u)) {
+                    bad = true;
+                    return fail(describe(w * 32 + j) + ": reads lane " + std::to_string(src) +
+                                " outside the mask (undefined)");
+                }
+                b.res = ctx.f[w * 32 + src].val;
+            } else if (b.op == MATCH_ANY) {
+                unsigned r = 0;
+                for (int k = 0; k < 32; k++)
+                    if (((m >> k) & 1u) && ctx.f[w * 32 + k].val == b.val) r |= 1u << k;
+                b.res = r;
+            } else if (b.op == BALLOT || b.op == VOTE_ANY || b.op == VOTE_ALL) {
+                unsigned r = 0;
+                for (int k = 0; k < 32; k++)
+                    if (((m >> k) & 1u) && ctx.f[w * 32 + k].val) r |= 1u << k;
+                b.res = b.op == BALLOT ? r : b.op == VOTE_ANY ? (r != 0) : (r == m);
+            } else {
+                b.res = 0;
+            }
+        }
+        for (int j = 0; j < 32; j++)
+            if ((m >> j) & 1u) ctx.f[w * 32 + j].st = RUN;
+        ctx.warp_ops++;
+        released = true;
+    }
+    return released;
+}
+
+// Runs one block of n threads to completion; false (ctx.error set) on a sync error.
+// One sweep over warp w's runnable fibers (thread order ctx.order); true if any ran.
+inline bool sweep_warp(int w, int n) {
+    const int lo = w * 32, hi = std::min(n, lo + 32);
+    int order[32], k = 0;
+    for (int i = lo; i < hi; i++) order[k++] = ctx.order == 1 ? hi - 1 - (i - lo) : i;
+    if (ctx.order == 2) std::shuffle(order, order + k, ctx.rng);
+    bool ran = false;
+    for (int j = 0; j < k; j++)
+        if (ctx.f[order[j]].st == RUN) {
+            resume(order[j]);
+            ran = true;
+        }
+    return ran;
+}
+
+// Runs one block of n threads to completion; false (ctx.error set) on a sync error.
+// Schedules (ctx.sched), between two block barriers:
+//   0 lockstep: every runnable fiber to its next sync point, then every warp's ops resolve;
+//   1 warp-serial: one warp at a time (ctx.warp_order: ascending, descending, random), each
+//     run to the barrier (or its exit) before the next starts: the widest skew between warps;
+//   2 random steps: a random warp advances one sync point at a time.
+inline bool run_block(int n) {
+    if ((int)ctx.f.size() < n) ctx.f.resize(n);
+    for (int i = 0; i < n; i++) reset_fiber(i);
+    std::vector<int> order(n);
+    const int n_warps = (n + 31) / 32;
+    std::vector<int> warps(n_warps);
+    for (;;) {
+        bool bad = false;
+        if (ctx.sched == 1) {
+            for (int w = 0; w < n_warps; w++) warps[w] = ctx.warp_order == 1 ? n_warps - 1 - w : w;
+            if (ctx.warp_order == 2) std::shuffle(warps.begin(), warps.end(), ctx.rng);
+            for (int w : warps) {
+                for (;;) {
+                    const bool ran = sweep_warp(w, n);
+                    const bool rel = resolve_warp(w, n, bad);
+                    if (bad) return false;
+                    if (!ran && !rel) break;
+                }
+            }
+            // Ops that span warps cannot exist (warp ops are per warp): all warps are now at
+            // the barrier, exited, or stuck.
+        } else if (ctx.sched == 2) {
+            for (;;) {
+                warps.clear();
+                for (int w = 0; w < n_warps; w++) {
+                    bool active = false;
+                    for (int i = w * 32; i < std::min(n, w * 32 + 32) && !active; i++)
+                        active = ctx.f[i].st == RUN || ctx.f[i].st == WARP;
+                    if (active) warps.push_back(w);
+                }
+                std::shuffle(warps.begin(), warps.end(), ctx.rng);
+                bool progress = false;
+                for (int w : warps) {
+                    const bool ran = sweep_warp(w, n);
+                    const bool rel = resolve_warp(w, n, bad);
+                    if (bad) return false;
+                    if (ran || rel) {
+                        progress = true;
+                        break;
+                    }
+                }
+                if (!progress) break;
+            }
+            warps.resize(n_warps);
+        } else {
+            // Run every runnable fiber up to its next sync point.
+            for (;;) {
+                for (int i = 0; i < n; i++) order[i] = ctx.order == 1 ? n - 1 - i : i;
+                if (ctx.order == 2) std::shuffle(order.begin(), order.end(), ctx.rng);
+                bool ran = false;
+                for (int i : order)
+                    if (ctx.f[i].st == RUN) {
+                        resume(i);
+                        ran = true;
+                    }
+                if (!ran) break;
+            }
+            bool released = false;
+            for (int w = 0; w * 32 < n; w++) {
+                released |= resolve_warp(w, n, bad);
+                if (bad) return false;
+            }
+            if (released) continue;
+        }
+        int n_bar = 0, n_done = 0, n_warp = 0;
+        for (int i = 0; i < n; i++) {
+            n_bar += ctx.f[i].st == BAR;
+            n_done += ctx.f[i].st == DONE;
+            n_warp += ctx.f[i].st == WARP;
+        }
+        if (n_done == n) return true;
+        if (n_warp == 0 && n_done == 0) {
+            for (int i = 1; i < n; i++)
+                if (ctx.f[i].line != ctx.f[0].line || ctx.f[i].func != ctx.f[0].func)
+                    return fail("threads wait at different __syncthreads: " + describe(0) +
+                                " vs " + describe(i));
+            for (int i = 0; i < n; i++) ctx.f[i].st = RUN;
+            ctx.syncs++;
+            continue;
+        }
+        std::string msg = "deadlock / divergent sync:";
+        int shown = 0;
+        for (int i = 0; i < n && shown < 6; i++) {
+            bool differs = i == 0 || ctx.f[i].st != ctx.f[i - 1].st ||
+                           ctx.f[i].line != ctx.f[i - 1].line;
+            if (differs) {
+                msg += "\n    " + describe(i);
+                shown++;
+            }
+        }
+        return fail(msg + "\n    (" + std::to_string(n_bar) + " at __syncthreads, " +
+                    std::to_string(n_warp) + " at warp ops, " + std::to_string(n_done) +
+                    " exited)");
+    }
+}
+
+inline void poison_shared() {
+    if (__start_emu_shared && __stop_emu_shared)
+        memset(__start_emu_shared, ctx.poison, (size_t)(__stop_emu_shared - __start_emu_shared));
+}
+
+// Launches body on grid x block threads, one block at a time, in the block order of
+// ctx.block_order (0 ascending, 1 descending, 2 random). False on a sync error.
+inline bool launch(dim3 grid, dim3 block, std::function<void()> body) {
+    const unsigned long long nt = (unsigned long long)block.x * block.y * block.z;
+    if (nt == 0 || nt > 1024 || nt % 32) {
+        ctx.error = "unsupported block size " + std::to_string(nt);
+        return false;
+    }
+    gridDim = grid;
+    blockDim = block;
+    ctx.body = std::move(body);
+    const unsigned long long nb = (unsigned long long)grid.x * grid.y * grid.z;
+    std::vector<unsigned long long> ord(nb);
+    for (unsigned long long b = 0; b < nb; b++) ord[b] = ctx.block_order == 1 ? nb - 1 - b : b;
+    if (ctx.block_order == 2) std::shuffle(ord.begin(), ord.end(), ctx.rng);
+    for (unsigned long long b : ord) {
+        blockIdx = dim3{(unsigned)(b % grid.x), (unsigned)((b / grid.x) % grid.y),
+                        (unsigned)(b / ((unsigned long long)grid.x * grid.y))};
+        poison_shared();
+        if (!run_block((int)nt)) return false;
+    }
+    return true;
+}
+
+template <typename T>
+inline uint64_t bits(T v) {
+    static_assert(sizeof(T) <= 8, "warp op on a value over 8 bytes");
+    uint64_t b = 0;
+    memcpy(&b, &v, sizeof v);
+    return b;
+}
+template <typename T>
+inline T unbits(uint64_t b) {
+    T v;
+    memcpy(&v, &b, sizeof v);
+    return v;
+}
+
+inline uint64_t warp_op(Op op, unsigned mask, uint64_t val, int size, int arg, int width,
+                        const std::source_location &loc) {
+    Fiber &me = ctx.f[ctx.cur];
+    me.st = WARP;
+    me.op = op;
+    me.mask = mask;
+    me.val = val;
+    me.size = size;
+    me.arg = arg;
+    me.width = width;
+    me.line = loc.line();
+    me.func = loc.function_name();
+    yield();
+    return me.res;
+}
+
+}  // namespace emu
+
+using emu_loc = std::source_location;
+#define EMU_LOC std::source_location loc = std::source_location::current()
+
+inline void __syncthreads(EMU_LOC) {
+    emu::Fiber &me = emu::ctx.f[emu::ctx.cur];
+    me.st = emu::BAR;
+    me.line = loc.line();
+    me.func = loc.function_name();
+    emu::yield();
+}
+inline void __syncwarp(unsigned mask = 0xffffffffu, EMU_LOC) {
+    emu::warp_op(emu::SYNCWARP, mask, 0, 0, 0, 32, loc);
+}
+template <typename T>
+inline T __shfl_sync(unsigned mask, T v, int src, int width = 32, EMU_LOC) {
+    return emu::unbits<T>(emu::warp_op(emu::SHFL_IDX, mask, emu::bits(v), sizeof(T), src, width, loc));
+}
+template <typename T>
+inline T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32, EMU_LOC) {
+    return emu::unbits<T>(emu::warp_op(emu::SHFL_UP, mask, emu::bits(v), sizeof(T), (int)delta, width, loc));
+}
+template <typename T>
+inline T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32, EMU_LOC) {
+    return emu::unbits<T>(emu::warp_op(emu::SHFL_DOWN, mask, emu::bits(v), sizeof(T), (int)delta, width, loc));
+}
+template <typename T>
+inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32, EMU_LOC) {
+    return emu::unbits<T>(emu::warp_op(emu::SHFL_XOR, mask, emu::bits(v), sizeof(T), lane_mask, width, loc));
+}
+template <typename T>
+inline unsigned __match_any_sync(unsigned mask, T v, EMU_LOC) {
+    static_assert(sizeof(T) == 4 || sizeof(T) == 8, "__match_any_sync takes 32/64-bit values");
+    return (unsigned)emu::warp_op(emu::MATCH_ANY, mask, emu::bits(v), sizeof(T), 0, 32, loc);
+}
+inline unsigned __ballot_sync(unsigned mask, int pred, EMU_LOC) {
+    return (unsigned)emu::warp_op(emu::BALLOT, mask, pred != 0, 4, 0, 32, loc);
+}
+inline int __any_sync(unsigned mask, int pred, EMU_LOC) {
+    return (int)emu::warp_op(emu::VOTE_ANY, mask, pred != 0, 4, 0, 32, loc);
+}
+inline int __all_sync(unsigned mask, int pred, EMU_LOC) {
+    return (int)emu::warp_op(emu::VOTE_ALL, mask, pred != 0, 4, 0, 32, loc);
+}
+#define __activemask() 0xffffffffu
+
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
+inline int __clz(int x) { return x ? __builtin_clz((unsigned)x) : 32; }
+inline int __ffs(int x) { return __builtin_ffs(x); }
+inline unsigned __brev(unsigned x) {
+    unsigned r = 0;
+    for (int i = 0; i < 32; i++) r |= ((x >> i) & 1u) << (31 - i);
+    return r;
+}
+inline unsigned __float_as_uint(float f) { return emu::unbits<unsigned>(emu::bits(f)); }
+inline float __uint_as_float(unsigned u) { return emu::unbits<float>(emu::bits(u)); }
+inline int __float_as_int(float f) { return emu::unbits<int>(emu::bits(f)); }
+inline float __int_as_float(int u) { return emu::unbits<float>(emu::bits(u)); }
+inline long long __double_as_longlong(double d) { return emu::unbits<long long>(emu::bits(d)); }
+inline double __longlong_as_double(long long u) { return emu::unbits<double>(emu::bits(u)); }
+
+// Atomics: fibers never interleave inside one, so plain read-modify-write is atomic.
+template <typename T>
+inline T atomicAdd(T *p, T v) { T o = *p; *p = o + v; return o; }
+template <typename T>
+inline T atomicSub(T *p, T v) { T o = *p; *p = o - v; return o; }
+template <typename T>
+inline T atomicMin(T *p, T v) { T o = *p; *p = v < o ? v : o; return o; }
+template <typename T>
+inline T atomicMax(T *p, T v) { T o = *p; *p = v > o ? v : o; return o; }
+template <typename T>
+inline T atomicExch(T *p, T v) { T o = *p; *p = v; return o; }
+template <typename T>
+inline T atomicCAS(T *p, T cmp, T v) { T o = *p; if (o == cmp) *p = v; return o; }
+template <typename T>
+inline T atomicOr(T *p, T v) { T o = *p; *p = o | v; return o; }
+template <typename T>
+inline T atomicAnd(T *p, T v) { T o = *p; *p = o & v; return o; }
+inline void __threadfence() {}
+inline void __threadfence_block() {}
+
+// CUDA's global min/max overloads (math_functions.hpp): same-type, mixed signedness -> unsigned.
+inline int min(int a, int b) { return a < b ? a : b; }
+inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
+inline unsigned min(int a, unsigned b) { return min((unsigned)a, b); }
+inline unsigned min(unsigned a, int b) { return min(a, (unsigned)b); }
+inline long long min(long long a, long long b) { return a < b ? a : b; }
+inline unsigned long long min(unsigned long long a, unsigned long long b) { return a < b ? a : b; }
+inline long min(long a, long b) { return a < b ? a : b; }
+inline unsigned long min(unsigned long a, unsigned long b) { return a < b ? a : b; }
+inline float min(float a, float b) { return fminf(a, b); }
+inline double min(double a, double b) { return fmin(a, b); }
+inline int max(int a, int b) { return a > b ? a : b; }
+inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
+inline unsigned max(int a, unsigned b) { return max((unsigned)a, b); }
+inline unsigned max(unsigned a, int b) { return max(a, (unsigned)b); }
+inline long long max(long long a, long long b) { return a > b ? a : b; }
+inline unsigned long long max(unsigned long long a, unsigned long long b) { return a > b ? a : b; }
+inline long max(long a, long b) { return a > b ? a : b; }
+inline unsigned long max(unsigned long a, unsigned long b) { return a > b ? a : b; }
+inline float max(float a, float b) { return fmaxf(a, b); }
+inline double max(double a, double b) { return fmax(a, b); }
+#include "cuda_emu.h"
