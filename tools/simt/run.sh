@@ -6,6 +6,7 @@
 #   tools/simt/run.sh SUITE [gtest args...]
 #     elementwise  tests/test_cuda_elementwise.cpp: conversion, embedding/splice, RoPE,
 #                  activations, argmax and sampling (sf_sample as the twin)
+#     norms        tests/test_cuda_norms.cpp: RMSNorm and LayerNorm, with the fused residual
 #     backward     tests/test_cuda_backward.cpp without its cuBLASLt section: norms, RoPE,
 #                  activations and cross-entropy backward
 #     decode       tests/test_cuda_attention.cpp's argument and split-decode tests, behind a
@@ -21,7 +22,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 KSRC=${KSRC:-$REPO/kernels}
 suite=${1:-}
-[ -n "$suite" ] || { sed -n '5,13p' "$0"; exit 2; }
+[ -n "$suite" ] || { sed -n '5,15p' "$0"; exit 2; }
 shift
 
 case "$suite" in
@@ -34,6 +35,10 @@ case "$suite" in
         test=test_cuda_backward.cpp
         twins=(host/cpu/rmsnorm.c host/cpu/layernorm.c host/cpu/rope.c host/cpu/activations.c
                host/cpu/softmax.c) ;;
+    norms)
+        kernels=(rmsnorm layernorm)
+        test=test_cuda_norms.cpp
+        twins=(host/cpu/rmsnorm.c host/cpu/layernorm.c host/cpu/activations.c) ;;
     decode)
         kernels=(attention_decode)
         test=test_cuda_attention.cpp
