@@ -299,7 +299,7 @@ static int bench_row(const sf_llm *llm, const char *config, const options *o, co
     sf_trainer *t = NULL;
     int result = 1;
     bool summary = false;
-    double times[MAX_REPEATS];
+    double times[MAX_REPEATS] = {0};
 
     fprintf(stderr, "bench_train: %s recompute %s: creating the trainer\n", dev_name, rc_name);
     const sf_sysformer_config scfg = sf_sysformer_default_config(llm);
