@@ -58,7 +58,9 @@
 #include "cuda/train.h"
 #include "cuda_test_util.h"
 #include "engine_test_util.h"
+#include "io/safetensors.h"
 #include "model/llm.h"
+#include "optim.h"
 #include "sysformer.h"
 #include "sysformer/module.h"
 #include "train/train.h"
@@ -597,6 +599,7 @@ TEST_P(CudaTrainTiny, ReportsItsMemory) {
     EXPECT_EQ(p.sysformer, m.sysformer);
     EXPECT_EQ(p.activations, m.activations);
     EXPECT_EQ(p.pinned_host, m.pinned_host);
+    EXPECT_EQ(p.optimizer, m.optimizer);
     EXPECT_EQ(p.total, m.total);
 }
 
@@ -658,6 +661,266 @@ TEST_P(CudaTrainTiny, TrainerStepOnTheGpuMatchesTheCpu) {
     const std::vector<float> want(gcpu, gcpu + nc), got(ggpu, ggpu + ng);
     const sf_llm_config *c = sf_llm_get_config(llm_.get());
     EXPECT_LE(rel_err(got, want), grad_bound(c->num_layers, sf_cpu->cfg.num_layers));
+    sf_train_set_free(&set);
+}
+
+// The STEP events of a run.
+struct StepLog {
+    std::vector<sf_train_event> steps;
+    static bool fn(void *user, const sf_train_event *e) {
+        if (e->kind == SF_TRAIN_EVENT_STEP) static_cast<StepLog *>(user)->steps.push_back(*e);
+        return true;
+    }
+};
+
+// One fp32 tensor of a checkpoint's train_state.safetensors ("weights", "adam_m", "adam_v").
+std::vector<float> state_tensor(const std::string &dir, const char *name, int64_t n) {
+    std::vector<float> out((size_t)n, NAN);
+    sf_st_archive *ar = nullptr;
+    const std::string path = dir + "/train_state.safetensors";
+    EXPECT_EQ(sf_st_open(path.c_str(), &ar), SF_OK) << sf_last_error();
+    if (!ar) return out;
+    const int64_t shape[1] = {n};
+    const sf_st_tensor *t = nullptr;
+    EXPECT_EQ(sf_st_get(ar, name, 1, shape, &t), SF_OK) << name << ": " << sf_last_error();
+    if (t) {
+        EXPECT_EQ(sf_st_to_f32(t, out.data()), SF_OK);
+    }
+    sf_st_close(ar);
+    return out;
+}
+
+std::vector<float> flat_copy(sf_sysformer *sf) {
+    int64_t n = 0;
+    const float *w = sf_sysformer_flat(sf, &n);
+    return std::vector<float>(w, w + n);
+}
+
+// The device optimizer inside sf_trainer, step by step against the CPU trainer. Before each
+// step the GPU trainer's state (weights, m, v, step, position) goes through a checkpoint into
+// the CPU trainer (sf_trainer_resume), so both step from one state and the comparison is of
+// one step (the trajectories would otherwise drift apart by the bf16 gradients' differences,
+// which no bound here covers). Clipping is always active (clip_norm far below the norm) and the
+// weight decay is on. Checks per step:
+//   - the update is sf_adamw_step's, bit for bit: the host's AdamW from the checkpointed state
+//     with the GPU's clipped gradient (sf_trainer_last_gradient, which applies the device's
+//     coefficient on the host by sf_clip_grad_norm's expression: the values the device's
+//     AdamW read) gives the GPU trainer's new weights, m and v exactly;
+//   - the gradient norm before clipping is the CPU's within b_g (the per-tensor bound on the
+//     gradient, grad_bound above, holds for the whole vector: | ||a|| - ||b|| | <= ||a - b||);
+//   - the clipped gradients, both scaled to clip_norm ||g|| / (||g|| + 1e-6), differ by at most
+//     2 c b_g / (1 - b_g) in norm (c = clip_norm; scaling a and b to one length at most
+//     doubles their relative difference, and ||a|| >= (1 - b_g) ||b||), plus their fp32
+//     rounding, u c each;
+//   - the weights: from one state, w' = w (1 - lr wd) - lr U with U = mh / (sqrt(vh) + eps),
+//     mh = m / bc1, vh = v / bc2. Only the newest gradient differs, with weight a = (1 - b1) /
+//     bc1 in mh and c2 = (1 - b2) / bc2 in vh, so ||d mh|| <= a ||dg|| and ||d sqrt(vh)|| <=
+//     sqrt(c2) ||dg|| (a weighted 2-norm with one differing term). dU/dmh = 1 / (sqrt(vh) +
+//     eps) <= 1 / eps, and |dU/d sqrt(vh)| = |mh| / (sqrt(vh) + eps)^2 <= B / (4 eps) where
+//     |mh| <= B sqrt(vh) for any Adam history (Cauchy-Schwarz: B = (1 - b1) / bc1 sqrt(bc2 /
+//     (1 - b2) sum_{j<t} (b1^2 / b2)^j)). So ||dw|| <= lr (a + B sqrt(c2) / 4) ||dg|| / eps
+//     plus both sides' fp32 rounding of w (u ||w|| each, 2.5u charged). eps is chosen near the
+//     gradient's largest elements, where U is close to linear in g, so that the bound is well
+//     below the update lr U itself (checked: the bound must say something).
+TEST_P(CudaTrainTiny, TrainerDeviceOptimizerStepsMatchTheCpu) {
+    sf_train_set set = {};
+    fill_train_set(&set, 6, 21);
+    sf_train_options o = sf_train_default_options();
+    o.epochs = 1;
+    o.batch_tokens = 40;  // two or so examples a step: several steps
+    o.lr = 1e-3;
+    o.warmup_steps = 1;
+    o.clip_norm = 1e-4;
+    o.adamw.eps = 1e-5;
+    o.adamw.weight_decay = 0.1;
+    o.w_recon = 1.0;
+    o.validate_first = false;
+    StepLog lc, lg;
+    SfPtr sf_cpu = random_sysformer(llm_.get(), true, SF_ACT_RELU, false, 29);
+    SfPtr sf_gpu = random_sysformer(llm_.get(), true, SF_ACT_RELU, false, 29);
+    sf_trainer *tc = nullptr, *tg = nullptr;
+    o.on_event = StepLog::fn;
+    o.user = &lc;
+    ASSERT_EQ(sf_trainer_create(llm_.get(), sf_cpu.get(), nullptr, nullptr, 0, &set, nullptr, &o,
+                                &tc),
+              SF_OK)
+        << sf_last_error();
+    std::unique_ptr<sf_trainer, void (*)(sf_trainer *)> gc(tc, sf_trainer_free);
+    o.device = SF_TRAIN_CUDA;
+    o.user = &lg;
+    ASSERT_EQ(sf_trainer_create(llm_.get(), sf_gpu.get(), nullptr, nullptr, 0, &set, nullptr, &o,
+                                &tg),
+              SF_OK)
+        << sf_last_error();
+    std::unique_ptr<sf_trainer, void (*)(sf_trainer *)> gg(tg, sf_trainer_free);
+    ASSERT_GE(sf_trainer_total_steps(tg), 3);
+
+    // the optimizer's device bytes: g, m and v at least, part of the device total
+    sf_train_memory mem;
+    ASSERT_EQ(sf_trainer_memory(tg, &mem), SF_OK);
+    const int64_t n = sf_gpu->n_weights;
+    EXPECT_GE(mem.optimizer_device, 3 * (size_t)n * sizeof(float));
+    EXPECT_LT(mem.optimizer_device, mem.device_total);
+    EXPECT_EQ(mem.optimizer, 3 * (size_t)n * sizeof(float));
+
+    const sf_llm_config *c = sf_llm_get_config(llm_.get());
+    const double bg = grad_bound(c->num_layers, sf_gpu->cfg.num_layers);
+    const double u = 0x1p-24, b1 = o.adamw.beta1, b2 = o.adamw.beta2;
+    TempDir dir;
+    std::vector<float> want_m, want_v;
+    for (int s = 0; s < 3; s++) {
+        // one state for both: the GPU's, through a checkpoint
+        ASSERT_EQ(sf_trainer_checkpoint(tg, dir.path().c_str()), SF_OK) << sf_last_error();
+        const std::vector<float> w0 = flat_copy(sf_gpu.get());
+        ASSERT_EQ(state_tensor(dir.path(), "weights", n), w0);  // the host copy was synced
+        const std::vector<float> m0 = state_tensor(dir.path(), "adam_m", n);
+        const std::vector<float> v0 = state_tensor(dir.path(), "adam_v", n);
+        if (s > 0) {  // the previous step's moments, as the host's AdamW computed them
+            EXPECT_EQ(memcmp(m0.data(), want_m.data(), (size_t)n * sizeof(float)), 0) << s;
+            EXPECT_EQ(memcmp(v0.data(), want_v.data(), (size_t)n * sizeof(float)), 0) << s;
+        }
+        ASSERT_EQ(sf_trainer_resume(tc, dir.path().c_str()), SF_OK) << sf_last_error();
+        ASSERT_EQ(flat_copy(sf_cpu.get()), w0);
+        bool done = false;
+        ASSERT_EQ(sf_trainer_run(tg, 1, &done), SF_OK) << sf_last_error();
+        ASSERT_EQ(sf_trainer_run(tc, 1, &done), SF_OK) << sf_last_error();
+        ASSERT_EQ(lg.steps.size(), (size_t)s + 1);
+        ASSERT_EQ(lc.steps.size(), (size_t)s + 1);
+        const sf_train_event &eg = lg.steps.back(), &ec = lc.steps.back();
+        const int64_t t = eg.step;
+        ASSERT_EQ(t, s + 1);
+        EXPECT_EQ(eg.lr, ec.lr);
+        // clipping active on both sides (the coefficient at most 1/2)
+        EXPECT_GT(ec.grad_norm, 2.0 * o.clip_norm) << s;
+        EXPECT_GT(eg.grad_norm, 2.0 * o.clip_norm) << s;
+        EXPECT_NEAR(eg.grad_norm, ec.grad_norm, bg * ec.grad_norm) << s;
+
+        int64_t ng = 0, nc = 0;
+        const float *ggp = sf_trainer_last_gradient(tg, &ng);
+        const float *gcp = sf_trainer_last_gradient(tc, &nc);
+        ASSERT_TRUE(ggp && gcp);
+        ASSERT_EQ(ng, n);
+        const std::vector<float> g_gpu(ggp, ggp + n), g_cpu(gcp, gcp + n);
+        const double cl = o.clip_norm;
+        EXPECT_LE(rel_err(g_gpu, g_cpu) * vnorm(g_cpu),
+                  2.0 * cl * bg / (1.0 - bg) + 2.0 * u * cl)
+            << s;
+
+        // exactly the host's AdamW on the device's clipped gradient
+        std::vector<float> w_ref = w0, m_ref = m0, v_ref = v0;
+        sf_adamw_step(w_ref.data(), g_gpu.data(), m_ref.data(), v_ref.data(), n, eg.lr,
+                      &o.adamw, t);
+        const std::vector<float> w_gpu = flat_copy(sf_gpu.get()), w_cpu = flat_copy(sf_cpu.get());
+        EXPECT_EQ(memcmp(w_ref.data(), w_gpu.data(), (size_t)n * sizeof(float)), 0) << s;
+        want_m = m_ref;
+        want_v = v_ref;
+
+        // the update against the CPU trainer's, within the derived bound
+        const double bc1 = 1.0 - std::pow(b1, (double)t), bc2 = 1.0 - std::pow(b2, (double)t);
+        double series = 0.0;
+        for (int64_t j = 0; j < t; j++) series += std::pow(b1 * b1 / b2, (double)j);
+        const double B = (1.0 - b1) / bc1 * std::sqrt(bc2 / (1.0 - b2) * series);
+        const double a = (1.0 - b1) / bc1, c2 = (1.0 - b2) / bc2;
+        const double dg = 2.0 * cl * bg / (1.0 - bg) + 2.0 * u * cl;
+        const double bound = eg.lr * (a + B * std::sqrt(c2) / 4.0) * dg / o.adamw.eps +
+                             2.5 * u * vnorm(w_cpu);
+        const double decay = 1.0 - eg.lr * o.adamw.weight_decay;
+        double step2 = 0.0;  // ||lr U|| of the CPU's update, the decay taken out
+        std::vector<float> diff((size_t)n);
+        for (int64_t i = 0; i < n; i++) {
+            const double lr_u = (double)w0[(size_t)i] * decay - (double)w_cpu[(size_t)i];
+            step2 += lr_u * lr_u;
+            diff[(size_t)i] = w_gpu[(size_t)i] - w_cpu[(size_t)i];
+        }
+        EXPECT_LE(vnorm(diff), bound) << s;
+        EXPECT_LT(bound, 0.5 * std::sqrt(step2)) << s << ": the bound says too little to test";
+    }
+    // the last step's moments
+    ASSERT_EQ(sf_trainer_checkpoint(tg, dir.path().c_str()), SF_OK) << sf_last_error();
+    EXPECT_EQ(state_tensor(dir.path(), "adam_m", n), want_m);
+    EXPECT_EQ(state_tensor(dir.path(), "adam_v", n), want_v);
+    sf_train_set_free(&set);
+}
+
+// A GPU run stopped part-way (a checkpoint), resumed by a new trainer on a new Sysformer, ends
+// where an uninterrupted GPU run ends, bit for bit: weights, AdamW's moments (the checkpoint
+// files are byte-identical) and the last gradient. The state crosses the host as exact fp32
+// copies, and the GPU step is deterministic here: every request is shorter than the attention
+// backward's 64-key block, so each dq element receives one atomic add (onto zero) and no
+// summation order can vary; cuBLASLt picks the same algorithm for the same shapes.
+TEST_P(CudaTrainTiny, TrainerResumeOnTheGpuEqualsAnUninterruptedRun) {
+    sf_train_set set = {};
+    fill_train_set(&set, 7, 33);
+    sf_train_options o = sf_train_default_options();
+    o.epochs = 2;
+    o.batch_tokens = 40;
+    o.lr = 1e-3;
+    o.clip_norm = 0.05;
+    o.adamw.weight_decay = 0.1;
+    o.w_recon = 0.5;
+    o.validate_first = false;
+    o.device = SF_TRAIN_CUDA;
+    for (int32_t i = 0; i < set.n; i++) {
+        ASSERT_LT(set.ex[i].n_prompt + set.ex[i].n_target, 64);
+    }
+    struct Out {
+        std::vector<float> w, g;
+    };
+    auto run = [&](const std::string &dir, int64_t stop_after, Out *out) {
+        o.out_dir = dir.c_str();
+        SfPtr sf = random_sysformer(llm_.get(), true, SF_ACT_RELU, false, 29);
+        sf_trainer *t = nullptr;
+        ASSERT_EQ(sf_trainer_create(llm_.get(), sf.get(), nullptr, nullptr, 0, &set, nullptr,
+                                    &o, &t),
+                  SF_OK)
+            << sf_last_error();
+        bool done = false;
+        ASSERT_EQ(sf_trainer_run(t, stop_after, &done), SF_OK) << sf_last_error();
+        if (stop_after > 0) {
+            ASSERT_FALSE(done);
+            sf_trainer_free(t);
+            // a new Sysformer with other weights: the checkpoint's must replace them
+            sf = random_sysformer(llm_.get(), true, SF_ACT_RELU, false, 31);
+            t = nullptr;
+            ASSERT_EQ(sf_trainer_create(llm_.get(), sf.get(), nullptr, nullptr, 0, &set, nullptr,
+                                        &o, &t),
+                      SF_OK);
+            ASSERT_EQ(sf_trainer_resume(t, dir.c_str()), SF_OK) << sf_last_error();
+            ASSERT_EQ(sf_trainer_run(t, 0, &done), SF_OK) << sf_last_error();
+        }
+        EXPECT_TRUE(done);
+        int64_t ng = 0;
+        const float *g = sf_trainer_last_gradient(t, &ng);
+        EXPECT_NE(g, nullptr);
+        if (g) out->g.assign(g, g + ng);
+        out->w = flat_copy(sf.get());
+        sf_trainer_free(t);
+    };
+    TempDir a, b;
+    Out straight, middle;
+    run(a.path(), 0, &straight);
+    run(b.path(), 3, &middle);  // in the middle of epoch 1
+    ASSERT_FALSE(HasFatalFailure());
+    ASSERT_FALSE(straight.w.empty());
+    EXPECT_EQ(memcmp(straight.w.data(), middle.w.data(), straight.w.size() * sizeof(float)), 0);
+    ASSERT_EQ(straight.g.size(), middle.g.size());
+    EXPECT_EQ(memcmp(straight.g.data(), middle.g.data(), straight.g.size() * sizeof(float)), 0);
+    auto read = [](const std::string &path) {
+        FILE *f = fopen(path.c_str(), "rb");
+        std::string s;
+        if (!f) return s;
+        char buf[1 << 16];
+        size_t k;
+        while ((k = fread(buf, 1, sizeof buf, f)) > 0) s.append(buf, k);
+        fclose(f);
+        return s;
+    };
+    const std::string sa = read(a.file("train_state.safetensors"));
+    EXPECT_FALSE(sa.empty());
+    EXPECT_EQ(sa, read(b.file("train_state.safetensors")));
+    // training moved the weights: the comparison is not of two untouched copies
+    SfPtr fresh = random_sysformer(llm_.get(), true, SF_ACT_RELU, false, 29);
+    EXPECT_NE(flat_copy(fresh.get()), straight.w);
     sf_train_set_free(&set);
 }
 
@@ -744,10 +1007,19 @@ TEST_F(CudaTrainArgs, PlanNeedsNoDeviceAndRecomputeDropsLayerSets) {
     EXPECT_EQ(keep.sysformer, rec.sysformer);
     EXPECT_EQ(keep.pinned_host, rec.pinned_host);
     EXPECT_EQ(keep.llm_weights, rec.llm_weights);
+    EXPECT_EQ(keep.optimizer, rec.optimizer);
     for (const sf_cuda_train_memory *m : {&keep, &rec}) {
         EXPECT_EQ(m->total, m->llm_weights + m->sysformer + m->activations);
         // bf16 weights + fp32 staging + fp32 gradients of every Sysformer float, at least
         EXPECT_GE(m->sysformer, (size_t)sf->n_weights * 10);
+        // the optimizer's part: g, m and v (fp32), the norm and its partial sums, five
+        // 256-byte aligned pieces; the rest of sysformer holds bf16 and fp32 weights
+        const size_t nw = (size_t)sf->n_weights * sizeof(float);
+        const size_t opt = 3 * nw + 2 * sizeof(double) +
+                           sf_cuda_grad_norm_workspace_bytes(sf->n_weights);
+        EXPECT_GE(m->optimizer, opt);
+        EXPECT_LT(m->optimizer, opt + 5 * 256);
+        EXPECT_GE(m->sysformer - m->optimizer, (size_t)sf->n_weights * 6);
     }
     sf_cuda_engine_options eo = sf_cuda_engine_default_options();
     eo.max_slots = 1;
@@ -771,6 +1043,25 @@ TEST_F(CudaTrainArgs, PlanNeedsNoDeviceAndRecomputeDropsLayerSets) {
     o.max_tokens = -3;
     EXPECT_EQ(sf_cuda_train_plan(llm_.get(), sf.get(), &o, &keep), SF_ERR_INVALID_ARGUMENT);
     EXPECT_EQ(keep.total, 0u);
+}
+
+// The CPU trainer holds no device bytes: its optimizer is all on the host.
+TEST_F(CudaTrainArgs, CpuTrainerHasNoDeviceOptimizer) {
+    sf_train_set set = {};
+    fill_train_set(&set, 2, 5);
+    SfPtr sf = random_sysformer(llm_.get(), true, SF_ACT_RELU, false, 3);
+    sf_train_options o = sf_train_default_options();
+    sf_trainer *t = nullptr;
+    ASSERT_EQ(sf_trainer_create(llm_.get(), sf.get(), nullptr, nullptr, 0, &set, nullptr, &o, &t),
+              SF_OK)
+        << sf_last_error();
+    sf_train_memory m;
+    ASSERT_EQ(sf_trainer_memory(t, &m), SF_OK);
+    EXPECT_EQ(m.optimizer, 3 * (size_t)sf->n_weights * sizeof(float));
+    EXPECT_EQ(m.optimizer_device, 0u);
+    EXPECT_EQ(m.device_total, 0u);
+    sf_trainer_free(t);
+    sf_train_set_free(&set);
 }
 
 TEST_F(CudaTrainArgs, CreateWithoutAGpuReportsNoDevice) {

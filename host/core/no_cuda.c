@@ -150,3 +150,25 @@ sf_status sf_cuda_train_loss_grad(sf_cuda_trainer *t, const sf_cuda_train_batch 
     if (recon) *recon = 0.0;
     return no_cuda("sf_cuda_train_loss_grad");
 }
+
+sf_status sf_cuda_train_step(sf_cuda_trainer *t, const sf_cuda_train_batch *batch,
+                             const sf_cuda_train_update *update, sf_llm_loss_result *result,
+                             double *recon, double *grad_norm) {
+    (void)t, (void)batch, (void)update;
+    if (result) memset(result, 0, sizeof *result);
+    if (recon) *recon = 0.0;
+    if (grad_norm) *grad_norm = 0.0;
+    return no_cuda("sf_cuda_train_step");
+}
+
+sf_status sf_cuda_train_upload_state(sf_cuda_trainer *t, const float *weights, const float *m,
+                                     const float *v) {
+    (void)t, (void)weights, (void)m, (void)v;
+    return no_cuda("sf_cuda_train_upload_state");
+}
+
+sf_status sf_cuda_train_download_state(sf_cuda_trainer *t, float *weights, float *m, float *v,
+                                       float *grads) {
+    (void)t, (void)weights, (void)m, (void)v, (void)grads;
+    return no_cuda("sf_cuda_train_download_state");
+}

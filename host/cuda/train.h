@@ -1,8 +1,16 @@
-/* Internal: the gradient of one Sysformer training batch on the GPU (host/cuda/train_step.c),
- * the device twin of what host/train/trainer.c's step computes on the CPU with
- * sf_sysformer_forward_train + sf_llm_loss_backward_cpu + sf_sysformer_backward (train.h):
- * the same losses, the same normalisation (carried by the caller's weights, as on the CPU), the
- * gradient of every Sysformer weight and of the classifier head, in sf_sysformer_flat's order.
+/* Internal: one Sysformer training step on the GPU (host/cuda/train_step.c), the device twin
+ * of what host/train/trainer.c's step computes on the CPU with sf_sysformer_forward_train +
+ * sf_llm_loss_backward_cpu + sf_sysformer_backward (train.h) and then sf_clip_grad_norm +
+ * sf_adamw_step (trainer.h): the same losses, the same normalisation (carried by the caller's
+ * weights, as on the CPU), the gradient of every Sysformer weight and of the classifier head
+ * in sf_sysformer_flat's order, and the update.
+ *
+ * The trainer holds the Sysformer's fp32 master weights and AdamW's m and v on the device.
+ * sf_cuda_train_step runs a whole step there (loss, gradient, clipping, AdamW, the bf16 copies
+ * the next forward reads) and returns only scalars; the state crosses to and from the host in
+ * sf_cuda_train_upload_state and sf_cuda_train_download_state, which the caller uses where it
+ * needs the host copies (checkpoints, resume, a CPU validation). sf_cuda_train_loss_grad is the
+ * other way to step: the gradient back to the host for an optimizer there.
  *
  * This header names no CUDA type, so the trainer (built with or without CUDA) can include it;
  * a build without CUDA gets stubs that fail with SF_ERR_NO_DEVICE (host/core/no_cuda.c). */
@@ -11,6 +19,7 @@
 
 #include "sysformer.h"
 #include "train/train.h"
+#include "train/trainer.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -64,19 +73,24 @@ typedef struct sf_cuda_train_batch {
 /* Device memory a trainer holds, in bytes. */
 typedef struct sf_cuda_train_memory {
     size_t llm_weights;  /* the frozen LLM, bf16 (with the small engine it is held in)      */
-    size_t sysformer;    /* its bf16 weights, fp32 staging and fp32 gradients              */
+    size_t sysformer;    /* the Sysformer: its bf16 weights, fp32 master weights, and the
+                            optimizer part below                                          */
+    size_t optimizer;    /* of sysformer: the fp32 gradients, AdamW's fp32 m and v, the
+                            gradient norm and its scratch (3 x 4 bytes per weight and a few
+                            KiB)                                                          */
     size_t activations;  /* everything a batch of max_tokens rows saves and works in       */
     size_t pinned_host;  /* page-locked host staging                                       */
     size_t total;        /* device total: llm_weights + sysformer + activations            */
 } sf_cuda_train_memory;
 
 /* Uploads the frozen LLM (bf16) and plans every buffer for batches of up to max_tokens rows.
- * sf is the Sysformer being trained: it must outlive the trainer, and its current weights are
- * read (and uploaded) at every sf_cuda_train_loss_grad, so the caller may update them in place
- * between calls (AdamW on the host). Fails with SF_ERR_NO_DEVICE without a GPU or CUDA build,
- * SF_ERR_UNSUPPORTED for head dimensions the fused attention lacks (LLM or Sysformer: 64, 80,
- * 96, 128) or a learned system offset (CPU only), SF_ERR_CONFIG when sf does not fit the LLM,
- * SF_ERR_OUT_OF_MEMORY when the plan does not fit the device. */
+ * sf is the Sysformer being trained: it must outlive the trainer. Its current weights become the
+ * device's master weights, with zero AdamW moments (ready for sf_cuda_train_step); the layout
+ * (which tensors exist, their offsets) is read from sf for the trainer's life. Fails with
+ * SF_ERR_NO_DEVICE without a GPU or CUDA build, SF_ERR_UNSUPPORTED for head dimensions the fused
+ * attention lacks (LLM or Sysformer: 64, 80, 96, 128) or a learned system offset (CPU only),
+ * SF_ERR_CONFIG when sf does not fit the LLM, SF_ERR_OUT_OF_MEMORY when the plan does not fit
+ * the device. */
 sf_status sf_cuda_train_create(const sf_llm *llm, const sf_sysformer *sf,
                                const sf_cuda_train_options *options, sf_cuda_trainer **out);
 
@@ -91,7 +105,10 @@ sf_status sf_cuda_train_memory_report(const sf_cuda_trainer *t, sf_cuda_train_me
 sf_status sf_cuda_train_plan(const sf_llm *llm, const sf_sysformer *sf,
                              const sf_cuda_train_options *options, sf_cuda_train_memory *out);
 
-/* The forward, the losses and, when grads is not NULL, the backward of one batch:
+/* The forward, the losses and, when grads is not NULL, the backward of one batch, at sf's
+ * current weights: they are uploaded at every call and become the device's master weights
+ * (the caller may update them in place between calls, e.g. AdamW on the host; AdamW's device
+ * moments are left alone):
  *   *result: ce and cls the weighted sums (as sf_llm_loss_backward_cpu), total = ce + cls,
  *            ce_correct the argmax hits;
  *   *recon (may be NULL): the weighted reconstruction term w_recon / (N_s d) sum (S' - S)^2;
@@ -104,6 +121,44 @@ sf_status sf_cuda_train_plan(const sf_llm *llm, const sf_sysformer *sf,
  * the LLM's context. Synchronises with the device before returning. */
 sf_status sf_cuda_train_loss_grad(sf_cuda_trainer *t, const sf_cuda_train_batch *batch,
                                   sf_llm_loss_result *result, double *recon, float *grads);
+
+/* The optimizer half of a device step: values the host knows before the step. */
+typedef struct sf_cuda_train_update {
+    double lr;         /* this step's learning rate (sf_train_lr_at), finite, >= 0          */
+    int64_t step;      /* AdamW's 1-based step count t (the bias corrections 1 - beta^t)   */
+    sf_adamw adamw;    /* betas in [0, 1), eps > 0, weight decay >= 0 (finite)              */
+    double clip_norm;  /* the global gradient norm is clipped to it first; <= 0: off        */
+} sf_cuda_train_update;
+
+/* One training step on the device, on its master weights (no upload): the loss and gradient
+ * of the batch (as sf_cuda_train_loss_grad computes them), then sf_clip_grad_norm's clipping
+ * and sf_adamw_step's update of the master weights and moments (kernels/optim.h: bit for bit
+ * the CPU's arithmetic given the same clip coefficient), then the bf16 copies the next
+ * forward reads. Only scalars come back: *result and *recon (may be NULL) as
+ * sf_cuda_train_loss_grad's, *grad_norm (may be NULL) the global gradient norm before
+ * clipping. An empty batch (no rows) steps with a zero gradient. The batch and the update
+ * are validated before anything is enqueued (SF_ERR_INVALID_ARGUMENT, SF_ERR_OUT_OF_RANGE as
+ * sf_cuda_train_loss_grad; SF_ERR_INVALID_ARGUMENT for an update outside its ranges or a NaN
+ * clip_norm), so a refused call changes nothing; after a CUDA failure the device state is
+ * unspecified. Synchronises with the device before returning. */
+sf_status sf_cuda_train_step(sf_cuda_trainer *t, const sf_cuda_train_batch *batch,
+                             const sf_cuda_train_update *update, sf_llm_loss_result *result,
+                             double *recon, double *grad_norm);
+
+/* Replaces the device's state: weights [n_weights of sf] become the master weights (and their
+ * bf16 copies), m and v AdamW's moments (NULL: zeros). For a resume; fp32 values arrive
+ * exactly. The gradient sf_cuda_train_download_state reports is left as it was. Synchronises
+ * before returning, so the arrays may be reused at once. */
+sf_status sf_cuda_train_upload_state(sf_cuda_trainer *t, const float *weights, const float *m,
+                                     const float *v);
+
+/* Copies the device's state to the host, each array [n_weights of sf] (NULL: not wanted):
+ * the master weights, AdamW's m and v, and grads the last step's gradient as AdamW used it:
+ * after clipping for sf_cuda_train_step (what sf_clip_grad_norm leaves in place; the norm's
+ * coefficient is applied here, on the host, by the same expression), as computed for
+ * sf_cuda_train_loss_grad, zeros before either. Exact fp32 values. Synchronises. */
+sf_status sf_cuda_train_download_state(sf_cuda_trainer *t, float *weights, float *m, float *v,
+                                       float *grads);
 
 #ifdef __cplusplus
 }

@@ -9,10 +9,18 @@
  * bf16 upload (weights.c, q/k/v and gate/up stacked), the RoPE tables, the stream and the
  * cuBLASLt cache without a second copy of that code. Everything a batch needs is planned here
  * at creation for max_tokens rows and carved from one device allocation; nothing is allocated
- * per call. The Sysformer changes every step (AdamW runs on the host), so each call uploads its
- * fp32 weights (one copy) and rounds them into per-tensor bf16 buffers (256-byte aligned, as
- * the engine's). Gradients are one fp32 array in sf_sysformer_flat's order, so a tensor's
- * gradient sits at the same offset as its weight in sf->weights.
+ * per call. The Sysformer's fp32 master weights, its gradient and AdamW's m and v are device
+ * arrays in sf_sysformer_flat's order (a tensor's gradient and moments sit at its weight's
+ * offset in sf->weights); the forward reads per-tensor bf16 copies (256-byte aligned, as the
+ * engine's), rounded from the master weights whenever those change.
+ *
+ * Two ways to step. sf_cuda_train_step keeps the optimizer on the device: after the backward
+ * it enqueues the global gradient norm and clip coefficient (kernels/optim.cu, which leaves
+ * both in device memory), AdamW reading that coefficient, and the bf16 refresh, so a step moves
+ * only the batch in and a few scalars out; the weights and moments cross PCIe only in
+ * sf_cuda_train_upload_state / sf_cuda_train_download_state (creation, resume, checkpoints,
+ * validation). sf_cuda_train_loss_grad is the older split: it uploads sf's weights every call
+ * and hands the gradient back for an optimizer on the host.
  *
  * The pass:
  *   embed        x0 = E[ids] (bf16)
@@ -66,6 +74,7 @@
 #include "loss.h"
 #include "model/llm.h"
 #include "norms.h"
+#include "optim.h"
 #include "rope.h"
 #include "sysformer/module.h"
 
@@ -128,11 +137,16 @@ struct sf_cuda_trainer {
     bool recompute;               /* one llm_saved set, refilled per layer in the backward */
     int32_t n_sets;               /* llm_saved sets: num_layers, or 1 with recompute      */
 
-    /* device: the Sysformer's weights */
+    /* device: the Sysformer's weights and optimizer state */
     void *wbase;
-    size_t wbytes;
-    float *w32;                   /* [n_w] fp32 staging of sf->weights                   */
+    size_t wbytes;                /* all of wbase: weights + optimizer                    */
+    size_t obytes;                /* its optimizer part: g, m, v, the norm and scratch    */
+    float *w32;                   /* [n_w] fp32 master weights, sf->weights' layout       */
     float *g;                     /* [n_w] fp32 gradients, same offsets                   */
+    float *m, *v;                 /* [n_w] AdamW's moments, same offsets                  */
+    double *stats;                /* [2] the last step's gradient norm and clip coefficient */
+    void *gnorm_ws;               /* sf_cuda_grad_norm's partial sums                     */
+    size_t gnorm_ws_bytes;
     int64_t n_tensors;
     int64_t *t_off, *t_numel;     /* per tensor: offset in sf->weights, size              */
     sf_bf16 **t_bf16;             /* per tensor: its bf16 copy                            */
@@ -175,6 +189,8 @@ struct sf_cuda_trainer {
     float *h_w32;                 /* [n_w]                                                */
     uint16_t *h_sout, *h_s;       /* [T, d] S' and S, bf16                                */
     float *h_grec;                /* [T, d]                                               */
+    double *h_stats;              /* [2] the device's stats after a step                  */
+    double last_coef;             /* the clip coefficient applied to g (1: not clipped)   */
     int32_t *h_seen;              /* [T] malloc'd: the chunk planner's last chunk per row */
     cudaEvent_t recon_ready;
 };
@@ -280,15 +296,25 @@ static size_t carve_activations(sf_cuda_trainer *t, char *base) {
     return c.off;
 }
 
-/* The Sysformer's weights: per-tensor bf16 copies, the fp32 staging and the gradients. */
-static size_t carve_weights(sf_cuda_trainer *t, char *base) {
+/* The Sysformer's weights (per-tensor bf16 copies, the fp32 master weights), then the
+ * optimizer's part, whose size goes to *opt_bytes: the gradients, AdamW's m and v, the norm
+ * and clip coefficient, and the norm's scratch. */
+static size_t carve_weights(sf_cuda_trainer *t, char *base, size_t *opt_bytes) {
     sf_carver c = {base, 0};
+    const size_t nw = (size_t)t->n_w * sizeof(float);
     for (int64_t i = 0; i < t->n_tensors; i++) {
         t->t_bf16[i] = sf_carve(&c, (size_t)t->t_numel[i] * sizeof(sf_bf16));
     }
     t->cls_w2 = sf_carve(&c, 2 * (size_t)t->d * sizeof(sf_bf16));
-    t->w32 = sf_carve(&c, (size_t)t->n_w * sizeof(float));
-    t->g = sf_carve(&c, (size_t)t->n_w * sizeof(float));
+    t->w32 = sf_carve(&c, nw);
+    const size_t opt0 = c.off;
+    t->g = sf_carve(&c, nw);
+    t->m = sf_carve(&c, nw);
+    t->v = sf_carve(&c, nw);
+    t->stats = sf_carve(&c, 2 * sizeof(double));
+    t->gnorm_ws_bytes = sf_cuda_grad_norm_workspace_bytes(t->n_w);
+    t->gnorm_ws = sf_carve(&c, t->gnorm_ws_bytes);
+    *opt_bytes = c.off - opt0;
     return c.off;
 }
 
@@ -300,6 +326,7 @@ static size_t carve_host(sf_cuda_trainer *t, char *base) {
     t->h_sout = sf_carve(&c, T * sd * sizeof(uint16_t));
     t->h_s = sf_carve(&c, T * sd * sizeof(uint16_t));
     t->h_grec = sf_carve(&c, T * sd * sizeof(float));
+    t->h_stats = sf_carve(&c, 2 * sizeof(double));
     return c.off;
 }
 
@@ -458,7 +485,7 @@ static sf_status layout(sf_cuda_trainer *t, const sf_cuda_train_options *o) {
     }
     free(ts);
     t->n_tensors = n_live;
-    t->wbytes = carve_weights(t, NULL);
+    t->wbytes = carve_weights(t, NULL, &t->obytes);
     t->abytes = carve_activations(t, NULL);
     t->hbytes = carve_host(t, NULL);
     return SF_OK;
@@ -471,8 +498,9 @@ static sf_status create(sf_cuda_trainer *t, const sf_cuda_train_options *o) {
     t->s = t->e->stream;
     SF_TRY(layout(t, o));
 
-    SF_TRY(dev_alloc(&t->wbase, t->wbytes, "the Sysformer's weights and gradients"));
-    carve_weights(t, t->wbase);
+    SF_TRY(dev_alloc(&t->wbase, t->wbytes, "the Sysformer's weights and optimizer state"));
+    size_t obytes = 0;
+    carve_weights(t, t->wbase, &obytes);
     for (int i = 0; i < t->slayers; i++) {
         const sf_sysformer_layer *H = &sf->layers[i];
         sf_cuda_sys_layer *S = &t->sl[i];
@@ -508,7 +536,10 @@ static sf_status create(sf_cuda_trainer *t, const sf_cuda_train_options *o) {
     }
     carve_host(t, t->hbase);
     SF_CUDA_OR_FAIL(cudaEventCreateWithFlags(&t->recon_ready, cudaEventDisableTiming));
-    return SF_OK;
+    /* ready to step: sf's weights, zero moments, and no gradient yet */
+    t->last_coef = 1.0;
+    SF_CUDA_OR_FAIL(cudaMemsetAsync(t->g, 0, (size_t)t->n_w * sizeof(float), t->s));
+    return sf_cuda_train_upload_state(t, sf->weights, NULL, NULL);
 }
 
 sf_status sf_cuda_train_create(const sf_llm *llm, const sf_sysformer *sf,
@@ -537,6 +568,7 @@ static void fill_memory(const sf_cuda_trainer *t, const sf_cuda_memory *engine,
                         sf_cuda_train_memory *out) {
     out->llm_weights = engine->total;
     out->sysformer = t->wbytes;
+    out->optimizer = t->obytes;
     out->activations = t->abytes;
     out->pinned_host = t->hbytes;
     out->total = out->llm_weights + out->sysformer + out->activations;
@@ -1190,12 +1222,9 @@ static sf_status class_losses(sf_cuda_trainer *t, const sf_cuda_train_batch *b, 
 /* The step                                                                                 */
 /* ---------------------------------------------------------------------------------------- */
 
-/* Uploads the Sysformer's current weights and rounds them to bf16. */
-static sf_status upload_sysformer(sf_cuda_trainer *t) {
+/* Rounds the master weights into the per-tensor bf16 copies the forward reads. */
+static sf_status refresh_bf16(sf_cuda_trainer *t) {
     const sf_sysformer *sf = t->sf;
-    memcpy(t->h_w32, sf->weights, (size_t)t->n_w * sizeof(float));
-    SF_CUDA_OR_FAIL(cudaMemcpyAsync(t->w32, t->h_w32, (size_t)t->n_w * sizeof(float),
-                                    cudaMemcpyHostToDevice, t->s));
     for (int64_t i = 0; i < t->n_tensors; i++) {
         SF_TRY(sf_cuda_f32_to_bf16(t->t_bf16[i], t->w32 + t->t_off[i], t->t_numel[i], t->s));
     }
@@ -1207,13 +1236,43 @@ static sf_status upload_sysformer(sf_cuda_trainer *t) {
     return SF_OK;
 }
 
+/* Uploads weights [n_w] (through the pinned staging) as the master weights, and rounds them. */
+static sf_status upload_weights(sf_cuda_trainer *t, const float *weights) {
+    memcpy(t->h_w32, weights, (size_t)t->n_w * sizeof(float));
+    SF_CUDA_OR_FAIL(cudaMemcpyAsync(t->w32, t->h_w32, (size_t)t->n_w * sizeof(float),
+                                    cudaMemcpyHostToDevice, t->s));
+    return refresh_bf16(t);
+}
+
+/* Clip and AdamW over the gradient in g, then the bf16 refresh; the norm and the coefficient
+ * land in t->stats and are copied to the pinned t->h_stats. Nothing waits for the host. */
+static sf_status enqueue_update(sf_cuda_trainer *t, const sf_cuda_train_update *u) {
+    sf_nvtx_push("train optimizer");
+    sf_status st = sf_cuda_grad_norm(t->stats, t->g, t->n_w, u->clip_norm, t->gnorm_ws,
+                                     t->gnorm_ws_bytes, t->s);
+    if (st == SF_OK) {
+        st = sf_cuda_adamw(t->w32, t->g, t->m, t->v, t->n_w, u->lr, &u->adamw, u->step,
+                           t->stats + 1, t->s);
+    }
+    if (st == SF_OK) st = refresh_bf16(t);
+    if (st == SF_OK) {
+        const cudaError_t err = cudaMemcpyAsync(t->h_stats, t->stats, 2 * sizeof(double),
+                                                cudaMemcpyDeviceToHost, t->s);
+        if (err != cudaSuccess) {
+            st = sf_fail(SF_ERR_CUDA, "sf_cuda_train_step: reading the gradient norm: %s",
+                         cudaGetErrorString(err));
+        }
+    }
+    sf_nvtx_pop();
+    return st;
+}
+
 /* Enqueues the whole pass; *recon is filled on the host in between when w_recon > 0. */
 static sf_status enqueue(sf_cuda_trainer *t, const sf_cuda_train_batch *b, const plan *p,
                          bool backward, double *recon) {
     const sf_llm_config *c = &t->llm->cfg;
     const int64_t T = p->T, d = t->d, Ts = p->Ts;
     const size_t out_off = (size_t)((char *)t->io.ce_loss - (char *)t->io.ids);
-    SF_TRY(upload_sysformer(t));
     SF_CUDA_OR_FAIL(cudaMemcpyAsync(t->io.ids, t->h.ids, t->io.in_bytes, cudaMemcpyHostToDevice,
                                     t->s));
     SF_CUDA_OR_FAIL(cudaMemsetAsync(t->g, 0, (size_t)t->n_w * sizeof(float), t->s));
@@ -1285,11 +1344,38 @@ static sf_status enqueue(sf_cuda_trainer *t, const sf_cuda_train_batch *b, const
     return SF_OK;
 }
 
+/* A CUDA call's result as a status. */
+static sf_status cuda_status(cudaError_t err, const char *what) {
+    if (err == cudaSuccess) return SF_OK;
+    return sf_fail(SF_ERR_CUDA, "%s: %s", what, cudaGetErrorString(err));
+}
+
+/* Drains the stream at the end of a call: on failure too, since nothing enqueued may outlive
+ * the call's buffers. The first error wins. */
+static sf_status finish(sf_cuda_trainer *t, sf_status st, const char *fn) {
+    const cudaError_t err = cudaStreamSynchronize(t->s);
+    if (st != SF_OK) return st;
+    if (err != cudaSuccess) return sf_fail(SF_ERR_CUDA, "%s: %s", fn, cudaGetErrorString(err));
+    return SF_OK;
+}
+
+/* The batch's loss terms from the pinned output block (after finish). */
+static sf_llm_loss_result collect(const sf_cuda_trainer *t, const sf_cuda_train_batch *b) {
+    sf_llm_loss_result res = {0};
+    for (int32_t i = 0; i < b->n_ce; i++) {
+        res.ce += t->h.ce_loss[i];
+        res.ce_correct += t->h.ce_correct[i];
+    }
+    for (int32_t i = 0; i < 2 * b->n_class; i++) res.cls += t->h.class_loss[i];
+    res.total = res.ce + res.cls;
+    return res;
+}
+
 sf_status sf_cuda_train_loss_grad(sf_cuda_trainer *t, const sf_cuda_train_batch *batch,
                                   sf_llm_loss_result *result, double *recon, float *grads) {
+    static const char fn[] = "sf_cuda_train_loss_grad";
     if (!t || !batch || !result) {
-        return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_cuda_train_loss_grad: NULL trainer, batch "
-                       "or result");
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: NULL trainer, batch or result", fn);
     }
     memset(result, 0, sizeof *result);
     if (recon) *recon = 0.0;
@@ -1297,34 +1383,110 @@ sf_status sf_cuda_train_loss_grad(sf_cuda_trainer *t, const sf_cuda_train_batch 
     SF_CUDA_OR_FAIL(cudaSetDevice(t->e->device));
     plan p;
     stage_inputs(t, batch, &p);
-    if (p.T == 0) {
-        if (grads) memset(grads, 0, (size_t)t->n_w * sizeof(float));
-        return SF_OK;
-    }
+    /* sf's current weights become the device's (the host optimizer's way of stepping) */
+    sf_status st = upload_weights(t, t->sf->weights);
+    t->last_coef = 1.0; /* g will hold a raw gradient */
     double rec = 0.0;
-    sf_status st = enqueue(t, batch, &p, grads != NULL, &rec);
+    if (st == SF_OK && p.T > 0) st = enqueue(t, batch, &p, grads != NULL, &rec);
+    if (st == SF_OK && p.T == 0 && grads) {
+        st = cuda_status(cudaMemsetAsync(t->g, 0, (size_t)t->n_w * sizeof(float), t->s), fn);
+    }
     if (st == SF_OK && grads) {
-        cudaError_t err = cudaMemcpyAsync(grads, t->g, (size_t)t->n_w * sizeof(float),
-                                          cudaMemcpyDeviceToHost, t->s);
-        if (err != cudaSuccess) {
-            st = sf_fail(SF_ERR_CUDA, "sf_cuda_train_loss_grad: reading the gradients: %s",
-                         cudaGetErrorString(err));
+        st = cuda_status(cudaMemcpyAsync(grads, t->g, (size_t)t->n_w * sizeof(float),
+                                         cudaMemcpyDeviceToHost, t->s),
+                         "sf_cuda_train_loss_grad: reading the gradients");
+    }
+    SF_TRY(finish(t, st, fn));
+    if (p.T > 0) *result = collect(t, batch);
+    if (recon) *recon = rec;
+    return SF_OK;
+}
+
+static sf_status check_update(const sf_cuda_train_update *u) {
+    const sf_adamw *h = &u->adamw;
+    if (u->step < 1 || !(u->lr >= 0.0) || !isfinite(u->lr) ||
+        !(h->beta1 >= 0.0 && h->beta1 < 1.0) || !(h->beta2 >= 0.0 && h->beta2 < 1.0) ||
+        !(h->eps > 0.0) || !isfinite(h->eps) || !(h->weight_decay >= 0.0) ||
+        !isfinite(h->weight_decay) || isnan(u->clip_norm)) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_cuda_train_step: step %lld, lr %g, betas "
+                       "(%g, %g), eps %g, weight decay %g, clip_norm %g", (long long)u->step,
+                       u->lr, h->beta1, h->beta2, h->eps, h->weight_decay, u->clip_norm);
+    }
+    return SF_OK;
+}
+
+sf_status sf_cuda_train_step(sf_cuda_trainer *t, const sf_cuda_train_batch *batch,
+                             const sf_cuda_train_update *update, sf_llm_loss_result *result,
+                             double *recon, double *grad_norm) {
+    static const char fn[] = "sf_cuda_train_step";
+    if (!t || !batch || !update || !result) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: NULL trainer, batch, update or result",
+                       fn);
+    }
+    memset(result, 0, sizeof *result);
+    if (recon) *recon = 0.0;
+    if (grad_norm) *grad_norm = 0.0;
+    SF_TRY(validate(t, batch));
+    SF_TRY(check_update(update));
+    SF_CUDA_OR_FAIL(cudaSetDevice(t->e->device));
+    plan p;
+    stage_inputs(t, batch, &p);
+    double rec = 0.0;
+    sf_status st = SF_OK;
+    if (p.T > 0) {
+        st = enqueue(t, batch, &p, true, &rec);
+    } else { /* no rows: a zero gradient, and AdamW still decays and steps the moments */
+        st = cuda_status(cudaMemsetAsync(t->g, 0, (size_t)t->n_w * sizeof(float), t->s), fn);
+    }
+    if (st == SF_OK) st = enqueue_update(t, update);
+    SF_TRY(finish(t, st, fn));
+    if (p.T > 0) *result = collect(t, batch);
+    if (recon) *recon = rec;
+    if (grad_norm) *grad_norm = t->h_stats[0];
+    t->last_coef = t->h_stats[1];
+    return SF_OK;
+}
+
+sf_status sf_cuda_train_upload_state(sf_cuda_trainer *t, const float *weights, const float *m,
+                                     const float *v) {
+    static const char fn[] = "sf_cuda_train_upload_state";
+    if (!t || !weights) return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: NULL trainer or weights", fn);
+    SF_CUDA_OR_FAIL(cudaSetDevice(t->e->device));
+    const size_t bytes = (size_t)t->n_w * sizeof(float);
+    sf_status st = upload_weights(t, weights);
+    /* pageable sources: the driver copies them out before the call returns */
+    if (st == SF_OK) {
+        st = cuda_status(m ? cudaMemcpyAsync(t->m, m, bytes, cudaMemcpyHostToDevice, t->s)
+                           : cudaMemsetAsync(t->m, 0, bytes, t->s), fn);
+    }
+    if (st == SF_OK) {
+        st = cuda_status(v ? cudaMemcpyAsync(t->v, v, bytes, cudaMemcpyHostToDevice, t->s)
+                           : cudaMemsetAsync(t->v, 0, bytes, t->s), fn);
+    }
+    SF_TRY(finish(t, st, fn));
+    return SF_OK;
+}
+
+sf_status sf_cuda_train_download_state(sf_cuda_trainer *t, float *weights, float *m, float *v,
+                                       float *grads) {
+    static const char fn[] = "sf_cuda_train_download_state";
+    if (!t) return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: NULL trainer", fn);
+    SF_CUDA_OR_FAIL(cudaSetDevice(t->e->device));
+    const size_t bytes = (size_t)t->n_w * sizeof(float);
+    float *dst[4] = {weights, m, v, grads};
+    const float *src[4] = {t->w32, t->m, t->v, t->g};
+    sf_status st = SF_OK;
+    for (int i = 0; st == SF_OK && i < 4; i++) {
+        if (dst[i]) {
+            st = cuda_status(cudaMemcpyAsync(dst[i], src[i], bytes, cudaMemcpyDeviceToHost, t->s),
+                             fn);
         }
     }
-    /* Always drain the stream: on failure nothing enqueued may outlive the call's buffers. */
-    const cudaError_t err = cudaStreamSynchronize(t->s);
-    if (st != SF_OK) return st;
-    if (err != cudaSuccess) {
-        return sf_fail(SF_ERR_CUDA, "sf_cuda_train_loss_grad: %s", cudaGetErrorString(err));
+    SF_TRY(finish(t, st, fn));
+    /* g holds the gradient before clipping; AdamW saw it scaled as sf_clip_grad_norm scales */
+    const double coef = t->last_coef;
+    if (grads && coef < 1.0) {
+        for (int64_t i = 0; i < t->n_w; i++) grads[i] = (float)((double)grads[i] * coef);
     }
-    sf_llm_loss_result res = {0};
-    for (int32_t i = 0; i < batch->n_ce; i++) {
-        res.ce += t->h.ce_loss[i];
-        res.ce_correct += t->h.ce_correct[i];
-    }
-    for (int32_t i = 0; i < 2 * batch->n_class; i++) res.cls += t->h.class_loss[i];
-    res.total = res.ce + res.cls;
-    *result = res;
-    if (recon) *recon = rec;
     return SF_OK;
 }

@@ -247,7 +247,9 @@ struct sf_trainer {
     bool perm_ready;
     bool resumed;
     bool stepped;        /* grads hold the last step's gradient                             */
-    sf_cuda_trainer *gpu;/* with SF_TRAIN_CUDA: computes each step's loss and gradient      */
+    sf_cuda_trainer *gpu;/* with SF_TRAIN_CUDA: runs each step (loss, gradient, AdamW)     */
+    bool host_stale;     /* gpu holds newer weights and moments than sf, m and v            */
+    bool grads_stale;    /* gpu holds a newer (clipped) gradient than grads                 */
     int32_t max_rows;    /* packed rows of the largest batch: what the memory plan covers   */
     double t_start;
     char *samples[2];    /* the last validation's first harmful and harmless replies        */
@@ -451,6 +453,7 @@ sf_status sf_trainer_memory(const sf_trainer *t, sf_train_memory *out) {
         const sf_status st = sf_cuda_train_memory_report(t->gpu, &m);
         if (st != SF_OK) return st;
         out->activations = m.activations;
+        out->optimizer_device = m.optimizer;
         out->device_total = m.total;
         return SF_OK;
     }
@@ -459,9 +462,26 @@ sf_status sf_trainer_memory(const sf_trainer *t, sf_train_memory *out) {
     return SF_OK;
 }
 
+/* With SF_TRAIN_CUDA the weights and AdamW's moments live on the device between steps; this
+ * brings sf's weights and m, v up to date where the host reads them (validation, checkpoints,
+ * the caller after sf_trainer_run). Exact fp32 copies, so nothing the host computes from them
+ * differs from what the device holds. */
+static sf_status sync_host(sf_trainer *t) {
+    if (!t->gpu || !t->host_stale) return SF_OK;
+    const sf_status st = sf_cuda_train_download_state(t->gpu, sf_sysformer_flat(t->sf, NULL),
+                                                      t->m, t->v, NULL);
+    if (st == SF_OK) t->host_stale = false;
+    return st;
+}
+
 const float *sf_trainer_last_gradient(sf_trainer *t, int64_t *n) {
     if (n) *n = 0;
     if (!t || !t->stepped) return NULL;
+    if (t->gpu && t->grads_stale) {
+        float *g = sf_sysformer_flat(t->grads, NULL);
+        if (sf_cuda_train_download_state(t->gpu, NULL, NULL, NULL, g) != SF_OK) return NULL;
+        t->grads_stale = false;
+    }
     return sf_sysformer_flat(t->grads, n);
 }
 
@@ -616,10 +636,10 @@ static void apply_step(sf_trainer *t, const sf_llm_loss_result *res, double reco
     out->rows = (int32_t)rows;
 }
 
-/* The step's loss and gradient (into t->grads) on the GPU, from the packed batch with its loss
- * rows: the same terms and weights as the CPU path below (host/cuda/train.h). */
-static sf_status gpu_loss_grad(sf_trainer *t, const int32_t *idx, const packed *p,
-                               sf_llm_loss_result *res, double *recon) {
+/* The whole step on the GPU, from the packed batch with its loss rows: the same terms and
+ * weights as the CPU path below, then clipping and AdamW on the device's master weights and
+ * moments with the schedule's lr (host/cuda/train.h); the host's copies fall behind. */
+static sf_status gpu_step(sf_trainer *t, const int32_t *idx, const packed *p, step_stats *out) {
     const sf_train_options *o = &t->o;
     const int32_t n = p->n;
     sf_prompt_spans *spans = malloc((size_t)n * sizeof *spans);
@@ -638,10 +658,28 @@ static sf_status gpu_loss_grad(sf_trainer *t, const int32_t *idx, const packed *
         .class_weights = p->class_weights,
         .w_recon = o->w_recon,
     };
-    sf_status st = sf_cuda_train_loss_grad(t->gpu, &b, res, recon,
-                                           sf_sysformer_flat(t->grads, NULL));
+    sf_cuda_train_update u;
+    memset(&u, 0, sizeof u);
+    u.lr = sf_train_lr_at(o, t->step, t->total_steps, t->warmup);
+    u.step = t->step + 1;
+    u.adamw = o->adamw;
+    u.clip_norm = o->clip_norm;
+    sf_llm_loss_result res;
+    double recon = 0.0, norm = 0.0;
+    sf_status st = sf_cuda_train_step(t->gpu, &b, &u, &res, &recon, &norm);
     free(spans);
-    return st;
+    if (st != SF_OK) return st;
+    t->host_stale = t->grads_stale = true;
+    t->step++;
+    t->stepped = true;
+    out->grad_norm = norm;
+    out->lr = u.lr;
+    out->ce = res.ce;
+    out->cls = res.cls;
+    out->recon = recon;
+    out->loss = res.total + recon;
+    out->rows = (int32_t)p->rows;
+    return SF_OK;
 }
 
 static sf_status train_step(sf_trainer *t, const int32_t *idx, int32_t n, step_stats *out) {
@@ -682,10 +720,7 @@ static sf_status train_step(sf_trainer *t, const int32_t *idx, int32_t n, step_s
         p.class_weights[i] = (float)(o->w_class / n);
     }
     if (t->gpu) {
-        sf_llm_loss_result gres;
-        double grecon = 0.0;
-        st = gpu_loss_grad(t, idx, &p, &gres, &grecon);
-        if (st == SF_OK) apply_step(t, &gres, grecon, p.rows, out);
+        st = gpu_step(t, idx, &p, out);
         free(with_reply);
         packed_free(&p);
         return st;
@@ -868,6 +903,8 @@ sf_status sf_trainer_validate(sf_trainer *t, sf_train_event *ev) {
     ev->total_steps = t->total_steps;
     ev->refusal_harmful = ev->refusal_harmless = -1.0;
     if (!t->val) return SF_OK;
+    sf_status st = sync_host(t); /* the CPU forward reads sf */
+    if (st != SF_OK) return st;
     const sf_train_set *set = t->val;
     const int32_t n = set->n;
     int32_t *idx = malloc((size_t)n * sizeof *idx);
@@ -875,7 +912,6 @@ sf_status sf_trainer_validate(sf_trainer *t, sf_train_event *ev) {
     /* Harmful and harmless examples go in separate batches, so that the two reply terms come
      * out of the loss function's single cross-entropy sum separately. */
     double sums[2][5] = {{0}};
-    sf_status st = SF_OK;
     for (int kind = 0; st == SF_OK && kind < 2; kind++) {
         int32_t count = 0;
         for (int32_t i = 0; i < n; i++) {
@@ -956,10 +992,12 @@ enum { N_COUNTERS = 7 };
 
 sf_status sf_trainer_checkpoint(sf_trainer *t, const char *dir) {
     if (!t || !dir) return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_trainer_checkpoint: NULL");
+    sf_status st = sync_host(t);
+    if (st != SF_OK) return st;
     if (mkdir(dir, 0755) != 0 && errno != EEXIST) {
         return sf_fail(SF_ERR_IO, "%s: cannot create the directory: %s", dir, strerror(errno));
     }
-    sf_status st = sf_sysformer_save(t->sf, dir);
+    st = sf_sysformer_save(t->sf, dir);
     if (st != SF_OK) return st;
     int64_t n = 0;
     float *w = sf_sysformer_flat(t->sf, &n);
@@ -1044,6 +1082,14 @@ sf_status sf_trainer_resume(sf_trainer *t, const char *dir) {
         st = sf_st_to_f32(tw[0], w);
         if (st == SF_OK) st = sf_st_to_f32(tw[1], t->m);
         if (st == SF_OK) st = sf_st_to_f32(tw[2], t->v);
+    }
+    if (t->gpu) {
+        /* The device's state is the trainer's: the checkpoint's goes up (exact fp32 copies, so
+         * the run continues bit for bit). A resume that failed keeps the device's state, and
+         * the host copies, which it may have overwritten in part, follow it at the next
+         * synchronisation. */
+        if (st == SF_OK) st = sf_cuda_train_upload_state(t->gpu, w, t->m, t->v);
+        t->host_stale = st != SF_OK;
     }
     if (st == SF_OK) {
         t->step = c[0];
@@ -1161,6 +1207,7 @@ sf_status sf_trainer_run(sf_trainer *t, int64_t max_steps, bool *finished) {
         }
     }
     free(batch);
+    if (st == SF_OK) st = sync_host(t); /* the caller reads sf afterwards */
     if (st == SF_OK && finished) *finished = t->epoch >= t->o.epochs;
     return st;
 }

@@ -123,8 +123,15 @@ typedef bool (*sf_train_judge_fn)(void *user, const int32_t *ids, int32_t n_ids,
 /* Where each step's loss and gradient are computed. */
 typedef enum sf_train_device {
     SF_TRAIN_CPU = 0,  /* fp32 reference (host/sysformer, host/model backward_cpu.c)          */
-    SF_TRAIN_CUDA = 1, /* the GPU, bf16 storage and fp32 gradients (host/cuda/train.h); the
-                          optimizer, clipping and validation stay on the CPU                  */
+    SF_TRAIN_CUDA = 1, /* the GPU, bf16 storage and fp32 gradients (host/cuda/train.h);
+                          clipping and AdamW run there too, on fp32 master weights and moments
+                          kept on the device between steps; validation stays on the CPU.
+                          The Sysformer's weights (and the moments) are copied back to the host
+                          before each validation and checkpoint, at the end of sf_trainer_run
+                          and by sf_trainer_last_gradient, so in between (e.g. in a STEP
+                          callback) sf holds older weights; and changes the caller makes to sf
+                          are not seen by the device (load weights through a checkpoint and
+                          sf_trainer_resume instead)                                          */
 } sf_train_device;
 
 typedef struct sf_train_options {
@@ -233,15 +240,19 @@ typedef struct sf_train_memory {
     size_t activations;   /* CPU: the LLM backward's saved activations for max_rows
                              (sf_llm_backward_bytes); GPU: the whole device activation arena
                              (LLM and Sysformer activations, gradients in flight, scratch)  */
-    size_t optimizer;     /* host: the gradients and AdamW's m and v, fp32                 */
-    size_t device_total;  /* GPU: every device byte (frozen LLM, Sysformer, activations);
-                             CPU: 0                                                        */
+    size_t optimizer;     /* host: the gradients and AdamW's m and v, fp32 (the GPU path
+                             keeps them too, as the copies it synchronises into)           */
+    size_t optimizer_device; /* GPU: the device's gradients, m and v (fp32) and the gradient
+                             norm's scratch, part of device_total; CPU: 0                  */
+    size_t device_total;  /* GPU: every device byte (frozen LLM, Sysformer with its master
+                             weights and optimizer state, activations); CPU: 0             */
 } sf_train_memory;
 
 sf_status sf_trainer_memory(const sf_trainer *t, sf_train_memory *out);
 
 /* The gradient the last step applied (after clipping), in sf_sysformer_flat's order: for
- * checking the losses' wiring against finite differences. NULL before the first step. */
+ * checking the losses' wiring against finite differences. NULL before the first step, and
+ * (with SF_TRAIN_CUDA, which copies it from the device here) when that copy fails. */
 const float *sf_trainer_last_gradient(sf_trainer *t, int64_t *n);
 
 int64_t sf_trainer_step(const sf_trainer *t);

@@ -109,6 +109,21 @@ inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
 inline float __frcp_rn(float a) { return 1.0f / a; }
 inline float __saturatef(float a) { return a < 0.0f ? 0.0f : a > 1.0f ? 1.0f : a; }
+// Double intrinsics, each result rounded on its own. The empty asm makes the value opaque, so
+// that with EMU_FMA=1 (-mfma -ffp-contract=fast) the compiler cannot fuse a product into the
+// following add, just as nvcc never fuses the __d*_rn intrinsics.
+namespace emu {
+inline double opaque(double x) {
+    asm volatile("" : "+x"(x));
+    return x;
+}
+}  // namespace emu
+inline double __dmul_rn(double a, double b) { return emu::opaque(a * b); }
+inline double __dadd_rn(double a, double b) { return emu::opaque(a + b); }
+inline double __dsub_rn(double a, double b) { return emu::opaque(a - b); }
+inline double __ddiv_rn(double a, double b) { return emu::opaque(a / b); }
+inline double __dsqrt_rn(double a) { return emu::opaque(::sqrt(a)); }
+inline float __double2float_rn(double a) { return (float)a; }
 #ifdef EMU_DEVICE_MATH
 #define expf(x) emu::dev_expf(x)
 #define logf(x) emu::dev_logf(x)

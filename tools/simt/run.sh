@@ -9,6 +9,7 @@
 #     norms        tests/test_cuda_norms.cpp: RMSNorm and LayerNorm, with the fused residual
 #     backward     tests/test_cuda_backward.cpp without its cuBLASLt section: norms, RoPE,
 #                  activations and cross-entropy backward
+#     optim        tests/test_cuda_optim.cpp: gradient norm, clip coefficient, AdamW
 #     decode       tests/test_cuda_attention.cpp's argument and split-decode tests, behind a
 #                  stand-in for attention.cu's entry point (the tiled mma kernel cannot run here)
 #
@@ -22,7 +23,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 KSRC=${KSRC:-$REPO/kernels}
 suite=${1:-}
-[ -n "$suite" ] || { sed -n '5,15p' "$0"; exit 2; }
+[ -n "$suite" ] || { sed -n '5,16p' "$0"; exit 2; }
 shift
 
 case "$suite" in
@@ -39,6 +40,10 @@ case "$suite" in
         kernels=(rmsnorm layernorm)
         test=test_cuda_norms.cpp
         twins=(host/cpu/rmsnorm.c host/cpu/layernorm.c host/cpu/activations.c) ;;
+    optim)
+        kernels=(optim)
+        test=test_cuda_optim.cpp
+        twins=() ;;  # sf_clip_grad_norm and sf_adamw_step, lifted out of trainer.c below
     decode)
         kernels=(attention_decode)
         test=test_cuda_attention.cpp
@@ -87,6 +92,19 @@ if [ "$suite" = elementwise ]; then
     } >"$B/t/sf_sample.c"
     grep -q '^sf_status sf_sample(' "$B/t/sf_sample.c" || { echo "cannot find sf_sample" >&2; exit 2; }
     twins+=("$B/t/sf_sample.c")
+fi
+# sf_clip_grad_norm and sf_adamw_step, the optimizer's twins, with the defines above them (the
+# rest of host/train/trainer.c needs the whole library)
+if [ "$suite" = optim ]; then
+    python3 - "$REPO/host/train/trainer.c" "$B/t/optim_twins.c" <<'PY'
+import sys
+s = open(sys.argv[1]).read()
+i = s.rindex('/* The optimizer runs once per step', 0, s.index('#define NORM_BLOCK'))
+j = s.index('\n}\n', s.index('void sf_adamw_step(')) + 3
+open(sys.argv[2], 'w').write('#include <math.h>\n#include "cpu/ops.h"\n#include "train/trainer.h"\n\n'
+                             + s[i:j])
+PY
+    twins+=("$B/t/optim_twins.c")
 fi
 
 SANF=()
