@@ -29,8 +29,9 @@
  *
  * What is timed: the wall clock (CLOCK_MONOTONIC) around sf_trainer_run(t, 1, NULL), i.e. one
  * optimizer step exactly as the trainer takes it: packing the batch and gathering its
- * embeddings on the host, the forward, losses and backward (on the GPU: uploading the batch
- * and the Sysformer's weights, and downloading the gradient), clipping and AdamW on the host.
+ * embeddings on the host, the forward, losses and backward, clipping and AdamW (on the GPU all
+ * on the device: the batch goes up, the losses and the gradient norm come back; the weights
+ * and moments stay there).
  * One warm-up step, then the median of --repeats steps. Progress goes to stderr; stdout has one
  * line per row and a "SUMMARY train ..." line (key=value) per row. Memory: sf_trainer_memory
  * of each row's trainer, and the GPU's plan from sf_cuda_train_plan, which needs no device (so
@@ -57,7 +58,7 @@
  * and with recompute the hardware runs another G + A that the model FLOPs leave out (the MFU of
  * a recompute row is therefore lower for the same kernels). MFU (GPU rows only) = FLOPs / step
  * time / peak, peak = 989 TFLOP/s, the H200's dense bf16 spec (--peak); since the step time
- * includes the host's packing, AdamW and the transfers, it is a lower bound on the kernels' own.
+ * includes the host's packing and the transfers, it is a lower bound on the kernels' own.
  */
 #include <dirent.h>
 #include <errno.h>
