@@ -70,12 +70,12 @@ typedef struct sf_attention_args {
     bool causal;
     int32_t window; /* > 0: sliding window (causal only); <= 0: none                        */
     float scale;    /* multiplies q . k before the softmax, usually 1 / sqrt(head_dim)      */
-    /* Decode (max_q_len == 1, at most 8 query heads per kv head, no lse) splits each request's keys
-     * over several blocks when max_kv_len > 0 bounds every request's visible key count (the
-     * engine passes its context length, a host value, so a captured graph stays valid) and a
-     * workspace of sf_cuda_attention_workspace_bytes (16-byte aligned; none needed when that
-     * is 0) is given; otherwise decode runs in the tiled kernel, with the same results up to
-     * rounding. Keys past max_kv_len are not seen.                                            */
+    /* Decode (max_q_len == 1, at most 8 query heads per kv head, no lse) splits each
+     * request's keys over several blocks (attention_decode.cu) when max_kv_len > 0 bounds
+     * every request's visible key count (the engine passes its context length, a host value,
+     * so a captured graph stays valid) and a workspace of sf_cuda_attention_workspace_bytes
+     * (16-byte aligned; none needed when that is 0) is given; otherwise decode runs in the
+     * tiled kernel, with the same results up to rounding. Keys past max_kv_len are not seen. */
     int32_t max_kv_len;
     float *workspace;       /* (device) scratch for the split decode, or NULL                 */
     size_t workspace_bytes;

@@ -5,11 +5,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "attention.h"
 #include "core/error.h"
 #include "cpu/ops.h"
 #include "cuda/engine.h"
 #include "model/llm.h"
-#include "attention.h"
 #include "sampling.h"
 #include "sysformer/module.h"
 
