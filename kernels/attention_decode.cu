@@ -26,6 +26,8 @@
 #include <math.h>
 #include <stdint.h>
 
+#include <cuda_bf16.h>
+
 #include "attention.h"
 #include "cuda_check.cuh"
 
@@ -33,7 +35,7 @@ namespace {
 
 constexpr int kThreads = 128;          // a tile of keys is one key per thread
 constexpr int kMaxGroup = 8;           // query heads per kv head this kernel takes
-constexpr int kMinSplitKeys = 256;     // keys a split covers at least
+constexpr int kMinSplitKeys = 256;     // at most ceil(max_kv_len / 256) splits
 constexpr int64_t kTargetBlocks = 1024;  // about 8 resident 128-thread blocks per SM of 132
 
 struct DecodeParams {
@@ -48,22 +50,13 @@ __device__ __forceinline__ float bf16_bits_to_f32(uint32_t bits16) {
     return __uint_as_float(bits16 << 16);
 }
 
-// fp32 -> bf16 bits, round to nearest even (NaN stays NaN).
-__device__ __forceinline__ uint16_t f32_to_bf16_bits(float f) {
-    const uint32_t u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-// dst[0..3] = bf16(v * scale): one 8-byte store.
+// dst[0..3] = bf16(v * scale), round to nearest even: one 8-byte store.
 __device__ __forceinline__ void store_bf16x4(uint16_t *dst, const float (&v)[4], float scale) {
-    uint32_t w[2];
+    __align__(8) __nv_bfloat162 h[2];
 #pragma unroll
-    for (int i = 0; i < 2; i++) {
-        w[i] = f32_to_bf16_bits(v[2 * i] * scale) |
-               (uint32_t)f32_to_bf16_bits(v[2 * i + 1] * scale) << 16;
-    }
-    *reinterpret_cast<uint2 *>(dst) = make_uint2(w[0], w[1]);
+    for (int i = 0; i < 2; i++)
+        h[i] = __floats2bfloat162_rn(v[2 * i] * scale, v[2 * i + 1] * scale);
+    *reinterpret_cast<uint2 *>(dst) = *reinterpret_cast<const uint2 *>(h);
 }
 
 // The keys the request's query sees: [lo, hi), as sf_cpu_attention.
