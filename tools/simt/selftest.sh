@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The emulator's own test: a suite must FAIL when its kernel has a bug. Each case copies
+# kernels/ to a scratch directory, plants one bug (an exact text replacement that must match
+# once) and runs the suite (narrowed to the tests that reach the kernel) expecting a failure.
+# A planted bug that passes means the suite cannot see that kind of error: exit 1. Three
+# suites, a bug each (about 1.5 minutes of one core); others: run.sh with KSRC by hand.
+#   tools/simt/selftest.sh
+set -uo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+rc=0
+plant() {  # suite file old new gtest_filter
+    local d
+    d=$(mktemp -d "${TMPDIR:-/tmp}/simt_bug.XXXXXX")
+    cp "$REPO"/kernels/* "$d/"
+    if ! python3 - "$d/$2" "$3" "$4" <<'PY'
+import sys
+p, old, new = sys.argv[1:4]
+s = open(p).read()
+if s.count(old) != 1:
+    sys.exit('selftest: the text to replace occurs %d times in %s' % (s.count(old), p))
+open(p, 'w').write(s.replace(old, new))
+PY
+    then
+        rc=1
+        rm -rf "$d"
+        return
+    fi
+    if KSRC=$d "$HERE/run.sh" "$1" --gtest_filter="$5" >"$d/log" 2>&1; then
+        echo "MISSED: $1: $2: '$3' -> '$4' passed"
+        rc=1
+    else
+        echo "caught: $1: $2: $(grep -m1 -E '^\[  FAILED  \] [A-Z]' "$d/log" || tail -n 1 "$d/log")"
+    fi
+    rm -rf "$d"
+}
+plant decode attention_decode.cu 'for (int e = 0; e < 4; e++) o[si][e] *= alpha;' \
+    'for (int e = 0; e < 4; e++) o[si][e] *= 1.0f;' 'CudaAttention.DecodeSplit*'
+plant optim optim.cu 'k.step_size = lr / bc1;' 'k.step_size = lr;' 'CudaOptim*'
+plant elementwise sampling.cu 'partial[row * chunks + c]' 'partial[row * (chunks - 1) + c]' \
+    'CudaSampling.Argmax*'
+exit $rc
