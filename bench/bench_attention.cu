@@ -4,7 +4,10 @@
 //   Sysformer self-attention   32 requests x n_s = 256 queries, bidirectional, 32/32 heads, d 128
 //   Sysformer cross-attention  32 requests x 256 queries against n_u = 512 / 2048 keys
 //   causal prefill             1 and 8 requests x 2048 tokens, GQA 32/8, d 128
-//   decode                     32 requests x 1 query against 2048 cached rows, GQA 32/8, d 128
+//   decode                     32 and 1 requests x 1 query against 2048 cached rows, GQA 32/8,
+//                              d 128, in the tiled kernel and split over blocks (split-KV)
+// Decode is a stream of the cache: its GB/s is also given as a share of a device-to-device copy
+// (cudaMemcpyAsync of 256 MiB, read + write, median of 10) measured at the start of the run.
 // FLOPs count the two matrix products over the visible (query, key) pairs only:
 // 4 * head_dim * n_heads * pairs (a causal prefill of n tokens has n (n + 1) / 2 pairs).
 // Time: CUDA events around each launch after warm-up, median of R. Inputs are random bf16 in
@@ -81,6 +84,8 @@ double visible_pairs(const Shape &s) {
 // attention reached through torch SDPA (SDPBackend.CUDNN_ATTENTION) at the same shapes, which
 // device_check.sh runs in the same session and prints beside this table.
 bool cudnn_peer_ms(const Shape &, const sf_attention_args &, float *) { return false; }
+
+double g_copy_gbs = 0;  // the measured copy bandwidth, read + write
 
 float median(std::vector<float> v) {
     std::sort(v.begin(), v.end());
@@ -161,10 +166,13 @@ void run_shape(const Shape &s, int warmup, int repeats) {
     char peer_col[32] = "see peer";
     if (cudnn_peer_ms(s, a, &peer))
         snprintf(peer_col, sizeof peer_col, "%.1f", flops / (peer * 1e9));
-    printf("%-26s %4d x %4d q x %5d kv  %2d/%-2d  %3d  %s  %9.4f  %8.1f  %8.0f  %s\n", s.name,
-           s.n_requests, s.n_q, s.n_kv, s.n_heads, s.n_kv_heads, s.head_dim,
-           s.causal ? "causal" : "bidir ", med, flops / (med * 1e9), bytes / (med * 1e6),
-           peer_col);
+    const double gbs = bytes / (med * 1e6);
+    char copy_col[16] = "";
+    if (s.n_q == 1 && g_copy_gbs > 0)  // decode: bound by streaming the cache
+        snprintf(copy_col, sizeof copy_col, "%.1f%%", 100.0 * gbs / g_copy_gbs);
+    printf("%-26s %4d x %4d q x %5d kv  %2d/%-2d  %3d  %s  %9.4f  %8.1f  %8.0f  %7s  %s\n",
+           s.name, s.n_requests, s.n_q, s.n_kv, s.n_heads, s.n_kv_heads, s.head_dim,
+           s.causal ? "causal" : "bidir ", med, flops / (med * 1e9), gbs, copy_col, peer_col);
     fflush(stdout);
 
     cudaEventDestroy(t0);
@@ -204,8 +212,35 @@ int main(int argc, char **argv) {
     BENCH_CUDA(cudaGetDeviceProperties(&prop, 0));
     printf("bench_attention: %s (sm_%d%d, %d SMs), median of %d after %d warm-up\n", prop.name,
            prop.major, prop.minor, prop.multiProcessorCount, repeats, warmup);
-    printf("%-26s %-27s %-5s  %-3s  %-6s  %9s  %8s  %8s  %s\n", "case", "shape", "heads", "d",
-           "mask", "ms", "TFLOP/s", "GB/s", "cuDNN TFLOP/s");
+    {  // the copy reference for the GB/s-bound rows
+        const size_t bytes = (size_t)256 << 20;
+        void *a = nullptr, *b = nullptr;
+        BENCH_CUDA(cudaMalloc(&a, bytes));
+        BENCH_CUDA(cudaMalloc(&b, bytes));
+        BENCH_CUDA(cudaMemset(a, 0, bytes));
+        cudaEvent_t t0, t1;
+        BENCH_CUDA(cudaEventCreate(&t0));
+        BENCH_CUDA(cudaEventCreate(&t1));
+        std::vector<float> ms;
+        for (int it = 0; it < 12; it++) {
+            BENCH_CUDA(cudaEventRecord(t0));
+            BENCH_CUDA(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, 0));
+            BENCH_CUDA(cudaEventRecord(t1));
+            BENCH_CUDA(cudaEventSynchronize(t1));
+            float t = 0;
+            BENCH_CUDA(cudaEventElapsedTime(&t, t0, t1));
+            if (it >= 2) ms.push_back(t);
+        }
+        g_copy_gbs = 2.0 * (double)bytes / (median(ms) * 1e6);
+        printf("copy reference: cudaMemcpyAsync D2D 256 MiB: %.1f GB/s (read + write)\n",
+               g_copy_gbs);
+        cudaEventDestroy(t0);
+        cudaEventDestroy(t1);
+        cudaFree(a);
+        cudaFree(b);
+    }
+    printf("%-26s %-27s %-5s  %-3s  %-6s  %9s  %8s  %8s  %7s  %s\n", "case", "shape", "heads",
+           "d", "mask", "ms", "TFLOP/s", "GB/s", "of copy", "cuDNN TFLOP/s");
 
     const Shape shapes[] = {
         {"sysformer SA", 32, 256, 256, 32, 32, 128, false, 0},
