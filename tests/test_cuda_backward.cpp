@@ -658,6 +658,22 @@ void swiglu_bounds(double dout, double g, double up, double ref_dg, double ref_d
     *tol_du = out_tol(ref_du, 18 * kU * std::fabs(ref_du) + floor, bf16);
 }
 
+// Every element of the kernel's (dgate, dup) against the CPU's within swiglu_bounds.
+void expect_swiglu_grads(const std::vector<float> &got_dg, const std::vector<float> &got_du,
+                         const std::vector<float> &dout, const std::vector<float> &g,
+                         const std::vector<float> &u, const std::vector<float> &ref_dg,
+                         const std::vector<float> &ref_du, bool bf16, const char *du_name) {
+    BoundCheck cg("dgate"), cu(du_name);
+    for (size_t i = 0; i < g.size(); i++) {
+        double tg, tu;
+        swiglu_bounds(dout[i], g[i], u[i], ref_dg[i], ref_du[i], bf16, &tg, &tu);
+        cg.add(got_dg[i], ref_dg[i], tg, (int64_t)i);
+        cu.add(got_du[i], ref_du[i], tu, (int64_t)i);
+    }
+    EXPECT_TRUE(cg.ok());
+    EXPECT_TRUE(cu.ok());
+}
+
 std::vector<float> swiglu_gates(Rng &rng, size_t n) {
     std::vector<float> v = bf16_round(normal(rng, n, 3.0f));
     const float tails[] = {-90.0f, -95.0f, -100.0f, 40.0f, -0.0f, 0.0f, -1.28125f, -20.0f};
@@ -699,15 +715,7 @@ TEST(CudaBackward, Swiglu) {
                 SF_EXPECT_SYNC();
                 const std::vector<float> got_dg = download_out(dg, n, bf16);
                 const std::vector<float> got_du = download_out(du, n, bf16);
-                BoundCheck cg("dgate"), cu("dup");
-                for (size_t i = 0; i < n; i++) {
-                    double tg, tu;
-                    swiglu_bounds(dout[i], g[i], u[i], ref_dg[i], ref_du[i], bf16, &tg, &tu);
-                    cg.add(got_dg[i], ref_dg[i], tg, (int64_t)i);
-                    cu.add(got_du[i], ref_du[i], tu, (int64_t)i);
-                }
-                EXPECT_TRUE(cg.ok());
-                EXPECT_TRUE(cu.ok());
+                expect_swiglu_grads(got_dg, got_du, dout, g, u, ref_dg, ref_du, bf16, "dup");
                 if (HasFailure()) return;
             }
         }
@@ -1823,15 +1831,7 @@ TEST(CudaBackwardEdges, SwigluDupInPlace) {
                   SF_OK);
         SF_EXPECT_SYNC();
         const std::vector<float> got_dg = d_dg.host(), got_du = d_dout.host();
-        BoundCheck cg("dgate"), cu("dup over dout");
-        for (size_t i = 0; i < n; i++) {
-            double tg, tu;
-            swiglu_bounds(dout[i], g[i], u[i], ref_dg[i], ref_du[i], false, &tg, &tu);
-            cg.add(got_dg[i], ref_dg[i], tg, (int64_t)i);
-            cu.add(got_du[i], ref_du[i], tu, (int64_t)i);
-        }
-        EXPECT_TRUE(cg.ok());
-        EXPECT_TRUE(cu.ok());
+        expect_swiglu_grads(got_dg, got_du, dout, g, u, ref_dg, ref_du, false, "dup over dout");
     }
 }
 
