@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""The emulator's copy of tests/test_cuda_backward.cpp: its cuBLASLt GEMM section and GEMM
-argument test cut out (cuBLASLt cannot run on the host). Every cut must find its markers, so a
-change to the test file fails loudly here instead of silently running less.
+"""The emulator's copy of tests/test_cuda_backward.cpp: its cuBLASLt GEMM section (up to the
+next section's banner) and GEMM argument test cut out (cuBLASLt cannot run on the host). Every
+cut must find its markers, so a change to the test file fails loudly here instead of silently
+running less.
 Usage: cut_gemm_tests.py in.cpp out.cpp"""
 import sys
 
@@ -18,9 +19,10 @@ need(s, '#include "cuda/gemm.h"\n')
 s = s.replace('#include "cuda/gemm.h"\n', '')
 banner = '// ' + '=' * 93 + '\n'
 need(s, '// GEMM backward (cuBLASLt)')
-need(s, '// Argument checks: before any CUDA call')
-gi = s.rindex(banner, 0, s.index('// GEMM backward (cuBLASLt)'))
-ai = s.rindex(banner, 0, s.index('// Argument checks: before any CUDA call'))
+# the section: from its opening banner to the next section's (the banner after its title's)
+title = s.index('// GEMM backward (cuBLASLt)')
+gi = s.rindex(banner, 0, title)
+ai = s.index(banner, s.index(banner, title) + len(banner))
 s = s[:gi] + s[ai:]
 need(s, 'TEST(CudaBackwardArgs, GemmBackwardRejectsBadArgumentsBeforeTheCache)')
 ti = s.index('TEST(CudaBackwardArgs, GemmBackwardRejectsBadArgumentsBeforeTheCache)')
