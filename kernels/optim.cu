@@ -4,6 +4,7 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "bf16_vec.cuh"
 #include "cuda_check.cuh"
 #include "optim.h"
 
@@ -26,7 +27,7 @@ constexpr int64_t kAdamMaxBlocks = 4096;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-inline bool aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
+using sf_vec::aligned16;
 
 int norm_blocks(int64_t n) {
     const int64_t b = ceil_div(n, kNormMinPerBlock);

@@ -38,6 +38,7 @@
 
 #include <type_traits>
 
+#include "bf16_vec.cuh"
 #include "cuda_check.cuh"
 #include "sampling.h"
 
@@ -621,7 +622,7 @@ sf_status check_rows(const char *who, int32_t *out, const float *logits, int64_t
 
 namespace {
 
-bool aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
+using sf_vec::aligned16;
 
 int32_t ceil_div(int32_t a, int32_t b) { return (int32_t)(((int64_t)a + b - 1) / b); }
 
