@@ -1,4 +1,5 @@
-// Fused attention throughput: sf_cuda_attention_bf16 at the shapes DESIGN.md §9 names.
+// Fused attention throughput: sf_cuda_attention_bf16 at the shapes DESIGN.md §9 names, beside
+// cuDNN's fused attention on the same buffers.
 //
 // usage: bench_attention [--repeats R] [--warmup W]
 //   Sysformer self-attention   32 requests x n_s = 256 queries, bidirectional, 32/32 heads, d 128
@@ -11,7 +12,17 @@
 // FLOPs count the two matrix products over the visible (query, key) pairs only:
 // 4 * head_dim * n_heads * pairs (a causal prefill of n tokens has n (n + 1) / 2 pairs).
 // Time: CUDA events around each launch after warm-up, median of R. Inputs are random bf16 in
-// [-1, 1] filled on the device. Exits 0 with a message when there is no GPU.
+// [-1, 1] filled on the device; outputs are poisoned (NaN) before the runs. Exits 0 with a
+// message when there is no GPU.
+//
+// The peer, in the last three columns: cuDNN's fused flash attention (inference, no dropout)
+// built with cuDNN's backend API in bench/cudnn_attention.cu, on the same q, k, v, timed the same
+// way into its own output: "cuDNN TFLOP/s" (same FLOP count), "ours / cuDNN" (speed ratio,
+// cuDNN's time over ours) and "vs cuDNN rel err" (||ours - cuDNN|| / ||cuDNN|| over the whole
+// output, in double on the host). Prefill is top-left causal; decode at the end of the cache sees
+// every key and runs unmasked. A shape cuDNN refuses reads "n/a", with cuDNN's message on stderr;
+// a build without cuDNN (CMake found none) reads "n/a (no cuDNN)". bench/peer_attention.py times
+// torch SDPA (its cuDNN and flash backends) at the same shapes as a second peer.
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -23,6 +34,9 @@
 
 #include "attention.h"
 #include "sysformer.h"
+#ifdef SF_BENCH_HAVE_CUDNN
+#include "cudnn_attention.h"
+#endif
 
 namespace {
 
@@ -78,13 +92,6 @@ double visible_pairs(const Shape &s) {
     return pairs * s.n_requests;
 }
 
-// Not yet here: cuDNN's fused SDPA through its backend API (cudnnBackend* graph: matmul -> scale
-// -> [causal mask] -> softmax -> matmul, bf16 in/out, fp32 compute) on the same buffers. Until
-// then the column reads "see peer" and the peer is bench/peer_attention.py: cuDNN's fused
-// attention reached through torch SDPA (SDPBackend.CUDNN_ATTENTION) at the same shapes, which
-// device_check.sh runs in the same session and prints beside this table.
-bool cudnn_peer_ms(const Shape &, const sf_attention_args &, float *) { return false; }
-
 double g_copy_gbs = 0;  // the measured copy bandwidth, read + write
 
 float median(std::vector<float> v) {
@@ -92,14 +99,159 @@ float median(std::vector<float> v) {
     return v[v.size() / 2];
 }
 
+// ---------------------------------------------------------------------------------------------
+// The cuDNN peer
+// ---------------------------------------------------------------------------------------------
+
+// What the peer gave for one shape.
+struct PeerResult {
+    bool built = false;  // the bench has the cuDNN peer
+    bool ok = false;     // it ran: ms holds its median
+    float ms = 0;
+};
+
+#ifdef SF_BENCH_HAVE_CUDNN
+// Plans by cuDNN shape: the two decode kernels of ours share one. Freed by release_peer_plans.
+struct PeerPlan {
+    cudnn_sdpa_shape shape;
+    cudnn_sdpa_plan *plan;
+};
+std::vector<PeerPlan> g_peer_plans;
+
+bool same_shape(const cudnn_sdpa_shape &x, const cudnn_sdpa_shape &y) {
+    return x.batch == y.batch && x.n_heads == y.n_heads && x.n_kv_heads == y.n_kv_heads &&
+           x.s_q == y.s_q && x.s_kv == y.s_kv && x.head_dim == y.head_dim &&
+           x.causal == y.causal && x.scale == y.scale;
+}
+
+// How cuDNN is asked for s: bidirectional; top-left causal when query i sees keys 0..i
+// (prefill); unmasked when a causal shape's first query already sees every key (decode at the
+// end of the cache). Other causal offsets are not expressed.
+bool peer_shape(const Shape &s, float scale, cudnn_sdpa_shape *c, char *err, size_t err_len) {
+    c->batch = s.n_requests;
+    c->n_heads = s.n_heads;
+    c->n_kv_heads = s.n_kv_heads;
+    c->s_q = s.n_q;
+    c->s_kv = s.n_kv;
+    c->head_dim = s.head_dim;
+    c->scale = scale;
+    c->causal = false;
+    if (!s.causal || (int64_t)s.q_pos0 + 1 >= s.n_kv) return true;
+    if (s.q_pos0 == 0 && s.n_q == s.n_kv) {
+        c->causal = true;
+        return true;
+    }
+    snprintf(err, err_len, "causal with queries from position %d over %d keys: not expressed",
+             s.q_pos0, s.n_kv);
+    return false;
+}
+#endif
+
+// cuDNN's attention over a's q, k, v into peer_out, timed as ours is: CUDA events around each
+// call on the default stream, warmup + repeats calls, median of the repeats. Failures are
+// reported on stderr and leave ok false.
+PeerResult cudnn_peer(const Shape &s, const sf_attention_args &a, uint16_t *peer_out, int warmup,
+                      int repeats) {
+    PeerResult r;
+#ifdef SF_BENCH_HAVE_CUDNN
+    r.built = true;
+    char err[2048] = "";
+    cudnn_sdpa_shape cs;
+    if (!peer_shape(s, a.scale, &cs, err, sizeof err)) {
+        fprintf(stderr, "bench_attention: %s: cuDNN peer: %s\n", s.name, err);
+        return r;
+    }
+    cudnn_sdpa_plan *plan = nullptr;
+    for (const PeerPlan &pp : g_peer_plans)
+        if (same_shape(pp.shape, cs)) plan = pp.plan;
+    if (!plan) {
+        if (!cudnn_sdpa_create(&cs, &plan, err, sizeof err)) {
+            fprintf(stderr, "bench_attention: %s: cuDNN peer: %s\n", s.name, err);
+            return r;
+        }
+        g_peer_plans.push_back({cs, plan});
+    }
+    void *workspace = nullptr;
+    const int64_t workspace_bytes = cudnn_sdpa_workspace_bytes(plan);
+    if (workspace_bytes > 0) {
+        const cudaError_t ce = cudaMalloc(&workspace, (size_t)workspace_bytes);
+        if (ce != cudaSuccess) {
+            cudaGetLastError();  // not sticky: clear it for the shapes after this one
+            fprintf(stderr, "bench_attention: %s: cuDNN peer: workspace of %lld bytes: %s\n",
+                    s.name, (long long)workspace_bytes, cudaGetErrorString(ce));
+            return r;
+        }
+    }
+    cudaEvent_t t0, t1;
+    BENCH_CUDA(cudaEventCreate(&t0));
+    BENCH_CUDA(cudaEventCreate(&t1));
+    std::vector<float> ms;
+    bool ok = true;
+    for (int it = 0; it < warmup + repeats; it++) {
+        BENCH_CUDA(cudaEventRecord(t0));
+        ok = cudnn_sdpa_run(plan, peer_out, a.q, a.k, a.v, workspace, 0, err, sizeof err);
+        BENCH_CUDA(cudaEventRecord(t1));
+        if (!ok) {
+            fprintf(stderr, "bench_attention: %s: cuDNN peer: %s\n", s.name, err);
+            break;
+        }
+        BENCH_CUDA(cudaEventSynchronize(t1));
+        float t = 0;
+        BENCH_CUDA(cudaEventElapsedTime(&t, t0, t1));
+        if (it >= warmup) ms.push_back(t);
+    }
+    BENCH_CUDA(cudaDeviceSynchronize());
+    cudaEventDestroy(t0);
+    cudaEventDestroy(t1);
+    cudaFree(workspace);
+    if (ok) {
+        r.ok = true;
+        r.ms = median(ms);
+    }
+#else
+    (void)s;
+    (void)a;
+    (void)peer_out;
+    (void)warmup;
+    (void)repeats;
+#endif
+    return r;
+}
+
+void release_peer_plans() {
+#ifdef SF_BENCH_HAVE_CUDNN
+    for (const PeerPlan &pp : g_peer_plans) cudnn_sdpa_destroy(pp.plan);
+    g_peer_plans.clear();
+#endif
+}
+
+// ||x - ref|| / ||ref|| over two bf16 vectors of one size, in double; NaN when either holds one.
+double rel_l2_error(const std::vector<uint16_t> &x, const std::vector<uint16_t> &ref) {
+    double diff = 0, norm = 0;
+    for (size_t i = 0; i < x.size(); i++) {
+        const uint32_t ux = (uint32_t)x[i] << 16, ur = (uint32_t)ref[i] << 16;
+        float fx, fr;
+        memcpy(&fx, &ux, 4);
+        memcpy(&fr, &ur, 4);
+        const double d = (double)fx - (double)fr;
+        diff += d * d;
+        norm += (double)fr * fr;
+    }
+    return sqrt(diff) / sqrt(norm);
+}
+
 void run_shape(const Shape &s, int warmup, int repeats) {
     const int64_t q_rows = (int64_t)s.n_requests * s.n_q, kv_rows = (int64_t)s.n_requests * s.n_kv;
     const int64_t q_row = (int64_t)s.n_heads * s.head_dim;
     const int64_t kv_row = (int64_t)s.n_kv_heads * s.head_dim;
-    uint16_t *q, *k, *v, *out;
+    uint16_t *q, *k, *v, *out, *peer_out;
     int32_t *cu_q, *cu_kv, *pos0;
     BENCH_CUDA(cudaMalloc(&q, q_rows * q_row * 2));
     BENCH_CUDA(cudaMalloc(&out, q_rows * q_row * 2));
+    BENCH_CUDA(cudaMalloc(&peer_out, q_rows * q_row * 2));
+    // Poisoned: a row either side leaves unwritten shows as NaN in the comparison.
+    BENCH_CUDA(cudaMemset(out, 0xff, q_rows * q_row * 2));
+    BENCH_CUDA(cudaMemset(peer_out, 0xff, q_rows * q_row * 2));
     BENCH_CUDA(cudaMalloc(&k, kv_rows * kv_row * 2));
     BENCH_CUDA(cudaMalloc(&v, kv_rows * kv_row * 2));
     BENCH_CUDA(cudaMalloc(&cu_q, (s.n_requests + 1) * sizeof(int32_t)));
@@ -162,17 +314,28 @@ void run_shape(const Shape &s, int warmup, int repeats) {
     const double flops = 4.0 * s.head_dim * s.n_heads * visible_pairs(s);
     // bytes each launch must move at least once: q, k, v in, out back
     const double bytes = 2.0 * (2.0 * q_rows * q_row + 2.0 * kv_rows * kv_row);
-    float peer = 0;
-    char peer_col[32] = "see peer";
-    if (cudnn_peer_ms(s, a, &peer))
-        snprintf(peer_col, sizeof peer_col, "%.1f", flops / (peer * 1e9));
     const double gbs = bytes / (med * 1e6);
     char copy_col[16] = "";
     if (s.n_q == 1 && g_copy_gbs > 0)  // decode: bound by streaming the cache
         snprintf(copy_col, sizeof copy_col, "%.1f%%", 100.0 * gbs / g_copy_gbs);
-    printf("%-26s %4d x %4d q x %5d kv  %2d/%-2d  %3d  %s  %9.4f  %8.1f  %8.0f  %7s  %s\n",
+
+    const PeerResult peer = cudnn_peer(s, a, peer_out, warmup, repeats);
+    char peer_col[32] = "n/a (no cuDNN)", ratio_col[16] = "n/a", err_col[16] = "n/a";
+    if (peer.built) snprintf(peer_col, sizeof peer_col, "n/a");
+    if (peer.ok) {
+        snprintf(peer_col, sizeof peer_col, "%.1f", flops / (peer.ms * 1e9));
+        snprintf(ratio_col, sizeof ratio_col, "%.2f", peer.ms / med);
+        std::vector<uint16_t> ours((size_t)(q_rows * q_row)), theirs(ours.size());
+        BENCH_CUDA(cudaMemcpy(ours.data(), out, ours.size() * 2, cudaMemcpyDeviceToHost));
+        BENCH_CUDA(cudaMemcpy(theirs.data(), peer_out, theirs.size() * 2,
+                              cudaMemcpyDeviceToHost));
+        snprintf(err_col, sizeof err_col, "%.1e", rel_l2_error(ours, theirs));
+    }
+    printf("%-26s %4d x %4d q x %5d kv  %2d/%-2d  %3d  %s  %9.4f  %8.1f  %8.0f  %7s  %14s  %12s  "
+           "%s\n",
            s.name, s.n_requests, s.n_q, s.n_kv, s.n_heads, s.n_kv_heads, s.head_dim,
-           s.causal ? "causal" : "bidir ", med, flops / (med * 1e9), gbs, copy_col, peer_col);
+           s.causal ? "causal" : "bidir ", med, flops / (med * 1e9), gbs, copy_col, peer_col,
+           ratio_col, err_col);
     fflush(stdout);
 
     cudaEventDestroy(t0);
@@ -181,6 +344,7 @@ void run_shape(const Shape &s, int warmup, int repeats) {
     cudaFree(k);
     cudaFree(v);
     cudaFree(out);
+    cudaFree(peer_out);
     cudaFree(cu_q);
     cudaFree(cu_kv);
     cudaFree(pos0);
@@ -239,8 +403,16 @@ int main(int argc, char **argv) {
         cudaFree(a);
         cudaFree(b);
     }
-    printf("%-26s %-27s %-5s  %-3s  %-6s  %9s  %8s  %8s  %7s  %s\n", "case", "shape", "heads",
-           "d", "mask", "ms", "TFLOP/s", "GB/s", "of copy", "cuDNN TFLOP/s");
+#ifdef SF_BENCH_HAVE_CUDNN
+    char cudnn_version[96];
+    cudnn_sdpa_version_string(cudnn_version, sizeof cudnn_version);
+    printf("cuDNN peer: fused flash attention through the backend API, %s\n", cudnn_version);
+#else
+    printf("cuDNN peer: not built (CMake found no cuDNN); see bench/peer_attention.py\n");
+#endif
+    printf("%-26s %-27s %-5s  %-3s  %-6s  %9s  %8s  %8s  %7s  %14s  %12s  %s\n", "case", "shape",
+           "heads", "d", "mask", "ms", "TFLOP/s", "GB/s", "of copy", "cuDNN TFLOP/s",
+           "ours / cuDNN", "vs cuDNN rel err");
 
     const Shape shapes[] = {
         {"sysformer SA", 32, 256, 256, 32, 32, 128, false, 0},
@@ -254,5 +426,6 @@ int main(int argc, char **argv) {
         {"decode split-KV", 1, 1, 2048, 32, 8, 128, true, 2047, 2048},
     };
     for (const Shape &s : shapes) run_shape(s, warmup, repeats);
+    release_peer_plans();
     return 0;
 }
