@@ -31,6 +31,28 @@
 // top_k with its ties in index order, and the per-row kernel then selects from those
 // candidates (32 x 50 for a 128K row) instead of the row.
 //
+// top_p alone splits too (rows over 8192 logits; one block a row reads a 128K row once in
+// ~60 us, and select_nucleus reads it about seven times): the select runs on bins of z = logit / t
+// below the row's maximum instead of key digits, so that a row's bulk spreads over many bins
+// (shared-memory atomics seldom meet on one address) and two levels suffice. Kernels, each over
+// (row, chunk) blocks or one small block a row:
+//   nucleus_max_kernel       each chunk's largest logit;
+//   nucleus_hist_kernel<0>   each chunk's mass in 256 bins 1/4 nat wide below the row's
+//                            maximum (the last bin: everything further down, mass ignored);
+//   nucleus_pick_kernel<0>   per row, the bins summed over chunks in order, and the bin at
+//                            which the running mass reaches top_p (1 + margin) of the total;
+//   nucleus_hist_kernel<1>,  the same over 256 sub-bins of that bin;
+//   nucleus_pick_kernel<1>
+//   nucleus_compact_kernel   each chunk's candidates (keys in bins up to the crossing one) in
+//                            index order, and the chunk's whole mass in a fixed order;
+//   sample_kernel<kNucleus>  per row: the candidates gathered in chunk order, then the sort,
+//                            nucleus and draw of the per-row path, with the row's total
+//                            summed over the chunks in order.
+// Bins are ranges of the sorted order, so the candidates are a prefix of it; the margin
+// covers every rounding of the masses, so the prefix holds sf_sample's nucleus, which is then
+// cut from it exactly. The total does not depend on which candidates were kept, so the token
+// does not depend on the order of the atomics: the result is deterministic.
+//
 // Cost: the full-vocabulary sort is 4 passes over the row per block, about a millisecond for
 // 128K logits (measured on the H200: 1.8 ms for 32 rows); with top_k the sort sees k keys, with
 // top_p the nucleus's candidates.
@@ -499,54 +521,319 @@ __global__ void __launch_bounds__(kSampleBlock)
     compact_kept(keys, len, n, threshold, ties, out_key, out_key + n_cand, sh);
 }
 
-// One block per row. Without kCandidates the keys are the row's logits (vocab of them) and
-// the row's workspace is 4 * vocab words at row * 4 * vocab: two key/index buffer pairs. With
-// kCandidates they are the row's n_src candidates from topk_chunk_kernel (top_k > 0 is set),
-// and the two buffer pairs follow them in the row's row_words. The buffers are written and
-// read back by other threads of the block across __syncthreads, so they are not __restrict__
-// (no read-only cache path).
-template <bool kCandidates>
+// top_p alone, split over blocks (nucleus_*_kernel; see the header of the file). Bins are
+// over z = logit / temperature: level 0 bins are 1/kBinsPerNat wide below the row's largest z,
+// level 1 cuts the crossing level-0 bin into kRadix. A bin's position is
+// pos = (z_max - z) * kBinsPerNat >= 0, non-increasing in the logit (every step rounds
+// monotonically), so bins are ranges of the sorted order, as radix digits are.
+constexpr int32_t kNucleusChunk = 8192;  // logits a block takes
+constexpr double kBinsPerNat = 4.0;      // level 0 spans 64 nats below the maximum
+constexpr int kLastBin = kRadix - 1;     // level 0: also everything further down (-inf, NaN)
+
+__device__ __forceinline__ double nucleus_pos(float logit, double t, double z_max) {
+    return (z_max - (double)logit / t) * kBinsPerNat;
+}
+
+// floor(pos) clamped to the last bin (fmin drops a NaN: NaN logits land there too)
+__device__ __forceinline__ int nucleus_bin(double pos) {
+    return (int)fmin(floor(pos), (double)kLastBin);
+}
+
+// The level-1 bin inside level-0 bin b0 = nucleus_bin(pos) < kLastBin: pos - b0 is exact and
+// in [0, 1), and the scaling by kRadix is exact.
+__device__ __forceinline__ int nucleus_sub_bin(double pos, int b0) {
+    return nucleus_bin((pos - b0) * kRadix);
+}
+
+// The split top-p's per-row state, after the rows' 16 * vocab bytes of workspace.
+struct NucleusRowWs {
+    double *z_max;        // [1] the row's largest logit / temperature
+    double *left;         // [1] level 1: the mass still to reach inside bins[0]
+    int *bins;            // [2] the crossing bins of levels 0 and 1 (kLastBin: all from there)
+    double *mass;         // [chunks][kRadix] the current level's mass per chunk and bin
+    double *chunk_total;  // [chunks] each chunk's whole mass, for the row's total
+    int *kept;            // [chunks] each chunk's candidate count
+    uint32_t *chunk_min;  // [chunks] each chunk's smallest key (largest logit)
+};
+
+__host__ __device__ constexpr int64_t nucleus_row_bytes(int32_t chunks) {
+    return 32 + (int64_t)chunks * (8 * kRadix + 8 + 4 + 4);
+}
+
+struct NucleusLayout {
+    char *base = nullptr;
+    int32_t chunks = 0;
+    __device__ NucleusRowWs row(int64_t r) const {
+        char *p = base + r * nucleus_row_bytes(chunks);
+        NucleusRowWs w;
+        w.z_max = reinterpret_cast<double *>(p);
+        w.left = w.z_max + 1;
+        w.bins = reinterpret_cast<int *>(p + 16);
+        w.mass = reinterpret_cast<double *>(p + 32);
+        w.chunk_total = w.mass + (int64_t)chunks * kRadix;
+        w.kept = reinterpret_cast<int *>(w.chunk_total + chunks);
+        w.chunk_min = reinterpret_cast<uint32_t *>(w.kept + chunks);
+        return w;
+    }
+};
+
+// Blocks of the split kernels are (row, chunk) pairs, row-major.
+struct ChunkOf {
+    int64_t row;
+    int32_t chunk, begin, len;
+    __device__ ChunkOf(int32_t chunks, int32_t vocab) {
+        row = blockIdx.x / chunks;
+        chunk = (int32_t)(blockIdx.x - row * chunks);
+        begin = chunk * kNucleusChunk;
+        len = (int32_t)min((int64_t)kNucleusChunk, (int64_t)vocab - begin);
+    }
+};
+
+// The block's smallest of one value per thread (every thread must call; one barrier pair).
+__device__ uint32_t block_min_u32(uint32_t m, uint32_t *slot) {
+    for (int o = 16; o > 0; o >>= 1) m = min(m, __shfl_xor_sync(kFull, m, o));
+    if (threadIdx.x == 0) *slot = 0xffffffffu;
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) atomicMin(slot, m);
+    __syncthreads();
+    return *slot;
+}
+
+// 1. Each chunk's smallest key.
+__global__ void __launch_bounds__(kSampleBlock)
+    nucleus_max_kernel(const float *__restrict__ logits, int32_t vocab, NucleusLayout layout) {
+    __shared__ uint32_t slot;
+    const ChunkOf c(layout.chunks, vocab);
+    const float *src = logits + c.row * vocab + c.begin;
+    uint32_t m = 0xffffffffu;
+    for (int i = threadIdx.x; i < c.len; i += kSampleBlock) m = min(m, sort_key(src[i]));
+    m = block_min_u32(m, &slot);
+    if (threadIdx.x == 0) layout.row(c.row).chunk_min[c.chunk] = m;
+}
+
+// 2, 4. Each chunk's mass per bin, exp(z - z_max) in double: level 0 over the level-0 bins
+// (the last one, 64 nats down and below, carries none: under exp(-64) a logit), level 1 over
+// the sub-bins of the crossing level-0 bin. Level 0 also finds z_max (from the chunks' minima).
+// The shared-memory atomics add in no fixed order: the sums are within vocab * 2^-53 relative
+// of any other order's, which nucleus_pick_kernel's margin covers.
+template <int kLevel>
+__global__ void __launch_bounds__(kSampleBlock)
+    nucleus_hist_kernel(const float *__restrict__ logits, int32_t vocab, double t,
+                        NucleusLayout layout) {
+    __shared__ double mass[kRadix];
+    __shared__ uint32_t slot;
+    const ChunkOf c(layout.chunks, vocab);
+    const NucleusRowWs ws = layout.row(c.row);
+    double z_max;
+    int bin0 = 0;
+    if constexpr (kLevel == 0) {
+        uint32_t m = 0xffffffffu;
+        for (int j = threadIdx.x; j < layout.chunks; j += kSampleBlock)
+            m = min(m, ws.chunk_min[j]);
+        z_max = (double)key_logit(block_min_u32(m, &slot)) / t;
+        if (c.chunk == 0 && threadIdx.x == 0) *ws.z_max = z_max;
+        if (!isfinite(z_max)) return;  // no select: every key is a candidate
+    } else {
+        z_max = *ws.z_max;
+        bin0 = ws.bins[0];
+        if (bin0 == kLastBin) return;  // every key is a candidate: nothing to refine
+    }
+    for (int d = threadIdx.x; d < kRadix; d += kSampleBlock) mass[d] = 0.0;
+    __syncthreads();
+    const float *src = logits + c.row * vocab + c.begin;
+    for (int i = threadIdx.x; i < c.len; i += kSampleBlock) {
+        const double pos = nucleus_pos(src[i], t, z_max);
+        const int b0 = nucleus_bin(pos);
+        const double w = exp(pos * (-1.0 / kBinsPerNat));  // exp(z - z_max), exactly scaled
+        if (kLevel == 0 && b0 < kLastBin) atomicAdd(&mass[b0], w);
+        if (kLevel == 1 && b0 == bin0) atomicAdd(&mass[nucleus_sub_bin(pos, b0)], w);
+    }
+    __syncthreads();
+    for (int d = threadIdx.x; d < kRadix; d += kSampleBlock)
+        ws.mass[(int64_t)c.chunk * kRadix + d] = mass[d];
+}
+
+// 3, 5. One block of kRadix threads per row: each bin's mass summed over the chunks in chunk
+// order, then the first bin at which the running mass reaches the target: level 0's target is
+// top_p * (the row's mass) * (1 + margin), level 1's what is left of it inside the level-0 bin.
+// Every key in the bins up to the crossing one is a candidate. The margin exceeds the relative
+// error of every mass here and in sf_sample (exp within an ulp, sums of at most vocab terms),
+// so the candidates' mass is above top_p of the total on sf_sample's arithmetic too: they hold
+// its nucleus. No crossing (top_p (1 + margin) reaches the whole mass, a mass that is not
+// finite, or rounding at the very end) makes everything from the bin on a candidate.
+template <int kLevel>
+__global__ void __launch_bounds__(kRadix)
+    nucleus_pick_kernel(NucleusLayout layout, double top_p, double margin) {
+    __shared__ double bin_mass[kRadix];
+    static_assert(kRadix == 32 * 8, "8 bins a lane");
+    const NucleusRowWs ws = layout.row(blockIdx.x);
+    const int tid = threadIdx.x;
+    if (kLevel == 0 && !isfinite(*ws.z_max)) {
+        if (tid == 0) ws.bins[0] = ws.bins[1] = kLastBin;
+        return;
+    }
+    if (kLevel == 1 && ws.bins[0] == kLastBin) return;
+    double m = 0.0;
+    for (int32_t c = 0; c < layout.chunks; c++) m += ws.mass[(int64_t)c * kRadix + tid];
+    bin_mass[tid] = m;
+    __syncthreads();
+    if (tid >= 32) return;
+    const int lane = tid;
+    double v[8], sum = 0.0;
+#pragma unroll
+    for (int j = 0; j < 8; j++) sum += (v[j] = bin_mass[8 * lane + j]);
+    const double incl = warp_inclusive_scan(sum, lane);
+    double target;
+    if constexpr (kLevel == 0) {
+        const double total = __shfl_sync(kFull, incl, 31);
+        target = top_p * total * (1.0 + margin);
+        if (!isfinite(total) || !(target < total)) {
+            if (lane == 0) ws.bins[0] = ws.bins[1] = kLastBin;
+            return;
+        }
+    } else {
+        target = *ws.left;
+    }
+    const unsigned reached = __ballot_sync(kFull, incl >= target);
+    if (reached == 0) {
+        if (lane == 0) {
+            ws.bins[kLevel] = kLastBin;
+            ws.bins[1] = kLastBin;
+        }
+        return;
+    }
+    if (lane == __ffs((int)reached) - 1) {
+        double before = incl - sum;
+        int d = 0;
+        while (d < 7 && before + v[d] < target) before += v[d++];
+        ws.bins[kLevel] = 8 * lane + d;
+        if (kLevel == 0) {
+            *ws.left = target - before;
+            ws.bins[1] = kLastBin;  // until level 1 narrows it
+        }
+    }
+}
+
+// 6. Each chunk's candidates (the keys in bins up to the crossing ones), in index order, to
+// the row's second key/index buffer pair at the chunk's offset; their count, and the chunk's
+// whole mass (exp(z - z_max) over every logit, in a fixed order) for the row's total.
+struct CompactShared {
+    int int_scan[kWarps + 1];
+    double dbl_scan[kWarps + 1];
+};
+
+__global__ void __launch_bounds__(kSampleBlock)
+    nucleus_compact_kernel(uint32_t *workspace, const float *__restrict__ logits, int32_t vocab,
+                           double t, NucleusLayout layout) {
+    __shared__ CompactShared sh;
+    const ChunkOf c(layout.chunks, vocab);
+    const NucleusRowWs ws = layout.row(c.row);
+    const double z_max = *ws.z_max;
+    const int bin0 = ws.bins[0], bin1 = ws.bins[1];
+    uint32_t *key_b = workspace + c.row * 4 * (int64_t)vocab + 2 * (int64_t)vocab + c.begin;
+    uint32_t *id_b = key_b + vocab;
+    const float *src = logits + c.row * vocab + c.begin;
+    int kept_before = 0;
+    double part = 0.0;
+    for (int base = 0; base < c.len; base += kSampleBlock) {
+        const int i = base + threadIdx.x;
+        int keep = 0;
+        uint32_t k = 0;
+        if (i < c.len) {
+            const float f = src[i];
+            const double pos = nucleus_pos(f, t, z_max);
+            const int b0 = nucleus_bin(pos);
+            keep = b0 < bin0 ||
+                   (b0 == bin0 && (bin0 == kLastBin || nucleus_sub_bin(pos, b0) <= bin1));
+            k = sort_key(f);
+            part += exp((double)key_logit(k) / t - z_max);  // the sampler's weight, NaN too
+        }
+        int count;
+        const int at = kept_before + block_inclusive_scan(keep, &count, sh.int_scan) - keep;
+        if (keep) {
+            key_b[at] = k;
+            id_b[at] = (uint32_t)(c.begin + i);
+        }
+        kept_before += count;
+    }
+    double total;
+    block_inclusive_scan(part, &total, sh.dbl_scan);
+    if (threadIdx.x == 0) {
+        ws.chunk_total[c.chunk] = total;
+        ws.kept[c.chunk] = kept_before;
+    }
+}
+
+// One block per row. The keys come from kSrc:
+// - kRow: the row's logits (n_src = vocab of them); the row's workspace is 4 * vocab words at
+//   row * 4 * vocab: two key/index buffer pairs.
+// - kTopk: the row's n_src candidates from topk_chunk_kernel (top_k > 0 is set), and the two
+//   buffer pairs follow them in the row's row_words.
+// - kNucleus: the candidates nucleus_compact_kernel left per chunk in the row's second buffer
+//   pair (n_src = vocab; row_words = 4 * vocab), gathered in chunk order into the first, with
+//   the row's total from its chunks' totals (nucleus: the per-row state after the rows' words).
+// The buffers are written and read back by other threads of the block across __syncthreads, so
+// they are not __restrict__ (no read-only cache path).
+enum class Source { kRow, kTopk, kNucleus };
+
+template <Source kSrc>
 __global__ void __launch_bounds__(kSampleBlock)
     sample_kernel(int32_t *__restrict__ out, const float *__restrict__ logits,
                   const double *__restrict__ u, int32_t n_src, float temperature, int32_t top_k,
-                  float top_p, uint32_t *workspace, int64_t row_words) {
+                  float top_p, uint32_t *workspace, int64_t row_words, NucleusLayout nucleus) {
     __shared__ SampleShared sh;
     const int tid = threadIdx.x;
-    using Src = typename std::conditional<kCandidates, CandidateKeys, RowKeys>::type;
+    using Src = typename std::conditional<kSrc == Source::kTopk, CandidateKeys, RowKeys>::type;
     Src src;
-    uint32_t *key_a;
+    uint32_t *key_a = workspace + (int64_t)blockIdx.x * row_words;
     const float *row = nullptr;
-    if constexpr (kCandidates) {
-        const uint32_t *cand = workspace + (int64_t)blockIdx.x * row_words;
-        src = CandidateKeys{cand, cand + n_src};
-        key_a = workspace + (int64_t)blockIdx.x * row_words + 2 * (int64_t)n_src;
+    if constexpr (kSrc == Source::kTopk) {
+        src = CandidateKeys{key_a, key_a + n_src};
+        key_a += 2 * (int64_t)n_src;
     } else {
         row = logits + (int64_t)blockIdx.x * n_src;
         src = RowKeys{row};
-        key_a = workspace + (int64_t)blockIdx.x * 4 * n_src;
     }
     uint32_t *id_a = key_a + n_src, *key_b = id_a + n_src, *id_b = key_b + n_src;
 
-    // 1. The candidates, in index order, in (key_a, id_a): every key below `threshold` and the
-    //    first `ties` keys equal to it; n of them.
-    const bool nucleus_only = !(top_k > 0 && top_k < n_src) && top_p > 0.0f && top_p < 1.0f;
+    // 1. The candidates, in index order, in (key_a, id_a); n of them.
     int n = top_k > 0 && top_k < n_src ? top_k : n_src;
-    uint32_t threshold = 0xffffffffu;
-    int ties = 0;
-    if (n < n_src) {
-        select_kth(src, n_src, n, &threshold, &ties, sh);
-    } else if (nucleus_only) {
-        if constexpr (!kCandidates)
-            n = select_nucleus(row, n_src, (double)temperature, (double)top_p, &threshold, &ties,
-                               sh);
-    }
-    const bool selected = n < n_src;
-    if (selected) {
-        compact_kept(src, n_src, n, threshold, ties, key_a, id_a, sh);
+    const bool nucleus_only = n == n_src && top_p > 0.0f && top_p < 1.0f;
+    bool selected = false;  // kRow: n < n_src keys selected from the row
+    uint32_t threshold = 0xffffffffu;  // kRow, kTopk: every key below it is a candidate,
+    int ties = 0;                      // and the first `ties` keys equal to it
+    double row_total = 0.0;            // kNucleus: the whole row's mass
+    if constexpr (kSrc == Source::kNucleus) {
+        // chunk c's candidates are at (key_b, id_b) + c * kNucleusChunk: every chunk before
+        // the row's last is full, so their offsets are known; the copy keeps index order
+        const NucleusRowWs ws = nucleus.row(blockIdx.x);
+        n = 0;
+        for (int32_t c = 0; c < nucleus.chunks; c++) {
+            const int kept = ws.kept[c];
+            const int64_t from = (int64_t)c * kNucleusChunk;
+            for (int i = tid; i < kept; i += kSampleBlock) {
+                key_a[n + i] = key_b[from + i];
+                id_a[n + i] = id_b[from + i];
+            }
+            n += kept;
+            row_total += ws.chunk_total[c];  // in chunk order: deterministic
+        }
     } else {
-        for (int i = tid; i < n_src; i += kSampleBlock) {
-            key_a[i] = src.key(i);
-            id_a[i] = src.id(i);
+        if (n < n_src) {
+            select_kth(src, n_src, n, &threshold, &ties, sh);
+        } else if (nucleus_only) {
+            if constexpr (kSrc == Source::kRow)
+                n = select_nucleus(row, n_src, (double)temperature, (double)top_p, &threshold,
+                                   &ties, sh);
+        }
+        selected = n < n_src;
+        if (selected) {
+            compact_kept(src, n_src, n, threshold, ties, key_a, id_a, sh);
+        } else {
+            for (int i = tid; i < n_src; i += kSampleBlock) {
+                key_a[i] = src.key(i);
+                id_a[i] = src.id(i);
+            }
         }
     }
     __syncthreads();
@@ -569,8 +856,13 @@ __global__ void __launch_bounds__(kSampleBlock)
     const double t = (double)temperature;
     const double z_max = (double)key_logit(sorted_k[0]) / t;
     auto weight = [&](int i) { return exp((double)key_logit(sorted_k[i]) / t - z_max); };
-    double total = block_sum(n, weight, sh);
-    if constexpr (!kCandidates) {
+    double total = 0.0;
+    if constexpr (kSrc == Source::kNucleus) {
+        total = row_total;
+    } else {
+        total = block_sum(n, weight, sh);
+    }
+    if constexpr (kSrc == Source::kRow) {
         if (nucleus_only && selected) {
             // top_p's total is the whole row's: add the mass of the keys past the candidates
             // (all greater than the threshold; NaN ones too, as the full sort would)
@@ -643,6 +935,17 @@ bool topk_split_plan(int64_t n_rows, int32_t vocab, int32_t top_k, int32_t *chun
     return 2 * (int64_t)*n_cand <= vocab && fits_grid(n_rows, *chunks);
 }
 
+// The split top-p's plan: top_p alone (top_k off), rows longer than a chunk, and a
+// workspace that holds the per-row state 8-byte aligned.
+bool nucleus_split_plan(int64_t n_rows, int32_t vocab, int32_t top_k, float top_p,
+                        const void *workspace, int32_t *chunks) {
+    if ((top_k > 0 && top_k < vocab) || !(top_p > 0.0f && top_p < 1.0f) ||
+        vocab <= kNucleusChunk || ((uintptr_t)workspace & 7u) != 0)
+        return false;
+    *chunks = ceil_div(vocab, kNucleusChunk);
+    return fits_grid(n_rows, *chunks);
+}
+
 }  // namespace
 
 extern "C" size_t sf_cuda_argmax_workspace_bytes(int64_t n_rows, int32_t vocab) {
@@ -692,8 +995,11 @@ extern "C" sf_status sf_cuda_argmax_f32(int32_t *out, const float *logits, int64
 
 extern "C" size_t sf_cuda_sample_workspace_bytes(int64_t n_rows, int32_t vocab) {
     if (n_rows < 0 || vocab < 0) return 0;
-    const uint64_t per_row = 16u * (uint64_t)vocab;
-    if (n_rows > 0 && (uint64_t)n_rows > (uint64_t)SIZE_MAX / per_row) return 0;
+    // two key/index buffer pairs, and the split top-p's state when rows can be split
+    uint64_t per_row = 16u * (uint64_t)vocab;
+    if (vocab > kNucleusChunk)
+        per_row += (uint64_t)nucleus_row_bytes(ceil_div(vocab, kNucleusChunk));
+    if (per_row > 0 && (uint64_t)n_rows > (uint64_t)SIZE_MAX / per_row) return 0;
     return (size_t)((uint64_t)n_rows * per_row);
 }
 
@@ -724,12 +1030,13 @@ extern "C" sf_status sf_cuda_sample_f32(int32_t *out, const float *logits, const
     auto *ws = static_cast<uint32_t *>(workspace);
     const float t = sampling->temperature, p = sampling->top_p;
     const int32_t k = sampling->top_k;
+    const bool vec = aligned16(logits) && vocab % 4 == 0;
     int32_t chunks = 0, n_cand = 0;
     if (topk_split_plan(n_rows, vocab, k, &chunks, &n_cand)) {
         // top_k from each chunk, then the sampler over the candidates
         const int64_t row_words = 6 * (int64_t)n_cand;
         const unsigned blocks = (unsigned)(n_rows * chunks);
-        if (aligned16(logits) && vocab % 4 == 0) {
+        if (vec) {
             topk_chunk_kernel<true><<<blocks, kSampleBlock, 0, stream>>>(
                 ws, logits, vocab, chunks, k, n_cand, row_words);
         } else {
@@ -737,11 +1044,31 @@ extern "C" sf_status sf_cuda_sample_f32(int32_t *out, const float *logits, const
                 ws, logits, vocab, chunks, k, n_cand, row_words);
         }
         SF_CUDA_TRY(cudaGetLastError());
-        sample_kernel<true><<<(unsigned)n_rows, kSampleBlock, 0, stream>>>(
-            out, logits, u, n_cand, t, k, p, ws, row_words);
+        sample_kernel<Source::kTopk><<<(unsigned)n_rows, kSampleBlock, 0, stream>>>(
+            out, logits, u, n_cand, t, k, p, ws, row_words, NucleusLayout{});
+    } else if (nucleus_split_plan(n_rows, vocab, k, p, workspace, &chunks)) {
+        // top_p alone: the bins that hold the nucleus over all chunks, each chunk's
+        // candidates, then the sampler over them
+        NucleusLayout layout;
+        layout.base = static_cast<char *>(workspace) + (size_t)n_rows * 16u * (size_t)vocab;
+        layout.chunks = chunks;
+        const unsigned blocks = (unsigned)(n_rows * chunks), rows = (unsigned)n_rows;
+        const double td = (double)t;
+        // sums of up to vocab terms, each exp within an ulp, here and in sf_sample
+        const double margin = 1e-9 + 4.0 * (double)vocab * 0x1p-53;
+        nucleus_max_kernel<<<blocks, kSampleBlock, 0, stream>>>(logits, vocab, layout);
+        nucleus_hist_kernel<0><<<blocks, kSampleBlock, 0, stream>>>(logits, vocab, td, layout);
+        nucleus_pick_kernel<0><<<rows, kRadix, 0, stream>>>(layout, (double)p, margin);
+        nucleus_hist_kernel<1><<<blocks, kSampleBlock, 0, stream>>>(logits, vocab, td, layout);
+        nucleus_pick_kernel<1><<<rows, kRadix, 0, stream>>>(layout, (double)p, margin);
+        nucleus_compact_kernel<<<blocks, kSampleBlock, 0, stream>>>(ws, logits, vocab, td,
+                                                                     layout);
+        SF_CUDA_TRY(cudaGetLastError());
+        sample_kernel<Source::kNucleus><<<rows, kSampleBlock, 0, stream>>>(
+            out, logits, u, vocab, t, k, p, ws, 4 * (int64_t)vocab, layout);
     } else {
-        sample_kernel<false><<<(unsigned)n_rows, kSampleBlock, 0, stream>>>(
-            out, logits, u, vocab, t, k, p, ws, 4 * (int64_t)vocab);
+        sample_kernel<Source::kRow><<<(unsigned)n_rows, kSampleBlock, 0, stream>>>(
+            out, logits, u, vocab, t, k, p, ws, 4 * (int64_t)vocab, NucleusLayout{});
     }
     SF_CUDA_TRY(cudaGetLastError());
     return SF_OK;

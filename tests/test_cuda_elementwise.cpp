@@ -133,6 +133,10 @@ TEST(CudaElementwiseArgs, RejectBadShapesWithoutTouchingCuda) {
     const size_t need = sf_cuda_sample_workspace_bytes(2, 10);
     EXPECT_EQ(need, (size_t)16 * 2 * 10);
     EXPECT_EQ(sf_cuda_sample_workspace_bytes(-1, 10), (size_t)0);
+    EXPECT_EQ(sf_cuda_sample_workspace_bytes(3, 0), (size_t)0);  // no division by zero
+    // rows over 8192 logits also hold the split top-p's state: more than the key buffers
+    EXPECT_GT(sf_cuda_sample_workspace_bytes(2, 8193), (size_t)(2 * 16 * 8193));
+    EXPECT_EQ(sf_cuda_sample_workspace_bytes(2, 8192), (size_t)(2 * 16 * 8192));
     EXPECT_EQ(sf_cuda_sample_workspace_bytes(INT64_MAX, 1 << 30), (size_t)0);
     sf_sampling s = {1.0f, 0, 1.0f, 0};
     EXPECT_EQ(sf_cuda_sample_f32(io, f, u, 2, 10, nullptr, ws, need, 0), SF_ERR_INVALID_ARGUMENT);
@@ -870,6 +874,69 @@ TEST(CudaSampling, TopKTopPMatchesCpuExactlyGivenTheSameUniform) {
                 EXPECT_EQ(d_again.host(), d_out.host()) << "not deterministic";
             }
         }
+    }
+}
+
+// top_p alone on rows longer than a chunk runs split over blocks (sampling.cu's nucleus_*
+// kernels: bins of z below the row's maximum, then the candidates of each chunk). Rows that
+// stress the bins, exactly against sf_sample under the same margin argument as above:
+// a vocabulary masked to 50 tokens (the rest -inf, in the last bin), all logits equal (one
+// bin holds the row), logits spread over 340 nats (the last bin holds mass-less ones, the
+// crossing bin is refined), two logits that hold nearly all the mass (a nucleus of 1 or 2),
+// and one whose mass crosses top_p inside a run of ties. vocab 20000: two full chunks and
+// a partial one. A row with +inf (unspecified by the contract, as for sf_sample) must still
+// give a token in range.
+TEST(CudaSampling, TopPAloneSplitMatchesCpuOnHardRows) {
+    SF_SKIP_WITHOUT_GPU();
+    const int32_t vocab = 20000;
+    const int64_t rows = 6;
+    Rng rng(4242);
+    std::vector<float> logits((size_t)(rows * vocab));
+    float *r0 = logits.data(), *r1 = r0 + vocab, *r2 = r1 + vocab, *r3 = r2 + vocab,
+          *r4 = r3 + vocab, *r5 = r4 + vocab;
+    for (int32_t i = 0; i < vocab; i++) {
+        r0[i] = i % 400 == 7 ? 2.5f * rng.normal() : -INFINITY;
+        r1[i] = 1.5f;
+        r2[i] = rng.uniform(-300.0f, 40.0f);
+        r3[i] = 2.0f * rng.normal();
+        r4[i] = std::round(4.0f * rng.normal()) / 2.0f;  // multiples of 1/2: long runs of ties
+        r5[i] = 2.0f * rng.normal();
+    }
+    r3[9000] = 30.0f;
+    r3[17] = 29.5f;
+    r5[12345] = INFINITY;
+    DeviceBuffer<float> d_logits(logits);
+    const size_t ws_bytes = sf_cuda_sample_workspace_bytes(rows, vocab);
+    DeviceBuffer<uint8_t> d_ws(ws_bytes);
+    const SampleCase cases[] = {{1.0f, 0, 0.9f}, {0.6f, 0, 0.95f}, {1.7f, 0, 0.3f},
+                                {1.0f, 1 << 20, 0.77f}};
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        SCOPED_TRACE(testing::Message() << "case " << c);
+        const SampleCase &sc = cases[c];
+        const sf_sampling s = {sc.temperature, sc.top_k, sc.top_p, 0};
+        std::vector<int32_t> want(rows);
+        std::vector<double> u(rows);
+        for (int64_t r = 0; r < rows; r++) {
+            const uint64_t seed = 77 * c + r;
+            uint64_t state = seed;
+            u[r] = row_uniform(seed);
+            ASSERT_EQ(sf_sample(logits.data() + r * vocab, vocab, &s, &state, &want[r]), SF_OK);
+            if (r == 5) continue;
+            const SampleMirror m = mirror_sample(logits.data() + r * vocab, vocab, sc, u[r]);
+            ASSERT_EQ(m.token, want[r]) << "mirror disagrees, row " << r;
+            ASSERT_GT(m.margin, 1e-9) << "row " << r << ": inputs too close to a boundary";
+        }
+        DeviceBuffer<double> d_u(u);
+        DeviceBuffer<int32_t> d_out((size_t)rows);
+        ASSERT_EQ(sf_cuda_sample_f32(d_out.get(), d_logits.get(), d_u.get(), rows, vocab, &s,
+                                     d_ws.get(), ws_bytes, 0),
+                  SF_OK)
+            << sf_last_error();
+        SF_EXPECT_SYNC();
+        const std::vector<int32_t> got = d_out.host();
+        for (int64_t r = 0; r < 5; r++) EXPECT_EQ(got[r], want[r]) << "row " << r;
+        EXPECT_GE(got[5], 0);
+        EXPECT_LT(got[5], vocab);
     }
 }
 

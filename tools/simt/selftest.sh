@@ -3,7 +3,7 @@
 # kernels/ to a scratch directory, plants one bug (an exact text replacement that must match
 # once) and runs the suite (narrowed to the tests that reach the kernel) expecting a failure.
 # A planted bug that passes means the suite cannot see that kind of error: exit 1. Three
-# suites, a bug each (about 1.5 minutes of one core); others: run.sh with KSRC by hand.
+# suites, four bugs (about 2 minutes of one core); others: run.sh with KSRC by hand.
 #   tools/simt/selftest.sh
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -39,4 +39,6 @@ plant decode attention_decode.cu 'for (int e = 0; e < 4; e++) o[si][e] *= alpha;
 plant optim optim.cu 'k.step_size = lr / bc1;' 'k.step_size = lr;' 'CudaOptim*'
 plant elementwise sampling.cu 'partial[row * chunks + c]' 'partial[row * (chunks - 1) + c]' \
     'CudaSampling.Argmax*'
+plant elementwise sampling.cu 'nucleus_sub_bin(pos, b0) <= bin1' 'nucleus_sub_bin(pos, b0) < bin1' \
+    'CudaSampling.TopPAlone*'
 exit $rc
