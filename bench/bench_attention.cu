@@ -11,7 +11,8 @@
 // (cudaMemcpyAsync of 256 MiB, read + write, median of 10) measured at the start of the run.
 // FLOPs count the two matrix products over the visible (query, key) pairs only:
 // 4 * head_dim * n_heads * pairs (a causal prefill of n tokens has n (n + 1) / 2 pairs).
-// Time: CUDA events around each launch after warm-up, median of R. Inputs are random bf16 in
+// Time: CUDA events around each launch, launches back to back (bench_cuda.cuh), after warm-up,
+// median of R. Inputs are random bf16 in
 // [-1, 1] filled on the device; outputs are poisoned (NaN) before the runs. Exits 0 with a
 // message when there is no GPU.
 //
@@ -33,6 +34,7 @@
 #include <vector>
 
 #include "attention.h"
+#include "bench_cuda.cuh"
 #include "sysformer.h"
 #ifdef SF_BENCH_HAVE_CUDNN
 #include "cudnn_attention.h"
@@ -41,35 +43,8 @@
 namespace {
 
 // ---------------------------------------------------------------------------------------------
-// Kernels
-// ---------------------------------------------------------------------------------------------
-
-// Deterministic pseudo-random bf16 in [-1, 1] from a hash of the index.
-__global__ void fill_bf16_kernel(uint16_t *x, int64_t n, uint32_t seed) {
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
-         i += (int64_t)gridDim.x * blockDim.x) {
-        uint32_t h = (uint32_t)i * 2654435761u ^ seed;
-        h ^= h >> 15;
-        h *= 2246822519u;
-        h ^= h >> 13;
-        const float f = (float)(h & 0xffffff) / (float)0x800000 - 1.0f;
-        const uint32_t u = __float_as_uint(f);
-        x[i] = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
 // Harness
 // ---------------------------------------------------------------------------------------------
-
-#define BENCH_CUDA(call)                                                                      \
-    do {                                                                                      \
-        cudaError_t e_ = (call);                                                              \
-        if (e_ != cudaSuccess) {                                                              \
-            fprintf(stderr, "bench_attention: %s: %s\n", #call, cudaGetErrorString(e_));      \
-            exit(1);                                                                          \
-        }                                                                                     \
-    } while (0)
 
 struct Shape {
     const char *name;
@@ -94,11 +69,6 @@ double visible_pairs(const Shape &s) {
 
 double g_copy_gbs = 0;  // the measured copy bandwidth, read + write
 
-float median(std::vector<float> v) {
-    std::sort(v.begin(), v.end());
-    return v[v.size() / 2];
-}
-
 // ---------------------------------------------------------------------------------------------
 // The cuDNN peer
 // ---------------------------------------------------------------------------------------------
@@ -107,7 +77,7 @@ float median(std::vector<float> v) {
 struct PeerResult {
     bool built = false;  // the bench has the cuDNN peer
     bool ok = false;     // it ran: ms holds its median
-    float ms = 0;
+    double ms = 0;
 };
 
 #ifdef SF_BENCH_HAVE_CUDNN
@@ -182,31 +152,22 @@ PeerResult cudnn_peer(const Shape &s, const sf_attention_args &a, uint16_t *peer
             return r;
         }
     }
-    cudaEvent_t t0, t1;
-    BENCH_CUDA(cudaEventCreate(&t0));
-    BENCH_CUDA(cudaEventCreate(&t1));
-    std::vector<float> ms;
-    bool ok = true;
-    for (int it = 0; it < warmup + repeats; it++) {
-        BENCH_CUDA(cudaEventRecord(t0));
-        ok = cudnn_sdpa_run(plan, peer_out, a.q, a.k, a.v, workspace, 0, err, sizeof err);
-        BENCH_CUDA(cudaEventRecord(t1));
-        if (!ok) {
-            fprintf(stderr, "bench_attention: %s: cuDNN peer: %s\n", s.name, err);
-            break;
-        }
-        BENCH_CUDA(cudaEventSynchronize(t1));
-        float t = 0;
-        BENCH_CUDA(cudaEventElapsedTime(&t, t0, t1));
-        if (it >= warmup) ms.push_back(t);
+    // the first call doubles as the check that cuDNN runs this plan at all
+    bool ok = cudnn_sdpa_run(plan, peer_out, a.q, a.k, a.v, workspace, 0, err, sizeof err);
+    double ms = 0;
+    if (ok) {
+        ms = bench_median_ms(warmup, repeats, 0, [&](int) {
+            if (ok) ok = cudnn_sdpa_run(plan, peer_out, a.q, a.k, a.v, workspace, 0, err,
+                                        sizeof err);
+        });
     }
     BENCH_CUDA(cudaDeviceSynchronize());
-    cudaEventDestroy(t0);
-    cudaEventDestroy(t1);
     cudaFree(workspace);
     if (ok) {
         r.ok = true;
-        r.ms = median(ms);
+        r.ms = ms;
+    } else {
+        fprintf(stderr, "bench_attention: %s: cuDNN peer: %s\n", s.name, err);
     }
 #else
     (void)s;
@@ -257,10 +218,9 @@ void run_shape(const Shape &s, int warmup, int repeats) {
     BENCH_CUDA(cudaMalloc(&cu_q, (s.n_requests + 1) * sizeof(int32_t)));
     BENCH_CUDA(cudaMalloc(&cu_kv, (s.n_requests + 1) * sizeof(int32_t)));
     BENCH_CUDA(cudaMalloc(&pos0, s.n_requests * sizeof(int32_t)));
-    fill_bf16_kernel<<<1024, 256>>>(q, q_rows * q_row, 1u);
-    fill_bf16_kernel<<<1024, 256>>>(k, kv_rows * kv_row, 2u);
-    fill_bf16_kernel<<<1024, 256>>>(v, kv_rows * kv_row, 3u);
-    BENCH_CUDA(cudaGetLastError());
+    bench_fill_bf16(q, q_rows * q_row, 1u, -1.0f, 1.0f);
+    bench_fill_bf16(k, kv_rows * kv_row, 2u, -1.0f, 1.0f);
+    bench_fill_bf16(v, kv_rows * kv_row, 3u, -1.0f, 1.0f);
     std::vector<int32_t> hcu_q(s.n_requests + 1), hcu_kv(s.n_requests + 1), hpos(s.n_requests);
     for (int r = 0; r <= s.n_requests; r++) {
         hcu_q[r] = r * s.n_q;
@@ -293,24 +253,12 @@ void run_shape(const Shape &s, int warmup, int repeats) {
     a.workspace_bytes = sf_cuda_attention_workspace_bytes(&a);
     if (a.workspace_bytes > 0) BENCH_CUDA(cudaMalloc(&a.workspace, a.workspace_bytes));
 
-    cudaEvent_t t0, t1;
-    BENCH_CUDA(cudaEventCreate(&t0));
-    BENCH_CUDA(cudaEventCreate(&t1));
-    std::vector<float> ms;
-    for (int it = 0; it < warmup + repeats; it++) {
-        BENCH_CUDA(cudaEventRecord(t0));
-        sf_status st = sf_cuda_attention_bf16(&a, 0);
-        BENCH_CUDA(cudaEventRecord(t1));
-        if (st != SF_OK) {
+    const double med = bench_median_ms(warmup, repeats, 0, [&](int) {
+        if (sf_cuda_attention_bf16(&a, 0) != SF_OK) {
             fprintf(stderr, "bench_attention: %s: %s\n", s.name, sf_last_error());
             exit(1);
         }
-        BENCH_CUDA(cudaEventSynchronize(t1));
-        float t = 0;
-        BENCH_CUDA(cudaEventElapsedTime(&t, t0, t1));
-        if (it >= warmup) ms.push_back(t);
-    }
-    const float med = median(ms);
+    });
     const double flops = 4.0 * s.head_dim * s.n_heads * visible_pairs(s);
     // bytes each launch must move at least once: q, k, v in, out back
     const double bytes = 2.0 * (2.0 * q_rows * q_row + 2.0 * kv_rows * kv_row);
@@ -338,8 +286,6 @@ void run_shape(const Shape &s, int warmup, int repeats) {
            ratio_col, err_col);
     fflush(stdout);
 
-    cudaEventDestroy(t0);
-    cudaEventDestroy(t1);
     cudaFree(q);
     cudaFree(k);
     cudaFree(v);
@@ -382,24 +328,12 @@ int main(int argc, char **argv) {
         BENCH_CUDA(cudaMalloc(&a, bytes));
         BENCH_CUDA(cudaMalloc(&b, bytes));
         BENCH_CUDA(cudaMemset(a, 0, bytes));
-        cudaEvent_t t0, t1;
-        BENCH_CUDA(cudaEventCreate(&t0));
-        BENCH_CUDA(cudaEventCreate(&t1));
-        std::vector<float> ms;
-        for (int it = 0; it < 12; it++) {
-            BENCH_CUDA(cudaEventRecord(t0));
+        const double ms = bench_median_ms(2, 10, 0, [&](int) {
             BENCH_CUDA(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, 0));
-            BENCH_CUDA(cudaEventRecord(t1));
-            BENCH_CUDA(cudaEventSynchronize(t1));
-            float t = 0;
-            BENCH_CUDA(cudaEventElapsedTime(&t, t0, t1));
-            if (it >= 2) ms.push_back(t);
-        }
-        g_copy_gbs = 2.0 * (double)bytes / (median(ms) * 1e6);
+        });
+        g_copy_gbs = 2.0 * (double)bytes / (ms * 1e6);
         printf("copy reference: cudaMemcpyAsync D2D 256 MiB: %.1f GB/s (read + write)\n",
                g_copy_gbs);
-        cudaEventDestroy(t0);
-        cudaEventDestroy(t1);
         cudaFree(a);
         cudaFree(b);
     }

@@ -3,8 +3,8 @@
 //
 //   bench_elementwise [tokens]     (default 8192 tokens; prints a table, one row per kernel)
 //
-// Each kernel is timed with CUDA events around one launch, after warm-up, over enough rotated
-// input sets that the working set exceeds the L2 cache several times, and the median of the
+// Each kernel is timed with CUDA events around each launch, the launches enqueued back to back
+// (bench_cuda.cuh), after warm-up, over enough rotated input sets that the working set exceeds the L2 cache several times, and the median of the
 // repeats is reported. GB/s counts the bytes the kernel must move (stated per row: reads plus
 // writes, 10^9 bytes). Without a GPU it says so and exits 0.
 #include <cuda_runtime.h>
@@ -19,30 +19,12 @@
 #include <vector>
 
 #include "activations.h"
+#include "bench_cuda.cuh"
 #include "embedding.h"
 #include "rope.h"
 #include "sampling.h"
 
 namespace {
-
-#define BENCH_CUDA(call)                                                       \
-    do {                                                                       \
-        cudaError_t e_ = (call);                                               \
-        if (e_ != cudaSuccess) {                                               \
-            std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, \
-                         cudaGetErrorString(e_));                              \
-            std::exit(1);                                                      \
-        }                                                                      \
-    } while (0)
-
-#define BENCH_SF(call)                                                                           \
-    do {                                                                                         \
-        sf_status s_ = (call);                                                                   \
-        if (s_ != SF_OK) {                                                                       \
-            std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, sf_last_error()); \
-            std::exit(1);                                                                        \
-        }                                                                                        \
-    } while (0)
 
 // Llama-3.1-8B.
 constexpr int64_t kHidden = 4096;
@@ -68,49 +50,22 @@ void *dalloc(size_t bytes) {
     return p;
 }
 
-// Fills a device buffer of bf16 with small random values (generated once on the host).
+// Fills a device buffer of bf16 with small random values in [-2, 2).
 void fill_bf16(void *d, size_t n, uint32_t seed) {
-    std::vector<uint16_t> h(n);
-    uint32_t x = seed * 2654435761u + 1;
-    for (size_t i = 0; i < n; i++) {
-        x = x * 1664525u + 1013904223u;
-        const float f = ((float)(x >> 8) / 16777216.0f - 0.5f) * 4.0f;
-        uint32_t u;
-        std::memcpy(&u, &f, 4);
-        h[i] = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-    }
-    BENCH_CUDA(cudaMemcpy(d, h.data(), n * 2, cudaMemcpyHostToDevice));
+    bench_fill_bf16(d, (int64_t)n, seed, -2.0f, 2.0f);
 }
 
 // Median time in microseconds of launch(rot) over kRepeats launches, rot cycling through the
-// rotated sets.
+// rotated sets (bench_median_ms: back to back on the stream, events around each).
 double time_us(int n_rot, const std::function<void(int)> &launch, cudaStream_t stream) {
-    cudaEvent_t start, stop;
-    BENCH_CUDA(cudaEventCreate(&start));
-    BENCH_CUDA(cudaEventCreate(&stop));
-    for (int i = 0; i < kWarmup; i++) launch(i % n_rot);
-    BENCH_CUDA(cudaStreamSynchronize(stream));
-    std::vector<double> t;
-    for (int i = 0; i < kRepeats; i++) {
-        BENCH_CUDA(cudaEventRecord(start, stream));
-        launch(i % n_rot);
-        BENCH_CUDA(cudaEventRecord(stop, stream));
-        BENCH_CUDA(cudaEventSynchronize(stop));
-        float ms = 0;
-        BENCH_CUDA(cudaEventElapsedTime(&ms, start, stop));
-        t.push_back(ms * 1e3);
-    }
-    BENCH_CUDA(cudaEventDestroy(start));
-    BENCH_CUDA(cudaEventDestroy(stop));
-    std::sort(t.begin(), t.end());
-    return t[t.size() / 2];
+    return 1e3 * bench_median_ms(kWarmup, kRepeats, stream, [&](int i) { launch(i % n_rot); });
 }
 
 double g_copy_gbs = 0;
 
 void report(const char *name, const char *shape, double bytes, double us) {
     const double gbs = bytes / (us * 1e-6) / 1e9;
-    std::printf("%-28s %-34s %10.1f %9.1f %8.1f%%\n", name, shape, us, gbs,
+    std::printf("%-38s %-34s %10.1f %9.1f %8.1f%%\n", name, shape, us, gbs,
                 g_copy_gbs > 0 ? 100.0 * gbs / g_copy_gbs : 0.0);
 }
 
@@ -136,7 +91,7 @@ int main(int argc, char **argv) {
     std::printf(
         "bench_elementwise: %s, L2 %.0f MB, %lld tokens, Llama-3.1-8B shapes, median of %d\n",
         prop.name, g_l2_bytes / 1e6, (long long)tokens, kRepeats);
-    std::printf("%-28s %-34s %10s %9s %9s\n", "kernel", "shape", "time_us", "GB/s", "of_copy");
+    std::printf("%-38s %-34s %10s %9s %9s\n", "kernel", "shape", "time_us", "GB/s", "of_copy");
     char shape[64];
 
     // Device-to-device copy: reads and writes `bytes` each.
@@ -296,8 +251,11 @@ int main(int argc, char **argv) {
     }
 
     // Sampling over 32 rows of 128256 fp32 logits (a decode step of 32 requests): argmax, top-k
-    // 50 with top-p 0.9, and top-p alone (the mass-weighted select, then a sort of its ~11%
-    // candidates for these logits, uniform in [-10, 10]: the nucleus is the tokens above ~7.7).
+    // 50 with top-p 0.9, and top-p alone: on these logits, uniform in [-10, 10], the nucleus is
+    // large (the ~11% of tokens above ~7.7, all sorted); on "peaked" ones, closer to a language
+    // model's (normal with sigma 2, and a few tokens 12-18 above the bulk), it is a handful.
+    // top-p alone is timed split over chunks (the engine's way) and in one block a row (the
+    // workspace handed over 4 bytes off 8-byte alignment, which the split path needs).
     // Bytes: the logits once; the sampler re-reads them, so its GB/s says how far it is from one
     // pass.
     {
@@ -314,7 +272,7 @@ int main(int argc, char **argv) {
         BENCH_CUDA(cudaMemcpy(u, hu.data(), rows * 8, cudaMemcpyHostToDevice));
         int32_t *out = (int32_t *)dalloc(rows * 4);
         const size_t ws_bytes = sf_cuda_sample_workspace_bytes(rows, kVocab);
-        void *ws = dalloc(ws_bytes);
+        void *ws = dalloc(ws_bytes + 8);  // + 8: the 1 block/row rows shift it by 4
         std::snprintf(shape, sizeof shape, "[%lld, %d] fp32", (long long)rows, kVocab);
         // split over blocks of 8192 logits (the engine's way: it passes the sampler's
         // workspace), and one block a row (no workspace), which leaves most SMs idle at 32 rows
@@ -349,6 +307,43 @@ int main(int argc, char **argv) {
             },
             stream);
         report("sf_cuda_sample_f32 p0.9", shape, 4.0 * n, us);
+        // the same, one block a row: workspace + 4 is 4-byte aligned (valid) but not 8
+        us = time_us(
+            1,
+            [&](int) {
+                BENCH_SF(sf_cuda_sample_f32(out, logits, u, rows, kVocab, &topp,
+                                            (char *)ws + 4, ws_bytes, stream));
+            },
+            stream);
+        report("sf_cuda_sample_f32 p0.9 1 block/row", shape, 4.0 * n, us);
+        // peaked logits: an approximate normal (the sum of 4 uniforms) and 8 high tokens a row
+        for (size_t i = 0; i < n; i++) {
+            float sum = 0.0f;
+            for (int j = 0; j < 4; j++)
+                sum += (float)((x = x * 1664525u + 1013904223u) >> 8) / 16777216.0f - 0.5f;
+            h[i] = sum * 3.46f;  // 4 uniforms on [-1/2, 1/2]: variance 1/3, so sigma 2
+        }
+        for (int64_t r = 0; r < rows; r++)
+            for (int j = 0; j < 8; j++)
+                h[(size_t)(r * kVocab + (r * 977 + j * 15013) % kVocab)] = 12.0f + 0.75f * j;
+        BENCH_CUDA(cudaMemcpy(logits, h.data(), n * 4, cudaMemcpyHostToDevice));
+        const sf_sampling peaked = {0.7f, 0, 0.9f, 0};
+        us = time_us(
+            1,
+            [&](int) {
+                BENCH_SF(sf_cuda_sample_f32(out, logits, u, rows, kVocab, &peaked, ws, ws_bytes,
+                                            stream));
+            },
+            stream);
+        report("sf_cuda_sample_f32 p0.9 peaked", shape, 4.0 * n, us);
+        us = time_us(
+            1,
+            [&](int) {
+                BENCH_SF(sf_cuda_sample_f32(out, logits, u, rows, kVocab, &peaked,
+                                            (char *)ws + 4, ws_bytes, stream));
+            },
+            stream);
+        report("sf_cuda_sample_f32 p0.9 peaked 1 block", shape, 4.0 * n, us);
         BENCH_CUDA(cudaFree(logits));
         BENCH_CUDA(cudaFree(u));
         BENCH_CUDA(cudaFree(out));

@@ -22,38 +22,10 @@
 #include <algorithm>
 #include <vector>
 
+#include "bench_cuda.cuh"
 #include "norms.h"
 
 namespace {
-
-// A failed CUDA call ends the benchmark with its message.
-#define BENCH_CUDA(call)                                                                        \
-    do {                                                                                        \
-        cudaError_t e_ = (call);                                                                \
-        if (e_ != cudaSuccess) {                                                                \
-            fprintf(stderr, "bench_norms: %s:%d: %s: %s\n", __FILE__, __LINE__, #call,          \
-                    cudaGetErrorString(e_));                                                    \
-            exit(1);                                                                            \
-        }                                                                                       \
-    } while (0)
-
-// Deterministic bf16 noise in [-2, 2), so the kernels see ordinary values (not zeros or NaNs).
-__global__ void fill_bf16_kernel(uint16_t *p, int64_t n, uint32_t seed) {
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
-         i += (int64_t)gridDim.x * blockDim.x) {
-        uint32_t h = (uint32_t)i * 2654435761u ^ seed;
-        h ^= h >> 15;
-        h *= 2246822519u;
-        h ^= h >> 13;
-        const float f = ((float)(h >> 8) / 16777216.0f) * 4.0f - 2.0f;
-        p[i] = (uint16_t)(__float_as_uint(f) >> 16);  // truncation is fine for noise
-    }
-}
-
-void fill(uint16_t *p, int64_t n, uint32_t seed) {
-    fill_bf16_kernel<<<1024, 256>>>(p, n, seed);
-    BENCH_CUDA(cudaGetLastError());
-}
 
 // One set of activations: in = [x | residual], out = [out | residual_out], each 2E values, so a
 // copy of in to out is the copy reference too.
@@ -61,35 +33,7 @@ struct Set {
     uint16_t *in = nullptr, *out = nullptr;
 };
 
-struct Timing {
-    double median_ms;
-};
-
-// Median time of enqueue(i) over reps calls, i counting up so callers rotate buffer sets.
-template <typename Enqueue>
-Timing time_median(int reps, Enqueue &&enqueue) {
-    const int warmup = 3;
-    for (int i = 0; i < warmup; i++) enqueue(i);
-    std::vector<cudaEvent_t> start(reps), stop(reps);
-    for (int i = 0; i < reps; i++) {
-        BENCH_CUDA(cudaEventCreate(&start[i]));
-        BENCH_CUDA(cudaEventCreate(&stop[i]));
-    }
-    for (int i = 0; i < reps; i++) {
-        BENCH_CUDA(cudaEventRecord(start[i]));
-        enqueue(warmup + i);
-        BENCH_CUDA(cudaEventRecord(stop[i]));
-    }
-    BENCH_CUDA(cudaDeviceSynchronize());
-    std::vector<float> ms(reps);
-    for (int i = 0; i < reps; i++) {
-        BENCH_CUDA(cudaEventElapsedTime(&ms[i], start[i], stop[i]));
-        BENCH_CUDA(cudaEventDestroy(start[i]));
-        BENCH_CUDA(cudaEventDestroy(stop[i]));
-    }
-    std::sort(ms.begin(), ms.end());
-    return {reps % 2 ? ms[reps / 2] : 0.5 * (ms[reps / 2 - 1] + ms[reps / 2])};
-}
+constexpr int kWarmup = 3;
 
 double gbps(double bytes, double ms) { return bytes / (ms * 1e-3) / 1e9; }
 
@@ -137,27 +81,27 @@ int main(int argc, char **argv) {
     for (int s = 0; s < n_sets; s++) {
         BENCH_CUDA(cudaMalloc(&sets[s].in, (size_t)e * 2 * 2));
         BENCH_CUDA(cudaMalloc(&sets[s].out, (size_t)e * 2 * 2));
-        fill(sets[s].in, 2 * e, 0x9e3779b9u * (s + 1));
+        bench_fill_bf16(sets[s].in, 2 * e, 0x9e3779b9u * (s + 1), -2.0f, 2.0f);
         BENCH_CUDA(cudaMemset(sets[s].out, 0, (size_t)e * 2 * 2));
     }
     uint16_t *w = nullptr, *b = nullptr;
     BENCH_CUDA(cudaMalloc(&w, dim * 2));
     BENCH_CUDA(cudaMalloc(&b, dim * 2));
-    fill(w, dim, 17);
-    fill(b, dim, 23);
+    bench_fill_bf16(w, dim, 17, -2.0f, 2.0f);
+    bench_fill_bf16(b, dim, 23, -2.0f, 2.0f);
     BENCH_CUDA(cudaDeviceSynchronize());
 
     // The reference: device-to-device copies of 2E and 4E bytes.
     double copy_best = 0.0;
     for (int64_t copy_bytes : {2 * e, 4 * e}) {
-        const Timing t = time_median(reps, [&](int i) {
+        const double ms = bench_median_ms(kWarmup, reps, 0, [&](int i) {
             const Set &s = sets[i % n_sets];
             BENCH_CUDA(cudaMemcpyAsync(s.out, s.in, copy_bytes, cudaMemcpyDeviceToDevice, 0));
         });
-        const double bw = gbps(2.0 * copy_bytes, t.median_ms);
+        const double bw = gbps(2.0 * copy_bytes, ms);
         copy_best = std::max(copy_best, bw);
         printf("  cudaMemcpyAsync D2D %7.1f MiB: %8.1f us  %7.1f GB/s (read + write)\n",
-               copy_bytes / 1048576.0, t.median_ms * 1e3, bw);
+               copy_bytes / 1048576.0, ms * 1e3, bw);
     }
 
     printf("\n  %-10s %-9s %-12s %10s %9s %8s\n", "kernel", "residual", "threads/row", "median us",
@@ -183,7 +127,7 @@ int main(int argc, char **argv) {
                     }
                     continue;
                 }
-                const Timing t = time_median(reps, [&](int i) {
+                const double ms = bench_median_ms(kWarmup, reps, 0, [&](int i) {
                     if (call(i) != SF_OK) {
                         fprintf(stderr, "bench_norms: %s\n", sf_last_error());
                         exit(1);
@@ -191,12 +135,12 @@ int main(int argc, char **argv) {
                 });
                 const double bytes =
                     (residual ? 8.0 : 4.0) * (double)e + (layer ? 4.0 : 2.0) * (double)dim;
-                const double bw = gbps(bytes, t.median_ms);
+                const double bw = gbps(bytes, ms);
                 char tpr_name[16];
                 snprintf(tpr_name, sizeof tpr_name, tpr ? "%d" : "auto", tpr);
                 printf("  %-10s %-9s %-12s %10.1f %9.1f %7.1f%%\n",
                        layer ? "layernorm" : "rmsnorm", residual ? "fused" : "none", tpr_name,
-                       t.median_ms * 1e3, bw, 100.0 * bw / copy_best);
+                       ms * 1e3, bw, 100.0 * bw / copy_best);
             }
         }
     }
