@@ -251,11 +251,11 @@ int main(int argc, char **argv) {
     }
 
     // Sampling over 32 rows of 128256 fp32 logits (a decode step of 32 requests): argmax, top-k
-    // 50 with top-p 0.9, and top-p alone: on these logits, uniform in [-10, 10], the nucleus is
+    // 50 with top-p 0.9, top-p alone and plain sampling: on these logits, uniform in [-10, 10], the nucleus is
     // large (the ~11% of tokens above ~7.7, all sorted); on "peaked" ones, closer to a language
     // model's (normal with sigma 2, and a few tokens 12-18 above the bulk), it is a handful.
-    // top-p alone is timed split over chunks (the engine's way) and in one block a row (the
-    // workspace handed over 4 bytes off 8-byte alignment, which the split path needs).
+    // top-p alone and plain sampling are timed split over chunks (the engine's way) and in one
+    // block a row (the workspace handed over 4 bytes off the 8-byte alignment the split needs).
     // Bytes: the logits once; the sampler re-reads them, so its GB/s says how far it is from one
     // pass.
     {
@@ -316,6 +316,25 @@ int main(int argc, char **argv) {
             },
             stream);
         report("sf_cuda_sample_f32 p0.9 1 block/row", shape, 4.0 * n, us);
+        // plain sampling (no top-k, no top-p): the prefix that holds the draw, split; one block
+        // a row sorts the whole row
+        const sf_sampling plain = {1.0f, 0, 1.0f, 0};
+        us = time_us(
+            1,
+            [&](int) {
+                BENCH_SF(
+                    sf_cuda_sample_f32(out, logits, u, rows, kVocab, &plain, ws, ws_bytes, stream));
+            },
+            stream);
+        report("sf_cuda_sample_f32 plain", shape, 4.0 * n, us);
+        us = time_us(
+            1,
+            [&](int) {
+                BENCH_SF(sf_cuda_sample_f32(out, logits, u, rows, kVocab, &plain,
+                                            (char *)ws + 4, ws_bytes, stream));
+            },
+            stream);
+        report("sf_cuda_sample_f32 plain 1 block/row", shape, 4.0 * n, us);
         // peaked logits: an approximate normal (the sum of 4 uniforms) and 8 high tokens a row
         for (size_t i = 0; i < n; i++) {
             float sum = 0.0f;

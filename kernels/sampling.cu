@@ -32,15 +32,19 @@
 // candidates (32 x 50 for a 128K row) instead of the row.
 //
 // top_p alone splits too (rows over 8192 logits; one block a row reads a 128K row once in
-// ~60 us, and select_nucleus reads it about seven times): the select runs on bins of z = logit / t
-// below the row's maximum instead of key digits, so that a row's bulk spreads over many bins
-// (shared-memory atomics seldom meet on one address) and two levels suffice. Kernels, each over
-// (row, chunk) blocks or one small block a row:
+// ~60 us, and select_nucleus reads it about seven times), and so does plain sampling (no top_k,
+// no top_p), which would otherwise sort the whole row: the prefix of the sorted order that
+// holds the draw's token is found the same way, with the row's uniform u in place of top_p
+// (the draw picks the first token whose running weight exceeds u times the total). The select
+// runs on bins of z = logit / t below the row's maximum instead of key digits, so that a row's
+// bulk spreads over many bins (shared-memory atomics seldom meet on one address) and two
+// levels suffice. Kernels, each over (row, chunk) blocks or one small block a row:
 //   nucleus_max_kernel       each chunk's largest logit;
 //   nucleus_hist_kernel<0>   each chunk's mass in 256 bins 1/4 nat wide below the row's
 //                            maximum (the last bin: everything further down, mass ignored);
 //   nucleus_pick_kernel<0>   per row, the bins summed over chunks in order, and the bin at
-//                            which the running mass reaches top_p (1 + margin) of the total;
+//                            which the running mass reaches top_p (or u) (1 + margin) of
+//                            the total;
 //   nucleus_hist_kernel<1>,  the same over 256 sub-bins of that bin;
 //   nucleus_pick_kernel<1>
 //   nucleus_compact_kernel   each chunk's candidates (keys in bins up to the crossing one) in
@@ -49,13 +53,15 @@
 //                            nucleus and draw of the per-row path, with the row's total
 //                            summed over the chunks in order.
 // Bins are ranges of the sorted order, so the candidates are a prefix of it; the margin
-// covers every rounding of the masses, so the prefix holds sf_sample's nucleus, which is then
-// cut from it exactly. The total does not depend on which candidates were kept, so the token
-// does not depend on the order of the atomics: the result is deterministic.
+// covers every rounding of the masses, so the prefix holds sf_sample's nucleus (or drawn
+// token), which is then cut (or drawn) from it exactly. The total does not depend on which
+// candidates were kept, so the token does not depend on the order of the atomics: the result
+// is deterministic.
 //
 // Cost: the full-vocabulary sort is 4 passes over the row per block, about a millisecond for
 // 128K logits (measured on the H200: 1.8 ms for 32 rows); with top_k the sort sees k keys, with
-// top_p the nucleus's candidates.
+// top_p the nucleus's candidates, in plain sampling the draw's. The full sort remains for rows
+// of at most 8192 logits and for callers whose workspace is not 8-byte aligned.
 #include <limits.h>
 
 #include <type_traits>
@@ -655,15 +661,19 @@ __global__ void __launch_bounds__(kSampleBlock)
 
 // 3, 5. One block of kRadix threads per row: each bin's mass summed over the chunks in chunk
 // order, then the first bin at which the running mass reaches the target: level 0's target is
-// top_p * (the row's mass) * (1 + margin), level 1's what is left of it inside the level-0 bin.
+// f * (the row's mass) * (1 + margin), level 1's what is left of it inside the level-0 bin.
+// f is top_p when 0 < top_p < 1 (the prefix holds the nucleus); otherwise (plain sampling) it
+// is the row's uniform u, so the prefix holds the token the draw picks (the first whose running
+// weight exceeds u * total).
 // Every key in the bins up to the crossing one is a candidate. The margin exceeds the relative
 // error of every mass here and in sf_sample (exp within an ulp, sums of at most vocab terms),
 // so the candidates' mass is above top_p of the total on sf_sample's arithmetic too: they hold
-// its nucleus. No crossing (top_p (1 + margin) reaches the whole mass, a mass that is not
-// finite, or rounding at the very end) makes everything from the bin on a candidate.
+// its nucleus (or draw). No crossing (f (1 + margin) reaches the whole mass, a mass that is
+// not finite, or rounding at the very end) makes everything from the bin on a candidate.
 template <int kLevel>
 __global__ void __launch_bounds__(kRadix)
-    nucleus_pick_kernel(NucleusLayout layout, double top_p, double margin) {
+    nucleus_pick_kernel(NucleusLayout layout, const double *__restrict__ u, float top_p,
+                        double margin) {
     __shared__ double bin_mass[kRadix];
     static_assert(kRadix == 32 * 8, "8 bins a lane");
     const NucleusRowWs ws = layout.row(blockIdx.x);
@@ -686,7 +696,8 @@ __global__ void __launch_bounds__(kRadix)
     double target;
     if constexpr (kLevel == 0) {
         const double total = __shfl_sync(kFull, incl, 31);
-        target = top_p * total * (1.0 + margin);
+        const double f = top_p > 0.0f && top_p < 1.0f ? (double)top_p : u[blockIdx.x];
+        target = f * total * (1.0 + margin);
         if (!isfinite(total) || !(target < total)) {
             if (lane == 0) ws.bins[0] = ws.bins[1] = kLastBin;
             return;
@@ -935,12 +946,12 @@ bool topk_split_plan(int64_t n_rows, int32_t vocab, int32_t top_k, int32_t *chun
     return 2 * (int64_t)*n_cand <= vocab && fits_grid(n_rows, *chunks);
 }
 
-// The split top-p's plan: top_p alone (top_k off), rows longer than a chunk, and a
-// workspace that holds the per-row state 8-byte aligned.
-bool nucleus_split_plan(int64_t n_rows, int32_t vocab, int32_t top_k, float top_p,
-                        const void *workspace, int32_t *chunks) {
-    if ((top_k > 0 && top_k < vocab) || !(top_p > 0.0f && top_p < 1.0f) ||
-        vocab <= kNucleusChunk || ((uintptr_t)workspace & 7u) != 0)
+// The split prefix select's plan: top_k off (top_p alone, or plain sampling), rows longer than
+// a chunk, and a workspace that holds the per-row state 8-byte aligned.
+bool nucleus_split_plan(int64_t n_rows, int32_t vocab, int32_t top_k, const void *workspace,
+                        int32_t *chunks) {
+    if ((top_k > 0 && top_k < vocab) || vocab <= kNucleusChunk ||
+        ((uintptr_t)workspace & 7u) != 0)
         return false;
     *chunks = ceil_div(vocab, kNucleusChunk);
     return fits_grid(n_rows, *chunks);
@@ -1046,9 +1057,9 @@ extern "C" sf_status sf_cuda_sample_f32(int32_t *out, const float *logits, const
         SF_CUDA_TRY(cudaGetLastError());
         sample_kernel<Source::kTopk><<<(unsigned)n_rows, kSampleBlock, 0, stream>>>(
             out, logits, u, n_cand, t, k, p, ws, row_words, NucleusLayout{});
-    } else if (nucleus_split_plan(n_rows, vocab, k, p, workspace, &chunks)) {
-        // top_p alone: the bins that hold the nucleus over all chunks, each chunk's
-        // candidates, then the sampler over them
+    } else if (nucleus_split_plan(n_rows, vocab, k, workspace, &chunks)) {
+        // top_p alone or plain sampling: the bins that hold the nucleus (or the draw) over all
+        // chunks, each chunk's candidates, then the sampler over them
         NucleusLayout layout;
         layout.base = static_cast<char *>(workspace) + (size_t)n_rows * 16u * (size_t)vocab;
         layout.chunks = chunks;
@@ -1058,9 +1069,9 @@ extern "C" sf_status sf_cuda_sample_f32(int32_t *out, const float *logits, const
         const double margin = 1e-9 + 4.0 * (double)vocab * 0x1p-53;
         nucleus_max_kernel<<<blocks, kSampleBlock, 0, stream>>>(logits, vocab, layout);
         nucleus_hist_kernel<0><<<blocks, kSampleBlock, 0, stream>>>(logits, vocab, td, layout);
-        nucleus_pick_kernel<0><<<rows, kRadix, 0, stream>>>(layout, (double)p, margin);
+        nucleus_pick_kernel<0><<<rows, kRadix, 0, stream>>>(layout, u, p, margin);
         nucleus_hist_kernel<1><<<blocks, kSampleBlock, 0, stream>>>(logits, vocab, td, layout);
-        nucleus_pick_kernel<1><<<rows, kRadix, 0, stream>>>(layout, (double)p, margin);
+        nucleus_pick_kernel<1><<<rows, kRadix, 0, stream>>>(layout, u, p, margin);
         nucleus_compact_kernel<<<blocks, kSampleBlock, 0, stream>>>(ws, logits, vocab, td,
                                                                      layout);
         SF_CUDA_TRY(cudaGetLastError());

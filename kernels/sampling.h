@@ -43,12 +43,13 @@ size_t sf_cuda_sample_workspace_bytes(int64_t n_rows, int32_t vocab);
  * blocks when the workspace given is 8-byte aligned and large enough for it), and u and
  * workspace may then be NULL. With 0 < top_k <= 2048 and vocab > 8192, each chunk of 8192
  * logits first gives its own top_k (one block each), and the row's selection runs over those
- * candidates only (the same tokens: every kept logit is in its chunk's top_k). With top_p alone
- * (top_k off), vocab > 8192 and an 8-byte aligned workspace, the nucleus is found over all
- * chunks at once and only its candidates reach the per-row sort (the same tokens). workspace
- * (4-byte aligned, at least sf_cuda_sample_workspace_bytes) is scratch for the call. Logits
- * must not be NaN or +inf (as for sf_sample, the token is then unspecified, but always in
- * [0, vocab)). */
+ * candidates only (the same tokens: every kept logit is in its chunk's top_k). With top_k off
+ * (top_p alone, or plain sampling), vocab > 8192 and an 8-byte aligned workspace, the prefix
+ * of the sorted order that holds the nucleus (or, in plain sampling, the drawn token) is found
+ * over all chunks at once and only its candidates reach the per-row sort (the same tokens).
+ * workspace (4-byte aligned, at least sf_cuda_sample_workspace_bytes) is scratch for the
+ * call. Logits must not be NaN or +inf (as for sf_sample, the token is then unspecified, but
+ * always in [0, vocab)). */
 sf_status sf_cuda_sample_f32(int32_t *out, const float *logits, const double *u, int64_t n_rows,
                              int32_t vocab, const sf_sampling *sampling, void *workspace,
                              size_t workspace_bytes, cudaStream_t stream);

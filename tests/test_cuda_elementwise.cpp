@@ -877,16 +877,17 @@ TEST(CudaSampling, TopKTopPMatchesCpuExactlyGivenTheSameUniform) {
     }
 }
 
-// top_p alone on rows longer than a chunk runs split over blocks (sampling.cu's nucleus_*
-// kernels: bins of z below the row's maximum, then the candidates of each chunk). Rows that
-// stress the bins, exactly against sf_sample under the same margin argument as above:
+// top_p alone and plain sampling on rows longer than a chunk run split over blocks
+// (sampling.cu's nucleus_* kernels: bins of z below the row's maximum, then the candidates of
+// each chunk). Rows that stress the bins, exactly against sf_sample under the same margin
+// argument as above:
 // a vocabulary masked to 50 tokens (the rest -inf, in the last bin), all logits equal (one
 // bin holds the row), logits spread over 340 nats (the last bin holds mass-less ones, the
 // crossing bin is refined), two logits that hold nearly all the mass (a nucleus of 1 or 2),
 // and one whose mass crosses top_p inside a run of ties. vocab 20000: two full chunks and
 // a partial one. A row with +inf (unspecified by the contract, as for sf_sample) must still
 // give a token in range.
-TEST(CudaSampling, TopPAloneSplitMatchesCpuOnHardRows) {
+TEST(CudaSampling, SplitPrefixSelectMatchesCpuOnHardRows) {
     SF_SKIP_WITHOUT_GPU();
     const int32_t vocab = 20000;
     const int64_t rows = 6;
@@ -908,8 +909,8 @@ TEST(CudaSampling, TopPAloneSplitMatchesCpuOnHardRows) {
     DeviceBuffer<float> d_logits(logits);
     const size_t ws_bytes = sf_cuda_sample_workspace_bytes(rows, vocab);
     DeviceBuffer<uint8_t> d_ws(ws_bytes);
-    const SampleCase cases[] = {{1.0f, 0, 0.9f}, {0.6f, 0, 0.95f}, {1.7f, 0, 0.3f},
-                                {1.0f, 1 << 20, 0.77f}};
+    const SampleCase cases[] = {{1.0f, 0, 0.9f},  {0.6f, 0, 0.95f},      {1.7f, 0, 0.3f},
+                                {1.0f, 1 << 20, 0.77f}, {1.0f, 0, 1.0f}, {0.6f, 1 << 20, 1.0f}};
     for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
         SCOPED_TRACE(testing::Message() << "case " << c);
         const SampleCase &sc = cases[c];
