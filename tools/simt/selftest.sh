@@ -40,5 +40,5 @@ plant optim optim.cu 'k.step_size = lr / bc1;' 'k.step_size = lr;' 'CudaOptim*'
 plant elementwise sampling.cu 'partial[row * chunks + c]' 'partial[row * (chunks - 1) + c]' \
     'CudaSampling.Argmax*'
 plant elementwise sampling.cu 'nucleus_sub_bin(pos, b0) <= bin1' 'nucleus_sub_bin(pos, b0) < bin1' \
-    'CudaSampling.TopPAlone*'
+    'CudaSampling.SplitPrefix*'
 exit $rc
