@@ -908,7 +908,7 @@ TEST(CudaSampling, SplitPrefixSelectMatchesCpuOnHardRows) {
     r5[12345] = INFINITY;
     DeviceBuffer<float> d_logits(logits);
     const size_t ws_bytes = sf_cuda_sample_workspace_bytes(rows, vocab);
-    DeviceBuffer<uint8_t> d_ws(ws_bytes);
+    DeviceBuffer<uint8_t> d_ws(ws_bytes + 8);
     const SampleCase cases[] = {{1.0f, 0, 0.9f},  {0.6f, 0, 0.95f},      {1.7f, 0, 0.3f},
                                 {1.0f, 1 << 20, 0.77f}, {1.0f, 0, 1.0f}, {0.6f, 1 << 20, 1.0f}};
     for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
@@ -928,16 +928,21 @@ TEST(CudaSampling, SplitPrefixSelectMatchesCpuOnHardRows) {
             ASSERT_GT(m.margin, 1e-9) << "row " << r << ": inputs too close to a boundary";
         }
         DeviceBuffer<double> d_u(u);
-        DeviceBuffer<int32_t> d_out((size_t)rows);
-        ASSERT_EQ(sf_cuda_sample_f32(d_out.get(), d_logits.get(), d_u.get(), rows, vocab, &s,
-                                     d_ws.get(), ws_bytes, 0),
-                  SF_OK)
-            << sf_last_error();
-        SF_EXPECT_SYNC();
-        const std::vector<int32_t> got = d_out.host();
-        for (int64_t r = 0; r < 5; r++) EXPECT_EQ(got[r], want[r]) << "row " << r;
-        EXPECT_GE(got[5], 0);
-        EXPECT_LT(got[5], vocab);
+        // the workspace at its 8-byte aligned start takes the split path; 4 bytes on (valid,
+        // but not 8-byte aligned) the per-row path (select_nucleus, or the full sort)
+        for (size_t offset : {0, 4}) {
+            SCOPED_TRACE(testing::Message() << "workspace offset " << offset);
+            DeviceBuffer<int32_t> d_out((size_t)rows);
+            ASSERT_EQ(sf_cuda_sample_f32(d_out.get(), d_logits.get(), d_u.get(), rows, vocab, &s,
+                                         d_ws.get() + offset, ws_bytes, 0),
+                      SF_OK)
+                << sf_last_error();
+            SF_EXPECT_SYNC();
+            const std::vector<int32_t> got = d_out.host();
+            for (int64_t r = 0; r < 5; r++) EXPECT_EQ(got[r], want[r]) << "row " << r;
+            EXPECT_GE(got[5], 0);
+            EXPECT_LT(got[5], vocab);
+        }
     }
 }
 
