@@ -4,6 +4,7 @@
 #include <stdarg.h>
 
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #define __align__(n) alignas(n)
@@ -137,15 +138,99 @@ inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
 #endif
 
 // ---------------------------------------------------------------------------------------------
-// CUDA runtime and NVTX, as far as the launchers go
+// CUDA runtime and NVTX. The runtime calls are extern "C" and defined once, in runtime.cpp, so
+// that C code compiled against the real cuda_runtime.h (the engine, host/cuda/) reaches the same
+// emulated device as the kernels and the tests: the types and error values here are the real
+// ones' ABI (pointers to the same struct names, int-sized enums with CUDA's numbers).
 // ---------------------------------------------------------------------------------------------
 typedef struct CUstream_st *cudaStream_t;
+typedef struct CUevent_st *cudaEvent_t;
+typedef struct CUgraph_st *cudaGraph_t;
+typedef struct CUgraphExec_st *cudaGraphExec_t;
 enum cudaError_t {
     cudaSuccess = 0,
-    cudaErrorInvalidConfiguration = 9,
     cudaErrorInvalidValue = 1,
+    cudaErrorMemoryAllocation = 2,
+    cudaErrorInvalidConfiguration = 9,
+    cudaErrorNoDevice = 100,
+    cudaErrorInvalidDevice = 101,
+    cudaErrorInsufficientDriver = 35,
+    cudaErrorInvalidResourceHandle = 400,
+    cudaErrorIllegalState = 401,
+    cudaErrorNotReady = 600,
     cudaErrorLaunchFailure = 719,
+    cudaErrorStreamCaptureUnsupported = 900,
+    cudaErrorStreamCaptureInvalidated = 901,
+    cudaErrorStreamCaptureUnmatched = 903,
 };
+enum cudaMemcpyKind {
+    cudaMemcpyHostToHost = 0,
+    cudaMemcpyHostToDevice = 1,
+    cudaMemcpyDeviceToHost = 2,
+    cudaMemcpyDeviceToDevice = 3,
+    cudaMemcpyDefault = 4
+};
+enum cudaStreamCaptureMode {
+    cudaStreamCaptureModeGlobal = 0,
+    cudaStreamCaptureModeThreadLocal = 1,
+    cudaStreamCaptureModeRelaxed = 2
+};
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+#define cudaStreamDefault 0x00
+#define cudaStreamNonBlocking 0x01
+#define cudaEventDefault 0x00
+#define cudaEventBlockingSync 0x01
+#define cudaEventDisableTiming 0x02
+#define cudaHostAllocDefault 0x00
+
+extern "C" {
+cudaError_t cudaGetLastError(void);
+cudaError_t cudaPeekAtLastError(void);
+const char *cudaGetErrorString(cudaError_t e);
+cudaError_t cudaGetDeviceCount(int *count);
+cudaError_t cudaSetDevice(int device);
+cudaError_t cudaGetDevice(int *device);
+cudaError_t cudaMalloc(void **p, size_t n);
+cudaError_t cudaFree(void *p);
+cudaError_t cudaHostAlloc(void **p, size_t n, unsigned int flags);
+cudaError_t cudaMallocHost(void **p, size_t n);
+cudaError_t cudaFreeHost(void *p);
+cudaError_t cudaMemcpy(void *d, const void *s, size_t n, cudaMemcpyKind k);
+cudaError_t cudaMemset(void *d, int v, size_t n);
+cudaError_t cudaMemcpyAsync(void *d, const void *s, size_t n, cudaMemcpyKind k,
+                            cudaStream_t stream = nullptr);
+cudaError_t cudaMemsetAsync(void *d, int v, size_t n, cudaStream_t stream = nullptr);
+cudaError_t cudaMemset2DAsync(void *d, size_t pitch, int v, size_t width, size_t height,
+                              cudaStream_t stream = nullptr);
+cudaError_t cudaDeviceSynchronize(void);
+cudaError_t cudaStreamCreate(cudaStream_t *s);
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, unsigned int flags);
+cudaError_t cudaStreamDestroy(cudaStream_t s);
+cudaError_t cudaStreamSynchronize(cudaStream_t s);
+cudaError_t cudaEventCreate(cudaEvent_t *e);
+cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, unsigned int flags);
+cudaError_t cudaEventDestroy(cudaEvent_t e);
+cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s = nullptr);
+cudaError_t cudaEventSynchronize(cudaEvent_t e);
+cudaError_t cudaEventQuery(cudaEvent_t e);
+cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t start, cudaEvent_t end);
+cudaError_t cudaStreamBeginCapture(cudaStream_t s, cudaStreamCaptureMode mode);
+cudaError_t cudaStreamEndCapture(cudaStream_t s, cudaGraph_t *graph);
+cudaError_t cudaGraphInstantiate(cudaGraphExec_t *exec, cudaGraph_t graph,
+                                 unsigned long long flags = 0);
+cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t s);
+cudaError_t cudaGraphDestroy(cudaGraph_t graph);
+cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec);
+}
+template <typename T>
+inline cudaError_t cudaMalloc(T **p, size_t n) {
+    return cudaMalloc(reinterpret_cast<void **>(p), n);
+}
+template <typename T>
+inline cudaError_t cudaFuncSetAttribute(T *, cudaFuncAttribute, int) {
+    return cudaSuccess;
+}
+
 namespace emu {
 inline cudaError_t last_error = cudaSuccess;
 struct LaunchRec {
@@ -156,6 +241,14 @@ struct LaunchRec {
 inline std::vector<LaunchRec> launches;   // every launch since the driver cleared it
 inline std::vector<std::string> errors;   // emulator errors (deadlock, divergent warp op, config)
 inline int nvtx_depth = 0;
+inline bool sticky_failure = false;
+// What the runtime did over the run (runtime.cpp), reported at the end by emu_main.cpp, so a
+// suite that meant to exercise queues and graphs can be seen to have.
+struct RuntimeStats {
+    unsigned long long queued = 0, deferred_runs = 0, captures = 0, captured_nodes = 0,
+                       graph_launches = 0, replayed_nodes = 0;
+};
+inline RuntimeStats stats;
 // Emulator modes: thread order, the byte __shared__ is filled with before each block, the block
 // order and the warp schedule (shim.h run_block). mode_select 0..3 fixes one; 4 (default)
 // rotates through them launch by launch (so a test's "second run gives the same bits"
@@ -195,106 +288,72 @@ inline void check_launch_bounds(long long max_threads, const char *kernel) {
     }
 }
 
+// Puts work on a stream (runtime.cpp): run at once on the legacy stream (nullptr), queued on a
+// created one until something waits for it, recorded into the graph while it captures. false
+// when the stream's capture was invalidated (the call's error is then in last_error).
+bool enqueue(cudaStream_t s, const char *what, std::function<void()> op);
+// A kernel's pointer argument must be NULL or point into device or pinned memory: anything else
+// is host memory a GPU kernel cannot read (runtime.cpp reports it; pointers inside structures
+// passed by value are not seen).
+void check_kernel_pointer(const char *kernel, int arg, const void *p);
+template <typename T>
+inline void check_kernel_arg(const char *kernel, int arg, const T &v) {
+    if constexpr (std::is_pointer_v<T>)
+        if (v) check_kernel_pointer(kernel, arg, (const void *)v);
+}
+
 template <typename F>
 struct Launch {
     const char *name;
     F f;
     dim3 g, b;
     size_t smem;
+    cudaStream_t stream;
+    // Runs the kernel now: what a queued or captured launch does when its turn comes.
     template <typename... A>
-    void operator()(A... a) {
+    void run(A... a) const {
         const unsigned long long nt = (unsigned long long)b.x * b.y * b.z;
+        (void)nt;
         std::string cfg = std::string(name) + " <<<(" + std::to_string(g.x) + "," +
                           std::to_string(g.y) + "," + std::to_string(g.z) + "), (" +
                           std::to_string(b.x) + "," + std::to_string(b.y) + "," +
                           std::to_string(b.z) + ")>>>";
-        if (g.x == 0 || g.y == 0 || g.z == 0 || g.x > 0x7fffffffu || g.y > 65535 || g.z > 65535 ||
-            nt == 0 || nt > 1024 || b.z > 64 || smem > 48 * 1024) {
-            last_error = cudaErrorInvalidConfiguration;
-            errors.push_back("invalid launch configuration: " + cfg);
-            launches.push_back({name, g, b, false});
-            return;
-        }
         apply_mode(launch_count++);
-        const bool ok = emu::launch(g, b, [&] { f(a...); });
+        F fn = f;
+        const bool ok = emu::launch(g, b, [&] { fn(a...); });
         launches.push_back({name, g, b, ok});
         if (!ok) {
             last_error = cudaErrorLaunchFailure;
             errors.push_back(cfg + ": " + ctx.error);
         }
     }
+    // The configuration is checked when the launch is made, as a real launch's is; the
+    // arguments are copied then (a captured launch keeps the values of its capture).
+    template <typename... A>
+    void operator()(A... a) {
+        const unsigned long long nt = (unsigned long long)b.x * b.y * b.z;
+        if (g.x == 0 || g.y == 0 || g.z == 0 || g.x > 0x7fffffffu || g.y > 65535 || g.z > 65535 ||
+            nt == 0 || nt > 1024 || b.z > 64 || smem > 48 * 1024) {
+            last_error = cudaErrorInvalidConfiguration;
+            errors.push_back("invalid launch configuration: " + std::string(name) + " <<<(" +
+                             std::to_string(g.x) + "," + std::to_string(g.y) + "," +
+                             std::to_string(g.z) + "), " + std::to_string(nt) + " threads, " +
+                             std::to_string(smem) + " bytes>>>");
+            launches.push_back({name, g, b, false});
+            return;
+        }
+        int arg = 0;
+        (check_kernel_arg(name, arg++, a), ...);
+        const Launch self = *this;
+        enqueue(stream, name, [self, a...]() { self.run(a...); });
+    }
 };
 template <typename F>
 Launch<F> make_launch(const char *name, F f, dim3 g, dim3 b, size_t smem = 0,
                       cudaStream_t s = nullptr) {
-    (void)s;
-    return Launch<F>{name, f, g, b, smem};
+    return Launch<F>{name, f, g, b, smem, s};
 }
 }  // namespace emu
 
-inline cudaError_t cudaGetLastError() {
-    const cudaError_t e = emu::last_error;
-    emu::last_error = cudaSuccess;
-    return e;
-}
-inline cudaError_t cudaPeekAtLastError() { return emu::last_error; }
-inline const char *cudaGetErrorString(cudaError_t e) {
-    switch (e) {
-    case cudaSuccess: return "no error";
-    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
-    case cudaErrorLaunchFailure: return "unspecified launch failure (emulator)";
-    default: return "cuda error";
-    }
-}
 inline void nvtxRangePushA(const char *) { emu::nvtx_depth++; }
 inline void nvtxRangePop() { emu::nvtx_depth--; }
-
-// ---------------------------------------------------------------------------------------------
-// Device memory = host memory (256-byte aligned, as cudaMalloc). Kernel failures are reported
-// by cudaDeviceSynchronize, sticky, as a real launch failure is.
-// ---------------------------------------------------------------------------------------------
-enum cudaMemcpyKind {
-    cudaMemcpyHostToHost = 0,
-    cudaMemcpyHostToDevice = 1,
-    cudaMemcpyDeviceToHost = 2,
-    cudaMemcpyDeviceToDevice = 3,
-    cudaMemcpyDefault = 4
-};
-namespace emu {
-inline bool sticky_failure = false;
-}
-inline cudaError_t cudaMalloc(void **p, size_t n) {
-    if (posix_memalign(p, 256, n ? n : 1) != 0) return cudaErrorInvalidValue;
-    return cudaSuccess;
-}
-template <typename T>
-inline cudaError_t cudaMalloc(T **p, size_t n) {
-    return cudaMalloc(reinterpret_cast<void **>(p), n);
-}
-inline cudaError_t cudaFree(void *p) {
-    free(p);
-    return cudaSuccess;
-}
-inline cudaError_t cudaMemcpy(void *d, const void *s, size_t n, cudaMemcpyKind) {
-    if (n) memmove(d, s, n);
-    return cudaSuccess;
-}
-inline cudaError_t cudaMemset(void *d, int v, size_t n) {
-    if (n) memset(d, v, n);
-    return cudaSuccess;
-}
-inline cudaError_t cudaDeviceSynchronize() {
-    if (!emu::errors.empty()) {
-        for (const std::string &e : emu::errors) fprintf(stderr, "EMULATOR ERROR: %s\n", e.c_str());
-        emu::errors.clear();
-        emu::sticky_failure = true;
-    }
-    return emu::sticky_failure ? cudaErrorLaunchFailure : cudaSuccess;
-}
-inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaDeviceSynchronize(); }
-inline cudaError_t cudaMemcpyAsync(void *d, const void *s, size_t n, cudaMemcpyKind k, cudaStream_t = nullptr) {
-    return cudaMemcpy(d, s, n, k);
-}
-inline cudaError_t cudaMemsetAsync(void *d, int v, size_t n, cudaStream_t = nullptr) {
-    return cudaMemset(d, v, n);
-}

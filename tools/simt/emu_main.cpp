@@ -11,19 +11,20 @@ extern "C" {
 #include "core/error.h"
 }
 
+// All weak: the engine suite links the library's own (host/core/error.c, kernels/device.cu).
 namespace {
 thread_local char g_last_error[1024] = "";
 }
 
-extern "C" sf_status sf_fail(sf_status status, const char *fmt, ...) {
+extern "C" __attribute__((weak)) sf_status sf_fail(sf_status status, const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(g_last_error, sizeof g_last_error, fmt, ap);
     va_end(ap);
     return status;
 }
-extern "C" const char *sf_last_error(void) { return g_last_error; }
-extern "C" sf_status sf_cuda_device_count(int *count) {
+extern "C" __attribute__((weak)) const char *sf_last_error(void) { return g_last_error; }
+extern "C" __attribute__((weak)) sf_status sf_cuda_device_count(int *count) {
     *count = 1;
     return SF_OK;
 }
@@ -64,6 +65,12 @@ class LaunchLog : public testing::EmptyTestEventListener {
                emu::ulp_noise, all_.size());
         if (getenv("EMU_LAUNCHES"))
             for (auto &k : all_) printf("    %7d x %s\n", k.second, k.first.c_str());
+        const emu::RuntimeStats &s = emu::stats;
+        if (s.queued || s.captures)
+            printf("[emu] streams: %llu operations queued, %llu run when waited for; %llu "
+                   "captures of %llu operations, %llu graph launches replaying %llu\n",
+                   s.queued, s.deferred_runs, s.captures, s.captured_nodes, s.graph_launches,
+                   s.replayed_nodes);
     }
 
   private:
@@ -78,4 +85,4 @@ int main(int argc, char **argv) {
     testing::UnitTest::GetInstance()->listeners().Append(new LaunchLog);
     return RUN_ALL_TESTS();
 }
-extern "C" void sf_clear_error(void) { g_last_error[0] = 0; }
+extern "C" __attribute__((weak)) void sf_clear_error(void) { g_last_error[0] = 0; }

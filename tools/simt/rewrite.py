@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Rewrites CUDA launches `kernel<T...> <<<cfg>>>(args)` into calls of the emulator:
-   emu::make_launch("kernel<T...>", [&](auto... emu_a) { kernel<T...>(emu_a...); }, cfg)(args)
+   emu::make_launch("kernel<T...>", [=](auto... emu_a) { kernel<T...>(emu_a...); }, cfg)(args)
+The lambda captures by value: a launch on a stream may be queued or captured into a graph
+(runtime.cpp) and run after the launcher has returned.
 Usage: rewrite.py in.cu out.cu  (prints the number of launches rewritten to stderr)."""
 import sys
 
@@ -35,7 +37,7 @@ while True:
     kexpr = src[k:end]
     name = ' '.join(kexpr.split())
     out.append(src[pos:k])
-    out.append('emu::make_launch("%s", [&](auto... emu_a) { %s(emu_a...); }, %s)' %
+    out.append('emu::make_launch("%s", [=](auto... emu_a) { %s(emu_a...); }, %s)' %
                (name, kexpr, cfg))
     pos = j + 3
     n += 1

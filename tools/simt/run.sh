@@ -12,18 +12,27 @@
 #     optim        tests/test_cuda_optim.cpp: gradient norm, clip coefficient, AdamW
 #     decode       tests/test_cuda_attention.cpp's argument and split-decode tests, behind a
 #                  stand-in for attention.cu's entry point (the tiled mma kernel cannot run here)
+#     engine       tests/test_cuda_engine.cpp: the CUDA engine's host code (host/cuda/*.c, as
+#                  is) on the emulated runtime, streams and graphs (runtime.cpp), a host
+#                  cuBLASLt (cublaslt_emu.cpp) and a reference for the tiled attention
+#                  (attention_ref.cu), against the CPU library; needs CUDA's headers
 #
 #   env: EMU_MODE=0..3 one schedule, 4 (default) rotate per launch; EMU_ULP=n move expf, rsqrtf,
 #        sincosf, erfcf results by up to n ulp (within CUDA's documented bounds); EMU_FMA=1
 #        contract a * b + c in the kernels as nvcc does by default; EMU_LAUNCHES=1 list the
 #        kernel variants each test launched; SAN=asan|ubsan; KSRC=dir kernel sources (a copy
-#        with a planted bug); KEEP=1 keep the build directory.
+#        with a planted bug); ESRC=dir the engine's C (engine: a copy of host/cuda with a
+#        planted bug); KEEP=1 keep the build directory; JOBS=n parallel compiles
+#        (default: the number of CPUs); CUDA_HOME (engine: the real cuda_runtime.h and
+#        cublasLt.h the C code is built against; default /usr/local/cuda); EMU_DEVICE_GIB
+#        device memory (default 16).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 KSRC=${KSRC:-$REPO/kernels}
+ESRC=${ESRC:-$REPO/host/cuda}
 suite=${1:-}
-[ -n "$suite" ] || { sed -n '5,16p' "$0"; exit 2; }
+[ -n "$suite" ] || { sed -n '5,21p' "$0"; exit 2; }
 shift
 
 case "$suite" in
@@ -49,6 +58,28 @@ case "$suite" in
         test=test_cuda_attention.cpp
         twins=(host/cpu/attention.c host/cpu/softmax.c)
         [ $# -gt 0 ] || set -- --gtest_filter='CudaAttentionArgs*:CudaAttention.DecodeSplit*' ;;
+    engine)
+        kernels=(device embedding convert rmsnorm layernorm rope activations sampling guard random
+                 attention_decode)
+        test=test_cuda_engine.cpp
+        # the CPU library the tests compare against (and the engine loads models with): the
+        # release build's list of host sources, read from CMakeLists.txt
+        mapfile -t twins < <(python3 - "$REPO/CMakeLists.txt" <<'PY'
+import re, sys
+m = re.search(r'set\(SF_HOST_SOURCES(.*?)\)', open(sys.argv[1]).read(), re.S)
+print('\n'.join(m.group(1).split()) if m else '')
+PY
+)
+        [ ${#twins[@]} -gt 10 ] || { echo "no SF_HOST_SOURCES in CMakeLists.txt" >&2; exit 2; }
+        engine_c=(engine step llm_forward sysformer_forward weights gemm generate)
+        CUDA_INC=${CUDA_HOME:-/usr/local/cuda}/include
+        [ -f "$CUDA_INC/cublasLt.h" ] || { echo "no $CUDA_INC/cublasLt.h: set CUDA_HOME" >&2; exit 2; }
+        # SmolLM2 (when fetched) takes minutes here: run it with an explicit filter. Without
+        # arguments, a second run without a device covers the test that runs only there.
+        if [ $# -eq 0 ]; then
+            set -- --gtest_filter='CudaEngine*:-CudaEngineSmolLM2.*'
+            no_device_pass=1
+        fi ;;
     *) echo "unknown suite: $suite" >&2; exit 2 ;;
 esac
 
@@ -56,7 +87,8 @@ B=$(mktemp -d "${TMPDIR:-/tmp}/simt.XXXXXX")
 [ "${KEEP:-0}" = 1 ] || trap 'rm -rf "$B"' EXIT
 mkdir -p "$B/t"
 # A snapshot of the sources: the tree may be edited while this runs.
-cp "$KSRC"/*.h "$KSRC"/*.cuh "$REPO"/tests/cuda_test_util.h "$REPO"/tests/test_util.h "$B/t/"
+cp "$KSRC"/*.h "$KSRC"/*.cuh "$REPO"/tests/cuda_test_util.h "$REPO"/tests/test_util.h \
+   "$REPO"/tests/engine_test_util.h "$REPO"/tests/model_fixtures.h "$B/t/"
 for k in "${kernels[@]}"; do python3 "$HERE/rewrite.py" "$KSRC/$k.cu" "$B/t/$k.cu" 2>/dev/null; done
 [ -f "$B/t/norms_common.cuh" ] && python3 "$HERE/rewrite.py" "$B/t/norms_common.cuh" "$B/t/norms_common.cuh" 2>/dev/null
 sources=()
@@ -67,18 +99,14 @@ case "$suite" in
         cp "$REPO/tests/$test" "$B/t/"
         # attention.cu's argument checks and entry point (with its decode dispatch), minus the
         # launch of the tiled kernel, which reports SF_ERR_UNSUPPORTED instead
-        python3 - "$KSRC/attention.cu" "$B/t/attention_entry.cu" <<'PY'
-import sys
-s = open(sys.argv[1]).read()
-body = s[s.index('extern "C" sf_status sf_attention_check_shapes('):]
-i = body.index('    sf_nvtx_range range("sf_cuda_attention_bf16");')
-j = body.index('\n}', i)
-body = body[:i] + '    return sf_fail(SF_ERR_UNSUPPORTED, "simt: no tiled attention kernel");' + body[j:]
-open(sys.argv[2], 'w').write(
-    '#include <math.h>\n#include <stdint.h>\n#include "attention.h"\n#include "cuda_check.cuh"\n'
-    'namespace { bool aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; } }\n' + body)
-PY
+        python3 "$HERE/attention_entry.py" "$KSRC/attention.cu" "$B/t/attention_entry.cu" unsupported
         sources+=("$B/t/attention_entry.cu") ;;
+    engine)
+        cp "$REPO/tests/$test" "$B/t/"
+        # the same entry, with the tiled kernel's launch replaced by the reference attention
+        python3 "$HERE/attention_entry.py" "$KSRC/attention.cu" "$B/t/attention_entry.cu" reference
+        python3 "$HERE/rewrite.py" "$HERE/attention_ref.cu" "$B/t/attention_ref.cu" 2>/dev/null
+        sources+=("$B/t/attention_entry.cu" "$B/t/attention_ref.cu") ;;
     *) cp "$REPO/tests/$test" "$B/t/" ;;
 esac
 # sf_sample, the sampler's twin, lifted out of host/model/generate.c (the rest of the file
@@ -120,24 +148,59 @@ KFLAGS=()
 CXX=(nice -n 19 g++ -std=c++20 -O1 -g -fno-strict-aliasing -pthread -Wall -Wno-unknown-pragmas
      -Wno-unused-function -Wno-unused-variable "${SANF[@]}" -include "$HERE/shim.h" -I"$B/t"
      -I"$HERE/stubs" -I"$REPO/include" -I"$REPO/host")
-pids=()
+# At most JOBS compiles at a time; a failing one leaves $B/failed.
+JOBS=${JOBS:-$(nproc)}
+spawn() {  # log command...
+    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || true; done
+    local log=$1
+    shift
+    { "$@" 2>"$log" || touch "$B/failed"; } &
+}
 for src in "${sources[@]}"; do
     n=$(basename "$src" .cu)
-    "${CXX[@]}" "${KFLAGS[@]}" -DEMU_DEVICE_MATH -x c++ -c "$src" -o "$B/k_$n.o" 2>"$B/k_$n.log" &
-    pids+=($!)
+    spawn "$B/k_$n.log" "${CXX[@]}" "${KFLAGS[@]}" -DEMU_DEVICE_MATH -x c++ -c "$src" -o "$B/k_$n.o"
 done
-"${CXX[@]}" -c "$B/t/$test" -o "$B/test.o" 2>"$B/test.log" & pids+=($!)
-"${CXX[@]}" -c "$HERE/emu_main.cpp" -o "$B/main.o" 2>"$B/main.log" & pids+=($!)
+TFLAGS=()
+[ "$suite" = engine ] && TFLAGS=(-DSF_SOURCE_DIR="\"$REPO\"" -DSF_SHARED_DIR="\"$REPO/../shared\""
+                                 -DSF_TEST_DATA_DIR="\"$REPO/tests/golden\"")
+spawn "$B/test.log" "${CXX[@]}" "${TFLAGS[@]}" -c "$B/t/$test" -o "$B/test.o"
+spawn "$B/main.log" "${CXX[@]}" -c "$HERE/emu_main.cpp" -o "$B/main.o"
+spawn "$B/runtime.log" "${CXX[@]}" -c "$HERE/runtime.cpp" -o "$B/runtime.o"
+# The engine suite's CPU library goes into an archive, so that only what is used is linked
+# (host/train/trainer.c, for one, calls the CUDA trainer, which is not built here).
+TWINS=$B
+[ "$suite" = engine ] && TWINS=$B/host && mkdir -p "$TWINS"
 for c in "${twins[@]}"; do
     [[ $c = /* ]] || c=$REPO/$c
-    n=$(basename "$c" .c)
-    nice -n 19 gcc -std=c11 -O2 -g "${SANF[@]}" -I"$REPO/include" -I"$REPO/host" -c "$c" \
-        -o "$B/twin_$n.o" 2>"$B/twin_$n.log" & pids+=($!)
+    n=$(basename "$(dirname "$c")")_$(basename "$c" .c)
+    spawn "$B/twin_$n.log" nice -n 19 gcc -std=c11 -O2 -g "${SANF[@]}" -D_GNU_SOURCE \
+        -I"$REPO/include" -I"$REPO/host" -c "$c" -o "$TWINS/twin_$n.o"
 done
-fail=0
-for p in "${pids[@]}"; do wait "$p" || fail=1; done
+if [ "$suite" = engine ]; then
+    # the engine's C, unchanged, against the real CUDA headers: it links to runtime.cpp's
+    # extern "C" runtime and cublaslt_emu.cpp's cuBLASLt, never to libcudart or libcublasLt
+    for c in "${engine_c[@]}"; do
+        spawn "$B/engine_$c.log" nice -n 19 gcc -std=c11 -O1 -g "${SANF[@]}" -D_GNU_SOURCE -Wall \
+            -Wextra -I"$REPO/include" -I"$REPO/host" -I"$B/t" -I"$CUDA_INC" \
+            -c "$ESRC/$c.c" -o "$B/engine_$c.o"
+    done
+    spawn "$B/cublaslt.log" nice -n 19 g++ -std=c++20 -O2 -g "${SANF[@]}" -Wall -I"$CUDA_INC" \
+        -I"$HERE" -c "$HERE/cublaslt_emu.cpp" -o "$B/cublaslt.o"
+fi
+wait
 for l in "$B"/*.log; do [ -s "$l" ] && { echo "== $(basename "$l")"; head -n 30 "$l"; }; done
-[ $fail = 0 ] || { echo "simt: build failed"; exit 2; }
-nice -n 19 g++ "${SANF[@]}" -pthread "$B"/*.o -o "$B/harness" -lgtest -lm
+[ ! -e "$B/failed" ] || { echo "simt: build failed"; exit 2; }
+LIBS=()
+if [ "$suite" = engine ]; then
+    ar rcs "$B/libsf_host.a" "$TWINS"/*.o
+    LIBS=("$B/libsf_host.a" -ljansson -lpcre2-8)
+fi
+# -rdynamic: the device-memory fault report (runtime.cpp) names functions in its backtrace
+nice -n 19 g++ "${SANF[@]}" -pthread -rdynamic "$B"/*.o -o "$B/harness" -lgtest "${LIBS[@]}" -lm
 echo "simt $suite: EMU_MODE=${EMU_MODE:-4} EMU_ULP=${EMU_ULP:-0} EMU_FMA=${EMU_FMA:-0} SAN=${SAN:-none}"
 nice -n 19 timeout "${TIMEOUT:-1800}" "$B/harness" "$@"
+if [ "${no_device_pass:-0}" = 1 ]; then
+    echo "simt $suite: without a device (EMU_NO_DEVICE=1)"
+    EMU_NO_DEVICE=1 nice -n 19 timeout "${TIMEOUT:-1800}" "$B/harness" \
+        --gtest_filter='CudaEngineArgs.*'
+fi

@@ -2,17 +2,21 @@
 # The emulator's own test: a suite must FAIL when its kernel has a bug. Each case copies
 # kernels/ to a scratch directory, plants one bug (an exact text replacement that must match
 # once) and runs the suite (narrowed to the tests that reach the kernel) expecting a failure.
-# A planted bug that passes means the suite cannot see that kind of error: exit 1. Three
-# suites, four bugs (about 2 minutes of one core); others: run.sh with KSRC by hand.
+# A planted bug that passes means the suite cannot see that kind of error: exit 1. Four
+# suites, five bugs (about 4 minutes of one core); others: run.sh with KSRC / ESRC by hand.
+# The engine's plant is in its host code (host/cuda), not in a kernel: a step that refills the
+# pinned staging before the previous step's uploads have run, which only the emulated runtime's
+# queued streams can show (on a CPU that runs everything at once it would pass).
 #   tools/simt/selftest.sh
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 rc=0
-plant() {  # suite file old new gtest_filter
-    local d
+plant() {  # suite file old new gtest_filter (file: in kernels/, or host/cuda/ for the engine)
+    local d src=kernels var=KSRC
+    [ "$1" = engine ] && src=host/cuda && var=ESRC
     d=$(mktemp -d "${TMPDIR:-/tmp}/simt_bug.XXXXXX")
-    cp "$REPO"/kernels/* "$d/"
+    cp "$REPO/$src"/* "$d/"
     if ! python3 - "$d/$2" "$3" "$4" <<'PY'
 import sys
 p, old, new = sys.argv[1:4]
@@ -26,7 +30,7 @@ PY
         rm -rf "$d"
         return
     fi
-    if KSRC=$d "$HERE/run.sh" "$1" --gtest_filter="$5" >"$d/log" 2>&1; then
+    if env "$var=$d" "$HERE/run.sh" "$1" --gtest_filter="$5" >"$d/log" 2>&1; then
         echo "MISSED: $1: $2: '$3' -> '$4' passed"
         rc=1
     else
@@ -41,4 +45,6 @@ plant elementwise sampling.cu 'partial[row * chunks + c]' 'partial[row * (chunks
     'CudaSampling.Argmax*'
 plant elementwise sampling.cu 'nucleus_sub_bin(pos, b0) <= bin1' 'nucleus_sub_bin(pos, b0) < bin1' \
     'CudaSampling.SplitPrefix*'
+plant engine step.c '    SF_CUDA_OR_FAIL(cudaEventSynchronize(e->staging_free));' '' \
+    'CudaEngine/CudaEngineVariant.GraphReplayEqualsEagerBitForBit/llama_gqa_llama3'
 exit $rc
