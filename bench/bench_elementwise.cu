@@ -4,9 +4,10 @@
 //   bench_elementwise [tokens]     (default 8192 tokens; prints a table, one row per kernel)
 //
 // Each kernel is timed with CUDA events around each launch, the launches enqueued back to back
-// (bench_cuda.cuh), after warm-up, over enough rotated input sets that the working set exceeds the L2 cache several times, and the median of the
-// repeats is reported. GB/s counts the bytes the kernel must move (stated per row: reads plus
-// writes, 10^9 bytes). Without a GPU it says so and exits 0.
+// (bench_cuda.cuh), after warm-up, over enough rotated input sets that the working set exceeds
+// the L2 cache several times, and the median of the repeats is reported. GB/s counts the bytes
+// the kernel must move (stated per row: reads plus writes, 10^9 bytes). Without a GPU it says
+// so and exits 0.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -251,9 +252,10 @@ int main(int argc, char **argv) {
     }
 
     // Sampling over 32 rows of 128256 fp32 logits (a decode step of 32 requests): argmax, top-k
-    // 50 with top-p 0.9, top-p alone and plain sampling: on these logits, uniform in [-10, 10], the nucleus is
-    // large (the ~11% of tokens above ~7.7, all sorted); on "peaked" ones, closer to a language
-    // model's (normal with sigma 2, and a few tokens 12-18 above the bulk), it is a handful.
+    // 50 with top-p 0.9, top-p alone and plain sampling: on these logits, uniform in [-10, 10],
+    // the nucleus is large (the ~11% of tokens above ~7.7, all sorted); on "peaked" ones, closer
+    // to a language model's (normal with sigma 2, and a few tokens 12-18 above the bulk), it is
+    // a handful.
     // top-p alone and plain sampling are timed split over chunks (the engine's way) and in one
     // block a row (the workspace handed over 4 bytes off the 8-byte alignment the split needs).
     // Bytes: the logits once; the sampler re-reads them, so its GB/s says how far it is from one
