@@ -27,6 +27,7 @@
 #include <string>
 #include <vector>
 
+#include "bf16_bits.h"
 #include "simt_api.h"
 
 namespace {
@@ -121,21 +122,6 @@ std::string problem(const Desc &d, const Layout &A, const Layout &B, const Layou
     return "";
 }
 
-float bf16_to_f32(uint16_t h) {
-    const uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fffu;
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
 // Bytes a column-major rows x cols matrix with leading dimension ld spans.
 size_t span(const Layout &l) {
     return l.rows == 0 || l.cols == 0 ? 0
@@ -161,10 +147,10 @@ struct Product {
         std::vector<float> ar(m * k), br(n * k);
         for (uint64_t i = 0; i < m; i++)
             for (uint64_t p = 0; p < k; p++)
-                ar[i * k + p] = bf16_to_f32(ta ? a[p + i * lda] : a[i + p * lda]);
+                ar[i * k + p] = emu::bf2f(ta ? a[p + i * lda] : a[i + p * lda]);
         for (uint64_t j = 0; j < n; j++)
             for (uint64_t p = 0; p < k; p++)
-                br[j * k + p] = bf16_to_f32(tb ? b[j + p * ldb] : b[p + j * ldb]);
+                br[j * k + p] = emu::bf2f(tb ? b[j + p * ldb] : b[p + j * ldb]);
         for (uint64_t j = 0; j < n; j++) {
             for (uint64_t i = 0; i < m; i++) {
                 const float *x = &ar[i * k], *y = &br[j * k];
@@ -178,16 +164,16 @@ struct Product {
                 const size_t at = (size_t)(i + j * ldd);
                 if (beta != 0.0f) {
                     const float cv = d_f32 ? ((const float *)c)[at]
-                                           : bf16_to_f32(((const uint16_t *)c)[at]);
+                                           : emu::bf2f(((const uint16_t *)c)[at]);
                     v += beta * cv;
                 }
                 if (epilogue != CUBLASLT_EPILOGUE_DEFAULT) {
                     v += d_f32 ? ((const float *)bias)[i]
-                               : bf16_to_f32(((const uint16_t *)bias)[i]);
+                               : emu::bf2f(((const uint16_t *)bias)[i]);
                     if (epilogue == CUBLASLT_EPILOGUE_RELU_BIAS && !(v > 0.0f)) v = 0.0f;
                 }
                 if (d_f32) ((float *)d)[at] = v;
-                else ((uint16_t *)d)[at] = f32_to_bf16(v);
+                else ((uint16_t *)d)[at] = emu::f2bf_rn(v);
             }
         }
     }

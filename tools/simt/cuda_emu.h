@@ -44,21 +44,7 @@ struct alignas(2) __nv_bfloat16 {
 struct alignas(4) __nv_bfloat162 {
     __nv_bfloat16 x, y;
 };
-namespace emu {
-inline unsigned short f2bf_rn(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fffu;
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (unsigned short)(u >> 16);
-}
-inline float bf2f(unsigned short h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-}  // namespace emu
+#include "bf16_bits.h"  // emu::f2bf_rn, emu::bf2f
 inline __nv_bfloat16 __float2bfloat16_rn(float f) { return {emu::f2bf_rn(f)}; }
 inline __nv_bfloat16 __float2bfloat16(float f) { return {emu::f2bf_rn(f)}; }
 inline float __bfloat162float(__nv_bfloat16 h) { return emu::bf2f(h.__x); }
