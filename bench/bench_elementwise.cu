@@ -292,51 +292,29 @@ int main(int argc, char **argv) {
             },
             stream);
         report("sf_cuda_argmax_f32 1 block/row", shape, 4.0 * n, us);
-        const sf_sampling topk = {0.8f, 50, 0.9f, 0}, topp = {1.0f, 0, 0.9f, 0};
-        us = time_us(
-            1,
-            [&](int) {
-                BENCH_SF(
-                    sf_cuda_sample_f32(out, logits, u, rows, kVocab, &topk, ws, ws_bytes, stream));
-            },
-            stream);
-        report("sf_cuda_sample_f32 k50 p0.9", shape, 4.0 * n, us);
-        us = time_us(
-            1,
-            [&](int) {
-                BENCH_SF(
-                    sf_cuda_sample_f32(out, logits, u, rows, kVocab, &topp, ws, ws_bytes, stream));
-            },
-            stream);
-        report("sf_cuda_sample_f32 p0.9", shape, 4.0 * n, us);
-        // the same, one block a row: workspace + 4 is 4-byte aligned (valid) but not 8
-        us = time_us(
-            1,
-            [&](int) {
-                BENCH_SF(sf_cuda_sample_f32(out, logits, u, rows, kVocab, &topp,
-                                            (char *)ws + 4, ws_bytes, stream));
-            },
-            stream);
-        report("sf_cuda_sample_f32 p0.9 1 block/row", shape, 4.0 * n, us);
+        // One sampler row; split: the workspace at its start (the engine's way), else 4 bytes
+        // on, which is valid but not the 8-byte alignment the split top-p / plain path needs,
+        // so one block takes each row.
+        auto time_sample = [&](const char *name, const sf_sampling &sampling, bool split) {
+            void *w = split ? ws : (char *)ws + 4;
+            const double t = time_us(
+                1,
+                [&](int) {
+                    BENCH_SF(sf_cuda_sample_f32(out, logits, u, rows, kVocab, &sampling, w,
+                                                ws_bytes, stream));
+                },
+                stream);
+            report(name, shape, 4.0 * n, t);
+        };
+        time_sample("sf_cuda_sample_f32 k50 p0.9", {0.8f, 50, 0.9f, 0}, true);
+        const sf_sampling topp = {1.0f, 0, 0.9f, 0};
+        time_sample("sf_cuda_sample_f32 p0.9", topp, true);
+        time_sample("sf_cuda_sample_f32 p0.9 1 block/row", topp, false);
         // plain sampling (no top-k, no top-p): the prefix that holds the draw, split; one block
         // a row sorts the whole row
         const sf_sampling plain = {1.0f, 0, 1.0f, 0};
-        us = time_us(
-            1,
-            [&](int) {
-                BENCH_SF(
-                    sf_cuda_sample_f32(out, logits, u, rows, kVocab, &plain, ws, ws_bytes, stream));
-            },
-            stream);
-        report("sf_cuda_sample_f32 plain", shape, 4.0 * n, us);
-        us = time_us(
-            1,
-            [&](int) {
-                BENCH_SF(sf_cuda_sample_f32(out, logits, u, rows, kVocab, &plain,
-                                            (char *)ws + 4, ws_bytes, stream));
-            },
-            stream);
-        report("sf_cuda_sample_f32 plain 1 block/row", shape, 4.0 * n, us);
+        time_sample("sf_cuda_sample_f32 plain", plain, true);
+        time_sample("sf_cuda_sample_f32 plain 1 block/row", plain, false);
         // peaked logits: an approximate normal (the sum of 4 uniforms) and 8 high tokens a row
         for (size_t i = 0; i < n; i++) {
             float sum = 0.0f;
@@ -349,22 +327,8 @@ int main(int argc, char **argv) {
                 h[(size_t)(r * kVocab + (r * 977 + j * 15013) % kVocab)] = 12.0f + 0.75f * j;
         BENCH_CUDA(cudaMemcpy(logits, h.data(), n * 4, cudaMemcpyHostToDevice));
         const sf_sampling peaked = {0.7f, 0, 0.9f, 0};
-        us = time_us(
-            1,
-            [&](int) {
-                BENCH_SF(sf_cuda_sample_f32(out, logits, u, rows, kVocab, &peaked, ws, ws_bytes,
-                                            stream));
-            },
-            stream);
-        report("sf_cuda_sample_f32 p0.9 peaked", shape, 4.0 * n, us);
-        us = time_us(
-            1,
-            [&](int) {
-                BENCH_SF(sf_cuda_sample_f32(out, logits, u, rows, kVocab, &peaked,
-                                            (char *)ws + 4, ws_bytes, stream));
-            },
-            stream);
-        report("sf_cuda_sample_f32 p0.9 peaked 1 block", shape, 4.0 * n, us);
+        time_sample("sf_cuda_sample_f32 p0.9 peaked", peaked, true);
+        time_sample("sf_cuda_sample_f32 p0.9 peaked 1 block/row", peaked, false);
         BENCH_CUDA(cudaFree(logits));
         BENCH_CUDA(cudaFree(u));
         BENCH_CUDA(cudaFree(out));
