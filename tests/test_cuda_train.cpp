@@ -496,6 +496,16 @@ INSTANTIATE_TEST_SUITE_P(
 
 class CudaTrainTiny : public CudaTrainVariant {};
 
+// The whole trainer (sf_trainer_create without a tokenizer, stop ids or a validation set) on
+// llm for sf; null when creation fails, with sf_last_error saying why.
+using SfTrainerPtr = std::unique_ptr<sf_trainer, void (*)(sf_trainer *)>;
+SfTrainerPtr new_trainer(const sf_llm *llm, sf_sysformer *sf, const sf_train_set *set,
+                         const sf_train_options *o) {
+    sf_trainer *t = nullptr;
+    if (sf_trainer_create(llm, sf, nullptr, nullptr, 0, set, nullptr, o, &t) != SF_OK) t = nullptr;
+    return SfTrainerPtr(t, sf_trainer_free);
+}
+
 TEST_P(CudaTrainTiny, RefusesBadBatchesAndStaysUsable) {
     const TrainBatch good = make_batch({{{3, 4, 5}}, {{2, 6, 3}}}, 3, 1.0, 1.0, 1.0);
     const sf_cuda_train_batch gv = good.view();
@@ -638,18 +648,12 @@ TEST_P(CudaTrainTiny, TrainerStepOnTheGpuMatchesTheCpu) {
     o.validate_first = false;
     SfPtr sf_cpu = random_sysformer(llm_.get(), true, SF_ACT_RELU, false, 29);
     SfPtr sf_gpu = random_sysformer(llm_.get(), true, SF_ACT_RELU, false, 29);
-    sf_trainer *tc = nullptr, *tg = nullptr;
-    ASSERT_EQ(sf_trainer_create(llm_.get(), sf_cpu.get(), nullptr, nullptr, 0, &set, nullptr, &o,
-                                &tc),
-              SF_OK)
-        << sf_last_error();
-    std::unique_ptr<sf_trainer, void (*)(sf_trainer *)> gc(tc, sf_trainer_free);
+    SfTrainerPtr gc = new_trainer(llm_.get(), sf_cpu.get(), &set, &o);
+    ASSERT_TRUE(gc) << sf_last_error();
     o.device = SF_TRAIN_CUDA;
-    ASSERT_EQ(sf_trainer_create(llm_.get(), sf_gpu.get(), nullptr, nullptr, 0, &set, nullptr, &o,
-                                &tg),
-              SF_OK)
-        << sf_last_error();
-    std::unique_ptr<sf_trainer, void (*)(sf_trainer *)> gg(tg, sf_trainer_free);
+    SfTrainerPtr gg = new_trainer(llm_.get(), sf_gpu.get(), &set, &o);
+    ASSERT_TRUE(gg) << sf_last_error();
+    sf_trainer *tc = gc.get(), *tg = gg.get();
     bool done = false;
     ASSERT_EQ(sf_trainer_run(tc, 1, &done), SF_OK) << sf_last_error();
     ASSERT_EQ(sf_trainer_run(tg, 1, &done), SF_OK) << sf_last_error();
@@ -738,21 +742,15 @@ TEST_P(CudaTrainTiny, TrainerDeviceOptimizerStepsMatchTheCpu) {
     StepLog lc, lg;
     SfPtr sf_cpu = random_sysformer(llm_.get(), true, SF_ACT_RELU, false, 29);
     SfPtr sf_gpu = random_sysformer(llm_.get(), true, SF_ACT_RELU, false, 29);
-    sf_trainer *tc = nullptr, *tg = nullptr;
     o.on_event = StepLog::fn;
     o.user = &lc;
-    ASSERT_EQ(sf_trainer_create(llm_.get(), sf_cpu.get(), nullptr, nullptr, 0, &set, nullptr, &o,
-                                &tc),
-              SF_OK)
-        << sf_last_error();
-    std::unique_ptr<sf_trainer, void (*)(sf_trainer *)> gc(tc, sf_trainer_free);
+    SfTrainerPtr gc = new_trainer(llm_.get(), sf_cpu.get(), &set, &o);
+    ASSERT_TRUE(gc) << sf_last_error();
     o.device = SF_TRAIN_CUDA;
     o.user = &lg;
-    ASSERT_EQ(sf_trainer_create(llm_.get(), sf_gpu.get(), nullptr, nullptr, 0, &set, nullptr, &o,
-                                &tg),
-              SF_OK)
-        << sf_last_error();
-    std::unique_ptr<sf_trainer, void (*)(sf_trainer *)> gg(tg, sf_trainer_free);
+    SfTrainerPtr gg = new_trainer(llm_.get(), sf_gpu.get(), &set, &o);
+    ASSERT_TRUE(gg) << sf_last_error();
+    sf_trainer *tc = gc.get(), *tg = gg.get();
     ASSERT_GE(sf_trainer_total_steps(tg), 3);
 
     // the optimizer's device bytes: g, m and v at least, part of the device total
@@ -869,32 +867,26 @@ TEST_P(CudaTrainTiny, TrainerResumeOnTheGpuEqualsAnUninterruptedRun) {
     auto run = [&](const std::string &dir, int64_t stop_after, Out *out) {
         o.out_dir = dir.c_str();
         SfPtr sf = random_sysformer(llm_.get(), true, SF_ACT_RELU, false, 29);
-        sf_trainer *t = nullptr;
-        ASSERT_EQ(sf_trainer_create(llm_.get(), sf.get(), nullptr, nullptr, 0, &set, nullptr,
-                                    &o, &t),
-                  SF_OK)
-            << sf_last_error();
+        SfTrainerPtr t = new_trainer(llm_.get(), sf.get(), &set, &o);
+        ASSERT_TRUE(t) << sf_last_error();
         bool done = false;
-        ASSERT_EQ(sf_trainer_run(t, stop_after, &done), SF_OK) << sf_last_error();
+        ASSERT_EQ(sf_trainer_run(t.get(), stop_after, &done), SF_OK) << sf_last_error();
         if (stop_after > 0) {
             ASSERT_FALSE(done);
-            sf_trainer_free(t);
+            t.reset();
             // a new Sysformer with other weights: the checkpoint's must replace them
             sf = random_sysformer(llm_.get(), true, SF_ACT_RELU, false, 31);
-            t = nullptr;
-            ASSERT_EQ(sf_trainer_create(llm_.get(), sf.get(), nullptr, nullptr, 0, &set, nullptr,
-                                        &o, &t),
-                      SF_OK);
-            ASSERT_EQ(sf_trainer_resume(t, dir.c_str()), SF_OK) << sf_last_error();
-            ASSERT_EQ(sf_trainer_run(t, 0, &done), SF_OK) << sf_last_error();
+            t = new_trainer(llm_.get(), sf.get(), &set, &o);
+            ASSERT_TRUE(t) << sf_last_error();
+            ASSERT_EQ(sf_trainer_resume(t.get(), dir.c_str()), SF_OK) << sf_last_error();
+            ASSERT_EQ(sf_trainer_run(t.get(), 0, &done), SF_OK) << sf_last_error();
         }
         EXPECT_TRUE(done);
         int64_t ng = 0;
-        const float *g = sf_trainer_last_gradient(t, &ng);
+        const float *g = sf_trainer_last_gradient(t.get(), &ng);
         EXPECT_NE(g, nullptr);
         if (g) out->g.assign(g, g + ng);
         out->w = flat_copy(sf.get());
-        sf_trainer_free(t);
     };
     TempDir a, b;
     Out straight, middle;
@@ -1051,16 +1043,14 @@ TEST_F(CudaTrainArgs, CpuTrainerHasNoDeviceOptimizer) {
     fill_train_set(&set, 2, 5);
     SfPtr sf = random_sysformer(llm_.get(), true, SF_ACT_RELU, false, 3);
     sf_train_options o = sf_train_default_options();
-    sf_trainer *t = nullptr;
-    ASSERT_EQ(sf_trainer_create(llm_.get(), sf.get(), nullptr, nullptr, 0, &set, nullptr, &o, &t),
-              SF_OK)
-        << sf_last_error();
+    SfTrainerPtr t = new_trainer(llm_.get(), sf.get(), &set, &o);
+    ASSERT_TRUE(t) << sf_last_error();
     sf_train_memory m;
-    ASSERT_EQ(sf_trainer_memory(t, &m), SF_OK);
+    ASSERT_EQ(sf_trainer_memory(t.get(), &m), SF_OK);
     EXPECT_EQ(m.optimizer, 3 * (size_t)sf->n_weights * sizeof(float));
     EXPECT_EQ(m.optimizer_device, 0u);
     EXPECT_EQ(m.device_total, 0u);
-    sf_trainer_free(t);
+    t.reset();
     sf_train_set_free(&set);
 }
 
