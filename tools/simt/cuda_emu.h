@@ -3,6 +3,7 @@
 #pragma once
 #include <stdarg.h>
 
+#include <map>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -212,8 +213,31 @@ template <typename T>
 inline cudaError_t cudaMalloc(T **p, size_t n) {
     return cudaMalloc(reinterpret_cast<void **>(p), n);
 }
+namespace emu {
+// The dynamic shared memory each kernel opted in to (cudaFuncSetAttribute); 48 KB without.
+inline std::map<const void *, int> max_dynamic_shared;
+template <typename Tag, typename F>
+inline const void *kernel_key(Tag, F *f) {
+    return reinterpret_cast<const void *>(f);
+}
+}  // namespace emu
+// A launch's kernel as cudaFuncSetAttribute names it: the function's address, or nullptr
+// (no opt-in, 48 KB) when the launch's expression names a template whose remaining parameters
+// only the arguments deduce (rewrite.py cannot name that specialisation; none of those kernels
+// opts in).
+#define EMU_KERNEL_KEY(...)                                                  \
+    ([&](auto emu_tag) -> const void * {                                     \
+        if constexpr (requires { emu::kernel_key(emu_tag, __VA_ARGS__); }) \
+            return emu::kernel_key(emu_tag, __VA_ARGS__);                    \
+        else                                                                 \
+            return nullptr;                                                  \
+    }(0))
 template <typename T>
-inline cudaError_t cudaFuncSetAttribute(T *, cudaFuncAttribute, int) {
+inline cudaError_t cudaFuncSetAttribute(T *f, cudaFuncAttribute attr, int value) {
+    if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 ||
+        (size_t)value > emu::kMaxDynamicShared)
+        return cudaErrorInvalidValue;
+    emu::max_dynamic_shared[emu::kernel_key(0, f)] = value;
     return cudaSuccess;
 }
 
@@ -291,6 +315,7 @@ inline void check_kernel_arg(const char *kernel, int arg, const T &v) {
 template <typename F>
 struct Launch {
     const char *name;
+    const void *key;  // the kernel function (its cudaFuncSetAttribute opt-in)
     F f;
     dim3 g, b;
     size_t smem;
@@ -306,7 +331,7 @@ struct Launch {
                           std::to_string(b.z) + ")>>>";
         apply_mode(launch_count++);
         F fn = f;
-        const bool ok = emu::launch(g, b, [&] { fn(a...); });
+        const bool ok = emu::launch(g, b, smem, [&] { fn(a...); });
         launches.push_back({name, g, b, ok});
         if (!ok) {
             last_error = cudaErrorLaunchFailure;
@@ -318,8 +343,11 @@ struct Launch {
     template <typename... A>
     void operator()(A... a) {
         const unsigned long long nt = (unsigned long long)b.x * b.y * b.z;
+        const auto opt_in = max_dynamic_shared.find(key);
+        const size_t smem_max =
+            std::max<size_t>(48 * 1024, opt_in == max_dynamic_shared.end() ? 0 : opt_in->second);
         if (g.x == 0 || g.y == 0 || g.z == 0 || g.x > 0x7fffffffu || g.y > 65535 || g.z > 65535 ||
-            nt == 0 || nt > 1024 || b.z > 64 || smem > 48 * 1024) {
+            nt == 0 || nt > 1024 || b.z > 64 || smem > smem_max) {
             last_error = cudaErrorInvalidConfiguration;
             errors.push_back("invalid launch configuration: " + std::string(name) + " <<<(" +
                              std::to_string(g.x) + "," + std::to_string(g.y) + "," +
@@ -335,9 +363,9 @@ struct Launch {
     }
 };
 template <typename F>
-Launch<F> make_launch(const char *name, F f, dim3 g, dim3 b, size_t smem = 0,
+Launch<F> make_launch(const char *name, const void *key, F f, dim3 g, dim3 b, size_t smem = 0,
                       cudaStream_t s = nullptr) {
-    return Launch<F>{name, f, g, b, smem, s};
+    return Launch<F>{name, key, f, g, b, smem, s};
 }
 }  // namespace emu
 

@@ -1,9 +1,13 @@
 #!/usr/bin/env python3
 """Rewrites CUDA launches `kernel<T...> <<<cfg>>>(args)` into calls of the emulator:
-   emu::make_launch("kernel<T...>", [=](auto... emu_a) { kernel<T...>(emu_a...); }, cfg)(args)
+   emu::make_launch("kernel<T...>", EMU_KERNEL_KEY(kernel<T...>),
+                    [=](auto... emu_a) { kernel<T...>(emu_a...); }, cfg)(args)
 The lambda captures by value: a launch on a stream may be queued or captured into a graph
-(runtime.cpp) and run after the launcher has returned.
+(runtime.cpp) and run after the launcher has returned. The key finds the kernel's
+cudaFuncSetAttribute opt-in. `extern __shared__ [__align__(n)] T name[];` becomes
+`T *name = (T *)emu::dynamic_shared();`, the launch's dynamic shared memory.
 Usage: rewrite.py in.cu out.cu  (prints the number of launches rewritten to stderr)."""
+import re
 import sys
 
 src = open(sys.argv[1]).read()
@@ -37,12 +41,15 @@ while True:
     kexpr = src[k:end]
     name = ' '.join(kexpr.split())
     out.append(src[pos:k])
-    out.append('emu::make_launch("%s", [=](auto... emu_a) { %s(emu_a...); }, %s)' %
-               (name, kexpr, cfg))
+    out.append('emu::make_launch("%s", EMU_KERNEL_KEY(%s), [=](auto... emu_a) { %s(emu_a...); }, %s)' %
+               (name, kexpr, kexpr, cfg))
     pos = j + 3
     n += 1
 out.append(src[pos:])
 src = ''.join(out)
+
+src, nd = re.subn(r'extern\s+__shared__\s+(?:__align__\(\s*\d+\s*\)\s+)?([\w ]+?)\s+(\w+)\s*\[\s*\]\s*;',
+                  r'\1 *\2 = (\1 *)emu::dynamic_shared();', src)
 
 # __launch_bounds__(N): a check at the top of the kernel body that the launch's block has at
 # most N threads (a real launch beyond the bound fails).
@@ -70,3 +77,4 @@ out.append(src[pos:])
 open(sys.argv[2], 'w').write(''.join(out))
 sys.stderr.write('%s: %d launch bounds checked\n' % (sys.argv[1], nb))
 sys.stderr.write('%s: %d launches rewritten\n' % (sys.argv[1], n))
+sys.stderr.write('%s: %d dynamic shared arrays\n' % (sys.argv[1], nd))

@@ -10,12 +10,16 @@
 #     backward     tests/test_cuda_backward.cpp without its cuBLASLt section: norms, RoPE,
 #                  activations and cross-entropy backward
 #     optim        tests/test_cuda_optim.cpp: gradient norm, clip coefficient, AdamW
-#     decode       tests/test_cuda_attention.cpp's argument and split-decode tests, behind a
-#                  stand-in for attention.cu's entry point (the tiled mma kernel cannot run here)
+#     attention    tests/test_cuda_attention.cpp: the tiled mma.sync kernel (every mode and head
+#                  dim) and the split-KV decode, on ptx_sm80.cuh's emulated cp.async, ldmatrix
+#                  and mma
+#     attention_backward
+#                  tests/test_cuda_attention_backward.cpp: the backward and the forward's
+#                  log-sum-exp
 #     engine       tests/test_cuda_engine.cpp: the CUDA engine's host code (host/cuda/*.c, as
-#                  is) on the emulated runtime, streams and graphs (runtime.cpp), a host
-#                  cuBLASLt (cublaslt_emu.cpp) and a reference for the tiled attention
-#                  (attention_ref.cu), against the CPU library; needs CUDA's headers
+#                  is) and every kernel it launches, on the emulated runtime, streams and graphs
+#                  (runtime.cpp) and a host cuBLASLt (cublaslt_emu.cpp), against the CPU
+#                  library; needs CUDA's headers
 #
 #   env: EMU_MODE=0..3 one schedule, 4 (default) rotate per launch; EMU_ULP=n move expf, rsqrtf,
 #        sincosf, erfcf results by up to n ulp (within CUDA's documented bounds); EMU_FMA=1
@@ -32,7 +36,7 @@ REPO=$(cd "$HERE/../.." && pwd)
 KSRC=${KSRC:-$REPO/kernels}
 ESRC=${ESRC:-$REPO/host/cuda}
 suite=${1:-}
-[ -n "$suite" ] || { sed -n '5,21p' "$0"; exit 2; }
+[ -n "$suite" ] || { sed -n '5,32p' "$0"; exit 2; }
 shift
 
 case "$suite" in
@@ -53,14 +57,17 @@ case "$suite" in
         kernels=(optim)
         test=test_cuda_optim.cpp
         twins=() ;;  # sf_clip_grad_norm and sf_adamw_step, lifted out of trainer.c below
-    decode)
-        kernels=(attention_decode)
+    attention)
+        kernels=(attention attention_decode)
         test=test_cuda_attention.cpp
-        twins=(host/cpu/attention.c host/cpu/softmax.c)
-        [ $# -gt 0 ] || set -- --gtest_filter='CudaAttentionArgs*:CudaAttention.DecodeSplit*' ;;
+        twins=(host/cpu/attention.c host/cpu/softmax.c) ;;
+    attention_backward)
+        kernels=(attention attention_decode attention_backward)
+        test=test_cuda_attention_backward.cpp
+        twins=(host/cpu/attention.c host/cpu/softmax.c) ;;
     engine)
         kernels=(device embedding convert rmsnorm layernorm rope activations sampling guard random
-                 attention_decode)
+                 attention attention_decode)
         test=test_cuda_engine.cpp
         # the CPU library the tests compare against (and the engine loads models with): the
         # release build's list of host sources, read from CMakeLists.txt
@@ -89,24 +96,14 @@ mkdir -p "$B/t"
 # A snapshot of the sources: the tree may be edited while this runs.
 cp "$KSRC"/*.h "$KSRC"/*.cuh "$REPO"/tests/cuda_test_util.h "$REPO"/tests/test_util.h \
    "$REPO"/tests/engine_test_util.h "$REPO"/tests/model_fixtures.h "$B/t/"
+# the PTX instructions (cp.async, ldmatrix, mma, cvt) as the emulator runs them
+cp "$HERE/ptx_sm80.cuh" "$B/t/ptx_sm80.cuh"
 for k in "${kernels[@]}"; do python3 "$HERE/rewrite.py" "$KSRC/$k.cu" "$B/t/$k.cu" 2>/dev/null; done
 [ -f "$B/t/norms_common.cuh" ] && python3 "$HERE/rewrite.py" "$B/t/norms_common.cuh" "$B/t/norms_common.cuh" 2>/dev/null
 sources=()
 for k in "${kernels[@]}"; do sources+=("$B/t/$k.cu"); done
 case "$suite" in
     backward) python3 "$HERE/cut_gemm_tests.py" "$REPO/tests/$test" "$B/t/$test" ;;
-    decode)
-        cp "$REPO/tests/$test" "$B/t/"
-        # attention.cu's argument checks and entry point (with its decode dispatch), minus the
-        # launch of the tiled kernel, which reports SF_ERR_UNSUPPORTED instead
-        python3 "$HERE/attention_entry.py" "$KSRC/attention.cu" "$B/t/attention_entry.cu" unsupported
-        sources+=("$B/t/attention_entry.cu") ;;
-    engine)
-        cp "$REPO/tests/$test" "$B/t/"
-        # the same entry, with the tiled kernel's launch replaced by the reference attention
-        python3 "$HERE/attention_entry.py" "$KSRC/attention.cu" "$B/t/attention_entry.cu" reference
-        python3 "$HERE/rewrite.py" "$HERE/attention_ref.cu" "$B/t/attention_ref.cu" 2>/dev/null
-        sources+=("$B/t/attention_entry.cu" "$B/t/attention_ref.cu") ;;
     *) cp "$REPO/tests/$test" "$B/t/" ;;
 esac
 # sf_sample, the sampler's twin, lifted out of host/model/generate.c (the rest of the file

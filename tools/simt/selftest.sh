@@ -2,8 +2,8 @@
 # The emulator's own test: a suite must FAIL when its kernel has a bug. Each case copies
 # kernels/ to a scratch directory, plants one bug (an exact text replacement that must match
 # once) and runs the suite (narrowed to the tests that reach the kernel) expecting a failure.
-# A planted bug that passes means the suite cannot see that kind of error: exit 1. Three
-# suites, four bugs (about 2 minutes of one core; what ctest runs); --all adds the engine's
+# A planted bug that passes means the suite cannot see that kind of error: exit 1. Four
+# suites, five bugs (about 3 minutes of one core; what ctest runs); --all adds the engine's
 # (about 2 minutes more: the engine suite builds the whole library). Others: run.sh with
 # KSRC / ESRC by hand. The engine's plant is in its host code (host/cuda), not in a kernel: a
 # step that refills the pinned staging before the previous step's uploads have run, which only
@@ -40,8 +40,12 @@ PY
     fi
     rm -rf "$d"
 }
-plant decode attention_decode.cu 'for (int e = 0; e < 4; e++) o[si][e] *= alpha;' \
+plant attention attention_decode.cu 'for (int e = 0; e < 4; e++) o[si][e] *= alpha;' \
     'for (int e = 0; e < 4; e++) o[si][e] *= 1.0f;' 'CudaAttention.DecodeSplit*'
+# a race in a tensor-core kernel: warps read dS^T from shared memory before all have stored it
+plant attention_backward attention_backward.cu \
+    '        __syncthreads();  // all of dS^T is in shared memory' '' \
+    'CudaAttentionBackward.CrossAttentionWithKvLen'
 plant optim optim.cu 'k.step_size = lr / bc1;' 'k.step_size = lr;' 'CudaOptim*'
 plant elementwise sampling.cu 'partial[row * chunks + c]' 'partial[row * (chunks - 1) + c]' \
     'CudaSampling.Argmax*'

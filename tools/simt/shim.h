@@ -4,7 +4,11 @@
 // Model: threads of a block are fibers that run one at a time; a fiber runs until it reaches a
 // sync point (__syncthreads, a warp intrinsic), so atomics are trivially atomic and memory is
 // sequentially consistent. Blocks run serially, so __shared__ = a function-local static that
-// lives in the "emu_shared" section, which the launcher poisons before every block.
+// lives in the "emu_shared" section, which the launcher poisons before every block. Dynamic
+// shared memory (extern __shared__, which rewrite.py turns into emu::dynamic_shared()) is the
+// launch's byte count at the end of a mapping, right before a guard page, poisoned per block.
+// Warp-wide instructions with wider operands (ldmatrix, mma: tools/simt/ptx_sm80.cuh) are
+// warp ops whose lanes pass their operands by address and one function resolves them all.
 #pragma once
 #include <limits.h>
 #include <math.h>
@@ -77,13 +81,27 @@ emu_swap:
 namespace emu {
 
 enum State { RUN, BAR, WARP, DONE };
-enum Op { SHFL_IDX, SHFL_UP, SHFL_DOWN, SHFL_XOR, MATCH_ANY, BALLOT, VOTE_ANY, VOTE_ALL, SYNCWARP };
+enum Op { SHFL_IDX, SHFL_UP, SHFL_DOWN, SHFL_XOR, MATCH_ANY, BALLOT, VOTE_ANY, VOTE_ALL, SYNCWARP,
+          CUSTOM };
 inline const char *op_name(int op) {
     static const char *n[] = {"__shfl_sync",      "__shfl_up_sync", "__shfl_down_sync",
                               "__shfl_xor_sync",  "__match_any_sync", "__ballot_sync",
-                              "__any_sync",       "__all_sync",     "__syncwarp"};
+                              "__any_sync",       "__all_sync",     "__syncwarp",
+                              "a warp-wide instruction"};
     return n[op];
 }
+
+// A CUSTOM warp op's resolver: io[l] is lane l's operand block (nullptr for a lane outside the
+// mask); it reads every lane's inputs and writes every lane's outputs, or returns false with a
+// message in err (a fault of the whole block).
+using CustomOp = bool (*)(void *const io[32], unsigned mask, std::string &err);
+
+// One cp.async copy in flight: its destination and the bytes it will write (read at issue).
+struct AsyncCopy {
+    unsigned char *dst;
+    unsigned char bytes[16];
+    int n;
+};
 
 struct Fiber {
     void *sp = nullptr;
@@ -94,6 +112,10 @@ struct Fiber {
     uint64_t val = 0, res = 0;
     unsigned line = 0;
     const char *func = "";
+    void *io = nullptr;           // CUSTOM: this lane's operands
+    CustomOp custom = nullptr;    // CUSTOM: the resolver
+    std::vector<AsyncCopy> async_open;                  // cp.async since the last commit
+    std::vector<std::vector<AsyncCopy>> async_groups;   // committed groups, oldest first
 };
 
 struct Ctx {
@@ -224,13 +246,28 @@ inline bool resolve_warp(int w, int n, bool &bad) {
                 break;
             }
             if (b.mask != m || b.op != a.op || b.line != a.line || b.func != a.func ||
-                b.width != a.width || b.size != a.size) {
+                b.width != a.width || b.size != a.size || b.custom != a.custom) {
                 bad = true;
                 return fail("warp " + std::to_string(w) + " lanes disagree on the warp op: " +
                             describe(w * 32 + l) + " vs " + describe(w * 32 + j));
             }
         }
         if (!ready) continue;
+        if (a.op == CUSTOM) {
+            void *io[32];
+            for (int j = 0; j < 32; j++)
+                io[j] = ((m >> j) & 1u) ? ctx.f[w * 32 + j].io : nullptr;
+            std::string err;
+            if (!a.custom(io, m, err)) {
+                bad = true;
+                return fail(describe(w * 32 + l) + ": " + err);
+            }
+            for (int j = 0; j < 32; j++)
+                if ((m >> j) & 1u) ctx.f[w * 32 + j].st = RUN;
+            ctx.warp_ops++;
+            released = true;
+            continue;
+        }
         const int width = a.width;
         if (width < 1 || width > 32 || (width & (width - 1))) {
             bad = true;
@@ -394,14 +431,67 @@ inline bool run_block(int n) {
     }
 }
 
+// Dynamic shared memory: the largest a block may opt in to on sm_90 (227 KB), in one mapping
+// that ends at a guard page. A launch of n bytes gets the last n (rounded up to 16) before the
+// guard, so a kernel reading or writing past what its launch asked for faults.
+constexpr size_t kMaxDynamicShared = 227 * 1024;
+struct DynamicShared {
+    unsigned char *end = nullptr;  // the guard page
+    unsigned char *base = nullptr;
+    size_t bytes = 0;
+};
+inline DynamicShared dyn;
+inline void set_dynamic_shared(size_t bytes) {
+    if (!dyn.end) {
+        const size_t map = kMaxDynamicShared + 2 * 4096;
+        void *p = mmap(nullptr, map, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED) {
+            perror("mmap");
+            abort();
+        }
+        dyn.end = (unsigned char *)p + map - 4096;
+        mprotect(dyn.end, 4096, PROT_NONE);
+    }
+    dyn.bytes = bytes;
+    dyn.base = dyn.end - ((bytes + 15) & ~(size_t)15);
+}
+// What `extern __shared__ T name[];` names in the running block.
+inline unsigned char *dynamic_shared() { return dyn.base; }
+
 inline void poison_shared() {
     if (__start_emu_shared && __stop_emu_shared)
         memset(__start_emu_shared, ctx.poison, (size_t)(__stop_emu_shared - __start_emu_shared));
+    if (dyn.base) memset(dyn.base, ctx.poison, (size_t)(dyn.end - dyn.base));
+}
+
+// Shared-state-space addresses (__cvta_generic_to_shared): dynamic shared memory from 0, the
+// static __shared__ variables from kStaticSharedBase. shared_pointer maps back, and checks that
+// [addr, addr + n) lies in one of the two (nullptr if not).
+constexpr uint32_t kStaticSharedBase = 0x100000;
+inline bool shared_address(const void *p, uint32_t *addr) {
+    const unsigned char *c = (const unsigned char *)p;
+    if (dyn.base && c >= dyn.base && c < dyn.base + dyn.bytes) {
+        *addr = (uint32_t)(c - dyn.base);
+        return true;
+    }
+    if (__start_emu_shared && c >= (const unsigned char *)__start_emu_shared &&
+        c < (const unsigned char *)__stop_emu_shared) {
+        *addr = kStaticSharedBase + (uint32_t)(c - (const unsigned char *)__start_emu_shared);
+        return true;
+    }
+    return false;
+}
+inline unsigned char *shared_pointer(uint32_t addr, size_t n) {
+    if (addr < kStaticSharedBase)
+        return (size_t)addr + n <= dyn.bytes ? dyn.base + addr : nullptr;
+    const size_t off = addr - kStaticSharedBase;
+    const size_t size = __start_emu_shared ? (size_t)(__stop_emu_shared - __start_emu_shared) : 0;
+    return off + n <= size ? (unsigned char *)__start_emu_shared + off : nullptr;
 }
 
 // Launches body on grid x block threads, one block at a time, in the block order of
 // ctx.block_order (0 ascending, 1 descending, 2 random). False on a sync error.
-inline bool launch(dim3 grid, dim3 block, std::function<void()> body) {
+inline bool launch(dim3 grid, dim3 block, size_t dynamic_smem, std::function<void()> body) {
     const unsigned long long nt = (unsigned long long)block.x * block.y * block.z;
     if (nt == 0 || nt > 1024 || nt % 32) {
         ctx.error = "unsupported block size " + std::to_string(nt);
@@ -409,6 +499,7 @@ inline bool launch(dim3 grid, dim3 block, std::function<void()> body) {
     }
     gridDim = grid;
     blockDim = block;
+    set_dynamic_shared(dynamic_smem);
     ctx.body = std::move(body);
     const unsigned long long nb = (unsigned long long)grid.x * grid.y * grid.z;
     std::vector<unsigned long long> ord(nb);
@@ -451,6 +542,23 @@ inline uint64_t warp_op(Op op, unsigned mask, uint64_t val, int size, int arg, i
     me.func = loc.function_name();
     yield();
     return me.res;
+}
+
+// A warp-wide instruction: this lane's operand block io, resolved with the other lanes' by fn
+// once every lane of mask has arrived.
+inline void warp_custom(CustomOp fn, void *io, unsigned mask, const std::source_location &loc) {
+    Fiber &me = ctx.f[ctx.cur];
+    me.st = WARP;
+    me.op = CUSTOM;
+    me.custom = fn;
+    me.io = io;
+    me.mask = mask;
+    me.size = 0;
+    me.width = 32;
+    me.line = loc.line();
+    me.func = loc.function_name();
+    yield();
+    me.io = nullptr;
 }
 
 }  // namespace emu
