@@ -10,8 +10,9 @@
 //     and lie in shared memory.
 //   - mma.m16n8k16 bf16 -> fp32: the 16 products of each output and its accumulator summed
 //     exactly (in double; bf16 products are exact in double) and rounded once to fp32. Tensor
-//     cores sum in fp32 in an order of their own; the tests' bounds assume fp32 accumulation,
-//     which this meets, so it checks the kernels' logic, not the hardware's rounding.
+//     cores sum in fp32 in an order of their own and truncate; EMU_MMA=rz models the worst of
+//     that the tests' bounds allow instead: the accumulator plus one product at a time, each
+//     sum truncated (rounded toward zero) to fp32, which loses up to an ulp per addition.
 //   - cvt.rn.bf16x2.f32: round to nearest even, NaN to the canonical 0x7fff.
 #pragma once
 
@@ -83,6 +84,26 @@ struct Mma {
 //   a[0]: A[g][2t..2t+1]  a[1]: A[g+8][2t..2t+1]  a[2]: A[g][2t+8..2t+9]  a[3]: A[g+8][2t+8..]
 //   b[0]: B[2t..2t+1][g]  b[1]: B[2t+8..2t+9][g]
 //   c[0..1]: C[g][2t..2t+1]  c[2..3]: C[g+8][2t..2t+1]
+// EMU_MMA=rz: sequential fp32 sums rounded toward zero (see the top of the file).
+inline bool mma_truncates() {
+    static const bool rz = [] {
+        const char *m = getenv("EMU_MMA");
+        return m && strcmp(m, "rz") == 0;
+    }();
+    return rz;
+}
+// a + b rounded toward zero to fp32 (b: a product of two bf16, exact in double). The exact sum
+// is x + e (TwoSum); f, the nearest float to x, steps toward zero when it lies beyond x + e.
+inline float add_rz(float a, double b) {
+    const double x = (double)a + b;
+    const double bp = x - (double)a, ap = x - bp;
+    const double e = ((double)a - ap) + (b - bp);
+    float f = (float)x;
+    const double beyond = ((double)f - x) - e;  // sign of f - (x + e)
+    if ((x > 0 && beyond > 0) || (x < 0 && beyond < 0)) f = std::nextafter(f, 0.0f);
+    return f;
+}
+
 inline bool mma_bf16_16816(void *const io[32], unsigned mask, std::string &err) {
     if (mask != 0xffffffffu) {
         err = "mma.sync .aligned needs every lane of the warp";
@@ -110,9 +131,15 @@ inline bool mma_bf16_16816(void *const io[32], unsigned mask, std::string &err) 
         const int g = l / 4, t = l % 4;
         for (int i = 0; i < 4; i++) {
             const int row = g + 8 * (i / 2), col = 2 * t + i % 2;
-            double s = C[row][col];
-            for (int k = 0; k < 16; k++) s += A[row][k] * B[k][col];
-            f->c[i] = (float)s;
+            if (mma_truncates()) {
+                float s = (float)C[row][col];
+                for (int k = 0; k < 16; k++) s = add_rz(s, A[row][k] * B[k][col]);
+                f->c[i] = s;
+            } else {
+                double s = C[row][col];
+                for (int k = 0; k < 16; k++) s += A[row][k] * B[k][col];
+                f->c[i] = (float)s;
+            }
         }
     }
     return true;
