@@ -95,6 +95,14 @@ sf_status sf_cuda_attention_decode_bf16(const sf_attention_args *a, cudaStream_t
  * SF_ERR_CUDA when the launch fails, SF_OK otherwise (also when there is nothing to do). */
 sf_status sf_cuda_attention_bf16(const sf_attention_args *a, cudaStream_t stream);
 
+/* The same forward on Hopper's warpgroup tensor-core instruction (attention_sm90.cu): the
+ * arguments, results (up to rounding: its fp32 sums run in another order) and errors of
+ * sf_cuda_attention_bf16, with every case in the tiled kernel (decode too), plus
+ * SF_ERR_UNSUPPORTED when the library was built without sm_90 or the current device is not of
+ * compute capability 9.0. Not yet run on a GPU, so sf_cuda_attention_bf16 does not choose it;
+ * tests and bench_attention call it. */
+sf_status sf_cuda_attention_sm90_bf16(const sf_attention_args *a, cudaStream_t stream);
+
 /* The forward's requirements on *a, in two halves shared by both launchers: the counts, heads,
  * head dim, strides and scale; then the pointers, alignment and grid limits (a launcher with
  * nothing to do returns in between). Each returns SF_OK or fails naming fn. */

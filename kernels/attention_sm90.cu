@@ -1,0 +1,406 @@
+// Fused scaled-dot-product attention on bf16 for Hopper (sm_90a): the forward of attention.cu
+// (same arguments, masks, packing and results up to rounding) with its two products on wgmma,
+// the warpgroup-wide tensor-core instruction that reads its operands from shared memory.
+// CPU twin: host/cpu/attention.c. NOT YET RUN ON A GPU: sf_cuda_attention_bf16 does not choose
+// it; tests and bench_attention call sf_cuda_attention_sm90_bf16 directly.
+//
+// One CTA owns one (request, kv head, tile of kBlockM = 128 packed rows), as in attention.cu
+// (packed row p = query p / group of query head kv_head * group + p % group). Two warpgroups of
+// four warps; warpgroup w owns rows 64 w .. 64 w + 63, warp v of it rows 16 v .. 16 v + 15 of
+// those, so each thread holds the same two rows (g, g + 8) as in attention.cu. For every tile of
+// kBlockN = 64 keys each warpgroup computes
+//   S = Q K^T     wgmma m64n64k16, A = Q and B = K from shared memory (D / 16 of them);
+//   the mask and online softmax in registers (attention.cu's code), P rounded to bf16;
+//   O = O alpha + P V   wgmma m64nNk16 with A = P straight from the S accumulators (their
+//                 layout is the A fragment layout) and B = V from shared memory, transposed;
+// and the epilogue divides by l. K and V tiles stream in by cp.async in one buffer each: K(t+1)
+// during the softmax and PV of tile t, V(t+1) during S of tile t+1. Tiles are stored as 8-row
+// core matrices (ptx_sm90.cuh's tile_offset), the layout wgmma's descriptors describe, so no
+// swizzle is involved.
+#include <math.h>
+#include <stdint.h>
+
+#include <type_traits>
+
+#include "attention.h"
+#include "attention_mma.cuh"
+#include "cuda_check.cuh"
+#include "ptx_sm90.cuh"
+
+#if SF_SM90A
+
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#error "with SF_SM90A, attention_sm90.cu is for sm_90a only (CMakeLists.txt builds it so)"
+#endif
+
+namespace {
+
+using namespace sf_attn;
+
+constexpr int kWarpgroups = 2;
+constexpr int kThreads = kWarpgroups * 128;
+constexpr int kBlockM = kWarpgroups * 64;
+constexpr int kBlockN = 64;
+
+template <int D>
+struct Sm90Shape {
+    static constexpr int kChunks = D / 8;  // 16-byte chunks per head row
+    // O's columns: one n64 wgmma, plus one of D - 64 (16, 32 or 64) when D > 64
+    static constexpr int kN1 = D - 64;
+    static constexpr size_t kSmemBytes = (size_t)(kBlockM + 2 * kBlockN) * D * sizeof(uint16_t);
+    static_assert(D == 64 || D == 80 || D == 96 || D == 128, "unsupported head dim");
+    static_assert((16 * kChunks) % 32 == 0, "the store loop gives every lane the same count");
+};
+
+struct Sm90Params {
+    uint16_t *out;
+    const uint16_t *q;
+    const uint16_t *k;
+    const uint16_t *v;
+    const int32_t *cu_q;
+    const int32_t *cu_kv;
+    const int32_t *kv_len;
+    const int32_t *q_pos0;
+    float *lse;  // or NULL
+    int64_t q_stride, kv_stride, out_stride;
+    int32_t group;  // n_heads / n_kv_heads
+    int32_t n_heads;
+    int32_t window;
+    float scale_log2;  // scale * log2(e): the softmax runs on exp2
+    bool causal;
+};
+
+// O's accumulators: columns 0..63 in o0, 64..D-1 in o1 (empty for D = 64); column block j
+// (8 columns) of either, element e, through at().
+template <int D>
+struct OAcc {
+    static constexpr int kN1 = Sm90Shape<D>::kN1;
+    float o0[32];
+    float o1[kN1 > 0 ? kN1 / 2 : 1];
+    __device__ __forceinline__ float &at(int j, int e) {
+        return j < 8 ? o0[4 * j + e] : o1[4 * (j - 8) + e];
+    }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Kernel
+// ---------------------------------------------------------------------------------------------
+
+// Grid: x = packed-row tiles (heaviest causal tiles first), y = kv head, z = request.
+template <int D>
+__global__ void __launch_bounds__(kThreads) attention_sm90_kernel(const Sm90Params p) {
+    using S = Sm90Shape<D>;
+    constexpr int kChunks = S::kChunks;
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    unsigned char *sQ = smem_raw;                         // [kBlockM x D], later: output
+    unsigned char *sK = sQ + kBlockM * D * 2;             // [kBlockN x D]
+    unsigned char *sV = sK + kBlockN * D * 2;             // [kBlockN x D]
+    const uint32_t q_addr = smem_u32(sQ), k_addr = smem_u32(sK), v_addr = smem_u32(sV);
+
+    const int tid = threadIdx.x;
+    const int warp = tid / 32;
+    const int lane = tid % 32;
+    const int wg = warp / 4;
+    const int req = blockIdx.z;
+    const int kv_head = blockIdx.y;
+    const int32_t row0 = (int32_t)(gridDim.x - 1 - blockIdx.x) * kBlockM;  // first packed row
+    const int32_t group = p.group;
+
+    const int32_t q_begin = p.cu_q[req];
+    const int32_t q_len = p.cu_q[req + 1] - q_begin;
+    if (row0 >= q_len * group) return;  // whole CTA: past this request's queries
+    const int32_t kv_begin = p.cu_kv[req];
+    const int32_t kv_len = p.kv_len ? p.kv_len[req] : p.cu_kv[req + 1] - kv_begin;
+    const int64_t pos0 = p.q_pos0 ? p.q_pos0[req] : 0;
+
+    // Keys any row of the CTA sees: [lo, hi); a tile inside [lo_last, hi_first) is visible to
+    // every row (attention.cu).
+    const int32_t i_first = row0 / group;
+    const int32_t i_last = min((row0 + kBlockM - 1) / group, q_len - 1);
+    int32_t lo, hi_first, lo_last, hi;
+    visible_keys(p.causal, p.window, pos0 + i_first, kv_len, &lo, &hi_first);
+    visible_keys(p.causal, p.window, pos0 + i_last, kv_len, &lo_last, &hi);
+    const int32_t n_tiles = hi > lo ? (hi - lo + kBlockN - 1) / kBlockN : 0;
+
+    const uint16_t *k_base = p.k + (int64_t)kv_begin * p.kv_stride + (int64_t)kv_head * D;
+    const uint16_t *v_base = p.v + (int64_t)kv_begin * p.kv_stride + (int64_t)kv_head * D;
+    auto load_kv_tile = [&](uint32_t dst, const uint16_t *base, int32_t j0) {
+#pragma unroll
+        for (int c = tid; c < kBlockN * kChunks; c += kThreads) {
+            const int r = c / kChunks, cc = c % kChunks;
+            const int32_t j = j0 + r;
+            const bool ok = j < hi;  // rows past the visible range are zero-filled, never read
+            const uint16_t *src = ok ? base + (int64_t)j * p.kv_stride + cc * 8 : base;
+            cp_async_16(dst + tile_offset(r, cc, kBlockN), src, ok);
+        }
+    };
+
+    // Q tile (+ the first K tile) as one cp.async group, the first V tile as the next.
+#pragma unroll
+    for (int c = tid; c < kBlockM * kChunks; c += kThreads) {
+        const int r = c / kChunks, cc = c % kChunks;
+        const int32_t prow = row0 + r;
+        const int32_t i = prow / group;
+        const bool ok = i < q_len;
+        const uint16_t *src =
+            ok ? p.q + (int64_t)(q_begin + i) * p.q_stride +
+                     (int64_t)(kv_head * group + prow % group) * D + cc * 8
+               : p.q;
+        cp_async_16(q_addr + tile_offset(r, cc, kBlockM), src, ok);
+    }
+    if (n_tiles > 0) load_kv_tile(k_addr, k_base, lo);
+    cp_async_commit();
+    if (n_tiles > 0) load_kv_tile(v_addr, v_base, lo);
+    cp_async_commit();
+    cp_async_wait<1>();
+    fence_proxy_async();
+    __syncthreads();
+
+    // This thread's rows g and g + 8 of its warp's 16; it holds columns 2t, 2t+1 of every
+    // 8-column accumulator block. Per-row state is indexed [h].
+    const int g = lane / 4, t4 = lane % 4;
+    const int32_t warp_row0 = row0 + warp * 16;
+    const bool wg_active = (row0 + wg * 64) / group < q_len;  // warpgroup-uniform
+    int32_t row_lo[2], row_hi[2];
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const int32_t i = (warp_row0 + g + 8 * h) / group;
+        if (i < q_len) {
+            visible_keys(p.causal, p.window, pos0 + i, kv_len, &row_lo[h], &row_hi[h]);
+        } else {
+            row_lo[h] = row_hi[h] = 0;  // padding row: sees nothing, written nowhere
+        }
+    }
+
+    // Descriptors (tile_offset's placement): Q rows of this warpgroup, K, V.
+    constexpr uint32_t kQLbo = kBlockM * 16, kKvLbo = kBlockN * 16;
+    const uint32_t q_wg = q_addr + tile_offset(wg * 64, 0, kBlockM);
+
+    OAcc<D> o;
+#pragma unroll
+    for (int j = 0; j < D / 8; j++) o.at(j, 0) = o.at(j, 1) = o.at(j, 2) = o.at(j, 3) = 0.0f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+
+    for (int32_t tile = 0; tile < n_tiles; tile++) {
+        const int32_t j0 = lo + tile * kBlockN;
+        if (tile > 0) {
+            cp_async_wait<1>();  // K(tile) has landed; V(tile) may still be in flight
+            fence_proxy_async();
+            __syncthreads();
+        }
+
+        uint32_t pf[kBlockN / 16][4];  // P as A fragments, one per 16 keys
+        if (wg_active) {
+            float s[kBlockN / 2];
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk++) {
+                wgmma_ss<kBlockN>(s, wgmma_desc(q_wg + kk * 2 * kQLbo, kQLbo, 128),
+                                  wgmma_desc(k_addr + kk * 2 * kKvLbo, kKvLbo, 128), kk > 0);
+            }
+            wgmma_commit();
+            wgmma_wait<0>();
+
+            // Mask (only where some row of the CTA loses part of this tile), online softmax.
+            const bool need_mask = j0 < lo_last || j0 + kBlockN > hi_first;
+            float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+            for (int nt = 0; nt < kBlockN / 8; nt++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    float x = s[4 * nt + e] * p.scale_log2;
+                    if (need_mask) {
+                        const int32_t j = j0 + nt * 8 + 2 * t4 + (e & 1);
+                        if (j < row_lo[e >> 1] || j >= row_hi[e >> 1]) x = -INFINITY;
+                    }
+                    s[4 * nt + e] = x;
+                    mx[e >> 1] = fmaxf(mx[e >> 1], x);
+                }
+            }
+            float base[2];
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                // the four threads of a row share it: reduce across lanes t4 = 0..3
+                mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+                mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+                const float m_new = fmaxf(m[h], mx[h]);
+                // a row that has seen only masked keys keeps m = -inf; subtract 0 instead so
+                // that exp2 gives 0, never NaN
+                base[h] = m_new == -INFINITY ? 0.0f : m_new;
+                const float alpha = exp2f(m[h] - base[h]);
+                m[h] = m_new;
+                l[h] *= alpha;
+#pragma unroll
+                for (int j = 0; j < D / 8; j++) {
+                    o.at(j, 2 * h) *= alpha;
+                    o.at(j, 2 * h + 1) *= alpha;
+                }
+            }
+            // P = exp2(s - m) rounded to bf16; l sums the rounded values (attention.cu).
+#pragma unroll
+            for (int kc = 0; kc < kBlockN / 16; kc++) {
+#pragma unroll
+                for (int half = 0; half < 2; half++) {
+                    const float *sv = s + 4 * (2 * kc + half);
+                    const uint32_t top = pack_bf16x2(exp2f(sv[0] - base[0]), exp2f(sv[1] - base[0]));
+                    const uint32_t bot = pack_bf16x2(exp2f(sv[2] - base[1]), exp2f(sv[3] - base[1]));
+                    pf[kc][2 * half] = top;      // row g,     keys 16kc + 8half + 2t, +1
+                    pf[kc][2 * half + 1] = bot;  // row g + 8, same keys
+                    l[0] += sum_bf16x2(top);
+                    l[1] += sum_bf16x2(bot);
+                }
+            }
+        }
+
+        __syncthreads();  // every warpgroup is done reading sK
+        if (tile + 1 < n_tiles) load_kv_tile(k_addr, k_base, j0 + kBlockN);
+        cp_async_commit();
+        cp_async_wait<1>();  // V(tile) has landed; K(tile + 1) may still be in flight
+        fence_proxy_async();
+        __syncthreads();
+
+        if (wg_active) {
+            // V as B, MN-major: keys are K (core matrices 128 bytes apart), head dims are N
+            // (kBlockN * 16 bytes apart); columns 64.. start 8 chunk columns in.
+            wgmma_fence();
+#pragma unroll
+            for (int kc = 0; kc < kBlockN / 16; kc++) {
+                const uint32_t v_kc = v_addr + tile_offset(16 * kc, 0, kBlockN);
+                wgmma_rs_bt<64>(o.o0, pf[kc], wgmma_desc(v_kc, 128, kKvLbo), 1);
+                if constexpr (S::kN1 > 0) {
+                    wgmma_rs_bt<S::kN1>(o.o1, pf[kc],
+                                        wgmma_desc(v_kc + tile_offset(0, 8, kBlockN), 128, kKvLbo),
+                                        1);
+                }
+            }
+            wgmma_commit();
+            wgmma_wait<0>();
+        }
+
+        __syncthreads();  // every warpgroup is done reading sV
+        if (tile + 1 < n_tiles) load_kv_tile(v_addr, v_base, j0 + kBlockN);
+        cp_async_commit();
+    }
+    cp_async_wait<0>();  // nothing may still be landing when the CTA exits
+
+    if (!wg_active) return;  // no barrier follows: the rest is per warp
+
+    // Normalise, stage the warp's 16 rows in its own rows of sQ (no other warp reads them
+    // again), then store whole 16-byte chunks of the rows that are real queries.
+    float inv[2];
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        float sum = l[h];
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        inv[h] = sum > 0.0f ? 1.0f / sum : 0.0f;  // 0: no visible key, zeros
+        const int32_t prow = warp_row0 + g + 8 * h;
+        const int32_t i = prow / group;
+        if (p.lse && t4 == 0 && i < q_len) {
+            // the sum of the rounded P the output was divided by (attention.cu)
+            p.lse[(int64_t)(q_begin + i) * p.n_heads + kv_head * group + prow % group] =
+                sum > 0.0f ? (m[h] + log2f(sum)) * 0.6931471805599453f : -INFINITY;
+        }
+    }
+    const int r_warp = warp * 16;
+#pragma unroll
+    for (int j = 0; j < D / 8; j++) {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            *reinterpret_cast<uint32_t *>(sQ + tile_offset(r_warp + g + 8 * h, j, kBlockM) +
+                                          4 * t4) =
+                pack_bf16x2(o.at(j, 2 * h) * inv[h], o.at(j, 2 * h + 1) * inv[h]);
+        }
+    }
+    __syncwarp();
+#pragma unroll
+    for (int it = 0; it < 16 * kChunks / 32; it++) {
+        const int c = lane + it * 32;
+        const int r = r_warp + c / kChunks, cc = c % kChunks;
+        const int32_t prow = row0 + r;
+        const int32_t i = prow / group;
+        if (i < q_len) {
+            uint16_t *dst = p.out + (int64_t)(q_begin + i) * p.out_stride +
+                            (int64_t)(kv_head * group + prow % group) * D + cc * 8;
+            *reinterpret_cast<uint4 *>(dst) =
+                *reinterpret_cast<const uint4 *>(sQ + tile_offset(r, cc, kBlockM));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Launcher
+// ---------------------------------------------------------------------------------------------
+
+template <int D>
+sf_status launch_sm90(const Sm90Params &p, const sf_attention_args *a, cudaStream_t stream) {
+    constexpr size_t smem = Sm90Shape<D>::kSmemBytes;
+    if (smem > 48 * 1024) {
+        SF_CUDA_TRY(cudaFuncSetAttribute(attention_sm90_kernel<D>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    }
+    const int64_t tiles = ((int64_t)a->max_q_len * p.group + kBlockM - 1) / kBlockM;
+    const dim3 grid((unsigned)tiles, (unsigned)a->n_kv_heads, (unsigned)a->n_requests);
+    attention_sm90_kernel<D><<<grid, kThreads, smem, stream>>>(p);
+    SF_CUDA_TRY(cudaGetLastError());
+    return SF_OK;
+}
+
+}  // namespace
+
+extern "C" sf_status sf_cuda_attention_sm90_bf16(const sf_attention_args *a,
+                                                 cudaStream_t stream) {
+    static const char *fn = "sf_cuda_attention_sm90_bf16";
+    sf_status st = sf_attention_check_shapes(a, fn);
+    if (st != SF_OK) return st;
+    // wgmma exists on compute capability 9.0 only (this file is built for sm_90a)
+    int dev = 0, major = 0, minor = 0;
+    SF_CUDA_TRY(cudaGetDevice(&dev));
+    SF_CUDA_TRY(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    SF_CUDA_TRY(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+    if (major != 9 || minor != 0) {
+        return sf_fail(SF_ERR_UNSUPPORTED, "%s: needs a compute capability 9.0 device (sm_90a), "
+                       "device %d is %d.%d", fn, dev, major, minor);
+    }
+    if (a->n_requests == 0 || a->max_q_len == 0) return SF_OK;  // nothing to compute
+    st = sf_attention_check_tensors(a, fn);
+    if (st != SF_OK) return st;
+
+    sf_nvtx_range range("sf_cuda_attention_sm90_bf16");
+    Sm90Params p;
+    p.out = a->out;
+    p.q = a->q;
+    p.k = a->k;
+    p.v = a->v;
+    p.cu_q = a->cu_q;
+    p.cu_kv = a->cu_kv;
+    p.kv_len = a->kv_len;
+    p.q_pos0 = a->q_pos0;
+    p.lse = a->lse;
+    p.q_stride = a->q_stride;
+    p.kv_stride = a->kv_stride;
+    p.out_stride = a->out_stride;
+    p.group = a->n_heads / a->n_kv_heads;
+    p.n_heads = a->n_heads;
+    p.window = a->window;
+    p.scale_log2 = a->scale * 1.4426950408889634f;
+    p.causal = a->causal;
+    switch (a->head_dim) {
+        case 64: return launch_sm90<64>(p, a, stream);
+        case 80: return launch_sm90<80>(p, a, stream);
+        case 96: return launch_sm90<96>(p, a, stream);
+        default: return launch_sm90<128>(p, a, stream);
+    }
+}
+
+#else  // built without sm_90 among the architectures
+
+extern "C" sf_status sf_cuda_attention_sm90_bf16(const sf_attention_args *a,
+                                                 cudaStream_t stream) {
+    (void)a;
+    (void)stream;
+    return sf_fail(SF_ERR_UNSUPPORTED, "sf_cuda_attention_sm90_bf16: this build has no sm_90a "
+                   "code (CMAKE_CUDA_ARCHITECTURES without 90)");
+}
+
+#endif

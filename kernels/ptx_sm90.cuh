@@ -1,0 +1,136 @@
+// Internal: the sm_90a PTX instructions of the Hopper attention kernel (attention_sm90.cu), one
+// inline-asm wrapper each: warpgroup matrix multiply-accumulate (wgmma) with its fences and
+// groups, and the shared-memory matrix descriptors it reads its operands through. Compiled only
+// for sm_90a (wgmma exists nowhere else).
+//
+// tools/simt/ptx_sm90.cuh is this file's twin for the CPU emulator: the same functions, with
+// the semantics each comment states. Keep the two in step. The layouts below are the PTX ISA's
+// (wgmma: "Matrix fragments" and "Shared memory matrix layout"); they have not yet been checked
+// on a GPU, which CudaAttentionSm90.* in tests/test_cuda_attention.cpp does first.
+#pragma once
+
+#include <stdint.h>
+
+namespace sf_attn {
+
+// Operand tiles in shared memory, no swizzle: "core matrices" of 8 rows x 16 bytes (8 bf16),
+// each 128 contiguous bytes, row r of a core matrix at byte 16 r. A tile of `rows` rows and
+// `chunks` 16-byte columns stores chunk column c of row group r / 8 at core matrix
+// c * rows / 8 + r / 8. This one placement serves every operand here:
+//   A (Q, 64 x 16 per instruction, K-major: rows are M, chunks are K): leading byte offset
+//     (between core matrices adjacent in K) = rows * 16, stride byte offset (adjacent in M) = 128;
+//   B (K, keys x head dim, K-major: rows are N, chunks K): LBO = rows * 16, SBO = 128;
+//   B (V, keys x head dim, MN-major: rows are K, chunks N; wgmma's transpose-b): LBO (adjacent
+//     in K) = 128, SBO (adjacent in N) = rows * 16.
+__device__ __forceinline__ uint32_t tile_offset(int row, int chunk, int rows) {
+    return (uint32_t)((chunk * (rows / 8) + row / 8) * 128 + (row % 8) * 16);
+}
+
+// The 64-bit wgmma descriptor of a no-swizzle operand at shared address addr: bits 0-13 addr,
+// 16-29 the leading, 32-45 the stride byte offset (all >> 4), base offset 0, swizzle mode 0.
+__device__ __forceinline__ uint64_t wgmma_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+    return (uint64_t)((addr & 0x3FFFFu) >> 4) | (uint64_t)((lbo & 0x3FFFFu) >> 4) << 16 |
+           (uint64_t)((sbo & 0x3FFFFu) >> 4) << 32;
+}
+
+// Makes this thread's earlier shared-memory writes (st.shared, cp.async once waited for)
+// visible to the async proxy that wgmma reads shared memory through; then a barrier, and
+// another thread's wgmma may read them.
+__device__ __forceinline__ void fence_proxy_async() {
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// Orders this thread's register writes (accumulators, A fragments) before the wgmma that
+// reads them; required before the first wgmma of a sequence.
+__device__ __forceinline__ void wgmma_fence() {
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+// Closes the wgmma issued since the last commit into one group.
+__device__ __forceinline__ void wgmma_commit() {
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+// Waits until at most N of the warpgroup's committed groups are pending; only then may their
+// accumulators be read or written.
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+
+// d[64 x N] (+)= A[64 x 16] B[16 x N], bf16 in, fp32 accumulators; the whole warpgroup (4
+// warps, 128 threads) executes it, asynchronously: d is undefined until a wgmma_wait covers the
+// group. accumulate 0: d = A B. Accumulator fragment of thread l of warp w of the warpgroup
+// (g = l / 4, t = l % 4): d[4 j + e] is row 16 w + g + 8 (e / 2), column 8 j + 2 t + e % 2 (the
+// mma.m16n8 C layout, repeated over the N / 8 column blocks).
+//   wgmma_ss:    A (K-major) and B (K-major, i.e. B^T stored N x K) from shared memory.
+//   wgmma_rs_bt: A from registers, warp w holding rows 16 w .. 16 w + 15 in the
+//                mma.m16n8k16 A layout (ptx_sm80.cuh); B MN-major (stored K x N).
+template <int N>
+__device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t a, uint64_t b,
+                                         int accumulate);
+template <int N>
+__device__ __forceinline__ void wgmma_rs_bt(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t b,
+                                            int accumulate);
+
+template <>
+__device__ __forceinline__ void wgmma_ss<64>(float (&d)[32], uint64_t a, uint64_t b, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, "
+        "%14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, "
+        "%26, %27, %28, %29, %30, %31"
+        "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
+          "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+          "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
+          "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
+          "+f"(d[30]), "+f"(d[31])
+        : "l"(a), "l"(b), "r"(accumulate));
+}
+template <>
+__device__ __forceinline__ void wgmma_rs_bt<16>(float (&d)[8], const uint32_t (&a)[4], uint64_t b,
+                                               int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7"
+        "}, {%8, %9, %10, %11}, %12, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
+          "+f"(d[6]), "+f"(d[7])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
+}
+template <>
+__device__ __forceinline__ void wgmma_rs_bt<32>(float (&d)[16], const uint32_t (&a)[4], uint64_t b,
+                                               int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, "
+        "%14, %15"
+        "}, {%16, %17, %18, %19}, %20, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
+          "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+          "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
+}
+template <>
+__device__ __forceinline__ void wgmma_rs_bt<64>(float (&d)[32], const uint32_t (&a)[4], uint64_t b,
+                                               int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, "
+        "%14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, "
+        "%26, %27, %28, %29, %30, %31"
+        "}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
+          "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+          "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
+          "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
+          "+f"(d[30]), "+f"(d[31])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
+}
+
+}  // namespace sf_attn
