@@ -1,5 +1,7 @@
 // Fused attention throughput: sf_cuda_attention_bf16 at the shapes DESIGN.md §9 names, beside
-// cuDNN's fused attention on the same buffers.
+// cuDNN's fused attention on the same buffers; rows marked "(wgmma)" run the Hopper kernel
+// sf_cuda_attention_sm90_bf16 instead (attention_sm90.cu; "n/a" with the reason where it cannot
+// run), whose "vs cuDNN rel err" column is also its first check on a GPU beside the tests.
 //
 // usage: bench_attention [--repeats R] [--warmup W]
 //   Sysformer self-attention   32 requests x n_s = 256 queries, bidirectional, 32/32 heads, d 128
@@ -55,6 +57,7 @@ struct Shape {
     // > 0: passed as max_kv_len with the workspace it asks for (decode: the split-KV kernel,
     // attention_decode.cu); 0: the tiled kernel
     int max_kv_len = 0;
+    bool sm90 = false;  // sf_cuda_attention_sm90_bf16 instead of sf_cuda_attention_bf16
 };
 
 double visible_pairs(const Shape &s) {
@@ -201,7 +204,22 @@ double rel_l2_error(const std::vector<uint16_t> &x, const std::vector<uint16_t> 
     return sqrt(diff) / sqrt(norm);
 }
 
+// Whether sf_cuda_attention_sm90_bf16 runs here (the build has sm_90a code, the device is 9.0);
+// if not, why, in sf_last_error().
+bool sm90_runs() {
+    sf_attention_args a = {};  // nothing to do: only the device check can fail
+    a.n_heads = a.n_kv_heads = 1;
+    a.head_dim = 64;
+    a.q_stride = a.kv_stride = a.out_stride = 64;
+    a.scale = 0.125f;
+    return sf_cuda_attention_sm90_bf16(&a, 0) == SF_OK;
+}
+
 void run_shape(const Shape &s, int warmup, int repeats) {
+    if (s.sm90 && !sm90_runs()) {
+        printf("%-26s n/a: %s\n", s.name, sf_last_error());
+        return;
+    }
     const int64_t q_rows = (int64_t)s.n_requests * s.n_q, kv_rows = (int64_t)s.n_requests * s.n_kv;
     const int64_t q_row = (int64_t)s.n_heads * s.head_dim;
     const int64_t kv_row = (int64_t)s.n_kv_heads * s.head_dim;
@@ -253,8 +271,10 @@ void run_shape(const Shape &s, int warmup, int repeats) {
     a.workspace_bytes = sf_cuda_attention_workspace_bytes(&a);
     if (a.workspace_bytes > 0) BENCH_CUDA(cudaMalloc(&a.workspace, a.workspace_bytes));
 
+    sf_status (*attention)(const sf_attention_args *, cudaStream_t) =
+        s.sm90 ? sf_cuda_attention_sm90_bf16 : sf_cuda_attention_bf16;
     const double med = bench_median_ms(warmup, repeats, 0, [&](int) {
-        if (sf_cuda_attention_bf16(&a, 0) != SF_OK) {
+        if (attention(&a, 0) != SF_OK) {
             fprintf(stderr, "bench_attention: %s: %s\n", s.name, sf_last_error());
             exit(1);
         }
@@ -358,6 +378,11 @@ int main(int argc, char **argv) {
         {"decode split-KV", 32, 1, 2048, 32, 8, 128, true, 2047, 2048},
         {"decode tiled", 1, 1, 2048, 32, 8, 128, true, 2047},
         {"decode split-KV", 1, 1, 2048, 32, 8, 128, true, 2047, 2048},
+        {"sysformer SA (wgmma)", 32, 256, 256, 32, 32, 128, false, 0, 0, true},
+        {"sysformer CA (wgmma)", 32, 256, 512, 32, 32, 128, false, 0, 0, true},
+        {"sysformer CA (wgmma)", 32, 256, 2048, 32, 32, 128, false, 0, 0, true},
+        {"causal prefill (wgmma)", 1, 2048, 2048, 32, 8, 128, true, 0, 0, true},
+        {"causal prefill (wgmma)", 8, 2048, 2048, 32, 8, 128, true, 0, 0, true},
     };
     for (const Shape &s : shapes) run_shape(s, warmup, repeats);
     release_peer_plans();
