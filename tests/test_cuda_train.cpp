@@ -735,7 +735,10 @@ TEST_P(CudaTrainTiny, TrainerDeviceOptimizerStepsMatchTheCpu) {
     o.lr = 1e-3;
     o.warmup_steps = 1;
     o.clip_norm = 1e-4;
-    o.adamw.eps = 1e-5;
+    // eps sets the bound below (it divides the gradient's error): at 1e-5 the bound exceeds half
+    // the first update and the test's own check that the bound says something fails; at 1e-4
+    // it is 0.33-0.42 of it (seen on the emulator, tools/simt run.sh train)
+    o.adamw.eps = 1e-4;
     o.adamw.weight_decay = 0.1;
     o.w_recon = 1.0;
     o.validate_first = false;
@@ -909,7 +912,8 @@ TEST_P(CudaTrainTiny, TrainerResumeOnTheGpuEqualsAnUninterruptedRun) {
     };
     const std::string sa = read(a.file("train_state.safetensors"));
     EXPECT_FALSE(sa.empty());
-    EXPECT_EQ(sa, read(b.file("train_state.safetensors")));
+    // not EXPECT_EQ: on a mismatch gtest would print a line diff of two binary files
+    EXPECT_TRUE(sa == read(b.file("train_state.safetensors"))) << "the checkpoints differ";
     // training moved the weights: the comparison is not of two untouched copies
     SfPtr fresh = random_sysformer(llm_.get(), true, SF_ACT_RELU, false, 29);
     EXPECT_NE(flat_copy(fresh.get()), straight.w);

@@ -190,6 +190,9 @@ struct sf_cuda_trainer {
     uint16_t *h_sout, *h_s;       /* [T, d] S' and S, bf16                                */
     float *h_grec;                /* [T, d]                                               */
     double *h_stats;              /* [2] the device's stats after a step                  */
+    float *h_cls_b;               /* [1] the classifier bias after a device step          */
+    float cls_b;                  /* the master weights' classifier bias: sf's own copy is
+                                     behind after sf_cuda_train_step                      */
     double last_coef;             /* the clip coefficient applied to g (1: not clipped)   */
     int32_t *h_seen;              /* [T] malloc'd: the chunk planner's last chunk per row */
     cudaEvent_t recon_ready;
@@ -327,6 +330,7 @@ static size_t carve_host(sf_cuda_trainer *t, char *base) {
     t->h_s = sf_carve(&c, T * sd * sizeof(uint16_t));
     t->h_grec = sf_carve(&c, T * sd * sizeof(float));
     t->h_stats = sf_carve(&c, 2 * sizeof(double));
+    t->h_cls_b = sf_carve(&c, sizeof(float));
     return c.off;
 }
 
@@ -741,7 +745,7 @@ static void stage_inputs(sf_cuda_trainer *t, const sf_cuda_train_batch *b, plan 
         memcpy(h->ce_targets, b->ce_targets, (size_t)b->n_ce * sizeof(int32_t));
     }
     for (int32_t i = 0; i < b->n_ce; i++) h->ce_weights[i] = b->ce_weights ? b->ce_weights[i] : 1;
-    const float cb = t->sf->classifier_bias ? t->sf->classifier_bias[0] : 0.0f;
+    const float cb = t->cls_b;
     for (int32_t i = 0; i < b->n_class; i++) {
         const double w = b->class_weights ? b->class_weights[i] : 1.0;
         const double y = b->class_labels[i];
@@ -1239,6 +1243,8 @@ static sf_status refresh_bf16(sf_cuda_trainer *t) {
 /* Uploads weights [n_w] (through the pinned staging) as the master weights, and rounds them. */
 static sf_status upload_weights(sf_cuda_trainer *t, const float *weights) {
     memcpy(t->h_w32, weights, (size_t)t->n_w * sizeof(float));
+    const sf_sysformer *sf = t->sf;
+    t->cls_b = sf->classifier_bias ? weights[sf->classifier_bias - sf->weights] : 0.0f;
     SF_CUDA_OR_FAIL(cudaMemcpyAsync(t->w32, t->h_w32, (size_t)t->n_w * sizeof(float),
                                     cudaMemcpyHostToDevice, t->s));
     return refresh_bf16(t);
@@ -1260,6 +1266,16 @@ static sf_status enqueue_update(sf_cuda_trainer *t, const sf_cuda_train_update *
                                                 cudaMemcpyDeviceToHost, t->s);
         if (err != cudaSuccess) {
             st = sf_fail(SF_ERR_CUDA, "sf_cuda_train_step: reading the gradient norm: %s",
+                         cudaGetErrorString(err));
+        }
+    }
+    if (st == SF_OK && t->sf->classifier_bias) {
+        /* the next batch's classifier logits need the updated bias on the host */
+        const float *b = t->w32 + (t->sf->classifier_bias - t->sf->weights);
+        const cudaError_t err = cudaMemcpyAsync(t->h_cls_b, b, sizeof(float),
+                                                cudaMemcpyDeviceToHost, t->s);
+        if (err != cudaSuccess) {
+            st = sf_fail(SF_ERR_CUDA, "sf_cuda_train_step: reading the classifier bias: %s",
                          cudaGetErrorString(err));
         }
     }
@@ -1381,10 +1397,10 @@ sf_status sf_cuda_train_loss_grad(sf_cuda_trainer *t, const sf_cuda_train_batch 
     if (recon) *recon = 0.0;
     SF_TRY(validate(t, batch));
     SF_CUDA_OR_FAIL(cudaSetDevice(t->e->device));
-    plan p;
-    stage_inputs(t, batch, &p);
     /* sf's current weights become the device's (the host optimizer's way of stepping) */
     sf_status st = upload_weights(t, t->sf->weights);
+    plan p;
+    stage_inputs(t, batch, &p);
     t->last_coef = 1.0; /* g will hold a raw gradient */
     double rec = 0.0;
     if (st == SF_OK && p.T > 0) st = enqueue(t, batch, &p, grads != NULL, &rec);
@@ -1444,6 +1460,7 @@ sf_status sf_cuda_train_step(sf_cuda_trainer *t, const sf_cuda_train_batch *batc
     if (recon) *recon = rec;
     if (grad_norm) *grad_norm = t->h_stats[0];
     t->last_coef = t->h_stats[1];
+    if (t->sf->classifier_bias) t->cls_b = *t->h_cls_b;
     return SF_OK;
 }
 
