@@ -1,6 +1,7 @@
-// tools/simt: a cuBLASLt stand-in on the host, for the engine suite. Built against the real
-// cublasLt.h (so host/cuda/gemm.c links to the real prototypes), without shim.h; its products go
-// on the emulated streams through simt_api.h, so they queue and are captured like kernels.
+// tools/simt: a cuBLASLt stand-in on the host, for the engine, train and backward suites. Built
+// against the real cublasLt.h (so host/cuda/gemm.c links to the real prototypes), without
+// shim.h; its products go on the emulated streams through simt_api.h, so they queue and are
+// captured like kernels.
 //
 // It implements what host/cuda/gemm.c uses and nothing more, and says so loudly
 // (CUBLAS_STATUS_NOT_SUPPORTED and a line on stderr) for anything else:

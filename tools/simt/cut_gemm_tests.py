@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""The emulator's copy of tests/test_cuda_backward.cpp: its cuBLASLt GEMM section (up to the
-next section's banner) and GEMM argument test cut out (cuBLASLt cannot run on the host). Every
-cut must find its markers, so a change to the test file fails loudly here instead of silently
-running less.
+"""The emulator's copy of tests/test_cuda_backward.cpp without CUDA's headers: its cuBLASLt
+GEMM section (up to the next section's banner) and GEMM argument test cut out (host/cuda/gemm.c
+and the cuBLASLt stand-in are built against the real cuda_runtime.h and cublasLt.h; with them
+run.sh keeps the section). Every cut must find its markers, so a change to the test file fails
+loudly here instead of silently running less.
 Usage: cut_gemm_tests.py in.cpp out.cpp"""
 import sys
 

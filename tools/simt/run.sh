@@ -7,8 +7,9 @@
 #     elementwise  tests/test_cuda_elementwise.cpp: conversion, embedding/splice, RoPE,
 #                  activations, argmax and sampling (sf_sample as the twin)
 #     norms        tests/test_cuda_norms.cpp: RMSNorm and LayerNorm, with the fused residual
-#     backward     tests/test_cuda_backward.cpp without its cuBLASLt section: norms, RoPE,
-#                  activations and cross-entropy backward
+#     backward     tests/test_cuda_backward.cpp: norms, RoPE, activations and cross-entropy
+#                  backward; with CUDA's headers also its cuBLASLt section (host/cuda/gemm.c's
+#                  dx and dw products on cublaslt_emu.cpp), cut out without them
 #     optim        tests/test_cuda_optim.cpp: gradient norm, clip coefficient, AdamW
 #     attention    tests/test_cuda_attention.cpp: the tiled mma.sync kernel (every mode and head
 #                  dim) and the split-KV decode, on ptx_sm80.cuh's emulated cp.async, ldmatrix
@@ -20,55 +21,96 @@
 #                  is) and every kernel it launches, on the emulated runtime, streams and graphs
 #                  (runtime.cpp) and a host cuBLASLt (cublaslt_emu.cpp), against the CPU
 #                  library; needs CUDA's headers
+#     train        tests/test_cuda_train.cpp: the GPU training step (host/cuda/train_step.c and
+#                  the engine's C it builds on) and the backward, loss and optimizer kernels
+#                  besides the engine's, against the CPU trainer; needs CUDA's headers
+#     engine+train both from one build, each suite's default in turn (ctest's simt_engine_train:
+#                  the train suite adds about 50 s of one core to the engine's build and run,
+#                  against about 150 s on its own)
 #
 #   env: EMU_MODE=0..3 one schedule, 4 (default) rotate per launch; EMU_ULP=n move expf, rsqrtf,
 #        sincosf, erfcf results by up to n ulp (within CUDA's documented bounds); EMU_FMA=1
-#        contract a * b + c in the kernels as nvcc does by default; EMU_LAUNCHES=1 list the
+#        contract a * b + c in the kernels as nvcc does by default; EMU_MMA=rz tensor-core
+#        sums one product at a time, each rounded toward zero; EMU_LAUNCHES=1 list the
 #        kernel variants each test launched; SAN=asan|ubsan; KSRC=dir kernel sources (a copy
-#        with a planted bug); ESRC=dir the engine's C (engine: a copy of host/cuda with a
+#        with a planted bug); ESRC=dir host/cuda's C (engine, train, backward: a copy with a
 #        planted bug); KEEP=1 keep the build directory; JOBS=n parallel compiles
-#        (default: the number of CPUs); CUDA_HOME (engine: the real cuda_runtime.h and
-#        cublasLt.h the C code is built against; default /usr/local/cuda); EMU_DEVICE_GIB
-#        device memory (default 16).
+#        (default: the number of CPUs); CUDA_HOME (engine, train, backward: the real
+#        cuda_runtime.h and cublasLt.h the C code is built against; default /usr/local/cuda);
+#        EMU_DEVICE_GIB device memory (default 16).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 KSRC=${KSRC:-$REPO/kernels}
 ESRC=${ESRC:-$REPO/host/cuda}
 suite=${1:-}
-[ -n "$suite" ] || { sed -n '5,32p' "$0"; exit 2; }
+[ -n "$suite" ] || { sed -n '5,40p' "$0"; exit 2; }
 shift
+
+# Without gtest arguments, the suite's passes run in turn: the harness with pass_filter[i] as
+# its gtest filter, under the environment assignments pass_env[i] (none when empty).
+pass_env=()
+pass_filter=()
+add_pass() { pass_env+=("$1"); pass_filter+=("$2"); }
+# host/cuda files built as C against the real CUDA headers, linked to runtime.cpp and
+# cublaslt_emu.cpp; host_lib=1: the CPU library (SF_HOST_SOURCES) as an archive.
+cuda_c=()
+host_lib=0
+CUDA_INC=${CUDA_HOME:-/usr/local/cuda}/include
 
 case "$suite" in
     elementwise)
         kernels=(sampling embedding convert rope activations guard)
-        test=test_cuda_elementwise.cpp
+        tests=(test_cuda_elementwise.cpp)
         twins=(host/cpu/embedding.c host/cpu/rope.c host/cpu/activations.c) ;;
     backward)
         kernels=(loss rmsnorm layernorm rope activations)
-        test=test_cuda_backward.cpp
+        tests=(test_cuda_backward.cpp)
         twins=(host/cpu/rmsnorm.c host/cpu/layernorm.c host/cpu/rope.c host/cpu/activations.c
-               host/cpu/softmax.c) ;;
+               host/cpu/softmax.c)
+        # the GEMM backward on the cuBLASLt stand-in (gemm.c's NVTX ranges are in device.cu)
+        if [ -f "$CUDA_INC/cublasLt.h" ]; then
+            kernels+=(device)
+            cuda_c=(gemm)
+        fi ;;
     norms)
         kernels=(rmsnorm layernorm)
-        test=test_cuda_norms.cpp
+        tests=(test_cuda_norms.cpp)
         twins=(host/cpu/rmsnorm.c host/cpu/layernorm.c host/cpu/activations.c) ;;
     optim)
         kernels=(optim)
-        test=test_cuda_optim.cpp
+        tests=(test_cuda_optim.cpp)
         twins=() ;;  # sf_clip_grad_norm and sf_adamw_step, lifted out of trainer.c below
     attention)
         kernels=(attention attention_decode)
-        test=test_cuda_attention.cpp
+        tests=(test_cuda_attention.cpp)
         twins=(host/cpu/attention.c host/cpu/softmax.c) ;;
     attention_backward)
         kernels=(attention attention_decode attention_backward)
-        test=test_cuda_attention_backward.cpp
+        tests=(test_cuda_attention_backward.cpp)
         twins=(host/cpu/attention.c host/cpu/softmax.c) ;;
-    engine)
+    engine|train|engine+train)
         kernels=(device embedding convert rmsnorm layernorm rope activations sampling guard random
                  attention attention_decode)
-        test=test_cuda_engine.cpp
+        cuda_c=(engine step llm_forward sysformer_forward weights gemm generate)
+        host_lib=1
+        tests=()
+        if [ "$suite" != train ]; then
+            tests+=(test_cuda_engine.cpp)
+            # SmolLM2 (when fetched) takes minutes here: run it with an explicit filter. A
+            # second run without a device covers the test that runs only there.
+            add_pass "" 'CudaEngine*:-CudaEngineSmolLM2.*'
+            add_pass EMU_NO_DEVICE=1 'CudaEngineArgs.*'
+        fi
+        if [ "$suite" != engine ]; then
+            # the training step: its host code, the backward, loss and optimizer kernels
+            kernels+=(attention_backward loss optim)
+            cuda_c+=(train_step)
+            tests+=(test_cuda_train.cpp)
+            # Every test, then the tests that run only without a device.
+            add_pass "" '*CudaTrain*'
+            add_pass EMU_NO_DEVICE=1 'CudaTrainArgs.*'
+        fi
         # the CPU library the tests compare against (and the engine loads models with): the
         # release build's list of host sources, read from CMakeLists.txt
         mapfile -t twins < <(python3 - "$REPO/CMakeLists.txt" <<'PY'
@@ -78,34 +120,30 @@ print('\n'.join(m.group(1).split()) if m else '')
 PY
 )
         [ ${#twins[@]} -gt 10 ] || { echo "no SF_HOST_SOURCES in CMakeLists.txt" >&2; exit 2; }
-        engine_c=(engine step llm_forward sysformer_forward weights gemm generate)
-        CUDA_INC=${CUDA_HOME:-/usr/local/cuda}/include
-        [ -f "$CUDA_INC/cublasLt.h" ] || { echo "no $CUDA_INC/cublasLt.h: set CUDA_HOME" >&2; exit 2; }
-        # SmolLM2 (when fetched) takes minutes here: run it with an explicit filter. Without
-        # arguments, a second run without a device covers the test that runs only there.
-        if [ $# -eq 0 ]; then
-            set -- --gtest_filter='CudaEngine*:-CudaEngineSmolLM2.*'
-            no_device_pass=1
-        fi ;;
+        [ -f "$CUDA_INC/cublasLt.h" ] || { echo "no $CUDA_INC/cublasLt.h: set CUDA_HOME" >&2; exit 2; } ;;
     *) echo "unknown suite: $suite" >&2; exit 2 ;;
 esac
 
 B=$(mktemp -d "${TMPDIR:-/tmp}/simt.XXXXXX")
 [ "${KEEP:-0}" = 1 ] || trap 'rm -rf "$B"' EXIT
 mkdir -p "$B/t"
-# A snapshot of the sources: the tree may be edited while this runs.
+# A snapshot of the sources: the tree may be edited while this runs. The emulator's own files
+# too: every compile includes shim.h, and objects built from two versions of it do not mix.
 cp "$KSRC"/*.h "$KSRC"/*.cuh "$REPO"/tests/cuda_test_util.h "$REPO"/tests/test_util.h \
    "$REPO"/tests/engine_test_util.h "$REPO"/tests/model_fixtures.h "$B/t/"
+cp -r "$HERE" "$B/simt"
+HERE=$B/simt
 # the PTX instructions (cp.async, ldmatrix, mma, cvt) as the emulator runs them
 cp "$HERE/ptx_sm80.cuh" "$B/t/ptx_sm80.cuh"
 for k in "${kernels[@]}"; do python3 "$HERE/rewrite.py" "$KSRC/$k.cu" "$B/t/$k.cu" 2>/dev/null; done
 [ -f "$B/t/norms_common.cuh" ] && python3 "$HERE/rewrite.py" "$B/t/norms_common.cuh" "$B/t/norms_common.cuh" 2>/dev/null
 sources=()
 for k in "${kernels[@]}"; do sources+=("$B/t/$k.cu"); done
-case "$suite" in
-    backward) python3 "$HERE/cut_gemm_tests.py" "$REPO/tests/$test" "$B/t/$test" ;;
-    *) cp "$REPO/tests/$test" "$B/t/" ;;
-esac
+for test in "${tests[@]}"; do cp "$REPO/tests/$test" "$B/t/"; done
+if [ "$suite" = backward ] && [ ${#cuda_c[@]} -eq 0 ]; then
+    echo "simt backward: no $CUDA_INC/cublasLt.h, so without the cuBLASLt section (set CUDA_HOME)"
+    python3 "$HERE/cut_gemm_tests.py" "$REPO/tests/${tests[0]}" "$B/t/${tests[0]}"
+fi
 # sf_sample, the sampler's twin, lifted out of host/model/generate.c (the rest of the file
 # needs the whole library)
 if [ "$suite" = elementwise ]; then
@@ -158,25 +196,27 @@ for src in "${sources[@]}"; do
     spawn "$B/k_$n.log" "${CXX[@]}" "${KFLAGS[@]}" -DEMU_DEVICE_MATH -x c++ -c "$src" -o "$B/k_$n.o"
 done
 TFLAGS=()
-[ "$suite" = engine ] && TFLAGS=(-DSF_SOURCE_DIR="\"$REPO\"" -DSF_SHARED_DIR="\"$REPO/../shared\""
-                                 -DSF_TEST_DATA_DIR="\"$REPO/tests/golden\"")
-spawn "$B/test.log" "${CXX[@]}" "${TFLAGS[@]}" -c "$B/t/$test" -o "$B/test.o"
+[ "$host_lib" = 1 ] && TFLAGS=(-DSF_SOURCE_DIR="\"$REPO\"" -DSF_SHARED_DIR="\"$REPO/../shared\""
+                               -DSF_TEST_DATA_DIR="\"$REPO/tests/golden\"")
+for test in "${tests[@]}"; do
+    spawn "$B/${test%.cpp}.log" "${CXX[@]}" "${TFLAGS[@]}" -c "$B/t/$test" -o "$B/${test%.cpp}.o"
+done
 spawn "$B/main.log" "${CXX[@]}" -c "$HERE/emu_main.cpp" -o "$B/main.o"
 spawn "$B/runtime.log" "${CXX[@]}" -c "$HERE/runtime.cpp" -o "$B/runtime.o"
 # The engine suite's CPU library goes into an archive, so that only what is used is linked
-# (host/train/trainer.c, for one, calls the CUDA trainer, which is not built here).
+# (host/train/trainer.c, for one, calls the CUDA trainer, which only the train suite builds).
 TWINS=$B
-[ "$suite" = engine ] && TWINS=$B/host && mkdir -p "$TWINS"
+[ "$host_lib" = 1 ] && TWINS=$B/host && mkdir -p "$TWINS"
 for c in "${twins[@]}"; do
     [[ $c = /* ]] || c=$REPO/$c
     n=$(basename "$(dirname "$c")")_$(basename "$c" .c)
     spawn "$B/twin_$n.log" nice -n 19 gcc -std=c11 -O2 -g "${SANF[@]}" -D_GNU_SOURCE \
         -I"$REPO/include" -I"$REPO/host" -c "$c" -o "$TWINS/twin_$n.o"
 done
-if [ "$suite" = engine ]; then
-    # the engine's C, unchanged, against the real CUDA headers: it links to runtime.cpp's
+if [ ${#cuda_c[@]} -gt 0 ]; then
+    # host/cuda's C, unchanged, against the real CUDA headers: it links to runtime.cpp's
     # extern "C" runtime and cublaslt_emu.cpp's cuBLASLt, never to libcudart or libcublasLt
-    for c in "${engine_c[@]}"; do
+    for c in "${cuda_c[@]}"; do
         spawn "$B/engine_$c.log" nice -n 19 gcc -std=c11 -O1 -g "${SANF[@]}" -D_GNU_SOURCE -Wall \
             -Wextra -I"$REPO/include" -I"$REPO/host" -I"$B/t" -I"$CUDA_INC" \
             -c "$ESRC/$c.c" -o "$B/engine_$c.o"
@@ -188,16 +228,22 @@ wait
 for l in "$B"/*.log; do [ -s "$l" ] && { echo "== $(basename "$l")"; head -n 30 "$l"; }; done
 [ ! -e "$B/failed" ] || { echo "simt: build failed"; exit 2; }
 LIBS=()
-if [ "$suite" = engine ]; then
+if [ "$host_lib" = 1 ]; then
     ar rcs "$B/libsf_host.a" "$TWINS"/*.o
     LIBS=("$B/libsf_host.a" -ljansson -lpcre2-8)
 fi
 # -rdynamic: the device-memory fault report (runtime.cpp) names functions in its backtrace
 nice -n 19 g++ "${SANF[@]}" -pthread -rdynamic "$B"/*.o -o "$B/harness" -lgtest "${LIBS[@]}" -lm
 echo "simt $suite: EMU_MODE=${EMU_MODE:-4} EMU_ULP=${EMU_ULP:-0} EMU_FMA=${EMU_FMA:-0} SAN=${SAN:-none}"
-nice -n 19 timeout "${TIMEOUT:-1800}" "$B/harness" "$@"
-if [ "${no_device_pass:-0}" = 1 ]; then
-    echo "simt $suite: without a device (EMU_NO_DEVICE=1)"
-    EMU_NO_DEVICE=1 nice -n 19 timeout "${TIMEOUT:-1800}" "$B/harness" \
-        --gtest_filter='CudaEngineArgs.*'
+if [ $# -gt 0 ] || [ ${#pass_filter[@]} -eq 0 ]; then
+    nice -n 19 timeout "${TIMEOUT:-1800}" "$B/harness" "$@"
+    exit
 fi
+rc=0
+for i in "${!pass_filter[@]}"; do
+    echo "simt $suite: ${pass_env[i]:+${pass_env[i]} }--gtest_filter='${pass_filter[i]}'"
+    # shellcheck disable=SC2086  # pass_env: assignments without spaces or wildcards
+    env ${pass_env[i]} nice -n 19 timeout "${TIMEOUT:-1800}" "$B/harness" \
+        --gtest_filter="${pass_filter[i]}" || rc=1
+done
+exit $rc

@@ -4,19 +4,20 @@
 # once) and runs the suite (narrowed to the tests that reach the kernel) expecting a failure.
 # A planted bug that passes means the suite cannot see that kind of error: exit 1. Four
 # suites, five bugs (about 3 minutes of one core; what ctest runs); --all adds the engine's
-# (about 2 minutes more: the engine suite builds the whole library). Others: run.sh with
-# KSRC / ESRC by hand. The engine's plant is in its host code (host/cuda), not in a kernel: a
-# step that refills the pinned staging before the previous step's uploads have run, which only
-# the emulated runtime's queued streams can show (on a CPU that runs everything at once it
-# would pass).
+# and the train suite's (about 5 minutes more: each builds the whole library). Others: run.sh
+# with KSRC / ESRC by hand. Those two plants are in host code (host/cuda), not in a kernel,
+# and only the emulated runtime's queued streams can show them (on a CPU that runs everything
+# at once they would pass): an engine step that refills the pinned staging before the
+# previous step's uploads have run; a training step that reads S' and S from pinned memory
+# without waiting for their copies.
 #   tools/simt/selftest.sh [--all]
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 rc=0
-plant() {  # suite file old new gtest_filter (file: in kernels/, or host/cuda/ for the engine)
+plant() {  # suite file old new gtest_filter (file: in kernels/, or host/cuda/ for engine, train)
     local d src=kernels var=KSRC
-    [ "$1" = engine ] && src=host/cuda && var=ESRC
+    [ "$1" = engine ] || [ "$1" = train ] && src=host/cuda && var=ESRC
     d=$(mktemp -d "${TMPDIR:-/tmp}/simt_bug.XXXXXX")
     cp "$REPO/$src"/* "$d/"
     if ! python3 - "$d/$2" "$3" "$4" <<'PY'
@@ -54,5 +55,7 @@ plant elementwise sampling.cu 'nucleus_sub_bin(pos, b0) <= bin1' 'nucleus_sub_bi
 if [ "${1:-}" = --all ]; then
     plant engine step.c '    SF_CUDA_OR_FAIL(cudaEventSynchronize(e->staging_free));' '' \
         'CudaEngine/CudaEngineVariant.GraphReplayEqualsEagerBitForBit/llama_gqa_llama3'
+    plant train train_step.c '        SF_CUDA_OR_FAIL(cudaEventSynchronize(t->recon_ready));' '' \
+        'Cuda/CudaTrainVariant.LossesAndGradientsMatchTheCpu/llama_gqa_llama3_prenorm_relu'
 fi
 exit $rc
