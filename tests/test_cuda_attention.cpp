@@ -1,4 +1,5 @@
-// sf_cuda_attention_bf16 against its CPU twin sf_cpu_attention (fp32 math on the same
+// sf_cuda_attention_bf16 (and the Hopper kernel sf_cuda_attention_sm90_bf16, every test run once
+// for each) against its CPU twin sf_cpu_attention (fp32 math on the same
 // bf16-rounded inputs), request by request, over every head dim, GQA ratios 1/2/4/8, causal
 // packed prefill with mixed lengths, sliding windows, chunked prefill and decode against a cache,
 // bidirectional self-attention and cross-attention. The argument tests run without a GPU (the
@@ -24,6 +25,7 @@
 #include <stdio.h>
 
 #include <algorithm>
+#include <ostream>
 #include <random>
 #include <string>
 #include <vector>
@@ -116,6 +118,13 @@ void naive_bf16_attention(float *out, const float *q, const float *k, const floa
     }
 }
 
+// The forward under test: the tiled mma.sync kernel behind sf_cuda_attention_bf16 (with its
+// split-KV decode), or the Hopper wgmma kernel (sf_cuda_attention_sm90_bf16, every case tiled).
+// The same cases, references and bounds serve both: the bound's terms are the bf16 roundings of
+// P and the output and fp32 sums in any order, which both kernels have.
+using AttentionFn = sf_status (*)(const sf_attention_args *, cudaStream_t);
+AttentionFn g_attention = sf_cuda_attention_bf16;
+
 // Runs one case on the GPU and checks it as the header comment says.
 void run_case(const Case &c, uint32_t seed) {
     SCOPED_TRACE(describe(c));
@@ -188,7 +197,7 @@ void run_case(const Case &c, uint32_t seed) {
         a.workspace = dws.get();
         a.workspace_bytes = ws_bytes;
     }
-    ASSERT_EQ(sf_cuda_attention_bf16(&a, 0), SF_OK) << sf_last_error();
+    ASSERT_EQ(g_attention(&a, 0), SF_OK) << sf_last_error();
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     const std::vector<uint16_t> got = dout.host();
 
@@ -378,9 +387,35 @@ TEST(CudaAttentionArgs, NothingToDoIsOk) {
 // Against the CPU twin.
 // ---------------------------------------------------------------------------------------------
 
+// Every test below runs once per kernel: CudaAttention/CudaAttention.Name/tiled and /sm90. The sm90
+// instance skips where that kernel cannot run (no sm_90a code in the build, or a device other
+// than compute capability 9.0), saying why.
+enum class AttnKernel { kTiled, kSm90 };
+void PrintTo(AttnKernel k, std::ostream *os) { *os << (k == AttnKernel::kSm90 ? "sm90" : "tiled"); }
+
+class CudaAttention : public ::testing::TestWithParam<AttnKernel> {
+  protected:
+    void SetUp() override {
+        g_attention = GetParam() == AttnKernel::kSm90 ? sf_cuda_attention_sm90_bf16
+                                                      : sf_cuda_attention_bf16;
+        int devices = 0;
+        if (GetParam() == AttnKernel::kSm90 && sf_cuda_device_count(&devices) == SF_OK &&
+            devices > 0) {
+            sf_attention_args a = {};  // nothing to do: only the device check can fail
+            a.n_heads = a.n_kv_heads = 1;
+            a.head_dim = 64;
+            a.q_stride = a.kv_stride = a.out_stride = 64;
+            a.scale = 0.125f;
+            if (sf_cuda_attention_sm90_bf16(&a, 0) == SF_ERR_UNSUPPORTED)
+                GTEST_SKIP() << sf_last_error();
+        }
+    }
+    void TearDown() override { g_attention = sf_cuda_attention_bf16; }
+};
+
 // Causal packed-varlen prefill, lengths 1, 7, 65 and 300 in one batch (tiles cut mid-request,
 // mid-group and on the diagonal), every head dim and GQA ratio, q_pos0 NULL.
-TEST(CudaAttention, CausalPackedPrefillEveryHeadDimAndGroup) {
+TEST_P(CudaAttention, CausalPackedPrefillEveryHeadDimAndGroup) {
     SF_SKIP_WITHOUT_GPU();
     uint32_t seed = 1;
     for (int d : kHeadDims) {
@@ -392,7 +427,7 @@ TEST(CudaAttention, CausalPackedPrefillEveryHeadDimAndGroup) {
 }
 
 // Sliding windows (1: only itself; 16 and 100: cut inside and across key tiles).
-TEST(CudaAttention, CausalSlidingWindow) {
+TEST_P(CudaAttention, CausalSlidingWindow) {
     SF_SKIP_WITHOUT_GPU();
     uint32_t seed = 100;
     for (int d : {64, 80, 128}) {
@@ -406,7 +441,7 @@ TEST(CudaAttention, CausalSlidingWindow) {
 // Chunked prefill against a cache: the queries are the cache's last rows (pos0 = n_kv - n_q),
 // with and without a window; one request's first queries sit at negative positions and see
 // nothing (zeros).
-TEST(CudaAttention, ChunkedPrefillAgainstCache) {
+TEST_P(CudaAttention, ChunkedPrefillAgainstCache) {
     SF_SKIP_WITHOUT_GPU();
     uint32_t seed = 200;
     for (int d : {96, 128}) {
@@ -421,7 +456,7 @@ TEST(CudaAttention, ChunkedPrefillAgainstCache) {
 
 // The engine's layout: each request's cache in a fixed slot of rows, lengths from kv_len, NaN
 // rows between the slots that no query may read. Chunked prefill and decode.
-TEST(CudaAttention, SlottedCacheWithGaps) {
+TEST_P(CudaAttention, SlottedCacheWithGaps) {
     SF_SKIP_WITHOUT_GPU();
     uint32_t seed = 250;
     for (int d : kHeadDims) {
@@ -436,7 +471,7 @@ TEST(CudaAttention, SlottedCacheWithGaps) {
 
 // Decode: one query per request at the cache's last position, caches from 1 to 2048 rows;
 // with minimal strides, and with a window.
-TEST(CudaAttention, DecodeAgainstLongCache) {
+TEST_P(CudaAttention, DecodeAgainstLongCache) {
     SF_SKIP_WITHOUT_GPU();
     uint32_t seed = 300;
     for (int d : kHeadDims) {
@@ -457,8 +492,11 @@ TEST(CudaAttention, DecodeAgainstLongCache) {
 // of 4100 rows cut into splits (some past the shorter caches: empty parts), an empty cache, a
 // request with no query; one request alone (many splits of a long cache); and a batch large
 // enough that the keys are not split (one block per request and kv head).
-TEST(CudaAttention, DecodeSplitOverBlocks) {
+TEST_P(CudaAttention, DecodeSplitOverBlocks) {
     SF_SKIP_WITHOUT_GPU();
+    // the split-KV path is sf_cuda_attention_bf16's; the sm90 kernel's decode (tiled, like every
+    // case there) is DecodeAgainstLongCache's
+    if (GetParam() == AttnKernel::kSm90) GTEST_SKIP() << "split-KV decode: tiled kernel only";
     uint32_t seed = 350;
     for (int d : kHeadDims) {
         for (int group : {1, 3, 4, 8}) {
@@ -489,7 +527,7 @@ TEST(CudaAttention, DecodeSplitOverBlocks) {
 
 // Bidirectional self-attention (the Sysformer's SA): every key of the request. Group 3 does not
 // divide the kernel's row tiles, so a query's heads straddle two of them.
-TEST(CudaAttention, BidirectionalSelfAttention) {
+TEST_P(CudaAttention, BidirectionalSelfAttention) {
     SF_SKIP_WITHOUT_GPU();
     uint32_t seed = 400;
     for (int d : kHeadDims) {
@@ -502,7 +540,7 @@ TEST(CudaAttention, BidirectionalSelfAttention) {
 
 // Cross-attention (the Sysformer's CA): other q and kv lengths, 1x17, 33x100, 5x1, plus a request
 // with no queries and one with no keys (zeros); window and q_pos0 are ignored when !causal.
-TEST(CudaAttention, CrossAttentionOtherLengths) {
+TEST_P(CudaAttention, CrossAttentionOtherLengths) {
     SF_SKIP_WITHOUT_GPU();
     uint32_t seed = 500;
     for (int d : kHeadDims) {
@@ -513,5 +551,11 @@ TEST(CudaAttention, CrossAttentionOtherLengths) {
         }
     }
 }
+
+INSTANTIATE_TEST_SUITE_P(CudaAttention, CudaAttention,
+                         ::testing::Values(AttnKernel::kTiled, AttnKernel::kSm90),
+                         [](const ::testing::TestParamInfo<AttnKernel> &i) {
+                             return std::string(i.param == AttnKernel::kSm90 ? "sm90" : "tiled");
+                         });
 
 }  // namespace

@@ -12,8 +12,8 @@
 #                  dx and dw products on cublaslt_emu.cpp), cut out without them
 #     optim        tests/test_cuda_optim.cpp: gradient norm, clip coefficient, AdamW
 #     attention    tests/test_cuda_attention.cpp: the tiled mma.sync kernel (every mode and head
-#                  dim) and the split-KV decode, on ptx_sm80.cuh's emulated cp.async, ldmatrix
-#                  and mma
+#                  dim), the split-KV decode and the Hopper wgmma kernel (attention_sm90.cu), on
+#                  ptx_sm80.cuh's and ptx_sm90.cuh's emulated cp.async, ldmatrix, mma and wgmma
 #     attention_backward
 #                  tests/test_cuda_attention_backward.cpp: the backward and the forward's
 #                  log-sum-exp
@@ -82,7 +82,7 @@ case "$suite" in
         tests=(test_cuda_optim.cpp)
         twins=() ;;  # sf_clip_grad_norm and sf_adamw_step, lifted out of trainer.c below
     attention)
-        kernels=(attention attention_decode)
+        kernels=(attention attention_decode attention_sm90)
         tests=(test_cuda_attention.cpp)
         twins=(host/cpu/attention.c host/cpu/softmax.c) ;;
     attention_backward)
@@ -134,7 +134,7 @@ cp "$KSRC"/*.h "$KSRC"/*.cuh "$REPO"/tests/cuda_test_util.h "$REPO"/tests/test_u
 cp -r "$HERE" "$B/simt"
 HERE=$B/simt
 # the PTX instructions (cp.async, ldmatrix, mma, cvt) as the emulator runs them
-cp "$HERE/ptx_sm80.cuh" "$B/t/ptx_sm80.cuh"
+cp "$HERE/ptx_sm80.cuh" "$HERE/ptx_sm90.cuh" "$B/t/"
 for k in "${kernels[@]}"; do python3 "$HERE/rewrite.py" "$KSRC/$k.cu" "$B/t/$k.cu" 2>/dev/null; done
 [ -f "$B/t/norms_common.cuh" ] && python3 "$HERE/rewrite.py" "$B/t/norms_common.cuh" "$B/t/norms_common.cuh" 2>/dev/null
 sources=()
@@ -193,7 +193,7 @@ spawn() {  # log command...
 }
 for src in "${sources[@]}"; do
     n=$(basename "$src" .cu)
-    spawn "$B/k_$n.log" "${CXX[@]}" "${KFLAGS[@]}" -DEMU_DEVICE_MATH -x c++ -c "$src" -o "$B/k_$n.o"
+    spawn "$B/k_$n.log" "${CXX[@]}" "${KFLAGS[@]}" -DEMU_DEVICE_MATH -DSF_SM90A=1 -x c++ -c "$src" -o "$B/k_$n.o"
 done
 TFLAGS=()
 [ "$host_lib" = 1 ] && TFLAGS=(-DSF_SOURCE_DIR="\"$REPO\"" -DSF_SHARED_DIR="\"$REPO/../shared\""

@@ -42,7 +42,7 @@ PY
     rm -rf "$d"
 }
 plant attention attention_decode.cu 'for (int e = 0; e < 4; e++) o[si][e] *= alpha;' \
-    'for (int e = 0; e < 4; e++) o[si][e] *= 1.0f;' 'CudaAttention.DecodeSplit*'
+    'for (int e = 0; e < 4; e++) o[si][e] *= 1.0f;' '*CudaAttention.DecodeSplit*/tiled'
 # a race in a tensor-core kernel: warps read dS^T from shared memory before all have stored it
 plant attention_backward attention_backward.cu \
     '        __syncthreads();  // all of dS^T is in shared memory' '' \

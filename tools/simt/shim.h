@@ -96,6 +96,14 @@ inline const char *op_name(int op) {
 // message in err (a fault of the whole block).
 using CustomOp = bool (*)(void *const io[32], unsigned mask, std::string &err);
 
+// One wgmma in flight (tools/simt/ptx_sm90.cuh): the accumulator registers it will write, and
+// the values, computed at issue.
+struct PendingAcc {
+    float *d;
+    int n;
+    float v[128];
+};
+
 // One cp.async copy in flight: its destination and the bytes it will write (read at issue).
 struct AsyncCopy {
     unsigned char *dst;
@@ -116,6 +124,8 @@ struct Fiber {
     CustomOp custom = nullptr;    // CUSTOM: the resolver
     std::vector<AsyncCopy> async_open;                  // cp.async since the last commit
     std::vector<std::vector<AsyncCopy>> async_groups;   // committed groups, oldest first
+    std::vector<PendingAcc> acc_open;                   // wgmma since the last commit
+    std::vector<std::vector<PendingAcc>> acc_groups;    // committed wgmma groups, oldest first
 };
 
 struct Ctx {
@@ -548,16 +558,10 @@ inline uint64_t warp_op(Op op, unsigned mask, uint64_t val, int size, int arg, i
 // once every lane of mask has arrived.
 inline void warp_custom(CustomOp fn, void *io, unsigned mask, const std::source_location &loc) {
     Fiber &me = ctx.f[ctx.cur];
-    me.st = WARP;
-    me.op = CUSTOM;
     me.custom = fn;
     me.io = io;
-    me.mask = mask;
-    me.size = 0;
-    me.width = 32;
-    me.line = loc.line();
-    me.func = loc.function_name();
-    yield();
+    warp_op(CUSTOM, mask, 0, 0, 0, 32, loc);
+    me.custom = nullptr;
     me.io = nullptr;
 }
 

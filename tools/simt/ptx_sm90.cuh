@@ -1,0 +1,184 @@
+// tools/simt: kernels/ptx_sm90.cuh's twin on the emulator (run.sh puts it in place of the real
+// header), written from the semantics the real header's comments state, which are this
+// project's reading of the PTX ISA. Unlike ptx_sm80.cuh's, these layouts have not been pinned by
+// a GPU run: a pass here says a kernel agrees with that reading, and the first GPU run of
+// CudaAttentionSm90.* says whether the reading is right.
+//   - wgmma (wgmma_ss, wgmma_rs_bt): resolved per warp (a warp's 16 rows of D need only its
+//     own rows of A and all of B), every lane of the warp taking part; that all four warps of
+//     the warpgroup issue it is not checked. Operands are read from shared memory through the
+//     descriptor (no-swizzle layout only; anything else is an error), every address checked.
+//     The result is computed at issue and lands in the accumulator registers only when a
+//     wgmma_wait covers its group, so a kernel that reads or rescales accumulators before the
+//     wait sees the old values; a later wgmma of the same group chains on the pending result.
+//     Sums as ptx_sm80.cuh's mma (exact, or EMU_MMA=rz).
+//   - wgmma_fence and fence_proxy_async: no effect (memory here is sequentially consistent).
+#pragma once
+
+#include <stdint.h>
+
+#include "ptx_sm80.cuh"  // ptx_emu::report, hex, mma_truncates, add_rz
+
+namespace sf_attn {
+
+__device__ __forceinline__ uint32_t tile_offset(int row, int chunk, int rows) {
+    return (uint32_t)((chunk * (rows / 8) + row / 8) * 128 + (row % 8) * 16);
+}
+
+__device__ __forceinline__ uint64_t wgmma_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+    return (uint64_t)((addr & 0x3FFFFu) >> 4) | (uint64_t)((lbo & 0x3FFFFu) >> 4) << 16 |
+           (uint64_t)((sbo & 0x3FFFFu) >> 4) << 32;
+}
+
+namespace ptx_emu {
+
+struct Wgmma {
+    float *d;       // this thread's accumulators
+    int n;          // N: the thread holds n / 2 of them
+    uint64_t a, b;  // descriptors (a: unused with register A)
+    uint32_t a_regs[4];
+    bool a_in_regs, b_trans;
+    int accumulate;
+    int warp_in_group;
+    emu::Fiber *self;  // the issuing thread (its pending results)
+};
+
+// The bf16 at (row, col) of a no-swizzle operand: core matrix (row / 8, col / 8) at
+// (row / 8) * sbo_rows + (col / 8) * lbo_cols from the start, 16 bytes per row of it.
+inline bool desc_elem(uint64_t desc, int major_idx, int minor_idx, bool mn_major, double *out,
+                      std::string &err) {
+    if (desc >> 62) {
+        err = "wgmma: swizzled descriptor (not modelled)";
+        return false;
+    }
+    if ((desc >> 49) & 7) {
+        err = "wgmma: descriptor base offset (not modelled)";
+        return false;
+    }
+    const uint32_t start = (uint32_t)(desc & 0x3FFF) << 4;
+    const uint32_t lbo = (uint32_t)((desc >> 16) & 0x3FFF) << 4;
+    const uint32_t sbo = (uint32_t)((desc >> 32) & 0x3FFF) << 4;
+    // K-major: rows are M/N (major_idx), 16-byte chunks along K (minor_idx);
+    // MN-major: rows are K (minor_idx), chunks along M/N (major_idx).
+    const int mn = major_idx, k = minor_idx;
+    const uint32_t addr =
+        mn_major ? start + (mn / 8) * sbo + (k / 8) * lbo + (k % 8) * 16 + (mn % 8) * 2
+                 : start + (mn / 8) * sbo + (k / 8) * lbo + (mn % 8) * 16 + (k % 8) * 2;
+    const unsigned char *p = emu::shared_pointer(addr, 2);
+    if (!p) {
+        err = "wgmma: operand address " + hex(addr) + " outside shared memory";
+        return false;
+    }
+    uint16_t v;
+    memcpy(&v, p, 2);
+    *out = emu::bf2f(v);
+    return true;
+}
+
+// The value the thread's accumulator i has for the next wgmma: a pending result, else the
+// register.
+inline float acc_in(const emu::Fiber &f, const float *d, int i) {
+    for (auto it = f.acc_open.rbegin(); it != f.acc_open.rend(); ++it)
+        if (it->d == d) return it->v[i];
+    for (auto g = f.acc_groups.rbegin(); g != f.acc_groups.rend(); ++g)
+        for (auto it = g->rbegin(); it != g->rend(); ++it)
+            if (it->d == d) return it->v[i];
+    return d[i];
+}
+
+inline bool wgmma(void *const io[32], unsigned mask, std::string &err) {
+    if (mask != 0xffffffffu) {
+        err = "wgmma .sync.aligned needs every lane of the warp";
+        return false;
+    }
+    const Wgmma &w0 = *static_cast<const Wgmma *>(io[0]);
+    const int n = w0.n, wq = w0.warp_in_group;
+    for (int l = 1; l < 32; l++) {
+        const Wgmma &w = *static_cast<const Wgmma *>(io[l]);
+        if (w.n != n || w.a != w0.a || w.b != w0.b || w.b_trans != w0.b_trans ||
+            w.accumulate != w0.accumulate || w.warp_in_group != wq) {
+            err = "wgmma: lanes disagree on the instruction's operands";
+            return false;
+        }
+    }
+    double A[16][16], B[16][256];
+    if (w0.a_in_regs) {
+        auto lo = [](uint32_t x) { return (double)emu::bf2f((unsigned short)(x & 0xffffu)); };
+        auto hi = [](uint32_t x) { return (double)emu::bf2f((unsigned short)(x >> 16)); };
+        for (int l = 0; l < 32; l++) {  // the mma.m16n8k16 A layout
+            const uint32_t *a = static_cast<const Wgmma *>(io[l])->a_regs;
+            const int g = l / 4, t = l % 4;
+            for (int h = 0; h < 2; h++) {
+                A[g + 8 * h][2 * t] = lo(a[h]);
+                A[g + 8 * h][2 * t + 1] = hi(a[h]);
+                A[g + 8 * h][2 * t + 8] = lo(a[2 + h]);
+                A[g + 8 * h][2 * t + 9] = hi(a[2 + h]);
+            }
+        }
+    } else {
+        for (int r = 0; r < 16; r++)
+            for (int k = 0; k < 16; k++)
+                if (!desc_elem(w0.a, 16 * wq + r, k, false, &A[r][k], err)) return false;
+    }
+    for (int k = 0; k < 16; k++)
+        for (int c = 0; c < n; c++)
+            if (!desc_elem(w0.b, c, k, w0.b_trans, &B[k][c], err)) return false;
+    for (int l = 0; l < 32; l++) {
+        const Wgmma &w = *static_cast<const Wgmma *>(io[l]);
+        emu::Fiber &f = *w.self;
+        emu::PendingAcc r{w.d, n / 2, {}};
+        const int g = l / 4, t = l % 4;
+        for (int i = 0; i < n / 2; i++) {
+            const int row = g + 8 * ((i / 2) % 2), col = 8 * (i / 4) + 2 * t + i % 2;
+            const float c = w.accumulate ? acc_in(f, w.d, i) : 0.0f;
+            if (mma_truncates()) {
+                float s = c;
+                for (int k = 0; k < 16; k++) s = add_rz(s, A[row][k] * B[k][col]);
+                r.v[i] = s;
+            } else {
+                double s = c;
+                for (int k = 0; k < 16; k++) s += A[row][k] * B[k][col];
+                r.v[i] = (float)s;
+            }
+        }
+        f.acc_open.push_back(r);
+    }
+    return true;
+}
+
+inline void issue(Wgmma io, const std::source_location &loc) {
+    io.warp_in_group = emu::ctx.cur / 32 % 4;
+    io.self = &emu::ctx.f[emu::ctx.cur];
+    emu::warp_custom(wgmma, &io, 0xffffffffu, loc);
+}
+
+}  // namespace ptx_emu
+
+inline void fence_proxy_async() {}
+inline void wgmma_fence() {}
+inline void wgmma_commit() {
+    emu::Fiber &me = emu::ctx.f[emu::ctx.cur];
+    me.acc_groups.push_back(std::move(me.acc_open));
+    me.acc_open.clear();
+}
+template <int N>
+inline void wgmma_wait() {
+    emu::Fiber &me = emu::ctx.f[emu::ctx.cur];
+    while (me.acc_groups.size() > (size_t)N) {
+        for (const emu::PendingAcc &r : me.acc_groups.front())
+            for (int i = 0; i < r.n; i++) r.d[i] = r.v[i];
+        me.acc_groups.erase(me.acc_groups.begin());
+    }
+}
+
+template <int N>
+inline void wgmma_ss(float (&d)[N / 2], uint64_t a, uint64_t b, int accumulate, EMU_LOC) {
+    ptx_emu::issue({d, N, a, b, {}, false, false, accumulate, 0, nullptr}, loc);
+}
+template <int N>
+inline void wgmma_rs_bt(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t b, int accumulate,
+                        EMU_LOC) {
+    ptx_emu::issue({d, N, 0, b, {a[0], a[1], a[2], a[3]}, true, true, accumulate, 0, nullptr},
+                   loc);
+}
+
+}  // namespace sf_attn
