@@ -6,7 +6,7 @@
 // tools/simt/ptx_sm90.cuh is this file's twin for the CPU emulator: the same functions, with
 // the semantics each comment states. Keep the two in step. The layouts below are the PTX ISA's
 // (wgmma: "Matrix fragments" and "Shared memory matrix layout"); they have not yet been checked
-// on a GPU, which CudaAttentionSm90.* in tests/test_cuda_attention.cpp does first.
+// on a GPU, which CudaAttention/*/sm90 in tests/test_cuda_attention.cpp does first.
 #pragma once
 
 #include <stdint.h>

@@ -2,7 +2,7 @@
 // header), written from the semantics the real header's comments state, which are this
 // project's reading of the PTX ISA. Unlike ptx_sm80.cuh's, these layouts have not been pinned by
 // a GPU run: a pass here says a kernel agrees with that reading, and the first GPU run of
-// CudaAttentionSm90.* says whether the reading is right.
+// CudaAttention/*/sm90 says whether the reading is right.
 //   - wgmma (wgmma_ss, wgmma_rs_bt): resolved per warp (a warp's 16 rows of D need only its
 //     own rows of A and all of B), every lane of the warp taking part; that all four warps of
 //     the warpgroup issue it is not checked. Operands are read from shared memory through the
