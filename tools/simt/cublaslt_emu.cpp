@@ -180,6 +180,14 @@ struct Product {
     }
 };
 
+// An attribute's bytes into its field: size must be exactly the field's, as cuBLASLt checks.
+template <typename T>
+cublasStatus_t set_attribute(T *field, const void *buf, size_t size) {
+    if (size != sizeof(T)) return CUBLAS_STATUS_INVALID_VALUE;
+    memcpy(field, buf, size);
+    return CUBLAS_STATUS_SUCCESS;
+}
+
 }  // namespace
 
 extern "C" {
@@ -226,26 +234,11 @@ cublasStatus_t cublasLtMatmulDescSetAttribute(cublasLtMatmulDesc_t desc,
     Desc *d = reinterpret_cast<Desc *>(desc);
     if (!d || !buf) return CUBLAS_STATUS_INVALID_VALUE;
     switch (attr) {
-    case CUBLASLT_MATMUL_DESC_TRANSA:
-        if (size != sizeof(int32_t)) return CUBLAS_STATUS_INVALID_VALUE;
-        memcpy(&d->trans_a, buf, size);
-        return CUBLAS_STATUS_SUCCESS;
-    case CUBLASLT_MATMUL_DESC_TRANSB:
-        if (size != sizeof(int32_t)) return CUBLAS_STATUS_INVALID_VALUE;
-        memcpy(&d->trans_b, buf, size);
-        return CUBLAS_STATUS_SUCCESS;
-    case CUBLASLT_MATMUL_DESC_EPILOGUE:
-        if (size != sizeof(uint32_t)) return CUBLAS_STATUS_INVALID_VALUE;
-        memcpy(&d->epilogue, buf, size);
-        return CUBLAS_STATUS_SUCCESS;
-    case CUBLASLT_MATMUL_DESC_BIAS_POINTER:
-        if (size != sizeof(void *)) return CUBLAS_STATUS_INVALID_VALUE;
-        memcpy(&d->bias, buf, size);
-        return CUBLAS_STATUS_SUCCESS;
-    case CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE:
-        if (size != sizeof(int32_t)) return CUBLAS_STATUS_INVALID_VALUE;
-        memcpy(&d->bias_type, buf, size);
-        return CUBLAS_STATUS_SUCCESS;
+    case CUBLASLT_MATMUL_DESC_TRANSA: return set_attribute(&d->trans_a, buf, size);
+    case CUBLASLT_MATMUL_DESC_TRANSB: return set_attribute(&d->trans_b, buf, size);
+    case CUBLASLT_MATMUL_DESC_EPILOGUE: return set_attribute(&d->epilogue, buf, size);
+    case CUBLASLT_MATMUL_DESC_BIAS_POINTER: return set_attribute(&d->bias, buf, size);
+    case CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE: return set_attribute(&d->bias_type, buf, size);
     default: return unsupported("matmul descriptor attribute " + std::to_string((int)attr));
     }
 }
@@ -279,18 +272,14 @@ cublasStatus_t cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulPreference_t p
     int slot = -1;
     switch (attr) {
     case CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES:
-        if (size != sizeof(uint64_t)) return CUBLAS_STATUS_INVALID_VALUE;
-        memcpy(&p->max_workspace, buf, size);
-        return CUBLAS_STATUS_SUCCESS;
+        return set_attribute(&p->max_workspace, buf, size);
     case CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES: slot = 0; break;
     case CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES: slot = 1; break;
     case CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES: slot = 2; break;
     case CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES: slot = 3; break;
     default: return unsupported("matmul preference attribute " + std::to_string((int)attr));
     }
-    if (size != sizeof(uint32_t)) return CUBLAS_STATUS_INVALID_VALUE;
-    memcpy(&p->align[slot], buf, size);
-    return CUBLAS_STATUS_SUCCESS;
+    return set_attribute(&p->align[slot], buf, size);
 }
 
 cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t handle, cublasLtMatmulDesc_t desc,
