@@ -15,7 +15,7 @@
 //                 layout is the A fragment layout) and B = V from shared memory, transposed;
 // and the epilogue divides by l. K and V tiles stream in by cp.async in one buffer each: K(t+1)
 // during the softmax and PV of tile t, V(t+1) during S of tile t+1. Tiles are stored as 8-row
-// core matrices (ptx_sm90.cuh's tile_offset), the layout wgmma's descriptors describe, so no
+// core matrices (wgmma_layout.cuh's tile_offset), the layout wgmma's descriptors describe, so no
 // swizzle is involved.
 #include <math.h>
 #include <stdint.h>

@@ -17,17 +17,9 @@
 #include <stdint.h>
 
 #include "ptx_sm80.cuh"  // ptx_emu::report, hex, mma_truncates, add_rz
+#include "wgmma_layout.cuh"  // tile_offset, wgmma_desc: the kernel's own
 
 namespace sf_attn {
-
-__device__ __forceinline__ uint32_t tile_offset(int row, int chunk, int rows) {
-    return (uint32_t)((chunk * (rows / 8) + row / 8) * 128 + (row % 8) * 16);
-}
-
-__device__ __forceinline__ uint64_t wgmma_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
-    return (uint64_t)((addr & 0x3FFFFu) >> 4) | (uint64_t)((lbo & 0x3FFFFu) >> 4) << 16 |
-           (uint64_t)((sbo & 0x3FFFFu) >> 4) << 32;
-}
 
 namespace ptx_emu {
 
