@@ -10,8 +10,12 @@
 //     The result is computed at issue and lands in the accumulator registers only when a
 //     wgmma_wait covers its group, so a kernel that reads or rescales accumulators before the
 //     wait sees the old values; a later wgmma of the same group chains on the pending result.
+//     The hardware may read the operands at any time until then, so the wait that retires a
+//     wgmma reads them again: a register A operand, or a shared-memory operand, written
+//     between issue and wait (a buffer refilled too early) is reported.
 //     Sums as ptx_sm80.cuh's mma (exact, or EMU_MMA=rz).
-//   - wgmma_fence and fence_proxy_async: no effect (memory here is sequentially consistent).
+//   - wgmma_fence and fence_proxy_async: no effect (memory here is sequentially consistent);
+//     reg_fence neither (it only constrains nvcc's scheduling).
 #pragma once
 
 #include <stdint.h>
@@ -28,6 +32,7 @@ struct Wgmma {
     int n;          // N: the thread holds n / 2 of them
     uint64_t a, b;  // descriptors (a: unused with register A)
     uint32_t a_regs[4];
+    const uint32_t *a_src;  // the kernel's register A operand (checked at the wait)
     bool a_in_regs, b_trans;
     int accumulate;
     int warp_in_group;
@@ -77,6 +82,51 @@ inline float acc_in(const emu::Fiber &f, const float *d, int i) {
     return d[i];
 }
 
+// The shared-memory operands of one warp's wgmma, as read at issue: B, and A unless it comes
+// from registers. Checked again when the last lane's wait retires it.
+struct Operands {
+    uint64_t a, b;
+    int n, wq;
+    bool a_in_regs, b_trans;
+    double A[16][16], B[16][256];
+    int retired = 0;
+};
+
+inline bool read_shared_operands(const Operands &op, double (&A)[16][16], double (&B)[16][256],
+                                 std::string &err) {
+    if (!op.a_in_regs) {
+        for (int r = 0; r < 16; r++)
+            for (int k = 0; k < 16; k++)
+                if (!desc_elem(op.a, 16 * op.wq + r, k, false, &A[r][k], err)) return false;
+    }
+    for (int k = 0; k < 16; k++)
+        for (int c = 0; c < op.n; c++)
+            if (!desc_elem(op.b, c, k, op.b_trans, &B[k][c], err)) return false;
+    return true;
+}
+
+// At the wait that retires one lane's share of a wgmma: its register A operand and, once the
+// warp's last lane retires it, the shared-memory operands must still hold what was read at
+// issue (bitwise: NaN poison compares by its bits).
+inline void check_unchanged(const emu::PendingAcc &r) {
+    if (r.a_src && memcmp(r.a_src, r.a_val, sizeof r.a_val) != 0)
+        report("wgmma: register A operand written before the wgmma_wait that retires it");
+    Operands &op = *static_cast<Operands *>(r.operands.get());
+    if (++op.retired < 32) return;
+    static thread_local double A[16][16], B[16][256];
+    std::string err;
+    if (!read_shared_operands(op, A, B, err)) {
+        report(err + " (at the wait)");
+        return;
+    }
+    const bool same_a = op.a_in_regs || memcmp(A, op.A, sizeof A) == 0;
+    bool same_b = true;
+    for (int k = 0; k < 16 && same_b; k++) same_b = memcmp(B[k], op.B[k], op.n * sizeof(double)) == 0;
+    if (!same_a || !same_b)
+        report(std::string("wgmma: shared-memory operand ") + (same_a ? "B" : "A") +
+               " written between issue and the wgmma_wait that retires it");
+}
+
 inline bool wgmma(void *const io[32], unsigned mask, std::string &err) {
     if (mask != 0xffffffffu) {
         err = "wgmma .sync.aligned needs every lane of the warp";
@@ -92,7 +142,17 @@ inline bool wgmma(void *const io[32], unsigned mask, std::string &err) {
             return false;
         }
     }
-    double A[16][16], B[16][256];
+    auto snap = std::make_shared<Operands>();
+    Operands &op = *snap;
+    op.a = w0.a;
+    op.b = w0.b;
+    op.n = n;
+    op.wq = wq;
+    op.a_in_regs = w0.a_in_regs;
+    op.b_trans = w0.b_trans;
+    double (&A)[16][16] = op.A;
+    double (&B)[16][256] = op.B;
+    if (!read_shared_operands(op, A, B, err)) return false;
     if (w0.a_in_regs) {
         auto lo = [](uint32_t x) { return (double)emu::bf2f((unsigned short)(x & 0xffffu)); };
         auto hi = [](uint32_t x) { return (double)emu::bf2f((unsigned short)(x >> 16)); };
@@ -106,18 +166,12 @@ inline bool wgmma(void *const io[32], unsigned mask, std::string &err) {
                 A[g + 8 * h][2 * t + 9] = hi(a[2 + h]);
             }
         }
-    } else {
-        for (int r = 0; r < 16; r++)
-            for (int k = 0; k < 16; k++)
-                if (!desc_elem(w0.a, 16 * wq + r, k, false, &A[r][k], err)) return false;
     }
-    for (int k = 0; k < 16; k++)
-        for (int c = 0; c < n; c++)
-            if (!desc_elem(w0.b, c, k, w0.b_trans, &B[k][c], err)) return false;
     for (int l = 0; l < 32; l++) {
         const Wgmma &w = *static_cast<const Wgmma *>(io[l]);
         emu::Fiber &f = *w.self;
-        emu::PendingAcc r{w.d, n / 2, {}};
+        emu::PendingAcc r{w.d, n / 2, {}, w.a_src, {}, snap};
+        if (w.a_in_regs) memcpy(r.a_val, w.a_regs, sizeof r.a_val);
         const int g = l / 4, t = l % 4;
         for (int i = 0; i < n / 2; i++) {
             const int row = g + 8 * ((i / 2) % 2), col = 8 * (i / 4) + 2 * t + i % 2;
@@ -145,6 +199,10 @@ inline void issue(Wgmma io, const std::source_location &loc) {
 
 }  // namespace ptx_emu
 
+template <int N>
+inline void reg_fence(float (&)[N]) {}  // no compiler to hold back here
+template <int N>
+inline void reg_fence(uint32_t (&)[N]) {}
 inline void fence_proxy_async() {}
 inline void wgmma_fence() {}
 inline void wgmma_commit() {
@@ -156,20 +214,22 @@ template <int N>
 inline void wgmma_wait() {
     emu::Fiber &me = emu::ctx.f[emu::ctx.cur];
     while (me.acc_groups.size() > (size_t)N) {
-        for (const emu::PendingAcc &r : me.acc_groups.front())
+        for (const emu::PendingAcc &r : me.acc_groups.front()) {
+            ptx_emu::check_unchanged(r);
             for (int i = 0; i < r.n; i++) r.d[i] = r.v[i];
+        }
         me.acc_groups.erase(me.acc_groups.begin());
     }
 }
 
 template <int N>
 inline void wgmma_ss(float (&d)[N / 2], uint64_t a, uint64_t b, int accumulate, EMU_LOC) {
-    ptx_emu::issue({d, N, a, b, {}, false, false, accumulate, 0, nullptr}, loc);
+    ptx_emu::issue({d, N, a, b, {}, nullptr, false, false, accumulate, 0, nullptr}, loc);
 }
 template <int N>
 inline void wgmma_rs_bt(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t b, int accumulate,
                         EMU_LOC) {
-    ptx_emu::issue({d, N, 0, b, {a[0], a[1], a[2], a[3]}, true, true, accumulate, 0, nullptr},
+    ptx_emu::issue({d, N, 0, b, {a[0], a[1], a[2], a[3]}, a, true, true, accumulate, 0, nullptr},
                    loc);
 }
 

@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <memory>
 #include <random>
 #include <source_location>
 #include <string>
@@ -97,11 +98,14 @@ inline const char *op_name(int op) {
 using CustomOp = bool (*)(void *const io[32], unsigned mask, std::string &err);
 
 // One wgmma in flight (tools/simt/ptx_sm90.cuh): the accumulator registers it will write, and
-// the values, computed at issue.
+// the values, computed at issue; the operands it read, to be checked unchanged when it retires.
 struct PendingAcc {
     float *d;
     int n;
     float v[128];
+    const uint32_t *a_src;              // register A operand (nullptr: A from shared memory)
+    uint32_t a_val[4];                  // its value at issue
+    std::shared_ptr<void> operands;     // the warp's shared-memory operands as read at issue
 };
 
 // One cp.async copy in flight: its destination and the bytes it will write (read at issue).
