@@ -7,16 +7,27 @@
 // One CTA owns one (request, kv head, tile of kBlockM = 128 packed rows), as in attention.cu
 // (packed row p = query p / group of query head kv_head * group + p % group). Two warpgroups of
 // four warps; warpgroup w owns rows 64 w .. 64 w + 63, warp v of it rows 16 v .. 16 v + 15 of
-// those, so each thread holds the same two rows (g, g + 8) as in attention.cu. For every tile of
+// those, so each thread holds the same two rows (g, g + 8) as in attention.cu. Per tile of
 // kBlockN = 64 keys each warpgroup computes
 //   S = Q K^T     wgmma m64n64k16, A = Q and B = K from shared memory (D / 16 of them);
 //   the mask and online softmax in registers (attention.cu's code), P rounded to bf16;
 //   O = O alpha + P V   wgmma m64nNk16 with A = P straight from the S accumulators (their
 //                 layout is the A fragment layout) and B = V from shared memory, transposed;
-// and the epilogue divides by l. K and V tiles stream in by cp.async in one buffer each: K(t+1)
-// during the softmax and PV of tile t, V(t+1) during S of tile t+1. Tiles are stored as 8-row
-// core matrices (wgmma_layout.cuh's tile_offset), the layout wgmma's descriptors describe, so no
-// swizzle is involved.
+// and the epilogue divides by l.
+//
+// The pipeline (predicted, not yet measured, to keep the tensor cores busy where the first
+// version waited):
+//   - the softmax of tile t runs while the tensor cores compute P(t-1) V(t-1): each iteration
+//     issues S(t) = Q K(t)^T and then O += P(t-1) V(t-1), waits for S(t) only, and rescales O
+//     once the second product has landed (FlashAttention-3's intra-warpgroup overlap);
+//   - K and V are double-buffered: the copies of K(t+1) and V(t) are issued at the start of
+//     iteration t, into the buffers iteration t-1 finished reading, and land during its
+//     products; one barrier per tile;
+//   - copies into shared memory go 8 rows of one 16-byte column at a time, i.e. one whole
+//     128-byte core matrix per 8 threads, so they are free of bank conflicts (row-major order
+//     would put 8 threads' stores 1 KB apart, on the same banks).
+// Tiles are stored as 8-row core matrices (wgmma_layout.cuh's tile_offset), the layout wgmma's
+// descriptors describe, so no swizzle is involved.
 #include <math.h>
 #include <stdint.h>
 
@@ -47,7 +58,8 @@ struct Sm90Shape {
     static constexpr int kChunks = D / 8;  // 16-byte chunks per head row
     // O's columns: one n64 wgmma, plus one of D - 64 (16, 32 or 64) when D > 64
     static constexpr int kN1 = D - 64;
-    static constexpr size_t kSmemBytes = (size_t)(kBlockM + 2 * kBlockN) * D * sizeof(uint16_t);
+    // Q, then two buffers each of K and V
+    static constexpr size_t kSmemBytes = (size_t)(kBlockM + 4 * kBlockN) * D * sizeof(uint16_t);
     static_assert(D == 64 || D == 80 || D == 96 || D == 128, "unsupported head dim");
     static_assert((16 * kChunks) % 32 == 0, "the store loop gives every lane the same count");
 };
@@ -86,16 +98,66 @@ struct OAcc {
 // Kernel
 // ---------------------------------------------------------------------------------------------
 
+// Chunk c of a tile's 16-byte chunks (row r, column cc of kChunks) in copy order: 8
+// consecutive chunks are the 8 rows of one core matrix (one 128-byte shared-memory store, free
+// of bank conflicts), and a warp's 32 chunks are 64 contiguous bytes of each of 8 rows.
+template <int kChunks>
+__device__ __forceinline__ void copy_order(int c, int *r, int *cc) {
+    const int rest = c / 8;
+    *r = rest / kChunks * 8 + c % 8;
+    *cc = rest % kChunks;
+}
+
+// Online softmax of one tile of scores in place: s (this thread's S accumulators of rows g and
+// g + 8, keys j0 + 8 nt + 2 t4 + e % 2) becomes exp2(s * scale_log2 - m_new), unrounded; m
+// moves to the new running maximum; alpha = exp2(m_old - m_new) is what O and l must be scaled
+// by before this tile's P is added.
+__device__ __forceinline__ void softmax_tile(float (&s)[kBlockN / 2], float (&m)[2],
+                                             float (&alpha)[2], float scale_log2, bool need_mask,
+                                             int32_t j0, int t4, const int32_t (&row_lo)[2],
+                                             const int32_t (&row_hi)[2]) {
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int nt = 0; nt < kBlockN / 8; nt++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            float x = s[4 * nt + e] * scale_log2;
+            if (need_mask) {
+                const int32_t j = j0 + nt * 8 + 2 * t4 + (e & 1);
+                if (j < row_lo[e >> 1] || j >= row_hi[e >> 1]) x = -INFINITY;
+            }
+            s[4 * nt + e] = x;
+            mx[e >> 1] = fmaxf(mx[e >> 1], x);
+        }
+    }
+    float base[2];
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        // the four threads of a row share it: reduce across lanes t4 = 0..3
+        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+        const float m_new = fmaxf(m[h], mx[h]);
+        // a row that has seen only masked keys keeps m = -inf; subtract 0 instead so that exp2
+        // gives 0, never NaN
+        base[h] = m_new == -INFINITY ? 0.0f : m_new;
+        alpha[h] = exp2f(m[h] - base[h]);
+        m[h] = m_new;
+    }
+#pragma unroll
+    for (int i = 0; i < kBlockN / 2; i++) s[i] = exp2f(s[i] - base[(i >> 1) & 1]);
+}
+
 // Grid: x = packed-row tiles (heaviest causal tiles first), y = kv head, z = request.
 template <int D>
 __global__ void __launch_bounds__(kThreads) attention_sm90_kernel(const Sm90Params p) {
     using S = Sm90Shape<D>;
     constexpr int kChunks = S::kChunks;
+    constexpr uint32_t kKvTileBytes = kBlockN * D * 2;
     extern __shared__ __align__(128) unsigned char smem_raw[];
-    unsigned char *sQ = smem_raw;                         // [kBlockM x D], later: output
-    unsigned char *sK = sQ + kBlockM * D * 2;             // [kBlockN x D]
-    unsigned char *sV = sK + kBlockN * D * 2;             // [kBlockN x D]
-    const uint32_t q_addr = smem_u32(sQ), k_addr = smem_u32(sK), v_addr = smem_u32(sV);
+    unsigned char *sQ = smem_raw;  // [kBlockM x D], later: output
+    // [2][kBlockN x D] each; tile t of K and V in buffer t % 2
+    const uint32_t q_addr = smem_u32(sQ), k_addr = q_addr + kBlockM * D * 2,
+                   v_addr = k_addr + 2 * kKvTileBytes;
 
     const int tid = threadIdx.x;
     const int warp = tid / 32;
@@ -124,21 +186,27 @@ __global__ void __launch_bounds__(kThreads) attention_sm90_kernel(const Sm90Para
 
     const uint16_t *k_base = p.k + (int64_t)kv_begin * p.kv_stride + (int64_t)kv_head * D;
     const uint16_t *v_base = p.v + (int64_t)kv_begin * p.kv_stride + (int64_t)kv_head * D;
-    auto load_kv_tile = [&](uint32_t dst, const uint16_t *base, int32_t j0) {
+    // Copies tile t of K or V (base) into its buffer; rows past the visible range are
+    // zero-filled, never read.
+    auto load_kv_tile = [&](uint32_t buffers, const uint16_t *base, int32_t t) {
+        const uint32_t dst = buffers + (t % 2) * kKvTileBytes;
+        const int32_t j0 = lo + t * kBlockN;
 #pragma unroll
         for (int c = tid; c < kBlockN * kChunks; c += kThreads) {
-            const int r = c / kChunks, cc = c % kChunks;
+            int r, cc;
+            copy_order<kChunks>(c, &r, &cc);
             const int32_t j = j0 + r;
-            const bool ok = j < hi;  // rows past the visible range are zero-filled, never read
+            const bool ok = j < hi;
             const uint16_t *src = ok ? base + (int64_t)j * p.kv_stride + cc * 8 : base;
             cp_async_16(dst + tile_offset(r, cc, kBlockN), src, ok);
         }
     };
 
-    // Q tile (+ the first K tile) as one cp.async group, the first V tile as the next.
+    // Copy groups: {Q, K(0)}, then {V(0), K(1)}; iteration t >= 1 issues {V(t), K(t + 1)}.
 #pragma unroll
     for (int c = tid; c < kBlockM * kChunks; c += kThreads) {
-        const int r = c / kChunks, cc = c % kChunks;
+        int r, cc;
+        copy_order<kChunks>(c, &r, &cc);
         const int32_t prow = row0 + r;
         const int32_t i = prow / group;
         const bool ok = i < q_len;
@@ -148,11 +216,12 @@ __global__ void __launch_bounds__(kThreads) attention_sm90_kernel(const Sm90Para
                : p.q;
         cp_async_16(q_addr + tile_offset(r, cc, kBlockM), src, ok);
     }
-    if (n_tiles > 0) load_kv_tile(k_addr, k_base, lo);
+    if (n_tiles > 0) load_kv_tile(k_addr, k_base, 0);
     cp_async_commit();
-    if (n_tiles > 0) load_kv_tile(v_addr, v_base, lo);
+    if (n_tiles > 0) load_kv_tile(v_addr, v_base, 0);
+    if (n_tiles > 1) load_kv_tile(k_addr, k_base, 1);
     cp_async_commit();
-    cp_async_wait<1>();
+    cp_async_wait<1>();  // Q and K(0) have landed
     fence_proxy_async();
     __syncthreads();
 
@@ -171,122 +240,132 @@ __global__ void __launch_bounds__(kThreads) attention_sm90_kernel(const Sm90Para
             row_lo[h] = row_hi[h] = 0;  // padding row: sees nothing, written nowhere
         }
     }
+    // a tile needs the mask only where some row of the CTA loses part of it
+    auto need_mask = [&](int32_t t) {
+        const int32_t j0 = lo + t * kBlockN;
+        return j0 < lo_last || j0 + kBlockN > hi_first;
+    };
 
-    // Descriptors (tile_offset's placement): Q rows of this warpgroup, K, V.
+    // Descriptors (tile_offset's placement): Q rows of this warpgroup; K as B, K-major; V as B,
+    // MN-major: keys are K (core matrices 128 bytes apart), head dims are N (kBlockN * 16 bytes
+    // apart), columns 64.. start 8 chunk columns in.
     constexpr uint32_t kQLbo = kBlockM * 16, kKvLbo = kBlockN * 16;
     const uint32_t q_wg = q_addr + tile_offset(wg * 64, 0, kBlockM);
-
+    float s[kBlockN / 2];  // S(t), then P(t) unrounded
+    auto issue_qk = [&](int32_t t) {
+        const uint32_t k_t = k_addr + (t % 2) * kKvTileBytes;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            wgmma_ss<kBlockN>(s, wgmma_desc(q_wg + kk * 2 * kQLbo, kQLbo, 128),
+                              wgmma_desc(k_t + kk * 2 * kKvLbo, kKvLbo, 128), kk > 0);
+        }
+        wgmma_commit();
+    };
     OAcc<D> o;
+    uint32_t pf[kBlockN / 16][4] = {};  // P(t) rounded to bf16, as A fragments, one per 16 keys
+    auto issue_pv = [&](int32_t t) {
+        const uint32_t v_t = v_addr + (t % 2) * kKvTileBytes;
+#pragma unroll
+        for (int kc = 0; kc < kBlockN / 16; kc++) {
+            const uint32_t v_kc = v_t + tile_offset(16 * kc, 0, kBlockN);
+            wgmma_rs_bt<64>(o.o0, pf[kc], wgmma_desc(v_kc, 128, kKvLbo), 1);
+            if constexpr (S::kN1 > 0) {
+                wgmma_rs_bt<S::kN1>(o.o1, pf[kc],
+                                    wgmma_desc(v_kc + tile_offset(0, 8, kBlockN), 128, kKvLbo), 1);
+            }
+        }
+        wgmma_commit();
+    };
+
 #pragma unroll
     for (int j = 0; j < D / 8; j++) o.at(j, 0) = o.at(j, 1) = o.at(j, 2) = o.at(j, 3) = 0.0f;
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-
-    for (int32_t tile = 0; tile < n_tiles; tile++) {
-        const int32_t j0 = lo + tile * kBlockN;
-        if (tile > 0) {
-            cp_async_wait<1>();  // K(tile) has landed; V(tile) may still be in flight
-            fence_proxy_async();
-            __syncthreads();
-        }
-
-        uint32_t pf[kBlockN / 16][4];  // P as A fragments, one per 16 keys
-        if (wg_active) {
-            float s[kBlockN / 2];
-            wgmma_fence();
+    // Every register a wgmma reads or writes, pinned (ptx_sm90.cuh's reg_fence) before each
+    // wgmma_fence and after each wgmma_wait.
+    auto pin_operands = [&]() {
+        reg_fence(s);
+        reg_fence(o.o0);
+        reg_fence(o.o1);
 #pragma unroll
-            for (int kk = 0; kk < D / 16; kk++) {
-                wgmma_ss<kBlockN>(s, wgmma_desc(q_wg + kk * 2 * kQLbo, kQLbo, 128),
-                                  wgmma_desc(k_addr + kk * 2 * kKvLbo, kKvLbo, 128), kk > 0);
-            }
-            wgmma_commit();
-            wgmma_wait<0>();
-
-            // Mask (only where some row of the CTA loses part of this tile), online softmax.
-            const bool need_mask = j0 < lo_last || j0 + kBlockN > hi_first;
-            float mx[2] = {-INFINITY, -INFINITY};
+        for (int kc = 0; kc < kBlockN / 16; kc++) reg_fence(pf[kc]);
+    };
+    // Once the product that last wrote O has landed: O and l scaled by alpha, then P(t) rounded
+    // to bf16 into pf, l summing the rounded values (attention.cu).
+    auto rescale_and_round = [&](const float (&alpha)[2]) {
 #pragma unroll
-            for (int nt = 0; nt < kBlockN / 8; nt++) {
+        for (int h = 0; h < 2; h++) {
+            l[h] *= alpha[h];
 #pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    float x = s[4 * nt + e] * p.scale_log2;
-                    if (need_mask) {
-                        const int32_t j = j0 + nt * 8 + 2 * t4 + (e & 1);
-                        if (j < row_lo[e >> 1] || j >= row_hi[e >> 1]) x = -INFINITY;
-                    }
-                    s[4 * nt + e] = x;
-                    mx[e >> 1] = fmaxf(mx[e >> 1], x);
-                }
-            }
-            float base[2];
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-                // the four threads of a row share it: reduce across lanes t4 = 0..3
-                mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
-                mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
-                const float m_new = fmaxf(m[h], mx[h]);
-                // a row that has seen only masked keys keeps m = -inf; subtract 0 instead so
-                // that exp2 gives 0, never NaN
-                base[h] = m_new == -INFINITY ? 0.0f : m_new;
-                const float alpha = exp2f(m[h] - base[h]);
-                m[h] = m_new;
-                l[h] *= alpha;
-#pragma unroll
-                for (int j = 0; j < D / 8; j++) {
-                    o.at(j, 2 * h) *= alpha;
-                    o.at(j, 2 * h + 1) *= alpha;
-                }
-            }
-            // P = exp2(s - m) rounded to bf16; l sums the rounded values (attention.cu).
-#pragma unroll
-            for (int kc = 0; kc < kBlockN / 16; kc++) {
-#pragma unroll
-                for (int half = 0; half < 2; half++) {
-                    const float *sv = s + 4 * (2 * kc + half);
-                    const uint32_t top = pack_bf16x2(exp2f(sv[0] - base[0]), exp2f(sv[1] - base[0]));
-                    const uint32_t bot = pack_bf16x2(exp2f(sv[2] - base[1]), exp2f(sv[3] - base[1]));
-                    pf[kc][2 * half] = top;      // row g,     keys 16kc + 8half + 2t, +1
-                    pf[kc][2 * half + 1] = bot;  // row g + 8, same keys
-                    l[0] += sum_bf16x2(top);
-                    l[1] += sum_bf16x2(bot);
-                }
+            for (int j = 0; j < D / 8; j++) {
+                o.at(j, 2 * h) *= alpha[h];
+                o.at(j, 2 * h + 1) *= alpha[h];
             }
         }
+#pragma unroll
+        for (int kc = 0; kc < kBlockN / 16; kc++) {
+#pragma unroll
+            for (int half = 0; half < 2; half++) {
+                const float *sv = s + 4 * (2 * kc + half);
+                const uint32_t top = pack_bf16x2(sv[0], sv[1]);
+                const uint32_t bot = pack_bf16x2(sv[2], sv[3]);
+                pf[kc][2 * half] = top;      // row g,     keys 16kc + 8half + 2t, +1
+                pf[kc][2 * half + 1] = bot;  // row g + 8, same keys
+                l[0] += sum_bf16x2(top);
+                l[1] += sum_bf16x2(bot);
+            }
+        }
+    };
 
-        __syncthreads();  // every warpgroup is done reading sK
-        if (tile + 1 < n_tiles) load_kv_tile(k_addr, k_base, j0 + kBlockN);
-        cp_async_commit();
-        cp_async_wait<1>();  // V(tile) has landed; K(tile + 1) may still be in flight
+    if (wg_active && n_tiles > 0) {
+        float alpha[2];
+        pin_operands();
+        wgmma_fence();
+        issue_qk(0);
+        wgmma_wait<0>();
+        pin_operands();
+        softmax_tile(s, m, alpha, p.scale_log2, need_mask(0), lo, t4, row_lo, row_hi);
+        rescale_and_round(alpha);
+    }
+    for (int32_t t = 1; t < n_tiles; t++) {
+        // K(t) and V(t-1) have landed, and both warpgroups are done with iteration t-1, whose
+        // products read K(t-1) and V(t-2): their buffers take K(t+1) and V(t).
+        cp_async_wait<0>();
         fence_proxy_async();
         __syncthreads();
+        load_kv_tile(v_addr, v_base, t);
+        if (t + 1 < n_tiles) load_kv_tile(k_addr, k_base, t + 1);
+        cp_async_commit();
 
         if (wg_active) {
-            // V as B, MN-major: keys are K (core matrices 128 bytes apart), head dims are N
-            // (kBlockN * 16 bytes apart); columns 64.. start 8 chunk columns in.
-            wgmma_fence();
-#pragma unroll
-            for (int kc = 0; kc < kBlockN / 16; kc++) {
-                const uint32_t v_kc = v_addr + tile_offset(16 * kc, 0, kBlockN);
-                wgmma_rs_bt<64>(o.o0, pf[kc], wgmma_desc(v_kc, 128, kKvLbo), 1);
-                if constexpr (S::kN1 > 0) {
-                    wgmma_rs_bt<S::kN1>(o.o1, pf[kc],
-                                        wgmma_desc(v_kc + tile_offset(0, 8, kBlockN), 128, kKvLbo),
-                                        1);
-                }
-            }
-            wgmma_commit();
+            float alpha[2];
+            pin_operands();
+            wgmma_fence();  // s, o and pf were written by this thread since the last products
+            issue_qk(t);
+            issue_pv(t - 1);
+            wgmma_wait<1>();  // S(t) has landed; P(t-1) V(t-1) may still be running
+            reg_fence(s);     // (o and pf stay untouched until the next wait)
+            softmax_tile(s, m, alpha, p.scale_log2, need_mask(t), lo + t * kBlockN, t4, row_lo,
+                         row_hi);
             wgmma_wait<0>();
+            pin_operands();
+            rescale_and_round(alpha);
         }
-
-        __syncthreads();  // every warpgroup is done reading sV
-        if (tile + 1 < n_tiles) load_kv_tile(v_addr, v_base, j0 + kBlockN);
-        cp_async_commit();
     }
-    cp_async_wait<0>();  // nothing may still be landing when the CTA exits
+    cp_async_wait<0>();  // V(last) has landed (and nothing is still landing when the CTA exits)
+    fence_proxy_async();
+    __syncthreads();
+    if (!wg_active) return;  // no barrier follows: the rest is per warpgroup and per warp
+    if (n_tiles > 0) {
+        pin_operands();
+        wgmma_fence();
+        issue_pv(n_tiles - 1);
+        wgmma_wait<0>();
+        pin_operands();
+    }
 
-    if (!wg_active) return;  // no barrier follows: the rest is per warp
-
-    // Normalise, stage the warp's 16 rows in its own rows of sQ (no other warp reads them
-    // again), then store whole 16-byte chunks of the rows that are real queries.
+    // Normalise, stage the warp's 16 rows in its own rows of sQ (every product that read Q was
+    // waited for before the last barrier), then store whole 16-byte chunks of the rows that are
+    // real queries.
     float inv[2];
 #pragma unroll
     for (int h = 0; h < 2; h++) {
@@ -315,8 +394,9 @@ __global__ void __launch_bounds__(kThreads) attention_sm90_kernel(const Sm90Para
     __syncwarp();
 #pragma unroll
     for (int it = 0; it < 16 * kChunks / 32; it++) {
-        const int c = lane + it * 32;
-        const int r = r_warp + c / kChunks, cc = c % kChunks;
+        int r, cc;
+        copy_order<kChunks>(lane + it * 32, &r, &cc);
+        r += r_warp;
         const int32_t prow = row0 + r;
         const int32_t i = prow / group;
         if (i < q_len) {

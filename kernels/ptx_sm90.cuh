@@ -38,6 +38,23 @@ __device__ __forceinline__ void wgmma_wait() {
     asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
 
+// Pins registers at this point for the compiler, at no cost in instructions. The wgmma asm
+// statements below tell it that they read and write their registers at issue; the hardware
+// does so at any time until the wgmma_wait that covers them. Without a pin after that wait
+// the compiler could read the accumulators before it, or reuse an A operand's registers while
+// the product still reads them; without one before wgmma_fence it could move the writes that
+// must precede the fence (a rescale of the accumulators) after it.
+template <int N>
+__device__ __forceinline__ void reg_fence(float (&r)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; i++) asm volatile("" : "+f"(r[i])::"memory");
+}
+template <int N>
+__device__ __forceinline__ void reg_fence(uint32_t (&r)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; i++) asm volatile("" : "+r"(r[i])::"memory");
+}
+
 // d[64 x N] (+)= A[64 x 16] B[16 x N], bf16 in, fp32 accumulators; the whole warpgroup (4
 // warps, 128 threads) executes it, asynchronously: d is undefined until a wgmma_wait covers the
 // group. accumulate 0: d = A B. Accumulator fragment of thread l of warp w of the warpgroup
