@@ -6,6 +6,7 @@
  * usage: bench_engine [--configs llama3.1-8b,mistral-7b,phi3.5-mini,smollm2-135m]
  *                     [--requests 32] [--prompt 512] [--system 64] [--user 384] [--decode 32]
  *                     [--repeats 5] [--seed 1] [--peak 989] [--no-graphs]
+ *                     [--attention auto|mma|wgmma]
  *
  * Each request's prompt is prefix 5 | system S | middle 5 | user U | suffix (the rest) tokens,
  * random ids in [0, vocab) from a fixed-seed generator; all requests are packed into one step.
@@ -52,6 +53,7 @@ typedef struct options {
     uint64_t seed;
     double peak_tflops;
     bool graphs;
+    sf_attention_kernel attention; /* the engine's option: which fused-attention kernel */
 } options;
 
 /* The published shapes of each model, by hand (no files needed). Only shapes matter for
@@ -381,6 +383,7 @@ static int bench_config(const char *name, const options *o) {
     eo.max_context = P + o->decode;
     eo.max_batch_tokens = (int32_t)T;
     eo.cuda_graphs = o->graphs;
+    eo.attention = o->attention;
     const double tc0 = now_ms();
     SF_TRY("sf_cuda_engine_create_random", sf_cuda_engine_create_random(&c, &sc, o->seed, &eo,
                                                                          &e));
@@ -583,7 +586,8 @@ static int usage(void) {
     fprintf(stderr,
             "usage: bench_engine [--configs llama3.1-8b,mistral-7b,phi3.5-mini,smollm2-135m] "
             "[--requests 32] [--prompt 512] [--system 64] [--user 384] [--decode 32] "
-            "[--repeats 5] [--seed 1] [--peak 989] [--no-graphs]\n");
+            "[--repeats 5] [--seed 1] [--peak 989] [--no-graphs] "
+            "[--attention auto|mma|wgmma]\n");
     return 2;
 }
 
@@ -612,7 +616,15 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--repeats")) o.repeats = atoi(v);
         else if (!strcmp(a, "--seed")) o.seed = strtoull(v, NULL, 10);
         else if (!strcmp(a, "--peak")) o.peak_tflops = atof(v);
-        else {
+        else if (!strcmp(a, "--attention")) {
+            if (!strcmp(v, "auto")) o.attention = SF_ATTENTION_AUTO;
+            else if (!strcmp(v, "mma")) o.attention = SF_ATTENTION_MMA;
+            else if (!strcmp(v, "wgmma")) o.attention = SF_ATTENTION_WGMMA;
+            else {
+                fprintf(stderr, "bench_engine: --attention is auto, mma or wgmma, not '%s'\n", v);
+                return usage();
+            }
+        } else {
             fprintf(stderr, "bench_engine: unknown option %s\n", a);
             return usage();
         }
@@ -636,10 +648,12 @@ int main(int argc, char **argv) {
     if (cudaGetDeviceProperties(&prop, 0) != cudaSuccess) snprintf(prop.name, 8, "unknown");
     printf("bench_engine: %s (%d SMs, %.0f GiB); %d requests x %d tokens = %d packed tokens "
            "per prefill (prefix 5 | system %d | middle 5 | user %d | suffix %d), decode %d "
-           "steps, median of %d after 1 warm-up, CUDA graphs %s\n",
+           "steps, median of %d after 1 warm-up, CUDA graphs %s, attention %s\n",
            prop.name, prop.multiProcessorCount, gib(prop.totalGlobalMem), o.requests, o.prompt,
            o.requests * o.prompt, o.system, o.user, o.prompt - 10 - o.system - o.user,
-           o.decode, o.repeats, o.graphs ? "on" : "off");
+           o.decode, o.repeats, o.graphs ? "on" : "off",
+           o.attention == SF_ATTENTION_WGMMA ? "wgmma"
+           : o.attention == SF_ATTENTION_MMA ? "mma" : "auto");
     printf("assumptions: random bf16 weights drawn on the device; greedy sampling; MFU against "
            "%.0f TFLOP/s dense bf16 (H200 spec; a measured 8192^3 bf16 GEMM reaches ~790);\n"
            "  FLOPs = 2*T*L*[d*hd*(2H+2Hkv) + 3*d*ff] + 4*hd*H*L*causal_pairs + 2*d*V*R "

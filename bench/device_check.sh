@@ -108,6 +108,11 @@ if command -v python3 >/dev/null; then
 fi
 timeout 150 "$build/bench_engine" >"$OUT/bench_engine.log" 2>&1
 row "bench_engine" "rc=$? $(grep -c '^SUMMARY .*prefill_tok_s' "$OUT/bench_engine.log")/4 configs"
+# The same 8B prefill with every attention on the wgmma kernel (sf_cuda_engine_options.attention):
+# what choosing it by default would change end to end.
+timeout 60 "$build/bench_engine" --configs llama3.1-8b --attention wgmma \
+    >"$OUT/bench_engine_wgmma.log" 2>&1
+row "bench_engine (llama3.1-8b, wgmma)" "rc=$?"
 # One Sysformer training step at SmolLM2-135M shapes (1008 tokens), GPU rows only (the CPU rows
 # are measured on the developer machine; here they would cost a minute of device time).
 timeout 90 "$build/bench_train" --devices cuda >"$OUT/bench_train.log" 2>&1
@@ -116,7 +121,8 @@ PYTHONUNBUFFERED=1 timeout 240 python3 bench/peer_e2e.py >"$OUT/peer_e2e.log" 2>
 row "peer_e2e (transformers)" "rc=$?"
 
 finish
-grep -h '^SUMMARY' "$OUT/bench_engine.log" "$OUT/bench_train.log" "$OUT/peer_e2e.log"
+grep -H '^SUMMARY' "$OUT/bench_engine.log" "$OUT/bench_engine_wgmma.log" "$OUT/bench_train.log" \
+    "$OUT/peer_e2e.log" | sed "s|^$OUT/||"
 for b in bench_norms bench_elementwise bench_attention peer_attention bench_engine bench_train \
     peer_e2e; do
     [[ -f "$OUT/$b.log" ]] && { echo; echo "== $b"; cat "$OUT/$b.log"; }

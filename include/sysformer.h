@@ -518,6 +518,18 @@ sf_status sf_cuda_device_count(int *count);
  * An engine is not thread-safe: one host thread drives it at a time. */
 typedef struct sf_cuda_engine sf_cuda_engine;
 
+/* Which fused-attention kernel the engine's prefill, Sysformer and non-split decode attention
+ * run on. Decode steps whose keys split over blocks keep the split-KV kernel either way. */
+typedef enum sf_attention_kernel {
+    SF_ATTENTION_AUTO = 0,  /* the library's choice for the device: today SF_ATTENTION_MMA
+                               everywhere (the wgmma kernel has not yet been validated on a
+                               GPU)                                                          */
+    SF_ATTENTION_MMA = 1,   /* mma.sync tensor cores, any supported device (sm_80+)          */
+    SF_ATTENTION_WGMMA = 2, /* Hopper's warpgroup tensor cores: a build with sm_90 among its
+                               CUDA architectures and a compute capability 9.0 device, else
+                               sf_cuda_engine_create fails with SF_ERR_UNSUPPORTED           */
+} sf_attention_kernel;
+
 typedef struct sf_cuda_engine_options {
     int32_t device;           /* CUDA device ordinal (default 0)                                */
     int32_t max_slots;        /* KV cache slots = requests held at once, and the most requests
@@ -527,6 +539,7 @@ typedef struct sf_cuda_engine_options {
     int32_t max_batch_tokens; /* packed tokens in one step (sum over its requests); 0:
                                  max_context                                                   */
     bool cuda_graphs;         /* replay decode steps as CUDA graphs (default true)           */
+    sf_attention_kernel attention; /* (default SF_ATTENTION_AUTO)                             */
 } sf_cuda_engine_options;
 
 sf_cuda_engine_options sf_cuda_engine_default_options(void);

@@ -444,6 +444,11 @@ extern "C" sf_status sf_attention_check_shapes(const sf_attention_args *a, const
                        (long long)kv_row, (long long)q_row);
     }
     if (!isfinite(a->scale)) return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: scale is not finite", fn);
+    if (a->kernel != SF_ATTENTION_AUTO && a->kernel != SF_ATTENTION_MMA &&
+        a->kernel != SF_ATTENTION_WGMMA) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: kernel = %d (not an sf_attention_kernel)",
+                       fn, (int)a->kernel);
+    }
     return SF_OK;
 }
 
@@ -479,6 +484,7 @@ extern "C" sf_status sf_cuda_attention_bf16(const sf_attention_args *a, cudaStre
         if (need == 0 || (a->workspace && aligned16(a->workspace) && a->workspace_bytes >= need))
             return sf_cuda_attention_decode_bf16(a, stream);
     }
+    if (a->kernel == SF_ATTENTION_WGMMA) return sf_cuda_attention_sm90_bf16(a, stream);
 
     sf_nvtx_range range("sf_cuda_attention_bf16");
     const int32_t d = a->head_dim;

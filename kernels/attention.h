@@ -79,6 +79,11 @@ typedef struct sf_attention_args {
     int32_t max_kv_len;
     float *workspace;       /* (device) scratch for the split decode, or NULL                 */
     size_t workspace_bytes;
+    /* The tiled kernel sf_cuda_attention_bf16 runs: SF_ATTENTION_AUTO (0) and
+     * SF_ATTENTION_MMA its own mma.sync kernel, SF_ATTENTION_WGMMA sf_cuda_attention_sm90_bf16
+     * (with that function's requirements). A split decode runs in attention_decode.cu either
+     * way. */
+    sf_attention_kernel kernel;
 } sf_attention_args;
 
 /* Bytes of workspace the split decode needs for *a (0: none, or not a split decode). */
@@ -97,11 +102,15 @@ sf_status sf_cuda_attention_bf16(const sf_attention_args *a, cudaStream_t stream
 
 /* The same forward on Hopper's warpgroup tensor-core instruction (attention_sm90.cu): the
  * arguments, results (up to rounding: its fp32 sums run in another order) and errors of
- * sf_cuda_attention_bf16, with every case in the tiled kernel (decode too), plus
- * SF_ERR_UNSUPPORTED when the library was built without sm_90 or the current device is not of
- * compute capability 9.0. Not yet run on a GPU, so sf_cuda_attention_bf16 does not choose it;
- * tests and bench_attention call it. */
+ * sf_cuda_attention_bf16, with every case in the tiled kernel (decode too; a->kernel is not
+ * read), plus SF_ERR_UNSUPPORTED when sf_cuda_attention_sm90_check fails. Not yet run on a GPU,
+ * so sf_cuda_attention_bf16 runs it only when asked (a->kernel). */
 sf_status sf_cuda_attention_sm90_bf16(const sf_attention_args *a, cudaStream_t stream);
+
+/* SF_OK when sf_cuda_attention_sm90_bf16 can run on the current device; SF_ERR_UNSUPPORTED
+ * saying why not (the library was built without sm_90, or the device is not of compute
+ * capability 9.0); SF_ERR_CUDA when the device cannot be queried. */
+sf_status sf_cuda_attention_sm90_check(void);
 
 /* The forward's requirements on *a, in two halves shared by both launchers: the counts, heads,
  * head dim, strides and scale; then the pointers, alignment and grid limits (a launcher with

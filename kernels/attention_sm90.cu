@@ -1,8 +1,9 @@
 // Fused scaled-dot-product attention on bf16 for Hopper (sm_90a): the forward of attention.cu
 // (same arguments, masks, packing and results up to rounding) with its two products on wgmma,
 // the warpgroup-wide tensor-core instruction that reads its operands from shared memory.
-// CPU twin: host/cpu/attention.c. NOT YET RUN ON A GPU: sf_cuda_attention_bf16 does not choose
-// it; tests and bench_attention call sf_cuda_attention_sm90_bf16 directly.
+// CPU twin: host/cpu/attention.c. NOT YET RUN ON A GPU: sf_cuda_attention_bf16 runs it only
+// when asked (args.kernel = SF_ATTENTION_WGMMA, which the engine passes for its option
+// attention); tests and bench_attention also call sf_cuda_attention_sm90_bf16 directly.
 //
 // One CTA owns one (request, kv head, tile of kBlockM = 128 packed rows), as in attention.cu
 // (packed row p = query p / group of query head kv_head * group + p % group). Two warpgroups of
@@ -428,20 +429,26 @@ sf_status launch_sm90(const Sm90Params &p, const sf_attention_args *a, cudaStrea
 
 }  // namespace
 
-extern "C" sf_status sf_cuda_attention_sm90_bf16(const sf_attention_args *a,
-                                                 cudaStream_t stream) {
-    static const char *fn = "sf_cuda_attention_sm90_bf16";
-    sf_status st = sf_attention_check_shapes(a, fn);
-    if (st != SF_OK) return st;
+extern "C" sf_status sf_cuda_attention_sm90_check(void) {
     // wgmma exists on compute capability 9.0 only (this file is built for sm_90a)
     int dev = 0, major = 0, minor = 0;
     SF_CUDA_TRY(cudaGetDevice(&dev));
     SF_CUDA_TRY(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
     SF_CUDA_TRY(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
     if (major != 9 || minor != 0) {
-        return sf_fail(SF_ERR_UNSUPPORTED, "%s: needs a compute capability 9.0 device (sm_90a), "
-                       "device %d is %d.%d", fn, dev, major, minor);
+        return sf_fail(SF_ERR_UNSUPPORTED, "sf_cuda_attention_sm90_bf16: needs a compute "
+                       "capability 9.0 device (sm_90a), device %d is %d.%d", dev, major, minor);
     }
+    return SF_OK;
+}
+
+extern "C" sf_status sf_cuda_attention_sm90_bf16(const sf_attention_args *a,
+                                                 cudaStream_t stream) {
+    static const char *fn = "sf_cuda_attention_sm90_bf16";
+    sf_status st = sf_attention_check_shapes(a, fn);
+    if (st != SF_OK) return st;
+    st = sf_cuda_attention_sm90_check();
+    if (st != SF_OK) return st;
     if (a->n_requests == 0 || a->max_q_len == 0) return SF_OK;  // nothing to compute
     st = sf_attention_check_tensors(a, fn);
     if (st != SF_OK) return st;
@@ -475,12 +482,16 @@ extern "C" sf_status sf_cuda_attention_sm90_bf16(const sf_attention_args *a,
 
 #else  // built without sm_90 among the architectures
 
+extern "C" sf_status sf_cuda_attention_sm90_check(void) {
+    return sf_fail(SF_ERR_UNSUPPORTED, "sf_cuda_attention_sm90_bf16: this build has no sm_90a "
+                   "code (CMAKE_CUDA_ARCHITECTURES without 90)");
+}
+
 extern "C" sf_status sf_cuda_attention_sm90_bf16(const sf_attention_args *a,
                                                  cudaStream_t stream) {
     (void)a;
     (void)stream;
-    return sf_fail(SF_ERR_UNSUPPORTED, "sf_cuda_attention_sm90_bf16: this build has no sm_90a "
-                   "code (CMAKE_CUDA_ARCHITECTURES without 90)");
+    return sf_cuda_attention_sm90_check();
 }
 
 #endif

@@ -346,6 +346,9 @@ TEST(CudaAttentionArgs, RejectsShortMisalignedStridesAndPointers) {
     a = valid_args();
     a.scale = NAN;
     EXPECT_EQ(sf_cuda_attention_bf16(&a, 0), SF_ERR_INVALID_ARGUMENT);
+    a = valid_args();
+    a.kernel = static_cast<sf_attention_kernel>(3);  // not a kernel
+    EXPECT_EQ(sf_cuda_attention_bf16(&a, 0), SF_ERR_INVALID_ARGUMENT);
 }
 
 // The split decode's workspace: only for decode (one query) with max_kv_len, no lse and at most
@@ -400,14 +403,8 @@ class CudaAttention : public ::testing::TestWithParam<AttnKernel> {
                                                       : sf_cuda_attention_bf16;
         int devices = 0;
         if (GetParam() == AttnKernel::kSm90 && sf_cuda_device_count(&devices) == SF_OK &&
-            devices > 0) {
-            sf_attention_args a = {};  // nothing to do: only the device check can fail
-            a.n_heads = a.n_kv_heads = 1;
-            a.head_dim = 64;
-            a.q_stride = a.kv_stride = a.out_stride = 64;
-            a.scale = 0.125f;
-            if (sf_cuda_attention_sm90_bf16(&a, 0) == SF_ERR_UNSUPPORTED)
-                GTEST_SKIP() << sf_last_error();
+            devices > 0 && sf_cuda_attention_sm90_check() == SF_ERR_UNSUPPORTED) {
+            GTEST_SKIP() << sf_last_error();
         }
     }
     void TearDown() override { g_attention = sf_cuda_attention_bf16; }

@@ -345,6 +345,7 @@ TEST(CudaEngineArgs, RefusesBadArgumentsBeforeTouchingTheDevice) {
     EXPECT_EQ(d.max_context, 0);
     EXPECT_EQ(d.max_batch_tokens, 0);
     EXPECT_TRUE(d.cuda_graphs);
+    EXPECT_EQ(d.attention, SF_ATTENTION_AUTO);
 
     TempDir dir;
     ASSERT_TRUE(write_llm_variant("llama_gqa_llama3", dir.path(), 17));
@@ -360,6 +361,10 @@ TEST(CudaEngineArgs, RefusesBadArgumentsBeforeTouchingTheDevice) {
     EXPECT_EQ(sf_cuda_engine_create_random(nullptr, nullptr, 1, &d, &e), SF_ERR_INVALID_ARGUMENT);
     EXPECT_EQ(e, nullptr);
     EXPECT_EQ(sf_cuda_engine_create_random(cfg, nullptr, 1, &d, nullptr), SF_ERR_INVALID_ARGUMENT);
+    sf_cuda_engine_options bad = d;
+    bad.attention = static_cast<sf_attention_kernel>(3);  // not a kernel
+    EXPECT_EQ(sf_cuda_engine_create(llm, nullptr, &bad, &e), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(e, nullptr);
 
     sf_cuda_step step = {};
     int32_t slot = 0, tok = 0;
@@ -1125,6 +1130,62 @@ TEST_F(CudaEngineTiny, CreateRefusesBadOptionsAndImpossibleSizes) {
     ASSERT_TRUE(prefill(ok.get(), tiny_prompts({{5, 2}}, 46), {0}, true, vocab_, &out));
     EXPECT_TRUE(all_finite(out.logits.data(), vocab_));
     (void)cudaGetLastError();  // leave no stale error to later tests, whatever happened above
+}
+
+// 6b. The engine on the wgmma attention kernel (options.attention = SF_ATTENTION_WGMMA): the
+// Sysformer's self- and cross-attention and the LLM's causal prefill in a guarded prefill, then
+// a chunked prefill against the cache (queries at positions > 0) and a decode step, all against
+// the CPU with the bound of every engine test (the attention kernel is one more bf16 op of the
+// same class: the bound does not depend on which kernel runs it). Skips, saying why, where
+// the kernel cannot run (a build without sm_90, a device other than compute capability 9.0).
+TEST_F(CudaEngineTiny, WgmmaAttentionMatchesCpu) {
+    sf_cuda_engine_options o = options(4);
+    o.attention = SF_ATTENTION_WGMMA;
+    sf_cuda_engine *raw = nullptr;
+    const sf_status st = sf_cuda_engine_create(llm_, sf_, &o, &raw);
+    if (st == SF_ERR_UNSUPPORTED) GTEST_SKIP() << sf_last_error();
+    ASSERT_EQ(st, SF_OK) << sf_last_error();
+    EnginePtr e(raw);
+    const int L = sf_llm_get_config(llm_)->num_layers;
+    const int Ls = sf_sysformer_get_config(sf_)->num_layers;
+    const double b = logit_bound(L, Ls);
+
+    const Prompts p = tiny_prompts({{5, 2}, {1, 7}, {12, 9}}, 21);
+    const std::vector<int32_t> slots = {2, 0, 1};
+    StepOut pre;
+    ASSERT_TRUE(prefill(e.get(), p, slots, true, vocab_, &pre));
+    CpuCaches cpu(llm_, 3, 128);
+    const std::vector<int32_t> rows = last_rows(p);
+    sf_guarded_batch gb = {3, p.cu.data(), p.ids.data(), p.spans.data(), cpu.kv.data(), 3,
+                           rows.data()};
+    std::vector<float> cl((size_t)3 * vocab_);
+    ASSERT_EQ(sf_guarded_forward_cpu(llm_, sf_, &gb, cl.data()), SF_OK) << sf_last_error();
+    for (int32_t r = 0; r < 3; r++) {
+        expect_logits_close(pre.row(r, vocab_), cl.data() + (size_t)r * vocab_, vocab_, b,
+                            "wgmma guarded request " + std::to_string(r), &pre.tokens[r]);
+    }
+
+    Prompts chunk;  // 3, 1 and 5 tokens, unguarded
+    Uniform rng(77);
+    for (int len : {3, 1, 5}) {
+        std::vector<int32_t> t;
+        for (int i = 0; i < len; i++) t.push_back(rng.below(3, 89));
+        chunk.add(t, sf_prompt_spans{0, 0, 0, 0, len});
+    }
+    StepOut out;
+    ASSERT_TRUE(prefill(e.get(), chunk, slots, false, vocab_, &out));
+    std::vector<float> want = cpu_step(llm_, cpu.kv, chunk.cu, chunk.ids);
+    for (int32_t r = 0; r < 3; r++) {
+        expect_logits_close(out.row(r, vocab_), want.data() + (size_t)r * vocab_, vocab_, b,
+                            "wgmma chunk request " + std::to_string(r), &out.tokens[r]);
+    }
+    StepOut dec;
+    ASSERT_TRUE(decode(e.get(), slots, vocab_, &dec));
+    want = cpu_step(llm_, cpu.kv, {0, 1, 2, 3}, out.tokens);
+    for (int32_t r = 0; r < 3; r++) {
+        expect_logits_close(dec.row(r, vocab_), want.data() + (size_t)r * vocab_, vocab_, b,
+                            "wgmma decode request " + std::to_string(r), &dec.tokens[r]);
+    }
 }
 
 // 7. The memory report. kv_cache is exactly max_slots x max_context positions x layers x (K and

@@ -21,6 +21,7 @@ sf_cuda_engine_options sf_cuda_engine_default_options(void) {
     memset(&o, 0, sizeof o);
     o.max_slots = 8;
     o.cuda_graphs = true;
+    o.attention = SF_ATTENTION_AUTO;
     return o;
 }
 

@@ -21,6 +21,7 @@ sf_cuda_engine_options sf_cuda_engine_default_options(void) {
     o.max_context = 0;
     o.max_batch_tokens = 0;
     o.cuda_graphs = true;
+    o.attention = SF_ATTENTION_AUTO;
     return o;
 }
 
@@ -174,6 +175,12 @@ static sf_status check_inputs(const sf_llm_config *cfg, const sf_sysformer_confi
                        "max_batch_tokens %d, device %d",
                        o->max_slots, o->max_context, o->max_batch_tokens, o->device);
     }
+    if (o->attention != SF_ATTENTION_AUTO && o->attention != SF_ATTENTION_MMA &&
+        o->attention != SF_ATTENTION_WGMMA) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                       "sf_cuda_engine: options attention %d (not an sf_attention_kernel)",
+                       (int)o->attention);
+    }
     if (o->max_context > cfg->max_position_embeddings) {
         return sf_fail(SF_ERR_INVALID_ARGUMENT,
                        "sf_cuda_engine: max_context %d exceeds the model's "
@@ -204,6 +211,7 @@ static sf_status engine_layout(sf_cuda_engine *e, const sf_llm_config *cfg,
     e->max_batch_tokens = o->max_batch_tokens ? o->max_batch_tokens : e->max_context;
     if (e->max_batch_tokens < e->max_slots) e->max_batch_tokens = e->max_slots;
     e->cuda_graphs = o->cuda_graphs;
+    e->attention = o->attention;
     e->d = cfg->hidden_size;
     e->q_dim = (int64_t)cfg->num_heads * cfg->head_dim;
     e->kv_dim = (int64_t)cfg->num_kv_heads * cfg->head_dim;
@@ -239,6 +247,10 @@ static sf_status engine_new(const sf_llm_config *cfg, const sf_sysformer_config 
                        o.device, count);
     }
     SF_CUDA_OR_FAIL(cudaSetDevice(o.device));
+    if (o.attention == SF_ATTENTION_WGMMA) {
+        st = sf_cuda_attention_sm90_check();
+        if (st != SF_OK) return st;
+    }
 
     sf_cuda_engine *e = calloc(1, sizeof *e);
     if (!e) return sf_fail(SF_ERR_OUT_OF_MEMORY, "sf_cuda_engine: out of host memory");

@@ -77,6 +77,7 @@ static sf_status layer(sf_cuda_engine *e, int l, int32_t n_requests, int64_t T,
     at.max_kv_len = e->max_context;
     at.workspace = a->attn_ws;
     at.workspace_bytes = a->attn_ws_bytes;
+    at.kernel = e->attention;
     SF_TRY(sf_cuda_attention_bf16(&at, s));
 
     SF_TRY(gemm(e, a->tmp, false, d, a->attn, q, L->w_o, L->b_o, T, d, q, s));

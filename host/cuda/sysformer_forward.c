@@ -53,6 +53,7 @@ static sf_status attend(sf_cuda_engine *e, const sys_step *p, sf_bf16 *out, cons
     at.out_stride = e->d;
     at.causal = false;
     at.scale = (float)(1.0 / sqrt((double)hd));
+    at.kernel = e->attention;
     return sf_cuda_attention_bf16(&at, s);
 }
 

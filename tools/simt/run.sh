@@ -86,12 +86,12 @@ case "$suite" in
         tests=(test_cuda_attention.cpp)
         twins=(host/cpu/attention.c host/cpu/softmax.c) ;;
     attention_backward)
-        kernels=(attention attention_decode attention_backward)
+        kernels=(attention attention_decode attention_sm90 attention_backward)
         tests=(test_cuda_attention_backward.cpp)
         twins=(host/cpu/attention.c host/cpu/softmax.c) ;;
     engine|train|engine+train)
         kernels=(device embedding convert rmsnorm layernorm rope activations sampling guard random
-                 attention attention_decode)
+                 attention attention_decode attention_sm90)
         cuda_c=(engine step llm_forward sysformer_forward weights gemm generate)
         host_lib=1
         tests=()
