@@ -741,46 +741,58 @@ TEST_P(CudaEngineVariant, DecodeWithTheKvCacheMatchesRecomputation) {
     }
 }
 
-// Chunked prefill: an unguarded prefill step appends several tokens to non-empty slots (queries
-// at positions > 0 against the cache), then one decode step; both against the CPU's caches.
-TEST_P(CudaEngineVariant, ChunkedPrefillContinuesTheSlots) {
-    EnginePtr e = make_engine(llm_, sf_, options(4));
-    ASSERT_TRUE(e);
-    const Prompts p = tiny_prompts({{5, 2}, {1, 7}, {12, 9}}, 12);
+// A guarded prefill of three requests on slots 2, 0, 1; then an unguarded prefill step that
+// appends 3, 1 and 5 tokens to those non-empty slots (queries at positions > 0 against the
+// cache); then one decode step. Each step's logits against the CPU's (its caches advanced by
+// the same tokens) within bound b, and the slots' lengths after each.
+void chunked_prefill_then_decode(sf_cuda_engine *e, const sf_llm *llm, const sf_sysformer *sf,
+                                 int64_t vocab, double b, uint64_t seed, const std::string &what) {
+    const Prompts p = tiny_prompts({{5, 2}, {1, 7}, {12, 9}}, seed);
     const std::vector<int32_t> slots = {2, 0, 1};
-    const double b = logit_bound(L_, Ls_);
     StepOut pre;
-    ASSERT_TRUE(prefill(e.get(), p, slots, true, vocab_, &pre));
-    CpuCaches cpu(llm_, 3, 128);
+    ASSERT_TRUE(prefill(e, p, slots, true, vocab, &pre));
+    CpuCaches cpu(llm, 3, 128);
     const std::vector<int32_t> rows = last_rows(p);
     sf_guarded_batch gb = {3, p.cu.data(), p.ids.data(), p.spans.data(), cpu.kv.data(), 3,
                            rows.data()};
-    std::vector<float> cl((size_t)3 * vocab_);
-    ASSERT_EQ(sf_guarded_forward_cpu(llm_, sf_, &gb, cl.data()), SF_OK) << sf_last_error();
+    std::vector<float> cl((size_t)3 * vocab);
+    ASSERT_EQ(sf_guarded_forward_cpu(llm, sf, &gb, cl.data()), SF_OK) << sf_last_error();
+    for (int32_t r = 0; r < 3; r++) {
+        expect_logits_close(pre.row(r, vocab), cl.data() + (size_t)r * vocab, vocab, b,
+                            what + "guarded request " + std::to_string(r), &pre.tokens[r]);
+        EXPECT_EQ(sf_cuda_engine_slot_length(e, slots[r]), p.len(r));
+    }
 
-    Prompts chunk;  // 3, 1 and 5 tokens; spans unused (unguarded)
-    Uniform rng(99);
+    Prompts chunk;  // spans unused (unguarded)
+    Uniform rng(seed + 87);
     for (int len : {3, 1, 5}) {
         std::vector<int32_t> t;
         for (int i = 0; i < len; i++) t.push_back(rng.below(3, 89));
         chunk.add(t, sf_prompt_spans{0, 0, 0, 0, len});
     }
     StepOut out;
-    ASSERT_TRUE(prefill(e.get(), chunk, slots, false, vocab_, &out));
-    std::vector<float> want = cpu_step(llm_, cpu.kv, chunk.cu, chunk.ids);
+    ASSERT_TRUE(prefill(e, chunk, slots, false, vocab, &out));
+    std::vector<float> want = cpu_step(llm, cpu.kv, chunk.cu, chunk.ids);
     for (int32_t r = 0; r < 3; r++) {
-        expect_logits_close(out.row(r, vocab_), want.data() + (size_t)r * vocab_, vocab_, b,
-                            "chunk request " + std::to_string(r), &out.tokens[r]);
-        EXPECT_EQ(sf_cuda_engine_slot_length(e.get(), slots[r]), p.len(r) + chunk.len(r));
+        expect_logits_close(out.row(r, vocab), want.data() + (size_t)r * vocab, vocab, b,
+                            what + "chunk request " + std::to_string(r), &out.tokens[r]);
+        EXPECT_EQ(sf_cuda_engine_slot_length(e, slots[r]), p.len(r) + chunk.len(r));
     }
     StepOut dec;
-    ASSERT_TRUE(decode(e.get(), slots, vocab_, &dec));
-    want = cpu_step(llm_, cpu.kv, {0, 1, 2, 3}, out.tokens);
+    ASSERT_TRUE(decode(e, slots, vocab, &dec));
+    want = cpu_step(llm, cpu.kv, {0, 1, 2, 3}, out.tokens);
     for (int32_t r = 0; r < 3; r++) {
-        expect_logits_close(dec.row(r, vocab_), want.data() + (size_t)r * vocab_, vocab_, b,
-                            "decode request " + std::to_string(r), &dec.tokens[r]);
-        EXPECT_EQ(sf_cuda_engine_slot_length(e.get(), slots[r]), p.len(r) + chunk.len(r) + 1);
+        expect_logits_close(dec.row(r, vocab), want.data() + (size_t)r * vocab, vocab, b,
+                            what + "decode request " + std::to_string(r), &dec.tokens[r]);
+        EXPECT_EQ(sf_cuda_engine_slot_length(e, slots[r]), p.len(r) + chunk.len(r) + 1);
     }
+}
+
+// Chunked prefill continues the slots (chunked_prefill_then_decode).
+TEST_P(CudaEngineVariant, ChunkedPrefillContinuesTheSlots) {
+    EnginePtr e = make_engine(llm_, sf_, options(4));
+    ASSERT_TRUE(e);
+    chunked_prefill_then_decode(e.get(), llm_, sf_, vocab_, logit_bound(L_, Ls_), 12, "");
 }
 
 // 4. Two engines from the same model, graphs on and off, the same steps: the same tokens and
@@ -1148,44 +1160,7 @@ TEST_F(CudaEngineTiny, WgmmaAttentionMatchesCpu) {
     EnginePtr e(raw);
     const int L = sf_llm_get_config(llm_)->num_layers;
     const int Ls = sf_sysformer_get_config(sf_)->num_layers;
-    const double b = logit_bound(L, Ls);
-
-    const Prompts p = tiny_prompts({{5, 2}, {1, 7}, {12, 9}}, 21);
-    const std::vector<int32_t> slots = {2, 0, 1};
-    StepOut pre;
-    ASSERT_TRUE(prefill(e.get(), p, slots, true, vocab_, &pre));
-    CpuCaches cpu(llm_, 3, 128);
-    const std::vector<int32_t> rows = last_rows(p);
-    sf_guarded_batch gb = {3, p.cu.data(), p.ids.data(), p.spans.data(), cpu.kv.data(), 3,
-                           rows.data()};
-    std::vector<float> cl((size_t)3 * vocab_);
-    ASSERT_EQ(sf_guarded_forward_cpu(llm_, sf_, &gb, cl.data()), SF_OK) << sf_last_error();
-    for (int32_t r = 0; r < 3; r++) {
-        expect_logits_close(pre.row(r, vocab_), cl.data() + (size_t)r * vocab_, vocab_, b,
-                            "wgmma guarded request " + std::to_string(r), &pre.tokens[r]);
-    }
-
-    Prompts chunk;  // 3, 1 and 5 tokens, unguarded
-    Uniform rng(77);
-    for (int len : {3, 1, 5}) {
-        std::vector<int32_t> t;
-        for (int i = 0; i < len; i++) t.push_back(rng.below(3, 89));
-        chunk.add(t, sf_prompt_spans{0, 0, 0, 0, len});
-    }
-    StepOut out;
-    ASSERT_TRUE(prefill(e.get(), chunk, slots, false, vocab_, &out));
-    std::vector<float> want = cpu_step(llm_, cpu.kv, chunk.cu, chunk.ids);
-    for (int32_t r = 0; r < 3; r++) {
-        expect_logits_close(out.row(r, vocab_), want.data() + (size_t)r * vocab_, vocab_, b,
-                            "wgmma chunk request " + std::to_string(r), &out.tokens[r]);
-    }
-    StepOut dec;
-    ASSERT_TRUE(decode(e.get(), slots, vocab_, &dec));
-    want = cpu_step(llm_, cpu.kv, {0, 1, 2, 3}, out.tokens);
-    for (int32_t r = 0; r < 3; r++) {
-        expect_logits_close(dec.row(r, vocab_), want.data() + (size_t)r * vocab_, vocab_, b,
-                            "wgmma decode request " + std::to_string(r), &dec.tokens[r]);
-    }
+    chunked_prefill_then_decode(e.get(), llm_, sf_, vocab_, logit_bound(L, Ls), 21, "wgmma ");
 }
 
 // 7. The memory report. kv_cache is exactly max_slots x max_context positions x layers x (K and
