@@ -1,7 +1,8 @@
 // Fused attention throughput: sf_cuda_attention_bf16 at the shapes DESIGN.md §9 names, beside
-// cuDNN's fused attention on the same buffers; rows marked "(wgmma)" run the Hopper kernel
-// sf_cuda_attention_sm90_bf16 instead (attention_sm90.cu; "n/a" with the reason where it cannot
-// run), whose "vs cuDNN rel err" column is also its first check on a GPU beside the tests.
+// cuDNN's fused attention on the same buffers; rows marked "(wgmma n128)" and "(wgmma n64)" run
+// the Hopper kernel (attention_sm90.cu) instead, with tiles of 128 keys (its default) or 64
+// ("n/a" with the reason where it cannot run), whose "vs cuDNN rel err" column is also its
+// first check on a GPU beside the tests.
 //
 // usage: bench_attention [--repeats R] [--warmup W]
 //   Sysformer self-attention   32 requests x n_s = 256 queries, bidirectional, 32/32 heads, d 128
@@ -57,7 +58,9 @@ struct Shape {
     // > 0: passed as max_kv_len with the workspace it asks for (decode: the split-KV kernel,
     // attention_decode.cu); 0: the tiled kernel
     int max_kv_len = 0;
-    bool sm90 = false;  // sf_cuda_attention_sm90_bf16 instead of sf_cuda_attention_bf16
+    // > 0: sf_cuda_attention_sm90_tiles_bf16 with this many keys per tile instead of
+    // sf_cuda_attention_bf16
+    int sm90_block_n = 0;
 };
 
 double visible_pairs(const Shape &s) {
@@ -216,7 +219,7 @@ bool sm90_runs() {
 }
 
 void run_shape(const Shape &s, int warmup, int repeats) {
-    if (s.sm90 && !sm90_runs()) {
+    if (s.sm90_block_n > 0 && !sm90_runs()) {
         printf("%-26s n/a: %s\n", s.name, sf_last_error());
         return;
     }
@@ -271,8 +274,10 @@ void run_shape(const Shape &s, int warmup, int repeats) {
     a.workspace_bytes = sf_cuda_attention_workspace_bytes(&a);
     if (a.workspace_bytes > 0) BENCH_CUDA(cudaMalloc(&a.workspace, a.workspace_bytes));
 
-    sf_status (*attention)(const sf_attention_args *, cudaStream_t) =
-        s.sm90 ? sf_cuda_attention_sm90_bf16 : sf_cuda_attention_bf16;
+    auto attention = [&s](const sf_attention_args *args, cudaStream_t stream) {
+        return s.sm90_block_n > 0 ? sf_cuda_attention_sm90_tiles_bf16(args, s.sm90_block_n, stream)
+                                  : sf_cuda_attention_bf16(args, stream);
+    };
     const double med = bench_median_ms(warmup, repeats, 0, [&](int) {
         if (attention(&a, 0) != SF_OK) {
             fprintf(stderr, "bench_attention: %s: %s\n", s.name, sf_last_error());
@@ -378,11 +383,16 @@ int main(int argc, char **argv) {
         {"decode split-KV", 32, 1, 2048, 32, 8, 128, true, 2047, 2048},
         {"decode tiled", 1, 1, 2048, 32, 8, 128, true, 2047},
         {"decode split-KV", 1, 1, 2048, 32, 8, 128, true, 2047, 2048},
-        {"sysformer SA (wgmma)", 32, 256, 256, 32, 32, 128, false, 0, 0, true},
-        {"sysformer CA (wgmma)", 32, 256, 512, 32, 32, 128, false, 0, 0, true},
-        {"sysformer CA (wgmma)", 32, 256, 2048, 32, 32, 128, false, 0, 0, true},
-        {"causal prefill (wgmma)", 1, 2048, 2048, 32, 8, 128, true, 0, 0, true},
-        {"causal prefill (wgmma)", 8, 2048, 2048, 32, 8, 128, true, 0, 0, true},
+        {"sysformer SA (wgmma n128)", 32, 256, 256, 32, 32, 128, false, 0, 0, 128},
+        {"sysformer CA (wgmma n128)", 32, 256, 512, 32, 32, 128, false, 0, 0, 128},
+        {"sysformer CA (wgmma n128)", 32, 256, 2048, 32, 32, 128, false, 0, 0, 128},
+        {"prefill (wgmma n128)", 1, 2048, 2048, 32, 8, 128, true, 0, 0, 128},
+        {"prefill (wgmma n128)", 8, 2048, 2048, 32, 8, 128, true, 0, 0, 128},
+        {"sysformer SA (wgmma n64)", 32, 256, 256, 32, 32, 128, false, 0, 0, 64},
+        {"sysformer CA (wgmma n64)", 32, 256, 512, 32, 32, 128, false, 0, 0, 64},
+        {"sysformer CA (wgmma n64)", 32, 256, 2048, 32, 32, 128, false, 0, 0, 64},
+        {"prefill (wgmma n64)", 1, 2048, 2048, 32, 8, 128, true, 0, 0, 64},
+        {"prefill (wgmma n64)", 8, 2048, 2048, 32, 8, 128, true, 0, 0, 64},
     };
     for (const Shape &s : shapes) run_shape(s, warmup, repeats);
     release_peer_plans();

@@ -107,6 +107,11 @@ sf_status sf_cuda_attention_bf16(const sf_attention_args *a, cudaStream_t stream
  * so sf_cuda_attention_bf16 runs it only when asked (a->kernel). */
 sf_status sf_cuda_attention_sm90_bf16(const sf_attention_args *a, cudaStream_t stream);
 
+/* sf_cuda_attention_sm90_bf16 with key tiles of block_n keys: 64 or 128 (0: the default, 128);
+ * anything else is SF_ERR_INVALID_ARGUMENT. For tests and bench_attention to compare the two. */
+sf_status sf_cuda_attention_sm90_tiles_bf16(const sf_attention_args *a, int32_t block_n,
+                                            cudaStream_t stream);
+
 /* SF_OK when sf_cuda_attention_sm90_bf16 can run on the current device; SF_ERR_UNSUPPORTED
  * saying why not (the library was built without sm_90, or the device is not of compute
  * capability 9.0); SF_ERR_CUDA when the device cannot be queried. */

@@ -9,8 +9,9 @@
 // (packed row p = query p / group of query head kv_head * group + p % group). Two warpgroups of
 // four warps; warpgroup w owns rows 64 w .. 64 w + 63, warp v of it rows 16 v .. 16 v + 15 of
 // those, so each thread holds the same two rows (g, g + 8) as in attention.cu. Per tile of
-// kBlockN = 64 keys each warpgroup computes
-//   S = Q K^T     wgmma m64n64k16, A = Q and B = K from shared memory (D / 16 of them);
+// kBlockN = 128 keys (or 64: sf_cuda_attention_sm90_tiles_bf16) each warpgroup computes
+//   S = Q K^T     wgmma m64nKk16 (K = kBlockN), A = Q and B = K from shared memory (D / 16 of
+//                 them);
 //   the mask and online softmax in registers (attention.cu's code), P rounded to bf16;
 //   O = O alpha + P V   wgmma m64nNk16 with A = P straight from the S accumulators (their
 //                 layout is the A fragment layout) and B = V from shared memory, transposed;
@@ -52,9 +53,13 @@ using namespace sf_attn;
 constexpr int kWarpgroups = 2;
 constexpr int kThreads = kWarpgroups * 128;
 constexpr int kBlockM = kWarpgroups * 64;
-constexpr int kBlockN = 64;
+// Keys per tile unless the caller asks (sf_cuda_attention_sm90_tiles_bf16): 128 as in
+// FlashAttention-3 for these head dims; which of 64 and 128 is faster here is for the first GPU
+// run's bench_attention to say.
+constexpr int kDefaultBlockN = 128;
 
-template <int D>
+// D: head dim; kBlockN: keys per tile (64 or 128, sf_cuda_attention_sm90_tiles_bf16's block_n).
+template <int D, int kBlockN>
 struct Sm90Shape {
     static constexpr int kChunks = D / 8;  // 16-byte chunks per head row
     // O's columns: one n64 wgmma, plus one of D - 64 (16, 32 or 64) when D > 64
@@ -62,6 +67,7 @@ struct Sm90Shape {
     // Q, then two buffers each of K and V
     static constexpr size_t kSmemBytes = (size_t)(kBlockM + 4 * kBlockN) * D * sizeof(uint16_t);
     static_assert(D == 64 || D == 80 || D == 96 || D == 128, "unsupported head dim");
+    static_assert(kBlockN == 64 || kBlockN == 128, "wgmma_ss has n64 and n128");
     static_assert((16 * kChunks) % 32 == 0, "the store loop gives every lane the same count");
 };
 
@@ -87,7 +93,7 @@ struct Sm90Params {
 // (8 columns) of either, element e, through at().
 template <int D>
 struct OAcc {
-    static constexpr int kN1 = Sm90Shape<D>::kN1;
+    static constexpr int kN1 = D - 64;
     float o0[32];
     float o1[kN1 > 0 ? kN1 / 2 : 1];
     __device__ __forceinline__ float &at(int j, int e) {
@@ -113,6 +119,7 @@ __device__ __forceinline__ void copy_order(int c, int *r, int *cc) {
 // g + 8, keys j0 + 8 nt + 2 t4 + e % 2) becomes exp2(s * scale_log2 - m_new), unrounded; m
 // moves to the new running maximum; alpha = exp2(m_old - m_new) is what O and l must be scaled
 // by before this tile's P is added.
+template <int kBlockN>
 __device__ __forceinline__ void softmax_tile(float (&s)[kBlockN / 2], float (&m)[2],
                                              float (&alpha)[2], float scale_log2, bool need_mask,
                                              int32_t j0, int t4, const int32_t (&row_lo)[2],
@@ -149,9 +156,9 @@ __device__ __forceinline__ void softmax_tile(float (&s)[kBlockN / 2], float (&m)
 }
 
 // Grid: x = packed-row tiles (heaviest causal tiles first), y = kv head, z = request.
-template <int D>
+template <int D, int kBlockN>
 __global__ void __launch_bounds__(kThreads) attention_sm90_kernel(const Sm90Params p) {
-    using S = Sm90Shape<D>;
+    using S = Sm90Shape<D, kBlockN>;
     constexpr int kChunks = S::kChunks;
     constexpr uint32_t kKvTileBytes = kBlockN * D * 2;
     extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -324,7 +331,7 @@ __global__ void __launch_bounds__(kThreads) attention_sm90_kernel(const Sm90Para
         issue_qk(0);
         wgmma_wait<0>();
         pin_operands();
-        softmax_tile(s, m, alpha, p.scale_log2, need_mask(0), lo, t4, row_lo, row_hi);
+        softmax_tile<kBlockN>(s, m, alpha, p.scale_log2, need_mask(0), lo, t4, row_lo, row_hi);
         rescale_and_round(alpha);
     }
     for (int32_t t = 1; t < n_tiles; t++) {
@@ -345,8 +352,8 @@ __global__ void __launch_bounds__(kThreads) attention_sm90_kernel(const Sm90Para
             issue_pv(t - 1);
             wgmma_wait<1>();  // S(t) has landed; P(t-1) V(t-1) may still be running
             reg_fence(s);     // (o and pf stay untouched until the next wait)
-            softmax_tile(s, m, alpha, p.scale_log2, need_mask(t), lo + t * kBlockN, t4, row_lo,
-                         row_hi);
+            softmax_tile<kBlockN>(s, m, alpha, p.scale_log2, need_mask(t), lo + t * kBlockN, t4,
+                                  row_lo, row_hi);
             wgmma_wait<0>();
             pin_operands();
             rescale_and_round(alpha);
@@ -413,16 +420,16 @@ __global__ void __launch_bounds__(kThreads) attention_sm90_kernel(const Sm90Para
 // Launcher
 // ---------------------------------------------------------------------------------------------
 
-template <int D>
+template <int D, int kBlockN>
 sf_status launch_sm90(const Sm90Params &p, const sf_attention_args *a, cudaStream_t stream) {
-    constexpr size_t smem = Sm90Shape<D>::kSmemBytes;
+    constexpr size_t smem = Sm90Shape<D, kBlockN>::kSmemBytes;
     if (smem > 48 * 1024) {
-        SF_CUDA_TRY(cudaFuncSetAttribute(attention_sm90_kernel<D>,
+        SF_CUDA_TRY(cudaFuncSetAttribute(attention_sm90_kernel<D, kBlockN>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     }
     const int64_t tiles = ((int64_t)a->max_q_len * p.group + kBlockM - 1) / kBlockM;
     const dim3 grid((unsigned)tiles, (unsigned)a->n_kv_heads, (unsigned)a->n_requests);
-    attention_sm90_kernel<D><<<grid, kThreads, smem, stream>>>(p);
+    attention_sm90_kernel<D, kBlockN><<<grid, kThreads, smem, stream>>>(p);
     SF_CUDA_TRY(cudaGetLastError());
     return SF_OK;
 }
@@ -442,11 +449,15 @@ extern "C" sf_status sf_cuda_attention_sm90_check(void) {
     return SF_OK;
 }
 
-extern "C" sf_status sf_cuda_attention_sm90_bf16(const sf_attention_args *a,
-                                                 cudaStream_t stream) {
+extern "C" sf_status sf_cuda_attention_sm90_tiles_bf16(const sf_attention_args *a,
+                                                       int32_t block_n, cudaStream_t stream) {
     static const char *fn = "sf_cuda_attention_sm90_bf16";
     sf_status st = sf_attention_check_shapes(a, fn);
     if (st != SF_OK) return st;
+    if (block_n == 0) block_n = kDefaultBlockN;
+    if (block_n != 64 && block_n != 128) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: block_n = %d (64 or 128)", fn, (int)block_n);
+    }
     st = sf_cuda_attention_sm90_check();
     if (st != SF_OK) return st;
     if (a->n_requests == 0 || a->max_q_len == 0) return SF_OK;  // nothing to compute
@@ -472,12 +483,25 @@ extern "C" sf_status sf_cuda_attention_sm90_bf16(const sf_attention_args *a,
     p.window = a->window;
     p.scale_log2 = a->scale * 1.4426950408889634f;
     p.causal = a->causal;
-    switch (a->head_dim) {
-        case 64: return launch_sm90<64>(p, a, stream);
-        case 80: return launch_sm90<80>(p, a, stream);
-        case 96: return launch_sm90<96>(p, a, stream);
-        default: return launch_sm90<128>(p, a, stream);
+    if (block_n == 64) {
+        switch (a->head_dim) {
+            case 64: return launch_sm90<64, 64>(p, a, stream);
+            case 80: return launch_sm90<80, 64>(p, a, stream);
+            case 96: return launch_sm90<96, 64>(p, a, stream);
+            default: return launch_sm90<128, 64>(p, a, stream);
+        }
     }
+    switch (a->head_dim) {
+        case 64: return launch_sm90<64, 128>(p, a, stream);
+        case 80: return launch_sm90<80, 128>(p, a, stream);
+        case 96: return launch_sm90<96, 128>(p, a, stream);
+        default: return launch_sm90<128, 128>(p, a, stream);
+    }
+}
+
+extern "C" sf_status sf_cuda_attention_sm90_bf16(const sf_attention_args *a,
+                                                 cudaStream_t stream) {
+    return sf_cuda_attention_sm90_tiles_bf16(a, 0, stream);
 }
 
 #else  // built without sm_90 among the architectures
@@ -487,11 +511,17 @@ extern "C" sf_status sf_cuda_attention_sm90_check(void) {
                    "code (CMAKE_CUDA_ARCHITECTURES without 90)");
 }
 
-extern "C" sf_status sf_cuda_attention_sm90_bf16(const sf_attention_args *a,
-                                                 cudaStream_t stream) {
+extern "C" sf_status sf_cuda_attention_sm90_tiles_bf16(const sf_attention_args *a,
+                                                       int32_t block_n, cudaStream_t stream) {
     (void)a;
+    (void)block_n;
     (void)stream;
     return sf_cuda_attention_sm90_check();
+}
+
+extern "C" sf_status sf_cuda_attention_sm90_bf16(const sf_attention_args *a,
+                                                 cudaStream_t stream) {
+    return sf_cuda_attention_sm90_tiles_bf16(a, 0, stream);
 }
 
 #endif

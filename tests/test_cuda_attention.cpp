@@ -23,6 +23,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <string.h>
 
 #include <algorithm>
 #include <ostream>
@@ -119,7 +120,8 @@ void naive_bf16_attention(float *out, const float *q, const float *k, const floa
 }
 
 // The forward under test: the tiled mma.sync kernel behind sf_cuda_attention_bf16 (with its
-// split-KV decode), or the Hopper wgmma kernel (sf_cuda_attention_sm90_bf16, every case tiled).
+// split-KV decode), or the Hopper wgmma kernel (sf_cuda_attention_sm90_bf16, every case tiled;
+// with its default 128-key tiles, or with 64-key ones through sf_cuda_attention_sm90_tiles_bf16).
 // The same cases, references and bounds serve both: the bound's terms are the bf16 roundings of
 // P and the output and fp32 sums in any order, which both kernels have.
 using AttentionFn = sf_status (*)(const sf_attention_args *, cudaStream_t);
@@ -349,6 +351,14 @@ TEST(CudaAttentionArgs, RejectsShortMisalignedStridesAndPointers) {
     a = valid_args();
     a.kernel = static_cast<sf_attention_kernel>(3);  // not a kernel
     EXPECT_EQ(sf_cuda_attention_bf16(&a, 0), SF_ERR_INVALID_ARGUMENT);
+    // the wgmma kernel's tiles are 64 or 128 keys: 96 is refused before any CUDA call (by a
+    // build without sm_90a code, as everything is)
+    a = valid_args();
+    const sf_status st = sf_cuda_attention_sm90_tiles_bf16(&a, 96, 0);
+    EXPECT_TRUE(st == SF_ERR_INVALID_ARGUMENT || st == SF_ERR_UNSUPPORTED) << sf_last_error();
+    EXPECT_NE(strstr(sf_last_error(), st == SF_ERR_INVALID_ARGUMENT ? "block_n" : "sm_90a"),
+              nullptr)
+        << sf_last_error();
 }
 
 // The split decode's workspace: only for decode (one query) with max_kv_len, no lse and at most
@@ -390,19 +400,28 @@ TEST(CudaAttentionArgs, NothingToDoIsOk) {
 // Against the CPU twin.
 // ---------------------------------------------------------------------------------------------
 
-// Every test below runs once per kernel: CudaAttention/CudaAttention.Name/tiled and /sm90. The sm90
-// instance skips where that kernel cannot run (no sm_90a code in the build, or a device other
-// than compute capability 9.0), saying why.
-enum class AttnKernel { kTiled, kSm90 };
-void PrintTo(AttnKernel k, std::ostream *os) { *os << (k == AttnKernel::kSm90 ? "sm90" : "tiled"); }
+// Every test below runs once per kernel: CudaAttention/CudaAttention.Name/tiled, /sm90 and
+// /sm90_n64. The sm90 instances skip where that kernel cannot run (no sm_90a code in the build,
+// or a device other than compute capability 9.0), saying why.
+enum class AttnKernel { kTiled, kSm90, kSm90N64 };
+std::string kernel_name(AttnKernel k) {
+    return k == AttnKernel::kSm90 ? "sm90" : k == AttnKernel::kSm90N64 ? "sm90_n64" : "tiled";
+}
+void PrintTo(AttnKernel k, std::ostream *os) { *os << kernel_name(k); }
+
+sf_status sm90_n64(const sf_attention_args *a, cudaStream_t stream) {
+    return sf_cuda_attention_sm90_tiles_bf16(a, 64, stream);
+}
 
 class CudaAttention : public ::testing::TestWithParam<AttnKernel> {
   protected:
     void SetUp() override {
-        g_attention = GetParam() == AttnKernel::kSm90 ? sf_cuda_attention_sm90_bf16
-                                                      : sf_cuda_attention_bf16;
+        const AttnKernel k = GetParam();
+        g_attention = k == AttnKernel::kSm90      ? sf_cuda_attention_sm90_bf16
+                      : k == AttnKernel::kSm90N64 ? sm90_n64
+                                                  : sf_cuda_attention_bf16;
         int devices = 0;
-        if (GetParam() == AttnKernel::kSm90 && sf_cuda_device_count(&devices) == SF_OK &&
+        if (k != AttnKernel::kTiled && sf_cuda_device_count(&devices) == SF_OK &&
             devices > 0 && sf_cuda_attention_sm90_check() == SF_ERR_UNSUPPORTED) {
             GTEST_SKIP() << sf_last_error();
         }
@@ -493,7 +512,7 @@ TEST_P(CudaAttention, DecodeSplitOverBlocks) {
     SF_SKIP_WITHOUT_GPU();
     // the split-KV path is sf_cuda_attention_bf16's; the sm90 kernel's decode (tiled, like every
     // case there) is DecodeAgainstLongCache's
-    if (GetParam() == AttnKernel::kSm90) GTEST_SKIP() << "split-KV decode: tiled kernel only";
+    if (GetParam() != AttnKernel::kTiled) GTEST_SKIP() << "split-KV decode: tiled kernel only";
     uint32_t seed = 350;
     for (int d : kHeadDims) {
         for (int group : {1, 3, 4, 8}) {
@@ -550,9 +569,10 @@ TEST_P(CudaAttention, CrossAttentionOtherLengths) {
 }
 
 INSTANTIATE_TEST_SUITE_P(CudaAttention, CudaAttention,
-                         ::testing::Values(AttnKernel::kTiled, AttnKernel::kSm90),
+                         ::testing::Values(AttnKernel::kTiled, AttnKernel::kSm90,
+                                           AttnKernel::kSm90N64),
                          [](const ::testing::TestParamInfo<AttnKernel> &i) {
-                             return std::string(i.param == AttnKernel::kSm90 ? "sm90" : "tiled");
+                             return kernel_name(i.param);
                          });
 
 }  // namespace
