@@ -4,8 +4,9 @@
 # once) and runs the suite (narrowed to the tests that reach the kernel) expecting a failure.
 # A planted bug that passes means the suite cannot see that kind of error: exit 1. Three
 # suites, three bugs (about 2 minutes of one core; what ctest runs, kept short for CI's
-# budget); --all adds one each for the optim suite and the split argmax, and the engine's and
-# the train suite's (about 7 minutes more: those two build the whole library). Others: run.sh
+# budget); --all adds one each for the optim suite and the split argmax, the engine's and
+# the train suite's (about 7 minutes more: those two build the whole library), and the wgmma
+# attention's. Others: run.sh
 # with KSRC / ESRC by hand. The last two plants are in host code (host/cuda), not in a kernel,
 # and only the emulated runtime's queued streams can show them (on a CPU that runs everything
 # at once they would pass): an engine step that refills the pinned staging before the
@@ -58,5 +59,9 @@ if [ "${1:-}" = --all ]; then
         'CudaEngine/CudaEngineVariant.GraphReplayEqualsEagerBitForBit/llama_gqa_llama3'
     plant train train_step.c '        SF_CUDA_OR_FAIL(cudaEventSynchronize(t->recon_ready));' '' \
         'Cuda/CudaTrainVariant.LossesAndGradientsMatchTheCpu/llama_gqa_llama3_prenorm_relu'
+    # the wgmma kernel refills the V buffer its pending P V product still reads: seen only by
+    # the check at the wait that retires each wgmma (ptx_sm90.cuh)
+    plant attention attention_sm90.cu '        load_kv_tile(v_addr, v_base, t);' \
+        '        load_kv_tile(v_addr, v_base, t + 1);' '*CudaAttention.CausalSlidingWindow/sm90'
 fi
 exit $rc
