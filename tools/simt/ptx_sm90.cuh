@@ -121,7 +121,8 @@ inline void check_unchanged(const emu::PendingAcc &r) {
     }
     const bool same_a = op.a_in_regs || memcmp(A, op.A, sizeof A) == 0;
     bool same_b = true;
-    for (int k = 0; k < 16 && same_b; k++) same_b = memcmp(B[k], op.B[k], op.n * sizeof(double)) == 0;
+    for (int k = 0; k < 16 && same_b; k++)
+        same_b = memcmp(B[k], op.B[k], op.n * sizeof(double)) == 0;
     if (!same_a || !same_b)
         report(std::string("wgmma: shared-memory operand ") + (same_a ? "B" : "A") +
                " written between issue and the wgmma_wait that retires it");
