@@ -276,7 +276,7 @@ __global__ void __launch_bounds__(kThreads)
                     // a row that has seen only masked keys keeps m = -inf; subtract 0 instead
                     // so that exp2 gives 0, never NaN
                     base[h] = m_new == -INFINITY ? 0.0f : m_new;
-                    const float alpha = exp2f(m[mi][h] - base[h]);
+                    const float alpha = exp2_ftz(m[mi][h] - base[h]);
                     m[mi][h] = m_new;
                     l[mi][h] *= alpha;
 #pragma unroll
@@ -294,9 +294,9 @@ __global__ void __launch_bounds__(kThreads)
                     for (int half = 0; half < 2; half++) {
                         const float *sv = s[mi][2 * kc + half];
                         const uint32_t top =
-                            pack_bf16x2(exp2f(sv[0] - base[0]), exp2f(sv[1] - base[0]));
+                            pack_bf16x2(exp2_ftz(sv[0] - base[0]), exp2_ftz(sv[1] - base[0]));
                         const uint32_t bot =
-                            pack_bf16x2(exp2f(sv[2] - base[1]), exp2f(sv[3] - base[1]));
+                            pack_bf16x2(exp2_ftz(sv[2] - base[1]), exp2_ftz(sv[3] - base[1]));
                         pf[mi][kc][2 * half] = top;      // row g,     keys 16kc + 8half + 2t, +1
                         pf[mi][kc][2 * half + 1] = bot;  // row g + 8, same keys
                         l[mi][0] += sum_bf16x2(top);

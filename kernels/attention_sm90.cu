@@ -19,9 +19,11 @@
 //
 // The pipeline (predicted, not yet measured, to keep the tensor cores busy where the first
 // version waited):
-//   - the softmax of tile t runs while the tensor cores compute P(t-1) V(t-1): each iteration
-//     issues S(t) = Q K(t)^T and then O += P(t-1) V(t-1), waits for S(t) only, and rescales O
-//     once the second product has landed (FlashAttention-3's intra-warpgroup overlap);
+//   - each iteration issues S(t) = Q K(t)^T and then O += P(t-1) V(t-1), waits for S(t) only,
+//     runs the softmax of tile t, and rescales O once the second product has landed
+//     (FlashAttention-3's intra-warpgroup overlap; how much of the softmax ptxas leaves before
+//     that second wait: see the loop), while the other warpgroup's products keep the tensor
+//     cores busy;
 //   - K and V are double-buffered: the copies of K(t+1) and V(t) are issued at the start of
 //     iteration t, into the buffers iteration t-1 finished reading, and land during its
 //     products; one barrier per tile;
@@ -148,11 +150,11 @@ __device__ __forceinline__ void softmax_tile(float (&s)[kBlockN / 2], float (&m)
         // a row that has seen only masked keys keeps m = -inf; subtract 0 instead so that exp2
         // gives 0, never NaN
         base[h] = m_new == -INFINITY ? 0.0f : m_new;
-        alpha[h] = exp2f(m[h] - base[h]);
+        alpha[h] = exp2_ftz(m[h] - base[h]);
         m[h] = m_new;
     }
 #pragma unroll
-    for (int i = 0; i < kBlockN / 2; i++) s[i] = exp2f(s[i] - base[(i >> 1) & 1]);
+    for (int i = 0; i < kBlockN / 2; i++) s[i] = exp2_ftz(s[i] - base[(i >> 1) & 1]);
 }
 
 // Grid: x = packed-row tiles (heaviest causal tiles first), y = kv head, z = request.
@@ -354,6 +356,10 @@ __global__ void __launch_bounds__(kThreads) attention_sm90_kernel(const Sm90Para
             reg_fence(s);     // (o and pf stay untouched until the next wait)
             softmax_tile<kBlockN>(s, m, alpha, p.scale_log2, need_mask(t), lo + t * kBlockN, t4,
                                   row_lo, row_hi);
+            // (The SASS of ptxas 13.0 has this wait right after the max reduction, before the
+            // exponentials: it reuses P's registers, still read by the pending product, for the
+            // shuffles' results. So within a warpgroup only the masking and the row maxima
+            // overlap P V; the exponentials overlap the other warpgroup's products.)
             wgmma_wait<0>();
             pin_operands();
             rescale_and_round(alpha);

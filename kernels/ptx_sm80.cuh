@@ -63,6 +63,16 @@ __device__ __forceinline__ void mma_bf16_16816(float (&c)[4], const uint32_t (&a
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// 2^x on the special-function unit, subnormal inputs and results flushed to zero: one
+// MUFU.EX2, where exp2f (without --use_fast_math) wraps it in a subnormal range check and two
+// conditional multiplies (SASS of nvcc 13.0). A softmax weight of 2^-126 or less next to the
+// row maximum's 1 is nothing in bf16 or in the fp32 row sum.
+__device__ __forceinline__ float exp2_ftz(float x) {
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(x));
+    return r;
+}
+
 // Two floats -> bf16x2 (round to nearest even), lo in the low half (the lower column index).
 __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
     uint32_t r;

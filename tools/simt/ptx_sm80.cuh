@@ -201,6 +201,12 @@ inline void mma_bf16_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, u
     for (int i = 0; i < 4; i++) c[i] = io.c[i];
 }
 
+inline float exp2_ftz(float x) {  // ex2.approx.ftz: subnormals in and out are 0
+    if (std::fpclassify(x) == FP_SUBNORMAL) x = 0.0f;
+    const float r = exp2f(x);
+    return std::fpclassify(r) == FP_SUBNORMAL ? 0.0f : r;
+}
+
 inline uint32_t pack_bf16x2(float lo, float hi) {
     return (uint32_t)emu::f2bf_rn(lo) | (uint32_t)emu::f2bf_rn(hi) << 16;
 }
