@@ -317,7 +317,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_kernel(const BwdParams
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int r = nt * 8 + 2 * t4 + (e & 1);
-                float x = exp2f(fmaf(acc[nt][e], p.scale_log2, -sLse[r]));
+                float x = exp2_ftz(fmaf(acc[nt][e], p.scale_log2, -sLse[r]));
                 if (need_mask) {
                     const int32_t j = j0 + key_w + g + 8 * (e >> 1);
                     if (j < sLo[r] || j >= sHi[r]) x = 0.0f;
