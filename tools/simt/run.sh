@@ -56,6 +56,9 @@ add_pass() { pass_env+=("$1"); pass_filter+=("$2"); }
 # cublaslt_emu.cpp; host_lib=1: the CPU library (SF_HOST_SOURCES) as an archive.
 cuda_c=()
 host_lib=0
+# 1: attention_sm90.cu is built as its real kernel (the emulated device is compute capability
+# 9.0); 0: as the stub that returns SF_ERR_UNSUPPORTED, for suites that only link it
+sm90a=1
 CUDA_INC=${CUDA_HOME:-/usr/local/cuda}/include
 
 case "$suite" in
@@ -92,6 +95,7 @@ case "$suite" in
         add_pass "" "CudaAttentionArgs.*:*/tiled:*/sm90:$n64" ;;
     attention_backward)
         kernels=(attention attention_decode attention_sm90 attention_backward)
+        sm90a=0  # sf_cuda_attention_bf16 links to it; nothing here runs it
         tests=(test_cuda_attention_backward.cpp)
         twins=(host/cpu/attention.c host/cpu/softmax.c) ;;
     engine|train|engine+train)
@@ -198,7 +202,8 @@ spawn() {  # log command...
 }
 for src in "${sources[@]}"; do
     n=$(basename "$src" .cu)
-    spawn "$B/k_$n.log" "${CXX[@]}" "${KFLAGS[@]}" -DEMU_DEVICE_MATH -DSF_SM90A=1 -x c++ -c "$src" -o "$B/k_$n.o"
+    spawn "$B/k_$n.log" "${CXX[@]}" "${KFLAGS[@]}" -DEMU_DEVICE_MATH -DSF_SM90A=$sm90a -x c++ -c \
+        "$src" -o "$B/k_$n.o"
 done
 TFLAGS=()
 [ "$host_lib" = 1 ] && TFLAGS=(-DSF_SOURCE_DIR="\"$REPO\"" -DSF_SHARED_DIR="\"$REPO/../shared\""

@@ -2,12 +2,12 @@
 # The emulator's own test: a suite must FAIL when its kernel has a bug. Each case copies
 # kernels/ to a scratch directory, plants one bug (an exact text replacement that must match
 # once) and runs the suite (narrowed to the tests that reach the kernel) expecting a failure.
-# A planted bug that passes means the suite cannot see that kind of error: exit 1. Three
-# suites, three bugs (about 2 minutes of one core; what ctest runs, kept short for CI's
-# budget); --all adds one each for the optim suite and the split argmax, the engine's and
-# the train suite's (about 7 minutes more: those two build the whole library), and the wgmma
-# attention's. Others: run.sh
-# with KSRC / ESRC by hand. The last two plants are in host code (host/cuda), not in a kernel,
+# A planted bug that passes means the suite cannot see that kind of error: exit 1. Two
+# suites, two bugs in tensor-core kernels (about a minute of one core; what ctest runs, kept
+# short for CI's budget); --all adds the split top-p's and the split argmax's, one for the
+# optim suite, the engine's and the train suite's (about 8 minutes more: those two build the
+# whole library), and the wgmma attention's. Others: run.sh with KSRC / ESRC by hand. The
+# engine and train plants are in host code (host/cuda), not in a kernel,
 # and only the emulated runtime's queued streams can show them (on a CPU that runs everything
 # at once they would pass): an engine step that refills the pinned staging before the
 # previous step's uploads have run; a training step that reads S' and S from pinned memory
@@ -49,9 +49,9 @@ plant attention attention_decode.cu 'for (int e = 0; e < 4; e++) o[si][e] *= alp
 plant attention_backward attention_backward.cu \
     '        __syncthreads();  // all of dS^T is in shared memory' '' \
     'CudaAttentionBackward.CrossAttentionWithKvLen'
-plant elementwise sampling.cu 'nucleus_sub_bin(pos, b0) <= bin1' 'nucleus_sub_bin(pos, b0) < bin1' \
-    'CudaSampling.SplitPrefix*'
 if [ "${1:-}" = --all ]; then
+    plant elementwise sampling.cu 'nucleus_sub_bin(pos, b0) <= bin1' \
+        'nucleus_sub_bin(pos, b0) < bin1' 'CudaSampling.SplitPrefix*'
     plant optim optim.cu 'k.step_size = lr / bc1;' 'k.step_size = lr;' 'CudaOptim*'
     plant elementwise sampling.cu 'partial[row * chunks + c]' 'partial[row * (chunks - 1) + c]' \
         'CudaSampling.Argmax*'
