@@ -102,8 +102,8 @@ sf_status sf_cuda_attention_bf16(const sf_attention_args *a, cudaStream_t stream
 
 /* The same forward on Hopper's warpgroup tensor-core instruction (attention_sm90.cu): the
  * arguments, results (up to rounding: its fp32 sums run in another order) and errors of
- * sf_cuda_attention_bf16, with every case in the tiled kernel (decode too; a->kernel is not
- * read), plus SF_ERR_UNSUPPORTED when sf_cuda_attention_sm90_check fails. Not yet run on a GPU,
+ * sf_cuda_attention_bf16, with every case in the tiled kernel (decode too; a->kernel is only
+ * validated), plus SF_ERR_UNSUPPORTED when sf_cuda_attention_sm90_check fails. Not yet run on a GPU,
  * so sf_cuda_attention_bf16 runs it only when asked (a->kernel). */
 sf_status sf_cuda_attention_sm90_bf16(const sf_attention_args *a, cudaStream_t stream);
 
