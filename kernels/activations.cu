@@ -17,7 +17,6 @@ constexpr int kBlock = 256;
 constexpr int kVec = 8;
 constexpr int kMaxGridY = 65535;
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 using sf_vec::aligned16;
 using sf_vec::load_f32;
 using sf_vec::store_bf16;
@@ -280,7 +279,7 @@ __global__ void __launch_bounds__(32 * kBiasLanes)
 
 // 1-D grids: ceil(n / 256) blocks must fit in gridDim.x.
 sf_status check_1d(const char *who, int64_t n, bool pointers_ok) {
-    if (n < 0 || ceil_div(n, kBlock) > 0x7fffffff) {
+    if (n < 0 || sf_ceil_div(n, kBlock) > 0x7fffffff) {
         return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: n = %lld", who, (long long)n);
     }
     if (n > 0 && !pointers_ok) return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: NULL pointer", who);
@@ -288,7 +287,7 @@ sf_status check_1d(const char *who, int64_t n, bool pointers_ok) {
 }
 
 sf_status check_2d(const char *who, int64_t rows, int64_t cols, bool pointers_ok) {
-    if (rows < 0 || cols < 0 || ceil_div(cols, kBlock) > 0x7fffffff ||
+    if (rows < 0 || cols < 0 || sf_ceil_div(cols, kBlock) > 0x7fffffff ||
         (cols > 0 && rows > INT64_MAX / 2 / cols)) {
         return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: rows = %lld, cols = %lld", who,
                        (long long)rows, (long long)cols);
@@ -300,7 +299,7 @@ sf_status check_2d(const char *who, int64_t rows, int64_t cols, bool pointers_ok
 }
 
 dim3 grid_2d(int64_t rows, int64_t cols_vec) {
-    return dim3((unsigned)ceil_div(cols_vec, kBlock),
+    return dim3((unsigned)sf_ceil_div(cols_vec, kBlock),
                 (unsigned)(rows < kMaxGridY ? rows : kMaxGridY));
 }
 
@@ -322,11 +321,11 @@ extern "C" sf_status sf_cuda_swiglu_bf16(sf_bf16 *out, const sf_bf16 *gate, cons
     sf_nvtx_range range("sf_cuda_swiglu_bf16");
     if (n % kVec == 0 && aligned16(out) && aligned16(gate) && aligned16(up)) {
         const int64_t n_vec = n / kVec;
-        swiglu_kernel<kVec><<<(unsigned)ceil_div(n_vec, kBlock), kBlock, 0, stream>>>(
+        swiglu_kernel<kVec><<<(unsigned)sf_ceil_div(n_vec, kBlock), kBlock, 0, stream>>>(
             bf(out), bf(gate), bf(up), n_vec);
     } else {
         swiglu_kernel<1>
-            <<<(unsigned)ceil_div(n, kBlock), kBlock, 0, stream>>>(bf(out), bf(gate), bf(up), n);
+            <<<(unsigned)sf_ceil_div(n, kBlock), kBlock, 0, stream>>>(bf(out), bf(gate), bf(up), n);
     }
     SF_CUDA_TRY(cudaGetLastError());
     return SF_OK;
@@ -358,10 +357,10 @@ extern "C" sf_status sf_cuda_add_bf16(sf_bf16 *out, const sf_bf16 *a, const sf_b
     sf_nvtx_range range("sf_cuda_add_bf16");
     if (n % kVec == 0 && aligned16(out) && aligned16(a) && aligned16(b)) {
         const int64_t n_vec = n / kVec;
-        add_kernel<kVec><<<(unsigned)ceil_div(n_vec, kBlock), kBlock, 0, stream>>>(
+        add_kernel<kVec><<<(unsigned)sf_ceil_div(n_vec, kBlock), kBlock, 0, stream>>>(
             bf(out), bf(a), bf(b), n_vec);
     } else {
-        add_kernel<1><<<(unsigned)ceil_div(n, kBlock), kBlock, 0, stream>>>(bf(out), bf(a),
+        add_kernel<1><<<(unsigned)sf_ceil_div(n, kBlock), kBlock, 0, stream>>>(bf(out), bf(a),
                                                                               bf(b), n);
     }
     SF_CUDA_TRY(cudaGetLastError());
@@ -376,9 +375,9 @@ extern "C" sf_status sf_cuda_gelu_bf16(sf_bf16 *out, const sf_bf16 *x, int64_t n
     if (n % kVec == 0 && aligned16(out) && aligned16(x)) {
         const int64_t n_vec = n / kVec;
         gelu_kernel<kVec>
-            <<<(unsigned)ceil_div(n_vec, kBlock), kBlock, 0, stream>>>(bf(out), bf(x), n_vec);
+            <<<(unsigned)sf_ceil_div(n_vec, kBlock), kBlock, 0, stream>>>(bf(out), bf(x), n_vec);
     } else {
-        gelu_kernel<1><<<(unsigned)ceil_div(n, kBlock), kBlock, 0, stream>>>(bf(out), bf(x), n);
+        gelu_kernel<1><<<(unsigned)sf_ceil_div(n, kBlock), kBlock, 0, stream>>>(bf(out), bf(x), n);
     }
     SF_CUDA_TRY(cudaGetLastError());
     return SF_OK;
@@ -392,9 +391,9 @@ extern "C" sf_status sf_cuda_relu_bf16(sf_bf16 *out, const sf_bf16 *x, int64_t n
     if (n % kVec == 0 && aligned16(out) && aligned16(x)) {
         const int64_t n_vec = n / kVec;
         relu_kernel<kVec>
-            <<<(unsigned)ceil_div(n_vec, kBlock), kBlock, 0, stream>>>(bf(out), bf(x), n_vec);
+            <<<(unsigned)sf_ceil_div(n_vec, kBlock), kBlock, 0, stream>>>(bf(out), bf(x), n_vec);
     } else {
-        relu_kernel<1><<<(unsigned)ceil_div(n, kBlock), kBlock, 0, stream>>>(bf(out), bf(x), n);
+        relu_kernel<1><<<(unsigned)sf_ceil_div(n, kBlock), kBlock, 0, stream>>>(bf(out), bf(x), n);
     }
     SF_CUDA_TRY(cudaGetLastError());
     return SF_OK;
@@ -467,10 +466,11 @@ extern "C" sf_status sf_cuda_swiglu_backward(void *dgate, void *dup, bool out_bf
         auto *du = reinterpret_cast<decltype(dg)>(dup);
         if (vec) {
             const int64_t n_vec = n / kVec;
-            swiglu_backward_kernel<kVec><<<(unsigned)ceil_div(n_vec, kBlock), kBlock, 0, stream>>>(
-                dg, du, dout, bf(gate), bf(up), n_vec);
+            swiglu_backward_kernel<kVec>
+                <<<(unsigned)sf_ceil_div(n_vec, kBlock), kBlock, 0, stream>>>(
+                    dg, du, dout, bf(gate), bf(up), n_vec);
         } else {
-            swiglu_backward_kernel<1><<<(unsigned)ceil_div(n, kBlock), kBlock, 0, stream>>>(
+            swiglu_backward_kernel<1><<<(unsigned)sf_ceil_div(n, kBlock), kBlock, 0, stream>>>(
                 dg, du, dout, bf(gate), bf(up), n);
         }
     });
@@ -529,11 +529,12 @@ extern "C" sf_status sf_cuda_gelu_backward(void *dx, bool dx_bf16, const float *
                                            const sf_bf16 *x, int64_t n, cudaStream_t stream) {
     return unary_backward("sf_cuda_gelu_backward", dx, dx_bf16, dy, x, n, [&](auto *out, bool vec) {
         if (vec) {
-            gelu_backward_kernel<kVec><<<(unsigned)ceil_div(n / kVec, kBlock), kBlock, 0, stream>>>(
-                out, dy, bf(x), n / kVec);
+            gelu_backward_kernel<kVec>
+                <<<(unsigned)sf_ceil_div(n / kVec, kBlock), kBlock, 0, stream>>>(out, dy, bf(x),
+                                                                                 n / kVec);
         } else {
             gelu_backward_kernel<1>
-                <<<(unsigned)ceil_div(n, kBlock), kBlock, 0, stream>>>(out, dy, bf(x), n);
+                <<<(unsigned)sf_ceil_div(n, kBlock), kBlock, 0, stream>>>(out, dy, bf(x), n);
         }
     });
 }
@@ -542,11 +543,12 @@ extern "C" sf_status sf_cuda_relu_backward(void *dx, bool dx_bf16, const float *
                                            const sf_bf16 *x, int64_t n, cudaStream_t stream) {
     return unary_backward("sf_cuda_relu_backward", dx, dx_bf16, dy, x, n, [&](auto *out, bool vec) {
         if (vec) {
-            relu_backward_kernel<kVec><<<(unsigned)ceil_div(n / kVec, kBlock), kBlock, 0, stream>>>(
-                out, dy, bf(x), n / kVec);
+            relu_backward_kernel<kVec>
+                <<<(unsigned)sf_ceil_div(n / kVec, kBlock), kBlock, 0, stream>>>(out, dy, bf(x),
+                                                                                 n / kVec);
         } else {
             relu_backward_kernel<1>
-                <<<(unsigned)ceil_div(n, kBlock), kBlock, 0, stream>>>(out, dy, bf(x), n);
+                <<<(unsigned)sf_ceil_div(n, kBlock), kBlock, 0, stream>>>(out, dy, bf(x), n);
         }
     });
 }
@@ -555,7 +557,7 @@ extern "C" sf_status sf_cuda_bias_backward(float *db, bool accumulate, const voi
                                            bool dy_bf16, int64_t ldy, int64_t rows, int64_t dim,
                                            cudaStream_t stream) {
     static const char who[] = "sf_cuda_bias_backward";
-    if (rows < 0 || dim < 0 || ldy < dim || ceil_div(dim, 32) > 0x7fffffff ||
+    if (rows < 0 || dim < 0 || ldy < dim || sf_ceil_div(dim, 32) > 0x7fffffff ||
         (rows > 0 && ldy > INT64_MAX / 4 / rows)) {
         return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: rows = %lld, dim = %lld, ldy = %lld", who,
                        (long long)rows, (long long)dim, (long long)ldy);
@@ -569,7 +571,7 @@ extern "C" sf_status sf_cuda_bias_backward(float *db, bool accumulate, const voi
     if (rows == 0 && accumulate) return SF_OK;
     sf_nvtx_range range(who);
     const dim3 block(32, kBiasLanes);
-    const unsigned grid = (unsigned)ceil_div(dim, 32);
+    const unsigned grid = (unsigned)sf_ceil_div(dim, 32);
     if (dy_bf16) {
         bias_backward_kernel<<<grid, block, 0, stream>>>(
             db, accumulate, static_cast<const __nv_bfloat16 *>(dy), ldy, rows, dim);

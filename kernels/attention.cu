@@ -388,8 +388,6 @@ __global__ void __launch_bounds__(kThreads)
 // Launchers
 // ---------------------------------------------------------------------------------------------
 
-int32_t ceil_div(int64_t a, int64_t b) { return (int32_t)((a + b - 1) / b); }
-
 template <int D, int MI, int N, bool kLse>
 sf_status launch_attention(const AttnParamsFor<kLse> &p, const sf_attention_args *a,
                            cudaStream_t stream) {
@@ -400,7 +398,7 @@ sf_status launch_attention(const AttnParamsFor<kLse> &p, const sf_attention_args
         SF_CUDA_TRY(cudaFuncSetAttribute(attention_bf16_kernel<D, MI, N, kLse>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     }
-    const dim3 grid((unsigned)ceil_div((int64_t)a->max_q_len * p.group, S::kBlockM),
+    const dim3 grid((unsigned)sf_ceil_div((int64_t)a->max_q_len * p.group, S::kBlockM),
                     (unsigned)a->n_kv_heads, (unsigned)a->n_requests);
     attention_bf16_kernel<D, MI, N, kLse><<<grid, kThreads, smem, stream>>>(p);
     SF_CUDA_TRY(cudaGetLastError());

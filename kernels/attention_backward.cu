@@ -454,13 +454,11 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_kernel(const BwdParams
 // Launchers
 // ---------------------------------------------------------------------------------------------
 
-int32_t ceil_div(int64_t a, int64_t b) { return (int32_t)((a + b - 1) / b); }
-
 template <int D, int M>
 sf_status launch_attention_backward(const BwdParams &p, const sf_attention_args *a,
                                     const sf_attention_grads *gr, cudaStream_t stream) {
     if (a->max_q_len > 0) {
-        const dim3 grid((unsigned)ceil_div((int64_t)a->max_q_len * a->n_heads, kPrepPairs),
+        const dim3 grid((unsigned)sf_ceil_div((int64_t)a->max_q_len * a->n_heads, kPrepPairs),
                         (unsigned)a->n_requests);
         attention_bwd_preprocess_kernel<D><<<grid, kPrepThreads, 0, stream>>>(p);
         SF_CUDA_TRY(cudaGetLastError());
@@ -474,7 +472,7 @@ sf_status launch_attention_backward(const BwdParams &p, const sf_attention_args 
                                              cudaFuncAttributeMaxDynamicSharedMemorySize,
                                              (int)smem));
         }
-        const dim3 grid((unsigned)ceil_div(gr->max_kv_len, kBlockN), (unsigned)a->n_kv_heads,
+        const dim3 grid((unsigned)sf_ceil_div(gr->max_kv_len, kBlockN), (unsigned)a->n_kv_heads,
                         (unsigned)a->n_requests);
         attention_bwd_kernel<D, M><<<grid, kThreads, smem, stream>>>(p);
         SF_CUDA_TRY(cudaGetLastError());

@@ -433,7 +433,7 @@ sf_status launch_sm90(const Sm90Params &p, const sf_attention_args *a, cudaStrea
         SF_CUDA_TRY(cudaFuncSetAttribute(attention_sm90_kernel<D, kBlockN>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     }
-    const int64_t tiles = ((int64_t)a->max_q_len * p.group + kBlockM - 1) / kBlockM;
+    const int64_t tiles = sf_ceil_div((int64_t)a->max_q_len * p.group, kBlockM);
     const dim3 grid((unsigned)tiles, (unsigned)a->n_kv_heads, (unsigned)a->n_requests);
     attention_sm90_kernel<D, kBlockN><<<grid, kThreads, smem, stream>>>(p);
     SF_CUDA_TRY(cudaGetLastError());

@@ -11,7 +11,6 @@ constexpr int kBlock = 256;
 // 8 values per thread on the vector path: 16 bytes of bf16, two float4 of fp32.
 constexpr int kVec = 8;
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 inline bool aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
 
@@ -60,7 +59,7 @@ __global__ void bf16_to_f32_kernel(float *__restrict__ out, const __nv_bfloat16 
 
 // Grids are 1-D with 64-bit indices: n up to 2^31 blocks * 256 threads * 8 values.
 sf_status check_n(const char *who, const void *out, const void *in, int64_t n) {
-    if (n < 0 || ceil_div(n, kBlock) > 0x7fffffff) {
+    if (n < 0 || sf_ceil_div(n, kBlock) > 0x7fffffff) {
         return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: n = %lld", who, (long long)n);
     }
     if (n > 0 && (!out || !in)) return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: NULL pointer", who);
@@ -82,9 +81,9 @@ extern "C" sf_status sf_cuda_f32_to_bf16(sf_bf16 *out, const float *in, int64_t 
     if (n % kVec == 0 && aligned16(out) && aligned16(in)) {
         const int64_t n_vec = n / kVec;
         f32_to_bf16_kernel<kVec>
-            <<<(unsigned)ceil_div(n_vec, kBlock), kBlock, 0, stream>>>(o, in, n_vec);
+            <<<(unsigned)sf_ceil_div(n_vec, kBlock), kBlock, 0, stream>>>(o, in, n_vec);
     } else {
-        f32_to_bf16_kernel<1><<<(unsigned)ceil_div(n, kBlock), kBlock, 0, stream>>>(o, in, n);
+        f32_to_bf16_kernel<1><<<(unsigned)sf_ceil_div(n, kBlock), kBlock, 0, stream>>>(o, in, n);
     }
     SF_CUDA_TRY(cudaGetLastError());
     return SF_OK;
@@ -99,9 +98,9 @@ extern "C" sf_status sf_cuda_bf16_to_f32(float *out, const sf_bf16 *in, int64_t 
     if (n % kVec == 0 && aligned16(out) && aligned16(in)) {
         const int64_t n_vec = n / kVec;
         bf16_to_f32_kernel<kVec>
-            <<<(unsigned)ceil_div(n_vec, kBlock), kBlock, 0, stream>>>(out, i, n_vec);
+            <<<(unsigned)sf_ceil_div(n_vec, kBlock), kBlock, 0, stream>>>(out, i, n_vec);
     } else {
-        bf16_to_f32_kernel<1><<<(unsigned)ceil_div(n, kBlock), kBlock, 0, stream>>>(out, i, n);
+        bf16_to_f32_kernel<1><<<(unsigned)sf_ceil_div(n, kBlock), kBlock, 0, stream>>>(out, i, n);
     }
     SF_CUDA_TRY(cudaGetLastError());
     return SF_OK;

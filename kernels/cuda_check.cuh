@@ -16,6 +16,9 @@
         }                                                                                     \
     } while (0)
 
+// Blocks of b covering a items (a >= 0, b > 0), in 64 bits: every launcher's grid arithmetic.
+constexpr int64_t sf_ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
 // An NVTX range open for the launcher's scope, so Nsight timelines name every stage.
 struct sf_nvtx_range {
     explicit sf_nvtx_range(const char *name) { nvtxRangePushA(name); }

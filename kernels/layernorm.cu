@@ -201,7 +201,7 @@ extern "C" sf_status sf_cuda_layernorm_bf16_variant(sf_bf16 *out, sf_bf16 *resid
     sf_nvtx_range range(fn);
     sf_norms::with_variant(plan, [&](auto variant) {
         using V = decltype(variant);
-        const int64_t grid = sf_norms::ceil_div(rows, V::rows_per_block);
+        const int64_t grid = sf_ceil_div(rows, V::rows_per_block);
         layernorm_bf16_kernel<V::vec, V::threads_per_row, V::rows_per_block>
             <<<(unsigned)grid, V::block, 0, stream>>>(out, residual_out, x, residual, w, b, rows,
                                                       (int)dim, eps);
@@ -234,7 +234,7 @@ extern "C" sf_status sf_cuda_layernorm_backward_variant(float *dx, bool accumula
         [&](const sf_norms::Plan &plan, float *out, bool accumulate, float2 *stats) {
             sf_norms::with_variant(plan, [&](auto variant) {
                 using V = decltype(variant);
-                const int64_t grid = sf_norms::ceil_div(rows, V::rows_per_block);
+                const int64_t grid = sf_ceil_div(rows, V::rows_per_block);
                 layernorm_backward_kernel<V::vec, V::threads_per_row, V::rows_per_block>
                     <<<(unsigned)grid, V::block, 0, stream>>>(out, accumulate, stats, dy, x, w,
                                                               rows, (int)dim, eps);

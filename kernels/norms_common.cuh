@@ -283,8 +283,6 @@ __global__ void __launch_bounds__(32 * kParamLanes)
 // Host side: variant choice and argument checks
 // ---------------------------------------------------------------------------------------------
 
-constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 // A kernel variant as types, for the launchers' generic lambdas.
 template <int VEC, int TPR>
 struct Variant {
@@ -454,7 +452,7 @@ inline void launch_param_grads(float *dw, float *db, const float *dy, const uint
                                const float2 *stats, int64_t rows, int64_t dim,
                                cudaStream_t stream) {
     const dim3 block(32, kParamLanes);
-    norm_param_grad_kernel<<<(unsigned)ceil_div(dim, 32), block, 0, stream>>>(
+    norm_param_grad_kernel<<<(unsigned)sf_ceil_div(dim, 32), block, 0, stream>>>(
         dw, db, dy, x, stats, rows, (int)dim);
 }
 

@@ -25,12 +25,11 @@ constexpr int64_t kNormMinPerBlock = 4 * 4 * kNormBlock;
 constexpr int kAdamBlock = 256;
 constexpr int64_t kAdamMaxBlocks = 4096;
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 using sf_vec::aligned16;
 
 int norm_blocks(int64_t n) {
-    const int64_t b = ceil_div(n, kNormMinPerBlock);
+    const int64_t b = sf_ceil_div(n, kNormMinPerBlock);
     return (int)(b < 1 ? 1 : b > kNormMaxBlocks ? kNormMaxBlocks : b);
 }
 
@@ -278,7 +277,7 @@ extern "C" sf_status sf_cuda_adamw(float *w, const float *g, float *m, float *v,
     k.eps = hp->eps;
     const bool vec = aligned16(w) && aligned16(g) && aligned16(m) && aligned16(v);
     const int64_t items = vec ? (n / 4 > 0 ? n / 4 : 1) : n;
-    const int64_t b = ceil_div(items, kAdamBlock);
+    const int64_t b = sf_ceil_div(items, kAdamBlock);
     const unsigned blocks = (unsigned)(b < kAdamMaxBlocks ? b : kAdamMaxBlocks);
     if (vec) {
         adamw_kernel<true><<<blocks, kAdamBlock, 0, stream>>>(w, g, m, v, n, k, clip);

@@ -160,7 +160,7 @@ extern "C" sf_status sf_cuda_rmsnorm_bf16_variant(sf_bf16 *out, sf_bf16 *residua
     sf_nvtx_range range(fn);
     sf_norms::with_variant(plan, [&](auto variant) {
         using V = decltype(variant);
-        const int64_t grid = sf_norms::ceil_div(rows, V::rows_per_block);
+        const int64_t grid = sf_ceil_div(rows, V::rows_per_block);
         rmsnorm_bf16_kernel<V::vec, V::threads_per_row, V::rows_per_block>
             <<<(unsigned)grid, V::block, 0, stream>>>(out, residual_out, x, residual, w, rows,
                                                       (int)dim, eps);
@@ -193,7 +193,7 @@ extern "C" sf_status sf_cuda_rmsnorm_backward_variant(float *dx, bool accumulate
         stream, [&](const sf_norms::Plan &plan, float *out, bool accumulate, float2 *stats) {
             sf_norms::with_variant(plan, [&](auto variant) {
                 using V = decltype(variant);
-                const int64_t grid = sf_norms::ceil_div(rows, V::rows_per_block);
+                const int64_t grid = sf_ceil_div(rows, V::rows_per_block);
                 rmsnorm_backward_kernel<V::vec, V::threads_per_row, V::rows_per_block>
                     <<<(unsigned)grid, V::block, 0, stream>>>(out, accumulate, stats, dy, x, w,
                                                               rows, (int)dim, eps);

@@ -927,8 +927,6 @@ namespace {
 
 using sf_vec::aligned16;
 
-int32_t ceil_div(int32_t a, int32_t b) { return (int32_t)(((int64_t)a + b - 1) / b); }
-
 // Rows split into chunks need n_rows * chunks blocks in one grid dimension.
 bool fits_grid(int64_t n_rows, int32_t chunks) { return n_rows <= 0x7fffffff / chunks; }
 
@@ -940,7 +938,7 @@ bool topk_split_plan(int64_t n_rows, int32_t vocab, int32_t top_k, int32_t *chun
                      int32_t *n_cand) {
     if (!(top_k > 0 && top_k < vocab) || vocab <= kTopkChunk || top_k > kTopkChunk / 4)
         return false;
-    *chunks = ceil_div(vocab, kTopkChunk);
+    *chunks = (int32_t)sf_ceil_div(vocab, kTopkChunk);
     const int32_t last = vocab - (*chunks - 1) * kTopkChunk;
     *n_cand = (*chunks - 1) * top_k + (top_k < last ? top_k : last);
     return 2 * (int64_t)*n_cand <= vocab && fits_grid(n_rows, *chunks);
@@ -953,7 +951,7 @@ bool nucleus_split_plan(int64_t n_rows, int32_t vocab, int32_t top_k, const void
     if ((top_k > 0 && top_k < vocab) || vocab <= kNucleusChunk ||
         ((uintptr_t)workspace & 7u) != 0)
         return false;
-    *chunks = ceil_div(vocab, kNucleusChunk);
+    *chunks = (int32_t)sf_ceil_div(vocab, kNucleusChunk);
     return fits_grid(n_rows, *chunks);
 }
 
@@ -961,7 +959,7 @@ bool nucleus_split_plan(int64_t n_rows, int32_t vocab, int32_t top_k, const void
 
 extern "C" size_t sf_cuda_argmax_workspace_bytes(int64_t n_rows, int32_t vocab) {
     if (n_rows < 0 || vocab < 1) return 0;
-    const int32_t chunks = ceil_div(vocab, kArgmaxChunk);
+    const int32_t chunks = (int32_t)sf_ceil_div(vocab, kArgmaxChunk);
     if (chunks == 1) return 0;
     if ((uint64_t)n_rows > (uint64_t)SIZE_MAX / 8u / (uint64_t)chunks) return 0;
     return (size_t)n_rows * (size_t)chunks * 8u;
@@ -981,7 +979,7 @@ extern "C" sf_status sf_cuda_argmax_f32(int32_t *out, const float *logits, int64
     }
     if (n_rows == 0) return SF_OK;
     sf_nvtx_range range("sf_cuda_argmax_f32");
-    int32_t chunks = ceil_div(vocab, kArgmaxChunk);
+    int32_t chunks = (int32_t)sf_ceil_div(vocab, kArgmaxChunk);
     if (!workspace || !fits_grid(n_rows, chunks)) chunks = 1;
     const int32_t chunk = chunks == 1 ? vocab : kArgmaxChunk;
     auto *partial = static_cast<unsigned long long *>(workspace);
@@ -1009,7 +1007,7 @@ extern "C" size_t sf_cuda_sample_workspace_bytes(int64_t n_rows, int32_t vocab) 
     // two key/index buffer pairs, and the split top-p's state when rows can be split
     uint64_t per_row = 16u * (uint64_t)vocab;
     if (vocab > kNucleusChunk)
-        per_row += (uint64_t)nucleus_row_bytes(ceil_div(vocab, kNucleusChunk));
+        per_row += (uint64_t)nucleus_row_bytes((int32_t)sf_ceil_div(vocab, kNucleusChunk));
     if (per_row > 0 && (uint64_t)n_rows > (uint64_t)SIZE_MAX / per_row) return 0;
     return (size_t)((uint64_t)n_rows * per_row);
 }
