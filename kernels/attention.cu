@@ -255,34 +255,18 @@ __global__ void __launch_bounds__(kThreads)
                 float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
                 for (int nt = 0; nt < kBlockN / 8; nt++) {
-#pragma unroll
-                    for (int e = 0; e < 4; e++) {
-                        float x = s[mi][nt][e] * p.scale_log2;
-                        if (need_mask) {
-                            const int32_t j = j0 + nt * 8 + 2 * t4 + (e & 1);
-                            if (j < row_lo[mi][e >> 1] || j >= row_hi[mi][e >> 1]) x = -INFINITY;
-                        }
-                        s[mi][nt][e] = x;
-                        mx[e >> 1] = fmaxf(mx[e >> 1], x);
-                    }
+                    scale_mask_max(s[mi][nt], p.scale_log2, need_mask, j0 + nt * 8 + 2 * t4,
+                                   row_lo[mi], row_hi[mi], mx);
                 }
-                float base[2];
+                float base[2], alpha[2];
+                online_max_step(mx, m[mi], base, alpha);
 #pragma unroll
                 for (int h = 0; h < 2; h++) {
-                    // the four threads of a row share it: reduce across lanes t4 = 0..3
-                    mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
-                    mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
-                    const float m_new = fmaxf(m[mi][h], mx[h]);
-                    // a row that has seen only masked keys keeps m = -inf; subtract 0 instead
-                    // so that exp2 gives 0, never NaN
-                    base[h] = m_new == -INFINITY ? 0.0f : m_new;
-                    const float alpha = exp2_ftz(m[mi][h] - base[h]);
-                    m[mi][h] = m_new;
-                    l[mi][h] *= alpha;
+                    l[mi][h] *= alpha[h];
 #pragma unroll
                     for (int dt = 0; dt < D / 8; dt++) {
-                        o[mi][dt][2 * h] *= alpha;
-                        o[mi][dt][2 * h + 1] *= alpha;
+                        o[mi][dt][2 * h] *= alpha[h];
+                        o[mi][dt][2 * h + 1] *= alpha[h];
                     }
                 }
                 // P = exp2(s - m), rounded to bf16; the sum l takes the rounded values, so the

@@ -12,7 +12,8 @@
 // kBlockN = 128 keys (or 64: sf_cuda_attention_sm90_tiles_bf16) each warpgroup computes
 //   S = Q K^T     wgmma m64nKk16 (K = kBlockN), A = Q and B = K from shared memory (D / 16 of
 //                 them);
-//   the mask and online softmax in registers (attention.cu's code), P rounded to bf16;
+//   the mask and online softmax in registers (attention_mma.cuh's, as attention.cu), P rounded
+//                 to bf16;
 //   O = O alpha + P V   wgmma m64nNk16 with A = P straight from the S accumulators (their
 //                 layout is the A fragment layout) and B = V from shared memory, transposed;
 // and the epilogue divides by l.
@@ -128,31 +129,10 @@ __device__ __forceinline__ void softmax_tile(float (&s)[kBlockN / 2], float (&m)
                                              const int32_t (&row_hi)[2]) {
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-    for (int nt = 0; nt < kBlockN / 8; nt++) {
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-            float x = s[4 * nt + e] * scale_log2;
-            if (need_mask) {
-                const int32_t j = j0 + nt * 8 + 2 * t4 + (e & 1);
-                if (j < row_lo[e >> 1] || j >= row_hi[e >> 1]) x = -INFINITY;
-            }
-            s[4 * nt + e] = x;
-            mx[e >> 1] = fmaxf(mx[e >> 1], x);
-        }
-    }
+    for (int nt = 0; nt < kBlockN / 8; nt++)
+        scale_mask_max(s + 4 * nt, scale_log2, need_mask, j0 + nt * 8 + 2 * t4, row_lo, row_hi, mx);
     float base[2];
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
-        // the four threads of a row share it: reduce across lanes t4 = 0..3
-        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
-        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
-        const float m_new = fmaxf(m[h], mx[h]);
-        // a row that has seen only masked keys keeps m = -inf; subtract 0 instead so that exp2
-        // gives 0, never NaN
-        base[h] = m_new == -INFINITY ? 0.0f : m_new;
-        alpha[h] = exp2_ftz(m[h] - base[h]);
-        m[h] = m_new;
-    }
+    online_max_step(mx, m, base, alpha);
 #pragma unroll
     for (int i = 0; i < kBlockN / 2; i++) s[i] = exp2_ftz(s[i] - base[(i >> 1) & 1]);
 }
