@@ -16,6 +16,19 @@
 //     Sums as ptx_sm80.cuh's mma (exact, or EMU_MMA=rz).
 //   - wgmma_fence and fence_proxy_async: no effect (memory here is sequentially consistent);
 //     reg_fence neither (it only constrains nvcc's scheduling).
+//   - mbarriers: the state (pending and expected arrivals, phase parity, a tag that catches use
+//     before mbar_init) lives in the barrier's 8 bytes of shared memory. cp_async_mbar_arrive
+//     takes every copy the thread has in flight off its cp.async groups and attaches it to the
+//     barrier: the bytes land when the phase completes, not before. A phase with copies
+//     completes either at its last arrival (eagerly) or only when a thread next waits on the
+//     barrier or arrives on it again (lazily), a coin flip per phase: eager landing catches a
+//     buffer refilled while a product still reads it, lazy landing a consumer that reads a
+//     buffer without waiting for its phase (it sees the poison, or the old tile). mbar_wait
+//     suspends the thread until the phase of that parity has completed; a wait that can never
+//     end is a deadlock the scheduler reports. mbar_arrive yields, so the threads it releases
+//     may run (and refill a buffer) before the arriving thread's next step.
+//   - named barriers: shim.h's named_barrier (bar.sync waits, bar.arrive does not).
+//   - setmaxnreg: no effect (registers are not modelled).
 #pragma once
 
 #include <stdint.h>
@@ -192,6 +205,61 @@ inline bool wgmma(void *const io[32], unsigned mask, std::string &err) {
     return true;
 }
 
+// mbarrier state in its 8 bytes: pending arrivals (bits 0..19; 0: every arrival has happened
+// and the phase waits for its copies to land), expected per phase (20..39), phase parity (40),
+// and kMbarTag in bits 48..63.
+constexpr uint64_t kMbarTag = 0x5b47ull << 48;
+struct Mbar {
+    uint64_t *word;
+    uint32_t pending() const { return (uint32_t)(*word & 0xFFFFF); }
+    uint32_t expected() const { return (uint32_t)((*word >> 20) & 0xFFFFF); }
+    uint32_t phase() const { return (uint32_t)((*word >> 40) & 1); }
+    void set(uint32_t pending, uint32_t expected, uint32_t phase) {
+        *word = kMbarTag | (uint64_t)phase << 40 | (uint64_t)expected << 20 | pending;
+    }
+};
+// Copies attached to each mbarrier (by shared address), landing when its phase completes.
+inline std::vector<std::pair<uint32_t, std::vector<emu::AsyncCopy>>> mbar_copies;
+inline std::vector<emu::AsyncCopy> &copies_of(uint32_t bar) {
+    for (auto &e : mbar_copies)
+        if (e.first == bar) return e.second;
+    mbar_copies.push_back({bar, {}});
+    return mbar_copies.back().second;
+}
+// The mbarrier at shared address bar, or nullptr (reported) if it is not one.
+inline bool mbar_at(uint32_t bar, const char *op, Mbar *m) {
+    unsigned char *p = emu::shared_pointer(bar, 8);
+    if (!p || bar % 8) {
+        report(std::string(op) + ": " + hex(bar) + " is not an 8-byte aligned shared address");
+        return false;
+    }
+    m->word = reinterpret_cast<uint64_t *>(p);
+    if ((*m->word & (0xFFFFull << 48)) != kMbarTag) {
+        report(std::string(op) + ": the mbarrier at " + hex(bar) + " was never initialised");
+        return false;
+    }
+    return true;
+}
+// Completes a phase whose arrivals have all happened: its copies land, the parity flips.
+inline void mbar_complete(uint32_t bar, Mbar m) {
+    std::vector<emu::AsyncCopy> &c = copies_of(bar);
+    for (const emu::AsyncCopy &a : c) memcpy(a.dst, a.bytes, a.n);
+    c.clear();
+    m.set(m.expected(), m.expected(), m.phase() ^ 1);
+}
+inline void mbar_arrive_on(uint32_t bar, const char *op) {
+    Mbar m;
+    if (!mbar_at(bar, op, &m)) return;
+    if (m.pending() == 0) mbar_complete(bar, m);  // a lazily completing phase: it is over now
+    if (m.pending() > 1) {
+        m.set(m.pending() - 1, m.expected(), m.phase());
+    } else if (!copies_of(bar).empty() && emu::ctx.rng() % 2) {
+        m.set(0, m.expected(), m.phase());  // lazily: at the next wait or arrival
+    } else {
+        mbar_complete(bar, m);
+    }
+}
+
 inline void issue(Wgmma io, const std::source_location &loc) {
     io.warp_in_group = emu::ctx.cur / 32 % 4;
     io.self = &emu::ctx.f[emu::ctx.cur];
@@ -221,6 +289,65 @@ inline void wgmma_wait() {
         }
         me.acc_groups.erase(me.acc_groups.begin());
     }
+}
+
+inline void mbar_init(uint32_t bar, uint32_t count) {
+    unsigned char *p = emu::shared_pointer(bar, 8);
+    if (!p || bar % 8 || count == 0 || count > 0xFFFFF) {
+        ptx_emu::report("mbar_init: address " + ptx_emu::hex(bar) + ", count " +
+                        std::to_string(count));
+        return;
+    }
+    std::vector<emu::AsyncCopy> &c = ptx_emu::copies_of(bar);
+    if (!c.empty()) {
+        ptx_emu::report("mbar_init: copies attached to the mbarrier at " + ptx_emu::hex(bar) +
+                        " (in an earlier block) never landed");
+        c.clear();
+    }
+    ptx_emu::Mbar{reinterpret_cast<uint64_t *>(p)}.set(count, count, 0);
+}
+// The arriving thread then yields, so that the threads its arrival released may run before it
+// goes on (a consumer that frees a buffer before its last read of it is then caught).
+inline void mbar_arrive(uint32_t bar) {
+    ptx_emu::mbar_arrive_on(bar, "mbar_arrive");
+    emu::yield();
+}
+inline void cp_async_mbar_arrive(uint32_t bar) {
+    emu::Fiber &me = emu::ctx.f[emu::ctx.cur];
+    std::vector<emu::AsyncCopy> &c = ptx_emu::copies_of(bar);
+    for (auto &g : me.async_groups) c.insert(c.end(), g.begin(), g.end());
+    c.insert(c.end(), me.async_open.begin(), me.async_open.end());
+    me.async_groups.clear();
+    me.async_open.clear();
+    ptx_emu::mbar_arrive_on(bar, "cp_async_mbar_arrive");
+}
+inline void mbar_wait(uint32_t bar, uint32_t parity, EMU_LOC) {
+    ptx_emu::Mbar m;
+    if (!ptx_emu::mbar_at(bar, "mbar_wait", &m)) return;
+    // the phase of this parity has completed once the current phase has the other parity (a
+    // phase that completes lazily does so now)
+    emu::block_until(
+        [m, bar, parity] {
+            if (m.pending() == 0) ptx_emu::mbar_complete(bar, m);
+            return m.phase() != (parity & 1);
+        },
+        "mbar_wait", loc);
+}
+inline void named_bar_sync(int id, int count, EMU_LOC) {
+    std::string err;
+    if (!emu::named_barrier(id, count, true, err, loc)) ptx_emu::report("bar.sync: " + err);
+}
+inline void named_bar_arrive(int id, int count, EMU_LOC) {
+    std::string err;
+    if (!emu::named_barrier(id, count, false, err, loc)) ptx_emu::report("bar.arrive: " + err);
+}
+template <int N>
+inline void setmaxnreg_dec() {
+    static_assert(N % 8 == 0 && N >= 24 && N <= 256, "setmaxnreg: a multiple of 8 in [24, 256]");
+}
+template <int N>
+inline void setmaxnreg_inc() {
+    static_assert(N % 8 == 0 && N >= 24 && N <= 256, "setmaxnreg: a multiple of 8 in [24, 256]");
 }
 
 template <int N>

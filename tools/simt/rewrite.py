@@ -51,8 +51,8 @@ src = ''.join(out)
 src, nd = re.subn(r'extern\s+__shared__\s+(?:__align__\(\s*\d+\s*\)\s+)?([\w ]+?)\s+(\w+)\s*\[\s*\]\s*;',
                   r'\1 *\2 = (\1 *)emu::dynamic_shared();', src)
 
-# __launch_bounds__(N): a check at the top of the kernel body that the launch's block has at
-# most N threads (a real launch beyond the bound fails).
+# __launch_bounds__(N[, min blocks]): a check at the top of the kernel body that the launch's
+# block has at most N threads (a real launch beyond the bound fails).
 out, pos, nb = [], 0, 0
 while True:
     i = src.find('__launch_bounds__(', pos)
@@ -67,6 +67,14 @@ while True:
         depth += {'(': 1, ')': -1}.get(src[k], 0)
         k += 1
     expr = src[i + len('__launch_bounds__('):k - 1]
+    # the first argument (max threads), not a later one (min blocks per SM)
+    depth, cut = 0, len(expr)
+    for j, ch in enumerate(expr):
+        depth += {'(': 1, '<': 1, ')': -1, '>': -1}.get(ch, 0)
+        if ch == ',' and depth == 0:
+            cut = j
+            break
+    expr = expr[:cut]
     body = src.find('{', k)
     name = src[k:src.find('(', k)].split()[-1]
     out.append(src[pos:body + 1])

@@ -81,7 +81,7 @@ emu_swap:
 
 namespace emu {
 
-enum State { RUN, BAR, WARP, DONE };
+enum State { RUN, BAR, WARP, WAIT, DONE };
 enum Op { SHFL_IDX, SHFL_UP, SHFL_DOWN, SHFL_XOR, MATCH_ANY, BALLOT, VOTE_ANY, VOTE_ALL, SYNCWARP,
           CUSTOM };
 inline const char *op_name(int op) {
@@ -130,6 +130,14 @@ struct Fiber {
     std::vector<std::vector<AsyncCopy>> async_groups;   // committed groups, oldest first
     std::vector<PendingAcc> acc_open;                   // wgmma since the last commit
     std::vector<std::vector<PendingAcc>> acc_groups;    // committed wgmma groups, oldest first
+    std::function<bool()> ready;  // WAIT: runnable again once this holds (block_until)
+    const char *wait_what = "";   // WAIT: what it waits for
+};
+
+// A named barrier (bar.sync / bar.arrive id, count): arrivals so far in its current round.
+struct NamedBarrier {
+    int arrived = 0, count = 0;
+    unsigned round = 0;
 };
 
 struct Ctx {
@@ -147,6 +155,7 @@ struct Ctx {
     unsigned char poison = 0;
     std::mt19937 rng{12345};
     long long syncs = 0, warp_ops = 0, switches = 0;
+    NamedBarrier named[16];  // the running block's named barriers
 };
 inline Ctx ctx;
 
@@ -224,7 +233,11 @@ inline void resume(int i) {
 inline std::string describe(int i) {
     const Fiber &f = ctx.f[i];
     char b[256];
-    const char *s = f.st == RUN ? "running" : f.st == BAR ? "__syncthreads" : f.st == DONE ? "exited" : op_name(f.op);
+    const char *s = f.st == RUN    ? "running"
+                    : f.st == BAR  ? "__syncthreads"
+                    : f.st == DONE ? "exited"
+                    : f.st == WAIT ? f.wait_what
+                                   : op_name(f.op);
     snprintf(b, sizeof b, "thread %d: %s (%s line %u, mask %08x)", i, s, f.func, f.line, f.mask);
     return b;
 }
@@ -327,7 +340,25 @@ inline bool resolve_warp(int w, int n, bool &bad) {
     return released;
 }
 
-// Runs one block of n threads to completion; false (ctx.error set) on a sync error.
+// Makes every waiting fiber whose condition now holds runnable; true if any.
+inline bool resolve_waits(int n) {
+    bool woke = false;
+    for (int i = 0; i < n; i++) {
+        Fiber &f = ctx.f[i];
+        if (f.st == WAIT && f.ready()) {
+            f.st = RUN;
+            f.ready = nullptr;
+            woke = true;
+        }
+    }
+    return woke;
+}
+inline bool any_runnable(int n) {
+    for (int i = 0; i < n; i++)
+        if (ctx.f[i].st == RUN) return true;
+    return false;
+}
+
 // One sweep over warp w's runnable fibers (thread order ctx.order); true if any ran.
 inline bool sweep_warp(int w, int n) {
     const int lo = w * 32, hi = std::min(n, lo + 32);
@@ -352,6 +383,7 @@ inline bool sweep_warp(int w, int n) {
 inline bool run_block(int n) {
     if ((int)ctx.f.size() < n) ctx.f.resize(n);
     for (int i = 0; i < n; i++) reset_fiber(i);
+    for (NamedBarrier &b : ctx.named) b = NamedBarrier{};
     std::vector<int> order(n);
     const int n_warps = (n + 31) / 32;
     std::vector<int> warps(n_warps);
@@ -365,13 +397,15 @@ inline bool run_block(int n) {
                     const bool ran = sweep_warp(w, n);
                     const bool rel = resolve_warp(w, n, bad);
                     if (bad) return false;
-                    if (!ran && !rel) break;
+                    if (!ran && !rel && !resolve_waits(n)) break;
                 }
             }
-            // Ops that span warps cannot exist (warp ops are per warp): all warps are now at
-            // the barrier, exited, or stuck.
+            // Warp ops are per warp, but a wait (an mbarrier, a named barrier) may have been
+            // released by a warp that ran after the waiter's turn: another round then.
+            if (resolve_waits(n) || any_runnable(n)) continue;
         } else if (ctx.sched == 2) {
             for (;;) {
+                resolve_waits(n);
                 warps.clear();
                 for (int w = 0; w < n_warps; w++) {
                     bool active = false;
@@ -394,7 +428,9 @@ inline bool run_block(int n) {
             }
             warps.resize(n_warps);
         } else {
-            // Run every runnable fiber up to its next sync point.
+            // Run every runnable fiber up to its next sync point, waking waiters after each
+            // sweep (a thread that arrived on an mbarrier and yielded resumes only after the
+            // waiters its arrival released have run).
             for (;;) {
                 for (int i = 0; i < n; i++) order[i] = ctx.order == 1 ? n - 1 - i : i;
                 if (ctx.order == 2) std::shuffle(order.begin(), order.end(), ctx.rng);
@@ -404,23 +440,33 @@ inline bool run_block(int n) {
                         resume(i);
                         ran = true;
                     }
-                if (!ran) break;
+                if (!resolve_waits(n) && !ran) break;
             }
             bool released = false;
             for (int w = 0; w * 32 < n; w++) {
                 released |= resolve_warp(w, n, bad);
                 if (bad) return false;
             }
+            released |= resolve_waits(n);
             if (released) continue;
         }
-        int n_bar = 0, n_done = 0, n_warp = 0;
+        int n_bar = 0, n_done = 0, n_warp = 0, n_wait = 0;
         for (int i = 0; i < n; i++) {
             n_bar += ctx.f[i].st == BAR;
             n_done += ctx.f[i].st == DONE;
             n_warp += ctx.f[i].st == WARP;
+            n_wait += ctx.f[i].st == WAIT;
         }
-        if (n_done == n) return true;
-        if (n_warp == 0 && n_done == 0) {
+        if (n_done == n) {
+            for (int id = 1; id < 16; id++)
+                if (ctx.named[id].arrived)
+                    return fail("the block ends with " + std::to_string(ctx.named[id].arrived) +
+                                " of " + std::to_string(ctx.named[id].count) +
+                                " arrivals on named barrier " + std::to_string(id) +
+                                " (an arrive or sync without its match)");
+            return true;
+        }
+        if (n_warp == 0 && n_done == 0 && n_wait == 0) {
             for (int i = 1; i < n; i++)
                 if (ctx.f[i].line != ctx.f[0].line || ctx.f[i].func != ctx.f[0].func)
                     return fail("threads wait at different __syncthreads: " + describe(0) +
@@ -440,8 +486,8 @@ inline bool run_block(int n) {
             }
         }
         return fail(msg + "\n    (" + std::to_string(n_bar) + " at __syncthreads, " +
-                    std::to_string(n_warp) + " at warp ops, " + std::to_string(n_done) +
-                    " exited)");
+                    std::to_string(n_warp) + " at warp ops, " + std::to_string(n_wait) +
+                    " waiting on barriers, " + std::to_string(n_done) + " exited)");
     }
 }
 
@@ -567,6 +613,48 @@ inline void warp_custom(CustomOp fn, void *io, unsigned mask, const std::source_
     warp_op(CUSTOM, mask, 0, 0, 0, 32, loc);
     me.custom = nullptr;
     me.io = nullptr;
+}
+
+// Suspends this fiber until ready() holds (checked by the scheduler between steps); what
+// names the wait in a deadlock report. Returns at once if it already holds.
+inline void block_until(std::function<bool()> ready, const char *what,
+                        const std::source_location &loc) {
+    if (ready()) return;
+    Fiber &me = ctx.f[ctx.cur];
+    me.st = WAIT;
+    me.ready = std::move(ready);
+    me.wait_what = what;
+    me.line = loc.line();
+    me.func = loc.function_name();
+    yield();
+}
+
+// bar.sync (wait = true) / bar.arrive on named barrier id with count threads; false (message
+// in err) when the call is malformed. Each thread counts one arrival (the hardware counts a
+// warp at a time: a warp's threads all take part, as every kernel here calls them).
+inline bool named_barrier(int id, int count, bool wait, std::string &err,
+                          const std::source_location &loc) {
+    if (id < 1 || id > 15 || count <= 0 || count % 32 || count > (int)(blockDim.x * blockDim.y *
+                                                                       blockDim.z)) {
+        err = "named barrier " + std::to_string(id) + " with count " + std::to_string(count) +
+              " (ids 1..15 here, counts multiples of 32 up to the block size)";
+        return false;
+    }
+    NamedBarrier &b = ctx.named[id];
+    if (b.arrived > 0 && b.count != count) {
+        err = "named barrier " + std::to_string(id) + ": count " + std::to_string(count) +
+              " while this round counts to " + std::to_string(b.count);
+        return false;
+    }
+    b.count = count;
+    const unsigned round = b.round;
+    if (++b.arrived == count) {
+        b.arrived = 0;
+        b.round++;
+        return true;
+    }
+    if (wait) block_until([&b, round] { return b.round != round; }, "bar.sync", loc);
+    return true;
 }
 
 }  // namespace emu
