@@ -528,6 +528,9 @@ typedef enum sf_attention_kernel {
     SF_ATTENTION_WGMMA = 2, /* Hopper's warpgroup tensor cores: a build with sm_90 among its
                                CUDA architectures and a compute capability 9.0 device, else
                                sf_cuda_engine_create fails with SF_ERR_UNSUPPORTED           */
+    SF_ATTENTION_WGMMA_WS = 3, /* the same instruction on a warp-specialized schedule (a
+                               producer warpgroup copying, two consumers taking turns on the
+                               tensor cores); the same requirements as SF_ATTENTION_WGMMA   */
 } sf_attention_kernel;
 
 typedef struct sf_cuda_engine_options {

@@ -427,7 +427,7 @@ extern "C" sf_status sf_attention_check_shapes(const sf_attention_args *a, const
     }
     if (!isfinite(a->scale)) return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: scale is not finite", fn);
     if (a->kernel != SF_ATTENTION_AUTO && a->kernel != SF_ATTENTION_MMA &&
-        a->kernel != SF_ATTENTION_WGMMA) {
+        a->kernel != SF_ATTENTION_WGMMA && a->kernel != SF_ATTENTION_WGMMA_WS) {
         return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: kernel = %d (not an sf_attention_kernel)",
                        fn, (int)a->kernel);
     }
@@ -467,6 +467,7 @@ extern "C" sf_status sf_cuda_attention_bf16(const sf_attention_args *a, cudaStre
             return sf_cuda_attention_decode_bf16(a, stream);
     }
     if (a->kernel == SF_ATTENTION_WGMMA) return sf_cuda_attention_sm90_bf16(a, stream);
+    if (a->kernel == SF_ATTENTION_WGMMA_WS) return sf_cuda_attention_sm90_ws_bf16(a, 0, stream);
 
     sf_nvtx_range range("sf_cuda_attention_bf16");
     const int32_t d = a->head_dim;

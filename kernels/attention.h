@@ -81,7 +81,7 @@ typedef struct sf_attention_args {
     size_t workspace_bytes;
     /* The tiled kernel sf_cuda_attention_bf16 runs: SF_ATTENTION_AUTO (0) and
      * SF_ATTENTION_MMA its own mma.sync kernel, SF_ATTENTION_WGMMA sf_cuda_attention_sm90_bf16
-     * (with that function's requirements). A split decode runs in attention_decode.cu either
+     * and SF_ATTENTION_WGMMA_WS sf_cuda_attention_sm90_ws_bf16 (with their requirements). A split decode runs in attention_decode.cu either
      * way. */
     sf_attention_kernel kernel;
 } sf_attention_args;
@@ -111,6 +111,14 @@ sf_status sf_cuda_attention_sm90_bf16(const sf_attention_args *a, cudaStream_t s
  * anything else is SF_ERR_INVALID_ARGUMENT. For tests and bench_attention to compare the two. */
 sf_status sf_cuda_attention_sm90_tiles_bf16(const sf_attention_args *a, int32_t block_n,
                                             cudaStream_t stream);
+
+/* The same on a warp-specialized schedule (attention_sm90.cu's second kernel): a producer
+ * warpgroup copies K and V through mbarriers while two consumer warpgroups take turns on the
+ * tensor cores. Tiles of block_n keys as in sf_cuda_attention_sm90_tiles_bf16; the same
+ * arguments, results up to rounding and errors. Not yet run on a GPU: for tests and benchmarks
+ * to compare with the pipelined kernel, and for the engine when asked (SF_ATTENTION_WGMMA_WS). */
+sf_status sf_cuda_attention_sm90_ws_bf16(const sf_attention_args *a, int32_t block_n,
+                                         cudaStream_t stream);
 
 /* SF_OK when sf_cuda_attention_sm90_bf16 can run on the current device; SF_ERR_UNSUPPORTED
  * saying why not (the library was built without sm_90, or the device is not of compute

@@ -1,42 +1,46 @@
 // Fused scaled-dot-product attention on bf16 for Hopper (sm_90a): the forward of attention.cu
 // (same arguments, masks, packing and results up to rounding) with its two products on wgmma,
-// the warpgroup-wide tensor-core instruction that reads its operands from shared memory.
-// CPU twin: host/cpu/attention.c. NOT YET RUN ON A GPU: sf_cuda_attention_bf16 runs it only
-// when asked (args.kernel = SF_ATTENTION_WGMMA, which the engine passes for its option
-// attention); tests and bench_attention also call sf_cuda_attention_sm90_bf16 directly.
+// the warpgroup-wide tensor-core instruction that reads its operands from shared memory, in two
+// schedules. CPU twin: host/cpu/attention.c. NOT YET RUN ON A GPU: sf_cuda_attention_bf16 runs
+// them only when asked (args.kernel = SF_ATTENTION_WGMMA or SF_ATTENTION_WGMMA_WS, which the
+// engine passes for its option attention); tests and bench_attention also call
+// sf_cuda_attention_sm90_bf16 / _tiles_bf16 / _ws_bf16 directly.
 //
 // One CTA owns one (request, kv head, tile of kBlockM = 128 packed rows), as in attention.cu
 // (packed row p = query p / group of query head kv_head * group + p % group). Two warpgroups of
-// four warps; warpgroup w owns rows 64 w .. 64 w + 63, warp v of it rows 16 v .. 16 v + 15 of
-// those, so each thread holds the same two rows (g, g + 8) as in attention.cu. Per tile of
-// kBlockN = 128 keys (or 64: sf_cuda_attention_sm90_tiles_bf16) each warpgroup computes
+// four warps multiply: warpgroup w owns rows 64 w .. 64 w + 63, warp v of it rows 16 v ..
+// 16 v + 15 of those, so each thread holds the same two rows (g, g + 8) as in attention.cu. Per
+// tile of kBlockN = 128 keys (or 64) each warpgroup computes (WgTile)
 //   S = Q K^T     wgmma m64nKk16 (K = kBlockN), A = Q and B = K from shared memory (D / 16 of
 //                 them);
 //   the mask and online softmax in registers (attention_mma.cuh's, as attention.cu), P rounded
 //                 to bf16;
 //   O = O alpha + P V   wgmma m64nNk16 with A = P straight from the S accumulators (their
 //                 layout is the A fragment layout) and B = V from shared memory, transposed;
-// and the epilogue divides by l.
+// and the epilogue divides by l. Each round issues S(t) = Q K(t)^T and then O += P(t-1) V(t-1),
+// waits for S(t) only, runs the softmax of tile t, and rescales O once the second product has
+// landed (FlashAttention-3's intra-warpgroup overlap; how much of the softmax ptxas leaves
+// before that second wait: see attention_sm90_kernel's loop).
 //
-// The pipeline (predicted, not yet measured, to keep the tensor cores busy where the first
-// version waited):
-//   - each iteration issues S(t) = Q K(t)^T and then O += P(t-1) V(t-1), waits for S(t) only,
-//     runs the softmax of tile t, and rescales O once the second product has landed
-//     (FlashAttention-3's intra-warpgroup overlap; how much of the softmax ptxas leaves before
-//     that second wait: see the loop), while the other warpgroup's products keep the tensor
-//     cores busy;
-//   - K and V are double-buffered: the copies of K(t+1) and V(t) are issued at the start of
-//     iteration t, into the buffers iteration t-1 finished reading, and land during its
-//     products; one barrier per tile;
-//   - copies into shared memory go 8 rows of one 16-byte column at a time, i.e. one whole
-//     128-byte core matrix per 8 threads, so they are free of bank conflicts (row-major order
-//     would put 8 threads' stores 1 KB apart, on the same banks).
-// Tiles are stored as 8-row core matrices (wgmma_layout.cuh's tile_offset), the layout wgmma's
-// descriptors describe, so no swizzle is involved.
+// The two schedules (predicted, not yet measured, to keep the tensor cores busy):
+//   - attention_sm90_kernel, pipelined: the same 256 threads copy and multiply. K and V are
+//     double-buffered: the copies of K(t+1) and V(t) are issued at the start of iteration t,
+//     into the buffers iteration t-1 finished reading, and land during its products; one
+//     __syncthreads per tile.
+//   - attention_sm90_ws_kernel, warp-specialized (FlashAttention-3's design, with cp.async in
+//     place of TMA): a third warpgroup only copies, through kStages buffers each of K and V
+//     whose fill and release mbarriers replace the __syncthreads, and gives its registers to
+//     the other two (setmaxnreg); those take turns issuing their products (ping-pong on named
+//     barriers), so one's softmax runs while the other's products occupy the tensor cores.
+// Copies into shared memory go 8 rows of one 16-byte column at a time, i.e. one whole 128-byte
+// core matrix per 8 threads, so they are free of bank conflicts (row-major order would put 8
+// threads' stores 1 KB apart, on the same banks). Tiles are stored as 8-row core matrices
+// (wgmma_layout.cuh's tile_offset), the layout wgmma's descriptors describe, so no swizzle is
+// involved.
 #include <math.h>
 #include <stdint.h>
 
-#include <type_traits>
+#include <atomic>
 
 #include "attention.h"
 #include "attention_mma.cuh"
@@ -61,17 +65,41 @@ constexpr int kBlockM = kWarpgroups * 64;
 // run's bench_attention to say.
 constexpr int kDefaultBlockN = 128;
 
+// Buffers each of K and V (the pipelined kernel's double buffering; the warp-specialized
+// kernel's stages).
+constexpr int kStages = 2;
+
 // D: head dim; kBlockN: keys per tile (64 or 128, sf_cuda_attention_sm90_tiles_bf16's block_n).
 template <int D, int kBlockN>
 struct Sm90Shape {
     static constexpr int kChunks = D / 8;  // 16-byte chunks per head row
-    // O's columns: one n64 wgmma, plus one of D - 64 (16, 32 or 64) when D > 64
-    static constexpr int kN1 = D - 64;
-    // Q, then two buffers each of K and V
-    static constexpr size_t kSmemBytes = (size_t)(kBlockM + 4 * kBlockN) * D * sizeof(uint16_t);
+    static constexpr uint32_t kKvTileBytes = kBlockN * D * 2;
+    // Q, then kStages buffers each of K and V
+    static constexpr uint32_t kTilesBytes = (kBlockM + 2 * kStages * kBlockN) * D * 2;
+    static constexpr size_t kSmemBytes = kTilesBytes;
+    // the warp-specialized kernel's mbarriers after the tiles: Q landed; per stage, K landed,
+    // V landed, K free, V free
+    static constexpr size_t kWsSmemBytes = kTilesBytes + (1 + 4 * kStages) * 8;
     static_assert(D == 64 || D == 80 || D == 96 || D == 128, "unsupported head dim");
     static_assert(kBlockN == 64 || kBlockN == 128, "wgmma_ss has n64 and n128");
     static_assert((16 * kChunks) % 32 == 0, "the store loop gives every lane the same count");
+};
+
+// Shared-state-space addresses of Sm90Shape's layout: Q; tile t of K and V in buffer
+// t % kStages; the warp-specialized kernel's mbarriers.
+template <int D, int kBlockN>
+struct Tiles {
+    using S = Sm90Shape<D, kBlockN>;
+    uint32_t q;
+    __device__ __forceinline__ uint32_t k(int32_t t) const {
+        return q + kBlockM * D * 2 + (uint32_t)(t % kStages) * S::kKvTileBytes;
+    }
+    __device__ __forceinline__ uint32_t v(int32_t t) const {
+        return q + kBlockM * D * 2 + (uint32_t)(kStages + t % kStages) * S::kKvTileBytes;
+    }
+    // mbarrier i: 0 Q landed; 1 + s K landed, 1 + kStages + s V landed, 1 + 2 kStages + s K
+    // free, 1 + 3 kStages + s V free (buffer s)
+    __device__ __forceinline__ uint32_t bar(int i) const { return q + S::kTilesBytes + 8 * i; }
 };
 
 struct Sm90Params {
@@ -105,7 +133,7 @@ struct OAcc {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Kernel
+// Device helpers
 // ---------------------------------------------------------------------------------------------
 
 // Chunk c of a tile's 16-byte chunks (row r, column cc of kChunks) in copy order: 8
@@ -137,151 +165,169 @@ __device__ __forceinline__ void softmax_tile(float (&s)[kBlockN / 2], float (&m)
     for (int i = 0; i < kBlockN / 2; i++) s[i] = exp2_ftz(s[i] - base[(i >> 1) & 1]);
 }
 
-// Grid: x = packed-row tiles (heaviest causal tiles first), y = kv head, z = request.
-template <int D, int kBlockN>
-__global__ void __launch_bounds__(kThreads) attention_sm90_kernel(const Sm90Params p) {
-    using S = Sm90Shape<D, kBlockN>;
-    constexpr int kChunks = S::kChunks;
-    constexpr uint32_t kKvTileBytes = kBlockN * D * 2;
-    extern __shared__ __align__(128) unsigned char smem_raw[];
-    unsigned char *sQ = smem_raw;  // [kBlockM x D], later: output
-    // [2][kBlockN x D] each; tile t of K and V in buffer t % 2
-    const uint32_t q_addr = smem_u32(sQ), k_addr = q_addr + kBlockM * D * 2,
-                   v_addr = k_addr + 2 * kKvTileBytes;
-
-    const int tid = threadIdx.x;
-    const int warp = tid / 32;
-    const int lane = tid % 32;
-    const int wg = warp / 4;
-    const int req = blockIdx.z;
-    const int kv_head = blockIdx.y;
-    const int32_t row0 = (int32_t)(gridDim.x - 1 - blockIdx.x) * kBlockM;  // first packed row
-    const int32_t group = p.group;
-
-    const int32_t q_begin = p.cu_q[req];
-    const int32_t q_len = p.cu_q[req + 1] - q_begin;
-    if (row0 >= q_len * group) return;  // whole CTA: past this request's queries
-    const int32_t kv_begin = p.cu_kv[req];
-    const int32_t kv_len = p.kv_len ? p.kv_len[req] : p.cu_kv[req + 1] - kv_begin;
-    const int64_t pos0 = p.q_pos0 ? p.q_pos0[req] : 0;
-
+// What one CTA computes (request blockIdx.z, kv head blockIdx.y, packed rows row0 .. row0 +
+// kBlockM - 1), the same in both kernels.
+struct CtaWork {
+    int32_t row0;  // first packed row
+    int32_t q_begin, q_len;
+    int64_t pos0;
+    int32_t kv_len;
     // Keys any row of the CTA sees: [lo, hi); a tile inside [lo_last, hi_first) is visible to
     // every row (attention.cu).
-    const int32_t i_first = row0 / group;
-    const int32_t i_last = min((row0 + kBlockM - 1) / group, q_len - 1);
     int32_t lo, hi_first, lo_last, hi;
-    visible_keys(p.causal, p.window, pos0 + i_first, kv_len, &lo, &hi_first);
-    visible_keys(p.causal, p.window, pos0 + i_last, kv_len, &lo_last, &hi);
-    const int32_t n_tiles = hi > lo ? (hi - lo + kBlockN - 1) / kBlockN : 0;
+    int32_t n_tiles;
+    const uint16_t *k_base, *v_base;  // key and value row 0 of this request and kv head
 
-    const uint16_t *k_base = p.k + (int64_t)kv_begin * p.kv_stride + (int64_t)kv_head * D;
-    const uint16_t *v_base = p.v + (int64_t)kv_begin * p.kv_stride + (int64_t)kv_head * D;
-    // Copies tile t of K or V (base) into its buffer; rows past the visible range are
-    // zero-filled, never read.
-    auto load_kv_tile = [&](uint32_t buffers, const uint16_t *base, int32_t t) {
-        const uint32_t dst = buffers + (t % 2) * kKvTileBytes;
-        const int32_t j0 = lo + t * kBlockN;
-#pragma unroll
-        for (int c = tid; c < kBlockN * kChunks; c += kThreads) {
-            int r, cc;
-            copy_order<kChunks>(c, &r, &cc);
-            const int32_t j = j0 + r;
-            const bool ok = j < hi;
-            const uint16_t *src = ok ? base + (int64_t)j * p.kv_stride + cc * 8 : base;
-            cp_async_16(dst + tile_offset(r, cc, kBlockN), src, ok);
-        }
-    };
+    // false: the whole CTA lies past its request's queries
+    template <int D, int kBlockN>
+    __device__ __forceinline__ bool init(const Sm90Params &p) {
+        const int req = blockIdx.z, kv_head = blockIdx.y;
+        row0 = (int32_t)(gridDim.x - 1 - blockIdx.x) * kBlockM;  // heaviest causal tiles first
+        q_begin = p.cu_q[req];
+        q_len = p.cu_q[req + 1] - q_begin;
+        if (row0 >= q_len * p.group) return false;
+        const int32_t kv_begin = p.cu_kv[req];
+        kv_len = p.kv_len ? p.kv_len[req] : p.cu_kv[req + 1] - kv_begin;
+        pos0 = p.q_pos0 ? p.q_pos0[req] : 0;
+        const int32_t i_first = row0 / p.group;
+        const int32_t i_last = min((row0 + kBlockM - 1) / p.group, q_len - 1);
+        visible_keys(p.causal, p.window, pos0 + i_first, kv_len, &lo, &hi_first);
+        visible_keys(p.causal, p.window, pos0 + i_last, kv_len, &lo_last, &hi);
+        n_tiles = hi > lo ? (hi - lo + kBlockN - 1) / kBlockN : 0;
+        k_base = p.k + (int64_t)kv_begin * p.kv_stride + (int64_t)kv_head * D;
+        v_base = p.v + (int64_t)kv_begin * p.kv_stride + (int64_t)kv_head * D;
+        return true;
+    }
+    // whether warpgroup w's 64 rows hold a real query (warpgroup-uniform)
+    __device__ __forceinline__ bool wg_active(int w, int32_t group) const {
+        return (row0 + w * 64) / group < q_len;
+    }
+};
 
-    // Copy groups: {Q, K(0)}, then {V(0), K(1)}; iteration t >= 1 issues {V(t), K(t + 1)}.
+// Copies the CTA's kBlockM rows of Q into shared memory at q_addr, rows past the request's
+// queries zero-filled; thread tid of kCopiers does its share.
+template <int D, int kCopiers>
+__device__ __forceinline__ void load_q_tile(const Sm90Params &p, const CtaWork &w, uint32_t q_addr,
+                                            int tid) {
+    constexpr int kChunks = D / 8;
 #pragma unroll
-    for (int c = tid; c < kBlockM * kChunks; c += kThreads) {
+    for (int c = tid; c < kBlockM * kChunks; c += kCopiers) {
         int r, cc;
         copy_order<kChunks>(c, &r, &cc);
-        const int32_t prow = row0 + r;
-        const int32_t i = prow / group;
-        const bool ok = i < q_len;
+        const int32_t prow = w.row0 + r;
+        const int32_t i = prow / p.group;
+        const bool ok = i < w.q_len;
         const uint16_t *src =
-            ok ? p.q + (int64_t)(q_begin + i) * p.q_stride +
-                     (int64_t)(kv_head * group + prow % group) * D + cc * 8
+            ok ? p.q + (int64_t)(w.q_begin + i) * p.q_stride +
+                     (int64_t)(blockIdx.y * p.group + prow % p.group) * D + cc * 8
                : p.q;
         cp_async_16(q_addr + tile_offset(r, cc, kBlockM), src, ok);
     }
-    if (n_tiles > 0) load_kv_tile(k_addr, k_base, 0);
-    cp_async_commit();
-    if (n_tiles > 0) load_kv_tile(v_addr, v_base, 0);
-    if (n_tiles > 1) load_kv_tile(k_addr, k_base, 1);
-    cp_async_commit();
-    cp_async_wait<1>();  // Q and K(0) have landed
-    fence_proxy_async();
-    __syncthreads();
+}
 
-    // This thread's rows g and g + 8 of its warp's 16; it holds columns 2t, 2t+1 of every
-    // 8-column accumulator block. Per-row state is indexed [h].
-    const int g = lane / 4, t4 = lane % 4;
-    const int32_t warp_row0 = row0 + warp * 16;
-    const bool wg_active = (row0 + wg * 64) / group < q_len;  // warpgroup-uniform
-    int32_t row_lo[2], row_hi[2];
+// Copies tile t of K or V (base: CtaWork's k_base or v_base) into the buffer at dst; rows past
+// the visible keys are zero-filled, never read. Thread tid of kCopiers does its share.
+template <int D, int kBlockN, int kCopiers>
+__device__ __forceinline__ void load_kv_tile(const Sm90Params &p, const CtaWork &w, uint32_t dst,
+                                             const uint16_t *base, int32_t t, int tid) {
+    constexpr int kChunks = D / 8;
+    const int32_t j0 = w.lo + t * kBlockN;
 #pragma unroll
-    for (int h = 0; h < 2; h++) {
-        const int32_t i = (warp_row0 + g + 8 * h) / group;
-        if (i < q_len) {
-            visible_keys(p.causal, p.window, pos0 + i, kv_len, &row_lo[h], &row_hi[h]);
-        } else {
-            row_lo[h] = row_hi[h] = 0;  // padding row: sees nothing, written nowhere
-        }
+    for (int c = tid; c < kBlockN * kChunks; c += kCopiers) {
+        int r, cc;
+        copy_order<kChunks>(c, &r, &cc);
+        const int32_t j = j0 + r;
+        const bool ok = j < w.hi;
+        const uint16_t *src = ok ? base + (int64_t)j * p.kv_stride + cc * 8 : base;
+        cp_async_16(dst + tile_offset(r, cc, kBlockN), src, ok);
     }
-    // a tile needs the mask only where some row of the CTA loses part of it
-    auto need_mask = [&](int32_t t) {
-        const int32_t j0 = lo + t * kBlockN;
-        return j0 < lo_last || j0 + kBlockN > hi_first;
-    };
+}
 
+// One multiplying warpgroup's 64 rows (a consumer, in the warp-specialized kernel): the running
+// softmax state, the accumulators, and the two products on them. This thread holds rows g and g + 8 of its warp's 16 and columns 2 t4, +1
+// of every 8-column accumulator block; per-row state is indexed [h].
+template <int D, int kBlockN>
+struct WgTile {
+    static constexpr int kN1 = D - 64;  // O's columns past the first n64 product
     // Descriptors (tile_offset's placement): Q rows of this warpgroup; K as B, K-major; V as B,
-    // MN-major: keys are K (core matrices 128 bytes apart), head dims are N (kBlockN * 16 bytes
-    // apart), columns 64.. start 8 chunk columns in.
-    constexpr uint32_t kQLbo = kBlockM * 16, kKvLbo = kBlockN * 16;
-    const uint32_t q_wg = q_addr + tile_offset(wg * 64, 0, kBlockM);
-    float s[kBlockN / 2];  // S(t), then P(t) unrounded
-    auto issue_qk = [&](int32_t t) {
-        const uint32_t k_t = k_addr + (t % 2) * kKvTileBytes;
+    // MN-major: keys are K (core matrices 128 bytes apart), head dims are N (kBlockN * 16
+    // bytes apart), columns 64.. start 8 chunk columns in.
+    static constexpr uint32_t kQLbo = kBlockM * 16, kKvLbo = kBlockN * 16;
+
+    float s[kBlockN / 2];          // S(t), then P(t) unrounded
+    OAcc<D> o;
+    uint32_t pf[kBlockN / 16][4];  // P(t) rounded to bf16, as A fragments, one per 16 keys
+    float m[2], l[2];
+    int32_t row_lo[2], row_hi[2];  // the keys row h sees
+    int t4;
+
+    // warp_row0: the first packed row of this thread's warp
+    __device__ __forceinline__ void init(const Sm90Params &p, const CtaWork &w, int32_t warp_row0,
+                                         int lane) {
+        const int g = lane / 4;
+        t4 = lane % 4;
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int32_t i = (warp_row0 + g + 8 * h) / p.group;
+            if (i < w.q_len) {
+                visible_keys(p.causal, p.window, w.pos0 + i, w.kv_len, &row_lo[h], &row_hi[h]);
+            } else {
+                row_lo[h] = row_hi[h] = 0;  // padding row: sees nothing, written nowhere
+            }
+            m[h] = -INFINITY;
+            l[h] = 0.0f;
+        }
+#pragma unroll
+        for (int j = 0; j < D / 8; j++) o.at(j, 0) = o.at(j, 1) = o.at(j, 2) = o.at(j, 3) = 0.0f;
+#pragma unroll
+        for (int kc = 0; kc < kBlockN / 16; kc++) pf[kc][0] = pf[kc][1] = pf[kc][2] = pf[kc][3] = 0;
+    }
+
+    // Every register a wgmma reads or writes, pinned (ptx_sm90.cuh's reg_fence) before each
+    // wgmma_fence and after each wgmma_wait.
+    __device__ __forceinline__ void pin() {
+        reg_fence(s);
+        reg_fence(o.o0);
+        reg_fence(o.o1);
+#pragma unroll
+        for (int kc = 0; kc < kBlockN / 16; kc++) reg_fence(pf[kc]);
+    }
+
+    // S = Q K^T (q_wg: this warpgroup's rows of Q; k_t: the tile of K), one commit group
+    __device__ __forceinline__ void issue_qk(uint32_t q_wg, uint32_t k_t) {
 #pragma unroll
         for (int kk = 0; kk < D / 16; kk++) {
             wgmma_ss<kBlockN>(s, wgmma_desc(q_wg + kk * 2 * kQLbo, kQLbo, 128),
                               wgmma_desc(k_t + kk * 2 * kKvLbo, kKvLbo, 128), kk > 0);
         }
         wgmma_commit();
-    };
-    OAcc<D> o;
-    uint32_t pf[kBlockN / 16][4] = {};  // P(t) rounded to bf16, as A fragments, one per 16 keys
-    auto issue_pv = [&](int32_t t) {
-        const uint32_t v_t = v_addr + (t % 2) * kKvTileBytes;
+    }
+    // O += P V (v_t: the tile of V), one commit group
+    __device__ __forceinline__ void issue_pv(uint32_t v_t) {
 #pragma unroll
         for (int kc = 0; kc < kBlockN / 16; kc++) {
             const uint32_t v_kc = v_t + tile_offset(16 * kc, 0, kBlockN);
             wgmma_rs_bt<64>(o.o0, pf[kc], wgmma_desc(v_kc, 128, kKvLbo), 1);
-            if constexpr (S::kN1 > 0) {
-                wgmma_rs_bt<S::kN1>(o.o1, pf[kc],
-                                    wgmma_desc(v_kc + tile_offset(0, 8, kBlockN), 128, kKvLbo), 1);
+            if constexpr (kN1 > 0) {
+                wgmma_rs_bt<kN1>(o.o1, pf[kc],
+                                 wgmma_desc(v_kc + tile_offset(0, 8, kBlockN), 128, kKvLbo), 1);
             }
         }
         wgmma_commit();
-    };
+    }
 
-#pragma unroll
-    for (int j = 0; j < D / 8; j++) o.at(j, 0) = o.at(j, 1) = o.at(j, 2) = o.at(j, 3) = 0.0f;
-    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-    // Every register a wgmma reads or writes, pinned (ptx_sm90.cuh's reg_fence) before each
-    // wgmma_fence and after each wgmma_wait.
-    auto pin_operands = [&]() {
-        reg_fence(s);
-        reg_fence(o.o0);
-        reg_fence(o.o1);
-#pragma unroll
-        for (int kc = 0; kc < kBlockN / 16; kc++) reg_fence(pf[kc]);
-    };
+    // The online softmax of tile t, once S(t) has landed.
+    __device__ __forceinline__ void softmax(const Sm90Params &p, const CtaWork &w, int32_t t,
+                                            float (&alpha)[2]) {
+        // a tile needs the mask only where some row of the CTA loses part of it
+        const int32_t j0 = w.lo + t * kBlockN;
+        const bool need_mask = j0 < w.lo_last || j0 + kBlockN > w.hi_first;
+        softmax_tile<kBlockN>(s, m, alpha, p.scale_log2, need_mask, j0, t4, row_lo, row_hi);
+    }
+
     // Once the product that last wrote O has landed: O and l scaled by alpha, then P(t) rounded
     // to bf16 into pf, l summing the rounded values (attention.cu).
-    auto rescale_and_round = [&](const float (&alpha)[2]) {
+    __device__ __forceinline__ void rescale_and_round(const float (&alpha)[2]) {
 #pragma unroll
         for (int h = 0; h < 2; h++) {
             l[h] *= alpha[h];
@@ -304,17 +350,104 @@ __global__ void __launch_bounds__(kThreads) attention_sm90_kernel(const Sm90Para
                 l[1] += sum_bf16x2(bot);
             }
         }
-    };
+    }
+
+    // The epilogue, once the last product has landed: normalise, stage the warp's 16 rows
+    // (warp_m: which 16 of the CTA's kBlockM) in its own rows of sQ, which no pending product
+    // reads any more, then store whole 16-byte chunks of the rows that are real queries.
+    __device__ __forceinline__ void store(const Sm90Params &p, const CtaWork &w,
+                                          unsigned char *sQ, int warp_m, int lane) {
+        constexpr int kChunks = D / 8;
+        const int g = lane / 4, kv_head = blockIdx.y;
+        const int32_t warp_row0 = w.row0 + warp_m * 16;
+        float inv[2];
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            float sum = l[h];
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            inv[h] = sum > 0.0f ? 1.0f / sum : 0.0f;  // 0: no visible key, zeros
+            const int32_t prow = warp_row0 + g + 8 * h;
+            const int32_t i = prow / p.group;
+            if (p.lse && t4 == 0 && i < w.q_len) {
+                // the sum of the rounded P the output was divided by (attention.cu)
+                p.lse[(int64_t)(w.q_begin + i) * p.n_heads + kv_head * p.group + prow % p.group] =
+                    sum > 0.0f ? (m[h] + log2f(sum)) * 0.6931471805599453f : -INFINITY;
+            }
+        }
+        const int r_warp = warp_m * 16;
+#pragma unroll
+        for (int j = 0; j < D / 8; j++) {
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                *reinterpret_cast<uint32_t *>(sQ + tile_offset(r_warp + g + 8 * h, j, kBlockM) +
+                                              4 * t4) =
+                    pack_bf16x2(o.at(j, 2 * h) * inv[h], o.at(j, 2 * h + 1) * inv[h]);
+            }
+        }
+        __syncwarp();
+#pragma unroll
+        for (int it = 0; it < 16 * kChunks / 32; it++) {
+            int r, cc;
+            copy_order<kChunks>(lane + it * 32, &r, &cc);
+            r += r_warp;
+            const int32_t prow = w.row0 + r;
+            const int32_t i = prow / p.group;
+            if (i < w.q_len) {
+                uint16_t *dst = p.out + (int64_t)(w.q_begin + i) * p.out_stride +
+                                (int64_t)(kv_head * p.group + prow % p.group) * D + cc * 8;
+                *reinterpret_cast<uint4 *>(dst) =
+                    *reinterpret_cast<const uint4 *>(sQ + tile_offset(r, cc, kBlockM));
+            }
+        }
+    }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Kernels
+// ---------------------------------------------------------------------------------------------
+
+// The pipelined kernel: two warpgroups that each copy, multiply and run the softmax.
+// Grid: x = packed-row tiles (heaviest causal tiles first), y = kv head, z = request.
+template <int D, int kBlockN>
+__global__ void __launch_bounds__(kThreads) attention_sm90_kernel(const Sm90Params p) {
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    unsigned char *sQ = smem_raw;  // [kBlockM x D], later: output
+    const Tiles<D, kBlockN> tiles{smem_u32(sQ)};
+
+    const int tid = threadIdx.x;
+    const int warp = tid / 32;
+    const int lane = tid % 32;
+    const int wg = warp / 4;
+    CtaWork w = {};
+    if (!w.init<D, kBlockN>(p)) return;  // whole CTA
+    const int32_t n_tiles = w.n_tiles;
+
+    // Copy groups: {Q, K(0)}, then {V(0), K(1)}; iteration t >= 1 issues {V(t), K(t + 1)}.
+    load_q_tile<D, kThreads>(p, w, tiles.q, tid);
+    if (n_tiles > 0) load_kv_tile<D, kBlockN, kThreads>(p, w, tiles.k(0), w.k_base, 0, tid);
+    cp_async_commit();
+    if (n_tiles > 0) load_kv_tile<D, kBlockN, kThreads>(p, w, tiles.v(0), w.v_base, 0, tid);
+    if (n_tiles > 1) load_kv_tile<D, kBlockN, kThreads>(p, w, tiles.k(1), w.k_base, 1, tid);
+    cp_async_commit();
+    cp_async_wait<1>();  // Q and K(0) have landed
+    fence_proxy_async();
+    __syncthreads();
+
+    const bool wg_active = w.wg_active(wg, p.group);
+    WgTile<D, kBlockN> st;
+    st.init(p, w, w.row0 + warp * 16, lane);
+    const uint32_t q_wg = tiles.q + tile_offset(wg * 64, 0, kBlockM);
 
     if (wg_active && n_tiles > 0) {
         float alpha[2];
-        pin_operands();
+        st.pin();
         wgmma_fence();
-        issue_qk(0);
+        st.issue_qk(q_wg, tiles.k(0));
         wgmma_wait<0>();
-        pin_operands();
-        softmax_tile<kBlockN>(s, m, alpha, p.scale_log2, need_mask(0), lo, t4, row_lo, row_hi);
-        rescale_and_round(alpha);
+        st.pin();
+        st.softmax(p, w, 0, alpha);
+        st.rescale_and_round(alpha);
     }
     for (int32_t t = 1; t < n_tiles; t++) {
         // K(t) and V(t-1) have landed, and both warpgroups are done with iteration t-1, whose
@@ -322,27 +455,28 @@ __global__ void __launch_bounds__(kThreads) attention_sm90_kernel(const Sm90Para
         cp_async_wait<0>();
         fence_proxy_async();
         __syncthreads();
-        load_kv_tile(v_addr, v_base, t);
-        if (t + 1 < n_tiles) load_kv_tile(k_addr, k_base, t + 1);
+        load_kv_tile<D, kBlockN, kThreads>(p, w, tiles.v(t), w.v_base, t, tid);
+        if (t + 1 < n_tiles) {
+            load_kv_tile<D, kBlockN, kThreads>(p, w, tiles.k(t + 1), w.k_base, t + 1, tid);
+        }
         cp_async_commit();
 
         if (wg_active) {
             float alpha[2];
-            pin_operands();
+            st.pin();
             wgmma_fence();  // s, o and pf were written by this thread since the last products
-            issue_qk(t);
-            issue_pv(t - 1);
+            st.issue_qk(q_wg, tiles.k(t));
+            st.issue_pv(tiles.v(t - 1));
             wgmma_wait<1>();  // S(t) has landed; P(t-1) V(t-1) may still be running
-            reg_fence(s);     // (o and pf stay untouched until the next wait)
-            softmax_tile<kBlockN>(s, m, alpha, p.scale_log2, need_mask(t), lo + t * kBlockN, t4,
-                                  row_lo, row_hi);
+            reg_fence(st.s);  // (o and pf stay untouched until the next wait)
+            st.softmax(p, w, t, alpha);
             // (The SASS of ptxas 13.0 has this wait right after the max reduction, before the
             // exponentials: it reuses P's registers, still read by the pending product, for the
             // shuffles' results. So within a warpgroup only the masking and the row maxima
             // overlap P V; the exponentials overlap the other warpgroup's products.)
             wgmma_wait<0>();
-            pin_operands();
-            rescale_and_round(alpha);
+            st.pin();
+            st.rescale_and_round(alpha);
         }
     }
     cp_async_wait<0>();  // V(last) has landed (and nothing is still landing when the CTA exits)
@@ -350,94 +484,213 @@ __global__ void __launch_bounds__(kThreads) attention_sm90_kernel(const Sm90Para
     __syncthreads();
     if (!wg_active) return;  // no barrier follows: the rest is per warpgroup and per warp
     if (n_tiles > 0) {
-        pin_operands();
+        st.pin();
         wgmma_fence();
-        issue_pv(n_tiles - 1);
+        st.issue_pv(tiles.v(n_tiles - 1));
         wgmma_wait<0>();
-        pin_operands();
+        st.pin();
+    }
+    // every product that read Q was waited for before the last barrier
+    st.store(p, w, sQ, warp, lane);
+}
+
+// The warp-specialized kernel: a producer warpgroup copies, two consumer warpgroups multiply.
+constexpr int kWsThreads = 3 * 128;
+// Registers per thread after the hand-over (setmaxnreg): launched at 168 (65536 / 384, in
+// steps of 8), the producer gives up 128 x 128, which lets the consumers grow by 64 each.
+constexpr int kProducerRegs = 40, kConsumerRegs = 232;
+static_assert(kProducerRegs * 128 + kConsumerRegs * 256 <= 65536, "the SM's register file");
+// Named barriers (0 is __syncthreads'): kBarTurn + c, consumer c's turn to issue its products
+// (both consumers, 256 threads); kBarRows + c, consumer c's four warps (128).
+constexpr int kBarTurn = 1, kBarRows = 3;
+
+// Grid as attention_sm90_kernel's; block: warpgroup 0 the producer, 1 and 2 the consumers
+// (consumer c = rows 64 c .. 64 c + 63).
+//   producer: Q, then for each tile t, once both consumers have freed stage t % kStages (tile
+//     t - kStages): K(t), then V(t), each announced by its own mbarrier when it lands
+//     (cp.async's mbarrier arrival), so that S(t) need not wait for V(t);
+//   consumers: the pipelined kernel's loop (issue S(t) and P(t-1) V(t-1), softmax of t beside
+//     the second product), waiting on the mbarriers instead of __syncthreads and freeing K(t)
+//     as soon as S(t) has landed, V(t-1) once P V has; and taking turns to issue (ping-pong,
+//     FlashAttention-3): a consumer issues a round's products only once the other has issued
+//     its own, so one's softmax runs while the other's products occupy the tensor cores.
+template <int D, int kBlockN>
+__global__ void __launch_bounds__(kWsThreads, 1) attention_sm90_ws_kernel(const Sm90Params p) {
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    unsigned char *sQ = smem_raw;  // [kBlockM x D], later: output
+    const Tiles<D, kBlockN> tiles{smem_u32(sQ)};
+    // the mbarriers (Tiles::bar): Q landed; per buffer s, K landed, V landed, K free, V free
+    const uint32_t q_full = tiles.bar(0);
+    auto k_full = [&](int s) { return tiles.bar(1 + s); };
+    auto v_full = [&](int s) { return tiles.bar(1 + kStages + s); };
+    auto k_empty = [&](int s) { return tiles.bar(1 + 2 * kStages + s); };
+    auto v_empty = [&](int s) { return tiles.bar(1 + 3 * kStages + s); };
+
+    const int tid = threadIdx.x;
+    const int warp = tid / 32;
+    const int lane = tid % 32;
+    const int wg = warp / 4;
+    CtaWork w = {};
+    if (!w.init<D, kBlockN>(p)) return;  // whole CTA
+    const int32_t n_tiles = w.n_tiles;
+    // consumer 1 only where its rows hold real queries (consumer 0's always do)
+    const int n_consumers = 1 + w.wg_active(1, p.group);
+    if (tid == 0) {
+        mbar_init(q_full, 128);
+#pragma unroll
+        for (int s = 0; s < kStages; s++) {
+            mbar_init(k_full(s), 128);  // each producer thread's arrival when its copies land
+            mbar_init(v_full(s), 128);
+            mbar_init(k_empty(s), 128 * n_consumers);  // each consumer thread's
+            mbar_init(v_empty(s), 128 * n_consumers);
+        }
+    }
+    __syncthreads();  // the mbarriers are initialised; no block-wide barrier follows
+
+    if (wg == 0) {
+        setmaxnreg_dec<kProducerRegs>();
+        load_q_tile<D, 128>(p, w, tiles.q, tid);
+        cp_async_mbar_arrive(q_full);
+        for (int32_t t = 0; t < n_tiles; t++) {
+            const int s = t % kStages;
+            const uint32_t free_parity = ((t / kStages) & 1) ^ 1;  // passes at once on round 0
+            mbar_wait(k_empty(s), free_parity);
+            load_kv_tile<D, kBlockN, 128>(p, w, tiles.k(t), w.k_base, t, tid);
+            cp_async_mbar_arrive(k_full(s));
+            mbar_wait(v_empty(s), free_parity);
+            load_kv_tile<D, kBlockN, 128>(p, w, tiles.v(t), w.v_base, t, tid);
+            cp_async_mbar_arrive(v_full(s));
+        }
+        cp_async_commit();
+        cp_async_wait<0>();  // nothing is still landing when this thread exits
+        return;
     }
 
-    // Normalise, stage the warp's 16 rows in its own rows of sQ (every product that read Q was
-    // waited for before the last barrier), then store whole 16-byte chunks of the rows that are
-    // real queries.
-    float inv[2];
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
-        float sum = l[h];
-        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-        inv[h] = sum > 0.0f ? 1.0f / sum : 0.0f;  // 0: no visible key, zeros
-        const int32_t prow = warp_row0 + g + 8 * h;
-        const int32_t i = prow / group;
-        if (p.lse && t4 == 0 && i < q_len) {
-            // the sum of the rounded P the output was divided by (attention.cu)
-            p.lse[(int64_t)(q_begin + i) * p.n_heads + kv_head * group + prow % group] =
-                sum > 0.0f ? (m[h] + log2f(sum)) * 0.6931471805599453f : -INFINITY;
-        }
+    setmaxnreg_inc<kConsumerRegs>();
+    const int c = wg - 1;
+    if (!w.wg_active(c, p.group)) return;  // consumer 1 past the queries: nothing to do
+    const bool pingpong = n_consumers == 2;
+    const int warp_m = warp - 4;  // the warp's 16 rows among the CTA's kBlockM
+    WgTile<D, kBlockN> st;
+    st.init(p, w, w.row0 + warp_m * 16, lane);
+    const uint32_t q_wg = tiles.q + tile_offset(c * 64, 0, kBlockM);
+
+    // The turn to issue products (ping-pong): taken before issuing, handed to the other
+    // consumer after. Consumer 1 hands it over first, and not after its last round, so that
+    // every sync of one is matched by an arrival of the other: each issues n_tiles + 1 rounds.
+    auto take_turn = [&]() {
+        if (pingpong) named_bar_sync(kBarTurn + c, 256);
+    };
+    auto hand_over = [&]() {
+        if (pingpong) named_bar_arrive(kBarTurn + 1 - c, 256);
+    };
+    mbar_wait(q_full, 0);
+    if (pingpong && c == 1) hand_over();
+
+    // Round 0: S(0). (Rounds are unrolled so that each issues its products unconditionally:
+    // ptxas serializes a wgmma on a path it sees as divergent, its notes C7518 / C7520.)
+    if (n_tiles > 0) {
+        float alpha[2];
+        mbar_wait(k_full(0), 0);
+        fence_proxy_async();  // the copies' bytes, seen through the mbarrier, for wgmma's reads
+        take_turn();
+        st.pin();
+        wgmma_fence();
+        st.issue_qk(q_wg, tiles.k(0));
+        hand_over();
+        wgmma_wait<0>();
+        st.pin();
+        mbar_arrive(k_empty(0));  // K(0) is read
+        st.softmax(p, w, 0, alpha);
+        st.rescale_and_round(alpha);
     }
-    const int r_warp = warp * 16;
-#pragma unroll
-    for (int j = 0; j < D / 8; j++) {
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            *reinterpret_cast<uint32_t *>(sQ + tile_offset(r_warp + g + 8 * h, j, kBlockM) +
-                                          4 * t4) =
-                pack_bf16x2(o.at(j, 2 * h) * inv[h], o.at(j, 2 * h + 1) * inv[h]);
-        }
+    // Round t: S(t), then P(t-1) V(t-1).
+    for (int32_t t = 1; t < n_tiles; t++) {
+        const int sk = t % kStages, sv = (t - 1) % kStages;
+        float alpha[2];
+        mbar_wait(k_full(sk), (t / kStages) & 1);
+        mbar_wait(v_full(sv), ((t - 1) / kStages) & 1);
+        fence_proxy_async();
+        take_turn();
+        st.pin();
+        wgmma_fence();
+        st.issue_qk(q_wg, tiles.k(t));
+        st.issue_pv(tiles.v(t - 1));
+        hand_over();
+        wgmma_wait<1>();  // S(t) has landed; P V may still be running
+        reg_fence(st.s);
+        mbar_arrive(k_empty(sk));  // K(t) is read
+        st.softmax(p, w, t, alpha);
+        wgmma_wait<0>();
+        st.pin();
+        mbar_arrive(v_empty(sv));  // V(t-1) is read
+        st.rescale_and_round(alpha);
     }
-    __syncwarp();
-#pragma unroll
-    for (int it = 0; it < 16 * kChunks / 32; it++) {
-        int r, cc;
-        copy_order<kChunks>(lane + it * 32, &r, &cc);
-        r += r_warp;
-        const int32_t prow = row0 + r;
-        const int32_t i = prow / group;
-        if (i < q_len) {
-            uint16_t *dst = p.out + (int64_t)(q_begin + i) * p.out_stride +
-                            (int64_t)(kv_head * group + prow % group) * D + cc * 8;
-            *reinterpret_cast<uint4 *>(dst) =
-                *reinterpret_cast<const uint4 *>(sQ + tile_offset(r, cc, kBlockM));
-        }
+    // Round n_tiles: P(last) V(last) (nothing when no key is visible). Consumer 0 hands the
+    // turn over before issuing: after, it would sit on a path ptxas sees as divergent between
+    // the product and its wait (C7518 again); the two last products may then overlap.
+    const int s_last = (n_tiles + kStages - 1) % kStages;
+    if (n_tiles > 0) mbar_wait(v_full(s_last), ((n_tiles - 1) / kStages) & 1);
+    fence_proxy_async();
+    take_turn();
+    if (c == 0) hand_over();
+    if (n_tiles > 0) {
+        st.pin();
+        wgmma_fence();
+        st.issue_pv(tiles.v(n_tiles - 1));
     }
+    if (n_tiles > 0) {
+        wgmma_wait<0>();
+        st.pin();
+    }
+    // every product that read this warpgroup's rows of Q has landed, in all four warps
+    named_bar_sync(kBarRows + c, 128);
+    st.store(p, w, sQ, warp_m, lane);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Launcher
 // ---------------------------------------------------------------------------------------------
 
-template <int D, int kBlockN>
+template <int D, int kBlockN, bool kWarpSpecialized>
 sf_status launch_sm90(const Sm90Params &p, const sf_attention_args *a, cudaStream_t stream) {
-    constexpr size_t smem = Sm90Shape<D, kBlockN>::kSmemBytes;
+    auto kernel = kWarpSpecialized ? attention_sm90_ws_kernel<D, kBlockN>
+                                   : attention_sm90_kernel<D, kBlockN>;
+    constexpr size_t smem = kWarpSpecialized ? Sm90Shape<D, kBlockN>::kWsSmemBytes
+                                             : Sm90Shape<D, kBlockN>::kSmemBytes;
+    constexpr int threads = kWarpSpecialized ? kWsThreads : kThreads;
     if (smem > 48 * 1024) {
-        SF_CUDA_TRY(cudaFuncSetAttribute(attention_sm90_kernel<D, kBlockN>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+        SF_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         (int)smem));
     }
     const int64_t tiles = sf_ceil_div((int64_t)a->max_q_len * p.group, kBlockM);
     const dim3 grid((unsigned)tiles, (unsigned)a->n_kv_heads, (unsigned)a->n_requests);
-    attention_sm90_kernel<D, kBlockN><<<grid, kThreads, smem, stream>>>(p);
+    kernel<<<grid, threads, smem, stream>>>(p);
     SF_CUDA_TRY(cudaGetLastError());
     return SF_OK;
 }
 
-}  // namespace
-
-extern "C" sf_status sf_cuda_attention_sm90_check(void) {
-    // wgmma exists on compute capability 9.0 only (this file is built for sm_90a)
-    int dev = 0, major = 0, minor = 0;
-    SF_CUDA_TRY(cudaGetDevice(&dev));
-    SF_CUDA_TRY(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-    SF_CUDA_TRY(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
-    if (major != 9 || minor != 0) {
-        return sf_fail(SF_ERR_UNSUPPORTED, "sf_cuda_attention_sm90_bf16: needs a compute "
-                       "capability 9.0 device (sm_90a), device %d is %d.%d", dev, major, minor);
-    }
-    return SF_OK;
+template <int D, bool kWarpSpecialized>
+sf_status launch_sm90_tiles(const Sm90Params &p, const sf_attention_args *a, int32_t block_n,
+                            cudaStream_t stream) {
+    return block_n == 64 ? launch_sm90<D, 64, kWarpSpecialized>(p, a, stream)
+                         : launch_sm90<D, 128, kWarpSpecialized>(p, a, stream);
 }
 
-extern "C" sf_status sf_cuda_attention_sm90_tiles_bf16(const sf_attention_args *a,
-                                                       int32_t block_n, cudaStream_t stream) {
-    static const char *fn = "sf_cuda_attention_sm90_bf16";
+template <bool kWarpSpecialized>
+sf_status launch_sm90_dims(const Sm90Params &p, const sf_attention_args *a, int32_t block_n,
+                           cudaStream_t stream) {
+    switch (a->head_dim) {
+        case 64: return launch_sm90_tiles<64, kWarpSpecialized>(p, a, block_n, stream);
+        case 80: return launch_sm90_tiles<80, kWarpSpecialized>(p, a, block_n, stream);
+        case 96: return launch_sm90_tiles<96, kWarpSpecialized>(p, a, block_n, stream);
+        default: return launch_sm90_tiles<128, kWarpSpecialized>(p, a, block_n, stream);
+    }
+}
+
+// Both kernels' launcher: the checks, then the kernel for head dim, tile width and schedule.
+sf_status sm90_attention(const sf_attention_args *a, int32_t block_n, bool warp_specialized,
+                         const char *fn, cudaStream_t stream) {
     sf_status st = sf_attention_check_shapes(a, fn);
     if (st != SF_OK) return st;
     if (block_n == 0) block_n = kDefaultBlockN;
@@ -450,7 +703,7 @@ extern "C" sf_status sf_cuda_attention_sm90_tiles_bf16(const sf_attention_args *
     st = sf_attention_check_tensors(a, fn);
     if (st != SF_OK) return st;
 
-    sf_nvtx_range range("sf_cuda_attention_sm90_bf16");
+    sf_nvtx_range range(fn);
     Sm90Params p;
     p.out = a->out;
     p.q = a->q;
@@ -469,25 +722,49 @@ extern "C" sf_status sf_cuda_attention_sm90_tiles_bf16(const sf_attention_args *
     p.window = a->window;
     p.scale_log2 = a->scale * 1.4426950408889634f;
     p.causal = a->causal;
-    if (block_n == 64) {
-        switch (a->head_dim) {
-            case 64: return launch_sm90<64, 64>(p, a, stream);
-            case 80: return launch_sm90<80, 64>(p, a, stream);
-            case 96: return launch_sm90<96, 64>(p, a, stream);
-            default: return launch_sm90<128, 64>(p, a, stream);
+    return warp_specialized ? launch_sm90_dims<true>(p, a, block_n, stream)
+                            : launch_sm90_dims<false>(p, a, block_n, stream);
+}
+
+}  // namespace
+
+extern "C" sf_status sf_cuda_attention_sm90_check(void) {
+    // wgmma exists on compute capability 9.0 only (this file is built for sm_90a). Every launch
+    // asks, so each device's answer is kept: 10 * major + minor + 1, 0 while unknown.
+    static std::atomic<int> known[64];
+    int dev = 0, major = 0, minor = 0;
+    SF_CUDA_TRY(cudaGetDevice(&dev));
+    const int cached = dev >= 0 && dev < 64 ? known[dev].load(std::memory_order_relaxed) : 0;
+    if (cached > 0) {
+        major = (cached - 1) / 10;
+        minor = (cached - 1) % 10;
+    } else {
+        SF_CUDA_TRY(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+        SF_CUDA_TRY(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+        if (dev >= 0 && dev < 64 && minor >= 0 && minor < 10) {
+            known[dev].store(10 * major + minor + 1, std::memory_order_relaxed);
         }
     }
-    switch (a->head_dim) {
-        case 64: return launch_sm90<64, 128>(p, a, stream);
-        case 80: return launch_sm90<80, 128>(p, a, stream);
-        case 96: return launch_sm90<96, 128>(p, a, stream);
-        default: return launch_sm90<128, 128>(p, a, stream);
+    if (major != 9 || minor != 0) {
+        return sf_fail(SF_ERR_UNSUPPORTED, "sf_cuda_attention_sm90_bf16: needs a compute "
+                       "capability 9.0 device (sm_90a), device %d is %d.%d", dev, major, minor);
     }
+    return SF_OK;
+}
+
+extern "C" sf_status sf_cuda_attention_sm90_tiles_bf16(const sf_attention_args *a,
+                                                       int32_t block_n, cudaStream_t stream) {
+    return sm90_attention(a, block_n, false, "sf_cuda_attention_sm90_bf16", stream);
 }
 
 extern "C" sf_status sf_cuda_attention_sm90_bf16(const sf_attention_args *a,
                                                  cudaStream_t stream) {
-    return sf_cuda_attention_sm90_tiles_bf16(a, 0, stream);
+    return sm90_attention(a, 0, false, "sf_cuda_attention_sm90_bf16", stream);
+}
+
+extern "C" sf_status sf_cuda_attention_sm90_ws_bf16(const sf_attention_args *a, int32_t block_n,
+                                                    cudaStream_t stream) {
+    return sm90_attention(a, block_n, true, "sf_cuda_attention_sm90_ws_bf16", stream);
 }
 
 #else  // built without sm_90 among the architectures
@@ -508,6 +785,11 @@ extern "C" sf_status sf_cuda_attention_sm90_tiles_bf16(const sf_attention_args *
 extern "C" sf_status sf_cuda_attention_sm90_bf16(const sf_attention_args *a,
                                                  cudaStream_t stream) {
     return sf_cuda_attention_sm90_tiles_bf16(a, 0, stream);
+}
+
+extern "C" sf_status sf_cuda_attention_sm90_ws_bf16(const sf_attention_args *a, int32_t block_n,
+                                                    cudaStream_t stream) {
+    return sf_cuda_attention_sm90_tiles_bf16(a, block_n, stream);
 }
 
 #endif

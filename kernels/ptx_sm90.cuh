@@ -55,6 +55,61 @@ __device__ __forceinline__ void reg_fence(uint32_t (&r)[N]) {
     for (int i = 0; i < N; i++) asm volatile("" : "+r"(r[i])::"memory");
 }
 
+// --- Warp specialization: mbarriers, named barriers, register reallocation ----------------
+
+// An mbarrier (a 64-bit object in shared memory, 8-byte aligned) counts arrivals in phases:
+// once count arrivals have happened, the current phase completes, the phase parity flips and
+// the count starts again. One thread initialises it, then a __syncthreads publishes it.
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+// One arrival, with release semantics: this thread's earlier memory accesses happen before
+// the phase completes.
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+    asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(bar)
+                 : "memory");
+}
+// One arrival that happens once every cp.async this thread issued before it has landed
+// (.noinc: it counts as one of the phase's count arrivals, so count includes these).
+__device__ __forceinline__ void cp_async_mbar_arrive(uint32_t bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+// Waits until the phase of parity `parity` has completed (acquire: what the arrivals ordered
+// before it is visible after). A fresh mbarrier is in phase 0, so waiting on parity 1 returns
+// at once: a producer's first pass over its empty buffers.
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+    asm volatile(
+        "{\n.reg .pred done;\nretry:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra retry;\n}\n" ::"r"(bar),
+        "r"(parity)
+        : "memory");
+}
+
+// Named barriers 1..15 (0 is __syncthreads'), count threads (a multiple of 32) in all: sync
+// arrives and waits for the count; arrive only arrives. One side syncing while the other
+// arrives hands a turn from warpgroup to warpgroup.
+__device__ __forceinline__ void named_bar_sync(int id, int count) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+__device__ __forceinline__ void named_bar_arrive(int id, int count) {
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+
+// The warpgroup's registers per thread, moved to or from the SM's pool: a producer warpgroup
+// that only copies gives some up (dec) so that the consumers' accumulators fit (inc). Every
+// thread of the warpgroup executes it; N is a multiple of 8 in [24, 256].
+template <int N>
+__device__ __forceinline__ void setmaxnreg_dec() {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+template <int N>
+__device__ __forceinline__ void setmaxnreg_inc() {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+
+// --- wgmma ---------------------------------------------------------------------------------
+
 // d[64 x N] (+)= A[64 x 16] B[16 x N], bf16 in, fp32 accumulators; the whole warpgroup (4
 // warps, 128 threads) executes it, asynchronously: d is undefined until a wgmma_wait covers the
 // group. accumulate 0: d = A B. Accumulator fragment of thread l of warp w of the warpgroup

@@ -1,9 +1,10 @@
-// sf_cuda_attention_bf16 (and the Hopper kernel sf_cuda_attention_sm90_bf16, every test run once
-// for each) against its CPU twin sf_cpu_attention (fp32 math on the same
-// bf16-rounded inputs), request by request, over every head dim, GQA ratios 1/2/4/8, causal
-// packed prefill with mixed lengths, sliding windows, chunked prefill and decode against a cache,
-// bidirectional self-attention and cross-attention. The argument tests run without a GPU (the
-// launcher checks everything before its first CUDA call); the others skip when none is present.
+// sf_cuda_attention_bf16 (and the Hopper kernels sf_cuda_attention_sm90_bf16 and
+// sf_cuda_attention_sm90_ws_bf16, every test run once for each) against its CPU twin
+// sf_cpu_attention (fp32 math on the same bf16-rounded inputs), request by request, over every
+// head dim, GQA ratios 1/2/4/8, causal packed prefill with mixed lengths, sliding windows,
+// chunked prefill and decode against a cache, bidirectional self-attention and
+// cross-attention. The argument tests run without a GPU (the launcher checks everything before
+// its first CUDA call); the others skip when none is present.
 //
 // Tolerance, derived (FlashAttention's rule): the kernel stores bf16 and rounds P to bf16 before
 // the PV product, so it cannot match the fp32 reference to fp32 precision. The yardstick is the
@@ -120,8 +121,9 @@ void naive_bf16_attention(float *out, const float *q, const float *k, const floa
 }
 
 // The forward under test: the tiled mma.sync kernel behind sf_cuda_attention_bf16 (with its
-// split-KV decode), or the Hopper wgmma kernel (sf_cuda_attention_sm90_bf16, every case tiled;
-// with its default 128-key tiles, or with 64-key ones through sf_cuda_attention_sm90_tiles_bf16).
+// split-KV decode), or one of the Hopper wgmma kernels (every case tiled): the pipelined one
+// (sf_cuda_attention_sm90_bf16 with its default 128-key tiles, or 64-key ones through
+// sf_cuda_attention_sm90_tiles_bf16) or the warp-specialized one (sf_cuda_attention_sm90_ws_bf16).
 // The same cases, references and bounds serve both: the bound's terms are the bf16 roundings of
 // P and the output and fp32 sums in any order, which both kernels have.
 using AttentionFn = sf_status (*)(const sf_attention_args *, cudaStream_t);
@@ -349,16 +351,19 @@ TEST(CudaAttentionArgs, RejectsShortMisalignedStridesAndPointers) {
     a.scale = NAN;
     EXPECT_EQ(sf_cuda_attention_bf16(&a, 0), SF_ERR_INVALID_ARGUMENT);
     a = valid_args();
-    a.kernel = static_cast<sf_attention_kernel>(3);  // not a kernel
+    a.kernel = static_cast<sf_attention_kernel>(4);  // not a kernel
     EXPECT_EQ(sf_cuda_attention_bf16(&a, 0), SF_ERR_INVALID_ARGUMENT);
     // the wgmma kernel's tiles are 64 or 128 keys: 96 is refused before any CUDA call (by a
     // build without sm_90a code, as everything is)
-    a = valid_args();
-    const sf_status st = sf_cuda_attention_sm90_tiles_bf16(&a, 96, 0);
-    EXPECT_TRUE(st == SF_ERR_INVALID_ARGUMENT || st == SF_ERR_UNSUPPORTED) << sf_last_error();
-    EXPECT_NE(strstr(sf_last_error(), st == SF_ERR_INVALID_ARGUMENT ? "block_n" : "sm_90a"),
-              nullptr)
-        << sf_last_error();
+    for (bool ws : {false, true}) {
+        a = valid_args();
+        const sf_status st = ws ? sf_cuda_attention_sm90_ws_bf16(&a, 96, 0)
+                                : sf_cuda_attention_sm90_tiles_bf16(&a, 96, 0);
+        EXPECT_TRUE(st == SF_ERR_INVALID_ARGUMENT || st == SF_ERR_UNSUPPORTED) << sf_last_error();
+        EXPECT_NE(strstr(sf_last_error(), st == SF_ERR_INVALID_ARGUMENT ? "block_n" : "sm_90a"),
+                  nullptr)
+            << sf_last_error();
+    }
 }
 
 // The split decode's workspace: only for decode (one query) with max_kv_len, no lse and at most
@@ -400,26 +405,41 @@ TEST(CudaAttentionArgs, NothingToDoIsOk) {
 // Against the CPU twin.
 // ---------------------------------------------------------------------------------------------
 
-// Every test below runs once per kernel: CudaAttention/CudaAttention.Name/tiled, /sm90 and
-// /sm90_n64. The sm90 instances skip where that kernel cannot run (no sm_90a code in the build,
-// or a device other than compute capability 9.0), saying why.
-enum class AttnKernel { kTiled, kSm90, kSm90N64 };
+// Every test below runs once per kernel: CudaAttention/CudaAttention.Name/tiled; /sm90 and
+// /sm90_n64, the pipelined wgmma kernel with 128- and 64-key tiles; /sm90_ws and /sm90_ws_n64,
+// the warp-specialized one. The sm90 instances skip where those kernels cannot run (no sm_90a
+// code in the build, or a device other than compute capability 9.0), saying why.
+enum class AttnKernel { kTiled, kSm90, kSm90N64, kSm90Ws, kSm90WsN64 };
 std::string kernel_name(AttnKernel k) {
-    return k == AttnKernel::kSm90 ? "sm90" : k == AttnKernel::kSm90N64 ? "sm90_n64" : "tiled";
+    switch (k) {
+        case AttnKernel::kSm90: return "sm90";
+        case AttnKernel::kSm90N64: return "sm90_n64";
+        case AttnKernel::kSm90Ws: return "sm90_ws";
+        case AttnKernel::kSm90WsN64: return "sm90_ws_n64";
+        default: return "tiled";
+    }
 }
 void PrintTo(AttnKernel k, std::ostream *os) { *os << kernel_name(k); }
 
 sf_status sm90_n64(const sf_attention_args *a, cudaStream_t stream) {
     return sf_cuda_attention_sm90_tiles_bf16(a, 64, stream);
 }
+sf_status sm90_ws(const sf_attention_args *a, cudaStream_t stream) {
+    return sf_cuda_attention_sm90_ws_bf16(a, 128, stream);
+}
+sf_status sm90_ws_n64(const sf_attention_args *a, cudaStream_t stream) {
+    return sf_cuda_attention_sm90_ws_bf16(a, 64, stream);
+}
 
 class CudaAttention : public ::testing::TestWithParam<AttnKernel> {
   protected:
     void SetUp() override {
         const AttnKernel k = GetParam();
-        g_attention = k == AttnKernel::kSm90      ? sf_cuda_attention_sm90_bf16
-                      : k == AttnKernel::kSm90N64 ? sm90_n64
-                                                  : sf_cuda_attention_bf16;
+        g_attention = k == AttnKernel::kSm90        ? sf_cuda_attention_sm90_bf16
+                      : k == AttnKernel::kSm90N64   ? sm90_n64
+                      : k == AttnKernel::kSm90Ws    ? sm90_ws
+                      : k == AttnKernel::kSm90WsN64 ? sm90_ws_n64
+                                                    : sf_cuda_attention_bf16;
         int devices = 0;
         if (k != AttnKernel::kTiled && sf_cuda_device_count(&devices) == SF_OK &&
             devices > 0 && sf_cuda_attention_sm90_check() == SF_ERR_UNSUPPORTED) {
@@ -570,7 +590,8 @@ TEST_P(CudaAttention, CrossAttentionOtherLengths) {
 
 INSTANTIATE_TEST_SUITE_P(CudaAttention, CudaAttention,
                          ::testing::Values(AttnKernel::kTiled, AttnKernel::kSm90,
-                                           AttnKernel::kSm90N64),
+                                           AttnKernel::kSm90N64, AttnKernel::kSm90Ws,
+                                           AttnKernel::kSm90WsN64),
                          [](const ::testing::TestParamInfo<AttnKernel> &i) {
                              return kernel_name(i.param);
                          });

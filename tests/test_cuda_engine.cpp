@@ -362,7 +362,7 @@ TEST(CudaEngineArgs, RefusesBadArgumentsBeforeTouchingTheDevice) {
     EXPECT_EQ(e, nullptr);
     EXPECT_EQ(sf_cuda_engine_create_random(cfg, nullptr, 1, &d, nullptr), SF_ERR_INVALID_ARGUMENT);
     sf_cuda_engine_options bad = d;
-    bad.attention = static_cast<sf_attention_kernel>(3);  // not a kernel
+    bad.attention = static_cast<sf_attention_kernel>(4);  // not a kernel
     EXPECT_EQ(sf_cuda_engine_create(llm, nullptr, &bad, &e), SF_ERR_INVALID_ARGUMENT);
     EXPECT_EQ(e, nullptr);
 
@@ -1144,23 +1144,32 @@ TEST_F(CudaEngineTiny, CreateRefusesBadOptionsAndImpossibleSizes) {
     (void)cudaGetLastError();  // leave no stale error to later tests, whatever happened above
 }
 
-// 6b. The engine on the wgmma attention kernel (options.attention = SF_ATTENTION_WGMMA): the
-// Sysformer's self- and cross-attention and the LLM's causal prefill in a guarded prefill, then
-// a chunked prefill against the cache (queries at positions > 0) and a decode step, all against
-// the CPU with the bound of every engine test (the attention kernel is one more bf16 op of the
-// same class: the bound does not depend on which kernel runs it). Skips, saying why, where
-// the kernel cannot run (a build without sm_90, a device other than compute capability 9.0).
-TEST_F(CudaEngineTiny, WgmmaAttentionMatchesCpu) {
-    sf_cuda_engine_options o = options(4);
-    o.attention = SF_ATTENTION_WGMMA;
+// 6b. The engine on the wgmma attention kernels (options.attention = SF_ATTENTION_WGMMA, the
+// pipelined one, and SF_ATTENTION_WGMMA_WS, the warp-specialized one): the Sysformer's self-
+// and cross-attention and the LLM's causal prefill in a guarded prefill, then a chunked prefill
+// against the cache (queries at positions > 0) and a decode step, all against the CPU with the
+// bound of every engine test (the attention kernel is one more bf16 op of the same class: the
+// bound does not depend on which kernel runs it). Skips, saying why, where the kernel cannot
+// run (a build without sm_90, a device other than compute capability 9.0).
+void attention_kernel_matches_cpu(const sf_llm *llm, const sf_sysformer *sf, int64_t vocab,
+                                  sf_cuda_engine_options o, sf_attention_kernel kernel,
+                                  uint64_t seed, const char *label) {
+    o.attention = kernel;
     sf_cuda_engine *raw = nullptr;
-    const sf_status st = sf_cuda_engine_create(llm_, sf_, &o, &raw);
+    const sf_status st = sf_cuda_engine_create(llm, sf, &o, &raw);
     if (st == SF_ERR_UNSUPPORTED) GTEST_SKIP() << sf_last_error();
     ASSERT_EQ(st, SF_OK) << sf_last_error();
     EnginePtr e(raw);
-    const int L = sf_llm_get_config(llm_)->num_layers;
-    const int Ls = sf_sysformer_get_config(sf_)->num_layers;
-    chunked_prefill_then_decode(e.get(), llm_, sf_, vocab_, logit_bound(L, Ls), 21, "wgmma ");
+    const int L = sf_llm_get_config(llm)->num_layers;
+    const int Ls = sf_sysformer_get_config(sf)->num_layers;
+    chunked_prefill_then_decode(e.get(), llm, sf, vocab, logit_bound(L, Ls), seed, label);
+}
+TEST_F(CudaEngineTiny, WgmmaAttentionMatchesCpu) {
+    attention_kernel_matches_cpu(llm_, sf_, vocab_, options(4), SF_ATTENTION_WGMMA, 21, "wgmma ");
+}
+TEST_F(CudaEngineTiny, WgmmaWsAttentionMatchesCpu) {
+    attention_kernel_matches_cpu(llm_, sf_, vocab_, options(4), SF_ATTENTION_WGMMA_WS, 22,
+                                 "wgmma ws ");
 }
 
 // 7. The memory report. kv_cache is exactly max_slots x max_context positions x layers x (K and

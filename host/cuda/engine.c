@@ -176,7 +176,7 @@ static sf_status check_inputs(const sf_llm_config *cfg, const sf_sysformer_confi
                        o->max_slots, o->max_context, o->max_batch_tokens, o->device);
     }
     if (o->attention != SF_ATTENTION_AUTO && o->attention != SF_ATTENTION_MMA &&
-        o->attention != SF_ATTENTION_WGMMA) {
+        o->attention != SF_ATTENTION_WGMMA && o->attention != SF_ATTENTION_WGMMA_WS) {
         return sf_fail(SF_ERR_INVALID_ARGUMENT,
                        "sf_cuda_engine: options attention %d (not an sf_attention_kernel)",
                        (int)o->attention);
@@ -247,7 +247,7 @@ static sf_status engine_new(const sf_llm_config *cfg, const sf_sysformer_config 
                        o.device, count);
     }
     SF_CUDA_OR_FAIL(cudaSetDevice(o.device));
-    if (o.attention == SF_ATTENTION_WGMMA) {
+    if (o.attention == SF_ATTENTION_WGMMA || o.attention == SF_ATTENTION_WGMMA_WS) {
         st = sf_cuda_attention_sm90_check();
         if (st != SF_OK) return st;
     }

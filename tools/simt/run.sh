@@ -12,7 +12,7 @@
 #                  dx and dw products on cublaslt_emu.cpp), cut out without them
 #     optim        tests/test_cuda_optim.cpp: gradient norm, clip coefficient, AdamW
 #     attention    tests/test_cuda_attention.cpp: the tiled mma.sync kernel (every mode and head
-#                  dim), the split-KV decode and the Hopper wgmma kernel (attention_sm90.cu), on
+#                  dim), the split-KV decode and the Hopper wgmma kernels (attention_sm90.cu), on
 #                  ptx_sm80.cuh's and ptx_sm90.cuh's emulated cp.async, ldmatrix, mma and wgmma
 #     attention_backward
 #                  tests/test_cuda_attention_backward.cpp: the backward and the forward's
@@ -92,7 +92,13 @@ case "$suite" in
         # here (CI's budget) the four tests with several tiles a request, not all eight
         n64='*CausalSlidingWindow/sm90_n64:*ChunkedPrefillAgainstCache/sm90_n64'
         n64+=':*SlottedCacheWithGaps/sm90_n64:*DecodeAgainstLongCache/sm90_n64'
-        add_pass "" "CudaAttentionArgs.*:*/tiled:*/sm90:$n64" ;;
+        # the warp-specialized kernel shares its products, softmax and epilogue with the
+        # pipelined one: the tests whose requests run through several rounds of its stages
+        # (mbarrier phases of both parities) and where one consumer has no rows (ws_n64 and
+        # the rest: by name)
+        ws='*CausalSlidingWindow/sm90_ws:*ChunkedPrefillAgainstCache/sm90_ws'
+        ws+=':*SlottedCacheWithGaps/sm90_ws:*CrossAttentionOtherLengths/sm90_ws'
+        add_pass "" "CudaAttentionArgs.*:*/tiled:*/sm90:$n64:$ws" ;;
     attention_backward)
         kernels=(attention attention_decode attention_sm90 attention_backward)
         sm90a=0  # sf_cuda_attention_bf16 links to it; nothing here runs it

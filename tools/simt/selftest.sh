@@ -61,7 +61,20 @@ if [ "${1:-}" = --all ]; then
         'Cuda/CudaTrainVariant.LossesAndGradientsMatchTheCpu/llama_gqa_llama3_prenorm_relu'
     # the wgmma kernel refills the V buffer its pending P V product still reads: seen only by
     # the check at the wait that retires each wgmma (ptx_sm90.cuh)
-    plant attention attention_sm90.cu '        load_kv_tile(v_addr, v_base, t);' \
-        '        load_kv_tile(v_addr, v_base, t + 1);' '*CudaAttention.CausalSlidingWindow/sm90'
+    plant attention attention_sm90.cu 'kThreads>(p, w, tiles.v(t), w.v_base, t, tid);' \
+        'kThreads>(p, w, tiles.v(t + 1), w.v_base, t + 1, tid);' \
+        '*CudaAttention.CausalSlidingWindow/sm90'
+    # the warp-specialized kernel: a consumer frees V's stage before its P V product has read
+    # it (the producer refills it under the product); reads V before it has landed; hands the
+    # turn over once too often (an arrival left on a named barrier)
+    plant attention attention_sm90.cu \
+        $'            wgmma_wait<0>();\n            mbar_arrive(v_empty(sv));' \
+        $'            mbar_arrive(v_empty(sv));\n            wgmma_wait<0>();' \
+        '*CudaAttention.ChunkedPrefillAgainstCache/sm90_ws'
+    plant attention attention_sm90.cu \
+        '        if (pv) mbar_wait(v_full(sv), ((t - 1) / kStages) & 1);' '' \
+        '*CudaAttention.ChunkedPrefillAgainstCache/sm90_ws'
+    plant attention attention_sm90.cu '!(c == 1 && t == n_tiles)' 'true' \
+        '*CudaAttention.CrossAttentionOtherLengths/sm90_ws'
 fi
 exit $rc
