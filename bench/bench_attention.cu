@@ -1,8 +1,9 @@
 // Fused attention throughput: sf_cuda_attention_bf16 at the shapes DESIGN.md §9 names, beside
 // cuDNN's fused attention on the same buffers; rows marked "(wgmma n128)" and "(wgmma n64)" run
-// the Hopper kernel (attention_sm90.cu) instead, with tiles of 128 keys (its default) or 64
-// ("n/a" with the reason where it cannot run), whose "vs cuDNN rel err" column is also its
-// first check on a GPU beside the tests.
+// the pipelined Hopper kernel (attention_sm90.cu) instead, with tiles of 128 keys (its default)
+// or 64, and rows marked "(wgmma ws ...)" its warp-specialized kernel ("n/a" with the reason
+// where they cannot run), whose "vs cuDNN rel err" column is also their first check on a GPU
+// beside the tests.
 //
 // usage: bench_attention [--repeats R] [--warmup W]
 //   Sysformer self-attention   32 requests x n_s = 256 queries, bidirectional, 32/32 heads, d 128
@@ -58,9 +59,10 @@ struct Shape {
     // > 0: passed as max_kv_len with the workspace it asks for (decode: the split-KV kernel,
     // attention_decode.cu); 0: the tiled kernel
     int max_kv_len = 0;
-    // > 0: sf_cuda_attention_sm90_tiles_bf16 with this many keys per tile instead of
-    // sf_cuda_attention_bf16
+    // > 0: sf_cuda_attention_sm90_tiles_bf16 (sm90_ws: sf_cuda_attention_sm90_ws_bf16) with
+    // this many keys per tile instead of sf_cuda_attention_bf16
     int sm90_block_n = 0;
+    bool sm90_ws = false;
 };
 
 double visible_pairs(const Shape &s) {
@@ -220,7 +222,7 @@ bool sm90_runs() {
 
 void run_shape(const Shape &s, int warmup, int repeats) {
     if (s.sm90_block_n > 0 && !sm90_runs()) {
-        printf("%-26s n/a: %s\n", s.name, sf_last_error());
+        printf("%-28s n/a: %s\n", s.name, sf_last_error());
         return;
     }
     const int64_t q_rows = (int64_t)s.n_requests * s.n_q, kv_rows = (int64_t)s.n_requests * s.n_kv;
@@ -275,8 +277,9 @@ void run_shape(const Shape &s, int warmup, int repeats) {
     if (a.workspace_bytes > 0) BENCH_CUDA(cudaMalloc(&a.workspace, a.workspace_bytes));
 
     auto attention = [&s](const sf_attention_args *args, cudaStream_t stream) {
-        return s.sm90_block_n > 0 ? sf_cuda_attention_sm90_tiles_bf16(args, s.sm90_block_n, stream)
-                                  : sf_cuda_attention_bf16(args, stream);
+        if (s.sm90_block_n == 0) return sf_cuda_attention_bf16(args, stream);
+        return s.sm90_ws ? sf_cuda_attention_sm90_ws_bf16(args, s.sm90_block_n, stream)
+                         : sf_cuda_attention_sm90_tiles_bf16(args, s.sm90_block_n, stream);
     };
     const double med = bench_median_ms(warmup, repeats, 0, [&](int) {
         if (attention(&a, 0) != SF_OK) {
@@ -304,7 +307,7 @@ void run_shape(const Shape &s, int warmup, int repeats) {
                               cudaMemcpyDeviceToHost));
         snprintf(err_col, sizeof err_col, "%.1e", rel_l2_error(ours, theirs));
     }
-    printf("%-26s %4d x %4d q x %5d kv  %2d/%-2d  %3d  %s  %9.4f  %8.1f  %8.0f  %7s  %14s  %12s  "
+    printf("%-28s %4d x %4d q x %5d kv  %2d/%-2d  %3d  %s  %9.4f  %8.1f  %8.0f  %7s  %14s  %12s  "
            "%s\n",
            s.name, s.n_requests, s.n_q, s.n_kv, s.n_heads, s.n_kv_heads, s.head_dim,
            s.causal ? "causal" : "bidir ", med, flops / (med * 1e9), gbs, copy_col, peer_col,
@@ -369,7 +372,7 @@ int main(int argc, char **argv) {
 #else
     printf("cuDNN peer: not built (CMake found no cuDNN); see bench/peer_attention.py\n");
 #endif
-    printf("%-26s %-27s %-5s  %-3s  %-6s  %9s  %8s  %8s  %7s  %14s  %12s  %s\n", "case", "shape",
+    printf("%-28s %-27s %-5s  %-3s  %-6s  %9s  %8s  %8s  %7s  %14s  %12s  %s\n", "case", "shape",
            "heads", "d", "mask", "ms", "TFLOP/s", "GB/s", "of copy", "cuDNN TFLOP/s",
            "ours / cuDNN", "vs cuDNN rel err");
 
@@ -393,6 +396,16 @@ int main(int argc, char **argv) {
         {"sysformer CA (wgmma n64)", 32, 256, 2048, 32, 32, 128, false, 0, 0, 64},
         {"prefill (wgmma n64)", 1, 2048, 2048, 32, 8, 128, true, 0, 0, 64},
         {"prefill (wgmma n64)", 8, 2048, 2048, 32, 8, 128, true, 0, 0, 64},
+        {"sysformer SA (wgmma ws n128)", 32, 256, 256, 32, 32, 128, false, 0, 0, 128, true},
+        {"sysformer CA (wgmma ws n128)", 32, 256, 512, 32, 32, 128, false, 0, 0, 128, true},
+        {"sysformer CA (wgmma ws n128)", 32, 256, 2048, 32, 32, 128, false, 0, 0, 128, true},
+        {"prefill (wgmma ws n128)", 1, 2048, 2048, 32, 8, 128, true, 0, 0, 128, true},
+        {"prefill (wgmma ws n128)", 8, 2048, 2048, 32, 8, 128, true, 0, 0, 128, true},
+        {"sysformer SA (wgmma ws n64)", 32, 256, 256, 32, 32, 128, false, 0, 0, 64, true},
+        {"sysformer CA (wgmma ws n64)", 32, 256, 512, 32, 32, 128, false, 0, 0, 64, true},
+        {"sysformer CA (wgmma ws n64)", 32, 256, 2048, 32, 32, 128, false, 0, 0, 64, true},
+        {"prefill (wgmma ws n64)", 1, 2048, 2048, 32, 8, 128, true, 0, 0, 64, true},
+        {"prefill (wgmma ws n64)", 8, 2048, 2048, 32, 8, 128, true, 0, 0, 64, true},
     };
     for (const Shape &s : shapes) run_shape(s, warmup, repeats);
     release_peer_plans();

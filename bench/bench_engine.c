@@ -6,7 +6,7 @@
  * usage: bench_engine [--configs llama3.1-8b,mistral-7b,phi3.5-mini,smollm2-135m]
  *                     [--requests 32] [--prompt 512] [--system 64] [--user 384] [--decode 32]
  *                     [--repeats 5] [--seed 1] [--peak 989] [--no-graphs]
- *                     [--attention auto|mma|wgmma]
+ *                     [--attention auto|mma|wgmma|wgmma_ws]
  *
  * Each request's prompt is prefix 5 | system S | middle 5 | user U | suffix (the rest) tokens,
  * random ids in [0, vocab) from a fixed-seed generator; all requests are packed into one step.
@@ -587,7 +587,7 @@ static int usage(void) {
             "usage: bench_engine [--configs llama3.1-8b,mistral-7b,phi3.5-mini,smollm2-135m] "
             "[--requests 32] [--prompt 512] [--system 64] [--user 384] [--decode 32] "
             "[--repeats 5] [--seed 1] [--peak 989] [--no-graphs] "
-            "[--attention auto|mma|wgmma]\n");
+            "[--attention auto|mma|wgmma|wgmma_ws]\n");
     return 2;
 }
 
@@ -620,8 +620,10 @@ int main(int argc, char **argv) {
             if (!strcmp(v, "auto")) o.attention = SF_ATTENTION_AUTO;
             else if (!strcmp(v, "mma")) o.attention = SF_ATTENTION_MMA;
             else if (!strcmp(v, "wgmma")) o.attention = SF_ATTENTION_WGMMA;
+            else if (!strcmp(v, "wgmma_ws")) o.attention = SF_ATTENTION_WGMMA_WS;
             else {
-                fprintf(stderr, "bench_engine: --attention is auto, mma or wgmma, not '%s'\n", v);
+                fprintf(stderr,
+                        "bench_engine: --attention is auto, mma, wgmma or wgmma_ws, not '%s'\n", v);
                 return usage();
             }
         } else {
@@ -652,7 +654,8 @@ int main(int argc, char **argv) {
            prop.name, prop.multiProcessorCount, gib(prop.totalGlobalMem), o.requests, o.prompt,
            o.requests * o.prompt, o.system, o.user, o.prompt - 10 - o.system - o.user,
            o.decode, o.repeats, o.graphs ? "on" : "off",
-           o.attention == SF_ATTENTION_WGMMA ? "wgmma"
+           o.attention == SF_ATTENTION_WGMMA_WS ? "wgmma_ws"
+           : o.attention == SF_ATTENTION_WGMMA ? "wgmma"
            : o.attention == SF_ATTENTION_MMA ? "mma" : "auto");
     printf("assumptions: random bf16 weights drawn on the device; greedy sampling; MFU against "
            "%.0f TFLOP/s dense bf16 (H200 spec; a measured 8192^3 bf16 GEMM reaches ~790);\n"

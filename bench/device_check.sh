@@ -24,8 +24,8 @@ declare -a table
 snapshot() {
     printf '%s\n' "${table[@]}" >"$OUT/summary.txt"
     tar czf "$DEST/logs.tar.gz" -C "$OUT" . 2>/dev/null
-    for f in summary.txt gpu_tests.log gpu_tests_wgmma.log bench_engine.log bench_train.log \
-        peer_e2e.log bench_attention.log; do
+    for f in summary.txt gpu_tests.log gpu_tests_wgmma.log gpu_tests_wgmma_ws.log \
+        bench_engine.log peer_e2e.log bench_attention.log; do
         [[ -f "$OUT/$f" ]] && cp "$OUT/$f" "$DEST/"
     done
 }
@@ -65,14 +65,19 @@ gpu_tests() {  # $1: gtest filter, $2: log name, $3: timeout
     grep -E '^\[  FAILED  \] [A-Z]' "$OUT/$2.log" | sort -u | head -n 20
 }
 
-# The wgmma kernel has never run on a GPU: a fault there would poison the CUDA context of every
-# later test in the same process, so its tests run in a process of their own, after the others.
-wgmma_tests='*/sm90:*/sm90_n64:*Wgmma*'
+# The wgmma kernels have never run on a GPU: a fault there would poison the CUDA context of
+# every later test in the same process (and a warp-specialized kernel whose barriers never
+# complete hangs until the timeout), so each kernel's tests run in a process of their own,
+# after the others.
+wgmma_tests='*/sm90:*/sm90_n64:*WgmmaAttention*'
+ws_tests='*/sm90_ws:*/sm90_ws_n64:*WgmmaWs*'
 if [[ $mode == quick ]]; then
-    gpu_tests "Cuda*:-$wgmma_tests" gpu_tests 200
+    gpu_tests "Cuda*:-$wgmma_tests:$ws_tests" gpu_tests 200
     grep -B 3 -A 12 -E 'Failure|error:' "$OUT/gpu_tests.log" | head -n 150
     gpu_tests "$wgmma_tests" gpu_tests_wgmma 60
     grep -B 3 -A 12 -E 'Failure|error:' "$OUT/gpu_tests_wgmma.log" | head -n 100
+    gpu_tests "$ws_tests" gpu_tests_wgmma_ws 60
+    grep -B 3 -A 12 -E 'Failure|error:' "$OUT/gpu_tests_wgmma_ws.log" | head -n 60
     timeout 90 "$build/bench_engine" --configs smollm2-135m --requests 8 --prompt 256 \
         --system 32 --user 160 --decode 8 --repeats 3 >"$OUT/bench_engine.log" 2>&1
     row "bench_engine (smollm2, small)" "rc=$?"
@@ -84,8 +89,9 @@ fi
 # The CPU tests run in CI on every change; here only the CLI smoke test, for its GPU part.
 ctest --test-dir "$build" -R cli_smoke --output-on-failure >"$OUT/ctest.log" 2>&1
 row "ctest cli_smoke (GPU part)" "$(grep -E 'tests passed|tests failed' "$OUT/ctest.log" | tail -n 1)"
-gpu_tests "Cuda*:-$wgmma_tests" gpu_tests 200
+gpu_tests "Cuda*:-$wgmma_tests:$ws_tests" gpu_tests 200
 gpu_tests "$wgmma_tests" gpu_tests_wgmma 60
+gpu_tests "$ws_tests" gpu_tests_wgmma_ws 60
 
 PATH=$PATH:/usr/local/cuda/bin
 if command -v compute-sanitizer >/dev/null; then
@@ -114,11 +120,13 @@ if command -v python3 >/dev/null; then
 fi
 timeout 150 "$build/bench_engine" >"$OUT/bench_engine.log" 2>&1
 row "bench_engine" "rc=$? $(grep -c '^SUMMARY .*prefill_tok_s' "$OUT/bench_engine.log")/4 configs"
-# The same 8B prefill with every attention on the wgmma kernel (sf_cuda_engine_options.attention):
-# what choosing it by default would change end to end.
-timeout 60 "$build/bench_engine" --configs llama3.1-8b --attention wgmma \
-    >"$OUT/bench_engine_wgmma.log" 2>&1
-row "bench_engine (llama3.1-8b, wgmma)" "rc=$?"
+# The same 8B prefill with every attention on each wgmma kernel (sf_cuda_engine_options.attention):
+# what choosing one by default would change end to end.
+for k in wgmma wgmma_ws; do
+    timeout 60 "$build/bench_engine" --configs llama3.1-8b --attention $k \
+        >"$OUT/bench_engine_$k.log" 2>&1
+    row "bench_engine (llama3.1-8b, $k)" "rc=$?"
+done
 # One Sysformer training step at SmolLM2-135M shapes (1008 tokens), GPU rows only (the CPU rows
 # are measured on the developer machine; here they would cost a minute of device time).
 timeout 90 "$build/bench_train" --devices cuda >"$OUT/bench_train.log" 2>&1
@@ -127,8 +135,8 @@ PYTHONUNBUFFERED=1 timeout 240 python3 bench/peer_e2e.py >"$OUT/peer_e2e.log" 2>
 row "peer_e2e (transformers)" "rc=$?"
 
 finish
-grep -H '^SUMMARY' "$OUT/bench_engine.log" "$OUT/bench_engine_wgmma.log" "$OUT/bench_train.log" \
-    "$OUT/peer_e2e.log" | sed "s|^$OUT/||"
+grep -H '^SUMMARY' "$OUT/bench_engine.log" "$OUT/bench_engine_wgmma.log" \
+    "$OUT/bench_engine_wgmma_ws.log" "$OUT/bench_train.log" "$OUT/peer_e2e.log" | sed "s|^$OUT/||"
 for b in bench_norms bench_elementwise bench_attention peer_attention bench_engine bench_train \
     peer_e2e; do
     [[ -f "$OUT/$b.log" ]] && { echo; echo "== $b"; cat "$OUT/$b.log"; }
