@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# ptxas's report on the Hopper attention kernels (kernels/attention_sm90.cu, built for sm_90a):
+# no register spills, and none of ptxas's "Potential Performance Loss" notes (C75xx: a wgmma
+# serialized, for one, where it sits on a path ptxas sees as divergent). Both leave the results
+# right and show only as a slower kernel on a GPU, so no other test here would notice them.
+#   tests/check_ptxas.sh NVCC SOURCE_DIR
+set -euo pipefail
+nvcc=$1
+src=$2
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+if ! "$nvcc" -std=c++17 -O3 -arch=sm_90a -cubin -DSF_HAVE_CUDA=1 -DSF_SM90A=1 -D_GNU_SOURCE \
+        -I"$src/include" -I"$src/host" -I"$src/kernels" -Xptxas -v \
+        -o "$out/attention_sm90.cubin" "$src/kernels/attention_sm90.cu" >"$out/log" 2>&1; then
+    cat "$out/log"
+    exit 1
+fi
+n=$(grep -c 'Compiling entry function' "$out/log" || true)
+notes=$(grep -c 'Potential Performance Loss' "$out/log" || true)
+spills=$(grep -cE '[1-9][0-9]* bytes spill (stores|loads)' "$out/log" || true)
+echo "attention_sm90.cu: $n kernels, $notes performance notes, $spills with spills"
+grep -E 'Potential Performance Loss|[1-9][0-9]* bytes spill' "$out/log" || true
+[ "$n" -ge 16 ] && [ "$notes" -eq 0 ] && [ "$spills" -eq 0 ]
