@@ -638,8 +638,6 @@ __global__ void __launch_bounds__(kWsThreads, 1) attention_sm90_ws_kernel(const 
         st.pin();
         wgmma_fence();
         st.issue_pv(tiles.v(n_tiles - 1));
-    }
-    if (n_tiles > 0) {
         wgmma_wait<0>();
         st.pin();
     }
