@@ -37,7 +37,7 @@
 #        planted bug); KEEP=1 keep the build directory; JOBS=n parallel compiles
 #        (default: the number of CPUs); CUDA_HOME (engine, train, backward: the real
 #        cuda_runtime.h and cublasLt.h the C code is built against; default /usr/local/cuda);
-#        EMU_DEVICE_GIB device memory (default 16).
+#        EMU_DEVICE_GIB device memory (default 16); EMU_DEBUG=1 full debug info (-g, not -g1).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
@@ -65,7 +65,12 @@ case "$suite" in
     elementwise)
         kernels=(sampling embedding convert rope activations guard)
         tests=(test_cuda_elementwise.cpp)
-        twins=(host/cpu/embedding.c host/cpu/rope.c host/cpu/activations.c) ;;
+        twins=(host/cpu/embedding.c host/cpu/rope.c host/cpu/activations.c)
+        # CI's budget: not the sampler on Llama 3's and a 2^18 vocabulary (two minutes of one
+        # core here; the shorter vocabularies split over chunks too, and a GPU runs all), nor
+        # the margin check, a CPU test that sf_tests runs natively
+        skip='CudaSampling.TopKTopPMatchesCpuOnLongVocabularies:CudaSampling.SamplingInputsHaveMargin'
+        add_pass "" "-$skip" ;;
     backward)
         kernels=(loss rmsnorm layernorm rope activations)
         tests=(test_cuda_backward.cpp)
@@ -195,7 +200,11 @@ case "${SAN:-}" in
 esac
 KFLAGS=()
 [ "${EMU_FMA:-0}" = 1 ] && KFLAGS=(-O2 -mfma -ffp-contract=fast)
-CXX=(nice -n 19 g++ -std=c++20 -O1 -g -fno-strict-aliasing -pthread -Wall -Wno-unknown-pragmas
+# Line tables only (-g1: backtraces and gdb's `bt` name lines; a quarter less compile time than
+# -g, which EMU_DEBUG=1 restores for a debugger's view of variables)
+G=-g1
+[ "${EMU_DEBUG:-0}" = 1 ] && G=-g
+CXX=(nice -n 19 g++ -std=c++20 -O1 "$G" -fno-strict-aliasing -pthread -Wall -Wno-unknown-pragmas
      -Wno-unused-function -Wno-unused-variable "${SANF[@]}" -include "$HERE/shim.h" -I"$B/t"
      -I"$HERE/stubs" -I"$REPO/include" -I"$REPO/host")
 # At most JOBS compiles at a time; a failing one leaves $B/failed.
@@ -226,18 +235,18 @@ TWINS=$B
 for c in "${twins[@]}"; do
     [[ $c = /* ]] || c=$REPO/$c
     n=$(basename "$(dirname "$c")")_$(basename "$c" .c)
-    spawn "$B/twin_$n.log" nice -n 19 gcc -std=c11 -O2 -g "${SANF[@]}" -D_GNU_SOURCE \
+    spawn "$B/twin_$n.log" nice -n 19 gcc -std=c11 -O2 "$G" "${SANF[@]}" -D_GNU_SOURCE \
         -I"$REPO/include" -I"$REPO/host" -c "$c" -o "$TWINS/twin_$n.o"
 done
 if [ ${#cuda_c[@]} -gt 0 ]; then
     # host/cuda's C, unchanged, against the real CUDA headers: it links to runtime.cpp's
     # extern "C" runtime and cublaslt_emu.cpp's cuBLASLt, never to libcudart or libcublasLt
     for c in "${cuda_c[@]}"; do
-        spawn "$B/engine_$c.log" nice -n 19 gcc -std=c11 -O1 -g "${SANF[@]}" -D_GNU_SOURCE -Wall \
+        spawn "$B/engine_$c.log" nice -n 19 gcc -std=c11 -O1 "$G" "${SANF[@]}" -D_GNU_SOURCE -Wall \
             -Wextra -I"$REPO/include" -I"$REPO/host" -I"$B/t" -I"$CUDA_INC" \
             -c "$ESRC/$c.c" -o "$B/engine_$c.o"
     done
-    spawn "$B/cublaslt.log" nice -n 19 g++ -std=c++20 -O2 -g "${SANF[@]}" -Wall -I"$CUDA_INC" \
+    spawn "$B/cublaslt.log" nice -n 19 g++ -std=c++20 -O2 "$G" "${SANF[@]}" -Wall -I"$CUDA_INC" \
         -I"$HERE" -c "$HERE/cublaslt_emu.cpp" -o "$B/cublaslt.o"
 fi
 wait
