@@ -60,6 +60,20 @@ grep -q "cpu or cuda" "$tmp/out" || { echo "FAIL: --device usage message"; fails
 expect 2 "generate --device bogus" -- "$cli" generate --model "$m" --prompt hi --device tpu
 grep -q "cpu or cuda" "$tmp/out" || { echo "FAIL: --device usage message"; fails=$((fails + 1)); }
 expect 2 "chat --device bogus" -- "$cli" chat --model "$m" --device gpu
+# --attention picks the CUDA engine's attention kernel: an unknown one is a usage error in every
+# command that takes it, and the CPU path ignores it
+for c in "forward --tokens 1" "generate --prompt hi" "chat" "eval"; do
+    expect 2 "${c%% *} --attention bogus" -- "$cli" $c --model "$m" --attention bogus
+    grep -q "auto, mma, wgmma or wgmma_ws" "$tmp/out" ||
+        { echo "FAIL: ${c%% *} --attention message"; fails=$((fails + 1)); }
+done
+"$cli" forward --model "$m" --tokens 1,2,3 --tokens 4 --top 3 --device cpu --attention wgmma_ws \
+    2>/dev/null | grep -v "prefill of" >"$tmp/fw_att"
+if [[ -s $tmp/fw_att ]] && cmp -s "$tmp/fw_cpu" "$tmp/fw_att"; then
+    echo "ok: forward --device cpu --attention wgmma_ws prints what forward prints"
+else
+    echo "FAIL: forward --device cpu --attention changed the CPU path"; fails=$((fails + 1))
+fi
 gpu=0
 "$cli" version | grep -q "CUDA built, [1-9]" && gpu=1
 if [[ $gpu -eq 0 ]]; then
@@ -127,6 +141,8 @@ if [[ -f $g ]]; then
         expect 0 "forward --device cuda" -- "$cli" forward --model "$g" --tokens 1,2,3 --tokens 4 \
             --device cuda
         grep -q "request 1 (1 tokens)" "$tmp/out" || { echo "FAIL: forward cuda output"; fails=$((fails + 1)); }
+        expect 0 "forward --device cuda --attention mma" -- "$cli" forward --model "$g" \
+            --tokens 1,2,3 --tokens 4 --device cuda --attention mma
     fi
 else
     echo "skipped: generate/chat on SmolLM2 (run weights/fetch_smollm2.sh)"

@@ -21,6 +21,10 @@ int cli_report(const char *what, sf_status status);
  * wants a non-negative integer ..." and returns 2 (the usage-error exit code). */
 int cli_parse_count(const char *cmd, const char *flag, const char *value, int32_t *out);
 
+/* Parses --attention's value (auto, mma, wgmma, wgmma_ws: the CUDA engine's fused-attention
+ * kernel) into *out. Returns 0, or prints the choices and returns 2. */
+int cli_parse_attention(const char *cmd, const char *value, sf_attention_kernel *out);
+
 /* dir + "/" + name, malloc'd (NULL when out of memory). */
 char *cli_path_join(const char *dir, const char *name);
 

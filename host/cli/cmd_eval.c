@@ -69,6 +69,7 @@ typedef struct options {
     int32_t max_harmful, max_safe, max_jb_prompts, max_new_tokens, batch;
     uint64_t seed;
     device dev;
+    sf_attention_kernel attention;
 } options;
 
 static void usage(FILE *out) {
@@ -110,6 +111,10 @@ static void usage(FILE *out) {
             "  --batch N                 prompts generated together, 1 to %d (default 8)\n"
             "  --device cpu|cuda         default: cuda when this build has CUDA support and a GPU\n"
             "                            is present, else cpu\n"
+            "  --attention K             the CUDA engine's fused attention: auto (default: the\n"
+            "                            library's choice), mma (mma.sync, any GPU), wgmma or\n"
+            "                            wgmma_ws (Hopper, the pipelined or the warp-specialized\n"
+            "                            kernel); the CPU path ignores it\n"
             "  --out DIR                 where the outputs go (created if missing)\n"
             "\n"
             "Exit status: 0 done, 2 a usage error, 1 a failure (unreadable or malformed file,\n"
@@ -207,6 +212,8 @@ static int parse_options(int argc, char **argv, options *o) {
                 fprintf(stderr, "sysformer eval: --device is cpu or cuda, not '%s'\n", v);
                 rc = 2;
             }
+        } else if (!strcmp(a, "--attention")) {
+            rc = cli_parse_attention("eval", v, &o->attention);
         } else {
             fprintf(stderr, "sysformer eval: unknown option '%s' (see --help)\n", a);
             return 2;
@@ -521,6 +528,7 @@ static sf_status make_engine(const run *r, const sf_sysformer *sf, const encoded
                                           (long long)need);
     sf_cuda_engine_options opts = sf_cuda_engine_default_options();
     opts.max_slots = bs;
+    opts.attention = r->o.attention;
     opts.max_batch_tokens = need > ctx ? (int32_t)need : 0;
     sf_status st = sf_cuda_engine_create(r->llm, sf, &opts, out);
     if (st == SF_OK && sf) st = sf_cuda_engine_set_timing(*out, true);

@@ -12,7 +12,7 @@ static void forward_usage(FILE *out) {
     fprintf(out,
             "usage: sysformer forward --model DIR --tokens IDS [--spans P,S,M,U,X]\n"
             "                         [--tokens IDS [--spans ...] ...] [--sysformer DIR] [--top K]\n"
-            "                         [--device cpu|cuda]\n"
+            "                         [--device cpu|cuda] [--attention K]\n"
             "\n"
             "Runs each --tokens list (comma-separated token ids, one request each) through the\n"
             "model as one packed batch, on the CPU reference path unless --device cuda says\n"
@@ -25,7 +25,10 @@ static void forward_usage(FILE *out) {
             "                   (they must add up to its token count); needed with --sysformer\n"
             "  --sysformer DIR  guard the prompts: rewrite each system span with this Sysformer\n"
             "  --top K          how many next tokens to print (default 5)\n"
-            "  --device D       cpu (default: the fp32 reference) or cuda (the bf16 engine)\n");
+            "  --device D       cpu (default: the fp32 reference) or cuda (the bf16 engine)\n"
+            "  --attention K    the CUDA engine's fused attention: auto (default: the library's\n"
+            "                   choice), mma (mma.sync, any GPU), wgmma or wgmma_ws (Hopper, the\n"
+            "                   pipelined or the warp-specialized kernel); the CPU path ignores it\n");
 }
 
 /* Whether --device cuda can run here; prints why not. */
@@ -53,12 +56,13 @@ static bool cuda_usable(void) {
  * The engine is sized for exactly this batch. */
 static sf_status forward_cuda(const sf_llm *llm, const sf_sysformer *sf, int32_t n_req,
                               const int32_t *cu, const int32_t *ids, const sf_prompt_spans *spans,
-                              float *logits, double *seconds) {
+                              sf_attention_kernel attention, float *logits, double *seconds) {
     const int32_t max_pos = sf_llm_get_config(llm)->max_position_embeddings;
     const int32_t ctx = max_pos < 4096 ? max_pos : 4096; /* the engine's default max_context */
     sf_cuda_engine_options opts = sf_cuda_engine_default_options();
     opts.max_slots = n_req;
     opts.max_context = 0;
+    opts.attention = attention;
     /* A guarded step lays the Sysformer's rows out padded: n_req x the longest span. */
     int32_t need = cu[n_req];
     for (int32_t r = 0; sf && r < n_req; r++) {
@@ -119,6 +123,7 @@ int cmd_forward(int argc, char **argv) {
     const char *span_lists[MAX_REQUESTS] = {NULL};
     int n_req = 0, top = 5;
     bool cuda = false;
+    sf_attention_kernel attention = SF_ATTENTION_AUTO;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
@@ -151,6 +156,8 @@ int cmd_forward(int argc, char **argv) {
                 return 2;
             }
             cuda = !strcmp(v, "cuda");
+        } else if (!strcmp(a, "--attention")) {
+            if (cli_parse_attention("forward", argv[++i], &attention)) return 2;
         } else if (!strcmp(a, "--top")) {
             top = atoi(argv[++i]);
             if (top < 1) {
@@ -256,7 +263,7 @@ int cmd_forward(int argc, char **argv) {
     if (!logits) {
         st = SF_ERR_OUT_OF_MEMORY;
     } else if (cuda) {
-        st = forward_cuda(llm, sf, n_req, cu, ids, spans, logits, &dt);
+        st = forward_cuda(llm, sf, n_req, cu, ids, spans, attention, logits, &dt);
     } else if (sf) {
         sf_guarded_batch gb = {n_req, cu, ids, spans, NULL, n_req, last_rows};
         st = sf_guarded_forward_cpu(llm, sf, &gb, logits);

@@ -26,6 +26,7 @@ typedef struct session {
     const char *stops[16];
     int32_t n_stops;
     device dev;               /* DEVICE_CPU or DEVICE_CUDA once the session is open */
+    sf_attention_kernel attention; /* the engine's fused attention (--attention) */
     sf_cuda_engine *engine;   /* with DEVICE_CUDA, created by session_engine */
     int32_t engine_slots;     /* the requests it holds at once */
     int32_t engine_tokens;    /* the packed prompt tokens one prefill step may carry */
@@ -39,6 +40,7 @@ typedef struct options {
     const char *stops[16];
     int32_t n_stops;
     device dev;
+    sf_attention_kernel attention;
 } options;
 
 static void usage(FILE *out, const char *cmd) {
@@ -67,7 +69,11 @@ static void usage(FILE *out, const char *cmd) {
             "  --seed S              sampling seed (default 0)\n"
             "  --stop TEXT           stop when the reply ends with TEXT (repeatable)\n"
             "  --device cpu|cuda     where to run (default: cuda when this build has CUDA\n"
-            "                        support and a GPU is present, else cpu)\n",
+            "                        support and a GPU is present, else cpu)\n"
+            "  --attention K         the CUDA engine's fused attention: auto (default: the\n"
+            "                        library's choice), mma (mma.sync, any GPU), wgmma or\n"
+            "                        wgmma_ws (Hopper, the pipelined or the warp-specialized\n"
+            "                        kernel); the CPU path ignores it\n",
             k_default_system);
     if (!chat) {
         fprintf(out,
@@ -116,6 +122,8 @@ static int parse_options(int argc, char **argv, const char *cmd, options *o) {
                         cmd, v);
                 return 2;
             }
+        } else if (!strcmp(a, "--attention")) {
+            if (cli_parse_attention(cmd, v, &o->attention)) return 2;
         } else if (!strcmp(a, "--stop")) {
             if (o->n_stops == 16) {
                 fprintf(stderr, "sysformer %s: at most 16 --stop strings\n", cmd);
@@ -178,6 +186,7 @@ static int resolve_device(const char *cmd, device asked, device *out) {
 
 static int session_open(const options *o, const char *cmd, session *s) {
     memset(s, 0, sizeof *s);
+    s->attention = o->attention;
     int rc = resolve_device(cmd, o->dev, &s->dev);
     if (rc) return rc;
     fprintf(stderr, "loading %s ...\n", o->model);
@@ -240,6 +249,7 @@ static sf_status session_engine(session *s, int32_t slots, int32_t tokens) {
     opts.max_slots = slots < 1 ? 1 : slots;
     opts.max_context = 0;
     opts.max_batch_tokens = tokens > ctx ? tokens : 0;
+    opts.attention = s->attention;
     sf_cuda_engine_free(s->engine);
     s->engine = NULL;
     sf_status st = sf_cuda_engine_create(s->llm, s->sf, &opts, &s->engine);

@@ -53,6 +53,25 @@ int cli_parse_count(const char *cmd, const char *flag, const char *value, int32_
     return 0;
 }
 
+int cli_parse_attention(const char *cmd, const char *value, sf_attention_kernel *out) {
+    static const struct {
+        const char *name;
+        sf_attention_kernel kernel;
+    } kernels[] = {{"auto", SF_ATTENTION_AUTO},
+                   {"mma", SF_ATTENTION_MMA},
+                   {"wgmma", SF_ATTENTION_WGMMA},
+                   {"wgmma_ws", SF_ATTENTION_WGMMA_WS}};
+    for (size_t i = 0; i < sizeof kernels / sizeof kernels[0]; i++) {
+        if (!strcmp(value, kernels[i].name)) {
+            *out = kernels[i].kernel;
+            return 0;
+        }
+    }
+    fprintf(stderr, "sysformer %s: --attention is auto, mma, wgmma or wgmma_ws, not '%s'\n", cmd,
+            value);
+    return 2;
+}
+
 char *cli_path_join(const char *dir, const char *name) {
     const size_t n = strlen(dir) + strlen(name) + 2;
     char *p = malloc(n);
