@@ -621,6 +621,13 @@ __global__ void __launch_bounds__(kWsThreads, 1) attention_sm90_ws_kernel(const 
         reg_fence(st.s);
         mbar_arrive(k_empty(sk));  // K(t) is read
         st.softmax(p, w, t, alpha);
+        // (In the SASS of ptxas 13.0 this wait comes before the row maxima's shuffles: ptxas
+        // interleaves the bf16 packing of P(t) into pf, which P(t-1) V(t-1) still reads, with
+        // the exponentials, and waits for that product first. So the softmax overlaps the
+        // other consumer's products (ping-pong) but not this one's P V. Packing into other
+        // registers and moving them to pf after the wait makes ptxas serialize every wgmma
+        // instead (C7513); alternating two sets of pf by unrolling rounds in pairs is the
+        // next thing to try, measured.)
         wgmma_wait<0>();
         st.pin();
         mbar_arrive(v_empty(sv));  // V(t-1) is read
