@@ -81,8 +81,8 @@ typedef struct sf_attention_args {
     size_t workspace_bytes;
     /* The tiled kernel sf_cuda_attention_bf16 runs: SF_ATTENTION_AUTO (0) and
      * SF_ATTENTION_MMA its own mma.sync kernel, SF_ATTENTION_WGMMA sf_cuda_attention_sm90_bf16
-     * and SF_ATTENTION_WGMMA_WS sf_cuda_attention_sm90_ws_bf16 (with their requirements). A split decode runs in attention_decode.cu either
-     * way. */
+     * and SF_ATTENTION_WGMMA_WS sf_cuda_attention_sm90_ws_bf16 (with their requirements). A
+     * split decode runs in attention_decode.cu either way. */
     sf_attention_kernel kernel;
 } sf_attention_args;
 

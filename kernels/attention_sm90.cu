@@ -244,8 +244,9 @@ __device__ __forceinline__ void load_kv_tile(const Sm90Params &p, const CtaWork 
 }
 
 // One multiplying warpgroup's 64 rows (a consumer, in the warp-specialized kernel): the running
-// softmax state, the accumulators, and the two products on them. This thread holds rows g and g + 8 of its warp's 16 and columns 2 t4, +1
-// of every 8-column accumulator block; per-row state is indexed [h].
+// softmax state, the accumulators, and the two products on them. This thread holds rows g and
+// g + 8 of its warp's 16 and columns 2 t4, +1 of every 8-column accumulator block; per-row
+// state is indexed [h].
 template <int D, int kBlockN>
 struct WgTile {
     static constexpr int kN1 = D - 64;  // O's columns past the first n64 product

@@ -226,7 +226,7 @@ inline std::vector<emu::AsyncCopy> &copies_of(uint32_t bar) {
     mbar_copies.push_back({bar, {}});
     return mbar_copies.back().second;
 }
-// The mbarrier at shared address bar, or nullptr (reported) if it is not one.
+// Points m at the mbarrier at shared address bar; false (reported) where there is none.
 inline bool mbar_at(uint32_t bar, const char *op, Mbar *m) {
     unsigned char *p = emu::shared_pointer(bar, 8);
     if (!p || bar % 8) {
