@@ -68,13 +68,13 @@ if [ "${1:-}" = --all ]; then
     # it (the producer refills it under the product); reads V before it has landed; hands the
     # turn over once too often (an arrival left on a named barrier)
     plant attention attention_sm90.cu \
-        $'            wgmma_wait<0>();\n            mbar_arrive(v_empty(sv));' \
-        $'            mbar_arrive(v_empty(sv));\n            wgmma_wait<0>();' \
+        $'        wgmma_wait<0>();\n        st.pin();\n        mbar_arrive(v_empty(sv));' \
+        $'        mbar_arrive(v_empty(sv));\n        wgmma_wait<0>();\n        st.pin();' \
         '*CudaAttention.ChunkedPrefillAgainstCache/sm90_ws'
     plant attention attention_sm90.cu \
-        '        if (pv) mbar_wait(v_full(sv), ((t - 1) / kStages) & 1);' '' \
+        $'        mbar_wait(v_full(sv), ((t - 1) / kStages) & 1);\n' '' \
         '*CudaAttention.ChunkedPrefillAgainstCache/sm90_ws'
-    plant attention attention_sm90.cu '!(c == 1 && t == n_tiles)' 'true' \
+    plant attention attention_sm90.cu '    if (c == 0) hand_over();' '    hand_over();' \
         '*CudaAttention.CrossAttentionOtherLengths/sm90_ws'
 fi
 exit $rc
