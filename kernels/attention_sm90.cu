@@ -471,10 +471,10 @@ __global__ void __launch_bounds__(kThreads) attention_sm90_kernel(const Sm90Para
             wgmma_wait<1>();  // S(t) has landed; P(t-1) V(t-1) may still be running
             reg_fence(st.s);  // (o and pf stay untouched until the next wait)
             st.softmax(p, w, t, alpha);
-            // (The SASS of ptxas 13.0 has this wait right after the max reduction, before the
-            // exponentials: it reuses P's registers, still read by the pending product, for the
-            // shuffles' results. So within a warpgroup only the masking and the row maxima
-            // overlap P V; the exponentials overlap the other warpgroup's products.)
+            // (The SASS of ptxas 13.0 has this wait among the row maxima's shuffles, before
+            // the exponentials, so within a warpgroup only the masking and the maxima overlap
+            // P V; the exponentials overlap the other warpgroup's products. What was tried
+            // against it: the warp-specialized kernel's loop.)
             wgmma_wait<0>();
             st.pin();
             st.rescale_and_round(alpha);
@@ -622,13 +622,16 @@ __global__ void __launch_bounds__(kWsThreads, 1) attention_sm90_ws_kernel(const 
         reg_fence(st.s);
         mbar_arrive(k_empty(sk));  // K(t) is read
         st.softmax(p, w, t, alpha);
-        // (In the SASS of ptxas 13.0 this wait comes before the row maxima's shuffles: ptxas
-        // interleaves the bf16 packing of P(t) into pf, which P(t-1) V(t-1) still reads, with
-        // the exponentials, and waits for that product first. So the softmax overlaps the
-        // other consumer's products (ping-pong) but not this one's P V. Packing into other
-        // registers and moving them to pf after the wait makes ptxas serialize every wgmma
-        // instead (C7513); alternating two sets of pf by unrolling rounds in pairs is the
-        // next thing to try, measured.)
+        // (In the SASS of ptxas 13.0 this wait sits right after the one above, before the
+        // row maxima's shuffles, so the softmax overlaps the other consumer's products
+        // (ping-pong) but not this one's P V. It is not the registers: with two sets of pf
+        // (rounds unrolled in pairs, P(t) rounded into the set P(t-1) V(t-1) does not read)
+        // and O's rescale moved before the issue of P V (FlashAttention-3's place), nothing
+        // before the next round needs this wait, and ptxas still puts it there. Waiting
+        // instead, in round t + 1, for the P V issued two products before makes ptxas
+        // serialize every wgmma (C7518), even with the rounds' mbarrier waits and turns
+        // taken out. Packing into other registers and moving them to pf after the wait does
+        // too (C7513).)
         wgmma_wait<0>();
         st.pin();
         mbar_arrive(v_empty(sv));  // V(t-1) is read
