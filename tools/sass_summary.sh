@@ -7,10 +7,12 @@
 #   tools/sass_summary.sh kernels/attention_sm90.cu [90a|90|80] [filter]
 # (filter: a substring of the mangled kernel name, e.g. ILi128ELi64 for <128, 64>)
 #
-# Needs cuobjdump, which the CUDA toolkit here lacks: put it on PATH, or point CUOBJDUMP at it.
-# PyPI has it: pip download --no-deps nvidia-cuda-cuobjdump, unzip the wheel, use
-# nvidia/cu13/bin/cuobjdump. Reading SASS is how the ex2.approx.ftz change and the placement of
-# attention_sm90.cu's second wgmma wait were found; it says nothing about time.
+# Needs cuobjdump and the nvdisasm it runs, which the CUDA toolkit here lacks: put them on
+# PATH, or point CUOBJDUMP at cuobjdump (an nvdisasm beside it is found). PyPI has both:
+# pip download --no-deps nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm, unzip both wheels into
+# one directory, use nvidia/cu13/bin/cuobjdump. Reading SASS is how the ex2.approx.ftz change
+# and the placement of attention_sm90.cu's second wgmma wait were found; it says nothing about
+# time.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 src=${1:?usage: tools/sass_summary.sh kernels/FILE.cu [90a|90|80] [filter]}
@@ -20,6 +22,12 @@ NVCC=${CUDACXX:-/usr/local/cuda/bin/nvcc}
 CUOBJDUMP=${CUOBJDUMP:-$(command -v cuobjdump || true)}
 if [ -z "$CUOBJDUMP" ]; then
     echo "sass_summary: no cuobjdump (see the comment at the top of $0)" >&2
+    exit 2
+fi
+PATH=$(dirname "$CUOBJDUMP"):$PATH
+if ! command -v nvdisasm >/dev/null; then
+    echo "sass_summary: no nvdisasm beside cuobjdump or on PATH (see the comment at the top" \
+         "of $0)" >&2
     exit 2
 fi
 tmp=$(mktemp -d)
