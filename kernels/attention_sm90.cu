@@ -17,10 +17,11 @@
 //                 to bf16;
 //   O = O alpha + P V   wgmma m64nNk16 with A = P straight from the S accumulators (their
 //                 layout is the A fragment layout) and B = V from shared memory, transposed;
-// and the epilogue divides by l. Each round issues S(t) = Q K(t)^T and then O += P(t-1) V(t-1),
-// waits for S(t) only, runs the softmax of tile t, and rescales O once the second product has
-// landed (FlashAttention-3's intra-warpgroup overlap; how much of the softmax ptxas leaves
-// before that second wait: see attention_sm90_kernel's loop).
+// and the epilogue divides by l. Each round issues S(t) = Q K(t)^T and then O = O alpha +
+// P(t-1) V(t-1), waits for S(t) only and runs the softmax of tile t while the second product
+// runs (FlashAttention-3's intra-warpgroup overlap; how much of the softmax ptxas leaves before
+// the wait for that product, and how the warp-specialized kernel moves that wait a round later
+// where the registers allow: see the two kernels' loops).
 //
 // The two schedules (predicted, not yet measured, to keep the tensor cores busy):
 //   - attention_sm90_kernel, pipelined: the same 256 threads copy and multiply. K and V are
@@ -41,6 +42,7 @@
 #include <stdint.h>
 
 #include <atomic>
+#include <type_traits>
 
 #include "attention.h"
 #include "attention_mma.cuh"
@@ -246,8 +248,9 @@ __device__ __forceinline__ void load_kv_tile(const Sm90Params &p, const CtaWork 
 // One multiplying warpgroup's 64 rows (a consumer, in the warp-specialized kernel): the running
 // softmax state, the accumulators, and the two products on them. This thread holds rows g and
 // g + 8 of its warp's 16 and columns 2 t4, +1 of every 8-column accumulator block; per-row
-// state is indexed [h].
-template <int D, int kBlockN>
+// state is indexed [h]. kPSets sets of P's bf16 registers: with two, P(t) is rounded into one
+// while P(t-1) V(t-1) still reads the other (the warp-specialized kernel).
+template <int D, int kBlockN, int kPSets = 1>
 struct WgTile {
     static constexpr int kN1 = D - 64;  // O's columns past the first n64 product
     // Descriptors (tile_offset's placement): Q rows of this warpgroup; K as B, K-major; V as B,
@@ -257,8 +260,9 @@ struct WgTile {
 
     float s[kBlockN / 2];          // S(t), then P(t) unrounded
     OAcc<D> o;
-    uint32_t pf[kBlockN / 16][4];  // P(t) rounded to bf16, as A fragments, one per 16 keys
+    uint32_t pf[kPSets][kBlockN / 16][4];  // P rounded to bf16, as A fragments, per 16 keys
     float m[2], l[2];
+    float o_scale[2];              // what O must be scaled by before the next P V is added
     int32_t row_lo[2], row_hi[2];  // the keys row h sees
     int t4;
 
@@ -277,21 +281,33 @@ struct WgTile {
             }
             m[h] = -INFINITY;
             l[h] = 0.0f;
+            o_scale[h] = 1.0f;
         }
 #pragma unroll
         for (int j = 0; j < D / 8; j++) o.at(j, 0) = o.at(j, 1) = o.at(j, 2) = o.at(j, 3) = 0.0f;
 #pragma unroll
-        for (int kc = 0; kc < kBlockN / 16; kc++) pf[kc][0] = pf[kc][1] = pf[kc][2] = pf[kc][3] = 0;
+        for (int b = 0; b < kPSets; b++) {
+#pragma unroll
+            for (int kc = 0; kc < kBlockN / 16; kc++) {
+                pf[b][kc][0] = pf[b][kc][1] = pf[b][kc][2] = pf[b][kc][3] = 0;
+            }
+        }
     }
 
     // Every register a wgmma reads or writes, pinned (ptx_sm90.cuh's reg_fence) before each
-    // wgmma_fence and after each wgmma_wait.
+    // wgmma_fence and after each wgmma_wait; pin_pv: those of P V only, while S is in flight.
     __device__ __forceinline__ void pin() {
         reg_fence(s);
+        pin_pv();
+    }
+    __device__ __forceinline__ void pin_pv() {
         reg_fence(o.o0);
         reg_fence(o.o1);
 #pragma unroll
-        for (int kc = 0; kc < kBlockN / 16; kc++) reg_fence(pf[kc]);
+        for (int b = 0; b < kPSets; b++) {
+#pragma unroll
+            for (int kc = 0; kc < kBlockN / 16; kc++) reg_fence(pf[b][kc]);
+        }
     }
 
     // S = Q K^T (q_wg: this warpgroup's rows of Q; k_t: the tile of K), one commit group
@@ -303,41 +319,55 @@ struct WgTile {
         }
         wgmma_commit();
     }
-    // O += P V (v_t: the tile of V), one commit group
+    // O = O alpha + P V (v_t: the tile of V; P: set b of pf; alpha: o_scale), one commit group.
+    // The rescale comes first, with its own fence: issued right after S, it runs while S is in
+    // flight.
+    template <int b = 0>
     __device__ __forceinline__ void issue_pv(uint32_t v_t) {
+        rescale_o();
+        pin_pv();
+        wgmma_fence();
 #pragma unroll
         for (int kc = 0; kc < kBlockN / 16; kc++) {
             const uint32_t v_kc = v_t + tile_offset(16 * kc, 0, kBlockN);
-            wgmma_rs_bt<64>(o.o0, pf[kc], wgmma_desc(v_kc, 128, kKvLbo), 1);
+            wgmma_rs_bt<64>(o.o0, pf[b % kPSets][kc], wgmma_desc(v_kc, 128, kKvLbo), 1);
             if constexpr (kN1 > 0) {
-                wgmma_rs_bt<kN1>(o.o1, pf[kc],
+                wgmma_rs_bt<kN1>(o.o1, pf[b % kPSets][kc],
                                  wgmma_desc(v_kc + tile_offset(0, 8, kBlockN), 128, kKvLbo), 1);
             }
         }
         wgmma_commit();
     }
 
-    // The online softmax of tile t, once S(t) has landed.
-    __device__ __forceinline__ void softmax(const Sm90Params &p, const CtaWork &w, int32_t t,
-                                            float (&alpha)[2]) {
+    // The online softmax of tile t, once S(t) has landed: P(t) unrounded in s, l scaled by
+    // alpha, and alpha kept in o_scale for rescale_o.
+    __device__ __forceinline__ void softmax(const Sm90Params &p, const CtaWork &w, int32_t t) {
         // a tile needs the mask only where some row of the CTA loses part of it
         const int32_t j0 = w.lo + t * kBlockN;
         const bool need_mask = j0 < w.lo_last || j0 + kBlockN > w.hi_first;
-        softmax_tile<kBlockN>(s, m, alpha, p.scale_log2, need_mask, j0, t4, row_lo, row_hi);
+        softmax_tile<kBlockN>(s, m, o_scale, p.scale_log2, need_mask, j0, t4, row_lo, row_hi);
+        l[0] *= o_scale[0];
+        l[1] *= o_scale[1];
     }
 
-    // Once the product that last wrote O has landed: O and l scaled by alpha, then P(t) rounded
-    // to bf16 into pf, l summing the rounded values (attention.cu).
-    __device__ __forceinline__ void rescale_and_round(const float (&alpha)[2]) {
+    // O scaled by the last softmax's alpha, right before the P V that adds to it is issued
+    // (FlashAttention-3's place for it): where P V runs on into the next round (the
+    // warp-specialized kernel's kOverlapPv), the only time no product writes O.
+    __device__ __forceinline__ void rescale_o() {
 #pragma unroll
         for (int h = 0; h < 2; h++) {
-            l[h] *= alpha[h];
 #pragma unroll
             for (int j = 0; j < D / 8; j++) {
-                o.at(j, 2 * h) *= alpha[h];
-                o.at(j, 2 * h + 1) *= alpha[h];
+                o.at(j, 2 * h) *= o_scale[h];
+                o.at(j, 2 * h + 1) *= o_scale[h];
             }
         }
+    }
+
+    // Once the product that last read set b of pf has landed: P(t) rounded to bf16 into it, l
+    // summing the rounded values (attention.cu).
+    template <int b = 0>
+    __device__ __forceinline__ void round_p() {
 #pragma unroll
         for (int kc = 0; kc < kBlockN / 16; kc++) {
 #pragma unroll
@@ -345,8 +375,8 @@ struct WgTile {
                 const float *sv = s + 4 * (2 * kc + half);
                 const uint32_t top = pack_bf16x2(sv[0], sv[1]);
                 const uint32_t bot = pack_bf16x2(sv[2], sv[3]);
-                pf[kc][2 * half] = top;      // row g,     keys 16kc + 8half + 2t, +1
-                pf[kc][2 * half + 1] = bot;  // row g + 8, same keys
+                pf[b % kPSets][kc][2 * half] = top;      // row g,     keys 16kc + 8half + 2t, +1
+                pf[b % kPSets][kc][2 * half + 1] = bot;  // row g + 8, same keys
                 l[0] += sum_bf16x2(top);
                 l[1] += sum_bf16x2(bot);
             }
@@ -441,14 +471,13 @@ __global__ void __launch_bounds__(kThreads) attention_sm90_kernel(const Sm90Para
     const uint32_t q_wg = tiles.q + tile_offset(wg * 64, 0, kBlockM);
 
     if (wg_active && n_tiles > 0) {
-        float alpha[2];
         st.pin();
         wgmma_fence();
         st.issue_qk(q_wg, tiles.k(0));
         wgmma_wait<0>();
         st.pin();
-        st.softmax(p, w, 0, alpha);
-        st.rescale_and_round(alpha);
+        st.softmax(p, w, 0);
+        st.round_p();
     }
     for (int32_t t = 1; t < n_tiles; t++) {
         // K(t) and V(t-1) have landed, and both warpgroups are done with iteration t-1, whose
@@ -463,21 +492,22 @@ __global__ void __launch_bounds__(kThreads) attention_sm90_kernel(const Sm90Para
         cp_async_commit();
 
         if (wg_active) {
-            float alpha[2];
             st.pin();
-            wgmma_fence();  // s, o and pf were written by this thread since the last products
+            wgmma_fence();  // s and pf were written by this thread since the last products
             st.issue_qk(q_wg, tiles.k(t));
             st.issue_pv(tiles.v(t - 1));
             wgmma_wait<1>();  // S(t) has landed; P(t-1) V(t-1) may still be running
             reg_fence(st.s);  // (o and pf stay untouched until the next wait)
-            st.softmax(p, w, t, alpha);
+            st.softmax(p, w, t);
             // (The SASS of ptxas 13.0 has this wait among the row maxima's shuffles, before
             // the exponentials, so within a warpgroup only the masking and the maxima overlap
-            // P V; the exponentials overlap the other warpgroup's products. What was tried
-            // against it: the warp-specialized kernel's loop.)
+            // P V; the exponentials overlap the other warpgroup's products. The
+            // warp-specialized kernel avoids it by waiting for P V a round later (kOverlapPv),
+            // which this kernel's buffers do not allow: V(t) is copied over V(t-2) right after
+            // the __syncthreads above.)
             wgmma_wait<0>();
             st.pin();
-            st.rescale_and_round(alpha);
+            st.round_p();
         }
     }
     cp_async_wait<0>();  // V(last) has landed (and nothing is still landing when the CTA exits)
@@ -485,8 +515,6 @@ __global__ void __launch_bounds__(kThreads) attention_sm90_kernel(const Sm90Para
     __syncthreads();
     if (!wg_active) return;  // no barrier follows: the rest is per warpgroup and per warp
     if (n_tiles > 0) {
-        st.pin();
-        wgmma_fence();
         st.issue_pv(tiles.v(n_tiles - 1));
         wgmma_wait<0>();
         st.pin();
@@ -511,8 +539,9 @@ constexpr int kBarTurn = 1, kBarRows = 3;
 //     t - kStages): K(t), then V(t), each announced by its own mbarrier when it lands
 //     (cp.async's mbarrier arrival), so that S(t) need not wait for V(t);
 //   consumers: the pipelined kernel's loop (issue S(t) and P(t-1) V(t-1), softmax of t beside
-//     the second product), waiting on the mbarriers instead of __syncthreads and freeing K(t)
-//     as soon as S(t) has landed, V(t-1) once P V has; and taking turns to issue (ping-pong,
+//     the second product; where the registers allow, kOverlapPv, that product runs on into
+//     the next round), waiting on the mbarriers instead of __syncthreads and freeing K(t) as
+//     soon as S(t) has landed, V(t-1) once P V has; and taking turns to issue (ping-pong,
 //     FlashAttention-3): a consumer issues a round's products only once the other has issued
 //     its own, so one's softmax runs while the other's products occupy the tensor cores.
 template <int D, int kBlockN>
@@ -552,15 +581,21 @@ __global__ void __launch_bounds__(kWsThreads, 1) attention_sm90_ws_kernel(const 
         setmaxnreg_dec<kProducerRegs>();
         load_q_tile<D, 128>(p, w, tiles.q, tid);
         cp_async_mbar_arrive(q_full);
-        for (int32_t t = 0; t < n_tiles; t++) {
-            const int s = t % kStages;
-            const uint32_t free_parity = ((t / kStages) & 1) ^ 1;  // passes at once on round 0
-            mbar_wait(k_empty(s), free_parity);
+        // K(t + 1) before V(t): the consumers free V(t - 2), whose buffer V(t) takes, only in
+        // round t where P V runs on into the next round (kOverlapPv), and K(t - 1) earlier
+        // (free_parity passes at once on a buffer's first use)
+        auto free_parity = [](int32_t t) { return (uint32_t)((t / kStages) & 1) ^ 1u; };
+        auto load_k = [&](int32_t t) {
+            mbar_wait(k_empty(t % kStages), free_parity(t));
             load_kv_tile<D, kBlockN, 128>(p, w, tiles.k(t), w.k_base, t, tid);
-            cp_async_mbar_arrive(k_full(s));
-            mbar_wait(v_empty(s), free_parity);
+            cp_async_mbar_arrive(k_full(t % kStages));
+        };
+        if (n_tiles > 0) load_k(0);
+        for (int32_t t = 0; t < n_tiles; t++) {
+            if (t + 1 < n_tiles) load_k(t + 1);
+            mbar_wait(v_empty(t % kStages), free_parity(t));
             load_kv_tile<D, kBlockN, 128>(p, w, tiles.v(t), w.v_base, t, tid);
-            cp_async_mbar_arrive(v_full(s));
+            cp_async_mbar_arrive(v_full(t % kStages));
         }
         cp_async_commit();
         cp_async_wait<0>();  // nothing is still landing when this thread exits
@@ -572,7 +607,11 @@ __global__ void __launch_bounds__(kWsThreads, 1) attention_sm90_ws_kernel(const 
     if (!w.wg_active(c, p.group)) return;  // consumer 1 past the queries: nothing to do
     const bool pingpong = n_consumers == 2;
     const int warp_m = warp - 4;  // the warp's 16 rows among the CTA's kBlockM
-    WgTile<D, kBlockN> st;
+    // Whether P(t-1) V(t-1) runs on into round t + 1 (see the rounds): where the registers
+    // allow it, without spills or serialized wgmma (tests/check_ptxas.sh), i.e. where o, the P
+    // that product reads, S(t) and P(t) fit at once.
+    constexpr bool kOverlapPv = D == 64 || (kBlockN == 64 && D <= 96);
+    WgTile<D, kBlockN, kOverlapPv ? 2 : 1> st;  // P(t) in set t % 2 (of 2)
     st.init(p, w, w.row0 + warp_m * 16, lane);
     const uint32_t q_wg = tiles.q + tile_offset(c * 64, 0, kBlockM);
 
@@ -588,10 +627,11 @@ __global__ void __launch_bounds__(kWsThreads, 1) attention_sm90_ws_kernel(const 
     mbar_wait(q_full, 0);
     if (pingpong && c == 1) hand_over();
 
-    // Round 0: S(0). (Rounds are unrolled so that each issues its products unconditionally:
-    // ptxas serializes a wgmma on a path it sees as divergent, its notes C7518 / C7520.)
+    // Round 0: S(0), its softmax, P(0) rounded into set 0. Rounds are unrolled so that each
+    // issues its products unconditionally: ptxas serializes a wgmma on a path it sees as
+    // divergent (its notes C7518 / C7520), and where two paths meet with different products
+    // running.
     if (n_tiles > 0) {
-        float alpha[2];
         mbar_wait(k_full(0), 0);
         fence_proxy_async();  // the copies' bytes, seen through the mbarrier, for wgmma's reads
         take_turn();
@@ -602,55 +642,89 @@ __global__ void __launch_bounds__(kWsThreads, 1) attention_sm90_ws_kernel(const 
         wgmma_wait<0>();
         st.pin();
         mbar_arrive(k_empty(0));  // K(0) is read
-        st.softmax(p, w, 0, alpha);
-        st.rescale_and_round(alpha);
+        st.softmax(p, w, 0);
+        st.template round_p<0>();
     }
-    // Round t: S(t), then P(t-1) V(t-1).
-    for (int32_t t = 1; t < n_tiles; t++) {
+    // Round t >= 1: S(t) and P(t-1) V(t-1) (from set 1 - b), then S(t)'s softmax and P(t)
+    // rounded into set b while P(t-1) V(t-1) runs. kOverlapPv: P(t-1) V(t-1) is waited for
+    // only in round t + 1, after S(t + 1) is issued. Waited for at the end of round t instead,
+    // ptxas 13.0 hoists that wait above the exponentials (its SASS; moving the rescale of O
+    // or the set P is rounded into does not change it), and a consumer's softmax then
+    // overlaps only the other consumer's products. (set: a std::integral_constant, so that b
+    // indexes pf at compile time.)
+    auto round = [&](int32_t t, auto set) {
+        constexpr int b = decltype(set)::value;
         const int sk = t % kStages, sv = (t - 1) % kStages;
-        float alpha[2];
         mbar_wait(k_full(sk), (t / kStages) & 1);
         mbar_wait(v_full(sv), ((t - 1) / kStages) & 1);
         fence_proxy_async();
         take_turn();
-        st.pin();
+        reg_fence(st.s);  // (with kOverlapPv, P(t-2) V(t-2) may still be running on o and pf)
         wgmma_fence();
         st.issue_qk(q_wg, tiles.k(t));
-        st.issue_pv(tiles.v(t - 1));
+        if constexpr (kOverlapPv) {
+            wgmma_wait<1>();  // P(t-2) V(t-2) has landed; S(t) may still be running
+            st.pin_pv();
+            if (t >= 2) mbar_arrive(v_empty((t - 2) % kStages));  // V(t-2) is read
+        }
+        st.template issue_pv<1 - b>(tiles.v(t - 1));
         hand_over();
-        wgmma_wait<1>();  // S(t) has landed; P V may still be running
+        wgmma_wait<1>();  // S(t) has landed; P(t-1) V(t-1) may still be running
         reg_fence(st.s);
         mbar_arrive(k_empty(sk));  // K(t) is read
-        st.softmax(p, w, t, alpha);
-        // (In the SASS of ptxas 13.0 this wait sits right after the one above, before the
-        // row maxima's shuffles, so the softmax overlaps the other consumer's products
-        // (ping-pong) but not this one's P V. It is not the registers: with two sets of pf
-        // (rounds unrolled in pairs, P(t) rounded into the set P(t-1) V(t-1) does not read)
-        // and O's rescale moved before the issue of P V (FlashAttention-3's place), nothing
-        // before the next round needs this wait, and ptxas still puts it there. Waiting
-        // instead, in round t + 1, for the P V issued two products before makes ptxas
-        // serialize every wgmma (C7518), even with the rounds' mbarrier waits and turns
-        // taken out. Packing into other registers and moving them to pf after the wait does
-        // too (C7513).)
+        st.softmax(p, w, t);
+        if constexpr (!kOverlapPv) {  // one set of P: P(t-1) V(t-1) must land before round_p
+            wgmma_wait<0>();
+            st.pin();
+            mbar_arrive(v_empty(sv));  // V(t-1) is read
+        }
+        st.template round_p<b>();
+    };
+    // Round n_tiles: P(last) V(last), from set b. Consumer 0 hands the turn over before
+    // issuing: after, it would sit on a path ptxas sees as divergent between the product and
+    // its wait (C7518); the two last products may then overlap. (With kOverlapPv the last two
+    // tiles of V are not freed: no copy waits for them.)
+    auto last_round = [&](auto set) {
+        constexpr int b = decltype(set)::value;
+        const int s_last = (n_tiles - 1) % kStages;
+        mbar_wait(v_full(s_last), ((n_tiles - 1) / kStages) & 1);
+        fence_proxy_async();
+        take_turn();
+        if (c == 0) hand_over();
+        wgmma_wait<0>();  // P(last - 1) V(last - 1) has landed (kOverlapPv)
+        st.pin_pv();
+        st.template issue_pv<b>(tiles.v(n_tiles - 1));
         wgmma_wait<0>();
         st.pin();
-        mbar_arrive(v_empty(sv));  // V(t-1) is read
-        st.rescale_and_round(alpha);
+    };
+    using Set0 = std::integral_constant<int, 0>;
+    using Set1 = std::integral_constant<int, 1>;
+    if (n_tiles == 0) {
+        take_turn();  // the n_tiles + 1 = 1 turn, nothing to multiply
+        if (c == 0) hand_over();
     }
-    // Round n_tiles: P(last) V(last) (nothing when no key is visible). Consumer 0 hands the
-    // turn over before issuing: after, it would sit on a path ptxas sees as divergent between
-    // the product and its wait (C7518 again); the two last products may then overlap.
-    const int s_last = (n_tiles + kStages - 1) % kStages;
-    if (n_tiles > 0) mbar_wait(v_full(s_last), ((n_tiles - 1) / kStages) & 1);
-    fence_proxy_async();
-    take_turn();
-    if (c == 0) hand_over();
-    if (n_tiles > 0) {
-        st.pin();
-        wgmma_fence();
-        st.issue_pv(tiles.v(n_tiles - 1));
-        wgmma_wait<0>();
-        st.pin();
+    if constexpr (kOverlapPv) {
+        // Rounds in pairs from t = 2, so that every pair starts with P(t-2) V(t-2) of set 0
+        // running, and each path ends with its own last round.
+        if (n_tiles == 1) {
+            last_round(Set0{});
+        } else if (n_tiles > 1) {
+            round(1, Set1{});
+            int32_t t = 2;
+            for (; t + 1 < n_tiles; t += 2) {
+                round(t, Set0{});
+                round(t + 1, Set1{});
+            }
+            if (t < n_tiles) {
+                round(t, Set0{});
+                last_round(Set0{});
+            } else {
+                last_round(Set1{});
+            }
+        }
+    } else {
+        for (int32_t t = 1; t < n_tiles; t++) round(t, Set0{});  // (one set of P)
+        if (n_tiles > 0) last_round(Set0{});
     }
     // every product that read this warpgroup's rows of Q has landed, in all four warps
     named_bar_sync(kBarRows + c, 128);

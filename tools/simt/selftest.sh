@@ -65,16 +65,28 @@ if [ "${1:-}" = --all ]; then
         'kThreads>(p, w, tiles.v(t + 1), w.v_base, t + 1, tid);' \
         '*CudaAttention.CausalSlidingWindow/sm90'
     # the warp-specialized kernel: a consumer frees V's stage before its P V product has read
-    # it (the producer refills it under the product); reads V before it has landed; hands the
-    # turn over once too often (an arrival left on a named barrier)
+    # it (the producer refills it under the product), in either schedule (d 96 and 128 at
+    # 128-key tiles wait for P V in its round, d 96 at 64-key tiles a round later); rounds P
+    # into the set of registers its running P V reads (d 64); reads V before it has landed;
+    # hands the turn over once too often (an arrival left on a named barrier)
+    i=$'\n            '  # the rounds' inner indent
     plant attention attention_sm90.cu \
-        $'        wgmma_wait<0>();\n        st.pin();\n        mbar_arrive(v_empty(sv));' \
-        $'        mbar_arrive(v_empty(sv));\n        wgmma_wait<0>();\n        st.pin();' \
+        "        wgmma_wait<0>();${i}st.pin();${i}mbar_arrive(v_empty(sv));" \
+        "        mbar_arrive(v_empty(sv));${i}wgmma_wait<0>();${i}st.pin();" \
         '*CudaAttention.ChunkedPrefillAgainstCache/sm90_ws'
+    w='wgmma_wait<1>();  // P(t-2) V(t-2) has landed; S(t) may still be running'
+    plant attention attention_sm90.cu \
+        "    $w${i}st.pin_pv();${i}if (t >= 2) mbar_arrive(v_empty((t - 2) % kStages));" \
+        "    if (t >= 2) mbar_arrive(v_empty((t - 2) % kStages));${i}$w${i}st.pin_pv();" \
+        '*CudaAttention.ChunkedPrefillAgainstCache/sm90_ws_n64'
+    plant attention attention_sm90.cu $'        st.template round_p<b>();\n    };' \
+        $'        st.template round_p<1 - b>();\n    };' \
+        '*CudaAttention.CausalSlidingWindow/sm90_ws'
     plant attention attention_sm90.cu \
         $'        mbar_wait(v_full(sv), ((t - 1) / kStages) & 1);\n' '' \
         '*CudaAttention.ChunkedPrefillAgainstCache/sm90_ws'
-    plant attention attention_sm90.cu '    if (c == 0) hand_over();' '    hand_over();' \
+    plant attention attention_sm90.cu $'        take_turn();\n        if (c == 0) hand_over();' \
+        $'        take_turn();\n        hand_over();' \
         '*CudaAttention.CrossAttentionOtherLengths/sm90_ws'
 fi
 exit $rc
