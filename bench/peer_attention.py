@@ -27,6 +27,7 @@ SHAPES = [  # name, requests, n_q, n_kv, heads, kv heads, head dim, causal, pos0
     ("causal prefill", 8, 2048, 2048, 32, 8, 128, True, 0),
     ("decode", 32, 1, 2048, 32, 8, 128, True, 2047),
     ("decode", 1, 1, 2048, 32, 8, 128, True, 2047),
+    ("sysformer CA d64", 32, 256, 2048, 9, 9, 64, False, 0),
 ]
 
 
