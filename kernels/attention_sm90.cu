@@ -652,7 +652,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) attention_sm90_ws_kernel(const 
     // or the set P is rounded into does not change it), and a consumer's softmax then
     // overlaps only the other consumer's products. (set: a std::integral_constant, so that b
     // indexes pf at compile time.)
-    auto round = [&](int32_t t, auto set) {
+    auto steady_round = [&](int32_t t, auto set) {
         constexpr int b = decltype(set)::value;
         const int sk = t % kStages, sv = (t - 1) % kStages;
         mbar_wait(k_full(sk), (t / kStages) & 1);
@@ -709,21 +709,21 @@ __global__ void __launch_bounds__(kWsThreads, 1) attention_sm90_ws_kernel(const 
         if (n_tiles == 1) {
             last_round(Set0{});
         } else if (n_tiles > 1) {
-            round(1, Set1{});
+            steady_round(1, Set1{});
             int32_t t = 2;
             for (; t + 1 < n_tiles; t += 2) {
-                round(t, Set0{});
-                round(t + 1, Set1{});
+                steady_round(t, Set0{});
+                steady_round(t + 1, Set1{});
             }
             if (t < n_tiles) {
-                round(t, Set0{});
+                steady_round(t, Set0{});
                 last_round(Set0{});
             } else {
                 last_round(Set1{});
             }
         }
     } else {
-        for (int32_t t = 1; t < n_tiles; t++) round(t, Set0{});  // (one set of P)
+        for (int32_t t = 1; t < n_tiles; t++) steady_round(t, Set0{});  // (one set of P)
         if (n_tiles > 0) last_round(Set0{});
     }
     // every product that read this warpgroup's rows of Q has landed, in all four warps
