@@ -609,7 +609,8 @@ __global__ void __launch_bounds__(kWsThreads, 1) attention_sm90_ws_kernel(const 
     const int warp_m = warp - 4;  // the warp's 16 rows among the CTA's kBlockM
     // Whether P(t-1) V(t-1) runs on into round t + 1 (see the rounds): where the registers
     // allow it, without spills or serialized wgmma (tests/check_ptxas.sh), i.e. where o, the P
-    // that product reads, S(t) and P(t) fit at once.
+    // that product reads, S(t) and P(t) fit at once. (Head dim 128 does not, even at 64-key
+    // tiles: it spills at 240 registers, the most the producer can give up with 24 left.)
     constexpr bool kOverlapPv = D == 64 || (kBlockN == 64 && D <= 96);
     WgTile<D, kBlockN, kOverlapPv ? 2 : 1> st;  // P(t) in set t % 2 (of 2)
     st.init(p, w, w.row0 + warp_m * 16, lane);
