@@ -125,6 +125,18 @@ sf_status sf_cuda_attention_sm90_ws_bf16(const sf_attention_args *a, int32_t blo
  * capability 9.0); SF_ERR_CUDA when the device cannot be queried. */
 sf_status sf_cuda_attention_sm90_check(void);
 
+/* Test support for the Hopper kernels: one warpgroup's two products alone, S = Q K^T and
+ * O = P V, through the kernels' own operand placement, descriptors, P fragments and accumulator
+ * layouts, with no softmax or masking; so a test can tell which operand the tensor cores read
+ * otherwise than the kernels assume. Device pointers, row-major: q [64 x head_dim], k and v
+ * [block_n x head_dim], p [64 x block_n] (bf16 bits; q, k, v 16-byte aligned); out s
+ * [64 x block_n] and o [64 x head_dim] (fp32). head_dim 64, 80, 96 or 128, block_n 64 or 128
+ * (SF_ERR_INVALID_ARGUMENT otherwise); sf_cuda_attention_sm90_check's errors; asynchronous on
+ * stream. */
+sf_status sf_cuda_wgmma_products_bf16(int32_t head_dim, int32_t block_n, const uint16_t *q,
+                                      const uint16_t *k, const uint16_t *v, const uint16_t *p,
+                                      float *s, float *o, cudaStream_t stream);
+
 /* The forward's requirements on *a, in two halves shared by both launchers: the counts, heads,
  * head dim, strides and scale; then the pointers, alignment and grid limits (a launcher with
  * nothing to do returns in between). Each returns SF_OK or fails naming fn. */

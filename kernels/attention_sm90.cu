@@ -4,7 +4,8 @@
 // schedules. CPU twin: host/cpu/attention.c. NOT YET RUN ON A GPU: sf_cuda_attention_bf16 runs
 // them only when asked (args.kernel = SF_ATTENTION_WGMMA or SF_ATTENTION_WGMMA_WS, which the
 // engine passes for its option attention); tests and bench_attention also call
-// sf_cuda_attention_sm90_bf16 / _tiles_bf16 / _ws_bf16 directly.
+// sf_cuda_attention_sm90_bf16 / _tiles_bf16 / _ws_bf16 directly, and tests run the two
+// products alone through sf_cuda_wgmma_products_bf16 (wgmma_products_kernel).
 //
 // One CTA owns one (request, kv head, tile of kBlockM = 128 packed rows), as in attention.cu
 // (packed row p = query p / group of query head kv_head * group + p % group). Two warpgroups of
@@ -732,6 +733,80 @@ __global__ void __launch_bounds__(kWsThreads, 1) attention_sm90_ws_kernel(const 
     st.store(p, w, sQ, warp_m, lane);
 }
 
+// Test support, not used by the attention kernels (sf_cuda_wgmma_products_bf16): one warpgroup's
+// two products alone, S = Q K^T and O = P V, through WgTile's own code (placement, descriptors,
+// fences, issue_qk, round_p, issue_pv) and read out in the accumulator layouts the softmax and
+// the epilogue assume. A test that feeds it structured operands learns how the tensor cores read
+// each one, which the attention tests, mixing both products with the softmax, cannot say.
+// 128 threads, one CTA; inputs row-major: q [64 x D], k and v [kBlockN x D], p [64 x kBlockN].
+template <int D, int kBlockN>
+__global__ void __launch_bounds__(128)
+    wgmma_products_kernel(const uint16_t *__restrict__ q, const uint16_t *__restrict__ k,
+                          const uint16_t *__restrict__ v, const uint16_t *__restrict__ p_in,
+                          float *__restrict__ s_out, float *__restrict__ o_out) {
+    constexpr int kChunks = D / 8;
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    const Tiles<D, kBlockN> tiles{smem_u32(smem_raw)};
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    // Q as warpgroup 0's rows of the CTA's Q tile, K and V as tile 0 of their buffers, each
+    // 16-byte chunk where the kernels' copies put it
+    for (int c = tid; c < kBlockM * kChunks; c += 128) {
+        const int r = c / kChunks, cc = c % kChunks;
+        uint4 x = make_uint4(0, 0, 0, 0);  // rows 64..127: warpgroup 1's, read by nothing
+        if (r < 64) x = *reinterpret_cast<const uint4 *>(q + r * D + cc * 8);
+        *reinterpret_cast<uint4 *>(smem_raw + tile_offset(r, cc, kBlockM)) = x;
+    }
+    for (int c = tid; c < kBlockN * kChunks; c += 128) {
+        const int r = c / kChunks, cc = c % kChunks;
+        const uint32_t off = tile_offset(r, cc, kBlockN);
+        *reinterpret_cast<uint4 *>(smem_raw + (tiles.k(0) - tiles.q) + off) =
+            *reinterpret_cast<const uint4 *>(k + r * D + cc * 8);
+        *reinterpret_cast<uint4 *>(smem_raw + (tiles.v(0) - tiles.q) + off) =
+            *reinterpret_cast<const uint4 *>(v + r * D + cc * 8);
+    }
+    fence_proxy_async();  // the stores, for wgmma's reads
+    __syncthreads();
+
+    // the state of 64 query rows that each see all kBlockN keys (init's masks stay unused)
+    Sm90Params prm = {};
+    prm.group = 1;
+    CtaWork w = {};
+    w.q_len = 64;
+    w.kv_len = kBlockN;
+    WgTile<D, kBlockN> st;
+    st.init(prm, w, warp * 16, lane);
+    const int g = lane / 4, t4 = lane % 4;
+    const int row[2] = {warp * 16 + g, warp * 16 + g + 8};  // this thread's rows (index h)
+
+    st.pin();
+    wgmma_fence();
+    st.issue_qk(tiles.q, tiles.k(0));
+    wgmma_wait<0>();
+    st.pin();
+    // s[4 nt + e] is row row[e / 2], key 8 nt + 2 t4 + e % 2 (softmax_tile's reading); S goes
+    // out, and P comes in through the same places to be rounded into pf by round_p
+#pragma unroll
+    for (int nt = 0; nt < kBlockN / 8; nt++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int i = row[e / 2], j = 8 * nt + 2 * t4 + e % 2;
+            s_out[i * kBlockN + j] = st.s[4 * nt + e];
+            const uint32_t bits = (uint32_t)p_in[i * kBlockN + j] << 16;
+            st.s[4 * nt + e] = __uint_as_float(bits);
+        }
+    }
+    st.round_p();
+    st.issue_pv(tiles.v(0));  // o_scale is 1 after init: O = 0 * 1 + P V
+    wgmma_wait<0>();
+    st.pin();
+    // o.at(j, e) is row row[e / 2], column 8 j + 2 t4 + e % 2 (the epilogue's reading)
+#pragma unroll
+    for (int j = 0; j < D / 8; j++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) o_out[row[e / 2] * D + 8 * j + 2 * t4 + e % 2] = st.o.at(j, e);
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Launcher
 // ---------------------------------------------------------------------------------------------
@@ -810,6 +885,26 @@ sf_status sm90_attention(const sf_attention_args *a, int32_t block_n, bool warp_
                             : launch_sm90_dims<false>(p, a, block_n, stream);
 }
 
+template <int D, int kBlockN>
+sf_status launch_products(const uint16_t *q, const uint16_t *k, const uint16_t *v,
+                          const uint16_t *p, float *s, float *o, cudaStream_t stream) {
+    auto kernel = wgmma_products_kernel<D, kBlockN>;
+    constexpr size_t smem = Sm90Shape<D, kBlockN>::kSmemBytes;
+    SF_CUDA_TRY(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    kernel<<<1, 128, smem, stream>>>(q, k, v, p, s, o);
+    SF_CUDA_TRY(cudaGetLastError());
+    return SF_OK;
+}
+
+template <int D>
+sf_status launch_products_tiles(int32_t block_n, const uint16_t *q, const uint16_t *k,
+                                const uint16_t *v, const uint16_t *p, float *s, float *o,
+                                cudaStream_t stream) {
+    return block_n == 64 ? launch_products<D, 64>(q, k, v, p, s, o, stream)
+                         : launch_products<D, 128>(q, k, v, p, s, o, stream);
+}
+
 }  // namespace
 
 extern "C" sf_status sf_cuda_attention_sm90_check(void) {
@@ -851,6 +946,21 @@ extern "C" sf_status sf_cuda_attention_sm90_ws_bf16(const sf_attention_args *a, 
     return sm90_attention(a, block_n, true, "sf_cuda_attention_sm90_ws_bf16", stream);
 }
 
+// sf_cuda_wgmma_products_bf16's kernel, its arguments checked
+static sf_status wgmma_products(int32_t head_dim, int32_t block_n, const uint16_t *q,
+                                const uint16_t *k, const uint16_t *v, const uint16_t *p, float *s,
+                                float *o, cudaStream_t stream) {
+    sf_status st = sf_cuda_attention_sm90_check();
+    if (st != SF_OK) return st;
+    sf_nvtx_range range("sf_cuda_wgmma_products_bf16");
+    switch (head_dim) {
+        case 64: return launch_products_tiles<64>(block_n, q, k, v, p, s, o, stream);
+        case 80: return launch_products_tiles<80>(block_n, q, k, v, p, s, o, stream);
+        case 96: return launch_products_tiles<96>(block_n, q, k, v, p, s, o, stream);
+        default: return launch_products_tiles<128>(block_n, q, k, v, p, s, o, stream);
+    }
+}
+
 #else  // built without sm_90 among the architectures
 
 extern "C" sf_status sf_cuda_attention_sm90_check(void) {
@@ -876,4 +986,41 @@ extern "C" sf_status sf_cuda_attention_sm90_ws_bf16(const sf_attention_args *a, 
     return sf_cuda_attention_sm90_tiles_bf16(a, block_n, stream);
 }
 
+
+static sf_status wgmma_products(int32_t head_dim, int32_t block_n, const uint16_t *q,
+                                const uint16_t *k, const uint16_t *v, const uint16_t *p, float *s,
+                                float *o, cudaStream_t stream) {
+    (void)head_dim;
+    (void)block_n;
+    (void)q;
+    (void)k;
+    (void)v;
+    (void)p;
+    (void)s;
+    (void)o;
+    (void)stream;
+    return sf_cuda_attention_sm90_check();
+}
+
 #endif
+
+extern "C" sf_status sf_cuda_wgmma_products_bf16(int32_t head_dim, int32_t block_n,
+                                                 const uint16_t *q, const uint16_t *k,
+                                                 const uint16_t *v, const uint16_t *p, float *s,
+                                                 float *o, cudaStream_t stream) {
+    static const char fn[] = "sf_cuda_wgmma_products_bf16";
+    if (head_dim != 64 && head_dim != 80 && head_dim != 96 && head_dim != 128) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: head_dim = %d (64, 80, 96 or 128)", fn,
+                       (int)head_dim);
+    }
+    if (block_n != 64 && block_n != 128) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: block_n = %d (64 or 128)", fn, (int)block_n);
+    }
+    if (!q || !k || !v || !p || !s || !o) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: NULL pointer", fn);
+    }
+    if ((uintptr_t)q % 16 || (uintptr_t)k % 16 || (uintptr_t)v % 16) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: q, k and v must be 16-byte aligned", fn);
+    }
+    return wgmma_products(head_dim, block_n, q, k, v, p, s, o, stream);
+}

@@ -4,7 +4,8 @@
 // head dim, GQA ratios 1/2/4/8, causal packed prefill with mixed lengths, sliding windows,
 // chunked prefill and decode against a cache, bidirectional self-attention and
 // cross-attention. The argument tests run without a GPU (the launcher checks everything before
-// its first CUDA call); the others skip when none is present.
+// its first CUDA call); the others skip when none is present. At the end, CudaWgmmaProducts: the
+// Hopper kernels' two products alone, to say which operand a failing wgmma kernel misreads.
 //
 // Tolerance, derived (FlashAttention's rule): the kernel stores bf16 and rounds P to bf16 before
 // the PV product, so it cannot match the fp32 reference to fp32 precision. The yardstick is the
@@ -391,6 +392,24 @@ TEST(CudaAttentionArgs, SplitDecodeWorkspace) {
     EXPECT_EQ(sf_cuda_attention_workspace_bytes(nullptr), (size_t)0);
 }
 
+// The wgmma products' test entry point checks its arguments before touching the device (the
+// pointers below are never dereferenced).
+TEST(CudaAttentionArgs, WgmmaProductsRejectsBadArguments) {
+    alignas(16) uint16_t in[8] = {};
+    float out[1] = {};
+    EXPECT_EQ(sf_cuda_wgmma_products_bf16(72, 64, in, in, in, in, out, out, 0),
+              SF_ERR_INVALID_ARGUMENT);
+    EXPECT_NE(strstr(sf_last_error(), "head_dim = 72"), nullptr) << sf_last_error();
+    EXPECT_EQ(sf_cuda_wgmma_products_bf16(64, 32, in, in, in, in, out, out, 0),
+              SF_ERR_INVALID_ARGUMENT);
+    EXPECT_NE(strstr(sf_last_error(), "block_n = 32"), nullptr) << sf_last_error();
+    EXPECT_EQ(sf_cuda_wgmma_products_bf16(64, 64, in, in, nullptr, in, out, out, 0),
+              SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cuda_wgmma_products_bf16(64, 64, in, in + 1, in, in, out, out, 0),
+              SF_ERR_INVALID_ARGUMENT);
+    EXPECT_NE(strstr(sf_last_error(), "16-byte aligned"), nullptr) << sf_last_error();
+}
+
 TEST(CudaAttentionArgs, NothingToDoIsOk) {
     sf_attention_args a = valid_args();
     a.n_requests = 0;
@@ -595,5 +614,210 @@ INSTANTIATE_TEST_SUITE_P(CudaAttention, CudaAttention,
                          [](const ::testing::TestParamInfo<AttnKernel> &i) {
                              return kernel_name(i.param);
                          });
+
+// ---------------------------------------------------------------------------------------------
+// The Hopper kernels' two products alone (sf_cuda_wgmma_products_bf16): S = Q K^T and O = P V
+// through the kernels' own operand placement, descriptors, P fragments and accumulator layouts.
+// Where the attention tests above fail on a GPU, these say which operand the tensor cores read
+// otherwise than the kernels assume, and how.
+// ---------------------------------------------------------------------------------------------
+
+// The products' row-major bf16 operands (zeros until set): q [64 x d], k and v [n x d], p [64 x n].
+struct Operands {
+    int d, n;
+    std::vector<uint16_t> q, k, v, p;
+    Operands(int d_, int n_)
+        : d(d_), n(n_), q(64 * d_), k((size_t)n_ * d_), v((size_t)n_ * d_), p(64 * n_) {}
+};
+
+class CudaWgmmaProducts : public ::testing::Test {
+  protected:
+    void SetUp() override {
+        SF_SKIP_WITHOUT_GPU();
+        if (sf_cuda_attention_sm90_check() == SF_ERR_UNSUPPORTED) GTEST_SKIP() << sf_last_error();
+    }
+
+    // S [64 x n] and O [64 x d] (fp32) of x
+    static void run(const Operands &x, std::vector<float> *s, std::vector<float> *o) {
+        DeviceBuffer<uint16_t> q(x.q), k(x.k), v(x.v), p(x.p);
+        DeviceBuffer<float> ds(64 * x.n), dout(64 * x.d);
+        ASSERT_EQ(sf_cuda_wgmma_products_bf16(x.d, x.n, q.get(), k.get(), v.get(), p.get(),
+                                              ds.get(), dout.get(), 0),
+                  SF_OK)
+            << sf_last_error();
+        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+        *s = ds.host();
+        *o = dout.host();
+    }
+};
+
+// Random operands against double precision, element by element. Tolerance, derived: each
+// product of two bf16 values is exact in fp32 (8-bit significands), so only the sums round.
+// Tensor cores add a few products at a time after aligning them to the largest, truncating
+// the bits shifted out (Fasi et al., "Numerical behavior of NVIDIA tensor cores", 2021), then
+// add that to the fp32 accumulator: each of the K terms loses at most one unit of 2^-23
+// relative to the largest, and each addition to the accumulator at most one more, so
+//   |gpu - exact| <= 2 K 2^-23 sum_i |a_i b_i|       (K = d for S, n for O).
+// A misplaced operand moves whole 8 x 8 blocks: errors of the order of the values themselves.
+TEST_F(CudaWgmmaProducts, RandomOperandsMatchDoublePrecision) {
+    uint32_t seed = 900;
+    for (int d : kHeadDims) {
+        for (int n : {64, 128}) {
+            std::mt19937 rng(seed++);
+            std::uniform_real_distribution<float> u1(-1.0f, 1.0f), p01(0.0f, 1.0f);
+            Operands x(d, n);
+            for (auto &e : x.q) e = to_bf16(u1(rng));
+            for (auto &e : x.k) e = to_bf16(u1(rng));
+            for (auto &e : x.v) e = to_bf16(u1(rng));
+            for (auto &e : x.p) e = to_bf16(p01(rng));  // probabilities, as P is
+            std::vector<float> s, o;
+            run(x, &s, &o);
+            if (HasFatalFailure()) return;
+            // out[i][j] = sum over kk < len of a(i, kk) b(j, kk), against its bound: how many
+            // elements lie outside, said with the first
+            auto check = [](const char *name, const std::vector<float> &out, int rows, int cols,
+                            int len, auto a, auto b, std::string *said) {
+                int bad = 0;
+                char first[160] = "";
+                for (int i = 0; i < rows; i++) {
+                    for (int j = 0; j < cols; j++) {
+                        double exact = 0, mag = 0;
+                        for (int kk = 0; kk < len; kk++) {
+                            const double t = (double)a(i, kk) * b(j, kk);
+                            exact += t;
+                            mag += fabs(t);
+                        }
+                        const double got = out[i * cols + j], bound = 2.0 * len * ldexp(mag, -23);
+                        if (!(fabs(got - exact) <= bound) && bad++ == 0) {
+                            snprintf(first, sizeof first, " (first: %s[%d][%d] = %.9g, exact %.9g, "
+                                     "bound %.3g)", name, i, j, got, exact, bound);
+                        }
+                    }
+                }
+                *said = std::to_string(bad) + " of " + std::to_string(rows * cols) + first;
+                return bad;
+            };
+            std::string s_said, o_said;
+            const int s_bad = check(
+                "S", s, 64, n, d, [&](int i, int c) { return from_bf16(x.q[i * d + c]); },
+                [&](int j, int c) { return from_bf16(x.k[j * d + c]); }, &s_said);
+            const int o_bad = check(
+                "O", o, 64, d, n, [&](int i, int j) { return from_bf16(x.p[i * n + j]); },
+                [&](int c, int j) { return from_bf16(x.v[j * d + c]); }, &o_said);
+            EXPECT_TRUE(s_bad == 0 && o_bad == 0)
+                << "head_dim " << d << ", block_n " << n << ": outside the bound: S = Q K^T "
+                << s_said << "; O = P V " << o_said;
+        }
+    }
+}
+
+// Where the tensor cores find each element of one operand X, the other chosen as a selector
+// (a 0/1 matrix) so that every output element should hold exactly one element of X:
+//   Q: K[j][c] = (c == j + off)   so S[i][j] = Q[i][j + off]
+//   K: Q[i][c] = (c == i + off)   so S[i][j] = K[j][i + off]
+//   V: P[i][k] = (k == i + off)   so O[i][c] = V[i + off][c]
+//   P: V[k][c] = (k == c + off)   so O[i][c] = P[i][c + off]
+// with off stepping until every element of X is seen. Three runs per off decode what an output
+// element holds: X set to all ones (how many elements of X it sums), to each element's row + 1,
+// then to its column + 1 (integers up to 128: exact in bf16 and in the sums).
+struct Probe {
+    enum Which { kQ, kK, kV, kP } which;
+    int d, n;
+
+    const char *name() const {
+        static const char *const names[] = {"Q", "K", "V", "P"};
+        return names[which];
+    }
+    bool in_s() const { return which == kQ || which == kK; }  // read through S, else O
+    int out_cols() const { return in_s() ? n : d; }
+    int x_rows() const { return which == kQ || which == kP ? 64 : n; }
+    int x_cols() const { return which == kP ? n : d; }
+    int step() const { return which == kQ ? n : which == kP ? d : 64; }
+    int span() const { return in_s() ? d : n; }
+    // the element of X that out[i][j] should hold at off
+    void expected(int i, int j, int off, int *r, int *c) const {
+        switch (which) {
+            case kQ: *r = i, *c = j + off; return;
+            case kK: *r = j, *c = i + off; return;
+            case kV: *r = i + off, *c = j; return;
+            case kP: *r = i, *c = j + off; return;
+        }
+    }
+    // the operands at off: X's elements value(r, c), the selector, zeros elsewhere
+    template <typename F>
+    Operands operands(int off, F value) const {
+        Operands x(d, n);
+        std::vector<uint16_t> &xs = which == kQ ? x.q : which == kK ? x.k : which == kV ? x.v : x.p;
+        for (int r = 0; r < x_rows(); r++) {
+            for (int c = 0; c < x_cols(); c++) xs[r * x_cols() + c] = to_bf16(value(r, c));
+        }
+        const uint16_t one = to_bf16(1.0f);
+        for (int i = 0; i < 128; i++) {
+            if (which == kQ && i < n && i + off < d) x.k[i * d + i + off] = one;
+            if (which == kK && i < 64 && i + off < d) x.q[i * d + i + off] = one;
+            if (which == kV && i < 64 && i + off < n) x.p[i * n + i + off] = one;
+            if (which == kP && i < d && i + off < n) x.v[(i + off) * d + i] = one;
+        }
+        return x;
+    }
+};
+
+TEST_F(CudaWgmmaProducts, OperandPlacement) {
+    for (int d : kHeadDims) {
+        for (int n : {64, 128}) {
+            for (Probe::Which which : {Probe::kQ, Probe::kK, Probe::kV, Probe::kP}) {
+                const Probe pr{which, d, n};
+                int wrong = 0, places = 0, shown_corner = 0, shown_inside = 0;
+                std::string corners, insides;
+                for (int off = 0; off < pr.span(); off += pr.step()) {
+                    std::vector<float> out[3], s, o;  // all ones, row codes, column codes
+                    for (int pass = 0; pass < 3; pass++) {
+                        run(pr.operands(off, [&](int r, int c) {
+                                return pass == 0 ? 1.0f : (float)((pass == 1 ? r : c) + 1);
+                            }), &s, &o);
+                        if (HasFatalFailure()) return;
+                        out[pass] = pr.in_s() ? s : o;
+                    }
+                    for (int i = 0; i < 64; i++) {
+                        for (int j = 0; j < pr.out_cols(); j++) {
+                            int r = 0, c = 0;
+                            pr.expected(i, j, off, &r, &c);
+                            if (r >= pr.x_rows() || c >= pr.x_cols()) continue;  // past X
+                            places++;
+                            const int e = i * pr.out_cols() + j;
+                            const float count = out[0][e], got_r = out[1][e] - 1,
+                                        got_c = out[2][e] - 1;
+                            if (count == 1.0f && got_r == r && got_c == c) continue;
+                            wrong++;
+                            // the first few at corners of 8 x 8 output blocks (where blocks
+                            // moved), then inside blocks (rows or columns permuted in one)
+                            const bool corner = i % 8 == 0 && j % 8 == 0;
+                            int &shown = corner ? shown_corner : shown_inside;
+                            if (shown >= (corner ? 10 : 4)) continue;
+                            shown++;
+                            char buf[192];
+                            if (count == 1.0f) {
+                                snprintf(buf, sizeof buf, "\n  %s[%d][%d] should hold %s[%d][%d], "
+                                         "holds %s[%g][%g]", pr.in_s() ? "S" : "O", i, j,
+                                         pr.name(), r, c, pr.name(), got_r, got_c);
+                            } else {
+                                snprintf(buf, sizeof buf, "\n  %s[%d][%d] should hold %s[%d][%d], "
+                                         "holds a sum of %g elements of %s",
+                                         pr.in_s() ? "S" : "O", i, j, pr.name(), r, c, count,
+                                         pr.name());
+                            }
+                            (corner ? corners : insides) += buf;
+                        }
+                    }
+                }
+                EXPECT_EQ(wrong, 0) << pr.name() << " at head_dim " << d << ", block_n " << n
+                                    << ": " << wrong << " of " << places
+                                    << " elements read from elsewhere, assuming the selector "
+                                       "operand is read right:"
+                                    << corners << insides;
+            }
+        }
+    }
+}
 
 }  // namespace

@@ -105,7 +105,7 @@ case "$suite" in
         ws='*CausalSlidingWindow/sm90_ws:*ChunkedPrefillAgainstCache/sm90_ws'
         ws+=':*SlottedCacheWithGaps/sm90_ws:*CrossAttentionOtherLengths/sm90_ws'
         ws+=':*ChunkedPrefillAgainstCache/sm90_ws_n64'
-        add_pass "" "CudaAttentionArgs.*:*/tiled:*/sm90:$n64:$ws" ;;
+        add_pass "" "CudaAttentionArgs.*:CudaWgmmaProducts.*:*/tiled:*/sm90:$n64:$ws" ;;
     attention_backward)
         kernels=(attention attention_decode attention_sm90 attention_backward)
         sm90a=0  # sf_cuda_attention_bf16 links to it; nothing here runs it

@@ -64,6 +64,10 @@ if [ "${1:-}" = --all ]; then
     plant attention attention_sm90.cu 'kThreads>(p, w, tiles.v(t), w.v_base, t, tid);' \
         'kThreads>(p, w, tiles.v(t + 1), w.v_base, t + 1, tid);' \
         '*CudaAttention.CausalSlidingWindow/sm90'
+    # V's leading and stride byte offsets swapped (the descriptor of an MN-major operand):
+    # the products alone name the operand and where its elements went
+    plant attention attention_sm90.cu 'wgmma_desc(v_kc, 128, kKvLbo)' \
+        'wgmma_desc(v_kc, kKvLbo, 128)' 'CudaWgmmaProducts.*'
     # the warp-specialized kernel: a consumer frees V's stage before its P V product has read
     # it (the producer refills it under the product), in either schedule (d 96 and 128 at
     # 128-key tiles wait for P V in its round, d 96 at 64-key tiles a round later); rounds P
