@@ -526,10 +526,16 @@ __global__ void __launch_bounds__(kThreads) attention_sm90_kernel(const Sm90Para
 
 // The warp-specialized kernel: a producer warpgroup copies, two consumer warpgroups multiply.
 constexpr int kWsThreads = 3 * 128;
-// Registers per thread after the hand-over (setmaxnreg): launched at 168 (65536 / 384, in
-// steps of 8), the producer gives up 128 x 128, which lets the consumers grow by 64 each.
+// Registers per thread after the hand-over (setmaxnreg): launched at kWsLaunchRegs = 168
+// (65536 / 384, in steps of 8; __launch_bounds__(kWsThreads, 1) lets ptxas use them all), the
+// producer gives up 128 x 128, which lets the consumers grow by 64 each. The increase can only
+// take registers the launch reserved: were ptxas to allocate fewer than 168, the consumers'
+// setmaxnreg would wait forever, so tests/check_ptxas.sh requires exactly 168.
+constexpr int kWsLaunchRegs = 168;
 constexpr int kProducerRegs = 40, kConsumerRegs = 232;
-static_assert(kProducerRegs * 128 + kConsumerRegs * 256 <= 65536, "the SM's register file");
+static_assert(kWsLaunchRegs * kWsThreads <= 65536, "the SM's register file");
+static_assert(kProducerRegs * 128 + kConsumerRegs * 256 <= kWsLaunchRegs * kWsThreads,
+              "the hand-over moves registers the launch reserved, no more");
 // Named barriers (0 is __syncthreads'): kBarTurn + c, consumer c's turn to issue its products
 // (both consumers, 256 threads); kBarRows + c, consumer c's four warps (128).
 constexpr int kBarTurn = 1, kBarRows = 3;
