@@ -22,6 +22,7 @@
 #include "activations.h"
 #include "bench_cuda.cuh"
 #include "embedding.h"
+#include "guard.h"
 #include "rope.h"
 #include "sampling.h"
 
@@ -154,6 +155,71 @@ int main(int argc, char **argv) {
         for (void *p : x) BENCH_CUDA(cudaFree(p));
         BENCH_CUDA(cudaFree(d_pos));
         BENCH_CUDA(cudaFree(d_inv));
+    }
+
+    // One layer's attention inputs for the KV cache, from the qkv GEMM's [rows, 48 heads, 128]
+    // output: q rotated in place, k rotated and v copied into cache rows (a shuffled set of a
+    // 4096-slot cache), as the engine runs it (one sf_cuda_rope_kv_cache_bf16) and as it did
+    // before (sf_cuda_rope2_bf16 on q and k, two row scatters). Bytes: q, k, v read, q and the
+    // two cache rows written, and positions and kv_rows read. At `tokens` rows (prefill) and at
+    // 32 (a decode step of 32 requests, where launches dominate).
+    for (int64_t rows : {tokens, (int64_t)32}) {
+        const int32_t heads = kHeads + 2 * kKvHeads;
+        const int64_t qkv_vals = rows * heads * kHeadDim, kv = (int64_t)kKvHeads * kHeadDim;
+        const int64_t cache_rows = std::max<int64_t>(rows, 4096);
+        const size_t qkv_bytes = (size_t)qkv_vals * 2, cache_bytes = (size_t)cache_rows * kv * 2;
+        const int r = rotations(qkv_bytes + 2 * (size_t)rows * kv * 2);
+        std::vector<void *> qkv(r);
+        for (int i = 0; i < r; i++) {
+            qkv[i] = dalloc(qkv_bytes);
+            fill_bf16(qkv[i], (size_t)qkv_vals, 40 + i);
+        }
+        sf_bf16 *kc = (sf_bf16 *)dalloc(cache_bytes), *vc = (sf_bf16 *)dalloc(cache_bytes);
+        std::vector<int32_t> pos(rows), kv_rows(cache_rows);
+        for (int64_t t = 0; t < cache_rows; t++) kv_rows[t] = (int32_t)t;
+        uint64_t x = 88172645463325252ull;  // xorshift: a fixed shuffle of the cache rows
+        for (int64_t t = cache_rows - 1; t > 0; t--) {
+            x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+            std::swap(kv_rows[t], kv_rows[(int64_t)(x % (uint64_t)(t + 1))]);
+        }
+        for (int64_t t = 0; t < rows; t++) pos[t] = (int32_t)(t % 2048);
+        std::vector<float> inv(kHeadDim);  // both tables, the same
+        for (int i = 0; i < kHeadDim; i++)
+            inv[i] = (float)std::pow(500000.0, -2.0 * (i % (kHeadDim / 2)) / kHeadDim);
+        int32_t *d_pos = (int32_t *)dalloc(rows * 4), *d_rows = (int32_t *)dalloc(rows * 4);
+        float *d_inv = (float *)dalloc(inv.size() * 4);
+        BENCH_CUDA(cudaMemcpy(d_pos, pos.data(), rows * 4, cudaMemcpyHostToDevice));
+        BENCH_CUDA(cudaMemcpy(d_rows, kv_rows.data(), rows * 4, cudaMemcpyHostToDevice));
+        BENCH_CUDA(cudaMemcpy(d_inv, inv.data(), inv.size() * 4, cudaMemcpyHostToDevice));
+        const int64_t stride = (int64_t)heads * kHeadDim, q = (int64_t)kHeads * kHeadDim;
+        const double bytes = 2.0 * (double)rows * (q + 2 * kv) * 2 + 8.0 * rows;
+        std::snprintf(shape, sizeof shape, "[%lld, %d, %d] -> cache", (long long)rows, heads,
+                      kHeadDim);
+        double us = time_us(
+            r,
+            [&](int i) {
+                BENCH_SF(sf_cuda_rope_kv_cache_bf16((sf_bf16 *)qkv[i], stride, rows, kHeads,
+                                                    kKvHeads, kHeadDim, d_pos, nullptr, d_inv,
+                                                    1.0f, 1.0f, d_rows, kc, vc, kv, stream));
+            },
+            stream);
+        report("sf_cuda_rope_kv_cache_bf16", shape, bytes, us);
+        us = time_us(
+            r,
+            [&](int i) {
+                sf_bf16 *b = (sf_bf16 *)qkv[i];
+                BENCH_SF(sf_cuda_rope2_bf16(b, d_pos, nullptr, rows, kHeads + kKvHeads, kHeadDim,
+                                            stride, d_inv, 1.0f, 1.0f, stream));
+                BENCH_SF(sf_cuda_scatter_rows_bf16(kc, kv, b + q, stride, d_rows, rows, kv,
+                                                   stream));
+                BENCH_SF(sf_cuda_scatter_rows_bf16(vc, kv, b + q + kv, stride, d_rows, rows, kv,
+                                                   stream));
+            },
+            stream);
+        report("  before: rope2 + 2 row scatters", shape, bytes, us);
+        for (void *p : qkv) BENCH_CUDA(cudaFree(p));
+        for (void *p : {(void *)kc, (void *)vc, (void *)d_pos, (void *)d_rows, (void *)d_inv})
+            BENCH_CUDA(cudaFree(p));
     }
 
     // SwiGLU: gate and up [tokens, 14336] read, out written; the fused form reads one

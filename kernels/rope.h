@@ -32,6 +32,24 @@ sf_status sf_cuda_rope2_bf16(sf_bf16 *x, const int32_t *positions, const int32_t
                              const float *inv_freq2, float attention_scale0,
                              float attention_scale1, cudaStream_t stream);
 
+/* One layer's attention inputs in one launch, where the KV cache is what attention reads
+ * (inference): qkv holds n packed token rows (row stride qkv_stride values) of n_heads q heads,
+ * then n_kv_heads k heads, then n_kv_heads v heads. For token t:
+ *   its q heads are rotated in place, as sf_cuda_rope2_bf16 would;
+ *   its k heads, rotated the same way, go to row kv_rows[t] of k_cache, and its v heads,
+ *   unchanged, to row kv_rows[t] of v_cache (cache rows cache_stride values apart);
+ *   with kv_rows[t] < 0, neither (its q is still rotated).
+ * The k and v heads in qkv are left as they were. Rows kv_rows[t] >= 0 must be distinct and
+ * inside both caches. The same angles, tables and rounding as sf_cuda_rope2_bf16 (CPU twin:
+ * sf_cpu_rope_apply, and row copies). Fuses what was a rotation launch and two row scatters. */
+sf_status sf_cuda_rope_kv_cache_bf16(sf_bf16 *qkv, int64_t qkv_stride, int64_t n, int32_t n_heads,
+                                     int32_t n_kv_heads, int32_t head_dim,
+                                     const int32_t *positions, const int32_t *table,
+                                     const float *inv_freq2, float attention_scale0,
+                                     float attention_scale1, const int32_t *kv_rows,
+                                     sf_bf16 *k_cache, sf_bf16 *v_cache, int64_t cache_stride,
+                                     cudaStream_t stream);
+
 /* Backward (training; CPU twin sf_cpu_rope_backward): the transpose of the rotation above,
  * which is the rotation by the negative angle with the same scale s,
  *   dx[t, h, i]            = dy[t, h, i] cos(a) s + dy[t, h, i + head_dim/2] sin(a) s

@@ -427,6 +427,169 @@ TEST(CudaRope, OddHalfAndManyHeads) {
     check_rope(rope_config(SF_ROPE_DEFAULT, 128, 500000.0), 32, 65, 0, 8);
 }
 
+// The fused inference form (sf_cuda_rope_kv_cache_bf16): in qkv rows of n_heads q, n_kv_heads k
+// and n_kv_heads v heads (plus qkv_pad values), q rotated in place; k rotated and v copied into
+// cache rows kv_rows[t] (rows cache_pad values wider than the heads). Rotations against the CPU
+// twin within rope_bound (the arithmetic is rope_kernel's); everything else bit for bit: the v
+// copies, and all that must stay as it was (qkv's k, v and pad, cache rows no token names,
+// tokens with kv_rows[t] = -1, the caches' pad). With use_table (longrope) each token takes
+// the short or the long frequencies and scale at random, as requests past the original context
+// do; without, table is NULL and only the first table is read.
+void check_rope_kv_cache(const sf_llm_config &cfg, int32_t n_heads, int32_t n_kv_heads,
+                         int64_t n, int64_t qkv_pad, int64_t cache_pad, bool use_table,
+                         uint64_t seed) {
+    Rng rng(seed);
+    const int32_t d = cfg.head_dim, half = d / 2;
+    const int64_t q_vals = (int64_t)n_heads * d, kv_vals = (int64_t)n_kv_heads * d;
+    const int64_t qkv_stride = q_vals + 2 * kv_vals + qkv_pad, cache_stride = kv_vals + cache_pad;
+    const int64_t cache_rows = n + 5;  // five rows nobody writes
+    // each cache is handed over one row into a buffer with a row more at either end, which
+    // must stay as they are (a write through kv_rows[t] = -1 would land in the first)
+    const int64_t buf_rows = cache_rows + 2;
+
+    std::vector<int32_t> pos(n), table(n, 0), kv_rows(n), perm(cache_rows);
+    for (int64_t t = 0; t < n; t++) pos[t] = (int32_t)rng.below(8193);
+    pos[0] = 0;
+    if (n > 1) pos[n - 1] = 8192;
+    for (int64_t r = 0; r < cache_rows; r++) perm[r] = (int32_t)r;
+    for (int64_t r = cache_rows - 1; r > 0; r--) std::swap(perm[r], perm[rng.below(r + 1)]);
+    for (int64_t t = 0; t < n; t++) {
+        kv_rows[t] = t % 5 == 3 ? -1 : perm[t];  // every fifth token stores nothing
+        if (use_table) table[t] = (int32_t)rng.below(2);
+    }
+    // the two tables: short (a request within the original context) and long
+    std::vector<double> inv64[2] = {std::vector<double>(half), std::vector<double>(half)};
+    double scale[2];
+    sf_cpu_rope_freqs(&cfg, 1, inv64[0].data(), &scale[0]);
+    sf_cpu_rope_freqs(&cfg, 1 << 20, inv64[1].data(), &scale[1]);
+    std::vector<float> inv32(2 * half);
+    for (int32_t i = 0; i < 2 * half; i++) inv32[i] = (float)inv64[i / half][i % half];
+
+    const std::vector<float> qkv = bf16_round(scaled_normal(rng, (size_t)(n * qkv_stride), 1.0f));
+    const std::vector<float> kc_buf = bf16_round(scaled_normal(rng, (size_t)(buf_rows * cache_stride), 1.0f));
+    const std::vector<float> vc_buf = bf16_round(scaled_normal(rng, (size_t)(buf_rows * cache_stride), 1.0f));
+    DeviceBuffer<uint16_t> d_qkv(to_bf16(qkv)), d_kc(to_bf16(kc_buf)), d_vc(to_bf16(vc_buf));
+    DeviceBuffer<int32_t> d_pos(pos), d_table(table), d_rows(kv_rows);
+    DeviceBuffer<float> d_inv(inv32);
+    ASSERT_EQ(sf_cuda_rope_kv_cache_bf16(d_qkv.get(), qkv_stride, n, n_heads, n_kv_heads, d,
+                                         d_pos.get(), use_table ? d_table.get() : nullptr,
+                                         d_inv.get(), (float)scale[0], (float)scale[1],
+                                         d_rows.get(), d_kc.get() + cache_stride,
+                                         d_vc.get() + cache_stride, cache_stride, 0),
+              SF_OK)
+        << sf_last_error();
+    SF_EXPECT_SYNC();
+    const std::vector<float> got_qkv = from_bf16(d_qkv.host());
+    // the caches as handed over (row r at r * cache_stride), and the whole buffers
+    const std::vector<float> got_kc_buf = from_bf16(d_kc.host()), got_vc_buf = from_bf16(d_vc.host());
+    const float *kc = kc_buf.data() + cache_stride, *vc = vc_buf.data() + cache_stride;
+    const float *got_kc = got_kc_buf.data() + cache_stride, *got_vc = got_vc_buf.data() + cache_stride;
+
+    BoundCheck check("rope_kv_cache");
+    std::vector<bool> written(cache_rows, false);
+    for (int64_t t = 0; t < n; t++) {
+        const int tb = table[t];
+        const float *row = qkv.data() + t * qkv_stride;
+        // the CPU twin on this token's q and k heads, with its table
+        std::vector<float> want(row, row + q_vals + kv_vals);
+        sf_cpu_rope_apply(want.data(), &pos[t], 1, n_heads + n_kv_heads, d, inv64[tb].data(),
+                          scale[tb]);
+        auto check_head = [&](const float *got, int64_t h) {
+            for (int32_t i = 0; i < d; i++) {
+                const int64_t k = h * d;
+                const int32_t j = i % half;
+                check.add(got[i], want[k + i],
+                          rope_bound(want[k + i], row[k + j], row[k + j + half], scale[tb],
+                                     pos[t], inv64[tb][j]),
+                          t * qkv_stride + k + i);
+            }
+        };
+        for (int64_t h = 0; h < n_heads; h++) check_head(got_qkv.data() + t * qkv_stride + h * d, h);
+        for (int64_t i = q_vals; i < qkv_stride; i++) {
+            ASSERT_EQ(bits(got_qkv[t * qkv_stride + i]), bits(row[i]))
+                << "qkv value " << i << " of token " << t << " (k, v or pad) changed";
+        }
+        if (kv_rows[t] < 0) continue;
+        const int64_t r = kv_rows[t];
+        written[r] = true;
+        for (int64_t h = 0; h < n_kv_heads; h++)
+            check_head(got_kc + r * cache_stride + h * d, n_heads + h);
+        for (int64_t i = 0; i < kv_vals; i++) {
+            ASSERT_EQ(bits(got_vc[r * cache_stride + i]), bits(row[q_vals + kv_vals + i]))
+                << "v value " << i << " of token " << t << " in cache row " << r;
+        }
+        for (int64_t i = kv_vals; i < cache_stride; i++) {
+            ASSERT_EQ(bits(got_kc[r * cache_stride + i]), bits(kc[r * cache_stride + i]));
+            ASSERT_EQ(bits(got_vc[r * cache_stride + i]), bits(vc[r * cache_stride + i]));
+        }
+    }
+    for (int64_t r = -1; r <= cache_rows; r++) {  // with the rows either side
+        if (r >= 0 && r < cache_rows && written[r]) continue;
+        for (int64_t i = 0; i < cache_stride; i++) {
+            ASSERT_EQ(bits(got_kc[r * cache_stride + i]), bits(kc[r * cache_stride + i]))
+                << "k cache row " << r << ", which no token names, changed (-1 and "
+                << cache_rows << ": the rows either side)";
+            ASSERT_EQ(bits(got_vc[r * cache_stride + i]), bits(vc[r * cache_stride + i]))
+                << "v cache row " << r << ", which no token names, changed (-1 and "
+                << cache_rows << ": the rows either side)";
+        }
+    }
+    EXPECT_TRUE(check.ok());
+    check.record();
+}
+
+// SmolLM2's heads (9/3, d 64), Phi-3.5's longrope (d 96, both tables), Llama 3.1's (32/8, d 128);
+// 1, 7 and 65 tokens; packed rows (128-bit path) and padded ones (+4: the scalar path).
+TEST(CudaRope, KvCacheMatchesCpuWithinDerivedBound) {
+    SF_SKIP_WITHOUT_GPU();
+    const sf_test::RopeConfigs rc;
+    struct Heads {
+        const sf_llm_config *cfg;
+        int32_t n_heads, n_kv_heads;
+    };
+    uint64_t seed = 300;
+    for (const Heads &h : {Heads{&rc.c64, 9, 3}, Heads{&rc.c96, 4, 4}, Heads{&rc.c128, 32, 8}}) {
+        for (int64_t n : {1, 7, 65}) {
+            for (int64_t pad : {0, 4}) {
+                SCOPED_TRACE(testing::Message() << "head_dim " << h.cfg->head_dim << ", heads "
+                                                << h.n_heads << "/" << h.n_kv_heads << ", n "
+                                                << n << ", pad " << pad);
+                check_rope_kv_cache(*h.cfg, h.n_heads, h.n_kv_heads, n, pad, pad,
+                                    h.cfg->rope.type == SF_ROPE_LONGROPE, seed++);
+                if (HasFatalFailure()) return;
+            }
+        }
+    }
+}
+
+TEST(CudaRope, KvCacheRejectsBadArguments) {
+    // checked before any CUDA call: no device needed, pointers never dereferenced
+    alignas(16) uint16_t buf[8] = {};
+    int32_t ints[2] = {};
+    float f[2] = {};
+    sf_bf16 *x = buf;
+    auto call = [&](int64_t qkv_stride, int64_t n, int32_t nh, int32_t nkv, int32_t d,
+                    int64_t cache_stride) {
+        return sf_cuda_rope_kv_cache_bf16(x, qkv_stride, n, nh, nkv, d, ints, nullptr, f, 1.0f,
+                                          1.0f, ints, x, x, cache_stride, 0);
+    };
+    EXPECT_EQ(call(384, -1, 4, 2, 48, 96), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(call(384, 4, 4, 2, 47, 96), SF_ERR_INVALID_ARGUMENT);        // odd head_dim
+    EXPECT_EQ(call(384, 4, 4, 2, 514, 96), SF_ERR_INVALID_ARGUMENT);       // head_dim > 512
+    EXPECT_EQ(call(383, 4, 4, 2, 48, 96), SF_ERR_INVALID_ARGUMENT);        // qkv row too short
+    EXPECT_EQ(call(384, 4, 4, 2, 48, 95), SF_ERR_INVALID_ARGUMENT);        // cache row too short
+    EXPECT_EQ(call(384, 4, -1, 2, 48, 96), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(call(INT64_MAX / 2, 4, 4, 2, 48, 96), SF_ERR_INVALID_ARGUMENT);  // overflows
+    EXPECT_EQ(sf_cuda_rope_kv_cache_bf16(x, 384, 4, 4, 2, 48, ints, nullptr, f, 1.0f, 1.0f,
+                                         nullptr, x, x, 96, 0),
+              SF_ERR_INVALID_ARGUMENT);  // no kv_rows
+    EXPECT_EQ(sf_cuda_rope_kv_cache_bf16(x + 1, 384, 4, 4, 2, 48, ints, nullptr, f, 1.0f, 1.0f,
+                                         ints, x, reinterpret_cast<sf_bf16 *>((char *)buf + 1),
+                                         96, 0),
+              SF_ERR_INVALID_ARGUMENT);  // v cache not aligned to its element
+    EXPECT_EQ(call(384, 0, 4, 2, 48, 96), SF_OK);  // nothing to do
+}
+
 // =============================================================================================
 // Activations
 // =============================================================================================

@@ -6,8 +6,8 @@
  * Per layer (T packed rows):
  *   xn = rmsnorm(x (+ tmp, the previous sub-block's output; fused residual add))
  *   qkv = xn W_qkv^T (+ b)            one GEMM for q, k and v
- *   rope on q and k in place          one launch: their heads are adjacent in each qkv row
- *   K/V rows -> cache slots           two scatters
+ *   rope(q) in place, rope(k) and v   one launch (sf_cuda_rope_kv_cache_bf16)
+ *     -> the rows' cache slots
  *   attn = attention(q, cache)        causal, GQA, per-request positions and lengths
  *   tmp = attn W_o^T (+ b)
  *   xn = rmsnorm(x += tmp)
@@ -46,11 +46,10 @@ static sf_status layer(sf_cuda_engine *e, int l, int32_t n_requests, int64_t T,
     SF_TRY(sf_cuda_rmsnorm_bf16(a->xn, l ? a->x : NULL, l ? a->tmp : a->x, l ? a->x : NULL,
                                 L->attn_norm, T, d, c->rms_norm_eps, s));
     SF_TRY(gemm(e, a->qkv, false, qkv, a->xn, d, L->w_qkv, L->b_qkv, T, qkv, d, s));
-    SF_TRY(sf_cuda_rope2_bf16(a->qkv, a->positions, a->rope_table, T,
-                              c->num_heads + c->num_kv_heads, c->head_dim, qkv, a->inv_freq,
-                              e->rope_scale[0], e->rope_scale[1], s));
-    SF_TRY(sf_cuda_scatter_rows_bf16(kc, kv, a->qkv + q, qkv, a->kv_rows, T, kv, s));
-    SF_TRY(sf_cuda_scatter_rows_bf16(vc, kv, a->qkv + q + kv, qkv, a->kv_rows, T, kv, s));
+    SF_TRY(sf_cuda_rope_kv_cache_bf16(a->qkv, qkv, T, c->num_heads, c->num_kv_heads,
+                                      c->head_dim, a->positions, a->rope_table, a->inv_freq,
+                                      e->rope_scale[0], e->rope_scale[1], a->kv_rows, kc, vc, kv,
+                                      s));
 
     sf_attention_args at = {0};
     at.out = a->attn;
