@@ -114,9 +114,9 @@ __global__ void __launch_bounds__(kBlock)
     for (int w = threadIdx.x; w < rotated * groups; w += blockDim.x) {
         const int h = w / groups;
         const __nv_bfloat16 *src = row + (int64_t)h * head_dim;
-        __nv_bfloat16 *dst = h < n_heads
-                                 ? row + (int64_t)h * head_dim
-                                 : k_cache + kv_row * cache_stride + (int64_t)(h - n_heads) * head_dim;
+        __nv_bfloat16 *dst = h < n_heads ? row + (int64_t)h * head_dim
+                                         : k_cache + kv_row * cache_stride +
+                                               (int64_t)(h - n_heads) * head_dim;
         rotate_pairs<VEC>(src, dst, half, (w - h * groups) * VEC, cos_s, sin_s);
     }
     if (kv_row < 0) return;

@@ -21,8 +21,11 @@ n=$(grep -c 'Compiling entry function' "$out/log" || true)
 # reservation, and with fewer reserved it would wait forever (attention_sm90.cu).
 ws_regs=$(awk '/Compiling entry function .*attention_sm90_ws_kernel/ { ws = 1; next }
                /Compiling entry function/ { ws = 0 }
-               ws && /Used [0-9]+ registers/ { match($0, /Used [0-9]+/); print substr($0, RSTART + 5, RLENGTH - 5); ws = 0 }' \
-          "$out/log" | sort -u | tr '\n' ' ')
+               ws && /Used [0-9]+ registers/ {
+                   match($0, /Used [0-9]+/)
+                   print substr($0, RSTART + 5, RLENGTH - 5)
+                   ws = 0
+               }' "$out/log" | sort -u | tr '\n' ' ')
 notes=$(grep -c 'Potential Performance Loss' "$out/log" || true)
 spills=$(grep -cE '[1-9][0-9]* bytes spill (stores|loads)' "$out/log" || true)
 echo "attention_sm90.cu: $n kernels, $notes performance notes, $spills with spills;" \

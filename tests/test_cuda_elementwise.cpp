@@ -466,8 +466,9 @@ void check_rope_kv_cache(const sf_llm_config &cfg, int32_t n_heads, int32_t n_kv
     for (int32_t i = 0; i < 2 * half; i++) inv32[i] = (float)inv64[i / half][i % half];
 
     const std::vector<float> qkv = bf16_round(scaled_normal(rng, (size_t)(n * qkv_stride), 1.0f));
-    const std::vector<float> kc_buf = bf16_round(scaled_normal(rng, (size_t)(buf_rows * cache_stride), 1.0f));
-    const std::vector<float> vc_buf = bf16_round(scaled_normal(rng, (size_t)(buf_rows * cache_stride), 1.0f));
+    const size_t buf_vals = (size_t)(buf_rows * cache_stride);
+    const std::vector<float> kc_buf = bf16_round(scaled_normal(rng, buf_vals, 1.0f));
+    const std::vector<float> vc_buf = bf16_round(scaled_normal(rng, buf_vals, 1.0f));
     DeviceBuffer<uint16_t> d_qkv(to_bf16(qkv)), d_kc(to_bf16(kc_buf)), d_vc(to_bf16(vc_buf));
     DeviceBuffer<int32_t> d_pos(pos), d_table(table), d_rows(kv_rows);
     DeviceBuffer<float> d_inv(inv32);
@@ -481,9 +482,11 @@ void check_rope_kv_cache(const sf_llm_config &cfg, int32_t n_heads, int32_t n_kv
     SF_EXPECT_SYNC();
     const std::vector<float> got_qkv = from_bf16(d_qkv.host());
     // the caches as handed over (row r at r * cache_stride), and the whole buffers
-    const std::vector<float> got_kc_buf = from_bf16(d_kc.host()), got_vc_buf = from_bf16(d_vc.host());
+    const std::vector<float> got_kc_buf = from_bf16(d_kc.host());
+    const std::vector<float> got_vc_buf = from_bf16(d_vc.host());
     const float *kc = kc_buf.data() + cache_stride, *vc = vc_buf.data() + cache_stride;
-    const float *got_kc = got_kc_buf.data() + cache_stride, *got_vc = got_vc_buf.data() + cache_stride;
+    const float *got_kc = got_kc_buf.data() + cache_stride;
+    const float *got_vc = got_vc_buf.data() + cache_stride;
 
     BoundCheck check("rope_kv_cache");
     std::vector<bool> written(cache_rows, false);
@@ -504,7 +507,9 @@ void check_rope_kv_cache(const sf_llm_config &cfg, int32_t n_heads, int32_t n_kv
                           t * qkv_stride + k + i);
             }
         };
-        for (int64_t h = 0; h < n_heads; h++) check_head(got_qkv.data() + t * qkv_stride + h * d, h);
+        for (int64_t h = 0; h < n_heads; h++) {
+            check_head(got_qkv.data() + t * qkv_stride + h * d, h);
+        }
         for (int64_t i = q_vals; i < qkv_stride; i++) {
             ASSERT_EQ(bits(got_qkv[t * qkv_stride + i]), bits(row[i]))
                 << "qkv value " << i << " of token " << t << " (k, v or pad) changed";
