@@ -12,7 +12,8 @@
 # pip download --no-deps nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm, unzip both wheels into
 # one directory, use nvidia/cu13/bin/cuobjdump. Reading SASS is how the ex2.approx.ftz change
 # and the placement of attention_sm90.cu's second wgmma wait were found; it says nothing about
-# time.
+# time. Where a kernel reallocates registers (setmaxnreg), it also prints the highest register
+# each region names, which must stay below the count the region was given.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 src=${1:?usage: tools/sass_summary.sh kernels/FILE.cu [90a|90|80] [filter]}
@@ -41,10 +42,29 @@ defs=(-DSF_HAVE_CUDA=1)
 awk -v filter="$filter" '
     /Function : / {
         if (name != "" && (filter == "" || index(name, filter))) report()
-        name = $3; n = 0; delete seq; k = 0; last = ""; next
+        name = $3; n = 0; delete seq; k = 0; last = ""; nreg = 0; region = ""; next
     }
     /^[ \t]+\/\*[0-9a-f]+\*\// {
         n++
+        # register reallocation (setmaxnreg): from each USETMAXREG to the first unpredicated
+        # EXIT after it, the highest register named, which must stay below the count it sets
+        # (what ptxas places after the last EXIT, such as the mbarrier waits retry loops it
+        # moves out of line, is counted in no region)
+        if ($0 ~ /USETMAXREG/) {
+            match($0, /0x[0-9a-f]+ ;/)
+            region = sprintf("%s %d", $0 ~ /DEALLOC/ ? "dealloc to" : "alloc to",
+                             hex(substr($0, RSTART + 2, RLENGTH - 4)))
+            nreg++; regions[nreg] = region; top[nreg] = -1
+        } else if (region != "" && $0 ~ /\*\/[ \t]+EXIT ;/) {
+            region = ""
+        } else if (region != "") {
+            line_ = $0
+            while (match(line_, /[^U]R[0-9]+/)) {
+                r = substr(line_, RSTART + 2, RLENGTH - 2) + 0
+                if (r > top[nreg]) top[nreg] = r
+                line_ = substr(line_, RSTART + RLENGTH)
+            }
+        }
         op = ""
         for (i = 2; i <= NF; i++) if ($i !~ /^@/) { op = $i; break }
         if (op ~ /^(HGMMA|WARPGROUP|BAR|LDGSTS|DEPBAR|LDGDEPBAR|MUFU.EX2|SHFL|HMMA|LDSM)/) {
@@ -55,11 +75,17 @@ awk -v filter="$filter" '
             if (op == last) cnt[k]++; else { k++; seq[k] = op; cnt[k] = 1; last = op }
         }
     }
+    function hex(h,   v, i) {
+        v = 0
+        for (i = 1; i <= length(h); i++) v = 16 * v + index("0123456789abcdef", substr(h, i, 1)) - 1
+        return v
+    }
     function report(   i, line) {
         printf "%s: %d instructions\n ", name, n
         line = ""
         for (i = 1; i <= k; i++) line = line sprintf(" %s%s", seq[i], cnt[i] > 1 ? "x" cnt[i] : "")
         print line
+        for (i = 1; i <= nreg; i++) printf " setmaxnreg %s: up to R%d after it\n", regions[i], top[i]
     }
     END { if (name != "" && (filter == "" || index(name, filter))) report() }
 ' "$tmp/k.sass" | c++filt | fold -s -w 100
