@@ -407,7 +407,8 @@ int main(int argc, char **argv) {
         {"prefill (wgmma ws n64)", 1, 2048, 2048, 32, 8, 128, true, 0, 0, 64, true},
         {"prefill (wgmma ws n64)", 8, 2048, 2048, 32, 8, 128, true, 0, 0, 64, true},
         // head dim 64 (a SmolLM2 Sysformer: d 576, 9 heads), where the ws kernel's P V runs on
-        // into the next round (kOverlapPv in attention_sm90.cu); at 128 it does not
+        // into the next round (kOverlapPv in attention_sm90.cu) at both tile widths; at head
+        // dim 128 (the rows above) only with 64-key tiles
         {"sysformer CA d64", 32, 256, 2048, 9, 9, 64, false, 0},
         {"sysformer CA d64 (wgmma n128)", 32, 256, 2048, 9, 9, 64, false, 0, 0, 128},
         {"sysformer CA d64 (wgmma ws n128)", 32, 256, 2048, 9, 9, 64, false, 0, 0, 128, true},

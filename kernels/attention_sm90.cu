@@ -16,8 +16,9 @@
 //                 them);
 //   the mask and online softmax in registers (attention_mma.cuh's, as attention.cu), P rounded
 //                 to bf16;
-//   O = O alpha + P V   wgmma m64nNk16 with A = P straight from the S accumulators (their
-//                 layout is the A fragment layout) and B = V from shared memory, transposed;
+//   O = O alpha + P V   wgmma m64nDk16 (one per 16 keys, all D columns) with A = P straight
+//                 from the S accumulators (their layout is the A fragment layout) and B = V
+//                 from shared memory, transposed;
 // and the epilogue divides by l. Each round issues S(t) = Q K(t)^T and then O = O alpha +
 // P(t-1) V(t-1), waits for S(t) only and runs the softmax of tile t while the second product
 // runs (FlashAttention-3's intra-warpgroup overlap; how much of the softmax ptxas leaves before
@@ -123,17 +124,6 @@ struct Sm90Params {
     bool causal;
 };
 
-// O's accumulators: columns 0..63 in o0, 64..D-1 in o1 (empty for D = 64); column block j
-// (8 columns) of either, element e, through at().
-template <int D>
-struct OAcc {
-    static constexpr int kN1 = D - 64;
-    float o0[32];
-    float o1[kN1 > 0 ? kN1 / 2 : 1];
-    __device__ __forceinline__ float &at(int j, int e) {
-        return j < 8 ? o0[4 * j + e] : o1[4 * (j - 8) + e];
-    }
-};
 
 // ---------------------------------------------------------------------------------------------
 // Device helpers
@@ -253,14 +243,17 @@ __device__ __forceinline__ void load_kv_tile(const Sm90Params &p, const CtaWork 
 // while P(t-1) V(t-1) still reads the other (the warp-specialized kernel).
 template <int D, int kBlockN, int kPSets = 1>
 struct WgTile {
-    static constexpr int kN1 = D - 64;  // O's columns past the first n64 product
     // Descriptors (tile_offset's placement): Q rows of this warpgroup; K as B, K-major; V as B,
     // MN-major: keys are K (core matrices 128 bytes apart), head dims are N (kBlockN * 16
-    // bytes apart), columns 64.. start 8 chunk columns in.
+    // bytes apart).
     static constexpr uint32_t kQLbo = kBlockM * 16, kKvLbo = kBlockN * 16;
 
     float s[kBlockN / 2];          // S(t), then P(t) unrounded
-    OAcc<D> o;
+    // O's accumulators, all D columns of one product: column block j (8 columns), element e
+    // at o[4 j + e]. (One m64nDk16 per 16 keys, not an n64 and an n(D - 64) reading the same
+    // P registers: with two, ptxas could not keep P V running into the next round at head
+    // dim 128 (kOverlapPv) without serializing it.)
+    float o[D / 2];
     uint32_t pf[kPSets][kBlockN / 16][4];  // P rounded to bf16, as A fragments, per 16 keys
     float m[2], l[2];
     float o_scale[2];              // what O must be scaled by before the next P V is added
@@ -285,7 +278,7 @@ struct WgTile {
             o_scale[h] = 1.0f;
         }
 #pragma unroll
-        for (int j = 0; j < D / 8; j++) o.at(j, 0) = o.at(j, 1) = o.at(j, 2) = o.at(j, 3) = 0.0f;
+        for (int i = 0; i < D / 2; i++) o[i] = 0.0f;
 #pragma unroll
         for (int b = 0; b < kPSets; b++) {
 #pragma unroll
@@ -302,8 +295,7 @@ struct WgTile {
         pin_pv();
     }
     __device__ __forceinline__ void pin_pv() {
-        reg_fence(o.o0);
-        reg_fence(o.o1);
+        reg_fence(o);
 #pragma unroll
         for (int b = 0; b < kPSets; b++) {
 #pragma unroll
@@ -331,11 +323,7 @@ struct WgTile {
 #pragma unroll
         for (int kc = 0; kc < kBlockN / 16; kc++) {
             const uint32_t v_kc = v_t + tile_offset(16 * kc, 0, kBlockN);
-            wgmma_rs_bt<64>(o.o0, pf[b % kPSets][kc], wgmma_desc(v_kc, 128, kKvLbo), 1);
-            if constexpr (kN1 > 0) {
-                wgmma_rs_bt<kN1>(o.o1, pf[b % kPSets][kc],
-                                 wgmma_desc(v_kc + tile_offset(0, 8, kBlockN), 128, kKvLbo), 1);
-            }
+            wgmma_rs_bt<D>(o, pf[b % kPSets][kc], wgmma_desc(v_kc, 128, kKvLbo), 1);
         }
         wgmma_commit();
     }
@@ -359,8 +347,8 @@ struct WgTile {
         for (int h = 0; h < 2; h++) {
 #pragma unroll
             for (int j = 0; j < D / 8; j++) {
-                o.at(j, 2 * h) *= o_scale[h];
-                o.at(j, 2 * h + 1) *= o_scale[h];
+                o[4 * j + 2 * h] *= o_scale[h];
+                o[4 * j + 2 * h + 1] *= o_scale[h];
             }
         }
     }
@@ -414,7 +402,7 @@ struct WgTile {
             for (int h = 0; h < 2; h++) {
                 *reinterpret_cast<uint32_t *>(sQ + tile_offset(r_warp + g + 8 * h, j, kBlockM) +
                                               4 * t4) =
-                    pack_bf16x2(o.at(j, 2 * h) * inv[h], o.at(j, 2 * h + 1) * inv[h]);
+                    pack_bf16x2(o[4 * j + 2 * h] * inv[h], o[4 * j + 2 * h + 1] * inv[h]);
             }
         }
         __syncwarp();
@@ -616,9 +604,10 @@ __global__ void __launch_bounds__(kWsThreads, 1) attention_sm90_ws_kernel(const 
     const int warp_m = warp - 4;  // the warp's 16 rows among the CTA's kBlockM
     // Whether P(t-1) V(t-1) runs on into round t + 1 (see the rounds): where the registers
     // allow it, without spills or serialized wgmma (tests/check_ptxas.sh), i.e. where o, the P
-    // that product reads, S(t) and P(t) fit at once. (Head dim 128 does not, even at 64-key
-    // tiles: it spills at 240 registers, the most the producer can give up with 24 left.)
-    constexpr bool kOverlapPv = D == 64 || (kBlockN == 64 && D <= 96);
+    // that product reads, S(t) and P(t) fit at once: every head dim at 64-key tiles, head dims
+    // 64 and 80 at 128-key tiles. (At 128-key tiles ptxas serializes the products of head dim
+    // 96 (C7512) and spills at 128.)
+    constexpr bool kOverlapPv = kBlockN == 64 || D <= 80;
     WgTile<D, kBlockN, kOverlapPv ? 2 : 1> st;  // P(t) in set t % 2 (of 2)
     st.init(p, w, w.row0 + warp_m * 16, lane);
     const uint32_t q_wg = tiles.q + tile_offset(c * 64, 0, kBlockM);
@@ -805,11 +794,11 @@ __global__ void __launch_bounds__(128)
     st.issue_pv(tiles.v(0));  // o_scale is 1 after init: O = 0 * 1 + P V
     wgmma_wait<0>();
     st.pin();
-    // o.at(j, e) is row row[e / 2], column 8 j + 2 t4 + e % 2 (the epilogue's reading)
+    // o[4 j + e] is row row[e / 2], column 8 j + 2 t4 + e % 2 (the epilogue's reading)
 #pragma unroll
     for (int j = 0; j < D / 8; j++) {
 #pragma unroll
-        for (int e = 0; e < 4; e++) o_out[row[e / 2] * D + 8 * j + 2 * t4 + e % 2] = st.o.at(j, e);
+        for (int e = 0; e < 4; e++) o_out[row[e / 2] * D + 8 * j + 2 * t4 + e % 2] = st.o[4 * j + e];
     }
 }
 

@@ -100,8 +100,8 @@ case "$suite" in
         # the warp-specialized kernel shares its products, softmax and epilogue with the
         # pipelined one: the tests whose requests run through several rounds of its stages
         # (mbarrier phases of both parities) and where one consumer has no rows, and one at
-        # 64-key tiles, whose d 96 takes the rounds that leave P V running (kOverlapPv) where
-        # 128-key tiles do not (the rest: by name)
+        # 64-key tiles, whose d 96 and 128 take the rounds that leave P V running (kOverlapPv)
+        # where 128-key tiles do not (the rest: by name)
         ws='*CausalSlidingWindow/sm90_ws:*ChunkedPrefillAgainstCache/sm90_ws'
         ws+=':*SlottedCacheWithGaps/sm90_ws:*CrossAttentionOtherLengths/sm90_ws'
         ws+=':*ChunkedPrefillAgainstCache/sm90_ws_n64'
