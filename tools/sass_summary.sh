@@ -48,7 +48,7 @@ awk -v filter="$filter" '
         n++
         # register reallocation (setmaxnreg): from each USETMAXREG to the first unpredicated
         # EXIT after it, the highest register named, which must stay below the count it sets
-        # (what ptxas places after the last EXIT, such as the mbarrier waits retry loops it
+        # (what ptxas places after the last EXIT, such as the retry loops of mbarrier waits it
         # moves out of line, is counted in no region)
         if ($0 ~ /USETMAXREG/) {
             match($0, /0x[0-9a-f]+ ;/)
