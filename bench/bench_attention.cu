@@ -413,6 +413,12 @@ int main(int argc, char **argv) {
         {"sysformer CA d64 (wgmma n128)", 32, 256, 2048, 9, 9, 64, false, 0, 0, 128},
         {"sysformer CA d64 (wgmma ws n128)", 32, 256, 2048, 9, 9, 64, false, 0, 0, 128, true},
         {"sysformer CA d64 (wgmma ws n64)", 32, 256, 2048, 9, 9, 64, false, 0, 0, 64, true},
+        // head dim 96 (a Phi-3.5-mini Sysformer: d 3072, 32 heads), where the overlap needs the
+        // 64-key tiles: ws n64 against ws n128 is what it is worth at this head dim
+        {"sysformer CA d96", 32, 256, 2048, 32, 32, 96, false, 0},
+        {"sysformer CA d96 (wgmma n128)", 32, 256, 2048, 32, 32, 96, false, 0, 0, 128},
+        {"sysformer CA d96 (wgmma ws n128)", 32, 256, 2048, 32, 32, 96, false, 0, 0, 128, true},
+        {"sysformer CA d96 (wgmma ws n64)", 32, 256, 2048, 32, 32, 96, false, 0, 0, 64, true},
     };
     for (const Shape &s : shapes) run_shape(s, warmup, repeats);
     release_peer_plans();

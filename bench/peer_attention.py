@@ -28,6 +28,7 @@ SHAPES = [  # name, requests, n_q, n_kv, heads, kv heads, head dim, causal, pos0
     ("decode", 32, 1, 2048, 32, 8, 128, True, 2047),
     ("decode", 1, 1, 2048, 32, 8, 128, True, 2047),
     ("sysformer CA d64", 32, 256, 2048, 9, 9, 64, False, 0),
+    ("sysformer CA d96", 32, 256, 2048, 32, 32, 96, False, 0),
 ]
 
 
