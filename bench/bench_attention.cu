@@ -401,14 +401,21 @@ int main(int argc, char **argv) {
         {"sysformer CA (wgmma ws n128)", 32, 256, 2048, 32, 32, 128, false, 0, 0, 128, true},
         {"prefill (wgmma ws n128)", 1, 2048, 2048, 32, 8, 128, true, 0, 0, 128, true},
         {"prefill (wgmma ws n128)", 8, 2048, 2048, 32, 8, 128, true, 0, 0, 128, true},
+        // 96-key tiles: at head dim 128 the widest where the ws kernel's P V runs on into the
+        // next round (kOverlapPv)
+        {"sysformer SA (wgmma ws n96)", 32, 256, 256, 32, 32, 128, false, 0, 0, 96, true},
+        {"sysformer CA (wgmma ws n96)", 32, 256, 512, 32, 32, 128, false, 0, 0, 96, true},
+        {"sysformer CA (wgmma ws n96)", 32, 256, 2048, 32, 32, 128, false, 0, 0, 96, true},
+        {"prefill (wgmma ws n96)", 1, 2048, 2048, 32, 8, 128, true, 0, 0, 96, true},
+        {"prefill (wgmma ws n96)", 8, 2048, 2048, 32, 8, 128, true, 0, 0, 96, true},
         {"sysformer SA (wgmma ws n64)", 32, 256, 256, 32, 32, 128, false, 0, 0, 64, true},
         {"sysformer CA (wgmma ws n64)", 32, 256, 512, 32, 32, 128, false, 0, 0, 64, true},
         {"sysformer CA (wgmma ws n64)", 32, 256, 2048, 32, 32, 128, false, 0, 0, 64, true},
         {"prefill (wgmma ws n64)", 1, 2048, 2048, 32, 8, 128, true, 0, 0, 64, true},
         {"prefill (wgmma ws n64)", 8, 2048, 2048, 32, 8, 128, true, 0, 0, 64, true},
         // head dim 64 (a SmolLM2 Sysformer: d 576, 9 heads), where the ws kernel's P V runs on
-        // into the next round (kOverlapPv in attention_sm90.cu) at both tile widths; at head
-        // dim 128 (the rows above) only with 64-key tiles
+        // into the next round (kOverlapPv in attention_sm90.cu) at every tile width; at head
+        // dim 128 (the rows above) only with 64- and 96-key tiles
         {"sysformer CA d64", 32, 256, 2048, 9, 9, 64, false, 0},
         {"sysformer CA d64 (wgmma n128)", 32, 256, 2048, 9, 9, 64, false, 0, 0, 128},
         {"sysformer CA d64 (wgmma ws n128)", 32, 256, 2048, 9, 9, 64, false, 0, 0, 128, true},

@@ -69,8 +69,8 @@ gpu_tests() {  # $1: gtest filter, $2: log name, $3: timeout
 # every later test in the same process (and a warp-specialized kernel whose barriers never
 # complete hangs until the timeout), so each kernel's tests run in a process of their own,
 # after the others.
-wgmma_tests='CudaWgmmaProducts.*:*/sm90:*/sm90_n64:*WgmmaAttention*'
-ws_tests='*/sm90_ws:*/sm90_ws_n64:*WgmmaWs*'
+wgmma_tests='CudaWgmmaProducts.*:*/sm90:*/sm90_n96:*/sm90_n64:*WgmmaAttention*'
+ws_tests='*/sm90_ws:*/sm90_ws_n96:*/sm90_ws_n64:*WgmmaWs*'
 if [[ $mode == quick ]]; then
     gpu_tests "Cuda*:-$wgmma_tests:$ws_tests" gpu_tests 200
     grep -B 3 -A 12 -E 'Failure|error:' "$OUT/gpu_tests.log" | head -n 150

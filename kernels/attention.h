@@ -107,8 +107,8 @@ sf_status sf_cuda_attention_bf16(const sf_attention_args *a, cudaStream_t stream
  * so sf_cuda_attention_bf16 runs it only when asked (a->kernel). */
 sf_status sf_cuda_attention_sm90_bf16(const sf_attention_args *a, cudaStream_t stream);
 
-/* sf_cuda_attention_sm90_bf16 with key tiles of block_n keys: 64 or 128 (0: the default, 128);
- * anything else is SF_ERR_INVALID_ARGUMENT. For tests and bench_attention to compare the two. */
+/* sf_cuda_attention_sm90_bf16 with key tiles of block_n keys: 64, 96 or 128 (0: the default, 128);
+ * anything else is SF_ERR_INVALID_ARGUMENT. For tests and bench_attention to compare them. */
 sf_status sf_cuda_attention_sm90_tiles_bf16(const sf_attention_args *a, int32_t block_n,
                                             cudaStream_t stream);
 
@@ -130,7 +130,7 @@ sf_status sf_cuda_attention_sm90_check(void);
  * layouts, with no softmax or masking; so a test can tell which operand the tensor cores read
  * otherwise than the kernels assume. Device pointers, row-major: q [64 x head_dim], k and v
  * [block_n x head_dim], p [64 x block_n] (bf16 bits; q, k, v 16-byte aligned); out s
- * [64 x block_n] and o [64 x head_dim] (fp32). head_dim 64, 80, 96 or 128, block_n 64 or 128
+ * [64 x block_n] and o [64 x head_dim] (fp32). head_dim 64, 80, 96 or 128, block_n 64, 96 or 128
  * (SF_ERR_INVALID_ARGUMENT otherwise); sf_cuda_attention_sm90_check's errors; asynchronous on
  * stream. */
 sf_status sf_cuda_wgmma_products_bf16(int32_t head_dim, int32_t block_n, const uint16_t *q,

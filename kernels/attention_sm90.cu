@@ -65,15 +65,16 @@ constexpr int kWarpgroups = 2;
 constexpr int kThreads = kWarpgroups * 128;
 constexpr int kBlockM = kWarpgroups * 64;
 // Keys per tile unless the caller asks (sf_cuda_attention_sm90_tiles_bf16): 128 as in
-// FlashAttention-3 for these head dims; which of 64 and 128 is faster here is for the first GPU
-// run's bench_attention to say.
+// FlashAttention-3 for these head dims; which of 64, 96 and 128 is faster here is for the first
+// GPU run's bench_attention to say.
 constexpr int kDefaultBlockN = 128;
 
 // Buffers each of K and V (the pipelined kernel's double buffering; the warp-specialized
 // kernel's stages).
 constexpr int kStages = 2;
 
-// D: head dim; kBlockN: keys per tile (64 or 128, sf_cuda_attention_sm90_tiles_bf16's block_n).
+// D: head dim; kBlockN: keys per tile (64, 96 or 128, sf_cuda_attention_sm90_tiles_bf16's
+// block_n).
 template <int D, int kBlockN>
 struct Sm90Shape {
     static constexpr int kChunks = D / 8;  // 16-byte chunks per head row
@@ -85,7 +86,8 @@ struct Sm90Shape {
     // V landed, K free, V free
     static constexpr size_t kWsSmemBytes = kTilesBytes + (1 + 4 * kStages) * 8;
     static_assert(D == 64 || D == 80 || D == 96 || D == 128, "unsupported head dim");
-    static_assert(kBlockN == 64 || kBlockN == 128, "wgmma_ss has n64 and n128");
+    static_assert(kBlockN == 64 || kBlockN == 96 || kBlockN == 128,
+                  "wgmma_ss has n64, n96 and n128");
     static_assert((16 * kChunks) % 32 == 0, "the store loop gives every lane the same count");
 };
 
@@ -604,10 +606,11 @@ __global__ void __launch_bounds__(kWsThreads, 1) attention_sm90_ws_kernel(const 
     const int warp_m = warp - 4;  // the warp's 16 rows among the CTA's kBlockM
     // Whether P(t-1) V(t-1) runs on into round t + 1 (see the rounds): where the registers
     // allow it, without spills or serialized wgmma (tests/check_ptxas.sh), i.e. where o, the P
-    // that product reads, S(t) and P(t) fit at once: every head dim at 64-key tiles, head dims
-    // 64 and 80 at 128-key tiles. (At 128-key tiles ptxas serializes the products of head dim
-    // 96 (C7512) and spills at 128.)
-    constexpr bool kOverlapPv = kBlockN == 64 || D <= 80;
+    // that product reads, S(t) and P(t) fit at once. Found with ptxas 13.0, tile by tile:
+    //   64-key tiles: every head dim;  96: head dims 64, 80 and 128;  128: head dims 64, 80.
+    // (Otherwise ptxas serializes the products (C7512), at 96 keys even for head dim 96, or,
+    // at 128 keys and head dim 128, spills.)
+    constexpr bool kOverlapPv = kBlockN == 64 || D <= 80 || (kBlockN == 96 && D == 128);
     WgTile<D, kBlockN, kOverlapPv ? 2 : 1> st;  // P(t) in set t % 2 (of 2)
     st.init(p, w, w.row0 + warp_m * 16, lane);
     const uint32_t q_wg = tiles.q + tile_offset(c * 64, 0, kBlockM);
@@ -827,8 +830,11 @@ sf_status launch_sm90(const Sm90Params &p, const sf_attention_args *a, cudaStrea
 template <int D, bool kWarpSpecialized>
 sf_status launch_sm90_tiles(const Sm90Params &p, const sf_attention_args *a, int32_t block_n,
                             cudaStream_t stream) {
-    return block_n == 64 ? launch_sm90<D, 64, kWarpSpecialized>(p, a, stream)
-                         : launch_sm90<D, 128, kWarpSpecialized>(p, a, stream);
+    switch (block_n) {
+        case 64: return launch_sm90<D, 64, kWarpSpecialized>(p, a, stream);
+        case 96: return launch_sm90<D, 96, kWarpSpecialized>(p, a, stream);
+        default: return launch_sm90<D, 128, kWarpSpecialized>(p, a, stream);
+    }
 }
 
 template <bool kWarpSpecialized>
@@ -848,8 +854,9 @@ sf_status sm90_attention(const sf_attention_args *a, int32_t block_n, bool warp_
     sf_status st = sf_attention_check_shapes(a, fn);
     if (st != SF_OK) return st;
     if (block_n == 0) block_n = kDefaultBlockN;
-    if (block_n != 64 && block_n != 128) {
-        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: block_n = %d (64 or 128)", fn, (int)block_n);
+    if (block_n != 64 && block_n != 96 && block_n != 128) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: block_n = %d (64, 96 or 128)", fn,
+                       (int)block_n);
     }
     st = sf_cuda_attention_sm90_check();
     if (st != SF_OK) return st;
@@ -896,8 +903,11 @@ template <int D>
 sf_status launch_products_tiles(int32_t block_n, const uint16_t *q, const uint16_t *k,
                                 const uint16_t *v, const uint16_t *p, float *s, float *o,
                                 cudaStream_t stream) {
-    return block_n == 64 ? launch_products<D, 64>(q, k, v, p, s, o, stream)
-                         : launch_products<D, 128>(q, k, v, p, s, o, stream);
+    switch (block_n) {
+        case 64: return launch_products<D, 64>(q, k, v, p, s, o, stream);
+        case 96: return launch_products<D, 96>(q, k, v, p, s, o, stream);
+        default: return launch_products<D, 128>(q, k, v, p, s, o, stream);
+    }
 }
 
 }  // namespace
@@ -1008,8 +1018,9 @@ extern "C" sf_status sf_cuda_wgmma_products_bf16(int32_t head_dim, int32_t block
         return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: head_dim = %d (64, 80, 96 or 128)", fn,
                        (int)head_dim);
     }
-    if (block_n != 64 && block_n != 128) {
-        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: block_n = %d (64 or 128)", fn, (int)block_n);
+    if (block_n != 64 && block_n != 96 && block_n != 128) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: block_n = %d (64, 96 or 128)", fn,
+                       (int)block_n);
     }
     if (!q || !k || !v || !p || !s || !o) {
         return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: NULL pointer", fn);

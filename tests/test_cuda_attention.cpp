@@ -354,12 +354,12 @@ TEST(CudaAttentionArgs, RejectsShortMisalignedStridesAndPointers) {
     a = valid_args();
     a.kernel = static_cast<sf_attention_kernel>(4);  // not a kernel
     EXPECT_EQ(sf_cuda_attention_bf16(&a, 0), SF_ERR_INVALID_ARGUMENT);
-    // the wgmma kernel's tiles are 64 or 128 keys: 96 is refused before any CUDA call (by a
-    // build without sm_90a code, as everything is)
+    // the wgmma kernel's tiles are 64, 96 or 128 keys: 80 is refused before any CUDA call (by
+    // a build without sm_90a code, as everything is)
     for (bool ws : {false, true}) {
         a = valid_args();
-        const sf_status st = ws ? sf_cuda_attention_sm90_ws_bf16(&a, 96, 0)
-                                : sf_cuda_attention_sm90_tiles_bf16(&a, 96, 0);
+        const sf_status st = ws ? sf_cuda_attention_sm90_ws_bf16(&a, 80, 0)
+                                : sf_cuda_attention_sm90_tiles_bf16(&a, 80, 0);
         EXPECT_TRUE(st == SF_ERR_INVALID_ARGUMENT || st == SF_ERR_UNSUPPORTED) << sf_last_error();
         EXPECT_NE(strstr(sf_last_error(), st == SF_ERR_INVALID_ARGUMENT ? "block_n" : "sm_90a"),
                   nullptr)
@@ -424,27 +424,36 @@ TEST(CudaAttentionArgs, NothingToDoIsOk) {
 // Against the CPU twin.
 // ---------------------------------------------------------------------------------------------
 
-// Every test below runs once per kernel: CudaAttention/CudaAttention.Name/tiled; /sm90 and
-// /sm90_n64, the pipelined wgmma kernel with 128- and 64-key tiles; /sm90_ws and /sm90_ws_n64,
-// the warp-specialized one. The sm90 instances skip where those kernels cannot run (no sm_90a
-// code in the build, or a device other than compute capability 9.0), saying why.
-enum class AttnKernel { kTiled, kSm90, kSm90N64, kSm90Ws, kSm90WsN64 };
+// Every test below runs once per kernel: CudaAttention/CudaAttention.Name/tiled; /sm90,
+// /sm90_n96 and /sm90_n64, the pipelined wgmma kernel with 128-, 96- and 64-key tiles;
+// /sm90_ws, /sm90_ws_n96 and /sm90_ws_n64, the warp-specialized one. The sm90 instances skip
+// where those kernels cannot run (no sm_90a code in the build, or a device other than compute
+// capability 9.0), saying why.
+enum class AttnKernel { kTiled, kSm90, kSm90N96, kSm90N64, kSm90Ws, kSm90WsN96, kSm90WsN64 };
 std::string kernel_name(AttnKernel k) {
     switch (k) {
         case AttnKernel::kSm90: return "sm90";
+        case AttnKernel::kSm90N96: return "sm90_n96";
         case AttnKernel::kSm90N64: return "sm90_n64";
         case AttnKernel::kSm90Ws: return "sm90_ws";
+        case AttnKernel::kSm90WsN96: return "sm90_ws_n96";
         case AttnKernel::kSm90WsN64: return "sm90_ws_n64";
         default: return "tiled";
     }
 }
 void PrintTo(AttnKernel k, std::ostream *os) { *os << kernel_name(k); }
 
+sf_status sm90_n96(const sf_attention_args *a, cudaStream_t stream) {
+    return sf_cuda_attention_sm90_tiles_bf16(a, 96, stream);
+}
 sf_status sm90_n64(const sf_attention_args *a, cudaStream_t stream) {
     return sf_cuda_attention_sm90_tiles_bf16(a, 64, stream);
 }
 sf_status sm90_ws(const sf_attention_args *a, cudaStream_t stream) {
     return sf_cuda_attention_sm90_ws_bf16(a, 128, stream);
+}
+sf_status sm90_ws_n96(const sf_attention_args *a, cudaStream_t stream) {
+    return sf_cuda_attention_sm90_ws_bf16(a, 96, stream);
 }
 sf_status sm90_ws_n64(const sf_attention_args *a, cudaStream_t stream) {
     return sf_cuda_attention_sm90_ws_bf16(a, 64, stream);
@@ -455,8 +464,10 @@ class CudaAttention : public ::testing::TestWithParam<AttnKernel> {
     void SetUp() override {
         const AttnKernel k = GetParam();
         g_attention = k == AttnKernel::kSm90        ? sf_cuda_attention_sm90_bf16
+                      : k == AttnKernel::kSm90N96   ? sm90_n96
                       : k == AttnKernel::kSm90N64   ? sm90_n64
                       : k == AttnKernel::kSm90Ws    ? sm90_ws
+                      : k == AttnKernel::kSm90WsN96 ? sm90_ws_n96
                       : k == AttnKernel::kSm90WsN64 ? sm90_ws_n64
                                                     : sf_cuda_attention_bf16;
         int devices = 0;
@@ -609,7 +620,8 @@ TEST_P(CudaAttention, CrossAttentionOtherLengths) {
 
 INSTANTIATE_TEST_SUITE_P(CudaAttention, CudaAttention,
                          ::testing::Values(AttnKernel::kTiled, AttnKernel::kSm90,
-                                           AttnKernel::kSm90N64, AttnKernel::kSm90Ws,
+                                           AttnKernel::kSm90N96, AttnKernel::kSm90N64,
+                                           AttnKernel::kSm90Ws, AttnKernel::kSm90WsN96,
                                            AttnKernel::kSm90WsN64),
                          [](const ::testing::TestParamInfo<AttnKernel> &i) {
                              return kernel_name(i.param);
@@ -662,7 +674,7 @@ class CudaWgmmaProducts : public ::testing::Test {
 TEST_F(CudaWgmmaProducts, RandomOperandsMatchDoublePrecision) {
     uint32_t seed = 900;
     for (int d : kHeadDims) {
-        for (int n : {64, 128}) {
+        for (int n : {64, 96, 128}) {
             std::mt19937 rng(seed++);
             std::uniform_real_distribution<float> u1(-1.0f, 1.0f), p01(0.0f, 1.0f);
             Operands x(d, n);
@@ -764,7 +776,7 @@ struct Probe {
 
 TEST_F(CudaWgmmaProducts, OperandPlacement) {
     for (int d : kHeadDims) {
-        for (int n : {64, 128}) {
+        for (int n : {64, 96, 128}) {
             for (Probe::Which which : {Probe::kQ, Probe::kK, Probe::kV, Probe::kP}) {
                 const Probe pr{which, d, n};
                 int wrong = 0, places = 0, shown_corner = 0, shown_inside = 0;
