@@ -51,6 +51,12 @@
 #include "cuda_check.cuh"
 #include "ptx_sm90.cuh"
 
+// The key tile widths both kernels and the products entry point take (kBlockN).
+static sf_status check_block_n(int32_t block_n, const char *fn) {
+    if (block_n == 64 || block_n == 96 || block_n == 128) return SF_OK;
+    return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: block_n = %d (64, 96 or 128)", fn, (int)block_n);
+}
+
 #if SF_SM90A
 
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -125,7 +131,6 @@ struct Sm90Params {
     float scale_log2;  // scale * log2(e): the softmax runs on exp2
     bool causal;
 };
-
 
 // ---------------------------------------------------------------------------------------------
 // Device helpers
@@ -827,24 +832,22 @@ sf_status launch_sm90(const Sm90Params &p, const sf_attention_args *a, cudaStrea
     return SF_OK;
 }
 
-template <int D, bool kWarpSpecialized>
-sf_status launch_sm90_tiles(const Sm90Params &p, const sf_attention_args *a, int32_t block_n,
-                            cudaStream_t stream) {
-    switch (block_n) {
-        case 64: return launch_sm90<D, 64, kWarpSpecialized>(p, a, stream);
-        case 96: return launch_sm90<D, 96, kWarpSpecialized>(p, a, stream);
-        default: return launch_sm90<D, 128, kWarpSpecialized>(p, a, stream);
-    }
-}
-
-template <bool kWarpSpecialized>
-sf_status launch_sm90_dims(const Sm90Params &p, const sf_attention_args *a, int32_t block_n,
-                           cudaStream_t stream) {
-    switch (a->head_dim) {
-        case 64: return launch_sm90_tiles<64, kWarpSpecialized>(p, a, block_n, stream);
-        case 80: return launch_sm90_tiles<80, kWarpSpecialized>(p, a, block_n, stream);
-        case 96: return launch_sm90_tiles<96, kWarpSpecialized>(p, a, block_n, stream);
-        default: return launch_sm90_tiles<128, kWarpSpecialized>(p, a, block_n, stream);
+// f(D, kBlockN) with head dim and tile width as std::integral_constant, for the runtime values
+// (checked by the caller: head dims 64, 80, 96, 128; widths 64, 96, 128).
+template <typename F>
+sf_status with_shape(int32_t head_dim, int32_t block_n, F &&f) {
+    auto widths = [&](auto d) {
+        switch (block_n) {
+            case 64: return f(d, std::integral_constant<int, 64>{});
+            case 96: return f(d, std::integral_constant<int, 96>{});
+            default: return f(d, std::integral_constant<int, 128>{});
+        }
+    };
+    switch (head_dim) {
+        case 64: return widths(std::integral_constant<int, 64>{});
+        case 80: return widths(std::integral_constant<int, 80>{});
+        case 96: return widths(std::integral_constant<int, 96>{});
+        default: return widths(std::integral_constant<int, 128>{});
     }
 }
 
@@ -854,10 +857,8 @@ sf_status sm90_attention(const sf_attention_args *a, int32_t block_n, bool warp_
     sf_status st = sf_attention_check_shapes(a, fn);
     if (st != SF_OK) return st;
     if (block_n == 0) block_n = kDefaultBlockN;
-    if (block_n != 64 && block_n != 96 && block_n != 128) {
-        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: block_n = %d (64, 96 or 128)", fn,
-                       (int)block_n);
-    }
+    st = check_block_n(block_n, fn);
+    if (st != SF_OK) return st;
     st = sf_cuda_attention_sm90_check();
     if (st != SF_OK) return st;
     if (a->n_requests == 0 || a->max_q_len == 0) return SF_OK;  // nothing to compute
@@ -883,8 +884,11 @@ sf_status sm90_attention(const sf_attention_args *a, int32_t block_n, bool warp_
     p.window = a->window;
     p.scale_log2 = a->scale * 1.4426950408889634f;
     p.causal = a->causal;
-    return warp_specialized ? launch_sm90_dims<true>(p, a, block_n, stream)
-                            : launch_sm90_dims<false>(p, a, block_n, stream);
+    return with_shape(a->head_dim, block_n, [&](auto d, auto n) {
+        constexpr int D = decltype(d)::value, kBlockN = decltype(n)::value;
+        return warp_specialized ? launch_sm90<D, kBlockN, true>(p, a, stream)
+                                : launch_sm90<D, kBlockN, false>(p, a, stream);
+    });
 }
 
 template <int D, int kBlockN>
@@ -897,17 +901,6 @@ sf_status launch_products(const uint16_t *q, const uint16_t *k, const uint16_t *
     kernel<<<1, 128, smem, stream>>>(q, k, v, p, s, o);
     SF_CUDA_TRY(cudaGetLastError());
     return SF_OK;
-}
-
-template <int D>
-sf_status launch_products_tiles(int32_t block_n, const uint16_t *q, const uint16_t *k,
-                                const uint16_t *v, const uint16_t *p, float *s, float *o,
-                                cudaStream_t stream) {
-    switch (block_n) {
-        case 64: return launch_products<D, 64>(q, k, v, p, s, o, stream);
-        case 96: return launch_products<D, 96>(q, k, v, p, s, o, stream);
-        default: return launch_products<D, 128>(q, k, v, p, s, o, stream);
-    }
 }
 
 }  // namespace
@@ -958,12 +951,9 @@ static sf_status wgmma_products(int32_t head_dim, int32_t block_n, const uint16_
     sf_status st = sf_cuda_attention_sm90_check();
     if (st != SF_OK) return st;
     sf_nvtx_range range("sf_cuda_wgmma_products_bf16");
-    switch (head_dim) {
-        case 64: return launch_products_tiles<64>(block_n, q, k, v, p, s, o, stream);
-        case 80: return launch_products_tiles<80>(block_n, q, k, v, p, s, o, stream);
-        case 96: return launch_products_tiles<96>(block_n, q, k, v, p, s, o, stream);
-        default: return launch_products_tiles<128>(block_n, q, k, v, p, s, o, stream);
-    }
+    return with_shape(head_dim, block_n, [&](auto d, auto n) {
+        return launch_products<decltype(d)::value, decltype(n)::value>(q, k, v, p, s, o, stream);
+    });
 }
 
 #else  // built without sm_90 among the architectures
@@ -991,7 +981,6 @@ extern "C" sf_status sf_cuda_attention_sm90_ws_bf16(const sf_attention_args *a, 
     return sf_cuda_attention_sm90_tiles_bf16(a, block_n, stream);
 }
 
-
 static sf_status wgmma_products(int32_t head_dim, int32_t block_n, const uint16_t *q,
                                 const uint16_t *k, const uint16_t *v, const uint16_t *p, float *s,
                                 float *o, cudaStream_t stream) {
@@ -1018,10 +1007,8 @@ extern "C" sf_status sf_cuda_wgmma_products_bf16(int32_t head_dim, int32_t block
         return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: head_dim = %d (64, 80, 96 or 128)", fn,
                        (int)head_dim);
     }
-    if (block_n != 64 && block_n != 96 && block_n != 128) {
-        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: block_n = %d (64, 96 or 128)", fn,
-                       (int)block_n);
-    }
+    sf_status st = check_block_n(block_n, fn);
+    if (st != SF_OK) return st;
     if (!q || !k || !v || !p || !s || !o) {
         return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: NULL pointer", fn);
     }
