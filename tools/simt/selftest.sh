@@ -72,8 +72,8 @@ if [ "${1:-}" = --all ]; then
     # it (the producer refills it under the product), in either schedule (d 96 and 128 at
     # 128-key tiles wait for P V in its round, every head dim at 64-key tiles a round later);
     # rounds P into the set of registers its running P V reads (d 64 and 80 at 128-key
-    # tiles); reads V before it has landed;
-    # hands the turn over once too often (an arrival left on a named barrier)
+    # tiles); reads V before it has landed; hands the turn over once too often (an arrival
+    # left on a named barrier)
     i=$'\n            '  # the rounds' inner indent
     plant attention attention_sm90.cu \
         "        wgmma_wait<0>();${i}st.pin();${i}mbar_arrive(v_empty(sv));" \
