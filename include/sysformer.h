@@ -242,7 +242,7 @@ typedef struct sf_sysformer_config {
     bool has_classifier;     /* the training head classifier.weight [1, d] / .bias [1]   */
     int32_t system_offset_rows; /* > 0: a learned offset system_offset [rows, d] is added to
                                    the system rows before the layers: X = S + offset, so every
-                                   system span must be exactly this many tokens. With
+                                   system span must be empty or exactly this many tokens. With
                                    num_layers = 0 that is the SystemEmbedder baseline, one
                                    learned system-prompt embedding S' = S + offset that does
                                    not depend on the user prompt. 0: none (a Sysformer)     */
@@ -604,11 +604,13 @@ sf_status sf_cuda_engine_reset_slot(sf_cuda_engine *engine, int32_t slot);
  * temperature/top-k/top-p of sf_sample; uniforms[r] in [0, 1) is request r's draw, as sf_sample
  * would take from the request's stream; NULL for greedy) and copied back asynchronously.
  * Every argument is checked on the host before anything is enqueued: SF_ERR_INVALID_ARGUMENT
- * for a bad slot, a repeated slot, a non-empty slot in a guarded step, ids outside the vocabulary
- * or spans that do not add up; SF_ERR_OUT_OF_RANGE for more requests than slots, more tokens
- * than max_batch_tokens, a slot that would pass max_context, or a guarded step whose requests
- * padded to its longest system (or user) span pass max_batch_tokens rows. A decode step needs a
- * token sampled for each of its slots by the previous step (SF_ERR_INVALID_ARGUMENT otherwise).
+ * for a bad slot, a repeated slot, a non-empty slot in a guarded step, ids outside the vocabulary,
+ * spans that do not add up, or (a Sysformer with a learned system offset) a system span that is
+ * neither empty nor exactly the offset's rows; SF_ERR_OUT_OF_RANGE for more requests than
+ * slots, more tokens than max_batch_tokens, a slot that would pass max_context, or a guarded
+ * step whose requests padded to its longest system (or user) span pass max_batch_tokens rows.
+ * A decode step needs a token sampled for each of its slots by the previous step
+ * (SF_ERR_INVALID_ARGUMENT otherwise).
  * If the step fails after validation (a CUDA error), its slots are emptied. */
 typedef struct sf_cuda_step {
     int32_t n_requests;
@@ -664,9 +666,10 @@ sf_status sf_generate_cuda(sf_cuda_engine *engine, const sf_tokenizer *tok,
  *   the work: the Sysformer runs on n_requests x max_system query rows);
  *   d_errors: device int or NULL; when not NULL it is incremented for every row with a token id
  *   outside the vocabulary (embedded as zeros) and, with a Sysformer, for every request whose
- *   spans are negative, do not add up to its length, exceed max_system / max_user, or have a
- *   system span without a user span (that request's rows stay plain E[token]), so the stack can
- *   check validity without a host round trip.
+ *   spans are negative, do not add up to its length, exceed max_system / max_user, have a
+ *   system span without a user span, or (a Sysformer with a learned system offset) have a system
+ *   span that is neither empty nor exactly the offset's rows (that request's rows stay plain
+ *   E[token]), so the stack can check validity without a host round trip.
  * Host-side checks (before anything is enqueued): n_tokens <= max_batch_tokens,
  * n_requests <= max_slots, max_system * n_requests and max_user * n_requests <= max_batch_tokens.
  * It uses the engine's arena, so it must not run concurrently with the engine's own steps. */

@@ -230,10 +230,16 @@ inline ::testing::AssertionResult write_llm_variant(const std::string &name,
 // biases U(+-0.2), LayerNorm weights 1 + U(+-0.2). Scaled like this no sub-layer amplifies its
 // input, so the bf16 bound below applies (a module with weights several times larger than
 // 1/sqrt(fan_in) makes the attention softmax near one-hot and ill-conditioned).
+// num_layers >= 0 replaces the default 2; offset_rows > 0 adds a learned system offset of that
+// many rows, U(+-sqrt 3) like the embedding rows it is added to (num_layers 0 with an offset:
+// the SystemEmbedder baseline).
 inline ::testing::AssertionResult make_open_sysformer(const sf_llm *llm, uint64_t seed,
-                                                      sf_sysformer **out) {
+                                                      sf_sysformer **out, int num_layers = -1,
+                                                      int32_t offset_rows = 0) {
     *out = nullptr;
     sf_sysformer_config cfg = sf_sysformer_default_config(llm);
+    if (num_layers >= 0) cfg.num_layers = num_layers;
+    cfg.system_offset_rows = offset_rows;
     sf_sysformer *sf = nullptr;
     if (sf_sysformer_init(llm, &cfg, seed, &sf) != SF_OK) {
         return ::testing::AssertionFailure() << sf_last_error();
@@ -254,9 +260,11 @@ inline ::testing::AssertionResult make_open_sysformer(const sf_llm *llm, uint64_
         const bool bias = name.find("bias") != std::string::npos;
         const bool zero_init = name.find("out_proj.weight") != std::string::npos ||
                                name.find("linear2.weight") != std::string::npos;
+        const bool offset = name == "system_offset";
         if (name.find("classifier") != std::string::npos) continue;
         for (int64_t j = 0; j < numel; j++) {
-            if (norm && !bias) p[j] = 1.0f + rng.sym(0.2);
+            if (offset) p[j] = rng.sym(std::sqrt(3.0));
+            else if (norm && !bias) p[j] = 1.0f + rng.sym(0.2);
             else if (bias) p[j] = rng.sym(0.2);
             else if (zero_init) p[j] = rng.sym(1.0 / std::sqrt((double)t[i].shape[1]));
         }

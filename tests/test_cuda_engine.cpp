@@ -1190,7 +1190,7 @@ int64_t llm_params(const sf_llm_config &c, bool count_tied_twice) {
 int64_t sysformer_params(const sf_sysformer_config &s, bool with_classifier) {
     const int64_t d = s.d_model, ff = s.dim_feedforward;
     const int64_t layer = 2 * (3 * d * d + 3 * d + d * d + d) + ff * d + ff + d * ff + d + 6 * d;
-    return s.num_layers * layer + (s.final_norm ? 2 * d : 0) +
+    return s.num_layers * layer + (s.final_norm ? 2 * d : 0) + (int64_t)s.system_offset_rows * d +
            (with_classifier && s.has_classifier ? d + 1 : 0);
 }
 void expect_sizes(const sf_cuda_memory &m, const sf_llm_config &c, const sf_sysformer_config *s,
@@ -1244,6 +1244,16 @@ TEST(CudaEngineArgs, PlanNeedsNoDevice) {
     ASSERT_EQ(sf_cuda_engine_plan(&c, &sc, &o, &six), SF_OK);
     EXPECT_EQ(six.kv_cache, 2 * m.kv_cache);
     EXPECT_EQ(six.weights, m.weights);
+    // a learned system offset of 7 rows: 7 d more bf16 weights (and at most one more 256-byte
+    // alignment gap); a negative row count is refused
+    sf_sysformer_config with_offset = sc;
+    with_offset.system_offset_rows = 7;
+    sf_cuda_memory om;
+    ASSERT_EQ(sf_cuda_engine_plan(&c, &with_offset, &o, &om), SF_OK) << sf_last_error();
+    EXPECT_GE(om.weights, six.weights + 7 * (size_t)c.hidden_size * 2);
+    EXPECT_LE(om.weights, six.weights + 7 * (size_t)c.hidden_size * 2 + 256);
+    with_offset.system_offset_rows = -1;
+    EXPECT_EQ(sf_cuda_engine_plan(&c, &with_offset, &o, &om), SF_ERR_INVALID_ARGUMENT);
 
     EXPECT_EQ(sf_cuda_engine_plan(nullptr, nullptr, &o, &m), SF_ERR_INVALID_ARGUMENT);
     EXPECT_EQ(sf_cuda_engine_plan(&c, nullptr, &o, nullptr), SF_ERR_INVALID_ARGUMENT);
@@ -1302,6 +1312,7 @@ TEST_F(CudaEngineTiny, MemoryReportAddsUp) {
     sc.dim_feedforward = 4096;
     sc.final_norm = true;
     sc.has_classifier = false;
+    sc.system_offset_rows = 5;  // drawn too; the guarded request below has 5 system rows
     sc.llm_name = nullptr;
     sc.llm_hidden_size = 0;
     sc.llm_vocab_size = 0;
@@ -1324,7 +1335,146 @@ TEST_F(CudaEngineTiny, MemoryReportAddsUp) {
     }
 }
 
-// 8. Stage timing: sane numbers, never speed. Eager steps report their stages; a decode step
+// 8. A learned system offset, X = S + offset before the layers: the SystemEmbedder baseline (no
+// layers) and a Sysformer with one, against the CPU. Spans must be empty or exactly the
+// offset's 5 rows; another length is refused by a step and counted by sf_cuda_guarded_embed.
+// Bound: the engine rounds the offset to bf16 and rounds the sum, which carries u ||S|| from
+// the embedding's own rounding, u ||offset|| and u ||S + offset||. In place of the 1u that the
+// embedding's rounding counts in the bounds above, that is (k + 1) u relative to ||S + offset||
+// with k = (||S|| + ||offset||) / ||S + offset||: 2u more while k <= 2, which is checked on each
+// request's rows (S and the offset are independent rows of equal scale: k ~ sqrt 2).
+TEST_F(CudaEngineTiny, LearnedSystemOffsetMatchesCpu) {
+    const int32_t rows = 5;
+    const int L = (int)sf_llm_get_config(llm_)->num_layers;
+    const int64_t d = sf_llm_get_config(llm_)->hidden_size;
+    const Prompts p = tiny_prompts({{rows, 2}, {rows, 7}, {0, 4}, {rows, 9}}, 51);
+    for (const int layers : {0, 2}) {
+        const std::string what = layers ? "Sysformer with an offset" : "SystemEmbedder";
+        sf_sysformer *raw_sf = nullptr;
+        ASSERT_TRUE(make_open_sysformer(llm_, 9, &raw_sf, layers, rows));
+        std::unique_ptr<sf_sysformer, void (*)(sf_sysformer *)> sf(raw_sf, sf_sysformer_free);
+        EnginePtr e = make_engine(llm_, sf.get(), options(4));
+        ASSERT_TRUE(e);
+        expect_memory(e.get(), *sf_llm_get_config(llm_), sf_sysformer_get_config(sf.get()),
+                      options(4), 4, 128, what);
+
+        // The CPU's S' and the precondition of the bound.
+        const int32_t n = p.n(), total = p.total();
+        std::vector<float> want((size_t)total * d), plain((size_t)total * d);
+        sf_guarded_batch gb = {n, p.cu.data(), p.ids.data(), p.spans.data(), nullptr, 0, nullptr};
+        ASSERT_EQ(sf_guarded_embed_cpu(llm_, sf.get(), &gb, want.data()), SF_OK) << sf_last_error();
+        ASSERT_EQ(sf_llm_embed(llm_, p.ids.data(), total, plain.data()), SF_OK);
+        const float *offset = sf->system_offset;
+        ASSERT_NE(offset, nullptr);
+        for (int32_t r = 0; r < n; r++) {
+            if (p.spans[r].system == 0) continue;
+            const size_t off = (size_t)(p.cu[r] + p.spans[r].prefix) * d, len = (size_t)rows * d;
+            std::vector<float> x0(len);
+            for (size_t k = 0; k < len; k++) x0[k] = plain[off + k] + offset[k];
+            const double kappa = (norm2(plain.data() + off, (int64_t)len) +
+                                  norm2(offset, (int64_t)len)) /
+                                 norm2(x0.data(), (int64_t)len);
+            ASSERT_LE(kappa, 2.0) << what << " request " << r;
+        }
+
+        // A guarded prefill.
+        StepOut out;
+        ASSERT_TRUE(prefill(e.get(), p, {0, 1, 2, 3}, true, vocab_, &out));
+        const std::vector<float> cpu = cpu_guarded_logits(llm_, sf.get(), p, last_rows(p));
+        const double b = logit_bound(L, layers) + 2.0 * kUbf16;
+        for (int32_t r = 0; r < n; r++) {
+            expect_logits_close(out.row(r, vocab_), cpu.data() + (size_t)r * vocab_, vocab_, b,
+                                what + " request " + std::to_string(r), &out.tokens[r]);
+        }
+
+        // A span of another length: refused before anything runs, the slots untouched.
+        for (int32_t s = 0; s < 4; s++) ASSERT_EQ(sf_cuda_engine_reset_slot(e.get(), s), SF_OK);
+        const Prompts other = tiny_prompts({{rows, 2}, {rows - 1, 3}}, 52);
+        sf_cuda_step st = {};
+        const std::vector<int32_t> slots = {0, 1};
+        st.n_requests = other.n();
+        st.slots = slots.data();
+        st.cu_seqlens = other.cu.data();
+        st.token_ids = other.ids.data();
+        st.spans = other.spans.data();
+        st.sampling = &kGreedy;
+        EXPECT_EQ(sf_cuda_engine_step(e.get(), &st), SF_ERR_INVALID_ARGUMENT) << what;
+        EXPECT_NE(std::string(sf_last_error()).find("learned system offset has 5 rows"),
+                  std::string::npos)
+            << sf_last_error();
+        EXPECT_EQ(sf_cuda_engine_slot_length(e.get(), 0), 0);
+
+        // sf_cuda_guarded_embed with max_system 12 (the layout keeps 5 rows per request), then
+        // with a request of 4 system rows (counted, its rows plain), then with max_system 4
+        // (every non-empty span exceeds it: counted, all rows plain).
+        auto embed = [&](const Prompts &q, int32_t max_system, int expect_errors,
+                         std::vector<uint16_t> *got) {
+            std::vector<int32_t> flat;
+            for (const auto &sp : q.spans)
+                flat.insert(flat.end(), {sp.prefix, sp.system, sp.middle, sp.user, sp.suffix});
+            DeviceBuffer<int32_t> d_cu(q.cu), d_ids(q.ids), d_spans(flat);
+            DeviceBuffer<uint16_t> d_out((size_t)q.total() * d);
+            DeviceBuffer<int> d_err(1);
+            ASSERT_TRUE(d_cu.get() && d_ids.get() && d_spans.get() && d_out.get() && d_err.get());
+            ASSERT_EQ(cudaMemset(d_err.get(), 0, sizeof(int)), cudaSuccess);
+            ASSERT_EQ(sf_cuda_guarded_embed(e.get(), q.n(), q.total(), d_cu.get(), d_ids.get(),
+                                            (const sf_prompt_spans *)d_spans.get(), max_system,
+                                            9, d_out.get(), d_err.get(), nullptr),
+                      SF_OK)
+                << sf_last_error();
+            ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+            EXPECT_EQ(d_err.host()[0], expect_errors) << what << ", max_system " << max_system;
+            *got = d_out.host();
+        };
+        // Rows of q outside the rewritten spans must be E[token] rounded once.
+        auto expect_plain = [&](const Prompts &q, const std::vector<uint16_t> &got,
+                                const std::vector<bool> &rewritten, const std::string &label) {
+            std::vector<float> e_rows((size_t)q.total() * d);
+            ASSERT_EQ(sf_llm_embed(llm_, q.ids.data(), q.total(), e_rows.data()), SF_OK);
+            for (int32_t r = 0; r < q.n(); r++) {
+                const int32_t sys0 = q.cu[r] + q.spans[r].prefix, sys1 = sys0 + q.spans[r].system;
+                int64_t mismatches = 0;
+                for (int32_t row = q.cu[r]; row < q.cu[r + 1]; row++) {
+                    if (rewritten[r] && row >= sys0 && row < sys1) continue;
+                    const size_t at = (size_t)row * d;
+                    for (int64_t k = 0; k < d; k++) {
+                        mismatches += got[at + k] != to_bf16(e_rows[at + k]);
+                    }
+                }
+                EXPECT_EQ(mismatches, 0) << what << ", " << label << ": request " << r;
+            }
+        };
+        const double bs = splice_bound(layers) + 2.0 * kUbf16;
+        auto expect_spliced = [&](const std::vector<uint16_t> &got, int32_t r, size_t want_off,
+                                  const std::string &label) {
+            const size_t len = (size_t)rows * d;
+            std::vector<float> g(len);
+            for (size_t k = 0; k < len; k++) g[k] = from_bf16(got[want_off + k]);
+            ASSERT_TRUE(all_finite(g.data(), (int64_t)len));
+            EXPECT_LE(rel_error(g.data(), want.data() + want_off, len), bs)
+                << what << ", " << label << ": request " << r;
+            // The test has teeth: the offset alone moves S far beyond the bound.
+            EXPECT_GT(rel_error(plain.data() + want_off, want.data() + want_off, len), 10 * bs);
+        };
+        std::vector<uint16_t> got;
+        embed(p, 12, 0, &got);
+        expect_plain(p, got, {true, true, false, true}, "valid batch");
+        for (int32_t r = 0; r < n; r++) {
+            if (p.spans[r].system) {
+                expect_spliced(got, r, (size_t)(p.cu[r] + p.spans[r].prefix) * d, "valid batch");
+            }
+        }
+        Prompts mixed = p.only(0);
+        mixed.add(other.request(1), other.spans[1]);  // 4 system rows
+        embed(mixed, 12, 1, &got);
+        expect_plain(mixed, got, {true, false}, "a span of 4");
+        expect_spliced(got, 0, (size_t)p.spans[0].prefix * d, "a span of 4");
+        embed(p, rows - 1, 3, &got);
+        expect_plain(p, got, {false, false, false, false}, "max_system 4");
+    }
+}
+
+// 9. Stage timing: sane numbers, never speed. Eager steps report their stages; a decode step
 // replayed as a CUDA graph reports 0 for every stage and its whole time as total.
 TEST_F(CudaEngineTiny, StageTimesAreSane) {
     auto sane = [](const sf_cuda_stage_times &t, const std::string &what) {

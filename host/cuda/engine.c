@@ -156,10 +156,10 @@ static sf_status check_inputs(const sf_llm_config *cfg, const sf_sysformer_confi
                            scfg->d_model, scfg->num_heads, scfg->dim_feedforward,
                            cfg->hidden_size);
         }
-        if (scfg->system_offset_rows > 0) {
-            return sf_fail(SF_ERR_UNSUPPORTED,
-                           "sf_cuda_engine: a learned system offset (the SystemEmbedder "
-                           "baseline) runs on the CPU path only");
+        if (scfg->system_offset_rows < 0 || scfg->system_offset_rows > (1 << 16)) {
+            return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                           "sf_cuda_engine: system_offset_rows = %d (0: none; at most 65536)",
+                           scfg->system_offset_rows);
         }
         if (!attention_head_dim(scfg->d_model / scfg->num_heads)) {
             return sf_fail(SF_ERR_UNSUPPORTED,

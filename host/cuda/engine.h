@@ -125,6 +125,7 @@ struct sf_cuda_engine {
     sf_cuda_llm_layer *layers;
     sf_cuda_sys_layer *sys_layers;
     sf_bf16 *sys_final_w, *sys_final_b;
+    sf_bf16 *sys_offset;          /* [system_offset_rows, d], or NULL: none */
     sf_bf16 *k_cache, *v_cache;   /* [layers, R * max_context, kv_dim] each */
     size_t kv_bytes;
     void *arena_base;

@@ -129,6 +129,7 @@ static sf_status validate(const sf_cuda_engine *e, const sf_cuda_step *s, step_i
             }
         }
         if (s->spans) {
+            const int32_t offset_rows = e->has_sysformer ? e->sys_cfg.system_offset_rows : 0;
             for (int32_t r = 0; r < n; r++) {
                 const sf_prompt_spans *p = &s->spans[r];
                 const int64_t sum = (int64_t)p->prefix + p->system + p->middle + p->user +
@@ -146,6 +147,14 @@ static sf_status validate(const sf_cuda_engine *e, const sf_cuda_step *s, step_i
                                    "sf_cuda_engine_step: request %d has a system span but no "
                                    "user span to attend to",
                                    r);
+                }
+                if (offset_rows > 0 && p->system != 0 && p->system != offset_rows) {
+                    return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                                   "sf_cuda_engine_step: request %d has a system span of %d "
+                                   "tokens, but the Sysformer's learned system offset has %d "
+                                   "rows (it was trained for one system prompt; use that "
+                                   "prompt)",
+                                   r, p->system, offset_rows);
                 }
                 if (e->host_slot_len[s->slots[r]] != 0) {
                     return sf_fail(SF_ERR_INVALID_ARGUMENT,

@@ -158,13 +158,23 @@ sf_status sf_cuda_rewrite_system(sf_cuda_engine *e, int32_t n_requests,
     if (!e->has_sysformer || n_requests == 0 || max_system == 0) return SF_OK;
     sf_cuda_arena *a = &e->a;
     const int64_t d = e->d;
+    /* With a learned system offset of n rows only spans of 0 or n rows are valid, so no
+     * request needs more than n rows of the layout. */
+    const int32_t offset_rows = e->sys_cfg.system_offset_rows;
+    if (offset_rows > 0 && max_system > offset_rows) max_system = offset_rows;
     sys_step p = {n_requests, max_system, max_user, (int64_t)n_requests * max_system,
                   (int64_t)n_requests * max_user};
     sf_nvtx_push("sysformer");
     sf_status st = sf_cuda_guard_layout(d_cu_seqlens, d_spans, n_requests, max_system, max_user,
-                                        a->sys_rows, a->user_rows, a->cu_sys, a->cu_user,
-                                        a->sys_len, a->user_len, d_errors, s);
+                                        offset_rows, a->sys_rows, a->user_rows, a->cu_sys,
+                                        a->cu_user, a->sys_len, a->user_len, d_errors, s);
     if (st == SF_OK) st = sf_cuda_gather_rows_bf16(a->s_x, d, x, d, a->sys_rows, p.Ts, d, s);
+    /* X = S + offset (sf_sysformer_add_offset). The layout is then [n_requests, n d]: the offset
+     * is one bias row over it. A request without a valid system span gets it on padding rows,
+     * which are never keys and never spliced back. (max_system < n: no span is valid.) */
+    if (st == SF_OK && e->sys_offset && max_system == offset_rows) {
+        st = sf_cuda_bias_add_bf16(a->s_x, e->sys_offset, n_requests, (int64_t)offset_rows * d, s);
+    }
     if (st == SF_OK) st = sf_cuda_gather_rows_bf16(a->u, d, x, d, a->user_rows, p.Tu, d, s);
     if (st == SF_OK) st = sysformer_layers(e, &p, s);
     /* the splice: S' over the system rows of x (padding rows and invalid requests: -1, skipped) */

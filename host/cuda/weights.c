@@ -63,6 +63,8 @@ static size_t carve_weights(sf_cuda_engine *e, char *base) {
         }
         e->sys_final_w = e->sys_cfg.final_norm ? carve(&c, d) : NULL;
         e->sys_final_b = e->sys_cfg.final_norm ? carve(&c, d) : NULL;
+        const size_t offset_rows = (size_t)e->sys_cfg.system_offset_rows;
+        e->sys_offset = offset_rows > 0 ? carve(&c, offset_rows * d) : NULL;
     }
     return c.off;
 }
@@ -181,6 +183,9 @@ sf_status sf_cuda_weights_upload(sf_cuda_engine *e, const sf_llm *llm, const sf_
             PUT(e->sys_final_w, sf->final_norm_weight, d);
             PUT(e->sys_final_b, sf->final_norm_bias, d);
         }
+        if (e->sys_offset) {
+            PUT(e->sys_offset, sf->system_offset, (int64_t)e->sys_cfg.system_offset_rows * d);
+        }
     }
 done:
     /* the staging buffer is read by work still in flight: wait before freeing it */
@@ -259,6 +264,10 @@ sf_status sf_cuda_weights_random(sf_cuda_engine *e, uint64_t seed) {
         if (e->sys_final_w) {
             FILL(e->sys_final_w, d, 0.9f, 1.1f);
             FILL(e->sys_final_b, d, -0.1f, 0.1f);
+        }
+        /* an offset on the scale of the embedding rows it is added to */
+        if (e->sys_offset) {
+            FILL(e->sys_offset, (int64_t)e->sys_cfg.system_offset_rows * d, -1.0f, 1.0f);
         }
     }
     return SF_OK;
