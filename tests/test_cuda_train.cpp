@@ -94,10 +94,13 @@ using TapePtr = std::unique_ptr<sf_sysformer_tape, TapeFree>;
 
 // tests/test_sysformer_backward.cpp's random_sysformer: every tensor non-zero, norms near 1,
 // linear layers at nn.Linear's scale; head dim 64 for the fused attention.
+// num_layers layers; offset_rows > 0 adds a learned system offset of that many rows, U(+-1) (on
+// the scale of the U(+-sqrt 3) embedding rows it is added to).
 SfPtr random_sysformer(const sf_llm *llm, bool norm_first, sf_activation act, bool final_norm,
-                       uint64_t seed) {
+                       uint64_t seed, int num_layers = 2, int32_t offset_rows = 0) {
     sf_sysformer_config c = sf_sysformer_default_config(llm);
-    c.num_layers = 2;
+    c.num_layers = num_layers;
+    c.system_offset_rows = offset_rows;
     c.num_heads = c.d_model / 64;
     c.dim_feedforward = 2 * c.d_model + 8;
     c.activation = act;
@@ -117,9 +120,11 @@ SfPtr random_sysformer(const sf_llm *llm, bool norm_first, sf_activation act, bo
         const bool norm = strstr(t[i].name, "norm") != nullptr;
         const bool weight = strstr(t[i].name, "weight") != nullptr;
         const double fan_in = strstr(t[i].name, "linear2") ? c.dim_feedforward : c.d_model;
+        const bool offset = !strcmp(t[i].name, "system_offset");
         float *p = *t[i].slot;
         for (int64_t j = 0; j < numel; j++) {
-            if (norm) p[j] = (float)((weight ? 1.0 : 0.0) + 0.3 * u(rng));
+            if (offset) p[j] = (float)u(rng);
+            else if (norm) p[j] = (float)((weight ? 1.0 : 0.0) + 0.3 * u(rng));
             else p[j] = (float)(u(rng) / std::sqrt(fan_in));
         }
     }
@@ -323,32 +328,30 @@ class CudaTrainVariant : public ::testing::TestWithParam<TrainCase> {
     TrainerPtr tr_;
 };
 
-// Every loss term and every tensor's gradient within the derived bounds.
-TEST_P(CudaTrainVariant, LossesAndGradientsMatchTheCpu) {
-    // Mixed lengths: a one-row system span, a long request (over phi3's longrope switch at 16
-    // and Mistral's window of 8), a reply of one token, a request whose reply is empty.
-    const TrainBatch b = make_batch({{{4, 5, 6}}, {{1, 3, 1}}, {{9, 17, 12}}, {{6, 2, 0}},
-                                     {{3, 7, 4}}},
-                                    5, 1.0, 1.0, 1.0);
+// Every loss term and every tensor's gradient of one GPU call within the derived bounds of the
+// CPU step's. extra_u: roundings of the forward beyond those the bounds count, in units of u
+// (the offset test's).
+void expect_step_matches_cpu(const sf_llm *llm, sf_sysformer *sf, sf_cuda_trainer *tr,
+                             const TrainBatch &b, double extra_u = 0.0) {
     const sf_cuda_train_batch bv = b.view();
     CpuResult cpu;
-    ASSERT_TRUE(cpu_step(llm_.get(), sf_.get(), b, &cpu));
+    ASSERT_TRUE(cpu_step(llm, sf, b, &cpu));
 
     int64_t nw = 0;
-    sf_sysformer_flat(sf_.get(), &nw);
+    sf_sysformer_flat(sf, &nw);
     std::vector<float> g((size_t)nw, NAN);
     sf_llm_loss_result res;
     double recon = -1;
-    ASSERT_EQ(sf_cuda_train_loss_grad(tr_.get(), &bv, &res, &recon, g.data()), SF_OK)
-        << sf_last_error();
+    ASSERT_EQ(sf_cuda_train_loss_grad(tr, &bv, &res, &recon, g.data()), SF_OK) << sf_last_error();
 
-    const sf_llm_config *c = sf_llm_get_config(llm_.get());
-    const int L = c->num_layers, Ls = sf_->cfg.num_layers;
+    const sf_llm_config *c = sf_llm_get_config(llm);
+    const int L = c->num_layers, Ls = sf->cfg.num_layers;
     const int64_t d = c->hidden_size, V = c->vocab_size;
+    const double extra = extra_u * kUbf16;
 
     // cross-entropy: the CPU's logits of the scored rows size the bound
-    const std::vector<float> z = cpu_guarded_logits(llm_.get(), sf_.get(), b.p, b.ce_rows);
-    const double bf = forward_bound(L, Ls);
+    const std::vector<float> z = cpu_guarded_logits(llm, sf, b.p, b.ce_rows);
+    const double bf = forward_bound(L, Ls) + extra;
     double ce_tol = 0.0;
     int32_t close_rows = 0;
     for (size_t i = 0; i < b.ce_rows.size(); i++) {
@@ -361,10 +364,10 @@ TEST_P(CudaTrainVariant, LossesAndGradientsMatchTheCpu) {
 
     // classifier
     double gmax = 0.0, wsum = 0.0;
-    for (int64_t j = 0; j < d; j++) gmax = std::max(gmax, (double)std::fabs(llm_->final_norm[j]));
+    for (int64_t j = 0; j < d; j++) gmax = std::max(gmax, (double)std::fabs(llm->final_norm[j]));
     for (float w : b.class_weights) wsum += w;
-    const double cls_tol = hidden_bound(L, Ls) *
-                           sf_engine_test::norm2(sf_->classifier_weight, d) * gmax *
+    const double cls_tol = (hidden_bound(L, Ls) + extra) *
+                           sf_engine_test::norm2(sf->classifier_weight, d) * gmax *
                            std::sqrt((double)d) * wsum;
     EXPECT_NEAR(res.cls, cpu.res.cls, cls_tol);
     EXPECT_NEAR(res.total, res.ce + res.cls, 1e-12 * std::fabs(res.total));
@@ -373,18 +376,18 @@ TEST_P(CudaTrainVariant, LossesAndGradientsMatchTheCpu) {
     std::vector<float> diff(cpu.s.size());
     for (size_t k = 0; k < diff.size(); k++) diff[k] = cpu.s_prime[k] - cpu.s[k];
     const double scale = b.w_recon / (double)cpu.s.size();
-    const double e = sprime_bound(Ls) * vnorm(cpu.s_prime) + kUbf16 * vnorm(cpu.s);
+    const double e = (sprime_bound(Ls) + extra) * vnorm(cpu.s_prime) + kUbf16 * vnorm(cpu.s);
     EXPECT_NEAR(recon, cpu.recon, scale * (2.0 * vnorm(diff) * e + e * e));
 
     // every tensor's gradient, normwise
-    const double bg = grad_bound(L, Ls);
+    const double bg = grad_bound(L, Ls) + 2.0 * extra;
     int64_t nt = 0;
-    sf_sysformer_tensor *ts = sf_sysformer_tensors(sf_.get(), &nt);
+    sf_sysformer_tensor *ts = sf_sysformer_tensors(sf, &nt);
     ASSERT_NE(ts, nullptr);
     for (int64_t i = 0; i < nt; i++) {
         const float *p = *ts[i].slot;
         if (!p) continue;
-        const int64_t off = p - sf_->weights;
+        const int64_t off = p - sf->weights;
         const int64_t numel = ts[i].shape[0] * (ts[i].ndim == 2 ? ts[i].shape[1] : 1);
         const std::vector<float> want(cpu.grads.begin() + off, cpu.grads.begin() + off + numel);
         const std::vector<float> got(g.begin() + off, g.begin() + off + numel);
@@ -392,6 +395,15 @@ TEST_P(CudaTrainVariant, LossesAndGradientsMatchTheCpu) {
         EXPECT_LE(rel_err(got, want), bg) << ts[i].name;
     }
     free(ts);
+}
+
+TEST_P(CudaTrainVariant, LossesAndGradientsMatchTheCpu) {
+    // Mixed lengths: a one-row system span, a long request (over phi3's longrope switch at 16
+    // and Mistral's window of 8), a reply of one token, a request whose reply is empty.
+    const TrainBatch b = make_batch({{{4, 5, 6}}, {{1, 3, 1}}, {{9, 17, 12}}, {{6, 2, 0}},
+                                     {{3, 7, 4}}},
+                                    5, 1.0, 1.0, 1.0);
+    expect_step_matches_cpu(llm_.get(), sf_.get(), tr_.get(), b);
 }
 
 // The LLM is only read: its host weights keep their checksum, and a second call on the same
@@ -489,6 +501,61 @@ INSTANTIATE_TEST_SUITE_P(
                       TrainCase{"phi3_longrope", true, SF_ACT_GELU, true},
                       TrainCase{"llama_tied_linear", false, SF_ACT_GELU, false}),
     case_name);
+
+// A learned system offset (X0 = S + offset before the layers): the SystemEmbedder baseline (no
+// layers) and a Sysformer with one, against the CPU step. Bound: as test_cuda_engine.cpp's
+// LearnedSystemOffsetMatchesCpu derives, the bf16 offset and the rounded sum S + offset count
+// (k + 1) u in place of the embedding table's 1u, k = (||S|| + ||offset||) / ||S + offset||:
+// 2u more in the forward while k <= 2 (checked on each span), which the gradients carry twice.
+// Spans must be empty or exactly the offset's rows: a batch with another length is refused.
+TEST(CudaTrainOffset, SystemEmbedderAndOffsetMatchTheCpu) {
+    SF_SKIP_WITHOUT_GPU();
+    TempDir dir;
+    ASSERT_TRUE(write_llm_variant("llama_gqa_llama3", dir.path(), 17));
+    sf_llm *raw = nullptr;
+    ASSERT_EQ(sf_llm_load(dir.path().c_str(), &raw), SF_OK) << sf_last_error();
+    LlmPtr llm(raw);
+    const int64_t d = sf_llm_get_config(llm.get())->hidden_size;
+    const int32_t rows = 4;
+    // spans of 4 rows and one without a system turn; a long request, an empty reply
+    const TrainBatch b = make_batch({{{rows, 5, 6}}, {{0, 3, 2}}, {{rows, 17, 12}},
+                                     {{rows, 2, 0}}},
+                                    7, 1.0, 1.0, 1.0);
+    for (const int layers : {0, 2}) {
+        SCOPED_TRACE(layers ? "Sysformer with an offset" : "SystemEmbedder");
+        SfPtr sf = random_sysformer(llm.get(), true, SF_ACT_GELU, false, 31, layers, rows);
+        const float *offset = sf->system_offset;
+        ASSERT_NE(offset, nullptr);
+        for (int32_t r = 0; r < b.p.n(); r++) {
+            const sf_prompt_spans &s = b.p.spans[(size_t)r];
+            if (s.system == 0) continue;
+            std::vector<float> e((size_t)(rows * d)), x0(e.size());
+            ASSERT_EQ(sf_llm_embed(llm.get(), b.p.ids.data() + b.p.cu[(size_t)r] + s.prefix,
+                                   rows, e.data()),
+                      SF_OK);
+            for (size_t k = 0; k < e.size(); k++) x0[k] = e[k] + offset[k];
+            const double kappa = (vnorm(e) + sf_engine_test::norm2(offset, rows * d)) / vnorm(x0);
+            ASSERT_LE(kappa, 2.0) << "request " << r;
+        }
+        sf_cuda_train_options o = sf_cuda_train_default_options();
+        o.max_tokens = 128;
+        o.head_chunk = 16;
+        sf_cuda_trainer *t = nullptr;
+        ASSERT_EQ(sf_cuda_train_create(llm.get(), sf.get(), &o, &t), SF_OK) << sf_last_error();
+        TrainerPtr tr(t);
+        expect_step_matches_cpu(llm.get(), sf.get(), tr.get(), b, 2.0);
+
+        // a system span of 3 rows
+        const TrainBatch bad = make_batch({{{rows, 5, 6}}, {{rows - 1, 3, 2}}}, 8, 1.0, 1.0, 0.0);
+        const sf_cuda_train_batch bv = bad.view();
+        std::vector<float> g((size_t)sf->n_weights);
+        sf_llm_loss_result res;
+        EXPECT_EQ(sf_cuda_train_loss_grad(tr.get(), &bv, &res, nullptr, g.data()),
+                  SF_ERR_INVALID_ARGUMENT);
+        EXPECT_NE(strstr(sf_last_error(), "learned system offset has 4 rows"), nullptr)
+            << sf_last_error();
+    }
+}
 
 // ------------------------------------------------------------------------------------------
 // Hostile arguments
@@ -963,15 +1030,6 @@ TEST_F(CudaTrainArgs, RefusesBadArgumentsBeforeTheDevice) {
     SfPtr s32_guard(s32);
     EXPECT_EQ(sf_cuda_train_create(llm_.get(), s32, &d, &t), SF_ERR_UNSUPPORTED);
     EXPECT_NE(std::string(sf_last_error()).find("head dim"), std::string::npos);
-
-    // the SystemEmbedder baseline (a learned offset) trains on the CPU only
-    c = sf->cfg;
-    c.num_layers = 0;
-    c.system_offset_rows = 4;
-    sf_sysformer *off = nullptr;
-    ASSERT_EQ(sf_sysformer_init(llm_.get(), &c, 1, &off), SF_OK) << sf_last_error();
-    SfPtr off_guard(off);
-    EXPECT_EQ(sf_cuda_train_create(llm_.get(), off, &d, &t), SF_ERR_UNSUPPORTED);
 
     sf_cuda_train_free(nullptr);
 }

@@ -46,7 +46,8 @@ sf_cuda_train_options sf_cuda_train_default_options(void);
  *   request r owns rows [cu_seqlens[r], cu_seqlens[r + 1]) of ids, split by spans[r] into
  *   prefix | system | middle | user | suffix; the Sysformer rewrites the system rows from the
  *   system and user rows' embeddings, and the frozen LLM runs over the result (positions from
- *   0, no KV cache).
+ *   0, no KV cache). A module with a learned system offset takes system spans that are empty
+ *   or exactly its offset's rows.
  *   token cross-entropy: entry i < n_ce, weight ce_weights[i] (NULL: 1), row ce_rows[i] predicts
  *   ce_targets[i];
  *   classifier: entry i < n_class, weight class_weights[i] (NULL: 1), BCE of sigmoid(w . h + b)
@@ -88,9 +89,8 @@ typedef struct sf_cuda_train_memory {
  * device's master weights, with zero AdamW moments (ready for sf_cuda_train_step); the layout
  * (which tensors exist, their offsets) is read from sf for the trainer's life. Fails with
  * SF_ERR_NO_DEVICE without a GPU or CUDA build, SF_ERR_UNSUPPORTED for head dimensions the fused
- * attention lacks (LLM or Sysformer: 64, 80, 96, 128) or a learned system offset (CPU only),
- * SF_ERR_CONFIG when sf does not fit the LLM, SF_ERR_OUT_OF_MEMORY when the plan does not fit
- * the device. */
+ * attention lacks (LLM or Sysformer: 64, 80, 96, 128), SF_ERR_CONFIG when sf does not fit the
+ * LLM, SF_ERR_OUT_OF_MEMORY when the plan does not fit the device. */
 sf_status sf_cuda_train_create(const sf_llm *llm, const sf_sysformer *sf,
                                const sf_cuda_train_options *options, sf_cuda_trainer **out);
 

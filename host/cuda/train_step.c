@@ -25,9 +25,10 @@
  * The pass:
  *   embed        x0 = E[ids] (bf16)
  *   sysformer    S, U gathered from x0 (packed per request, no padding: the fused attention
- *                takes per-request offsets); the layers, saving every sub-block's input,
- *                normalised input, projections, attention outputs and log-sum-exps; S'
- *                scattered over the system rows of x0
+ *                takes per-request offsets), plus the learned system offset when the module
+ *                has one (the SystemEmbedder baseline: no layers); the layers, saving every
+ *                sub-block's input, normalised input, projections, attention outputs and
+ *                log-sum-exps; S' scattered over the system rows of x0
  *   llm layers   per layer saved: input, residual after attention, qkv after RoPE, attention
  *                output and log-sum-exp, gate_up (the backward's needs); with the recompute
  *                option only the inputs are kept, one set serves every layer, and the backward
@@ -39,7 +40,8 @@
  *   llm backward activation gradients only, fp32 residual stream, rounded to bf16 where a GEMM
  *                reads it; no LLM weight gradient is formed
  *   sysformer    dL/dS' gathered from the system rows (+ L_recon's), then the backward of each
- *   backward     sub-block; weight gradients accumulate in fp32
+ *   backward     sub-block; weight gradients accumulate in fp32; the offset's is the sum of
+ *                dL/dX0 over the requests' spans
  *
  * Rows added into dL/dx by the heads: a chunk never lists a row twice (the host starts a new
  * chunk at a repeat), so each chunk gathers its rows of dL/dx, adds the final norm's backward
@@ -389,10 +391,6 @@ static sf_status check_create(const sf_llm *llm, const sf_sysformer *sf,
         return sf_fail(SF_ERR_CONFIG, "%s: the Sysformer's d_model %d is not the LLM's hidden "
                        "size %d", fn, s->d_model, c->hidden_size);
     }
-    if (s->system_offset_rows > 0) {
-        return sf_fail(SF_ERR_UNSUPPORTED, "%s: a learned system offset (the SystemEmbedder "
-                       "baseline) trains on the CPU path only", fn);
-    }
     if (s->num_heads <= 0 || s->d_model % s->num_heads != 0 || s->num_layers < 0 ||
         s->dim_feedforward <= 0 || !fused_head_dim(s->d_model / s->num_heads)) {
         return sf_fail(SF_ERR_UNSUPPORTED, "%s: Sysformer d_model %d with %d heads (head dim "
@@ -657,6 +655,13 @@ static sf_status validate(const sf_cuda_trainer *t, const sf_cuda_train_batch *b
                            "empty user span; cross-attention needs at least one user token",
                            fn, r);
         }
+        const int32_t offset_rows = t->sf->cfg.system_offset_rows;
+        if (offset_rows > 0 && s->system != 0 && s->system != offset_rows) {
+            return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: request %d has a system span of %d "
+                           "tokens, but this module's learned system offset has %d rows (it "
+                           "was trained for one system prompt; use that prompt)", fn, r,
+                           s->system, offset_rows);
+        }
     }
     const int32_t T = b->cu_seqlens[b->n_requests];
     if (T > 0 && !b->ids) return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: ids is NULL", fn);
@@ -906,6 +911,26 @@ static sf_status sys_forward(sf_cuda_trainer *t, const plan *p) {
                                       t->final_w, t->final_b, Ts, d, eps, t->s));
     }
     return SF_OK;
+}
+
+/* X0 = S + system_offset (sf_sysformer_add_offset) over the gathered system rows, stream[0].
+ * Every span in the batch is empty or exactly the offset's n rows (validate), so the packed
+ * rows are Ts / n spans back to back: [Ts / n, n d], and the offset is one bias row over them. */
+static sf_status add_offset(sf_cuda_trainer *t, const plan *p) {
+    const sf_sysformer *sf = t->sf;
+    const int64_t n = sf->cfg.system_offset_rows;
+    if (n == 0 || p->Ts == 0) return SF_OK;
+    return sf_cuda_bias_add_bf16(t->stream[0], dev_tensor(t, sf->system_offset), p->Ts / n,
+                                 n * t->sd, t->s);
+}
+
+/* Its backward: the offset, shared by every request, collects the sum of dL/dX0 over the spans
+ * (gx after sys_backward): the column sums of gx seen as [Ts / n, n d]. */
+static sf_status add_offset_backward(sf_cuda_trainer *t, const plan *p) {
+    const sf_sysformer *sf = t->sf;
+    const int64_t n = sf->cfg.system_offset_rows;
+    if (n == 0 || p->Ts == 0) return SF_OK;
+    return colsum(t, grad_of(t, sf->system_offset), t->gx, n * t->sd, p->Ts / n, n * t->sd);
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -1298,15 +1323,18 @@ static sf_status enqueue(sf_cuda_trainer *t, const sf_cuda_train_batch *b, const
                                   t->s));
     const bool recon_on = b->w_recon > 0.0 && Ts > 0;
     if (Ts > 0) {
+        const size_t bytes = (size_t)(Ts * d) * sizeof(sf_bf16);
         SF_TRY(sf_cuda_gather_rows_bf16(t->stream[0], d, t->xs, d, t->io.sys_rows, Ts, d, t->s));
         SF_TRY(sf_cuda_gather_rows_bf16(t->u, d, t->xs, d, t->io.user_rows, p->Tu, d, t->s));
+        if (recon_on) {
+            SF_CUDA_OR_FAIL(cudaMemcpyAsync(t->h_s, t->stream[0], bytes, cudaMemcpyDeviceToHost,
+                                            t->s));
+        }
+        SF_TRY(add_offset(t, p));
         SF_TRY(sys_forward(t, p));
         SF_TRY(sf_cuda_scatter_rows_bf16(t->xs, d, t->s_out, d, t->io.sys_rows, Ts, d, t->s));
         if (recon_on) {
-            const size_t bytes = (size_t)(Ts * d) * sizeof(sf_bf16);
             SF_CUDA_OR_FAIL(cudaMemcpyAsync(t->h_sout, t->s_out, bytes, cudaMemcpyDeviceToHost,
-                                            t->s));
-            SF_CUDA_OR_FAIL(cudaMemcpyAsync(t->h_s, t->stream[0], bytes, cudaMemcpyDeviceToHost,
                                             t->s));
             SF_CUDA_OR_FAIL(cudaEventRecord(t->recon_ready, t->s));
         }
@@ -1355,6 +1383,7 @@ static sf_status enqueue(sf_cuda_trainer *t, const sf_cuda_train_batch *b, const
     }
     if (backward) {
         if (Ts > 0) SF_TRY(sys_backward(t, p));
+        if (Ts > 0) SF_TRY(add_offset_backward(t, p));
         sf_nvtx_pop();
     }
     return SF_OK;
