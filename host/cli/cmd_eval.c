@@ -649,14 +649,7 @@ static int run_method(run *r, int m, sf_eval_method *res) {
     } else {
         fprintf(stderr, "method %s: no system turn\n", k_methods[m]);
     }
-    /* The CUDA engine does not run a learned system offset (the SystemEmbedder's, or a
-     * Sysformer's with one): such a method runs on the CPU, and says so. */
-    device dev = r->dev;
-    if (dev == DEVICE_CUDA && sf && sf_sysformer_get_config(sf)->system_offset_rows > 0) {
-        fprintf(stderr, "method %s: the CUDA engine does not run a learned system offset; this "
-                        "method runs on the CPU\n", k_methods[m]);
-        dev = DEVICE_CPU;
-    }
+    const device dev = r->dev;
     res->device = dev == DEVICE_CUDA ? "cuda" : "cpu";
     res->share_method = dev == DEVICE_CUDA ? k_share_cuda : k_share_cpu;
     encoded e;
