@@ -1021,6 +1021,16 @@ TEST_F(CudaTrainArgs, RefusesBadArgumentsBeforeTheDevice) {
     bad = d;
     bad.device = -2;
     EXPECT_EQ(sf_cuda_train_create(llm_.get(), sf.get(), &bad, &t), SF_ERR_INVALID_ARGUMENT);
+    // room for generation: slots in 0..65535, each of 1..max_position_embeddings positions
+    const int32_t max_pos = sf_llm_get_config(llm_.get())->max_position_embeddings;
+    for (const auto &sc : {std::pair<int32_t, int32_t>{-1, 8}, {2, 0}, {2, max_pos + 1},
+                           {65536, 8}}) {
+        bad = d;
+        bad.gen_slots = sc.first;
+        bad.gen_context = sc.second;
+        EXPECT_EQ(sf_cuda_train_create(llm_.get(), sf.get(), &bad, &t), SF_ERR_INVALID_ARGUMENT)
+            << sc.first << " x " << sc.second;
+    }
 
     // a Sysformer head dim the fused attention lacks (256 / 8 = 32)
     sf_sysformer_config c = sf->cfg;
@@ -1083,6 +1093,21 @@ TEST_F(CudaTrainArgs, PlanNeedsNoDeviceAndRecomputeDropsLayerSets) {
     sf_cuda_memory em;
     ASSERT_EQ(sf_cuda_engine_plan(&c, nullptr, &eo, &em), SF_OK) << sf_last_error();
     EXPECT_EQ(keep.llm_weights, em.total);
+    // with room for generation the engine holds 3 slots of 40 positions, whose prefill takes
+    // them all at once, and the Sysformer's bf16 copy; nothing else changes
+    sf_cuda_train_options og = o;
+    og.gen_slots = 3;
+    og.gen_context = 40;
+    sf_cuda_train_memory gen;
+    ASSERT_EQ(sf_cuda_train_plan(llm_.get(), sf.get(), &og, &gen), SF_OK) << sf_last_error();
+    eo = sf_cuda_engine_default_options();
+    eo.max_slots = 3;
+    eo.max_context = 40;
+    eo.max_batch_tokens = 120;
+    ASSERT_EQ(sf_cuda_engine_plan(&c, &sf->cfg, &eo, &em), SF_OK) << sf_last_error();
+    EXPECT_EQ(gen.llm_weights, em.total);
+    EXPECT_EQ(gen.sysformer, rec.sysformer);
+    EXPECT_EQ(gen.activations, rec.activations);
 
     // the activations grow linearly in max_tokens, apart from alignment and the LM-head chunk
     o.recompute = false;

@@ -152,6 +152,20 @@ sf_status sf_cuda_train_loss_grad(sf_cuda_trainer *t, const sf_cuda_train_batch 
     return no_cuda("sf_cuda_train_loss_grad");
 }
 
+sf_status sf_cuda_train_loss(sf_cuda_trainer *t, const sf_cuda_train_batch *batch,
+                             sf_llm_loss_result *result, double *recon) {
+    (void)t, (void)batch;
+    if (result) memset(result, 0, sizeof *result);
+    if (recon) *recon = 0.0;
+    return no_cuda("sf_cuda_train_loss");
+}
+
+sf_status sf_cuda_train_generate(sf_cuda_trainer *t, const sf_tokenizer *tok,
+                                 const sf_generation *gen, sf_generation_result *results) {
+    (void)t, (void)tok, (void)gen, (void)results;
+    return no_cuda("sf_cuda_train_generate");
+}
+
 sf_status sf_cuda_train_step(sf_cuda_trainer *t, const sf_cuda_train_batch *batch,
                              const sf_cuda_train_update *update, sf_llm_loss_result *result,
                              double *recon, double *grad_norm) {

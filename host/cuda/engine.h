@@ -184,6 +184,12 @@ int32_t sf_cuda_engine_vocab(const sf_cuda_engine *e);
 sf_status sf_cuda_weights_layout(sf_cuda_engine *e);
 sf_status sf_cuda_weights_alloc(sf_cuda_engine *e);
 sf_status sf_cuda_weights_upload(sf_cuda_engine *e, const sf_llm *llm, const sf_sysformer *sf);
+/* Calls fn(user, dst, src, n) for each of the engine's Sysformer tensors: dst its n bf16
+ * values on the device, src the n fp32 values of sf (same configuration) they come from; stops
+ * at the first failure. The upload's, and the trainer's refresh from its master weights. */
+typedef sf_status (*sf_cuda_tensor_fn)(void *user, sf_bf16 *dst, const float *src, size_t n);
+sf_status sf_cuda_weights_each_sysformer(sf_cuda_engine *e, const sf_sysformer *sf,
+                                         sf_cuda_tensor_fn fn, void *user);
 sf_status sf_cuda_weights_random(sf_cuda_engine *e, uint64_t seed);
 
 /* llm_forward.c: the decoder layers over the step's packed rows (x holds their embeddings; the

@@ -38,6 +38,12 @@ typedef struct sf_cuda_train_options {
                            T x (2 d + 2 q + 2 kv + 2 ff) bf16 + lse to one such set (about one
                            more LLM forward of time); the losses are the same bit for bit,
                            the gradients up to the attention backward's atomic dq sums       */
+    int32_t gen_slots;  /* > 0: room for greedy generation with the Sysformer being trained
+                           (sf_cuda_train_generate): requests at once. The LLM's engine then
+                           holds gen_slots KV slots of gen_context positions and the
+                           Sysformer's bf16 copy; 0 (default): none                          */
+    int32_t gen_context; /* positions per slot (prompt + new tokens), 1..max_position_embeddings,
+                           when gen_slots > 0                                                 */
 } sf_cuda_train_options;
 
 sf_cuda_train_options sf_cuda_train_default_options(void);
@@ -73,7 +79,8 @@ typedef struct sf_cuda_train_batch {
 
 /* Device memory a trainer holds, in bytes. */
 typedef struct sf_cuda_train_memory {
-    size_t llm_weights;  /* the frozen LLM, bf16 (with the small engine it is held in)      */
+    size_t llm_weights;  /* the frozen LLM, bf16, with the engine it is held in (small, or
+                            sized for gen_slots x gen_context)                             */
     size_t sysformer;    /* the Sysformer: its bf16 weights, fp32 master weights, and the
                             optimizer part below                                          */
     size_t optimizer;    /* of sysformer: the fp32 gradients, AdamW's fp32 m and v, the
@@ -121,6 +128,22 @@ sf_status sf_cuda_train_plan(const sf_llm *llm, const sf_sysformer *sf,
  * the LLM's context. Synchronises with the device before returning. */
 sf_status sf_cuda_train_loss_grad(sf_cuda_trainer *t, const sf_cuda_train_batch *batch,
                                   sf_llm_loss_result *result, double *recon, float *grads);
+
+/* The forward and the losses of one batch (*result, *recon as sf_cuda_train_loss_grad's) at
+ * the device's master weights as they stand (no upload, no backward: the weights, the moments
+ * and the last gradient are left as they were), e.g. a validation between device steps. The
+ * same batch checks. Synchronises. */
+sf_status sf_cuda_train_loss(sf_cuda_trainer *t, const sf_cuda_train_batch *batch,
+                             sf_llm_loss_result *result, double *recon);
+
+/* sf_generate_cuda (sysformer.h) with the Sysformer at the device's master weights as they
+ * stand, rounded to bf16 as an upload of them would be (so it generates what an engine created
+ * from the downloaded weights would, token for token); no stream callback. Needs a trainer
+ * made with gen_slots > 0 (SF_ERR_INVALID_ARGUMENT otherwise); the generation's own limits
+ * apply (at most gen_slots requests; a request ends when it fills gen_context positions).
+ * Leaves the weights, the moments and the last gradient as they were. Synchronises. */
+sf_status sf_cuda_train_generate(sf_cuda_trainer *t, const sf_tokenizer *tok,
+                                 const sf_generation *gen, sf_generation_result *results);
 
 /* The optimizer half of a device step: values the host knows before the step. */
 typedef struct sf_cuda_train_update {

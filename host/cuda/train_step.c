@@ -387,6 +387,14 @@ static sf_status check_create(const sf_llm *llm, const sf_sysformer *sf,
         return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: device %d, max_tokens %d, head_chunk %d",
                        fn, o->device, o->max_tokens, o->head_chunk);
     }
+    if (o->gen_slots < 0 || o->gen_slots > 65535 ||
+        (o->gen_slots > 0 && (o->gen_context < 1 ||
+                              o->gen_context > c->max_position_embeddings ||
+                              (int64_t)o->gen_slots * o->gen_context > INT32_MAX))) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: gen_slots %d (0..65535), gen_context %d "
+                       "(1..%d, and slots x context below 2^31)", fn, o->gen_slots,
+                       o->gen_context, c->max_position_embeddings);
+    }
     if (s->d_model != c->hidden_size) {
         return sf_fail(SF_ERR_CONFIG, "%s: the Sysformer's d_model %d is not the LLM's hidden "
                        "size %d", fn, s->d_model, c->hidden_size);
@@ -425,10 +433,19 @@ void sf_cuda_train_free(sf_cuda_trainer *t) {
     free(t);
 }
 
-/* The minimal engine that holds the frozen LLM: one slot of one position. */
-static sf_cuda_engine_options llm_engine_options(int32_t device) {
+/* The engine that holds the frozen LLM: one slot of one position (the minimal one), or, with
+ * room for generation, gen_slots slots of gen_context positions, whose prefill takes them all
+ * at once (and, holding the Sysformer too, the padded system and user rows: each is at most
+ * gen_context per request). */
+static sf_cuda_engine_options llm_engine_options(const sf_cuda_train_options *o) {
     sf_cuda_engine_options eo = sf_cuda_engine_default_options();
-    eo.device = device;
+    eo.device = o->device;
+    if (o->gen_slots > 0) {
+        eo.max_slots = o->gen_slots;
+        eo.max_context = o->gen_context;
+        eo.max_batch_tokens = o->gen_slots * o->gen_context;
+        return eo;
+    }
     eo.max_slots = 1;
     eo.max_context = 1;
     eo.max_batch_tokens = 1;
@@ -495,8 +512,8 @@ static sf_status layout(sf_cuda_trainer *t, const sf_cuda_train_options *o) {
 
 static sf_status create(sf_cuda_trainer *t, const sf_cuda_train_options *o) {
     const sf_sysformer *sf = t->sf;
-    const sf_cuda_engine_options eo = llm_engine_options(o->device);
-    SF_TRY(sf_cuda_engine_create(t->llm, NULL, &eo, &t->e));
+    const sf_cuda_engine_options eo = llm_engine_options(o);
+    SF_TRY(sf_cuda_engine_create(t->llm, o->gen_slots > 0 ? sf : NULL, &eo, &t->e));
     t->s = t->e->stream;
     SF_TRY(layout(t, o));
 
@@ -593,9 +610,9 @@ sf_status sf_cuda_train_plan(const sf_llm *llm, const sf_sysformer *sf,
     }
     const sf_cuda_train_options o = options ? *options : sf_cuda_train_default_options();
     SF_TRY(check_create(llm, sf, &o));
-    const sf_cuda_engine_options eo = llm_engine_options(o.device);
+    const sf_cuda_engine_options eo = llm_engine_options(&o);
     sf_cuda_memory m;
-    SF_TRY(sf_cuda_engine_plan(&llm->cfg, NULL, &eo, &m));
+    SF_TRY(sf_cuda_engine_plan(&llm->cfg, o.gen_slots > 0 ? &sf->cfg : NULL, &eo, &m));
     sf_cuda_trainer *t = calloc(1, sizeof *t);
     if (!t) return sf_fail(SF_ERR_OUT_OF_MEMORY, "sf_cuda_train_plan: out of host memory");
     t->llm = llm;
@@ -1316,7 +1333,8 @@ static sf_status enqueue(sf_cuda_trainer *t, const sf_cuda_train_batch *b, const
     const size_t out_off = (size_t)((char *)t->io.ce_loss - (char *)t->io.ids);
     SF_CUDA_OR_FAIL(cudaMemcpyAsync(t->io.ids, t->h.ids, t->io.in_bytes, cudaMemcpyHostToDevice,
                                     t->s));
-    SF_CUDA_OR_FAIL(cudaMemsetAsync(t->g, 0, (size_t)t->n_w * sizeof(float), t->s));
+    /* a forward alone leaves the last gradient where sf_cuda_train_download_state finds it */
+    if (backward) SF_CUDA_OR_FAIL(cudaMemsetAsync(t->g, 0, (size_t)t->n_w * sizeof(float), t->s));
 
     sf_nvtx_push("train forward");
     SF_TRY(sf_cuda_embedding_bf16(t->xs, t->e->embed, t->io.ids, T, d, c->vocab_size, NULL,
@@ -1445,6 +1463,50 @@ sf_status sf_cuda_train_loss_grad(sf_cuda_trainer *t, const sf_cuda_train_batch 
     if (p.T > 0) *result = collect(t, batch);
     if (recon) *recon = rec;
     return SF_OK;
+}
+
+sf_status sf_cuda_train_loss(sf_cuda_trainer *t, const sf_cuda_train_batch *batch,
+                             sf_llm_loss_result *result, double *recon) {
+    static const char fn[] = "sf_cuda_train_loss";
+    if (!t || !batch || !result) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: NULL trainer, batch or result", fn);
+    }
+    memset(result, 0, sizeof *result);
+    if (recon) *recon = 0.0;
+    SF_TRY(validate(t, batch));
+    SF_CUDA_OR_FAIL(cudaSetDevice(t->e->device));
+    plan p;
+    stage_inputs(t, batch, &p);
+    double rec = 0.0;
+    const sf_status st = p.T > 0 ? enqueue(t, batch, &p, false, &rec) : SF_OK;
+    SF_TRY(finish(t, st, fn));
+    if (p.T > 0) *result = collect(t, batch);
+    if (recon) *recon = rec;
+    return SF_OK;
+}
+
+/* Rounds one master tensor into the engine's bf16 copy (sf_cuda_weights_each_sysformer). */
+static sf_status round_into_engine(void *user, sf_bf16 *dst, const float *src, size_t n) {
+    sf_cuda_trainer *t = user;
+    return sf_cuda_f32_to_bf16(dst, t->w32 + (src - t->sf->weights), (int64_t)n, t->s);
+}
+
+sf_status sf_cuda_train_generate(sf_cuda_trainer *t, const sf_tokenizer *tok,
+                                 const sf_generation *gen, sf_generation_result *results) {
+    static const char fn[] = "sf_cuda_train_generate";
+    if (!t || !gen || !results) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: NULL trainer, generation or results", fn);
+    }
+    if (!t->e->has_sysformer) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: the trainer was created without room for "
+                       "generation (gen_slots 0)", fn);
+    }
+    SF_CUDA_OR_FAIL(cudaSetDevice(t->e->device));
+    /* the engine's Sysformer becomes the master weights as they stand, rounded as an upload
+     * of them would be; sf_generate_cuda runs on the same stream, after it */
+    sf_status st = sf_cuda_weights_each_sysformer(t->e, t->sf, round_into_engine, t);
+    if (st == SF_OK) st = sf_generate_cuda(t->e, tok, gen, NULL, NULL, results);
+    return finish(t, st, fn);
 }
 
 static sf_status check_update(const sf_cuda_train_update *u) {

@@ -118,6 +118,48 @@ static sf_status put(uploader *u, sf_bf16 *dst, const float *src, size_t n) {
     return SF_OK;
 }
 
+static sf_status put_one(void *user, sf_bf16 *dst, const float *src, size_t n) {
+    return put(user, dst, src, n);
+}
+
+#define EACH(dst, src, n)                                     \
+    do {                                                      \
+        sf_status st_ = fn(user, (dst), (src), (size_t)(n));  \
+        if (st_ != SF_OK) return st_;                         \
+    } while (0)
+
+sf_status sf_cuda_weights_each_sysformer(sf_cuda_engine *e, const sf_sysformer *sf,
+                                         sf_cuda_tensor_fn fn, void *user) {
+    const int64_t d = e->d, sff = e->sys_ff;
+    for (int l = 0; l < e->sys_cfg.num_layers; l++) {
+        const sf_sysformer_layer *H = &sf->layers[l];
+        sf_cuda_sys_layer *S = &e->sys_layers[l];
+        EACH(S->sa_in_w, H->self_attn.in_proj_weight, 3 * d * d);
+        EACH(S->sa_in_b, H->self_attn.in_proj_bias, 3 * d);
+        EACH(S->sa_out_w, H->self_attn.out_proj_weight, d * d);
+        EACH(S->sa_out_b, H->self_attn.out_proj_bias, d);
+        EACH(S->ca_in_w, H->cross_attn.in_proj_weight, 3 * d * d);
+        EACH(S->ca_in_b, H->cross_attn.in_proj_bias, 3 * d);
+        EACH(S->ca_out_w, H->cross_attn.out_proj_weight, d * d);
+        EACH(S->ca_out_b, H->cross_attn.out_proj_bias, d);
+        EACH(S->l1_w, H->linear1_weight, sff * d);
+        EACH(S->l1_b, H->linear1_bias, sff);
+        EACH(S->l2_w, H->linear2_weight, d * sff);
+        EACH(S->l2_b, H->linear2_bias, d);
+        for (int k = 0; k < 3; k++) {
+            EACH(S->norm_w[k], H->norm_weight[k], d);
+            EACH(S->norm_b[k], H->norm_bias[k], d);
+        }
+    }
+    if (e->sys_final_w) {
+        EACH(e->sys_final_w, sf->final_norm_weight, d);
+        EACH(e->sys_final_b, sf->final_norm_bias, d);
+    }
+    if (e->sys_offset) EACH(e->sys_offset, sf->system_offset, e->sys_cfg.system_offset_rows * d);
+    return SF_OK;
+}
+#undef EACH
+
 #define PUT(dst, src, n)                                      \
     do {                                                      \
         st = put(&u, (dst), (src), (size_t)(n));              \
@@ -157,36 +199,7 @@ sf_status sf_cuda_weights_upload(sf_cuda_engine *e, const sf_llm *llm, const sf_
         PUT(L->w_gate_up + ff * d, H->w_up, ff * d);
         PUT(L->w_down, H->w_down, d * ff);
     }
-    if (sf && e->has_sysformer) {
-        const int64_t sff = e->sys_ff;
-        for (int l = 0; l < e->sys_cfg.num_layers; l++) {
-            const sf_sysformer_layer *H = &sf->layers[l];
-            sf_cuda_sys_layer *S = &e->sys_layers[l];
-            PUT(S->sa_in_w, H->self_attn.in_proj_weight, 3 * d * d);
-            PUT(S->sa_in_b, H->self_attn.in_proj_bias, 3 * d);
-            PUT(S->sa_out_w, H->self_attn.out_proj_weight, d * d);
-            PUT(S->sa_out_b, H->self_attn.out_proj_bias, d);
-            PUT(S->ca_in_w, H->cross_attn.in_proj_weight, 3 * d * d);
-            PUT(S->ca_in_b, H->cross_attn.in_proj_bias, 3 * d);
-            PUT(S->ca_out_w, H->cross_attn.out_proj_weight, d * d);
-            PUT(S->ca_out_b, H->cross_attn.out_proj_bias, d);
-            PUT(S->l1_w, H->linear1_weight, sff * d);
-            PUT(S->l1_b, H->linear1_bias, sff);
-            PUT(S->l2_w, H->linear2_weight, d * sff);
-            PUT(S->l2_b, H->linear2_bias, d);
-            for (int k = 0; k < 3; k++) {
-                PUT(S->norm_w[k], H->norm_weight[k], d);
-                PUT(S->norm_b[k], H->norm_bias[k], d);
-            }
-        }
-        if (e->sys_final_w) {
-            PUT(e->sys_final_w, sf->final_norm_weight, d);
-            PUT(e->sys_final_b, sf->final_norm_bias, d);
-        }
-        if (e->sys_offset) {
-            PUT(e->sys_offset, sf->system_offset, (int64_t)e->sys_cfg.system_offset_rows * d);
-        }
-    }
+    if (sf && e->has_sysformer) st = sf_cuda_weights_each_sysformer(e, sf, put_one, &u);
 done:
     /* the staging buffer is read by work still in flight: wait before freeing it */
     err = cudaStreamSynchronize(e->stream);
