@@ -735,6 +735,161 @@ TEST_P(CudaTrainTiny, TrainerStepOnTheGpuMatchesTheCpu) {
     sf_train_set_free(&set);
 }
 
+// Replies the trainer's validation generated, in the order it judged them.
+struct JudgeLog {
+    std::vector<std::vector<int32_t>> replies;
+    static bool fn(void *user, const int32_t *ids, int32_t n, const char *) {
+        static_cast<JudgeLog *>(user)->replies.emplace_back(ids, ids + n);
+        return n > 0 && ids[0] % 2 == 0;
+    }
+};
+
+// Validation with SF_TRAIN_CUDA runs on the device: the losses through sf_cuda_train_loss at
+// the device's weights, the refusal rates from greedy generation in the trainer's own engine.
+//  1. Before any step (one set of weights on both sides): each validation term within the
+//     bound of the CPU trainer's, with expect_step_matches_cpu's per-row bounds. The reply terms
+//     are means of per-row cross-entropies, each within 2 b_f ||z|| (z the CPU's logits of the
+//     row), so within 2 b_f max ||z|| over the kind's rows; the classifier's mean BCE within
+//     b_h ||w|| max|g| sqrt(d); L_recon, the mean of (S' - S)^2 over N elements, within
+//     (2 ||S' - S|| e + e^2) / N with e = b_s ||S'|| + u ||S||. Generation judged the same
+//     counts of prompts.
+//  2. After one device step with a large learning rate (the new weights exist on the device
+//     only until the run syncs them back), validation's replies are those of an engine created
+//     from the weights the run handed back, token for token: the same bf16 weights through the
+//     same engine code. The step must have changed some reply, or stale weights would pass.
+TEST_P(CudaTrainTiny, TrainerValidationOnTheGpuMatchesTheCpu) {
+    sf_train_set train = {}, val = {};
+    fill_train_set(&train, 6, 21);
+    fill_train_set(&val, 7, 22);
+    sf_train_options o = sf_train_default_options();
+    o.epochs = 1;
+    o.batch_tokens = 4096;  // one step an epoch
+    o.lr = 0.05;
+    o.w_recon = 1.0;
+    o.validate_first = false;
+    o.val_harmful_n = 3;
+    o.val_harmless_n = 2;
+    o.val_max_new_tokens = 4;
+    o.val_batch = 2;  // slots reused across generation batches
+    JudgeLog log_cpu, log_gpu;
+    o.judge = JudgeLog::fn;
+    SfPtr sf_cpu = random_sysformer(llm_.get(), true, SF_ACT_RELU, false, 29);
+    SfPtr sf_gpu = random_sysformer(llm_.get(), true, SF_ACT_RELU, false, 29);
+    auto create = [&](sf_sysformer *sf, JudgeLog *log, sf_train_device dev) {
+        o.judge_user = log;
+        o.device = dev;
+        sf_trainer *t = nullptr;
+        EXPECT_EQ(sf_trainer_create(llm_.get(), sf, nullptr, nullptr, 0, &train, &val, &o, &t),
+                  SF_OK)
+            << sf_last_error();
+        return SfTrainerPtr(t, sf_trainer_free);
+    };
+    SfTrainerPtr tc = create(sf_cpu.get(), &log_cpu, SF_TRAIN_CPU);
+    SfTrainerPtr tg = create(sf_gpu.get(), &log_gpu, SF_TRAIN_CUDA);
+    ASSERT_TRUE(tc && tg);
+
+    // 1. The terms before any step.
+    sf_train_event ec, eg;
+    ASSERT_EQ(sf_trainer_validate(tc.get(), &ec), SF_OK) << sf_last_error();
+    ASSERT_EQ(sf_trainer_validate(tg.get(), &eg), SF_OK) << sf_last_error();
+    EXPECT_EQ(eg.n_judged_harmful, 3);
+    EXPECT_EQ(eg.n_judged_harmless, 2);
+    EXPECT_EQ(log_gpu.replies.size(), 5u);
+    const sf_llm_config *c = sf_llm_get_config(llm_.get());
+    const int L = c->num_layers, Ls = sf_cpu->cfg.num_layers;
+    const int64_t d = c->hidden_size, V = c->vocab_size;
+    Prompts whole;  // every validation example with its reply
+    std::vector<int32_t> rows[2];
+    for (int32_t i = 0; i < val.n; i++) {
+        const sf_train_example &e = val.ex[i];
+        const int32_t *ids = val.ids + e.offset;
+        sf_prompt_spans sp = e.spans;
+        sp.suffix += e.n_target;
+        const int32_t last = whole.total() + e.n_prompt - 1;
+        for (int32_t j = 0; j < e.n_target; j++) rows[e.harmful ? 1 : 0].push_back(last + j);
+        whole.add(std::vector<int32_t>(ids, ids + e.n_prompt + e.n_target), sp);
+    }
+    const double bf = forward_bound(L, Ls);
+    for (int kind = 0; kind < 2; kind++) {
+        const std::vector<float> z =
+            cpu_guarded_logits(llm_.get(), sf_cpu.get(), whole, rows[kind]);
+        double zmax = 0.0;
+        for (size_t r = 0; r < rows[kind].size(); r++) {
+            zmax = std::max(zmax, sf_engine_test::norm2(z.data() + r * V, V));
+        }
+        EXPECT_NEAR(kind ? eg.val_ref : eg.val_compl, kind ? ec.val_ref : ec.val_compl,
+                    2.0 * bf * zmax)
+            << (kind ? "L_ref" : "L_compl");
+    }
+    double gmax = 0.0;
+    for (int64_t j = 0; j < d; j++) gmax = std::max(gmax, (double)std::fabs(llm_->final_norm[j]));
+    EXPECT_NEAR(eg.val_class, ec.val_class,
+                hidden_bound(L, Ls) * sf_engine_test::norm2(sf_cpu->classifier_weight, d) * gmax *
+                    std::sqrt((double)d));
+    std::vector<float> sp_all((size_t)whole.total() * d), s_all(sp_all.size());
+    sf_guarded_batch gb = {whole.n(), whole.cu.data(), whole.ids.data(), whole.spans.data(),
+                           nullptr, 0, nullptr};
+    ASSERT_EQ(sf_guarded_embed_cpu(llm_.get(), sf_cpu.get(), &gb, sp_all.data()), SF_OK);
+    ASSERT_EQ(sf_llm_embed(llm_.get(), whole.ids.data(), whole.total(), s_all.data()), SF_OK);
+    std::vector<float> sp, sv, diff;
+    for (int32_t r = 0; r < whole.n(); r++) {
+        const size_t s0 = (size_t)(whole.cu[r] + whole.spans[r].prefix) * d;
+        for (size_t k = 0; k < (size_t)whole.spans[r].system * d; k++) {
+            sp.push_back(sp_all[s0 + k]);
+            sv.push_back(s_all[s0 + k]);
+            diff.push_back(sp_all[s0 + k] - s_all[s0 + k]);
+        }
+    }
+    const double e = sprime_bound(Ls) * vnorm(sp) + kUbf16 * vnorm(sv);
+    EXPECT_NEAR(eg.val_recon, ec.val_recon, (2.0 * vnorm(diff) * e + e * e) / (double)diff.size());
+
+    // 2. Replies after a device step.
+    const std::vector<std::vector<int32_t>> before = log_gpu.replies;  // the step-0 weights'
+    bool done = false;
+    ASSERT_EQ(sf_trainer_run(tg.get(), 1, &done), SF_OK) << sf_last_error();
+    log_gpu.replies.clear();
+    ASSERT_EQ(sf_trainer_validate(tg.get(), &eg), SF_OK) << sf_last_error();
+    ASSERT_EQ(log_gpu.replies.size(), 5u);
+    EXPECT_NE(log_gpu.replies, before) << "the step changed no reply: stale weights would pass";
+    sf_cuda_engine_options eo = sf_cuda_engine_default_options();
+    eo.max_slots = o.val_batch;
+    sf_cuda_engine *raw = nullptr;
+    ASSERT_EQ(sf_cuda_engine_create(llm_.get(), sf_gpu.get(), &eo, &raw), SF_OK) << sf_last_error();
+    std::unique_ptr<sf_cuda_engine, void (*)(sf_cuda_engine *)> engine(raw, sf_cuda_engine_free);
+    std::vector<std::vector<int32_t>> want;
+    for (int kind = 0; kind < 2; kind++) {  // harmless prompts first, as the trainer judges
+        std::vector<int32_t> idx;
+        for (int32_t i = 0; i < val.n && (int)idx.size() < (kind ? 3 : 2); i++) {
+            if (val.ex[i].harmful == (kind == 1)) idx.push_back(i);
+        }
+        for (size_t b0 = 0; b0 < idx.size(); b0 += (size_t)o.val_batch) {
+            Prompts q;
+            for (size_t i = b0; i < idx.size() && i < b0 + (size_t)o.val_batch; i++) {
+                const sf_train_example &ex = val.ex[idx[i]];
+                q.add(std::vector<int32_t>(val.ids + ex.offset, val.ids + ex.offset + ex.n_prompt),
+                      ex.spans);
+            }
+            sf_generation g = {};
+            g.n_requests = q.n();
+            g.cu_seqlens = q.cu.data();
+            g.token_ids = q.ids.data();
+            g.spans = q.spans.data();
+            g.max_new_tokens = o.val_max_new_tokens;
+            std::vector<sf_generation_result> res((size_t)q.n());
+            ASSERT_EQ(sf_generate_cuda(engine.get(), nullptr, &g, nullptr, nullptr, res.data()),
+                      SF_OK)
+                << sf_last_error();
+            for (auto &r : res) {
+                want.emplace_back(r.tokens, r.tokens + r.n_tokens);
+                sf_generation_result_free(&r);
+            }
+        }
+    }
+    EXPECT_EQ(log_gpu.replies, want);
+    sf_train_set_free(&train);
+    sf_train_set_free(&val);
+}
+
 // The STEP events of a run.
 struct StepLog {
     std::vector<sf_train_event> steps;

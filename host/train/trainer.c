@@ -338,6 +338,32 @@ static sf_status check_set(const sf_train_set *set, const sf_llm_config *c, cons
     return SF_OK;
 }
 
+/* With SF_TRAIN_CUDA validation runs on the device too: its loss batches (each at most
+ * batch_tokens rows, or one example) must fit the device trainer's max_tokens, and greedy
+ * generation for the judged prompts needs val_batch slots of the longest prompt plus
+ * val_max_new_tokens positions in the trainer's engine. */
+static void device_validation_room(const sf_trainer *t, sf_cuda_train_options *co) {
+    const sf_train_set *val = t->val;
+    if (!val) return;
+    const sf_train_options *o = &t->o;
+    int32_t longest = 0, judged[2] = {0, 0};
+    for (int32_t i = 0; i < val->n; i++) {
+        const sf_train_example *e = &val->ex[i];
+        const int32_t rows = e->n_prompt + e->n_target;
+        if (rows > co->max_tokens) co->max_tokens = rows;
+        int32_t *seen = &judged[e->harmful ? 1 : 0];
+        if (*seen < (e->harmful ? o->val_harmful_n : o->val_harmless_n)) {
+            (*seen)++;
+            if (e->n_prompt > longest) longest = e->n_prompt;
+        }
+    }
+    if (!(o->judge || t->tok) || longest == 0) return;
+    const int64_t context = (int64_t)longest + o->val_max_new_tokens;
+    const int32_t max_pos = t->llm->cfg.max_position_embeddings;
+    co->gen_slots = o->val_batch;
+    co->gen_context = context < max_pos ? (int32_t)context : max_pos;
+}
+
 sf_status sf_trainer_create(const sf_llm *llm, sf_sysformer *sf, const sf_tokenizer *tok,
                             const int32_t *stop_ids, int32_t n_stop_ids,
                             const sf_train_set *train, const sf_train_set *val,
@@ -420,6 +446,7 @@ sf_status sf_trainer_create(const sf_llm *llm, sf_sysformer *sf, const sf_tokeni
         co.device = o->cuda_device;
         co.max_tokens = t->max_rows;
         co.recompute = o->recompute;
+        device_validation_room(t, &co);
         st = sf_cuda_train_create(llm, sf, &co, &t->gpu);
     }
     if (st != SF_OK) {
@@ -636,28 +663,36 @@ static void apply_step(sf_trainer *t, const sf_llm_loss_result *res, double reco
     out->rows = (int32_t)rows;
 }
 
+/* The device's view of the packed examples idx[0..p->n) of set with their loss rows (the
+ * classifier's when cls): spans[i] gets example i's spans with its reply rows, if packed, in
+ * the suffix. */
+static sf_cuda_train_batch device_batch(const sf_train_set *set, const int32_t *idx,
+                                        const packed *p, bool cls, double w_recon,
+                                        sf_prompt_spans *spans) {
+    for (int32_t i = 0; i < p->n; i++) {
+        const sf_train_example *e = &set->ex[idx[i]];
+        spans[i] = e->spans;
+        spans[i].suffix += p->cu[i + 1] - p->cu[i] - e->n_prompt;
+    }
+    return (sf_cuda_train_batch){
+        .n_requests = p->n, .ids = p->ids, .cu_seqlens = p->cu, .spans = spans,
+        .n_ce = p->n_ce, .ce_rows = p->ce_rows, .ce_targets = p->ce_targets,
+        .ce_weights = p->ce_weights,
+        .n_class = cls ? p->n : 0, .class_rows = p->class_rows,
+        .class_labels = p->class_labels, .class_weights = p->class_weights,
+        .w_recon = w_recon,
+    };
+}
+
 /* The whole step on the GPU, from the packed batch with its loss rows: the same terms and
  * weights as the CPU path below, then clipping and AdamW on the device's master weights and
  * moments with the schedule's lr (host/cuda/train.h); the host's copies fall behind. */
 static sf_status gpu_step(sf_trainer *t, const int32_t *idx, const packed *p, step_stats *out) {
     const sf_train_options *o = &t->o;
-    const int32_t n = p->n;
-    sf_prompt_spans *spans = malloc((size_t)n * sizeof *spans);
+    sf_prompt_spans *spans = malloc((size_t)p->n * sizeof *spans);
     if (!spans) return oom("trainer step");
-    for (int32_t i = 0; i < n; i++) {
-        const sf_train_example *e = &t->train->ex[idx[i]];
-        spans[i] = e->spans;
-        spans[i].suffix += p->cu[i + 1] - p->cu[i] - e->n_prompt; /* the reply rows, if any */
-    }
-    const bool cls = o->w_class > 0.0;
-    sf_cuda_train_batch b = {
-        .n_requests = n, .ids = p->ids, .cu_seqlens = p->cu, .spans = spans,
-        .n_ce = p->n_ce, .ce_rows = p->ce_rows, .ce_targets = p->ce_targets,
-        .ce_weights = p->ce_weights,
-        .n_class = cls ? n : 0, .class_rows = p->class_rows, .class_labels = p->class_labels,
-        .class_weights = p->class_weights,
-        .w_recon = o->w_recon,
-    };
+    const sf_cuda_train_batch b =
+        device_batch(t->train, idx, p, o->w_class > 0.0, o->w_recon, spans);
     sf_cuda_train_update u;
     memset(&u, 0, sizeof u);
     u.lr = sf_train_lr_at(o, t->step, t->total_steps, t->warmup);
@@ -810,11 +845,32 @@ static sf_status val_losses(sf_trainer *t, const int32_t *idx, int32_t n, double
         p.class_labels[i] = e->harmful ? 1.0f : 0.0f;
         p.class_weights[i] = 1.0f;
     }
+    const bool cls = t->sf->classifier_weight != NULL;
+    if (t->gpu) {
+        /* the device's master weights as they stand; w_recon 1: the mean over the elements */
+        sf_prompt_spans *spans = malloc((size_t)n * sizeof *spans);
+        sf_llm_loss_result res;
+        double recon = 0.0;
+        st = spans ? SF_OK : oom("trainer validation");
+        if (st == SF_OK) {
+            const sf_cuda_train_batch b = device_batch(set, idx, &p, cls, 1.0, spans);
+            st = sf_cuda_train_loss(t->gpu, &b, &res, &recon);
+        }
+        free(spans);
+        if (st == SF_OK) {
+            const double elems = (double)p.cu_sys[n] * (double)d;
+            sums[0] += res.ce;
+            sums[2] += res.cls;
+            sums[3] += recon * elems;
+            sums[4] += elems;
+        }
+        packed_free(&p);
+        return st;
+    }
     sf_rewrite_batch rb = {n, p.cu_sys, p.cu_usr, p.sys, p.usr};
     st = sf_sysformer_forward_cpu(t->sf, &rb, p.sys_out);
     if (st == SF_OK) {
         splice(set, idx, &p, d);
-        const bool cls = t->sf->classifier_weight != NULL;
         sf_llm_loss_spec spec = {
             .n_ce = p.n_ce, .ce_rows = p.ce_rows, .ce_targets = p.ce_targets,
             .ce_weights = p.ce_weights,
@@ -873,7 +929,8 @@ static sf_status val_refusals(sf_trainer *t, const int32_t *idx, int32_t n, int3
         g.max_new_tokens = t->o.val_max_new_tokens;
         g.stop_ids = t->stop_ids;
         g.n_stop_ids = t->n_stop_ids;
-        st = sf_generate_cpu(t->llm, t->sf, t->tok, &g, NULL, NULL, res);
+        st = t->gpu ? sf_cuda_train_generate(t->gpu, t->tok, &g, res)
+                    : sf_generate_cpu(t->llm, t->sf, t->tok, &g, NULL, NULL, res);
         if (st != SF_OK) break;
         for (int32_t i = 0; i < nb; i++) {
             bool r = t->o.judge ? t->o.judge(t->o.judge_user, res[i].tokens, res[i].n_tokens,
@@ -903,8 +960,9 @@ sf_status sf_trainer_validate(sf_trainer *t, sf_train_event *ev) {
     ev->total_steps = t->total_steps;
     ev->refusal_harmful = ev->refusal_harmless = -1.0;
     if (!t->val) return SF_OK;
-    sf_status st = sync_host(t); /* the CPU forward reads sf */
-    if (st != SF_OK) return st;
+    /* With SF_TRAIN_CUDA the losses and the generation run on the device's master weights:
+     * nothing needs sf's host copy. */
+    sf_status st = SF_OK;
     const sf_train_set *set = t->val;
     const int32_t n = set->n;
     int32_t *idx = malloc((size_t)n * sizeof *idx);

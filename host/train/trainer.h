@@ -125,9 +125,13 @@ typedef enum sf_train_device {
     SF_TRAIN_CPU = 0,  /* fp32 reference (host/sysformer, host/model backward_cpu.c)          */
     SF_TRAIN_CUDA = 1, /* the GPU, bf16 storage and fp32 gradients (host/cuda/train.h);
                           clipping and AdamW run there too, on fp32 master weights and moments
-                          kept on the device between steps; validation stays on the CPU.
+                          kept on the device between steps, and so does validation: the losses
+                          at the device's weights, and the greedy generation for the refusal
+                          rates in the device trainer's engine (sized at creation for val_batch
+                          prompts of the longest judged prompt plus val_max_new_tokens), in
+                          bf16 like the steps (near-tie replies may differ from a CPU run's).
                           The Sysformer's weights (and the moments) are copied back to the host
-                          before each validation and checkpoint, at the end of sf_trainer_run
+                          before each checkpoint, at the end of sf_trainer_run
                           and by sf_trainer_last_gradient, so in between (e.g. in a STEP
                           callback) sf holds older weights; and changes the caller makes to sf
                           are not seen by the device (load weights through a checkpoint and
