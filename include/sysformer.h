@@ -543,6 +543,13 @@ typedef struct sf_cuda_engine_options {
                                  max_context                                                   */
     bool cuda_graphs;         /* replay decode steps as CUDA graphs (default true)           */
     sf_attention_kernel attention; /* (default SF_ATTENTION_AUTO)                             */
+    bool guard_only;          /* hold only what sf_cuda_guarded_embed needs, for a serving
+                                 stack that runs its own LLM: the embedding table, the
+                                 Sysformer and their arena for max_batch_tokens rows; no
+                                 decoder layer, LM head or KV cache is uploaded or allocated
+                                 (so the LLM's head dimension is not checked), and steps,
+                                 slot resets and generation answer SF_ERR_UNSUPPORTED
+                                 (default false)                                           */
 } sf_cuda_engine_options;
 
 sf_cuda_engine_options sf_cuda_engine_default_options(void);
@@ -672,7 +679,9 @@ sf_status sf_generate_cuda(sf_cuda_engine *engine, const sf_tokenizer *tok,
  *   E[token]), so the stack can check validity without a host round trip.
  * Host-side checks (before anything is enqueued): n_tokens <= max_batch_tokens,
  * n_requests <= max_slots, max_system * n_requests and max_user * n_requests <= max_batch_tokens.
- * It uses the engine's arena, so it must not run concurrently with the engine's own steps. */
+ * It uses the engine's arena, so it must not run concurrently with the engine's own steps. A
+ * stack that runs its own LLM creates the engine with guard_only: the embedding table and the
+ * Sysformer are then all it holds on the device. */
 sf_status sf_cuda_guarded_embed(sf_cuda_engine *engine, int32_t n_requests, int32_t n_tokens,
                                 const int32_t *d_cu_seqlens, const int32_t *d_token_ids,
                                 const sf_prompt_spans *d_spans, int32_t max_system,

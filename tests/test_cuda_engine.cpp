@@ -1271,6 +1271,11 @@ TEST(CudaEngineArgs, PlanNeedsNoDevice) {
     odd.head_dim = 48;
     o = options(2, 100);
     EXPECT_EQ(sf_cuda_engine_plan(&odd, nullptr, &o, &m), SF_ERR_UNSUPPORTED);
+    // a guard-only engine runs no LLM attention: the LLM's head dim does not matter, and it
+    // holds no KV cache
+    o.guard_only = true;
+    EXPECT_EQ(sf_cuda_engine_plan(&odd, &sc, &o, &m), SF_OK) << sf_last_error();
+    EXPECT_EQ(m.kv_cache, 0u);
 }
 
 TEST_F(CudaEngineTiny, MemoryReportAddsUp) {
@@ -1474,7 +1479,77 @@ TEST_F(CudaEngineTiny, LearnedSystemOffsetMatchesCpu) {
     }
 }
 
-// 9. Stage timing: sane numbers, never speed. Eager steps report their stages; a decode step
+// 9. A guard-only engine (a serving stack's, which runs its own LLM: the embedding table and
+// the Sysformer only). Its sf_cuda_guarded_embed writes exactly what a full engine's writes,
+// bit for bit: the same kernels on the same bf16 weights. It holds no KV cache, none of the
+// LLM's other weights and a smaller arena, as its device-free plan says; steps, slot resets
+// and generation are refused.
+TEST_F(CudaEngineTiny, GuardOnlyEngineEmbedsAsTheFullOne) {
+    sf_cuda_engine_options o = options(4);
+    EnginePtr full = make_engine(llm_, sf_, o);
+    o.guard_only = true;
+    EnginePtr guard = make_engine(llm_, sf_, o);
+    ASSERT_TRUE(full && guard);
+
+    const sf_llm_config &c = *sf_llm_get_config(llm_);
+    const sf_sysformer_config &sc = *sf_sysformer_get_config(sf_);
+    sf_cuda_memory mf, mg, plan;
+    ASSERT_EQ(sf_cuda_engine_memory(full.get(), &mf), SF_OK);
+    ASSERT_EQ(sf_cuda_engine_memory(guard.get(), &mg), SF_OK);
+    ASSERT_EQ(sf_cuda_engine_plan(&c, &sc, &o, &plan), SF_OK) << sf_last_error();
+    EXPECT_EQ(plan.weights, mg.weights);
+    EXPECT_EQ(plan.kv_cache, mg.kv_cache);
+    EXPECT_EQ(plan.activations, mg.activations);
+    EXPECT_EQ(mg.kv_cache, 0u);
+    const int64_t vd = (int64_t)c.vocab_size * c.hidden_size;
+    EXPECT_GE((int64_t)mg.weights, 2 * (vd + sysformer_params(sc, false)));
+    EXPECT_GE((int64_t)(mf.weights - mg.weights), 2 * (llm_params(c, false) - vd));
+    EXPECT_LT(mg.activations, mf.activations);
+    EXPECT_EQ(mg.total, mg.weights + mg.activations);
+
+    const Prompts p = tiny_prompts({{5, 2}, {1, 7}, {12, 9}, {0, 4}}, 4);
+    std::vector<int32_t> flat;
+    for (const auto &sp : p.spans) {
+        flat.insert(flat.end(), {sp.prefix, sp.system, sp.middle, sp.user, sp.suffix});
+    }
+    const int64_t d = c.hidden_size;
+    DeviceBuffer<int32_t> d_cu(p.cu), d_ids(p.ids), d_spans(flat);
+    std::vector<uint16_t> out[2];
+    sf_cuda_engine *engines[2] = {full.get(), guard.get()};
+    for (int k = 0; k < 2; k++) {
+        DeviceBuffer<uint16_t> d_out((size_t)p.total() * d);
+        ASSERT_TRUE(d_cu.get() && d_ids.get() && d_spans.get() && d_out.get());
+        ASSERT_EQ(sf_cuda_guarded_embed(engines[k], p.n(), p.total(), d_cu.get(), d_ids.get(),
+                                        (const sf_prompt_spans *)d_spans.get(), 12, 9,
+                                        d_out.get(), nullptr, nullptr),
+                  SF_OK)
+            << sf_last_error();
+        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+        out[k] = d_out.host();
+    }
+    EXPECT_EQ(out[0], out[1]) << "the guard-only engine's embeddings differ from the full one's";
+
+    sf_cuda_step st = {};
+    const std::vector<int32_t> slots = {0, 1, 2, 3};
+    st.n_requests = p.n();
+    st.slots = slots.data();
+    st.cu_seqlens = p.cu.data();
+    st.token_ids = p.ids.data();
+    st.spans = p.spans.data();
+    EXPECT_EQ(sf_cuda_engine_step(guard.get(), &st), SF_ERR_UNSUPPORTED);
+    EXPECT_EQ(sf_cuda_engine_reset_slot(guard.get(), 0), SF_ERR_UNSUPPORTED);
+    sf_generation g = {};
+    g.n_requests = p.n();
+    g.cu_seqlens = p.cu.data();
+    g.token_ids = p.ids.data();
+    g.spans = p.spans.data();
+    g.max_new_tokens = 2;
+    std::vector<sf_generation_result> res((size_t)p.n());
+    EXPECT_EQ(sf_generate_cuda(guard.get(), nullptr, &g, nullptr, nullptr, res.data()),
+              SF_ERR_UNSUPPORTED);
+}
+
+// 10. Stage timing: sane numbers, never speed. Eager steps report their stages; a decode step
 // replayed as a CUDA graph reports 0 for every stage and its whole time as total.
 TEST_F(CudaEngineTiny, StageTimesAreSane) {
     auto sane = [](const sf_cuda_stage_times &t, const std::string &what) {

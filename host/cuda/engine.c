@@ -50,9 +50,9 @@ static size_t decode_workspace_bytes(const sf_cuda_engine *e) {
     return most;
 }
 
-/* Lays out (or, with base NULL, measures) the arena. */
-static size_t carve_arena(sf_cuda_engine *e, char *base) {
-    sf_carver c = {base, 0};
+/* The arena's part for steps: the LLM's activations, logits, sampling and the slots. */
+static void carve_step(sf_cuda_engine *e, sf_carver *cv) {
+    sf_carver c = *cv;
     sf_cuda_arena *a = &e->a;
     const size_t T = (size_t)e->max_batch_tokens, R = (size_t)e->max_slots;
     const size_t d = (size_t)e->d, b = sizeof(sf_bf16), i4 = sizeof(int32_t);
@@ -76,6 +76,28 @@ static size_t carve_arena(sf_cuda_engine *e, char *base) {
     a->attn = sf_carve(&c, T * (size_t)e->q_dim * b);
     a->gate_up = sf_carve(&c, T * 2 * (size_t)e->ff * b);
     a->act = sf_carve(&c, T * (size_t)e->ff * b);
+    a->head_x = sf_carve(&c, R * d * b);
+    a->head_tmp = sf_carve(&c, R * d * b);
+    a->logits = sf_carve(&c, R * (size_t)e->cfg.vocab_size * sizeof(float));
+    a->sampled = sf_carve(&c, R * i4);
+    a->sample_ws_bytes = sf_cuda_sample_workspace_bytes((int64_t)R, e->cfg.vocab_size);
+    a->sample_ws = sf_carve(&c, a->sample_ws_bytes);
+    a->attn_ws_bytes = decode_workspace_bytes(e);
+    a->attn_ws = sf_carve(&c, a->attn_ws_bytes);
+    a->slot_len = sf_carve(&c, R * i4);
+    a->slot_next = sf_carve(&c, R * i4);
+    a->inv_freq = sf_carve(&c, (size_t)e->cfg.head_dim * sizeof(float));
+    *cv = c;
+}
+
+/* Lays out (or, with base NULL, measures) the arena: the step part (none for a guard-only
+ * engine), the Sysformer's, the cuBLASLt workspace. */
+static size_t carve_arena(sf_cuda_engine *e, char *base) {
+    sf_carver c = {base, 0};
+    sf_cuda_arena *a = &e->a;
+    const size_t T = (size_t)e->max_batch_tokens, R = (size_t)e->max_slots;
+    const size_t d = (size_t)e->d, b = sizeof(sf_bf16), i4 = sizeof(int32_t);
+    if (!e->guard_only) carve_step(e, &c);
     if (e->has_sysformer) {
         a->sys_rows = sf_carve(&c, T * i4);
         a->user_rows = sf_carve(&c, T * i4);
@@ -92,18 +114,7 @@ static size_t carve_arena(sf_cuda_engine *e, char *base) {
         a->u_kv = sf_carve(&c, T * 2 * d * b);
         a->s_ff = sf_carve(&c, T * (size_t)e->sys_ff * b);
     }
-    a->head_x = sf_carve(&c, R * d * b);
-    a->head_tmp = sf_carve(&c, R * d * b);
-    a->logits = sf_carve(&c, R * (size_t)e->cfg.vocab_size * sizeof(float));
-    a->sampled = sf_carve(&c, R * i4);
-    a->sample_ws_bytes = sf_cuda_sample_workspace_bytes((int64_t)R, e->cfg.vocab_size);
-    a->sample_ws = sf_carve(&c, a->sample_ws_bytes);
     a->gemm_ws = sf_carve(&c, SF_GEMM_WORKSPACE_BYTES);
-    a->attn_ws_bytes = decode_workspace_bytes(e);
-    a->attn_ws = sf_carve(&c, a->attn_ws_bytes);
-    a->slot_len = sf_carve(&c, R * i4);
-    a->slot_next = sf_carve(&c, R * i4);
-    a->inv_freq = sf_carve(&c, (size_t)e->cfg.head_dim * sizeof(float));
     return c.off;
 }
 
@@ -122,7 +133,7 @@ static sf_status device_alloc(void **p, size_t bytes, const char *what) {
 /* The checks that need no device. */
 static sf_status check_inputs(const sf_llm_config *cfg, const sf_sysformer_config *scfg,
                               const sf_cuda_engine_options *o) {
-    if (!attention_head_dim(cfg->head_dim)) {
+    if (!o->guard_only && !attention_head_dim(cfg->head_dim)) {
         return sf_fail(SF_ERR_UNSUPPORTED,
                        "sf_cuda_engine: LLM head_dim %d (the fused attention has 64, 80, 96, "
                        "128)",
@@ -211,6 +222,7 @@ static sf_status engine_layout(sf_cuda_engine *e, const sf_llm_config *cfg,
     e->max_batch_tokens = o->max_batch_tokens ? o->max_batch_tokens : e->max_context;
     if (e->max_batch_tokens < e->max_slots) e->max_batch_tokens = e->max_slots;
     e->cuda_graphs = o->cuda_graphs;
+    e->guard_only = o->guard_only;
     e->attention = o->attention;
     e->d = cfg->hidden_size;
     e->q_dim = (int64_t)cfg->num_heads * cfg->head_dim;
@@ -226,10 +238,37 @@ static sf_status engine_layout(sf_cuda_engine *e, const sf_llm_config *cfg,
     }
     sf_status st = sf_cuda_weights_layout(e);
     if (st != SF_OK) return st;
-    /* K and V: two allocations of this size each */
-    e->kv_bytes = (size_t)cfg->num_layers * (size_t)e->max_slots * (size_t)e->max_context *
-                  (size_t)e->kv_dim * sizeof(sf_bf16);
+    /* K and V: two allocations of this size each (none for a guard-only engine) */
+    e->kv_bytes = e->guard_only ? 0
+                                : (size_t)cfg->num_layers * (size_t)e->max_slots *
+                                      (size_t)e->max_context * (size_t)e->kv_dim *
+                                      sizeof(sf_bf16);
     e->arena_bytes = carve_arena(e, NULL);
+    return SF_OK;
+}
+
+/* The RoPE tables: the short one (any request up to the original context) and the long one,
+ * their inverse frequencies in the arena (fp32) and their attention scales. */
+static sf_status rope_tables(sf_cuda_engine *e, const sf_llm_config *cfg) {
+    e->long_after = cfg->rope.type == SF_ROPE_LONGROPE
+                        ? cfg->rope.original_max_position_embeddings
+                        : 0x7fffffff;
+    const int half = cfg->head_dim / 2;
+    double inv[2][256], scale[2];
+    sf_cpu_rope_freqs(cfg, 1, inv[0], &scale[0]);
+    sf_cpu_rope_freqs(cfg, cfg->max_position_embeddings, inv[1], &scale[1]);
+    if (cfg->rope.type != SF_ROPE_LONGROPE) {
+        memcpy(inv[1], inv[0], sizeof inv[0]);
+        scale[1] = scale[0];
+    }
+    e->rope_scale[0] = (float)scale[0];
+    e->rope_scale[1] = (float)scale[1];
+    float inv_f[512];
+    for (int t = 0; t < 2; t++) {
+        for (int i = 0; i < half; i++) inv_f[t * half + i] = (float)inv[t][i];
+    }
+    SF_CUDA_OR_FAIL(cudaMemcpyAsync(e->a.inv_freq, inv_f, (size_t)cfg->head_dim * sizeof(float),
+                                    cudaMemcpyHostToDevice, e->stream));
     return SF_OK;
 }
 
@@ -258,28 +297,15 @@ static sf_status engine_new(const sf_llm_config *cfg, const sf_sysformer_config 
     st = engine_layout(e, cfg, scfg, &o);
     if (st != SF_OK) return st;
 
-    /* rope tables: the short one (any request up to the original context) and the long one */
-    e->long_after = cfg->rope.type == SF_ROPE_LONGROPE
-                        ? cfg->rope.original_max_position_embeddings
-                        : 0x7fffffff;
-    const int half = cfg->head_dim / 2;
-    double inv[2][256], scale[2];
-    sf_cpu_rope_freqs(cfg, 1, inv[0], &scale[0]);
-    sf_cpu_rope_freqs(cfg, cfg->max_position_embeddings, inv[1], &scale[1]);
-    if (cfg->rope.type != SF_ROPE_LONGROPE) {
-        memcpy(inv[1], inv[0], sizeof inv[0]);
-        scale[1] = scale[0];
-    }
-    e->rope_scale[0] = (float)scale[0];
-    e->rope_scale[1] = (float)scale[1];
-
     st = sf_cuda_weights_alloc(e);
     if (st != SF_OK) return st;
-    st = device_alloc((void **)&e->k_cache, e->kv_bytes, "the K cache");
-    if (st != SF_OK) return st;
-    st = device_alloc((void **)&e->v_cache, e->kv_bytes, "the V cache");
-    if (st != SF_OK) return st;
-    e->kv_bytes *= 2;
+    if (!e->guard_only) {
+        st = device_alloc((void **)&e->k_cache, e->kv_bytes, "the K cache");
+        if (st != SF_OK) return st;
+        st = device_alloc((void **)&e->v_cache, e->kv_bytes, "the V cache");
+        if (st != SF_OK) return st;
+        e->kv_bytes *= 2;
+    }
     st = device_alloc(&e->arena_base, e->arena_bytes, "the activation arena");
     if (st != SF_OK) return st;
     carve_arena(e, e->arena_base);
@@ -320,12 +346,8 @@ static sf_status engine_new(const sf_llm_config *cfg, const sf_sysformer_config 
     st = sf_gemm_cache_create(e->a.gemm_ws, SF_GEMM_WORKSPACE_BYTES, &e->gemm);
     if (st != SF_OK) return st;
 
-    float inv_f[512];
-    for (int t = 0; t < 2; t++) {
-        for (int i = 0; i < half; i++) inv_f[t * half + i] = (float)inv[t][i];
-    }
-    SF_CUDA_OR_FAIL(cudaMemcpyAsync(e->a.inv_freq, inv_f, (size_t)cfg->head_dim * sizeof(float),
-                                    cudaMemcpyHostToDevice, e->stream));
+    if (e->guard_only) return SF_OK; /* no step state */
+    SF_TRY(rope_tables(e, cfg));
     SF_CUDA_OR_FAIL(cudaMemsetAsync(e->a.slot_len, 0, R * 4, e->stream));
     SF_CUDA_OR_FAIL(cudaMemsetAsync(e->a.slot_next, 0, R * 4, e->stream));
     return SF_OK;
@@ -452,6 +474,10 @@ sf_status sf_cuda_engine_reset_slot(sf_cuda_engine *e, int32_t slot) {
     if (!e || slot < 0 || slot >= e->max_slots) {
         return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_cuda_engine_reset_slot: slot %d of %d", slot,
                        e ? e->max_slots : 0);
+    }
+    if (e->guard_only) {
+        return sf_fail(SF_ERR_UNSUPPORTED, "sf_cuda_engine_reset_slot: a guard-only engine has "
+                       "no slots");
     }
     /* ordered after any step already enqueued; the cache rows need no clearing: a slot's
      * attention reads only its first slot_len rows */

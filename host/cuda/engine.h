@@ -112,6 +112,7 @@ struct sf_cuda_engine {
     int32_t device;
     int32_t max_slots, max_context, max_batch_tokens;
     bool cuda_graphs;
+    bool guard_only;              /* embedding table + Sysformer only (options.guard_only) */
     sf_attention_kernel attention; /* every sf_attention_args.kernel */
     int64_t d, q_dim, kv_dim, qkv_dim, ff, sys_ff;
     int32_t long_after;           /* longrope: table 1 when a request's length passes this */

@@ -49,6 +49,10 @@ static sf_status validate(const sf_cuda_engine *e, const sf_tokenizer *tok,
     /* Without the spans check an engine step given no spans would run unguarded, silently. */
     sf_status st = sf_gen_check_args(who, e != NULL, e && e->has_sysformer, tok, g, results);
     if (st != SF_OK) return st;
+    if (e->guard_only) {
+        return sf_fail(SF_ERR_UNSUPPORTED, "sf_generate_cuda: a guard-only engine holds no LLM "
+                       "to generate with (it serves sf_cuda_guarded_embed)");
+    }
     const int32_t max_slots = sf_cuda_engine_max_slots(e);
     if (g->n_requests > max_slots) {
         return sf_fail(SF_ERR_OUT_OF_RANGE,

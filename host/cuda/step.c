@@ -37,6 +37,10 @@ static bool is_greedy(const sf_sampling *s) { return !(s->temperature > 0.0f); }
 static sf_status validate(const sf_cuda_engine *e, const sf_cuda_step *s, step_info *info) {
     memset(info, 0, sizeof *info);
     if (!s) return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_cuda_engine_step: NULL step");
+    if (e->guard_only) {
+        return sf_fail(SF_ERR_UNSUPPORTED, "sf_cuda_engine_step: a guard-only engine holds no "
+                       "LLM to step (it serves sf_cuda_guarded_embed)");
+    }
     const int32_t n = s->n_requests;
     if (n < 1) {
         return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_cuda_engine_step: n_requests = %d", n);

@@ -22,14 +22,19 @@ static sf_bf16 *carve(sf_carver *c, size_t elems) {
 
 static bool llm_has_qkv_bias(const sf_llm_config *c) { return c->attention_bias || c->qkv_bias; }
 
+/* The decoder layers the engine holds: none when guard-only. */
+static int llm_layers(const sf_cuda_engine *e) { return e->guard_only ? 0 : e->cfg.num_layers; }
+
 static size_t carve_weights(sf_cuda_engine *e, char *base) {
     sf_carver c = {base, 0};
     const sf_llm_config *cfg = &e->cfg;
     const size_t d = (size_t)e->d, ff = (size_t)e->ff;
     e->embed = carve(&c, (size_t)cfg->vocab_size * d);
-    e->final_norm = carve(&c, d);
-    e->lm_head = cfg->tie_word_embeddings ? e->embed : carve(&c, (size_t)cfg->vocab_size * d);
-    for (int l = 0; l < cfg->num_layers; l++) {
+    if (!e->guard_only) {
+        e->final_norm = carve(&c, d);
+        e->lm_head = cfg->tie_word_embeddings ? e->embed : carve(&c, (size_t)cfg->vocab_size * d);
+    }
+    for (int l = 0; l < llm_layers(e); l++) {
         sf_cuda_llm_layer *L = &e->layers[l];
         L->attn_norm = carve(&c, d);
         L->w_qkv = carve(&c, (size_t)e->qkv_dim * d);
@@ -178,9 +183,11 @@ sf_status sf_cuda_weights_upload(sf_cuda_engine *e, const sf_llm *llm, const sf_
     const sf_llm_config *c = &e->cfg;
     const int64_t d = e->d, ff = e->ff, q = e->q_dim, kv = e->kv_dim;
     PUT(e->embed, llm->embed, (int64_t)c->vocab_size * d);
-    PUT(e->final_norm, llm->final_norm, d);
-    if (!c->tie_word_embeddings) PUT(e->lm_head, llm->lm_head, (int64_t)c->vocab_size * d);
-    for (int l = 0; l < c->num_layers; l++) {
+    if (e->final_norm) PUT(e->final_norm, llm->final_norm, d);
+    if (e->lm_head && e->lm_head != e->embed) {
+        PUT(e->lm_head, llm->lm_head, (int64_t)c->vocab_size * d);
+    }
+    for (int l = 0; l < llm_layers(e); l++) {
         const sf_llm_layer *H = &llm->layers[l];
         sf_cuda_llm_layer *L = &e->layers[l];
         PUT(L->attn_norm, H->attn_norm, d);
@@ -239,9 +246,11 @@ sf_status sf_cuda_weights_random(sf_cuda_engine *e, uint64_t seed) {
     const float bd = 1.0f / sqrtf((float)d), bq = 1.0f / sqrtf((float)q);
     const float bff = 1.0f / sqrtf((float)ff);
     FILL(e->embed, (int64_t)c->vocab_size * d, -1.0f, 1.0f);
-    FILL(e->final_norm, d, 0.9f, 1.1f);
-    if (!c->tie_word_embeddings) FILL(e->lm_head, (int64_t)c->vocab_size * d, -bd, bd);
-    for (int l = 0; l < c->num_layers; l++) {
+    if (e->final_norm) FILL(e->final_norm, d, 0.9f, 1.1f);
+    if (e->lm_head && e->lm_head != e->embed) {
+        FILL(e->lm_head, (int64_t)c->vocab_size * d, -bd, bd);
+    }
+    for (int l = 0; l < llm_layers(e); l++) {
         sf_cuda_llm_layer *L = &e->layers[l];
         FILL(L->attn_norm, d, 0.9f, 1.1f);
         FILL(L->w_qkv, e->qkv_dim * d, -bd, bd);

@@ -180,7 +180,9 @@ int main(int argc, char **argv) {
     }
     if (write_model(dir) != 0) return 1;
 
-    /* The library side: the frozen LLM, a fresh Sysformer, the engine that holds both. */
+    /* The library side: the frozen LLM, a fresh Sysformer, and an engine that holds what the
+     * guarded embedding needs of them (guard_only: the embedding table and the Sysformer; the
+     * stack's own LLM runs the rest). */
     sf_llm *llm = NULL;
     SF_OK_OR_FAIL("loading the model", sf_llm_load(dir, &llm));
     const sf_sysformer_config sf_cfg = sf_sysformer_default_config(llm);
@@ -188,8 +190,13 @@ int main(int argc, char **argv) {
     SF_OK_OR_FAIL("creating the Sysformer", sf_sysformer_init(llm, &sf_cfg, 7, &sysformer));
     sf_cuda_engine_options opts = sf_cuda_engine_default_options();
     opts.max_slots = 2;
+    opts.guard_only = true;
     sf_cuda_engine *engine = NULL;
     SF_OK_OR_FAIL("creating the engine", sf_cuda_engine_create(llm, sysformer, &opts, &engine));
+    sf_cuda_memory mem;
+    SF_OK_OR_FAIL("reading its memory", sf_cuda_engine_memory(engine, &mem));
+    printf("serving_example: guard-only engine: %zu bytes of weights, %zu of KV cache, %zu of "
+           "arena\n", mem.weights, mem.kv_cache, mem.activations);
 
     /* Two prompts assembled from one template's pieces: different system and user lengths. */
     const int32_t prefix[] = {1, 10}, middle[] = {11, 12}, suffix[] = {13, 14};
