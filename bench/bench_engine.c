@@ -395,6 +395,13 @@ static int bench_config(const char *name, const options *o) {
            "%.2f  total %.2f\n",
            create_ms, gib(mem.weights), gib(mem.kv_cache), gib(mem.activations),
            gib(mem.total));
+    sf_cuda_engine_options go = eo;
+    go.guard_only = true;
+    sf_cuda_memory gm;
+    SF_TRY("sf_cuda_engine_plan (guard-only)", sf_cuda_engine_plan(&c, &sc, &go, &gm));
+    printf("  a guard-only engine (sf_cuda_guarded_embed alone, for a stack with its own LLM) "
+           "would hold GiB: weights %.2f  activations %.2f  total %.2f\n",
+           gib(gm.weights), gib(gm.activations), gib(gm.total));
     SF_TRY("sf_cuda_engine_set_timing", sf_cuda_engine_set_timing(e, true));
 
     const sf_sampling greedy = {.temperature = 0.0f, .top_k = 0, .top_p = 1.0f, .seed = 0};
