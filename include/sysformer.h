@@ -575,7 +575,8 @@ void sf_cuda_engine_free(sf_cuda_engine *engine);
 /* Device bytes the engine holds, by purpose. */
 typedef struct sf_cuda_memory {
     size_t weights;     /* LLM + Sysformer, bf16                                   */
-    size_t kv_cache;    /* max_slots x max_context positions x layers x K and V     */
+    size_t kv_cache;    /* max_slots x max_context positions x layers x K and V (0
+                           for a guard-only engine)                                  */
     size_t activations; /* the arena: activations, logits, sampling and GEMM scratch */
     size_t total;
 } sf_cuda_memory;
