@@ -122,6 +122,13 @@ typedef struct sf_llm sf_llm;
  * as fp32. Every tensor is checked against the config by name, shape and dtype. */
 sf_status sf_llm_load(const char *model_dir, sf_llm **out);
 
+/* The same (a directory or a .gguf file), reading only the configuration and the embedding
+ * table: all that sf_llm_embed, sf_guarded_embed_cpu, a Sysformer's creation or load, and a
+ * guard-only CUDA engine (sf_cuda_engine_options.guard_only) need, in vocab x hidden_size floats
+ * instead of the whole model's. Every function that runs the LLM refuses such a model with
+ * SF_ERR_UNSUPPORTED. */
+sf_status sf_llm_load_embeddings(const char *model_dir, sf_llm **out);
+
 void sf_llm_free(sf_llm *llm);
 
 /* The parsed configuration; valid as long as the model. */

@@ -1480,16 +1480,21 @@ TEST_F(CudaEngineTiny, LearnedSystemOffsetMatchesCpu) {
 }
 
 // 9. A guard-only engine (a serving stack's, which runs its own LLM: the embedding table and
-// the Sysformer only). Its sf_cuda_guarded_embed writes exactly what a full engine's writes,
-// bit for bit: the same kernels on the same bf16 weights. It holds no KV cache, none of the
-// LLM's other weights and a smaller arena, as its device-free plan says; steps, slot resets
-// and generation are refused.
+// the Sysformer only), made from the whole model and from one loaded with its embeddings only.
+// Its sf_cuda_guarded_embed writes exactly what a full engine's writes, bit for bit: the same
+// kernels on the same bf16 weights. It holds no KV cache, none of the LLM's other weights and a
+// smaller arena, as its device-free plan says; steps, slot resets and generation are refused.
 TEST_F(CudaEngineTiny, GuardOnlyEngineEmbedsAsTheFullOne) {
     sf_cuda_engine_options o = options(4);
     EnginePtr full = make_engine(llm_, sf_, o);
     o.guard_only = true;
     EnginePtr guard = make_engine(llm_, sf_, o);
-    ASSERT_TRUE(full && guard);
+    // the same from a model loaded with its embedding table only (all a guard needs)
+    sf_llm *emb = nullptr;
+    ASSERT_EQ(sf_llm_load_embeddings(dir_.path().c_str(), &emb), SF_OK) << sf_last_error();
+    std::unique_ptr<sf_llm, void (*)(sf_llm *)> emb_guard(emb, sf_llm_free);
+    EnginePtr guard_emb = make_engine(emb, sf_, o);
+    ASSERT_TRUE(full && guard && guard_emb);
 
     const sf_llm_config &c = *sf_llm_get_config(llm_);
     const sf_sysformer_config &sc = *sf_sysformer_get_config(sf_);
@@ -1514,9 +1519,9 @@ TEST_F(CudaEngineTiny, GuardOnlyEngineEmbedsAsTheFullOne) {
     }
     const int64_t d = c.hidden_size;
     DeviceBuffer<int32_t> d_cu(p.cu), d_ids(p.ids), d_spans(flat);
-    std::vector<uint16_t> out[2];
-    sf_cuda_engine *engines[2] = {full.get(), guard.get()};
-    for (int k = 0; k < 2; k++) {
+    std::vector<uint16_t> out[3];
+    sf_cuda_engine *engines[3] = {full.get(), guard.get(), guard_emb.get()};
+    for (int k = 0; k < 3; k++) {
         DeviceBuffer<uint16_t> d_out((size_t)p.total() * d);
         ASSERT_TRUE(d_cu.get() && d_ids.get() && d_spans.get() && d_out.get());
         ASSERT_EQ(sf_cuda_guarded_embed(engines[k], p.n(), p.total(), d_cu.get(), d_ids.get(),
@@ -1528,6 +1533,7 @@ TEST_F(CudaEngineTiny, GuardOnlyEngineEmbedsAsTheFullOne) {
         out[k] = d_out.host();
     }
     EXPECT_EQ(out[0], out[1]) << "the guard-only engine's embeddings differ from the full one's";
+    EXPECT_EQ(out[0], out[2]) << "from the embeddings-only model they differ";
 
     sf_cuda_step st = {};
     const std::vector<int32_t> slots = {0, 1, 2, 3};

@@ -1107,6 +1107,24 @@ TEST(GgufLoader, UndoesTheQkPermutationForLlama) {
     sf_llm_free(r.llm);
 }
 
+// sf_llm_load_embeddings on a GGUF file: the embedding table alone (dequantised as a whole
+// load does it), nothing else allocated.
+TEST(GgufLoader, EmbeddingsOnly) {
+    TempDir dir;
+    LoadResult r = load_spec(dir, model_spec());
+    ASSERT_EQ(r.st, SF_OK) << r.msg;
+    sf_llm *emb = nullptr;
+    ASSERT_EQ(sf_llm_load_embeddings(dir.file("model.gguf").c_str(), &emb), SF_OK)
+        << sf_last_error();
+    const int64_t n = (int64_t)emb->cfg.vocab_size * emb->cfg.hidden_size;
+    EXPECT_TRUE(emb->embeddings_only);
+    EXPECT_EQ(emb->n_weights, n);
+    EXPECT_EQ(emb->final_norm, nullptr);
+    EXPECT_EQ(0, memcmp(emb->embed, r.llm->embed, (size_t)n * sizeof(float)));
+    sf_llm_free(emb);
+    sf_llm_free(r.llm);
+}
+
 TEST(GgufLoader, ConfigFromMetadata) {
     TempDir dir;
     Spec s = model_spec();

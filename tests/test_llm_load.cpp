@@ -8,6 +8,7 @@
 
 #include <fstream>
 #include <functional>
+#include <memory>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -172,6 +173,74 @@ TEST_F(LlmLoad, MissingFiles) {
     EXPECT_EQ(llm, nullptr);
     EXPECT_EQ(sf_llm_load(nullptr, &llm), SF_ERR_INVALID_ARGUMENT);
     EXPECT_EQ(sf_llm_load(good_.path().c_str(), nullptr), SF_ERR_INVALID_ARGUMENT);
+}
+
+// sf_llm_load_embeddings: the configuration and the embedding table alone, with the values of
+// a whole load; a checkpoint holding nothing else loads that way (nothing else is read) and not
+// whole; sf_llm_embed, a Sysformer and sf_guarded_embed_cpu work on it, giving what they give
+// on the whole model; every function that runs the LLM refuses it with SF_ERR_UNSUPPORTED.
+TEST_F(LlmLoad, EmbeddingsOnly) {
+    sf_llm *whole = nullptr, *emb = nullptr;
+    ASSERT_EQ(sf_llm_load(good_.path().c_str(), &whole), SF_OK) << sf_last_error();
+    std::unique_ptr<sf_llm, void (*)(sf_llm *)> whole_guard(whole, sf_llm_free);
+    write_variant([](sf_st_entry &e) { return !strcmp(e.name, "model.embed_tokens.weight"); });
+    EXPECT_EQ(load_bad(), SF_ERR_NOT_FOUND);
+    ASSERT_EQ(sf_llm_load_embeddings(bad_.path().c_str(), &emb), SF_OK) << sf_last_error();
+    std::unique_ptr<sf_llm, void (*)(sf_llm *)> emb_guard(emb, sf_llm_free);
+    const sf_llm_config &c = *sf_llm_get_config(whole), &ce = *sf_llm_get_config(emb);
+    EXPECT_EQ(ce.vocab_size, c.vocab_size);
+    EXPECT_EQ(ce.hidden_size, c.hidden_size);
+    EXPECT_EQ(ce.num_layers, c.num_layers);
+    const int64_t d = c.hidden_size;
+    std::vector<int32_t> ids((size_t)c.vocab_size);
+    for (int32_t i = 0; i < c.vocab_size; i++) ids[i] = i;
+    std::vector<float> ew(ids.size() * d), ee(ids.size() * d);
+    ASSERT_EQ(sf_llm_embed(whole, ids.data(), (int64_t)ids.size(), ew.data()), SF_OK);
+    ASSERT_EQ(sf_llm_embed(emb, ids.data(), (int64_t)ids.size(), ee.data()), SF_OK);
+    EXPECT_EQ(ew, ee);
+    char hw[32], he[32];
+    ASSERT_EQ(sf_llm_embedding_hash(whole, hw, sizeof hw), SF_OK);
+    ASSERT_EQ(sf_llm_embedding_hash(emb, he, sizeof he), SF_OK);
+    EXPECT_STREQ(hw, he);
+
+    // A Sysformer made for either model, the same guarded embeddings.
+    sf_sysformer_config sc = sf_sysformer_default_config(emb);
+    sc.num_heads = 4;
+    sf_sysformer *sf = nullptr;
+    ASSERT_EQ(sf_sysformer_init(emb, &sc, 3, &sf), SF_OK) << sf_last_error();
+    std::unique_ptr<sf_sysformer, void (*)(sf_sysformer *)> sf_guard(sf, sf_sysformer_free);
+    const std::vector<int32_t> tokens = {1, 5, 6, 7, 2, 9, 10, 11, 12, 3};
+    const std::vector<int32_t> cu = {0, (int32_t)tokens.size()};
+    const sf_prompt_spans spans = {1, 3, 1, 4, 1};
+    sf_guarded_batch gb = {1, cu.data(), tokens.data(), &spans, nullptr, 0, nullptr};
+    std::vector<float> gw(tokens.size() * d), ge(tokens.size() * d);
+    ASSERT_EQ(sf_guarded_embed_cpu(whole, sf, &gb, gw.data()), SF_OK) << sf_last_error();
+    ASSERT_EQ(sf_guarded_embed_cpu(emb, sf, &gb, ge.data()), SF_OK) << sf_last_error();
+    EXPECT_EQ(gw, ge);
+
+    // Running the LLM is refused, saying why.
+    const int32_t last = cu[1] - 1;
+    std::vector<float> logits((size_t)c.vocab_size);
+    sf_batch b = {1, cu.data(), tokens.data(), nullptr, nullptr, 1, &last};
+    EXPECT_EQ(sf_llm_forward_cpu(emb, &b, logits.data()), SF_ERR_UNSUPPORTED);
+    EXPECT_NE(strstr(sf_last_error(), "sf_llm_load_embeddings"), nullptr) << sf_last_error();
+    EXPECT_EQ(sf_llm_forward_cpu(whole, &b, logits.data()), SF_OK) << sf_last_error();
+    gb.n_logit_rows = 1;
+    gb.logit_rows = &last;
+    EXPECT_EQ(sf_guarded_forward_cpu(emb, sf, &gb, logits.data()), SF_ERR_UNSUPPORTED);
+    sf_generation g = {};
+    g.n_requests = 1;
+    g.cu_seqlens = cu.data();
+    g.token_ids = tokens.data();
+    g.spans = &spans;
+    g.max_new_tokens = 2;
+    sf_generation_result res = {};
+    EXPECT_EQ(sf_generate_cpu(emb, sf, nullptr, &g, nullptr, nullptr, &res), SF_ERR_UNSUPPORTED);
+    sf_cuda_engine *engine = nullptr;
+    const sf_status st = sf_cuda_engine_create(emb, sf, nullptr, &engine);
+    EXPECT_TRUE(st == SF_ERR_UNSUPPORTED || (st == SF_ERR_NO_DEVICE && !sf_cuda_built()))
+        << sf_status_string(st) << ": " << sf_last_error();
+    EXPECT_EQ(engine, nullptr);
 }
 
 TEST(Status, EveryStatusHasAName) {

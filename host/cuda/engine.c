@@ -383,6 +383,9 @@ sf_status sf_cuda_engine_create(const sf_llm *llm, const sf_sysformer *sysformer
                        "LLM has %d",
                        scfg->llm_hidden_size, llm->cfg.hidden_size);
     }
+    if (!(options && options->guard_only)) {
+        SF_TRY(sf_llm_check_whole(llm, "sf_cuda_engine_create"));
+    }
     sf_cuda_engine *e = NULL;
     sf_status st = engine_new(&llm->cfg, scfg, options, &e);
     if (st == SF_OK) st = sf_cuda_weights_upload(e, llm, sysformer);

@@ -395,6 +395,7 @@ static sf_status check_create(const sf_llm *llm, const sf_sysformer *sf,
                        "(1..%d, and slots x context below 2^31)", fn, o->gen_slots,
                        o->gen_context, c->max_position_embeddings);
     }
+    SF_TRY(sf_llm_check_whole(llm, fn));
     if (s->d_model != c->hidden_size) {
         return sf_fail(SF_ERR_CONFIG, "%s: the Sysformer's d_model %d is not the LLM's hidden "
                        "size %d", fn, s->d_model, c->hidden_size);

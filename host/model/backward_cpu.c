@@ -171,6 +171,8 @@ static sf_status validate(const sf_llm *llm, int32_t n_requests, const int32_t *
     if (!llm || !spec || !result) {
         return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: NULL model, loss spec or result", fn);
     }
+    const sf_status whole = sf_llm_check_whole(llm, fn);
+    if (whole != SF_OK) return whole;
     const sf_llm_config *c = &llm->cfg;
     if (n_requests < 0) {
         return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: n_requests = %d", fn, n_requests);

@@ -35,6 +35,8 @@ sf_status sf_llm_embed(const sf_llm *llm, const int32_t *ids, int64_t n, float *
  * bounds, so that the computation itself cannot. */
 static sf_status validate_batch(const sf_llm *llm, const sf_batch *b, const float *logits) {
     const sf_llm_config *c = &llm->cfg;
+    const sf_status whole = sf_llm_check_whole(llm, "sf_llm_forward_cpu");
+    if (whole != SF_OK) return whole;
     if (b->n_requests < 0) {
         return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_llm_forward_cpu: n_requests = %d",
                        b->n_requests);

@@ -100,6 +100,7 @@ sf_status sf_generate_cpu(const sf_llm *llm, const sf_sysformer *sf, const sf_to
                           const sf_generation *g, sf_stream_fn stream, void *user,
                           sf_generation_result *results) {
     sf_status st = sf_gen_check_args(who, llm != NULL, sf != NULL, tok, g, results);
+    if (st == SF_OK) st = sf_llm_check_whole(llm, who);
     if (st == SF_OK) {
         st = sf_gen_check_prompts(who, g, llm->cfg.max_position_embeddings,
                                   "the model's context window");

@@ -128,6 +128,7 @@ sf_status sf_guarded_embed_cpu(const sf_llm *llm, const sf_sysformer *sf,
 sf_status sf_guarded_forward_cpu(const sf_llm *llm, const sf_sysformer *sf,
                                  const sf_guarded_batch *b, float *logits) {
     sf_status st = validate(llm, sf, b);
+    if (st == SF_OK) st = sf_llm_check_whole(llm, "sf_guarded_forward_cpu");
     if (st != SF_OK) return st;
     const int32_t total = b->cu_seqlens[b->n_requests];
     float *embeds = malloc(((size_t)total * (size_t)llm->cfg.hidden_size + 1) * sizeof(float));

@@ -75,6 +75,7 @@ static sf_status list_weights(sf_llm *llm, slot_list *list) {
 
     ADD(2, v, d, "model.embed_tokens.weight", 0);
     slot_target(s, &llm->embed, 0);
+    if (llm->embeddings_only) return SF_OK;
     ADD(1, d, 0, "model.norm.weight", 0);
     slot_target(s, &llm->final_norm, 0);
     if (!c->tie_word_embeddings) {
@@ -156,12 +157,15 @@ static sf_status load_weights(sf_llm *llm, const sf_weight_source *src) {
         st = src->read(src->ctx, s->name, dst);
         for (int j = 0; j < s->n_dst; j++) *s->dst[j] = dst + s->dst_offset[j];
     }
-    if (st == SF_OK && llm->cfg.tie_word_embeddings) llm->lm_head = llm->embed;
+    if (st == SF_OK && llm->cfg.tie_word_embeddings && !llm->embeddings_only) {
+        llm->lm_head = llm->embed;
+    }
     free(list.items);
     return st;
 }
 
-sf_status sf_llm_build(sf_llm_config *cfg, const sf_weight_source *src, sf_llm **out) {
+sf_status sf_llm_build(sf_llm_config *cfg, const sf_weight_source *src, bool embeddings_only,
+                       sf_llm **out) {
     *out = NULL;
     sf_llm *llm = calloc(1, sizeof *llm);
     if (!llm) {
@@ -169,6 +173,7 @@ sf_status sf_llm_build(sf_llm_config *cfg, const sf_weight_source *src, sf_llm *
         return sf_fail(SF_ERR_OUT_OF_MEMORY, "sf_llm_load: out of memory");
     }
     llm->cfg = *cfg;
+    llm->embeddings_only = embeddings_only;
     memset(cfg, 0, sizeof *cfg); /* the model owns the config's arrays now */
     sf_status st = SF_OK;
     llm->layers = calloc((size_t)llm->cfg.num_layers, sizeof *llm->layers);
@@ -203,10 +208,10 @@ static bool ends_with(const char *s, const char *suffix) {
     return n >= m && strcmp(s + n - m, suffix) == 0;
 }
 
-sf_status sf_llm_load(const char *path, sf_llm **out) {
+static sf_status load(const char *path, bool embeddings_only, sf_llm **out) {
     if (!path || !out) return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_llm_load: NULL argument");
     *out = NULL;
-    if (ends_with(path, ".gguf")) return sf_llm_load_gguf(path, out);
+    if (ends_with(path, ".gguf")) return sf_llm_load_gguf(path, embeddings_only, out);
 
     size_t dir_len = strlen(path);
     char *config_path = malloc(dir_len + sizeof "/config.json");
@@ -224,9 +229,23 @@ sf_status sf_llm_load(const char *path, sf_llm **out) {
         return st;
     }
     sf_weight_source src = {ar, st_check, st_read};
-    st = sf_llm_build(&cfg, &src, out);
+    st = sf_llm_build(&cfg, &src, embeddings_only, out);
     sf_st_close(ar);
     return st;
+}
+
+sf_status sf_llm_load(const char *path, sf_llm **out) { return load(path, false, out); }
+
+sf_status sf_llm_load_embeddings(const char *path, sf_llm **out) {
+    return load(path, true, out);
+}
+
+sf_status sf_llm_check_whole(const sf_llm *llm, const char *fn) {
+    if (llm && llm->embeddings_only) {
+        return sf_fail(SF_ERR_UNSUPPORTED, "%s: the model was loaded with its embedding table "
+                       "only (sf_llm_load_embeddings); running it needs sf_llm_load", fn);
+    }
+    return SF_OK;
 }
 
 void sf_llm_free(sf_llm *llm) {

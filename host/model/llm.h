@@ -30,7 +30,13 @@ struct sf_llm {
     const float *final_norm;   /* [d]                                           */
     const float *lm_head;      /* [vocab, d]; == embed when tied                */
     sf_llm_layer *layers;      /* [num_layers]                                  */
+    bool embeddings_only;      /* sf_llm_load_embeddings: only embed is loaded; final_norm,
+                                  lm_head (unless tied) and the layers' pointers are NULL */
 };
+
+/* SF_OK for a whole model; SF_ERR_UNSUPPORTED, naming fn, for one loaded with its embeddings
+ * only (every function that runs the LLM asks this first). */
+sf_status sf_llm_check_whole(const sf_llm *llm, const char *fn);
 
 struct sf_kv_cache {
     int32_t n_layers;
@@ -54,11 +60,14 @@ typedef struct sf_weight_source {
 } sf_weight_source;
 
 /* Builds a model from a parsed config, which it takes over (cfg is zeroed; on failure it is
- * released), checking every tensor the config implies before one fp32 allocation. */
-sf_status sf_llm_build(sf_llm_config *cfg, const sf_weight_source *src, sf_llm **out);
+ * released), checking every tensor the config implies (only the embedding table with
+ * embeddings_only) before one fp32 allocation. */
+sf_status sf_llm_build(sf_llm_config *cfg, const sf_weight_source *src, bool embeddings_only,
+                       sf_llm **out);
 
-/* llm_gguf.c: loads a llama.cpp GGUF file (config from its metadata, tensors dequantised). */
-sf_status sf_llm_load_gguf(const char *path, sf_llm **out);
+/* llm_gguf.c: loads a llama.cpp GGUF file (config from its metadata, tensors dequantised; only
+ * the embedding table with embeddings_only). */
+sf_status sf_llm_load_gguf(const char *path, bool embeddings_only, sf_llm **out);
 
 #ifdef __cplusplus
 }

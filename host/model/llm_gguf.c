@@ -611,7 +611,7 @@ static sf_status gg_read(void *ctx, const char *name, float *dst) {
                           sf_gguf_path(s->g), t->name);
 }
 
-sf_status sf_llm_load_gguf(const char *path, sf_llm **out) {
+sf_status sf_llm_load_gguf(const char *path, bool embeddings_only, sf_llm **out) {
     if (!path || !out) return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_llm_load_gguf: NULL argument");
     *out = NULL;
     sf_gguf *g = NULL;
@@ -637,7 +637,7 @@ sf_status sf_llm_load_gguf(const char *path, sf_llm **out) {
     gguf_source src = {g, cfg.arch == SF_ARCH_LLAMA || cfg.arch == SF_ARCH_MISTRAL, cfg.num_heads,
                        cfg.num_kv_heads};
     sf_weight_source ws = {&src, gg_check, gg_read};
-    st = sf_llm_build(&cfg, &ws, out);
+    st = sf_llm_build(&cfg, &ws, embeddings_only, out);
     sf_gguf_close(g);
     return st;
 }

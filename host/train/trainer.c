@@ -374,6 +374,8 @@ sf_status sf_trainer_create(const sf_llm *llm, sf_sysformer *sf, const sf_tokeni
         (n_stop_ids && !stop_ids)) {
         return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_trainer_create: bad argument");
     }
+    const sf_status whole = sf_llm_check_whole(llm, "sf_trainer_create");
+    if (whole != SF_OK) return whole;
     const sf_train_options *o = options;
     if (train->n < 1) {
         return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_trainer_create: the training set is empty");

@@ -4,7 +4,8 @@
  *
  * It writes a tiny random Llama (config.json + model.safetensors, by hand: the public API has no
  * writer, and the CLI's random model has head_dim 32, which the fused attention does not take),
- * creates a fresh Sysformer and an engine, assembles two chat prompts, and checks the device
+ * loads its configuration and embedding table (sf_llm_load_embeddings), creates a fresh
+ * Sysformer and a guard-only engine, assembles two chat prompts, and checks the device
  * result against sf_guarded_embed_cpu. A fresh Sysformer is the identity (S' == S exactly: its
  * out_proj and linear2 are zero, norm_first, no final norm), so every row, system span included,
  * must be exactly bf16(E[token]) — the engine stores E as bf16, rounded to nearest even.
@@ -180,11 +181,11 @@ int main(int argc, char **argv) {
     }
     if (write_model(dir) != 0) return 1;
 
-    /* The library side: the frozen LLM, a fresh Sysformer, and an engine that holds what the
-     * guarded embedding needs of them (guard_only: the embedding table and the Sysformer; the
-     * stack's own LLM runs the rest). */
+    /* The library side: the frozen LLM's configuration and embedding table (all a guard needs:
+     * the stack's own LLM runs the rest), a fresh Sysformer, and a guard-only engine that holds
+     * just those two on the device. */
     sf_llm *llm = NULL;
-    SF_OK_OR_FAIL("loading the model", sf_llm_load(dir, &llm));
+    SF_OK_OR_FAIL("loading the embeddings", sf_llm_load_embeddings(dir, &llm));
     const sf_sysformer_config sf_cfg = sf_sysformer_default_config(llm);
     sf_sysformer *sysformer = NULL;
     SF_OK_OR_FAIL("creating the Sysformer", sf_sysformer_init(llm, &sf_cfg, 7, &sysformer));
