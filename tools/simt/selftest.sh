@@ -6,7 +6,8 @@
 # suites, two bugs in tensor-core kernels (about a minute of one core; what ctest runs, kept
 # short for CI's budget); --all adds the split top-p's and the split argmax's, one for the
 # optim suite, the engine's and the train suite's (about 8 minutes more: those two build the
-# whole library), and the wgmma attention's. Others: run.sh with KSRC / ESRC by hand. The
+# whole library; with a learned system offset's gradient and device span check among them),
+# and the wgmma attention's. Others: run.sh with KSRC / ESRC by hand. The
 # engine and train plants are in host code (host/cuda), not in a kernel,
 # and only the emulated runtime's queued streams can show them (on a CPU that runs everything
 # at once they would pass): an engine step that refills the pinned staging before the
@@ -59,6 +60,12 @@ if [ "${1:-}" = --all ]; then
         'CudaEngine/CudaEngineVariant.GraphReplayEqualsEagerBitForBit/llama_gqa_llama3'
     plant train train_step.c '        SF_CUDA_OR_FAIL(cudaEventSynchronize(t->recon_ready));' '' \
         'Cuda/CudaTrainVariant.LossesAndGradientsMatchTheCpu/llama_gqa_llama3_prenorm_relu'
+    # a learned system offset: its gradient never formed; the engine's device span check gone
+    plant train train_step.c '        if (Ts > 0) SF_TRY(add_offset_backward(t, p));' '' \
+        'CudaTrainOffset.*'
+    plant engine sysformer_forward.c '                                        offset_rows, a->sys_rows,' \
+        '                                        0, a->sys_rows,' \
+        'CudaEngineTiny.LearnedSystemOffsetMatchesCpu'
     # the wgmma kernel refills the V buffer its pending P V product still reads: seen only by
     # the check at the wait that retires each wgmma (ptx_sm90.cuh)
     plant attention attention_sm90.cu 'kThreads>(p, w, tiles.v(t), w.v_base, t, tid);' \
