@@ -1435,16 +1435,33 @@ static sf_llm_loss_result collect(const sf_cuda_trainer *t, const sf_cuda_train_
     return res;
 }
 
+/* The start of a call over one batch: its outputs zeroed, the batch checked, the device set. */
+static sf_status start_call(sf_cuda_trainer *t, const sf_cuda_train_batch *batch,
+                            sf_llm_loss_result *result, double *recon) {
+    memset(result, 0, sizeof *result);
+    if (recon) *recon = 0.0;
+    SF_TRY(validate(t, batch));
+    SF_CUDA_OR_FAIL(cudaSetDevice(t->e->device));
+    return SF_OK;
+}
+
+/* Its end: the stream drained (finish), then the batch's loss terms and L_recon. */
+static sf_status end_call(sf_cuda_trainer *t, sf_status st, const char *fn,
+                          const sf_cuda_train_batch *batch, const plan *p, double rec,
+                          sf_llm_loss_result *result, double *recon) {
+    SF_TRY(finish(t, st, fn));
+    if (p->T > 0) *result = collect(t, batch);
+    if (recon) *recon = rec;
+    return SF_OK;
+}
+
 sf_status sf_cuda_train_loss_grad(sf_cuda_trainer *t, const sf_cuda_train_batch *batch,
                                   sf_llm_loss_result *result, double *recon, float *grads) {
     static const char fn[] = "sf_cuda_train_loss_grad";
     if (!t || !batch || !result) {
         return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: NULL trainer, batch or result", fn);
     }
-    memset(result, 0, sizeof *result);
-    if (recon) *recon = 0.0;
-    SF_TRY(validate(t, batch));
-    SF_CUDA_OR_FAIL(cudaSetDevice(t->e->device));
+    SF_TRY(start_call(t, batch, result, recon));
     /* sf's current weights become the device's (the host optimizer's way of stepping) */
     sf_status st = upload_weights(t, t->sf->weights);
     plan p;
@@ -1460,10 +1477,7 @@ sf_status sf_cuda_train_loss_grad(sf_cuda_trainer *t, const sf_cuda_train_batch 
                                          cudaMemcpyDeviceToHost, t->s),
                          "sf_cuda_train_loss_grad: reading the gradients");
     }
-    SF_TRY(finish(t, st, fn));
-    if (p.T > 0) *result = collect(t, batch);
-    if (recon) *recon = rec;
-    return SF_OK;
+    return end_call(t, st, fn, batch, &p, rec, result, recon);
 }
 
 sf_status sf_cuda_train_loss(sf_cuda_trainer *t, const sf_cuda_train_batch *batch,
@@ -1472,18 +1486,12 @@ sf_status sf_cuda_train_loss(sf_cuda_trainer *t, const sf_cuda_train_batch *batc
     if (!t || !batch || !result) {
         return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: NULL trainer, batch or result", fn);
     }
-    memset(result, 0, sizeof *result);
-    if (recon) *recon = 0.0;
-    SF_TRY(validate(t, batch));
-    SF_CUDA_OR_FAIL(cudaSetDevice(t->e->device));
+    SF_TRY(start_call(t, batch, result, recon));
     plan p;
     stage_inputs(t, batch, &p);
     double rec = 0.0;
     const sf_status st = p.T > 0 ? enqueue(t, batch, &p, false, &rec) : SF_OK;
-    SF_TRY(finish(t, st, fn));
-    if (p.T > 0) *result = collect(t, batch);
-    if (recon) *recon = rec;
-    return SF_OK;
+    return end_call(t, st, fn, batch, &p, rec, result, recon);
 }
 
 /* Rounds one master tensor into the engine's bf16 copy (sf_cuda_weights_each_sysformer). */
@@ -1531,12 +1539,9 @@ sf_status sf_cuda_train_step(sf_cuda_trainer *t, const sf_cuda_train_batch *batc
         return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: NULL trainer, batch, update or result",
                        fn);
     }
-    memset(result, 0, sizeof *result);
-    if (recon) *recon = 0.0;
     if (grad_norm) *grad_norm = 0.0;
-    SF_TRY(validate(t, batch));
+    SF_TRY(start_call(t, batch, result, recon));
     SF_TRY(check_update(update));
-    SF_CUDA_OR_FAIL(cudaSetDevice(t->e->device));
     plan p;
     stage_inputs(t, batch, &p);
     double rec = 0.0;
@@ -1547,9 +1552,7 @@ sf_status sf_cuda_train_step(sf_cuda_trainer *t, const sf_cuda_train_batch *batc
         st = cuda_status(cudaMemsetAsync(t->g, 0, (size_t)t->n_w * sizeof(float), t->s), fn);
     }
     if (st == SF_OK) st = enqueue_update(t, update);
-    SF_TRY(finish(t, st, fn));
-    if (p.T > 0) *result = collect(t, batch);
-    if (recon) *recon = rec;
+    SF_TRY(end_call(t, st, fn, batch, &p, rec, result, recon));
     if (grad_norm) *grad_norm = t->h_stats[0];
     t->last_coef = t->h_stats[1];
     if (t->sf->classifier_bias) t->cls_b = *t->h_cls_b;
