@@ -97,8 +97,9 @@ int cmd_init(int argc, char **argv) {
         fprintf(stderr, "sysformer init: cannot create %s: %s\n", out, strerror(errno));
         return 1;
     }
+    /* a Sysformer needs the model's configuration and embedding table only */
     sf_llm *llm = NULL;
-    sf_status st = sf_llm_load(model_dir, &llm);
+    sf_status st = sf_llm_load_embeddings(model_dir, &llm);
     if (st != SF_OK) return cli_report("loading the model", st);
 
     sf_sysformer_config cfg = sf_sysformer_default_config(llm);
@@ -183,7 +184,7 @@ int cmd_rewrite(int argc, char **argv) {
     sf_sysformer *sf = NULL;
     float *s_in = NULL, *s_out = NULL, *p = NULL;
     int rc = 0;
-    sf_status st = sf_llm_load(model_dir, &llm);
+    sf_status st = sf_llm_load_embeddings(model_dir, &llm); /* no LLM layer runs here */
     if (st != SF_OK) {
         rc = cli_report("loading the model", st);
         goto done;
