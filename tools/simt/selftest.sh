@@ -63,8 +63,7 @@ if [ "${1:-}" = --all ]; then
     # a learned system offset: its gradient never formed; the engine's device span check gone
     plant train train_step.c '        if (Ts > 0) SF_TRY(add_offset_backward(t, p));' '' \
         'CudaTrainOffset.*'
-    plant engine sysformer_forward.c '                                        offset_rows, a->sys_rows,' \
-        '                                        0, a->sys_rows,' \
+    plant engine sysformer_forward.c ' offset_rows, a->sys_rows,' ' 0, a->sys_rows,' \
         'CudaEngineTiny.LearnedSystemOffsetMatchesCpu'
     # the wgmma kernel refills the V buffer its pending P V product still reads: seen only by
     # the check at the wait that retires each wgmma (ptx_sm90.cuh)
