@@ -558,10 +558,11 @@ static void packed_free(packed *p) {
     memset(p, 0, sizeof *p);
 }
 
-/* Packs the examples idx[0..n) of set (with_reply[i]: whether its reply rows go in), embeds
- * them and gathers S and U. The loss rows are left to the caller. */
+/* Packs the examples idx[0..n) of set (with_reply[i]: whether its reply rows go in) and, for
+ * the CPU path (host_embeds), embeds them and gathers S and U; the device embeds for itself,
+ * and embeds, sys, usr and sys_out then stay NULL. The loss rows are left to the caller. */
 static sf_status pack(const sf_llm *llm, int64_t d, const sf_train_set *set, const int32_t *idx,
-                      int32_t n, const bool *with_reply, packed *p) {
+                      int32_t n, const bool *with_reply, bool host_embeds, packed *p) {
     memset(p, 0, sizeof *p);
     p->n = n;
     int64_t rows = 0, ns = 0, nu = 0, nce = 0;
@@ -579,19 +580,22 @@ static sf_status pack(const sf_llm *llm, int64_t d, const sf_train_set *set, con
     p->cu = malloc((size_t)(n + 1) * sizeof *p->cu);
     p->cu_sys = malloc((size_t)(n + 1) * sizeof *p->cu_sys);
     p->cu_usr = malloc((size_t)(n + 1) * sizeof *p->cu_usr);
-    p->embeds = malloc((size_t)(rows * d) * sizeof(float));
-    p->sys = malloc((size_t)(ns * d) * sizeof(float) + sizeof(float));
-    p->usr = malloc((size_t)(nu * d) * sizeof(float) + sizeof(float));
-    p->sys_out = malloc((size_t)(ns * d) * sizeof(float) + sizeof(float));
+    if (host_embeds) {
+        p->embeds = malloc((size_t)(rows * d) * sizeof(float));
+        p->sys = malloc((size_t)(ns * d) * sizeof(float) + sizeof(float));
+        p->usr = malloc((size_t)(nu * d) * sizeof(float) + sizeof(float));
+        p->sys_out = malloc((size_t)(ns * d) * sizeof(float) + sizeof(float));
+    }
     p->ce_rows = malloc((size_t)(nce + 1) * sizeof(int32_t));
     p->ce_targets = malloc((size_t)(nce + 1) * sizeof(int32_t));
     p->ce_weights = malloc((size_t)(nce + 1) * sizeof(float));
     p->class_rows = malloc((size_t)n * sizeof(int32_t));
     p->class_labels = malloc((size_t)n * sizeof(float));
     p->class_weights = malloc((size_t)n * sizeof(float));
-    if (!p->ids || !p->cu || !p->cu_sys || !p->cu_usr || !p->embeds || !p->sys || !p->usr ||
-        !p->sys_out || !p->ce_rows || !p->ce_targets || !p->ce_weights || !p->class_rows ||
-        !p->class_labels || !p->class_weights) {
+    if (!p->ids || !p->cu || !p->cu_sys || !p->cu_usr ||
+        (host_embeds && (!p->embeds || !p->sys || !p->usr || !p->sys_out)) || !p->ce_rows ||
+        !p->ce_targets || !p->ce_weights || !p->class_rows || !p->class_labels ||
+        !p->class_weights) {
         packed_free(p);
         return oom("trainer: packing a batch");
     }
@@ -604,6 +608,7 @@ static sf_status pack(const sf_llm *llm, int64_t d, const sf_train_set *set, con
         p->cu_sys[i + 1] = p->cu_sys[i] + e->spans.system;
         p->cu_usr[i + 1] = p->cu_usr[i] + e->spans.user;
     }
+    if (!host_embeds) return SF_OK;
     sf_status st = sf_llm_embed(llm, p->ids, rows, p->embeds);
     for (int32_t i = 0; st == SF_OK && i < n; i++) {
         const sf_prompt_spans *s = &set->ex[idx[i]].spans;
@@ -732,7 +737,7 @@ static sf_status train_step(sf_trainer *t, const int32_t *idx, int32_t n, step_s
         if (with_reply[i]) *(e->harmful ? &n_ref : &n_compl) += 1;
     }
     packed p;
-    sf_status st = pack(t->llm, d, set, idx, n, with_reply, &p);
+    sf_status st = pack(t->llm, d, set, idx, n, with_reply, t->gpu == NULL, &p);
     if (st != SF_OK) {
         free(with_reply);
         return st;
@@ -830,7 +835,7 @@ static sf_status val_losses(sf_trainer *t, const int32_t *idx, int32_t n, double
     if (!with_reply) return oom("trainer validation");
     for (int32_t i = 0; i < n; i++) with_reply[i] = set->ex[idx[i]].n_target > 0;
     packed p;
-    sf_status st = pack(t->llm, d, set, idx, n, with_reply, &p);
+    sf_status st = pack(t->llm, d, set, idx, n, with_reply, t->gpu == NULL, &p);
     free(with_reply);
     if (st != SF_OK) return st;
     for (int32_t i = 0; i < n; i++) {
@@ -848,10 +853,12 @@ static sf_status val_losses(sf_trainer *t, const int32_t *idx, int32_t n, double
         p.class_weights[i] = 1.0f;
     }
     const bool cls = t->sf->classifier_weight != NULL;
+    const double elems = (double)p.cu_sys[n] * (double)d;
+    sf_llm_loss_result res;
+    double sq = 0.0; /* sum of (S' - S)^2 */
     if (t->gpu) {
         /* the device's master weights as they stand; w_recon 1: the mean over the elements */
         sf_prompt_spans *spans = malloc((size_t)n * sizeof *spans);
-        sf_llm_loss_result res;
         double recon = 0.0;
         st = spans ? SF_OK : oom("trainer validation");
         if (st == SF_OK) {
@@ -859,38 +866,31 @@ static sf_status val_losses(sf_trainer *t, const int32_t *idx, int32_t n, double
             st = sf_cuda_train_loss(t->gpu, &b, &res, &recon);
         }
         free(spans);
+        sq = recon * elems;
+    } else {
+        sf_rewrite_batch rb = {n, p.cu_sys, p.cu_usr, p.sys, p.usr};
+        st = sf_sysformer_forward_cpu(t->sf, &rb, p.sys_out);
         if (st == SF_OK) {
-            const double elems = (double)p.cu_sys[n] * (double)d;
-            sums[0] += res.ce;
-            sums[2] += res.cls;
-            sums[3] += recon * elems;
-            sums[4] += elems;
+            splice(set, idx, &p, d);
+            sf_llm_loss_spec spec = {
+                .n_ce = p.n_ce, .ce_rows = p.ce_rows, .ce_targets = p.ce_targets,
+                .ce_weights = p.ce_weights,
+                .n_class = cls ? n : 0, .class_rows = p.class_rows,
+                .class_labels = p.class_labels, .class_weights = p.class_weights,
+                .class_w = t->sf->classifier_weight,
+                .class_b = cls ? t->sf->classifier_bias[0] : 0.0f,
+            };
+            sf_llm_backward_options bo = {t->o.recompute};
+            st = sf_llm_loss_backward_cpu(t->llm, n, p.cu, p.embeds, &spec, &bo, &res, NULL,
+                                          NULL, NULL);
+            sq = recon_sum(&p, d);
         }
-        packed_free(&p);
-        return st;
     }
-    sf_rewrite_batch rb = {n, p.cu_sys, p.cu_usr, p.sys, p.usr};
-    st = sf_sysformer_forward_cpu(t->sf, &rb, p.sys_out);
     if (st == SF_OK) {
-        splice(set, idx, &p, d);
-        sf_llm_loss_spec spec = {
-            .n_ce = p.n_ce, .ce_rows = p.ce_rows, .ce_targets = p.ce_targets,
-            .ce_weights = p.ce_weights,
-            .n_class = cls ? n : 0, .class_rows = p.class_rows,
-            .class_labels = p.class_labels, .class_weights = p.class_weights,
-            .class_w = t->sf->classifier_weight,
-            .class_b = cls ? t->sf->classifier_bias[0] : 0.0f,
-        };
-        sf_llm_backward_options bo = {t->o.recompute};
-        sf_llm_loss_result res;
-        st = sf_llm_loss_backward_cpu(t->llm, n, p.cu, p.embeds, &spec, &bo, &res, NULL, NULL,
-                                      NULL);
-        if (st == SF_OK) {
-            sums[0] += res.ce;
-            sums[2] += res.cls;
-            sums[3] += recon_sum(&p, d);
-            sums[4] += (double)p.cu_sys[n] * (double)d;
-        }
+        sums[0] += res.ce;
+        sums[2] += res.cls;
+        sums[3] += sq;
+        sums[4] += elems;
     }
     packed_free(&p);
     return st;
