@@ -981,18 +981,9 @@ extern "C" sf_status sf_cuda_attention_sm90_ws_bf16(const sf_attention_args *a, 
     return sf_cuda_attention_sm90_tiles_bf16(a, block_n, stream);
 }
 
-static sf_status wgmma_products(int32_t head_dim, int32_t block_n, const uint16_t *q,
-                                const uint16_t *k, const uint16_t *v, const uint16_t *p, float *s,
-                                float *o, cudaStream_t stream) {
-    (void)head_dim;
-    (void)block_n;
-    (void)q;
-    (void)k;
-    (void)v;
-    (void)p;
-    (void)s;
-    (void)o;
-    (void)stream;
+static sf_status wgmma_products(int32_t, int32_t, const uint16_t *, const uint16_t *,
+                                const uint16_t *, const uint16_t *, float *, float *,
+                                cudaStream_t) {
     return sf_cuda_attention_sm90_check();
 }
 
