@@ -349,6 +349,21 @@ cudaError_t cudaGetDevice(int *device) {
     return cudaSuccess;
 }
 
+// Device memory (cudaMalloc) or pinned host memory (cudaHostAlloc) of device 0; anything else
+// is unregistered host memory, as CUDA 11 and later report it.
+cudaError_t cudaPointerGetAttributes(cudaPointerAttributes *a, const void *p) {
+    if (!a) return last_error = cudaErrorInvalidValue;
+    *a = {};
+    const Space s = space_of(p, 1);
+    a->type = s == DEVICE ? cudaMemoryTypeDevice
+              : s == PINNED ? cudaMemoryTypeHost
+                            : cudaMemoryTypeUnregistered;
+    a->device = s == PAGEABLE ? -2 : 0;
+    a->devicePointer = s == PAGEABLE ? nullptr : const_cast<void *>(p);
+    a->hostPointer = s == DEVICE ? nullptr : const_cast<void *>(p);
+    return cudaSuccess;
+}
+
 cudaError_t cudaMalloc(void **p, size_t n) {
     *p = nullptr;
     if (forbidden_in_capture("cudaMalloc")) return cudaErrorStreamCaptureUnsupported;
