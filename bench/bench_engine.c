@@ -399,9 +399,14 @@ static int bench_config(const char *name, const options *o) {
     go.guard_only = true;
     sf_cuda_memory gm;
     SF_TRY("sf_cuda_engine_plan (guard-only)", sf_cuda_engine_plan(&c, &sc, &go, &gm));
+    go.embedding_table = &gm; /* the plan only asks whether a table is lent */
+    sf_cuda_memory bm;
+    SF_TRY("sf_cuda_engine_plan (guard-only, borrowed table)",
+           sf_cuda_engine_plan(&c, &sc, &go, &bm));
     printf("  a guard-only engine (sf_cuda_guarded_embed alone, for a stack with its own LLM) "
-           "would hold GiB: weights %.2f  activations %.2f  total %.2f\n",
-           gib(gm.weights), gib(gm.activations), gib(gm.total));
+           "would hold GiB: weights %.2f  activations %.2f  total %.2f; %.2f in all on the "
+           "stack's embedding table\n",
+           gib(gm.weights), gib(gm.activations), gib(gm.total), gib(bm.total));
     SF_TRY("sf_cuda_engine_set_timing", sf_cuda_engine_set_timing(e, true));
 
     const sf_sampling greedy = {.temperature = 0.0f, .top_k = 0, .top_p = 1.0f, .seed = 0};

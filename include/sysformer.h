@@ -557,6 +557,19 @@ typedef struct sf_cuda_engine_options {
                                  (so the LLM's head dimension is not checked), and steps,
                                  slot resets and generation answer SF_ERR_UNSUPPORTED
                                  (default false)                                           */
+    const void *embedding_table; /* guard_only only: the serving stack's own device copy of
+                                 the LLM's embedding table, bf16 [vocab_size, hidden_size]
+                                 row-major, on options.device, to read instead of uploading
+                                 a second one (vocab x hidden x 2 bytes saved: about 1 GiB for
+                                 Llama 3's vocabulary). Borrowed: the engine never writes or
+                                 frees it; it must be written, and that work synchronised,
+                                 before the engine is created (creation reads a few rows
+                                 back and refuses a table that is not the LLM's,
+                                 SF_ERR_INVALID_ARGUMENT), and outlive the engine. All
+                                 vocab_size rows must be on this device (a stack that shards
+                                 its embedding by vocabulary keeps the engine's own copy).
+                                 sf_cuda_engine_plan only asks whether it is NULL. NULL:
+                                 upload the LLM's (default)                                 */
 } sf_cuda_engine_options;
 
 sf_cuda_engine_options sf_cuda_engine_default_options(void);
@@ -571,7 +584,9 @@ sf_status sf_cuda_engine_create(const sf_llm *llm, const sf_sysformer *sysformer
 
 /* The same with weights drawn on the device (uniform, scaled like PyTorch's default init; RMSNorm
  * and LayerNorm weights near 1), for benchmarks at real model shapes without any file.
- * sysformer_cfg NULL: no Sysformer. Token ids are then in [0, llm_cfg->vocab_size). */
+ * sysformer_cfg NULL: no Sysformer. Token ids are then in [0, llm_cfg->vocab_size). A
+ * borrowed options.embedding_table is refused (SF_ERR_INVALID_ARGUMENT): there is no model to
+ * check it against. */
 sf_status sf_cuda_engine_create_random(const sf_llm_config *llm_cfg,
                                        const sf_sysformer_config *sysformer_cfg, uint64_t seed,
                                        const sf_cuda_engine_options *options,
@@ -581,7 +596,8 @@ void sf_cuda_engine_free(sf_cuda_engine *engine);
 
 /* Device bytes the engine holds, by purpose. */
 typedef struct sf_cuda_memory {
-    size_t weights;     /* LLM + Sysformer, bf16                                   */
+    size_t weights;     /* LLM + Sysformer, bf16 (a borrowed embedding table is the
+                           lender's, not counted)                                    */
     size_t kv_cache;    /* max_slots x max_context positions x layers x K and V (0
                            for a guard-only engine)                                  */
     size_t activations; /* the arena: activations, logits, sampling and GEMM scratch */
@@ -689,7 +705,8 @@ sf_status sf_generate_cuda(sf_cuda_engine *engine, const sf_tokenizer *tok,
  * n_requests <= max_slots, max_system * n_requests and max_user * n_requests <= max_batch_tokens.
  * It uses the engine's arena, so it must not run concurrently with the engine's own steps. A
  * stack that runs its own LLM creates the engine with guard_only: the embedding table and the
- * Sysformer are then all it holds on the device. */
+ * Sysformer are then all it holds on the device, and with embedding_table it reads the stack's
+ * own table instead of a copy. */
 sf_status sf_cuda_guarded_embed(sf_cuda_engine *engine, int32_t n_requests, int32_t n_tokens,
                                 const int32_t *d_cu_seqlens, const int32_t *d_token_ids,
                                 const sf_prompt_spans *d_spans, int32_t max_system,

@@ -1555,6 +1555,124 @@ TEST_F(CudaEngineTiny, GuardOnlyEngineEmbedsAsTheFullOne) {
               SF_ERR_UNSUPPORTED);
 }
 
+// 9b. A guard-only engine that borrows the serving stack's own device embedding table (here a
+// bf16 copy the "stack" made of the LLM's table) instead of uploading a second one. It writes
+// what the engine with its own copy writes, bit for bit (the same kernels on the same bf16
+// rows); it reads the table where it lies (a row changed after creation shows in the output at
+// that token's positions, and nowhere else); its weights are the table's bytes fewer, as its
+// plan says. A lender that truncated to bf16 instead of rounding is accepted (within one ulp);
+// a table that is not the LLM's, host memory, a misaligned address, and a table lent to a full
+// engine or to random weights are refused with SF_ERR_INVALID_ARGUMENT.
+TEST_F(CudaEngineTiny, GuardOnlyEngineBorrowsTheStacksEmbeddingTable) {
+    const sf_llm_config &c = *sf_llm_get_config(llm_);
+    const sf_sysformer_config &sc = *sf_sysformer_get_config(sf_);
+    const int64_t V = c.vocab_size, d = c.hidden_size;
+    std::vector<int32_t> every(V);
+    for (int32_t t = 0; t < V; t++) every[t] = t;
+    std::vector<float> table((size_t)(V * d));
+    ASSERT_EQ(sf_llm_embed(llm_, every.data(), V, table.data()), SF_OK) << sf_last_error();
+    DeviceBuffer<uint16_t> d_table(to_bf16(table));
+    ASSERT_TRUE(d_table.get());
+
+    sf_cuda_engine_options o = options(4);
+    o.guard_only = true;
+    EnginePtr own = make_engine(llm_, sf_, o);
+    o.embedding_table = d_table.get();
+    EnginePtr borrowing = make_engine(llm_, sf_, o);
+    ASSERT_TRUE(own && borrowing);
+
+    sf_cuda_memory mo, mb, plan;
+    ASSERT_EQ(sf_cuda_engine_memory(own.get(), &mo), SF_OK);
+    ASSERT_EQ(sf_cuda_engine_memory(borrowing.get(), &mb), SF_OK);
+    ASSERT_EQ(sf_cuda_engine_plan(&c, &sc, &o, &plan), SF_OK) << sf_last_error();
+    const size_t table_bytes = ((size_t)(V * d) * 2 + 255) / 256 * 256;  // one 256-byte piece
+    EXPECT_EQ(mb.weights + table_bytes, mo.weights);
+    EXPECT_EQ(plan.weights, mb.weights);
+    EXPECT_EQ(plan.activations, mb.activations);
+    EXPECT_EQ(mb.activations, mo.activations);
+    EXPECT_EQ(mb.total, mb.weights + mb.activations);
+
+    const Prompts p = tiny_prompts({{5, 2}, {1, 7}, {12, 9}, {0, 4}}, 4);
+    std::vector<int32_t> flat;
+    for (const auto &sp : p.spans) {
+        flat.insert(flat.end(), {sp.prefix, sp.system, sp.middle, sp.user, sp.suffix});
+    }
+    DeviceBuffer<int32_t> d_cu(p.cu), d_ids(p.ids), d_spans(flat);
+    ASSERT_TRUE(d_cu.get() && d_ids.get() && d_spans.get());
+    auto embed = [&](sf_cuda_engine *e) {
+        DeviceBuffer<uint16_t> d_out((size_t)p.total() * d);
+        EXPECT_EQ(sf_cuda_guarded_embed(e, p.n(), p.total(), d_cu.get(), d_ids.get(),
+                                        (const sf_prompt_spans *)d_spans.get(), 12, 9,
+                                        d_out.get(), nullptr, nullptr),
+                  SF_OK)
+            << sf_last_error();
+        EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+        return d_out.host();
+    };
+    const std::vector<uint16_t> want = embed(own.get());
+    EXPECT_EQ(embed(borrowing.get()), want) << "the borrowed table's embeddings differ";
+
+    // Every request opens with token 1 (the template prefix, outside both spans): its row set
+    // to 1.0 in the lender's table must show at those positions only.
+    const std::vector<uint16_t> ones((size_t)d, 0x3f80);
+    ASSERT_EQ(cudaMemcpy(d_table.get() + d, ones.data(), (size_t)d * 2, cudaMemcpyHostToDevice),
+              cudaSuccess);
+    const std::vector<uint16_t> got = embed(borrowing.get());
+    ASSERT_EQ(got.size(), want.size());
+    int64_t moved = 0, wrong = 0;
+    for (int64_t i = 0; i < p.total(); i++) {
+        const bool token1 = p.ids[(size_t)i] == 1;
+        for (int64_t j = 0; j < d; j++) {
+            const size_t k = (size_t)(i * d + j);
+            moved += got[k] != want[k];
+            wrong += token1 ? got[k] != 0x3f80 : got[k] != want[k];
+        }
+    }
+    EXPECT_EQ(wrong, 0) << "rows other than token 1's changed, or token 1's is not the lender's";
+    EXPECT_GT(moved, 0) << "the engine did not read the lender's table after creation";
+
+    auto refused = [&](const sf_cuda_engine_options &oo, const char *why) {
+        sf_cuda_engine *e = nullptr;
+        const sf_status st = sf_cuda_engine_create(llm_, sf_, &oo, &e);
+        EXPECT_EQ(st, SF_ERR_INVALID_ARGUMENT) << why << ": " << sf_last_error();
+        EXPECT_EQ(e, nullptr) << why;
+        sf_cuda_engine_free(e);
+        if (st == SF_ERR_INVALID_ARGUMENT) return std::string(sf_last_error());
+        return std::string();
+    };
+    // a lender that truncated toward zero instead of rounding: within one ulp, accepted
+    std::vector<uint16_t> truncated(table.size());
+    for (size_t i = 0; i < table.size(); i++) {
+        uint32_t u;
+        memcpy(&u, &table[i], 4);
+        truncated[i] = (uint16_t)(u >> 16);
+    }
+    DeviceBuffer<uint16_t> d_truncated(truncated);
+    o.embedding_table = d_truncated.get();
+    EXPECT_TRUE(make_engine(llm_, sf_, o)) << "a truncated bf16 copy was refused";
+    // another table: the last row (always among those checked) negated
+    std::vector<uint16_t> other = to_bf16(table);
+    for (int64_t j = 0; j < d; j++) other[(size_t)((V - 1) * d + j)] ^= 0x8000;
+    DeviceBuffer<uint16_t> d_other(other);
+    o.embedding_table = d_other.get();
+    EXPECT_NE(refused(o, "another table").find("not this LLM's"), std::string::npos)
+        << sf_last_error();
+    o.embedding_table = table.data();  // host memory
+    EXPECT_NE(refused(o, "host memory").find("memory"), std::string::npos) << sf_last_error();
+    o.embedding_table = (const char *)d_table.get() + 1;
+    refused(o, "a misaligned table");
+    o.embedding_table = d_table.get();
+    o.guard_only = false;
+    refused(o, "a full engine");
+    sf_cuda_memory m;
+    EXPECT_EQ(sf_cuda_engine_plan(&c, &sc, &o, &m), SF_ERR_INVALID_ARGUMENT) << "a full plan";
+    o.guard_only = true;
+    sf_cuda_engine *r = nullptr;
+    EXPECT_EQ(sf_cuda_engine_create_random(&c, &sc, 1, &o, &r), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(r, nullptr);
+    sf_cuda_engine_free(r);
+}
+
 // 10. Stage timing: sane numbers, never speed. Eager steps report their stages; a decode step
 // replayed as a CUDA graph reports 0 for every stage and its whole time as total.
 TEST_F(CudaEngineTiny, StageTimesAreSane) {

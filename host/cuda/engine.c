@@ -1,12 +1,15 @@
 /* The CUDA engine's life cycle: options, sizing, the three device allocations (weights, KV
  * cache, arena) and the pinned staging, made once at creation; slots, timing and accessors.
  * Nothing here runs on the hot path. */
+#include <float.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "attention.h"
 #include "core/error.h"
+#include "core/half.h"
 #include "cpu/ops.h"
 #include "cuda/engine.h"
 #include "model/llm.h"
@@ -192,6 +195,12 @@ static sf_status check_inputs(const sf_llm_config *cfg, const sf_sysformer_confi
                        "sf_cuda_engine: options attention %d (not an sf_attention_kernel)",
                        (int)o->attention);
     }
+    if (o->embedding_table && (!o->guard_only || ((uintptr_t)o->embedding_table & 1))) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                       "sf_cuda_engine: a borrowed embedding_table (%p) needs guard_only and a "
+                       "bf16-aligned address",
+                       o->embedding_table);
+    }
     if (o->max_context > cfg->max_position_embeddings) {
         return sf_fail(SF_ERR_INVALID_ARGUMENT,
                        "sf_cuda_engine: max_context %d exceeds the model's "
@@ -223,6 +232,8 @@ static sf_status engine_layout(sf_cuda_engine *e, const sf_llm_config *cfg,
     if (e->max_batch_tokens < e->max_slots) e->max_batch_tokens = e->max_slots;
     e->cuda_graphs = o->cuda_graphs;
     e->guard_only = o->guard_only;
+    e->borrowed_embed = o->embedding_table != NULL;
+    e->embed = (sf_bf16 *)o->embedding_table; /* read only; carved from weights when NULL */
     e->attention = o->attention;
     e->d = cfg->hidden_size;
     e->q_dim = (int64_t)cfg->num_heads * cfg->head_dim;
@@ -272,6 +283,73 @@ static sf_status rope_tables(sf_cuda_engine *e, const sf_llm_config *cfg) {
     return SF_OK;
 }
 
+/* A borrowed embedding table must be device memory the engine's device can read: not host
+ * memory, not another device's. */
+static sf_status check_borrowed_memory(const void *table, int device) {
+    struct cudaPointerAttributes a;
+    memset(&a, 0, sizeof a);
+    const cudaError_t err = cudaPointerGetAttributes(&a, table);
+    if (err != cudaSuccess) {
+        (void)cudaGetLastError();
+        return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                       "sf_cuda_engine: the borrowed embedding_table %p: %s", table,
+                       cudaGetErrorString(err));
+    }
+    const bool ok = (a.type == cudaMemoryTypeDevice && a.device == device) ||
+                    a.type == cudaMemoryTypeManaged;
+    if (!ok) {
+        static const char *const kinds[] = {"unregistered host", "host", "device", "managed"};
+        const unsigned k = (unsigned)a.type;
+        return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                       "sf_cuda_engine: the borrowed embedding_table %p is %s memory (device "
+                       "%d; device memory on device %d expected)",
+                       table, k < 4 ? kinds[k] : "unknown", a.device, device);
+    }
+    return SF_OK;
+}
+
+/* The rows a borrowed table is compared on, spread over the vocabulary (first and last
+ * included). */
+enum { BORROWED_ROWS_CHECKED = 16 };
+
+/* A borrowed table must be this LLM's embedding table in bf16: a few rows are read back and
+ * each value must be within one bf16 ulp of the LLM's fp32 one (|b - x| <= 2^-7 |x|: the
+ * lender may have rounded to nearest or truncated). A table of another model, another dtype or
+ * still unwritten is refused here, instead of guarding every request with wrong rows. */
+static sf_status check_borrowed_rows(const sf_cuda_engine *e, const sf_llm *llm) {
+    const int64_t d = e->d, vocab = e->cfg.vocab_size;
+    const int n = vocab < BORROWED_ROWS_CHECKED ? (int)vocab : BORROWED_ROWS_CHECKED;
+    uint16_t *rows = malloc((size_t)n * (size_t)d * sizeof *rows);
+    if (!rows) return sf_fail(SF_ERR_OUT_OF_MEMORY, "sf_cuda_engine: out of host memory");
+    sf_status st = SF_OK;
+    for (int i = 0; i < n && st == SF_OK; i++) {
+        const int64_t r = n > 1 ? (vocab - 1) * i / (n - 1) : 0;
+        const cudaError_t err = cudaMemcpy(rows + i * d, e->embed + r * d,
+                                           (size_t)d * sizeof *rows, cudaMemcpyDeviceToHost);
+        if (err != cudaSuccess) {
+            (void)cudaGetLastError();
+            st = sf_fail(SF_ERR_INVALID_ARGUMENT,
+                         "sf_cuda_engine: reading row %lld of the borrowed embedding_table: %s",
+                         (long long)r, cudaGetErrorString(err));
+            break;
+        }
+        for (int64_t j = 0; j < d; j++) {
+            const float x = llm->embed[r * d + j], b = sf_bf16_to_f32(rows[i * d + j]);
+            if (!(fabsf(b - x) <= ldexpf(fabsf(x), -7) + FLT_MIN)) {
+                st = sf_fail(SF_ERR_INVALID_ARGUMENT,
+                             "sf_cuda_engine: the borrowed embedding_table is not this LLM's "
+                             "(bf16 [%lld, %lld]): row %lld column %lld holds %g, the LLM's "
+                             "value is %g",
+                             (long long)vocab, (long long)d, (long long)r, (long long)j,
+                             (double)b, (double)x);
+                break;
+            }
+        }
+    }
+    free(rows);
+    return st;
+}
+
 /* Everything but the weights' contents. */
 static sf_status engine_new(const sf_llm_config *cfg, const sf_sysformer_config *scfg,
                             const sf_cuda_engine_options *opt, sf_cuda_engine **out) {
@@ -286,6 +364,7 @@ static sf_status engine_new(const sf_llm_config *cfg, const sf_sysformer_config 
                        o.device, count);
     }
     SF_CUDA_OR_FAIL(cudaSetDevice(o.device));
+    if (o.embedding_table) SF_TRY(check_borrowed_memory(o.embedding_table, o.device));
     if (o.attention == SF_ATTENTION_WGMMA || o.attention == SF_ATTENTION_WGMMA_WS) {
         st = sf_cuda_attention_sm90_check();
         if (st != SF_OK) return st;
@@ -388,6 +467,7 @@ sf_status sf_cuda_engine_create(const sf_llm *llm, const sf_sysformer *sysformer
     }
     sf_cuda_engine *e = NULL;
     sf_status st = engine_new(&llm->cfg, scfg, options, &e);
+    if (st == SF_OK && e->borrowed_embed) st = check_borrowed_rows(e, llm);
     if (st == SF_OK) st = sf_cuda_weights_upload(e, llm, sysformer);
     if (!e) return st;
     return finish_create(e, st, out);
@@ -401,6 +481,11 @@ sf_status sf_cuda_engine_create_random(const sf_llm_config *llm_cfg,
     if (!llm_cfg || !out) {
         return sf_fail(SF_ERR_INVALID_ARGUMENT,
                        "sf_cuda_engine_create_random: NULL config or out");
+    }
+    if (options && options->embedding_table) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                       "sf_cuda_engine_create_random: a borrowed embedding_table needs the LLM "
+                       "it copies (sf_cuda_engine_create)");
     }
     sf_cuda_engine *e = NULL;
     sf_status st = engine_new(llm_cfg, sysformer_cfg, options, &e);

@@ -123,6 +123,7 @@ struct sf_cuda_engine {
     void *weights;                /* one allocation */
     size_t weight_bytes;
     sf_bf16 *embed, *final_norm, *lm_head;
+    bool borrowed_embed;          /* embed is options.embedding_table, not in weights */
     sf_cuda_llm_layer *layers;
     sf_cuda_sys_layer *sys_layers;
     sf_bf16 *sys_final_w, *sys_final_b;

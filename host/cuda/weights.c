@@ -29,7 +29,7 @@ static size_t carve_weights(sf_cuda_engine *e, char *base) {
     sf_carver c = {base, 0};
     const sf_llm_config *cfg = &e->cfg;
     const size_t d = (size_t)e->d, ff = (size_t)e->ff;
-    e->embed = carve(&c, (size_t)cfg->vocab_size * d);
+    if (!e->borrowed_embed) e->embed = carve(&c, (size_t)cfg->vocab_size * d);
     if (!e->guard_only) {
         e->final_norm = carve(&c, d);
         e->lm_head = cfg->tie_word_embeddings ? e->embed : carve(&c, (size_t)cfg->vocab_size * d);
@@ -86,7 +86,8 @@ sf_status sf_cuda_weights_layout(sf_cuda_engine *e) {
 }
 
 sf_status sf_cuda_weights_alloc(sf_cuda_engine *e) {
-    cudaError_t err = cudaMalloc(&e->weights, e->weight_bytes);
+    /* (a guard-only engine with a borrowed table and no Sysformer has no bytes of its own) */
+    cudaError_t err = cudaMalloc(&e->weights, e->weight_bytes ? e->weight_bytes : 1);
     if (err != cudaSuccess) {
         e->weights = NULL;
         (void)cudaGetLastError();
@@ -182,7 +183,7 @@ sf_status sf_cuda_weights_upload(sf_cuda_engine *e, const sf_llm *llm, const sf_
     sf_status st = SF_OK;
     const sf_llm_config *c = &e->cfg;
     const int64_t d = e->d, ff = e->ff, q = e->q_dim, kv = e->kv_dim;
-    PUT(e->embed, llm->embed, (int64_t)c->vocab_size * d);
+    if (!e->borrowed_embed) PUT(e->embed, llm->embed, (int64_t)c->vocab_size * d);
     if (e->final_norm) PUT(e->final_norm, llm->final_norm, d);
     if (e->lm_head && e->lm_head != e->embed) {
         PUT(e->lm_head, llm->lm_head, (int64_t)c->vocab_size * d);
