@@ -5,10 +5,11 @@
  * It writes a tiny random Llama (config.json + model.safetensors, by hand: the public API has no
  * writer, and the CLI's random model has head_dim 32, which the fused attention does not take),
  * loads its configuration and embedding table (sf_llm_load_embeddings), creates a fresh
- * Sysformer and a guard-only engine, assembles two chat prompts, and checks the device
- * result against sf_guarded_embed_cpu. A fresh Sysformer is the identity (S' == S exactly: its
- * out_proj and linear2 are zero, norm_first, no final norm), so every row, system span included,
- * must be exactly bf16(E[token]) — the engine stores E as bf16, rounded to nearest even.
+ * Sysformer and a guard-only engine that borrows the stack's own device copy of the embedding
+ * table, assembles two chat prompts, and checks the device result against
+ * sf_guarded_embed_cpu. A fresh Sysformer is the identity (S' == S exactly: its out_proj and
+ * linear2 are zero, norm_first, no final norm), so every row, system span included,
+ * must be exactly bf16(E[token]) — the stack's table holds E as bf16, rounded to nearest even.
  *
  * Usage: serving_example [DIR]   (DIR: where the model is written; default a temporary folder)
  * Without CUDA support or without a GPU it says so and exits 0: it is a demo; the engine tests
@@ -155,14 +156,16 @@ static float bf16_to_float(uint16_t h) {
     return f;
 }
 
-/* fp32 -> bf16 -> fp32, rounding to nearest even (what __float2bfloat16 does). */
-static float round_bf16(float f) {
+/* fp32 -> bf16, rounding to nearest even (what __float2bfloat16 does). */
+static uint16_t to_bf16(float f) {
     uint32_t u;
     memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return f; /* NaN stays NaN */
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
     u += 0x7fffu + ((u >> 16) & 1u);
-    return bf16_to_float((uint16_t)(u >> 16));
+    return (uint16_t)(u >> 16);
 }
+
+static float round_bf16(float f) { return bf16_to_float(to_bf16(f)); }
 
 /* ------------------------------------------------------------------------------------------ */
 
@@ -182,22 +185,45 @@ int main(int argc, char **argv) {
     if (write_model(dir) != 0) return 1;
 
     /* The library side: the frozen LLM's configuration and embedding table (all a guard needs:
-     * the stack's own LLM runs the rest), a fresh Sysformer, and a guard-only engine that holds
-     * just those two on the device. */
+     * the stack's own LLM runs the rest) and a fresh Sysformer. */
     sf_llm *llm = NULL;
     SF_OK_OR_FAIL("loading the embeddings", sf_llm_load_embeddings(dir, &llm));
     const sf_sysformer_config sf_cfg = sf_sysformer_default_config(llm);
     sf_sysformer *sysformer = NULL;
     SF_OK_OR_FAIL("creating the Sysformer", sf_sysformer_init(llm, &sf_cfg, 7, &sysformer));
+
+    /* The serving stack's LLM already holds the embedding table on the device in bf16 (here it
+     * is made from the same weights). The guard-only engine borrows it instead of uploading a
+     * second copy: its device memory is then the Sysformer and its arena only. */
+    uint16_t *d_table = NULL;
+    {
+        int32_t every[VOCAB];
+        for (int32_t t = 0; t < VOCAB; t++) every[t] = t;
+        float *rows = malloc((size_t)VOCAB * HIDDEN * sizeof *rows);
+        uint16_t *bf16 = malloc((size_t)VOCAB * HIDDEN * sizeof *bf16);
+        if (!rows || !bf16) {
+            fprintf(stderr, "serving_example: out of memory\n");
+            return 1;
+        }
+        SF_OK_OR_FAIL("embedding the vocabulary", sf_llm_embed(llm, every, VOCAB, rows));
+        for (size_t i = 0; i < (size_t)VOCAB * HIDDEN; i++) bf16[i] = to_bf16(rows[i]);
+        CUDA_OK(cudaMalloc((void **)&d_table, (size_t)VOCAB * HIDDEN * sizeof *d_table));
+        CUDA_OK(cudaMemcpy(d_table, bf16, (size_t)VOCAB * HIDDEN * sizeof *d_table,
+                           cudaMemcpyHostToDevice));
+        free(rows);
+        free(bf16);
+    }
     sf_cuda_engine_options opts = sf_cuda_engine_default_options();
     opts.max_slots = 2;
     opts.guard_only = true;
+    opts.embedding_table = d_table;
     sf_cuda_engine *engine = NULL;
     SF_OK_OR_FAIL("creating the engine", sf_cuda_engine_create(llm, sysformer, &opts, &engine));
     sf_cuda_memory mem;
     SF_OK_OR_FAIL("reading its memory", sf_cuda_engine_memory(engine, &mem));
-    printf("serving_example: guard-only engine: %zu bytes of weights, %zu of KV cache, %zu of "
-           "arena\n", mem.weights, mem.kv_cache, mem.activations);
+    printf("serving_example: guard-only engine on the stack's embedding table: %zu bytes of "
+           "weights (the Sysformer's), %zu of KV cache, %zu of arena\n",
+           mem.weights, mem.kv_cache, mem.activations);
 
     /* Two prompts assembled from one template's pieces: different system and user lengths. */
     const int32_t prefix[] = {1, 10}, middle[] = {11, 12}, suffix[] = {13, 14};
@@ -299,6 +325,7 @@ int main(int argc, char **argv) {
     cudaFree(d_errors);
     cudaStreamDestroy(stream);
     sf_cuda_engine_free(engine);
+    cudaFree(d_table); /* the lender frees its table after the engine that borrowed it */
     sf_sysformer_free(sysformer);
     sf_llm_free(llm);
     if (argc <= 1) {

@@ -20,7 +20,8 @@
 #     engine       tests/test_cuda_engine.cpp: the CUDA engine's host code (host/cuda/*.c, as
 #                  is) and every kernel it launches, on the emulated runtime, streams and graphs
 #                  (runtime.cpp) and a host cuBLASLt (cublaslt_emu.cpp), against the CPU
-#                  library; needs CUDA's headers
+#                  library, and the serving-stack demo tests/consumer/serving_example.c (its
+#                  main as one test); needs CUDA's headers
 #     train        tests/test_cuda_train.cpp: the GPU training step (host/cuda/train_step.c and
 #                  the engine's C it builds on) and the backward, loss and optimizer kernels
 #                  besides the engine's, against the CPU trainer; needs CUDA's headers
@@ -122,6 +123,7 @@ case "$suite" in
         tests=()
         if [ "$suite" != train ]; then
             tests+=(test_cuda_engine.cpp)
+            serving_example=1
             # SmolLM2 (when fetched) takes minutes here: run it with an explicit filter. A
             # second run without a device covers the test that runs only there.
             add_pass "" 'CudaEngine*:-CudaEngineSmolLM2.*'
@@ -251,6 +253,16 @@ if [ ${#cuda_c[@]} -gt 0 ]; then
             -Wextra -I"$REPO/include" -I"$REPO/host" -I"$B/t" -I"$CUDA_INC" \
             -c "$ESRC/$c.c" -o "$B/engine_$c.o"
     done
+    if [ "${serving_example:-0}" = 1 ]; then
+        # the serving-stack demo (tests/consumer) as a test: its main renamed, C against the
+        # real CUDA headers like host/cuda's, and a one-test wrapper
+        cp "$REPO/tests/consumer/serving_example.c" "$B/t/"
+        spawn "$B/serving_example.log" nice -n 19 gcc -std=c11 -O1 "$G" "${SANF[@]}" -Wall \
+            -Dmain=serving_example_main -I"$REPO/include" -I"$CUDA_INC" \
+            -c "$B/t/serving_example.c" -o "$B/serving_example.o"
+        spawn "$B/serving_example_test.log" "${CXX[@]}" -c "$HERE/serving_example_test.cpp" \
+            -o "$B/serving_example_test.o"
+    fi
     spawn "$B/cublaslt.log" nice -n 19 g++ -std=c++20 -O2 "$G" "${SANF[@]}" -Wall -I"$CUDA_INC" \
         -I"$HERE" -c "$HERE/cublaslt_emu.cpp" -o "$B/cublaslt.o"
 fi
