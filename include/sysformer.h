@@ -594,6 +594,19 @@ sf_status sf_cuda_engine_create_random(const sf_llm_config *llm_cfg,
 
 void sf_cuda_engine_free(sf_cuda_engine *engine);
 
+/* Replaces the Sysformer the engine runs (a retrained one, or another under an A/B test)
+ * without uploading the LLM again. It must have the shape of the one the engine was created
+ * with: d_model, num_layers, num_heads, dim_feedforward, final_norm and system_offset_rows
+ * (the weights and the arena are sized by them); activation, norm_first and layer_norm_eps may
+ * differ. Ordered on the engine's stream after the work already enqueued there (steps,
+ * generation); work the caller enqueued on its own streams (sf_cuda_guarded_embed) must have
+ * finished. Returns once the new weights are on the device: later steps and guarded
+ * embeddings use them, and sysformer may be freed. SF_ERR_INVALID_ARGUMENT for an engine made
+ * without a Sysformer or a Sysformer of another shape, with the engine unchanged; after a
+ * device error mid-upload the engine's Sysformer is a mix of both: set one again or free the
+ * engine. */
+sf_status sf_cuda_engine_set_sysformer(sf_cuda_engine *engine, const sf_sysformer *sysformer);
+
 /* Device bytes the engine holds, by purpose. */
 typedef struct sf_cuda_memory {
     size_t weights;     /* LLM + Sysformer, bf16 (a borrowed embedding table is the

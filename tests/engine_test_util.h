@@ -230,16 +230,13 @@ inline ::testing::AssertionResult write_llm_variant(const std::string &name,
 // biases U(+-0.2), LayerNorm weights 1 + U(+-0.2). Scaled like this no sub-layer amplifies its
 // input, so the bf16 bound below applies (a module with weights several times larger than
 // 1/sqrt(fan_in) makes the attention softmax near one-hot and ill-conditioned).
-// num_layers >= 0 replaces the default 2; offset_rows > 0 adds a learned system offset of that
-// many rows, U(+-sqrt 3) like the embedding rows it is added to (num_layers 0 with an offset:
-// the SystemEmbedder baseline).
-inline ::testing::AssertionResult make_open_sysformer(const sf_llm *llm, uint64_t seed,
-                                                      sf_sysformer **out, int num_layers = -1,
-                                                      int32_t offset_rows = 0) {
+// This one has the configuration cfg; a learned system offset (cfg.system_offset_rows > 0) is
+// U(+-sqrt 3) like the embedding rows it is added to (num_layers 0 with an offset: the
+// SystemEmbedder baseline).
+inline ::testing::AssertionResult make_open_sysformer_with(const sf_llm *llm,
+                                                           const sf_sysformer_config &cfg,
+                                                           uint64_t seed, sf_sysformer **out) {
     *out = nullptr;
-    sf_sysformer_config cfg = sf_sysformer_default_config(llm);
-    if (num_layers >= 0) cfg.num_layers = num_layers;
-    cfg.system_offset_rows = offset_rows;
     sf_sysformer *sf = nullptr;
     if (sf_sysformer_init(llm, &cfg, seed, &sf) != SF_OK) {
         return ::testing::AssertionFailure() << sf_last_error();
@@ -272,6 +269,17 @@ inline ::testing::AssertionResult make_open_sysformer(const sf_llm *llm, uint64_
     free(t);
     *out = sf;
     return ::testing::AssertionSuccess();
+}
+
+// The default configuration for llm; num_layers >= 0 replaces the default 2; offset_rows > 0
+// adds a learned system offset of that many rows.
+inline ::testing::AssertionResult make_open_sysformer(const sf_llm *llm, uint64_t seed,
+                                                      sf_sysformer **out, int num_layers = -1,
+                                                      int32_t offset_rows = 0) {
+    sf_sysformer_config cfg = sf_sysformer_default_config(llm);
+    if (num_layers >= 0) cfg.num_layers = num_layers;
+    cfg.system_offset_rows = offset_rows;
+    return make_open_sysformer_with(llm, cfg, seed, out);
 }
 
 // ------------------------------------------------------------------------------------------

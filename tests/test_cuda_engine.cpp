@@ -1673,6 +1673,96 @@ TEST_F(CudaEngineTiny, GuardOnlyEngineBorrowsTheStacksEmbeddingTable) {
     sf_cuda_engine_free(r);
 }
 
+// 9c. Swapping the Sysformer (sf_cuda_engine_set_sysformer). An engine created with Sysformer A
+// and then given B steps exactly as an engine created with B, bit for bit (the same bf16
+// weights through the same kernels), B differing from A in its weights and in the settings a
+// swap may change (activation, norm_first, layer_norm_eps); its logits before the swap were
+// A's. A request prefilled before the swap decodes on exactly as on an engine that kept A (the
+// LLM and the caches are untouched). A guard-only engine swaps too. Another shape, an engine
+// without a Sysformer and NULL are refused, the engine stepping on unchanged.
+TEST_F(CudaEngineTiny, SetSysformerStepsAsAnEngineCreatedWithIt) {
+    using SfPtr = std::unique_ptr<sf_sysformer, void (*)(sf_sysformer *)>;
+    sf_sysformer_config bc = *sf_sysformer_get_config(sf_);
+    ASSERT_EQ(bc.activation, SF_ACT_RELU);
+    ASSERT_TRUE(bc.norm_first);
+    bc.activation = SF_ACT_GELU;
+    bc.norm_first = false;
+    bc.layer_norm_eps = 1e-6f;
+    sf_sysformer *raw = nullptr;
+    ASSERT_TRUE(make_open_sysformer_with(llm_, bc, 23, &raw));
+    SfPtr b(raw, sf_sysformer_free);
+    ASSERT_TRUE(make_open_sysformer(llm_, 29, &raw, 1));
+    SfPtr one_layer(raw, sf_sysformer_free);
+
+    EnginePtr x = make_engine(llm_, sf_, options(4));   // A, then B
+    EnginePtr kept = make_engine(llm_, sf_, options(4));  // A throughout
+    EnginePtr y = make_engine(llm_, b.get(), options(4)); // B from the start
+    ASSERT_TRUE(x && kept && y);
+
+    const Prompts q = tiny_prompts({{6, 3}}, 31);  // slot 0, before the swap
+    const Prompts p = tiny_prompts({{5, 2}, {12, 9}}, 37);
+    StepOut q_x, q_kept, before, after, want;
+    ASSERT_TRUE(prefill(x.get(), q, {0}, true, vocab_, &q_x));
+    ASSERT_TRUE(prefill(kept.get(), q, {0}, true, vocab_, &q_kept));
+    ASSERT_TRUE(prefill(x.get(), p, {1, 2}, true, vocab_, &before));
+    ASSERT_EQ(sf_cuda_engine_reset_slot(x.get(), 1), SF_OK);
+    ASSERT_EQ(sf_cuda_engine_reset_slot(x.get(), 2), SF_OK);
+
+    ASSERT_EQ(sf_cuda_engine_set_sysformer(x.get(), b.get()), SF_OK) << sf_last_error();
+    ASSERT_TRUE(prefill(x.get(), p, {1, 2}, true, vocab_, &after));
+    ASSERT_TRUE(prefill(y.get(), p, {1, 2}, true, vocab_, &want));
+    EXPECT_EQ(after.logits, want.logits) << "after the swap the logits are not B's";
+    EXPECT_EQ(after.tokens, want.tokens);
+    EXPECT_NE(before.logits, want.logits) << "A and B give the same logits: the test is void";
+
+    StepOut d_x, d_kept;
+    ASSERT_TRUE(decode(x.get(), {0}, vocab_, &d_x));
+    ASSERT_TRUE(decode(kept.get(), {0}, vocab_, &d_kept));
+    EXPECT_EQ(q_x.tokens, q_kept.tokens);
+    EXPECT_EQ(d_x.logits, d_kept.logits) << "the swap disturbed a request already in a slot";
+
+    // refusals leave the engine as it was: the same step gives B's logits again
+    EXPECT_EQ(sf_cuda_engine_set_sysformer(x.get(), one_layer.get()), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_NE(std::string(sf_last_error()).find("2 layers"), std::string::npos) << sf_last_error();
+    EXPECT_EQ(sf_cuda_engine_set_sysformer(x.get(), nullptr), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cuda_engine_set_sysformer(nullptr, b.get()), SF_ERR_INVALID_ARGUMENT);
+    ASSERT_EQ(sf_cuda_engine_reset_slot(x.get(), 1), SF_OK);
+    ASSERT_EQ(sf_cuda_engine_reset_slot(x.get(), 2), SF_OK);
+    StepOut again;
+    ASSERT_TRUE(prefill(x.get(), p, {1, 2}, true, vocab_, &again));
+    EXPECT_EQ(again.logits, want.logits) << "a refused swap changed the engine";
+    EnginePtr plain = make_engine(llm_, nullptr, options(2));
+    ASSERT_TRUE(plain);
+    EXPECT_EQ(sf_cuda_engine_set_sysformer(plain.get(), b.get()), SF_ERR_INVALID_ARGUMENT);
+
+    // a guard-only engine (a serving stack's) swaps as well
+    sf_cuda_engine_options g = options(4);
+    g.guard_only = true;
+    EnginePtr guard_x = make_engine(llm_, sf_, g), guard_y = make_engine(llm_, b.get(), g);
+    ASSERT_TRUE(guard_x && guard_y);
+    ASSERT_EQ(sf_cuda_engine_set_sysformer(guard_x.get(), b.get()), SF_OK) << sf_last_error();
+    const int64_t d = sf_llm_get_config(llm_)->hidden_size;
+    std::vector<int32_t> flat;
+    for (const auto &sp : p.spans) {
+        flat.insert(flat.end(), {sp.prefix, sp.system, sp.middle, sp.user, sp.suffix});
+    }
+    DeviceBuffer<int32_t> d_cu(p.cu), d_ids(p.ids), d_spans(flat);
+    std::vector<uint16_t> out[2];
+    sf_cuda_engine *guards[2] = {guard_x.get(), guard_y.get()};
+    for (int k = 0; k < 2; k++) {
+        DeviceBuffer<uint16_t> d_out((size_t)p.total() * d);
+        ASSERT_TRUE(d_cu.get() && d_ids.get() && d_spans.get() && d_out.get());
+        ASSERT_EQ(sf_cuda_guarded_embed(guards[k], p.n(), p.total(), d_cu.get(), d_ids.get(),
+                                        (const sf_prompt_spans *)d_spans.get(), 12, 9,
+                                        d_out.get(), nullptr, nullptr),
+                  SF_OK)
+            << sf_last_error();
+        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+        out[k] = d_out.host();
+    }
+    EXPECT_EQ(out[0], out[1]) << "the guard-only engine's embeddings after the swap are not B's";
+}
+
 // 10. Stage timing: sane numbers, never speed. Eager steps report their stages; a decode step
 // replayed as a CUDA graph reports 0 for every stage and its whole time as total.
 TEST_F(CudaEngineTiny, StageTimesAreSane) {

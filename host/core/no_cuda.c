@@ -43,6 +43,11 @@ sf_status sf_cuda_engine_create_random(const sf_llm_config *llm_cfg,
 
 void sf_cuda_engine_free(sf_cuda_engine *engine) { (void)engine; }
 
+sf_status sf_cuda_engine_set_sysformer(sf_cuda_engine *engine, const sf_sysformer *sysformer) {
+    (void)engine, (void)sysformer;
+    return no_cuda("sf_cuda_engine_set_sysformer");
+}
+
 sf_status sf_cuda_engine_memory(const sf_cuda_engine *engine, sf_cuda_memory *out) {
     (void)engine, (void)out;
     return no_cuda("sf_cuda_engine_memory");

@@ -494,6 +494,39 @@ sf_status sf_cuda_engine_create_random(const sf_llm_config *llm_cfg,
     return finish_create(e, st, out);
 }
 
+sf_status sf_cuda_engine_set_sysformer(sf_cuda_engine *e, const sf_sysformer *sf) {
+    if (!e || !sf) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                       "sf_cuda_engine_set_sysformer: NULL engine or Sysformer");
+    }
+    if (!e->has_sysformer) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                       "sf_cuda_engine_set_sysformer: the engine was created without a "
+                       "Sysformer, so it has no room for one (create it with one)");
+    }
+    const sf_sysformer_config *have = &e->sys_cfg, *c = &sf->cfg;
+    if (c->d_model != have->d_model || c->num_layers != have->num_layers ||
+        c->num_heads != have->num_heads || c->dim_feedforward != have->dim_feedforward ||
+        c->final_norm != have->final_norm ||
+        c->system_offset_rows != have->system_offset_rows ||
+        (c->llm_hidden_size && c->llm_hidden_size != e->cfg.hidden_size)) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                       "sf_cuda_engine_set_sysformer: the engine holds a Sysformer of d_model "
+                       "%d, %d layers, %d heads, ff %d, final norm %d, %d offset rows; this "
+                       "one has %d, %d, %d, %d, %d, %d (made for hidden size %d)",
+                       have->d_model, have->num_layers, have->num_heads, have->dim_feedforward,
+                       have->final_norm, have->system_offset_rows, c->d_model, c->num_layers,
+                       c->num_heads, c->dim_feedforward, c->final_norm, c->system_offset_rows,
+                       c->llm_hidden_size);
+    }
+    SF_CUDA_OR_FAIL(cudaSetDevice(e->device));
+    SF_TRY(sf_cuda_weights_upload_sysformer(e, sf));
+    e->sys_cfg.activation = c->activation;
+    e->sys_cfg.norm_first = c->norm_first;
+    e->sys_cfg.layer_norm_eps = c->layer_norm_eps;
+    return SF_OK;
+}
+
 void sf_cuda_engine_free(sf_cuda_engine *e) {
     if (!e) return;
     (void)cudaSetDevice(e->device);

@@ -186,6 +186,9 @@ int32_t sf_cuda_engine_vocab(const sf_cuda_engine *e);
 sf_status sf_cuda_weights_layout(sf_cuda_engine *e);
 sf_status sf_cuda_weights_alloc(sf_cuda_engine *e);
 sf_status sf_cuda_weights_upload(sf_cuda_engine *e, const sf_llm *llm, const sf_sysformer *sf);
+/* The Sysformer's tensors alone (sf of the engine's shape), on the engine's stream; returns once
+ * they are on the device. */
+sf_status sf_cuda_weights_upload_sysformer(sf_cuda_engine *e, const sf_sysformer *sf);
 /* Calls fn(user, dst, src, n) for each of the engine's Sysformer tensors: dst its n bf16
  * values on the device, src the n fp32 values of sf (same configuration) they come from; stops
  * at the first failure. The upload's, and the trainer's refresh from its master weights. */

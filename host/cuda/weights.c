@@ -172,14 +172,37 @@ sf_status sf_cuda_weights_each_sysformer(sf_cuda_engine *e, const sf_sysformer *
         if (st != SF_OK) goto done;                           \
     } while (0)
 
-sf_status sf_cuda_weights_upload(sf_cuda_engine *e, const sf_llm *llm, const sf_sysformer *sf) {
-    uploader u = {NULL, e->stream};
-    cudaError_t err = cudaMalloc((void **)&u.stage, STAGE_FLOATS * sizeof(float));
-    if (err != cudaSuccess) {
+static sf_status uploader_open(uploader *u, cudaStream_t stream) {
+    u->stream = stream;
+    if (cudaMalloc((void **)&u->stage, STAGE_FLOATS * sizeof(float)) != cudaSuccess) {
+        u->stage = NULL;
         (void)cudaGetLastError();
         return sf_fail(SF_ERR_OUT_OF_MEMORY, "sf_cuda_engine: no device memory to stage "
                                              "the weight upload");
     }
+    return SF_OK;
+}
+
+/* st, unless the upload's work failed: the staging buffer is read by work still in flight, so
+ * this waits for it before freeing the buffer. */
+static sf_status uploader_close(uploader *u, sf_status st) {
+    const cudaError_t err = cudaStreamSynchronize(u->stream);
+    cudaFree(u->stage);
+    if (st == SF_OK && err != cudaSuccess) {
+        st = sf_fail(SF_ERR_CUDA, "sf_cuda_engine: weight upload: %s", cudaGetErrorString(err));
+    }
+    return st;
+}
+
+sf_status sf_cuda_weights_upload_sysformer(sf_cuda_engine *e, const sf_sysformer *sf) {
+    uploader u;
+    SF_TRY(uploader_open(&u, e->stream));
+    return uploader_close(&u, sf_cuda_weights_each_sysformer(e, sf, put_one, &u));
+}
+
+sf_status sf_cuda_weights_upload(sf_cuda_engine *e, const sf_llm *llm, const sf_sysformer *sf) {
+    uploader u;
+    SF_TRY(uploader_open(&u, e->stream));
     sf_status st = SF_OK;
     const sf_llm_config *c = &e->cfg;
     const int64_t d = e->d, ff = e->ff, q = e->q_dim, kv = e->kv_dim;
@@ -209,13 +232,7 @@ sf_status sf_cuda_weights_upload(sf_cuda_engine *e, const sf_llm *llm, const sf_
     }
     if (sf && e->has_sysformer) st = sf_cuda_weights_each_sysformer(e, sf, put_one, &u);
 done:
-    /* the staging buffer is read by work still in flight: wait before freeing it */
-    err = cudaStreamSynchronize(e->stream);
-    cudaFree(u.stage);
-    if (st == SF_OK && err != cudaSuccess) {
-        st = sf_fail(SF_ERR_CUDA, "sf_cuda_engine: weight upload: %s", cudaGetErrorString(err));
-    }
-    return st;
+    return uploader_close(&u, st);
 }
 
 /* ---------------------------------------------------------------------------------------- */
