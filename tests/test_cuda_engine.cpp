@@ -155,6 +155,32 @@ struct StepOut {
     return out ? read_step(e, (int32_t)slots.size(), vocab, out) : ::testing::AssertionSuccess();
 }
 
+// sf_cuda_guarded_embed over p's requests from device copies of its arrays, on the legacy
+// stream: the bf16 embeddings [total, d], or an empty vector (with a failure recorded).
+std::vector<uint16_t> guarded_embed(sf_cuda_engine *e, const Prompts &p, int64_t d,
+                                    int32_t max_system, int32_t max_user) {
+    std::vector<int32_t> flat;
+    for (const auto &sp : p.spans) {
+        flat.insert(flat.end(), {sp.prefix, sp.system, sp.middle, sp.user, sp.suffix});
+    }
+    DeviceBuffer<int32_t> d_cu(p.cu), d_ids(p.ids), d_spans(flat);
+    DeviceBuffer<uint16_t> d_out((size_t)p.total() * d);
+    if (!d_cu.get() || !d_ids.get() || !d_spans.get() || !d_out.get()) {
+        ADD_FAILURE() << "guarded_embed: device buffers";
+        return {};
+    }
+    const sf_status st = sf_cuda_guarded_embed(e, p.n(), p.total(), d_cu.get(), d_ids.get(),
+                                               (const sf_prompt_spans *)d_spans.get(),
+                                               max_system, max_user, d_out.get(), nullptr,
+                                               nullptr);
+    if (st != SF_OK || cudaDeviceSynchronize() != cudaSuccess) {
+        ADD_FAILURE() << "sf_cuda_guarded_embed: " << sf_status_string(st) << ": "
+                      << sf_last_error();
+        return {};
+    }
+    return d_out.host();
+}
+
 // One row of GPU logits against the CPU's: finite, within the normwise bound, the same argmax
 // where the CPU's margin is beyond the bound's reach, and the device's greedy pick = argmax(gpu).
 void expect_logits_close(const float *gpu, const float *cpu, int64_t vocab, double bound,
@@ -1513,24 +1539,11 @@ TEST_F(CudaEngineTiny, GuardOnlyEngineEmbedsAsTheFullOne) {
     EXPECT_EQ(mg.total, mg.weights + mg.activations);
 
     const Prompts p = tiny_prompts({{5, 2}, {1, 7}, {12, 9}, {0, 4}}, 4);
-    std::vector<int32_t> flat;
-    for (const auto &sp : p.spans) {
-        flat.insert(flat.end(), {sp.prefix, sp.system, sp.middle, sp.user, sp.suffix});
-    }
-    const int64_t d = c.hidden_size;
-    DeviceBuffer<int32_t> d_cu(p.cu), d_ids(p.ids), d_spans(flat);
     std::vector<uint16_t> out[3];
     sf_cuda_engine *engines[3] = {full.get(), guard.get(), guard_emb.get()};
     for (int k = 0; k < 3; k++) {
-        DeviceBuffer<uint16_t> d_out((size_t)p.total() * d);
-        ASSERT_TRUE(d_cu.get() && d_ids.get() && d_spans.get() && d_out.get());
-        ASSERT_EQ(sf_cuda_guarded_embed(engines[k], p.n(), p.total(), d_cu.get(), d_ids.get(),
-                                        (const sf_prompt_spans *)d_spans.get(), 12, 9,
-                                        d_out.get(), nullptr, nullptr),
-                  SF_OK)
-            << sf_last_error();
-        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-        out[k] = d_out.host();
+        out[k] = guarded_embed(engines[k], p, c.hidden_size, 12, 9);
+        ASSERT_FALSE(out[k].empty());
     }
     EXPECT_EQ(out[0], out[1]) << "the guard-only engine's embeddings differ from the full one's";
     EXPECT_EQ(out[0], out[2]) << "from the embeddings-only model they differ";
@@ -1593,31 +1606,17 @@ TEST_F(CudaEngineTiny, GuardOnlyEngineBorrowsTheStacksEmbeddingTable) {
     EXPECT_EQ(mb.total, mb.weights + mb.activations);
 
     const Prompts p = tiny_prompts({{5, 2}, {1, 7}, {12, 9}, {0, 4}}, 4);
-    std::vector<int32_t> flat;
-    for (const auto &sp : p.spans) {
-        flat.insert(flat.end(), {sp.prefix, sp.system, sp.middle, sp.user, sp.suffix});
-    }
-    DeviceBuffer<int32_t> d_cu(p.cu), d_ids(p.ids), d_spans(flat);
-    ASSERT_TRUE(d_cu.get() && d_ids.get() && d_spans.get());
-    auto embed = [&](sf_cuda_engine *e) {
-        DeviceBuffer<uint16_t> d_out((size_t)p.total() * d);
-        EXPECT_EQ(sf_cuda_guarded_embed(e, p.n(), p.total(), d_cu.get(), d_ids.get(),
-                                        (const sf_prompt_spans *)d_spans.get(), 12, 9,
-                                        d_out.get(), nullptr, nullptr),
-                  SF_OK)
-            << sf_last_error();
-        EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-        return d_out.host();
-    };
-    const std::vector<uint16_t> want = embed(own.get());
-    EXPECT_EQ(embed(borrowing.get()), want) << "the borrowed table's embeddings differ";
+    const std::vector<uint16_t> want = guarded_embed(own.get(), p, d, 12, 9);
+    ASSERT_FALSE(want.empty());
+    EXPECT_EQ(guarded_embed(borrowing.get(), p, d, 12, 9), want)
+        << "the borrowed table's embeddings differ";
 
     // Every request opens with token 1 (the template prefix, outside both spans): its row set
     // to 1.0 in the lender's table must show at those positions only.
     const std::vector<uint16_t> ones((size_t)d, 0x3f80);
     ASSERT_EQ(cudaMemcpy(d_table.get() + d, ones.data(), (size_t)d * 2, cudaMemcpyHostToDevice),
               cudaSuccess);
-    const std::vector<uint16_t> got = embed(borrowing.get());
+    const std::vector<uint16_t> got = guarded_embed(borrowing.get(), p, d, 12, 9);
     ASSERT_EQ(got.size(), want.size());
     int64_t moved = 0, wrong = 0;
     for (int64_t i = 0; i < p.total(); i++) {
@@ -1742,25 +1741,10 @@ TEST_F(CudaEngineTiny, SetSysformerStepsAsAnEngineCreatedWithIt) {
     ASSERT_TRUE(guard_x && guard_y);
     ASSERT_EQ(sf_cuda_engine_set_sysformer(guard_x.get(), b.get()), SF_OK) << sf_last_error();
     const int64_t d = sf_llm_get_config(llm_)->hidden_size;
-    std::vector<int32_t> flat;
-    for (const auto &sp : p.spans) {
-        flat.insert(flat.end(), {sp.prefix, sp.system, sp.middle, sp.user, sp.suffix});
-    }
-    DeviceBuffer<int32_t> d_cu(p.cu), d_ids(p.ids), d_spans(flat);
-    std::vector<uint16_t> out[2];
-    sf_cuda_engine *guards[2] = {guard_x.get(), guard_y.get()};
-    for (int k = 0; k < 2; k++) {
-        DeviceBuffer<uint16_t> d_out((size_t)p.total() * d);
-        ASSERT_TRUE(d_cu.get() && d_ids.get() && d_spans.get() && d_out.get());
-        ASSERT_EQ(sf_cuda_guarded_embed(guards[k], p.n(), p.total(), d_cu.get(), d_ids.get(),
-                                        (const sf_prompt_spans *)d_spans.get(), 12, 9,
-                                        d_out.get(), nullptr, nullptr),
-                  SF_OK)
-            << sf_last_error();
-        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-        out[k] = d_out.host();
-    }
-    EXPECT_EQ(out[0], out[1]) << "the guard-only engine's embeddings after the swap are not B's";
+    const std::vector<uint16_t> got = guarded_embed(guard_x.get(), p, d, 12, 9);
+    ASSERT_FALSE(got.empty());
+    EXPECT_EQ(got, guarded_embed(guard_y.get(), p, d, 12, 9))
+        << "the guard-only engine's embeddings after the swap are not B's";
 }
 
 // 10. Stage timing: sane numbers, never speed. Eager steps report their stages; a decode step
