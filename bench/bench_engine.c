@@ -318,6 +318,42 @@ static void print_stages(const char *label, const sf_cuda_stage_times *s) {
 /* One config                                                                                  */
 /* ---------------------------------------------------------------------------------------- */
 
+/* The engine options of one config's run: every request in one step. */
+static sf_cuda_engine_options engine_options(const options *o) {
+    sf_cuda_engine_options eo = sf_cuda_engine_default_options();
+    eo.max_slots = o->requests;
+    eo.max_context = o->prompt + o->decode;
+    eo.max_batch_tokens = o->requests * o->prompt;
+    eo.cuda_graphs = o->graphs;
+    eo.attention = o->attention;
+    return eo;
+}
+
+/* What the device-free plan says the full engine and a serving stack's guard-only engine (with
+ * its own embedding table, and on the stack's) would hold. */
+static sf_status print_plans(const sf_llm_config *c, const sf_sysformer_config *sc,
+                             const sf_cuda_engine_options *eo) {
+    sf_cuda_memory full, guard, borrowed;
+    sf_status st = sf_cuda_engine_plan(c, sc, eo, &full);
+    sf_cuda_engine_options go = *eo;
+    go.guard_only = true;
+    if (st == SF_OK) st = sf_cuda_engine_plan(c, sc, &go, &guard);
+    go.embedding_table = &go; /* the plan only asks whether a table is lent */
+    if (st == SF_OK) st = sf_cuda_engine_plan(c, sc, &go, &borrowed);
+    if (st != SF_OK) {
+        printf("  ERROR sf_cuda_engine_plan: %s: %s\n", sf_status_string(st), sf_last_error());
+        return st;
+    }
+    printf("  plan, device memory GiB: full engine weights %.2f  kv_cache %.2f  activations "
+           "%.2f  total %.2f\n",
+           gib(full.weights), gib(full.kv_cache), gib(full.activations), gib(full.total));
+    printf("  a guard-only engine (sf_cuda_guarded_embed alone, for a stack with its own LLM): "
+           "weights %.2f  activations %.2f  total %.2f; %.2f in all on the stack's embedding "
+           "table\n",
+           gib(guard.weights), gib(guard.activations), gib(guard.total), gib(borrowed.total));
+    return SF_OK;
+}
+
 static int bench_config(const char *name, const options *o) {
     sf_llm_config c;
     const char *note;
@@ -378,12 +414,7 @@ static int bench_config(const char *name, const options *o) {
     }
 
     /* Engine. */
-    sf_cuda_engine_options eo = sf_cuda_engine_default_options();
-    eo.max_slots = R;
-    eo.max_context = P + o->decode;
-    eo.max_batch_tokens = (int32_t)T;
-    eo.cuda_graphs = o->graphs;
-    eo.attention = o->attention;
+    const sf_cuda_engine_options eo = engine_options(o);
     const double tc0 = now_ms();
     SF_TRY("sf_cuda_engine_create_random", sf_cuda_engine_create_random(&c, &sc, o->seed, &eo,
                                                                          &e));
@@ -395,18 +426,7 @@ static int bench_config(const char *name, const options *o) {
            "%.2f  total %.2f\n",
            create_ms, gib(mem.weights), gib(mem.kv_cache), gib(mem.activations),
            gib(mem.total));
-    sf_cuda_engine_options go = eo;
-    go.guard_only = true;
-    sf_cuda_memory gm;
-    SF_TRY("sf_cuda_engine_plan (guard-only)", sf_cuda_engine_plan(&c, &sc, &go, &gm));
-    go.embedding_table = &gm; /* the plan only asks whether a table is lent */
-    sf_cuda_memory bm;
-    SF_TRY("sf_cuda_engine_plan (guard-only, borrowed table)",
-           sf_cuda_engine_plan(&c, &sc, &go, &bm));
-    printf("  a guard-only engine (sf_cuda_guarded_embed alone, for a stack with its own LLM) "
-           "would hold GiB: weights %.2f  activations %.2f  total %.2f; %.2f in all on the "
-           "stack's embedding table\n",
-           gib(gm.weights), gib(gm.activations), gib(gm.total), gib(bm.total));
+    if (print_plans(&c, &sc, &eo) != SF_OK) goto done;
     SF_TRY("sf_cuda_engine_set_timing", sf_cuda_engine_set_timing(e, true));
 
     const sf_sampling greedy = {.temperature = 0.0f, .top_k = 0, .top_p = 1.0f, .seed = 0};
@@ -594,6 +614,33 @@ done:
 
 /* ---------------------------------------------------------------------------------------- */
 
+/* Without a device: the memory each config's engines would take, from the device-free plan. */
+static int plans_only(const options *o) {
+    printf("device memory plans (sf_cuda_engine_plan, no device needed) for %d requests x %d "
+           "tokens, decode %d:\n",
+           o->requests, o->prompt, o->decode);
+    const sf_cuda_engine_options eo = engine_options(o);
+    int failed = 0;
+    char *list = strdup(o->configs);
+    if (!list) return 1;
+    char *save = NULL;
+    for (char *name = strtok_r(list, ",", &save); name; name = strtok_r(NULL, ",", &save)) {
+        sf_llm_config c;
+        const char *note;
+        if (!make_llm_config(name, &c, &note)) {
+            printf("\n== %s: unknown config\n", name);
+            failed++;
+            continue;
+        }
+        const sf_sysformer_config sc = make_sysformer_config(&c);
+        printf("\n== %s (Sysformer: %d layers, ff %d)\n", name, sc.num_layers,
+               sc.dim_feedforward);
+        failed += print_plans(&c, &sc, &eo) != SF_OK;
+    }
+    free(list);
+    return failed ? 1 : 0;
+}
+
 static int usage(void) {
     fprintf(stderr,
             "usage: bench_engine [--configs llama3.1-8b,mistral-7b,phi3.5-mini,smollm2-135m] "
@@ -655,7 +702,7 @@ int main(int argc, char **argv) {
     int count = 0;
     if (!sf_cuda_built() || sf_cuda_device_count(&count) != SF_OK || count <= 0) {
         printf("bench_engine: no CUDA device; nothing to measure\n");
-        return 0;
+        return sf_cuda_built() ? plans_only(&o) : 0;
     }
     struct cudaDeviceProp prop;
     memset(&prop, 0, sizeof prop);
