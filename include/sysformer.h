@@ -699,11 +699,12 @@ sf_status sf_generate_cuda(sf_cuda_engine *engine, const sf_tokenizer *tok,
                            const sf_generation *gen, sf_stream_fn stream, void *user,
                            sf_generation_result *results);
 
-/* The integration point for serving stacks: writes the guarded input embeddings of a packed
- * batch into a caller-owned device buffer, entirely on the caller's stream, reading only device
- * memory: E[token] for every row, with each request's system span replaced by the Sysformer's S'
- * (plain E[token] when the engine has no Sysformer). The caller then feeds the buffer to its own
- * LLM forward (as inputs_embeds).
+/* The integration point for serving stacks (docs/SERVING.md: set-up, spans, chunked prefill,
+ * prefix caching): writes the guarded input embeddings of a packed batch into a caller-owned
+ * device buffer, entirely on the caller's stream, reading only device memory: E[token] for
+ * every row, with each request's system span replaced by the Sysformer's S' (plain E[token]
+ * when the engine has no Sysformer). The caller then feeds the buffer to its own LLM forward
+ * (as inputs_embeds).
  *   d_cu_seqlens [n_requests + 1], d_token_ids [n_tokens], d_spans [n_requests]: device memory;
  *   d_embeds: device bf16 [n_tokens, hidden_size], 16-byte aligned, written in full;
  *   max_system, max_user: host bounds on any request's system and user span lengths (they size
