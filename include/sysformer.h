@@ -711,6 +711,7 @@ sf_status sf_generate_cuda(sf_cuda_engine *engine, const sf_tokenizer *tok,
  *   the work: the Sysformer runs on n_requests x max_system query rows);
  *   d_errors: device int or NULL; when not NULL it is incremented for every row with a token id
  *   outside the vocabulary (embedded as zeros) and, with a Sysformer, for every request whose
+ *   rows are not inside the batch (cu_seqlens below 0, past n_tokens or decreasing), or whose
  *   spans are negative, do not add up to its length, exceed max_system / max_user, have a
  *   system span without a user span, or (a Sysformer with a learned system offset) have a system
  *   span that is neither empty nor exactly the offset's rows (that request's rows stay plain

@@ -20,8 +20,8 @@ constexpr int kBlock = 128;
 // One block per request.
 __global__ void __launch_bounds__(kBlock)
     guard_layout_kernel(const int32_t *__restrict__ cu_seqlens, const int32_t *__restrict__ spans,
-                        int32_t n_requests, int32_t max_system, int32_t max_user,
-                        int32_t system_rows, int32_t *__restrict__ sys_rows,
+                        int32_t n_requests, int32_t n_tokens, int32_t max_system,
+                        int32_t max_user, int32_t system_rows, int32_t *__restrict__ sys_rows,
                         int32_t *__restrict__ user_rows, int32_t *__restrict__ cu_sys,
                         int32_t *__restrict__ cu_user, int32_t *__restrict__ sys_len,
                         int32_t *__restrict__ user_len, int *__restrict__ errors) {
@@ -32,7 +32,8 @@ __global__ void __launch_bounds__(kBlock)
     // int64 sums: hostile spans must not overflow into a false "valid".
     const int64_t sum = (int64_t)prefix + system + middle + user + suffix;
     const bool valid = prefix >= 0 && system >= 0 && middle >= 0 && user >= 0 && suffix >= 0 &&
-                       end >= begin && sum == (int64_t)end - begin && system <= max_system &&
+                       begin >= 0 && end >= begin && end <= n_tokens &&
+                       sum == (int64_t)end - begin && system <= max_system &&
                        user <= max_user && !(system > 0 && user == 0) &&
                        (system_rows == 0 || system == 0 || system == system_rows);
     const int32_t ns = valid ? system : 0, nu = valid ? user : 0;
@@ -127,18 +128,19 @@ bool rows_vec8(const void *a, int64_t a_stride, const void *b, int64_t b_stride,
 // ---------------------------------------------------------------------------------------------
 
 extern "C" sf_status sf_cuda_guard_layout(const int32_t *cu_seqlens, const int32_t *spans,
-                                          int32_t n_requests, int32_t max_system,
-                                          int32_t max_user, int32_t system_rows,
-                                          int32_t *sys_rows, int32_t *user_rows, int32_t *cu_sys,
+                                          int32_t n_requests, int32_t n_tokens,
+                                          int32_t max_system, int32_t max_user,
+                                          int32_t system_rows, int32_t *sys_rows,
+                                          int32_t *user_rows, int32_t *cu_sys,
                                           int32_t *cu_user, int32_t *sys_len, int32_t *user_len,
                                           int *errors, cudaStream_t stream) {
-    if (n_requests < 0 || n_requests > 65535 || max_system < 0 || max_user < 0 ||
+    if (n_requests < 0 || n_requests > 65535 || n_tokens < 0 || max_system < 0 || max_user < 0 ||
         system_rows < 0 || (int64_t)n_requests * max_system > 0x7fffffff ||
         (int64_t)n_requests * max_user > 0x7fffffff) {
         return sf_fail(SF_ERR_INVALID_ARGUMENT,
-                       "sf_cuda_guard_layout: n_requests = %d, max_system = %d, max_user = %d, "
-                       "system_rows = %d",
-                       n_requests, max_system, max_user, system_rows);
+                       "sf_cuda_guard_layout: n_requests = %d, n_tokens = %d, max_system = %d, "
+                       "max_user = %d, system_rows = %d",
+                       n_requests, n_tokens, max_system, max_user, system_rows);
     }
     if (n_requests == 0) return SF_OK;
     if (!cu_seqlens || !spans || !sys_rows || !user_rows || !cu_sys || !cu_user || !sys_len ||
@@ -147,7 +149,8 @@ extern "C" sf_status sf_cuda_guard_layout(const int32_t *cu_seqlens, const int32
     }
     sf_nvtx_range range("sf_cuda_guard_layout");
     guard_layout_kernel<<<n_requests, kBlock, 0, stream>>>(cu_seqlens, spans, n_requests,
-                                                           max_system, max_user, system_rows,
+                                                           n_tokens, max_system, max_user,
+                                                           system_rows,
                                                            sys_rows, user_rows, cu_sys, cu_user,
                                                            sys_len, user_len, errors);
     SF_CUDA_TRY(cudaGetLastError());

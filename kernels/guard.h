@@ -16,11 +16,13 @@ extern "C" {
 
 /* The Sysformer's view of a packed guarded batch, in a padded layout of max_system query rows
  * and max_user key rows per request. For request r with spans (prefix, system, middle, user,
- * suffix) over packed rows [cu_seqlens[r], cu_seqlens[r+1]):
- *   valid   = spans non-negative, adding up to the request's length, system <= max_system,
- *             user <= max_user, not (system > 0 and user == 0), and, when system_rows > 0
- *             (a module with a learned system offset of that many rows), system 0 or exactly
- *             system_rows;
+ * suffix) over packed rows [cu_seqlens[r], cu_seqlens[r+1]) of a batch of n_tokens rows:
+ *   valid   = rows inside the batch (0 <= cu_seqlens[r] <= cu_seqlens[r+1] <= n_tokens: the
+ *             offsets are device memory, so a caller's hostile ones must not become rows
+ *             outside it), spans non-negative, adding up to the request's length,
+ *             system <= max_system, user <= max_user, not (system > 0 and user == 0), and,
+ *             when system_rows > 0 (a module with a learned system offset of that many rows),
+ *             system 0 or exactly system_rows;
  *   sys_rows[r * max_system + i]  = cu_seqlens[r] + prefix + i      for i < system, else -1
  *   user_rows[r * max_user + j]   = cu_seqlens[r] + prefix + system + middle + j  (j < user)
  *   cu_sys[r] = r * max_system, cu_user[r] = r * max_user (r <= n_requests)
@@ -28,10 +30,10 @@ extern "C" {
  * An invalid request is left unrewritten and, when errors is not NULL, increments *errors.
  * max_system, max_user, system_rows >= 0; n_requests < 65536. */
 sf_status sf_cuda_guard_layout(const int32_t *cu_seqlens, const int32_t *spans, int32_t n_requests,
-                               int32_t max_system, int32_t max_user, int32_t system_rows,
-                               int32_t *sys_rows, int32_t *user_rows, int32_t *cu_sys,
-                               int32_t *cu_user, int32_t *sys_len, int32_t *user_len, int *errors,
-                               cudaStream_t stream);
+                               int32_t n_tokens, int32_t max_system, int32_t max_user,
+                               int32_t system_rows, int32_t *sys_rows, int32_t *user_rows,
+                               int32_t *cu_sys, int32_t *cu_user, int32_t *sys_len,
+                               int32_t *user_len, int *errors, cudaStream_t stream);
 
 /* dst[i, :] = src[rows[i], :] (rows of dim bf16; src row stride src_stride, dst dst_stride), or
  * zeros where rows[i] < 0. n <= INT32_MAX. */

@@ -678,6 +678,50 @@ TEST_P(CudaEngineVariant, GuardedEmbedMatchesCpuAndCountsBadInputs) {
     ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
     EXPECT_EQ(d_err.host()[0], 4);
 
+    // --- Hostile offsets. cu_seqlens is device memory, which the host cannot check. Request 0
+    // claims to start 1000 rows before the batch and request 3 to end 1000 rows after it; each
+    // has a prefix 1000 tokens longer, so its spans still add up. Request 3's system and user
+    // rows would then lie past the end of the buffers. Both requests are counted and left
+    // plain: no row outside the batch is read or written. Requests 1 and 2 are rewritten as in
+    // the valid batch.
+    {
+        std::vector<int32_t> cu = p.cu;
+        std::vector<sf_prompt_spans> sp = p.spans;
+        cu[0] -= 1000;
+        sp[0].prefix += 1000;
+        cu[4] += 1000;
+        sp[3].prefix += 1000;
+        DeviceBuffer<int32_t> o_cu(cu), o_spans(flat(sp));
+        DeviceBuffer<uint16_t> o_out((size_t)total * d);
+        ASSERT_TRUE(o_cu.get() && o_spans.get() && o_out.get());
+        ASSERT_EQ(cudaMemset(d_err.get(), 0, sizeof(int)), cudaSuccess);
+        ASSERT_EQ(sf_cuda_guarded_embed(e.get(), n, total, o_cu.get(), d_ids.get(),
+                                        (const sf_prompt_spans *)o_spans.get(), max_system,
+                                        max_user, o_out.get(), d_err.get(), stream),
+                  SF_OK)
+            << sf_last_error();
+        ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess) << "hostile offsets faulted";
+        EXPECT_EQ(d_err.host()[0], 2);
+        const std::vector<uint16_t> og = o_out.host();
+        for (int32_t r = 0; r < n; r++) {
+            const bool rewritten = r == 1 || r == 2;
+            const int32_t sys0 = p.cu[r] + p.spans[r].prefix, sys1 = sys0 + p.spans[r].system;
+            int64_t mismatches = 0;
+            for (int32_t row = p.cu[r]; row < p.cu[r + 1]; row++) {
+                if (rewritten && row >= sys0 && row < sys1) continue;
+                for (int64_t k = 0; k < d; k++)
+                    mismatches += og[(size_t)row * d + k] != to_bf16(plain[(size_t)row * d + k]);
+            }
+            EXPECT_EQ(mismatches, 0) << "hostile offsets, request " << r << ": plain rows";
+            if (!rewritten) continue;
+            const size_t off = (size_t)sys0 * d, len = (size_t)p.spans[r].system * d;
+            std::vector<float> g(len);
+            for (size_t k = 0; k < len; k++) g[k] = from_bf16(og[off + k]);
+            EXPECT_LE(rel_error(g.data(), want.data() + off, len), bs)
+                << "hostile offsets, request " << r;
+        }
+    }
+
     // The engine's own steps are unaffected.
     for (int32_t s = 0; s < 4; s++) ASSERT_EQ(sf_cuda_engine_reset_slot(e.get(), s), SF_OK);
     StepOut again;

@@ -207,7 +207,7 @@ sf_status sf_cuda_llm_head(sf_cuda_engine *e, int32_t n_requests, cudaStream_t s
 /* sysformer_forward.c: rewrites the system rows of x [n_tokens, d] (embeddings of a packed
  * guarded batch) in place, from device offsets and spans, in the padded layout of
  * sf_cuda_guard_layout. */
-sf_status sf_cuda_rewrite_system(sf_cuda_engine *e, int32_t n_requests,
+sf_status sf_cuda_rewrite_system(sf_cuda_engine *e, int32_t n_requests, int32_t n_tokens,
                                  const int32_t *d_cu_seqlens, const int32_t *d_spans,
                                  int32_t max_system, int32_t max_user, sf_bf16 *x, int *d_errors,
                                  cudaStream_t stream);

@@ -247,8 +247,8 @@ static sf_status step_body(sf_cuda_engine *e, const step_info *info, const sf_sa
     if (marks) SF_TRY(mark(e, 2));
 
     if (info->guarded) {
-        SF_TRY(sf_cuda_rewrite_system(e, n, a->cu_seqlens, a->spans, info->max_system,
-                                      info->max_user, a->x, NULL, s));
+        SF_TRY(sf_cuda_rewrite_system(e, n, info->tokens, a->cu_seqlens, a->spans,
+                                      info->max_system, info->max_user, a->x, NULL, s));
     }
     if (marks) SF_TRY(mark(e, 3));
     SF_TRY(sf_cuda_llm_layers(e, n, info->tokens, info->max_q_len, s));

@@ -151,7 +151,7 @@ static sf_status sysformer_layers(sf_cuda_engine *e, const sys_step *p, cudaStre
     return SF_OK;
 }
 
-sf_status sf_cuda_rewrite_system(sf_cuda_engine *e, int32_t n_requests,
+sf_status sf_cuda_rewrite_system(sf_cuda_engine *e, int32_t n_requests, int32_t n_tokens,
                                  const int32_t *d_cu_seqlens, const int32_t *d_spans,
                                  int32_t max_system, int32_t max_user, sf_bf16 *x, int *d_errors,
                                  cudaStream_t s) {
@@ -165,9 +165,10 @@ sf_status sf_cuda_rewrite_system(sf_cuda_engine *e, int32_t n_requests,
     sys_step p = {n_requests, max_system, max_user, (int64_t)n_requests * max_system,
                   (int64_t)n_requests * max_user};
     sf_nvtx_push("sysformer");
-    sf_status st = sf_cuda_guard_layout(d_cu_seqlens, d_spans, n_requests, max_system, max_user,
-                                        offset_rows, a->sys_rows, a->user_rows, a->cu_sys,
-                                        a->cu_user, a->sys_len, a->user_len, d_errors, s);
+    sf_status st = sf_cuda_guard_layout(d_cu_seqlens, d_spans, n_requests, n_tokens, max_system,
+                                        max_user, offset_rows, a->sys_rows, a->user_rows,
+                                        a->cu_sys, a->cu_user, a->sys_len, a->user_len, d_errors,
+                                        s);
     if (st == SF_OK) st = sf_cuda_gather_rows_bf16(a->s_x, d, x, d, a->sys_rows, p.Ts, d, s);
     /* X = S + offset (sf_sysformer_add_offset). The layout is then [n_requests, n d]: the offset
      * is one bias row over it. A request without a valid system span gets it on padding rows,
@@ -216,8 +217,9 @@ sf_status sf_cuda_guarded_embed(sf_cuda_engine *e, int32_t n_requests, int32_t n
     sf_status st = sf_cuda_embedding_bf16(x, e->embed, d_token_ids, n_tokens, e->d,
                                           e->cfg.vocab_size, d_errors, s);
     if (st == SF_OK) {
-        st = sf_cuda_rewrite_system(e, n_requests, d_cu_seqlens, (const int32_t *)d_spans,
-                                    max_system, max_user, x, d_errors, s);
+        st = sf_cuda_rewrite_system(e, n_requests, n_tokens, d_cu_seqlens,
+                                    (const int32_t *)d_spans, max_system, max_user, x, d_errors,
+                                    s);
     }
     sf_nvtx_pop();
     return st;
