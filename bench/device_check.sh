@@ -92,6 +92,15 @@ row "ctest cli_smoke (GPU part)" "$(grep -E 'tests passed|tests failed' "$OUT/ct
 gpu_tests "Cuda*:-$wgmma_tests:$ws_tests" gpu_tests 200
 gpu_tests "$wgmma_tests" gpu_tests_wgmma 60
 gpu_tests "$ws_tests" gpu_tests_wgmma_ws 60
+# The serving-stack demo, as an integrator builds it: install, find_package, run.
+{ cmake --install "$build" --prefix "$build/install" &&
+  cmake -S tests/consumer -B "$build/consumer" \
+        -DCMAKE_PREFIX_PATH="$PWD/$build/install;$PWD/.deps/prefix" &&
+  cmake --build "$build/consumer" &&
+  timeout 60 "$build/consumer/serving_example" "$build/consumer/serving_model"; } \
+    >"$OUT/serving_example.log" 2>&1
+row "serving_example (installed, guard-only engine on a lent table)" \
+    "rc=$?: $(tail -n 1 "$OUT/serving_example.log")"
 
 PATH=$PATH:/usr/local/cuda/bin
 if command -v compute-sanitizer >/dev/null; then
