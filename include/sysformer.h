@@ -58,6 +58,16 @@ const char *sf_last_error(void);
 /* Clears the calling thread's last-error message. */
 void sf_clear_error(void);
 
+/* Progress of the calling thread's long calls: loading an LLM (sf_llm_load and
+ * sf_llm_load_embeddings, "loading weights": bytes of fp32 weights read) and creating a CUDA
+ * engine from one (sf_cuda_engine_create, "uploading weights": bytes of bf16 weights on the
+ * device). fn(user, what, done, total) runs on the calling thread, from inside the call: with
+ * done = 0 when the work starts, after each tensor, and with done = total when it has all
+ * succeeded (a failed call stops short of total). what is a constant string. fn must not call
+ * the library. fn NULL (the default) reports nothing. Like sf_last_error, it is per thread. */
+typedef void (*sf_progress_fn)(void *user, const char *what, uint64_t done, uint64_t total);
+void sf_set_progress(sf_progress_fn fn, void *user);
+
 /* ------------------------------------------------------------------------------------------ */
 /* The frozen LLM: configuration                                                               */
 /* ------------------------------------------------------------------------------------------ */

@@ -1791,6 +1791,58 @@ TEST_F(CudaEngineTiny, SetSysformerStepsAsAnEngineCreatedWithIt) {
         << "the guard-only engine's embeddings after the swap are not B's";
 }
 
+// 9d. sf_set_progress during creation: "uploading weights" rises from 0 to the bf16 bytes of
+// every parameter uploaded (the LLM's, tied tables once, and the Sysformer's without its
+// classifier), and reaches them only once the upload has finished. A guard-only engine on a
+// borrowed table uploads the Sysformer alone.
+TEST_F(CudaEngineTiny, CreationReportsTheUploadsProgress) {
+    struct Log {
+        std::vector<std::pair<uint64_t, uint64_t>> events;
+        bool other_what = false;
+        static void record(void *user, const char *what, uint64_t done, uint64_t total) {
+            Log *l = static_cast<Log *>(user);
+            l->events.emplace_back(done, total);
+            l->other_what |= strcmp(what, "uploading weights") != 0;
+        }
+    };
+    const sf_llm_config &c = *sf_llm_get_config(llm_);
+    const sf_sysformer_config &sc = *sf_sysformer_get_config(sf_);
+    auto check = [](const Log &log, uint64_t want_total, const char *what) {
+        ASSERT_GE(log.events.size(), 3u) << what;
+        EXPECT_FALSE(log.other_what) << what;
+        EXPECT_EQ(log.events.front().first, 0u) << what;
+        EXPECT_EQ(log.events.back().first, want_total) << what;
+        for (size_t i = 0; i < log.events.size(); i++) {
+            EXPECT_EQ(log.events[i].second, want_total) << what;
+            if (i > 0) {
+                EXPECT_GE(log.events[i].first, log.events[i - 1].first) << what;
+            }
+        }
+    };
+    Log full;
+    sf_set_progress(Log::record, &full);
+    EnginePtr e = make_engine(llm_, sf_, options(2));
+    sf_set_progress(nullptr, nullptr);
+    ASSERT_TRUE(e);
+    check(full, 2 * (uint64_t)(llm_params(c, false) + sysformer_params(sc, false)), "full");
+
+    const int64_t V = c.vocab_size, d = c.hidden_size;
+    std::vector<int32_t> every(V);
+    for (int32_t t = 0; t < V; t++) every[t] = t;
+    std::vector<float> table((size_t)(V * d));
+    ASSERT_EQ(sf_llm_embed(llm_, every.data(), V, table.data()), SF_OK) << sf_last_error();
+    DeviceBuffer<uint16_t> d_table(to_bf16(table));
+    sf_cuda_engine_options o = options(2);
+    o.guard_only = true;
+    o.embedding_table = d_table.get();
+    Log guard;
+    sf_set_progress(Log::record, &guard);
+    EnginePtr g = make_engine(llm_, sf_, o);
+    sf_set_progress(nullptr, nullptr);
+    ASSERT_TRUE(g);
+    check(guard, 2 * (uint64_t)sysformer_params(sc, false), "guard-only on a borrowed table");
+}
+
 // 10. Stage timing: sane numbers, never speed. Eager steps report their stages; a decode step
 // replayed as a CUDA graph reports 0 for every stage and its whole time as total.
 TEST_F(CudaEngineTiny, StageTimesAreSane) {

@@ -11,6 +11,7 @@
 #include <memory>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "io/safetensors.h"
@@ -241,6 +242,86 @@ TEST_F(LlmLoad, EmbeddingsOnly) {
     EXPECT_TRUE(st == SF_ERR_UNSUPPORTED || (st == SF_ERR_NO_DEVICE && !sf_cuda_built()))
         << sf_status_string(st) << ": " << sf_last_error();
     EXPECT_EQ(engine, nullptr);
+}
+
+// sf_set_progress: a load reports "loading weights" from 0 to the bytes of fp32 weights (every
+// tensor of the checkpoint, or the embedding table alone), rising, once per tensor; only to
+// the thread that set it; not at all once it is cleared; and a failed load never reports
+// completion.
+struct ProgressLog {
+    struct Event {
+        std::string what;
+        uint64_t done, total;
+    };
+    std::vector<Event> events;
+    static void record(void *user, const char *what, uint64_t done, uint64_t total) {
+        static_cast<ProgressLog *>(user)->events.push_back({what, done, total});
+    }
+};
+
+TEST_F(LlmLoad, ReportsProgressToTheCallingThread) {
+    sf_st_archive *ar = nullptr;
+    ASSERT_EQ(sf_st_open(good_.path().c_str(), &ar), SF_OK) << sf_last_error();
+    uint64_t elements = 0;
+    for (int64_t i = 0; i < sf_st_count(ar); i++) {
+        const sf_st_tensor *t = sf_st_at(ar, i);
+        uint64_t n = 1;
+        for (int j = 0; j < t->ndim; j++) n *= (uint64_t)t->shape[j];
+        elements += n;
+    }
+    const int64_t n_tensors = sf_st_count(ar);
+    sf_st_close(ar);
+    const sf_llm_config cfg = tiny_llama_config();
+
+    ProgressLog log;
+    sf_set_progress(ProgressLog::record, &log);
+    auto check = [&](const char *what_load, uint64_t want_total, size_t want_events) {
+        ASSERT_EQ(log.events.size(), want_events) << what_load << ": one event per tensor + 1";
+        for (size_t i = 0; i < log.events.size(); i++) {
+            const ProgressLog::Event &e = log.events[i];
+            EXPECT_EQ(e.what, "loading weights") << what_load;
+            EXPECT_EQ(e.total, want_total) << what_load;
+            if (i > 0) {
+                EXPECT_GE(e.done, log.events[i - 1].done) << what_load;
+            }
+        }
+        EXPECT_EQ(log.events.front().done, 0u) << what_load;
+        EXPECT_EQ(log.events.back().done, want_total) << what_load;
+    };
+    sf_llm *llm = nullptr;
+    ASSERT_EQ(sf_llm_load(good_.path().c_str(), &llm), SF_OK) << sf_last_error();
+    sf_llm_free(llm);
+    check("whole", 4 * elements, (size_t)n_tensors + 1);
+    log.events.clear();
+    ASSERT_EQ(sf_llm_load_embeddings(good_.path().c_str(), &llm), SF_OK) << sf_last_error();
+    sf_llm_free(llm);
+    check("embeddings only", 4 * (uint64_t)cfg.vocab_size * (uint64_t)cfg.hidden_size, 2);
+
+    // another thread's load is not reported here
+    log.events.clear();
+    std::thread other([&] {
+        sf_llm *l = nullptr;
+        EXPECT_EQ(sf_llm_load(good_.path().c_str(), &l), SF_OK) << sf_last_error();
+        sf_llm_free(l);
+    });
+    other.join();
+    EXPECT_TRUE(log.events.empty()) << "another thread's load reached this thread's function";
+
+    // a truncated checkpoint: started, never completed
+    write_variant([](sf_st_entry &) { return true; });
+    const std::string path = bad_.file("model.safetensors");
+    struct stat st;
+    ASSERT_EQ(stat(path.c_str(), &st), 0);
+    ASSERT_EQ(truncate(path.c_str(), st.st_size - 100), 0);
+    EXPECT_NE(load_bad(), SF_OK);
+    for (const ProgressLog::Event &e : log.events) EXPECT_LT(e.done, e.total) << "a failed load";
+
+    // cleared: nothing
+    log.events.clear();
+    sf_set_progress(nullptr, &log);
+    ASSERT_EQ(sf_llm_load(good_.path().c_str(), &llm), SF_OK) << sf_last_error();
+    sf_llm_free(llm);
+    EXPECT_TRUE(log.events.empty());
 }
 
 TEST(Status, EveryStatusHasAName) {

@@ -129,7 +129,31 @@ int cli_parse_ids(const char *text, int32_t **ids, int32_t *n) {
     return 0;
 }
 
+/* Loading and uploading progress (sf_set_progress) on stderr: one line rewritten in place at
+ * most every quarter second, for work that lasts over a second; quicker work prints nothing. */
+typedef struct progress_line {
+    double start, last;
+    bool shown;
+} progress_line;
+
+static void print_progress(void *user, const char *what, uint64_t done, uint64_t total) {
+    progress_line *p = user;
+    const double now = cli_now();
+    if (done == 0) {
+        *p = (progress_line){now, now, false};
+        return;
+    }
+    const bool end = done >= total;
+    if (end ? !p->shown : now - p->start < 1.0 || now - p->last < 0.25) return;
+    fprintf(stderr, "\r%s: %3.0f%% of %.2f GB%s", what, 100.0 * (double)done / (double)total,
+            1e-9 * (double)total, end ? "\n" : "");
+    p->last = now;
+    p->shown = !end;
+}
+
 int main(int argc, char **argv) {
+    static progress_line progress;
+    sf_set_progress(print_progress, &progress);
     if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") ||
         !strcmp(argv[1], "help")) {
         usage(argc < 2 ? stderr : stdout);

@@ -9,12 +9,15 @@
 
 #include "convert.h"
 #include "core/error.h"
+#include "core/progress.h"
 #include "cuda/engine.h"
 #include "model/llm.h"
 #include "random.h"
 #include "sysformer/module.h"
 
 #define STAGE_FLOATS ((size_t)16 << 20) /* 64 MiB of fp32 per upload chunk */
+
+static const char kUploading[] = "uploading weights"; /* sf_set_progress's what */
 
 static sf_bf16 *carve(sf_carver *c, size_t elems) {
     return (sf_bf16 *)sf_carve(c, elems * sizeof(sf_bf16));
@@ -104,12 +107,20 @@ sf_status sf_cuda_weights_alloc(sf_cuda_engine *e) {
 /* Upload from the CPU objects                                                              */
 /* ---------------------------------------------------------------------------------------- */
 
+/* counting: only adds up the bytes (a first pass, for the progress total). total > 0: each
+ * tensor enqueued reports its progress, short of total (the last report waits for the work). */
 typedef struct uploader {
     float *stage; /* device fp32, STAGE_FLOATS */
     cudaStream_t stream;
+    bool counting;
+    uint64_t done, total; /* bf16 bytes */
 } uploader;
 
 static sf_status put(uploader *u, sf_bf16 *dst, const float *src, size_t n) {
+    if (u->counting) {
+        u->done += n * sizeof(sf_bf16);
+        return SF_OK;
+    }
     for (size_t off = 0; off < n; off += STAGE_FLOATS) {
         const size_t m = n - off < STAGE_FLOATS ? n - off : STAGE_FLOATS;
         cudaError_t err = cudaMemcpyAsync(u->stage, src + off, m * sizeof(float),
@@ -121,6 +132,8 @@ static sf_status put(uploader *u, sf_bf16 *dst, const float *src, size_t n) {
         sf_status st = sf_cuda_f32_to_bf16(dst + off, u->stage, (int64_t)m, u->stream);
         if (st != SF_OK) return st;
     }
+    u->done += n * sizeof(sf_bf16);
+    if (u->total > 0 && u->done < u->total) sf_progress(kUploading, u->done, u->total);
     return SF_OK;
 }
 
@@ -168,12 +181,14 @@ sf_status sf_cuda_weights_each_sysformer(sf_cuda_engine *e, const sf_sysformer *
 
 #define PUT(dst, src, n)                                      \
     do {                                                      \
-        st = put(&u, (dst), (src), (size_t)(n));              \
-        if (st != SF_OK) goto done;                           \
+        sf_status st_ = put(u, (dst), (src), (size_t)(n));    \
+        if (st_ != SF_OK) return st_;                         \
     } while (0)
 
 static sf_status uploader_open(uploader *u, cudaStream_t stream) {
     u->stream = stream;
+    u->counting = false;
+    u->done = u->total = 0;
     if (cudaMalloc((void **)&u->stage, STAGE_FLOATS * sizeof(float)) != cudaSuccess) {
         u->stage = NULL;
         (void)cudaGetLastError();
@@ -200,10 +215,9 @@ sf_status sf_cuda_weights_upload_sysformer(sf_cuda_engine *e, const sf_sysformer
     return uploader_close(&u, sf_cuda_weights_each_sysformer(e, sf, put_one, &u));
 }
 
-sf_status sf_cuda_weights_upload(sf_cuda_engine *e, const sf_llm *llm, const sf_sysformer *sf) {
-    uploader u;
-    SF_TRY(uploader_open(&u, e->stream));
-    sf_status st = SF_OK;
+/* Every tensor of llm and sf through u, in the layout's order. */
+static sf_status put_all(sf_cuda_engine *e, const sf_llm *llm, const sf_sysformer *sf,
+                         uploader *u) {
     const sf_llm_config *c = &e->cfg;
     const int64_t d = e->d, ff = e->ff, q = e->q_dim, kv = e->kv_dim;
     if (!e->borrowed_embed) PUT(e->embed, llm->embed, (int64_t)c->vocab_size * d);
@@ -230,9 +244,21 @@ sf_status sf_cuda_weights_upload(sf_cuda_engine *e, const sf_llm *llm, const sf_
         PUT(L->w_gate_up + ff * d, H->w_up, ff * d);
         PUT(L->w_down, H->w_down, d * ff);
     }
-    if (sf && e->has_sysformer) st = sf_cuda_weights_each_sysformer(e, sf, put_one, &u);
-done:
-    return uploader_close(&u, st);
+    if (sf && e->has_sysformer) return sf_cuda_weights_each_sysformer(e, sf, put_one, u);
+    return SF_OK;
+}
+#undef PUT
+
+sf_status sf_cuda_weights_upload(sf_cuda_engine *e, const sf_llm *llm, const sf_sysformer *sf) {
+    uploader count = {.counting = true};
+    SF_TRY(put_all(e, llm, sf, &count));
+    uploader u;
+    SF_TRY(uploader_open(&u, e->stream));
+    u.total = count.done;
+    sf_progress(kUploading, 0, u.total);
+    const sf_status st = uploader_close(&u, put_all(e, llm, sf, &u));
+    if (st == SF_OK) sf_progress(kUploading, u.total, u.total);
+    return st;
 }
 
 /* ---------------------------------------------------------------------------------------- */

@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "core/error.h"
+#include "core/progress.h"
 #include "io/llm_config.h"
 #include "io/safetensors.h"
 
@@ -151,11 +152,15 @@ static sf_status load_weights(sf_llm *llm, const sf_weight_source *src) {
         }
         llm->n_weights = total;
     }
+    const uint64_t bytes = (uint64_t)total * sizeof(float);
+    if (st == SF_OK) sf_progress("loading weights", 0, bytes);
     for (int64_t i = 0; st == SF_OK && i < list.count; i++) {
         weight_slot *s = &list.items[i];
         float *dst = llm->weights + s->offset;
         st = src->read(src->ctx, s->name, dst);
         for (int j = 0; j < s->n_dst; j++) *s->dst[j] = dst + s->dst_offset[j];
+        const int64_t end = i + 1 < list.count ? list.items[i + 1].offset : total;
+        if (st == SF_OK) sf_progress("loading weights", (uint64_t)end * sizeof(float), bytes);
     }
     if (st == SF_OK && llm->cfg.tie_word_embeddings && !llm->embeddings_only) {
         llm->lm_head = llm->embed;
