@@ -24,7 +24,9 @@ m=$tmp/model
 expect 0 "help" -- "$cli" --help
 expect 2 "unknown command" -- "$cli" frobnicate
 expect 0 "random-model" -- "$cli" random-model --out "$m" --seed 5
-expect 0 "info" -- "$cli" info --model "$m"
+expect 0 "info" -- "$cli" info --model "$m" --slots 2 --context 64
+grep -q "CUDA engines (2 slots x 64 positions" "$tmp/out" || { echo "FAIL: info plan"; fails=$((fails + 1)); }
+expect 2 "info, bad --slots" -- "$cli" info --model "$m" --slots x
 expect 0 "forward, two requests" -- "$cli" forward --model "$m" --tokens 1,2,3 --tokens 4 --top 3
 grep -q "request 1 (1 tokens)" "$tmp/out" || { echo "FAIL: forward output"; fails=$((fails + 1)); }
 expect 1 "forward, id out of range" -- "$cli" forward --model "$m" --tokens 1,99999

@@ -309,14 +309,67 @@ static const char *rope_name(sf_rope_type t) {
     return "?";
 }
 
+static void info_usage(FILE *out) {
+    fprintf(out,
+            "usage: sysformer info --model PATH [--slots N] [--context N] [--batch-tokens N]\n"
+            "\n"
+            "Prints a model's configuration (reading only it and the embedding table) and the\n"
+            "device memory CUDA engines for it would take (sf_cuda_engine_plan: no GPU needed):\n"
+            "the full engine with the default Sysformer, and a serving stack's guard-only\n"
+            "engine, on its own embedding table and on one the stack lends.\n"
+            "  --slots N         requests held at once (default 8)\n"
+            "  --context N       positions per request (default min(model's, 4096))\n"
+            "  --batch-tokens N  tokens in one step (default: --context)\n");
+}
+
+/* One line of engine plan: GiB by purpose, or why there is none. */
+static void print_plan(const char *what, const sf_llm_config *c, const sf_sysformer_config *s,
+                       const sf_cuda_engine_options *o) {
+    sf_cuda_memory m;
+    const sf_status st = sf_cuda_engine_plan(c, s, o, &m);
+    const double gib = 1.0 / (1u << 30);
+    if (st == SF_OK) {
+        printf("  %-34s weights %7.2f  kv cache %7.2f  arena %7.2f  total %7.2f GiB\n", what,
+               gib * (double)m.weights, gib * (double)m.kv_cache, gib * (double)m.activations,
+               gib * (double)m.total);
+    } else {
+        printf("  %-34s n/a: %s\n", what, sf_last_error());
+    }
+}
+
 int cmd_info(int argc, char **argv) {
-    if (argc != 3 || strcmp(argv[1], "--model") != 0) {
-        fprintf(argc == 2 && !strcmp(argv[1], "--help") ? stdout : stderr,
-                "usage: sysformer info --model DIR\n\nLoads the model and prints its config.\n");
-        return argc == 2 && !strcmp(argv[1], "--help") ? 0 : 2;
+    const char *model = NULL;
+    sf_cuda_engine_options opts = sf_cuda_engine_default_options();
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+            info_usage(stdout);
+            return 0;
+        }
+        if (!v) {
+            info_usage(stderr);
+            return 2;
+        }
+        int rc = 0;
+        if (!strcmp(a, "--model")) model = v;
+        else if (!strcmp(a, "--slots")) rc = cli_parse_count("info", a, v, &opts.max_slots);
+        else if (!strcmp(a, "--context")) rc = cli_parse_count("info", a, v, &opts.max_context);
+        else if (!strcmp(a, "--batch-tokens")) {
+            rc = cli_parse_count("info", a, v, &opts.max_batch_tokens);
+        } else {
+            fprintf(stderr, "sysformer info: unknown option %s\n", a);
+            info_usage(stderr);
+            return 2;
+        }
+        if (rc) return rc;
+        i++;
+    }
+    if (!model) {
+        info_usage(stderr);
+        return 2;
     }
     sf_llm *llm = NULL;
-    sf_status st = sf_llm_load(argv[2], &llm);
+    sf_status st = sf_llm_load_embeddings(model, &llm);
     if (st != SF_OK) return cli_report("loading the model", st);
     const sf_llm_config *c = sf_llm_get_config(llm);
     printf("arch                  %s\n", arch_name(c->arch));
@@ -333,6 +386,24 @@ int cmd_info(int argc, char **argv) {
     printf("tied embeddings       %s\n", c->tie_word_embeddings ? "yes" : "no");
     printf("attention bias        %s\n",
            c->attention_bias ? "q, k, v, o" : (c->qkv_bias ? "q, k, v" : "none"));
+
+    const sf_sysformer_config sc = sf_sysformer_default_config(llm);
+    const int32_t ctx = opts.max_context ? opts.max_context
+                        : c->max_position_embeddings < 4096 ? c->max_position_embeddings
+                                                            : 4096;
+    printf("\nCUDA engines (%d slots x %d positions, %d tokens a step; a default Sysformer: %d "
+           "layers, %d heads, ff %d):\n",
+           opts.max_slots, ctx, opts.max_batch_tokens ? opts.max_batch_tokens : ctx,
+           sc.num_layers, sc.num_heads, sc.dim_feedforward);
+    if (!sf_cuda_built()) {
+        printf("  n/a: this build has no CUDA\n");
+    } else {
+        print_plan("full engine", c, &sc, &opts);
+        opts.guard_only = true;
+        print_plan("guard-only engine", c, &sc, &opts);
+        opts.embedding_table = &opts; /* the plan only asks whether one is lent */
+        print_plan("guard-only, on the stack's table", c, &sc, &opts);
+    }
     sf_llm_free(llm);
     return 0;
 }
