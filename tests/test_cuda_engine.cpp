@@ -941,6 +941,17 @@ class CudaEngineTiny : public ::testing::Test {
         sf_sysformer_free(sf_);
         sf_llm_free(llm_);
     }
+    // The LLM's whole embedding table, fp32 [vocab, hidden]: what a serving stack holds (as
+    // bf16) and may lend a guard-only engine.
+    std::vector<float> embedding_table() const {
+        const int64_t d = sf_llm_get_config(llm_)->hidden_size;
+        std::vector<int32_t> every((size_t)vocab_);
+        for (int32_t t = 0; t < (int32_t)vocab_; t++) every[(size_t)t] = t;
+        std::vector<float> table((size_t)(vocab_ * d));
+        EXPECT_EQ(sf_llm_embed(llm_, every.data(), vocab_, table.data()), SF_OK)
+            << sf_last_error();
+        return table;
+    }
     TempDir dir_;
     sf_llm *llm_ = nullptr;
     sf_sysformer *sf_ = nullptr;
@@ -1624,10 +1635,7 @@ TEST_F(CudaEngineTiny, GuardOnlyEngineBorrowsTheStacksEmbeddingTable) {
     const sf_llm_config &c = *sf_llm_get_config(llm_);
     const sf_sysformer_config &sc = *sf_sysformer_get_config(sf_);
     const int64_t V = c.vocab_size, d = c.hidden_size;
-    std::vector<int32_t> every(V);
-    for (int32_t t = 0; t < V; t++) every[t] = t;
-    std::vector<float> table((size_t)(V * d));
-    ASSERT_EQ(sf_llm_embed(llm_, every.data(), V, table.data()), SF_OK) << sf_last_error();
+    const std::vector<float> table = embedding_table();
     DeviceBuffer<uint16_t> d_table(to_bf16(table));
     ASSERT_TRUE(d_table.get());
 
@@ -1826,12 +1834,7 @@ TEST_F(CudaEngineTiny, CreationReportsTheUploadsProgress) {
     ASSERT_TRUE(e);
     check(full, 2 * (uint64_t)(llm_params(c, false) + sysformer_params(sc, false)), "full");
 
-    const int64_t V = c.vocab_size, d = c.hidden_size;
-    std::vector<int32_t> every(V);
-    for (int32_t t = 0; t < V; t++) every[t] = t;
-    std::vector<float> table((size_t)(V * d));
-    ASSERT_EQ(sf_llm_embed(llm_, every.data(), V, table.data()), SF_OK) << sf_last_error();
-    DeviceBuffer<uint16_t> d_table(to_bf16(table));
+    DeviceBuffer<uint16_t> d_table(to_bf16(embedding_table()));
     sf_cuda_engine_options o = options(2);
     o.guard_only = true;
     o.embedding_table = d_table.get();
