@@ -6,21 +6,21 @@
 # suites, two bugs in tensor-core kernels (about a minute of one core; what ctest runs, kept
 # short for CI's budget); --all adds the split top-p's and the split argmax's, one for the
 # optim suite, the engine's and the train suite's (about 8 minutes more: those two build the
-# whole library; with a learned system offset's gradient and device span check among them),
-# and the wgmma attention's. Others: run.sh with KSRC / ESRC by hand. The
-# engine and train plants are in host code (host/cuda), not in a kernel,
-# and only the emulated runtime's queued streams can show them (on a CPU that runs everything
-# at once they would pass): an engine step that refills the pinned staging before the
-# previous step's uploads have run; a training step that reads S' and S from pinned memory
-# without waiting for their copies.
+# whole library; with a learned system offset's gradient and device span check among them,
+# and the serving entry point's offset bounds and lent-table check),
+# and the wgmma attention's. Others: run.sh with KSRC / ESRC by hand. Most engine and train
+# plants are in host code (host/cuda), not in a kernel. Two of them only the emulated
+# runtime's queued streams can show (on a CPU that runs everything at once they would pass):
+# an engine step that refills the pinned staging before the previous step's uploads have run;
+# a training step that reads S' and S from pinned memory without waiting for their copies.
 #   tools/simt/selftest.sh [--all]
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 rc=0
-plant() {  # suite file old new gtest_filter (file: in kernels/, or host/cuda/ for engine, train)
+plant() {  # suite file old new gtest_filter (file: a .cu in kernels/, else in host/cuda/)
     local d src=kernels var=KSRC
-    [ "$1" = engine ] || [ "$1" = train ] && src=host/cuda && var=ESRC
+    [[ $2 == *.cu ]] || { src=host/cuda; var=ESRC; }
     d=$(mktemp -d "${TMPDIR:-/tmp}/simt_bug.XXXXXX")
     cp "$REPO/$src"/* "$d/"
     if ! python3 - "$d/$2" "$3" "$4" <<'PY'
@@ -65,6 +65,12 @@ if [ "${1:-}" = --all ]; then
         'CudaTrainOffset.*'
     plant engine sysformer_forward.c ' offset_rows, a->sys_rows,' ' 0, a->sys_rows,' \
         'CudaEngineTiny.LearnedSystemOffsetMatchesCpu'
+    # the serving entry point: a request whose device offsets run past the batch taken as
+    # valid (rows outside the caller's buffer); a lent embedding table taken unchecked
+    plant engine guard.cu 'end >= begin && end <= n_tokens &&' 'end >= begin &&' \
+        'CudaEngine/CudaEngineVariant.GuardedEmbedMatchesCpuAndCountsBadInputs/llama_gqa_llama3'
+    plant engine engine.c 'st = check_borrowed_rows(e, llm);' 'st = SF_OK;' \
+        'CudaEngineTiny.GuardOnlyEngineBorrowsTheStacksEmbeddingTable'
     # the wgmma kernel refills the V buffer its pending P V product still reads: seen only by
     # the check at the wait that retires each wgmma (ptx_sm90.cuh)
     plant attention attention_sm90.cu 'kThreads>(p, w, tiles.v(t), w.v_base, t, tid);' \
