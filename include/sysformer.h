@@ -738,6 +738,29 @@ sf_status sf_cuda_guarded_embed(sf_cuda_engine *engine, int32_t n_requests, int3
                                 int32_t max_user, void *d_embeds, int *d_errors,
                                 void *cuda_stream);
 
+/* Why sf_cuda_guard_check flags a request (an OR of these; 0: guarded as asked). */
+enum {
+    SF_GUARD_BAD_OFFSETS = 1, /* its rows are not inside the batch: cu_seqlens below 0, past
+                                 n_tokens or decreasing                                      */
+    SF_GUARD_BAD_SPANS = 2,   /* spans negative, not adding up to its length, a system span
+                                 without a user span, or (a learned system offset) a system
+                                 span neither empty nor exactly the offset's rows            */
+    SF_GUARD_TOO_LONG = 4,    /* system span over max_system or user span over max_user      */
+    SF_GUARD_BAD_TOKEN = 8,   /* a token id outside the vocabulary (its row: zeros)          */
+};
+
+/* Per-request validity of a batch for sf_cuda_guarded_embed, on the device: d_flags
+ * [n_requests] (device int32) receives, for each request, the SF_GUARD_* reasons that call would
+ * leave it unguarded or with a zero row, or 0. The span reasons apply only to an engine with a
+ * Sysformer (without one, spans are not read). The same arguments and host-side checks as
+ * sf_cuda_guarded_embed, d_embeds and d_errors aside; enqueued on cuda_stream, nothing waits and
+ * nothing is copied back. For a stack that saw d_errors > 0 and wants to know which requests to
+ * drop, or that checks every batch before serving it. */
+sf_status sf_cuda_guard_check(sf_cuda_engine *engine, int32_t n_requests, int32_t n_tokens,
+                              const int32_t *d_cu_seqlens, const int32_t *d_token_ids,
+                              const sf_prompt_spans *d_spans, int32_t max_system,
+                              int32_t max_user, int32_t *d_flags, void *cuda_stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -17,6 +17,27 @@ constexpr int kBlock = 128;
 // Kernels
 // ---------------------------------------------------------------------------------------------
 
+// Why request r of a guarded batch is not rewritten (SF_GUARD_BAD_* of sysformer.h; 0: it is),
+// from its offsets and spans alone (sf_cuda_guard_layout's validity). int64 sums: hostile spans
+// must not overflow into a false "valid".
+__device__ int request_flags(const int32_t *__restrict__ cu_seqlens,
+                             const int32_t *__restrict__ spans, int32_t r, int32_t n_tokens,
+                             int32_t max_system, int32_t max_user, int32_t system_rows) {
+    const int32_t begin = cu_seqlens[r], end = cu_seqlens[r + 1];
+    const int32_t prefix = spans[5 * r + 0], system = spans[5 * r + 1], middle = spans[5 * r + 2],
+                  user = spans[5 * r + 3], suffix = spans[5 * r + 4];
+    const int64_t sum = (int64_t)prefix + system + middle + user + suffix;
+    int flags = 0;
+    if (begin < 0 || end < begin || end > n_tokens) flags |= SF_GUARD_BAD_OFFSETS;
+    if (prefix < 0 || system < 0 || middle < 0 || user < 0 || suffix < 0 ||
+        sum != (int64_t)end - begin || (system > 0 && user == 0) ||
+        (system_rows > 0 && system != 0 && system != system_rows)) {
+        flags |= SF_GUARD_BAD_SPANS;
+    }
+    if (system > max_system || user > max_user) flags |= SF_GUARD_TOO_LONG;
+    return flags;
+}
+
 // One block per request.
 __global__ void __launch_bounds__(kBlock)
     guard_layout_kernel(const int32_t *__restrict__ cu_seqlens, const int32_t *__restrict__ spans,
@@ -26,16 +47,10 @@ __global__ void __launch_bounds__(kBlock)
                         int32_t *__restrict__ cu_user, int32_t *__restrict__ sys_len,
                         int32_t *__restrict__ user_len, int *__restrict__ errors) {
     const int32_t r = blockIdx.x;
-    const int32_t begin = cu_seqlens[r], end = cu_seqlens[r + 1];
-    const int32_t prefix = spans[5 * r + 0], system = spans[5 * r + 1], middle = spans[5 * r + 2],
-                  user = spans[5 * r + 3], suffix = spans[5 * r + 4];
-    // int64 sums: hostile spans must not overflow into a false "valid".
-    const int64_t sum = (int64_t)prefix + system + middle + user + suffix;
-    const bool valid = prefix >= 0 && system >= 0 && middle >= 0 && user >= 0 && suffix >= 0 &&
-                       begin >= 0 && end >= begin && end <= n_tokens &&
-                       sum == (int64_t)end - begin && system <= max_system &&
-                       user <= max_user && !(system > 0 && user == 0) &&
-                       (system_rows == 0 || system == 0 || system == system_rows);
+    const bool valid = request_flags(cu_seqlens, spans, r, n_tokens, max_system, max_user,
+                                     system_rows) == 0;
+    const int32_t begin = cu_seqlens[r], prefix = spans[5 * r + 0], system = spans[5 * r + 1],
+                  middle = spans[5 * r + 2], user = spans[5 * r + 3];
     const int32_t ns = valid ? system : 0, nu = valid ? user : 0;
     const int32_t sys0 = begin + (valid ? prefix : 0);
     const int32_t user0 = sys0 + (valid ? system + middle : 0);
@@ -56,6 +71,33 @@ __global__ void __launch_bounds__(kBlock)
         }
         if (!valid && errors) atomicAdd(errors, 1);
     }
+}
+
+// One block per request: request_flags (spans only with a Sysformer), and SF_GUARD_BAD_TOKEN
+// when one of its rows holds an id outside [0, vocab). Rows are read only inside [0, n_tokens).
+__global__ void __launch_bounds__(kBlock)
+    guard_check_kernel(const int32_t *__restrict__ cu_seqlens, const int32_t *__restrict__ spans,
+                       const int32_t *__restrict__ ids, int32_t n_tokens, int32_t vocab,
+                       int32_t max_system, int32_t max_user, int32_t system_rows,
+                       int32_t *__restrict__ flags_out) {
+    __shared__ int bad_token;
+    const int32_t r = blockIdx.x;
+    if (threadIdx.x == 0) bad_token = 0;
+    __syncthreads();
+    const int32_t begin = max(cu_seqlens[r], 0), end = min(cu_seqlens[r + 1], n_tokens);
+    for (int32_t i = begin + (int32_t)threadIdx.x; i < end; i += blockDim.x) {
+        if (ids[i] < 0 || ids[i] >= vocab) atomicOr(&bad_token, (int)SF_GUARD_BAD_TOKEN);
+    }
+    __syncthreads();
+    if (threadIdx.x != 0) return;
+    int flags = bad_token;
+    if (spans) {
+        flags |= request_flags(cu_seqlens, spans, r, n_tokens, max_system, max_user, system_rows);
+    } else if (cu_seqlens[r] < 0 || cu_seqlens[r + 1] < cu_seqlens[r] ||
+               cu_seqlens[r + 1] > n_tokens) {
+        flags |= SF_GUARD_BAD_OFFSETS;
+    }
+    flags_out[r] = flags;
 }
 
 // One block per row, T = uint4 (8 bf16, when the rows are 16-byte aligned) or uint16_t: a bit
@@ -153,6 +195,31 @@ extern "C" sf_status sf_cuda_guard_layout(const int32_t *cu_seqlens, const int32
                                                            system_rows,
                                                            sys_rows, user_rows, cu_sys, cu_user,
                                                            sys_len, user_len, errors);
+    SF_CUDA_TRY(cudaGetLastError());
+    return SF_OK;
+}
+
+extern "C" sf_status sf_cuda_guard_check_flags(const int32_t *cu_seqlens, const int32_t *spans,
+                                               const int32_t *ids, int32_t n_requests,
+                                               int32_t n_tokens, int32_t vocab,
+                                               int32_t max_system, int32_t max_user,
+                                               int32_t system_rows, int32_t *flags,
+                                               cudaStream_t stream) {
+    if (n_requests < 0 || n_requests > 65535 || n_tokens < 0 || vocab < 0 || max_system < 0 ||
+        max_user < 0 || system_rows < 0) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                       "sf_cuda_guard_check_flags: n_requests = %d, n_tokens = %d, vocab = %d, "
+                       "max_system = %d, max_user = %d, system_rows = %d",
+                       n_requests, n_tokens, vocab, max_system, max_user, system_rows);
+    }
+    if (n_requests == 0) return SF_OK;
+    if (!cu_seqlens || !flags || (n_tokens > 0 && !ids)) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_cuda_guard_check_flags: NULL pointer");
+    }
+    sf_nvtx_range range("sf_cuda_guard_check_flags");
+    guard_check_kernel<<<n_requests, kBlock, 0, stream>>>(cu_seqlens, spans, ids, n_tokens, vocab,
+                                                          max_system, max_user, system_rows,
+                                                          flags);
     SF_CUDA_TRY(cudaGetLastError());
     return SF_OK;
 }

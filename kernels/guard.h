@@ -35,6 +35,16 @@ sf_status sf_cuda_guard_layout(const int32_t *cu_seqlens, const int32_t *spans, 
                                int32_t *cu_sys, int32_t *cu_user, int32_t *sys_len,
                                int32_t *user_len, int *errors, cudaStream_t stream);
 
+/* Per request r: flags[r] = why sf_cuda_guard_layout would not rewrite it (SF_GUARD_BAD_OFFSETS,
+ * _BAD_SPANS, _TOO_LONG of sysformer.h; the span flags only when spans is not NULL: a batch
+ * with a Sysformer), | SF_GUARD_BAD_TOKEN when one of its rows (those inside [0, n_tokens))
+ * holds an id outside [0, vocab); 0 for a request guarded as asked. Same argument limits as
+ * sf_cuda_guard_layout. */
+sf_status sf_cuda_guard_check_flags(const int32_t *cu_seqlens, const int32_t *spans,
+                                    const int32_t *ids, int32_t n_requests, int32_t n_tokens,
+                                    int32_t vocab, int32_t max_system, int32_t max_user,
+                                    int32_t system_rows, int32_t *flags, cudaStream_t stream);
+
 /* dst[i, :] = src[rows[i], :] (rows of dim bf16; src row stride src_stride, dst dst_stride), or
  * zeros where rows[i] < 0. n <= INT32_MAX. */
 sf_status sf_cuda_gather_rows_bf16(sf_bf16 *dst, int64_t dst_stride, const sf_bf16 *src,

@@ -556,6 +556,22 @@ TEST_P(CudaEngineVariant, GuardedEmbedMatchesCpuAndCountsBadInputs) {
         << sf_last_error();
     ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
     EXPECT_EQ(d_err.host()[0], 0);
+    // sf_cuda_guard_check's per-request reasons for a batch (device arrays), on the stream
+    auto check_flags = [&](sf_cuda_engine *eng, const Prompts &b, const int32_t *cu,
+                           const int32_t *ids, const int32_t *spans, int32_t ms, int32_t mu) {
+        DeviceBuffer<int32_t> d_flags((size_t)b.n());
+        EXPECT_EQ(sf_cuda_guard_check(eng, b.n(), b.total(), cu, ids,
+                                      (const sf_prompt_spans *)spans, ms, mu, d_flags.get(),
+                                      stream),
+                  SF_OK)
+            << sf_last_error();
+        EXPECT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+        return d_flags.host();
+    };
+    EXPECT_EQ(check_flags(e.get(), p, d_cu.get(), d_ids.get(), d_spans.get(), max_system,
+                          max_user),
+              std::vector<int32_t>(4, 0))
+        << "a valid batch flagged";
 
     std::vector<float> want((size_t)total * d);
     sf_guarded_batch gb = {n, p.cu.data(), p.ids.data(), p.spans.data(), nullptr, 0, nullptr};
@@ -615,6 +631,21 @@ TEST_P(CudaEngineVariant, GuardedEmbedMatchesCpuAndCountsBadInputs) {
     ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess) << "the hostile batch faulted";
     ASSERT_EQ(cudaGetLastError(), cudaSuccess);
     EXPECT_EQ(d_err.host()[0], 4);
+    EXPECT_EQ(check_flags(e.get(), h, h_cu.get(), h_ids.get(), h_spans.get(), h_max_system,
+                          h_max_user),
+              (std::vector<int32_t>{
+                  0, SF_GUARD_BAD_TOKEN,
+                  SF_GUARD_BAD_SPANS | SF_GUARD_TOO_LONG | SF_GUARD_BAD_TOKEN,  // system 12 > 7
+                  SF_GUARD_TOO_LONG}))
+        << "the hostile batch's reasons";
+    {
+        // without a Sysformer the spans are not read: only the bad ids count
+        EnginePtr plain_e = make_engine(llm_, nullptr, options(4));
+        ASSERT_TRUE(plain_e);
+        EXPECT_EQ(check_flags(plain_e.get(), h, h_cu.get(), h_ids.get(), h_spans.get(),
+                              h_max_system, h_max_user),
+                  (std::vector<int32_t>{0, SF_GUARD_BAD_TOKEN, SF_GUARD_BAD_TOKEN, 0}));
+    }
     const std::vector<uint16_t> hg = h_out.host();
     for (int32_t r = 0; r < h.n(); r++) {
         const bool rewritten = r < 2;  // requests 0 and 1 are valid
@@ -702,6 +733,9 @@ TEST_P(CudaEngineVariant, GuardedEmbedMatchesCpuAndCountsBadInputs) {
             << sf_last_error();
         ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess) << "hostile offsets faulted";
         EXPECT_EQ(d_err.host()[0], 2);
+        EXPECT_EQ(check_flags(e.get(), p, o_cu.get(), d_ids.get(), o_spans.get(), max_system,
+                              max_user),
+                  (std::vector<int32_t>{SF_GUARD_BAD_OFFSETS, 0, 0, SF_GUARD_BAD_OFFSETS}));
         const std::vector<uint16_t> og = o_out.host();
         for (int32_t r = 0; r < n; r++) {
             const bool rewritten = r == 1 || r == 2;
@@ -720,6 +754,28 @@ TEST_P(CudaEngineVariant, GuardedEmbedMatchesCpuAndCountsBadInputs) {
             EXPECT_LE(rel_error(g.data(), want.data() + off, len), bs)
                 << "hostile offsets, request " << r;
         }
+    }
+
+    // --- max_system 0 while three requests have a system span (5, 1 and 12 tokens): nothing is
+    // rewritten, and those three are counted (their spans exceed the bound), not passed over.
+    {
+        DeviceBuffer<uint16_t> z_out((size_t)total * d);
+        ASSERT_TRUE(z_out.get());
+        ASSERT_EQ(cudaMemset(d_err.get(), 0, sizeof(int)), cudaSuccess);
+        ASSERT_EQ(sf_cuda_guarded_embed(e.get(), n, total, d_cu.get(), d_ids.get(),
+                                        (const sf_prompt_spans *)d_spans.get(), 0, max_user,
+                                        z_out.get(), d_err.get(), stream),
+                  SF_OK)
+            << sf_last_error();
+        ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+        EXPECT_EQ(d_err.host()[0], 3);
+        const std::vector<uint16_t> zg = z_out.host();
+        int64_t mismatches = 0;
+        for (size_t k = 0; k < zg.size(); k++) mismatches += zg[k] != to_bf16(plain[k]);
+        EXPECT_EQ(mismatches, 0) << "max_system 0: every row plain";
+        EXPECT_EQ(check_flags(e.get(), p, d_cu.get(), d_ids.get(), d_spans.get(), 0, max_user),
+                  (std::vector<int32_t>{SF_GUARD_TOO_LONG, SF_GUARD_TOO_LONG, SF_GUARD_TOO_LONG,
+                                        0}));
     }
 
     // The engine's own steps are unaffected.

@@ -119,6 +119,15 @@ sf_status sf_cuda_guarded_embed(sf_cuda_engine *engine, int32_t n_requests, int3
     return no_cuda("sf_cuda_guarded_embed");
 }
 
+sf_status sf_cuda_guard_check(sf_cuda_engine *engine, int32_t n_requests, int32_t n_tokens,
+                              const int32_t *d_cu_seqlens, const int32_t *d_token_ids,
+                              const sf_prompt_spans *d_spans, int32_t max_system,
+                              int32_t max_user, int32_t *d_flags, void *cuda_stream) {
+    (void)engine, (void)n_requests, (void)n_tokens, (void)d_cu_seqlens, (void)d_token_ids;
+    (void)d_spans, (void)max_system, (void)max_user, (void)d_flags, (void)cuda_stream;
+    return no_cuda("sf_cuda_guard_check");
+}
+
 /* host/cuda/train.h: the GPU training step. */
 sf_cuda_train_options sf_cuda_train_default_options(void) {
     sf_cuda_train_options o;

@@ -155,7 +155,7 @@ sf_status sf_cuda_rewrite_system(sf_cuda_engine *e, int32_t n_requests, int32_t 
                                  const int32_t *d_cu_seqlens, const int32_t *d_spans,
                                  int32_t max_system, int32_t max_user, sf_bf16 *x, int *d_errors,
                                  cudaStream_t s) {
-    if (!e->has_sysformer || n_requests == 0 || max_system == 0) return SF_OK;
+    if (!e->has_sysformer || n_requests == 0) return SF_OK;
     sf_cuda_arena *a = &e->a;
     const int64_t d = e->d;
     /* With a learned system offset of n rows only spans of 0 or n rows are valid, so no
@@ -169,6 +169,12 @@ sf_status sf_cuda_rewrite_system(sf_cuda_engine *e, int32_t n_requests, int32_t 
                                         max_user, offset_rows, a->sys_rows, a->user_rows,
                                         a->cu_sys, a->cu_user, a->sys_len, a->user_len, d_errors,
                                         s);
+    /* max_system 0: no system row to rewrite, but the layout has counted the requests that
+     * have one (over max_system) */
+    if (max_system == 0) {
+        sf_nvtx_pop();
+        return st;
+    }
     if (st == SF_OK) st = sf_cuda_gather_rows_bf16(a->s_x, d, x, d, a->sys_rows, p.Ts, d, s);
     /* X = S + offset (sf_sysformer_add_offset). The layout is then [n_requests, n d]: the offset
      * is one bias row over it. A request without a valid system span gets it on padding rows,
@@ -184,27 +190,50 @@ sf_status sf_cuda_rewrite_system(sf_cuda_engine *e, int32_t n_requests, int32_t 
     return st;
 }
 
-sf_status sf_cuda_guarded_embed(sf_cuda_engine *e, int32_t n_requests, int32_t n_tokens,
-                                const int32_t *d_cu_seqlens, const int32_t *d_token_ids,
-                                const sf_prompt_spans *d_spans, int32_t max_system,
-                                int32_t max_user, void *d_embeds, int *d_errors,
-                                void *cuda_stream) {
-    if (!e) return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_cuda_guarded_embed: NULL engine");
+/* The host-side checks of a serving batch (sf_cuda_guarded_embed, sf_cuda_guard_check). */
+static sf_status check_batch(const char *fn, const sf_cuda_engine *e, int32_t n_requests,
+                             int32_t n_tokens, int32_t max_system, int32_t max_user) {
+    if (!e) return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: NULL engine", fn);
     if (n_requests < 0 || n_tokens < 0 || max_system < 0 || max_user < 0) {
         return sf_fail(SF_ERR_INVALID_ARGUMENT,
-                       "sf_cuda_guarded_embed: n_requests %d, n_tokens %d, max_system %d, "
-                       "max_user %d",
+                       "%s: n_requests %d, n_tokens %d, max_system %d, max_user %d", fn,
                        n_requests, n_tokens, max_system, max_user);
     }
     if (n_requests > e->max_slots || n_tokens > e->max_batch_tokens ||
         (int64_t)n_requests * max_system > e->max_batch_tokens ||
         (int64_t)n_requests * max_user > e->max_batch_tokens) {
         return sf_fail(SF_ERR_OUT_OF_RANGE,
-                       "sf_cuda_guarded_embed: %d requests, %d tokens, %d x %d system and %d x "
-                       "%d user rows; the engine was sized for %d requests and %d tokens",
-                       n_requests, n_tokens, n_requests, max_system, n_requests, max_user,
+                       "%s: %d requests, %d tokens, %d x %d system and %d x %d user rows; the "
+                       "engine was sized for %d requests and %d tokens",
+                       fn, n_requests, n_tokens, n_requests, max_system, n_requests, max_user,
                        e->max_slots, e->max_batch_tokens);
     }
+    return SF_OK;
+}
+
+sf_status sf_cuda_guard_check(sf_cuda_engine *e, int32_t n_requests, int32_t n_tokens,
+                              const int32_t *d_cu_seqlens, const int32_t *d_token_ids,
+                              const sf_prompt_spans *d_spans, int32_t max_system,
+                              int32_t max_user, int32_t *d_flags, void *cuda_stream) {
+    SF_TRY(check_batch("sf_cuda_guard_check", e, n_requests, n_tokens, max_system, max_user));
+    if (n_requests == 0) return SF_OK;
+    if (!d_cu_seqlens || !d_flags || (n_tokens > 0 && !d_token_ids) ||
+        (e->has_sysformer && !d_spans)) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_cuda_guard_check: NULL device pointer");
+    }
+    return sf_cuda_guard_check_flags(
+        d_cu_seqlens, e->has_sysformer ? (const int32_t *)d_spans : NULL, d_token_ids,
+        n_requests, n_tokens, e->cfg.vocab_size, max_system, max_user,
+        e->has_sysformer ? e->sys_cfg.system_offset_rows : 0, d_flags,
+        (cudaStream_t)cuda_stream);
+}
+
+sf_status sf_cuda_guarded_embed(sf_cuda_engine *e, int32_t n_requests, int32_t n_tokens,
+                                const int32_t *d_cu_seqlens, const int32_t *d_token_ids,
+                                const sf_prompt_spans *d_spans, int32_t max_system,
+                                int32_t max_user, void *d_embeds, int *d_errors,
+                                void *cuda_stream) {
+    SF_TRY(check_batch("sf_cuda_guarded_embed", e, n_requests, n_tokens, max_system, max_user));
     if (n_tokens == 0) return SF_OK;
     if (!d_cu_seqlens || !d_token_ids || !d_spans || !d_embeds || ((uintptr_t)d_embeds & 15u)) {
         return sf_fail(SF_ERR_INVALID_ARGUMENT,

@@ -315,6 +315,21 @@ int main(int argc, char **argv) {
                         "(want 1) and %s row\n", errors, zero_row ? "a zero" : "a non-zero");
         return 1;
     }
+    /* Which request to drop, still on the device: per-request reasons (request 0 holds the
+     * bad id, request 1 is fine). */
+    int32_t *d_flags = NULL, flags[2] = {-1, -1};
+    CUDA_OK(cudaMalloc((void **)&d_flags, sizeof flags));
+    SF_OK_OR_FAIL("sf_cuda_guard_check",
+                  sf_cuda_guard_check(engine, 2, n_tokens, d_cu, d_ids, d_spans, max_system,
+                                      max_user, d_flags, stream));
+    CUDA_OK(cudaMemcpyAsync(flags, d_flags, sizeof flags, cudaMemcpyDeviceToHost, stream));
+    CUDA_OK(cudaStreamSynchronize(stream));
+    cudaFree(d_flags);
+    if (flags[0] != SF_GUARD_BAD_TOKEN || flags[1] != 0) {
+        fprintf(stderr, "serving_example: sf_cuda_guard_check gave flags %d, %d (want %d, 0)\n",
+                flags[0], flags[1], SF_GUARD_BAD_TOKEN);
+        return 1;
+    }
 
     free(got);
     free(want);
@@ -337,7 +352,8 @@ int main(int argc, char **argv) {
         rmdir(dir);
     }
     printf("serving_example: OK: %d tokens in 2 requests, guarded embeddings on the caller's "
-           "stream equal bf16(E[token]) (fresh Sysformer = identity); a bad id is counted\n",
+           "stream equal bf16(E[token]) (fresh Sysformer = identity); a bad id is counted "
+           "and its request named\n",
            n_tokens);
     return 0;
 }
