@@ -66,8 +66,14 @@ if [ "${1:-}" = --all ]; then
     plant engine sysformer_forward.c ' offset_rows, a->sys_rows,' ' 0, a->sys_rows,' \
         'CudaEngineTiny.LearnedSystemOffsetMatchesCpu'
     # the serving entry point: a request whose device offsets run past the batch taken as
-    # valid (rows outside the caller's buffer); a lent embedding table taken unchecked
-    plant engine guard.cu 'end >= begin && end <= n_tokens &&' 'end >= begin &&' \
+    # valid (rows outside the caller's buffer); with max_system 0, requests with a system span
+    # neither rewritten nor counted; a lent embedding table taken unchecked
+    plant engine guard.cu \
+        'if (begin < 0 || end < begin || end > n_tokens) flags |= SF_GUARD_BAD_OFFSETS;' \
+        'if (begin < 0 || end < begin) flags |= SF_GUARD_BAD_OFFSETS;' \
+        'CudaEngine/CudaEngineVariant.GuardedEmbedMatchesCpuAndCountsBadInputs/llama_gqa_llama3'
+    plant engine sysformer_forward.c '(!e->has_sysformer || n_requests == 0) return' \
+        '(!e->has_sysformer || n_requests == 0 || max_system == 0) return' \
         'CudaEngine/CudaEngineVariant.GuardedEmbedMatchesCpuAndCountsBadInputs/llama_gqa_llama3'
     plant engine engine.c 'st = check_borrowed_rows(e, llm);' 'st = SF_OK;' \
         'CudaEngineTiny.GuardOnlyEngineBorrowsTheStacksEmbeddingTable'
