@@ -515,7 +515,8 @@ TEST_P(CudaEngineVariant, GuardedPrefillMatchesCpu) {
 }
 
 // 2. sf_cuda_guarded_embed on caller-owned device buffers and the caller's stream, against
-// sf_guarded_embed_cpu; then hostile device inputs, which are counted in d_errors, not faulted.
+// sf_guarded_embed_cpu; then hostile device inputs (bad ids, spans, offsets, bounds), which are
+// counted in d_errors, not faulted, and named request by request by sf_cuda_guard_check.
 TEST_P(CudaEngineVariant, GuardedEmbedMatchesCpuAndCountsBadInputs) {
     EnginePtr e = make_engine(llm_, sf_, options(4));  // max_batch_tokens = max_context = 128
     ASSERT_TRUE(e);
