@@ -725,7 +725,8 @@ sf_status sf_generate_cuda(sf_cuda_engine *engine, const sf_tokenizer *tok,
  *   spans are negative, do not add up to its length, exceed max_system / max_user, have a
  *   system span without a user span, or (a Sysformer with a learned system offset) have a system
  *   span that is neither empty nor exactly the offset's rows (that request's rows stay plain
- *   E[token]), so the stack can check validity without a host round trip.
+ *   E[token]), so the stack can check validity without a host round trip
+ *   (sf_cuda_guard_check then names the requests and their reasons).
  * Host-side checks (before anything is enqueued): n_tokens <= max_batch_tokens,
  * n_requests <= max_slots, max_system * n_requests and max_user * n_requests <= max_batch_tokens.
  * It uses the engine's arena, so it must not run concurrently with the engine's own steps. A
