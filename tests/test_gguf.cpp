@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <functional>
@@ -1123,6 +1124,40 @@ TEST(GgufLoader, EmbeddingsOnly) {
     EXPECT_EQ(0, memcmp(emb->embed, r.llm->embed, (size_t)n * sizeof(float)));
     sf_llm_free(emb);
     sf_llm_free(r.llm);
+}
+
+// A GGUF load (every tensor dequantised to fp32) reports its progress like a safetensors one:
+// "loading weights" from 0 to the model's fp32 bytes, rising, ending there.
+TEST(GgufLoader, ReportsProgress) {
+    TempDir dir;
+    LoadResult r = load_spec(dir, model_spec());
+    ASSERT_EQ(r.st, SF_OK) << r.msg;
+    const uint64_t bytes = (uint64_t)r.llm->n_weights * sizeof(float);
+    sf_llm_free(r.llm);
+    struct Log {
+        std::vector<uint64_t> done;
+        uint64_t total = 0;
+        bool other = false;
+    } log;
+    sf_set_progress(
+        [](void *user, const char *what, uint64_t done, uint64_t total) {
+            Log *l = static_cast<Log *>(user);
+            l->done.push_back(done);
+            l->other |= strcmp(what, "loading weights") != 0 || (l->total && total != l->total);
+            l->total = total;
+        },
+        &log);
+    sf_llm *llm = nullptr;
+    const sf_status st = sf_llm_load(dir.file("model.gguf").c_str(), &llm);
+    sf_set_progress(nullptr, nullptr);
+    ASSERT_EQ(st, SF_OK) << sf_last_error();
+    sf_llm_free(llm);
+    ASSERT_GE(log.done.size(), 3u);
+    EXPECT_FALSE(log.other) << "another name or total";
+    EXPECT_EQ(log.total, bytes);
+    EXPECT_EQ(log.done.front(), 0u);
+    EXPECT_EQ(log.done.back(), bytes);
+    EXPECT_TRUE(std::is_sorted(log.done.begin(), log.done.end()));
 }
 
 TEST(GgufLoader, ConfigFromMetadata) {
