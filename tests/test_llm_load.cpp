@@ -14,7 +14,9 @@
 #include <thread>
 #include <vector>
 
+#include "core/error.h"
 #include "io/safetensors.h"
+#include "model/llm.h"
 #include "model_fixtures.h"
 #include "sysformer.h"
 
@@ -307,13 +309,23 @@ TEST_F(LlmLoad, ReportsProgressToTheCallingThread) {
     other.join();
     EXPECT_TRUE(log.events.empty()) << "another thread's load reached this thread's function";
 
-    // a truncated checkpoint: started, never completed
-    write_variant([](sf_st_entry &) { return true; });
-    const std::string path = bad_.file("model.safetensors");
-    struct stat st;
-    ASSERT_EQ(stat(path.c_str(), &st), 0);
-    ASSERT_EQ(truncate(path.c_str(), st.st_size - 100), 0);
-    EXPECT_NE(load_bad(), SF_OK);
+    // A read that fails on the third tensor (files are checked whole when opened, so no file
+    // fails this late): the load started and reported the first two, and never completed.
+    struct FailingSource {
+        int reads = 0;
+        static sf_status check(void *, const char *, int32_t, const int64_t *) { return SF_OK; }
+        static sf_status read(void *ctx, const char *name, float *) {
+            return ++static_cast<FailingSource *>(ctx)->reads == 3
+                       ? sf_fail(SF_ERR_IO, "%s: planted read failure", name)
+                       : SF_OK;
+        }
+    } failing;
+    const sf_weight_source src = {&failing, FailingSource::check, FailingSource::read};
+    sf_llm_config failing_cfg = tiny_llama_config();
+    sf_llm *failed = nullptr;
+    EXPECT_EQ(sf_llm_build(&failing_cfg, &src, false, &failed), SF_ERR_IO);
+    EXPECT_EQ(failed, nullptr);
+    ASSERT_EQ(log.events.size(), 3u) << "the start and two tensors";
     for (const ProgressLog::Event &e : log.events) EXPECT_LT(e.done, e.total) << "a failed load";
 
     // cleared: nothing

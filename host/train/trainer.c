@@ -631,6 +631,19 @@ static void splice(const sf_train_set *set, const int32_t *idx, packed *p, int64
     }
 }
 
+/* The LLM loss of a packed batch: its cross-entropy rows and, when cls, the Sysformer's
+ * classifier head on each request's last prompt row. */
+static sf_llm_loss_spec loss_spec(const sf_sysformer *sf, const packed *p, bool cls) {
+    return (sf_llm_loss_spec){
+        .n_ce = p->n_ce, .ce_rows = p->ce_rows, .ce_targets = p->ce_targets,
+        .ce_weights = p->ce_weights,
+        .n_class = cls ? p->n : 0, .class_rows = p->class_rows,
+        .class_labels = p->class_labels, .class_weights = p->class_weights,
+        .class_w = sf->classifier_weight,
+        .class_b = sf->classifier_bias ? sf->classifier_bias[0] : 0.0f,
+    };
+}
+
 /* Sum over the system rows of (S' - S)^2, in double. */
 static double recon_sum(const packed *p, int64_t d) {
     double sum = 0.0;
@@ -782,14 +795,7 @@ static sf_status train_step(sf_trainer *t, const int32_t *idx, int32_t n, step_s
         splice(set, idx, &p, d);
         memset(g, 0, (size_t)n_flat * sizeof(float));
         const bool cls = o->w_class > 0.0;
-        sf_llm_loss_spec spec = {
-            .n_ce = p.n_ce, .ce_rows = p.ce_rows, .ce_targets = p.ce_targets,
-            .ce_weights = p.ce_weights,
-            .n_class = cls ? n : 0, .class_rows = p.class_rows,
-            .class_labels = p.class_labels, .class_weights = p.class_weights,
-            .class_w = t->sf->classifier_weight,
-            .class_b = t->sf->classifier_bias ? t->sf->classifier_bias[0] : 0.0f,
-        };
+        const sf_llm_loss_spec spec = loss_spec(t->sf, &p, cls);
         sf_llm_backward_options bo = {o->recompute};
         st = sf_llm_loss_backward_cpu(t->llm, n, p.cu, p.embeds, &spec, &bo, &res, d_embeds,
                                       cls ? t->grads->classifier_weight : NULL,
@@ -872,14 +878,7 @@ static sf_status val_losses(sf_trainer *t, const int32_t *idx, int32_t n, double
         st = sf_sysformer_forward_cpu(t->sf, &rb, p.sys_out);
         if (st == SF_OK) {
             splice(set, idx, &p, d);
-            sf_llm_loss_spec spec = {
-                .n_ce = p.n_ce, .ce_rows = p.ce_rows, .ce_targets = p.ce_targets,
-                .ce_weights = p.ce_weights,
-                .n_class = cls ? n : 0, .class_rows = p.class_rows,
-                .class_labels = p.class_labels, .class_weights = p.class_weights,
-                .class_w = t->sf->classifier_weight,
-                .class_b = cls ? t->sf->classifier_bias[0] : 0.0f,
-            };
+            const sf_llm_loss_spec spec = loss_spec(t->sf, &p, cls);
             sf_llm_backward_options bo = {t->o.recompute};
             st = sf_llm_loss_backward_cpu(t->llm, n, p.cu, p.embeds, &spec, &bo, &res, NULL,
                                           NULL, NULL);
