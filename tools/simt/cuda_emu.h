@@ -1,5 +1,6 @@
-// tools/simt: the part of the CUDA runtime, math library, vector types and cuda_bf16.h that the
-// emulated kernels and their launchers use, on the host. Included at the end of shim.h.
+// tools/simt: the part of the CUDA runtime, math library, vector types, cuda_bf16.h and
+// cuda_fp16.h that the emulated kernels and their launchers use, on the host. Included at the
+// end of shim.h.
 #pragma once
 #include <stdarg.h>
 
@@ -58,6 +59,38 @@ inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) {
 inline __nv_bfloat162 __float22bfloat162_rn(float2 f) { return __floats2bfloat162_rn(f.x, f.y); }
 inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.__x; }
 inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short u) { return {u}; }
+
+// ---------------------------------------------------------------------------------------------
+// fp16 (cuda_fp16.h): bits only. The conversions are the host compiler's _Float16 (IEEE
+// binary16, round-to-nearest-even, overflow to inf), not the library's or the tests' own bit
+// code; NaN -> canonical 0x7fff as cvt.rn.f16.f32 does.
+// ---------------------------------------------------------------------------------------------
+struct alignas(2) __half {
+    unsigned short __x;
+};
+struct alignas(4) __half2 {
+    __half x, y;
+};
+namespace emu {
+inline unsigned short f2h_rn(float f) {
+    if (f != f) return 0x7fffu;
+    const _Float16 h = (_Float16)f;
+    unsigned short u;
+    memcpy(&u, &h, sizeof u);
+    return u;
+}
+inline float h2f(unsigned short u) {
+    _Float16 h;
+    memcpy(&h, &u, sizeof h);
+    return (float)h;
+}
+}  // namespace emu
+inline __half __float2half_rn(float f) { return {emu::f2h_rn(f)}; }
+inline float __half2float(__half h) { return emu::h2f(h.__x); }
+inline __half2 __floats2half2_rn(float a, float b) { return {{emu::f2h_rn(a)}, {emu::f2h_rn(b)}}; }
+inline float2 __half22float2(__half2 h) { return {emu::h2f(h.x.__x), emu::h2f(h.y.__x)}; }
+inline unsigned short __half_as_ushort(__half h) { return h.__x; }
+inline __half __ushort_as_half(unsigned short u) { return {u}; }
 
 // ---------------------------------------------------------------------------------------------
 // Math. IEEE basic operations are the host's. The transcendental functions are glibc's

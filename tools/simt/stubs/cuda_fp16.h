@@ -1,0 +1,1 @@
+#pragma once  // tools/simt: shim.h (force-included) defines what is needed
