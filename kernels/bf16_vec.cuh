@@ -1,8 +1,10 @@
 // Internal: moving bf16 values between memory and fp32 registers, 8 at a time (one 128-bit
-// access) or 1 at a time, for the elementwise kernels.
+// access) or 1 at a time, for the elementwise kernels; and the two 16-bit float formats'
+// conversions on bits, for kernels written once for both.
 #pragma once
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <stdint.h>
 
 namespace sf_vec {
@@ -38,5 +40,29 @@ __device__ __forceinline__ void store_bf16(__nv_bfloat16 *p, const float (&v)[VE
         *reinterpret_cast<uint4 *>(p) = *reinterpret_cast<const uint4 *>(h);
     }
 }
+
+// A 16-bit float format as bits: to fp32 (exact) and from fp32 (round to nearest, ties to
+// even; overflow to +-inf; NaN stays NaN), one value or a pair packed low value first. Bf16 is
+// the engine's storage; F16 (IEEE binary16) the embeddings of a serving stack that runs its
+// LLM in fp16 (SF_EMBEDDING_F16).
+struct Bf16 {
+    __device__ static float to_f32(uint16_t b) { return __bfloat162float(__ushort_as_bfloat16(b)); }
+    __device__ static uint16_t from_f32(float f) {
+        return __bfloat16_as_ushort(__float2bfloat16_rn(f));
+    }
+    __device__ static uint32_t pack2(float lo, float hi) {
+        const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+        return (uint32_t)__bfloat16_as_ushort(h.x) | (uint32_t)__bfloat16_as_ushort(h.y) << 16;
+    }
+};
+
+struct F16 {
+    __device__ static float to_f32(uint16_t b) { return __half2float(__ushort_as_half(b)); }
+    __device__ static uint16_t from_f32(float f) { return __half_as_ushort(__float2half_rn(f)); }
+    __device__ static uint32_t pack2(float lo, float hi) {
+        const __half2 h = __floats2half2_rn(lo, hi);
+        return (uint32_t)__half_as_ushort(h.x) | (uint32_t)__half_as_ushort(h.y) << 16;
+    }
+};
 
 }  // namespace sf_vec

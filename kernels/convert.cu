@@ -1,7 +1,9 @@
-// fp32 <-> bf16 conversion. CPU twin: to_bf16 / from_bf16 in tests/cuda_test_util.h (the same
-// round-to-nearest-even), so the test compares bits.
+// fp32 <-> bf16 conversion, and fp32 -> fp16 (a serving stack's fp16 embedding table). CPU
+// twins: to_bf16 / from_bf16 and to_f16 in tests/cuda_test_util.h (the same
+// round-to-nearest-even), so the tests compare bits.
 #include <cuda_bf16.h>
 
+#include "bf16_vec.cuh"
 #include "convert.h"
 #include "cuda_check.cuh"
 
@@ -19,23 +21,20 @@ inline bool aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
 // ---------------------------------------------------------------------------------------------
 
 // VEC = 8: both pointers 16-byte aligned and n a multiple of 8, so every access is one 128-bit
-// (bf16) or two 128-bit (fp32) transactions. VEC = 1 handles every other case.
-template <int VEC>
-__global__ void f32_to_bf16_kernel(__nv_bfloat16 *__restrict__ out, const float *__restrict__ in,
-                                   int64_t n_vec) {
+// (16-bit formats) or two 128-bit (fp32) transactions. VEC = 1 handles every other case. Fmt
+// is sf_vec::Bf16 or sf_vec::F16.
+template <int VEC, class Fmt>
+__global__ void f32_to_16_kernel(uint16_t *__restrict__ out, const float *__restrict__ in,
+                                 int64_t n_vec) {
     const int64_t v = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (v >= n_vec) return;
     if constexpr (VEC == 1) {
-        out[v] = __float2bfloat16_rn(in[v]);
+        out[v] = Fmt::from_f32(in[v]);
     } else {
         const float4 *src = reinterpret_cast<const float4 *>(in) + 2 * v;
         const float4 a = src[0], b = src[1];
-        __align__(16) __nv_bfloat162 packed[4];
-        packed[0] = __floats2bfloat162_rn(a.x, a.y);
-        packed[1] = __floats2bfloat162_rn(a.z, a.w);
-        packed[2] = __floats2bfloat162_rn(b.x, b.y);
-        packed[3] = __floats2bfloat162_rn(b.z, b.w);
-        reinterpret_cast<uint4 *>(out)[v] = *reinterpret_cast<const uint4 *>(packed);
+        reinterpret_cast<uint4 *>(out)[v] = make_uint4(Fmt::pack2(a.x, a.y), Fmt::pack2(a.z, a.w),
+                                                       Fmt::pack2(b.x, b.y), Fmt::pack2(b.z, b.w));
     }
 }
 
@@ -72,21 +71,32 @@ sf_status check_n(const char *who, const void *out, const void *in, int64_t n) {
 // Launchers
 // ---------------------------------------------------------------------------------------------
 
-extern "C" sf_status sf_cuda_f32_to_bf16(sf_bf16 *out, const float *in, int64_t n,
-                                         cudaStream_t stream) {
-    sf_status st = check_n("sf_cuda_f32_to_bf16", out, in, n);
+template <class Fmt>
+static sf_status f32_to_16(const char *who, uint16_t *out, const float *in, int64_t n,
+                           cudaStream_t stream) {
+    sf_status st = check_n(who, out, in, n);
     if (st != SF_OK || n == 0) return st;
-    sf_nvtx_range range("sf_cuda_f32_to_bf16");
-    __nv_bfloat16 *o = reinterpret_cast<__nv_bfloat16 *>(out);
+    sf_nvtx_range range(who);
     if (n % kVec == 0 && aligned16(out) && aligned16(in)) {
         const int64_t n_vec = n / kVec;
-        f32_to_bf16_kernel<kVec>
-            <<<(unsigned)sf_ceil_div(n_vec, kBlock), kBlock, 0, stream>>>(o, in, n_vec);
+        f32_to_16_kernel<kVec, Fmt>
+            <<<(unsigned)sf_ceil_div(n_vec, kBlock), kBlock, 0, stream>>>(out, in, n_vec);
     } else {
-        f32_to_bf16_kernel<1><<<(unsigned)sf_ceil_div(n, kBlock), kBlock, 0, stream>>>(o, in, n);
+        f32_to_16_kernel<1, Fmt>
+            <<<(unsigned)sf_ceil_div(n, kBlock), kBlock, 0, stream>>>(out, in, n);
     }
     SF_CUDA_TRY(cudaGetLastError());
     return SF_OK;
+}
+
+extern "C" sf_status sf_cuda_f32_to_bf16(sf_bf16 *out, const float *in, int64_t n,
+                                         cudaStream_t stream) {
+    return f32_to_16<sf_vec::Bf16>("sf_cuda_f32_to_bf16", out, in, n, stream);
+}
+
+extern "C" sf_status sf_cuda_f32_to_f16(sf_f16 *out, const float *in, int64_t n,
+                                        cudaStream_t stream) {
+    return f32_to_16<sf_vec::F16>("sf_cuda_f32_to_f16", out, in, n, stream);
 }
 
 extern "C" sf_status sf_cuda_bf16_to_f32(float *out, const sf_bf16 *in, int64_t n,

@@ -1,4 +1,5 @@
-// Embedding gather (fp32 and bf16) and the splice of S' rows into the LLM input buffer.
+// Embedding gather (fp32, and bf16 or fp16: a 16-bit bit copy) and the splice of S' rows into
+// the LLM input buffer.
 // CPU twin: host/cpu/embedding.c (the splice is the same row copy with the indices swapped).
 #include "cuda_check.cuh"
 #include "embedding.h"
@@ -7,7 +8,7 @@
 
 namespace {
 
-// Rows of bf16 move as 128-bit words (8 values) when dim is a multiple of 8 and both row bases
+// Rows of 16-bit values move as 128-bit words (8 values) when dim is a multiple of 8 and both row bases
 // are 16-byte aligned, else value by value.
 constexpr int kRowBlock = 128;
 constexpr int kVec = 8;
@@ -37,7 +38,7 @@ __global__ void embedding_f32_kernel(float *__restrict__ out, const float *__res
     for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) dst[i] = src[i];
 }
 
-// One bf16 row copy by the whole block. T is uint4 (8 values) or uint16_t (1 value); dim_t is
+// One 16-bit row copy by the whole block. T is uint4 (8 values) or uint16_t (1 value); dim_t is
 // the row length in T units.
 template <typename T>
 __device__ __forceinline__ void copy_row(T *__restrict__ dst, const T *__restrict__ src,
@@ -45,9 +46,9 @@ __device__ __forceinline__ void copy_row(T *__restrict__ dst, const T *__restric
     for (int64_t i = threadIdx.x; i < dim_t; i += blockDim.x) dst[i] = src[i];
 }
 
-// The bf16 gather, one block per row; T as in copy_row.
+// The 16-bit gather (bf16 or fp16: bits are copied), one block per row; T as in copy_row.
 template <typename T>
-__global__ void embedding_bf16_kernel(T *__restrict__ out, const T *__restrict__ table,
+__global__ void embedding_16bit_kernel(T *__restrict__ out, const T *__restrict__ table,
                                       const int32_t *__restrict__ ids, int64_t dim_t,
                                       int32_t vocab, int *bad_ids) {
     const int64_t row = blockIdx.x;
@@ -80,29 +81,41 @@ extern "C" sf_status sf_cuda_embedding_f32(float *out, const float *table, const
     return SF_OK;
 }
 
-extern "C" sf_status sf_cuda_embedding_bf16(sf_bf16 *out, const sf_bf16 *table, const int32_t *ids,
-                                            int64_t n, int64_t dim, int32_t vocab, int *bad_ids,
-                                            cudaStream_t stream) {
+static sf_status embedding_16bit(const char *fn, uint16_t *out, const uint16_t *table,
+                                 const int32_t *ids, int64_t n, int64_t dim, int32_t vocab,
+                                 int *bad_ids, cudaStream_t stream) {
     if (n < 0 || dim < 0 || n > 0x7fffffff) {
-        return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_cuda_embedding_bf16: n = %lld, dim = %lld",
-                       (long long)n, (long long)dim);
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: n = %lld, dim = %lld", fn, (long long)n,
+                       (long long)dim);
     }
     if (n == 0 || dim == 0) return SF_OK;
-    if (!out || !table || !ids) {
-        return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_cuda_embedding_bf16: NULL pointer");
-    }
-    sf_nvtx_range range("sf_cuda_embedding_bf16");
+    if (!out || !table || !ids) return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: NULL pointer", fn);
+    sf_nvtx_range range(fn);
     // The table's rows are 16-byte aligned iff its base is and dim is a multiple of 8.
     if (dim % kVec == 0 && aligned16(out) && aligned16(table)) {
-        embedding_bf16_kernel<uint4><<<(unsigned)n, kRowBlock, 0, stream>>>(
+        embedding_16bit_kernel<uint4><<<(unsigned)n, kRowBlock, 0, stream>>>(
             reinterpret_cast<uint4 *>(out), reinterpret_cast<const uint4 *>(table), ids,
             dim / kVec, vocab, bad_ids);
     } else {
-        embedding_bf16_kernel<uint16_t><<<(unsigned)n, kRowBlock, 0, stream>>>(out, table, ids, dim,
-                                                                           vocab, bad_ids);
+        embedding_16bit_kernel<uint16_t><<<(unsigned)n, kRowBlock, 0, stream>>>(
+            out, table, ids, dim, vocab, bad_ids);
     }
     SF_CUDA_TRY(cudaGetLastError());
     return SF_OK;
+}
+
+extern "C" sf_status sf_cuda_embedding_bf16(sf_bf16 *out, const sf_bf16 *table, const int32_t *ids,
+                                            int64_t n, int64_t dim, int32_t vocab, int *bad_ids,
+                                            cudaStream_t stream) {
+    return embedding_16bit("sf_cuda_embedding_bf16", out, table, ids, n, dim, vocab, bad_ids,
+                           stream);
+}
+
+extern "C" sf_status sf_cuda_embedding_f16(sf_f16 *out, const sf_f16 *table, const int32_t *ids,
+                                           int64_t n, int64_t dim, int32_t vocab, int *bad_ids,
+                                           cudaStream_t stream) {
+    return embedding_16bit("sf_cuda_embedding_f16", out, table, ids, n, dim, vocab, bad_ids,
+                           stream);
 }
 
 // The splice is the scatter of kernels/guard.cu with packed rows (row strides = dim).

@@ -100,10 +100,32 @@ __global__ void __launch_bounds__(kBlock)
     flags_out[r] = flags;
 }
 
-// One block per row, T = uint4 (8 bf16, when the rows are 16-byte aligned) or uint16_t: a bit
-// copy of row i of src to row rows[i] of dst (scatter), or of row rows[i] of src to row i of dst
-// (gather). A negative index skips the row (scatter) or writes zeros (gather). Strides are in T.
-template <typename T, bool kScatter>
+// What move_rows_kernel does to each value on the way: Same copies the bits; Convert<From, To>
+// rounds from one 16-bit float format to the other (sf_vec::Bf16, sf_vec::F16), one value or the
+// 8 of a uint4. A zero row is +0 in both formats.
+struct Same {
+    template <typename T>
+    __device__ T operator()(T x) const {
+        return x;
+    }
+};
+
+template <class From, class To>
+struct Convert {
+    __device__ uint16_t operator()(uint16_t x) const { return To::from_f32(From::to_f32(x)); }
+    __device__ uint32_t pair(uint32_t w) const {
+        return To::pack2(From::to_f32((uint16_t)(w & 0xffffu)), From::to_f32((uint16_t)(w >> 16)));
+    }
+    __device__ uint4 operator()(uint4 x) const {
+        return make_uint4(pair(x.x), pair(x.y), pair(x.z), pair(x.w));
+    }
+};
+
+// One block per row, T = uint4 (8 values, when the rows are 16-byte aligned) or uint16_t: row i
+// of src to row rows[i] of dst (scatter), or row rows[i] of src to row i of dst (gather), each
+// value through Conv. A negative index skips the row (scatter) or writes zeros (gather). Strides
+// are in T.
+template <typename T, bool kScatter, class Conv>
 __global__ void __launch_bounds__(kBlock)
     move_rows_kernel(T *__restrict__ dst, int64_t dst_stride, const T *__restrict__ src,
                      int64_t src_stride, const int32_t *__restrict__ rows, int64_t dim) {
@@ -112,7 +134,8 @@ __global__ void __launch_bounds__(kBlock)
     if (kScatter && r < 0) return;
     T *d = dst + (kScatter ? (int64_t)r : i) * dst_stride;
     const T *from = src + (kScatter ? i : (int64_t)r) * src_stride;
-    for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) d[c] = r >= 0 ? from[c] : T{};
+    const Conv conv;
+    for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) d[c] = r >= 0 ? conv(from[c]) : T{};
 }
 
 // One block per request. Every thread reads the slot's length before thread 0 advances it.
@@ -237,19 +260,19 @@ static sf_status rows_args(const char *fn, const void *dst, int64_t dst_stride, 
     return SF_OK;
 }
 
-template <bool kScatter>
-static sf_status move_rows(const char *fn, sf_bf16 *dst, int64_t dst_stride, const sf_bf16 *src,
+template <bool kScatter, class Conv>
+static sf_status move_rows(const char *fn, uint16_t *dst, int64_t dst_stride, const uint16_t *src,
                            int64_t src_stride, const int32_t *rows, int64_t n, int64_t dim,
                            cudaStream_t stream) {
     sf_status st = rows_args(fn, dst, dst_stride, src, src_stride, rows, n, dim);
     if (st != SF_OK || n == 0 || dim == 0) return st;
     sf_nvtx_range range(fn);
     if (rows_vec8(dst, dst_stride, src, src_stride, dim)) {
-        move_rows_kernel<uint4, kScatter><<<(unsigned)n, kBlock, 0, stream>>>(
+        move_rows_kernel<uint4, kScatter, Conv><<<(unsigned)n, kBlock, 0, stream>>>(
             reinterpret_cast<uint4 *>(dst), dst_stride / 8,
             reinterpret_cast<const uint4 *>(src), src_stride / 8, rows, dim / 8);
     } else {
-        move_rows_kernel<uint16_t, kScatter><<<(unsigned)n, kBlock, 0, stream>>>(
+        move_rows_kernel<uint16_t, kScatter, Conv><<<(unsigned)n, kBlock, 0, stream>>>(
             dst, dst_stride, src, src_stride, rows, dim);
     }
     SF_CUDA_TRY(cudaGetLastError());
@@ -260,16 +283,33 @@ extern "C" sf_status sf_cuda_gather_rows_bf16(sf_bf16 *dst, int64_t dst_stride,
                                               const sf_bf16 *src, int64_t src_stride,
                                               const int32_t *rows, int64_t n, int64_t dim,
                                               cudaStream_t stream) {
-    return move_rows<false>("sf_cuda_gather_rows_bf16", dst, dst_stride, src, src_stride, rows,
-                            n, dim, stream);
+    return move_rows<false, Same>("sf_cuda_gather_rows_bf16", dst, dst_stride, src, src_stride,
+                                  rows, n, dim, stream);
 }
 
 extern "C" sf_status sf_cuda_scatter_rows_bf16(sf_bf16 *dst, int64_t dst_stride,
                                                const sf_bf16 *src, int64_t src_stride,
                                                const int32_t *rows, int64_t n, int64_t dim,
                                                cudaStream_t stream) {
-    return move_rows<true>("sf_cuda_scatter_rows_bf16", dst, dst_stride, src, src_stride, rows,
-                           n, dim, stream);
+    return move_rows<true, Same>("sf_cuda_scatter_rows_bf16", dst, dst_stride, src, src_stride,
+                                 rows, n, dim, stream);
+}
+
+extern "C" sf_status sf_cuda_gather_rows_f16_to_bf16(sf_bf16 *dst, int64_t dst_stride,
+                                                     const sf_f16 *src, int64_t src_stride,
+                                                     const int32_t *rows, int64_t n,
+                                                     int64_t dim, cudaStream_t stream) {
+    return move_rows<false, Convert<sf_vec::F16, sf_vec::Bf16>>(
+        "sf_cuda_gather_rows_f16_to_bf16", dst, dst_stride, src, src_stride, rows, n, dim, stream);
+}
+
+extern "C" sf_status sf_cuda_scatter_rows_bf16_to_f16(sf_f16 *dst, int64_t dst_stride,
+                                                      const sf_bf16 *src, int64_t src_stride,
+                                                      const int32_t *rows, int64_t n,
+                                                      int64_t dim, cudaStream_t stream) {
+    return move_rows<true, Convert<sf_vec::Bf16, sf_vec::F16>>(
+        "sf_cuda_scatter_rows_bf16_to_f16", dst, dst_stride, src, src_stride, rows, n, dim,
+        stream);
 }
 
 extern "C" sf_status sf_cuda_step_layout(const int32_t *slots, const int32_t *cu_seqlens,

@@ -56,6 +56,17 @@ sf_status sf_cuda_scatter_rows_bf16(sf_bf16 *dst, int64_t dst_stride, const sf_b
                                     int64_t src_stride, const int32_t *rows, int64_t n,
                                     int64_t dim, cudaStream_t stream);
 
+/* The same two moves between the 16-bit formats, for an engine whose embeddings are fp16
+ * (SF_EMBEDDING_F16): each value is rounded to nearest, ties to even (an fp16 value past bf16's
+ * 8 significant bits rounds; a bf16 one with |x| >= 65520 becomes +-inf, as torch's
+ * .to(torch.float16)). The gather writes zeros for rows[i] < 0; the scatter skips them. */
+sf_status sf_cuda_gather_rows_f16_to_bf16(sf_bf16 *dst, int64_t dst_stride, const sf_f16 *src,
+                                          int64_t src_stride, const int32_t *rows, int64_t n,
+                                          int64_t dim, cudaStream_t stream);
+sf_status sf_cuda_scatter_rows_bf16_to_f16(sf_f16 *dst, int64_t dst_stride, const sf_bf16 *src,
+                                           int64_t src_stride, const int32_t *rows, int64_t n,
+                                           int64_t dim, cudaStream_t stream);
+
 /* One step's per-row and per-request indices from the slots' lengths, then the lengths
  * advanced. Request r (slot s = slots[r], L = slot_len[s], new tokens n_r = cu_seqlens[r+1] -
  * cu_seqlens[r], or 1 each when cu_seqlens is NULL: a decode step) gets, for its packed rows

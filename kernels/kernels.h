@@ -15,6 +15,8 @@ extern "C" {
 
 /* bfloat16 values as their 16 bits, in device memory (the .cu files see __nv_bfloat16). */
 typedef uint16_t sf_bf16;
+/* IEEE binary16 values as their 16 bits (a serving stack's fp16 embeddings; __half in .cu). */
+typedef uint16_t sf_f16;
 
 /* embedding.cu: out[i, :] = table[ids[i], :] for fp32 rows of dim floats. An id outside
  * [0, vocab) writes a zero row and, when bad_ids is not NULL, increments *bad_ids (device int),

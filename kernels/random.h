@@ -13,6 +13,10 @@ extern "C" {
 sf_status sf_cuda_fill_uniform_bf16(sf_bf16 *x, int64_t n, uint64_t seed, float lo, float hi,
                                     cudaStream_t stream);
 
+/* The same values rounded to fp16 (a random engine with SF_EMBEDDING_F16 embeddings). */
+sf_status sf_cuda_fill_uniform_f16(sf_f16 *x, int64_t n, uint64_t seed, float lo, float hi,
+                                   cudaStream_t stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,5 +1,6 @@
-// The elementwise CUDA kernels against their CPU twins: fp32 <-> bf16 conversion, the bf16
-// embedding gather and splice, RoPE, SwiGLU / GELU / ReLU / bias add, argmax and top-k / top-p
+// The elementwise CUDA kernels against their CPU twins: fp32 <-> bf16 and fp32 -> fp16
+// conversion, the bf16 and fp16 embedding gathers, the splice and the row moves between the two
+// formats, RoPE, SwiGLU / GELU / ReLU / bias add, argmax and top-k / top-p
 // sampling. GPU tests skip without a device (bench/device_check.sh runs them on a lent GPU);
 // the argument tests and the sampling-margin test run everywhere and never touch CUDA.
 //
@@ -11,7 +12,8 @@
 // - fp32 unit roundoff u = 2^-24; CUDA's expf, sinf/cosf (sincosf) are within 2 ulp, erfcf
 //   within 4 ulp (CUDA C Programming Guide, "Mathematical functions"), one ulp being at most 2u
 //   relative. The CPU twins compute in double and round to fp32 once: error u |ref|.
-// - Gathers, splices, conversions, ReLU, bias add and argmax are exact (bits compared).
+// - Gathers, splices, conversions, ReLU, bias add and argmax are exact (bits compared); the
+//   fp16 ones against to_f16 of tests/cuda_test_util.h, a rounding found by search.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -23,6 +25,7 @@
 #include "cpu/ops.h"
 #include "cuda_test_util.h"
 #include "embedding.h"
+#include "guard.h"
 #include "rope.h"
 #include "sampling.h"
 #include "test_util.h"
@@ -90,6 +93,18 @@ TEST(CudaElementwiseArgs, RejectBadShapesWithoutTouchingCuda) {
               SF_ERR_INVALID_ARGUMENT);
     EXPECT_EQ(sf_cuda_splice_rows_bf16(p, p, ids, -1, 8, 0), SF_ERR_INVALID_ARGUMENT);
     EXPECT_EQ(sf_cuda_splice_rows_bf16(p, p, nullptr, 3, 8, 0), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cuda_f32_to_f16(p, f, -1, 0), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cuda_f32_to_f16(p, nullptr, 5, 0), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cuda_embedding_f16(p, p, ids, -1, 8, 10, nullptr, 0), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cuda_embedding_f16(p, p, nullptr, 4, 8, 10, nullptr, 0),
+              SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cuda_gather_rows_f16_to_bf16(p, 8, p, 7, ids, 4, 8, 0), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cuda_gather_rows_f16_to_bf16(p, 8, p, 8, ids, -1, 8, 0),
+              SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cuda_scatter_rows_bf16_to_f16(p, 7, p, 8, ids, 4, 8, 0),
+              SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cuda_scatter_rows_bf16_to_f16(nullptr, 8, p, 8, ids, 4, 8, 0),
+              SF_ERR_INVALID_ARGUMENT);
 
     EXPECT_EQ(sf_cuda_rope_bf16(p, ids, -1, 8, 64, 512, f, 1.0f, 0), SF_ERR_INVALID_ARGUMENT);
     EXPECT_EQ(sf_cuda_rope_bf16(p, ids, 4, 8, 63, 504, f, 1.0f, 0), SF_ERR_INVALID_ARGUMENT);
@@ -152,6 +167,10 @@ TEST(CudaElementwiseArgs, RejectBadShapesWithoutTouchingCuda) {
 // Empty work is success and launches nothing, so it also needs no device.
 TEST(CudaElementwiseArgs, EmptyWorkSucceedsWithoutTouchingCuda) {
     EXPECT_EQ(sf_cuda_f32_to_bf16(nullptr, nullptr, 0, 0), SF_OK);
+    EXPECT_EQ(sf_cuda_f32_to_f16(nullptr, nullptr, 0, 0), SF_OK);
+    EXPECT_EQ(sf_cuda_embedding_f16(nullptr, nullptr, nullptr, 0, 8, 10, nullptr, 0), SF_OK);
+    EXPECT_EQ(sf_cuda_gather_rows_f16_to_bf16(nullptr, 8, nullptr, 8, nullptr, 0, 8, 0), SF_OK);
+    EXPECT_EQ(sf_cuda_scatter_rows_bf16_to_f16(nullptr, 8, nullptr, 8, nullptr, 0, 8, 0), SF_OK);
     EXPECT_EQ(sf_cuda_bf16_to_f32(nullptr, nullptr, 0, 0), SF_OK);
     EXPECT_EQ(sf_cuda_embedding_bf16(nullptr, nullptr, nullptr, 0, 8, 10, nullptr, 0), SF_OK);
     EXPECT_EQ(sf_cuda_splice_rows_bf16(nullptr, nullptr, nullptr, 4, 0, 0), SF_OK);
@@ -240,43 +259,114 @@ TEST(CudaConvert, Bf16ToF32IsExactForEveryPattern) {
     }
 }
 
+// The fp16 rounding cases on top of rounding_probes: ties between fp16 neighbours with even and
+// odd results and their neighbours, the largest finite value and the overflow boundary
+// (65520 is the tie that goes to inf), the subnormals (spacing 2^-24; 2^-25 is the tie that
+// goes to zero, 3 * 2^-25 the one that goes up to 2^-23), the smallest normal, and values
+// spread over fp16's whole range.
+std::vector<float> f16_rounding_probes(Rng &rng, size_t n) {
+    std::vector<float> v = rounding_probes(rng, n);
+    const float special[] = {1.0f + 0x1p-11f, 1.0f + 3 * 0x1p-11f, 1.0f + 0x1p-11f + 0x1p-20f,
+                             1.0f + 0x1p-11f - 0x1p-20f, -(1.0f + 3 * 0x1p-11f), 65504.0f,
+                             65519.0f, 65520.0f, -65520.0f, 65536.0f, 1e6f, 0x1p-24f, 0x1p-25f,
+                             0x1p-25f + 0x1p-40f, 3 * 0x1p-25f, -3 * 0x1p-25f, 0x1p-14f,
+                             0x1p-14f - 0x1p-25f, 0x1p-30f, 2047.5f, 2048.5f, 4097.0f};
+    const size_t n_special = sizeof special / sizeof special[0];
+    for (size_t i = 0; i < n && i < n_special; i++) v[(i * 104729 + 3) % n] = special[i];
+    // every binade of fp16, with random significands
+    for (size_t i = n_special; i < n; i += 5) {
+        v[i] = std::ldexp(rng.uniform(1.0f, 2.0f), (int)(i % 45) - 30) * (i % 2 ? -1.0f : 1.0f);
+    }
+    return v;
+}
+
+TEST(CudaConvert, F32ToF16MatchesNaiveRoundingBitForBit) {
+    SF_SKIP_WITHOUT_GPU();
+    Rng rng(12);
+    for (size_t n : {1, 7, 65, 1000, 4104, 65536}) {
+        for (size_t offset : {0, 1}) {
+            SCOPED_TRACE(testing::Message() << "n = " << n << ", offset = " << offset);
+            std::vector<float> in = f16_rounding_probes(rng, n);
+            DeviceBuffer<float> d_in(n + offset);
+            DeviceBuffer<uint16_t> d_out(n + offset);
+            upload(d_in.get() + offset, in);
+            ASSERT_EQ(sf_cuda_f32_to_f16(d_out.get() + offset, d_in.get() + offset, (int64_t)n, 0),
+                      SF_OK)
+                << sf_last_error();
+            SF_EXPECT_SYNC();
+            std::vector<uint16_t> got = download(d_out.get() + offset, n);
+            for (size_t i = 0; i < n; i++) {
+                ASSERT_EQ(got[i], to_f16(in[i]))
+                    << "i = " << i << ", in " << in[i] << " (bits 0x" << std::hex << bits(in[i])
+                    << ")";
+            }
+        }
+    }
+}
+
+TEST(CudaConvert, F32ToF16KeepsNaN) {
+    SF_SKIP_WITHOUT_GPU();
+    std::vector<float> in(16, std::nanf(""));
+    in[3] = -std::nanf("");
+    DeviceBuffer<float> d_in(in);
+    DeviceBuffer<uint16_t> d_out(in.size());
+    ASSERT_EQ(sf_cuda_f32_to_f16(d_out.get(), d_in.get(), (int64_t)in.size(), 0), SF_OK);
+    SF_EXPECT_SYNC();
+    for (uint16_t h : d_out.host()) EXPECT_TRUE(std::isnan(from_f16(h)));
+}
+
 // =============================================================================================
 // Embedding gather and splice: bit copies, so exact.
 // =============================================================================================
 
-TEST(CudaEmbedding, Bf16GatherMatchesCpuExactly) {
+// Both 16-bit gathers: the table's values are those of its format, so the CPU twin's fp32 rows
+// convert back to the same bits.
+TEST(CudaEmbedding, Bf16AndF16GathersMatchCpuExactly) {
     SF_SKIP_WITHOUT_GPU();
     Rng rng(21);
     const int32_t vocab = 1000;
-    for (int64_t dim : {1, 7, 65, 576, 4096}) {
-        for (int64_t n : {1, 7, 65}) {
-            SCOPED_TRACE(testing::Message() << "dim = " << dim << ", n = " << n);
-            std::vector<float> table = bf16_round(scaled_normal(rng, (size_t)(vocab * dim), 1.0f));
-            std::vector<int32_t> ids(n);
-            for (auto &id : ids) id = (int32_t)rng.below(vocab);
-            ids[0] = vocab - 1;
-            std::vector<float> want(n * dim);
-            sf_cpu_embedding(want.data(), table.data(), ids.data(), n, dim);
-            // Out-of-range ids on the device only: zero rows, counted.
-            std::vector<int32_t> dev_ids = ids;
-            if (n > 1) dev_ids[n - 1] = vocab;
-            if (n > 3) dev_ids[2] = -5;
-            int expect_bad = (n > 1) + (n > 3);
-            if (n > 1) std::fill(want.begin() + (n - 1) * dim, want.begin() + n * dim, 0.0f);
-            if (n > 3) std::fill(want.begin() + 2 * dim, want.begin() + 3 * dim, 0.0f);
+    for (bool f16 : {false, true}) {
+        for (int64_t dim : {1, 7, 65, 576, 4096}) {
+            for (int64_t n : {1, 7, 65}) {
+                SCOPED_TRACE(testing::Message()
+                             << (f16 ? "fp16" : "bf16") << ", dim = " << dim << ", n = " << n);
+                auto encode = [f16](const std::vector<float> &v) {
+                    return f16 ? to_f16(v) : to_bf16(v);
+                };
+                std::vector<uint16_t> table_bits =
+                    encode(scaled_normal(rng, (size_t)(vocab * dim), 1.0f));
+                std::vector<float> table(table_bits.size());
+                for (size_t i = 0; i < table.size(); i++) {
+                    table[i] = f16 ? from_f16(table_bits[i]) : from_bf16(table_bits[i]);
+                }
+                std::vector<int32_t> ids(n);
+                for (auto &id : ids) id = (int32_t)rng.below(vocab);
+                ids[0] = vocab - 1;
+                std::vector<float> want(n * dim);
+                sf_cpu_embedding(want.data(), table.data(), ids.data(), n, dim);
+                // Out-of-range ids on the device only: zero rows, counted.
+                std::vector<int32_t> dev_ids = ids;
+                if (n > 1) dev_ids[n - 1] = vocab;
+                if (n > 3) dev_ids[2] = -5;
+                int expect_bad = (n > 1) + (n > 3);
+                if (n > 1) std::fill(want.begin() + (n - 1) * dim, want.begin() + n * dim, 0.0f);
+                if (n > 3) std::fill(want.begin() + 2 * dim, want.begin() + 3 * dim, 0.0f);
 
-            DeviceBuffer<uint16_t> d_table(to_bf16(table));
-            DeviceBuffer<int32_t> d_ids(dev_ids);
-            DeviceBuffer<uint16_t> d_out((size_t)(n * dim));
-            DeviceBuffer<int> d_bad(1);
-            ASSERT_EQ(cudaMemset(d_bad.get(), 0, sizeof(int)), cudaSuccess);
-            ASSERT_EQ(sf_cuda_embedding_bf16(d_out.get(), d_table.get(), d_ids.get(), n, dim, vocab,
-                                             d_bad.get(), 0),
-                      SF_OK)
-                << sf_last_error();
-            SF_EXPECT_SYNC();
-            EXPECT_EQ(d_out.host(), to_bf16(want));
-            EXPECT_EQ(d_bad.host()[0], expect_bad);
+                DeviceBuffer<uint16_t> d_table(table_bits);
+                DeviceBuffer<int32_t> d_ids(dev_ids);
+                DeviceBuffer<uint16_t> d_out((size_t)(n * dim));
+                DeviceBuffer<int> d_bad(1);
+                ASSERT_EQ(cudaMemset(d_bad.get(), 0, sizeof(int)), cudaSuccess);
+                const sf_status st =
+                    f16 ? sf_cuda_embedding_f16(d_out.get(), d_table.get(), d_ids.get(), n, dim,
+                                                vocab, d_bad.get(), 0)
+                        : sf_cuda_embedding_bf16(d_out.get(), d_table.get(), d_ids.get(), n, dim,
+                                                 vocab, d_bad.get(), 0);
+                ASSERT_EQ(st, SF_OK) << sf_last_error();
+                SF_EXPECT_SYNC();
+                EXPECT_EQ(d_out.host(), encode(want));
+                EXPECT_EQ(d_bad.host()[0], expect_bad);
+            }
         }
     }
 }
@@ -311,6 +401,63 @@ TEST(CudaEmbedding, SpliceWritesExactlyTheGivenRows) {
                 << sf_last_error();
             SF_EXPECT_SYNC();
             EXPECT_EQ(d_dst.host(), want);
+        }
+    }
+}
+
+// The row moves between the formats of an fp16 guard (kernels/guard.cu): gather fp16 rows into
+// bf16 ones and scatter bf16 rows into fp16 ones, each value rounded once to nearest even, so
+// bits compare with the host's two-step fp16 -> fp32 (exact) -> target rounding. Strides wider
+// than the rows, odd widths (the one-value path) and multiples of 8 (the 128-bit path); values
+// over the whole fp16 range, past it (bf16 -> fp16 overflows to inf) and in its subnormals.
+TEST(CudaEmbedding, RowMovesBetweenFormatsRoundEachValueOnce) {
+    SF_SKIP_WITHOUT_GPU();
+    Rng rng(23);
+    for (int64_t dim : {1, 7, 64, 576}) {
+        for (int64_t pad : {0, 8}) {
+            SCOPED_TRACE(testing::Message() << "dim = " << dim << ", stride = " << dim + pad);
+            const int64_t stride = dim + pad, n_src = 40, n = 9;
+            std::vector<int32_t> rows(n);
+            for (int64_t i = 0; i < n; i++) rows[i] = (int32_t)(4 * i + 1);
+            rows[3] = -1;  // gather: a zero row; scatter: nothing written
+            std::vector<float> values = f16_rounding_probes(rng, (size_t)(n_src * stride));
+            for (size_t i = 0; i < values.size(); i += 11) values[i] *= 3.0f;  // past 65504
+
+            // gather: fp16 [n_src, stride] -> bf16 [n, stride]
+            std::vector<uint16_t> src16 = to_f16(values);
+            std::vector<uint16_t> dst(n * stride, 0x5555), want_g = dst;
+            for (int64_t i = 0; i < n; i++) {
+                for (int64_t c = 0; c < dim; c++) {
+                    want_g[i * stride + c] =
+                        rows[i] < 0 ? 0 : to_bf16(from_f16(src16[rows[i] * stride + c]));
+                }
+            }
+            DeviceBuffer<uint16_t> d_src16(src16), d_dst(dst);
+            DeviceBuffer<int32_t> d_rows(rows);
+            ASSERT_EQ(sf_cuda_gather_rows_f16_to_bf16(d_dst.get(), stride, d_src16.get(), stride,
+                                                      d_rows.get(), n, dim, 0),
+                      SF_OK)
+                << sf_last_error();
+            SF_EXPECT_SYNC();
+            EXPECT_EQ(d_dst.host(), want_g);
+
+            // scatter: bf16 [n, stride] -> fp16 [n_src, stride]
+            std::vector<uint16_t> src_bf(n * stride);
+            for (int64_t i = 0; i < n * stride; i++) src_bf[i] = to_bf16(values[i]);
+            std::vector<uint16_t> out(n_src * stride, 0x5555), want_s = out;
+            for (int64_t i = 0; i < n; i++) {
+                if (rows[i] < 0) continue;
+                for (int64_t c = 0; c < dim; c++) {
+                    want_s[rows[i] * stride + c] = to_f16(from_bf16(src_bf[i * stride + c]));
+                }
+            }
+            DeviceBuffer<uint16_t> d_src_bf(src_bf), d_out(out);
+            ASSERT_EQ(sf_cuda_scatter_rows_bf16_to_f16(d_out.get(), stride, d_src_bf.get(),
+                                                       stride, d_rows.get(), n, dim, 0),
+                      SF_OK)
+                << sf_last_error();
+            SF_EXPECT_SYNC();
+            EXPECT_EQ(d_out.host(), want_s);
         }
     }
 }
