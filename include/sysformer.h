@@ -550,6 +550,19 @@ typedef enum sf_attention_kernel {
                                tensor cores); the same requirements as SF_ATTENTION_WGMMA   */
 } sf_attention_kernel;
 
+/* The 16-bit format of a guard-only engine's embeddings: of its embedding table (its own or
+ * the lent embedding_table) and of what sf_cuda_guarded_embed writes. The Sysformer itself
+ * always runs in bf16 with fp32 accumulation. */
+typedef enum sf_embedding_dtype {
+    SF_EMBEDDING_BF16 = 0, /* bfloat16 (the default, and every full engine's)                  */
+    SF_EMBEDDING_F16 = 1,  /* IEEE fp16, for a stack that runs its LLM in fp16 (Llama 2's
+                              checkpoints are fp16): the table and every plain row are the
+                              stack's fp16 values exactly; the system rows the Sysformer reads
+                              are rounded to bf16 and its S' rows rounded back to fp16 (to
+                              nearest; |x| >= 65520 becomes +-inf), so a fresh Sysformer gives
+                              S' = S only to within one bf16 rounding (2^-9 relative) in fp16   */
+} sf_embedding_dtype;
+
 typedef struct sf_cuda_engine_options {
     int32_t device;           /* CUDA device ordinal (default 0)                                */
     int32_t max_slots;        /* KV cache slots = requests held at once, and the most requests
@@ -567,19 +580,23 @@ typedef struct sf_cuda_engine_options {
                                  (so the LLM's head dimension is not checked), and steps,
                                  slot resets and generation answer SF_ERR_UNSUPPORTED
                                  (default false)                                           */
-    const void *embedding_table; /* guard_only only: the serving stack's own device copy of
-                                 the LLM's embedding table, bf16 [vocab_size, hidden_size]
-                                 row-major, on options.device, to read instead of uploading
-                                 a second one (vocab x hidden x 2 bytes saved: about 1 GiB for
-                                 Llama 3's vocabulary). Borrowed: the engine never writes or
-                                 frees it; it must be written, and that work synchronised,
-                                 before the engine is created (creation reads a few rows
-                                 back and refuses a table that is not the LLM's,
+    const void *embedding_table; /* guard_only only: the serving stack's own device copy of the
+                                 LLM's embedding table, [vocab_size, hidden_size] row-major in
+                                 embedding_dtype, on options.device, to read instead of
+                                 uploading a second one (vocab x hidden x 2 bytes saved: about
+                                 1 GiB for Llama 3's vocabulary). Borrowed: the engine never
+                                 writes or frees it; it must be written, and that work
+                                 synchronised, before the engine is created (creation reads a
+                                 few rows back and refuses a table that is not the LLM's,
                                  SF_ERR_INVALID_ARGUMENT), and outlive the engine. All
-                                 vocab_size rows must be on this device (a stack that shards
-                                 its embedding by vocabulary keeps the engine's own copy).
-                                 sf_cuda_engine_plan only asks whether it is NULL. NULL:
-                                 upload the LLM's (default)                                 */
+                                 vocab_size rows must be on this device (a stack that shards its
+                                 embedding by vocabulary keeps the engine's own copy).
+                                 sf_cuda_engine_plan only asks whether it is NULL. NULL: upload
+                                 the LLM's (default) */
+    sf_embedding_dtype embedding_dtype; /* guard_only only (a full engine refuses anything but
+                                 SF_EMBEDDING_BF16, SF_ERR_INVALID_ARGUMENT): the format of the
+                                 table, its own or lent, and of sf_cuda_guarded_embed's output;
+                                 the same bytes either way (default SF_EMBEDDING_BF16)      */
 } sf_cuda_engine_options;
 
 sf_cuda_engine_options sf_cuda_engine_default_options(void);
@@ -716,7 +733,8 @@ sf_status sf_generate_cuda(sf_cuda_engine *engine, const sf_tokenizer *tok,
  * when the engine has no Sysformer). The caller then feeds the buffer to its own LLM forward
  * (as inputs_embeds).
  *   d_cu_seqlens [n_requests + 1], d_token_ids [n_tokens], d_spans [n_requests]: device memory;
- *   d_embeds: device bf16 [n_tokens, hidden_size], 16-byte aligned, written in full;
+ *   d_embeds: device [n_tokens, hidden_size] in the engine's embedding_dtype (bf16 unless it
+ *   was created with SF_EMBEDDING_F16), 16-byte aligned, written in full;
  *   max_system, max_user: host bounds on any request's system and user span lengths (they size
  *   the work: the Sysformer runs on n_requests x max_system query rows);
  *   d_errors: device int or NULL; when not NULL it is incremented for every row with a token id

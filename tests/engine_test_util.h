@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda_test_util.h"
 #include "io/llm_config.h"
 #include "io/safetensors.h"
 #include "model_fixtures.h"
@@ -145,8 +146,11 @@ inline std::string variant_config(const std::string &name) {
 // expects for that architecture (host/model/llm.c), drawn from seed. Embeddings U with std 1,
 // linear weights U(+-sqrt(3 / fan_in)) (std 1/sqrt(fan_in)), the LM head likewise, norm weights
 // 1 + U(+-0.2), biases U(+-0.3) (large enough that dropping one moves the logits visibly).
+// f16_embedding: the embedding table is stored as F16 (rounded to nearest), as in a checkpoint
+// published in fp16 (Llama 2's): the model an fp16 serving stack runs.
 inline ::testing::AssertionResult write_llm_variant(const std::string &name,
-                                                    const std::string &dir, uint64_t seed) {
+                                                    const std::string &dir, uint64_t seed,
+                                                    bool f16_embedding = false) {
     const std::string json = variant_config(name);
     if (json.empty()) return ::testing::AssertionFailure() << "unknown variant " << name;
     {
@@ -198,6 +202,7 @@ inline ::testing::AssertionResult write_llm_variant(const std::string &name,
     Uniform rng(seed);
     std::vector<std::vector<float>> data(ts.size());
     std::vector<sf_st_entry> entries(ts.size());
+    std::vector<uint16_t> f16;
     for (size_t i = 0; i < ts.size(); i++) {
         const T &t = ts[i];
         data[i].resize((size_t)(t.rows * (t.cols ? t.cols : 1)));
@@ -216,6 +221,11 @@ inline ::testing::AssertionResult write_llm_variant(const std::string &name,
         entries[i].shape[0] = t.rows;
         entries[i].shape[1] = t.cols;
         entries[i].data = data[i].data();
+        if (embed && f16_embedding) {
+            f16 = to_f16(data[i]);
+            entries[i].dtype = SF_DTYPE_F16;
+            entries[i].data = f16.data();
+        }
     }
     const std::string path = dir + "/model.safetensors";
     if (sf_st_write(path.c_str(), entries.data(), (int64_t)entries.size(), nullptr) != SF_OK) {

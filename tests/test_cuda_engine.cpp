@@ -1781,6 +1781,141 @@ TEST_F(CudaEngineTiny, GuardOnlyEngineBorrowsTheStacksEmbeddingTable) {
     sf_cuda_engine_free(r);
 }
 
+// 9b'. A guard-only engine for a stack that runs its LLM in fp16 (SF_EMBEDDING_F16), on a
+// model whose embedding is published in fp16 (so the bf16 engine's table and the Sysformer's
+// bf16 inputs are the same values in both engines). Every plain row is the checkpoint's fp16
+// row exactly; every system row is the bf16 engine's S' rounded once to fp16, bit for bit (the
+// same bf16 inputs, weights and kernels: only the final rounding differs), and S' differs from
+// S (the test would pass vacuously otherwise). A lent fp16 table gives the same bits, saves its
+// bytes, and matches the plan. A bf16 table lent to an fp16 engine (and the converse), fp16 on a
+// full engine, and a value outside sf_embedding_dtype are refused with SF_ERR_INVALID_ARGUMENT.
+// Random weights in fp16 are the bf16 engine's draws, rounded to fp16 instead (within one bf16
+// rounding of them).
+TEST_F(CudaEngineTiny, GuardOnlyEngineWritesTheStacksFp16Embeddings) {
+    TempDir dir;
+    ASSERT_TRUE(write_llm_variant("llama_gqa_llama3", dir.path(), 17, true));
+    sf_llm *raw_llm = nullptr;
+    ASSERT_EQ(sf_llm_load(dir.path().c_str(), &raw_llm), SF_OK) << sf_last_error();
+    std::unique_ptr<sf_llm, void (*)(sf_llm *)> llm(raw_llm, sf_llm_free);
+    sf_sysformer *raw_sf = nullptr;
+    ASSERT_TRUE(make_open_sysformer(llm.get(), 5, &raw_sf));
+    std::unique_ptr<sf_sysformer, void (*)(sf_sysformer *)> sf(raw_sf, sf_sysformer_free);
+    const sf_llm_config &c = *sf_llm_get_config(llm.get());
+    const sf_sysformer_config &sc = *sf_sysformer_get_config(sf.get());
+    const int64_t V = c.vocab_size, d = c.hidden_size;
+    std::vector<int32_t> every((size_t)V);
+    for (int32_t t = 0; t < (int32_t)V; t++) every[(size_t)t] = t;
+    std::vector<float> table((size_t)(V * d));
+    ASSERT_EQ(sf_llm_embed(llm.get(), every.data(), V, table.data()), SF_OK) << sf_last_error();
+    const std::vector<uint16_t> table16 = to_f16(table);
+    for (size_t i = 0; i < table.size(); i++) {
+        ASSERT_EQ(from_f16(table16[i]), table[i]) << "the checkpoint's table is not fp16";
+    }
+
+    sf_cuda_engine_options o = options(4);
+    o.guard_only = true;
+    EnginePtr b = make_engine(llm.get(), sf.get(), o);
+    o.embedding_dtype = SF_EMBEDDING_F16;
+    EnginePtr h = make_engine(llm.get(), sf.get(), o);
+    DeviceBuffer<uint16_t> d_table16(table16);
+    o.embedding_table = d_table16.get();
+    EnginePtr lent = make_engine(llm.get(), sf.get(), o);
+    ASSERT_TRUE(b && h && lent);
+
+    const Prompts p = tiny_prompts({{5, 2}, {1, 7}, {12, 9}, {0, 4}}, 4);
+    const std::vector<uint16_t> want_b = guarded_embed(b.get(), p, d, 12, 9);
+    const std::vector<uint16_t> got = guarded_embed(h.get(), p, d, 12, 9);
+    ASSERT_FALSE(want_b.empty());
+    ASSERT_EQ(got.size(), want_b.size());
+    int64_t wrong_plain = 0, wrong_system = 0, rewritten = 0, system_values = 0;
+    for (int32_t r = 0; r < p.n(); r++) {
+        const int32_t sys0 = p.cu[r] + p.spans[r].prefix, sys1 = sys0 + p.spans[r].system;
+        for (int32_t i = p.cu[r]; i < p.cu[r + 1]; i++) {
+            const bool system = i >= sys0 && i < sys1;
+            for (int64_t j = 0; j < d; j++) {
+                const size_t k = (size_t)(i * d + j);
+                const uint16_t plain = table16[(size_t)(p.ids[(size_t)i] * d + j)];
+                if (system) {
+                    system_values++;
+                    wrong_system += got[k] != to_f16(from_bf16(want_b[k]));
+                    rewritten += got[k] != plain;
+                } else {
+                    wrong_plain += got[k] != plain;
+                }
+            }
+        }
+    }
+    EXPECT_EQ(wrong_plain, 0) << "plain rows that are not the checkpoint's fp16 values";
+    EXPECT_EQ(wrong_system, 0) << "S' rows that are not the bf16 engine's rounded to fp16";
+    EXPECT_GT(rewritten, system_values / 2) << "the Sysformer left most system values as S";
+    EXPECT_EQ(guarded_embed(lent.get(), p, d, 12, 9), got) << "the lent fp16 table differs";
+
+    sf_cuda_memory mh, ml, mb, plan;
+    ASSERT_EQ(sf_cuda_engine_memory(h.get(), &mh), SF_OK);
+    ASSERT_EQ(sf_cuda_engine_memory(lent.get(), &ml), SF_OK);
+    ASSERT_EQ(sf_cuda_engine_memory(b.get(), &mb), SF_OK);
+    ASSERT_EQ(sf_cuda_engine_plan(&c, &sc, &o, &plan), SF_OK) << sf_last_error();
+    const size_t table_bytes = ((size_t)(V * d) * 2 + 255) / 256 * 256;
+    EXPECT_EQ(mh.weights, mb.weights);
+    EXPECT_EQ(ml.weights + table_bytes, mh.weights);
+    EXPECT_EQ(plan.weights, ml.weights);
+    EXPECT_EQ(plan.activations, ml.activations);
+
+    auto refused = [&](const sf_cuda_engine_options &oo, const char *why) {
+        sf_cuda_engine *e = nullptr;
+        EXPECT_EQ(sf_cuda_engine_create(llm.get(), sf.get(), &oo, &e), SF_ERR_INVALID_ARGUMENT)
+            << why << ": " << sf_last_error();
+        EXPECT_EQ(e, nullptr) << why;
+        sf_cuda_engine_free(e);
+        return std::string(sf_last_error());
+    };
+    DeviceBuffer<uint16_t> d_table_bf16(to_bf16(table));
+    o.embedding_table = d_table_bf16.get();
+    EXPECT_NE(refused(o, "a bf16 table lent as fp16").find("not this LLM's (fp16"),
+              std::string::npos);
+    o.embedding_dtype = SF_EMBEDDING_BF16;
+    o.embedding_table = d_table16.get();
+    EXPECT_NE(refused(o, "an fp16 table lent as bf16").find("not this LLM's (bf16"),
+              std::string::npos);
+    o.embedding_table = nullptr;
+    o.embedding_dtype = SF_EMBEDDING_F16;
+    o.guard_only = false;
+    refused(o, "fp16 embeddings on a full engine");
+    sf_cuda_memory m;
+    EXPECT_EQ(sf_cuda_engine_plan(&c, &sc, &o, &m), SF_ERR_INVALID_ARGUMENT) << "a full plan";
+    o.guard_only = true;
+    o.embedding_dtype = (sf_embedding_dtype)7;
+    refused(o, "an unknown embedding_dtype");
+
+    // random weights: the same draws in either format
+    o.embedding_dtype = SF_EMBEDDING_F16;
+    sf_cuda_engine *rh = nullptr, *rb = nullptr;
+    ASSERT_EQ(sf_cuda_engine_create_random(&c, &sc, 3, &o, &rh), SF_OK) << sf_last_error();
+    EnginePtr random_h(rh);
+    o.embedding_dtype = SF_EMBEDDING_BF16;
+    ASSERT_EQ(sf_cuda_engine_create_random(&c, &sc, 3, &o, &rb), SF_OK) << sf_last_error();
+    EnginePtr random_b(rb);
+    const std::vector<uint16_t> xh = guarded_embed(random_h.get(), p, d, 12, 9);
+    const std::vector<uint16_t> xb = guarded_embed(random_b.get(), p, d, 12, 9);
+    ASSERT_EQ(xh.size(), xb.size());
+    int64_t far = 0;
+    for (int32_t r = 0; r < p.n(); r++) {
+        const int32_t sys0 = p.cu[r] + p.spans[r].prefix, sys1 = sys0 + p.spans[r].system;
+        for (int32_t i = p.cu[r]; i < p.cu[r + 1]; i++) {
+            if (i >= sys0 && i < sys1) continue;  // plain rows only
+            for (int64_t j = 0; j < d; j++) {
+                const size_t k = (size_t)(i * d + j);
+                const double x = from_bf16(xb[k]), y = from_f16(xh[k]);
+                // Both round the same draw u: half an ulp is at most 2^-8 |u| in bf16 (8
+                // significant bits) and 2^-11 |u| in fp16 (11), or 2^-25 in fp16's subnormals;
+                // |u| <= (1 + 2^-11) |y| + 2^-25.
+                far += !(std::fabs(x - y) <= 0x1.3p-8 * std::fabs(y) + 0x1p-24);
+            }
+        }
+    }
+    EXPECT_EQ(far, 0) << "the fp16 random table is not the bf16 one's draws";
+}
+
 // 9c. Swapping the Sysformer (sf_cuda_engine_set_sysformer). An engine created with Sysformer A
 // and then given B steps exactly as an engine created with B, bit for bit (the same bf16
 // weights through the same kernels), B differing from A in its weights and in the settings a

@@ -201,6 +201,13 @@ static sf_status check_inputs(const sf_llm_config *cfg, const sf_sysformer_confi
                        "bf16-aligned address",
                        o->embedding_table);
     }
+    if (o->embedding_dtype != SF_EMBEDDING_BF16 &&
+        (o->embedding_dtype != SF_EMBEDDING_F16 || !o->guard_only)) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                       "sf_cuda_engine: options embedding_dtype %d (SF_EMBEDDING_BF16, or "
+                       "SF_EMBEDDING_F16 with guard_only)",
+                       (int)o->embedding_dtype);
+    }
     if (o->max_context > cfg->max_position_embeddings) {
         return sf_fail(SF_ERR_INVALID_ARGUMENT,
                        "sf_cuda_engine: max_context %d exceeds the model's "
@@ -233,6 +240,7 @@ static sf_status engine_layout(sf_cuda_engine *e, const sf_llm_config *cfg,
     e->cuda_graphs = o->cuda_graphs;
     e->guard_only = o->guard_only;
     e->borrowed_embed = o->embedding_table != NULL;
+    e->embed_f16 = o->embedding_dtype == SF_EMBEDDING_F16;
     e->embed = (sf_bf16 *)o->embedding_table; /* read only; carved from weights when NULL */
     e->attention = o->attention;
     e->d = cfg->hidden_size;
@@ -312,13 +320,17 @@ static sf_status check_borrowed_memory(const void *table, int device) {
  * included). */
 enum { BORROWED_ROWS_CHECKED = 16 };
 
-/* A borrowed table must be this LLM's embedding table in bf16: a few rows are read back and
- * each value must be within one bf16 ulp of the LLM's fp32 one (|b - x| <= 2^-7 |x|: the
- * lender may have rounded to nearest or truncated). A table of another model, another dtype or
- * still unwritten is refused here, instead of guarding every request with wrong rows. */
+/* A borrowed table must be this LLM's embedding table in the engine's format: a few rows are
+ * read back and each value must be within one ulp of the LLM's fp32 one, so the lender may
+ * have rounded to nearest or truncated: |b - x| <= 2^-7 |x| in bf16 (fp32's exponent range:
+ * FLT_MIN covers a flushed subnormal), |b - x| <= 2^-10 |x| + 2^-24 in fp16 (2^-24: the
+ * spacing of fp16's subnormals). A table of another model, another dtype or still unwritten is
+ * refused here, instead of guarding every request with wrong rows. */
 static sf_status check_borrowed_rows(const sf_cuda_engine *e, const sf_llm *llm) {
     const int64_t d = e->d, vocab = e->cfg.vocab_size;
     const int n = vocab < BORROWED_ROWS_CHECKED ? (int)vocab : BORROWED_ROWS_CHECKED;
+    const int ulp_bits = e->embed_f16 ? 10 : 7;
+    const float floor = e->embed_f16 ? ldexpf(1.0f, -24) : FLT_MIN;
     uint16_t *rows = malloc((size_t)n * (size_t)d * sizeof *rows);
     if (!rows) return sf_fail(SF_ERR_OUT_OF_MEMORY, "sf_cuda_engine: out of host memory");
     sf_status st = SF_OK;
@@ -334,14 +346,16 @@ static sf_status check_borrowed_rows(const sf_cuda_engine *e, const sf_llm *llm)
             break;
         }
         for (int64_t j = 0; j < d; j++) {
-            const float x = llm->embed[r * d + j], b = sf_bf16_to_f32(rows[i * d + j]);
-            if (!(fabsf(b - x) <= ldexpf(fabsf(x), -7) + FLT_MIN)) {
+            const uint16_t bits = rows[i * d + j];
+            const float x = llm->embed[r * d + j];
+            const float b = e->embed_f16 ? sf_f16_to_f32(bits) : sf_bf16_to_f32(bits);
+            if (!(fabsf(b - x) <= ldexpf(fabsf(x), -ulp_bits) + floor)) {
                 st = sf_fail(SF_ERR_INVALID_ARGUMENT,
                              "sf_cuda_engine: the borrowed embedding_table is not this LLM's "
-                             "(bf16 [%lld, %lld]): row %lld column %lld holds %g, the LLM's "
+                             "(%s [%lld, %lld]): row %lld column %lld holds %g, the LLM's "
                              "value is %g",
-                             (long long)vocab, (long long)d, (long long)r, (long long)j,
-                             (double)b, (double)x);
+                             e->embed_f16 ? "fp16" : "bf16", (long long)vocab, (long long)d,
+                             (long long)r, (long long)j, (double)b, (double)x);
                 break;
             }
         }

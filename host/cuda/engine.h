@@ -124,6 +124,7 @@ struct sf_cuda_engine {
     size_t weight_bytes;
     sf_bf16 *embed, *final_norm, *lm_head;
     bool borrowed_embed;          /* embed is options.embedding_table, not in weights */
+    bool embed_f16;               /* embed holds fp16, not bf16 (SF_EMBEDDING_F16, guard-only) */
     sf_cuda_llm_layer *layers;
     sf_cuda_sys_layer *sys_layers;
     sf_bf16 *sys_final_w, *sys_final_b;
@@ -205,11 +206,11 @@ sf_status sf_cuda_llm_layers(sf_cuda_engine *e, int32_t n_requests, int32_t n_to
 sf_status sf_cuda_llm_head(sf_cuda_engine *e, int32_t n_requests, cudaStream_t stream);
 
 /* sysformer_forward.c: rewrites the system rows of x [n_tokens, d] (embeddings of a packed
- * guarded batch) in place, from device offsets and spans, in the padded layout of
- * sf_cuda_guard_layout. */
+ * guarded batch, in the engine's format: fp16 when embed_f16, else bf16) in place, from device
+ * offsets and spans, in the padded layout of sf_cuda_guard_layout. */
 sf_status sf_cuda_rewrite_system(sf_cuda_engine *e, int32_t n_requests, int32_t n_tokens,
                                  const int32_t *d_cu_seqlens, const int32_t *d_spans,
-                                 int32_t max_system, int32_t max_user, sf_bf16 *x, int *d_errors,
+                                 int32_t max_system, int32_t max_user, void *x, int *d_errors,
                                  cudaStream_t stream);
 
 /* step.c */

@@ -153,7 +153,7 @@ static sf_status sysformer_layers(sf_cuda_engine *e, const sys_step *p, cudaStre
 
 sf_status sf_cuda_rewrite_system(sf_cuda_engine *e, int32_t n_requests, int32_t n_tokens,
                                  const int32_t *d_cu_seqlens, const int32_t *d_spans,
-                                 int32_t max_system, int32_t max_user, sf_bf16 *x, int *d_errors,
+                                 int32_t max_system, int32_t max_user, void *x, int *d_errors,
                                  cudaStream_t s) {
     if (!e->has_sysformer || n_requests == 0) return SF_OK;
     sf_cuda_arena *a = &e->a;
@@ -175,17 +175,29 @@ sf_status sf_cuda_rewrite_system(sf_cuda_engine *e, int32_t n_requests, int32_t 
         sf_nvtx_pop();
         return st;
     }
-    if (st == SF_OK) st = sf_cuda_gather_rows_bf16(a->s_x, d, x, d, a->sys_rows, p.Ts, d, s);
+    /* An fp16 engine's rows are rounded to bf16 on the way in and back to fp16 on the way out;
+     * the Sysformer runs in bf16 either way. */
+    const bool f16 = e->embed_f16;
+    if (st == SF_OK) {
+        st = f16 ? sf_cuda_gather_rows_f16_to_bf16(a->s_x, d, x, d, a->sys_rows, p.Ts, d, s)
+                 : sf_cuda_gather_rows_bf16(a->s_x, d, x, d, a->sys_rows, p.Ts, d, s);
+    }
     /* X = S + offset (sf_sysformer_add_offset). The layout is then [n_requests, n d]: the offset
      * is one bias row over it. A request without a valid system span gets it on padding rows,
      * which are never keys and never spliced back. (max_system < n: no span is valid.) */
     if (st == SF_OK && e->sys_offset && max_system == offset_rows) {
         st = sf_cuda_bias_add_bf16(a->s_x, e->sys_offset, n_requests, (int64_t)offset_rows * d, s);
     }
-    if (st == SF_OK) st = sf_cuda_gather_rows_bf16(a->u, d, x, d, a->user_rows, p.Tu, d, s);
+    if (st == SF_OK) {
+        st = f16 ? sf_cuda_gather_rows_f16_to_bf16(a->u, d, x, d, a->user_rows, p.Tu, d, s)
+                 : sf_cuda_gather_rows_bf16(a->u, d, x, d, a->user_rows, p.Tu, d, s);
+    }
     if (st == SF_OK) st = sysformer_layers(e, &p, s);
     /* the splice: S' over the system rows of x (padding rows and invalid requests: -1, skipped) */
-    if (st == SF_OK) st = sf_cuda_scatter_rows_bf16(x, d, a->s_x, d, a->sys_rows, p.Ts, d, s);
+    if (st == SF_OK) {
+        st = f16 ? sf_cuda_scatter_rows_bf16_to_f16(x, d, a->s_x, d, a->sys_rows, p.Ts, d, s)
+                 : sf_cuda_scatter_rows_bf16(x, d, a->s_x, d, a->sys_rows, p.Ts, d, s);
+    }
     sf_nvtx_pop();
     return st;
 }
@@ -241,14 +253,16 @@ sf_status sf_cuda_guarded_embed(sf_cuda_engine *e, int32_t n_requests, int32_t n
                        "aligned");
     }
     cudaStream_t s = (cudaStream_t)cuda_stream;
-    sf_bf16 *x = (sf_bf16 *)d_embeds;
     sf_nvtx_push("sf_cuda_guarded_embed");
-    sf_status st = sf_cuda_embedding_bf16(x, e->embed, d_token_ids, n_tokens, e->d,
-                                          e->cfg.vocab_size, d_errors, s);
+    const int32_t vocab = e->cfg.vocab_size;
+    sf_status st = e->embed_f16 ? sf_cuda_embedding_f16(d_embeds, e->embed, d_token_ids, n_tokens,
+                                                        e->d, vocab, d_errors, s)
+                                : sf_cuda_embedding_bf16(d_embeds, e->embed, d_token_ids,
+                                                         n_tokens, e->d, vocab, d_errors, s);
     if (st == SF_OK) {
         st = sf_cuda_rewrite_system(e, n_requests, n_tokens, d_cu_seqlens,
-                                    (const int32_t *)d_spans, max_system, max_user, x, d_errors,
-                                    s);
+                                    (const int32_t *)d_spans, max_system, max_user, d_embeds,
+                                    d_errors, s);
     }
     sf_nvtx_pop();
     return st;

@@ -116,7 +116,8 @@ typedef struct uploader {
     uint64_t done, total; /* bf16 bytes */
 } uploader;
 
-static sf_status put(uploader *u, sf_bf16 *dst, const float *src, size_t n) {
+/* n floats of src into dst as bf16, or as fp16 when f16 (an SF_EMBEDDING_F16 table). */
+static sf_status put(uploader *u, uint16_t *dst, const float *src, size_t n, bool f16) {
     if (u->counting) {
         u->done += n * sizeof(sf_bf16);
         return SF_OK;
@@ -129,7 +130,8 @@ static sf_status put(uploader *u, sf_bf16 *dst, const float *src, size_t n) {
             return sf_fail(SF_ERR_CUDA, "sf_cuda_engine: weight upload: %s",
                            cudaGetErrorString(err));
         }
-        sf_status st = sf_cuda_f32_to_bf16(dst + off, u->stage, (int64_t)m, u->stream);
+        sf_status st = f16 ? sf_cuda_f32_to_f16(dst + off, u->stage, (int64_t)m, u->stream)
+                           : sf_cuda_f32_to_bf16(dst + off, u->stage, (int64_t)m, u->stream);
         if (st != SF_OK) return st;
     }
     u->done += n * sizeof(sf_bf16);
@@ -138,7 +140,7 @@ static sf_status put(uploader *u, sf_bf16 *dst, const float *src, size_t n) {
 }
 
 static sf_status put_one(void *user, sf_bf16 *dst, const float *src, size_t n) {
-    return put(user, dst, src, n);
+    return put(user, dst, src, n, false);
 }
 
 #define EACH(dst, src, n)                                     \
@@ -179,10 +181,10 @@ sf_status sf_cuda_weights_each_sysformer(sf_cuda_engine *e, const sf_sysformer *
 }
 #undef EACH
 
-#define PUT(dst, src, n)                                      \
-    do {                                                      \
-        sf_status st_ = put(u, (dst), (src), (size_t)(n));    \
-        if (st_ != SF_OK) return st_;                         \
+#define PUT(dst, src, n)                                          \
+    do {                                                          \
+        sf_status st_ = put(u, (dst), (src), (size_t)(n), false); \
+        if (st_ != SF_OK) return st_;                             \
     } while (0)
 
 static sf_status uploader_open(uploader *u, cudaStream_t stream) {
@@ -220,7 +222,9 @@ static sf_status put_all(sf_cuda_engine *e, const sf_llm *llm, const sf_sysforme
                          uploader *u) {
     const sf_llm_config *c = &e->cfg;
     const int64_t d = e->d, ff = e->ff, q = e->q_dim, kv = e->kv_dim;
-    if (!e->borrowed_embed) PUT(e->embed, llm->embed, (int64_t)c->vocab_size * d);
+    if (!e->borrowed_embed) {
+        SF_TRY(put(u, e->embed, llm->embed, (size_t)c->vocab_size * (size_t)d, e->embed_f16));
+    }
     if (e->final_norm) PUT(e->final_norm, llm->final_norm, d);
     if (e->lm_head && e->lm_head != e->embed) {
         PUT(e->lm_head, llm->lm_head, (int64_t)c->vocab_size * d);
@@ -289,7 +293,13 @@ sf_status sf_cuda_weights_random(sf_cuda_engine *e, uint64_t seed) {
     /* nn.Linear's default init bound 1/sqrt(in_features); norms near 1 */
     const float bd = 1.0f / sqrtf((float)d), bq = 1.0f / sqrtf((float)q);
     const float bff = 1.0f / sqrtf((float)ff);
-    FILL(e->embed, (int64_t)c->vocab_size * d, -1.0f, 1.0f);
+    if (e->embed_f16) {
+        f.seed += 0x9E3779B97F4A7C15ull; /* the bf16 table's stream and values, in fp16 */
+        SF_TRY(sf_cuda_fill_uniform_f16(e->embed, (int64_t)c->vocab_size * d, f.seed, -1.0f,
+                                        1.0f, f.stream));
+    } else {
+        FILL(e->embed, (int64_t)c->vocab_size * d, -1.0f, 1.0f);
+    }
     if (e->final_norm) FILL(e->final_norm, d, 0.9f, 1.1f);
     if (e->lm_head && e->lm_head != e->embed) {
         FILL(e->lm_head, (int64_t)c->vocab_size * d, -bd, bd);

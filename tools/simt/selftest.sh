@@ -7,7 +7,7 @@
 # short for CI's budget); --all adds the split top-p's and the split argmax's, one for the
 # optim suite, the engine's and the train suite's (about 8 minutes more: those two build the
 # whole library; with a learned system offset's gradient and device span check among them,
-# and the serving entry point's offset bounds and lent-table check),
+# and the serving entry point's offset bounds, lent-table check and fp16 embeddings),
 # and the wgmma attention's. Others: run.sh with KSRC / ESRC by hand. Most engine and train
 # plants are in host code (host/cuda), not in a kernel. Two of them only the emulated
 # runtime's queued streams can show (on a CPU that runs everything at once they would pass):
@@ -77,6 +77,15 @@ if [ "${1:-}" = --all ]; then
         'CudaEngine/CudaEngineVariant.GuardedEmbedMatchesCpuAndCountsBadInputs/llama_gqa_llama3'
     plant engine engine.c 'st = check_borrowed_rows(e, llm);' 'st = SF_OK;' \
         'CudaEngineTiny.GuardOnlyEngineBorrowsTheStacksEmbeddingTable'
+    # fp16 embeddings: the two values of a pair swapped in the 128-bit conversion; the fp16
+    # table uploaded as bf16 bits
+    plant elementwise guard.cu \
+        'To::pack2(From::to_f32((uint16_t)(w & 0xffffu)), From::to_f32((uint16_t)(w >> 16)))' \
+        'To::pack2(From::to_f32((uint16_t)(w >> 16)), From::to_f32((uint16_t)(w & 0xffffu)))' \
+        'CudaEmbedding.RowMovesBetweenFormatsRoundEachValueOnce'
+    plant engine weights.c '(size_t)c->vocab_size * (size_t)d, e->embed_f16));' \
+        '(size_t)c->vocab_size * (size_t)d, false));' \
+        'CudaEngineTiny.GuardOnlyEngineWritesTheStacksFp16Embeddings'
     # the wgmma kernel refills the V buffer its pending P V product still reads: seen only by
     # the check at the wait that retires each wgmma (ptx_sm90.cuh)
     plant attention attention_sm90.cu 'kThreads>(p, w, tiles.v(t), w.v_base, t, tid);' \
