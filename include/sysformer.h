@@ -560,7 +560,7 @@ typedef enum sf_embedding_dtype {
                               stack's fp16 values exactly; the system rows the Sysformer reads
                               are rounded to bf16 and its S' rows rounded back to fp16 (to
                               nearest; |x| >= 65520 becomes +-inf), so a fresh Sysformer gives
-                              S' = S only to within one bf16 rounding (2^-9 relative) in fp16   */
+                              S' = S only to within one bf16 rounding (2^-8 relative) in fp16   */
 } sf_embedding_dtype;
 
 typedef struct sf_cuda_engine_options {
