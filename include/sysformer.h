@@ -747,6 +747,10 @@ sf_status sf_generate_cuda(sf_cuda_engine *engine, const sf_tokenizer *tok,
  *   (sf_cuda_guard_check then names the requests and their reasons).
  * Host-side checks (before anything is enqueued): n_tokens <= max_batch_tokens,
  * n_requests <= max_slots, max_system * n_requests and max_user * n_requests <= max_batch_tokens.
+ * It allocates nothing, never synchronises and copies nothing between host and device, so a
+ * stack may capture it (with sf_cuda_guard_check) into its own CUDA graph: the host arguments
+ * are fixed in the graph, the device buffers read at each replay; d_errors is only ever
+ * incremented, so a graph that counts resets it too (cudaMemsetAsync before the call).
  * It uses the engine's arena, so it must not run concurrently with the engine's own steps. A
  * stack that runs its own LLM creates the engine with guard_only: the embedding table and the
  * Sysformer are then all it holds on the device, and with embedding_table it reads the stack's

@@ -1916,6 +1916,112 @@ TEST_F(CudaEngineTiny, GuardOnlyEngineWritesTheStacksFp16Embeddings) {
     EXPECT_EQ(far, 0) << "the fp16 random table is not the bf16 one's draws";
 }
 
+// 9b''. A stack that runs its forward as a CUDA graph captures the guard into it. On the stack's
+// own stream a reset of d_errors, sf_cuda_guard_check and sf_cuda_guarded_embed are captured as
+// the engine's very first calls (nothing warmed up), and each replay equals the eager calls bit
+// for bit, reading what the device buffers hold at replay: a second batch of the same shape
+// (other ids and spans, one id outside the vocabulary) written into the same buffers replays
+// as its own eager call, with its count and flags. Both formats. The emulated runtime refuses
+// inside a capture what CUDA refuses (allocation, synchronisation, pageable copies), so a call
+// that did any of those would fail here.
+TEST_F(CudaEngineTiny, GuardedEmbedReplaysInsideTheStacksCudaGraph) {
+    const int64_t d = sf_llm_get_config(llm_)->hidden_size;
+    // (system, user) per request; lengths 15, 16, 29, 12 in both, so one graph serves both
+    const Prompts a = tiny_prompts({{5, 2}, {1, 7}, {12, 9}, {0, 4}}, 4);
+    Prompts b = tiny_prompts({{2, 5}, {7, 1}, {9, 12}, {0, 4}}, 8);
+    b.ids.back() = (int32_t)vocab_;  // request 3's last row: a zero row, counted
+    ASSERT_EQ(a.cu, b.cu);
+    const int32_t n = a.n(), total = a.total(), max_system = 12, max_user = 12;
+    auto flat = [](const Prompts &p) {
+        std::vector<int32_t> v;
+        for (const auto &s : p.spans) {
+            v.insert(v.end(), {s.prefix, s.system, s.middle, s.user, s.suffix});
+        }
+        return v;
+    };
+
+    for (sf_embedding_dtype dtype : {SF_EMBEDDING_BF16, SF_EMBEDDING_F16}) {
+        SCOPED_TRACE(dtype == SF_EMBEDDING_F16 ? "fp16" : "bf16");
+        sf_cuda_engine_options o = options(4);
+        o.guard_only = true;
+        o.embedding_dtype = dtype;
+        EnginePtr e = make_engine(llm_, sf_, o);
+        ASSERT_TRUE(e);
+        cudaStream_t stream = nullptr;
+        ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+        std::unique_ptr<CUstream_st, cudaError_t (*)(cudaStream_t)> stream_guard(
+            stream, cudaStreamDestroy);
+        DeviceBuffer<int32_t> d_cu(a.cu), d_ids((size_t)total), d_spans((size_t)n * 5),
+            d_flags((size_t)n);
+        DeviceBuffer<uint16_t> d_out((size_t)total * d), d_ref((size_t)total * d);
+        DeviceBuffer<int> d_err(1), d_ref_err(1);
+        ASSERT_TRUE(d_cu.get() && d_ids.get() && d_spans.get() && d_flags.get() && d_out.get() &&
+                    d_ref.get() && d_err.get() && d_ref_err.get());
+        // The stack's work for one batch, enqueued on its stream: eager, or into a capture.
+        auto enqueue = [&](uint16_t *out, int *err) {
+            EXPECT_EQ(cudaMemsetAsync(err, 0, sizeof(int), stream), cudaSuccess);
+            EXPECT_EQ(sf_cuda_guard_check(e.get(), n, total, d_cu.get(), d_ids.get(),
+                                          (const sf_prompt_spans *)d_spans.get(), max_system,
+                                          max_user, d_flags.get(), stream),
+                      SF_OK)
+                << sf_last_error();
+            EXPECT_EQ(sf_cuda_guarded_embed(e.get(), n, total, d_cu.get(), d_ids.get(),
+                                            (const sf_prompt_spans *)d_spans.get(), max_system,
+                                            max_user, out, err, stream),
+                      SF_OK)
+                << sf_last_error();
+        };
+
+        ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal), cudaSuccess);
+        enqueue(d_out.get(), d_err.get());
+        cudaGraph_t graph = nullptr;
+        ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
+        ASSERT_FALSE(HasFailure()) << "the capture failed";
+        std::unique_ptr<CUgraph_st, cudaError_t (*)(cudaGraph_t)> graph_guard(graph,
+                                                                             cudaGraphDestroy);
+        cudaGraphExec_t exec = nullptr;
+        ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+        std::unique_ptr<CUgraphExec_st, cudaError_t (*)(cudaGraphExec_t)> exec_guard(
+            exec, cudaGraphExecDestroy);
+
+        std::vector<uint16_t> replayed_a;
+        const Prompts *batches[] = {&a, &b};
+        for (const Prompts *p : batches) {
+            const bool is_b = p == &b;
+            SCOPED_TRACE(is_b ? "batch b" : "batch a");
+            ASSERT_EQ(cudaMemcpy(d_ids.get(), p->ids.data(), (size_t)total * 4,
+                                 cudaMemcpyHostToDevice),
+                      cudaSuccess);
+            const std::vector<int32_t> spans = flat(*p);
+            ASSERT_EQ(cudaMemcpy(d_spans.get(), spans.data(), spans.size() * 4,
+                                 cudaMemcpyHostToDevice),
+                      cudaSuccess);
+            ASSERT_EQ(cudaMemset(d_out.get(), 0xff, (size_t)total * d * 2), cudaSuccess);
+            ASSERT_EQ(cudaMemset(d_err.get(), 0x7f, sizeof(int)), cudaSuccess);
+            ASSERT_EQ(cudaMemset(d_flags.get(), 0x7f, (size_t)n * 4), cudaSuccess);
+            ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+            ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+            const std::vector<uint16_t> replayed = d_out.host();
+            const std::vector<int32_t> replayed_flags = d_flags.host();
+            const int replayed_err = d_err.host()[0];
+
+            enqueue(d_ref.get(), d_ref_err.get());  // eager
+            ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+            EXPECT_EQ(replayed, d_ref.host()) << "the replay differs from the eager call";
+            EXPECT_EQ(replayed_err, d_ref_err.host()[0]);
+            EXPECT_EQ(replayed_flags, d_flags.host());
+            EXPECT_EQ(replayed_err, is_b ? 1 : 0);
+            EXPECT_EQ(replayed_flags,
+                      (std::vector<int32_t>{0, 0, 0, is_b ? (int32_t)SF_GUARD_BAD_TOKEN : 0}));
+            if (is_b) {
+                EXPECT_NE(replayed, replayed_a) << "the replay did not read the new batch";
+            } else {
+                replayed_a = replayed;
+            }
+        }
+    }
+}
+
 // 9c. Swapping the Sysformer (sf_cuda_engine_set_sysformer). An engine created with Sysformer A
 // and then given B steps exactly as an engine created with B, bit for bit (the same bf16
 // weights through the same kernels), B differing from A in its weights and in the settings a
