@@ -308,6 +308,17 @@ int main(int argc, char **argv) {
             },
             stream);
         report("sf_cuda_splice_rows_bf16", shape, 2.0 * rows * kHidden * 2 + 4.0 * rows, us);
+        // The same splice into an fp16 buffer (an SF_EMBEDDING_F16 guard): each value rounded.
+        us = time_us(
+            r,
+            [&](int i) {
+                BENCH_SF(sf_cuda_scatter_rows_bf16_to_f16((sf_f16 *)out[i], kHidden,
+                                                          (const sf_bf16 *)src, kHidden, d_rows,
+                                                          rows, kHidden, stream));
+            },
+            stream);
+        report("sf_cuda_scatter_rows_bf16_to_f16", shape, 2.0 * rows * kHidden * 2 + 4.0 * rows,
+               us);
         for (int i = 0; i < r; i++) {
             BENCH_CUDA(cudaFree(out[i]));
             BENCH_CUDA(cudaFree(ids[i]));
