@@ -22,6 +22,7 @@ sf_cuda_engine_options sf_cuda_engine_default_options(void) {
     o.max_slots = 8;
     o.cuda_graphs = true;
     o.attention = SF_ATTENTION_AUTO;
+    o.embedding_dtype = SF_EMBEDDING_BF16;
     return o;
 }
 
