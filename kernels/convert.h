@@ -1,6 +1,7 @@
-/* Internal: fp32 <-> bf16 and fp32 -> fp16 conversion on the device (kernels/convert.cu). Device pointers; each
- * launcher enqueues on the given stream, never synchronises, validates its arguments before
- * touching CUDA (SF_ERR_INVALID_ARGUMENT) and returns SF_ERR_CUDA when the launch fails. */
+/* Internal: fp32 <-> bf16 and fp32 -> fp16 conversion on the device (kernels/convert.cu).
+ * Device pointers; each launcher enqueues on the given stream, never synchronises, validates its
+ * arguments before touching CUDA (SF_ERR_INVALID_ARGUMENT) and returns SF_ERR_CUDA when the
+ * launch fails. */
 #ifndef SF_KERNELS_CONVERT_H
 #define SF_KERNELS_CONVERT_H
 

@@ -8,8 +8,8 @@
 
 namespace {
 
-// Rows of 16-bit values move as 128-bit words (8 values) when dim is a multiple of 8 and both row bases
-// are 16-byte aligned, else value by value.
+// Rows of 16-bit values move as 128-bit words (8 values) when dim is a multiple of 8 and both
+// row bases are 16-byte aligned, else value by value.
 constexpr int kRowBlock = 128;
 constexpr int kVec = 8;
 
@@ -49,8 +49,8 @@ __device__ __forceinline__ void copy_row(T *__restrict__ dst, const T *__restric
 // The 16-bit gather (bf16 or fp16: bits are copied), one block per row; T as in copy_row.
 template <typename T>
 __global__ void embedding_16bit_kernel(T *__restrict__ out, const T *__restrict__ table,
-                                      const int32_t *__restrict__ ids, int64_t dim_t,
-                                      int32_t vocab, int *bad_ids) {
+                                       const int32_t *__restrict__ ids, int64_t dim_t,
+                                       int32_t vocab, int *bad_ids) {
     const int64_t row = blockIdx.x;
     const int32_t id = ids[row];
     T *dst = out + row * dim_t;
