@@ -203,62 +203,6 @@ std::vector<float> rounding_probes(Rng &rng, size_t n) {
     return v;
 }
 
-TEST(CudaConvert, F32ToBf16MatchesHostRoundingBitForBit) {
-    SF_SKIP_WITHOUT_GPU();
-    Rng rng(11);
-    // 4096 + 8 and 65536 take the 128-bit path; the others, and the offset pointer, the scalar one.
-    for (size_t n : {1, 7, 65, 1000, 4104, 65536}) {
-        for (size_t offset : {0, 1}) {
-            SCOPED_TRACE(testing::Message() << "n = " << n << ", offset = " << offset);
-            std::vector<float> in = rounding_probes(rng, n);
-            DeviceBuffer<float> d_in(n + offset);
-            DeviceBuffer<uint16_t> d_out(n + offset);
-            upload(d_in.get() + offset, in);
-            ASSERT_EQ(sf_cuda_f32_to_bf16(d_out.get() + offset, d_in.get() + offset, (int64_t)n, 0),
-                      SF_OK)
-                << sf_last_error();
-            SF_EXPECT_SYNC();
-            std::vector<uint16_t> got = download(d_out.get() + offset, n);
-            for (size_t i = 0; i < n; i++) {
-                ASSERT_EQ(got[i], to_bf16(in[i]))
-                    << "i = " << i << ", in bits 0x" << std::hex << bits(in[i]);
-            }
-        }
-    }
-}
-
-TEST(CudaConvert, F32ToBf16KeepsNaN) {
-    SF_SKIP_WITHOUT_GPU();
-    std::vector<float> in(16, std::nanf(""));
-    in[3] = -std::nanf("");
-    DeviceBuffer<float> d_in(in);
-    DeviceBuffer<uint16_t> d_out(in.size());
-    ASSERT_EQ(sf_cuda_f32_to_bf16(d_out.get(), d_in.get(), (int64_t)in.size(), 0), SF_OK);
-    SF_EXPECT_SYNC();
-    for (uint16_t h : d_out.host()) EXPECT_TRUE(std::isnan(from_bf16(h)));
-}
-
-// Every one of the 65536 bf16 patterns (NaNs included) widens to exactly its bits << 16.
-TEST(CudaConvert, Bf16ToF32IsExactForEveryPattern) {
-    SF_SKIP_WITHOUT_GPU();
-    std::vector<uint16_t> in(65536);
-    for (size_t i = 0; i < in.size(); i++) in[i] = (uint16_t)i;
-    for (size_t offset : {0, 1}) {
-        const size_t n = in.size() - offset;  // offset 1: odd length, scalar path
-        DeviceBuffer<uint16_t> d_in(in.size());
-        DeviceBuffer<float> d_out(in.size());
-        upload(d_in.get(), in);
-        ASSERT_EQ(sf_cuda_bf16_to_f32(d_out.get() + offset, d_in.get() + offset, (int64_t)n, 0),
-                  SF_OK)
-            << sf_last_error();
-        SF_EXPECT_SYNC();
-        std::vector<float> got = download(d_out.get() + offset, n);
-        for (size_t i = 0; i < n; i++) {
-            ASSERT_EQ(bits(got[i]), (uint32_t)in[i + offset] << 16) << "pattern " << i + offset;
-        }
-    }
-}
-
 // The fp16 rounding cases on top of rounding_probes: ties between fp16 neighbours with even and
 // odd results and their neighbours, the largest finite value and the overflow boundary
 // (65520 is the tie that goes to inf), the subnormals (spacing 2^-24; 2^-25 is the tie that
@@ -280,39 +224,75 @@ std::vector<float> f16_rounding_probes(Rng &rng, size_t n) {
     return v;
 }
 
-TEST(CudaConvert, F32ToF16MatchesNaiveRoundingBitForBit) {
+// fp32 -> bf16 against to_bf16 (bit arithmetic) and fp32 -> fp16 against to_f16 (a search), on
+// probes for each format's rounding cases.
+TEST(CudaConvert, F32ToBf16AndF16MatchHostRoundingBitForBit) {
     SF_SKIP_WITHOUT_GPU();
-    Rng rng(12);
-    for (size_t n : {1, 7, 65, 1000, 4104, 65536}) {
-        for (size_t offset : {0, 1}) {
-            SCOPED_TRACE(testing::Message() << "n = " << n << ", offset = " << offset);
-            std::vector<float> in = f16_rounding_probes(rng, n);
-            DeviceBuffer<float> d_in(n + offset);
-            DeviceBuffer<uint16_t> d_out(n + offset);
-            upload(d_in.get() + offset, in);
-            ASSERT_EQ(sf_cuda_f32_to_f16(d_out.get() + offset, d_in.get() + offset, (int64_t)n, 0),
-                      SF_OK)
-                << sf_last_error();
-            SF_EXPECT_SYNC();
-            std::vector<uint16_t> got = download(d_out.get() + offset, n);
-            for (size_t i = 0; i < n; i++) {
-                ASSERT_EQ(got[i], to_f16(in[i]))
-                    << "i = " << i << ", in " << in[i] << " (bits 0x" << std::hex << bits(in[i])
-                    << ")";
+    Rng rng(11);
+    for (bool f16 : {false, true}) {
+        // 4096 + 8 and 65536 take the 128-bit path; the others, and the offset pointer, the
+        // scalar one.
+        for (size_t n : {1, 7, 65, 1000, 4104, 65536}) {
+            for (size_t offset : {0, 1}) {
+                SCOPED_TRACE(testing::Message() << (f16 ? "fp16" : "bf16") << ", n = " << n
+                                                << ", offset = " << offset);
+                std::vector<float> in = f16 ? f16_rounding_probes(rng, n) : rounding_probes(rng, n);
+                DeviceBuffer<float> d_in(n + offset);
+                DeviceBuffer<uint16_t> d_out(n + offset);
+                upload(d_in.get() + offset, in);
+                uint16_t *out = d_out.get() + offset;
+                const float *src = d_in.get() + offset;
+                ASSERT_EQ(f16 ? sf_cuda_f32_to_f16(out, src, (int64_t)n, 0)
+                              : sf_cuda_f32_to_bf16(out, src, (int64_t)n, 0),
+                          SF_OK)
+                    << sf_last_error();
+                SF_EXPECT_SYNC();
+                std::vector<uint16_t> got = download(out, n);
+                for (size_t i = 0; i < n; i++) {
+                    ASSERT_EQ(got[i], f16 ? to_f16(in[i]) : to_bf16(in[i]))
+                        << "i = " << i << ", in " << in[i] << " (bits 0x" << std::hex
+                        << bits(in[i]) << ")";
+                }
             }
         }
     }
 }
 
-TEST(CudaConvert, F32ToF16KeepsNaN) {
+TEST(CudaConvert, F32ToBf16AndF16KeepNaN) {
     SF_SKIP_WITHOUT_GPU();
     std::vector<float> in(16, std::nanf(""));
     in[3] = -std::nanf("");
     DeviceBuffer<float> d_in(in);
-    DeviceBuffer<uint16_t> d_out(in.size());
-    ASSERT_EQ(sf_cuda_f32_to_f16(d_out.get(), d_in.get(), (int64_t)in.size(), 0), SF_OK);
-    SF_EXPECT_SYNC();
-    for (uint16_t h : d_out.host()) EXPECT_TRUE(std::isnan(from_f16(h)));
+    for (bool f16 : {false, true}) {
+        DeviceBuffer<uint16_t> d_out(in.size());
+        const int64_t n = (int64_t)in.size();
+        ASSERT_EQ(f16 ? sf_cuda_f32_to_f16(d_out.get(), d_in.get(), n, 0)
+                      : sf_cuda_f32_to_bf16(d_out.get(), d_in.get(), n, 0),
+                  SF_OK);
+        SF_EXPECT_SYNC();
+        for (uint16_t h : d_out.host()) EXPECT_TRUE(std::isnan(f16 ? from_f16(h) : from_bf16(h)));
+    }
+}
+
+// Every one of the 65536 bf16 patterns (NaNs included) widens to exactly its bits << 16.
+TEST(CudaConvert, Bf16ToF32IsExactForEveryPattern) {
+    SF_SKIP_WITHOUT_GPU();
+    std::vector<uint16_t> in(65536);
+    for (size_t i = 0; i < in.size(); i++) in[i] = (uint16_t)i;
+    for (size_t offset : {0, 1}) {
+        const size_t n = in.size() - offset;  // offset 1: odd length, scalar path
+        DeviceBuffer<uint16_t> d_in(in.size());
+        DeviceBuffer<float> d_out(in.size());
+        upload(d_in.get(), in);
+        ASSERT_EQ(sf_cuda_bf16_to_f32(d_out.get() + offset, d_in.get() + offset, (int64_t)n, 0),
+                  SF_OK)
+            << sf_last_error();
+        SF_EXPECT_SYNC();
+        std::vector<float> got = download(d_out.get() + offset, n);
+        for (size_t i = 0; i < n; i++) {
+            ASSERT_EQ(bits(got[i]), (uint32_t)in[i + offset] << 16) << "pattern " << i + offset;
+        }
+    }
 }
 
 // =============================================================================================
