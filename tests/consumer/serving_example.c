@@ -10,6 +10,8 @@
  * sf_guarded_embed_cpu. A fresh Sysformer is the identity (S' == S exactly: its out_proj and
  * linear2 are zero, norm_first, no final norm), so every row, system span included,
  * must be exactly bf16(E[token]) — the stack's table holds E as bf16, rounded to nearest even.
+ * Then a bad token id (counted, and its request named by sf_cuda_guard_check), and the call
+ * captured into a CUDA graph and replayed, as a stack that graphs its forward would.
  *
  * Usage: serving_example [DIR]   (DIR: where the model is written; default a temporary folder)
  * Without CUDA support or without a GPU it says so and exits 0: it is a demo; the engine tests
@@ -331,6 +333,38 @@ int main(int argc, char **argv) {
         return 1;
     }
 
+    /* A stack that replays its forward as a CUDA graph captures the guard with it: the reset of
+     * d_errors and the call, once; each replay reads the buffers as they are then. Here the bad
+     * id is put back, and one replay gives the first batch's embeddings again. */
+    CUDA_OK(cudaMemcpyAsync(d_ids, ids, sizeof *ids, cudaMemcpyHostToDevice, stream));
+    cudaGraph_t graph = NULL;
+    cudaGraphExec_t replay = NULL;
+    CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+    CUDA_OK(cudaMemsetAsync(d_errors, 0, sizeof *d_errors, stream));
+    const sf_status captured = sf_cuda_guarded_embed(engine, 2, n_tokens, d_cu, d_ids, d_spans,
+                                                     max_system, max_user, d_embeds, d_errors,
+                                                     stream);
+    CUDA_OK(cudaStreamEndCapture(stream, &graph));
+    SF_OK_OR_FAIL("sf_cuda_guarded_embed (captured)", captured);
+    CUDA_OK(cudaGraphInstantiate(&replay, graph, 0));
+    CUDA_OK(cudaMemsetAsync(d_embeds, 0xff, n_values * sizeof *d_embeds, stream));
+    CUDA_OK(cudaGraphLaunch(replay, stream));
+    CUDA_OK(cudaMemcpyAsync(got, d_embeds, n_values * sizeof *got, cudaMemcpyDeviceToHost,
+                            stream));
+    CUDA_OK(cudaMemcpyAsync(&errors, d_errors, sizeof errors, cudaMemcpyDeviceToHost, stream));
+    CUDA_OK(cudaStreamSynchronize(stream));
+    cudaGraphExecDestroy(replay);
+    cudaGraphDestroy(graph);
+    mismatches = 0;
+    for (size_t i = 0; i < n_values; i++) {
+        mismatches += bf16_to_float(got[i]) != round_bf16(want[i]);
+    }
+    if (errors != 0 || mismatches != 0) {
+        fprintf(stderr, "serving_example: the CUDA-graph replay counted %d errors and left %zu "
+                        "values unlike the eager call's\n", errors, mismatches);
+        return 1;
+    }
+
     free(got);
     free(want);
     cudaFree(d_cu);
@@ -352,8 +386,8 @@ int main(int argc, char **argv) {
         rmdir(dir);
     }
     printf("serving_example: OK: %d tokens in 2 requests, guarded embeddings on the caller's "
-           "stream equal bf16(E[token]) (fresh Sysformer = identity); a bad id is counted "
-           "and its request named\n",
+           "stream equal bf16(E[token]) (fresh Sysformer = identity), eager and replayed from a "
+           "CUDA graph; a bad id is counted and its request named\n",
            n_tokens);
     return 0;
 }
