@@ -1848,6 +1848,22 @@ TEST_F(CudaEngineTiny, GuardOnlyEngineWritesTheStacksFp16Embeddings) {
     EXPECT_EQ(wrong_plain, 0) << "plain rows that are not the checkpoint's fp16 values";
     EXPECT_EQ(wrong_system, 0) << "S' rows that are not the bf16 engine's rounded to fp16";
     EXPECT_GT(rewritten, system_values / 2) << "the Sysformer left most system values as S";
+    // And against the CPU directly, per request over its system rows: the bf16 S' is within
+    // b_s = u (9 L_s + 1) of it (the header above); rounding that to fp16 moves each value by at
+    // most 2^-11 of itself, so 2^-11 (1 + b_s) more, normwise.
+    std::vector<float> want((size_t)p.total() * d);
+    sf_guarded_batch gb = {p.n(), p.cu.data(), p.ids.data(), p.spans.data(), nullptr, 0, nullptr};
+    ASSERT_EQ(sf_guarded_embed_cpu(llm.get(), sf.get(), &gb, want.data()), SF_OK)
+        << sf_last_error();
+    const double b_s = splice_bound(sc.num_layers), b16 = b_s + 0x1p-11 * (1.0 + b_s);
+    for (int32_t r = 0; r < p.n(); r++) {
+        if (p.spans[r].system == 0) continue;
+        const size_t off = (size_t)(p.cu[r] + p.spans[r].prefix) * d;
+        const size_t len = (size_t)p.spans[r].system * d;
+        std::vector<float> g(len);
+        for (size_t k = 0; k < len; k++) g[k] = from_f16(got[off + k]);
+        EXPECT_LE(rel_error(g.data(), want.data() + off, len), b16) << "request " << r;
+    }
     EXPECT_EQ(guarded_embed(lent.get(), p, d, 12, 9), got) << "the lent fp16 table differs";
 
     sf_cuda_memory mh, ml, mb, plan;
