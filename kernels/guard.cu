@@ -17,6 +17,12 @@ constexpr int kBlock = 128;
 // Kernels
 // ---------------------------------------------------------------------------------------------
 
+// SF_GUARD_BAD_OFFSETS when request r's rows are not inside the batch [0, n_tokens).
+__device__ int offset_flags(const int32_t *__restrict__ cu_seqlens, int32_t r, int32_t n_tokens) {
+    const int32_t begin = cu_seqlens[r], end = cu_seqlens[r + 1];
+    return begin < 0 || end < begin || end > n_tokens ? SF_GUARD_BAD_OFFSETS : 0;
+}
+
 // Why request r of a guarded batch is not rewritten (SF_GUARD_BAD_* of sysformer.h; 0: it is),
 // from its offsets and spans alone (sf_cuda_guard_layout's validity). int64 sums: hostile spans
 // must not overflow into a false "valid".
@@ -27,8 +33,7 @@ __device__ int request_flags(const int32_t *__restrict__ cu_seqlens,
     const int32_t prefix = spans[5 * r + 0], system = spans[5 * r + 1], middle = spans[5 * r + 2],
                   user = spans[5 * r + 3], suffix = spans[5 * r + 4];
     const int64_t sum = (int64_t)prefix + system + middle + user + suffix;
-    int flags = 0;
-    if (begin < 0 || end < begin || end > n_tokens) flags |= SF_GUARD_BAD_OFFSETS;
+    int flags = offset_flags(cu_seqlens, r, n_tokens);
     if (prefix < 0 || system < 0 || middle < 0 || user < 0 || suffix < 0 ||
         sum != (int64_t)end - begin || (system > 0 && user == 0) ||
         (system_rows > 0 && system != 0 && system != system_rows)) {
@@ -90,14 +95,9 @@ __global__ void __launch_bounds__(kBlock)
     }
     __syncthreads();
     if (threadIdx.x != 0) return;
-    int flags = bad_token;
-    if (spans) {
-        flags |= request_flags(cu_seqlens, spans, r, n_tokens, max_system, max_user, system_rows);
-    } else if (cu_seqlens[r] < 0 || cu_seqlens[r + 1] < cu_seqlens[r] ||
-               cu_seqlens[r + 1] > n_tokens) {
-        flags |= SF_GUARD_BAD_OFFSETS;
-    }
-    flags_out[r] = flags;
+    flags_out[r] = bad_token | (spans ? request_flags(cu_seqlens, spans, r, n_tokens, max_system,
+                                                      max_user, system_rows)
+                                      : offset_flags(cu_seqlens, r, n_tokens));
 }
 
 // What move_rows_kernel does to each value on the way: Same copies the bits; Convert<From, To>

@@ -151,6 +151,23 @@ static sf_status sysformer_layers(sf_cuda_engine *e, const sys_step *p, cudaStre
     return SF_OK;
 }
 
+/* Rows of x (the engine's format) into the Sysformer's bf16 layout, and S' back: a copy, or for
+ * an fp16 engine a rounding into bf16 on the way in and back to fp16 on the way out (the
+ * Sysformer runs in bf16 either way). */
+static sf_status rows_in(const sf_cuda_engine *e, sf_bf16 *dst, const void *x,
+                         const int32_t *rows, int64_t n, cudaStream_t s) {
+    const int64_t d = e->d;
+    return e->embed_f16 ? sf_cuda_gather_rows_f16_to_bf16(dst, d, x, d, rows, n, d, s)
+                        : sf_cuda_gather_rows_bf16(dst, d, x, d, rows, n, d, s);
+}
+
+static sf_status rows_out(const sf_cuda_engine *e, void *x, const sf_bf16 *src,
+                          const int32_t *rows, int64_t n, cudaStream_t s) {
+    const int64_t d = e->d;
+    return e->embed_f16 ? sf_cuda_scatter_rows_bf16_to_f16(x, d, src, d, rows, n, d, s)
+                        : sf_cuda_scatter_rows_bf16(x, d, src, d, rows, n, d, s);
+}
+
 sf_status sf_cuda_rewrite_system(sf_cuda_engine *e, int32_t n_requests, int32_t n_tokens,
                                  const int32_t *d_cu_seqlens, const int32_t *d_spans,
                                  int32_t max_system, int32_t max_user, void *x, int *d_errors,
@@ -175,29 +192,17 @@ sf_status sf_cuda_rewrite_system(sf_cuda_engine *e, int32_t n_requests, int32_t 
         sf_nvtx_pop();
         return st;
     }
-    /* An fp16 engine's rows are rounded to bf16 on the way in and back to fp16 on the way out;
-     * the Sysformer runs in bf16 either way. */
-    const bool f16 = e->embed_f16;
-    if (st == SF_OK) {
-        st = f16 ? sf_cuda_gather_rows_f16_to_bf16(a->s_x, d, x, d, a->sys_rows, p.Ts, d, s)
-                 : sf_cuda_gather_rows_bf16(a->s_x, d, x, d, a->sys_rows, p.Ts, d, s);
-    }
+    if (st == SF_OK) st = rows_in(e, a->s_x, x, a->sys_rows, p.Ts, s);
     /* X = S + offset (sf_sysformer_add_offset). The layout is then [n_requests, n d]: the offset
      * is one bias row over it. A request without a valid system span gets it on padding rows,
      * which are never keys and never spliced back. (max_system < n: no span is valid.) */
     if (st == SF_OK && e->sys_offset && max_system == offset_rows) {
         st = sf_cuda_bias_add_bf16(a->s_x, e->sys_offset, n_requests, (int64_t)offset_rows * d, s);
     }
-    if (st == SF_OK) {
-        st = f16 ? sf_cuda_gather_rows_f16_to_bf16(a->u, d, x, d, a->user_rows, p.Tu, d, s)
-                 : sf_cuda_gather_rows_bf16(a->u, d, x, d, a->user_rows, p.Tu, d, s);
-    }
+    if (st == SF_OK) st = rows_in(e, a->u, x, a->user_rows, p.Tu, s);
     if (st == SF_OK) st = sysformer_layers(e, &p, s);
     /* the splice: S' over the system rows of x (padding rows and invalid requests: -1, skipped) */
-    if (st == SF_OK) {
-        st = f16 ? sf_cuda_scatter_rows_bf16_to_f16(x, d, a->s_x, d, a->sys_rows, p.Ts, d, s)
-                 : sf_cuda_scatter_rows_bf16(x, d, a->s_x, d, a->sys_rows, p.Ts, d, s);
-    }
+    if (st == SF_OK) st = rows_out(e, x, a->s_x, a->sys_rows, p.Ts, s);
     sf_nvtx_pop();
     return st;
 }

@@ -274,16 +274,18 @@ typedef struct filler {
     cudaStream_t stream;
 } filler;
 
-/* Uniform in [-bound, bound]; each tensor from its own stream of the seed. */
-static sf_status fill(filler *f, sf_bf16 *x, int64_t n, float lo, float hi) {
+/* Uniform in [lo, hi), in bf16 (or fp16 when f16: an SF_EMBEDDING_F16 table, the same draws);
+ * each tensor from its own stream of the seed. */
+static sf_status fill(filler *f, uint16_t *x, int64_t n, float lo, float hi, bool f16) {
     f->seed += 0x9E3779B97F4A7C15ull;
-    return sf_cuda_fill_uniform_bf16(x, n, f->seed, lo, hi, f->stream);
+    return f16 ? sf_cuda_fill_uniform_f16(x, n, f->seed, lo, hi, f->stream)
+               : sf_cuda_fill_uniform_bf16(x, n, f->seed, lo, hi, f->stream);
 }
 
-#define FILL(x, n, lo, hi)                                         \
-    do {                                                           \
-        sf_status st_ = fill(&f, (x), (int64_t)(n), (lo), (hi));   \
-        if (st_ != SF_OK) return st_;                              \
+#define FILL(x, n, lo, hi)                                                \
+    do {                                                                  \
+        sf_status st_ = fill(&f, (x), (int64_t)(n), (lo), (hi), false);   \
+        if (st_ != SF_OK) return st_;                                     \
     } while (0)
 
 sf_status sf_cuda_weights_random(sf_cuda_engine *e, uint64_t seed) {
@@ -293,13 +295,7 @@ sf_status sf_cuda_weights_random(sf_cuda_engine *e, uint64_t seed) {
     /* nn.Linear's default init bound 1/sqrt(in_features); norms near 1 */
     const float bd = 1.0f / sqrtf((float)d), bq = 1.0f / sqrtf((float)q);
     const float bff = 1.0f / sqrtf((float)ff);
-    if (e->embed_f16) {
-        f.seed += 0x9E3779B97F4A7C15ull; /* the bf16 table's stream and values, in fp16 */
-        SF_TRY(sf_cuda_fill_uniform_f16(e->embed, (int64_t)c->vocab_size * d, f.seed, -1.0f,
-                                        1.0f, f.stream));
-    } else {
-        FILL(e->embed, (int64_t)c->vocab_size * d, -1.0f, 1.0f);
-    }
+    SF_TRY(fill(&f, e->embed, (int64_t)c->vocab_size * d, -1.0f, 1.0f, e->embed_f16));
     if (e->final_norm) FILL(e->final_norm, d, 0.9f, 1.1f);
     if (e->lm_head && e->lm_head != e->embed) {
         FILL(e->lm_head, (int64_t)c->vocab_size * d, -bd, bd);

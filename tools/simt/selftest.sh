@@ -69,8 +69,8 @@ if [ "${1:-}" = --all ]; then
     # valid (rows outside the caller's buffer); with max_system 0, requests with a system span
     # neither rewritten nor counted; a lent embedding table taken unchecked
     plant engine guard.cu \
-        'if (begin < 0 || end < begin || end > n_tokens) flags |= SF_GUARD_BAD_OFFSETS;' \
-        'if (begin < 0 || end < begin) flags |= SF_GUARD_BAD_OFFSETS;' \
+        'return begin < 0 || end < begin || end > n_tokens ? SF_GUARD_BAD_OFFSETS : 0;' \
+        'return begin < 0 || end < begin ? SF_GUARD_BAD_OFFSETS : 0;' \
         'CudaEngine/CudaEngineVariant.GuardedEmbedMatchesCpuAndCountsBadInputs/llama_gqa_llama3'
     plant engine sysformer_forward.c '(!e->has_sysformer || n_requests == 0) return' \
         '(!e->has_sysformer || n_requests == 0 || max_system == 0) return' \
