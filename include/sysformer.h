@@ -480,6 +480,10 @@ typedef struct sf_generation {
     int32_t n_stop_ids;
     const char *const *stop_strings; /* [n_stop_strings]; need a tokenizer; removed from text */
     int32_t n_stop_strings;
+    const sf_sampling *request_sampling; /* [n_requests] or NULL: request r samples with
+                                            request_sampling[r] (its own temperature, top_k,
+                                            top_p, and a stream started from its own seed)
+                                            instead of sampling, as if generated alone    */
 } sf_generation;
 
 /* Streaming: called after every new token of a request, with the UTF-8 text it completes (may
@@ -530,7 +534,8 @@ sf_status sf_cuda_device_count(int *count);
  * and no device-to-host copy inside it, except the asynchronous copy of the sampled token ids
  * into pinned host memory, which sf_cuda_engine_read_tokens waits for. Decode steps (one token
  * per request, input = the token the previous step sampled for that slot) are captured once per
- * batch size as a CUDA graph and replayed. NVTX ranges name every stage and every layer.
+ * batch size (and sampling setting; see sf_cuda_engine_step) as a CUDA graph and replayed.
+ * NVTX ranges name every stage and every layer.
  *
  * An engine is not thread-safe: one host thread drives it at a time. */
 typedef struct sf_cuda_engine sf_cuda_engine;
@@ -674,6 +679,13 @@ sf_status sf_cuda_engine_reset_slot(sf_cuda_engine *engine, int32_t slot);
  * vocab]); with sampling != NULL one token per request is picked on the device from them (the
  * temperature/top-k/top-p of sf_sample; uniforms[r] in [0, 1) is request r's draw, as sf_sample
  * would take from the request's stream; NULL for greedy) and copied back asynchronously.
+ * With request_sampling instead, each request is picked with its own setting (uniforms[r] is
+ * read only for the requests that sample). Requests with equal settings are picked together:
+ * the engine runs the step with its requests grouped by setting (results come back in the
+ * caller's order), and one sampling pass per distinct setting. A decode graph then holds the
+ * LLM's forward only, and the passes follow it; steps whose requests all share one setting
+ * keep the passes in the graph. Settings that act alike count as one (any temperature <= 0 is
+ * greedy; top_k <= 0 or >= vocab and top_p outside (0, 1) are off).
  * Every argument is checked on the host before anything is enqueued: SF_ERR_INVALID_ARGUMENT
  * for a bad slot, a repeated slot, a non-empty slot in a guarded step, ids outside the vocabulary,
  * spans that do not add up, or (a Sysformer with a learned system offset) a system span that is
@@ -681,7 +693,8 @@ sf_status sf_cuda_engine_reset_slot(sf_cuda_engine *engine, int32_t slot);
  * slots, more tokens than max_batch_tokens, a slot that would pass max_context, or a guarded
  * step whose requests padded to its longest system (or user) span pass max_batch_tokens rows.
  * A decode step needs a token sampled for each of its slots by the previous step
- * (SF_ERR_INVALID_ARGUMENT otherwise).
+ * (SF_ERR_INVALID_ARGUMENT otherwise); sampling and request_sampling together, or a sampling
+ * request without its uniform in [0, 1), are SF_ERR_INVALID_ARGUMENT too.
  * If the step fails after validation (a CUDA error), its slots are emptied. */
 typedef struct sf_cuda_step {
     int32_t n_requests;
@@ -690,7 +703,9 @@ typedef struct sf_cuda_step {
     const int32_t *token_ids;     /* [cu_seqlens[n]] (prefill), or NULL (decode)             */
     const sf_prompt_spans *spans; /* [n_requests] (guarded prefill), or NULL                 */
     const sf_sampling *sampling;  /* NULL: no sampling, logits only                          */
-    const double *uniforms;       /* [n_requests] when sampling is not greedy, else unused   */
+    const double *uniforms;       /* [n_requests] when any request samples (not greedy)      */
+    const sf_sampling *request_sampling; /* [n_requests] or NULL: each request's own setting
+                                            (with sampling NULL); seeds unused, as above     */
 } sf_cuda_step;
 sf_status sf_cuda_engine_step(sf_cuda_engine *engine, const sf_cuda_step *step);
 

@@ -59,8 +59,10 @@
 #include <string>
 #include <vector>
 
+#include "core/rng.h"
 #include "cuda_test_util.h"
 #include "engine_test_util.h"
+#include "sampling.h"
 #include "sysformer.h"
 
 namespace {
@@ -2111,6 +2113,247 @@ TEST_F(CudaEngineTiny, SetSysformerStepsAsAnEngineCreatedWithIt) {
     ASSERT_FALSE(got.empty());
     EXPECT_EQ(got, guarded_embed(guard_y.get(), p, d, 12, 9))
         << "the guard-only engine's embeddings after the swap are not B's";
+}
+
+// ------------------------------------------------------------------------------------------
+// Per-request sampling (sf_cuda_step.request_sampling, sf_generation.request_sampling)
+// ------------------------------------------------------------------------------------------
+
+// A step over the given slots (prefill of p, or decode when p is NULL) in which request r
+// samples with set[r] and draw u[r]; reads logits and tokens into out.
+::testing::AssertionResult sampled_step(sf_cuda_engine *e, const Prompts *p,
+                                        const std::vector<int32_t> &slots,
+                                        const std::vector<sf_sampling> &set,
+                                        const std::vector<double> &u, int64_t vocab,
+                                        StepOut *out) {
+    sf_cuda_step s = {};
+    s.n_requests = (int32_t)slots.size();
+    s.slots = slots.data();
+    if (p) {
+        s.cu_seqlens = p->cu.data();
+        s.token_ids = p->ids.data();
+        s.spans = p->spans.data();
+    }
+    s.request_sampling = set.data();
+    s.uniforms = u.data();
+    const sf_status st = sf_cuda_engine_step(e, &s);
+    if (st != SF_OK) {
+        return ::testing::AssertionFailure()
+               << "sampled step: " << sf_status_string(st) << ": " << sf_last_error();
+    }
+    return read_step(e, s.n_requests, vocab, out);
+}
+
+// What the engine must pick for each request of o: its row of logits given alone to the device
+// sampler (sf_cuda_sample_f32) with its own setting and draw. The same kernels on the same
+// logits, so the picks are exact; the sampler's own agreement with sf_sample is
+// CudaSampling's to show.
+std::vector<int32_t> device_picks(const StepOut &o, const std::vector<sf_sampling> &set,
+                                  const std::vector<double> &u, int64_t vocab) {
+    std::vector<int32_t> picks(set.size(), -1);
+    const size_t ws_bytes = sf_cuda_sample_workspace_bytes(1, (int32_t)vocab);
+    DeviceBuffer<uint64_t> ws(ws_bytes / 8 + 1);
+    DeviceBuffer<int32_t> d_pick(1);
+    for (size_t r = 0; r < set.size(); r++) {
+        DeviceBuffer<float> d_row(std::vector<float>(o.row((int32_t)r, vocab),
+                                                     o.row((int32_t)r, vocab) + vocab));
+        DeviceBuffer<double> d_u(std::vector<double>{u[r]});
+        const sf_status st = sf_cuda_sample_f32(d_pick.get(), d_row.get(), d_u.get(), 1,
+                                                (int32_t)vocab, &set[r], ws.get(), ws_bytes,
+                                                nullptr);
+        EXPECT_EQ(st, SF_OK) << sf_last_error();
+        EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+        picks[r] = d_pick.host()[0];
+    }
+    return picks;
+}
+
+// Five requests, three distinct settings, interleaved: greedy (t 0, and t -1), plain sampling
+// at t 0.9 (written once with top_k and top_p both off, once with top_k 500 > vocab and top_p
+// 1.5, which act alike), and top-k 5 with top-p 0.8 at t 1.3. Greedy requests carry draws
+// outside [0, 1), which the engine must not read.
+const std::vector<sf_sampling> kMix = {{0.9f, 0, 1.0f, 0},
+                                       {0.0f, 0, 1.0f, 0},
+                                       {1.3f, 5, 0.8f, 0},
+                                       {0.9f, 500, 1.5f, 0},
+                                       {-1.0f, 3, 0.5f, 0}};
+
+std::vector<double> draws(const std::vector<sf_sampling> &set, uint64_t seed) {
+    Uniform rng(seed);
+    std::vector<double> u;
+    for (const sf_sampling &s : set) u.push_back(s.temperature > 0.0f ? rng.unit() : 7.0);
+    return u;
+}
+
+// 10a. One guarded prefill with per-request settings: the engine runs the requests grouped by
+// setting and hands everything back in the caller's order. Each request's logits equal, bit
+// for bit, those of the same batch stepped without sampling (the caller's order: a request's
+// rows do not depend on where in the batch it runs, see "Determinism"), and each pick is what
+// the device sampler picks from that request's row with its own setting and draw. Reading
+// fewer tokens than the step has gives the first requests'. Refused: sampling and
+// request_sampling together, a sampling request without uniforms or with a draw outside
+// [0, 1); no slot changes.
+TEST_F(CudaEngineTiny, PerRequestSamplingRunsGroupedAndAnswersInOrder) {
+    EnginePtr e = make_engine(llm_, sf_, options(6));
+    EnginePtr ref = make_engine(llm_, sf_, options(6));
+    ASSERT_TRUE(e && ref);
+    const Prompts p = tiny_prompts({{5, 2}, {1, 7}, {12, 9}, {3, 4}, {6, 6}}, 51);
+    const std::vector<int32_t> slots = {4, 0, 2, 1, 5};
+    const std::vector<double> u = draws(kMix, 52);
+
+    // refusals first, on empty slots
+    {
+        sf_cuda_step s = {};
+        s.n_requests = p.n();
+        s.slots = slots.data();
+        s.cu_seqlens = p.cu.data();
+        s.token_ids = p.ids.data();
+        s.spans = p.spans.data();
+        s.request_sampling = kMix.data();
+        s.uniforms = u.data();
+        s.sampling = &kGreedy;
+        EXPECT_EQ(sf_cuda_engine_step(e.get(), &s), SF_ERR_INVALID_ARGUMENT) << "both settings";
+        s.sampling = nullptr;
+        s.uniforms = nullptr;
+        EXPECT_EQ(sf_cuda_engine_step(e.get(), &s), SF_ERR_INVALID_ARGUMENT) << "no uniforms";
+        EXPECT_NE(std::string(sf_last_error()).find("request 0"), std::string::npos)
+            << sf_last_error();
+        std::vector<double> bad = u;
+        bad[2] = 1.0;
+        s.uniforms = bad.data();
+        EXPECT_EQ(sf_cuda_engine_step(e.get(), &s), SF_ERR_INVALID_ARGUMENT) << "u = 1";
+        for (int32_t slot = 0; slot < 6; slot++) {
+            EXPECT_EQ(sf_cuda_engine_slot_length(e.get(), slot), 0) << "a refusal filled a slot";
+        }
+    }
+
+    StepOut got, want;
+    ASSERT_TRUE(sampled_step(e.get(), &p, slots, kMix, u, vocab_, &got));
+    ASSERT_TRUE(prefill(ref.get(), p, slots, true, vocab_, &want));
+    for (int32_t r = 0; r < p.n(); r++) {
+        EXPECT_EQ(0, memcmp(got.row(r, vocab_), want.row(r, vocab_), vocab_ * sizeof(float)))
+            << "request " << r << ": its logits are not its own (max |diff| "
+            << max_abs_diff(got.row(r, vocab_), want.row(r, vocab_), vocab_) << ")";
+        EXPECT_EQ(sf_cuda_engine_slot_length(e.get(), slots[r]), p.len(r)) << "request " << r;
+    }
+    const std::vector<int32_t> picks = device_picks(got, kMix, u, vocab_);
+    EXPECT_EQ(got.tokens, picks);
+    EXPECT_EQ(got.tokens[1], want.tokens[1]) << "greedy";
+    EXPECT_EQ(got.tokens[4], want.tokens[4]) << "greedy";
+    std::vector<int32_t> first(2, -1);
+    ASSERT_EQ(sf_cuda_engine_read_tokens(e.get(), first.data(), 2), SF_OK) << sf_last_error();
+    EXPECT_EQ(first, std::vector<int32_t>(got.tokens.begin(), got.tokens.begin() + 2));
+    // Not vacuous: the rows differ, and the sampled picks are not all the greedy ones.
+    EXPECT_NE(want.tokens, got.tokens);
+    EXPECT_NE(0, memcmp(want.row(0, vocab_), want.row(1, vocab_), vocab_ * sizeof(float)));
+}
+
+// 10b. Decode steps whose mix of settings changes, on a graph engine and an eager one: three
+// groups (the graph holds the forward, the passes follow), one setting for all (the pass
+// inside the graph), another one for all (captured again), two groups twice (captured once,
+// then replayed with other draws and another order), two other groups (the same graph, other
+// passes after it), then three of the requests. Every step: the same tokens and bit-identical logits on
+// both engines, and each pick the device sampler's for its request.
+TEST_F(CudaEngineTiny, PerRequestSamplingDecodeGraphsEqualEager) {
+    EnginePtr g = make_engine(llm_, sf_, options(6, 0, 0, true));
+    EnginePtr x = make_engine(llm_, sf_, options(6, 0, 0, false));
+    ASSERT_TRUE(g && x);
+    const Prompts p = tiny_prompts({{5, 2}, {1, 7}, {12, 9}, {3, 4}, {6, 6}}, 53);
+    const std::vector<int32_t> all = {4, 0, 2, 1, 5};
+    const sf_sampling hot = {0.9f, 0, 1.0f, 0}, warm = {1.3f, 5, 0.8f, 0};
+    const sf_sampling cold = {0.0f, 0, 1.0f, 0};
+    struct Step {
+        std::vector<int32_t> slots;
+        std::vector<sf_sampling> set;
+    };
+    const std::vector<Step> schedule = {
+        {all, kMix},
+        {all, {hot, hot, hot, hot, hot}},
+        {all, {warm, warm, warm, warm, warm}},
+        {all, {warm, warm, cold, warm, warm}},
+        {{5, 2, 4, 0, 1}, {cold, warm, warm, warm, warm}},
+        {all, {cold, hot, hot, cold, hot}},
+        {{2, 0, 5}, {warm, cold, hot}},
+        {{2, 0, 5}, {warm, cold, hot}},
+    };
+    StepOut pg, px;
+    const std::vector<double> u0 = draws(kMix, 54);
+    ASSERT_TRUE(sampled_step(g.get(), &p, all, kMix, u0, vocab_, &pg));
+    ASSERT_TRUE(sampled_step(x.get(), &p, all, kMix, u0, vocab_, &px));
+    EXPECT_EQ(pg.tokens, px.tokens);
+    for (size_t k = 0; k < schedule.size(); k++) {
+        const Step &st = schedule[k];
+        const std::vector<double> u = draws(st.set, 60 + k);
+        StepOut og, ox;
+        ASSERT_TRUE(sampled_step(g.get(), nullptr, st.slots, st.set, u, vocab_, &og)) << k;
+        ASSERT_TRUE(sampled_step(x.get(), nullptr, st.slots, st.set, u, vocab_, &ox)) << k;
+        EXPECT_EQ(og.tokens, ox.tokens) << "step " << k;
+        EXPECT_EQ(0, memcmp(og.logits.data(), ox.logits.data(), og.logits.size() * sizeof(float)))
+            << "step " << k << ": the graph's logits differ from the eager ones";
+        EXPECT_EQ(ox.tokens, device_picks(ox, st.set, u, vocab_)) << "step " << k;
+    }
+}
+
+// 10c. sf_generate_cuda with request_sampling: each request draws from its own stream (started
+// from its setting's seed, one draw per sampled token, none for a greedy one), whatever
+// g.sampling says. Shown by replaying the generation's steps by hand with the draws taken from
+// those streams (the same tokens, bit for bit: the same computation), and by sf_sample, the
+// CPU reference, which takes its draw from the same stream: given each step's logits it picks
+// every token the engine picked (the device sampler differs from it only within ~1e-11 of a
+// boundary of the draw, see kernels/sampling.cu).
+TEST_F(CudaEngineTiny, GenerateSamplesEachRequestWithItsOwnSettingAndStream) {
+    EnginePtr e = make_engine(llm_, sf_, options(5));
+    ASSERT_TRUE(e);
+    const Prompts p = tiny_prompts({{5, 2}, {1, 7}, {12, 9}, {5, 2}}, 55);
+    const std::vector<sf_sampling> set = {
+        {1.1f, 0, 1.0f, 5}, {0.0f, 0, 1.0f, 0}, {0.8f, 4, 0.9f, 77}, {1.1f, 0, 1.0f, 6}};
+    const int32_t n = p.n(), max_new = 6;
+    sf_generation gen = {};
+    gen.n_requests = n;
+    gen.cu_seqlens = p.cu.data();
+    gen.token_ids = p.ids.data();
+    gen.spans = p.spans.data();
+    gen.max_new_tokens = max_new;
+    gen.sampling = {2.0f, 2, 0.3f, 999};  // overridden
+    gen.request_sampling = set.data();
+    std::vector<sf_generation_result> res((size_t)n);
+    ASSERT_EQ(sf_generate_cuda(e.get(), nullptr, &gen, nullptr, nullptr, res.data()), SF_OK)
+        << sf_last_error();
+    std::vector<std::vector<int32_t>> tokens;
+    for (auto &r : res) {
+        tokens.emplace_back(r.tokens, r.tokens + r.n_tokens);
+        EXPECT_EQ(r.n_tokens, max_new);
+    }
+    free_results(&res);
+
+    std::vector<int32_t> slots((size_t)n);
+    std::vector<uint64_t> stream((size_t)n), cpu_stream((size_t)n);
+    for (int32_t r = 0; r < n; r++) {
+        slots[r] = r;
+        stream[r] = cpu_stream[r] = set[r].seed;
+        ASSERT_EQ(sf_cuda_engine_reset_slot(e.get(), r), SF_OK);
+    }
+    for (int32_t j = 0; j < max_new; j++) {
+        std::vector<double> u((size_t)n, 0.0);
+        for (int32_t r = 0; r < n; r++) {
+            if (set[r].temperature > 0.0f) {
+                sf_rng rng = sf_rng_seed(stream[r]);
+                u[r] = sf_rng_uniform(&rng);
+                stream[r] = rng.state;
+            }
+        }
+        StepOut o;
+        ASSERT_TRUE(sampled_step(e.get(), j ? nullptr : &p, slots, set, u, vocab_, &o));
+        for (int32_t r = 0; r < n; r++) {
+            EXPECT_EQ(o.tokens[r], tokens[r][j]) << "request " << r << " token " << j;
+            int32_t cpu = -1;
+            ASSERT_EQ(sf_sample(o.row(r, vocab_), (int32_t)vocab_, &set[r], &cpu_stream[r], &cpu),
+                      SF_OK);
+            EXPECT_EQ(cpu, o.tokens[r]) << "request " << r << " token " << j << ": sf_sample";
+        }
+    }
+    // Not vacuous: requests 0 and 3 share a prompt and a setting but not a seed.
+    EXPECT_NE(tokens[0], tokens[3]);
 }
 
 // 9d. sf_set_progress during creation: "uploading weights" rises from 0 to the bf16 bytes of

@@ -188,6 +188,35 @@ TEST_F(Generate, SamplingIsRepeatableAndBatchIndependent) {
     EXPECT_NE(a, c);
 }
 
+// request_sampling gives each request its own setting and stream: each request's tokens are
+// those it gets alone with that setting as the batch's sampling, whatever g.sampling says.
+// Settings: greedy, top-k with top-p, plain sampling at a low temperature, and the first
+// sampled setting again on another prompt (same seed, its own stream).
+TEST_F(Generate, PerRequestSamplingEqualsEachRequestAlone) {
+    const std::vector<sf_sampling> set = {
+        {0.0f, 0, 1.0f, 0}, {1.0f, 20, 0.95f, 1234}, {0.7f, 0, 1.0f, 99}, {1.0f, 20, 0.95f, 1234}};
+    const std::vector<std::vector<int32_t>> prompts = {prompts_[0], prompts_[1], prompts_[2],
+                                                       prompts_[0]};
+    sf_generation g = {};
+    g.max_new_tokens = 12;
+    g.sampling = {1.5f, 3, 0.5f, 7};  // overridden
+    g.request_sampling = set.data();
+    const auto batched = run(prompts, g);
+    ASSERT_EQ(batched.size(), 4u);
+    g.request_sampling = nullptr;
+    for (size_t r = 0; r < prompts.size(); r++) {
+        g.sampling = set[r];
+        EXPECT_EQ(run({prompts[r]}, g)[0], batched[r]) << "request " << r;
+    }
+    // Not vacuous: the sampled requests leave the greedy path, and one setting for the whole
+    // batch gives other tokens.
+    g.sampling = set[0];
+    EXPECT_NE(run({prompts[1]}, g)[0], batched[1]);
+    EXPECT_NE(run({prompts[2]}, g)[0], batched[2]);
+    g.sampling = set[1];
+    EXPECT_NE(run(prompts, g), batched);
+}
+
 struct StreamLog {
     std::vector<std::pair<int32_t, int32_t>> calls;
     int stop_after = -1;

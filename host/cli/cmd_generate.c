@@ -313,7 +313,7 @@ static sf_status generate_batch(session *s, int32_t n, const char *const *system
     }
     if (st == SF_OK) {
         sf_generation g = {n, cu, ids, spans, s->max_new_tokens, s->sampling, s->stop_ids,
-                           s->n_stop_ids, s->stops, s->n_stops};
+                           s->n_stop_ids, s->stops, s->n_stops, NULL};
         if (s->dev == DEVICE_CUDA) {
             st = sf_generate_cuda(s->engine, s->tok, &g, stream ? stream_to_stdout : NULL, NULL,
                                   results);

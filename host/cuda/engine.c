@@ -430,7 +430,11 @@ static sf_status engine_new(const sf_llm_config *cfg, const sf_sysformer_config 
     e->host_slot_len = calloc(R, sizeof(int32_t));
     e->host_slot_sampled = calloc(R, sizeof(bool));
     e->graphs = calloc(R + 1, sizeof(sf_cuda_graph));
-    if (!e->host_slot_len || !e->host_slot_sampled || !e->graphs) {
+    e->groups = calloc(R, sizeof(sf_sample_group));
+    e->order = calloc(R, sizeof(int32_t));
+    e->row_of = calloc(R, sizeof(int32_t));
+    if (!e->host_slot_len || !e->host_slot_sampled || !e->graphs || !e->groups || !e->order ||
+        !e->row_of) {
         return sf_fail(SF_ERR_OUT_OF_MEMORY, "sf_cuda_engine: out of host memory");
     }
     SF_CUDA_OR_FAIL(cudaStreamCreateWithFlags(&e->stream, cudaStreamNonBlocking));
@@ -565,6 +569,9 @@ void sf_cuda_engine_free(sf_cuda_engine *e) {
     free(e->host_slot_len);
     free(e->host_slot_sampled);
     free(e->graphs);
+    free(e->groups);
+    free(e->order);
+    free(e->row_of);
     free(e);
 }
 

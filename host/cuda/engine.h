@@ -99,10 +99,17 @@ typedef struct sf_cuda_staging {
 
 enum { SF_STAGE_EVENTS = 7 };
 
+/* The requests of a step that sample with one setting (step.c): after the step's reordering,
+ * rows [first, first + count) of its logits, uniforms and sampled ids. */
+typedef struct sf_sample_group {
+    sf_sampling sampling; /* canonical: greedy {0, 0, 1, 0}; top_k off 0, top_p off 1; seed 0 */
+    int32_t first, count;
+} sf_sample_group;
+
 typedef struct sf_cuda_graph {
     cudaGraphExec_t exec; /* NULL: not captured */
-    sf_sampling sampling; /* what it was captured with */
-    bool sampling_on, greedy;
+    sf_sampling sampling; /* the one group it samples, canonical (sampling_on) */
+    bool sampling_on;     /* false: the forward only, any sampling follows it eagerly */
 } sf_cuda_graph;
 
 struct sf_cuda_engine {
@@ -138,6 +145,11 @@ struct sf_cuda_engine {
 
     int32_t *host_slot_len;       /* mirror of a.slot_len, for the host checks */
     bool *host_slot_sampled;      /* a slot has a sampled token to decode from */
+    sf_sample_group *groups;      /* [R] the step's sampling groups, n_groups of them */
+    int32_t n_groups;
+    int32_t *order;               /* [R] the caller's request at each row of the step */
+    int32_t *row_of;              /* [R] the row of each of the caller's requests     */
+    bool reordered;               /* the last step ran its requests in `order`        */
     int32_t last_n;               /* requests in the last step */
     bool last_sampled;
     cudaEvent_t done;             /* the last step's read-back is complete */

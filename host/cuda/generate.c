@@ -36,6 +36,14 @@ static double next_uniform(uint64_t *state) {
     return u;
 }
 
+/* Request rq's next step: its setting into *setting, and its uniform. sf_sample treats anything
+ * but a positive temperature (NaN included) as greedy and then draws nothing, so the stream
+ * advances only for sampled tokens, here as there (a greedy request's uniform is unused). */
+static double draw(sf_gen_request *rq, sf_sampling *setting) {
+    *setting = *rq->sampling;
+    return rq->sampling->temperature > 0.0f ? next_uniform(&rq->rng) : 0.0;
+}
+
 /* The token just accepted has no position left to be fed at once the slot holds max_context
  * positions. On the CPU the cache is min(prompt + max_new_tokens, max_position_embeddings)
  * long, so only the model's window can end a request there; here it is the slot's max_context
@@ -71,9 +79,6 @@ sf_status sf_generate_cuda(sf_cuda_engine *e, const sf_tokenizer *tok, const sf_
     const sf_gen_ctx c = {who, g, stream, user};
     const int32_t n = g->n_requests;
     const int32_t max_context = sf_cuda_engine_max_context(e);
-    /* sf_sample treats anything but a positive temperature (NaN included) as greedy and then
-     * draws nothing, so the streams advance only for sampled tokens, here as there. */
-    const bool greedy = !(g->sampling.temperature > 0.0f);
     memset(results, 0, (size_t)n * sizeof *results);
     if (n == 0) return SF_OK;
 
@@ -83,14 +88,15 @@ sf_status sf_generate_cuda(sf_cuda_engine *e, const sf_tokenizer *tok, const sf_
     int32_t *active = malloc((size_t)n * sizeof *active);
     int32_t *picked = malloc((size_t)n * sizeof *picked);
     double *uniforms = malloc((size_t)n * sizeof *uniforms);
-    if (!rq || !rs || !slots || !active || !picked || !uniforms) {
+    sf_sampling *settings = malloc((size_t)n * sizeof *settings); /* the step's requests' */
+    if (!rq || !rs || !slots || !active || !picked || !uniforms || !settings) {
         st = sf_fail(SF_ERR_OUT_OF_MEMORY, "sf_generate_cuda: out of memory");
     }
     for (int32_t r = 0; st == SF_OK && r < n; r++) {
         rs[r].slot = r;
         rs[r].length = g->cu_seqlens[r + 1] - g->cu_seqlens[r];
         st = sf_cuda_engine_reset_slot(e, r);
-        st = sf_gen_request_init(&c, st, tok, &rq[r], &results[r]);
+        st = sf_gen_request_init(&c, st, tok, r, &rq[r], &results[r]);
     }
 
     /* Prefill every prompt in one packed step; the engine samples each prompt's last row. The
@@ -98,7 +104,7 @@ sf_status sf_generate_cuda(sf_cuda_engine *e, const sf_tokenizer *tok, const sf_
     if (st == SF_OK) {
         for (int32_t r = 0; r < n; r++) {
             slots[r] = rs[r].slot;
-            if (!greedy) uniforms[r] = next_uniform(&rq[r].rng);
+            uniforms[r] = draw(&rq[r], &settings[r]);
         }
         const sf_cuda_step step = {
             .n_requests = n,
@@ -106,8 +112,9 @@ sf_status sf_generate_cuda(sf_cuda_engine *e, const sf_tokenizer *tok, const sf_
             .cu_seqlens = g->cu_seqlens,
             .token_ids = g->token_ids,
             .spans = e->has_sysformer ? g->spans : NULL,
-            .sampling = &g->sampling,
-            .uniforms = greedy ? NULL : uniforms,
+            .sampling = g->request_sampling ? NULL : &g->sampling,
+            .uniforms = uniforms,
+            .request_sampling = g->request_sampling ? settings : NULL,
         };
         st = sf_cuda_engine_step(e, &step);
         if (st == SF_OK) st = sf_cuda_engine_read_tokens(e, picked, n);
@@ -124,15 +131,16 @@ sf_status sf_generate_cuda(sf_cuda_engine *e, const sf_tokenizer *tok, const sf_
             if (rq[r].done) continue;
             active[m] = r;
             slots[m] = rs[r].slot;
-            if (!greedy) uniforms[m] = next_uniform(&rq[r].rng);
+            uniforms[m] = draw(&rq[r], &settings[m]);
             m++;
         }
         if (m == 0) break;
         const sf_cuda_step step = {
             .n_requests = m,
             .slots = slots,
-            .sampling = &g->sampling,
-            .uniforms = greedy ? NULL : uniforms,
+            .sampling = g->request_sampling ? NULL : &g->sampling,
+            .uniforms = uniforms,
+            .request_sampling = g->request_sampling ? settings : NULL,
         };
         st = sf_cuda_engine_step(e, &step);
         if (st == SF_OK) st = sf_cuda_engine_read_tokens(e, picked, m);
@@ -151,5 +159,6 @@ sf_status sf_generate_cuda(sf_cuda_engine *e, const sf_tokenizer *tok, const sf_
     free(active);
     free(picked);
     free(uniforms);
+    free(settings);
     return st;
 }

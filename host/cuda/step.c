@@ -29,10 +29,17 @@
 /* What validation learns about a step. */
 typedef struct step_info {
     int32_t n, tokens, max_q_len, max_system, max_user;
-    bool decode, guarded, sample, greedy;
+    bool decode, guarded;
+    bool sample, greedy; /* some request samples; every one that does is greedy (no uniforms) */
+    bool reorder;        /* the requests run grouped by sampling setting (e->order)          */
 } step_info;
 
 static bool is_greedy(const sf_sampling *s) { return !(s->temperature > 0.0f); }
+
+/* The setting request r of a sampling step picks with. */
+static const sf_sampling *setting(const sf_cuda_step *s, int32_t r) {
+    return s->request_sampling ? &s->request_sampling[r] : s->sampling;
+}
 
 static sf_status validate(const sf_cuda_engine *e, const sf_cuda_step *s, step_info *info) {
     memset(info, 0, sizeof *info);
@@ -179,25 +186,122 @@ static sf_status validate(const sf_cuda_engine *e, const sf_cuda_step *s, step_i
             info->guarded = e->has_sysformer && info->max_system > 0;
         }
     }
-    if (s->sampling) {
-        info->sample = true;
-        info->greedy = is_greedy(s->sampling);
-        if (!info->greedy) {
-            if (!s->uniforms) {
-                return sf_fail(SF_ERR_INVALID_ARGUMENT,
-                               "sf_cuda_engine_step: sampling at temperature %g needs uniforms",
-                               (double)s->sampling->temperature);
-            }
-            for (int32_t r = 0; r < n; r++) {
-                if (!(s->uniforms[r] >= 0.0 && s->uniforms[r] < 1.0)) {
-                    return sf_fail(SF_ERR_INVALID_ARGUMENT,
-                                   "sf_cuda_engine_step: uniforms[%d] = %g outside [0, 1)", r,
-                                   s->uniforms[r]);
-                }
-            }
+    if (s->sampling && s->request_sampling) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_cuda_engine_step: sampling and "
+                       "request_sampling are both set (give one)");
+    }
+    info->sample = s->sampling || s->request_sampling;
+    info->greedy = true;
+    for (int32_t r = 0; info->sample && r < n; r++) {
+        const sf_sampling *p = setting(s, r);
+        if (is_greedy(p)) continue;
+        info->greedy = false;
+        if (!s->uniforms) {
+            return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                           "sf_cuda_engine_step: request %d samples at temperature %g and needs "
+                           "uniforms",
+                           r, (double)p->temperature);
+        }
+        if (!(s->uniforms[r] >= 0.0 && s->uniforms[r] < 1.0)) {
+            return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                           "sf_cuda_engine_step: uniforms[%d] = %g outside [0, 1)", r,
+                           s->uniforms[r]);
         }
     }
     return SF_OK;
+}
+
+/* A sampling setting in the one form that settings acting alike share (sf_sample's and the
+ * device sampler's rules): any temperature <= 0 (or NaN) is greedy, and top_k and top_p off
+ * are 0 and 1; the seed is not the engine's (the caller draws the uniforms). */
+static sf_sampling canonical(const sf_sampling *s, int32_t vocab) {
+    if (is_greedy(s)) return (sf_sampling){0.0f, 0, 1.0f, 0};
+    return (sf_sampling){s->temperature, s->top_k > 0 && s->top_k < vocab ? s->top_k : 0,
+                         s->top_p > 0.0f && s->top_p < 1.0f ? s->top_p : 1.0f, 0};
+}
+
+static bool same_setting(const sf_sampling *a, const sf_sampling *b) {
+    return a->temperature == b->temperature && a->top_k == b->top_k && a->top_p == b->top_p;
+}
+
+/* The order of groups (greedy first, then by temperature, top_k, top_p), so that batches with
+ * the same mix of settings are laid out alike and share a decode graph. Canonical settings
+ * hold no NaN. */
+static bool goes_before(const sf_sampling *a, const sf_sampling *b) {
+    if (a->temperature != b->temperature) return a->temperature < b->temperature;
+    if (a->top_k != b->top_k) return a->top_k < b->top_k;
+    return a->top_p < b->top_p;
+}
+
+/* Groups a validated sampling step's requests by setting into e->groups, and lays the step out
+ * group after group (each group's requests in the caller's order): request r runs at row
+ * e->row_of[r], row i holds request e->order[i]. One group keeps the caller's order. */
+static void group_requests(sf_cuda_engine *e, const sf_cuda_step *s, step_info *info) {
+    e->n_groups = 0;
+    info->reorder = false;
+    if (!info->sample) return;
+    const int32_t n = info->n;
+    sf_sample_group *g = e->groups;
+    int32_t m = 0;
+    for (int32_t r = 0; r < n; r++) {
+        const sf_sampling c = canonical(setting(s, r), e->cfg.vocab_size);
+        int32_t k = 0;
+        while (k < m && !same_setting(&g[k].sampling, &c)) k++;
+        if (k == m) g[m++] = (sf_sample_group){c, 0, 0};
+        g[k].count++;
+    }
+    for (int32_t k = 1; k < m; k++) {  /* insertion sort: m is at most max_slots */
+        const sf_sample_group x = g[k];
+        int32_t j = k;
+        for (; j > 0 && goes_before(&x.sampling, &g[j - 1].sampling); j--) g[j] = g[j - 1];
+        g[j] = x;
+    }
+    int32_t first = 0;
+    for (int32_t k = 0; k < m; k++) {
+        g[k].first = first;
+        first += g[k].count;
+        g[k].count = 0; /* counted again as the rows are handed out */
+    }
+    for (int32_t r = 0; r < n; r++) {
+        const sf_sampling c = canonical(setting(s, r), e->cfg.vocab_size);
+        int32_t k = 0;
+        while (!same_setting(&g[k].sampling, &c)) k++;
+        const int32_t row = g[k].first + g[k].count++;
+        e->row_of[r] = row;
+        e->order[row] = r;
+    }
+    e->n_groups = m;
+    info->reorder = m > 1;
+}
+
+/* Fills the pinned staging with the step's inputs, in the step's row order. */
+static void stage_inputs(sf_cuda_engine *e, const sf_cuda_step *s, const step_info *info) {
+    sf_cuda_staging *h = &e->h;
+    const int32_t n = info->n;
+    const int32_t *order = info->reorder ? e->order : NULL;
+    for (int32_t i = 0; i < n; i++) h->slots[i] = s->slots[order ? order[i] : i];
+    if (!info->decode) {
+        if (!order) {
+            memcpy(h->ids, s->token_ids, (size_t)info->tokens * 4);
+            memcpy(h->cu_seqlens, s->cu_seqlens, (size_t)(n + 1) * 4);
+            if (info->guarded) memcpy(h->spans, s->spans, (size_t)n * sizeof(sf_prompt_spans));
+        } else {
+            h->cu_seqlens[0] = 0;
+            for (int32_t i = 0; i < n; i++) {
+                const int32_t r = order[i], from = s->cu_seqlens[r];
+                const int32_t len = s->cu_seqlens[r + 1] - from;
+                memcpy(h->ids + h->cu_seqlens[i], s->token_ids + from, (size_t)len * 4);
+                h->cu_seqlens[i + 1] = h->cu_seqlens[i] + len;
+                if (info->guarded) memcpy(&h->spans[5 * i], &s->spans[r], sizeof(sf_prompt_spans));
+            }
+        }
+    }
+    if (info->sample && !info->greedy) {
+        for (int32_t i = 0; i < n; i++) {
+            const int32_t r = order ? order[i] : i;
+            h->uniforms[i] = is_greedy(setting(s, r)) ? 0.0 : s->uniforms[r];
+        }
+    }
 }
 
 static sf_status mark(sf_cuda_engine *e, int i) {
@@ -205,10 +309,33 @@ static sf_status mark(sf_cuda_engine *e, int i) {
     return SF_OK;
 }
 
-/* Everything a step enqueues after the host staging holds its inputs. A decode step's body is
- * what a CUDA graph captures (marks are then off). */
-static sf_status step_body(sf_cuda_engine *e, const step_info *info, const sf_sampling *sampling,
-                           bool marks) {
+/* One sampling pass per group over its rows of the logits, then each pick remembered for its
+ * slot and the picks copied back. */
+static sf_status sample_tail(sf_cuda_engine *e, const step_info *info) {
+    sf_cuda_arena *a = &e->a;
+    cudaStream_t s = e->stream;
+    const int32_t n = info->n, vocab = e->cfg.vocab_size;
+    sf_nvtx_push("sample");
+    sf_status st = SF_OK;
+    for (int32_t k = 0; st == SF_OK && k < e->n_groups; k++) {
+        const sf_sample_group *g = &e->groups[k];
+        st = sf_cuda_sample_f32(a->sampled + g->first, a->logits + (size_t)g->first * vocab,
+                                is_greedy(&g->sampling) ? NULL : a->uniforms + g->first, g->count,
+                                vocab, &g->sampling, a->sample_ws, a->sample_ws_bytes, s);
+    }
+    if (st == SF_OK) st = sf_cuda_store_next(a->slot_next, a->slots, a->sampled, n, s);
+    if (st == SF_OK && cudaMemcpyAsync(e->h.tokens, a->sampled, (size_t)n * 4,
+                                       cudaMemcpyDeviceToHost, s) != cudaSuccess) {
+        st = sf_fail(SF_ERR_CUDA, "sf_cuda_engine_step: copying the sampled ids back");
+    }
+    sf_nvtx_pop();
+    return st;
+}
+
+/* Everything a step enqueues after the host staging holds its inputs, the sampling passes only
+ * when `sample` is set. A decode step's body is what a CUDA graph captures (marks are then
+ * off). */
+static sf_status step_body(sf_cuda_engine *e, const step_info *info, bool sample, bool marks) {
     sf_cuda_arena *a = &e->a;
     sf_cuda_staging *h = &e->h;
     cudaStream_t s = e->stream;
@@ -256,20 +383,7 @@ static sf_status step_body(sf_cuda_engine *e, const step_info *info, const sf_sa
     SF_TRY(sf_cuda_llm_head(e, n, s));
     if (marks) SF_TRY(mark(e, 5));
 
-    if (info->sample) {
-        sf_nvtx_push("sample");
-        st = sf_cuda_sample_f32(a->sampled, a->logits, info->greedy ? NULL : a->uniforms, n,
-                                e->cfg.vocab_size, sampling, a->sample_ws, a->sample_ws_bytes,
-                                s);
-        if (st == SF_OK) st = sf_cuda_store_next(a->slot_next, a->slots, a->sampled, n, s);
-        if (st == SF_OK && cudaMemcpyAsync(h->tokens, a->sampled, (size_t)n * 4,
-                                           cudaMemcpyDeviceToHost, s) != cudaSuccess) {
-            st = sf_fail(SF_ERR_CUDA, "sf_cuda_engine_step: copying the sampled ids back");
-        }
-        sf_nvtx_pop();
-        if (st != SF_OK) return st;
-    }
-    return SF_OK;
+    return sample && info->sample ? sample_tail(e, info) : SF_OK;
 }
 
 void sf_cuda_graphs_destroy(sf_cuda_engine *e) {
@@ -280,26 +394,31 @@ void sf_cuda_graphs_destroy(sf_cuda_engine *e) {
     }
 }
 
-static bool same_sampling(const sf_cuda_graph *g, const step_info *info,
-                          const sf_sampling *sampling) {
-    if (!info->sample) return !g->sampling_on;
-    if (!g->sampling_on || g->greedy != info->greedy) return false;
-    if (info->greedy) return true;
-    return g->sampling.temperature == sampling->temperature &&
-           g->sampling.top_k == sampling->top_k && g->sampling.top_p == sampling->top_p;
+/* A decode graph samples inside when the step has one sampling group (the common case: one
+ * setting for the whole batch); with several, it holds the forward only and the passes follow
+ * eagerly, so that a changing mix of settings does not recapture the whole forward. */
+static bool graph_samples(const sf_cuda_engine *e, const step_info *info) {
+    return info->sample && e->n_groups == 1;
 }
 
-/* Captures the decode body for this batch size and sampling setting (once), then launches it. */
-static sf_status decode_graph(sf_cuda_engine *e, const step_info *info,
-                              const sf_sampling *sampling) {
+static bool graph_fits(const sf_cuda_graph *g, const sf_cuda_engine *e, const step_info *info) {
+    const bool inside = graph_samples(e, info);
+    if (g->sampling_on != inside) return false;
+    return !inside || same_setting(&g->sampling, &e->groups[0].sampling);
+}
+
+/* Captures the decode body for this batch size and sampling layout (once), then launches it,
+ * and the sampling passes after it when they are not inside. */
+static sf_status decode_graph(sf_cuda_engine *e, const step_info *info) {
     sf_cuda_graph *g = &e->graphs[info->n];
-    if (g->exec && !same_sampling(g, info, sampling)) {
+    const bool inside = graph_samples(e, info);
+    if (g->exec && !graph_fits(g, e, info)) {
         (void)cudaGraphExecDestroy(g->exec);
         g->exec = NULL;
     }
     if (!g->exec) {
         SF_CUDA_OR_FAIL(cudaStreamBeginCapture(e->stream, cudaStreamCaptureModeThreadLocal));
-        sf_status st = step_body(e, info, sampling, false);
+        sf_status st = step_body(e, info, inside, false);
         cudaGraph_t graph = NULL;
         cudaError_t err = cudaStreamEndCapture(e->stream, &graph);
         if (st == SF_OK && err != cudaSuccess) {
@@ -319,9 +438,8 @@ static sf_status decode_graph(sf_cuda_engine *e, const step_info *info,
             (void)cudaGetLastError();
             return st;
         }
-        g->sampling_on = info->sample;
-        g->greedy = info->greedy;
-        if (sampling) g->sampling = *sampling;
+        g->sampling_on = inside;
+        g->sampling = inside ? e->groups[0].sampling : (sf_sampling){0};
     }
     sf_nvtx_push("decode step (graph)");
     cudaError_t err = cudaGraphLaunch(g->exec, e->stream);
@@ -330,7 +448,7 @@ static sf_status decode_graph(sf_cuda_engine *e, const step_info *info,
         return sf_fail(SF_ERR_CUDA, "sf_cuda_engine_step: cudaGraphLaunch: %s",
                        cudaGetErrorString(err));
     }
-    return SF_OK;
+    return info->sample && !inside ? sample_tail(e, info) : SF_OK;
 }
 
 sf_status sf_cuda_engine_step(sf_cuda_engine *e, const sf_cuda_step *s) {
@@ -342,14 +460,9 @@ sf_status sf_cuda_engine_step(sf_cuda_engine *e, const sf_cuda_step *s) {
     /* the staging is free once the previous step's uploads have run */
     SF_CUDA_OR_FAIL(cudaEventSynchronize(e->staging_free));
     const int32_t n = info.n;
-    sf_cuda_staging *h = &e->h;
-    memcpy(h->slots, s->slots, (size_t)n * 4);
-    if (!info.decode) {
-        memcpy(h->ids, s->token_ids, (size_t)info.tokens * 4);
-        memcpy(h->cu_seqlens, s->cu_seqlens, (size_t)(n + 1) * 4);
-        if (info.guarded) memcpy(h->spans, s->spans, (size_t)n * sizeof(sf_prompt_spans));
-    }
-    if (info.sample && !info.greedy) memcpy(h->uniforms, s->uniforms, (size_t)n * sizeof(double));
+    e->last_n = 0; /* from here on the last step's results are gone */
+    group_requests(e, s, &info);
+    stage_inputs(e, s, &info);
 
     sf_nvtx_push(info.decode ? "sf_cuda_engine_step (decode)"
                              : info.guarded ? "sf_cuda_engine_step (guarded prefill)"
@@ -358,7 +471,7 @@ sf_status sf_cuda_engine_step(sf_cuda_engine *e, const sf_cuda_step *s) {
     const bool graph = info.decode && e->cuda_graphs;
     if (e->timing) st = mark(e, 0);
     if (st == SF_OK) {
-        st = graph ? decode_graph(e, &info, s->sampling) : step_body(e, &info, s->sampling, true);
+        st = graph ? decode_graph(e, &info) : step_body(e, &info, true, true);
     }
     if (st == SF_OK && e->timing) st = mark(e, SF_STAGE_EVENTS - 1);
     if (st == SF_OK && cudaEventRecord(e->staging_free, e->stream) != cudaSuccess) {
@@ -381,6 +494,7 @@ sf_status sf_cuda_engine_step(sf_cuda_engine *e, const sf_cuda_step *s) {
         e->host_slot_sampled[slot] = info.sample;
     }
     e->last_n = n;
+    e->reordered = info.reorder;
     e->last_sampled = info.sample;
     e->last_timed = e->timing;
     e->last_graph = graph;
@@ -401,7 +515,7 @@ sf_status sf_cuda_engine_read_tokens(sf_cuda_engine *e, int32_t *tokens, int32_t
         return sf_fail(SF_ERR_CUDA, "sf_cuda_engine_read_tokens: the step failed: %s",
                        cudaGetErrorString(err));
     }
-    memcpy(tokens, e->h.tokens, (size_t)n * 4);
+    for (int32_t r = 0; r < n; r++) tokens[r] = e->h.tokens[e->reordered ? e->row_of[r] : r];
     return SF_OK;
 }
 
@@ -412,9 +526,16 @@ sf_status sf_cuda_engine_read_logits(sf_cuda_engine *e, float *logits, int32_t n
                        e ? e->last_n : 0);
     }
     SF_CUDA_OR_FAIL(cudaSetDevice(e->device));
-    SF_CUDA_OR_FAIL(cudaMemcpyAsync(logits, e->a.logits,
-                                    (size_t)n * (size_t)e->cfg.vocab_size * sizeof(float),
-                                    cudaMemcpyDeviceToHost, e->stream));
+    const size_t row = (size_t)e->cfg.vocab_size;
+    if (!e->reordered) {
+        SF_CUDA_OR_FAIL(cudaMemcpyAsync(logits, e->a.logits, (size_t)n * row * sizeof(float),
+                                        cudaMemcpyDeviceToHost, e->stream));
+    }
+    for (int32_t r = 0; e->reordered && r < n; r++) {
+        SF_CUDA_OR_FAIL(cudaMemcpyAsync(logits + (size_t)r * row,
+                                        e->a.logits + (size_t)e->row_of[r] * row,
+                                        row * sizeof(float), cudaMemcpyDeviceToHost, e->stream));
+    }
     SF_CUDA_OR_FAIL(cudaStreamSynchronize(e->stream));
     return SF_OK;
 }

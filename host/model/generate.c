@@ -129,7 +129,7 @@ sf_status sf_generate_cpu(const sf_llm *llm, const sf_sysformer *sf, const sf_to
         if (cap > llm->cfg.max_position_embeddings) cap = llm->cfg.max_position_embeddings;
         st = sf_kv_cache_create(llm, (int32_t)cap, &own[r]);
         caches[r] = own[r];
-        st = sf_gen_request_init(&c, st, tok, &rq[r], &results[r]);
+        st = sf_gen_request_init(&c, st, tok, r, &rq[r], &results[r]);
         rows[r] = g->cu_seqlens[r + 1] - 1;
     }
 
@@ -145,7 +145,7 @@ sf_status sf_generate_cpu(const sf_llm *llm, const sf_sysformer *sf, const sf_to
     }
     for (int32_t r = 0; st == SF_OK && r < n; r++) {
         int32_t t;
-        st = sf_sample(logits + (size_t)r * vocab, vocab, &g->sampling, &rq[r].rng, &t);
+        st = sf_sample(logits + (size_t)r * vocab, vocab, rq[r].sampling, &rq[r].rng, &t);
         if (st == SF_OK) st = sf_gen_accept(&c, r, t, room_of(llm, own[r]), &rq[r], &results[r]);
     }
 
@@ -168,7 +168,7 @@ sf_status sf_generate_cpu(const sf_llm *llm, const sf_sysformer *sf, const sf_to
         for (int32_t i = 0; st == SF_OK && i < m; i++) {
             const int32_t r = active[i];
             int32_t t;
-            st = sf_sample(logits + (size_t)i * vocab, vocab, &g->sampling, &rq[r].rng, &t);
+            st = sf_sample(logits + (size_t)i * vocab, vocab, rq[r].sampling, &rq[r].rng, &t);
             if (st == SF_OK) {
                 st = sf_gen_accept(&c, r, t, room_of(llm, own[r]), &rq[r], &results[r]);
             }

@@ -73,8 +73,9 @@ sf_status sf_gen_check_prompts(const char *who, const sf_generation *g, int32_t 
 }
 
 sf_status sf_gen_request_init(const sf_gen_ctx *c, sf_status st, const sf_tokenizer *tok,
-                              sf_gen_request *rq, sf_generation_result *res) {
-    rq->rng = c->g->sampling.seed;
+                              int32_t r, sf_gen_request *rq, sf_generation_result *res) {
+    rq->sampling = c->g->request_sampling ? &c->g->request_sampling[r] : &c->g->sampling;
+    rq->rng = rq->sampling->seed;
     /* Allocated even after a failure, as the caller's cleanup frees every result alike. */
     res->tokens = malloc((size_t)c->g->max_new_tokens * sizeof(int32_t));
     if (st == SF_OK && !res->tokens) {

@@ -16,7 +16,8 @@ extern "C" {
 /* One request's state while generating. */
 typedef struct sf_gen_request {
     sf_detokenizer *detok;
-    uint64_t rng;     /* the request's own sampling stream */
+    const sf_sampling *sampling; /* the request's setting (g->request_sampling[r] or g->sampling) */
+    uint64_t rng;     /* the request's own sampling stream, from sampling->seed */
     int32_t last;     /* the token last accepted, the one to feed next */
     bool done;
     char *text;       /* decoded so far */
@@ -48,10 +49,10 @@ sf_status sf_gen_check_args(const char *who, bool have_model, bool needs_spans,
 sf_status sf_gen_check_prompts(const char *who, const sf_generation *g, int32_t window,
                                const char *window_name);
 
-/* Sets up request r after the caller's own setup returned st: its stream, its token buffer and,
- * with a tokenizer, its detokenizer. Returns the first failure. */
+/* Sets up request r after the caller's own setup returned st: its sampling setting and stream,
+ * its token buffer and, with a tokenizer, its detokenizer. Returns the first failure. */
 sf_status sf_gen_request_init(const sf_gen_ctx *c, sf_status st, const sf_tokenizer *tok,
-                              sf_gen_request *rq, sf_generation_result *res);
+                              int32_t r, sf_gen_request *rq, sf_generation_result *res);
 
 /* Records one sampled token for request r and decides whether it finishes the request. */
 sf_status sf_gen_accept(const sf_gen_ctx *c, int32_t r, int32_t token, sf_gen_room room,
