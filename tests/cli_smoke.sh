@@ -109,6 +109,38 @@ if [[ -f $g ]]; then
     grep -q "chatml" "$tmp/out" || { echo "FAIL: template hint"; fails=$((fails + 1)); }
     printf 'not json\n' >"$tmp/bad.jsonl"
     expect 2 "generate, malformed JSONL" -- "$cli" generate --model "$g" --input "$tmp/bad.jsonl" --output "$tmp/x.jsonl"
+    # A line's own sampling fields override the flags for that line alone: in one batch, each
+    # reply is the one the line gets alone with its setting as flags (on the CPU, where a
+    # request's output does not depend on its batch). Fields of the wrong type are refused.
+    printf '%s\n' '{"prompt": "Say hi.", "temperature": 0}' \
+        '{"prompt": "Name a color.", "temperature": 0.9, "top_k": 20, "seed": 5}' >"$tmp/own.jsonl"
+    expect 0 "generate --input JSONL, sampling per line" -- "$cli" generate --model "$g" \
+        --input "$tmp/own.jsonl" --output "$tmp/own.out" --max-new-tokens 12 --temperature 0.7 \
+        --top-p 0.9 --seed 1 --device cpu
+    echo '{"prompt": "Say hi."}' >"$tmp/own1.jsonl"
+    echo '{"prompt": "Name a color."}' >"$tmp/own2.jsonl"
+    "$cli" generate --model "$g" --input "$tmp/own1.jsonl" --output "$tmp/own1.out" \
+        --max-new-tokens 12 --temperature 0 --device cpu 2>/dev/null
+    "$cli" generate --model "$g" --input "$tmp/own2.jsonl" --output "$tmp/own2.out" \
+        --max-new-tokens 12 --temperature 0.9 --top-k 20 --top-p 0.9 --seed 5 --device cpu 2>/dev/null
+    "$cli" generate --model "$g" --input "$tmp/own2.jsonl" --output "$tmp/own2b.out" \
+        --max-new-tokens 12 --temperature 0.7 --top-p 0.9 --seed 1 --device cpu 2>/dev/null
+    python3 - "$tmp/own.out" "$tmp/own1.out" "$tmp/own2.out" "$tmp/own2b.out" <<'PY' ||
+import json, sys
+reply = lambda path: [json.loads(l)["response"] for l in open(path)]
+both, one, two, flags = (reply(p) for p in sys.argv[1:])
+assert both == one + two, (both, one, two)
+assert two != flags, "the line's own setting gave the flags' reply: the test is void"
+PY
+        { echo "FAIL: JSONL sampling per line"; fails=$((fails + 1)); }
+    for bad in '"temperature": "hot"' '"top_k": 1.5' '"seed": -1' '"top_p": null'; do
+        echo "{\"prompt\": \"hi\", $bad}" >"$tmp/badfield.jsonl"
+        expect 2 "generate, JSONL with $bad" -- "$cli" generate --model "$g" \
+            --input "$tmp/badfield.jsonl" --output "$tmp/x.jsonl"
+        field=$(echo "$bad" | cut -d'"' -f2)
+        grep -q "badfield.jsonl:1: \"$field\" must be" "$tmp/out" ||
+            { echo "FAIL: message for $bad"; cat "$tmp/out"; fails=$((fails + 1)); }
+    done
     # --device cpu is the CPU path as it always was: without a GPU the default is the CPU, and
     # the reply must be byte for byte the same.
     q="What is the capital of France?"

@@ -53,7 +53,8 @@ static void usage(FILE *out, const char *cmd) {
     } else {
         fprintf(out, "Generates a reply to one prompt (--prompt, streamed to stdout), or to every\n"
                      "line of a JSONL file (--input: {\"prompt\": ...} or {\"instruction\": ...},\n"
-                     "optionally \"system\") written as JSONL to --output, with a progress bar.\n\n");
+                     "optionally \"system\", and \"temperature\", \"top_k\", \"top_p\", \"seed\"\n"
+                     "for that line alone) written as JSONL to --output, with a progress bar.\n\n");
     }
     fprintf(out,
             "  --model PATH          a .gguf file or a Hugging Face model directory\n"
@@ -279,11 +280,12 @@ static bool stream_to_stdout(void *user, int32_t request, int32_t token, const c
     return true;
 }
 
-/* Generates replies for n (system, history, user) prompts in one batch. */
+/* Generates replies for n (system, history, user) prompts in one batch, each sampled with
+ * settings[r] (NULL: the session's setting for all). */
 static sf_status generate_batch(session *s, int32_t n, const char *const *systems,
                                 const sf_chat_turn *history, int32_t n_history,
-                                const char *const *users, bool stream,
-                                sf_generation_result *results) {
+                                const char *const *users, const sf_sampling *settings,
+                                bool stream, sf_generation_result *results) {
     const int32_t ctx = sf_llm_get_config(s->llm)->max_position_embeddings;
     int32_t *ids = malloc((size_t)n * (size_t)ctx * sizeof *ids);
     int32_t *cu = malloc((size_t)(n + 1) * sizeof *cu);
@@ -313,7 +315,7 @@ static sf_status generate_batch(session *s, int32_t n, const char *const *system
     }
     if (st == SF_OK) {
         sf_generation g = {n, cu, ids, spans, s->max_new_tokens, s->sampling, s->stop_ids,
-                           s->n_stop_ids, s->stops, s->n_stops, NULL};
+                           s->n_stop_ids, s->stops, s->n_stops, settings};
         if (s->dev == DEVICE_CUDA) {
             st = sf_generate_cuda(s->engine, s->tok, &g, stream ? stream_to_stdout : NULL, NULL,
                                   results);
@@ -334,6 +336,36 @@ static void progress(int done, int total, long tokens, double seconds) {
             "==============================", width - fill, "                              ",
             done, total, seconds > 0 ? (double)tokens / seconds : 0.0);
     if (done == total) fputc('\n', stderr);
+}
+
+/* A JSONL line's own sampling fields over the session's setting: *out is the line's setting.
+ * Returns 1 when the line has any of them, 0 when none, -1 (and *bad names the field) when one
+ * has the wrong type or range. */
+static int row_sampling(const json_t *row, const sf_sampling *dflt, sf_sampling *out,
+                        const char **bad) {
+    static const char *const fields[] = {"temperature", "top_k", "top_p", "seed"};
+    *out = *dflt;
+    int any = 0;
+    for (int i = 0; i < 4; i++) {
+        const json_t *v = json_object_get(row, fields[i]);
+        if (!v) continue;
+        any = 1;
+        const bool integer = json_is_integer(v);
+        const json_int_t k = integer ? json_integer_value(v) : 0;
+        if (i == 0 && json_is_number(v)) {
+            out->temperature = (float)json_number_value(v);
+        } else if (i == 1 && integer && k >= INT32_MIN && k <= INT32_MAX) {
+            out->top_k = (int32_t)k;
+        } else if (i == 2 && json_is_number(v)) {
+            out->top_p = (float)json_number_value(v);
+        } else if (i == 3 && integer && k >= 0) {
+            out->seed = (uint64_t)k;
+        } else {
+            *bad = fields[i];
+            return -1;
+        }
+    }
+    return any;
 }
 
 static int run_jsonl(session *s, const options *o) {
@@ -363,6 +395,16 @@ static int run_jsonl(session *s, const options *o) {
             rc = 2;
             break;
         }
+        sf_sampling unused;
+        const char *bad = NULL;
+        if (row_sampling(row, &s->sampling, &unused, &bad) < 0) {
+            fprintf(stderr, "sysformer generate: %s:%d: \"%s\" must be %s\n", o->input, line_no,
+                    bad, !strcmp(bad, "top_k") ? "an integer"
+                         : !strcmp(bad, "seed") ? "an integer >= 0" : "a number");
+            json_decref(row);
+            rc = 2;
+            break;
+        }
         json_array_append_new(rows, row);
     }
     free(line);
@@ -383,8 +425,10 @@ static int run_jsonl(session *s, const options *o) {
     if (!rc) progress(0, total, 0, 0.0);
     for (int i = 0; !rc && i < total; i += o->batch) {
         const int n = total - i < o->batch ? total - i : o->batch;
-        const char *systems[256], *users[256];
+        const char *systems[256], *users[256], *bad = NULL;
+        sf_sampling settings[256];
         sf_generation_result results[256];
+        bool own = false; /* some line of the batch has its own sampling fields */
         for (int r = 0; r < n && r < 256; r++) {
             json_t *row = json_array_get(rows, (size_t)(i + r));
             json_t *p = json_object_get(row, "prompt");
@@ -392,8 +436,10 @@ static int run_jsonl(session *s, const options *o) {
             json_t *sys = json_object_get(row, "system");
             users[r] = json_string_value(p);
             systems[r] = json_is_string(sys) ? json_string_value(sys) : s->system;
+            own |= row_sampling(row, &s->sampling, &settings[r], &bad) > 0; /* checked above */
         }
-        sf_status st = generate_batch(s, n > 256 ? 256 : n, systems, NULL, 0, users, false, results);
+        sf_status st = generate_batch(s, n > 256 ? 256 : n, systems, NULL, 0, users,
+                                      own ? settings : NULL, false, results);
         if (st != SF_OK) {
             fputc('\n', stderr);
             rc = cli_report("generate", st);
@@ -444,7 +490,7 @@ int cmd_generate(int argc, char **argv) {
         /* The weights' upload is not part of the tokens/s. */
         sf_status st = s.dev == DEVICE_CUDA ? session_engine(&s, 1, 0) : SF_OK;
         const double t0 = cli_now();
-        if (st == SF_OK) st = generate_batch(&s, 1, systems, NULL, 0, users, true, &res);
+        if (st == SF_OK) st = generate_batch(&s, 1, systems, NULL, 0, users, NULL, true, &res);
         if (st != SF_OK) {
             rc = cli_report("generate", st);
         } else {
@@ -501,7 +547,7 @@ int cmd_chat(int argc, char **argv) {
         if (!got) continue;
         const char *systems[1] = {s.system}, *users[1] = {line};
         sf_generation_result res;
-        sf_status st = generate_batch(&s, 1, systems, turns, n_turns, users, true, &res);
+        sf_status st = generate_batch(&s, 1, systems, turns, n_turns, users, NULL, true, &res);
         printf("\n");
         fflush(stdout);
         if (st != SF_OK) {
