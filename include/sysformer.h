@@ -356,8 +356,10 @@ typedef struct sf_guarded_batch {
     const int32_t *cu_seqlens;     /* [n_requests + 1]                                    */
     const int32_t *token_ids;      /* [total]                                             */
     const sf_prompt_spans *spans;  /* [n_requests]                                        */
-    sf_kv_cache *const *kv_caches; /* [n_requests], or NULL; as in sf_batch. Each cache must
-                                      be empty: a guarded prompt is a fresh prefill         */
+    sf_kv_cache *const *kv_caches; /* [n_requests], or NULL; as in sf_batch. A request with a
+                                      system span needs an empty cache (a guarded prompt is a
+                                      fresh prefill); one with system span 0 is not guarded
+                                      and may continue its cache (its next chunk or token) */
     int32_t n_logit_rows;
     const int32_t *logit_rows;     /* [n_logit_rows], packed row indices                 */
 } sf_guarded_batch;
@@ -670,9 +672,13 @@ sf_status sf_cuda_engine_reset_slot(sf_cuda_engine *engine, int32_t slot);
 
 /* One step over a packed batch of requests, each bound to its own KV slot.
  *   Prefill (token_ids != NULL): request r appends the tokens token_ids[cu_seqlens[r] ..
- *   cu_seqlens[r+1]) to its slot. With spans (and a Sysformer) the step is guarded: each slot
- *   must be empty, spans[r] splits the request's prompt as in sf_guarded_batch, and the system
- *   rows' embeddings are rewritten on the device before the LLM runs.
+ *   cu_seqlens[r+1]) to its slot. With spans (and a Sysformer) the step is guarded: spans[r]
+ *   splits the request's prompt as in sf_guarded_batch, and the system rows' embeddings are
+ *   rewritten on the device before the LLM runs. A request with a system span must start in
+ *   an empty slot; one with system span 0 is not guarded and may continue its slot, so that a
+ *   step can carry new guarded prompts beside the next tokens (or prompt chunks) of requests
+ *   already running (continuous batching: the caller passes a running request's last sampled
+ *   token as a 1-token chunk with spans {0, 0, 0, 0, 1}).
  *   Decode (token_ids == NULL, cu_seqlens and spans NULL): each request appends one token, the
  *   one the last sampling step picked for its slot.
  * Afterwards the logits of each request's last new row are kept on the device (fp32 [n_requests,
@@ -687,7 +693,7 @@ sf_status sf_cuda_engine_reset_slot(sf_cuda_engine *engine, int32_t slot);
  * keep the passes in the graph. Settings that act alike count as one (any temperature <= 0 is
  * greedy; top_k <= 0 or >= vocab and top_p outside (0, 1) are off).
  * Every argument is checked on the host before anything is enqueued: SF_ERR_INVALID_ARGUMENT
- * for a bad slot, a repeated slot, a non-empty slot in a guarded step, ids outside the vocabulary,
+ * for a bad slot, a repeated slot, a system span in a non-empty slot, ids outside the vocabulary,
  * spans that do not add up, or (a Sysformer with a learned system offset) a system span that is
  * neither empty nor exactly the offset's rows; SF_ERR_OUT_OF_RANGE for more requests than
  * slots, more tokens than max_batch_tokens, a slot that would pass max_context, or a guarded

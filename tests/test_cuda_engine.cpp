@@ -924,6 +924,81 @@ TEST_P(CudaEngineVariant, ChunkedPrefillContinuesTheSlots) {
     chunked_prefill_then_decode(e.get(), llm_, sf_, vocab_, logit_bound(L_, Ls_), 12, "");
 }
 
+// 3c. Continuous batching: a guarded prefill of two requests (slots 2, 0); then one step that
+// carries request 0's sampled token, a new guarded prompt into slot 1 and request 1's token
+// (the running requests as 1-token chunks with spans {0, 0, 0, 0, 1}: no system span, so they
+// continue their slots); then a decode step over all three. Each step's logits against the
+// CPU's (the same guarded batches on caches advanced alike) within bound b, and the slots'
+// lengths. The new prompt sent into a running slot instead is refused and changes nothing.
+TEST_P(CudaEngineVariant, GuardedPrefillJoinsRequestsAlreadyRunning) {
+    EnginePtr e = make_engine(llm_, sf_, options(4));
+    ASSERT_TRUE(e);
+    const double b = logit_bound(L_, Ls_);
+    const Prompts p = tiny_prompts({{5, 2}, {1, 7}}, 61);
+    const Prompts late = tiny_prompts({{12, 9}}, 62);
+    StepOut pre;
+    ASSERT_TRUE(prefill(e.get(), p, {2, 0}, true, vocab_, &pre));
+    CpuCaches cpu(llm_, 3, 128);
+    {
+        const std::vector<int32_t> rows = last_rows(p);
+        sf_guarded_batch gb = {2, p.cu.data(), p.ids.data(), p.spans.data(), cpu.kv.data(), 2,
+                               rows.data()};
+        std::vector<float> cl((size_t)2 * vocab_);
+        ASSERT_EQ(sf_guarded_forward_cpu(llm_, sf_, &gb, cl.data()), SF_OK) << sf_last_error();
+        for (int32_t r = 0; r < 2; r++) {
+            expect_logits_close(pre.row(r, vocab_), cl.data() + (size_t)r * vocab_, vocab_, b,
+                                "prefill request " + std::to_string(r), &pre.tokens[r]);
+        }
+    }
+
+    Prompts mixed;
+    const sf_prompt_spans one = {0, 0, 0, 0, 1};
+    mixed.add({pre.tokens[0]}, one);
+    mixed.add(late.request(0), late.spans[0]);
+    mixed.add({pre.tokens[1]}, one);
+    {
+        const std::vector<int32_t> wrong = {2, 0, 1};  // the new prompt into running slot 0
+        sf_cuda_step s = {};
+        s.n_requests = 3;
+        s.slots = wrong.data();
+        s.cu_seqlens = mixed.cu.data();
+        s.token_ids = mixed.ids.data();
+        s.spans = mixed.spans.data();
+        s.sampling = &kGreedy;
+        EXPECT_EQ(sf_cuda_engine_step(e.get(), &s), SF_ERR_INVALID_ARGUMENT);
+        EXPECT_NE(std::string(sf_last_error()).find("request 1's system span"), std::string::npos)
+            << sf_last_error();
+        EXPECT_EQ(sf_cuda_engine_slot_length(e.get(), 0), p.len(1));
+        EXPECT_EQ(sf_cuda_engine_slot_length(e.get(), 1), 0);
+        EXPECT_EQ(sf_cuda_engine_slot_length(e.get(), 2), p.len(0));
+    }
+    const std::vector<int32_t> slots = {2, 1, 0};
+    StepOut mid;
+    ASSERT_TRUE(prefill(e.get(), mixed, slots, true, vocab_, &mid));
+    std::vector<sf_kv_cache *> kv = {cpu.kv[0], cpu.kv[2], cpu.kv[1]};
+    const std::vector<int32_t> rows = last_rows(mixed);
+    sf_guarded_batch gb = {3, mixed.cu.data(), mixed.ids.data(), mixed.spans.data(), kv.data(), 3,
+                           rows.data()};
+    std::vector<float> cm((size_t)3 * vocab_);
+    ASSERT_EQ(sf_guarded_forward_cpu(llm_, sf_, &gb, cm.data()), SF_OK) << sf_last_error();
+    const char *what[3] = {"request 0's next token", "the new prompt", "request 1's next token"};
+    for (int32_t r = 0; r < 3; r++) {
+        expect_logits_close(mid.row(r, vocab_), cm.data() + (size_t)r * vocab_, vocab_, b,
+                            what[r], &mid.tokens[r]);
+    }
+    EXPECT_EQ(sf_cuda_engine_slot_length(e.get(), 2), p.len(0) + 1);
+    EXPECT_EQ(sf_cuda_engine_slot_length(e.get(), 1), late.len(0));
+    EXPECT_EQ(sf_cuda_engine_slot_length(e.get(), 0), p.len(1) + 1);
+
+    StepOut dec;
+    ASSERT_TRUE(decode(e.get(), slots, vocab_, &dec));
+    const std::vector<float> cd = cpu_step(llm_, kv, {0, 1, 2, 3}, mid.tokens);
+    for (int32_t r = 0; r < 3; r++) {
+        expect_logits_close(dec.row(r, vocab_), cd.data() + (size_t)r * vocab_, vocab_, b,
+                            std::string("decode after ") + what[r], &dec.tokens[r]);
+    }
+}
+
 // 4. Two engines from the same model, graphs on and off, the same steps: the same tokens and
 // bit-identical logits. The graph engine runs most decode steps back to back without reading
 // anything (the serving pattern); round 2 resets the slots and replays every captured graph

@@ -4,6 +4,7 @@
 
 #include <string.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "model_fixtures.h"
@@ -185,6 +186,86 @@ TEST_F(Guarded, PackedGuardedBatchMatchesRequestsAlone) {
         EXPECT_LE(rel_error(packed.data() + (size_t)r * vocab_, alone.data(), vocab_), 1e-5)
             << "request " << r;
     }
+}
+
+// Continuous batching: one guarded batch carries a new guarded prompt between the next tokens
+// of two requests already running, which have system span 0 (nothing to rewrite) and so may
+// continue their caches. Each gets what it gets on its own: the new prompt its guarded prefill
+// alone, the running requests a plain decode step of their caches. A system span into a used
+// cache is still refused.
+TEST_F(Guarded, RequestsWithoutASystemSpanContinueTheirCachesBesideANewPrompt) {
+    std::vector<int32_t> ids, cu;
+    std::vector<sf_prompt_spans> spans;
+    assemble(&ids, &cu, &spans);  // prompts 0 and 1 run first, prompt 2 arrives later
+    const int32_t len2 = cu[3] - cu[2];
+    std::vector<sf_kv_cache *> kv(6, nullptr);  // mixed: 0, 1, 2; reference: 3, 4, 5
+    for (auto &c : kv) ASSERT_EQ(sf_kv_cache_create(llm_, 48, &c), SF_OK);
+    struct Free {
+        std::vector<sf_kv_cache *> *kv;
+        ~Free() {
+            for (auto *c : *kv) sf_kv_cache_free(c);
+        }
+    } free_all{&kv};
+
+    // 1. Prompts 0 and 1, guarded, into caches 0, 1 and (the same) 3, 4.
+    int32_t last01[2] = {cu[1] - 1, cu[2] - 1};
+    std::vector<float> first(2 * (size_t)vocab_);
+    sf_kv_cache *run_a[2] = {kv[0], kv[1]}, *run_b[2] = {kv[3], kv[4]};
+    sf_guarded_batch b01 = {2, cu.data(), ids.data(), spans.data(), run_a, 2, last01};
+    ASSERT_EQ(sf_guarded_forward_cpu(llm_, trained(), &b01, first.data()), SF_OK) << sf_last_error();
+    b01.kv_caches = run_b;
+    ASSERT_EQ(sf_guarded_forward_cpu(llm_, trained(), &b01, first.data()), SF_OK) << sf_last_error();
+    int32_t next[2];
+    for (int r = 0; r < 2; r++) {
+        const float *row = first.data() + (size_t)r * vocab_;
+        next[r] = (int32_t)(std::max_element(row, row + vocab_) - row);
+    }
+
+    // 2. One batch: request 0's next token, prompt 2 (guarded, fresh cache 2), request 1's.
+    std::vector<int32_t> mixed_ids = {next[0]};
+    mixed_ids.insert(mixed_ids.end(), ids.begin() + cu[2], ids.end());
+    mixed_ids.push_back(next[1]);
+    const sf_prompt_spans one = {0, 0, 0, 0, 1};
+    std::vector<sf_prompt_spans> mixed_spans = {one, spans[2], one};
+    int32_t mixed_cu[4] = {0, 1, 1 + len2, 2 + len2}, mixed_last[3] = {0, len2, 1 + len2};
+    sf_kv_cache *mixed_kv[3] = {kv[0], kv[2], kv[1]};
+    sf_guarded_batch mixed = {3, mixed_cu, mixed_ids.data(), mixed_spans.data(), mixed_kv, 3,
+                              mixed_last};
+    std::vector<float> got(3 * (size_t)vocab_);
+    ASSERT_EQ(sf_guarded_forward_cpu(llm_, trained(), &mixed, got.data()), SF_OK)
+        << sf_last_error();
+    EXPECT_EQ(sf_kv_cache_length(kv[0]), cu[1] + 1);
+    EXPECT_EQ(sf_kv_cache_length(kv[1]), cu[2] - cu[1] + 1);
+    EXPECT_EQ(sf_kv_cache_length(kv[2]), len2);
+
+    // 3. Each on its own: a plain decode step of caches 3 and 4, prompt 2 guarded into cache 5.
+    int32_t step_cu[3] = {0, 1, 2}, step_last[2] = {0, 1};
+    sf_kv_cache *step_kv[2] = {kv[3], kv[4]};
+    sf_batch step = {2, step_cu, next, nullptr, step_kv, 2, step_last};
+    std::vector<float> decoded(2 * (size_t)vocab_), alone(vocab_);
+    ASSERT_EQ(sf_llm_forward_cpu(llm_, &step, decoded.data()), SF_OK) << sf_last_error();
+    int32_t cu2[2] = {0, len2}, last2 = len2 - 1;
+    sf_kv_cache *kv2 = kv[5];
+    sf_guarded_batch b2 = {1, cu2, ids.data() + cu[2], &spans[2], &kv2, 1, &last2};
+    ASSERT_EQ(sf_guarded_forward_cpu(llm_, trained(), &b2, alone.data()), SF_OK)
+        << sf_last_error();
+    // Summation order only (see test_llm_forward.cpp for the bound).
+    EXPECT_LE(rel_error(got.data(), decoded.data(), vocab_), 1e-5) << "request 0's next token";
+    EXPECT_LE(rel_error(got.data() + vocab_, alone.data(), vocab_), 1e-5) << "the new prompt";
+    EXPECT_LE(rel_error(got.data() + 2 * (size_t)vocab_, decoded.data() + vocab_, vocab_), 1e-5)
+        << "request 1's next token";
+    b2.kv_caches = nullptr;
+    ASSERT_EQ(sf_guarded_forward_cpu(llm_, nullptr, &b2, alone.data()), SF_OK);
+    EXPECT_GT(rel_error(got.data() + vocab_, alone.data(), vocab_), 1e-3)
+        << "the new prompt was not guarded: the test is void";
+
+    // 4. Prompt 2 (a system span) into cache 0, which is running: refused.
+    mixed_kv[1] = kv[0];
+    mixed_kv[0] = kv[3];
+    mixed_kv[2] = kv[4];
+    EXPECT_EQ(sf_guarded_forward_cpu(llm_, trained(), &mixed, got.data()), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_NE(strstr(sf_last_error(), "request 1's KV cache is not empty"), nullptr)
+        << sf_last_error();
 }
 
 TEST_F(Guarded, RejectsBadSpansAndUsedCaches) {

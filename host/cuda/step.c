@@ -167,11 +167,11 @@ static sf_status validate(const sf_cuda_engine *e, const sf_cuda_step *s, step_i
                                    "prompt)",
                                    r, p->system, offset_rows);
                 }
-                if (e->host_slot_len[s->slots[r]] != 0) {
+                if (p->system > 0 && e->host_slot_len[s->slots[r]] != 0) {
                     return sf_fail(SF_ERR_INVALID_ARGUMENT,
-                                   "sf_cuda_engine_step: guarded prefill into slot %d, which "
-                                   "holds %d positions (reset it first)",
-                                   s->slots[r], e->host_slot_len[s->slots[r]]);
+                                   "sf_cuda_engine_step: guarded prefill (request %d's system "
+                                   "span) into slot %d, which holds %d positions (reset it first)",
+                                   r, s->slots[r], e->host_slot_len[s->slots[r]]);
                 }
                 if (p->system > info->max_system) info->max_system = p->system;
                 if (p->user > info->max_user) info->max_user = p->user;

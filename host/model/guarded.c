@@ -58,10 +58,12 @@ static sf_status validate(const sf_llm *llm, const sf_sysformer *sf, const sf_gu
                            "to its %lld tokens",
                            r, s->prefix, s->system, s->middle, s->user, s->suffix, (long long)n);
         }
-        if (b->kv_caches && b->kv_caches[r] && b->kv_caches[r]->length != 0) {
+        /* A request with no system span has nothing to rewrite: it may continue its cache (the
+         * next chunk or token of a request already running, beside new guarded prompts). */
+        if (s->system > 0 && b->kv_caches && b->kv_caches[r] && b->kv_caches[r]->length != 0) {
             return sf_fail(SF_ERR_INVALID_ARGUMENT,
                            "sf_guarded: request %d's KV cache is not empty (%d positions): a "
-                           "guarded prompt is a fresh prefill",
+                           "guarded prompt (a system span) is a fresh prefill",
                            r, b->kv_caches[r]->length);
         }
     }
