@@ -486,6 +486,8 @@ typedef struct sf_generation {
                                             request_sampling[r] (its own temperature, top_k,
                                             top_p, and a stream started from its own seed)
                                             instead of sampling, as if generated alone    */
+    const int32_t *request_max_new_tokens; /* [n_requests] or NULL: request r's own limit
+                                              (each >= 1) instead of max_new_tokens      */
 } sf_generation;
 
 /* Streaming: called after every new token of a request, with the UTF-8 text it completes (may

@@ -109,11 +109,13 @@ if [[ -f $g ]]; then
     grep -q "chatml" "$tmp/out" || { echo "FAIL: template hint"; fails=$((fails + 1)); }
     printf 'not json\n' >"$tmp/bad.jsonl"
     expect 2 "generate, malformed JSONL" -- "$cli" generate --model "$g" --input "$tmp/bad.jsonl" --output "$tmp/x.jsonl"
-    # A line's own sampling fields override the flags for that line alone: in one batch, each
-    # reply is the one the line gets alone with its setting as flags (on the CPU, where a
-    # request's output does not depend on its batch). Fields of the wrong type are refused.
+    # A line's own sampling and length fields override the flags for that line alone: in one
+    # batch, each reply is the one the line gets alone with its setting as flags (on the CPU,
+    # where a request's output does not depend on its batch), and a line with a shorter limit
+    # gets the first tokens of the same greedy reply. Fields of the wrong type are refused.
     printf '%s\n' '{"prompt": "Say hi.", "temperature": 0}' \
-        '{"prompt": "Name a color.", "temperature": 0.9, "top_k": 20, "seed": 5}' >"$tmp/own.jsonl"
+        '{"prompt": "Name a color.", "temperature": 0.9, "top_k": 20, "seed": 5}' \
+        '{"prompt": "Say hi.", "temperature": 0, "max_new_tokens": 3}' >"$tmp/own.jsonl"
     expect 0 "generate --input JSONL, sampling per line" -- "$cli" generate --model "$g" \
         --input "$tmp/own.jsonl" --output "$tmp/own.out" --max-new-tokens 12 --temperature 0.7 \
         --top-p 0.9 --seed 1 --device cpu
@@ -127,13 +129,17 @@ if [[ -f $g ]]; then
         --max-new-tokens 12 --temperature 0.7 --top-p 0.9 --seed 1 --device cpu 2>/dev/null
     python3 - "$tmp/own.out" "$tmp/own1.out" "$tmp/own2.out" "$tmp/own2b.out" <<'PY' ||
 import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
 reply = lambda path: [json.loads(l)["response"] for l in open(path)]
-both, one, two, flags = (reply(p) for p in sys.argv[1:])
-assert both == one + two, (both, one, two)
+one, two, flags = (reply(p) for p in sys.argv[2:])
+assert [r["response"] for r in rows[:2]] == one + two, (rows, one, two)
 assert two != flags, "the line's own setting gave the flags' reply: the test is void"
+assert rows[2]["n_tokens"] == 3 and rows[0]["n_tokens"] == 12, rows
+assert one[0].startswith(rows[2]["response"]) and len(rows[2]["response"]) < len(one[0]), rows
 PY
         { echo "FAIL: JSONL sampling per line"; fails=$((fails + 1)); }
-    for bad in '"temperature": "hot"' '"top_k": 1.5' '"seed": -1' '"top_p": null'; do
+    for bad in '"temperature": "hot"' '"top_k": 1.5' '"seed": -1' '"top_p": null' \
+        '"max_new_tokens": 0'; do
         echo "{\"prompt\": \"hi\", $bad}" >"$tmp/badfield.jsonl"
         expect 2 "generate, JSONL with $bad" -- "$cli" generate --model "$g" \
             --input "$tmp/badfield.jsonl" --output "$tmp/x.jsonl"

@@ -2431,6 +2431,53 @@ TEST_F(CudaEngineTiny, GenerateSamplesEachRequestWithItsOwnSettingAndStream) {
     EXPECT_NE(tokens[0], tokens[3]);
 }
 
+// 10d. sf_generate_cuda with request_max_new_tokens {6, 6, 3}: each request stops at its own
+// length (finish: length). Until request 2 stops the steps are those of a run where every
+// request gets 6 (the same batches on the same engine: the same bits), so every request's
+// first 3 tokens are that run's; after it the other two run on in smaller steps, whose
+// cuBLASLt algorithms may differ, so only their lengths are checked there.
+TEST_F(CudaEngineTiny, GenerateStopsEachRequestAtItsOwnLimit) {
+    EnginePtr e = make_engine(llm_, sf_, options(4));
+    ASSERT_TRUE(e);
+    const Prompts p = tiny_prompts({{5, 2}, {1, 7}, {12, 9}}, 63);
+    sf_generation gen = {};
+    gen.n_requests = p.n();
+    gen.cu_seqlens = p.cu.data();
+    gen.token_ids = p.ids.data();
+    gen.spans = p.spans.data();
+    gen.max_new_tokens = 6;
+    gen.sampling = kGreedy;
+    auto generate = [&](std::vector<sf_generation_result> *res) {
+        res->assign((size_t)p.n(), sf_generation_result{});
+        return sf_generate_cuda(e.get(), nullptr, &gen, nullptr, nullptr, res->data());
+    };
+    std::vector<sf_generation_result> full, own;
+    ASSERT_EQ(generate(&full), SF_OK) << sf_last_error();
+    const std::vector<int32_t> limit = {6, 6, 3};
+    gen.request_max_new_tokens = limit.data();
+    const sf_status st = generate(&own);
+    struct Free {
+        std::vector<sf_generation_result> *a, *b;
+        ~Free() {
+            free_results(a);
+            free_results(b);
+        }
+    } free_all{&full, &own};
+    ASSERT_EQ(st, SF_OK) << sf_last_error();
+    for (int32_t r = 0; r < p.n(); r++) {
+        ASSERT_EQ(own[r].n_tokens, limit[r]) << "request " << r;
+        EXPECT_EQ(own[r].finish, SF_FINISH_LENGTH) << "request " << r;
+        EXPECT_EQ(std::vector<int32_t>(own[r].tokens, own[r].tokens + 3),
+                  std::vector<int32_t>(full[r].tokens, full[r].tokens + 3))
+            << "request " << r;
+    }
+    const std::vector<int32_t> bad = {6, -1, 3};
+    gen.request_max_new_tokens = bad.data();
+    std::vector<sf_generation_result> none((size_t)p.n());
+    EXPECT_EQ(sf_generate_cuda(e.get(), nullptr, &gen, nullptr, nullptr, none.data()),
+              SF_ERR_INVALID_ARGUMENT);
+}
+
 // 9d. sf_set_progress during creation: "uploading weights" rises from 0 to the bf16 bytes of
 // every parameter uploaded (the LLM's, tied tables once, and the Sysformer's without its
 // classifier), and reaches them only once the upload has finished. A guard-only engine on a

@@ -217,6 +217,29 @@ TEST_F(Generate, PerRequestSamplingEqualsEachRequestAlone) {
     EXPECT_NE(run(prompts, g), batched);
 }
 
+// request_max_new_tokens: each request stops at its own length (finish: length), its tokens
+// the first ones of an unlimited run; a limit below 1 is refused.
+TEST_F(Generate, PerRequestLimitsStopEachRequestAtItsOwnLength) {
+    sf_generation g = {};
+    g.max_new_tokens = 10;
+    const auto full = run(prompts_, g);
+    const std::vector<int32_t> limit = {3, 10, 1};
+    g.max_new_tokens = 0;  // unused with request_max_new_tokens
+    g.request_max_new_tokens = limit.data();
+    std::vector<sf_finish_reason> why;
+    const auto got = run(prompts_, g, &why);
+    ASSERT_EQ(got.size(), 3u);
+    for (size_t r = 0; r < 3; r++) {
+        EXPECT_EQ(got[r], std::vector<int32_t>(full[r].begin(), full[r].begin() + limit[r]))
+            << "request " << r;
+        EXPECT_EQ(why[r], SF_FINISH_LENGTH) << "request " << r;
+    }
+    const std::vector<int32_t> bad = {3, 0, 1};
+    g.request_max_new_tokens = bad.data();
+    run(prompts_, g, nullptr, SF_ERR_INVALID_ARGUMENT);
+    EXPECT_NE(strstr(sf_last_error(), "request_max_new_tokens[1] = 0"), nullptr) << sf_last_error();
+}
+
 struct StreamLog {
     std::vector<std::pair<int32_t, int32_t>> calls;
     int stop_after = -1;

@@ -673,7 +673,7 @@ static int run_method(run *r, int m, sf_eval_method *res) {
         const int32_t n = (int32_t)(r->n_items - i < bs ? r->n_items - i : bs);
         for (int32_t q = 0; q <= n; q++) cu[q] = (int32_t)(e.off[i + q] - e.off[i]);
         const sf_generation g = {n, cu, e.ids + e.off[i], e.spans + i, r->o.max_new_tokens,
-                                 (sf_sampling){0}, r->stop_ids, r->n_stop_ids, NULL, 0, NULL};
+                                 (sf_sampling){0}, r->stop_ids, r->n_stop_ids, NULL, 0, NULL, NULL};
         cuda_probe probe = {engine, false, false, 0.0f};
         const double t0 = cli_now();
         if (engine) {

@@ -53,8 +53,9 @@ static void usage(FILE *out, const char *cmd) {
     } else {
         fprintf(out, "Generates a reply to one prompt (--prompt, streamed to stdout), or to every\n"
                      "line of a JSONL file (--input: {\"prompt\": ...} or {\"instruction\": ...},\n"
-                     "optionally \"system\", and \"temperature\", \"top_k\", \"top_p\", \"seed\"\n"
-                     "for that line alone) written as JSONL to --output, with a progress bar.\n\n");
+                     "optionally \"system\", and \"temperature\", \"top_k\", \"top_p\", \"seed\",\n"
+                     "\"max_new_tokens\" for that line alone) written as JSONL to --output, with a\n"
+                     "progress bar.\n\n");
     }
     fprintf(out,
             "  --model PATH          a .gguf file or a Hugging Face model directory\n"
@@ -281,11 +282,12 @@ static bool stream_to_stdout(void *user, int32_t request, int32_t token, const c
 }
 
 /* Generates replies for n (system, history, user) prompts in one batch, each sampled with
- * settings[r] (NULL: the session's setting for all). */
+ * settings[r] and at most limits[r] new tokens (NULL: the session's for all). */
 static sf_status generate_batch(session *s, int32_t n, const char *const *systems,
                                 const sf_chat_turn *history, int32_t n_history,
                                 const char *const *users, const sf_sampling *settings,
-                                bool stream, sf_generation_result *results) {
+                                const int32_t *limits, bool stream,
+                                sf_generation_result *results) {
     const int32_t ctx = sf_llm_get_config(s->llm)->max_position_embeddings;
     int32_t *ids = malloc((size_t)n * (size_t)ctx * sizeof *ids);
     int32_t *cu = malloc((size_t)(n + 1) * sizeof *cu);
@@ -315,7 +317,7 @@ static sf_status generate_batch(session *s, int32_t n, const char *const *system
     }
     if (st == SF_OK) {
         sf_generation g = {n, cu, ids, spans, s->max_new_tokens, s->sampling, s->stop_ids,
-                           s->n_stop_ids, s->stops, s->n_stops, settings};
+                           s->n_stop_ids, s->stops, s->n_stops, settings, limits};
         if (s->dev == DEVICE_CUDA) {
             st = sf_generate_cuda(s->engine, s->tok, &g, stream ? stream_to_stdout : NULL, NULL,
                                   results);
@@ -338,15 +340,17 @@ static void progress(int done, int total, long tokens, double seconds) {
     if (done == total) fputc('\n', stderr);
 }
 
-/* A JSONL line's own sampling fields over the session's setting: *out is the line's setting.
- * Returns 1 when the line has any of them, 0 when none, -1 (and *bad names the field) when one
- * has the wrong type or range. */
-static int row_sampling(const json_t *row, const sf_sampling *dflt, sf_sampling *out,
+/* A JSONL line's own sampling and length fields over the session's: *out and *max_new are the
+ * line's. Returns 1 when the line has any of them, 0 when none, -1 (and *bad names the field)
+ * when one has the wrong type or range. */
+static int row_settings(const json_t *row, const session *s, sf_sampling *out, int32_t *max_new,
                         const char **bad) {
-    static const char *const fields[] = {"temperature", "top_k", "top_p", "seed"};
-    *out = *dflt;
+    static const char *const fields[] = {"temperature", "top_k", "top_p", "seed",
+                                         "max_new_tokens"};
+    *out = s->sampling;
+    *max_new = s->max_new_tokens;
     int any = 0;
-    for (int i = 0; i < 4; i++) {
+    for (int i = 0; i < 5; i++) {
         const json_t *v = json_object_get(row, fields[i]);
         if (!v) continue;
         any = 1;
@@ -360,6 +364,8 @@ static int row_sampling(const json_t *row, const sf_sampling *dflt, sf_sampling 
             out->top_p = (float)json_number_value(v);
         } else if (i == 3 && integer && k >= 0) {
             out->seed = (uint64_t)k;
+        } else if (i == 4 && integer && k >= 1 && k <= INT32_MAX) {
+            *max_new = (int32_t)k;
         } else {
             *bad = fields[i];
             return -1;
@@ -396,11 +402,13 @@ static int run_jsonl(session *s, const options *o) {
             break;
         }
         sf_sampling unused;
+        int32_t unused_max;
         const char *bad = NULL;
-        if (row_sampling(row, &s->sampling, &unused, &bad) < 0) {
+        if (row_settings(row, s, &unused, &unused_max, &bad) < 0) {
             fprintf(stderr, "sysformer generate: %s:%d: \"%s\" must be %s\n", o->input, line_no,
                     bad, !strcmp(bad, "top_k") ? "an integer"
-                         : !strcmp(bad, "seed") ? "an integer >= 0" : "a number");
+                         : !strcmp(bad, "seed") ? "an integer >= 0"
+                         : !strcmp(bad, "max_new_tokens") ? "an integer >= 1" : "a number");
             json_decref(row);
             rc = 2;
             break;
@@ -427,8 +435,9 @@ static int run_jsonl(session *s, const options *o) {
         const int n = total - i < o->batch ? total - i : o->batch;
         const char *systems[256], *users[256], *bad = NULL;
         sf_sampling settings[256];
+        int32_t limits[256];
         sf_generation_result results[256];
-        bool own = false; /* some line of the batch has its own sampling fields */
+        bool own = false; /* some line of the batch has its own sampling or length fields */
         for (int r = 0; r < n && r < 256; r++) {
             json_t *row = json_array_get(rows, (size_t)(i + r));
             json_t *p = json_object_get(row, "prompt");
@@ -436,10 +445,10 @@ static int run_jsonl(session *s, const options *o) {
             json_t *sys = json_object_get(row, "system");
             users[r] = json_string_value(p);
             systems[r] = json_is_string(sys) ? json_string_value(sys) : s->system;
-            own |= row_sampling(row, &s->sampling, &settings[r], &bad) > 0; /* checked above */
+            own |= row_settings(row, s, &settings[r], &limits[r], &bad) > 0; /* checked above */
         }
         sf_status st = generate_batch(s, n > 256 ? 256 : n, systems, NULL, 0, users,
-                                      own ? settings : NULL, false, results);
+                                      own ? settings : NULL, own ? limits : NULL, false, results);
         if (st != SF_OK) {
             fputc('\n', stderr);
             rc = cli_report("generate", st);
@@ -490,7 +499,7 @@ int cmd_generate(int argc, char **argv) {
         /* The weights' upload is not part of the tokens/s. */
         sf_status st = s.dev == DEVICE_CUDA ? session_engine(&s, 1, 0) : SF_OK;
         const double t0 = cli_now();
-        if (st == SF_OK) st = generate_batch(&s, 1, systems, NULL, 0, users, NULL, true, &res);
+        if (st == SF_OK) st = generate_batch(&s, 1, systems, NULL, 0, users, NULL, NULL, true, &res);
         if (st != SF_OK) {
             rc = cli_report("generate", st);
         } else {
@@ -547,7 +556,8 @@ int cmd_chat(int argc, char **argv) {
         if (!got) continue;
         const char *systems[1] = {s.system}, *users[1] = {line};
         sf_generation_result res;
-        sf_status st = generate_batch(&s, 1, systems, turns, n_turns, users, NULL, true, &res);
+        sf_status st = generate_batch(&s, 1, systems, turns, n_turns, users, NULL, NULL, true,
+                                      &res);
         printf("\n");
         fflush(stdout);
         if (st != SF_OK) {

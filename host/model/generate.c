@@ -125,7 +125,7 @@ sf_status sf_generate_cpu(const sf_llm *llm, const sf_sysformer *sf, const sf_to
     }
     for (int32_t r = 0; st == SF_OK && r < n; r++) {
         const int32_t len = g->cu_seqlens[r + 1] - g->cu_seqlens[r];
-        int64_t cap = (int64_t)len + g->max_new_tokens;
+        int64_t cap = (int64_t)len + sf_gen_max_new(g, r);
         if (cap > llm->cfg.max_position_embeddings) cap = llm->cfg.max_position_embeddings;
         st = sf_kv_cache_create(llm, (int32_t)cap, &own[r]);
         caches[r] = own[r];

@@ -41,9 +41,15 @@ sf_status sf_gen_check_args(const char *who, bool have_model, bool needs_spans,
     if (!have_model || !g || !results || g->n_requests < 0 || !g->cu_seqlens || !g->token_ids) {
         return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: NULL argument", who);
     }
-    if (g->max_new_tokens < 1) {
+    if (!g->request_max_new_tokens && g->max_new_tokens < 1) {
         return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: max_new_tokens = %d", who,
                        g->max_new_tokens);
+    }
+    for (int32_t r = 0; g->request_max_new_tokens && r < g->n_requests; r++) {
+        if (g->request_max_new_tokens[r] < 1) {
+            return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: request_max_new_tokens[%d] = %d", who,
+                           r, g->request_max_new_tokens[r]);
+        }
     }
     if (needs_spans && !g->spans) {
         return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: a Sysformer needs each prompt's spans", who);
@@ -76,8 +82,9 @@ sf_status sf_gen_request_init(const sf_gen_ctx *c, sf_status st, const sf_tokeni
                               int32_t r, sf_gen_request *rq, sf_generation_result *res) {
     rq->sampling = c->g->request_sampling ? &c->g->request_sampling[r] : &c->g->sampling;
     rq->rng = rq->sampling->seed;
+    rq->max_new = sf_gen_max_new(c->g, r);
     /* Allocated even after a failure, as the caller's cleanup frees every result alike. */
-    res->tokens = malloc((size_t)c->g->max_new_tokens * sizeof(int32_t));
+    res->tokens = malloc((size_t)rq->max_new * sizeof(int32_t));
     if (st == SF_OK && !res->tokens) {
         st = sf_fail(SF_ERR_OUT_OF_MEMORY, "%s: out of memory", c->who);
     }
@@ -115,7 +122,7 @@ sf_status sf_gen_accept(const sf_gen_ctx *c, int32_t r, int32_t token, sf_gen_ro
         rq->text[rq->text_len] = '\0';
         rq->done = true;
         res->finish = SF_FINISH_STOP_STRING;
-    } else if (res->n_tokens >= g->max_new_tokens) {
+    } else if (res->n_tokens >= rq->max_new) {
         rq->done = true;
         res->finish = SF_FINISH_LENGTH;
     } else if (room.used >= room.capacity) {

@@ -17,6 +17,7 @@ extern "C" {
 typedef struct sf_gen_request {
     sf_detokenizer *detok;
     const sf_sampling *sampling; /* the request's setting (g->request_sampling[r] or g->sampling) */
+    int32_t max_new;             /* the request's limit (sf_gen_max_new)                        */
     uint64_t rng;     /* the request's own sampling stream, from sampling->seed */
     int32_t last;     /* the token last accepted, the one to feed next */
     bool done;
@@ -44,6 +45,11 @@ typedef struct sf_gen_room {
 sf_status sf_gen_check_args(const char *who, bool have_model, bool needs_spans,
                             const sf_tokenizer *tok, const sf_generation *g,
                             const sf_generation_result *results);
+
+/* Request r's limit on new tokens: g->request_max_new_tokens[r], or g->max_new_tokens. */
+static inline int32_t sf_gen_max_new(const sf_generation *g, int32_t r) {
+    return g->request_max_new_tokens ? g->request_max_new_tokens[r] : g->max_new_tokens;
+}
 
 /* Every prompt non-empty and shorter than window; window_name says whose window it is. */
 sf_status sf_gen_check_prompts(const char *who, const sf_generation *g, int32_t window,
