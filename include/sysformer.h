@@ -740,11 +740,15 @@ typedef struct sf_cuda_stage_times {
 sf_status sf_cuda_engine_set_timing(sf_cuda_engine *engine, bool on);
 sf_status sf_cuda_engine_stage_times(sf_cuda_engine *engine, sf_cuda_stage_times *out);
 
-/* sf_generate_cpu on the GPU: one guarded prefill, then decode steps (CUDA graphs) until each
- * request stops; the same stop rules, results and streaming. The requests' uniforms come from
- * their own streams exactly as on the CPU, so with equal logits the CPU and GPU pick the same
- * tokens. At most max_slots requests (SF_ERR_OUT_OF_RANGE otherwise); slots 0 .. n-1 are reset
- * and used. */
+/* sf_generate_cpu on the GPU, with continuous batching: the same stop rules, results and
+ * streaming. Requests take slots in order; with more requests than max_slots the rest wait, and
+ * each prompt starts (its guarded prefill) in the step after a slot frees, beside the running
+ * requests' next tokens; rounds that start nothing are decode steps (CUDA graphs). The
+ * requests' uniforms come from their own streams exactly as on the CPU, so with equal logits
+ * the CPU and GPU pick the same tokens (a request's logits may differ in the last bits with the
+ * company it keeps in a step). Slots 0 .. min(n, max_slots) - 1 are reset and used. A prompt
+ * that fits no step alone (more tokens, or a longer system or user span, than
+ * max_batch_tokens) is SF_ERR_OUT_OF_RANGE before anything runs. */
 sf_status sf_generate_cuda(sf_cuda_engine *engine, const sf_tokenizer *tok,
                            const sf_generation *gen, sf_stream_fn stream, void *user,
                            sf_generation_result *results);

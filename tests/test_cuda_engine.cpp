@@ -1053,6 +1053,138 @@ TEST_P(CudaEngineVariant, GenerateMatchesCpu) {
     check_generate(llm_, sf_, nullptr, e.get(), p, 8, logit_bound(L_, Ls_));
 }
 
+// 5b. Continuous batching in sf_generate_cuda: seven requests on an engine of three slots whose
+// steps take 64 tokens, with limits from 1 to 7 new tokens, so that requests finish in
+// different rounds and the waiting ones start beside running ones (the first round admits two:
+// a third prompt would pass 64 tokens).
+//  1. Each request gets its own number of tokens (finish: length), and the stream callback saw
+//     them in order.
+//  2. Replaying by hand the rounds the header documents (requests start in order, each in the
+//     first round with a free slot whose step it fits; a round is a prefill step of the running
+//     requests' next tokens, in request order, then the starting prompts, or else a decode
+//     step) gives the same tokens bit for bit (the same steps on the same engine), each the
+//     first maximum of the step's logits,
+//  3. and those logits are within the bound of the CPU's (each request replayed alone: its
+//     guarded prefill, then decode steps fed the same tokens).
+// A prompt longer than a step is refused before anything runs.
+TEST_P(CudaEngineVariant, GenerateRefillsSlotsAsRequestsFinish) {
+    EnginePtr e = make_engine(llm_, sf_, options(3, 128, 64));
+    ASSERT_TRUE(e);
+    const double b = logit_bound(L_, Ls_);
+    const Prompts p =
+        tiny_prompts({{12, 9}, {10, 10}, {5, 2}, {1, 7}, {3, 4}, {6, 6}, {2, 3}}, 65);
+    const std::vector<int32_t> limit = {3, 7, 1, 5, 2, 4, 6};
+    const int32_t n = p.n(), slots = 3, budget = 64;
+    sf_generation g = {};
+    g.n_requests = n;
+    g.cu_seqlens = p.cu.data();
+    g.token_ids = p.ids.data();
+    g.spans = p.spans.data();
+    g.sampling = kGreedy;
+    g.request_max_new_tokens = limit.data();
+    std::vector<sf_generation_result> res((size_t)n);
+    StreamLog log;
+    log.tokens.resize((size_t)n);
+    ASSERT_EQ(sf_generate_cuda(e.get(), nullptr, &g, record_stream, &log, res.data()), SF_OK)
+        << sf_last_error();
+    std::vector<std::vector<int32_t>> got((size_t)n);
+    for (int32_t r = 0; r < n; r++) {
+        got[r].assign(res[r].tokens, res[r].tokens + res[r].n_tokens);
+        EXPECT_EQ(res[r].n_tokens, limit[r]) << "request " << r;
+        EXPECT_EQ(res[r].finish, SF_FINISH_LENGTH) << "request " << r;
+        EXPECT_EQ(log.tokens[r], got[r]) << "request " << r << ": the stream saw other tokens";
+    }
+    free_results(&res);
+
+    // 2-3. The rounds by hand, on the same engine, and each request alone on the CPU.
+    std::vector<std::unique_ptr<CpuCaches>> cpu((size_t)n);
+    std::vector<std::vector<int32_t>> fed((size_t)n);
+    std::vector<int32_t> slot_of((size_t)n, -1), free_slots;
+    for (int32_t k = slots - 1; k >= 0; k--) {
+        ASSERT_EQ(sf_cuda_engine_reset_slot(e.get(), k), SF_OK);
+        free_slots.push_back(k);
+    }
+    int32_t waiting = 0, rounds = 0, mixed = 0;
+    for (;; rounds++) {
+        std::vector<int32_t> req;
+        for (int32_t r = 0; r < waiting; r++) {
+            if ((int32_t)fed[r].size() < limit[r]) req.push_back(r);
+        }
+        const size_t running = req.size();
+        int32_t tokens = (int32_t)running, max_sys = 0, max_usr = 0;
+        while (waiting < n && !free_slots.empty()) {
+            const int32_t ms = std::max(max_sys, p.spans[waiting].system);
+            const int32_t mu = std::max(max_usr, p.spans[waiting].user);
+            const int32_t m = (int32_t)req.size() + 1;
+            if (tokens + p.len(waiting) > budget || m * ms > budget || m * mu > budget) break;
+            slot_of[waiting] = free_slots.back();
+            free_slots.pop_back();
+            ASSERT_EQ(sf_cuda_engine_reset_slot(e.get(), slot_of[waiting]), SF_OK);
+            req.push_back(waiting);
+            tokens += p.len(waiting);
+            max_sys = ms;
+            max_usr = mu;
+            waiting++;
+        }
+        if (req.empty()) break;
+        std::vector<int32_t> step_slots;
+        for (int32_t r : req) step_slots.push_back(slot_of[r]);
+        StepOut out;
+        if (req.size() > running) {
+            Prompts step;
+            for (size_t i = 0; i < req.size(); i++) {
+                const int32_t r = req[i];
+                if (i < running) {
+                    step.add({fed[r].back()}, sf_prompt_spans{0, 0, 0, 0, 1});
+                } else {
+                    step.add(p.request(r), p.spans[r]);
+                }
+            }
+            mixed += running > 0;
+            ASSERT_TRUE(prefill(e.get(), step, step_slots, true, vocab_, &out));
+        } else {
+            ASSERT_TRUE(decode(e.get(), step_slots, vocab_, &out));
+        }
+        for (size_t i = 0; i < req.size(); i++) {
+            const int32_t r = req[i], j = (int32_t)fed[r].size();
+            const std::string what = "request " + std::to_string(r) + " token " +
+                                     std::to_string(j);
+            ASSERT_LT(j, (int32_t)got[r].size()) << what;
+            EXPECT_EQ(out.tokens[i], got[r][j]) << what << ": the replayed round differs";
+            std::vector<float> c;
+            if (i >= running) {
+                cpu[r] = std::make_unique<CpuCaches>(llm_, 1, 128);
+                const Prompts single = p.only(r);
+                const std::vector<int32_t> rows = last_rows(single);
+                sf_guarded_batch gb = {1, single.cu.data(), single.ids.data(),
+                                       single.spans.data(), cpu[r]->kv.data(), 1, rows.data()};
+                c.assign((size_t)vocab_, NAN);
+                ASSERT_EQ(sf_guarded_forward_cpu(llm_, sf_, &gb, c.data()), SF_OK)
+                    << sf_last_error();
+            } else {
+                c = cpu_step(llm_, cpu[r]->kv, {0, 1}, {fed[r].back()});
+            }
+            expect_logits_close(out.row((int32_t)i, vocab_), c.data(), vocab_, b, what,
+                                &out.tokens[i]);
+            fed[r].push_back(out.tokens[i]);
+            if ((int32_t)fed[r].size() == limit[r]) free_slots.push_back(slot_of[r]);
+        }
+    }
+    for (int32_t r = 0; r < n; r++) EXPECT_EQ(fed[r], got[r]) << "request " << r;
+    EXPECT_GE(mixed, 2) << "fewer than two rounds started a prompt beside running requests";
+
+    const Prompts too_long = tiny_prompts({{30, 30}}, 66);  // 68 tokens > 64
+    g.n_requests = 1;
+    g.cu_seqlens = too_long.cu.data();
+    g.token_ids = too_long.ids.data();
+    g.spans = too_long.spans.data();
+    std::vector<sf_generation_result> none(1);
+    EXPECT_EQ(sf_generate_cuda(e.get(), nullptr, &g, nullptr, nullptr, none.data()),
+              SF_ERR_OUT_OF_RANGE);
+    EXPECT_NE(std::string(sf_last_error()).find("max_batch_tokens"), std::string::npos)
+        << sf_last_error();
+}
+
 INSTANTIATE_TEST_SUITE_P(CudaEngine, CudaEngineVariant, ::testing::ValuesIn(variant_names()),
                          [](const ::testing::TestParamInfo<std::string> &info) {
                              return info.param;
@@ -1268,20 +1400,13 @@ TEST_F(CudaEngineTiny, HostileStepsAreRefusedAndTheEngineStaysUsable) {
     EXPECT_EQ(sf_cuda_engine_slot_length(e.get(), 4), -1);
     EXPECT_EQ(sf_cuda_engine_slot_length(e.get(), -1), -1);
 
-    // sf_generate_cuda's own refusals come before it resets any slot.
+    // sf_generate_cuda's own refusals come before it resets any slot. (More requests than
+    // slots are not one: they wait for a slot, GenerateRefillsSlotsAsRequestsFinish.)
     {
-        const Prompts five = tiny_prompts({{1, 1}, {1, 1}, {1, 1}, {1, 1}, {1, 1}}, 44);
         sf_generation g = {};
-        g.n_requests = 5;
-        g.cu_seqlens = five.cu.data();
-        g.token_ids = five.ids.data();
-        g.spans = five.spans.data();
         g.max_new_tokens = 2;
         g.sampling = kGreedy;
-        std::vector<sf_generation_result> res(5);
-        check("generate: 5 requests, 4 slots",
-              sf_generate_cuda(e.get(), nullptr, &g, nullptr, nullptr, res.data()),
-              SF_ERR_OUT_OF_RANGE);
+        std::vector<sf_generation_result> res(1);
         const Prompts long_p = tiny_prompts({{27, 29}}, 45);  // 64 tokens: no room left
         g.n_requests = 1;
         g.cu_seqlens = long_p.cu.data();

@@ -1,9 +1,16 @@
-/* sf_generate_cuda: sf_generate_cpu's loop (host/model/generate.c) driving the CUDA engine.
+/* sf_generate_cuda: sf_generate_cpu's loop (host/model/generate.c) driving the CUDA engine,
+ * with continuous batching.
  *
- * One guarded prefill step over slots 0 .. n-1, then decode steps over the slots of the requests
- * still running; a request that stops simply leaves the next step's slots array. Sampling runs on
- * the device; the host only supplies each request's uniform draw and reads the picked ids back,
- * which it needs anyway to apply the stop rules and to stream text.
+ * Requests take the engine's slots in order, and wait for one when there are more requests than
+ * slots. Each round is one step:
+ *   - when a slot is free and the next waiting prompt fits the step (max_batch_tokens, and the
+ *     Sysformer's rows padded to the longest span), a prefill step: the running requests' next
+ *     tokens as 1-token chunks (spans {0, 0, 0, 0, 1}: they continue their slots) and the
+ *     prompts admitted now (guarded, into their freshly emptied slots);
+ *   - otherwise a decode step over the running requests (replayed as a CUDA graph).
+ * A request that stops leaves the next step and frees its slot for the next waiting prompt.
+ * Sampling runs on the device; the host only supplies each request's uniform draw and reads the
+ * picked ids back, which it needs anyway to apply the stop rules and to stream text.
  *
  * The per-request bookkeeping (argument checks, stop ids, stop strings through the detokenizer,
  * streaming, the finish reasons, the final flush) is model/generation.c's, the same code
@@ -61,15 +68,64 @@ static sf_status validate(const sf_cuda_engine *e, const sf_tokenizer *tok,
         return sf_fail(SF_ERR_UNSUPPORTED, "sf_generate_cuda: a guard-only engine holds no LLM "
                        "to generate with (it serves sf_cuda_guarded_embed)");
     }
-    const int32_t max_slots = sf_cuda_engine_max_slots(e);
-    if (g->n_requests > max_slots) {
-        return sf_fail(SF_ERR_OUT_OF_RANGE,
-                       "sf_generate_cuda: %d requests, but the engine holds %d at once (create it "
-                       "with max_slots >= %d, or split the batch)",
-                       g->n_requests, max_slots, g->n_requests);
+    st = sf_gen_check_prompts(who, g, sf_cuda_engine_max_context(e),
+                              "the engine's context window (max_context)");
+    /* Each prompt must fit a step alone; more requests than slots wait for one. */
+    const int32_t budget = e->max_batch_tokens;
+    for (int32_t r = 0; st == SF_OK && r < g->n_requests; r++) {
+        const int32_t len = g->cu_seqlens[r + 1] - g->cu_seqlens[r];
+        const sf_prompt_spans *s = e->has_sysformer ? &g->spans[r] : NULL;
+        if (len > budget || (s && (s->system > budget || s->user > budget))) {
+            st = sf_fail(SF_ERR_OUT_OF_RANGE,
+                         "sf_generate_cuda: prompt %d has %d tokens; one engine step takes %d "
+                         "(max_batch_tokens)",
+                         r, len, budget);
+        }
     }
-    return sf_gen_check_prompts(who, g, sf_cuda_engine_max_context(e),
-                                "the engine's context window (max_context)");
+    return st;
+}
+
+/* The step a scheduling round builds: its requests (running ones first), their slots, draws
+ * and settings, and for a prefill step the packed tokens and spans. */
+typedef struct step_plan {
+    int32_t *req, *slots, *cu, *ids, *picked;
+    sf_prompt_spans *spans;
+    double *uniforms;
+    sf_sampling *settings;
+    int32_t *free_slots, n_free; /* a stack: the next slot to hand out is on top */
+} step_plan;
+
+static void plan_free(step_plan *p) {
+    if (!p) return;
+    free(p->req);
+    free(p->slots);
+    free(p->cu);
+    free(p->ids);
+    free(p->picked);
+    free(p->spans);
+    free(p->uniforms);
+    free(p->settings);
+    free(p->free_slots);
+    memset(p, 0, sizeof *p);
+}
+
+static sf_status plan_alloc(step_plan *p, int32_t rows, int32_t tokens) {
+    memset(p, 0, sizeof *p);
+    p->req = malloc((size_t)rows * sizeof *p->req);
+    p->slots = malloc((size_t)rows * sizeof *p->slots);
+    p->cu = malloc((size_t)(rows + 1) * sizeof *p->cu);
+    p->ids = malloc((size_t)tokens * sizeof *p->ids);
+    p->picked = malloc((size_t)rows * sizeof *p->picked);
+    p->spans = malloc((size_t)rows * sizeof *p->spans);
+    p->uniforms = malloc((size_t)rows * sizeof *p->uniforms);
+    p->settings = malloc((size_t)rows * sizeof *p->settings);
+    p->free_slots = malloc((size_t)rows * sizeof *p->free_slots);
+    if (!p->req || !p->slots || !p->cu || !p->ids || !p->picked || !p->spans || !p->uniforms ||
+        !p->settings || !p->free_slots) {
+        plan_free(p);
+        return sf_fail(SF_ERR_OUT_OF_MEMORY, "sf_generate_cuda: out of memory");
+    }
+    return SF_OK;
 }
 
 sf_status sf_generate_cuda(sf_cuda_engine *e, const sf_tokenizer *tok, const sf_generation *g,
@@ -79,86 +135,103 @@ sf_status sf_generate_cuda(sf_cuda_engine *e, const sf_tokenizer *tok, const sf_
     const sf_gen_ctx c = {who, g, stream, user};
     const int32_t n = g->n_requests;
     const int32_t max_context = sf_cuda_engine_max_context(e);
+    const int32_t rows = n < e->max_slots ? n : e->max_slots, budget = e->max_batch_tokens;
+    const bool guarded = e->has_sysformer;
     memset(results, 0, (size_t)n * sizeof *results);
     if (n == 0) return SF_OK;
 
     sf_gen_request *rq = calloc((size_t)n, sizeof *rq);
     slot_state *rs = calloc((size_t)n, sizeof *rs);
-    int32_t *slots = malloc((size_t)n * sizeof *slots);
-    int32_t *active = malloc((size_t)n * sizeof *active);
-    int32_t *picked = malloc((size_t)n * sizeof *picked);
-    double *uniforms = malloc((size_t)n * sizeof *uniforms);
-    sf_sampling *settings = malloc((size_t)n * sizeof *settings); /* the step's requests' */
-    if (!rq || !rs || !slots || !active || !picked || !uniforms || !settings) {
-        st = sf_fail(SF_ERR_OUT_OF_MEMORY, "sf_generate_cuda: out of memory");
-    }
+    step_plan p;
+    st = plan_alloc(&p, rows, budget);
+    if (st == SF_OK && (!rq || !rs)) st = sf_fail(SF_ERR_OUT_OF_MEMORY, "sf_generate_cuda: out of memory");
     for (int32_t r = 0; st == SF_OK && r < n; r++) {
-        rs[r].slot = r;
-        rs[r].length = g->cu_seqlens[r + 1] - g->cu_seqlens[r];
-        st = sf_cuda_engine_reset_slot(e, r);
+        rs[r].slot = -1;
         st = sf_gen_request_init(&c, st, tok, r, &rq[r], &results[r]);
     }
+    for (int32_t k = rows - 1; st == SF_OK && k >= 0; k--) p.free_slots[p.n_free++] = k;
 
-    /* Prefill every prompt in one packed step; the engine samples each prompt's last row. The
-     * spans go to the engine only with a Sysformer: without one the CPU path ignores them. */
-    if (st == SF_OK) {
-        for (int32_t r = 0; r < n; r++) {
-            slots[r] = rs[r].slot;
-            uniforms[r] = draw(&rq[r], &settings[r]);
-        }
-        const sf_cuda_step step = {
-            .n_requests = n,
-            .slots = slots,
-            .cu_seqlens = g->cu_seqlens,
-            .token_ids = g->token_ids,
-            .spans = e->has_sysformer ? g->spans : NULL,
-            .sampling = g->request_sampling ? NULL : &g->sampling,
-            .uniforms = uniforms,
-            .request_sampling = g->request_sampling ? settings : NULL,
-        };
-        st = sf_cuda_engine_step(e, &step);
-        if (st == SF_OK) st = sf_cuda_engine_read_tokens(e, picked, n);
-    }
-    for (int32_t r = 0; st == SF_OK && r < n; r++) {
-        st = sf_gen_accept(&c, r, picked[r], room_of(&rs[r], max_context), &rq[r], &results[r]);
-    }
-
-    /* Decode: one token per request still running, fed from the token its slot last picked
-     * (the one just accepted: a request whose pick was a stop id is done and left out). */
+    /* One step a round: the running requests' next tokens, and the waiting prompts that a free
+     * slot and the step's budget admit now. The spans go to the engine only with a Sysformer:
+     * without one the CPU path ignores them. */
+    const sf_prompt_spans next_token = {0, 0, 0, 0, 1};
+    int32_t waiting = 0; /* requests [waiting, n) have not started */
     while (st == SF_OK) {
-        int32_t m = 0;
-        for (int32_t r = 0; r < n; r++) {
-            if (rq[r].done) continue;
-            active[m] = r;
-            slots[m] = rs[r].slot;
-            uniforms[m] = draw(&rq[r], &settings[m]);
-            m++;
+        int32_t m = 0, tokens = 0, max_system = 0, max_user = 0;
+        for (int32_t r = 0; r < waiting; r++) {
+            if (!rq[r].done) p.req[m++] = r;
         }
-        if (m == 0) break;
+        const int32_t running = m;
+        tokens = running;
+        while (waiting < n && p.n_free > 0) {
+            const int32_t r = waiting, len = g->cu_seqlens[r + 1] - g->cu_seqlens[r];
+            const int32_t sys = guarded ? g->spans[r].system : 0;
+            const int32_t usr = guarded ? g->spans[r].user : 0;
+            const int32_t ms = sys > max_system ? sys : max_system;
+            const int32_t mu = usr > max_user ? usr : max_user;
+            /* the engine's limits for a guarded step: packed tokens, and the Sysformer's rows
+             * padded to the longest system (and user) span */
+            if ((int64_t)tokens + len > budget || (int64_t)(m + 1) * ms > budget ||
+                (int64_t)(m + 1) * mu > budget) {
+                break;
+            }
+            rs[r].slot = p.free_slots[--p.n_free];
+            st = sf_cuda_engine_reset_slot(e, rs[r].slot);
+            if (st != SF_OK) break;
+            p.req[m++] = r;
+            tokens += len;
+            max_system = ms;
+            max_user = mu;
+            waiting++;
+        }
+        if (st != SF_OK) break;
+        if (m == 0) { /* nothing runs: done, unless a prompt fits no step (validate's job) */
+            if (waiting < n) {
+                st = sf_fail(SF_ERR_OUT_OF_RANGE, "sf_generate_cuda: prompt %d fits no step",
+                             waiting);
+            }
+            break;
+        }
+        const bool prefill = m > running;
+        if (prefill) p.cu[0] = 0;
+        for (int32_t i = 0; i < m; i++) {
+            const int32_t r = p.req[i];
+            p.slots[i] = rs[r].slot;
+            p.uniforms[i] = draw(&rq[r], &p.settings[i]);
+            if (!prefill) continue;
+            /* a running request feeds the token its slot last picked (the one just accepted);
+             * a new one its whole prompt */
+            const int32_t *src = i < running ? &rq[r].last : g->token_ids + g->cu_seqlens[r];
+            const int32_t len = i < running ? 1 : g->cu_seqlens[r + 1] - g->cu_seqlens[r];
+            memcpy(p.ids + p.cu[i], src, (size_t)len * sizeof *src);
+            p.cu[i + 1] = p.cu[i] + len;
+            if (guarded) p.spans[i] = i < running ? next_token : g->spans[r];
+        }
         const sf_cuda_step step = {
             .n_requests = m,
-            .slots = slots,
+            .slots = p.slots,
+            .cu_seqlens = prefill ? p.cu : NULL,
+            .token_ids = prefill ? p.ids : NULL,
+            .spans = prefill && guarded ? p.spans : NULL,
             .sampling = g->request_sampling ? NULL : &g->sampling,
-            .uniforms = uniforms,
-            .request_sampling = g->request_sampling ? settings : NULL,
+            .uniforms = p.uniforms,
+            .request_sampling = g->request_sampling ? p.settings : NULL,
         };
         st = sf_cuda_engine_step(e, &step);
-        if (st == SF_OK) st = sf_cuda_engine_read_tokens(e, picked, m);
+        if (st == SF_OK) st = sf_cuda_engine_read_tokens(e, p.picked, m);
         for (int32_t i = 0; st == SF_OK && i < m; i++) {
-            const int32_t r = active[i];
-            rs[r].length++;
-            const sf_gen_room room = room_of(&rs[r], max_context);
-            st = sf_gen_accept(&c, r, picked[i], room, &rq[r], &results[r]);
+            const int32_t r = p.req[i];
+            rs[r].length = i < running ? rs[r].length + 1
+                                       : g->cu_seqlens[r + 1] - g->cu_seqlens[r];
+            st = sf_gen_accept(&c, r, p.picked[i], room_of(&rs[r], max_context), &rq[r],
+                               &results[r]);
+            if (st == SF_OK && rq[r].done) p.free_slots[p.n_free++] = rs[r].slot;
         }
     }
 
     st = sf_gen_end(&c, st, n, rq, results);
+    plan_free(&p);
     free(rq);
     free(rs);
-    free(slots);
-    free(active);
-    free(picked);
-    free(uniforms);
-    free(settings);
     return st;
 }
