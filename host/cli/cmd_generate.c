@@ -28,6 +28,7 @@ typedef struct session {
     device dev;               /* DEVICE_CPU or DEVICE_CUDA once the session is open */
     sf_attention_kernel attention; /* the engine's fused attention (--attention) */
     sf_cuda_engine *engine;   /* with DEVICE_CUDA, created by session_engine */
+    int32_t slots;            /* --batch: the requests generated together */
     int32_t engine_slots;     /* the requests it holds at once */
     int32_t engine_tokens;    /* the packed prompt tokens one prefill step may carry */
 } session;
@@ -82,7 +83,9 @@ static void usage(FILE *out, const char *cmd) {
                 "  --prompt TEXT         one prompt\n"
                 "  --input FILE.jsonl    many prompts ...\n"
                 "  --output FILE.jsonl   ... and where their replies go\n"
-                "  --batch N             prompts generated together (default 8)\n");
+                "  --batch N             prompts generated together (default 8; with cuda the\n"
+                "                        engine's slots: a finished reply's slot takes the next\n"
+                "                        prompt at once)\n");
     }
 }
 
@@ -223,6 +226,7 @@ static int session_open(const options *o, const char *cmd, session *s) {
     if (!s->system && s->sf) s->system = sf_sysformer_get_config(s->sf)->system_prompt;
     if (!s->system) s->system = k_default_system;
     s->sampling = o->sampling;
+    s->slots = o->batch;
     s->max_new_tokens = o->max_new_tokens;
     const sf_template_text *t = sf_template_get(s->tmpl);
     const int32_t eos = sf_tokenizer_eos_id(s->tok);
@@ -282,11 +286,12 @@ static bool stream_to_stdout(void *user, int32_t request, int32_t token, const c
 }
 
 /* Generates replies for n (system, history, user) prompts in one batch, each sampled with
- * settings[r] and at most limits[r] new tokens (NULL: the session's for all). */
+ * settings[r] and at most limits[r] new tokens (NULL: the session's for all); on_token (may be
+ * NULL) sees every token. */
 static sf_status generate_batch(session *s, int32_t n, const char *const *systems,
                                 const sf_chat_turn *history, int32_t n_history,
                                 const char *const *users, const sf_sampling *settings,
-                                const int32_t *limits, bool stream,
+                                const int32_t *limits, sf_stream_fn on_token, void *user,
                                 sf_generation_result *results) {
     const int32_t ctx = sf_llm_get_config(s->llm)->max_position_embeddings;
     int32_t *ids = malloc((size_t)n * (size_t)ctx * sizeof *ids);
@@ -306,24 +311,36 @@ static sf_status generate_batch(session *s, int32_t n, const char *const *system
         if (st == SF_OK) cu[r + 1] = cu[r] + len;
     }
     if (st == SF_OK && s->dev == DEVICE_CUDA) {
-        /* A guarded step lays the Sysformer's rows out padded, n x the longest system (and
-         * user) span, in the same activation rows as the packed prompts. */
-        int32_t need = cu[n];
-        for (int32_t r = 0; s->sf && r < n; r++) {
-            if (n * spans[r].system > need) need = n * spans[r].system;
-            if (n * spans[r].user > need) need = n * spans[r].user;
+        /* At most `slots` prompts run at once (the rest wait for a slot: sf_generate_cuda), so a
+         * step's rows are at most the `slots` longest prompts; a guarded step also lays the
+         * Sysformer's rows out padded, slots x the longest system (and user) span. */
+        const int32_t slots = n < s->slots ? n : s->slots;
+        int32_t *len = malloc((size_t)n * sizeof *len);
+        if (!len) st = sf_fail(SF_ERR_OUT_OF_MEMORY, "out of memory");
+        for (int32_t r = 0; st == SF_OK && r < n; r++) len[r] = cu[r + 1] - cu[r];
+        int64_t need = 0;
+        for (int32_t k = 0; st == SF_OK && k < slots; k++) { /* the k-th longest */
+            int32_t best = k;
+            for (int32_t r = k + 1; r < n; r++) best = len[r] > len[best] ? r : best;
+            const int32_t t = len[k];
+            len[k] = len[best];
+            len[best] = t;
+            need += len[k];
         }
-        st = session_engine(s, n, need);
+        free(len);
+        for (int32_t r = 0; s->sf && r < n; r++) {
+            if ((int64_t)slots * spans[r].system > need) need = (int64_t)slots * spans[r].system;
+            if ((int64_t)slots * spans[r].user > need) need = (int64_t)slots * spans[r].user;
+        }
+        if (st == SF_OK) st = session_engine(s, slots, (int32_t)need);
     }
     if (st == SF_OK) {
         sf_generation g = {n, cu, ids, spans, s->max_new_tokens, s->sampling, s->stop_ids,
                            s->n_stop_ids, s->stops, s->n_stops, settings, limits};
         if (s->dev == DEVICE_CUDA) {
-            st = sf_generate_cuda(s->engine, s->tok, &g, stream ? stream_to_stdout : NULL, NULL,
-                                  results);
+            st = sf_generate_cuda(s->engine, s->tok, &g, on_token, user, results);
         } else {
-            st = sf_generate_cpu(s->llm, s->sf, s->tok, &g, stream ? stream_to_stdout : NULL,
-                                 NULL, results);
+            st = sf_generate_cpu(s->llm, s->sf, s->tok, &g, on_token, user, results);
         }
     }
     free(ids);
@@ -338,6 +355,30 @@ static void progress(int done, int total, long tokens, double seconds) {
             "==============================", width - fill, "                              ",
             done, total, seconds > 0 ? (double)tokens / seconds : 0.0);
     if (done == total) fputc('\n', stderr);
+}
+
+/* The bar between calls: a call on the GPU can take many prompts, so the token rate is redrawn
+ * from the tokens as they come (at most twice a second); prompts count when their call ends. */
+typedef struct live_progress {
+    int done, total;
+    long tokens;
+    double t0, drawn;
+} live_progress;
+
+static bool count_token(void *user, int32_t request, int32_t token, const char *text,
+                        size_t len) {
+    (void)request;
+    (void)token;
+    (void)text;
+    (void)len;
+    live_progress *p = user;
+    p->tokens++;
+    const double now = cli_now();
+    if (now - p->drawn >= 0.5) {
+        p->drawn = now;
+        progress(p->done, p->total, p->tokens, now - p->t0);
+    }
+    return true;
 }
 
 /* A JSONL line's own sampling and length fields over the session's: *out and *max_new are the
@@ -429,10 +470,13 @@ static int run_jsonl(session *s, const options *o) {
         sf_status st = session_engine(s, total < o->batch ? total : o->batch, 0);
         if (st != SF_OK) rc = cli_report("creating the CUDA engine", st);
     }
-    const double t0 = cli_now();
+    live_progress live = {0, total, 0, cli_now(), cli_now()};
     if (!rc) progress(0, total, 0, 0.0);
-    for (int i = 0; !rc && i < total; i += o->batch) {
-        const int n = total - i < o->batch ? total - i : o->batch;
+    /* On the GPU each call takes up to 256 lines, --batch of them running at once and the rest
+     * starting as slots free (continuous batching); on the CPU --batch lines a call. */
+    const int chunk = s->dev == DEVICE_CUDA ? 256 : o->batch;
+    for (int i = 0; !rc && i < total; i += chunk) {
+        const int n = total - i < chunk ? total - i : chunk;
         const char *systems[256], *users[256], *bad = NULL;
         sf_sampling settings[256];
         int32_t limits[256];
@@ -448,7 +492,8 @@ static int run_jsonl(session *s, const options *o) {
             own |= row_settings(row, s, &settings[r], &limits[r], &bad) > 0; /* checked above */
         }
         sf_status st = generate_batch(s, n > 256 ? 256 : n, systems, NULL, 0, users,
-                                      own ? settings : NULL, own ? limits : NULL, false, results);
+                                      own ? settings : NULL, own ? limits : NULL, count_token,
+                                      &live, results);
         if (st != SF_OK) {
             fputc('\n', stderr);
             rc = cli_report("generate", st);
@@ -467,7 +512,9 @@ static int run_jsonl(session *s, const options *o) {
             tokens += results[r].n_tokens;
             sf_generation_result_free(&results[r]);
         }
-        progress(i + n, total, tokens, cli_now() - t0);
+        live.done = i + n;
+        live.tokens = tokens;
+        progress(live.done, total, tokens, cli_now() - live.t0);
     }
     if (out && fclose(out) != 0 && !rc) {
         fprintf(stderr, "sysformer generate: error writing %s\n", o->output);
@@ -499,7 +546,10 @@ int cmd_generate(int argc, char **argv) {
         /* The weights' upload is not part of the tokens/s. */
         sf_status st = s.dev == DEVICE_CUDA ? session_engine(&s, 1, 0) : SF_OK;
         const double t0 = cli_now();
-        if (st == SF_OK) st = generate_batch(&s, 1, systems, NULL, 0, users, NULL, NULL, true, &res);
+        if (st == SF_OK) {
+            st = generate_batch(&s, 1, systems, NULL, 0, users, NULL, NULL, stream_to_stdout,
+                                NULL, &res);
+        }
         if (st != SF_OK) {
             rc = cli_report("generate", st);
         } else {
@@ -556,8 +606,8 @@ int cmd_chat(int argc, char **argv) {
         if (!got) continue;
         const char *systems[1] = {s.system}, *users[1] = {line};
         sf_generation_result res;
-        sf_status st = generate_batch(&s, 1, systems, turns, n_turns, users, NULL, NULL, true,
-                                      &res);
+        sf_status st = generate_batch(&s, 1, systems, turns, n_turns, users, NULL, NULL,
+                                      stream_to_stdout, NULL, &res);
         printf("\n");
         fflush(stdout);
         if (st != SF_OK) {
