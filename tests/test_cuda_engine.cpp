@@ -2452,7 +2452,8 @@ TEST_F(CudaEngineTiny, PerRequestSamplingRunsGroupedAndAnswersInOrder) {
 // groups (the graph holds the forward, the passes follow), one setting for all (the pass
 // inside the graph), another one for all (captured again), two groups twice (captured once,
 // then replayed with other draws and another order), two other groups (the same graph, other
-// passes after it), then three of the requests. Every step: the same tokens and bit-identical logits on
+// passes after it), then three of the requests; last, a decode step without sampling, a
+// prefill chunk, and a decode step with several groups at the same batch size. Every step: the same tokens and bit-identical logits on
 // both engines, and each pick the device sampler's for its request.
 TEST_F(CudaEngineTiny, PerRequestSamplingDecodeGraphsEqualEager) {
     EnginePtr g = make_engine(llm_, sf_, options(6, 0, 0, true));
@@ -2491,6 +2492,38 @@ TEST_F(CudaEngineTiny, PerRequestSamplingDecodeGraphsEqualEager) {
         EXPECT_EQ(0, memcmp(og.logits.data(), ox.logits.data(), og.logits.size() * sizeof(float)))
             << "step " << k << ": the graph's logits differ from the eager ones";
         EXPECT_EQ(ox.tokens, device_picks(ox, st.set, u, vocab_)) << "step " << k;
+    }
+
+    // A decode step without sampling captures the forward of two requests (a batch size not
+    // seen before) with no draws to upload; once a prefill chunk has sampled the slots again,
+    // a decode step with two groups replays that graph, so its passes must upload their own
+    // draws.
+    const std::vector<int32_t> two = {2, 0};
+    for (auto *e : {g.get(), x.get()}) {
+        sf_cuda_step s = {};
+        s.n_requests = 2;
+        s.slots = two.data();
+        ASSERT_EQ(sf_cuda_engine_step(e, &s), SF_OK) << sf_last_error();
+    }
+    std::vector<float> logits_g((size_t)2 * vocab_), logits_x((size_t)2 * vocab_);
+    ASSERT_EQ(sf_cuda_engine_read_logits(g.get(), logits_g.data(), 2), SF_OK);
+    ASSERT_EQ(sf_cuda_engine_read_logits(x.get(), logits_x.data(), 2), SF_OK);
+    EXPECT_EQ(logits_g, logits_x) << "logits-only decode";
+    Prompts chunk;
+    for (int32_t t : {7, 8}) chunk.add({t}, sf_prompt_spans{0, 0, 0, 0, 1});
+    const std::vector<sf_sampling> mix2 = {warm, hot};
+    StepOut cg, cx;
+    const std::vector<double> uc = draws(mix2, 80);
+    ASSERT_TRUE(sampled_step(g.get(), &chunk, two, mix2, uc, vocab_, &cg));
+    ASSERT_TRUE(sampled_step(x.get(), &chunk, two, mix2, uc, vocab_, &cx));
+    EXPECT_EQ(cg.tokens, cx.tokens) << "prefill chunk";
+    for (uint64_t k = 0; k < 3; k++) {
+        StepOut dg, dx;
+        const std::vector<double> ud = draws(mix2, 81 + k);
+        ASSERT_TRUE(sampled_step(g.get(), nullptr, two, mix2, ud, vocab_, &dg));
+        ASSERT_TRUE(sampled_step(x.get(), nullptr, two, mix2, ud, vocab_, &dx));
+        EXPECT_EQ(dg.tokens, dx.tokens) << "decode " << k << " after a logits-only graph";
+        EXPECT_EQ(dx.tokens, device_picks(dx, mix2, ud, vocab_)) << "decode " << k;
     }
 }
 

@@ -2,13 +2,14 @@
  * the whole step on the engine's stream, and the read-back of the sampled ids.
  *
  * The stages (NVTX-named, and timed with CUDA events when timing is on):
- *   upload     ids, offsets, spans, slots, uniforms: pinned host -> device, asynchronous
+ *   upload     ids, offsets, spans, slots: pinned host -> device, asynchronous
  *   embed      step layout (positions, cache rows, attention offsets; slot lengths advanced),
  *              embedding gather
  *   sysformer  guarded prefill only: the Sysformer rewrites the system rows in place
  *   layers     the LLM's decoder layers
  *   head       last row of each request: final norm, LM head (fp32 logits)
- *   sample     token choice on the device, remembered per slot, copied back asynchronously
+ *   sample     the uniforms uploaded, token choice on the device (one pass per group of
+ *              requests with one setting), remembered per slot, copied back asynchronously
  * Nothing in a step waits for the device, with one exception that a caller never meets in a
  * read-tokens loop: the pinned staging is reused, so a step first waits until the previous
  * step's upload has been consumed.
@@ -309,14 +310,19 @@ static sf_status mark(sf_cuda_engine *e, int i) {
     return SF_OK;
 }
 
-/* One sampling pass per group over its rows of the logits, then each pick remembered for its
- * slot and the picks copied back. */
+/* The draws uploaded (here, with the passes that read them, whether or not a graph holds the
+ * forward), one sampling pass per group over its rows of the logits, then each pick remembered
+ * for its slot and the picks copied back. */
 static sf_status sample_tail(sf_cuda_engine *e, const step_info *info) {
     sf_cuda_arena *a = &e->a;
     cudaStream_t s = e->stream;
     const int32_t n = info->n, vocab = e->cfg.vocab_size;
     sf_nvtx_push("sample");
     sf_status st = SF_OK;
+    if (!info->greedy && cudaMemcpyAsync(a->uniforms, e->h.uniforms, (size_t)n * sizeof(double),
+                                         cudaMemcpyHostToDevice, s) != cudaSuccess) {
+        st = sf_fail(SF_ERR_CUDA, "sf_cuda_engine_step: uploading the uniforms");
+    }
     for (int32_t k = 0; st == SF_OK && k < e->n_groups; k++) {
         const sf_sample_group *g = &e->groups[k];
         st = sf_cuda_sample_f32(a->sampled + g->first, a->logits + (size_t)g->first * vocab,
@@ -352,10 +358,6 @@ static sf_status step_body(sf_cuda_engine *e, const step_info *info, bool sample
         }
     }
     SF_CUDA_OR_FAIL(cudaMemcpyAsync(a->slots, h->slots, (size_t)n * 4, cudaMemcpyHostToDevice, s));
-    if (info->sample && !info->greedy) {
-        SF_CUDA_OR_FAIL(cudaMemcpyAsync(a->uniforms, h->uniforms, (size_t)n * sizeof(double),
-                                        cudaMemcpyHostToDevice, s));
-    }
     sf_nvtx_pop();
     if (marks) SF_TRY(mark(e, 1));
 
