@@ -2452,9 +2452,10 @@ TEST_F(CudaEngineTiny, PerRequestSamplingRunsGroupedAndAnswersInOrder) {
 // groups (the graph holds the forward, the passes follow), one setting for all (the pass
 // inside the graph), another one for all (captured again), two groups twice (captured once,
 // then replayed with other draws and another order), two other groups (the same graph, other
-// passes after it), then three of the requests; last, a decode step without sampling, a
-// prefill chunk, and a decode step with several groups at the same batch size. Every step: the same tokens and bit-identical logits on
-// both engines, and each pick the device sampler's for its request.
+// passes after it), then three of the requests; last, at a new batch size, a decode step
+// without sampling, a prefill chunk, and decode steps with two groups. Every step: the same
+// tokens and bit-identical logits on both engines, and each pick the device sampler's for its
+// request.
 TEST_F(CudaEngineTiny, PerRequestSamplingDecodeGraphsEqualEager) {
     EnginePtr g = make_engine(llm_, sf_, options(6, 0, 0, true));
     EnginePtr x = make_engine(llm_, sf_, options(6, 0, 0, false));

@@ -212,9 +212,11 @@ TEST_F(Guarded, RequestsWithoutASystemSpanContinueTheirCachesBesideANewPrompt) {
     std::vector<float> first(2 * (size_t)vocab_);
     sf_kv_cache *run_a[2] = {kv[0], kv[1]}, *run_b[2] = {kv[3], kv[4]};
     sf_guarded_batch b01 = {2, cu.data(), ids.data(), spans.data(), run_a, 2, last01};
-    ASSERT_EQ(sf_guarded_forward_cpu(llm_, trained(), &b01, first.data()), SF_OK) << sf_last_error();
+    ASSERT_EQ(sf_guarded_forward_cpu(llm_, trained(), &b01, first.data()), SF_OK)
+        << sf_last_error();
     b01.kv_caches = run_b;
-    ASSERT_EQ(sf_guarded_forward_cpu(llm_, trained(), &b01, first.data()), SF_OK) << sf_last_error();
+    ASSERT_EQ(sf_guarded_forward_cpu(llm_, trained(), &b01, first.data()), SF_OK)
+        << sf_last_error();
     int32_t next[2];
     for (int r = 0; r < 2; r++) {
         const float *row = first.data() + (size_t)r * vocab_;

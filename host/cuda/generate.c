@@ -70,12 +70,12 @@ static sf_status validate(const sf_cuda_engine *e, const sf_tokenizer *tok,
     }
     st = sf_gen_check_prompts(who, g, sf_cuda_engine_max_context(e),
                               "the engine's context window (max_context)");
-    /* Each prompt must fit a step alone; more requests than slots wait for one. */
+    /* Each prompt must fit a step alone (its spans then do too); more requests than slots wait
+     * for one. */
     const int32_t budget = e->max_batch_tokens;
     for (int32_t r = 0; st == SF_OK && r < g->n_requests; r++) {
         const int32_t len = g->cu_seqlens[r + 1] - g->cu_seqlens[r];
-        const sf_prompt_spans *s = e->has_sysformer ? &g->spans[r] : NULL;
-        if (len > budget || (s && (s->system > budget || s->user > budget))) {
+        if (len > budget) {
             st = sf_fail(SF_ERR_OUT_OF_RANGE,
                          "sf_generate_cuda: prompt %d has %d tokens; one engine step takes %d "
                          "(max_batch_tokens)",
@@ -96,7 +96,6 @@ typedef struct step_plan {
 } step_plan;
 
 static void plan_free(step_plan *p) {
-    if (!p) return;
     free(p->req);
     free(p->slots);
     free(p->cu);
@@ -144,7 +143,9 @@ sf_status sf_generate_cuda(sf_cuda_engine *e, const sf_tokenizer *tok, const sf_
     slot_state *rs = calloc((size_t)n, sizeof *rs);
     step_plan p;
     st = plan_alloc(&p, rows, budget);
-    if (st == SF_OK && (!rq || !rs)) st = sf_fail(SF_ERR_OUT_OF_MEMORY, "sf_generate_cuda: out of memory");
+    if (st == SF_OK && (!rq || !rs)) {
+        st = sf_fail(SF_ERR_OUT_OF_MEMORY, "sf_generate_cuda: out of memory");
+    }
     for (int32_t r = 0; st == SF_OK && r < n; r++) {
         rs[r].slot = -1;
         st = sf_gen_request_init(&c, st, tok, r, &rq[r], &results[r]);
