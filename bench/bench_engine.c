@@ -6,7 +6,7 @@
  * usage: bench_engine [--configs llama3.1-8b,mistral-7b,phi3.5-mini,smollm2-135m]
  *                     [--requests 32] [--prompt 512] [--system 64] [--user 384] [--decode 32]
  *                     [--repeats 5] [--seed 1] [--peak 989] [--no-graphs]
- *                     [--attention auto|mma|wgmma|wgmma_ws]
+ *                     [--attention auto|mma|wgmma|wgmma_ws] [--serve N]
  *
  * Each request's prompt is prefix 5 | system S | middle 5 | user U | suffix (the rest) tokens,
  * random ids in [0, vocab) from a fixed-seed generator; all requests are packed into one step.
@@ -28,6 +28,13 @@
  *        + 2·2·Rs·d·ffs                               linear1 and linear2
  * Norms, RoPE, activations, softmax and sampling are not counted (they are memory-bound).
  * MFU = FLOPs / time / peak, with peak = 989 TFLOP/s, the H200's dense bf16 spec (--peak).
+ *
+ * --serve N: generation throughput of N guarded requests (the prompts above, random ids) whose
+ * reply limits are drawn uniformly from 1 .. decode (greedy; random weights rarely stop on
+ * their own, so the limits set the lengths), on the same engine of `requests` slots, two ways:
+ * one sf_generate_cuda call over all N (continuous batching: a request starts as soon as a
+ * slot frees), and one call per batch of `requests` in turn (static batches: each waits for its
+ * longest reply). Generated tokens per second of each, wall clock around the calls.
  */
 #include <cuda_runtime.h>
 #include <math.h>
@@ -49,7 +56,7 @@
 
 typedef struct options {
     const char *configs;
-    int requests, prompt, system, user, decode, repeats;
+    int requests, prompt, system, user, decode, repeats, serve;
     uint64_t seed;
     double peak_tflops;
     bool graphs;
@@ -312,6 +319,78 @@ static void print_stages(const char *label, const sf_cuda_stage_times *s) {
            "sample %7.3f  total %8.3f ms\n",
            label, s->upload_ms, s->embed_ms, s->sysformer_ms, s->layers_ms, s->head_ms,
            s->sample_ms, s->total_ms);
+}
+
+/* --serve: continuous batching against static batches on engine e (R slots), N requests
+ * built from the R prompts in ids/cu/spans (request i is prompt i mod R), reply limits from the
+ * option's seed. Prints one line and a SUMMARY line; false when a call fails or a request ends
+ * before its limit. */
+static bool bench_serving(sf_cuda_engine *e, const char *name, const options *o,
+                          const int32_t *ids, const sf_prompt_spans *spans) {
+    const int N = o->serve, R = o->requests, P = o->prompt;
+    int32_t *all = malloc((size_t)N * (size_t)P * sizeof *all);
+    int32_t *cu = malloc((size_t)(N + 1) * sizeof *cu);
+    int32_t *limit = malloc((size_t)N * sizeof *limit);
+    sf_prompt_spans *sp = malloc((size_t)N * sizeof *sp);
+    sf_generation_result *res = calloc((size_t)N, sizeof *res);
+    bool ok = all && cu && limit && sp && res;
+    if (!ok) printf("  ERROR out of host memory\n");
+    uint64_t rng = o->seed * 0x9E3779B97F4A7C15ull + 77u;
+    long want = 0;
+    for (int i = 0; ok && i <= N; i++) cu[i] = i * P;
+    for (int i = 0; ok && i < N; i++) {
+        memcpy(all + (size_t)i * P, ids + (size_t)(i % R) * P, (size_t)P * sizeof *all);
+        sp[i] = spans[i % R];
+        limit[i] = 1 + (int32_t)(splitmix64(&rng) % (uint64_t)o->decode);
+        want += limit[i];
+    }
+    double wall[2] = {0, 0};
+    for (int way = 0; ok && way < 2; way++) { /* 0: one call over all N, 1: batches of R */
+        const double t0 = now_ms();
+        for (int first = 0; ok && first < N; first += way ? R : N) {
+            /* every prompt has P tokens, so cu[0 .. n] are the offsets of any n of them */
+            const int n = way ? (N - first < R ? N - first : R) : N;
+            const sf_generation g = {.n_requests = n,
+                                     .cu_seqlens = cu,
+                                     .token_ids = all + (size_t)first * P,
+                                     .spans = sp + first,
+                                     .max_new_tokens = o->decode,
+                                     .sampling = {0.0f, 0, 1.0f, 0},
+                                     .request_max_new_tokens = limit + first};
+            const sf_status st = sf_generate_cuda(e, NULL, &g, NULL, NULL, res + first);
+            if (st != SF_OK) {
+                printf("  ERROR sf_generate_cuda (%s): %s: %s\n",
+                       way ? "static batches" : "continuous", sf_status_string(st),
+                       sf_last_error());
+                ok = false;
+            }
+        }
+        wall[way] = now_ms() - t0;
+        long got = 0;
+        for (int i = 0; ok && i < N; i++) {
+            got += res[i].n_tokens;
+            ok = res[i].n_tokens == limit[i];
+            sf_generation_result_free(&res[i]);
+        }
+        if (ok && got != want) ok = false;
+        if (!ok) printf("  ERROR serving: a request ended before its limit\n");
+    }
+    if (ok) {
+        const double c_tok_s = want / (wall[0] * 1e-3), s_tok_s = want / (wall[1] * 1e-3);
+        printf("  %-22s %d requests, %ld tokens (limits 1..%d): continuous %.0f tokens/s "
+               "(%.0f ms), static batches of %d %.0f tokens/s (%.0f ms): %.2fx\n",
+               "serving", N, want, o->decode, c_tok_s, wall[0], R, s_tok_s, wall[1],
+               c_tok_s / s_tok_s);
+        printf("SUMMARY serve %s requests=%d slots=%d continuous_tok_s=%.0f static_tok_s=%.0f "
+               "ratio=%.2f\n",
+               name, N, R, c_tok_s, s_tok_s, c_tok_s / s_tok_s);
+    }
+    free(all);
+    free(cu);
+    free(limit);
+    free(sp);
+    free(res);
+    return ok;
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -590,6 +669,10 @@ static int bench_config(const char *name, const options *o) {
         rc = ok ? 0 : 1;
         if (!ok) printf("  CHECK FAILED: see the checks above\n");
     }
+    if (o->serve > 0) {
+        SF_TRY("sf_cuda_engine_set_timing", sf_cuda_engine_set_timing(e, false));
+        if (!bench_serving(e, name, o, ids, spans)) rc = 1;
+    }
 
 done:
     if (!summary) printf("SUMMARY %s FAILED\n", name);
@@ -646,7 +729,7 @@ static int usage(void) {
             "usage: bench_engine [--configs llama3.1-8b,mistral-7b,phi3.5-mini,smollm2-135m] "
             "[--requests 32] [--prompt 512] [--system 64] [--user 384] [--decode 32] "
             "[--repeats 5] [--seed 1] [--peak 989] [--no-graphs] "
-            "[--attention auto|mma|wgmma|wgmma_ws]\n");
+            "[--attention auto|mma|wgmma|wgmma_ws] [--serve N]\n");
     return 2;
 }
 
@@ -673,6 +756,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--user")) o.user = atoi(v);
         else if (!strcmp(a, "--decode")) o.decode = atoi(v);
         else if (!strcmp(a, "--repeats")) o.repeats = atoi(v);
+        else if (!strcmp(a, "--serve")) o.serve = atoi(v);
         else if (!strcmp(a, "--seed")) o.seed = strtoull(v, NULL, 10);
         else if (!strcmp(a, "--peak")) o.peak_tflops = atof(v);
         else if (!strcmp(a, "--attention")) {
@@ -691,7 +775,8 @@ int main(int argc, char **argv) {
         }
     }
     if (o.requests < 1 || o.system < 1 || o.user < 1 || o.decode < 0 || o.decode > 100000 ||
-        o.repeats < 1 || o.repeats > MAX_REPEATS || !(o.peak_tflops > 0) ||
+        o.repeats < 1 || o.repeats > MAX_REPEATS || !(o.peak_tflops > 0) || o.serve < 0 ||
+        (o.serve > 0 && o.decode < 1) || (int64_t)o.serve * o.prompt > INT32_MAX / 2 ||
         o.prompt < 10 + o.system + o.user + 1 ||
         (int64_t)o.requests * o.prompt > INT32_MAX / 2) {
         fprintf(stderr, "bench_engine: bad sizes (need prompt >= 10 + system + user + 1, "

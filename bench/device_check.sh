@@ -6,8 +6,8 @@
 #   bench/device_check.sh [full]  build everything, GPU + CPU tests, compute-sanitizer memcheck
 #                                 and racecheck on small filters, kernel benchmarks with their
 #                                 peers (torch SDPA: cuDNN, flash), the end-to-end engine bench
-#                                 and its transformers peer, the training-step bench (well
-#                                 under 8 minutes)
+#                                 and its transformers peer, continuous against static
+#                                 batching, the training-step bench (well under 8 minutes)
 # A short table goes to stdout; under $OUT (at most 8 files come back from the device tool):
 # summary.txt, the GPU-test and end-to-end logs, and logs.tar.gz with every log.
 set -uo pipefail
@@ -136,6 +136,12 @@ for k in wgmma wgmma_ws; do
         >"$OUT/bench_engine_$k.log" 2>&1
     row "bench_engine (llama3.1-8b, $k)" "rc=$?"
 done
+# Continuous batching against static batches (sf_generate_cuda over 64 guarded requests with
+# reply limits 1..64 on 16 slots, against batches of 16 in turn).
+timeout 60 "$build/bench_engine" --configs smollm2-135m,llama3.1-8b --requests 16 --prompt 256 \
+    --system 32 --user 160 --decode 64 --repeats 2 --serve 64 >"$OUT/bench_serve.log" 2>&1
+row "bench_engine --serve (continuous batching)" \
+    "rc=$? $(grep -c '^SUMMARY serve' "$OUT/bench_serve.log")/2 configs"
 # One Sysformer training step at SmolLM2-135M shapes (1008 tokens), GPU rows only (the CPU rows
 # are measured on the developer machine; here they would cost a minute of device time).
 timeout 90 "$build/bench_train" --devices cuda >"$OUT/bench_train.log" 2>&1
@@ -145,8 +151,9 @@ row "peer_e2e (transformers)" "rc=$?"
 
 finish
 grep -H '^SUMMARY' "$OUT/bench_engine.log" "$OUT/bench_engine_wgmma.log" \
-    "$OUT/bench_engine_wgmma_ws.log" "$OUT/bench_train.log" "$OUT/peer_e2e.log" | sed "s|^$OUT/||"
-for b in bench_norms bench_elementwise bench_attention peer_attention bench_engine bench_train \
-    peer_e2e; do
+    "$OUT/bench_engine_wgmma_ws.log" "$OUT/bench_serve.log" "$OUT/bench_train.log" \
+    "$OUT/peer_e2e.log" | sed "s|^$OUT/||"
+for b in bench_norms bench_elementwise bench_attention peer_attention bench_engine bench_serve \
+    bench_train peer_e2e; do
     [[ -f "$OUT/$b.log" ]] && { echo; echo "== $b"; cat "$OUT/$b.log"; }
 done
