@@ -355,12 +355,14 @@ inline Prompts tiny_prompts(const std::vector<std::pair<int, int>> &shape, uint6
 // CPU references and logit helpers
 // ------------------------------------------------------------------------------------------
 
-// sf_guarded_forward_cpu's logits for the given packed rows (no caches: positions from 0).
+// sf_guarded_forward_cpu's logits for the given packed rows; without caches (kv NULL) the
+// positions start at 0, with them (one per request) the requests continue or fill them.
 inline std::vector<float> cpu_guarded_logits(const sf_llm *llm, const sf_sysformer *sf,
-                                             const Prompts &p, const std::vector<int32_t> &rows) {
+                                             const Prompts &p, const std::vector<int32_t> &rows,
+                                             sf_kv_cache *const *kv = nullptr) {
     const int64_t vocab = sf_llm_get_config(llm)->vocab_size;
     std::vector<float> out(rows.size() * (size_t)vocab);
-    sf_guarded_batch b = {p.n(), p.cu.data(), p.ids.data(), p.spans.data(), nullptr,
+    sf_guarded_batch b = {p.n(), p.cu.data(), p.ids.data(), p.spans.data(), kv,
                           (int32_t)rows.size(), rows.data()};
     const sf_status st = sf_guarded_forward_cpu(llm, sf, &b, out.data());
     EXPECT_EQ(st, SF_OK) << sf_last_error();

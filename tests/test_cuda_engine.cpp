@@ -803,11 +803,7 @@ TEST_P(CudaEngineVariant, DecodeWithTheKvCacheMatchesRecomputation) {
     StepOut pre;
     ASSERT_TRUE(prefill(e.get(), p, slot_of, true, vocab_, &pre));
     CpuCaches cpu(llm_, 3, 128);
-    const std::vector<int32_t> rows = last_rows(p);
-    sf_guarded_batch gb = {3, p.cu.data(), p.ids.data(), p.spans.data(), cpu.kv.data(), 3,
-                           rows.data()};
-    std::vector<float> cl((size_t)3 * vocab_);
-    ASSERT_EQ(sf_guarded_forward_cpu(llm_, sf_, &gb, cl.data()), SF_OK) << sf_last_error();
+    const std::vector<float> cl = cpu_guarded_logits(llm_, sf_, p, last_rows(p), cpu.kv.data());
     std::vector<std::vector<int32_t>> sampled(3), fed(3);
     std::vector<std::vector<float>> last(3);
     for (int32_t r = 0; r < 3; r++) {
@@ -881,11 +877,7 @@ void chunked_prefill_then_decode(sf_cuda_engine *e, const sf_llm *llm, const sf_
     StepOut pre;
     ASSERT_TRUE(prefill(e, p, slots, true, vocab, &pre));
     CpuCaches cpu(llm, 3, 128);
-    const std::vector<int32_t> rows = last_rows(p);
-    sf_guarded_batch gb = {3, p.cu.data(), p.ids.data(), p.spans.data(), cpu.kv.data(), 3,
-                           rows.data()};
-    std::vector<float> cl((size_t)3 * vocab);
-    ASSERT_EQ(sf_guarded_forward_cpu(llm, sf, &gb, cl.data()), SF_OK) << sf_last_error();
+    const std::vector<float> cl = cpu_guarded_logits(llm, sf, p, last_rows(p), cpu.kv.data());
     for (int32_t r = 0; r < 3; r++) {
         expect_logits_close(pre.row(r, vocab), cl.data() + (size_t)r * vocab, vocab, b,
                             what + "guarded request " + std::to_string(r), &pre.tokens[r]);
@@ -939,16 +931,10 @@ TEST_P(CudaEngineVariant, GuardedPrefillJoinsRequestsAlreadyRunning) {
     StepOut pre;
     ASSERT_TRUE(prefill(e.get(), p, {2, 0}, true, vocab_, &pre));
     CpuCaches cpu(llm_, 3, 128);
-    {
-        const std::vector<int32_t> rows = last_rows(p);
-        sf_guarded_batch gb = {2, p.cu.data(), p.ids.data(), p.spans.data(), cpu.kv.data(), 2,
-                               rows.data()};
-        std::vector<float> cl((size_t)2 * vocab_);
-        ASSERT_EQ(sf_guarded_forward_cpu(llm_, sf_, &gb, cl.data()), SF_OK) << sf_last_error();
-        for (int32_t r = 0; r < 2; r++) {
-            expect_logits_close(pre.row(r, vocab_), cl.data() + (size_t)r * vocab_, vocab_, b,
-                                "prefill request " + std::to_string(r), &pre.tokens[r]);
-        }
+    const std::vector<float> cl = cpu_guarded_logits(llm_, sf_, p, last_rows(p), cpu.kv.data());
+    for (int32_t r = 0; r < 2; r++) {
+        expect_logits_close(pre.row(r, vocab_), cl.data() + (size_t)r * vocab_, vocab_, b,
+                            "prefill request " + std::to_string(r), &pre.tokens[r]);
     }
 
     Prompts mixed;
@@ -976,11 +962,8 @@ TEST_P(CudaEngineVariant, GuardedPrefillJoinsRequestsAlreadyRunning) {
     StepOut mid;
     ASSERT_TRUE(prefill(e.get(), mixed, slots, true, vocab_, &mid));
     std::vector<sf_kv_cache *> kv = {cpu.kv[0], cpu.kv[2], cpu.kv[1]};
-    const std::vector<int32_t> rows = last_rows(mixed);
-    sf_guarded_batch gb = {3, mixed.cu.data(), mixed.ids.data(), mixed.spans.data(), kv.data(), 3,
-                           rows.data()};
-    std::vector<float> cm((size_t)3 * vocab_);
-    ASSERT_EQ(sf_guarded_forward_cpu(llm_, sf_, &gb, cm.data()), SF_OK) << sf_last_error();
+    const std::vector<float> cm = cpu_guarded_logits(llm_, sf_, mixed, last_rows(mixed),
+                                                     kv.data());
     const char *what[3] = {"request 0's next token", "the new prompt", "request 1's next token"};
     for (int32_t r = 0; r < 3; r++) {
         expect_logits_close(mid.row(r, vocab_), cm.data() + (size_t)r * vocab_, vocab_, b,
@@ -1155,12 +1138,7 @@ TEST_P(CudaEngineVariant, GenerateRefillsSlotsAsRequestsFinish) {
             if (i >= running) {
                 cpu[r] = std::make_unique<CpuCaches>(llm_, 1, 128);
                 const Prompts single = p.only(r);
-                const std::vector<int32_t> rows = last_rows(single);
-                sf_guarded_batch gb = {1, single.cu.data(), single.ids.data(),
-                                       single.spans.data(), cpu[r]->kv.data(), 1, rows.data()};
-                c.assign((size_t)vocab_, NAN);
-                ASSERT_EQ(sf_guarded_forward_cpu(llm_, sf_, &gb, c.data()), SF_OK)
-                    << sf_last_error();
+                c = cpu_guarded_logits(llm_, sf_, single, last_rows(single), cpu[r]->kv.data());
             } else {
                 c = cpu_step(llm_, cpu[r]->kv, {0, 1}, {fed[r].back()});
             }
