@@ -231,6 +231,14 @@ void free_results(std::vector<sf_generation_result> *res) {
     for (auto &r : *res) sf_generation_result_free(&r);
 }
 
+// Frees lists of generation results on scope exit (whatever assertion returns first).
+struct FreeResults {
+    std::vector<std::vector<sf_generation_result> *> lists;
+    ~FreeResults() {
+        for (auto *l : lists) free_results(l);
+    }
+};
+
 struct StreamLog {
     std::vector<std::vector<int32_t>> tokens;
 };
@@ -238,6 +246,18 @@ bool record_stream(void *user, int32_t request, int32_t token, const char *, siz
     auto *log = static_cast<StreamLog *>(user);
     if (request >= 0 && (size_t)request < log->tokens.size()) log->tokens[request].push_back(token);
     return true;
+}
+
+// A greedy generation of max_new tokens over p's requests, with their spans.
+sf_generation generation_of(const Prompts &p, int32_t max_new) {
+    sf_generation g = {};
+    g.n_requests = p.n();
+    g.cu_seqlens = p.cu.data();
+    g.token_ids = p.ids.data();
+    g.spans = p.spans.data();
+    g.max_new_tokens = max_new;
+    g.sampling = kGreedy;
+    return g;
 }
 
 // sf_generate_cuda against sf_generate_cpu, greedy, max_new tokens per request, on slots 0..n-1.
@@ -256,13 +276,7 @@ void check_generate(const sf_llm *llm, const sf_sysformer *sf, const sf_tokenize
                     sf_cuda_engine *e, const Prompts &p, int32_t max_new, double bound) {
     const int64_t vocab = sf_llm_get_config(llm)->vocab_size;
     const int32_t n = p.n();
-    sf_generation g = {};
-    g.n_requests = n;
-    g.cu_seqlens = p.cu.data();
-    g.token_ids = p.ids.data();
-    g.spans = p.spans.data();
-    g.max_new_tokens = max_new;
-    g.sampling = kGreedy;
+    const sf_generation g = generation_of(p, max_new);
 
     std::vector<sf_generation_result> gpu((size_t)n), cpu((size_t)n);
     StreamLog log;
@@ -272,13 +286,7 @@ void check_generate(const sf_llm *llm, const sf_sysformer *sf, const sf_tokenize
     const sf_status cst = sf_generate_cpu(llm, sf, tok, &g, nullptr, nullptr, cpu.data());
     if (cst != SF_OK) free_results(&gpu);
     ASSERT_EQ(cst, SF_OK) << sf_last_error();
-    struct Free {
-        std::vector<sf_generation_result> *a, *b;
-        ~Free() {
-            free_results(a);
-            free_results(b);
-        }
-    } free_all{&gpu, &cpu};
+    const FreeResults free_all{{&gpu, &cpu}};
 
     for (int32_t r = 0; r < n; r++) {
         ASSERT_EQ(gpu[r].n_tokens, max_new) << "request " << r;
@@ -1058,12 +1066,7 @@ TEST_P(CudaEngineVariant, GenerateRefillsSlotsAsRequestsFinish) {
         tiny_prompts({{12, 9}, {10, 10}, {5, 2}, {1, 7}, {3, 4}, {6, 6}, {2, 3}}, 65);
     const std::vector<int32_t> limit = {3, 7, 1, 5, 2, 4, 6};
     const int32_t n = p.n(), slots = 3, budget = 64;
-    sf_generation g = {};
-    g.n_requests = n;
-    g.cu_seqlens = p.cu.data();
-    g.token_ids = p.ids.data();
-    g.spans = p.spans.data();
-    g.sampling = kGreedy;
+    sf_generation g = generation_of(p, 0);  // max_new_tokens unused with request limits
     g.request_max_new_tokens = limit.data();
     std::vector<sf_generation_result> res((size_t)n);
     StreamLog log;
@@ -1849,12 +1852,7 @@ TEST_F(CudaEngineTiny, GuardOnlyEngineEmbedsAsTheFullOne) {
     st.spans = p.spans.data();
     EXPECT_EQ(sf_cuda_engine_step(guard.get(), &st), SF_ERR_UNSUPPORTED);
     EXPECT_EQ(sf_cuda_engine_reset_slot(guard.get(), 0), SF_ERR_UNSUPPORTED);
-    sf_generation g = {};
-    g.n_requests = p.n();
-    g.cu_seqlens = p.cu.data();
-    g.token_ids = p.ids.data();
-    g.spans = p.spans.data();
-    g.max_new_tokens = 2;
+    const sf_generation g = generation_of(p, 2);
     std::vector<sf_generation_result> res((size_t)p.n());
     EXPECT_EQ(sf_generate_cuda(guard.get(), nullptr, &g, nullptr, nullptr, res.data()),
               SF_ERR_UNSUPPORTED);
@@ -2520,12 +2518,7 @@ TEST_F(CudaEngineTiny, GenerateSamplesEachRequestWithItsOwnSettingAndStream) {
     const std::vector<sf_sampling> set = {
         {1.1f, 0, 1.0f, 5}, {0.0f, 0, 1.0f, 0}, {0.8f, 4, 0.9f, 77}, {1.1f, 0, 1.0f, 6}};
     const int32_t n = p.n(), max_new = 6;
-    sf_generation gen = {};
-    gen.n_requests = n;
-    gen.cu_seqlens = p.cu.data();
-    gen.token_ids = p.ids.data();
-    gen.spans = p.spans.data();
-    gen.max_new_tokens = max_new;
+    sf_generation gen = generation_of(p, max_new);
     gen.sampling = {2.0f, 2, 0.3f, 999};  // overridden
     gen.request_sampling = set.data();
     std::vector<sf_generation_result> res((size_t)n);
@@ -2577,13 +2570,7 @@ TEST_F(CudaEngineTiny, GenerateStopsEachRequestAtItsOwnLimit) {
     EnginePtr e = make_engine(llm_, sf_, options(4));
     ASSERT_TRUE(e);
     const Prompts p = tiny_prompts({{5, 2}, {1, 7}, {12, 9}}, 63);
-    sf_generation gen = {};
-    gen.n_requests = p.n();
-    gen.cu_seqlens = p.cu.data();
-    gen.token_ids = p.ids.data();
-    gen.spans = p.spans.data();
-    gen.max_new_tokens = 6;
-    gen.sampling = kGreedy;
+    sf_generation gen = generation_of(p, 6);
     auto generate = [&](std::vector<sf_generation_result> *res) {
         res->assign((size_t)p.n(), sf_generation_result{});
         return sf_generate_cuda(e.get(), nullptr, &gen, nullptr, nullptr, res->data());
@@ -2593,13 +2580,7 @@ TEST_F(CudaEngineTiny, GenerateStopsEachRequestAtItsOwnLimit) {
     const std::vector<int32_t> limit = {6, 6, 3};
     gen.request_max_new_tokens = limit.data();
     const sf_status st = generate(&own);
-    struct Free {
-        std::vector<sf_generation_result> *a, *b;
-        ~Free() {
-            free_results(a);
-            free_results(b);
-        }
-    } free_all{&full, &own};
+    const FreeResults free_all{{&full, &own}};
     ASSERT_EQ(st, SF_OK) << sf_last_error();
     for (int32_t r = 0; r < p.n(); r++) {
         ASSERT_EQ(own[r].n_tokens, limit[r]) << "request " << r;
