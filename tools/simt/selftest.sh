@@ -7,7 +7,8 @@
 # short for CI's budget); --all adds the split top-p's and the split argmax's, one for the
 # optim suite, the engine's and the train suite's (about 8 minutes more: those two build the
 # whole library; with a learned system offset's gradient and device span check among them,
-# and the serving entry point's offset bounds, lent-table check and fp16 embeddings),
+# the serving entry point's offset bounds, lent-table check and fp16 embeddings, per-request
+# sampling's order and continuous batching's fed tokens),
 # and the wgmma attention's. Others: run.sh with KSRC / ESRC by hand. Most engine and train
 # plants are in host code (host/cuda), not in a kernel. Two of them only the emulated
 # runtime's queued streams can show (on a CPU that runs everything at once they would pass):
@@ -86,6 +87,16 @@ if [ "${1:-}" = --all ]; then
     plant engine weights.c '(size_t)c->vocab_size * (size_t)d, e->embed_f16));' \
         '(size_t)c->vocab_size * (size_t)d, false));' \
         'CudaEngineTiny.GuardOnlyEngineWritesTheStacksFp16Embeddings'
+    # per-request sampling: the picks handed back in the step's grouped order, not the
+    # caller's; continuous batching: a running request fed its prompt's first token instead of
+    # the one it picked
+    plant engine step.c 'tokens[r] = e->h.tokens[e->reordered ? e->row_of[r] : r];' \
+        'tokens[r] = e->h.tokens[r];' \
+        'CudaEngineTiny.PerRequestSamplingRunsGroupedAndAnswersInOrder'
+    plant engine generate.c \
+        'const int32_t *src = i < running ? &rq[r].last : g->token_ids + g->cu_seqlens[r];' \
+        'const int32_t *src = g->token_ids + g->cu_seqlens[r];' \
+        'CudaEngine/CudaEngineVariant.GenerateRefillsSlotsAsRequestsFinish/*'
     # the wgmma kernel refills the V buffer its pending P V product still reads: seen only by
     # the check at the wait that retires each wgmma (ptx_sm90.cuh)
     plant attention attention_sm90.cu 'kThreads>(p, w, tiles.v(t), w.v_base, t, tid);' \
