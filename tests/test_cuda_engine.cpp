@@ -248,6 +248,55 @@ bool record_stream(void *user, int32_t request, int32_t token, const char *, siz
     return true;
 }
 
+// A step over the given slots (prefill of p, or decode when p is NULL) in which request r
+// samples with set[r] and draw u[r]; reads logits and tokens into out.
+::testing::AssertionResult sampled_step(sf_cuda_engine *e, const Prompts *p,
+                                        const std::vector<int32_t> &slots,
+                                        const std::vector<sf_sampling> &set,
+                                        const std::vector<double> &u, int64_t vocab,
+                                        StepOut *out) {
+    sf_cuda_step s = {};
+    s.n_requests = (int32_t)slots.size();
+    s.slots = slots.data();
+    if (p) {
+        s.cu_seqlens = p->cu.data();
+        s.token_ids = p->ids.data();
+        s.spans = p->spans.data();
+    }
+    s.request_sampling = set.data();
+    s.uniforms = u.data();
+    const sf_status st = sf_cuda_engine_step(e, &s);
+    if (st != SF_OK) {
+        return ::testing::AssertionFailure()
+               << "sampled step: " << sf_status_string(st) << ": " << sf_last_error();
+    }
+    return read_step(e, s.n_requests, vocab, out);
+}
+
+// What the engine must pick for each request of o: its row of logits given alone to the device
+// sampler (sf_cuda_sample_f32) with its own setting and draw. The same kernels on the same
+// logits, so the picks are exact; the sampler's own agreement with sf_sample is
+// CudaSampling's to show.
+std::vector<int32_t> device_picks(const StepOut &o, const std::vector<sf_sampling> &set,
+                                  const std::vector<double> &u, int64_t vocab) {
+    std::vector<int32_t> picks(set.size(), -1);
+    const size_t ws_bytes = sf_cuda_sample_workspace_bytes(1, (int32_t)vocab);
+    DeviceBuffer<uint64_t> ws(ws_bytes / 8 + 1);
+    DeviceBuffer<int32_t> d_pick(1);
+    for (size_t r = 0; r < set.size(); r++) {
+        DeviceBuffer<float> d_row(std::vector<float>(o.row((int32_t)r, vocab),
+                                                     o.row((int32_t)r, vocab) + vocab));
+        DeviceBuffer<double> d_u(std::vector<double>{u[r]});
+        const sf_status st = sf_cuda_sample_f32(d_pick.get(), d_row.get(), d_u.get(), 1,
+                                                (int32_t)vocab, &set[r], ws.get(), ws_bytes,
+                                                nullptr);
+        EXPECT_EQ(st, SF_OK) << sf_last_error();
+        EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+        picks[r] = d_pick.host()[0];
+    }
+    return picks;
+}
+
 // A greedy generation of max_new tokens over p's requests, with their spans.
 sf_generation generation_of(const Prompts &p, int32_t max_new) {
     sf_generation g = {};
@@ -1047,14 +1096,16 @@ TEST_P(CudaEngineVariant, GenerateMatchesCpu) {
 // 5b. Continuous batching in sf_generate_cuda: seven requests on an engine of three slots whose
 // steps take 64 tokens, with limits from 1 to 7 new tokens, so that requests finish in
 // different rounds and the waiting ones start beside running ones (the first round admits two:
-// a third prompt would pass 64 tokens).
+// a third prompt would pass 64 tokens). Odd requests sample (each from its own seed), even ones
+// are greedy.
 //  1. Each request gets its own number of tokens (finish: length), and the stream callback saw
 //     them in order.
 //  2. Replaying by hand the rounds the header documents (requests start in order, each in the
 //     first round with a free slot whose step it fits; a round is a prefill step of the running
 //     requests' next tokens, in request order, then the starting prompts, or else a decode
-//     step) gives the same tokens bit for bit (the same steps on the same engine), each the
-//     first maximum of the step's logits,
+//     step), each sampling request drawing from its own stream once per token, gives the same
+//     tokens bit for bit (the same steps on the same engine); each is the device sampler's pick
+//     from its row of the step's logits (for a greedy request, the first maximum),
 //  3. and those logits are within the bound of the CPU's (each request replayed alone: its
 //     guarded prefill, then decode steps fed the same tokens).
 // A prompt longer than a step is refused before anything runs.
@@ -1066,8 +1117,13 @@ TEST_P(CudaEngineVariant, GenerateRefillsSlotsAsRequestsFinish) {
         tiny_prompts({{12, 9}, {10, 10}, {5, 2}, {1, 7}, {3, 4}, {6, 6}, {2, 3}}, 65);
     const std::vector<int32_t> limit = {3, 7, 1, 5, 2, 4, 6};
     const int32_t n = p.n(), slots = 3, budget = 64;
+    std::vector<sf_sampling> set;
+    for (int32_t r = 0; r < n; r++) {
+        set.push_back(r % 2 ? sf_sampling{0.9f, 0, 1.0f, (uint64_t)(100 + r)} : kGreedy);
+    }
     sf_generation g = generation_of(p, 0);  // max_new_tokens unused with request limits
     g.request_max_new_tokens = limit.data();
+    g.request_sampling = set.data();
     std::vector<sf_generation_result> res((size_t)n);
     StreamLog log;
     log.tokens.resize((size_t)n);
@@ -1086,6 +1142,8 @@ TEST_P(CudaEngineVariant, GenerateRefillsSlotsAsRequestsFinish) {
     std::vector<std::unique_ptr<CpuCaches>> cpu((size_t)n);
     std::vector<std::vector<int32_t>> fed((size_t)n);
     std::vector<int32_t> slot_of((size_t)n, -1), free_slots;
+    std::vector<uint64_t> stream((size_t)n);
+    for (int32_t r = 0; r < n; r++) stream[r] = set[r].seed;
     for (int32_t k = slots - 1; k >= 0; k--) {
         ASSERT_EQ(sf_cuda_engine_reset_slot(e.get(), k), SF_OK);
         free_slots.push_back(k);
@@ -1114,7 +1172,19 @@ TEST_P(CudaEngineVariant, GenerateRefillsSlotsAsRequestsFinish) {
         }
         if (req.empty()) break;
         std::vector<int32_t> step_slots;
-        for (int32_t r : req) step_slots.push_back(slot_of[r]);
+        std::vector<sf_sampling> step_set;
+        std::vector<double> u;
+        for (int32_t r : req) {
+            step_slots.push_back(slot_of[r]);
+            step_set.push_back(set[r]);
+            double x = 0.0;
+            if (set[r].temperature > 0.0f) {
+                sf_rng rng = sf_rng_seed(stream[r]);
+                x = sf_rng_uniform(&rng);
+                stream[r] = rng.state;
+            }
+            u.push_back(x);
+        }
         StepOut out;
         if (req.size() > running) {
             Prompts step;
@@ -1127,10 +1197,11 @@ TEST_P(CudaEngineVariant, GenerateRefillsSlotsAsRequestsFinish) {
                 }
             }
             mixed += running > 0;
-            ASSERT_TRUE(prefill(e.get(), step, step_slots, true, vocab_, &out));
+            ASSERT_TRUE(sampled_step(e.get(), &step, step_slots, step_set, u, vocab_, &out));
         } else {
-            ASSERT_TRUE(decode(e.get(), step_slots, vocab_, &out));
+            ASSERT_TRUE(sampled_step(e.get(), nullptr, step_slots, step_set, u, vocab_, &out));
         }
+        EXPECT_EQ(out.tokens, device_picks(out, step_set, u, vocab_)) << "round " << rounds;
         for (size_t i = 0; i < req.size(); i++) {
             const int32_t r = req[i], j = (int32_t)fed[r].size();
             const std::string what = "request " + std::to_string(r) + " token " +
@@ -1145,8 +1216,9 @@ TEST_P(CudaEngineVariant, GenerateRefillsSlotsAsRequestsFinish) {
             } else {
                 c = cpu_step(llm_, cpu[r]->kv, {0, 1}, {fed[r].back()});
             }
+            const bool greedy = !(set[r].temperature > 0.0f);
             expect_logits_close(out.row((int32_t)i, vocab_), c.data(), vocab_, b, what,
-                                &out.tokens[i]);
+                                greedy ? &out.tokens[i] : nullptr);
             fed[r].push_back(out.tokens[i]);
             if ((int32_t)fed[r].size() == limit[r]) free_slots.push_back(slot_of[r]);
         }
@@ -2294,55 +2366,6 @@ TEST_F(CudaEngineTiny, SetSysformerStepsAsAnEngineCreatedWithIt) {
 // ------------------------------------------------------------------------------------------
 // Per-request sampling (sf_cuda_step.request_sampling, sf_generation.request_sampling)
 // ------------------------------------------------------------------------------------------
-
-// A step over the given slots (prefill of p, or decode when p is NULL) in which request r
-// samples with set[r] and draw u[r]; reads logits and tokens into out.
-::testing::AssertionResult sampled_step(sf_cuda_engine *e, const Prompts *p,
-                                        const std::vector<int32_t> &slots,
-                                        const std::vector<sf_sampling> &set,
-                                        const std::vector<double> &u, int64_t vocab,
-                                        StepOut *out) {
-    sf_cuda_step s = {};
-    s.n_requests = (int32_t)slots.size();
-    s.slots = slots.data();
-    if (p) {
-        s.cu_seqlens = p->cu.data();
-        s.token_ids = p->ids.data();
-        s.spans = p->spans.data();
-    }
-    s.request_sampling = set.data();
-    s.uniforms = u.data();
-    const sf_status st = sf_cuda_engine_step(e, &s);
-    if (st != SF_OK) {
-        return ::testing::AssertionFailure()
-               << "sampled step: " << sf_status_string(st) << ": " << sf_last_error();
-    }
-    return read_step(e, s.n_requests, vocab, out);
-}
-
-// What the engine must pick for each request of o: its row of logits given alone to the device
-// sampler (sf_cuda_sample_f32) with its own setting and draw. The same kernels on the same
-// logits, so the picks are exact; the sampler's own agreement with sf_sample is
-// CudaSampling's to show.
-std::vector<int32_t> device_picks(const StepOut &o, const std::vector<sf_sampling> &set,
-                                  const std::vector<double> &u, int64_t vocab) {
-    std::vector<int32_t> picks(set.size(), -1);
-    const size_t ws_bytes = sf_cuda_sample_workspace_bytes(1, (int32_t)vocab);
-    DeviceBuffer<uint64_t> ws(ws_bytes / 8 + 1);
-    DeviceBuffer<int32_t> d_pick(1);
-    for (size_t r = 0; r < set.size(); r++) {
-        DeviceBuffer<float> d_row(std::vector<float>(o.row((int32_t)r, vocab),
-                                                     o.row((int32_t)r, vocab) + vocab));
-        DeviceBuffer<double> d_u(std::vector<double>{u[r]});
-        const sf_status st = sf_cuda_sample_f32(d_pick.get(), d_row.get(), d_u.get(), 1,
-                                                (int32_t)vocab, &set[r], ws.get(), ws_bytes,
-                                                nullptr);
-        EXPECT_EQ(st, SF_OK) << sf_last_error();
-        EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-        picks[r] = d_pick.host()[0];
-    }
-    return picks;
-}
 
 // Five requests, three distinct settings, interleaved: greedy (t 0, and t -1), plain sampling
 // at t 0.9 (written once with top_k and top_p both off, once with top_k 500 > vocab and top_p
