@@ -293,23 +293,41 @@ static sf_status generate_batch(session *s, int32_t n, const char *const *system
                                 const char *const *users, const sf_sampling *settings,
                                 const int32_t *limits, sf_stream_fn on_token, void *user,
                                 sf_generation_result *results) {
+    /* Each prompt is encoded into room for a whole context window, then packed: a call can
+     * take 256 prompts, and 256 windows of a long-context model would be a large buffer. */
     const int32_t ctx = sf_llm_get_config(s->llm)->max_position_embeddings;
-    int32_t *ids = malloc((size_t)n * (size_t)ctx * sizeof *ids);
+    int32_t *one = malloc((size_t)ctx * sizeof *one), *ids = NULL;
     int32_t *cu = malloc((size_t)(n + 1) * sizeof *cu);
     sf_prompt_spans *spans = malloc((size_t)n * sizeof *spans);
-    sf_status st = (ids && cu && spans) ? SF_OK : SF_ERR_OUT_OF_MEMORY;
+    sf_status st = (one && cu && spans) ? SF_OK : SF_ERR_OUT_OF_MEMORY;
     if (st != SF_OK) sf_fail(st, "out of memory");
     if (cu) cu[0] = 0;
+    size_t cap = 0;
     for (int32_t r = 0; st == SF_OK && r < n; r++) {
         int32_t len = 0;
-        st = sf_chat_encode(s->tok, s->tmpl, systems[r], history, n_history, users[r],
-                            ids + cu[r], ctx, &len, &spans[r]);
+        st = sf_chat_encode(s->tok, s->tmpl, systems[r], history, n_history, users[r], one, ctx,
+                            &len, &spans[r]);
         if (st == SF_ERR_OUT_OF_RANGE || (st == SF_OK && len >= ctx)) {
             st = sf_fail(SF_ERR_OUT_OF_RANGE, "prompt %d needs %d tokens; the context window is "
                          "%d (shorten the prompt or start a new conversation)", r, len, ctx);
         }
-        if (st == SF_OK) cu[r + 1] = cu[r] + len;
+        if (st == SF_OK && (size_t)cu[r] + (size_t)len > cap) {
+            size_t grown = cap ? 2 * cap : 4096;
+            while (grown < (size_t)cu[r] + (size_t)len) grown *= 2;
+            int32_t *more = realloc(ids, grown * sizeof *ids);
+            if (more) {
+                ids = more;
+                cap = grown;
+            } else {
+                st = sf_fail(SF_ERR_OUT_OF_MEMORY, "out of memory");
+            }
+        }
+        if (st == SF_OK) {
+            memcpy(ids + cu[r], one, (size_t)len * sizeof *ids);
+            cu[r + 1] = cu[r] + len;
+        }
     }
+    free(one);
     if (st == SF_OK && s->dev == DEVICE_CUDA) {
         /* At most `slots` prompts run at once (the rest wait for a slot: sf_generate_cuda), so a
          * step's rows are at most the `slots` longest prompts; a guarded step also lays the
