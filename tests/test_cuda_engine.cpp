@@ -2385,13 +2385,16 @@ std::vector<double> draws(const std::vector<sf_sampling> &set, uint64_t seed) {
 }
 
 // 10a. One guarded prefill with per-request settings: the engine runs the requests grouped by
-// setting and hands everything back in the caller's order. Each request's logits equal, bit
-// for bit, those of the same batch stepped without sampling (the caller's order: a request's
-// rows do not depend on where in the batch it runs, see "Determinism"), and each pick is what
-// the device sampler picks from that request's row with its own setting and draw. Reading
-// fewer tokens than the step has gives the first requests'. Refused: sampling and
-// request_sampling together, a sampling request without uniforms or with a draw outside
-// [0, 1); no slot changes.
+// setting and hands everything back in the caller's order. Each request's logits are those of
+// the same batch stepped greedily in the caller's order, within 2b: the two steps hold the
+// rows in other orders, and a GEMM algorithm that splits the reduction per tile (split-K,
+// stream-K) may sum a row in another order at another place, so only the bf16 bound holds
+// for both (each within b of the same truth). Another request's logits are much further off
+// (checked), so a row handed back to the wrong request fails. Each pick is what the device
+// sampler picks from that request's row of the step's own logits with its own setting and
+// draw (exact: the same kernels on the same numbers). Reading fewer tokens than the step has
+// gives the first requests'. Refused: sampling and request_sampling together, a sampling
+// request without uniforms or with a draw outside [0, 1); no slot changes.
 TEST_F(CudaEngineTiny, PerRequestSamplingRunsGroupedAndAnswersInOrder) {
     EnginePtr e = make_engine(llm_, sf_, options(6));
     EnginePtr ref = make_engine(llm_, sf_, options(6));
@@ -2429,22 +2432,25 @@ TEST_F(CudaEngineTiny, PerRequestSamplingRunsGroupedAndAnswersInOrder) {
     StepOut got, want;
     ASSERT_TRUE(sampled_step(e.get(), &p, slots, kMix, u, vocab_, &got));
     ASSERT_TRUE(prefill(ref.get(), p, slots, true, vocab_, &want));
+    const double b2 = 2.0 * logit_bound(sf_llm_get_config(llm_)->num_layers,
+                                        sf_sysformer_get_config(sf_)->num_layers);
     for (int32_t r = 0; r < p.n(); r++) {
-        EXPECT_EQ(0, memcmp(got.row(r, vocab_), want.row(r, vocab_), vocab_ * sizeof(float)))
-            << "request " << r << ": its logits are not its own (max |diff| "
-            << max_abs_diff(got.row(r, vocab_), want.row(r, vocab_), vocab_) << ")";
+        const double rel = rel_error(got.row(r, vocab_), want.row(r, vocab_), (size_t)vocab_);
+        EXPECT_LE(rel, b2) << "request " << r << ": its logits are not its own";
+        for (int32_t q = 0; q < p.n(); q++) {
+            if (q == r) continue;
+            EXPECT_GT(rel_error(got.row(r, vocab_), want.row(q, vocab_), (size_t)vocab_), 2 * b2)
+                << "requests " << r << " and " << q << " cannot be told apart: the test is void";
+        }
         EXPECT_EQ(sf_cuda_engine_slot_length(e.get(), slots[r]), p.len(r)) << "request " << r;
     }
     const std::vector<int32_t> picks = device_picks(got, kMix, u, vocab_);
     EXPECT_EQ(got.tokens, picks);
-    EXPECT_EQ(got.tokens[1], want.tokens[1]) << "greedy";
-    EXPECT_EQ(got.tokens[4], want.tokens[4]) << "greedy";
     std::vector<int32_t> first(2, -1);
     ASSERT_EQ(sf_cuda_engine_read_tokens(e.get(), first.data(), 2), SF_OK) << sf_last_error();
     EXPECT_EQ(first, std::vector<int32_t>(got.tokens.begin(), got.tokens.begin() + 2));
-    // Not vacuous: the rows differ, and the sampled picks are not all the greedy ones.
+    // Not vacuous: the sampled picks are not all the greedy ones.
     EXPECT_NE(want.tokens, got.tokens);
-    EXPECT_NE(0, memcmp(want.row(0, vocab_), want.row(1, vocab_), vocab_ * sizeof(float)));
 }
 
 // 10b. Decode steps whose mix of settings changes, on a graph engine and an eager one: three
