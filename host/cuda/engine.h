@@ -189,6 +189,14 @@ static inline void *sf_carve(sf_carver *c, size_t bytes) {
     return p;
 }
 
+/* Whether the Sysformer's rows of a guarded prefill step of n requests, laid out padded to its
+ * longest system and user spans, fit the arena's max_batch_tokens rows (step.c refuses a step
+ * that does not; generate.c admits requests so that none is refused). */
+static inline bool sf_cuda_padded_rows_fit(const sf_cuda_engine *e, int64_t n, int64_t max_system,
+                                           int64_t max_user) {
+    return n * max_system <= e->max_batch_tokens && n * max_user <= e->max_batch_tokens;
+}
+
 /* engine.c: internal accessors (also used by generate.c). */
 int32_t sf_cuda_engine_max_context(const sf_cuda_engine *e);
 int32_t sf_cuda_engine_max_slots(const sf_cuda_engine *e);

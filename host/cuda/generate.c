@@ -170,10 +170,9 @@ sf_status sf_generate_cuda(sf_cuda_engine *e, const sf_tokenizer *tok, const sf_
             const int32_t usr = guarded ? g->spans[r].user : 0;
             const int32_t ms = sys > max_system ? sys : max_system;
             const int32_t mu = usr > max_user ? usr : max_user;
-            /* the engine's limits for a guarded step: packed tokens, and the Sysformer's rows
-             * padded to the longest system (and user) span */
-            if ((int64_t)tokens + len > budget || (int64_t)(m + 1) * ms > budget ||
-                (int64_t)(m + 1) * mu > budget) {
+            /* the engine's limits for a step: its packed tokens, and (guarded) the Sysformer's
+             * padded rows */
+            if ((int64_t)tokens + len > budget || !sf_cuda_padded_rows_fit(e, m + 1, ms, mu)) {
                 break;
             }
             rs[r].slot = p.free_slots[--p.n_free];

@@ -177,8 +177,7 @@ static sf_status validate(const sf_cuda_engine *e, const sf_cuda_step *s, step_i
                 if (p->system > info->max_system) info->max_system = p->system;
                 if (p->user > info->max_user) info->max_user = p->user;
             }
-            if ((int64_t)n * info->max_system > e->max_batch_tokens ||
-                (int64_t)n * info->max_user > e->max_batch_tokens) {
+            if (!sf_cuda_padded_rows_fit(e, n, info->max_system, info->max_user)) {
                 return sf_fail(SF_ERR_OUT_OF_RANGE,
                                "sf_cuda_engine_step: %d requests x %d system / %d user rows "
                                "(padded to the longest) pass max_batch_tokens %d",
