@@ -285,6 +285,11 @@ static bool stream_to_stdout(void *user, int32_t request, int32_t token, const c
     return true;
 }
 
+static int longer_first(const void *a, const void *b) {
+    const int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    return (x < y) - (x > y);
+}
+
 /* Generates replies for n (system, history, user) prompts in one batch, each sampled with
  * settings[r] and at most limits[r] new tokens (NULL: the session's for all); on_token (may be
  * NULL) sees every token. */
@@ -337,14 +342,8 @@ static sf_status generate_batch(session *s, int32_t n, const char *const *system
         if (!len) st = sf_fail(SF_ERR_OUT_OF_MEMORY, "out of memory");
         for (int32_t r = 0; st == SF_OK && r < n; r++) len[r] = cu[r + 1] - cu[r];
         int64_t need = 0;
-        for (int32_t k = 0; st == SF_OK && k < slots; k++) { /* the k-th longest */
-            int32_t best = k;
-            for (int32_t r = k + 1; r < n; r++) best = len[r] > len[best] ? r : best;
-            const int32_t t = len[k];
-            len[k] = len[best];
-            len[best] = t;
-            need += len[k];
-        }
+        if (st == SF_OK) qsort(len, (size_t)n, sizeof *len, longer_first);
+        for (int32_t k = 0; st == SF_OK && k < slots; k++) need += len[k];
         free(len);
         for (int32_t r = 0; s->sf && r < n; r++) {
             if ((int64_t)slots * spans[r].system > need) need = (int64_t)slots * spans[r].system;
