@@ -25,6 +25,18 @@ int cli_parse_count(const char *cmd, const char *flag, const char *value, int32_
  * kernel) into *out. Returns 0, or prints the choices and returns 2. */
 int cli_parse_attention(const char *cmd, const char *value, sf_attention_kernel *out);
 
+/* Where a command runs: --device cpu or cuda, or the default (cuda when a GPU is usable). */
+typedef enum cli_device { CLI_DEVICE_DEFAULT, CLI_DEVICE_CPU, CLI_DEVICE_CUDA } cli_device;
+
+/* Parses --device's value (cpu, cuda). Returns 0, or prints the choices and returns 2. */
+int cli_parse_device(const char *cmd, const char *value, cli_device *out);
+
+/* Settles the device before anything loads: *out becomes CLI_DEVICE_CPU or CLI_DEVICE_CUDA. An
+ * explicit cuda must be usable (this build has CUDA and a GPU is present): else it prints why
+ * and returns 1. The default takes cuda only when it is usable, so a machine without a GPU
+ * keeps the CPU path. Returns 0 otherwise. */
+int cli_resolve_device(const char *cmd, cli_device asked, cli_device *out);
+
 /* dir + "/" + name, malloc'd (NULL when out of memory). */
 char *cli_path_join(const char *dir, const char *name);
 

@@ -61,14 +61,12 @@ enum { N_JUDGES = sizeof k_judges / sizeof *k_judges };
 
 enum { MAX_BATCH = 256 };
 
-typedef enum device { DEVICE_DEFAULT, DEVICE_CPU, DEVICE_CUDA } device;
-
 typedef struct options {
     const char *llm, *tokenizer, *template_name, *sysformer, *embedder, *system, *safety_system;
     const char *harmful, *safe, *jailbreaks, *methods, *judge, *out;
     int32_t max_harmful, max_safe, max_jb_prompts, max_new_tokens, batch;
     uint64_t seed;
-    device dev;
+    cli_device dev;
     sf_attention_kernel attention;
 } options;
 
@@ -206,12 +204,7 @@ static int parse_options(int argc, char **argv, options *o) {
             o->seed = strtoull(v, &end, 10);
             if (end == v || *end || errno || v[0] == '-') rc = bad_number(a, v);
         } else if (!strcmp(a, "--device")) {
-            if (!strcmp(v, "cpu")) o->dev = DEVICE_CPU;
-            else if (!strcmp(v, "cuda")) o->dev = DEVICE_CUDA;
-            else {
-                fprintf(stderr, "sysformer eval: --device is cpu or cuda, not '%s'\n", v);
-                rc = 2;
-            }
+            rc = cli_parse_device("eval", v, &o->dev);
         } else if (!strcmp(a, "--attention")) {
             rc = cli_parse_attention("eval", v, &o->attention);
         } else {
@@ -257,7 +250,7 @@ typedef struct run {
     int32_t jb_prompts;
     item *items;
     int64_t n_items;
-    device dev;
+    cli_device dev;
     sf_llm *llm;
     sf_tokenizer *tok;
     sf_sysformer *sf, *emb;
@@ -349,32 +342,6 @@ static sf_status build_items(run *r) {
         }
     }
     return SF_OK;
-}
-
-/* Settles --device before anything loads, as generate does: an explicit cuda must be usable;
- * the default takes cuda only when it is. */
-static int resolve_device(device asked, device *out) {
-    *out = DEVICE_CPU;
-    if (asked == DEVICE_CPU) return 0;
-    int count = 0;
-    const sf_status st = sf_cuda_built() ? sf_cuda_device_count(&count) : SF_OK;
-    if (asked == DEVICE_DEFAULT) {
-        if (st == SF_OK && count > 0) *out = DEVICE_CUDA;
-        return 0;
-    }
-    if (!sf_cuda_built()) {
-        fprintf(stderr, "sysformer eval: --device cuda: this sysformer was built without CUDA "
-                        "(use --device cpu, or rebuild where nvcc is found)\n");
-        return 1;
-    }
-    if (st != SF_OK) return cli_report("looking for a CUDA device", st);
-    if (count < 1) {
-        fprintf(stderr, "sysformer eval: --device cuda: no CUDA device found (use --device "
-                        "cpu)\n");
-        return 1;
-    }
-    *out = DEVICE_CUDA;
-    return 0;
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -649,14 +616,14 @@ static int run_method(run *r, int m, sf_eval_method *res) {
     } else {
         fprintf(stderr, "method %s: no system turn\n", k_methods[m]);
     }
-    const device dev = r->dev;
-    res->device = dev == DEVICE_CUDA ? "cuda" : "cpu";
-    res->share_method = dev == DEVICE_CUDA ? k_share_cuda : k_share_cpu;
+    const cli_device dev = r->dev;
+    res->device = dev == CLI_DEVICE_CUDA ? "cuda" : "cpu";
+    res->share_method = dev == CLI_DEVICE_CUDA ? k_share_cuda : k_share_cpu;
     encoded e;
     sf_status st = encode_all(r, m, &e);
     if (st != SF_OK) return cli_report("encoding the prompts", st);
     sf_cuda_engine *engine = NULL;
-    if (dev == DEVICE_CUDA) {
+    if (dev == CLI_DEVICE_CUDA) {
         st = make_engine(r, sf, &e, &engine);
         if (st != SF_OK) {
             encoded_free(&e);
@@ -721,7 +688,7 @@ static int run_method(run *r, int m, sf_eval_method *res) {
 
 static int load(run *r) {
     const options *o = &r->o;
-    int rc = resolve_device(o->dev, &r->dev);
+    int rc = cli_resolve_device("eval", o->dev, &r->dev);
     if (rc) return rc;
     fprintf(stderr, "loading %s ...\n", o->llm);
     sf_status st = sf_llm_load(o->llm, &r->llm);
@@ -772,7 +739,7 @@ static int load(run *r) {
     if (eot >= 0 && eot != eos) r->stop_ids[r->n_stop_ids++] = eot;
     fprintf(stderr, "model: %d layers, hidden %d; template %s; device %s\n",
             sf_llm_get_config(r->llm)->num_layers, sf_llm_get_config(r->llm)->hidden_size,
-            tname, r->dev == DEVICE_CUDA ? "cuda" : "cpu");
+            tname, r->dev == CLI_DEVICE_CUDA ? "cuda" : "cpu");
     return 0;
 }
 
@@ -875,7 +842,7 @@ static int eval_main(run *r) {
     s.template_name = sf_template_get(r->tmpl)->name;
     s.sysformer = o->sysformer;
     s.system_embedder = o->embedder;
-    s.device = r->dev == DEVICE_CUDA ? "cuda" : "cpu";
+    s.device = r->dev == CLI_DEVICE_CUDA ? "cuda" : "cpu";
     s.judge = r->judge.name;
     s.n_judges = N_JUDGES;
     for (int k = 0; k < N_JUDGES; k++) s.judges[k] = k_judges[k];

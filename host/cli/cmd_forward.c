@@ -31,27 +31,6 @@ static void forward_usage(FILE *out) {
             "                   pipelined or the warp-specialized kernel); the CPU path ignores it\n");
 }
 
-/* Whether --device cuda can run here; prints why not. */
-static bool cuda_usable(void) {
-    if (!sf_cuda_built()) {
-        fprintf(stderr, "sysformer forward: --device cuda: this sysformer was built without CUDA "
-                        "(use --device cpu, or rebuild where nvcc is found)\n");
-        return false;
-    }
-    int count = 0;
-    const sf_status st = sf_cuda_device_count(&count);
-    if (st != SF_OK) {
-        cli_report("looking for a CUDA device", st);
-        return false;
-    }
-    if (count < 1) {
-        fprintf(stderr,
-                "sysformer forward: --device cuda: no CUDA device found (use --device cpu)\n");
-        return false;
-    }
-    return true;
-}
-
 /* The same prefill on the CUDA engine: one step with no sampling, then the last rows' logits.
  * The engine is sized for exactly this batch. */
 static sf_status forward_cuda(const sf_llm *llm, const sf_sysformer *sf, int32_t n_req,
@@ -122,7 +101,7 @@ int cmd_forward(int argc, char **argv) {
     const char *token_lists[MAX_REQUESTS];
     const char *span_lists[MAX_REQUESTS] = {NULL};
     int n_req = 0, top = 5;
-    bool cuda = false;
+    cli_device asked = CLI_DEVICE_CPU;
     sf_attention_kernel attention = SF_ATTENTION_AUTO;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -150,12 +129,7 @@ int cmd_forward(int argc, char **argv) {
         } else if (!strcmp(a, "--sysformer")) {
             sysformer_dir = argv[++i];
         } else if (!strcmp(a, "--device")) {
-            const char *v = argv[++i];
-            if (strcmp(v, "cpu") != 0 && strcmp(v, "cuda") != 0) {
-                fprintf(stderr, "sysformer forward: --device is cpu or cuda, not '%s'\n", v);
-                return 2;
-            }
-            cuda = !strcmp(v, "cuda");
+            if (cli_parse_device("forward", argv[++i], &asked)) return 2;
         } else if (!strcmp(a, "--attention")) {
             if (cli_parse_attention("forward", argv[++i], &attention)) return 2;
         } else if (!strcmp(a, "--top")) {
@@ -175,7 +149,10 @@ int cmd_forward(int argc, char **argv) {
         forward_usage(stderr);
         return 2;
     }
-    if (cuda && !cuda_usable()) return 1;
+    /* forward stays on the CPU unless asked: it is the reference path's tool */
+    cli_device dev = CLI_DEVICE_CPU;
+    if (asked == CLI_DEVICE_CUDA && cli_resolve_device("forward", asked, &dev)) return 1;
+    const bool cuda = dev == CLI_DEVICE_CUDA;
 
     /* Pack the requests back to back. */
     int32_t cu[MAX_REQUESTS + 1] = {0};

@@ -10,7 +10,6 @@
 
 static const char k_default_system[] = "You are a helpful assistant.";
 
-typedef enum device { DEVICE_DEFAULT, DEVICE_CPU, DEVICE_CUDA } device;
 
 /* Everything a generate or chat session loads once. */
 typedef struct session {
@@ -25,9 +24,9 @@ typedef struct session {
     int32_t n_stop_ids;
     const char *stops[16];
     int32_t n_stops;
-    device dev;               /* DEVICE_CPU or DEVICE_CUDA once the session is open */
+    cli_device dev;           /* CLI_DEVICE_CPU or _CUDA once the session is open */
     sf_attention_kernel attention; /* the engine's fused attention (--attention) */
-    sf_cuda_engine *engine;   /* with DEVICE_CUDA, created by session_engine */
+    sf_cuda_engine *engine;   /* with CLI_DEVICE_CUDA, created by session_engine */
     int32_t slots;            /* --batch: the requests generated together */
     int32_t engine_slots;     /* the requests it holds at once */
     int32_t engine_tokens;    /* the packed prompt tokens one prefill step may carry */
@@ -40,7 +39,7 @@ typedef struct options {
     sf_sampling sampling;
     const char *stops[16];
     int32_t n_stops;
-    device dev;
+    cli_device dev;
     sf_attention_kernel attention;
 } options;
 
@@ -120,13 +119,7 @@ static int parse_options(int argc, char **argv, const char *cmd, options *o) {
         else if (!strcmp(a, "--top-p")) o->sampling.top_p = strtof(v, &end);
         else if (!strcmp(a, "--seed")) o->sampling.seed = strtoull(v, &end, 10);
         else if (!strcmp(a, "--device")) {
-            if (!strcmp(v, "cpu")) o->dev = DEVICE_CPU;
-            else if (!strcmp(v, "cuda")) o->dev = DEVICE_CUDA;
-            else {
-                fprintf(stderr, "sysformer %s: --device is cpu or cuda, not '%s' (see --help)\n",
-                        cmd, v);
-                return 2;
-            }
+            if (cli_parse_device(cmd, v, &o->dev)) return 2;
         } else if (!strcmp(a, "--attention")) {
             if (cli_parse_attention(cmd, v, &o->attention)) return 2;
         } else if (!strcmp(a, "--stop")) {
@@ -163,36 +156,10 @@ static void session_free(session *s) {
     sf_llm_free(s->llm);
 }
 
-/* Settles --device before anything loads. An explicit cuda must be usable; the default takes
- * cuda only when it is, so a machine without a GPU keeps the CPU path it always had. */
-static int resolve_device(const char *cmd, device asked, device *out) {
-    *out = DEVICE_CPU;
-    if (asked == DEVICE_CPU) return 0;
-    int count = 0;
-    const sf_status st = sf_cuda_built() ? sf_cuda_device_count(&count) : SF_OK;
-    if (asked == DEVICE_DEFAULT) {
-        if (st == SF_OK && count > 0) *out = DEVICE_CUDA;
-        return 0;
-    }
-    if (!sf_cuda_built()) {
-        fprintf(stderr, "sysformer %s: --device cuda: this sysformer was built without CUDA "
-                        "(use --device cpu, or rebuild where nvcc is found)\n", cmd);
-        return 1;
-    }
-    if (st != SF_OK) return cli_report("looking for a CUDA device", st);
-    if (count < 1) {
-        fprintf(stderr, "sysformer %s: --device cuda: no CUDA device found (use --device cpu)\n",
-                cmd);
-        return 1;
-    }
-    *out = DEVICE_CUDA;
-    return 0;
-}
-
 static int session_open(const options *o, const char *cmd, session *s) {
     memset(s, 0, sizeof *s);
     s->attention = o->attention;
-    int rc = resolve_device(cmd, o->dev, &s->dev);
+    int rc = cli_resolve_device(cmd, o->dev, &s->dev);
     if (rc) return rc;
     fprintf(stderr, "loading %s ...\n", o->model);
     sf_status st = sf_llm_load(o->model, &s->llm);
@@ -333,7 +300,7 @@ static sf_status generate_batch(session *s, int32_t n, const char *const *system
         }
     }
     free(one);
-    if (st == SF_OK && s->dev == DEVICE_CUDA) {
+    if (st == SF_OK && s->dev == CLI_DEVICE_CUDA) {
         /* At most `slots` prompts run at once (the rest wait for a slot: sf_generate_cuda), so a
          * step's rows are at most the `slots` longest prompts; a guarded step also lays the
          * Sysformer's rows out padded, slots x the longest system (and user) span. */
@@ -354,7 +321,7 @@ static sf_status generate_batch(session *s, int32_t n, const char *const *system
     if (st == SF_OK) {
         sf_generation g = {n, cu, ids, spans, s->max_new_tokens, s->sampling, s->stop_ids,
                            s->n_stop_ids, s->stops, s->n_stops, settings, limits};
-        if (s->dev == DEVICE_CUDA) {
+        if (s->dev == CLI_DEVICE_CUDA) {
             st = sf_generate_cuda(s->engine, s->tok, &g, on_token, user, results);
         } else {
             st = sf_generate_cpu(s->llm, s->sf, s->tok, &g, on_token, user, results);
@@ -483,7 +450,7 @@ static int run_jsonl(session *s, const options *o) {
     const int total = (int)json_array_size(rows);
     long tokens = 0;
     /* Size the engine before the progress bar starts, so that its line does not break the bar. */
-    if (!rc && total > 0 && s->dev == DEVICE_CUDA) {
+    if (!rc && total > 0 && s->dev == CLI_DEVICE_CUDA) {
         sf_status st = session_engine(s, total < o->batch ? total : o->batch, 0);
         if (st != SF_OK) rc = cli_report("creating the CUDA engine", st);
     }
@@ -491,7 +458,7 @@ static int run_jsonl(session *s, const options *o) {
     if (!rc) progress(0, total, 0, 0.0);
     /* On the GPU each call takes up to 256 lines, --batch of them running at once and the rest
      * starting as slots free (continuous batching); on the CPU --batch lines a call. */
-    const int chunk = s->dev == DEVICE_CUDA ? 256 : o->batch;
+    const int chunk = s->dev == CLI_DEVICE_CUDA ? 256 : o->batch;
     for (int i = 0; !rc && i < total; i += chunk) {
         const int n = total - i < chunk ? total - i : chunk;
         const char *systems[256], *users[256], *bad = NULL;
@@ -561,7 +528,7 @@ int cmd_generate(int argc, char **argv) {
         const char *systems[1] = {s.system}, *users[1] = {o.prompt};
         sf_generation_result res;
         /* The weights' upload is not part of the tokens/s. */
-        sf_status st = s.dev == DEVICE_CUDA ? session_engine(&s, 1, 0) : SF_OK;
+        sf_status st = s.dev == CLI_DEVICE_CUDA ? session_engine(&s, 1, 0) : SF_OK;
         const double t0 = cli_now();
         if (st == SF_OK) {
             st = generate_batch(&s, 1, systems, NULL, 0, users, NULL, NULL, stream_to_stdout,
@@ -574,7 +541,7 @@ int cmd_generate(int argc, char **argv) {
             printf("\n");
             fprintf(stderr, "[%d tokens, %s, %.1f tokens/s%s%s]\n", res.n_tokens,
                     cli_finish_name(res.finish), dt > 0 ? res.n_tokens / dt : 0.0,
-                    s.sf ? ", guarded" : "", s.dev == DEVICE_CUDA ? ", cuda" : "");
+                    s.sf ? ", guarded" : "", s.dev == CLI_DEVICE_CUDA ? ", cuda" : "");
             sf_generation_result_free(&res);
         }
     }
@@ -590,7 +557,7 @@ int cmd_chat(int argc, char **argv) {
     rc = session_open(&o, "chat", &s);
     if (rc) return rc;
     /* The engine outlives the conversation: create it once, before the first message. */
-    if (s.dev == DEVICE_CUDA) {
+    if (s.dev == CLI_DEVICE_CUDA) {
         sf_status st = session_engine(&s, 1, 0);
         if (st != SF_OK) {
             rc = cli_report("creating the CUDA engine", st);

@@ -72,6 +72,42 @@ int cli_parse_attention(const char *cmd, const char *value, sf_attention_kernel 
     return 2;
 }
 
+int cli_parse_device(const char *cmd, const char *value, cli_device *out) {
+    if (!strcmp(value, "cpu")) *out = CLI_DEVICE_CPU;
+    else if (!strcmp(value, "cuda")) *out = CLI_DEVICE_CUDA;
+    else {
+        fprintf(stderr, "sysformer %s: --device is cpu or cuda, not '%s' (see --help)\n", cmd,
+                value);
+        return 2;
+    }
+    return 0;
+}
+
+int cli_resolve_device(const char *cmd, cli_device asked, cli_device *out) {
+    *out = CLI_DEVICE_CPU;
+    if (asked == CLI_DEVICE_CPU) return 0;
+    int count = 0;
+    const sf_status st = sf_cuda_built() ? sf_cuda_device_count(&count) : SF_OK;
+    if (asked == CLI_DEVICE_DEFAULT) {
+        if (st == SF_OK && count > 0) *out = CLI_DEVICE_CUDA;
+        else if (st != SF_OK) sf_clear_error();
+        return 0;
+    }
+    if (!sf_cuda_built()) {
+        fprintf(stderr, "sysformer %s: --device cuda: this sysformer was built without CUDA "
+                        "(use --device cpu, or rebuild where nvcc is found)\n", cmd);
+        return 1;
+    }
+    if (st != SF_OK) return cli_report("looking for a CUDA device", st);
+    if (count < 1) {
+        fprintf(stderr, "sysformer %s: --device cuda: no CUDA device found (use --device cpu)\n",
+                cmd);
+        return 1;
+    }
+    *out = CLI_DEVICE_CUDA;
+    return 0;
+}
+
 char *cli_path_join(const char *dir, const char *name) {
     const size_t n = strlen(dir) + strlen(name) + 2;
     char *p = malloc(n);
