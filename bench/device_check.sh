@@ -86,9 +86,10 @@ if [[ $mode == quick ]]; then
     exit 0
 fi
 
-# The CPU tests run in CI on every change; here only the CLI smoke test, for its GPU part.
-ctest --test-dir "$build" -R cli_smoke --output-on-failure >"$OUT/ctest.log" 2>&1
-row "ctest cli_smoke (GPU part)" "$(grep -E 'tests passed|tests failed' "$OUT/ctest.log" | tail -n 1)"
+# The CPU tests run in CI on every change; here only the CLI smoke tests, for their GPU parts
+# (cli_cuda_smoke: every command's --device cuda path on random models).
+ctest --test-dir "$build" -R cli_ --output-on-failure >"$OUT/ctest.log" 2>&1
+row "ctest cli_smoke, cli_cuda_smoke" "$(grep -E 'tests passed|tests failed' "$OUT/ctest.log" | tail -n 1)"
 gpu_tests "Cuda*:-$wgmma_tests:$ws_tests" gpu_tests 200
 gpu_tests "$wgmma_tests" gpu_tests_wgmma 60
 gpu_tests "$ws_tests" gpu_tests_wgmma_ws 60

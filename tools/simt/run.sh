@@ -27,7 +27,10 @@
 #                  besides the engine's, against the CPU trainer; needs CUDA's headers
 #     engine+train both from one build, each suite's default in turn (ctest's simt_engine_train:
 #                  the train suite adds about 50 s of one core to the engine's build and run,
-#                  against about 150 s on its own)
+#                  against about 150 s on its own), then the cli suite's script
+#     cli          the sysformer CLI (host/cli/*.c) built against the emulated engine and
+#                  trainer, as $B/sysformer, and tests/cli_cuda_smoke.sh run with it: every
+#                  command's --device cuda path (extra arguments go to the script)
 #
 #   env: EMU_MODE=0..3 one schedule, 4 (default) rotate per launch; EMU_ULP=n move expf, rsqrtf,
 #        sincosf, erfcf results by up to n ulp (within CUDA's documented bounds); EMU_FMA=1
@@ -115,13 +118,15 @@ case "$suite" in
         sm90a=0  # sf_cuda_attention_bf16 links to it; nothing here runs it
         tests=(test_cuda_attention_backward.cpp)
         twins=(host/cpu/attention.c host/cpu/softmax.c) ;;
-    engine|train|engine+train)
+    engine|train|engine+train|cli)
         kernels=(device embedding convert rmsnorm layernorm rope activations sampling guard random
                  attention attention_decode attention_sm90)
         cuda_c=(engine step llm_forward sysformer_forward weights gemm generate)
         host_lib=1
         tests=()
-        if [ "$suite" != train ]; then
+        # the CLI links the trainer, so it needs the train suite's sources too
+        case "$suite" in cli|engine+train) cli=1 ;; esac
+        if [ "$suite" = engine ] || [ "$suite" = engine+train ]; then
             tests+=(test_cuda_engine.cpp)
             serving_example=1
             # SmolLM2 (when fetched) takes minutes here: run it with an explicit filter. A
@@ -130,13 +135,16 @@ case "$suite" in
             add_pass EMU_NO_DEVICE=1 'CudaEngineArgs.*'
         fi
         if [ "$suite" != engine ]; then
-            # the training step: its host code, the backward, loss and optimizer kernels
+            # the training step: its host code, the backward, loss and optimizer kernels (the
+            # cli suite builds them for the CLI, and runs no gtest)
             kernels+=(attention_backward loss optim)
             cuda_c+=(train_step)
-            tests+=(test_cuda_train.cpp)
-            # Every test, then the tests that run only without a device.
-            add_pass "" '*CudaTrain*'
-            add_pass EMU_NO_DEVICE=1 'CudaTrainArgs.*'
+            if [ "$suite" != cli ]; then
+                tests+=(test_cuda_train.cpp)
+                # Every test, then the tests that run only without a device.
+                add_pass "" '*CudaTrain*'
+                add_pass EMU_NO_DEVICE=1 'CudaTrainArgs.*'
+            fi
         fi
         # the CPU library the tests compare against (and the engine loads models with): the
         # release build's list of host sources, read from CMakeLists.txt
@@ -266,6 +274,17 @@ if [ ${#cuda_c[@]} -gt 0 ]; then
     spawn "$B/cublaslt.log" nice -n 19 g++ -std=c++20 -O2 "$G" "${SANF[@]}" -Wall -I"$CUDA_INC" \
         -I"$HERE" -c "$HERE/cublaslt_emu.cpp" -o "$B/cublaslt.o"
 fi
+if [ "${cli:-0}" = 1 ]; then
+    # the CLI, unchanged but for its main's name, and a main that reports emulator errors; in
+    # a directory of its own, out of the harness's objects
+    mkdir -p "$B/cli"
+    for c in "$REPO"/host/cli/*.c; do
+        spawn "$B/cli_$(basename "$c" .c).log" nice -n 19 gcc -std=c11 -O1 "$G" "${SANF[@]}" \
+            -D_GNU_SOURCE -Wall -Wextra -Dmain=sysformer_main -I"$REPO/include" -I"$REPO/host" \
+            -c "$c" -o "$B/cli/$(basename "$c" .c).o"
+    done
+    spawn "$B/cli_main.log" "${CXX[@]}" -c "$HERE/cli_main.cpp" -o "$B/cli/cli_main.o"
+fi
 wait
 for l in "$B"/*.log; do [ -s "$l" ] && { echo "== $(basename "$l")"; head -n 30 "$l"; }; done
 [ ! -e "$B/failed" ] || { echo "simt: build failed"; exit 2; }
@@ -275,8 +294,22 @@ if [ "$host_lib" = 1 ]; then
     LIBS=("$B/libsf_host.a" -ljansson -lpcre2-8)
 fi
 # -rdynamic: the device-memory fault report (runtime.cpp) names functions in its backtrace
-nice -n 19 g++ "${SANF[@]}" -pthread -rdynamic "$B"/*.o -o "$B/harness" -lgtest "${LIBS[@]}" -lm
+if [ "${cli:-0}" = 1 ]; then
+    device_objs=("$B"/k_*.o "$B"/engine_*.o "$B/runtime.o" "$B/cublaslt.o")
+    nice -n 19 g++ "${SANF[@]}" -pthread -rdynamic "$B"/cli/*.o "${device_objs[@]}" \
+        -o "$B/sysformer" "${LIBS[@]}" -lm
+fi
 echo "simt $suite: EMU_MODE=${EMU_MODE:-4} EMU_ULP=${EMU_ULP:-0} EMU_FMA=${EMU_FMA:-0} SAN=${SAN:-none}"
+cli_script() {  # the CLI's CUDA paths on the emulated device
+    echo "simt $suite: tests/cli_cuda_smoke.sh $B/sysformer $*"
+    nice -n 19 timeout "${TIMEOUT:-1800}" "$REPO/tests/cli_cuda_smoke.sh" \
+        "$B/sysformer" "$@"
+}
+if [ "$suite" = cli ]; then
+    cli_script "$@"
+    exit
+fi
+nice -n 19 g++ "${SANF[@]}" -pthread -rdynamic "$B"/*.o -o "$B/harness" -lgtest "${LIBS[@]}" -lm
 if [ $# -gt 0 ] || [ ${#pass_filter[@]} -eq 0 ]; then
     nice -n 19 timeout "${TIMEOUT:-1800}" "$B/harness" "$@"
     exit
@@ -288,4 +321,5 @@ for i in "${!pass_filter[@]}"; do
     env ${pass_env[i]} nice -n 19 timeout "${TIMEOUT:-1800}" "$B/harness" \
         --gtest_filter="${pass_filter[i]}" || rc=1
 done
+[ "${cli:-0}" = 1 ] && { cli_script || rc=1; }
 exit $rc
