@@ -14,7 +14,8 @@ int cmd_random_model(int argc, char **argv) {
     sf_llm_config cfg = sf_random_llm_default_config();
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
-            printf("usage: sysformer random-model --out DIR [--seed N] [--heads N] [--kv-heads N]\n\n"
+            printf("usage: sysformer random-model --out DIR [--seed N] [--heads N]\n"
+                   "                              [--kv-heads N]\n\n"
                    "Writes a small random Llama model (config.json + model.safetensors, F32) to\n"
                    "DIR: %d layers, hidden %d, GQA %d/%d heads, llama3 RoPE, vocab %d.\n\n"
                    "  --heads N     attention heads (head dim %d / N; the CUDA engine runs head\n"
