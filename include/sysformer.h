@@ -736,6 +736,10 @@ typedef struct sf_cuda_stage_times {
     float head_ms;      /* final norm and LM head on the logit rows                      */
     float sample_ms;    /* sampling and the copy of the ids back                         */
     float total_ms;
+    uint64_t step;      /* which step these are of: the engine numbers its steps 1, 2, ...
+                           from its creation, so a caller that reads the times more than
+                           once after a step (say, from a stream callback per request) can
+                           count each step once                                        */
 } sf_cuda_stage_times;
 sf_status sf_cuda_engine_set_timing(sf_cuda_engine *engine, bool on);
 sf_status sf_cuda_engine_stage_times(sf_cuda_engine *engine, sf_cuda_stage_times *out);

@@ -199,6 +199,8 @@ s = json.load(open(out + "/summary.json"))
 assert [m["name"] for m in s["methods"]] == methods
 for m in s["methods"]:
     assert m["systems"]["device"] == "cuda" and m["systems"]["prompts"] == 5, m
+    # continuous batching: every prompt in one sf_generate_cuda call (of up to 256)
+    assert m["systems"]["batches"] == 1, m
     assert m["systems"]["tokens_per_s"] > 0, m
     share = m["systems"]["sysformer_share"]
     assert (share is not None) == (m["name"] in ("embedder", "sysformer")), m

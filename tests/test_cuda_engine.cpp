@@ -2673,7 +2673,9 @@ TEST_F(CudaEngineTiny, CreationReportsTheUploadsProgress) {
 }
 
 // 10. Stage timing: sane numbers, never speed. Eager steps report their stages; a decode step
-// replayed as a CUDA graph reports 0 for every stage and its whole time as total.
+// replayed as a CUDA graph reports 0 for every stage and its whole time as total. The times
+// name their step: the engine's steps are numbered from 1, a refused step is not one, and
+// reading twice reads the same step.
 TEST_F(CudaEngineTiny, StageTimesAreSane) {
     auto sane = [](const sf_cuda_stage_times &t, const std::string &what) {
         const float st[6] = {t.upload_ms, t.embed_ms, t.sysformer_ms, t.layers_ms, t.head_ms,
@@ -2697,13 +2699,23 @@ TEST_F(CudaEngineTiny, StageTimesAreSane) {
         sf_cuda_stage_times t;
         ASSERT_EQ(sf_cuda_engine_stage_times(e.get(), &t), SF_OK) << sf_last_error();
         sane(t, mode + " guarded prefill");
+        EXPECT_EQ(t.step, 1u) << mode;
         EXPECT_GT(t.layers_ms, 0.0f) << mode;
         EXPECT_GT(t.sysformer_ms, 0.0f) << mode << ": a guarded step rewrote 17 system rows";
 
         ASSERT_TRUE(decode(e.get(), {0, 1}, vocab_, nullptr));
         ASSERT_TRUE(decode(e.get(), {0, 1}, vocab_, nullptr));  // graphs: a replay
+        const int32_t bad_slot = 7;
+        const sf_cuda_step refused = {1, &bad_slot, nullptr, nullptr, nullptr, &kGreedy,
+                                      nullptr, nullptr};
+        EXPECT_EQ(sf_cuda_engine_step(e.get(), &refused), SF_ERR_INVALID_ARGUMENT);
         ASSERT_EQ(sf_cuda_engine_stage_times(e.get(), &t), SF_OK) << sf_last_error();
         sane(t, mode + " decode");
+        EXPECT_EQ(t.step, 3u) << mode << ": two decode steps after the prefill, one refused";
+        sf_cuda_stage_times again;
+        ASSERT_EQ(sf_cuda_engine_stage_times(e.get(), &again), SF_OK) << sf_last_error();
+        EXPECT_EQ(again.step, 3u) << mode;
+        EXPECT_EQ(again.total_ms, t.total_ms) << mode << ": the same step's events";
         if (graphs) {
             EXPECT_EQ(t.upload_ms, 0.0f);
             EXPECT_EQ(t.embed_ms, 0.0f);

@@ -45,10 +45,13 @@ static const char k_share_cpu[] =
     "those times / the sum of the batches' generation times (the generation already includes "
     "one such forward, in its prefill). The embedding gather is not counted.";
 static const char k_share_cuda[] =
-    "cuda: stage timing on (sf_cuda_engine_set_timing); when a batch's first token is accepted "
-    "the last step is the guarded prefill, whose sysformer stage (CUDA events: the rewrite and "
-    "the splice) is read with sf_cuda_engine_stage_times; share = the sum of those times / the "
-    "sum of the generation times of the batches where it was read.";
+    "cuda: stage timing on (sf_cuda_engine_set_timing); prompts run with continuous batching "
+    "(sf_generate_cuda), each starting with a guarded prefill step, eager and timed, that "
+    "carries the running requests' next tokens too; when a prompt's first token is accepted "
+    "the last step is that one, and its sysformer stage (CUDA events: the rewrite and the "
+    "splice) is read with sf_cuda_engine_stage_times, once per step; share = the sum of those "
+    "times / the generation time of the calls where they were read. A step whose admitted "
+    "prompts all stop at their first token streams none and goes uncounted.";
 
 enum { M_NONE, M_DEFAULT, M_SAFETY, M_EMBEDDER, M_SYSFORMER, N_METHODS };
 static const char *const k_methods[N_METHODS] = {"none", "default", "safety", "embedder",
@@ -444,35 +447,73 @@ static sf_status time_sysformer_cpu(const run *r, const sf_sysformer *sf, const 
     return st;
 }
 
-/* On the GPU: the first accepted token of a batch comes right after the guarded prefill step,
- * the only step whose stages are timed separately (decode steps replay as CUDA graphs). */
+/* The progress line: prompts done of the total and, on the GPU within a chunk, how many more
+ * have started (the chunk's replies are known only when it ends); tokens/s so far. */
+static void progress(const char *method, int64_t done, int64_t started, int64_t total,
+                     int64_t tokens, double seconds) {
+    const int width = 30, fill = total ? (int)(done * width / total) : width;
+    char more[48] = "";
+    if (started > done) {
+        snprintf(more, sizeof more, ", %lld more started", (long long)(started - done));
+    }
+    fprintf(stderr, "\r%-10s [%.*s%.*s] %lld/%lld prompts%s, %.1f tokens/s   ", method, fill,
+            "==============================", width - fill, "                              ",
+            (long long)done, (long long)total, more, seconds > 0 ? (double)tokens / seconds : 0.0);
+    if (done == total) fputc('\n', stderr);
+}
+
+/* On the GPU: the step that accepts a prompt's first token is its guarded prefill (decode steps
+ * replay CUDA graphs and time no stages), so the stream callback reads the stage times at each
+ * request's first token, and adds the Sysformer stage of each such step once. It also keeps the
+ * progress line moving within a chunk. */
 typedef struct cuda_probe {
     sf_cuda_engine *engine;
-    bool read, ok;
-    float sysformer_ms;
+    bool *started;           /* [chunk] the request's first token came */
+    bool guarded;            /* the engine runs a Sysformer: read its stage */
+    uint64_t last_step;      /* the last step whose stage was added (0: none) */
+    double sysformer_ms;     /* summed over the steps read */
+    bool read;               /* at least one step's times were read */
+    /* the progress line: prompts done before this chunk, those started in it, tokens so far */
+    const char *method;
+    int64_t done, n_started, total, tokens;
+    double seconds_before, t_start, last_draw;
 } cuda_probe;
 
-static bool probe_prefill(void *user, int32_t request, int32_t token, const char *text,
-                          size_t len) {
-    (void)request;
+static void read_sysformer_stage(cuda_probe *p) {
+    sf_cuda_stage_times t;
+    if (sf_cuda_engine_stage_times(p->engine, &t) != SF_OK) {
+        sf_clear_error();
+        return;
+    }
+    if (t.step != p->last_step) p->sysformer_ms += t.sysformer_ms;
+    p->last_step = t.step;
+    p->read = true;
+}
+
+static bool probe_token(void *user, int32_t request, int32_t token, const char *text,
+                        size_t len) {
     (void)token;
     (void)text;
     (void)len;
     cuda_probe *p = user;
-    if (!p->read) {
-        p->read = true;
-        sf_cuda_stage_times t;
-        if (sf_cuda_engine_stage_times(p->engine, &t) == SF_OK) {
-            p->ok = true;
-            p->sysformer_ms = t.sysformer_ms;
-        } else {
-            sf_clear_error();
-        }
+    p->tokens++;
+    if (!p->started[request]) {
+        p->started[request] = true;
+        p->n_started++;
+        if (p->guarded) read_sysformer_stage(p);
+    }
+    const double now = cli_now();
+    if (now - p->last_draw >= 0.25) {
+        p->last_draw = now;
+        progress(p->method, p->done, p->n_started, p->total, p->tokens,
+                 p->seconds_before + (now - p->t_start));
     }
     return true;
 }
 
-/* An engine for one method (its Sysformer, or none) sized for its largest batch. */
+/* An engine for one method (its Sysformer, or none): --batch slots, and steps of as many tokens
+ * as the largest run of --batch consecutive prompts needs, so that the scheduler can start that
+ * many at once (it starts fewer when they do not fit beside the running requests). */
 static sf_status make_engine(const run *r, const sf_sysformer *sf, const encoded *e,
                              sf_cuda_engine **out) {
     const int32_t bs = r->o.batch;
@@ -593,13 +634,98 @@ static sf_status record(run *r, sf_eval_method *res, int m, const item *it,
     return SF_OK;
 }
 
-static void progress(const char *method, int64_t done, int64_t total, int64_t tokens,
-                     double seconds) {
-    const int width = 30, fill = total ? (int)(done * width / total) : width;
-    fprintf(stderr, "\r%-10s [%.*s%.*s] %lld/%lld prompts, %.1f tokens/s", method, fill,
-            "==============================", width - fill, "                              ",
-            (long long)done, (long long)total, seconds > 0 ? (double)tokens / seconds : 0.0);
-    if (done == total) fputc('\n', stderr);
+/* On the CPU: batches of --batch prompts in turn (sf_generate_cpu), each timed, and the
+ * Sysformer's share measured on each batch after it (time_sysformer_cpu). */
+static sf_status run_cpu(run *r, int m, const sf_sysformer *sf, const encoded *e,
+                         sf_eval_method *res) {
+    const int32_t bs = r->o.batch;
+    int32_t cu[MAX_BATCH + 1];
+    sf_generation_result results[MAX_BATCH];
+    sf_status st = SF_OK;
+    for (int64_t i = 0; st == SF_OK && i < r->n_items; i += bs) {
+        const int32_t n = (int32_t)(r->n_items - i < bs ? r->n_items - i : bs);
+        for (int32_t q = 0; q <= n; q++) cu[q] = (int32_t)(e->off[i + q] - e->off[i]);
+        const sf_generation g = {n, cu, e->ids + e->off[i], e->spans + i, r->o.max_new_tokens,
+                                 (sf_sampling){0}, r->stop_ids, r->n_stop_ids, NULL, 0, NULL, NULL};
+        const double t0 = cli_now();
+        st = sf_generate_cpu(r->llm, sf, r->tok, &g, NULL, NULL, results);
+        const double dt = cli_now() - t0;
+        if (st != SF_OK) break;
+        res->gen_s += dt;
+        res->batches++;
+        if (sf) {
+            double sf_s = 0.0;
+            st = time_sysformer_cpu(r, sf, g.token_ids, cu, g.spans, n, &sf_s);
+            if (st == SF_OK) {
+                res->sysformer_s += sf_s;
+                res->sysformer_gen_s += dt;
+                res->sysformer_batches++;
+            }
+        }
+        for (int32_t q = 0; q < n; q++) {
+            if (st == SF_OK) st = record(r, res, m, &r->items[i + q], &results[q]);
+            sf_generation_result_free(&results[q]);
+        }
+        fflush(r->jsonl);
+        if (st == SF_OK) {
+            progress(k_methods[m], i + n, i + n, r->n_items, res->new_tokens, res->gen_s);
+        }
+    }
+    return st;
+}
+
+/* On the GPU: every prompt through one engine of --batch slots with continuous batching
+ * (sf_generate_cuda: a finished reply's slot takes the next prompt at once), in chunks of
+ * CUDA_CHUNK prompts whose replies are judged and written as each chunk ends. */
+enum { CUDA_CHUNK = 256 };
+
+static sf_status run_cuda(run *r, int m, const sf_sysformer *sf, const encoded *e,
+                          sf_eval_method *res) {
+    sf_cuda_engine *engine = NULL;
+    sf_status st = make_engine(r, sf, e, &engine);
+    if (st != SF_OK) {
+        sf_cuda_engine_free(engine);
+        return st;
+    }
+    int32_t *cu = malloc((CUDA_CHUNK + 1) * sizeof *cu);
+    bool *started = malloc(CUDA_CHUNK * sizeof *started);
+    sf_generation_result *results = calloc(CUDA_CHUNK, sizeof *results);
+    if (!cu || !started || !results) st = sf_fail(SF_ERR_OUT_OF_MEMORY, "out of memory");
+    for (int64_t i = 0; st == SF_OK && i < r->n_items; i += CUDA_CHUNK) {
+        const int32_t n = (int32_t)(r->n_items - i < CUDA_CHUNK ? r->n_items - i : CUDA_CHUNK);
+        for (int32_t q = 0; q <= n; q++) cu[q] = (int32_t)(e->off[i + q] - e->off[i]);
+        memset(started, 0, (size_t)n * sizeof *started);
+        const sf_generation g = {n, cu, e->ids + e->off[i], e->spans + i, r->o.max_new_tokens,
+                                 (sf_sampling){0}, r->stop_ids, r->n_stop_ids, NULL, 0, NULL, NULL};
+        cuda_probe probe = {.engine = engine, .started = started, .guarded = sf != NULL,
+                            .method = k_methods[m], .done = i, .n_started = i,
+                            .total = r->n_items, .tokens = res->new_tokens,
+                            .seconds_before = res->gen_s};
+        probe.t_start = probe.last_draw = cli_now();
+        st = sf_generate_cuda(engine, r->tok, &g, probe_token, &probe, results);
+        const double dt = cli_now() - probe.t_start;
+        if (st != SF_OK) break;
+        res->gen_s += dt;
+        res->batches++;
+        if (probe.read) {
+            res->sysformer_s += 1e-3 * probe.sysformer_ms;
+            res->sysformer_gen_s += dt;
+            res->sysformer_batches++;
+        }
+        for (int32_t q = 0; q < n; q++) {
+            if (st == SF_OK) st = record(r, res, m, &r->items[i + q], &results[q]);
+            sf_generation_result_free(&results[q]);
+        }
+        fflush(r->jsonl);
+        if (st == SF_OK) {
+            progress(k_methods[m], i + n, i + n, r->n_items, res->new_tokens, res->gen_s);
+        }
+    }
+    free(cu);
+    free(started);
+    free(results);
+    sf_cuda_engine_free(engine);
+    return st;
 }
 
 static int run_method(run *r, int m, sf_eval_method *res) {
@@ -616,64 +742,14 @@ static int run_method(run *r, int m, sf_eval_method *res) {
     } else {
         fprintf(stderr, "method %s: no system turn\n", k_methods[m]);
     }
-    const cli_device dev = r->dev;
-    res->device = dev == CLI_DEVICE_CUDA ? "cuda" : "cpu";
-    res->share_method = dev == CLI_DEVICE_CUDA ? k_share_cuda : k_share_cpu;
+    const bool cuda = r->dev == CLI_DEVICE_CUDA;
+    res->device = cuda ? "cuda" : "cpu";
+    res->share_method = cuda ? k_share_cuda : k_share_cpu;
     encoded e;
     sf_status st = encode_all(r, m, &e);
     if (st != SF_OK) return cli_report("encoding the prompts", st);
-    sf_cuda_engine *engine = NULL;
-    if (dev == CLI_DEVICE_CUDA) {
-        st = make_engine(r, sf, &e, &engine);
-        if (st != SF_OK) {
-            encoded_free(&e);
-            sf_cuda_engine_free(engine);
-            return cli_report("creating the CUDA engine", st);
-        }
-    }
-    const int32_t bs = r->o.batch;
-    int32_t cu[MAX_BATCH + 1];
-    sf_generation_result results[MAX_BATCH];
-    double t_all = 0.0;
-    progress(k_methods[m], 0, r->n_items, 0, 0.0);
-    for (int64_t i = 0; st == SF_OK && i < r->n_items; i += bs) {
-        const int32_t n = (int32_t)(r->n_items - i < bs ? r->n_items - i : bs);
-        for (int32_t q = 0; q <= n; q++) cu[q] = (int32_t)(e.off[i + q] - e.off[i]);
-        const sf_generation g = {n, cu, e.ids + e.off[i], e.spans + i, r->o.max_new_tokens,
-                                 (sf_sampling){0}, r->stop_ids, r->n_stop_ids, NULL, 0, NULL, NULL};
-        cuda_probe probe = {engine, false, false, 0.0f};
-        const double t0 = cli_now();
-        if (engine) {
-            st = sf_generate_cuda(engine, r->tok, &g, sf ? probe_prefill : NULL, &probe, results);
-        } else {
-            st = sf_generate_cpu(r->llm, sf, r->tok, &g, NULL, NULL, results);
-        }
-        const double dt = cli_now() - t0;
-        if (st != SF_OK) break;
-        res->gen_s += dt;
-        res->batches++;
-        t_all += dt;
-        if (sf && !engine) {
-            double s = 0.0;
-            st = time_sysformer_cpu(r, sf, g.token_ids, cu, g.spans, n, &s);
-            if (st == SF_OK) {
-                res->sysformer_s += s;
-                res->sysformer_gen_s += dt;
-                res->sysformer_batches++;
-            }
-        } else if (sf && probe.ok) {
-            res->sysformer_s += 1e-3 * probe.sysformer_ms;
-            res->sysformer_gen_s += dt;
-            res->sysformer_batches++;
-        }
-        for (int32_t q = 0; q < n; q++) {
-            if (st == SF_OK) st = record(r, res, m, &r->items[i + q], &results[q]);
-            sf_generation_result_free(&results[q]);
-        }
-        fflush(r->jsonl);
-        if (st == SF_OK) progress(k_methods[m], i + n, r->n_items, res->new_tokens, t_all);
-    }
-    sf_cuda_engine_free(engine);
+    progress(k_methods[m], 0, 0, r->n_items, 0, 0.0);
+    st = cuda ? run_cuda(r, m, sf, &e, res) : run_cpu(r, m, sf, &e, res);
     encoded_free(&e);
     if (st != SF_OK) {
         fputc('\n', stderr);

@@ -645,6 +645,7 @@ sf_status sf_cuda_engine_stage_times(sf_cuda_engine *e, sf_cuda_stage_times *out
                        "(sf_cuda_engine_set_timing before it)");
     }
     SF_CUDA_OR_FAIL(cudaEventSynchronize(e->ev[SF_STAGE_EVENTS - 1]));
+    out->step = e->steps;
     float ms[SF_STAGE_EVENTS - 1] = {0};
     if (e->last_graph) {
         SF_CUDA_OR_FAIL(cudaEventElapsedTime(&out->total_ms, e->ev[0], e->ev[SF_STAGE_EVENTS - 1]));

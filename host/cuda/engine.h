@@ -156,6 +156,7 @@ struct sf_cuda_engine {
     cudaEvent_t staging_free;     /* the last step's uploads have been read */
     cudaEvent_t ev[SF_STAGE_EVENTS];
     bool timing, last_timed, last_graph;
+    uint64_t steps;               /* steps enqueued so far (the last one's number)   */
     sf_cuda_graph *graphs;        /* [R + 1], by decode batch size */
 };
 

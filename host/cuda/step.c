@@ -499,6 +499,7 @@ sf_status sf_cuda_engine_step(sf_cuda_engine *e, const sf_cuda_step *s) {
     e->last_sampled = info.sample;
     e->last_timed = e->timing;
     e->last_graph = graph;
+    e->steps++;
     return SF_OK;
 }
 

@@ -202,8 +202,9 @@ sf_status sf_eval_table(const sf_eval_summary *s, char **out) {
         }
     }
 
-    sb_printf(&b, "\nSystems (greedy, at most %d new tokens, batches of %d)\n\n",
-              s->max_new_tokens, s->batch);
+    const bool cuda = s->device && !strcmp(s->device, "cuda");
+    sb_printf(&b, "\nSystems (greedy, at most %d new tokens, %s %d%s)\n\n", s->max_new_tokens,
+              cuda ? "continuous batching on" : "batches of", s->batch, cuda ? " slots" : "");
     sb_printf(&b, "%-10s  %-6s  %8s  %10s  %9s  %9s  %9s  %s\n", "method", "device", "prompts",
               "new tokens", "seconds", "prompts/s", "tokens/s", "Sysformer share");
     for (int32_t i = 0; i < s->n_methods; i++) {
