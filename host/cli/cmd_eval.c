@@ -634,6 +634,21 @@ static sf_status record(run *r, sf_eval_method *res, int m, const item *it,
     return SF_OK;
 }
 
+/* After one generation call over items [i, i + n): judges and writes each reply (when st is
+ * SF_OK), frees the results, and moves the progress line. */
+static sf_status record_call(run *r, sf_eval_method *res, int m, int64_t i, int32_t n,
+                             sf_generation_result *results, sf_status st) {
+    for (int32_t q = 0; q < n; q++) {
+        if (st == SF_OK) st = record(r, res, m, &r->items[i + q], &results[q]);
+        sf_generation_result_free(&results[q]);
+    }
+    fflush(r->jsonl);
+    if (st == SF_OK) {
+        progress(k_methods[m], i + n, i + n, r->n_items, res->new_tokens, res->gen_s);
+    }
+    return st;
+}
+
 /* On the CPU: batches of --batch prompts in turn (sf_generate_cpu), each timed, and the
  * Sysformer's share measured on each batch after it (time_sysformer_cpu). */
 static sf_status run_cpu(run *r, int m, const sf_sysformer *sf, const encoded *e,
@@ -662,14 +677,7 @@ static sf_status run_cpu(run *r, int m, const sf_sysformer *sf, const encoded *e
                 res->sysformer_batches++;
             }
         }
-        for (int32_t q = 0; q < n; q++) {
-            if (st == SF_OK) st = record(r, res, m, &r->items[i + q], &results[q]);
-            sf_generation_result_free(&results[q]);
-        }
-        fflush(r->jsonl);
-        if (st == SF_OK) {
-            progress(k_methods[m], i + n, i + n, r->n_items, res->new_tokens, res->gen_s);
-        }
+        st = record_call(r, res, m, i, n, results, st);
     }
     return st;
 }
@@ -712,14 +720,7 @@ static sf_status run_cuda(run *r, int m, const sf_sysformer *sf, const encoded *
             res->sysformer_gen_s += dt;
             res->sysformer_batches++;
         }
-        for (int32_t q = 0; q < n; q++) {
-            if (st == SF_OK) st = record(r, res, m, &r->items[i + q], &results[q]);
-            sf_generation_result_free(&results[q]);
-        }
-        fflush(r->jsonl);
-        if (st == SF_OK) {
-            progress(k_methods[m], i + n, i + n, r->n_items, res->new_tokens, res->gen_s);
-        }
+        st = record_call(r, res, m, i, n, results, st);
     }
     free(cu);
     free(started);
