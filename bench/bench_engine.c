@@ -3,7 +3,7 @@
  * serving-stack entry point sf_cuda_guarded_embed. bench/peer_e2e.py measures PyTorch +
  * transformers at the same shapes in the same device run.
  *
- * usage: bench_engine [--configs llama3.1-8b,mistral-7b,phi3.5-mini,smollm2-135m]
+ * usage: bench_engine [--configs llama3.1-8b,mistral-7b,phi3.5-mini,smollm2-135m]  (or tiny)
  *                     [--requests 32] [--prompt 512] [--system 64] [--user 384] [--decode 32]
  *                     [--repeats 5] [--seed 1] [--peak 989] [--no-graphs]
  *                     [--attention auto|mma|wgmma|wgmma_ws] [--serve N]
@@ -131,6 +131,20 @@ static bool make_llm_config(const char *name, sf_llm_config *c, const char **not
         c->rope_theta = 100000.0;
         c->tie_word_embeddings = true;
         *note = "rope default (theta 1e5), tied embeddings";
+    } else if (!strcmp(name, "tiny")) {
+        /* not a model: for checking this program itself where every kernel is slow (the
+         * emulator of tools/simt) */
+        c->arch = SF_ARCH_LLAMA;
+        c->vocab_size = 512;
+        c->hidden_size = 256;
+        c->intermediate_size = 512;
+        c->num_layers = 2;
+        c->num_heads = 4;
+        c->num_kv_heads = 2;
+        c->head_dim = 64;
+        c->max_position_embeddings = 1024;
+        c->rope_theta = 10000.0;
+        *note = "a test shape, not a model";
     } else {
         return false;
     }

@@ -1,19 +1,20 @@
-// tools/simt: the sysformer CLI (host/cli/*.c, unchanged, its main renamed by run.sh) on the
-// emulated device, so that its CUDA paths (--device cuda in forward, generate, chat, eval and
-// train) run where there is no GPU. The emulator's settings come from the environment as in the
-// test harness (EMU_MODE, EMU_ULP); an emulator error that no synchronisation reported is
-// printed at exit and turns a successful exit into 3, so a script cannot miss it.
+// tools/simt: a program of this repository (the sysformer CLI, host/cli/*.c; bench_engine),
+// unchanged but for its main's name (program_main, renamed by run.sh), on the emulated device,
+// so that its CUDA paths run where there is no GPU. The emulator's settings come from the
+// environment as in the test harness (EMU_MODE, EMU_ULP); an emulator error that no
+// synchronisation reported is printed at exit and turns a successful exit into 3, so a script
+// cannot miss it.
 #include <stdio.h>
 #include <stdlib.h>
 
 #include <string>
 
-extern "C" int sysformer_main(int argc, char **argv);
+extern "C" int program_main(int argc, char **argv);
 
 int main(int argc, char **argv) {
     if (const char *m = getenv("EMU_MODE")) emu::mode_select = atoi(m);
     if (const char *u = getenv("EMU_ULP")) emu::ulp_noise = atoi(u);
-    int rc = sysformer_main(argc, argv);
+    int rc = program_main(argc, argv);
     if (!emu::errors.empty()) {
         for (const std::string &e : emu::errors) fprintf(stderr, "EMULATOR ERROR: %s\n", e.c_str());
         if (rc == 0) rc = 3;

@@ -275,15 +275,22 @@ if [ ${#cuda_c[@]} -gt 0 ]; then
         -I"$HERE" -c "$HERE/cublaslt_emu.cpp" -o "$B/cublaslt.o"
 fi
 if [ "${cli:-0}" = 1 ]; then
-    # the CLI, unchanged but for its main's name, and a main that reports emulator errors; in
-    # a directory of its own, out of the harness's objects
-    mkdir -p "$B/cli"
+    # the CLI and bench_engine, unchanged but for their main's name, and a main that reports
+    # emulator errors (program_main.cpp); in directories of their own, out of the harness's
+    # objects
+    mkdir -p "$B/cli" "$B/prog"
+    PROG=(nice -n 19 gcc -std=c11 -O1 "$G" "${SANF[@]}" -D_GNU_SOURCE -Wall -Wextra
+          -Dmain=program_main -I"$REPO/include" -I"$REPO/host")
     for c in "$REPO"/host/cli/*.c; do
-        spawn "$B/cli_$(basename "$c" .c).log" nice -n 19 gcc -std=c11 -O1 "$G" "${SANF[@]}" \
-            -D_GNU_SOURCE -Wall -Wextra -Dmain=sysformer_main -I"$REPO/include" -I"$REPO/host" \
-            -c "$c" -o "$B/cli/$(basename "$c" .c).o"
+        spawn "$B/cli_$(basename "$c" .c).log" "${PROG[@]}" -c "$c" -o "$B/cli/$(basename "$c" .c).o"
     done
-    spawn "$B/cli_main.log" "${CXX[@]}" -c "$HERE/cli_main.cpp" -o "$B/cli/cli_main.o"
+    for b in bench_engine bench_train; do
+        mkdir -p "$B/$b.d"
+        spawn "$B/$b.log" "${PROG[@]}" -I"$CUDA_INC" -c "$REPO/bench/$b.c" -o "$B/$b.d/$b.o"
+    done
+    spawn "$B/program_main.log" "${CXX[@]}" -c "$HERE/program_main.cpp" -o "$B/prog/main.o"
+    spawn "$B/device_props.log" nice -n 19 g++ -std=c++20 -O1 "$G" "${SANF[@]}" -Wall \
+        -I"$CUDA_INC" -I"$HERE" -c "$HERE/device_props.cpp" -o "$B/prog/device_props.o"
 fi
 wait
 for l in "$B"/*.log; do [ -s "$l" ] && { echo "== $(basename "$l")"; head -n 30 "$l"; }; done
@@ -295,15 +302,48 @@ if [ "$host_lib" = 1 ]; then
 fi
 # -rdynamic: the device-memory fault report (runtime.cpp) names functions in its backtrace
 if [ "${cli:-0}" = 1 ]; then
-    device_objs=("$B"/k_*.o "$B"/engine_*.o "$B/runtime.o" "$B/cublaslt.o")
-    nice -n 19 g++ "${SANF[@]}" -pthread -rdynamic "$B"/cli/*.o "${device_objs[@]}" \
-        -o "$B/sysformer" "${LIBS[@]}" -lm
+    device_objs=("$B"/k_*.o "$B"/engine_*.o "$B/runtime.o" "$B/cublaslt.o" "$B"/prog/*.o)
+    for prog in cli:sysformer bench_engine.d:bench_engine bench_train.d:bench_train; do
+        nice -n 19 g++ "${SANF[@]}" -pthread -rdynamic "$B/${prog%%:*}"/*.o "${device_objs[@]}" \
+            -o "$B/${prog#*:}" "${LIBS[@]}" -lm
+    done
 fi
 echo "simt $suite: EMU_MODE=${EMU_MODE:-4} EMU_ULP=${EMU_ULP:-0} EMU_FMA=${EMU_FMA:-0} SAN=${SAN:-none}"
-cli_script() {  # the CLI's CUDA paths on the emulated device
+cli_script() {  # the CLI's CUDA paths, then bench_engine's, on the emulated device
     echo "simt $suite: tests/cli_cuda_smoke.sh $B/sysformer $*"
     nice -n 19 timeout "${TIMEOUT:-1800}" "$REPO/tests/cli_cuda_smoke.sh" \
-        "$B/sysformer" "$@"
+        "$B/sysformer" "$@" || return 1
+    # bench_engine's every measurement at a test shape, so that a GPU run does not find its
+    # bugs: eager and graphed, the Hopper kernels, and --serve; numbers mean nothing here
+    local rc=0 args
+    for args in "--serve 12" "--no-graphs --attention wgmma_ws" "--attention wgmma"; do
+        # shellcheck disable=SC2086  # args: flags without spaces
+        local got=0
+        nice -n 19 timeout 300 "$B/bench_engine" --configs tiny --requests 4 --prompt 96 \
+            --system 16 --user 48 --decode 6 --repeats 2 $args >"$B/bench_engine.out" 2>&1 ||
+            got=$?
+        if [ $got -ne 0 ] || grep -q -e ERROR -e FAILED "$B/bench_engine.out" ||
+            ! grep -q "^SUMMARY tiny prefill_tok_s=" "$B/bench_engine.out"; then
+            echo "FAIL: bench_engine $args (exit $got)"
+            cat "$B/bench_engine.out"
+            rc=1
+        else
+            echo "ok: bench_engine --configs tiny $args"
+        fi
+    done
+    # and bench_train's: one training step on the device at its tiny shape, recompute off and on
+    local got=0
+    nice -n 19 timeout 300 "$B/bench_train" --config tiny --devices cuda --batch-tokens 256 \
+        --prompt 48 --system 6 --reply 8 --repeats 1 >"$B/bench_train.out" 2>&1 || got=$?
+    if [ $got -ne 0 ] || grep -q -e ERROR -e FAILED "$B/bench_train.out" ||
+        [ "$(grep -c '^SUMMARY train .*step_s=' "$B/bench_train.out")" -ne 2 ]; then
+        echo "FAIL: bench_train (exit $got)"
+        cat "$B/bench_train.out"
+        rc=1
+    else
+        echo "ok: bench_train --config tiny --devices cuda"
+    fi
+    return $rc
 }
 if [ "$suite" = cli ]; then
     cli_script "$@"

@@ -298,6 +298,7 @@ int enqueue_op(void *stream, const char *what, std::function<void()> op) {
 }
 bool device_span(const void *p, size_t bytes) { return space_of(p, bytes ? bytes : 1) == DEVICE; }
 void report(const std::string &msg) { fault(msg); }
+size_t device_memory_bytes() { return device_limit(); }
 }  // namespace simt
 
 extern "C" {

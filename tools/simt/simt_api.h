@@ -14,4 +14,6 @@ int enqueue_op(void *stream, const char *what, std::function<void()> op);
 bool device_span(const void *p, size_t bytes);
 // An emulator error: printed, and failing the next synchronisation.
 void report(const std::string &msg);
+// The emulated device's memory (EMU_DEVICE_GIB).
+size_t device_memory_bytes();
 }  // namespace simt
