@@ -165,6 +165,18 @@ expect 0 "generate --input again" -- "$cli" generate "${G[@]}" --batch 2 --input
 cmp -s "$tmp/batch.jsonl" "$tmp/batch2.jsonl" && echo "ok: the same batch twice: the same replies" ||
     fail "the same batch twice gave other replies"
 
+# A prompt over the context window (2048): refused with the reason, before any step; in a
+# JSONL file, before anything is generated, naming its line.
+long=$(python3 -c "print('word ' * 2100)")
+expect 1 "generate --device cuda, a prompt over the context" -- "$cli" generate "${G[@]}" \
+    --prompt "$long"
+grep -q "the context window is 2048" "$tmp/err" || { fail "over-long prompt message"; cat "$tmp/err"; }
+printf '{"prompt": "hi"}\n{"prompt": "%s"}\n' "$long" >"$tmp/long.jsonl"
+expect 1 "generate --device cuda --input, a line over the context" -- "$cli" generate "${G[@]}" \
+    --input "$tmp/long.jsonl" --output "$tmp/long.out"
+grep -q "long.jsonl:2: the prompt needs" "$tmp/err" && [[ ! -e $tmp/long.out ]] ||
+    { fail "over-long line message"; cat "$tmp/err"; }
+
 # chat, piped.
 expect 0 "chat --device cuda (piped)" -- bash -c \
     "printf 'Hello\n/reset\nWhat is 2+2?\n' | '$cli' chat --model '$m' --template chatml --max-new-tokens 6 --device cuda"

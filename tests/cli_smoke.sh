@@ -237,6 +237,14 @@ if command -v python3 >/dev/null; then
         { echo "FAIL: train --wrap-harmless"; sed 's/^/    /' "$tmp/out"; fails=$((fails + 1)); }
     expect 2 "train --wrap-harmless without --jailbreaks" -- "$cli" train --llm "$em" \
         --harmful "$tmp/eh.json" --harmless "$tmp/es.json" --out "$tmp/eemb2" --wrap-harmless
+    # A prompt over the context window (2048): refused before anything is generated, naming
+    # its line (blank lines counted), and no output written.
+    long=$(python3 -c "print('word ' * 2100)")
+    printf '{"prompt": "hi"}\n\n{"prompt": "%s"}\n' "$long" >"$tmp/long.jsonl"
+    expect 1 "generate --input, a line over the context" -- "$cli" generate --model "$em" \
+        --template chatml --input "$tmp/long.jsonl" --output "$tmp/long.out" --device cpu
+    grep -q "long.jsonl:3: the prompt needs [0-9]* tokens; the context window is 2048" "$tmp/out" &&
+        [[ ! -e $tmp/long.out ]] || { echo "FAIL: over-long line message"; fails=$((fails + 1)); }
     E=(--llm "$em" --harmful "$tmp/eh.json" --safe "$tmp/es.json" --max-new-tokens 4)
     expect 0 "eval, five methods with wrappers" -- "$cli" eval "${E[@]}" --sysformer "$tmp/esf" \
         --system-embedder "$tmp/eemb" --jailbreaks "$tmp/ej.json" --max-jailbreak-prompts 2 \

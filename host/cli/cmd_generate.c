@@ -399,6 +399,43 @@ static int row_settings(const json_t *row, const session *s, sf_sampling *out, i
     return any;
 }
 
+/* A JSONL line's system and user texts: its own "system" or the session's, and its "prompt" or
+ * "instruction" (checked to be a string when the line was read). */
+static void row_texts(json_t *row, const session *s, const char **system, const char **user) {
+    json_t *p = json_object_get(row, "prompt");
+    if (!p) p = json_object_get(row, "instruction");
+    json_t *sys = json_object_get(row, "system");
+    *user = json_string_value(p);
+    *system = json_is_string(sys) ? json_string_value(sys) : s->system;
+}
+
+/* Every line's prompt must fit the model's context window: checked before anything is
+ * generated, so that a long file does not fail at its last chunk, and named by its line. */
+static int check_lengths(const session *s, const options *o, json_t *rows, const int *line_of) {
+    const int32_t ctx = sf_llm_get_config(s->llm)->max_position_embeddings;
+    int32_t *buf = malloc((size_t)ctx * sizeof *buf);
+    if (!buf) return cli_report("checking the prompts", SF_ERR_OUT_OF_MEMORY);
+    int rc = 0;
+    for (size_t r = 0; !rc && r < json_array_size(rows); r++) {
+        const char *system, *user;
+        row_texts(json_array_get(rows, r), s, &system, &user);
+        int32_t len = 0;
+        sf_prompt_spans spans;
+        const sf_status st = sf_chat_encode(s->tok, s->tmpl, system, NULL, 0, user, buf, ctx,
+                                            &len, &spans);
+        if (st == SF_ERR_OUT_OF_RANGE || (st == SF_OK && len >= ctx)) {
+            sf_clear_error();
+            fprintf(stderr, "sysformer generate: %s:%d: the prompt needs %d tokens; the context "
+                            "window is %d\n", o->input, line_of[r], len, ctx);
+            rc = 1;
+        } else if (st != SF_OK) {
+            rc = cli_report("encoding the prompts", st);
+        }
+    }
+    free(buf);
+    return rc;
+}
+
 static int run_jsonl(session *s, const options *o) {
     FILE *in = fopen(o->input, "r");
     if (!in) {
@@ -407,8 +444,9 @@ static int run_jsonl(session *s, const options *o) {
     }
     /* Read every line first: the progress bar needs the total. */
     json_t *rows = json_array();
+    int *line_of = NULL; /* [rows] each row's line in the file */
     char *line = NULL;
-    size_t cap = 0;
+    size_t cap = 0, line_cap = 0;
     ssize_t got;
     int line_no = 0, rc = 0;
     while ((got = getline(&line, &cap, in)) > 0) {
@@ -438,10 +476,23 @@ static int run_jsonl(session *s, const options *o) {
             rc = 2;
             break;
         }
+        if (json_array_size(rows) == line_cap) {
+            line_cap = line_cap ? 2 * line_cap : 256;
+            int *more = realloc(line_of, line_cap * sizeof *line_of);
+            if (!more) {
+                json_decref(row);
+                rc = cli_report("reading --input", SF_ERR_OUT_OF_MEMORY);
+                break;
+            }
+            line_of = more;
+        }
+        line_of[json_array_size(rows)] = line_no;
         json_array_append_new(rows, row);
     }
     free(line);
     fclose(in);
+    if (!rc) rc = check_lengths(s, o, rows, line_of);
+    free(line_of);
     FILE *out = rc ? NULL : fopen(o->output, "w");
     if (!rc && !out) {
         fprintf(stderr, "sysformer generate: cannot write --output %s\n", o->output);
@@ -468,11 +519,7 @@ static int run_jsonl(session *s, const options *o) {
         bool own = false; /* some line of the batch has its own sampling or length fields */
         for (int r = 0; r < n && r < 256; r++) {
             json_t *row = json_array_get(rows, (size_t)(i + r));
-            json_t *p = json_object_get(row, "prompt");
-            if (!p) p = json_object_get(row, "instruction");
-            json_t *sys = json_object_get(row, "system");
-            users[r] = json_string_value(p);
-            systems[r] = json_is_string(sys) ? json_string_value(sys) : s->system;
+            row_texts(row, s, &systems[r], &users[r]);
             own |= row_settings(row, s, &settings[r], &limits[r], &bad) > 0; /* checked above */
         }
         sf_status st = generate_batch(s, n > 256 ? 256 : n, systems, NULL, 0, users,
