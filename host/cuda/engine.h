@@ -198,6 +198,13 @@ static inline bool sf_cuda_padded_rows_fit(const sf_cuda_engine *e, int64_t n, i
     return n * max_system <= e->max_batch_tokens && n * max_user <= e->max_batch_tokens;
 }
 
+/* step.c: the checks of one request's new tokens that need no slot (its ids in the vocabulary;
+ * with spans: non-negative, adding up to n, a user span wherever there is a system span, and
+ * a system span that is empty or exactly a learned system offset's rows). who and r name the
+ * caller and the request in the message. SF_ERR_INVALID_ARGUMENT on the first failure. */
+sf_status sf_cuda_check_prompt(const sf_cuda_engine *e, const char *who, int64_t r,
+                               const int32_t *ids, int32_t n, const sf_prompt_spans *spans);
+
 /* engine.c: internal accessors (also used by generate.c). */
 int32_t sf_cuda_engine_max_context(const sf_cuda_engine *e);
 int32_t sf_cuda_engine_max_slots(const sf_cuda_engine *e);

@@ -42,6 +42,41 @@ static const sf_sampling *setting(const sf_cuda_step *s, int32_t r) {
     return s->request_sampling ? &s->request_sampling[r] : s->sampling;
 }
 
+sf_status sf_cuda_check_prompt(const sf_cuda_engine *e, const char *who, int64_t r,
+                               const int32_t *ids, int32_t n, const sf_prompt_spans *spans) {
+    for (int32_t t = 0; t < n; t++) {
+        if (ids[t] < 0 || ids[t] >= e->cfg.vocab_size) {
+            return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                           "%s: request %lld's token id %d (its row %d) is outside [0, %d)", who,
+                           (long long)r, ids[t], t, e->cfg.vocab_size);
+        }
+    }
+    if (!spans) return SF_OK;
+    const sf_prompt_spans *p = spans;
+    const int64_t sum = (int64_t)p->prefix + p->system + p->middle + p->user + p->suffix;
+    if (p->prefix < 0 || p->system < 0 || p->middle < 0 || p->user < 0 || p->suffix < 0 ||
+        sum != n) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                       "%s: spans of request %lld (%d %d %d %d %d) do not add up to its %d "
+                       "tokens",
+                       who, (long long)r, p->prefix, p->system, p->middle, p->user, p->suffix, n);
+    }
+    if (p->system > 0 && p->user == 0) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                       "%s: request %lld has a system span but no user span to attend to", who,
+                       (long long)r);
+    }
+    const int32_t offset_rows = e->has_sysformer ? e->sys_cfg.system_offset_rows : 0;
+    if (offset_rows > 0 && p->system != 0 && p->system != offset_rows) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                       "%s: request %lld has a system span of %d tokens, but the Sysformer's "
+                       "learned system offset has %d rows (it was trained for one system "
+                       "prompt; use that prompt)",
+                       who, (long long)r, p->system, offset_rows);
+    }
+    return SF_OK;
+}
+
 static sf_status validate(const sf_cuda_engine *e, const sf_cuda_step *s, step_info *info) {
     memset(info, 0, sizeof *info);
     if (!s) return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_cuda_engine_step: NULL step");
@@ -132,42 +167,13 @@ static sf_status validate(const sf_cuda_engine *e, const sf_cuda_step *s, step_i
             if (len > info->max_q_len) info->max_q_len = (int32_t)len;
         }
         info->tokens = cu[n];
-        for (int32_t t = 0; t < info->tokens; t++) {
-            if (s->token_ids[t] < 0 || s->token_ids[t] >= e->cfg.vocab_size) {
-                return sf_fail(SF_ERR_INVALID_ARGUMENT,
-                               "sf_cuda_engine_step: token id %d at packed row %d outside "
-                               "[0, %d)",
-                               s->token_ids[t], t, e->cfg.vocab_size);
-            }
+        for (int32_t r = 0; r < n; r++) {
+            SF_TRY(sf_cuda_check_prompt(e, "sf_cuda_engine_step", r, s->token_ids + cu[r],
+                                        cu[r + 1] - cu[r], s->spans ? &s->spans[r] : NULL));
         }
         if (s->spans) {
-            const int32_t offset_rows = e->has_sysformer ? e->sys_cfg.system_offset_rows : 0;
             for (int32_t r = 0; r < n; r++) {
                 const sf_prompt_spans *p = &s->spans[r];
-                const int64_t sum = (int64_t)p->prefix + p->system + p->middle + p->user +
-                                    p->suffix;
-                if (p->prefix < 0 || p->system < 0 || p->middle < 0 || p->user < 0 ||
-                    p->suffix < 0 || sum != cu[r + 1] - cu[r]) {
-                    return sf_fail(SF_ERR_INVALID_ARGUMENT,
-                                   "sf_cuda_engine_step: spans of request %d (%d %d %d %d %d) "
-                                   "do not add up to its %d tokens",
-                                   r, p->prefix, p->system, p->middle, p->user, p->suffix,
-                                   cu[r + 1] - cu[r]);
-                }
-                if (p->system > 0 && p->user == 0) {
-                    return sf_fail(SF_ERR_INVALID_ARGUMENT,
-                                   "sf_cuda_engine_step: request %d has a system span but no "
-                                   "user span to attend to",
-                                   r);
-                }
-                if (offset_rows > 0 && p->system != 0 && p->system != offset_rows) {
-                    return sf_fail(SF_ERR_INVALID_ARGUMENT,
-                                   "sf_cuda_engine_step: request %d has a system span of %d "
-                                   "tokens, but the Sysformer's learned system offset has %d "
-                                   "rows (it was trained for one system prompt; use that "
-                                   "prompt)",
-                                   r, p->system, offset_rows);
-                }
                 if (p->system > 0 && e->host_slot_len[s->slots[r]] != 0) {
                     return sf_fail(SF_ERR_INVALID_ARGUMENT,
                                    "sf_cuda_engine_step: guarded prefill (request %d's system "

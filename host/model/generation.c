@@ -78,18 +78,24 @@ sf_status sf_gen_check_prompts(const char *who, const sf_generation *g, int32_t 
     return SF_OK;
 }
 
-sf_status sf_gen_request_init(const sf_gen_ctx *c, sf_status st, const sf_tokenizer *tok,
-                              int32_t r, sf_gen_request *rq, sf_generation_result *res) {
-    rq->sampling = c->g->request_sampling ? &c->g->request_sampling[r] : &c->g->sampling;
-    rq->rng = rq->sampling->seed;
-    rq->max_new = sf_gen_max_new(c->g, r);
+sf_status sf_gen_request_start(const char *who, sf_status st, const sf_tokenizer *tok,
+                               const sf_sampling *sampling, int32_t max_new, sf_gen_request *rq,
+                               sf_generation_result *res) {
+    rq->sampling = sampling;
+    rq->rng = sampling->seed;
+    rq->max_new = max_new;
     /* Allocated even after a failure, as the caller's cleanup frees every result alike. */
-    res->tokens = malloc((size_t)rq->max_new * sizeof(int32_t));
-    if (st == SF_OK && !res->tokens) {
-        st = sf_fail(SF_ERR_OUT_OF_MEMORY, "%s: out of memory", c->who);
-    }
+    res->tokens = malloc((size_t)max_new * sizeof(int32_t));
+    if (st == SF_OK && !res->tokens) st = sf_fail(SF_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
     if (st == SF_OK && tok) st = sf_detokenizer_create(tok, true, &rq->detok);
     return st;
+}
+
+sf_status sf_gen_request_init(const sf_gen_ctx *c, sf_status st, const sf_tokenizer *tok,
+                              int32_t r, sf_gen_request *rq, sf_generation_result *res) {
+    const sf_sampling *sampling =
+        c->g->request_sampling ? &c->g->request_sampling[r] : &c->g->sampling;
+    return sf_gen_request_start(c->who, st, tok, sampling, sf_gen_max_new(c->g, r), rq, res);
 }
 
 sf_status sf_gen_accept(const sf_gen_ctx *c, int32_t r, int32_t token, sf_gen_room room,
@@ -133,24 +139,29 @@ sf_status sf_gen_accept(const sf_gen_ctx *c, int32_t r, int32_t token, sf_gen_ro
     return SF_OK;
 }
 
+sf_status sf_gen_finish(const char *who, sf_status st, sf_gen_request *rq,
+                        sf_generation_result *res) {
+    if (st == SF_OK && rq->detok) {
+        char tail[64];
+        size_t tail_len = 0;
+        if (res->finish != SF_FINISH_STOP_STRING &&
+            sf_detokenizer_flush(rq->detok, tail, sizeof tail, &tail_len) == SF_OK) {
+            st = text_append(who, rq, tail, tail_len);
+        }
+        if (st == SF_OK && !rq->text) st = text_append(who, rq, "", 0);
+        res->text = rq->text;
+        rq->text = NULL;
+    }
+    free(rq->text);
+    rq->text = NULL;
+    sf_detokenizer_free(rq->detok);
+    rq->detok = NULL;
+    return st;
+}
+
 sf_status sf_gen_end(const sf_gen_ctx *c, sf_status st, int32_t n, sf_gen_request *rq,
                      sf_generation_result *results) {
-    for (int32_t r = 0; rq && r < n; r++) {
-        if (st == SF_OK && rq[r].detok) {
-            char tail[64];
-            size_t tail_len = 0;
-            if (results[r].finish != SF_FINISH_STOP_STRING &&
-                sf_detokenizer_flush(rq[r].detok, tail, sizeof tail, &tail_len) == SF_OK) {
-                st = text_append(c->who, &rq[r], tail, tail_len);
-            }
-            if (st == SF_OK && !rq[r].text) st = text_append(c->who, &rq[r], "", 0);
-            results[r].text = rq[r].text;
-            rq[r].text = NULL;
-        }
-        free(rq[r].text);
-        sf_detokenizer_free(rq[r].detok);
-        rq[r].detok = NULL;
-    }
+    for (int32_t r = 0; rq && r < n; r++) st = sf_gen_finish(c->who, st, &rq[r], &results[r]);
     if (st != SF_OK) {
         for (int32_t r = 0; r < n; r++) sf_generation_result_free(&results[r]);
     }

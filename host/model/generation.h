@@ -55,8 +55,15 @@ static inline int32_t sf_gen_max_new(const sf_generation *g, int32_t r) {
 sf_status sf_gen_check_prompts(const char *who, const sf_generation *g, int32_t window,
                                const char *window_name);
 
-/* Sets up request r after the caller's own setup returned st: its sampling setting and stream,
- * its token buffer and, with a tokenizer, its detokenizer. Returns the first failure. */
+/* Sets up a request after the caller's own setup returned st: its sampling setting (borrowed:
+ * it must outlive the request) and stream, its limit, its token buffer (allocated even when st
+ * is a failure, so that cleanup frees every result alike) and, with a tokenizer, its
+ * detokenizer. Returns the first failure. */
+sf_status sf_gen_request_start(const char *who, sf_status st, const sf_tokenizer *tok,
+                               const sf_sampling *sampling, int32_t max_new, sf_gen_request *rq,
+                               sf_generation_result *res);
+
+/* sf_gen_request_start for request r of c->g: its setting and limit from the batch. */
 sf_status sf_gen_request_init(const sf_gen_ctx *c, sf_status st, const sf_tokenizer *tok,
                               int32_t r, sf_gen_request *rq, sf_generation_result *res);
 
@@ -64,8 +71,13 @@ sf_status sf_gen_request_init(const sf_gen_ctx *c, sf_status st, const sf_tokeni
 sf_status sf_gen_accept(const sf_gen_ctx *c, int32_t r, int32_t token, sf_gen_room room,
                         sf_gen_request *rq, sf_generation_result *res);
 
-/* Flushes each request's text into its result (when st is SF_OK) and frees the request state
- * (not the array); on failure frees the results too. Returns st, or the flush's failure. */
+/* Ends one request: flushes its text into res (when st is SF_OK; a stop string stays removed)
+ * and frees its state. Returns st, or the flush's failure. */
+sf_status sf_gen_finish(const char *who, sf_status st, sf_gen_request *rq,
+                        sf_generation_result *res);
+
+/* sf_gen_finish for each request (not freeing the array); on failure frees the results too.
+ * Returns st, or the first flush's failure. */
 sf_status sf_gen_end(const sf_gen_ctx *c, sf_status st, int32_t n, sf_gen_request *rq,
                      sf_generation_result *results);
 
