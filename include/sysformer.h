@@ -744,6 +744,62 @@ typedef struct sf_cuda_stage_times {
 sf_status sf_cuda_engine_set_timing(sf_cuda_engine *engine, bool on);
 sf_status sf_cuda_engine_stage_times(sf_cuda_engine *engine, sf_cuda_stage_times *out);
 
+/* A generation session: requests arrive at any time and share the engine's slots with
+ * continuous batching, for a serving loop that cannot know its requests in advance
+ * (sf_generate_cuda is one session over a fixed set of requests, run until all are done).
+ * Each sf_cuda_session_step is one engine step: the running requests' next tokens, and the
+ * waiting prompts (first come, first served) that a free slot and the step's budget admit now,
+ * each as its guarded prefill; a round that admits nothing is a decode step (a CUDA graph).
+ * Stop rules, sampling streams, streaming and results are sf_generate_cuda's. A request's id is
+ * its number in the session (0, 1, 2, ... in submission order), the `request` the stream
+ * callback is given.
+ *
+ * The session owns the engine's slots while it lives: other steps on the engine would corrupt
+ * its requests' caches. Not thread-safe: one host thread drives a session and its engine. A
+ * session keeps 8 bytes for every request ever submitted, whose result has been taken. If a
+ * step fails (a CUDA error) the session is broken: later submissions and steps return that
+ * failure; finished results can still be taken. */
+typedef struct sf_cuda_session sf_cuda_session;
+
+/* A session on engine (a full engine, not guard-only: SF_ERR_UNSUPPORTED). tok may be NULL (no
+ * text, no stop strings). stop_ids and stop_strings are sf_generation's, copied. */
+sf_status sf_cuda_session_create(sf_cuda_engine *engine, const sf_tokenizer *tok,
+                                 const int32_t *stop_ids, int32_t n_stop_ids,
+                                 const char *const *stop_strings, int32_t n_stop_strings,
+                                 sf_cuda_session **out);
+
+/* Queues one request: its prompt (token_ids[0 .. n_tokens), copied), spans (required with a
+ * Sysformer, as in sf_guarded_batch; else unused), sampling (NULL: greedy; its seed starts the
+ * request's own stream) and limit (>= 1). Checked now, so that a bad request never reaches a
+ * step that others share: SF_ERR_INVALID_ARGUMENT for ids outside the vocabulary or spans
+ * sf_cuda_engine_step would refuse, SF_ERR_OUT_OF_RANGE for a prompt that leaves no room in
+ * the engine's context window or fits no step alone (more tokens, or a longer system or user
+ * span, than max_batch_tokens). *id receives its id. */
+sf_status sf_cuda_session_submit(sf_cuda_session *session, const int32_t *token_ids,
+                                 int32_t n_tokens, const sf_prompt_spans *spans,
+                                 const sf_sampling *sampling, int32_t max_new_tokens,
+                                 int32_t *id);
+
+/* Runs one round (waiting for its tokens), streaming each accepted token (stream may be NULL;
+ * returning false stops that request). Afterwards *running holds the requests in slots and
+ * *waiting those queued (either may be NULL); with none of either the call does nothing. */
+sf_status sf_cuda_session_step(sf_cuda_session *session, sf_stream_fn stream, void *user,
+                               int32_t *running, int32_t *waiting);
+
+/* Stops a request: one still waiting never starts, a running one leaves its slot now; either
+ * ends with SF_FINISH_CALLBACK and the tokens it has. A finished request is left as it is.
+ * SF_ERR_INVALID_ARGUMENT for an id never given or already taken. */
+sf_status sf_cuda_session_cancel(sf_cuda_session *session, int32_t id);
+
+/* A finished request's result, moved into *out (release it with sf_generation_result_free):
+ * *done true, and the id is gone from the session. While the request waits or runs: *done
+ * false and *out untouched. SF_ERR_INVALID_ARGUMENT for an id never given or already taken. */
+sf_status sf_cuda_session_take(sf_cuda_session *session, int32_t id, sf_generation_result *out,
+                               bool *done);
+
+/* Frees the session, with every result not taken. The engine is the caller's. */
+void sf_cuda_session_free(sf_cuda_session *session);
+
 /* sf_generate_cpu on the GPU, with continuous batching: the same stop rules, results and
  * streaming. Requests take slots in order; with more requests than max_slots the rest wait, and
  * each prompt starts (its guarded prefill) in the step after a slot frees, beside the running

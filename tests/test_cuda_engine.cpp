@@ -480,6 +480,20 @@ TEST(CudaEngineArgs, RefusesBadArgumentsBeforeTouchingTheDevice) {
     uint16_t out[64];
     EXPECT_EQ(sf_cuda_guarded_embed(nullptr, 1, 1, cu, ids, nullptr, 0, 0, out, &err, nullptr),
               SF_ERR_INVALID_ARGUMENT);
+
+    sf_cuda_session *s = nullptr;
+    EXPECT_EQ(sf_cuda_session_create(nullptr, nullptr, nullptr, 0, nullptr, 0, &s),
+              SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(s, nullptr);
+    int32_t id = -1, running = -1;
+    bool done = false;
+    EXPECT_EQ(sf_cuda_session_submit(nullptr, ids, 1, nullptr, nullptr, 1, &id),
+              SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cuda_session_step(nullptr, nullptr, nullptr, &running, nullptr),
+              SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cuda_session_cancel(nullptr, 0), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cuda_session_take(nullptr, 0, &res, &done), SF_ERR_INVALID_ARGUMENT);
+    sf_cuda_session_free(nullptr);  // a no-op
 }
 
 // Without a GPU a well-formed create reports the missing device with the status sysformer.h
@@ -531,6 +545,112 @@ class CudaEngineVariant : public ::testing::TestWithParam<std::string> {
     // is long; with the window of 8 the longer requests lose their first keys.
     static Prompts four_prompts(uint64_t seed) {
         return tiny_prompts({{5, 2}, {1, 7}, {12, 9}, {0, 4}}, seed);
+    }
+
+    // The rounds a session ran (got[r]: the tokens it gave request r; every request ending by
+    // its limit), replayed by hand on e with engine steps under the session's rule: the running
+    // requests' next tokens first, then, while a slot is free and the step's budget holds, the
+    // prompts that have arrived (arrive[r]: the round before which request r was submitted),
+    // first come, first served; a round with nothing to run runs nothing. Checked round by
+    // round: each token the session's, each pick the device sampler's from the step's own
+    // logits, each row within the derived bound of the CPU's (each request alone, with its own
+    // cache). *mixed: the rounds that started a prompt beside running requests.
+    void replay_rounds(sf_cuda_engine *e, const Prompts &p, const std::vector<int32_t> &limit,
+                       const std::vector<sf_sampling> &set, const std::vector<int32_t> &arrive,
+                       const std::vector<std::vector<int32_t>> &got, int32_t slots,
+                       int32_t budget, int32_t *mixed) {
+        const int32_t n = p.n();
+        const double b = logit_bound(L_, Ls_);
+        std::vector<std::unique_ptr<CpuCaches>> cpu((size_t)n);
+        std::vector<std::vector<int32_t>> fed((size_t)n);
+        std::vector<int32_t> slot_of((size_t)n, -1), free_slots;
+        std::vector<uint64_t> stream((size_t)n);
+        for (int32_t r = 0; r < n; r++) stream[r] = set[r].seed;
+        for (int32_t k = slots - 1; k >= 0; k--) {
+            ASSERT_EQ(sf_cuda_engine_reset_slot(e, k), SF_OK);
+            free_slots.push_back(k);
+        }
+        *mixed = 0;
+        int32_t waiting = 0;
+        for (int32_t round = 0;; round++) {
+            std::vector<int32_t> req;
+            for (int32_t r = 0; r < waiting; r++) {
+                if ((int32_t)fed[r].size() < limit[r]) req.push_back(r);
+            }
+            const size_t running = req.size();
+            int32_t tokens = (int32_t)running, max_sys = 0, max_usr = 0;
+            while (waiting < n && arrive[waiting] <= round && !free_slots.empty()) {
+                const int32_t ms = std::max(max_sys, p.spans[waiting].system);
+                const int32_t mu = std::max(max_usr, p.spans[waiting].user);
+                const int32_t m = (int32_t)req.size() + 1;
+                if (tokens + p.len(waiting) > budget || m * ms > budget || m * mu > budget) break;
+                slot_of[waiting] = free_slots.back();
+                free_slots.pop_back();
+                ASSERT_EQ(sf_cuda_engine_reset_slot(e, slot_of[waiting]), SF_OK);
+                req.push_back(waiting);
+                tokens += p.len(waiting);
+                max_sys = ms;
+                max_usr = mu;
+                waiting++;
+            }
+            if (req.empty()) {
+                if (waiting == n) break;
+                continue;  // nothing has arrived to run
+            }
+            std::vector<int32_t> step_slots;
+            std::vector<sf_sampling> step_set;
+            std::vector<double> u;
+            for (int32_t r : req) {
+                step_slots.push_back(slot_of[r]);
+                step_set.push_back(set[r]);
+                double x = 0.0;
+                if (set[r].temperature > 0.0f) {
+                    sf_rng rng = sf_rng_seed(stream[r]);
+                    x = sf_rng_uniform(&rng);
+                    stream[r] = rng.state;
+                }
+                u.push_back(x);
+            }
+            StepOut out;
+            if (req.size() > running) {
+                Prompts step;
+                for (size_t i = 0; i < req.size(); i++) {
+                    const int32_t r = req[i];
+                    if (i < running) {
+                        step.add({fed[r].back()}, sf_prompt_spans{0, 0, 0, 0, 1});
+                    } else {
+                        step.add(p.request(r), p.spans[r]);
+                    }
+                }
+                *mixed += running > 0;
+                ASSERT_TRUE(sampled_step(e, &step, step_slots, step_set, u, vocab_, &out));
+            } else {
+                ASSERT_TRUE(sampled_step(e, nullptr, step_slots, step_set, u, vocab_, &out));
+            }
+            EXPECT_EQ(out.tokens, device_picks(out, step_set, u, vocab_)) << "round " << round;
+            for (size_t i = 0; i < req.size(); i++) {
+                const int32_t r = req[i], j = (int32_t)fed[r].size();
+                const std::string what = "request " + std::to_string(r) + " token " +
+                                         std::to_string(j);
+                ASSERT_LT(j, (int32_t)got[r].size()) << what;
+                EXPECT_EQ(out.tokens[i], got[r][j]) << what << ": the replayed round differs";
+                std::vector<float> c;
+                if (i >= running) {
+                    cpu[r] = std::make_unique<CpuCaches>(llm_, 1, 128);
+                    const Prompts single = p.only(r);
+                    c = cpu_guarded_logits(llm_, sf_, single, last_rows(single),
+                                           cpu[r]->kv.data());
+                } else {
+                    c = cpu_step(llm_, cpu[r]->kv, {0, 1}, {fed[r].back()});
+                }
+                const bool greedy = !(set[r].temperature > 0.0f);
+                expect_logits_close(out.row((int32_t)i, vocab_), c.data(), vocab_, b, what,
+                                    greedy ? &out.tokens[i] : nullptr);
+                fed[r].push_back(out.tokens[i]);
+                if ((int32_t)fed[r].size() == limit[r]) free_slots.push_back(slot_of[r]);
+            }
+        }
+        for (int32_t r = 0; r < n; r++) EXPECT_EQ(fed[r], got[r]) << "request " << r;
     }
 
     TempDir dir_;
@@ -1112,7 +1232,6 @@ TEST_P(CudaEngineVariant, GenerateMatchesCpu) {
 TEST_P(CudaEngineVariant, GenerateRefillsSlotsAsRequestsFinish) {
     EnginePtr e = make_engine(llm_, sf_, options(3, 128, 64));
     ASSERT_TRUE(e);
-    const double b = logit_bound(L_, Ls_);
     const Prompts p =
         tiny_prompts({{12, 9}, {10, 10}, {5, 2}, {1, 7}, {3, 4}, {6, 6}, {2, 3}}, 65);
     const std::vector<int32_t> limit = {3, 7, 1, 5, 2, 4, 6};
@@ -1139,91 +1258,10 @@ TEST_P(CudaEngineVariant, GenerateRefillsSlotsAsRequestsFinish) {
     free_results(&res);
 
     // 2-3. The rounds by hand, on the same engine, and each request alone on the CPU.
-    std::vector<std::unique_ptr<CpuCaches>> cpu((size_t)n);
-    std::vector<std::vector<int32_t>> fed((size_t)n);
-    std::vector<int32_t> slot_of((size_t)n, -1), free_slots;
-    std::vector<uint64_t> stream((size_t)n);
-    for (int32_t r = 0; r < n; r++) stream[r] = set[r].seed;
-    for (int32_t k = slots - 1; k >= 0; k--) {
-        ASSERT_EQ(sf_cuda_engine_reset_slot(e.get(), k), SF_OK);
-        free_slots.push_back(k);
-    }
-    int32_t waiting = 0, rounds = 0, mixed = 0;
-    for (;; rounds++) {
-        std::vector<int32_t> req;
-        for (int32_t r = 0; r < waiting; r++) {
-            if ((int32_t)fed[r].size() < limit[r]) req.push_back(r);
-        }
-        const size_t running = req.size();
-        int32_t tokens = (int32_t)running, max_sys = 0, max_usr = 0;
-        while (waiting < n && !free_slots.empty()) {
-            const int32_t ms = std::max(max_sys, p.spans[waiting].system);
-            const int32_t mu = std::max(max_usr, p.spans[waiting].user);
-            const int32_t m = (int32_t)req.size() + 1;
-            if (tokens + p.len(waiting) > budget || m * ms > budget || m * mu > budget) break;
-            slot_of[waiting] = free_slots.back();
-            free_slots.pop_back();
-            ASSERT_EQ(sf_cuda_engine_reset_slot(e.get(), slot_of[waiting]), SF_OK);
-            req.push_back(waiting);
-            tokens += p.len(waiting);
-            max_sys = ms;
-            max_usr = mu;
-            waiting++;
-        }
-        if (req.empty()) break;
-        std::vector<int32_t> step_slots;
-        std::vector<sf_sampling> step_set;
-        std::vector<double> u;
-        for (int32_t r : req) {
-            step_slots.push_back(slot_of[r]);
-            step_set.push_back(set[r]);
-            double x = 0.0;
-            if (set[r].temperature > 0.0f) {
-                sf_rng rng = sf_rng_seed(stream[r]);
-                x = sf_rng_uniform(&rng);
-                stream[r] = rng.state;
-            }
-            u.push_back(x);
-        }
-        StepOut out;
-        if (req.size() > running) {
-            Prompts step;
-            for (size_t i = 0; i < req.size(); i++) {
-                const int32_t r = req[i];
-                if (i < running) {
-                    step.add({fed[r].back()}, sf_prompt_spans{0, 0, 0, 0, 1});
-                } else {
-                    step.add(p.request(r), p.spans[r]);
-                }
-            }
-            mixed += running > 0;
-            ASSERT_TRUE(sampled_step(e.get(), &step, step_slots, step_set, u, vocab_, &out));
-        } else {
-            ASSERT_TRUE(sampled_step(e.get(), nullptr, step_slots, step_set, u, vocab_, &out));
-        }
-        EXPECT_EQ(out.tokens, device_picks(out, step_set, u, vocab_)) << "round " << rounds;
-        for (size_t i = 0; i < req.size(); i++) {
-            const int32_t r = req[i], j = (int32_t)fed[r].size();
-            const std::string what = "request " + std::to_string(r) + " token " +
-                                     std::to_string(j);
-            ASSERT_LT(j, (int32_t)got[r].size()) << what;
-            EXPECT_EQ(out.tokens[i], got[r][j]) << what << ": the replayed round differs";
-            std::vector<float> c;
-            if (i >= running) {
-                cpu[r] = std::make_unique<CpuCaches>(llm_, 1, 128);
-                const Prompts single = p.only(r);
-                c = cpu_guarded_logits(llm_, sf_, single, last_rows(single), cpu[r]->kv.data());
-            } else {
-                c = cpu_step(llm_, cpu[r]->kv, {0, 1}, {fed[r].back()});
-            }
-            const bool greedy = !(set[r].temperature > 0.0f);
-            expect_logits_close(out.row((int32_t)i, vocab_), c.data(), vocab_, b, what,
-                                greedy ? &out.tokens[i] : nullptr);
-            fed[r].push_back(out.tokens[i]);
-            if ((int32_t)fed[r].size() == limit[r]) free_slots.push_back(slot_of[r]);
-        }
-    }
-    for (int32_t r = 0; r < n; r++) EXPECT_EQ(fed[r], got[r]) << "request " << r;
+    int32_t mixed = 0;
+    ASSERT_NO_FATAL_FAILURE(replay_rounds(e.get(), p, limit, set,
+                                          std::vector<int32_t>((size_t)n, 0), got, slots,
+                                          budget, &mixed));
     EXPECT_GE(mixed, 2) << "fewer than two rounds started a prompt beside running requests";
 
     const Prompts too_long = tiny_prompts({{30, 30}}, 66);  // 68 tokens > 64
@@ -1237,6 +1275,70 @@ TEST_P(CudaEngineVariant, GenerateRefillsSlotsAsRequestsFinish) {
     EXPECT_NE(std::string(sf_last_error()).find("max_batch_tokens"), std::string::npos)
         << sf_last_error();
 }
+
+// A session whose requests arrive while others run: submitted before the rounds given, they
+// wait for a slot, start beside the running requests, and the last arrives after everything
+// else has finished (the rounds between do nothing). The rounds replayed by hand must give
+// the same tokens, within the bound of the CPU's logits; the stream sees each request by id.
+TEST_P(CudaEngineVariant, SessionAdmitsRequestsAsTheyArrive) {
+    const int32_t slots = 3, budget = 64;
+    EnginePtr e = make_engine(llm_, sf_, options(slots, 128, budget));
+    ASSERT_TRUE(e);
+    const Prompts p =
+        tiny_prompts({{12, 9}, {10, 10}, {5, 2}, {1, 7}, {3, 4}, {6, 6}, {2, 3}}, 67);
+    const std::vector<int32_t> limit = {4, 2, 6, 3, 5, 2, 3};
+    const std::vector<int32_t> arrive = {0, 0, 1, 1, 1, 4, 30};
+    const int32_t n = p.n();
+    std::vector<sf_sampling> set;
+    for (int32_t r = 0; r < n; r++) {
+        set.push_back(r % 3 ? sf_sampling{0.8f, 0, 1.0f, (uint64_t)(300 + r)} : kGreedy);
+    }
+    sf_cuda_session *raw = nullptr;
+    ASSERT_EQ(sf_cuda_session_create(e.get(), nullptr, nullptr, 0, nullptr, 0, &raw), SF_OK)
+        << sf_last_error();
+    std::unique_ptr<sf_cuda_session, void (*)(sf_cuda_session *)> s(raw, sf_cuda_session_free);
+    StreamLog log;
+    log.tokens.resize((size_t)n);
+    int32_t submitted = 0, idle = 0;
+    for (int32_t round = 0; round < 100; round++) {
+        for (int32_t r = submitted; r < n && arrive[r] == round; r++, submitted++) {
+            const std::vector<int32_t> ids = p.request(r);
+            int32_t id = -1;
+            ASSERT_EQ(sf_cuda_session_submit(s.get(), ids.data(), (int32_t)ids.size(),
+                                             &p.spans[r], &set[r], limit[r], &id),
+                      SF_OK)
+                << sf_last_error();
+            EXPECT_EQ(id, r) << "ids are the submission order";
+        }
+        int32_t running = -1, waiting = -1;
+        ASSERT_EQ(sf_cuda_session_step(s.get(), record_stream, &log, &running, &waiting), SF_OK)
+            << "round " << round << ": " << sf_last_error();
+        EXPECT_LE(running, slots) << "round " << round;
+        EXPECT_GE(waiting, 0) << "round " << round;
+        idle += running == 0 && waiting == 0;
+        if (submitted == n && running == 0 && waiting == 0) break;
+    }
+    EXPECT_GE(idle, 2) << "the session never idled before the last arrival";
+    std::vector<std::vector<int32_t>> got((size_t)n);
+    for (int32_t r = 0; r < n; r++) {
+        sf_generation_result res = {};
+        bool done = false;
+        ASSERT_EQ(sf_cuda_session_take(s.get(), r, &res, &done), SF_OK) << sf_last_error();
+        ASSERT_TRUE(done) << "request " << r;
+        got[r].assign(res.tokens, res.tokens + res.n_tokens);
+        EXPECT_EQ(res.n_tokens, limit[r]) << "request " << r;
+        EXPECT_EQ(res.finish, SF_FINISH_LENGTH) << "request " << r;
+        EXPECT_EQ(log.tokens[r], got[r]) << "request " << r << ": the stream saw other tokens";
+        sf_generation_result_free(&res);
+        EXPECT_EQ(sf_cuda_session_take(s.get(), r, &res, &done), SF_ERR_INVALID_ARGUMENT)
+            << "request " << r << " taken twice";
+    }
+    int32_t mixed = 0;
+    ASSERT_NO_FATAL_FAILURE(
+        replay_rounds(e.get(), p, limit, set, arrive, got, slots, budget, &mixed));
+    EXPECT_GE(mixed, 1) << "no round started a prompt beside running requests";
+}
+
 
 INSTANTIATE_TEST_SUITE_P(CudaEngine, CudaEngineVariant, ::testing::ValuesIn(variant_names()),
                          [](const ::testing::TestParamInfo<std::string> &info) {
@@ -2731,6 +2833,135 @@ TEST_F(CudaEngineTiny, StageTimesAreSane) {
         ASSERT_TRUE(decode(e.get(), {0, 1}, vocab_, &out));
         EXPECT_TRUE(all_finite(out.logits.data(), (int64_t)out.logits.size()));
     }
+}
+
+// Cancelling, taking early, and what a session refuses: a cancelled waiting request never
+// starts, a cancelled running one frees its slot for the next, a result is not there before
+// its request ends; a bad request is refused at submission (never reaching a shared step)
+// and takes no id, and the session goes on.
+TEST_F(CudaEngineTiny, SessionCancelsTakesAndRefuses) {
+    EnginePtr e = make_engine(llm_, sf_, options(2, 64, 48));
+    ASSERT_TRUE(e);
+    sf_cuda_session *raw = nullptr;
+    EXPECT_EQ(sf_cuda_session_create(nullptr, nullptr, nullptr, 0, nullptr, 0, &raw),
+              SF_ERR_INVALID_ARGUMENT);
+    const char *stop = "x";
+    EXPECT_EQ(sf_cuda_session_create(e.get(), nullptr, nullptr, 0, &stop, 1, &raw),
+              SF_ERR_INVALID_ARGUMENT)
+        << "stop strings without a tokenizer";
+    EXPECT_EQ(raw, nullptr);
+    ASSERT_EQ(sf_cuda_session_create(e.get(), nullptr, nullptr, 0, nullptr, 0, &raw), SF_OK)
+        << sf_last_error();
+    std::unique_ptr<sf_cuda_session, void (*)(sf_cuda_session *)> s(raw, sf_cuda_session_free);
+
+    const Prompts p = tiny_prompts({{5, 2}, {3, 4}, {2, 6}, {4, 3}}, 71);
+    StreamLog log;
+    log.tokens.resize(8);
+    auto submit = [&](int32_t r, int32_t max_new) {
+        const std::vector<int32_t> ids = p.request(r);
+        int32_t id = -1;
+        EXPECT_EQ(sf_cuda_session_submit(s.get(), ids.data(), (int32_t)ids.size(), &p.spans[r],
+                                         nullptr, max_new, &id),
+                  SF_OK)
+            << sf_last_error();
+        return id;
+    };
+    for (int32_t r = 0; r < 4; r++) EXPECT_EQ(submit(r, 6), r);
+    int32_t running = -1, waiting = -1;
+    ASSERT_EQ(sf_cuda_session_step(s.get(), record_stream, &log, &running, &waiting), SF_OK)
+        << sf_last_error();
+    EXPECT_EQ(running, 2);
+    EXPECT_EQ(waiting, 2);
+    sf_generation_result res = {};
+    bool done = true;
+    EXPECT_EQ(sf_cuda_session_take(s.get(), 0, &res, &done), SF_OK);
+    EXPECT_FALSE(done) << "request 0 is running";
+    EXPECT_EQ(res.tokens, nullptr) << "untouched while it runs";
+
+    EXPECT_EQ(sf_cuda_session_cancel(s.get(), 3), SF_OK) << sf_last_error();  // waiting
+    EXPECT_EQ(sf_cuda_session_cancel(s.get(), 0), SF_OK) << sf_last_error();  // running
+    EXPECT_EQ(sf_cuda_session_cancel(s.get(), 0), SF_OK) << "cancelling twice changes nothing";
+    ASSERT_EQ(sf_cuda_session_step(s.get(), record_stream, &log, &running, &waiting), SF_OK)
+        << sf_last_error();
+    EXPECT_EQ(running, 2) << "request 2 took request 0's slot";
+    EXPECT_EQ(waiting, 0) << "request 3 was cancelled while it waited";
+    for (int32_t k = 0; k < 20 && (running > 0 || waiting > 0); k++) {
+        ASSERT_EQ(sf_cuda_session_step(s.get(), record_stream, &log, &running, &waiting), SF_OK)
+            << sf_last_error();
+    }
+    EXPECT_EQ(running, 0);
+    const int32_t want_tokens[4] = {1, 6, 6, 0};
+    const sf_finish_reason want_finish[4] = {SF_FINISH_CALLBACK, SF_FINISH_LENGTH,
+                                             SF_FINISH_LENGTH, SF_FINISH_CALLBACK};
+    for (int32_t r = 0; r < 4; r++) {
+        ASSERT_EQ(sf_cuda_session_take(s.get(), r, &res, &done), SF_OK) << sf_last_error();
+        ASSERT_TRUE(done) << "request " << r;
+        EXPECT_EQ(res.n_tokens, want_tokens[r]) << "request " << r;
+        EXPECT_EQ(res.finish, want_finish[r]) << "request " << r;
+        EXPECT_EQ(log.tokens[r], std::vector<int32_t>(res.tokens, res.tokens + res.n_tokens))
+            << "request " << r;
+        sf_generation_result_free(&res);
+    }
+    EXPECT_EQ(sf_cuda_session_take(s.get(), 0, &res, &done), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cuda_session_cancel(s.get(), 0), SF_ERR_INVALID_ARGUMENT) << "taken";
+    EXPECT_EQ(sf_cuda_session_cancel(s.get(), 4), SF_ERR_INVALID_ARGUMENT) << "never given";
+    EXPECT_EQ(sf_cuda_session_take(s.get(), -1, &res, &done), SF_ERR_INVALID_ARGUMENT);
+
+    // Refused at submission, each with the documented status; no id is used up.
+    std::vector<int32_t> ids = p.request(1);
+    const sf_prompt_spans sp = p.spans[1];
+    int32_t id = -1;
+    auto refused = [&](const char *what, const std::vector<int32_t> &x, const sf_prompt_spans *q,
+                       int32_t max_new, sf_status want) {
+        EXPECT_EQ(sf_cuda_session_submit(s.get(), x.data(), (int32_t)x.size(), q, nullptr,
+                                         max_new, &id),
+                  want)
+            << what << ": " << sf_last_error();
+    };
+    std::vector<int32_t> bad_id = ids;
+    bad_id[2] = (int32_t)vocab_;
+    refused("an id outside the vocabulary", bad_id, &sp, 4, SF_ERR_INVALID_ARGUMENT);
+    sf_prompt_spans short_sp = sp;
+    short_sp.suffix -= 1;
+    refused("spans that do not add up", ids, &short_sp, 4, SF_ERR_INVALID_ARGUMENT);
+    sf_prompt_spans no_user = {sp.prefix, sp.system, sp.middle + sp.user, 0, sp.suffix};
+    refused("a system span without a user span", ids, &no_user, 4, SF_ERR_INVALID_ARGUMENT);
+    refused("no spans with a Sysformer", ids, nullptr, 4, SF_ERR_INVALID_ARGUMENT);
+    refused("no new tokens asked", ids, &sp, 0, SF_ERR_INVALID_ARGUMENT);
+    refused("an empty prompt", {}, &sp, 4, SF_ERR_INVALID_ARGUMENT);
+    // tiny_prompts({{s, u}}) has s + u + 8 tokens
+    const Prompts long_p = tiny_prompts({{20, 20}}, 72);  // 48: max_batch_tokens exactly
+    const Prompts over_p = tiny_prompts({{25, 25}}, 73);  // 58: past max_batch_tokens (48)
+    const Prompts full_p = tiny_prompts({{30, 26}}, 74);  // 64: no room left in the window
+    refused("a prompt past max_batch_tokens", over_p.request(0), &over_p.spans[0], 4,
+            SF_ERR_OUT_OF_RANGE);
+    refused("a prompt that fills the window", full_p.request(0), &full_p.spans[0], 4,
+            SF_ERR_OUT_OF_RANGE);
+    const std::vector<int32_t> ok_ids = long_p.request(0);
+    ASSERT_EQ(sf_cuda_session_submit(s.get(), ok_ids.data(), (int32_t)ok_ids.size(),
+                                     &long_p.spans[0], nullptr, 3, &id),
+              SF_OK)
+        << sf_last_error();
+    EXPECT_EQ(id, 4) << "refused requests took no id";
+    for (int32_t k = 0; k < 10; k++) {
+        ASSERT_EQ(sf_cuda_session_step(s.get(), nullptr, nullptr, &running, &waiting), SF_OK)
+            << sf_last_error();
+        if (running == 0 && waiting == 0) break;
+    }
+    ASSERT_EQ(sf_cuda_session_take(s.get(), 4, &res, &done), SF_OK) << sf_last_error();
+    EXPECT_TRUE(done);
+    EXPECT_EQ(res.n_tokens, 3);
+    sf_generation_result_free(&res);
+
+    // A guard-only engine has no LLM to generate with.
+    sf_cuda_engine_options o = options(2, 64, 48);
+    o.guard_only = true;
+    EnginePtr g = make_engine(llm_, sf_, o);
+    ASSERT_TRUE(g);
+    raw = nullptr;
+    EXPECT_EQ(sf_cuda_session_create(g.get(), nullptr, nullptr, 0, nullptr, 0, &raw),
+              SF_ERR_UNSUPPORTED);
+    EXPECT_EQ(raw, nullptr);
 }
 
 // ------------------------------------------------------------------------------------------

@@ -102,6 +102,44 @@ sf_status sf_cuda_engine_stage_times(sf_cuda_engine *engine, sf_cuda_stage_times
     return no_cuda("sf_cuda_engine_stage_times");
 }
 
+sf_status sf_cuda_session_create(sf_cuda_engine *engine, const sf_tokenizer *tok,
+                                 const int32_t *stop_ids, int32_t n_stop_ids,
+                                 const char *const *stop_strings, int32_t n_stop_strings,
+                                 sf_cuda_session **out) {
+    (void)engine, (void)tok, (void)stop_ids, (void)n_stop_ids, (void)stop_strings;
+    (void)n_stop_strings;
+    if (out) *out = NULL;
+    return no_cuda("sf_cuda_session_create");
+}
+
+sf_status sf_cuda_session_submit(sf_cuda_session *session, const int32_t *token_ids,
+                                 int32_t n_tokens, const sf_prompt_spans *spans,
+                                 const sf_sampling *sampling, int32_t max_new_tokens,
+                                 int32_t *id) {
+    (void)session, (void)token_ids, (void)n_tokens, (void)spans, (void)sampling;
+    (void)max_new_tokens, (void)id;
+    return no_cuda("sf_cuda_session_submit");
+}
+
+sf_status sf_cuda_session_step(sf_cuda_session *session, sf_stream_fn stream, void *user,
+                               int32_t *running, int32_t *waiting) {
+    (void)session, (void)stream, (void)user, (void)running, (void)waiting;
+    return no_cuda("sf_cuda_session_step");
+}
+
+sf_status sf_cuda_session_cancel(sf_cuda_session *session, int32_t id) {
+    (void)session, (void)id;
+    return no_cuda("sf_cuda_session_cancel");
+}
+
+sf_status sf_cuda_session_take(sf_cuda_session *session, int32_t id, sf_generation_result *out,
+                               bool *done) {
+    (void)session, (void)id, (void)out, (void)done;
+    return no_cuda("sf_cuda_session_take");
+}
+
+void sf_cuda_session_free(sf_cuda_session *session) { (void)session; }
+
 sf_status sf_generate_cuda(sf_cuda_engine *engine, const sf_tokenizer *tok,
                            const sf_generation *gen, sf_stream_fn stream, void *user,
                            sf_generation_result *results) {
