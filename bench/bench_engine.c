@@ -34,7 +34,10 @@
  * their own, so the limits set the lengths), on the same engine of `requests` slots, two ways:
  * one sf_generate_cuda call over all N (continuous batching: a request starts as soon as a
  * slot frees), and one call per batch of `requests` in turn (static batches: each waits for its
- * longest reply). Generated tokens per second of each, wall clock around the calls.
+ * longest reply). Generated tokens per second of each, wall clock around the calls. Then the
+ * same requests arrive over time (Poisson, at 80% of the request rate the continuous run
+ * sustained) at a serving loop on a generation session (sf_cuda_session_*): tokens per second,
+ * time to first token (arrival to first token) and time per output token, at p50/p90/p99.
  */
 #include <cuda_runtime.h>
 #include <math.h>
@@ -335,6 +338,106 @@ static void print_stages(const char *label, const sf_cuda_stage_times *s) {
            s->sample_ms, s->total_ms);
 }
 
+/* --serve, online: request i arrives at arrive_ms[i] after the start (in order); a serving loop
+ * (sf_cuda_session_*) submits what has arrived, runs one round, and waits for the next arrival
+ * when idle. Each token's time comes from the stream callback, after its round. */
+typedef struct online_log {
+    double t0, *first, *last; /* ms since t0 of each request's first and last token */
+} online_log;
+
+static bool online_token(void *user, int32_t request, int32_t token, const char *text,
+                         size_t len) {
+    (void)token, (void)text, (void)len;
+    online_log *log = user;
+    const double t = now_ms() - log->t0;
+    if (log->first[request] < 0) log->first[request] = t;
+    log->last[request] = t;
+    return true;
+}
+
+/* Time to first token (arrival to first token) and time per output token (first to last over
+ * the tokens after the first) at the quantiles that serving targets quote; tokens/s over the
+ * run. False when a call fails or a request ends before its limit. */
+static bool bench_online(sf_cuda_engine *e, const char *name, const options *o, int N,
+                         const int32_t *all, int P, const sf_prompt_spans *sp,
+                         const int32_t *limit, long want, double rate) {
+    double *arrive = malloc((size_t)N * sizeof(double)), *ttft = malloc((size_t)N * sizeof(double));
+    double *tpot = malloc((size_t)N * sizeof(double));
+    online_log times = {0, malloc((size_t)N * sizeof(double)), malloc((size_t)N * sizeof(double))};
+    sf_cuda_session *s = NULL;
+    bool ok = arrive && ttft && tpot && times.first && times.last;
+    if (!ok) printf("  ERROR out of host memory\n");
+    /* Poisson arrivals at `rate` requests/s, from the option's seed */
+    uint64_t rng = o->seed * 0x9E3779B97F4A7C15ull + 91u;
+    for (int i = 0; ok && i < N; i++) {
+        const double u = ((double)(splitmix64(&rng) >> 11) + 0.5) * 0x1.0p-53;
+        arrive[i] = (i ? arrive[i - 1] : 0.0) - log(u) / rate * 1e3;
+        times.first[i] = times.last[i] = -1.0;
+    }
+    sf_status st = ok ? sf_cuda_session_create(e, NULL, NULL, 0, NULL, 0, &s) : SF_OK;
+    int next = 0, rounds = 0;
+    int32_t running = 0, waiting = 0;
+    times.t0 = now_ms();
+    while (ok && st == SF_OK && (next < N || running > 0 || waiting > 0)) {
+        const double t = now_ms() - times.t0;
+        for (; st == SF_OK && next < N && arrive[next] <= t; next++) {
+            const sf_sampling greedy = {0.0f, 0, 1.0f, 0};
+            int32_t id = -1;
+            st = sf_cuda_session_submit(s, all + (size_t)next * P, P, &sp[next], &greedy,
+                                        limit[next], &id);
+            waiting++;
+        }
+        if (st != SF_OK) break;
+        if (running == 0 && waiting == 0) { /* idle: spin until the next arrival */
+            while (now_ms() - times.t0 < arrive[next]) {
+            }
+            continue;
+        }
+        st = sf_cuda_session_step(s, online_token, &times, &running, &waiting);
+        rounds++;
+    }
+    const double wall = now_ms() - times.t0;
+    if (st != SF_OK) {
+        printf("  ERROR serving session: %s: %s\n", sf_status_string(st), sf_last_error());
+        ok = false;
+    }
+    long got = 0;
+    int n_tpot = 0;
+    for (int i = 0; ok && i < N; i++) {
+        sf_generation_result res = {0};
+        bool done = false;
+        ok = sf_cuda_session_take(s, i, &res, &done) == SF_OK && done && res.n_tokens == limit[i];
+        got += res.n_tokens;
+        ttft[i] = times.first[i] - arrive[i];
+        if (res.n_tokens > 1) {
+            tpot[n_tpot++] = (times.last[i] - times.first[i]) / (res.n_tokens - 1);
+        }
+        sf_generation_result_free(&res);
+    }
+    if (ok && got != want) ok = false;
+    if (!ok && st == SF_OK) printf("  ERROR online serving: a request ended before its limit\n");
+    if (ok) {
+        const double p50 = bench_quantile(ttft, N, 0.5), p90 = bench_quantile(ttft, N, 0.9),
+                     p99 = bench_quantile(ttft, N, 0.99);
+        const double q50 = bench_quantile(tpot, n_tpot, 0.5),
+                     q90 = bench_quantile(tpot, n_tpot, 0.9);
+        printf("  %-22s %d requests arriving at %.1f/s (Poisson), %d rounds: %.0f tokens/s; time "
+               "to first token p50 %.2f p90 %.2f p99 %.2f ms; per output token p50 %.3f p90 "
+               "%.3f ms\n",
+               "serving online", N, rate, rounds, want / (wall * 1e-3), p50, p90, p99, q50, q90);
+        printf("SUMMARY serve_online %s requests=%d slots=%d rate=%.1f tok_s=%.0f ttft_p50_ms=%.2f "
+               "ttft_p90_ms=%.2f ttft_p99_ms=%.2f tpot_p50_ms=%.3f tpot_p90_ms=%.3f\n",
+               name, N, o->requests, rate, want / (wall * 1e-3), p50, p90, p99, q50, q90);
+    }
+    sf_cuda_session_free(s);
+    free(arrive);
+    free(ttft);
+    free(tpot);
+    free(times.first);
+    free(times.last);
+    return ok;
+}
+
 /* --serve: continuous batching against static batches on engine e (R slots), N requests
  * built from the R prompts in ids/cu/spans (request i is prompt i mod R), reply limits from the
  * option's seed. Prints one line and a SUMMARY line; false when a call fails or a request ends
@@ -398,6 +501,9 @@ static bool bench_serving(sf_cuda_engine *e, const char *name, const options *o,
         printf("SUMMARY serve %s requests=%d slots=%d continuous_tok_s=%.0f static_tok_s=%.0f "
                "ratio=%.2f\n",
                name, N, R, c_tok_s, s_tok_s, c_tok_s / s_tok_s);
+        /* the same requests arriving over time, at 80% of the rate the continuous run sustained */
+        const double rate = 0.8 * N / (wall[0] * 1e-3);
+        ok = bench_online(e, name, o, N, all, P, sp, limit, want, rate);
     }
     free(all);
     free(cu);

@@ -33,4 +33,20 @@ static inline double bench_median(const double *v, int n) {
     return m;
 }
 
+/* The q-quantile (0 <= q <= 1) of v[0 .. n), nearest rank: the smallest value with at least
+ * q n values at or below it. NAN when n <= 0 or out of memory. */
+static inline double bench_quantile(const double *v, int n, double q) {
+    if (n <= 0) return NAN;
+    double *tmp = malloc((size_t)n * sizeof *tmp);
+    if (!tmp) return NAN;
+    memcpy(tmp, v, (size_t)n * sizeof *v);
+    qsort(tmp, (size_t)n, sizeof *tmp, bench_cmp_double);
+    int k = (int)ceil(q * n) - 1;
+    if (k < 0) k = 0;
+    if (k > n - 1) k = n - 1;
+    const double x = tmp[k];
+    free(tmp);
+    return x;
+}
+
 #endif

@@ -138,11 +138,12 @@ for k in wgmma wgmma_ws; do
     row "bench_engine (llama3.1-8b, $k)" "rc=$?"
 done
 # Continuous batching against static batches (sf_generate_cuda over 64 guarded requests with
-# reply limits 1..64 on 16 slots, against batches of 16 in turn).
+# reply limits 1..64 on 16 slots, against batches of 16 in turn), then the same requests
+# arriving over time at a generation session (time to first token, time per output token).
 timeout 60 "$build/bench_engine" --configs smollm2-135m,llama3.1-8b --requests 16 --prompt 256 \
     --system 32 --user 160 --decode 64 --repeats 2 --serve 64 >"$OUT/bench_serve.log" 2>&1
 row "bench_engine --serve (continuous batching)" \
-    "rc=$? $(grep -c '^SUMMARY serve' "$OUT/bench_serve.log")/2 configs"
+    "rc=$? $(grep -c '^SUMMARY serve ' "$OUT/bench_serve.log")/2 configs, $(grep -c '^SUMMARY serve_online ' "$OUT/bench_serve.log")/2 online"
 # One Sysformer training step at SmolLM2-135M shapes (1008 tokens), GPU rows only (the CPU rows
 # are measured on the developer machine; here they would cost a minute of device time).
 timeout 90 "$build/bench_train" --devices cuda >"$OUT/bench_train.log" 2>&1
