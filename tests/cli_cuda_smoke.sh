@@ -160,6 +160,25 @@ for r in rows:
 assert sum(r["finish"] == "length" for r in rows) >= 4, "most replies stopped early: void test"
 EOF
     fail "generate --input JSONL rows"
+# More lines than the CLI keeps submitted at once (four a slot, at least 16): lines join the
+# session as earlier replies are written, still in order, each with its own length.
+python3 -c '
+import json
+for i in range(23):
+    print(json.dumps({"prompt": "Line %d." % i, "max_new_tokens": 1 + i % 4, "id": i}))
+' >"$tmp/many.jsonl"
+expect 0 "generate --input, 23 lines on 2 slots" -- "$cli" generate "${G[@]}" --batch 2 \
+    --input "$tmp/many.jsonl" --output "$tmp/many.out"
+python3 - "$tmp/many.out" <<'EOF' && echo "ok: 23 rows in order, each with its own length" ||
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+assert [r["id"] for r in rows] == list(range(23)), rows
+for r in rows:
+    want = 1 + r["id"] % 4
+    assert r["n_tokens"] == want if r["finish"] == "length" else r["n_tokens"] < want, r
+assert sum(r["finish"] == "length" for r in rows) >= 16, "most replies stopped early: void test"
+EOF
+    fail "generate --input, 23 lines"
 expect 0 "generate --input again" -- "$cli" generate "${G[@]}" --batch 2 --input "$tmp/in.jsonl" \
     --output "$tmp/batch2.jsonl"
 cmp -s "$tmp/batch.jsonl" "$tmp/batch2.jsonl" && echo "ok: the same batch twice: the same replies" ||

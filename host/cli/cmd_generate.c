@@ -257,6 +257,30 @@ static int longer_first(const void *a, const void *b) {
     return (x < y) - (x > y);
 }
 
+/* Sizes the CUDA engine for n prompts of len[r] tokens and spans[r]: at most `slots` of them run
+ * at once (the rest wait for a slot), so a step's rows are at most the `slots` longest prompts;
+ * a guarded step also lays the Sysformer's rows out padded, slots x the longest system (and
+ * user) span. */
+static sf_status size_engine(session *s, int32_t n, const int32_t *len,
+                             const sf_prompt_spans *spans) {
+    const int32_t slots = n < s->slots ? n : s->slots;
+    int32_t *sorted = malloc((size_t)(n > 0 ? n : 1) * sizeof *sorted);
+    if (!sorted) return sf_fail(SF_ERR_OUT_OF_MEMORY, "out of memory");
+    memcpy(sorted, len, (size_t)n * sizeof *len);
+    qsort(sorted, (size_t)n, sizeof *sorted, longer_first);
+    int64_t need = 0;
+    for (int32_t k = 0; k < slots; k++) need += sorted[k];
+    free(sorted);
+    for (int32_t r = 0; s->sf && r < n; r++) {
+        if ((int64_t)slots * spans[r].system > need) need = (int64_t)slots * spans[r].system;
+        if ((int64_t)slots * spans[r].user > need) need = (int64_t)slots * spans[r].user;
+    }
+    if (need > INT32_MAX) {
+        return sf_fail(SF_ERR_OUT_OF_RANGE, "steps of %lld tokens", (long long)need);
+    }
+    return session_engine(s, slots, (int32_t)need);
+}
+
 /* Generates replies for n (system, history, user) prompts in one batch, each sampled with
  * settings[r] and at most limits[r] new tokens (NULL: the session's for all); on_token (may be
  * NULL) sees every token. */
@@ -301,22 +325,11 @@ static sf_status generate_batch(session *s, int32_t n, const char *const *system
     }
     free(one);
     if (st == SF_OK && s->dev == CLI_DEVICE_CUDA) {
-        /* At most `slots` prompts run at once (the rest wait for a slot: sf_generate_cuda), so a
-         * step's rows are at most the `slots` longest prompts; a guarded step also lays the
-         * Sysformer's rows out padded, slots x the longest system (and user) span. */
-        const int32_t slots = n < s->slots ? n : s->slots;
         int32_t *len = malloc((size_t)n * sizeof *len);
         if (!len) st = sf_fail(SF_ERR_OUT_OF_MEMORY, "out of memory");
         for (int32_t r = 0; st == SF_OK && r < n; r++) len[r] = cu[r + 1] - cu[r];
-        int64_t need = 0;
-        if (st == SF_OK) qsort(len, (size_t)n, sizeof *len, longer_first);
-        for (int32_t k = 0; st == SF_OK && k < slots; k++) need += len[k];
+        if (st == SF_OK) st = size_engine(s, n, len, spans);
         free(len);
-        for (int32_t r = 0; s->sf && r < n; r++) {
-            if ((int64_t)slots * spans[r].system > need) need = (int64_t)slots * spans[r].system;
-            if ((int64_t)slots * spans[r].user > need) need = (int64_t)slots * spans[r].user;
-        }
-        if (st == SF_OK) st = session_engine(s, slots, (int32_t)need);
     }
     if (st == SF_OK) {
         sf_generation g = {n, cu, ids, spans, s->max_new_tokens, s->sampling, s->stop_ids,
@@ -345,7 +358,7 @@ static void progress(int done, int total, long tokens, double seconds) {
  * from the tokens as they come (at most twice a second); prompts count when their call ends. */
 typedef struct live_progress {
     int done, total;
-    long tokens;
+    long tokens; /* generated so far (the stream's count) */
     double t0, drawn;
 } live_progress;
 
@@ -410,8 +423,10 @@ static void row_texts(json_t *row, const session *s, const char **system, const 
 }
 
 /* Every line's prompt must fit the model's context window: checked before anything is
- * generated, so that a long file does not fail at its last chunk, and named by its line. */
-static int check_lengths(const session *s, const options *o, json_t *rows, const int *line_of) {
+ * generated, so that a long file does not fail at its last chunk, and named by its line. Each
+ * line's length and spans go to len[] and spans[] (sizing the GPU's engine). */
+static int check_lengths(const session *s, const options *o, json_t *rows, const int *line_of,
+                         int32_t *len, sf_prompt_spans *spans) {
     const int32_t ctx = sf_llm_get_config(s->llm)->max_position_embeddings;
     int32_t *buf = malloc((size_t)ctx * sizeof *buf);
     if (!buf) return cli_report("checking the prompts", SF_ERR_OUT_OF_MEMORY);
@@ -419,14 +434,13 @@ static int check_lengths(const session *s, const options *o, json_t *rows, const
     for (size_t r = 0; !rc && r < json_array_size(rows); r++) {
         const char *system, *user;
         row_texts(json_array_get(rows, r), s, &system, &user);
-        int32_t len = 0;
-        sf_prompt_spans spans;
+        len[r] = 0;
         const sf_status st = sf_chat_encode(s->tok, s->tmpl, system, NULL, 0, user, buf, ctx,
-                                            &len, &spans);
-        if (st == SF_ERR_OUT_OF_RANGE || (st == SF_OK && len >= ctx)) {
+                                            &len[r], &spans[r]);
+        if (st == SF_ERR_OUT_OF_RANGE || (st == SF_OK && len[r] >= ctx)) {
             sf_clear_error();
             fprintf(stderr, "sysformer generate: %s:%d: the prompt needs %d tokens; the context "
-                            "window is %d\n", o->input, line_of[r], len, ctx);
+                            "window is %d\n", o->input, line_of[r], len[r], ctx);
             rc = 1;
         } else if (st != SF_OK) {
             rc = cli_report("encoding the prompts", st);
@@ -434,6 +448,64 @@ static int check_lengths(const session *s, const options *o, json_t *rows, const
     }
     free(buf);
     return rc;
+}
+
+/* One JSONL row of replies: the line's own fields, then its reply. */
+static void write_reply(FILE *out, json_t *line, const sf_generation_result *res, bool guarded) {
+    json_t *row = json_deep_copy(line);
+    json_object_set_new(row, "response", json_string(res->text ? res->text : ""));
+    json_object_set_new(row, "finish", json_string(cli_finish_name(res->finish)));
+    json_object_set_new(row, "n_tokens", json_integer(res->n_tokens));
+    json_object_set_new(row, "guarded", json_boolean(guarded));
+    char *text = json_dumps(row, JSON_COMPACT | JSON_ENSURE_ASCII);
+    if (text) fprintf(out, "%s\n", text);
+    free(text);
+    json_decref(row);
+}
+
+/* On the GPU: every line through one generation session, so that a finished reply's slot takes
+ * the next line at once across the whole file. At most four lines a slot are submitted and not
+ * yet written (memory stays bounded however long the file), and the replies are written in the
+ * file's order as they finish. */
+static sf_status jsonl_on_gpu(session *s, json_t *rows, FILE *out, live_progress *live) {
+    const int total = (int)json_array_size(rows);
+    const int window = 4 * s->engine_slots > 16 ? 4 * s->engine_slots : 16;
+    const int32_t ctx = sf_llm_get_config(s->llm)->max_position_embeddings;
+    int32_t *buf = malloc((size_t)ctx * sizeof *buf);
+    sf_cuda_session *gen = NULL;
+    sf_status st = buf ? sf_cuda_session_create(s->engine, s->tok, s->stop_ids, s->n_stop_ids,
+                                                s->stops, s->n_stops, &gen)
+                       : sf_fail(SF_ERR_OUT_OF_MEMORY, "out of memory");
+    int next = 0, written = 0;
+    while (st == SF_OK && written < total) {
+        for (; st == SF_OK && next < total && next - written < window; next++) {
+            json_t *row = json_array_get(rows, (size_t)next);
+            const char *system, *user, *bad = NULL;
+            row_texts(row, s, &system, &user);
+            sf_sampling setting;
+            int32_t limit, n = 0, id;
+            (void)row_settings(row, s, &setting, &limit, &bad); /* checked when read */
+            sf_prompt_spans spans;
+            st = sf_chat_encode(s->tok, s->tmpl, system, NULL, 0, user, buf, ctx, &n, &spans);
+            if (st == SF_OK) {
+                st = sf_cuda_session_submit(gen, buf, n, &spans, &setting, limit, &id);
+            }
+        }
+        if (st == SF_OK) st = sf_cuda_session_step(gen, count_token, live, NULL, NULL);
+        for (; st == SF_OK && written < next; written++) {
+            sf_generation_result res;
+            bool done = false;
+            st = sf_cuda_session_take(gen, written, &res, &done);
+            if (st != SF_OK || !done) break;
+            write_reply(out, json_array_get(rows, (size_t)written), &res, s->sf != NULL);
+            sf_generation_result_free(&res);
+        }
+        live->done = written;
+    }
+    if (st == SF_OK) progress(total, total, live->tokens, cli_now() - live->t0);
+    sf_cuda_session_free(gen);
+    free(buf);
+    return st;
 }
 
 static int run_jsonl(session *s, const options *o) {
@@ -491,62 +563,61 @@ static int run_jsonl(session *s, const options *o) {
     }
     free(line);
     fclose(in);
-    if (!rc) rc = check_lengths(s, o, rows, line_of);
+    const int total = (int)json_array_size(rows);
+    int32_t *len = malloc((size_t)(total > 0 ? total : 1) * sizeof *len);
+    sf_prompt_spans *spans = malloc((size_t)(total > 0 ? total : 1) * sizeof *spans);
+    if (!rc && (!len || !spans)) rc = cli_report("reading --input", SF_ERR_OUT_OF_MEMORY);
+    if (!rc) rc = check_lengths(s, o, rows, line_of, len, spans);
     free(line_of);
     FILE *out = rc ? NULL : fopen(o->output, "w");
     if (!rc && !out) {
         fprintf(stderr, "sysformer generate: cannot write --output %s\n", o->output);
         rc = 1;
     }
-    const int total = (int)json_array_size(rows);
-    long tokens = 0;
     /* Size the engine before the progress bar starts, so that its line does not break the bar. */
     if (!rc && total > 0 && s->dev == CLI_DEVICE_CUDA) {
-        sf_status st = session_engine(s, total < o->batch ? total : o->batch, 0);
+        sf_status st = size_engine(s, total, len, spans);
         if (st != SF_OK) rc = cli_report("creating the CUDA engine", st);
     }
     live_progress live = {0, total, 0, cli_now(), cli_now()};
     if (!rc) progress(0, total, 0, 0.0);
-    /* On the GPU each call takes up to 256 lines, --batch of them running at once and the rest
-     * starting as slots free (continuous batching); on the CPU --batch lines a call. */
-    const int chunk = s->dev == CLI_DEVICE_CUDA ? 256 : o->batch;
-    for (int i = 0; !rc && i < total; i += chunk) {
+    if (!rc && s->dev == CLI_DEVICE_CUDA) {
+        const sf_status st = jsonl_on_gpu(s, rows, out, &live);
+        if (st != SF_OK) {
+            fputc('\n', stderr);
+            rc = cli_report("generate", st);
+        }
+    }
+    /* On the CPU, --batch lines a call. */
+    const int chunk = o->batch;
+    for (int i = 0; !rc && s->dev != CLI_DEVICE_CUDA && i < total; i += chunk) {
         const int n = total - i < chunk ? total - i : chunk;
         const char *systems[256], *users[256], *bad = NULL;
         sf_sampling settings[256];
         int32_t limits[256];
         sf_generation_result results[256];
         bool own = false; /* some line of the batch has its own sampling or length fields */
-        for (int r = 0; r < n && r < 256; r++) {
+        for (int r = 0; r < n; r++) {
             json_t *row = json_array_get(rows, (size_t)(i + r));
             row_texts(row, s, &systems[r], &users[r]);
             own |= row_settings(row, s, &settings[r], &limits[r], &bad) > 0; /* checked above */
         }
-        sf_status st = generate_batch(s, n > 256 ? 256 : n, systems, NULL, 0, users,
-                                      own ? settings : NULL, own ? limits : NULL, count_token,
-                                      &live, results);
+        sf_status st = generate_batch(s, n, systems, NULL, 0, users, own ? settings : NULL,
+                                      own ? limits : NULL, count_token, &live, results);
         if (st != SF_OK) {
             fputc('\n', stderr);
             rc = cli_report("generate", st);
             break;
         }
-        for (int r = 0; r < n && r < 256; r++) {
-            json_t *row = json_deep_copy(json_array_get(rows, (size_t)(i + r)));
-            json_object_set_new(row, "response", json_string(results[r].text ? results[r].text : ""));
-            json_object_set_new(row, "finish", json_string(cli_finish_name(results[r].finish)));
-            json_object_set_new(row, "n_tokens", json_integer(results[r].n_tokens));
-            json_object_set_new(row, "guarded", json_boolean(s->sf != NULL));
-            char *text = json_dumps(row, JSON_COMPACT | JSON_ENSURE_ASCII);
-            if (text) fprintf(out, "%s\n", text);
-            free(text);
-            json_decref(row);
-            tokens += results[r].n_tokens;
+        for (int r = 0; r < n; r++) {
+            write_reply(out, json_array_get(rows, (size_t)(i + r)), &results[r], s->sf != NULL);
             sf_generation_result_free(&results[r]);
         }
         live.done = i + n;
-        live.tokens = tokens;
-        progress(live.done, total, tokens, cli_now() - live.t0);
+        progress(live.done, total, live.tokens, cli_now() - live.t0);
     }
+    free(len);
+    free(spans);
     if (out && fclose(out) != 0 && !rc) {
         fprintf(stderr, "sysformer generate: error writing %s\n", o->output);
         rc = 1;
