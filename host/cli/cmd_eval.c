@@ -46,12 +46,12 @@ static const char k_share_cpu[] =
     "one such forward, in its prefill). The embedding gather is not counted.";
 static const char k_share_cuda[] =
     "cuda: stage timing on (sf_cuda_engine_set_timing); prompts run with continuous batching "
-    "(sf_generate_cuda), each starting with a guarded prefill step, eager and timed, that "
+    "(one sf_cuda_session), each starting with a guarded prefill step, eager and timed, that "
     "carries the running requests' next tokens too; when a prompt's first token is accepted "
     "the last step is that one, and its sysformer stage (CUDA events: the rewrite and the "
     "splice) is read with sf_cuda_engine_stage_times, once per step; share = the sum of those "
-    "times / the generation time of the calls where they were read. A step whose admitted "
-    "prompts all stop at their first token streams none and goes uncounted.";
+    "times / the sum of the session's step times. A step whose admitted prompts all stop at "
+    "their first token streams none and goes uncounted.";
 
 enum { M_NONE, M_DEFAULT, M_SAFETY, M_EMBEDDER, M_SYSFORMER, N_METHODS };
 static const char *const k_methods[N_METHODS] = {"none", "default", "safety", "embedder",
@@ -682,49 +682,59 @@ static sf_status run_cpu(run *r, int m, const sf_sysformer *sf, const encoded *e
     return st;
 }
 
-/* On the GPU: every prompt through one engine of --batch slots with continuous batching
- * (sf_generate_cuda: a finished reply's slot takes the next prompt at once), in chunks of
- * CUDA_CHUNK prompts whose replies are judged and written as each chunk ends. */
-enum { CUDA_CHUNK = 256 };
-
+/* On the GPU: every prompt through one generation session on an engine of --batch slots
+ * (continuous batching: a finished reply's slot takes the next prompt at once), with at most
+ * four prompts a slot submitted and not yet recorded; the replies are judged and written in
+ * order as they finish. The generation time is the sum of the session's steps. */
 static sf_status run_cuda(run *r, int m, const sf_sysformer *sf, const encoded *e,
                           sf_eval_method *res) {
     sf_cuda_engine *engine = NULL;
+    sf_cuda_session *gen = NULL;
     sf_status st = make_engine(r, sf, e, &engine);
-    if (st != SF_OK) {
-        sf_cuda_engine_free(engine);
-        return st;
+    if (st == SF_OK) {
+        st = sf_cuda_session_create(engine, r->tok, r->stop_ids, r->n_stop_ids, NULL, 0, &gen);
     }
-    int32_t *cu = malloc((CUDA_CHUNK + 1) * sizeof *cu);
-    bool *started = malloc(CUDA_CHUNK * sizeof *started);
-    sf_generation_result *results = calloc(CUDA_CHUNK, sizeof *results);
-    if (!cu || !started || !results) st = sf_fail(SF_ERR_OUT_OF_MEMORY, "out of memory");
-    for (int64_t i = 0; st == SF_OK && i < r->n_items; i += CUDA_CHUNK) {
-        const int32_t n = (int32_t)(r->n_items - i < CUDA_CHUNK ? r->n_items - i : CUDA_CHUNK);
-        for (int32_t q = 0; q <= n; q++) cu[q] = (int32_t)(e->off[i + q] - e->off[i]);
-        memset(started, 0, (size_t)n * sizeof *started);
-        const sf_generation g = {n, cu, e->ids + e->off[i], e->spans + i, r->o.max_new_tokens,
-                                 (sf_sampling){0}, r->stop_ids, r->n_stop_ids, NULL, 0, NULL, NULL};
-        cuda_probe probe = {.engine = engine, .started = started, .guarded = sf != NULL,
-                            .method = k_methods[m], .done = i, .n_started = i,
-                            .total = r->n_items, .tokens = res->new_tokens,
-                            .seconds_before = res->gen_s};
-        probe.t_start = probe.last_draw = cli_now();
-        st = sf_generate_cuda(engine, r->tok, &g, probe_token, &probe, results);
-        const double dt = cli_now() - probe.t_start;
+    bool *started = calloc((size_t)(r->n_items > 0 ? r->n_items : 1), sizeof *started);
+    if (st == SF_OK && !started) st = sf_fail(SF_ERR_OUT_OF_MEMORY, "out of memory");
+    cuda_probe probe = {.engine = engine, .started = started, .guarded = sf != NULL,
+                        .method = k_methods[m], .total = r->n_items};
+    const int64_t window = 4 * (int64_t)r->o.batch > 16 ? 4 * (int64_t)r->o.batch : 16;
+    const sf_sampling greedy = {0.0f, 0, 1.0f, 0};
+    int64_t next = 0, written = 0;
+    while (st == SF_OK && written < r->n_items) {
+        for (; st == SF_OK && next < r->n_items && next - written < window; next++) {
+            int32_t id;
+            st = sf_cuda_session_submit(gen, e->ids + e->off[next],
+                                        (int32_t)(e->off[next + 1] - e->off[next]),
+                                        &e->spans[next], &greedy, r->o.max_new_tokens, &id);
+        }
         if (st != SF_OK) break;
-        res->gen_s += dt;
+        probe.seconds_before = res->gen_s;
+        probe.t_start = cli_now();
+        st = sf_cuda_session_step(gen, probe_token, &probe, NULL, NULL);
+        res->gen_s += cli_now() - probe.t_start;
+        for (; st == SF_OK && written < next; written++) {
+            sf_generation_result out;
+            bool done = false;
+            st = sf_cuda_session_take(gen, (int32_t)written, &out, &done);
+            if (st != SF_OK || !done) break;
+            st = record(r, res, m, &r->items[written], &out);
+            sf_generation_result_free(&out);
+        }
+        probe.done = written;
+    }
+    if (st == SF_OK) {
         res->batches++;
         if (probe.read) {
             res->sysformer_s += 1e-3 * probe.sysformer_ms;
-            res->sysformer_gen_s += dt;
+            res->sysformer_gen_s += res->gen_s;
             res->sysformer_batches++;
         }
-        st = record_call(r, res, m, i, n, results, st);
+        fflush(r->jsonl);
+        progress(k_methods[m], r->n_items, r->n_items, r->n_items, res->new_tokens, res->gen_s);
     }
-    free(cu);
     free(started);
-    free(results);
+    sf_cuda_session_free(gen);
     sf_cuda_engine_free(engine);
     return st;
 }
