@@ -782,7 +782,9 @@ sf_status sf_cuda_session_submit(sf_cuda_session *session, const int32_t *token_
 
 /* Runs one round (waiting for its tokens), streaming each accepted token (stream may be NULL;
  * returning false stops that request). Afterwards *running holds the requests in slots and
- * *waiting those queued (either may be NULL); with none of either the call does nothing. */
+ * *waiting those queued (either may be NULL); with none of either the call does nothing. The
+ * stream callback may submit, cancel and take (a request it cancels that has not yet had its
+ * token this round gets none); it may not step (SF_ERR_INVALID_ARGUMENT) or free the session. */
 sf_status sf_cuda_session_step(sf_cuda_session *session, sf_stream_fn stream, void *user,
                                int32_t *running, int32_t *waiting);
 

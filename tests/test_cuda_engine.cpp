@@ -2953,6 +2953,49 @@ TEST_F(CudaEngineTiny, SessionCancelsTakesAndRefuses) {
     EXPECT_EQ(res.n_tokens, 3);
     sf_generation_result_free(&res);
 
+    // A stream callback may cancel, submit and take, not step: at request 0's first token it
+    // cancels request 1 (admitted in the same round, its token not yet accepted: it gets none)
+    // and submits a third request, which then takes request 1's slot.
+    s.reset();
+    ASSERT_EQ(sf_cuda_session_create(e.get(), nullptr, nullptr, 0, nullptr, 0, &raw), SF_OK)
+        << sf_last_error();
+    s.reset(raw);
+    struct Reentry {
+        sf_cuda_session *s;
+        const Prompts *p;
+        sf_status step = SF_OK, cancel = SF_ERR_IO, submit = SF_ERR_IO;
+        int32_t new_id = -1, calls = 0;
+    } re = {s.get(), &p};
+    auto reenter = [](void *user, int32_t request, int32_t, const char *, size_t) {
+        auto *r = static_cast<Reentry *>(user);
+        if (request == 0 && r->calls++ == 0) {
+            r->step = sf_cuda_session_step(r->s, nullptr, nullptr, nullptr, nullptr);
+            r->cancel = sf_cuda_session_cancel(r->s, 1);
+            const std::vector<int32_t> x = r->p->request(2);
+            r->submit = sf_cuda_session_submit(r->s, x.data(), (int32_t)x.size(),
+                                               &r->p->spans[2], nullptr, 5, &r->new_id);
+        }
+        return true;
+    };
+    for (int32_t r = 0; r < 2; r++) EXPECT_EQ(submit(r, 5), r);
+    for (int32_t k = 0; k < 20; k++) {
+        ASSERT_EQ(sf_cuda_session_step(s.get(), reenter, &re, &running, &waiting), SF_OK)
+            << sf_last_error();
+        if (running == 0 && waiting == 0) break;
+    }
+    EXPECT_EQ(re.step, SF_ERR_INVALID_ARGUMENT) << "a step from inside a step";
+    EXPECT_EQ(re.cancel, SF_OK);
+    EXPECT_EQ(re.submit, SF_OK);
+    EXPECT_EQ(re.new_id, 2);
+    const int32_t want_n[3] = {5, 0, 5};
+    for (int32_t r = 0; r < 3; r++) {
+        ASSERT_EQ(sf_cuda_session_take(s.get(), r, &res, &done), SF_OK) << sf_last_error();
+        ASSERT_TRUE(done) << "request " << r;
+        EXPECT_EQ(res.n_tokens, want_n[r]) << "request " << r;
+        EXPECT_EQ(res.finish, r == 1 ? SF_FINISH_CALLBACK : SF_FINISH_LENGTH) << "request " << r;
+        sf_generation_result_free(&res);
+    }
+
     // A guard-only engine has no LLM to generate with.
     sf_cuda_engine_options o = options(2, 64, 48);
     o.guard_only = true;

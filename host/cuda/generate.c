@@ -120,6 +120,7 @@ struct sf_cuda_session {
     int32_t *running;         /* [n_running] the ids in slots, ascending */
     int32_t n_running, n_waiting;
     step_plan p;
+    bool in_step;             /* a round is running (its stream callback may not step) */
     sf_status failed;         /* SF_OK, or the failure that broke the session ... */
     char failure[256];        /* ... and its message */
 };
@@ -307,7 +308,8 @@ static sf_status finish(sf_cuda_session *s, session_request *q) {
 static void prune_running(sf_cuda_session *s) {
     int32_t k = 0;
     for (int32_t i = 0; i < s->n_running; i++) {
-        if (s->req[s->running[i]]->state == RUNNING) s->running[k++] = s->running[i];
+        const session_request *q = s->req[s->running[i]];
+        if (q && q->state == RUNNING) s->running[k++] = s->running[i];
     }
     s->n_running = k;
 }
@@ -394,6 +396,7 @@ static sf_status run_round(sf_cuda_session *s, sf_stream_fn stream, void *user) 
     if (st == SF_OK) st = sf_cuda_engine_read_tokens(e, p->picked, m);
     for (int32_t i = 0; st == SF_OK && i < m; i++) {
         session_request *q = s->req[p->req[i]];
+        if (!q || q->state != RUNNING) continue; /* cancelled by a callback of this round */
         if (i >= running) { /* its prompt is in its slot now */
             q->length = q->n_ids;
             free(q->ids);
@@ -415,7 +418,13 @@ static sf_status run_round(sf_cuda_session *s, sf_stream_fn stream, void *user) 
 sf_status sf_cuda_session_step(sf_cuda_session *s, sf_stream_fn stream, void *user,
                                int32_t *running, int32_t *waiting) {
     if (!s) return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_cuda_session_step: NULL session");
+    if (s->in_step) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_cuda_session_step: called from its own "
+                       "stream callback");
+    }
+    s->in_step = true;
     const sf_status st = s->failed != SF_OK ? broken(s) : run_round(s, stream, user);
+    s->in_step = false;
     if (running) *running = s->n_running;
     if (waiting) *waiting = s->n_waiting;
     return st;
