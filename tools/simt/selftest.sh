@@ -94,9 +94,14 @@ if [ "${1:-}" = --all ]; then
         'tokens[r] = e->h.tokens[r];' \
         'CudaEngineTiny.PerRequestSamplingRunsGroupedAndAnswersInOrder'
     plant engine generate.c \
-        'const int32_t *src = i < running ? &rq[r].last : g->token_ids + g->cu_seqlens[r];' \
-        'const int32_t *src = g->token_ids + g->cu_seqlens[r];' \
+        'const int32_t *src = i < running ? &q->rq.last : q->ids;' \
+        'const int32_t *src = i < running ? &q->res.tokens[0] : q->ids;' \
         'CudaEngine/CudaEngineVariant.GenerateRefillsSlotsAsRequestsFinish/*'
+    # a generation session: a request that a stream callback cancelled in the middle of a
+    # round still gets that round's token (and its slot freed twice)
+    plant engine generate.c \
+        '        if (!q || q->state != RUNNING) continue; /* cancelled by a callback of this round */' \
+        '' 'CudaEngineTiny.SessionCancelsTakesAndRefuses'
     # the wgmma kernel refills the V buffer its pending P V product still reads: seen only by
     # the check at the wait that retires each wgmma (ptx_sm90.cuh)
     plant attention attention_sm90.cu 'kThreads>(p, w, tiles.v(t), w.v_base, t, tid);' \
