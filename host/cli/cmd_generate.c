@@ -10,7 +10,6 @@
 
 static const char k_default_system[] = "You are a helpful assistant.";
 
-
 /* Everything a generate or chat session loads once. */
 typedef struct session {
     sf_llm *llm;
@@ -354,8 +353,8 @@ static void progress(int done, int total, long tokens, double seconds) {
     if (done == total) fputc('\n', stderr);
 }
 
-/* The bar between calls: a call on the GPU can take many prompts, so the token rate is redrawn
- * from the tokens as they come (at most twice a second); prompts count when their call ends. */
+/* The bar while generating: the token rate is redrawn from the tokens as they come (at most
+ * twice a second); prompts count when their replies are written. */
 typedef struct live_progress {
     int done, total;
     long tokens; /* generated so far (the stream's count) */
