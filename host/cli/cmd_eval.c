@@ -511,9 +511,10 @@ static bool probe_token(void *user, int32_t request, int32_t token, const char *
     return true;
 }
 
-/* An engine for one method (its Sysformer, or none): --batch slots, and steps of as many tokens
- * as the largest run of --batch consecutive prompts needs, so that the scheduler can start that
- * many at once (it starts fewer when they do not fit beside the running requests). */
+/* An engine for one method (its Sysformer, or none): --batch slots of the longest prompt and
+ * reply, and steps of as many tokens as the largest run of --batch consecutive prompts needs,
+ * so that the scheduler can start that many at once (it starts fewer when they do not fit
+ * beside the running requests). */
 static sf_status make_engine(const run *r, const sf_sysformer *sf, const encoded *e,
                              sf_cuda_engine **out) {
     const int32_t bs = r->o.batch;
@@ -530,14 +531,23 @@ static sf_status make_engine(const run *r, const sf_sysformer *sf, const encoded
         if (sf && n * max_usr > tokens) tokens = n * max_usr;
         if (tokens > need) need = tokens;
     }
+    /* A slot holds the longest prompt and its reply: a request that reaches that has reached
+     * its limit, so it ends by length, as on the CPU. Sized to the prompts, not to the model's
+     * window, the KV cache lets many more slots fit. */
+    int64_t context = 1;
+    for (int64_t i = 0; i < r->n_items; i++) {
+        const int64_t c = e->off[i + 1] - e->off[i] + r->o.max_new_tokens;
+        if (c > context) context = c;
+    }
     const int32_t max_pos = sf_llm_get_config(r->llm)->max_position_embeddings;
-    const int32_t ctx = max_pos < 4096 ? max_pos : 4096;
+    if (context > max_pos) context = max_pos;
     if (need > 0x7fffffff) return sf_fail(SF_ERR_OUT_OF_RANGE, "a batch of %lld tokens",
                                           (long long)need);
     sf_cuda_engine_options opts = sf_cuda_engine_default_options();
     opts.max_slots = bs;
     opts.attention = r->o.attention;
-    opts.max_batch_tokens = need > ctx ? (int32_t)need : 0;
+    opts.max_context = (int32_t)context;
+    opts.max_batch_tokens = need > context ? (int32_t)need : 0; /* 0: max_context */
     sf_status st = sf_cuda_engine_create(r->llm, sf, &opts, out);
     if (st == SF_OK && sf) st = sf_cuda_engine_set_timing(*out, true);
     return st;

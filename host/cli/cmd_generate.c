@@ -29,6 +29,7 @@ typedef struct session {
     int32_t slots;            /* --batch: the requests generated together */
     int32_t engine_slots;     /* the requests it holds at once */
     int32_t engine_tokens;    /* the packed prompt tokens one prefill step may carry */
+    int32_t engine_context;   /* the positions each of its slots holds */
 } session;
 
 typedef struct options {
@@ -208,34 +209,43 @@ static int session_open(const options *o, const char *cmd, session *s) {
 }
 
 /* Makes sure the CUDA engine holds a batch of `slots` prompts with `tokens` packed prompt tokens
- * in all. It is created for the first batch and re-created (the weights uploaded again) only when
- * a later batch needs more, which a JSONL run of long prompts can. */
-static sf_status session_engine(session *s, int32_t slots, int32_t tokens) {
-    if (s->engine && slots <= s->engine_slots && tokens <= s->engine_tokens) return SF_OK;
-    /* The engine's default max_context, which is also its default max_batch_tokens. */
+ * in all, each slot `context` positions (0: the engine's default, min(the model's window,
+ * 4096), for a conversation that grows). It is created for the first batch and re-created (the
+ * weights uploaded again) only when a later batch needs more, which a JSONL run of long prompts
+ * can. A KV cache as long as the prompts and replies need, not the model's whole window, is
+ * what lets many slots fit. */
+static sf_status session_engine(session *s, int32_t slots, int32_t tokens, int32_t context) {
     const int32_t max_pos = sf_llm_get_config(s->llm)->max_position_embeddings;
-    const int32_t ctx = max_pos < 4096 ? max_pos : 4096;
+    if (context <= 0) context = max_pos < 4096 ? max_pos : 4096;
+    if (context > max_pos) context = max_pos;
+    if (s->engine && slots <= s->engine_slots && tokens <= s->engine_tokens &&
+        context <= s->engine_context) {
+        return SF_OK;
+    }
     if (slots < s->engine_slots) slots = s->engine_slots;
     if (tokens < s->engine_tokens) tokens = s->engine_tokens;
+    if (context < s->engine_context) context = s->engine_context;
     sf_cuda_engine_options opts = sf_cuda_engine_default_options();
     opts.max_slots = slots < 1 ? 1 : slots;
-    opts.max_context = 0;
-    opts.max_batch_tokens = tokens > ctx ? tokens : 0;
+    opts.max_context = context;
+    opts.max_batch_tokens = tokens > context ? tokens : 0; /* 0: max_context */
     opts.attention = s->attention;
     sf_cuda_engine_free(s->engine);
     s->engine = NULL;
     sf_status st = sf_cuda_engine_create(s->llm, s->sf, &opts, &s->engine);
     if (st != SF_OK) return st;
     s->engine_slots = opts.max_slots;
-    s->engine_tokens = tokens > ctx ? tokens : ctx;
+    s->engine_tokens = tokens > context ? tokens : context;
+    s->engine_context = context;
     sf_cuda_memory mem;
     st = sf_cuda_engine_memory(s->engine, &mem);
     if (st != SF_OK) return st;
     const double mib = 1024.0 * 1024.0;
-    fprintf(stderr, "device: cuda %d; engine for %d request%s: weights %.1f MiB, KV cache %.1f "
-                    "MiB, activations %.1f MiB\n", opts.device, opts.max_slots,
-            opts.max_slots == 1 ? "" : "s", (double)mem.weights / mib,
-            (double)mem.kv_cache / mib, (double)mem.activations / mib);
+    fprintf(stderr, "device: cuda %d; engine for %d request%s of up to %d positions: weights "
+                    "%.1f MiB, KV cache %.1f MiB, activations %.1f MiB\n", opts.device,
+            opts.max_slots, opts.max_slots == 1 ? "" : "s", context,
+            (double)mem.weights / mib, (double)mem.kv_cache / mib,
+            (double)mem.activations / mib);
     return SF_OK;
 }
 
@@ -256,12 +266,14 @@ static int longer_first(const void *a, const void *b) {
     return (x < y) - (x > y);
 }
 
-/* Sizes the CUDA engine for n prompts of len[r] tokens and spans[r]: at most `slots` of them run
- * at once (the rest wait for a slot), so a step's rows are at most the `slots` longest prompts;
- * a guarded step also lays the Sysformer's rows out padded, slots x the longest system (and
- * user) span. */
+/* Sizes the CUDA engine for n prompts of len[r] tokens and spans[r], each to be given at most
+ * limits[r] new tokens (NULL: the session's max_new_tokens): at most `slots` of them run at once
+ * (the rest wait for a slot), so a step's rows are at most the `slots` longest prompts; a
+ * guarded step also lays the Sysformer's rows out padded, slots x the longest system (and user)
+ * span; a slot holds the longest prompt and reply (a request that reaches it has reached its
+ * limit: it ends by length, not by context). */
 static sf_status size_engine(session *s, int32_t n, const int32_t *len,
-                             const sf_prompt_spans *spans) {
+                             const sf_prompt_spans *spans, const int32_t *limits) {
     const int32_t slots = n < s->slots ? n : s->slots;
     int32_t *sorted = malloc((size_t)(n > 0 ? n : 1) * sizeof *sorted);
     if (!sorted) return sf_fail(SF_ERR_OUT_OF_MEMORY, "out of memory");
@@ -277,7 +289,13 @@ static sf_status size_engine(session *s, int32_t n, const int32_t *len,
     if (need > INT32_MAX) {
         return sf_fail(SF_ERR_OUT_OF_RANGE, "steps of %lld tokens", (long long)need);
     }
-    return session_engine(s, slots, (int32_t)need);
+    int64_t context = 1;
+    for (int32_t r = 0; r < n; r++) {
+        const int64_t c = (int64_t)len[r] + (limits ? limits[r] : s->max_new_tokens);
+        if (c > context) context = c;
+    }
+    const int32_t max_pos = sf_llm_get_config(s->llm)->max_position_embeddings;
+    return session_engine(s, slots, (int32_t)need, context < max_pos ? (int32_t)context : max_pos);
 }
 
 /* Generates replies for n (system, history, user) prompts in one batch, each sampled with
@@ -327,7 +345,7 @@ static sf_status generate_batch(session *s, int32_t n, const char *const *system
         int32_t *len = malloc((size_t)n * sizeof *len);
         if (!len) st = sf_fail(SF_ERR_OUT_OF_MEMORY, "out of memory");
         for (int32_t r = 0; st == SF_OK && r < n; r++) len[r] = cu[r + 1] - cu[r];
-        if (st == SF_OK) st = size_engine(s, n, len, spans);
+        if (st == SF_OK) st = size_engine(s, n, len, spans, limits);
         free(len);
     }
     if (st == SF_OK) {
@@ -568,6 +586,13 @@ static int run_jsonl(session *s, const options *o) {
     if (!rc && (!len || !spans)) rc = cli_report("reading --input", SF_ERR_OUT_OF_MEMORY);
     if (!rc) rc = check_lengths(s, o, rows, line_of, len, spans);
     free(line_of);
+    int32_t *limit = malloc((size_t)(total > 0 ? total : 1) * sizeof *limit);
+    if (!rc && !limit) rc = cli_report("reading --input", SF_ERR_OUT_OF_MEMORY);
+    for (int r = 0; !rc && r < total; r++) {
+        sf_sampling unused;
+        const char *bad = NULL;
+        (void)row_settings(json_array_get(rows, (size_t)r), s, &unused, &limit[r], &bad);
+    }
     FILE *out = rc ? NULL : fopen(o->output, "w");
     if (!rc && !out) {
         fprintf(stderr, "sysformer generate: cannot write --output %s\n", o->output);
@@ -575,7 +600,7 @@ static int run_jsonl(session *s, const options *o) {
     }
     /* Size the engine before the progress bar starts, so that its line does not break the bar. */
     if (!rc && total > 0 && s->dev == CLI_DEVICE_CUDA) {
-        sf_status st = size_engine(s, total, len, spans);
+        sf_status st = size_engine(s, total, len, spans, limit);
         if (st != SF_OK) rc = cli_report("creating the CUDA engine", st);
     }
     live_progress live = {0, total, 0, cli_now(), cli_now()};
@@ -617,6 +642,7 @@ static int run_jsonl(session *s, const options *o) {
     }
     free(len);
     free(spans);
+    free(limit);
     if (out && fclose(out) != 0 && !rc) {
         fprintf(stderr, "sysformer generate: error writing %s\n", o->output);
         rc = 1;
@@ -645,7 +671,7 @@ int cmd_generate(int argc, char **argv) {
         const char *systems[1] = {s.system}, *users[1] = {o.prompt};
         sf_generation_result res;
         /* The weights' upload is not part of the tokens/s. */
-        sf_status st = s.dev == CLI_DEVICE_CUDA ? session_engine(&s, 1, 0) : SF_OK;
+        sf_status st = s.dev == CLI_DEVICE_CUDA ? session_engine(&s, 1, 0, 0) : SF_OK;
         const double t0 = cli_now();
         if (st == SF_OK) {
             st = generate_batch(&s, 1, systems, NULL, 0, users, NULL, NULL, stream_to_stdout,
@@ -675,7 +701,7 @@ int cmd_chat(int argc, char **argv) {
     if (rc) return rc;
     /* The engine outlives the conversation: create it once, before the first message. */
     if (s.dev == CLI_DEVICE_CUDA) {
-        sf_status st = session_engine(&s, 1, 0);
+        sf_status st = session_engine(&s, 1, 0, 0);
         if (st != SF_OK) {
             rc = cli_report("creating the CUDA engine", st);
             session_free(&s);
