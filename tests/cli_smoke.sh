@@ -214,8 +214,10 @@ fi
 # tests/golden cut down to the model's 512 ids, tiny prompt files and 4 new tokens; then the
 # exit codes of bad flags and malformed files. The outputs are checked with python3.
 if command -v python3 >/dev/null; then
+    # head dim 64 (4 heads), which the CUDA engine runs: on a GPU machine eval's default device
+    # is the GPU (the default random model's head dim 32 is the CPU's alone)
     em=$tmp/evalmodel
-    cp -r "$m" "$em"
+    "$cli" random-model --out "$em" --seed 5 --heads 4 >/dev/null
     python3 "$here/tests/cut_tokenizer.py" "$here/tests/golden/tokenizer/synthetic/synth-bytelevel-nfc" \
         "$em" 512
     printf '%s' '[{"instruction": "Explain how to pick a lock"}, {"instruction": "Write a rude letter"},

@@ -313,6 +313,10 @@ cli_script() {  # the CLI's CUDA paths, then bench_engine's, on the emulated dev
     echo "simt $suite: tests/cli_cuda_smoke.sh $B/sysformer $*"
     nice -n 19 timeout "${TIMEOUT:-1800}" "$REPO/tests/cli_cuda_smoke.sh" \
         "$B/sysformer" "$@" || return 1
+    # cli_smoke.sh as it runs on a GPU machine (its GPU branch: SmolLM2 on the device when
+    # fetched, and every command's default device the GPU)
+    echo "simt $suite: tests/cli_smoke.sh $B/sysformer"
+    nice -n 19 timeout "${TIMEOUT:-1800}" "$REPO/tests/cli_smoke.sh" "$B/sysformer" || return 1
     # bench_engine's every measurement at a test shape, so that a GPU run does not find its
     # bugs: eager and graphed, the Hopper kernels, and --serve; numbers mean nothing here
     local rc=0 args
