@@ -28,9 +28,11 @@
 #     engine+train both from one build, each suite's default in turn (ctest's simt_engine_train:
 #                  the train suite adds about 50 s of one core to the engine's build and run,
 #                  against about 150 s on its own), then the cli suite's script
-#     cli          the sysformer CLI (host/cli/*.c) built against the emulated engine and
-#                  trainer, as $B/sysformer, and tests/cli_cuda_smoke.sh run with it: every
-#                  command's --device cuda path (extra arguments go to the script)
+#     cli          the sysformer CLI (host/cli/*.c), bench_engine and bench_train built
+#                  against the emulated engine and trainer; tests/cli_cuda_smoke.sh (every
+#                  command's --device cuda path; extra arguments go to it) and
+#                  tests/cli_smoke.sh (its GPU branch) run with the CLI, the benches at test
+#                  shapes
 #
 #   env: EMU_MODE=0..3 one schedule, 4 (default) rotate per launch; EMU_ULP=n move expf, rsqrtf,
 #        sincosf, erfcf results by up to n ulp (within CUDA's documented bounds); EMU_FMA=1
@@ -275,7 +277,7 @@ if [ ${#cuda_c[@]} -gt 0 ]; then
         -I"$HERE" -c "$HERE/cublaslt_emu.cpp" -o "$B/cublaslt.o"
 fi
 if [ "${cli:-0}" = 1 ]; then
-    # the CLI and bench_engine, unchanged but for their main's name, and a main that reports
+    # the CLI and the benches, unchanged but for their main's name, and a main that reports
     # emulator errors (program_main.cpp); in directories of their own, out of the harness's
     # objects
     mkdir -p "$B/cli" "$B/prog"
@@ -309,7 +311,7 @@ if [ "${cli:-0}" = 1 ]; then
     done
 fi
 echo "simt $suite: EMU_MODE=${EMU_MODE:-4} EMU_ULP=${EMU_ULP:-0} EMU_FMA=${EMU_FMA:-0} SAN=${SAN:-none}"
-cli_script() {  # the CLI's CUDA paths, then bench_engine's, on the emulated device
+cli_script() {  # the CLI's CUDA paths, then the benches', on the emulated device
     echo "simt $suite: tests/cli_cuda_smoke.sh $B/sysformer $*"
     nice -n 19 timeout "${TIMEOUT:-1800}" "$REPO/tests/cli_cuda_smoke.sh" \
         "$B/sysformer" "$@" || return 1
