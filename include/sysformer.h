@@ -756,9 +756,9 @@ sf_status sf_cuda_engine_stage_times(sf_cuda_engine *engine, sf_cuda_stage_times
  *
  * The session owns the engine's slots while it lives: other steps on the engine would corrupt
  * its requests' caches. Not thread-safe: one host thread drives a session and its engine. A
- * session keeps 8 bytes for every request ever submitted, whose result has been taken. If a
- * step fails (a CUDA error) the session is broken: later submissions and steps return that
- * failure; finished results can still be taken. */
+ * session keeps 8 bytes for every request ever submitted, taken or not: a server that runs for
+ * good starts a new session now and then. If a step fails (a CUDA error) the session is broken:
+ * later submissions and steps return that failure; finished results can still be taken. */
 typedef struct sf_cuda_session sf_cuda_session;
 
 /* A session on engine (a full engine, not guard-only: SF_ERR_UNSUPPORTED). tok may be NULL (no
