@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The one script to run on a lent GPU machine (see ../shared/GPU.md), from the repo root, with
 # .deps carried (bench/prepare_device_deps.sh made it here):
-#   bench/device_check.sh quick   build the tests and the engine bench for sm_90, run the GPU
-#                                 tests and one small end-to-end config (about 2 minutes)
+#   bench/device_check.sh quick   build the tests, the engine bench and the CLI for sm_90, run
+#                                 the GPU tests, one small end-to-end config and the CLI's
+#                                 --device cuda smoke test (about 2.5 minutes)
 #   bench/device_check.sh [full]  build everything, GPU + CPU tests, compute-sanitizer memcheck
 #                                 and racecheck on small filters, kernel benchmarks with their
 #                                 peers (torch SDPA: cuDNN, flash), the end-to-end engine bench
@@ -46,7 +47,7 @@ row "commit" "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git dif
 
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 targets=()
-[[ $mode == quick ]] && targets=(--target sf_tests bench_engine)
+[[ $mode == quick ]] && targets=(--target sf_tests bench_engine sysformer_cli)
 if cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
         -DCMAKE_PREFIX_PATH="$PWD/.deps/prefix" >"$OUT/configure.log" 2>&1 &&
     cmake --build "$build" -j "$jobs" "${targets[@]}" >"$OUT/build.log" 2>&1; then
@@ -81,6 +82,10 @@ if [[ $mode == quick ]]; then
     timeout 90 "$build/bench_engine" --configs smollm2-135m --requests 8 --prompt 256 \
         --system 32 --user 160 --decode 8 --repeats 3 >"$OUT/bench_engine.log" 2>&1
     row "bench_engine (smollm2, small)" "rc=$?"
+    # the CLI's --device cuda paths on random models (about 20 s on the emulator's shapes)
+    timeout 90 tests/cli_cuda_smoke.sh "$build/sysformer" >"$OUT/cli_cuda_smoke.log" 2>&1
+    row "cli_cuda_smoke" "rc=$? $(tail -n 1 "$OUT/cli_cuda_smoke.log")"
+    grep FAIL "$OUT/cli_cuda_smoke.log" | head -n 20
     cat "$OUT/bench_engine.log"
     finish
     exit 0
