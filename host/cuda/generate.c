@@ -375,22 +375,16 @@ static sf_status run_round(sf_cuda_session *s, sf_stream_fn stream, void *user) 
         p->cu[i + 1] = p->cu[i] + len;
         if (guarded) p->spans[i] = i < running ? next_token : q->spans;
     }
-    /* one setting for the whole step when its requests share one (the seeds, whose streams
-     * gave the draws, do not enter a step), else each its own */
-    bool shared = true;
-    for (int32_t i = 1; shared && i < m; i++) {
-        const sf_sampling *a = &p->settings[i], *b = &p->settings[0];
-        shared = a->temperature == b->temperature && a->top_k == b->top_k && a->top_p == b->top_p;
-    }
+    /* each request its own setting: the engine picks requests that share one together, and
+     * with one for the whole step keeps the sampling inside the decode graph */
     const sf_cuda_step step = {
         .n_requests = m,
         .slots = p->slots,
         .cu_seqlens = prefill ? p->cu : NULL,
         .token_ids = prefill ? p->ids : NULL,
         .spans = prefill && guarded ? p->spans : NULL,
-        .sampling = shared ? &p->settings[0] : NULL,
         .uniforms = p->uniforms,
-        .request_sampling = shared ? NULL : p->settings,
+        .request_sampling = p->settings,
     };
     st = sf_cuda_engine_step(e, &step);
     if (st == SF_OK) st = sf_cuda_engine_read_tokens(e, p->picked, m);
