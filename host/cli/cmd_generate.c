@@ -396,19 +396,16 @@ static bool count_token(void *user, int32_t request, int32_t token, const char *
 }
 
 /* A JSONL line's own sampling and length fields over the session's: *out and *max_new are the
- * line's. Returns 1 when the line has any of them, 0 when none, -1 (and *bad names the field)
- * when one has the wrong type or range. */
+ * line's. Returns 0, or -1 (and *bad names the field) when one has the wrong type or range. */
 static int row_settings(const json_t *row, const session *s, sf_sampling *out, int32_t *max_new,
                         const char **bad) {
     static const char *const fields[] = {"temperature", "top_k", "top_p", "seed",
                                          "max_new_tokens"};
     *out = s->sampling;
     *max_new = s->max_new_tokens;
-    int any = 0;
     for (int i = 0; i < 5; i++) {
         const json_t *v = json_object_get(row, fields[i]);
         if (!v) continue;
-        any = 1;
         const bool integer = json_is_integer(v);
         const json_int_t k = integer ? json_integer_value(v) : 0;
         if (i == 0 && json_is_number(v)) {
@@ -426,7 +423,7 @@ static int row_settings(const json_t *row, const session *s, sf_sampling *out, i
             return -1;
         }
     }
-    return any;
+    return 0;
 }
 
 /* A JSONL line's system and user texts: its own "system" or the session's, and its "prompt" or
@@ -441,7 +438,9 @@ static void row_texts(json_t *row, const session *s, const char **system, const 
 
 /* Every line's prompt must fit the model's context window: checked before anything is
  * generated, so that a long file does not fail at its last chunk, and named by its line. Each
- * line's length and spans go to len[] and spans[] (sizing the GPU's engine). */
+ * line's length and spans go to len[] and spans[] (sizing the GPU's engine); its ids are not
+ * kept but encoded again when it is generated, which costs little beside generating and never
+ * holds a whole file's ids. */
 static int check_lengths(const session *s, const options *o, json_t *rows, const int *line_of,
                          int32_t *len, sf_prompt_spans *spans) {
     const int32_t ctx = sf_llm_get_config(s->llm)->max_position_embeddings;
@@ -484,7 +483,8 @@ static void write_reply(FILE *out, json_t *line, const sf_generation_result *res
  * the next line at once across the whole file. At most four lines a slot are submitted and not
  * yet written (memory stays bounded however long the file), and the replies are written in the
  * file's order as they finish. */
-static sf_status jsonl_on_gpu(session *s, json_t *rows, FILE *out, live_progress *live) {
+static sf_status jsonl_on_gpu(session *s, json_t *rows, const sf_sampling *sampling,
+                              const int32_t *limit, FILE *out, live_progress *live) {
     const int total = (int)json_array_size(rows);
     const int window = 4 * s->engine_slots > 16 ? 4 * s->engine_slots : 16;
     const int32_t ctx = sf_llm_get_config(s->llm)->max_position_embeddings;
@@ -496,16 +496,14 @@ static sf_status jsonl_on_gpu(session *s, json_t *rows, FILE *out, live_progress
     int next = 0, written = 0;
     while (st == SF_OK && written < total) {
         for (; st == SF_OK && next < total && next - written < window; next++) {
-            json_t *row = json_array_get(rows, (size_t)next);
-            const char *system, *user, *bad = NULL;
-            row_texts(row, s, &system, &user);
-            sf_sampling setting;
-            int32_t limit, n = 0, id;
-            (void)row_settings(row, s, &setting, &limit, &bad); /* checked when read */
+            const char *system, *user;
+            row_texts(json_array_get(rows, (size_t)next), s, &system, &user);
+            int32_t n = 0, id;
             sf_prompt_spans spans;
             st = sf_chat_encode(s->tok, s->tmpl, system, NULL, 0, user, buf, ctx, &n, &spans);
             if (st == SF_OK) {
-                st = sf_cuda_session_submit(gen, buf, n, &spans, &setting, limit, &id);
+                st = sf_cuda_session_submit(gen, buf, n, &spans, &sampling[next], limit[next],
+                                            &id);
             }
         }
         if (st == SF_OK) st = sf_cuda_session_step(gen, count_token, live, NULL, NULL);
@@ -553,18 +551,6 @@ static int run_jsonl(session *s, const options *o) {
             rc = 2;
             break;
         }
-        sf_sampling unused;
-        int32_t unused_max;
-        const char *bad = NULL;
-        if (row_settings(row, s, &unused, &unused_max, &bad) < 0) {
-            fprintf(stderr, "sysformer generate: %s:%d: \"%s\" must be %s\n", o->input, line_no,
-                    bad, !strcmp(bad, "top_k") ? "an integer"
-                         : !strcmp(bad, "seed") ? "an integer >= 0"
-                         : !strcmp(bad, "max_new_tokens") ? "an integer >= 1" : "a number");
-            json_decref(row);
-            rc = 2;
-            break;
-        }
         if (json_array_size(rows) == line_cap) {
             line_cap = line_cap ? 2 * line_cap : 256;
             int *more = realloc(line_of, line_cap * sizeof *line_of);
@@ -580,19 +566,29 @@ static int run_jsonl(session *s, const options *o) {
     }
     free(line);
     fclose(in);
+    /* Each line's sampling and limit (its own fields over the flags), prompt length and spans,
+     * worked out once. */
     const int total = (int)json_array_size(rows);
-    int32_t *len = malloc((size_t)(total > 0 ? total : 1) * sizeof *len);
-    sf_prompt_spans *spans = malloc((size_t)(total > 0 ? total : 1) * sizeof *spans);
-    if (!rc && (!len || !spans)) rc = cli_report("reading --input", SF_ERR_OUT_OF_MEMORY);
+    const size_t count = (size_t)(total > 0 ? total : 1);
+    sf_sampling *sampling = malloc(count * sizeof *sampling);
+    int32_t *limit = malloc(count * sizeof *limit), *len = malloc(count * sizeof *len);
+    sf_prompt_spans *spans = malloc(count * sizeof *spans);
+    if (!rc && (!sampling || !limit || !len || !spans)) {
+        rc = cli_report("reading --input", SF_ERR_OUT_OF_MEMORY);
+    }
+    for (int r = 0; !rc && r < total; r++) {
+        const char *bad = NULL;
+        if (row_settings(json_array_get(rows, (size_t)r), s, &sampling[r], &limit[r], &bad) < 0) {
+            fprintf(stderr, "sysformer generate: %s:%d: \"%s\" must be %s\n", o->input,
+                    line_of[r], bad, !strcmp(bad, "top_k") ? "an integer"
+                                     : !strcmp(bad, "seed") ? "an integer >= 0"
+                                     : !strcmp(bad, "max_new_tokens") ? "an integer >= 1"
+                                                                      : "a number");
+            rc = 2;
+        }
+    }
     if (!rc) rc = check_lengths(s, o, rows, line_of, len, spans);
     free(line_of);
-    int32_t *limit = malloc((size_t)(total > 0 ? total : 1) * sizeof *limit);
-    if (!rc && !limit) rc = cli_report("reading --input", SF_ERR_OUT_OF_MEMORY);
-    for (int r = 0; !rc && r < total; r++) {
-        sf_sampling unused;
-        const char *bad = NULL;
-        (void)row_settings(json_array_get(rows, (size_t)r), s, &unused, &limit[r], &bad);
-    }
     FILE *out = rc ? NULL : fopen(o->output, "w");
     if (!rc && !out) {
         fprintf(stderr, "sysformer generate: cannot write --output %s\n", o->output);
@@ -606,7 +602,7 @@ static int run_jsonl(session *s, const options *o) {
     live_progress live = {0, total, 0, cli_now(), cli_now()};
     if (!rc) progress(0, total, 0, 0.0);
     if (!rc && s->dev == CLI_DEVICE_CUDA) {
-        const sf_status st = jsonl_on_gpu(s, rows, out, &live);
+        const sf_status st = jsonl_on_gpu(s, rows, sampling, limit, out, &live);
         if (st != SF_OK) {
             fputc('\n', stderr);
             rc = cli_report("generate", st);
@@ -616,18 +612,13 @@ static int run_jsonl(session *s, const options *o) {
     const int chunk = o->batch;
     for (int i = 0; !rc && s->dev != CLI_DEVICE_CUDA && i < total; i += chunk) {
         const int n = total - i < chunk ? total - i : chunk;
-        const char *systems[256], *users[256], *bad = NULL;
-        sf_sampling settings[256];
-        int32_t limits[256];
+        const char *systems[256], *users[256];
         sf_generation_result results[256];
-        bool own = false; /* some line of the batch has its own sampling or length fields */
         for (int r = 0; r < n; r++) {
-            json_t *row = json_array_get(rows, (size_t)(i + r));
-            row_texts(row, s, &systems[r], &users[r]);
-            own |= row_settings(row, s, &settings[r], &limits[r], &bad) > 0; /* checked above */
+            row_texts(json_array_get(rows, (size_t)(i + r)), s, &systems[r], &users[r]);
         }
-        sf_status st = generate_batch(s, n, systems, NULL, 0, users, own ? settings : NULL,
-                                      own ? limits : NULL, count_token, &live, results);
+        sf_status st = generate_batch(s, n, systems, NULL, 0, users, sampling + i, limit + i,
+                                      count_token, &live, results);
         if (st != SF_OK) {
             fputc('\n', stderr);
             rc = cli_report("generate", st);
@@ -640,9 +631,10 @@ static int run_jsonl(session *s, const options *o) {
         live.done = i + n;
         progress(live.done, total, live.tokens, cli_now() - live.t0);
     }
+    free(sampling);
+    free(limit);
     free(len);
     free(spans);
-    free(limit);
     if (out && fclose(out) != 0 && !rc) {
         fprintf(stderr, "sysformer generate: error writing %s\n", o->output);
         rc = 1;
