@@ -460,26 +460,15 @@ sf_status sf_cuda_session_take(sf_cuda_session *s, int32_t id, sf_generation_res
 
 static const char who[] = "sf_generate_cuda";
 
-static sf_status validate(const sf_cuda_engine *e, const sf_tokenizer *tok,
-                          const sf_generation *g, const sf_generation_result *results) {
-    /* Without the spans check an engine step given no spans would run unguarded, silently. */
-    sf_status st = sf_gen_check_args(who, e != NULL, e && e->has_sysformer, tok, g, results);
-    if (st != SF_OK) return st;
-    if (e->guard_only) {
-        return sf_fail(SF_ERR_UNSUPPORTED, "sf_generate_cuda: a guard-only engine holds no LLM "
-                       "to generate with (it serves sf_cuda_guarded_embed)");
-    }
-    return sf_gen_check_prompts(who, g, sf_cuda_engine_max_context(e),
-                                "the engine's context window (max_context)");
-}
-
 sf_status sf_generate_cuda(sf_cuda_engine *e, const sf_tokenizer *tok, const sf_generation *g,
                            sf_stream_fn stream, void *user, sf_generation_result *results) {
-    sf_status st = validate(e, tok, g, results);
+    /* Without the spans check an engine step given no spans would run unguarded, silently.
+     * Each prompt is checked as it is submitted below (the guard-only engine, the window, a
+     * step's budget, ids and spans), all before the first round. */
+    sf_status st = sf_gen_check_args(who, e != NULL, e && e->has_sysformer, tok, g, results);
     if (st != SF_OK) return st;
     const int32_t n = g->n_requests;
     memset(results, 0, (size_t)n * sizeof *results);
-    if (n == 0) return SF_OK;
     sf_cuda_session *s = NULL;
     st = session_new(e, tok, who, g->stop_ids, g->n_stop_ids, g->stop_strings,
                      g->n_stop_strings, &s);
