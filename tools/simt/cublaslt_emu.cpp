@@ -180,6 +180,20 @@ struct Product {
     }
 };
 
+// The live handles, descriptors, layouts and preferences (simt::resources): an error path of
+// the engine's must destroy what it created.
+size_t live_objects = 0;
+template <typename T>
+T *created(T *p) {
+    live_objects++;
+    return p;
+}
+template <typename T>
+T *destroyed(T *p) {
+    if (p) live_objects--;
+    return p;
+}
+
 // An attribute's bytes into its field: size must be exactly the field's, as cuBLASLt checks.
 template <typename T>
 cublasStatus_t set_attribute(T *field, const void *buf, size_t size) {
@@ -194,12 +208,13 @@ extern "C" {
 
 cublasStatus_t cublasLtCreate(cublasLtHandle_t *handle) {
     if (!handle) return CUBLAS_STATUS_INVALID_VALUE;
-    *handle = reinterpret_cast<cublasLtHandle_t>(new Handle);
+    if (simt::injected(simt::FAULT_CREATE)) return CUBLAS_STATUS_ALLOC_FAILED;
+    *handle = reinterpret_cast<cublasLtHandle_t>(created(new Handle));
     return CUBLAS_STATUS_SUCCESS;
 }
 
 cublasStatus_t cublasLtDestroy(cublasLtHandle_t handle) {
-    delete reinterpret_cast<Handle *>(handle);
+    delete destroyed(reinterpret_cast<Handle *>(handle));
     return CUBLAS_STATUS_SUCCESS;
 }
 
@@ -210,13 +225,14 @@ const char *cublasLtGetStatusName(cublasStatus_t s) {
     case CUBLAS_STATUS_INVALID_VALUE: return "CUBLAS_STATUS_INVALID_VALUE";
     case CUBLAS_STATUS_NOT_SUPPORTED: return "CUBLAS_STATUS_NOT_SUPPORTED";
     case CUBLAS_STATUS_EXECUTION_FAILED: return "CUBLAS_STATUS_EXECUTION_FAILED";
+    case CUBLAS_STATUS_ALLOC_FAILED: return "CUBLAS_STATUS_ALLOC_FAILED";
     default: return "CUBLAS_STATUS_(other)";
     }
 }
 
 cublasStatus_t cublasLtMatmulDescCreate(cublasLtMatmulDesc_t *desc, cublasComputeType_t compute,
                                         cudaDataType_t scale) {
-    Desc *d = new Desc;
+    Desc *d = created(new Desc);
     d->compute = compute;
     d->scale = scale;
     *desc = reinterpret_cast<cublasLtMatmulDesc_t>(d);
@@ -224,7 +240,7 @@ cublasStatus_t cublasLtMatmulDescCreate(cublasLtMatmulDesc_t *desc, cublasComput
 }
 
 cublasStatus_t cublasLtMatmulDescDestroy(cublasLtMatmulDesc_t desc) {
-    delete reinterpret_cast<Desc *>(desc);
+    delete destroyed(reinterpret_cast<Desc *>(desc));
     return CUBLAS_STATUS_SUCCESS;
 }
 
@@ -245,22 +261,22 @@ cublasStatus_t cublasLtMatmulDescSetAttribute(cublasLtMatmulDesc_t desc,
 
 cublasStatus_t cublasLtMatrixLayoutCreate(cublasLtMatrixLayout_t *layout, cudaDataType type,
                                           uint64_t rows, uint64_t cols, int64_t ld) {
-    *layout = reinterpret_cast<cublasLtMatrixLayout_t>(new Layout{type, rows, cols, ld});
+    *layout = reinterpret_cast<cublasLtMatrixLayout_t>(created(new Layout{type, rows, cols, ld}));
     return CUBLAS_STATUS_SUCCESS;
 }
 
 cublasStatus_t cublasLtMatrixLayoutDestroy(cublasLtMatrixLayout_t layout) {
-    delete reinterpret_cast<Layout *>(layout);
+    delete destroyed(reinterpret_cast<Layout *>(layout));
     return CUBLAS_STATUS_SUCCESS;
 }
 
 cublasStatus_t cublasLtMatmulPreferenceCreate(cublasLtMatmulPreference_t *pref) {
-    *pref = reinterpret_cast<cublasLtMatmulPreference_t>(new Pref);
+    *pref = reinterpret_cast<cublasLtMatmulPreference_t>(created(new Pref));
     return CUBLAS_STATUS_SUCCESS;
 }
 
 cublasStatus_t cublasLtMatmulPreferenceDestroy(cublasLtMatmulPreference_t pref) {
-    delete reinterpret_cast<Pref *>(pref);
+    delete destroyed(reinterpret_cast<Pref *>(pref));
     return CUBLAS_STATUS_SUCCESS;
 }
 
@@ -378,9 +394,12 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t handle, cublasLtMatmulDesc_t desc
         return CUBLAS_STATUS_INVALID_VALUE;
     }
     if (m == 0 || n == 0) return CUBLAS_STATUS_SUCCESS;
+    if (simt::injected(simt::FAULT_LAUNCH)) return CUBLAS_STATUS_EXECUTION_FAILED;
     if (simt::enqueue_op(stream, "cublasLtMatmul", [pr] { pr.run(); }) != 0)
         return CUBLAS_STATUS_EXECUTION_FAILED;
     return CUBLAS_STATUS_SUCCESS;
 }
 
 }  // extern "C"
+
+size_t simt::blaslt_objects() { return live_objects; }

@@ -9,6 +9,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "simt_api.h"  // fault injection (the launch below asks it)
+
 #define __align__(n) alignas(n)
 
 // ---------------------------------------------------------------------------------------------
@@ -178,6 +180,8 @@ enum cudaError_t {
     cudaErrorInvalidResourceHandle = 400,
     cudaErrorIllegalState = 401,
     cudaErrorNotReady = 600,
+    cudaErrorIllegalAddress = 700,
+    cudaErrorLaunchOutOfResources = 701,
     cudaErrorLaunchFailure = 719,
     cudaErrorStreamCaptureUnsupported = 900,
     cudaErrorStreamCaptureInvalidated = 901,
@@ -307,6 +311,9 @@ inline std::vector<LaunchRec> launches;   // every launch since the driver clear
 inline std::vector<std::string> errors;   // emulator errors (deadlock, divergent warp op, config)
 inline int nvtx_depth = 0;
 inline bool sticky_failure = false;
+// A kernel faulted (simt::FAULT_KERNEL): nothing runs any more, every synchronisation and
+// cudaGetLastError says cudaErrorIllegalAddress (runtime.cpp).
+inline bool device_dead = false;
 // What the runtime did over the run (runtime.cpp), reported at the end by emu_main.cpp, so a
 // suite that meant to exercise queues and graphs can be seen to have.
 struct RuntimeStats {
@@ -384,6 +391,11 @@ struct Launch {
                           std::to_string(g.y) + "," + std::to_string(g.z) + "), (" +
                           std::to_string(b.x) + "," + std::to_string(b.y) + "," +
                           std::to_string(b.z) + ")>>>";
+        if (device_dead) return;
+        if (simt::injected(simt::FAULT_KERNEL)) {
+            device_dead = true;
+            return;
+        }
         apply_mode(launch_count++);
         F fn = f;
         const bool ok = emu::launch(g, b, smem, [&] { fn(a...); });
@@ -413,6 +425,10 @@ struct Launch {
         }
         int arg = 0;
         (check_kernel_arg(name, arg++, a), ...);
+        if (simt::injected(simt::FAULT_LAUNCH)) {
+            last_error = cudaErrorLaunchOutOfResources;
+            return;
+        }
         const Launch self = *this;
         enqueue(stream, name, [self, a...]() { self.run(a...); });
     }

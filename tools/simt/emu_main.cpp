@@ -37,6 +37,7 @@ class LaunchLog : public testing::EmptyTestEventListener {
         emu::launches.clear();
         emu::errors.clear();
         emu::sticky_failure = false;
+        simt::disarm_faults();  // an injected fault is the test's that made it
         emu::nvtx_depth = 0;
     }
     void OnTestEnd(const testing::TestInfo &info) override {

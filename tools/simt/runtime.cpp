@@ -28,6 +28,10 @@
 //     between them); cudaEventElapsedTime refuses untimed, unrecorded and unfinished events.
 // Kernel errors (emulator faults, bad configurations) are reported by the next synchronisation
 // and are sticky, as a device fault is.
+// Faults can be injected (simt::fail_call, simt_api.h): a creation, a launch or a running
+// kernel fails as it would on a GPU, so that tests can drive the library's error paths; a
+// kernel's fault kills the device as a real one does (device_dead: every later call that would
+// reach the device fails with cudaErrorIllegalAddress, frees still free).
 #include <execinfo.h>
 #include <signal.h>
 #include <sys/mman.h>
@@ -213,14 +217,23 @@ void flush_all() {
     for (Stream *s : streams) flush(s);
 }
 
-// What a synchronisation returns: the kernel errors since the last one, printed, then sticky.
+// What a synchronisation returns: the kernel errors since the last one, printed, then sticky;
+// or an injected kernel fault's.
 cudaError_t sync_status() {
     if (!errors.empty()) {
         for (const std::string &e : errors) fprintf(stderr, "EMULATOR ERROR: %s\n", e.c_str());
         errors.clear();
         sticky_failure = true;
     }
-    return sticky_failure ? cudaErrorLaunchFailure : cudaSuccess;
+    if (sticky_failure) return cudaErrorLaunchFailure;
+    return device_dead ? cudaErrorIllegalAddress : cudaSuccess;
+}
+
+// A call that reaches the device fails once a kernel has faulted (an injected FAULT_KERNEL).
+bool dead_device() {
+    if (!device_dead) return false;
+    last_error = cudaErrorIllegalAddress;
+    return true;
 }
 
 enum Space { PAGEABLE, DEVICE, PINNED, STRADDLES };
@@ -256,6 +269,7 @@ std::string where(const void *p, size_t n) {
 }  // namespace
 
 bool enqueue(cudaStream_t s, const char *what, std::function<void()> op) {
+    if (dead_device()) return false;
     if (!known(s)) {
         fault(std::string(what) + " on a stream that does not exist (destroyed?)");
         last_error = cudaErrorInvalidResourceHandle;
@@ -299,6 +313,37 @@ int enqueue_op(void *stream, const char *what, std::function<void()> op) {
 bool device_span(const void *p, size_t bytes) { return space_of(p, bytes ? bytes : 1) == DEVICE; }
 void report(const std::string &msg) { fault(msg); }
 size_t device_memory_bytes() { return device_limit(); }
+
+namespace {
+// Per kind: the calls so far, and the number (counted from 1) of the one to fail, 0 for none.
+long long fault_count[FAULT_KINDS] = {}, fault_at[FAULT_KINDS] = {};
+}  // namespace
+void fail_call(Fault kind, long long after) { fault_at[kind] = fault_count[kind] + after + 1; }
+void disarm_faults() {
+    for (long long &a : fault_at) a = 0;
+    emu::device_dead = false;
+}
+long long fault_calls(Fault kind) { return fault_count[kind]; }
+bool injected(Fault kind) {
+    if (++fault_count[kind] != fault_at[kind]) return false;
+    fault_at[kind] = 0;
+    return true;
+}
+
+// cublaslt_emu.cpp's, where a suite links the stand-in
+__attribute__((weak)) size_t blaslt_objects() { return 0; }
+
+Resources resources() {
+    Resources r = {};
+    r.device_bytes = device_bytes;
+    r.streams = streams.size();
+    r.events = events.size();
+    r.graphs = graphs.size();
+    r.blaslt_objects = blaslt_objects();
+    r.nvtx_depth = emu::nvtx_depth;
+    for (const auto &[base, a] : allocs) (a.pinned ? r.pinned_allocs : r.device_allocs)++;
+    return r;
+}
 }  // namespace simt
 
 extern "C" {
@@ -306,9 +351,9 @@ extern "C" {
 cudaError_t cudaGetLastError(void) {
     const cudaError_t e = last_error;
     last_error = cudaSuccess;
-    return e;
+    return device_dead ? cudaErrorIllegalAddress : e;
 }
-cudaError_t cudaPeekAtLastError(void) { return last_error; }
+cudaError_t cudaPeekAtLastError(void) { return device_dead ? cudaErrorIllegalAddress : last_error; }
 
 const char *cudaGetErrorString(cudaError_t e) {
     switch (e) {
@@ -321,6 +366,8 @@ const char *cudaGetErrorString(cudaError_t e) {
     case cudaErrorIllegalState: return "the operation cannot be performed in the present state";
     case cudaErrorNotReady: return "device not ready";
     case cudaErrorLaunchFailure: return "unspecified launch failure (emulator)";
+    case cudaErrorIllegalAddress: return "an illegal memory access was encountered";
+    case cudaErrorLaunchOutOfResources: return "too many resources requested for launch";
     case cudaErrorStreamCaptureUnsupported:
         return "operation not permitted when stream is capturing";
     case cudaErrorStreamCaptureInvalidated:
@@ -368,7 +415,9 @@ cudaError_t cudaPointerGetAttributes(cudaPointerAttributes *a, const void *p) {
 cudaError_t cudaMalloc(void **p, size_t n) {
     *p = nullptr;
     if (forbidden_in_capture("cudaMalloc")) return cudaErrorStreamCaptureUnsupported;
-    if (n > device_limit() - std::min(device_limit(), device_bytes)) {
+    if (dead_device()) return last_error;
+    if (simt::injected(simt::FAULT_CREATE) ||
+        n > device_limit() - std::min(device_limit(), device_bytes)) {
         return last_error = cudaErrorMemoryAllocation;
     }
     Alloc a = {n, false};
@@ -425,7 +474,9 @@ cudaError_t cudaFree(void *p) {
 cudaError_t cudaHostAlloc(void **p, size_t n, unsigned int) {
     *p = nullptr;
     if (forbidden_in_capture("cudaHostAlloc")) return cudaErrorStreamCaptureUnsupported;
-    if (posix_memalign(p, 4096, n ? n : 1) != 0) return last_error = cudaErrorMemoryAllocation;
+    if (dead_device()) return last_error;
+    if (simt::injected(simt::FAULT_CREATE) || posix_memalign(p, 4096, n ? n : 1) != 0)
+        return last_error = cudaErrorMemoryAllocation;
     allocs[(uintptr_t)*p] = {n, true};
     return cudaSuccess;
 }
@@ -469,6 +520,7 @@ cudaError_t cudaMemcpy(void *d, const void *s, size_t n, cudaMemcpyKind k) {
     if (forbidden_in_capture("cudaMemcpy")) return cudaErrorStreamCaptureUnsupported;
     if (n == 0) return cudaSuccess;
     if (!check_copy("cudaMemcpy", d, s, n, k)) return last_error = cudaErrorInvalidValue;
+    if (dead_device()) return last_error;
     flush_blocking();  // the legacy stream waits for the blocking streams
     DeviceOpen open;
     memmove(d, s, n);
@@ -482,6 +534,7 @@ cudaError_t cudaMemset(void *d, int v, size_t n) {
         fault("cudaMemset of " + where(d, n) + ", not inside one device allocation");
         return last_error = cudaErrorInvalidValue;
     }
+    if (dead_device()) return last_error;
     flush_blocking();
     DeviceOpen open;
     memset(d, v, n);
@@ -507,7 +560,7 @@ cudaError_t cudaMemcpyAsync(void *d, const void *s, size_t n, cudaMemcpyKind k,
         DeviceOpen open;
         flush(st);
         memmove(d, s, n);
-        return sync_status() == cudaSuccess ? cudaSuccess : cudaErrorLaunchFailure;
+        return sync_status();
     }
     if (!enqueue(stream, "cudaMemcpyAsync", [d, s, n] { memmove(d, s, n); })) return last_error;
     return cudaSuccess;
@@ -547,6 +600,8 @@ cudaError_t cudaDeviceSynchronize(void) {
 
 cudaError_t cudaStreamCreate(cudaStream_t *s) { return cudaStreamCreateWithFlags(s, 0); }
 cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, unsigned int flags) {
+    if (dead_device()) return last_error;
+    if (simt::injected(simt::FAULT_CREATE)) return last_error = cudaErrorMemoryAllocation;
     Stream *st = new Stream;
     st->flags = flags;
     streams.insert(st);
@@ -577,6 +632,8 @@ cudaError_t cudaStreamSynchronize(cudaStream_t s) {
 
 cudaError_t cudaEventCreate(cudaEvent_t *e) { return cudaEventCreateWithFlags(e, 0); }
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, unsigned int flags) {
+    if (dead_device()) return last_error;
+    if (simt::injected(simt::FAULT_CREATE)) return last_error = cudaErrorMemoryAllocation;
     auto ev = std::make_shared<Event>();
     ev->flags = flags;
     *e = reinterpret_cast<cudaEvent_t>(ev.get());
@@ -674,7 +731,10 @@ cudaError_t cudaStreamEndCapture(cudaStream_t s, cudaGraph_t *graph) {
 
 cudaError_t cudaGraphInstantiate(cudaGraphExec_t *exec, cudaGraph_t graph, unsigned long long) {
     Graph *g = reinterpret_cast<Graph *>(graph);
+    *exec = nullptr;
     if (!graphs.count(g)) return last_error = cudaErrorInvalidValue;
+    if (dead_device()) return last_error;
+    if (simt::injected(simt::FAULT_CREATE)) return last_error = cudaErrorMemoryAllocation;
     Graph *x = new Graph{g->nodes};  // the executable copy outlives the graph
     graphs.insert(x);
     *exec = reinterpret_cast<cudaGraphExec_t>(x);

@@ -16,4 +16,43 @@ bool device_span(const void *p, size_t bytes);
 void report(const std::string &msg);
 // The emulated device's memory (EMU_DEVICE_GIB).
 size_t device_memory_bytes();
+
+// Fault injection, for the tests of what the library does when CUDA fails (the *Faults
+// sections of tests/test_cuda_engine.cpp and test_cuda_train.cpp, compiled where this macro is
+// defined). Each kind counts its calls from the start of the process; fail_call(kind, n) makes
+// the call n calls from now fail (0: the next one), once.
+#define SIMT_FAULT_INJECTION 1
+enum Fault {
+    // A creation fails with cudaErrorMemoryAllocation ("out of memory"): cudaMalloc,
+    // cudaHostAlloc, cudaStreamCreate*, cudaEventCreate*, cudaGraphInstantiate; cublasLtCreate
+    // with CUBLAS_STATUS_ALLOC_FAILED.
+    FAULT_CREATE,
+    // A launch is refused when it is made: a kernel with cudaErrorLaunchOutOfResources (what
+    // cudaGetLastError then returns, once, as for a launch a GPU cannot fit), cublasLtMatmul
+    // with CUBLAS_STATUS_EXECUTION_FAILED. Nothing is queued; the device is unharmed.
+    FAULT_LAUNCH,
+    // A kernel faults when it runs (from a stream's queue or a graph replay), as an illegal
+    // address would: it does nothing, nor does any kernel after it, and from then on every
+    // synchronisation and cudaGetLastError returns cudaErrorIllegalAddress. Sticky for the
+    // rest of the test, as it is for the rest of a real process.
+    FAULT_KERNEL,
+    FAULT_KINDS
+};
+void fail_call(Fault kind, long long after);
+void disarm_faults();            // every kind; also clears a FAULT_KERNEL's sticky error
+long long fault_calls(Fault kind);  // the calls of that kind so far
+
+// What the process holds of the emulated device, to show that an error path released it all;
+// and the NVTX ranges open, which an error path must close too.
+struct Resources {
+    size_t device_bytes, device_allocs, pinned_allocs, streams, events, graphs, blaslt_objects;
+    int nvtx_depth;
+    bool operator==(const Resources &) const = default;
+};
+Resources resources();
+// The stand-in's live cuBLASLt handles, descriptors, layouts and preferences (cublaslt_emu.cpp)
+size_t blaslt_objects();
+// The engine's code asks this at each call it can fail (runtime.cpp, cublaslt_emu.cpp, the
+// launch in cuda_emu.h): true when this call of that kind is the one to fail.
+bool injected(Fault kind);
 }  // namespace simt
