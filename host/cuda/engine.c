@@ -128,8 +128,9 @@ static sf_status device_alloc(void **p, size_t bytes, const char *what) {
         *p = NULL;
         (void)cudaGetLastError(); /* an allocation failure is not sticky: clear it */
         return sf_fail(err == cudaErrorMemoryAllocation ? SF_ERR_OUT_OF_MEMORY : SF_ERR_CUDA,
-                       "sf_cuda_engine: cannot allocate %.2f GiB of device memory for %s: %s",
-                       (double)bytes / (1u << 30), what, cudaGetErrorString(err));
+                       "sf_cuda_engine: cannot allocate %zu bytes (%.2f GiB) of device memory "
+                       "for %s: %s",
+                       bytes, (double)bytes / (1u << 30), what, cudaGetErrorString(err));
     }
     return SF_OK;
 }
@@ -420,7 +421,8 @@ static sf_status engine_new(const sf_llm_config *cfg, const sf_sysformer_config 
             if (err != cudaSuccess) {
                 e->h.base = NULL;
                 (void)cudaGetLastError();
-                return sf_fail(SF_ERR_OUT_OF_MEMORY,
+                return sf_fail(err == cudaErrorMemoryAllocation ? SF_ERR_OUT_OF_MEMORY
+                                                                : SF_ERR_CUDA,
                                "sf_cuda_engine: cannot pin %zu bytes of host staging: %s",
                                hc.off, cudaGetErrorString(err));
             }

@@ -167,12 +167,17 @@ struct sf_cuda_engine {
         if (st_ != SF_OK) return st_;          \
     } while (0)
 
-/* The same for a CUDA runtime call: SF_ERR_CUDA naming the call. */
+/* The same for a CUDA runtime call: SF_ERR_CUDA naming the call, SF_ERR_OUT_OF_MEMORY when it
+ * could not allocate (a stream or an event too). The runtime's last error is cleared, so that
+ * a later launch's check does not report this failure as its own (a sticky error, the device's,
+ * stays whatever is cleared). */
 #define SF_CUDA_OR_FAIL(call)                                                                  \
     do {                                                                                       \
         cudaError_t e_ = (call);                                                               \
         if (e_ != cudaSuccess) {                                                               \
-            return sf_fail(SF_ERR_CUDA, "%s: %s", #call, cudaGetErrorString(e_));              \
+            (void)cudaGetLastError();                                                          \
+            return sf_fail(e_ == cudaErrorMemoryAllocation ? SF_ERR_OUT_OF_MEMORY : SF_ERR_CUDA, \
+                           "%s: %s", #call, cudaGetErrorString(e_));                           \
         }                                                                                      \
     } while (0)
 

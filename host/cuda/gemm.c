@@ -189,8 +189,9 @@ sf_status sf_gemm_cache_create(void *workspace, size_t workspace_bytes, sf_gemm_
     cublasStatus_t s = cublasLtCreate(&c->handle);
     if (s != CUBLAS_STATUS_SUCCESS) {
         free(c);
-        return sf_fail(SF_ERR_CUDA, "sf_gemm_cache_create: cublasLtCreate failed: %s (%d)",
-                       status_name(s), (int)s);
+        return sf_fail(s == CUBLAS_STATUS_ALLOC_FAILED ? SF_ERR_OUT_OF_MEMORY : SF_ERR_CUDA,
+                       "sf_gemm_cache_create: cublasLtCreate failed: %s (%d)", status_name(s),
+                       (int)s);
     }
     /* A workspace without bytes is no workspace: the heuristic is then held to algorithms that
      * need none, and cuBLASLt gets NULL rather than a pointer it must not use. */

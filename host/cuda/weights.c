@@ -95,9 +95,10 @@ sf_status sf_cuda_weights_alloc(sf_cuda_engine *e) {
         e->weights = NULL;
         (void)cudaGetLastError();
         return sf_fail(err == cudaErrorMemoryAllocation ? SF_ERR_OUT_OF_MEMORY : SF_ERR_CUDA,
-                       "sf_cuda_engine: cannot allocate %.2f GiB of device memory for the "
-                       "weights: %s",
-                       (double)e->weight_bytes / (1u << 30), cudaGetErrorString(err));
+                       "sf_cuda_engine: cannot allocate %zu bytes (%.2f GiB) of device memory "
+                       "for the weights: %s",
+                       e->weight_bytes, (double)e->weight_bytes / (1u << 30),
+                       cudaGetErrorString(err));
     }
     carve_weights(e, e->weights);
     return SF_OK;
@@ -191,11 +192,13 @@ static sf_status uploader_open(uploader *u, cudaStream_t stream) {
     u->stream = stream;
     u->counting = false;
     u->done = u->total = 0;
-    if (cudaMalloc((void **)&u->stage, STAGE_FLOATS * sizeof(float)) != cudaSuccess) {
+    const cudaError_t err = cudaMalloc((void **)&u->stage, STAGE_FLOATS * sizeof(float));
+    if (err != cudaSuccess) {
         u->stage = NULL;
         (void)cudaGetLastError();
-        return sf_fail(SF_ERR_OUT_OF_MEMORY, "sf_cuda_engine: no device memory to stage "
-                                             "the weight upload");
+        return sf_fail(err == cudaErrorMemoryAllocation ? SF_ERR_OUT_OF_MEMORY : SF_ERR_CUDA,
+                       "sf_cuda_engine: cannot allocate %zu bytes of device memory to stage the "
+                       "weight upload: %s", STAGE_FLOATS * sizeof(float), cudaGetErrorString(err));
     }
     return SF_OK;
 }
