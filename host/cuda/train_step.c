@@ -371,9 +371,9 @@ static sf_status dev_alloc(void **p, size_t bytes, const char *what) {
         *p = NULL;
         (void)cudaGetLastError();
         return sf_fail(err == cudaErrorMemoryAllocation ? SF_ERR_OUT_OF_MEMORY : SF_ERR_CUDA,
-                       "sf_cuda_train_create: cannot allocate %.3f GiB of device memory for %s: "
-                       "%s",
-                       (double)bytes / (1u << 30), what, cudaGetErrorString(err));
+                       "sf_cuda_train_create: cannot allocate %zu bytes (%.2f GiB) of device "
+                       "memory for %s: %s",
+                       bytes, (double)bytes / (1u << 30), what, cudaGetErrorString(err));
     }
     return SF_OK;
 }
@@ -551,8 +551,9 @@ static sf_status create(sf_cuda_trainer *t, const sf_cuda_train_options *o) {
     if (err != cudaSuccess) {
         t->hbase = NULL;
         (void)cudaGetLastError();
-        return sf_fail(SF_ERR_OUT_OF_MEMORY, "sf_cuda_train_create: cannot pin %zu bytes of "
-                       "host staging: %s", t->hbytes, cudaGetErrorString(err));
+        return sf_fail(err == cudaErrorMemoryAllocation ? SF_ERR_OUT_OF_MEMORY : SF_ERR_CUDA,
+                       "sf_cuda_train_create: cannot pin %zu bytes of host staging: %s",
+                       t->hbytes, cudaGetErrorString(err));
     }
     carve_host(t, t->hbase);
     SF_CUDA_OR_FAIL(cudaEventCreateWithFlags(&t->recon_ready, cudaEventDisableTiming));
@@ -1326,21 +1327,13 @@ static sf_status enqueue_update(sf_cuda_trainer *t, const sf_cuda_train_update *
     return st;
 }
 
-/* Enqueues the whole pass; *recon is filled on the host in between when w_recon > 0. */
-static sf_status enqueue(sf_cuda_trainer *t, const sf_cuda_train_batch *b, const plan *p,
-                         bool backward, double *recon) {
+/* The forward: embeddings, the Sysformer on the system rows (S and S' copied to the host for
+ * L_recon when recon_on), the LLM's layers. */
+static sf_status enqueue_forward(sf_cuda_trainer *t, const plan *p, bool recon_on) {
     const sf_llm_config *c = &t->llm->cfg;
     const int64_t T = p->T, d = t->d, Ts = p->Ts;
-    const size_t out_off = (size_t)((char *)t->io.ce_loss - (char *)t->io.ids);
-    SF_CUDA_OR_FAIL(cudaMemcpyAsync(t->io.ids, t->h.ids, t->io.in_bytes, cudaMemcpyHostToDevice,
-                                    t->s));
-    /* a forward alone leaves the last gradient where sf_cuda_train_download_state finds it */
-    if (backward) SF_CUDA_OR_FAIL(cudaMemsetAsync(t->g, 0, (size_t)t->n_w * sizeof(float), t->s));
-
-    sf_nvtx_push("train forward");
     SF_TRY(sf_cuda_embedding_bf16(t->xs, t->e->embed, t->io.ids, T, d, c->vocab_size, NULL,
                                   t->s));
-    const bool recon_on = b->w_recon > 0.0 && Ts > 0;
     if (Ts > 0) {
         const size_t bytes = (size_t)(Ts * d) * sizeof(sf_bf16);
         SF_TRY(sf_cuda_gather_rows_bf16(t->stream[0], d, t->xs, d, t->io.sys_rows, Ts, d, t->s));
@@ -1359,9 +1352,15 @@ static sf_status enqueue(sf_cuda_trainer *t, const sf_cuda_train_batch *b, const
         }
     }
     for (int l = 0; l < c->num_layers; l++) SF_TRY(llm_layer_forward(t, p, l, true));
-    sf_nvtx_pop();
+    return SF_OK;
+}
 
-    sf_nvtx_push("train losses");
+/* The cross-entropy and classifier terms (and their gradients into dx when backward); their
+ * values copied back to the host. */
+static sf_status enqueue_losses(sf_cuda_trainer *t, const sf_cuda_train_batch *b,
+                                const plan *p, bool backward) {
+    const int64_t T = p->T, d = t->d;
+    const size_t out_off = (size_t)((char *)t->io.ce_loss - (char *)t->io.ids);
     if (backward) SF_CUDA_OR_FAIL(cudaMemsetAsync(t->dx, 0, (size_t)(T * d) * sizeof(float), t->s));
     int32_t stamp = 0;
     for (int32_t i = 0; i < T; i++) t->h_seen[i] = 0;
@@ -1369,43 +1368,75 @@ static sf_status enqueue(sf_cuda_trainer *t, const sf_cuda_train_batch *b, const
     SF_TRY(class_losses(t, b, backward, &stamp));
     SF_CUDA_OR_FAIL(cudaMemcpyAsync((char *)t->h.ids + out_off, (char *)t->io.ids + out_off,
                                     t->io.bytes - out_off, cudaMemcpyDeviceToHost, t->s));
-    sf_nvtx_pop();
+    return SF_OK;
+}
 
-    if (backward) {
-        sf_nvtx_push("train backward");
-        for (int l = c->num_layers - 1; l >= 0; l--) {
-            if (t->recompute) SF_TRY(llm_layer_forward(t, p, l, false));
-            SF_TRY(llm_layer_backward(t, p, l));
-        }
-        if (Ts > 0) SF_TRY(gather_f32(t, t->gx, t->dx, t->io.sys_rows, Ts, d));
-    }
+/* L_recon into *recon (0 when off), and with backward its gradient added to gx. */
+static sf_status recon_term(sf_cuda_trainer *t, const sf_cuda_train_batch *b, const plan *p,
+                            bool recon_on, bool backward, double *recon) {
     *recon = 0.0;
-    if (recon_on) {
-        /* The CPU trainer's arithmetic, on the device's S' and S: the loss in double and
-         * 2 scale (S' - S) rounded once to fp32. */
-        SF_CUDA_OR_FAIL(cudaEventSynchronize(t->recon_ready));
-        const int64_t n = Ts * d;
-        const double scale = b->w_recon / (double)n;
-        double sum = 0.0;
-        for (int64_t k = 0; k < n; k++) {
-            const double diff = (double)sf_bf16_to_f32(t->h_sout[k]) -
-                                (double)sf_bf16_to_f32(t->h_s[k]);
-            sum += diff * diff;
-            t->h_grec[k] = (float)(2.0 * scale * diff);
-        }
-        *recon = scale * sum;
-        if (backward) {
-            SF_CUDA_OR_FAIL(cudaMemcpyAsync(t->grec, t->h_grec, (size_t)n * sizeof(float),
-                                            cudaMemcpyHostToDevice, t->s));
-            SF_TRY(colsum(t, t->gx, t->grec, n, 1, n));
-        }
+    if (!recon_on) return SF_OK;
+    /* The CPU trainer's arithmetic, on the device's S' and S: the loss in double and
+     * 2 scale (S' - S) rounded once to fp32. */
+    SF_CUDA_OR_FAIL(cudaEventSynchronize(t->recon_ready));
+    const int64_t n = p->Ts * t->d;
+    const double scale = b->w_recon / (double)n;
+    double sum = 0.0;
+    for (int64_t k = 0; k < n; k++) {
+        const double diff = (double)sf_bf16_to_f32(t->h_sout[k]) -
+                            (double)sf_bf16_to_f32(t->h_s[k]);
+        sum += diff * diff;
+        t->h_grec[k] = (float)(2.0 * scale * diff);
     }
+    *recon = scale * sum;
     if (backward) {
-        if (Ts > 0) SF_TRY(sys_backward(t, p));
-        if (Ts > 0) SF_TRY(add_offset_backward(t, p));
-        sf_nvtx_pop();
+        SF_CUDA_OR_FAIL(cudaMemcpyAsync(t->grec, t->h_grec, (size_t)n * sizeof(float),
+                                        cudaMemcpyHostToDevice, t->s));
+        SF_TRY(colsum(t, t->gx, t->grec, n, 1, n));
     }
     return SF_OK;
+}
+
+/* The backward: the LLM's layers down to the input embeddings, L_recon's term, the Sysformer. */
+static sf_status enqueue_backward(sf_cuda_trainer *t, const sf_cuda_train_batch *b,
+                                  const plan *p, bool recon_on, double *recon) {
+    const int64_t d = t->d, Ts = p->Ts;
+    for (int l = t->llm->cfg.num_layers - 1; l >= 0; l--) {
+        if (t->recompute) SF_TRY(llm_layer_forward(t, p, l, false));
+        SF_TRY(llm_layer_backward(t, p, l));
+    }
+    if (Ts > 0) SF_TRY(gather_f32(t, t->gx, t->dx, t->io.sys_rows, Ts, d));
+    SF_TRY(recon_term(t, b, p, recon_on, true, recon));
+    if (Ts > 0) SF_TRY(sys_backward(t, p));
+    if (Ts > 0) SF_TRY(add_offset_backward(t, p));
+    return SF_OK;
+}
+
+/* Enqueues the whole pass; *recon is filled on the host in between when w_recon > 0. Each
+ * stage is an NVTX range, closed on every path out. */
+static sf_status enqueue(sf_cuda_trainer *t, const sf_cuda_train_batch *b, const plan *p,
+                         bool backward, double *recon) {
+    SF_CUDA_OR_FAIL(cudaMemcpyAsync(t->io.ids, t->h.ids, t->io.in_bytes, cudaMemcpyHostToDevice,
+                                    t->s));
+    /* a forward alone leaves the last gradient where sf_cuda_train_download_state finds it */
+    if (backward) SF_CUDA_OR_FAIL(cudaMemsetAsync(t->g, 0, (size_t)t->n_w * sizeof(float), t->s));
+    const bool recon_on = b->w_recon > 0.0 && p->Ts > 0;
+
+    sf_nvtx_push("train forward");
+    sf_status st = enqueue_forward(t, p, recon_on);
+    sf_nvtx_pop();
+    if (st != SF_OK) return st;
+
+    sf_nvtx_push("train losses");
+    st = enqueue_losses(t, b, p, backward);
+    sf_nvtx_pop();
+    if (st != SF_OK) return st;
+
+    if (!backward) return recon_term(t, b, p, recon_on, false, recon);
+    sf_nvtx_push("train backward");
+    st = enqueue_backward(t, b, p, recon_on, recon);
+    sf_nvtx_pop();
+    return st;
 }
 
 /* A CUDA call's result as a status. */
