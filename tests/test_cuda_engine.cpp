@@ -1,8 +1,10 @@
 // The CUDA engine (host/cuda/*) end to end against the CPU reference path: guarded prefill,
 // the device-side guarded embedding for serving stacks, decode over the KV slots, CUDA-graph
-// replay, generation, hostile arguments, the memory report and stage timing. Every test but
-// CudaEngineArgs.* skips without a GPU (bench/device_check.sh runs them on a lent one);
-// CudaEngineArgs.CreateWithoutAGpuReportsNoDevice runs only without one.
+// replay, generation, hostile arguments, the memory report and stage timing; and, at the end,
+// what it does when CUDA fails under it (CudaEngineFaults, built only on tools/simt's emulated
+// device, which can fail calls on cue). Every test but CudaEngineArgs.* skips without a GPU
+// (bench/device_check.sh runs them on a lent one); CudaEngineArgs.CreateWithoutAGpuReportsNoDevice
+// runs only without one.
 //
 // Models: the golden configurations of tests/golden/llm rebuilt at head_dim 64 (the fused
 // attention has 64, 80, 96 and 128 only; see engine_test_util.h for what each one covers), each
@@ -3096,5 +3098,460 @@ TEST_F(CudaEngineSmolLM2, GenerateMatchesCpu) {
     ASSERT_TRUE(e);
     check_generate(llm_, sf_, tok_, e.get(), prompts_, 8, bound());
 }
+
+
+// ------------------------------------------------------------------------------------------
+// Faults: what the engine does when CUDA fails under it (tools/simt only)
+// ------------------------------------------------------------------------------------------
+//
+// Every creation that can fail (an allocation, a stream, an event, a graph, the cuBLASLt
+// handle), a launch the device refuses, a kernel that faults. The contract (sysformer.h): a
+// clear status and message, nothing leaked, no crash, and an engine still usable where the
+// device is (a refused launch leaves it intact; a fault does not).
+// A GPU cannot be made to fail on cue, so these tests exist only on tools/simt's emulated
+// device, whose runtime fails any call of a kind on request (simt::fail_call, simt_api.h, which
+// defines SIMT_FAULT_INJECTION) and counts what the process holds (simt::resources: device and
+// pinned allocations, streams, events, graphs, cuBLASLt objects).
+// Results compared here come from the same engine configuration on the same inputs, so equal
+// means bit for bit (Determinism, at the top).
+#ifdef SIMT_FAULT_INJECTION
+
+struct SessionFree {
+    void operator()(sf_cuda_session *s) const { sf_cuda_session_free(s); }
+};
+using SessionPtr = std::unique_ptr<sf_cuda_session, SessionFree>;
+
+bool contains(const std::string &s, const char *part) { return s.find(part) != std::string::npos; }
+
+std::string describe(const simt::Resources &r) {
+    char b[256];
+    snprintf(b, sizeof b,
+             "%zu device bytes in %zu allocations, %zu pinned, %zu streams, %zu events, "
+             "%zu graphs, %zu cuBLASLt objects, %d NVTX ranges open",
+             r.device_bytes, r.device_allocs, r.pinned_allocs, r.streams, r.events, r.graphs,
+             r.blaslt_objects, r.nvtx_depth);
+    return b;
+}
+
+::testing::AssertionResult holds(const simt::Resources &want) {
+    const simt::Resources now = simt::resources();
+    if (now == want) return ::testing::AssertionSuccess();
+    return ::testing::AssertionFailure()
+           << "the process holds " << describe(now) << "; before: " << describe(want);
+}
+
+// A session's outcome: each request's tokens once all have finished, or the first failure.
+struct Outcome {
+    sf_status failed = SF_OK;
+    std::string message;
+    std::vector<std::vector<int32_t>> tokens;
+};
+
+class CudaEngineFaults : public ::testing::Test {
+  protected:
+    void SetUp() override {
+        if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+        ASSERT_TRUE(write_llm_variant("llama_gqa_llama3", dir_.path(), 17));
+        ASSERT_EQ(sf_llm_load(dir_.path().c_str(), &llm_), SF_OK) << sf_last_error();
+        ASSERT_TRUE(make_open_sysformer(llm_, 5, &sf_));
+        // Three requests on two slots: the third waits and starts beside a running one, so a
+        // run has guarded prefills, mixed rounds, decode graphs (captured, then replayed) and
+        // both samplers (request 1 samples, the others are greedy).
+        prompts_ = tiny_prompts({{5, 2}, {3, 4}, {2, 6}}, 81);
+        limits_ = {4, 6, 5};
+        sampling_ = {{0.0f, 0, 1.0f, 0}, {0.9f, 0, 1.0f, 77}, {0.0f, 0, 1.0f, 0}};
+        // a batch for the guarded embedding, which takes at most max_slots requests
+        for (int32_t r = 0; r < 2; r++) two_.add(prompts_.request(r), prompts_.spans[r]);
+    }
+    void TearDown() override {
+        simt::disarm_faults();
+        sf_sysformer_free(sf_);
+        sf_llm_free(llm_);
+    }
+
+    // two slots of 64 positions, steps of 48 tokens
+    static sf_cuda_engine_options faults_options(bool guard_only = false) {
+        sf_cuda_engine_options o = options(2, 64, 48);
+        o.guard_only = guard_only;
+        return o;
+    }
+
+    EnginePtr engine() {
+        const sf_cuda_engine_options o = faults_options();
+        sf_cuda_engine *e = nullptr;
+        const sf_status st = sf_cuda_engine_create(llm_, sf_, &o, &e);
+        EXPECT_EQ(st, SF_OK) << sf_status_string(st) << ": " << sf_last_error();
+        return EnginePtr(st == SF_OK ? e : nullptr);
+    }
+
+    // Runs the requests on a new session of e, to the end or to the first failed step. After a
+    // failure it checks what a broken session promises: later steps and submissions repeat the
+    // failure, requests can still be cancelled and taken, and it frees.
+    Outcome run(sf_cuda_engine *e) {
+        Outcome out;
+        sf_cuda_session *raw = nullptr;
+        EXPECT_EQ(sf_cuda_session_create(e, nullptr, nullptr, 0, nullptr, 0, &raw), SF_OK)
+            << sf_last_error();
+        SessionPtr s(raw);
+        if (!s) return out;
+        const int32_t n = prompts_.n();
+        for (int32_t r = 0; r < n; r++) {
+            const std::vector<int32_t> ids = prompts_.request(r);
+            int32_t id = -1;
+            EXPECT_EQ(sf_cuda_session_submit(s.get(), ids.data(), (int32_t)ids.size(),
+                                             &prompts_.spans[r], &sampling_[r], limits_[r], &id),
+                      SF_OK)
+                << sf_last_error();
+        }
+        int32_t running = 0, waiting = 0;
+        for (int32_t round = 0; round < 64; round++) {
+            const sf_status st = sf_cuda_session_step(s.get(), nullptr, nullptr, &running,
+                                                      &waiting);
+            if (st != SF_OK) {
+                out.failed = st;
+                out.message = sf_last_error();
+                break;
+            }
+            if (running == 0 && waiting == 0) break;
+        }
+        if (out.failed != SF_OK) {
+            EXPECT_EQ(simt::resources().nvtx_depth, 0) << "the failed step left NVTX ranges open";
+            EXPECT_EQ(sf_cuda_session_step(s.get(), nullptr, nullptr, &running, &waiting),
+                      out.failed);
+            EXPECT_TRUE(contains(sf_last_error(), "failed earlier") &&
+                        contains(sf_last_error(), out.message.c_str()))
+                << sf_last_error();
+            const std::vector<int32_t> ids = prompts_.request(0);
+            int32_t id = -1;
+            EXPECT_EQ(sf_cuda_session_submit(s.get(), ids.data(), (int32_t)ids.size(),
+                                             &prompts_.spans[0], nullptr, 2, &id),
+                      out.failed);
+            for (int32_t r = 0; r < n; r++) {
+                sf_generation_result res = {};
+                bool done = false;
+                EXPECT_EQ(sf_cuda_session_cancel(s.get(), r), SF_OK) << sf_last_error();
+                EXPECT_EQ(sf_cuda_session_take(s.get(), r, &res, &done), SF_OK);
+                EXPECT_TRUE(done) << "request " << r << ", cancelled";
+                EXPECT_LE(res.n_tokens, limits_[r]);
+                sf_generation_result_free(&res);
+            }
+            return out;
+        }
+        EXPECT_EQ(running + waiting, 0) << "the requests did not finish in 64 rounds";
+        for (int32_t r = 0; r < n; r++) {
+            sf_generation_result res = {};
+            bool done = false;
+            EXPECT_EQ(sf_cuda_session_take(s.get(), r, &res, &done), SF_OK) << sf_last_error();
+            EXPECT_TRUE(done) << "request " << r;
+            out.tokens.emplace_back(res.tokens, res.tokens + res.n_tokens);
+            sf_generation_result_free(&res);
+        }
+        return out;
+    }
+
+    // The calls of a kind that one run makes on a new engine (its creation not counted), and
+    // that run's tokens.
+    long long calls_of_a_run(simt::Fault kind, Outcome *ref) {
+        EnginePtr e = engine();
+        if (!e) return 0;
+        const long long before = simt::fault_calls(kind);
+        *ref = run(e.get());
+        return simt::fault_calls(kind) - before;
+    }
+
+    TempDir dir_;
+    sf_llm *llm_ = nullptr;
+    sf_sysformer *sf_ = nullptr;
+    Prompts prompts_, two_;
+    std::vector<int32_t> limits_;
+    std::vector<sf_sampling> sampling_;
+};
+
+// k of n spread evenly over [0, n), first and last included.
+std::vector<long long> spread(long long n, long long k) {
+    std::vector<long long> at;
+    for (long long i = 0; i < k && n > 0; i++) {
+        const long long c = k > 1 ? i * (n - 1) / (k - 1) : 0;
+        if (at.empty() || at.back() != c) at.push_back(c);
+    }
+    return at;
+}
+
+// 1. Each creation call of engine creation failing in turn (an allocation, the pinned
+// staging, the stream, the events, the cuBLASLt handle; the full engine, a guard-only one, and
+// one with random weights): SF_ERR_OUT_OF_MEMORY with a message that says so, *out NULL, and
+// everything created before it released. Then a creation succeeds and steps as ever: a failed
+// creation leaves no error behind for a later launch to report as its own.
+TEST_F(CudaEngineFaults, EveryFailedCreationIsReportedAndReleasesEverything) {
+    Outcome ref;
+    ASSERT_GT(calls_of_a_run(simt::FAULT_CREATE, &ref), 0);
+    ASSERT_EQ(ref.failed, SF_OK) << ref.message;
+    const sf_llm_config llm_cfg = *sf_llm_get_config(llm_);
+    const sf_sysformer_config sys_cfg = *sf_sysformer_get_config(sf_);
+
+    const char *kinds[] = {"full", "guard-only", "random weights"};
+    for (int kind = 0; kind < 3; kind++) {
+        SCOPED_TRACE(kinds[kind]);
+        const sf_cuda_engine_options o = faults_options(kind == 1);
+        auto create = [&](sf_cuda_engine **e) {
+            return kind == 2 ? sf_cuda_engine_create_random(&llm_cfg, &sys_cfg, 3, &o, e)
+                             : sf_cuda_engine_create(llm_, sf_, &o, e);
+        };
+        const simt::Resources before = simt::resources();
+        const long long c0 = simt::fault_calls(simt::FAULT_CREATE);
+        sf_cuda_engine *e = nullptr;
+        ASSERT_EQ(create(&e), SF_OK) << sf_last_error();
+        sf_cuda_engine_free(e);
+        const long long creations = simt::fault_calls(simt::FAULT_CREATE) - c0;
+        ASSERT_TRUE(holds(before)) << "a plain create and free";
+        // weights, the K and V caches (not guard-only), the arena, the pinned staging, the
+        // upload's staging buffer, the stream, events, the cuBLASLt handle
+        EXPECT_GE(creations, kind == 1 ? 6 : 8);
+        for (long long k = 0; k < creations; k++) {
+            SCOPED_TRACE("creation call " + std::to_string(k));
+            simt::fail_call(simt::FAULT_CREATE, k);
+            e = reinterpret_cast<sf_cuda_engine *>(&e);  // anything but NULL
+            const sf_status st = create(&e);
+            simt::disarm_faults();
+            EXPECT_EQ(st, SF_ERR_OUT_OF_MEMORY) << sf_status_string(st) << ": " << sf_last_error();
+            EXPECT_TRUE(contains(sf_last_error(), "out of memory") ||
+                        contains(sf_last_error(), "ALLOC_FAILED"))
+                << sf_last_error();
+            EXPECT_EQ(e, nullptr);
+            EXPECT_TRUE(holds(before));
+        }
+    }
+    EnginePtr e = engine();
+    ASSERT_TRUE(e);
+    const Outcome again = run(e.get());
+    EXPECT_EQ(again.failed, SF_OK) << again.message;
+    EXPECT_EQ(again.tokens, ref.tokens);
+}
+
+// 2. A launch the device refuses (a kernel or a cuBLASLt product), at points spread over a
+// whole session's run, from the first guarded prefill through the decode graphs' captures and
+// replays: the step fails with SF_ERR_CUDA naming the refusal, the session is broken (and says
+// so), and the engine is not: a new session on it gives the same tokens as an engine that never
+// failed. The refused launch is the step's own to report, and it resets the slots it touched.
+TEST_F(CudaEngineFaults, ARefusedLaunchBreaksTheSessionNotTheEngine) {
+    Outcome ref;
+    const long long launches = calls_of_a_run(simt::FAULT_LAUNCH, &ref);
+    ASSERT_EQ(ref.failed, SF_OK) << ref.message;
+    ASSERT_GT(launches, 20);
+    for (long long k : spread(launches, 12)) {
+        SCOPED_TRACE("launch " + std::to_string(k) + " of " + std::to_string(launches));
+        EnginePtr e = engine();
+        ASSERT_TRUE(e);
+        simt::fail_call(simt::FAULT_LAUNCH, k);
+        const Outcome failed = run(e.get());
+        simt::disarm_faults();
+        EXPECT_EQ(failed.failed, SF_ERR_CUDA) << failed.message;
+        EXPECT_TRUE(contains(failed.message, "too many resources requested for launch") ||
+                    contains(failed.message, "CUBLAS_STATUS_EXECUTION_FAILED"))
+            << failed.message;
+        const Outcome after = run(e.get());
+        EXPECT_EQ(after.failed, SF_OK) << after.message;
+        EXPECT_EQ(after.tokens, ref.tokens) << "the engine did not recover";
+    }
+}
+
+// 3. A kernel that faults, at points spread over a run: the step that waits for it fails with
+// SF_ERR_CUDA naming the fault, and so does everything after that needs the device (a new
+// session's step, sf_generate_cuda, a guarded embedding, a new engine) with no result leaked;
+// freeing the engine releases all it held.
+TEST_F(CudaEngineFaults, AKernelFaultFailsEveryLaterCallAndFreesCleanly) {
+    // the guarded embedding's inputs, on the device while it still works
+    std::vector<int32_t> flat;
+    for (const sf_prompt_spans &s : two_.spans)
+        flat.insert(flat.end(), {s.prefix, s.system, s.middle, s.user, s.suffix});
+    DeviceBuffer<int32_t> d_cu(two_.cu), d_ids(two_.ids), d_spans(flat);
+    DeviceBuffer<uint16_t> d_out((size_t)two_.total() *
+                                 (size_t)sf_llm_get_config(llm_)->hidden_size);
+    ASSERT_TRUE(d_cu.get() && d_ids.get() && d_spans.get() && d_out.get());
+    Outcome ref;
+    const simt::Resources before = simt::resources();
+    const long long kernels = calls_of_a_run(simt::FAULT_KERNEL, &ref);
+    ASSERT_EQ(ref.failed, SF_OK) << ref.message;
+    ASSERT_GT(kernels, 20);
+    ASSERT_TRUE(holds(before));
+    for (long long k : spread(kernels, 6)) {
+        SCOPED_TRACE("kernel " + std::to_string(k) + " of " + std::to_string(kernels));
+        EnginePtr e = engine();
+        ASSERT_TRUE(e);
+        simt::fail_call(simt::FAULT_KERNEL, k);
+        const Outcome failed = run(e.get());
+        EXPECT_EQ(failed.failed, SF_ERR_CUDA) << failed.message;
+        EXPECT_TRUE(contains(failed.message, "an illegal memory access was encountered"))
+            << failed.message;
+
+        const Outcome next = run(e.get());
+        EXPECT_EQ(next.failed, SF_ERR_CUDA) << "a new session on a dead device";
+
+        sf_generation g = {};
+        g.n_requests = prompts_.n();
+        g.cu_seqlens = prompts_.cu.data();
+        g.token_ids = prompts_.ids.data();
+        g.spans = prompts_.spans.data();
+        g.max_new_tokens = 3;
+        std::vector<sf_generation_result> res((size_t)g.n_requests);
+        EXPECT_EQ(sf_generate_cuda(e.get(), nullptr, &g, nullptr, nullptr, res.data()),
+                  SF_ERR_CUDA);
+        for (const sf_generation_result &r : res) {
+            EXPECT_EQ(r.tokens, nullptr) << "a failed generation returns no result";
+            EXPECT_EQ(r.text, nullptr);
+        }
+
+        const sf_status st = sf_cuda_guarded_embed(
+            e.get(), two_.n(), two_.total(), d_cu.get(), d_ids.get(),
+            (const sf_prompt_spans *)d_spans.get(), 8, 8, d_out.get(), nullptr, nullptr);
+        EXPECT_EQ(st, SF_ERR_CUDA) << sf_last_error();
+
+        sf_cuda_engine *other = reinterpret_cast<sf_cuda_engine *>(&other);
+        const sf_cuda_engine_options o = faults_options();
+        EXPECT_NE(sf_cuda_engine_create(llm_, sf_, &o, &other), SF_OK);
+        EXPECT_EQ(other, nullptr);
+        e.reset();
+        simt::disarm_faults();  // what a real process cannot do: it would have to restart
+    }
+    EXPECT_TRUE(holds(before)) << "the engines did not release everything";
+}
+
+// 4. sf_cuda_guarded_embed on the stack's own stream, a launch refused at each of its launches:
+// SF_ERR_CUDA, and the next call writes what a call that never failed writes.
+TEST_F(CudaEngineFaults, ARefusedLaunchInTheGuardedEmbeddingIsReported) {
+    sf_cuda_engine_options o = faults_options(true);
+    sf_cuda_engine *raw = nullptr;
+    ASSERT_EQ(sf_cuda_engine_create(llm_, sf_, &o, &raw), SF_OK) << sf_last_error();
+    EnginePtr e(raw);
+    const int64_t d = sf_llm_get_config(llm_)->hidden_size;
+    std::vector<int32_t> flat;
+    for (const sf_prompt_spans &s : two_.spans)
+        flat.insert(flat.end(), {s.prefix, s.system, s.middle, s.user, s.suffix});
+    DeviceBuffer<int32_t> d_cu(two_.cu), d_ids(two_.ids), d_spans(flat);
+    DeviceBuffer<uint16_t> d_out((size_t)two_.total() * d);
+    DeviceBuffer<int> d_err(1);
+    ASSERT_TRUE(d_cu.get() && d_ids.get() && d_spans.get() && d_out.get() && d_err.get());
+    cudaStream_t stream = nullptr;
+    ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+    std::unique_ptr<CUstream_st, cudaError_t (*)(cudaStream_t)> stream_guard(stream,
+                                                                             cudaStreamDestroy);
+    auto embed = [&] {
+        EXPECT_EQ(cudaMemsetAsync(d_err.get(), 0, sizeof(int), stream), cudaSuccess);
+        return sf_cuda_guarded_embed(e.get(), two_.n(), two_.total(), d_cu.get(),
+                                     d_ids.get(), (const sf_prompt_spans *)d_spans.get(), 8, 8,
+                                     d_out.get(), d_err.get(), stream);
+    };
+    const long long c0 = simt::fault_calls(simt::FAULT_LAUNCH);
+    ASSERT_EQ(embed(), SF_OK) << sf_last_error();
+    const long long launches = simt::fault_calls(simt::FAULT_LAUNCH) - c0;
+    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    const std::vector<uint16_t> want = d_out.host();
+    ASSERT_EQ(d_err.host()[0], 0);
+    ASSERT_GT(launches, 5);
+    for (long long k = 0; k < launches; k++) {
+        SCOPED_TRACE("launch " + std::to_string(k) + " of " + std::to_string(launches));
+        simt::fail_call(simt::FAULT_LAUNCH, k);
+        const sf_status st = embed();
+        simt::disarm_faults();
+        EXPECT_EQ(st, SF_ERR_CUDA) << sf_last_error();
+        EXPECT_EQ(simt::resources().nvtx_depth, 0) << "NVTX ranges left open";
+        EXPECT_TRUE(contains(sf_last_error(), "too many resources requested for launch") ||
+                    contains(sf_last_error(), "CUBLAS_STATUS_EXECUTION_FAILED"))
+            << sf_last_error();
+        ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+        ASSERT_EQ(cudaMemset(d_out.get(), 0xff, want.size() * 2), cudaSuccess);
+        ASSERT_EQ(embed(), SF_OK) << sf_last_error();
+        ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+        EXPECT_EQ(d_out.host(), want);
+        EXPECT_EQ(d_err.host()[0], 0);
+    }
+}
+
+// 5. The step API (sf_cuda_engine_step): a step that fails after validation empties its own
+// slots, and only those (include/sysformer.h). A launch is refused at points spread over a
+// guarded prefill of two requests, and over the decode step after it (whose graph is captured
+// then), while a third request holds another slot. Afterwards the step's slots are empty, the
+// third's is as it was, and the same steps again give the logits of an engine that never
+// failed, the third request's decode included.
+TEST_F(CudaEngineFaults, AFailedStepEmptiesItsSlotsAndNoOthers) {
+    sf_cuda_engine_options o = faults_options();
+    o.max_slots = 3;
+    const int64_t vocab = sf_llm_get_config(llm_)->vocab_size;
+    const sf_sampling greedy = {0.0f, 0, 1.0f, 0};
+    const Prompts third = prompts_.only(2);
+    const std::vector<int32_t> pair_slots = {0, 1}, third_slot = {2};
+    auto step = [&](sf_cuda_engine *e, const Prompts *p, const std::vector<int32_t> &slots) {
+        sf_cuda_step st = {};
+        st.n_requests = (int32_t)slots.size();
+        st.slots = slots.data();
+        if (p) {
+            st.cu_seqlens = p->cu.data();
+            st.token_ids = p->ids.data();
+            st.spans = p->spans.data();
+        }
+        st.sampling = &greedy;
+        return sf_cuda_engine_step(e, &st);
+    };
+    auto logits = [&](sf_cuda_engine *e, int32_t n) {
+        std::vector<float> v((size_t)n * vocab, NAN);
+        EXPECT_EQ(sf_cuda_engine_read_logits(e, v.data(), n), SF_OK) << sf_last_error();
+        return v;
+    };
+    auto create = [&] {
+        sf_cuda_engine *e = nullptr;
+        EXPECT_EQ(sf_cuda_engine_create(llm_, sf_, &o, &e), SF_OK) << sf_last_error();
+        return EnginePtr(e);
+    };
+    // The reference: third on slot 2; the pair on 0 and 1; the pair's decode; third's decode.
+    // Launches counted per step.
+    EnginePtr ref = create();
+    ASSERT_TRUE(ref);
+    ASSERT_EQ(step(ref.get(), &third, third_slot), SF_OK) << sf_last_error();
+    long long c0 = simt::fault_calls(simt::FAULT_LAUNCH);
+    ASSERT_EQ(step(ref.get(), &two_, pair_slots), SF_OK) << sf_last_error();
+    const std::vector<float> want_prefill = logits(ref.get(), 2);
+    const long long prefill_launches = simt::fault_calls(simt::FAULT_LAUNCH) - c0;
+    c0 = simt::fault_calls(simt::FAULT_LAUNCH);
+    ASSERT_EQ(step(ref.get(), nullptr, pair_slots), SF_OK) << sf_last_error();
+    const std::vector<float> want_decode = logits(ref.get(), 2);
+    const long long decode_launches = simt::fault_calls(simt::FAULT_LAUNCH) - c0;
+    ASSERT_EQ(step(ref.get(), nullptr, third_slot), SF_OK) << sf_last_error();
+    const std::vector<float> want_third = logits(ref.get(), 1);
+    const int32_t third_len = third.total();
+    ASSERT_GT(prefill_launches, 10);
+    ASSERT_GT(decode_launches, 10);
+
+    for (int failing = 0; failing < 2; failing++) {
+        const bool in_decode = failing == 1;
+        const long long launches = in_decode ? decode_launches : prefill_launches;
+        for (long long k : spread(launches, 8)) {
+            SCOPED_TRACE(std::string(in_decode ? "decode" : "prefill") + ", launch " +
+                         std::to_string(k) + " of " + std::to_string(launches));
+            EnginePtr e = create();
+            ASSERT_TRUE(e);
+            ASSERT_EQ(step(e.get(), &third, third_slot), SF_OK) << sf_last_error();
+            if (in_decode) ASSERT_EQ(step(e.get(), &two_, pair_slots), SF_OK) << sf_last_error();
+            simt::fail_call(simt::FAULT_LAUNCH, k);
+            const sf_status st = step(e.get(), in_decode ? nullptr : &two_, pair_slots);
+            simt::disarm_faults();
+            EXPECT_EQ(st, SF_ERR_CUDA) << sf_last_error();
+            EXPECT_EQ(simt::resources().nvtx_depth, 0) << "NVTX ranges left open";
+            EXPECT_EQ(sf_cuda_engine_slot_length(e.get(), 0), 0);
+            EXPECT_EQ(sf_cuda_engine_slot_length(e.get(), 1), 0);
+            EXPECT_EQ(sf_cuda_engine_slot_length(e.get(), 2), third_len) << "not the step's slot";
+            float row;
+            EXPECT_EQ(sf_cuda_engine_read_logits(e.get(), &row, 1), SF_ERR_INVALID_ARGUMENT)
+                << "a failed step leaves no results to read";
+
+            ASSERT_EQ(step(e.get(), &two_, pair_slots), SF_OK) << sf_last_error();
+            EXPECT_EQ(logits(e.get(), 2), want_prefill);
+            ASSERT_EQ(step(e.get(), nullptr, pair_slots), SF_OK) << sf_last_error();
+            EXPECT_EQ(logits(e.get(), 2), want_decode);
+            ASSERT_EQ(step(e.get(), nullptr, third_slot), SF_OK) << sf_last_error();
+            EXPECT_EQ(logits(e.get(), 1), want_third) << "the third request's slot was touched";
+        }
+    }
+}
+#endif  // SIMT_FAULT_INJECTION
 
 }  // namespace

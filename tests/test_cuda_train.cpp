@@ -4,7 +4,8 @@
 // host/train/trainer.c's train_step), comparing the three losses and the gradient of every
 // Sysformer tensor and of the classifier head. Every test but CudaTrainArgs.* skips without a
 // GPU (bench/device_check.sh runs them on a lent one); CudaTrainArgs.* run everywhere CUDA is
-// built (one only when no GPU is present).
+// built (one only when no GPU is present). CudaTrainFaults, at the end, exists only on
+// tools/simt's emulated device: CUDA failing under the trainer.
 //
 // Models: the golden LLM configurations rebuilt at head_dim 64 (engine_test_util.h: GQA +
 // llama3 RoPE, Mistral's sliding window, Qwen2's q/k/v biases, Phi-3's longrope with requests on
@@ -1327,5 +1328,204 @@ TEST_F(CudaTrainArgs, TrainerOnCudaWithoutAGpuReportsNoDevice) {
               SF_ERR_INVALID_ARGUMENT);
     sf_train_set_free(&set);
 }
+
+// ------------------------------------------------------------------------------------------
+// Faults: what the GPU trainer does when CUDA fails under it (tools/simt only; see the Faults
+// section of test_cuda_engine.cpp for the engine's and for how faults are injected)
+// ------------------------------------------------------------------------------------------
+#ifdef SIMT_FAULT_INJECTION
+
+bool has(const char *s, const char *part) { return strstr(s, part) != nullptr; }
+
+class CudaTrainFaults : public ::testing::Test {
+  protected:
+    void SetUp() override {
+        SF_SKIP_WITHOUT_GPU();
+        ASSERT_TRUE(write_llm_variant("llama_gqa_llama3", dir_.path(), 17));
+        sf_llm *llm = nullptr;
+        ASSERT_EQ(sf_llm_load(dir_.path().c_str(), &llm), SF_OK) << sf_last_error();
+        llm_.reset(llm);
+        sf_ = random_sysformer(llm, true, SF_ACT_RELU, false, 29);
+        o_ = sf_cuda_train_default_options();
+        o_.max_tokens = 256;
+        o_.head_chunk = 16;
+        batch_ = make_batch({{{3, 4, 5}}, {{2, 6, 3}}}, 13, 1.0, 1.0, 1.0);
+        sf_sysformer_flat(sf_.get(), &nw_);
+    }
+    void TearDown() override { simt::disarm_faults(); }
+    TrainerPtr trainer() {
+        sf_cuda_trainer *t = nullptr;
+        EXPECT_EQ(sf_cuda_train_create(llm_.get(), sf_.get(), &o_, &t), SF_OK) << sf_last_error();
+        return TrainerPtr(t);
+    }
+    // A loss and gradient of the batch; the status.
+    sf_status loss_grad(sf_cuda_trainer *t, sf_llm_loss_result *r, double *recon,
+                        std::vector<float> *g) {
+        g->assign((size_t)nw_, NAN);
+        const sf_cuda_train_batch bv = batch_.view();
+        return sf_cuda_train_loss_grad(t, &bv, r, recon, g->data());
+    }
+    TempDir dir_;
+    LlmPtr llm_;
+    SfPtr sf_;
+    sf_cuda_train_options o_;
+    TrainBatch batch_;
+    int64_t nw_ = 0;
+};
+
+// k of n spread evenly over [0, n), first and last included.
+std::vector<long long> spread(long long n, long long k) {
+    std::vector<long long> at;
+    for (long long i = 0; i < k && n > 0; i++) {
+        const long long c = k > 1 ? i * (n - 1) / (k - 1) : 0;
+        if (at.empty() || at.back() != c) at.push_back(c);
+    }
+    return at;
+}
+
+// Each creation call of sf_cuda_train_create failing in turn: SF_ERR_OUT_OF_MEMORY saying so,
+// *out NULL, everything created before it released.
+TEST_F(CudaTrainFaults, EveryFailedCreationIsReportedAndReleasesEverything) {
+    const simt::Resources before = simt::resources();
+    const long long c0 = simt::fault_calls(simt::FAULT_CREATE);
+    trainer().reset();
+    const long long creations = simt::fault_calls(simt::FAULT_CREATE) - c0;
+    ASSERT_EQ(simt::resources(), before) << "a plain create and free";
+    // the LLM's weights, activations, master weights and moments, pinned staging, an event,
+    // the cuBLASLt handle
+    ASSERT_GE(creations, 4);
+    for (long long k = 0; k < creations; k++) {
+        SCOPED_TRACE("creation call " + std::to_string(k) + " of " + std::to_string(creations));
+        simt::fail_call(simt::FAULT_CREATE, k);
+        sf_cuda_trainer *t = reinterpret_cast<sf_cuda_trainer *>(&t);
+        const sf_status st = sf_cuda_train_create(llm_.get(), sf_.get(), &o_, &t);
+        simt::disarm_faults();
+        EXPECT_EQ(st, SF_ERR_OUT_OF_MEMORY) << sf_status_string(st) << ": " << sf_last_error();
+        EXPECT_TRUE(has(sf_last_error(), "out of memory") || has(sf_last_error(), "ALLOC_FAILED"))
+            << sf_last_error();
+        EXPECT_EQ(t, nullptr);
+        EXPECT_TRUE(simt::resources() == before) << "creation call " << k << " leaked";
+    }
+}
+
+// A launch refused at points spread over a loss-and-gradient call and over a device step:
+// SF_ERR_CUDA naming the refusal. The trainer stays usable: the next loss and gradient (which
+// uploads the weights again) gives the losses of a trainer that never failed, bit for bit,
+// and its gradient within the atomics' spread (4u, CudaTrainVariant.LeavesTheLlmUntouched...);
+// after a failed device step (whose device state is unspecified) sf_cuda_train_upload_state
+// restores the state, and the step then gives the reference step's losses and norm.
+TEST_F(CudaTrainFaults, ARefusedLaunchFailsTheCallAndTheTrainerRecovers) {
+    TrainerPtr t = trainer();
+    ASSERT_TRUE(t);
+    sf_llm_loss_result want;
+    double want_recon = 0;
+    std::vector<float> want_g;
+    long long c0 = simt::fault_calls(simt::FAULT_LAUNCH);
+    ASSERT_EQ(loss_grad(t.get(), &want, &want_recon, &want_g), SF_OK) << sf_last_error();
+    const long long launches = simt::fault_calls(simt::FAULT_LAUNCH) - c0;
+    ASSERT_GT(launches, 20);
+    for (long long k : spread(launches, 10)) {
+        SCOPED_TRACE("loss_grad, launch " + std::to_string(k) + " of " + std::to_string(launches));
+        sf_llm_loss_result r;
+        double recon = 0;
+        std::vector<float> g;
+        simt::fail_call(simt::FAULT_LAUNCH, k);
+        const sf_status st = loss_grad(t.get(), &r, &recon, &g);
+        simt::disarm_faults();
+        EXPECT_EQ(st, SF_ERR_CUDA) << sf_last_error();
+        EXPECT_EQ(simt::resources().nvtx_depth, 0) << "NVTX ranges left open";
+        EXPECT_TRUE(has(sf_last_error(), "too many resources requested for launch") ||
+                    has(sf_last_error(), "CUBLAS_STATUS_EXECUTION_FAILED"))
+            << sf_last_error();
+        ASSERT_EQ(loss_grad(t.get(), &r, &recon, &g), SF_OK) << sf_last_error();
+        EXPECT_EQ(r.ce, want.ce);
+        EXPECT_EQ(r.cls, want.cls);
+        EXPECT_EQ(recon, want_recon);
+        EXPECT_LE(rel_err(g, want_g), 4.0 * kUbf16);
+    }
+
+    // the device step: the reference from the state the last call uploaded (sf_'s weights,
+    // zero moments)
+    const std::vector<float> w0(sf_->weights, sf_->weights + nw_);
+    const std::vector<float> zeros((size_t)nw_, 0.0f);
+    sf_cuda_train_update u = {};
+    u.lr = 1e-3;
+    u.step = 1;
+    u.adamw = {0.9, 0.999, 1e-4, 0.1};
+    u.clip_norm = 1.0;
+    const sf_cuda_train_batch bv = batch_.view();
+    sf_llm_loss_result ref;
+    double ref_recon = 0, ref_norm = 0;
+    c0 = simt::fault_calls(simt::FAULT_LAUNCH);
+    ASSERT_EQ(sf_cuda_train_step(t.get(), &bv, &u, &ref, &ref_recon, &ref_norm), SF_OK)
+        << sf_last_error();
+    const long long step_launches = simt::fault_calls(simt::FAULT_LAUNCH) - c0;
+    ASSERT_GT(step_launches, launches) << "the step's optimizer launches come after the backward";
+    for (long long k : spread(step_launches, 6)) {
+        SCOPED_TRACE("step, launch " + std::to_string(k) + " of " + std::to_string(step_launches));
+        ASSERT_EQ(sf_cuda_train_upload_state(t.get(), w0.data(), zeros.data(), zeros.data()),
+                  SF_OK)
+            << sf_last_error();
+        sf_llm_loss_result r;
+        double recon = 0, norm = 0;
+        simt::fail_call(simt::FAULT_LAUNCH, k);
+        const sf_status st = sf_cuda_train_step(t.get(), &bv, &u, &r, &recon, &norm);
+        simt::disarm_faults();
+        EXPECT_EQ(st, SF_ERR_CUDA) << sf_last_error();
+        EXPECT_EQ(simt::resources().nvtx_depth, 0) << "NVTX ranges left open";
+        ASSERT_EQ(sf_cuda_train_upload_state(t.get(), w0.data(), zeros.data(), zeros.data()),
+                  SF_OK)
+            << sf_last_error();
+        ASSERT_EQ(sf_cuda_train_step(t.get(), &bv, &u, &r, &recon, &norm), SF_OK)
+            << sf_last_error();
+        EXPECT_EQ(r.ce, ref.ce);
+        EXPECT_EQ(r.cls, ref.cls);
+        EXPECT_EQ(recon, ref_recon);
+        EXPECT_NEAR(norm, ref_norm, 4.0 * kUbf16 * ref_norm);
+    }
+}
+
+// A kernel that faults inside a loss-and-gradient call: SF_ERR_CUDA naming it, every later call
+// fails too, and freeing the trainer releases all it held.
+TEST_F(CudaTrainFaults, AKernelFaultFailsEveryLaterCallAndFreesCleanly) {
+    const simt::Resources before = simt::resources();
+    long long kernels = 0;
+    {
+        TrainerPtr t = trainer();
+        ASSERT_TRUE(t);
+        sf_llm_loss_result r;
+        double recon = 0;
+        std::vector<float> g;
+        const long long c0 = simt::fault_calls(simt::FAULT_KERNEL);
+        ASSERT_EQ(loss_grad(t.get(), &r, &recon, &g), SF_OK) << sf_last_error();
+        kernels = simt::fault_calls(simt::FAULT_KERNEL) - c0;
+    }
+    ASSERT_GT(kernels, 20);
+    for (long long k : spread(kernels, 4)) {
+        SCOPED_TRACE("kernel " + std::to_string(k) + " of " + std::to_string(kernels));
+        TrainerPtr t = trainer();
+        ASSERT_TRUE(t);
+        sf_llm_loss_result r;
+        double recon = 0;
+        std::vector<float> g;
+        simt::fail_call(simt::FAULT_KERNEL, k);
+        EXPECT_EQ(loss_grad(t.get(), &r, &recon, &g), SF_ERR_CUDA);
+        EXPECT_TRUE(has(sf_last_error(), "an illegal memory access was encountered"))
+            << sf_last_error();
+        EXPECT_EQ(simt::resources().nvtx_depth, 0) << "NVTX ranges left open";
+        EXPECT_EQ(loss_grad(t.get(), &r, &recon, &g), SF_ERR_CUDA) << "a dead device";
+        const sf_cuda_train_batch bv = batch_.view();
+        EXPECT_EQ(sf_cuda_train_loss(t.get(), &bv, &r, &recon), SF_ERR_CUDA);
+        std::vector<float> w((size_t)nw_);
+        EXPECT_EQ(sf_cuda_train_download_state(t.get(), w.data(), nullptr, nullptr, nullptr),
+                  SF_ERR_CUDA);
+        t.reset();
+        simt::disarm_faults();  // what a real process cannot do: it would have to restart
+    }
+    EXPECT_TRUE(simt::resources() == before) << "the trainers did not release everything";
+}
+
+#endif  // SIMT_FAULT_INJECTION
+
 
 }  // namespace

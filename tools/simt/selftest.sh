@@ -8,7 +8,7 @@
 # optim suite, the engine's and the train suite's (about 8 minutes more: those two build the
 # whole library; with a learned system offset's gradient and device span check among them,
 # the serving entry point's offset bounds, lent-table check and fp16 embeddings, per-request
-# sampling's order and continuous batching's fed tokens),
+# sampling's order, continuous batching's fed tokens, and a failed step's slots and session),
 # and the wgmma attention's. Others: run.sh with KSRC / ESRC by hand. Most engine and train
 # plants are in host code (host/cuda), not in a kernel. Two of them only the emulated
 # runtime's queued streams can show (on a CPU that runs everything at once they would pass):
@@ -59,10 +59,10 @@ if [ "${1:-}" = --all ]; then
         'CudaSampling.Argmax*'
     plant engine step.c '    SF_CUDA_OR_FAIL(cudaEventSynchronize(e->staging_free));' '' \
         'CudaEngine/CudaEngineVariant.GraphReplayEqualsEagerBitForBit/llama_gqa_llama3'
-    plant train train_step.c '        SF_CUDA_OR_FAIL(cudaEventSynchronize(t->recon_ready));' '' \
+    plant train train_step.c '    SF_CUDA_OR_FAIL(cudaEventSynchronize(t->recon_ready));' '' \
         'Cuda/CudaTrainVariant.LossesAndGradientsMatchTheCpu/llama_gqa_llama3_prenorm_relu'
     # a learned system offset: its gradient never formed; the engine's device span check gone
-    plant train train_step.c '        if (Ts > 0) SF_TRY(add_offset_backward(t, p));' '' \
+    plant train train_step.c '    if (Ts > 0) SF_TRY(add_offset_backward(t, p));' '' \
         'CudaTrainOffset.*'
     plant engine sysformer_forward.c ' offset_rows, a->sys_rows,' ' 0, a->sys_rows,' \
         'CudaEngineTiny.LearnedSystemOffsetMatchesCpu'
@@ -102,6 +102,14 @@ if [ "${1:-}" = --all ]; then
     plant engine generate.c \
         '        if (!q || q->state != RUNNING) continue; /* cancelled by a callback of this round */' \
         '' 'CudaEngineTiny.SessionCancelsTakesAndRefuses'
+    # CUDA failing under the engine (faults injected by the emulated runtime): a step that
+    # fails midway leaves its slots as they were (half advanced), and a session whose step
+    # failed carries on as if it had not
+    plant engine step.c \
+        'for (int32_t r = 0; r < n; r++) (void)sf_cuda_engine_reset_slot(e, s->slots[r]);' '' \
+        'CudaEngineFaults.AFailedStepEmptiesItsSlotsAndNoOthers'
+    plant engine generate.c '    s->failed = st;' '' \
+        'CudaEngineFaults.ARefusedLaunchBreaksTheSessionNotTheEngine'
     # the wgmma kernel refills the V buffer its pending P V product still reads: seen only by
     # the check at the wait that retires each wgmma (ptx_sm90.cuh)
     plant attention attention_sm90.cu 'kThreads>(p, w, tiles.v(t), w.v_base, t, tid);' \
