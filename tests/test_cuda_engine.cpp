@@ -3147,13 +3147,12 @@ struct Outcome {
     std::vector<std::vector<int32_t>> tokens;
 };
 
-class CudaEngineFaults : public ::testing::Test {
+// CudaEngineTiny's model
+class CudaEngineFaults : public CudaEngineTiny {
   protected:
     void SetUp() override {
-        if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
-        ASSERT_TRUE(write_llm_variant("llama_gqa_llama3", dir_.path(), 17));
-        ASSERT_EQ(sf_llm_load(dir_.path().c_str(), &llm_), SF_OK) << sf_last_error();
-        ASSERT_TRUE(make_open_sysformer(llm_, 5, &sf_));
+        CudaEngineTiny::SetUp();
+        if (IsSkipped() || HasFatalFailure()) return;
         // Three requests on two slots: the third waits and starts beside a running one, so a
         // run has guarded prefills, mixed rounds, decode graphs (captured, then replayed) and
         // both samplers (request 1 samples, the others are greedy).
@@ -3165,8 +3164,7 @@ class CudaEngineFaults : public ::testing::Test {
     }
     void TearDown() override {
         simt::disarm_faults();
-        sf_sysformer_free(sf_);
-        sf_llm_free(llm_);
+        CudaEngineTiny::TearDown();
     }
 
     // two slots of 64 positions, steps of 48 tokens
@@ -3259,23 +3257,10 @@ class CudaEngineFaults : public ::testing::Test {
         return simt::fault_calls(kind) - before;
     }
 
-    TempDir dir_;
-    sf_llm *llm_ = nullptr;
-    sf_sysformer *sf_ = nullptr;
     Prompts prompts_, two_;
     std::vector<int32_t> limits_;
     std::vector<sf_sampling> sampling_;
 };
-
-// k of n spread evenly over [0, n), first and last included.
-std::vector<long long> spread(long long n, long long k) {
-    std::vector<long long> at;
-    for (long long i = 0; i < k && n > 0; i++) {
-        const long long c = k > 1 ? i * (n - 1) / (k - 1) : 0;
-        if (at.empty() || at.back() != c) at.push_back(c);
-    }
-    return at;
-}
 
 // 1. Each creation call of engine creation failing in turn (an allocation, the pinned
 // staging, the stream, the events, the cuBLASLt handle; the full engine, a guard-only one, and
@@ -3348,6 +3333,31 @@ TEST_F(CudaEngineFaults, ARefusedLaunchBreaksTheSessionNotTheEngine) {
         EXPECT_EQ(failed.failed, SF_ERR_CUDA) << failed.message;
         EXPECT_TRUE(contains(failed.message, "too many resources requested for launch") ||
                     contains(failed.message, "CUBLAS_STATUS_EXECUTION_FAILED"))
+            << failed.message;
+        const Outcome after = run(e.get());
+        EXPECT_EQ(after.failed, SF_OK) << after.message;
+        EXPECT_EQ(after.tokens, ref.tokens) << "the engine did not recover";
+    }
+}
+
+// 2b. A decode graph that cannot be instantiated (out of memory), for each graph a run
+// instantiates: the step fails with SF_ERR_OUT_OF_MEMORY saying so, the session is broken,
+// and a new session on the same engine (which instantiates the graph then) gives the
+// never-failed tokens.
+TEST_F(CudaEngineFaults, AGraphThatCannotBeInstantiatedBreaksTheSessionNotTheEngine) {
+    Outcome ref;
+    const long long graphs = calls_of_a_run(simt::FAULT_CREATE, &ref);
+    ASSERT_EQ(ref.failed, SF_OK) << ref.message;
+    ASSERT_GE(graphs, 2) << "the run's decode steps at two batch sizes";
+    for (long long k = 0; k < graphs; k++) {
+        SCOPED_TRACE("graph " + std::to_string(k) + " of " + std::to_string(graphs));
+        EnginePtr e = engine();
+        ASSERT_TRUE(e);
+        simt::fail_call(simt::FAULT_CREATE, k);
+        const Outcome failed = run(e.get());
+        simt::disarm_faults();
+        EXPECT_EQ(failed.failed, SF_ERR_OUT_OF_MEMORY) << failed.message;
+        EXPECT_TRUE(contains(failed.message, "instantiating the decode graph: out of memory"))
             << failed.message;
         const Outcome after = run(e.get());
         EXPECT_EQ(after.failed, SF_OK) << after.message;

@@ -1373,16 +1373,6 @@ class CudaTrainFaults : public ::testing::Test {
     int64_t nw_ = 0;
 };
 
-// k of n spread evenly over [0, n), first and last included.
-std::vector<long long> spread(long long n, long long k) {
-    std::vector<long long> at;
-    for (long long i = 0; i < k && n > 0; i++) {
-        const long long c = k > 1 ? i * (n - 1) / (k - 1) : 0;
-        if (at.empty() || at.back() != c) at.push_back(c);
-    }
-    return at;
-}
-
 // Each creation call of sf_cuda_train_create failing in turn: SF_ERR_OUT_OF_MEMORY saying so,
 // *out NULL, everything created before it released.
 TEST_F(CudaTrainFaults, EveryFailedCreationIsReportedAndReleasesEverything) {

@@ -436,7 +436,8 @@ static sf_status decode_graph(sf_cuda_engine *e, const step_info *info) {
             err = cudaGraphInstantiate(&g->exec, graph, 0);
             if (err != cudaSuccess) {
                 g->exec = NULL;
-                st = sf_fail(SF_ERR_CUDA, "sf_cuda_engine_step: instantiating the decode graph: %s",
+                st = sf_fail(err == cudaErrorMemoryAllocation ? SF_ERR_OUT_OF_MEMORY : SF_ERR_CUDA,
+                             "sf_cuda_engine_step: instantiating the decode graph: %s",
                              cudaGetErrorString(err));
             }
         }
