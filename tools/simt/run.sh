@@ -351,6 +351,47 @@ cli_script() {  # the CLI's CUDA paths, then the benches', on the emulated devic
     else
         echo "ok: bench_train --config tiny --devices cuda"
     fi
+    # the CLI when CUDA fails under it (EMU_FAIL, program_main.cpp): a creation failing, a
+    # launch refused and a kernel faulting, in a guarded generation: exit 1 and one line naming
+    # the failure, not a crash, a hang or an emulator error. Where: counted on a clean run
+    # (EMU_CALLS): the last creation, a launch in the prefill and one late (the decode graph's
+    # capture or the sampling), a kernel in the decode graphs' replays.
+    local m=$B/fault_model
+    local gen=("$B/sysformer" generate --model "$m" --sysformer "$m/sf" --template chatml
+               --prompt "Hello there" --max-new-tokens 12 --device cuda)
+    if ! "$B/sysformer" random-model --out "$m" --seed 5 --heads 4 >/dev/null 2>&1 ||
+        ! python3 "$REPO/tests/cut_tokenizer.py" \
+            "$REPO/tests/golden/tokenizer/synthetic/synth-bytelevel-nfc" "$m" 512 ||
+        ! "$B/sysformer" init --model "$m" --out "$m/sf" --layers 1 --post-ln \
+            --template chatml >/dev/null 2>&1 ||
+        ! EMU_CALLS=1 nice -n 19 timeout 300 "${gen[@]}" >/dev/null 2>"$B/fault.err"; then
+        echo "FAIL: the faults' model, or generating without a fault"
+        cat "$B/fault.err"
+        return 1
+    fi
+    local calls creates launches kernels
+    calls=$(grep '^EMU_CALLS ' "$B/fault.err")
+    creates=$(sed 's/.*create=\([0-9]*\).*/\1/' <<<"$calls")
+    launches=$(sed 's/.*launch=\([0-9]*\).*/\1/' <<<"$calls")
+    kernels=$(sed 's/.*kernel=\([0-9]*\).*/\1/' <<<"$calls")
+    local spec
+    local refused="(too many resources requested for launch|CUBLAS_STATUS_EXECUTION_FAILED)"
+    for spec in "create:$((creates - 1)):out of memory" "launch:$((launches / 2)):$refused" \
+        "launch:$((launches - 3)):$refused" \
+        "kernel:$((kernels * 3 / 4)):an illegal memory access was encountered"; do
+        local fault=${spec%:*} want=${spec##*:}
+        got=0
+        EMU_FAIL=$fault nice -n 19 timeout 300 "${gen[@]}" >"$B/fault.out" 2>"$B/fault.err" ||
+            got=$?
+        if [ $got -ne 1 ] || ! grep -Eq "^sysformer: .*$want" "$B/fault.err" ||
+            grep -q EMULATOR "$B/fault.err"; then
+            echo "FAIL: generate with EMU_FAIL=$fault (exit $got; want 1 and '$want')"
+            cat "$B/fault.out" "$B/fault.err"
+            rc=1
+        else
+            echo "ok: generate with EMU_FAIL=$fault of $calls: $(grep -m1 '^sysformer: ' "$B/fault.err")"
+        fi
+    done
     return $rc
 }
 if [ "$suite" = cli ]; then
