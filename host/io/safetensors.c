@@ -615,13 +615,14 @@ sf_status sf_st_open(const char *path, sf_st_archive **out) {
         if (need_slash) prefix[len++] = '/';
         prefix[len] = '\0';
         const char *names[2] = {k_index_name, k_single_name};
-        for (int i = 0; i < 2 && !archive->path; i++) {
+        for (int i = 0; i < 2 && !archive->path && st == SF_OK; i++) {
             char *candidate = join_path(prefix, len, names[i]);
-            if (!candidate) break;
-            if (stat(candidate, &sb) == 0) archive->path = candidate;
+            if (!candidate) st = sf_fail(SF_ERR_OUT_OF_MEMORY, "%s: out of memory", path);
+            else if (stat(candidate, &sb) == 0) archive->path = candidate;
             else free(candidate);
         }
         free(prefix);
+        if (st != SF_OK) goto done;
         if (!archive->path) {
             st = sf_fail(SF_ERR_NOT_FOUND, "%s: directory holds neither %s nor %s", path,
                          k_index_name, k_single_name);
