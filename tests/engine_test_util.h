@@ -292,17 +292,6 @@ inline ::testing::AssertionResult make_open_sysformer(const sf_llm *llm, uint64_
     return make_open_sysformer_with(llm, cfg, seed, out);
 }
 
-// k points of [0, n) spread evenly, first and last included (fewer when n < k): where the
-// fault tests put their faults.
-inline std::vector<long long> spread(long long n, long long k) {
-    std::vector<long long> at;
-    for (long long i = 0; i < k && n > 0; i++) {
-        const long long c = k > 1 ? i * (n - 1) / (k - 1) : 0;
-        if (at.empty() || at.back() != c) at.push_back(c);
-    }
-    return at;
-}
-
 // ------------------------------------------------------------------------------------------
 // Packed guarded prompts
 // ------------------------------------------------------------------------------------------

@@ -39,6 +39,17 @@ class TempDir {
     std::string path_;
 };
 
+// k points of [0, n) spread evenly, first and last included (fewer when n < k): where the
+// fault tests (test_alloc_faults.cpp, the Faults sections of the CUDA tests) put their faults.
+inline std::vector<long long> spread(long long n, long long k) {
+    std::vector<long long> at;
+    for (long long i = 0; i < k && n > 0; i++) {
+        const long long c = k > 1 ? i * (n - 1) / (k - 1) : 0;
+        if (at.empty() || at.back() != c) at.push_back(c);
+    }
+    return at;
+}
+
 // A Llama config small enough that a forward pass takes microseconds, with the awkward parts
 // switched on: GQA, llama3 RoPE scaling, head_dim 8, intermediate size not a power of two.
 inline sf_llm_config tiny_llama_config() {

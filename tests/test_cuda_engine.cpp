@@ -3099,7 +3099,6 @@ TEST_F(CudaEngineSmolLM2, GenerateMatchesCpu) {
     check_generate(llm_, sf_, tok_, e.get(), prompts_, 8, bound());
 }
 
-
 // ------------------------------------------------------------------------------------------
 // Faults: what the engine does when CUDA fails under it (tools/simt only)
 // ------------------------------------------------------------------------------------------
@@ -3111,7 +3110,7 @@ TEST_F(CudaEngineSmolLM2, GenerateMatchesCpu) {
 // A GPU cannot be made to fail on cue, so these tests exist only on tools/simt's emulated
 // device, whose runtime fails any call of a kind on request (simt::fail_call, simt_api.h, which
 // defines SIMT_FAULT_INJECTION) and counts what the process holds (simt::resources: device and
-// pinned allocations, streams, events, graphs, cuBLASLt objects).
+// pinned allocations, streams, events, graphs, cuBLASLt objects, open NVTX ranges).
 // Results compared here come from the same engine configuration on the same inputs, so equal
 // means bit for bit (Determinism, at the top).
 #ifdef SIMT_FAULT_INJECTION
@@ -3317,7 +3316,7 @@ TEST_F(CudaEngineFaults, EveryFailedCreationIsReportedAndReleasesEverything) {
 // whole session's run, from the first guarded prefill through the decode graphs' captures and
 // replays: the step fails with SF_ERR_CUDA naming the refusal, the session is broken (and says
 // so), and the engine is not: a new session on it gives the same tokens as an engine that never
-// failed. The refused launch is the step's own to report, and it resets the slots it touched.
+// failed (test 5 checks the slots a failed step leaves).
 TEST_F(CudaEngineFaults, ARefusedLaunchBreaksTheSessionNotTheEngine) {
     Outcome ref;
     const long long launches = calls_of_a_run(simt::FAULT_LAUNCH, &ref);

@@ -178,8 +178,9 @@ static void row_backward(float *dq_row, float *dk_head, float *dv_head, const fl
 }
 
 /* The fallback: one task per kv head, which owns that head's dk, dv and its query heads' dq
- * and needs no scratch. Not static (nor in ops.h): the tests call it, since an allocation
- * failure cannot be provoked to reach it through sf_cpu_attention_backward. */
+ * and needs no scratch. Not static (nor in ops.h): the op tests call it directly
+ * (tests/test_alloc_faults.cpp reaches it through sf_cpu_attention_backward by failing the
+ * scratch allocation, within a training run). */
 void sf_cpu_attention_backward_by_kv_head(float *dq, float *dk, float *dv, const float *dout,
                                           const float *q, const float *k, const float *v,
                                           int64_t n_q, int64_t n_kv, int32_t n_heads,
