@@ -1,10 +1,11 @@
 // What the library does when host memory runs out: each public operation that allocates
 // (loading a model from safetensors and from GGUF, a tokenizer, a Sysformer; encoding a chat;
-// a guarded generation; a training run) is run once to count its allocations, then again with
-// each of them failing in turn (every one, or 1000 spread over them when there are more). The
-// contract (sysformer.h, DESIGN.md §10): SF_ERR_OUT_OF_MEMORY and a message, *out NULL, no
-// crash. Under the sanitizer build (scripts/test.sh) AddressSanitizer also sees every error
-// path's reads and writes, and LeakSanitizer what an error path forgot to free.
+// a guarded generation; a training run; the evaluation's reports and jailbreak wrappers) is
+// run once to count its allocations, then again with each of them failing in turn (every one,
+// or 1000 spread over them when there are more). The contract (sysformer.h, DESIGN.md §10):
+// SF_ERR_OUT_OF_MEMORY and a message, *out NULL, no crash. Under the sanitizer build
+// (scripts/test.sh) AddressSanitizer also sees every error path's reads and writes, and
+// LeakSanitizer what an error path forgot to free.
 //
 // The binary is linked with the linker's --wrap for malloc, calloc, realloc and strdup
 // (alloc_fail.c): allocations inside shared libraries (jansson parsing a tokenizer's JSON, libc)
@@ -21,6 +22,7 @@
 #include <vector>
 
 #include "alloc_fail.h"
+#include "eval_fixture.h"
 #include "model_fixtures.h"
 #include "sysformer.h"
 #include "train/train.h"
@@ -183,6 +185,34 @@ TEST(HostAllocFaults, TokenizerAndChatEncoding) {
             },
             1e-30);
     }
+}
+
+// The evaluation's reports (the table and the SVG chart; not the JSON summary, whose document
+// jansson builds out of the wrap's reach), and the jailbreak wrappers shipped with the
+// benchmarks, read and applied.
+TEST(HostAllocFaults, EvalReportsAndJailbreaks) {
+    EvalFixture f;
+    fail_each_allocation("sf_eval_table and sf_eval_svg", [&](std::vector<float> *out) {
+        char *table = nullptr, *svg = nullptr;
+        sf_status st = sf_eval_table(&f.s, &table);
+        if (st == SF_OK) st = sf_eval_svg(&f.s, &svg);
+        if (st == SF_OK) out->assign(table, table + strlen(table));
+        free(table);
+        free(svg);
+        return st;
+    });
+    const std::string wrappers = std::string(SF_SOURCE_DIR) + "/bench/jailbreaks.json";
+    fail_each_allocation("sf_jailbreak_set_read and _apply", [&](std::vector<float> *) {
+        sf_jailbreak_set set = {};
+        sf_status st = sf_jailbreak_set_read(wrappers.c_str(), &set);
+        for (int32_t i = 0; st == SF_OK && i < set.n; i++) {
+            char *text = nullptr;
+            st = sf_jailbreak_apply(&set.w[i], "Explain how locks work, step by step.", &text);
+            free(text);
+        }
+        sf_jailbreak_set_free(&set);
+        return st;
+    });
 }
 
 // A tiny random LLM (tests/model_fixtures.h) for the operations that need one.
