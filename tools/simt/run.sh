@@ -167,7 +167,8 @@ mkdir -p "$B/t"
 # A snapshot of the sources: the tree may be edited while this runs. The emulator's own files
 # too: every compile includes shim.h, and objects built from two versions of it do not mix.
 cp "$KSRC"/*.h "$KSRC"/*.cuh "$REPO"/tests/cuda_test_util.h "$REPO"/tests/test_util.h \
-   "$REPO"/tests/engine_test_util.h "$REPO"/tests/model_fixtures.h "$B/t/"
+   "$REPO"/tests/engine_test_util.h "$REPO"/tests/model_fixtures.h "$REPO"/tests/alloc_fail.h \
+   "$B/t/"
 cp -r "$HERE" "$B/simt"
 HERE=$B/simt
 # the PTX instructions (cp.async, ldmatrix, mma, cvt) as the emulator runs them
@@ -249,6 +250,15 @@ for test in "${tests[@]}"; do
 done
 spawn "$B/main.log" "${CXX[@]}" -c "$HERE/emu_main.cpp" -o "$B/main.o"
 spawn "$B/runtime.log" "${CXX[@]}" -c "$HERE/runtime.cpp" -o "$B/runtime.o"
+# With the library's host code (host_lib=1), host allocations that fail on cue too
+# (tests/alloc_fail.c: the harness is linked with --wrap for malloc, calloc, realloc, strdup),
+# for the fault tests' host side.
+HARNESS_LD=()
+if [ "$host_lib" = 1 ]; then
+    spawn "$B/alloc_fail.log" nice -n 19 gcc -std=c11 -O1 "$G" "${SANF[@]}" -Wall -Wextra \
+        -I"$B/t" -c "$REPO/tests/alloc_fail.c" -o "$B/alloc_fail.o"
+    HARNESS_LD=(-Wl,--wrap=malloc,--wrap=calloc,--wrap=realloc,--wrap=strdup)
+fi
 # The engine suite's CPU library goes into an archive, so that only what is used is linked
 # (host/train/trainer.c, for one, calls the CUDA trainer, which only the train suite builds).
 TWINS=$B
@@ -402,7 +412,8 @@ if [ "$suite" = cli ]; then
     cli_script "$@"
     exit
 fi
-nice -n 19 g++ "${SANF[@]}" -pthread -rdynamic "$B"/*.o -o "$B/harness" -lgtest "${LIBS[@]}" -lm
+nice -n 19 g++ "${SANF[@]}" -pthread -rdynamic "$B"/*.o -o "$B/harness" -lgtest "${LIBS[@]}" -lm \
+    "${HARNESS_LD[@]}"
 if [ $# -gt 0 ] || [ ${#pass_filter[@]} -eq 0 ]; then
     env "${harness_env[@]}" nice -n 19 timeout "${TIMEOUT:-1800}" "$B/harness" "$@"
     exit
