@@ -3100,7 +3100,8 @@ TEST_F(CudaEngineSmolLM2, GenerateMatchesCpu) {
 }
 
 // ------------------------------------------------------------------------------------------
-// Faults: what the engine does when CUDA fails under it (tools/simt only)
+// Faults: what the engine does when CUDA fails under it (tools/simt only); and what a step asks
+// of the host (CudaEngineHostTraffic, at the end)
 // ------------------------------------------------------------------------------------------
 //
 // Every creation that can fail (an allocation, a stream, an event, a graph, the cuBLASLt
@@ -3612,6 +3613,111 @@ TEST_F(CudaEngineFaults, EveryHostAllocationFailingIsReported) {
         EXPECT_STRNE(sf_last_error(), "");
         EXPECT_TRUE(holds(before));
         if (HasFailure()) break;
+    }
+}
+
+// 7. What a step asks of the host (sysformer.h, DESIGN.md §5 and §9: one stream, no
+// synchronisation inside a guarded forward, only the sampled ids come back), counted by the
+// emulated runtime (simt::traffic) around sf_cuda_engine_step alone: a guarded prefill, a
+// decode step whose graph is captured, the same replayed, an eager decode, and a prefill that
+// samples nothing. Each waits for at most one event (the previous step's uploads, which free
+// the pinned staging), never for a stream or the device, calls nothing synchronous, allocates
+// nothing, and enqueues on the engine's stream only. A sampling step copies exactly its n
+// sampled ids (4n bytes) to the host, asynchronously (a replayed graph holds that copy, made
+// and counted when it was captured); a step that samples nothing copies nothing.
+class CudaEngineHostTraffic : public CudaEngineFaults {};  // the same model and prompts
+
+TEST_F(CudaEngineHostTraffic, AStepNeverWaitsAndCopiesBackOnlyTheSampledIds) {
+    const sf_sampling greedy = {0.0f, 0, 1.0f, 0};
+    const std::vector<int32_t> slots = {0, 1};
+    for (const bool graphs : {true, false}) {
+        SCOPED_TRACE(graphs ? "CUDA graphs" : "eager");
+        sf_cuda_engine_options o = faults_options();
+        o.cuda_graphs = graphs;
+        sf_cuda_engine *raw = nullptr;
+        ASSERT_EQ(sf_cuda_engine_create(llm_, sf_, &o, &raw), SF_OK) << sf_last_error();
+        EnginePtr e(raw);
+        void *const stream = sf_cuda_engine_stream(e.get());
+        auto step = [&](const char *what, bool prefill, bool sample, long long d2h_bytes) {
+            SCOPED_TRACE(what);
+            sf_cuda_step st = {};
+            st.n_requests = 2;
+            st.slots = slots.data();
+            if (prefill) {
+                st.cu_seqlens = two_.cu.data();
+                st.token_ids = two_.ids.data();
+                st.spans = two_.spans.data();
+            }
+            st.sampling = sample ? &greedy : nullptr;
+            simt::reset_traffic();
+            ASSERT_EQ(sf_cuda_engine_step(e.get(), &st), SF_OK) << sf_last_error();
+            const simt::Traffic t = simt::traffic();
+            EXPECT_LE(t.event_syncs, 1);
+            EXPECT_EQ(t.stream_syncs, 0);
+            EXPECT_EQ(t.device_syncs, 0);
+            EXPECT_EQ(t.sync_calls, 0);
+            EXPECT_EQ(t.allocations, 0);
+            EXPECT_EQ(t.streams, std::vector<void *>{stream});
+            EXPECT_EQ(t.d2h_bytes, d2h_bytes);
+            EXPECT_EQ(t.d2h_copies, d2h_bytes > 0 ? 1 : 0);
+            if (sample) {
+                int32_t ids[2];
+                ASSERT_EQ(sf_cuda_engine_read_tokens(e.get(), ids, 2), SF_OK) << sf_last_error();
+            }
+        };
+        step("guarded prefill", true, true, 8);
+        step(graphs ? "decode, its graph captured" : "decode", false, true, 8);
+        step(graphs ? "decode, the graph replayed" : "decode again", false, true, graphs ? 0 : 8);
+        ASSERT_EQ(sf_cuda_engine_reset_slot(e.get(), 0), SF_OK);
+        ASSERT_EQ(sf_cuda_engine_reset_slot(e.get(), 1), SF_OK);
+        step("guarded prefill, logits only", true, false, 0);
+    }
+}
+
+// The serving entry points (sysformer.h: "allocates nothing, never synchronises and copies
+// nothing between host and device"): sf_cuda_guard_check and sf_cuda_guarded_embed on the
+// stack's stream, on a guard-only engine and a full one: no wait, nothing synchronous, no
+// allocation, no copy either way, and work on the stack's stream alone (the engine's own
+// stream untouched).
+TEST_F(CudaEngineHostTraffic, TheGuardedEmbeddingNeverWaitsOrCopies) {
+    const int64_t d = sf_llm_get_config(llm_)->hidden_size;
+    std::vector<int32_t> flat;
+    for (const sf_prompt_spans &sp : two_.spans)
+        flat.insert(flat.end(), {sp.prefix, sp.system, sp.middle, sp.user, sp.suffix});
+    DeviceBuffer<int32_t> d_cu(two_.cu), d_ids(two_.ids), d_spans(flat), d_flags(2);
+    DeviceBuffer<uint16_t> d_out((size_t)two_.total() * d);
+    DeviceBuffer<int> d_err(1);
+    ASSERT_TRUE(d_cu.get() && d_ids.get() && d_spans.get() && d_flags.get() && d_out.get() &&
+                d_err.get());
+    cudaStream_t stream = nullptr;
+    ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+    std::unique_ptr<CUstream_st, cudaError_t (*)(cudaStream_t)> stream_guard(stream,
+                                                                             cudaStreamDestroy);
+    for (const bool guard_only : {true, false}) {
+        SCOPED_TRACE(guard_only ? "guard-only engine" : "full engine");
+        const sf_cuda_engine_options o = faults_options(guard_only);
+        sf_cuda_engine *raw = nullptr;
+        ASSERT_EQ(sf_cuda_engine_create(llm_, sf_, &o, &raw), SF_OK) << sf_last_error();
+        EnginePtr e(raw);
+        simt::reset_traffic();
+        ASSERT_EQ(sf_cuda_guard_check(e.get(), two_.n(), two_.total(), d_cu.get(), d_ids.get(),
+                                      (const sf_prompt_spans *)d_spans.get(), 8, 8,
+                                      d_flags.get(), stream),
+                  SF_OK)
+            << sf_last_error();
+        ASSERT_EQ(sf_cuda_guarded_embed(e.get(), two_.n(), two_.total(), d_cu.get(), d_ids.get(),
+                                        (const sf_prompt_spans *)d_spans.get(), 8, 8,
+                                        d_out.get(), d_err.get(), stream),
+                  SF_OK)
+            << sf_last_error();
+        const simt::Traffic t = simt::traffic();
+        EXPECT_EQ(t.event_syncs + t.stream_syncs + t.device_syncs, 0);
+        EXPECT_EQ(t.sync_calls, 0);
+        EXPECT_EQ(t.allocations, 0);
+        EXPECT_EQ(t.d2h_copies, 0);
+        EXPECT_EQ(t.h2d_copies, 0);
+        EXPECT_EQ(t.streams, std::vector<void *>{(void *)stream});
+        ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
     }
 }
 

@@ -85,6 +85,13 @@ std::set<Stream *> streams;
 std::map<cudaEvent_t, std::shared_ptr<Event>> events;
 std::set<Graph *> graphs;
 int current_device = 0;
+simt::Traffic traffic;  // since simt::reset_traffic()
+
+void used_stream(cudaStream_t s) {
+    void *p = (void *)s;
+    if (std::find(traffic.streams.begin(), traffic.streams.end(), p) == traffic.streams.end())
+        traffic.streams.push_back(p);
+}
 
 double now_ms() {
     using namespace std::chrono;
@@ -260,6 +267,17 @@ const char *space_name(Space s) {
     return "past an allocation's end";
 }
 
+// A copy's direction, for simt::traffic.
+void count_copy(const void *d, const void *s, size_t n) {
+    const bool from_device = space_of(s, n ? n : 1) == DEVICE;
+    const bool to_device = space_of(d, n ? n : 1) == DEVICE;
+    if (from_device && !to_device) {
+        traffic.d2h_copies++;
+        traffic.d2h_bytes += (long long)n;
+    }
+    if (to_device && !from_device) traffic.h2d_copies++;
+}
+
 std::string where(const void *p, size_t n) {
     char b[96];
     snprintf(b, sizeof b, "%p (+%zu bytes)", p, n);
@@ -270,6 +288,7 @@ std::string where(const void *p, size_t n) {
 
 bool enqueue(cudaStream_t s, const char *what, std::function<void()> op) {
     if (dead_device()) return false;
+    used_stream(s);
     if (!known(s)) {
         fault(std::string(what) + " on a stream that does not exist (destroyed?)");
         last_error = cudaErrorInvalidResourceHandle;
@@ -332,6 +351,9 @@ bool injected(Fault kind) {
 
 // cublaslt_emu.cpp's, where a suite links the stand-in
 __attribute__((weak)) size_t blaslt_objects() { return 0; }
+
+void reset_traffic() { emu::traffic = Traffic{}; }
+Traffic traffic() { return emu::traffic; }
 
 Resources resources() {
     Resources r = {};
@@ -414,6 +436,7 @@ cudaError_t cudaPointerGetAttributes(cudaPointerAttributes *a, const void *p) {
 
 cudaError_t cudaMalloc(void **p, size_t n) {
     *p = nullptr;
+    traffic.allocations++;
     if (forbidden_in_capture("cudaMalloc")) return cudaErrorStreamCaptureUnsupported;
     if (dead_device()) return last_error;
     if (simt::injected(simt::FAULT_CREATE) ||
@@ -453,6 +476,7 @@ cudaError_t cudaMalloc(void **p, size_t n) {
 
 cudaError_t cudaFree(void *p) {
     if (!p) return cudaSuccess;
+    traffic.allocations++;
     if (forbidden_in_capture("cudaFree")) return cudaErrorStreamCaptureUnsupported;
     flush_all();  // cudaFree synchronises the device
     auto it = allocs.find((uintptr_t)p);
@@ -473,6 +497,7 @@ cudaError_t cudaFree(void *p) {
 
 cudaError_t cudaHostAlloc(void **p, size_t n, unsigned int) {
     *p = nullptr;
+    traffic.allocations++;
     if (forbidden_in_capture("cudaHostAlloc")) return cudaErrorStreamCaptureUnsupported;
     if (dead_device()) return last_error;
     if (simt::injected(simt::FAULT_CREATE) || posix_memalign(p, 4096, n ? n : 1) != 0)
@@ -484,6 +509,7 @@ cudaError_t cudaMallocHost(void **p, size_t n) { return cudaHostAlloc(p, n, 0); 
 
 cudaError_t cudaFreeHost(void *p) {
     if (!p) return cudaSuccess;
+    traffic.allocations++;
     if (forbidden_in_capture("cudaFreeHost")) return cudaErrorStreamCaptureUnsupported;
     flush_all();
     auto it = allocs.find((uintptr_t)p);
@@ -517,6 +543,8 @@ static bool check_copy(const char *call, void *d, const void *s, size_t n, cudaM
 }
 
 cudaError_t cudaMemcpy(void *d, const void *s, size_t n, cudaMemcpyKind k) {
+    traffic.sync_calls++;
+    count_copy(d, s, n);
     if (forbidden_in_capture("cudaMemcpy")) return cudaErrorStreamCaptureUnsupported;
     if (n == 0) return cudaSuccess;
     if (!check_copy("cudaMemcpy", d, s, n, k)) return last_error = cudaErrorInvalidValue;
@@ -528,6 +556,7 @@ cudaError_t cudaMemcpy(void *d, const void *s, size_t n, cudaMemcpyKind k) {
 }
 
 cudaError_t cudaMemset(void *d, int v, size_t n) {
+    traffic.sync_calls++;
     if (forbidden_in_capture("cudaMemset")) return cudaErrorStreamCaptureUnsupported;
     if (n == 0) return cudaSuccess;
     if (space_of(d, n) != DEVICE) {
@@ -546,6 +575,8 @@ cudaError_t cudaMemcpyAsync(void *d, const void *s, size_t n, cudaMemcpyKind k,
     if (n == 0) return cudaSuccess;
     if (!check_copy("cudaMemcpyAsync", d, s, n, k)) return last_error = cudaErrorInvalidValue;
     const bool pageable = (space_of(d, n) == PAGEABLE) || (space_of(s, n) == PAGEABLE);
+    if (pageable) traffic.sync_calls++;
+    count_copy(d, s, n);
     Stream *st = known(stream) ? stream_of(stream) : nullptr;
     if (pageable && st && st->capturing) {
         // a graph's copy node cannot stage pageable memory
@@ -593,6 +624,7 @@ cudaError_t cudaMemset2DAsync(void *d, size_t pitch, int v, size_t width, size_t
 }
 
 cudaError_t cudaDeviceSynchronize(void) {
+    traffic.device_syncs++;
     if (forbidden_in_capture("cudaDeviceSynchronize")) return cudaErrorStreamCaptureUnsupported;
     flush_all();
     return sync_status();
@@ -623,6 +655,7 @@ cudaError_t cudaStreamDestroy(cudaStream_t s) {
 }
 
 cudaError_t cudaStreamSynchronize(cudaStream_t s) {
+    traffic.stream_syncs++;
     if (!known(s)) return last_error = cudaErrorInvalidResourceHandle;
     if (forbidden_in_capture("cudaStreamSynchronize")) return cudaErrorStreamCaptureUnsupported;
     if (s) flush(stream_of(s));
@@ -670,6 +703,7 @@ cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
 }
 
 cudaError_t cudaEventSynchronize(cudaEvent_t e) {
+    traffic.event_syncs++;
     auto it = events.find(e);
     if (it == events.end()) return last_error = cudaErrorInvalidResourceHandle;
     if (forbidden_in_capture("cudaEventSynchronize")) return cudaErrorStreamCaptureUnsupported;

@@ -5,6 +5,7 @@
 
 #include <functional>
 #include <string>
+#include <vector>
 
 namespace simt {
 // Puts op on the stream (a cudaStream_t) as a kernel launch would go: run at once on the legacy
@@ -52,6 +53,19 @@ struct Resources {
 Resources resources();
 // The stand-in's live cuBLASLt handles, descriptors, layouts and preferences (cublaslt_emu.cpp)
 size_t blaslt_objects();
+// What host code asked of the runtime since reset_traffic(), to check an engine's promises
+// about a step (one stream, no synchronisation, only the sampled ids copied back):
+struct Traffic {
+    long long stream_syncs, event_syncs, device_syncs;  // host waits, by kind
+    long long sync_calls;   // calls that return only when done: cudaMemcpy, cudaMemset, and
+                            // cudaMemcpyAsync to or from pageable memory
+    long long allocations;  // cudaMalloc, cudaFree, cudaHostAlloc, cudaFreeHost
+    long long d2h_copies, d2h_bytes;  // copies from the device to the host
+    long long h2d_copies;             // and from the host to the device
+    std::vector<void *> streams;      // the streams that received work (NULL: the legacy one)
+};
+void reset_traffic();
+Traffic traffic();
 // The engine's code asks this at each call it can fail (runtime.cpp, cublaslt_emu.cpp, the
 // launch in cuda_emu.h): true when this call of that kind is the one to fail.
 bool injected(Fault kind);
