@@ -21,7 +21,7 @@
 #include <string>
 #include <vector>
 
-#include "alloc_fail.h"
+#include "alloc_faults.h"
 #include "eval_fixture.h"
 #include "model_fixtures.h"
 #include "sysformer.h"
@@ -31,46 +31,6 @@
 namespace {
 
 const std::string kData = SF_TEST_DATA_DIR;
-
-// op(out) runs the operation and, when it succeeds, releases what it made and leaves in *out
-// what to compare. It must succeed when nothing fails; then it runs with each allocation (of
-// those it made) failing, and must return SF_ERR_OUT_OF_MEMORY with a message. Where the
-// library deliberately carries on without an allocation (the CPU backward's kernels fall back
-// to ones that need no scratch; the tokenizer's cache), degraded != 0: SF_OK is then accepted
-// too, if *out is within that relative distance of the clean run's (1e-30: equal).
-using Op = std::function<sf_status(std::vector<float> *out)>;
-void fail_each_allocation(const std::string &what, const Op &op, double degraded = 0.0) {
-    SCOPED_TRACE(what);
-    std::vector<float> want, got;
-    const long long c0 = sf_test_alloc_calls();
-    ASSERT_EQ(op(&want), SF_OK) << sf_last_error();
-    const long long n = sf_test_alloc_calls() - c0;
-    ASSERT_GT(n, 0) << "no allocation to fail (is the binary linked with --wrap?)";
-    int failed = 0, carried_on = 0;
-    for (long long k : spread(n, 1000)) {
-        sf_clear_error();
-        got.clear();
-        sf_test_alloc_fail(k);
-        const sf_status st = op(&got);
-        sf_test_alloc_disarm();
-        if (st == SF_OK && degraded > 0.0) {
-            carried_on++;
-            const bool same_size = got.size() == want.size();
-            EXPECT_TRUE(same_size && rel_error(got.data(), want.data(), want.size()) <= degraded)
-                << "allocation " << k << " of " << n << ": carried on, and differs";
-            continue;
-        }
-        EXPECT_EQ(st, SF_ERR_OUT_OF_MEMORY)
-            << "allocation " << k << " of " << n << " failing: " << sf_status_string(st) << ": "
-            << sf_last_error();
-        EXPECT_STRNE(sf_last_error(), "") << "allocation " << k << ": no message";
-        if (++failed > 20 && ::testing::Test::HasFailure()) break;  // enough to see the pattern
-    }
-    if (getenv("SF_TEST_VERBOSE")) {
-        printf("  %-40s %lld allocations, %d failed the call, %d carried on\n", what.c_str(), n,
-               failed, carried_on);
-    }
-}
 
 TEST(HostAllocFaults, LlmLoad) {
     for (const char *name : {"llama_gqa_llama3", "phi3_longrope", "qwen2_bias"}) {

@@ -3115,7 +3115,7 @@ TEST_F(CudaEngineSmolLM2, GenerateMatchesCpu) {
 // Results compared here come from the same engine configuration on the same inputs, so equal
 // means bit for bit (Determinism, at the top).
 #ifdef SIMT_FAULT_INJECTION
-#include "alloc_fail.h"  // host allocations failing on cue: tools/simt links it in
+#include "alloc_faults.h"  // host allocations failing on cue: tools/simt links alloc_fail.c
 
 struct SessionFree {
     void operator()(sf_cuda_session *s) const { sf_cuda_session_free(s); }
@@ -3571,60 +3571,37 @@ TEST_F(CudaEngineFaults, AFailedStepEmptiesItsSlotsAndNoOthers) {
 // the device afterwards (under SAN=asan, LeakSanitizer watches the host side).
 TEST_F(CudaEngineFaults, EveryHostAllocationFailingIsReported) {
     const simt::Resources before = simt::resources();
-    auto op = [&]() -> sf_status {
-        const sf_cuda_engine_options o = faults_options();
-        sf_cuda_engine *e = nullptr;
-        sf_cuda_session *s = nullptr;
-        sf_status st = sf_cuda_engine_create(llm_, sf_, &o, &e);
-        if (st == SF_OK) st = sf_cuda_session_create(e, nullptr, nullptr, 0, nullptr, 0, &s);
-        for (int32_t r = 0; st == SF_OK && r < prompts_.n(); r++) {
-            const std::vector<int32_t> ids = prompts_.request(r);
-            int32_t id = -1;
-            st = sf_cuda_session_submit(s, ids.data(), (int32_t)ids.size(), &prompts_.spans[r],
-                                        &sampling_[r], limits_[r], &id);
-        }
-        int32_t running = 1, waiting = 1;
-        for (int32_t round = 0; st == SF_OK && round < 64 && running + waiting > 0; round++) {
-            st = sf_cuda_session_step(s, nullptr, nullptr, &running, &waiting);
-        }
-        for (int32_t r = 0; st == SF_OK && r < prompts_.n(); r++) {
-            sf_generation_result res = {};
-            bool done = false;
-            st = sf_cuda_session_take(s, r, &res, &done);
-            sf_generation_result_free(&res);
-        }
-        sf_cuda_session_free(s);
-        sf_cuda_engine_free(e);
-        return st;
-    };
-    const long long c0 = sf_test_alloc_calls();
-    ASSERT_EQ(op(), SF_OK) << sf_last_error();
-    const long long n = sf_test_alloc_calls() - c0;
-    ASSERT_GT(n, 20) << "is the harness linked with --wrap?";
-    ASSERT_TRUE(holds(before));
-    if (getenv("SF_TEST_VERBOSE")) printf("  %lld host allocations\n", n);
-    for (long long k : spread(n, 300)) {
-        SCOPED_TRACE("host allocation " + std::to_string(k) + " of " + std::to_string(n));
-        sf_clear_error();
-        sf_test_alloc_fail(k);
-        const sf_status st = op();
-        sf_test_alloc_disarm();
-        EXPECT_EQ(st, SF_ERR_OUT_OF_MEMORY) << sf_status_string(st) << ": " << sf_last_error();
-        EXPECT_STRNE(sf_last_error(), "");
-        EXPECT_TRUE(holds(before));
-        if (HasFailure()) break;
-    }
+    fail_each_allocation(
+        "an engine and a session",
+        [&](std::vector<float> *) {
+            const sf_cuda_engine_options o = faults_options();
+            sf_cuda_engine *e = nullptr;
+            sf_cuda_session *s = nullptr;
+            sf_status st = sf_cuda_engine_create(llm_, sf_, &o, &e);
+            if (st == SF_OK) st = sf_cuda_session_create(e, nullptr, nullptr, 0, nullptr, 0, &s);
+            for (int32_t r = 0; st == SF_OK && r < prompts_.n(); r++) {
+                const std::vector<int32_t> ids = prompts_.request(r);
+                int32_t id = -1;
+                st = sf_cuda_session_submit(s, ids.data(), (int32_t)ids.size(),
+                                            &prompts_.spans[r], &sampling_[r], limits_[r], &id);
+            }
+            int32_t running = 1, waiting = 1;
+            for (int32_t round = 0; st == SF_OK && round < 64 && running + waiting > 0; round++) {
+                st = sf_cuda_session_step(s, nullptr, nullptr, &running, &waiting);
+            }
+            for (int32_t r = 0; st == SF_OK && r < prompts_.n(); r++) {
+                sf_generation_result res = {};
+                bool done = false;
+                st = sf_cuda_session_take(s, r, &res, &done);
+                sf_generation_result_free(&res);
+            }
+            sf_cuda_session_free(s);
+            sf_cuda_engine_free(e);
+            return st;
+        },
+        0.0, 300, [&] { EXPECT_TRUE(holds(before)); });
 }
 
-// 7. What a step asks of the host (sysformer.h, DESIGN.md §5 and §9: one stream, no
-// synchronisation inside a guarded forward, only the sampled ids come back), counted by the
-// emulated runtime (simt::traffic) around sf_cuda_engine_step alone: a guarded prefill, a
-// decode step whose graph is captured, the same replayed, an eager decode, and a prefill that
-// samples nothing. Each waits for at most one event (the previous step's uploads, which free
-// the pinned staging), never for a stream or the device, calls nothing synchronous, allocates
-// nothing, and enqueues on the engine's stream only. A sampling step copies exactly its n
-// sampled ids (4n bytes) to the host, asynchronously (a replayed graph holds that copy, made
-// and counted when it was captured); a step that samples nothing copies nothing.
 class CudaEngineHostTraffic : public CudaEngineFaults {};  // the same model and prompts
 
 TEST_F(CudaEngineHostTraffic, AStepNeverWaitsAndCopiesBackOnlyTheSampledIds) {

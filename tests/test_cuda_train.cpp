@@ -1334,7 +1334,7 @@ TEST_F(CudaTrainArgs, TrainerOnCudaWithoutAGpuReportsNoDevice) {
 // section of test_cuda_engine.cpp for the engine's and for how faults are injected)
 // ------------------------------------------------------------------------------------------
 #ifdef SIMT_FAULT_INJECTION
-#include "alloc_fail.h"  // host allocations failing on cue: tools/simt links it in
+#include "alloc_faults.h"  // host allocations failing on cue: tools/simt links alloc_fail.c
 
 bool has(const char *s, const char *part) { return strstr(s, part) != nullptr; }
 
@@ -1520,33 +1520,19 @@ TEST_F(CudaTrainFaults, AKernelFaultFailsEveryLaterCallAndFreesCleanly) {
 // turn: SF_ERR_OUT_OF_MEMORY with a message, nothing held on the device afterwards.
 TEST_F(CudaTrainFaults, EveryHostAllocationFailingIsReported) {
     const simt::Resources before = simt::resources();
-    auto op = [&]() -> sf_status {
-        sf_cuda_trainer *t = nullptr;
-        sf_status st = sf_cuda_train_create(llm_.get(), sf_.get(), &o_, &t);
-        sf_llm_loss_result r;
-        double recon = 0;
-        std::vector<float> g;
-        if (st == SF_OK) st = loss_grad(t, &r, &recon, &g);
-        sf_cuda_train_free(t);
-        return st;
-    };
-    const long long c0 = sf_test_alloc_calls();
-    ASSERT_EQ(op(), SF_OK) << sf_last_error();
-    const long long n = sf_test_alloc_calls() - c0;
-    ASSERT_GT(n, 5) << "is the harness linked with --wrap?";
-    if (getenv("SF_TEST_VERBOSE")) printf("  %lld host allocations\n", n);
-    ASSERT_TRUE(simt::resources() == before);
-    for (long long k : spread(n, 300)) {
-        SCOPED_TRACE("host allocation " + std::to_string(k) + " of " + std::to_string(n));
-        sf_clear_error();
-        sf_test_alloc_fail(k);
-        const sf_status st = op();
-        sf_test_alloc_disarm();
-        EXPECT_EQ(st, SF_ERR_OUT_OF_MEMORY) << sf_status_string(st) << ": " << sf_last_error();
-        EXPECT_STRNE(sf_last_error(), "");
-        EXPECT_TRUE(simt::resources() == before) << "creation or the call left device resources";
-        if (HasFailure()) break;
-    }
+    fail_each_allocation(
+        "a trainer and a loss-and-gradient call",
+        [&](std::vector<float> *) {
+            sf_cuda_trainer *t = nullptr;
+            sf_status st = sf_cuda_train_create(llm_.get(), sf_.get(), &o_, &t);
+            sf_llm_loss_result r;
+            double recon = 0;
+            std::vector<float> g;
+            if (st == SF_OK) st = loss_grad(t, &r, &recon, &g);
+            sf_cuda_train_free(t);
+            return st;
+        },
+        0.0, 300, [&] { EXPECT_TRUE(simt::resources() == before) << "device resources left"; });
 }
 
 #endif  // SIMT_FAULT_INJECTION

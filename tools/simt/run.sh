@@ -168,7 +168,7 @@ mkdir -p "$B/t"
 # too: every compile includes shim.h, and objects built from two versions of it do not mix.
 cp "$KSRC"/*.h "$KSRC"/*.cuh "$REPO"/tests/cuda_test_util.h "$REPO"/tests/test_util.h \
    "$REPO"/tests/engine_test_util.h "$REPO"/tests/model_fixtures.h "$REPO"/tests/alloc_fail.h \
-   "$B/t/"
+   "$REPO"/tests/alloc_faults.h "$B/t/"
 cp -r "$HERE" "$B/simt"
 HERE=$B/simt
 # the PTX instructions (cp.async, ldmatrix, mma, cvt) as the emulator runs them
