@@ -31,7 +31,9 @@
 // Faults can be injected (simt::fail_call, simt_api.h): a creation, a launch or a running
 // kernel fails as it would on a GPU, so that tests can drive the library's error paths; a
 // kernel's fault kills the device as a real one does (device_dead: every later call that would
-// reach the device fails with cudaErrorIllegalAddress, frees still free).
+// reach the device fails with cudaErrorIllegalAddress, frees still free). And it counts what
+// host code asks of it (simt::traffic: waits, synchronous calls, allocations, copies, streams),
+// so that tests can hold a step to "one stream, no synchronisation".
 #include <execinfo.h>
 #include <signal.h>
 #include <sys/mman.h>

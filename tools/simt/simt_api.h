@@ -1,11 +1,14 @@
 // tools/simt: the emulated runtime's entry points for code built without shim.h (the cuBLASLt
-// stand-in, compiled against the real cublasLt.h): only standard types cross this line.
+// stand-in, compiled against the real cublasLt.h): only standard types cross this line. Also
+// included by cuda_emu.h, so that the tests reach the fault injection and the counters.
 #pragma once
 #include <stddef.h>
 
 #include <functional>
 #include <string>
 #include <vector>
+
+#define SIMT_FAULT_INJECTION 1  // the checks below exist
 
 namespace simt {
 // Puts op on the stream (a cudaStream_t) as a kernel launch would go: run at once on the legacy
@@ -19,10 +22,10 @@ void report(const std::string &msg);
 size_t device_memory_bytes();
 
 // Fault injection, for the tests of what the library does when CUDA fails (the *Faults
-// sections of tests/test_cuda_engine.cpp and test_cuda_train.cpp, compiled where this macro is
-// defined). Each kind counts its calls from the start of the process; fail_call(kind, n) makes
-// the call n calls from now fail (0: the next one), once.
-#define SIMT_FAULT_INJECTION 1
+// sections of tests/test_cuda_engine.cpp and test_cuda_train.cpp, and the host-traffic tests,
+// compiled where SIMT_FAULT_INJECTION is defined: only here). Each kind counts its calls from
+// the start of the process; fail_call(kind, n) makes the call n calls from now fail (0: the
+// next one), once.
 enum Fault {
     // A creation fails with cudaErrorMemoryAllocation ("out of memory"): cudaMalloc,
     // cudaHostAlloc, cudaStreamCreate*, cudaEventCreate*, cudaGraphInstantiate; cublasLtCreate
@@ -34,8 +37,9 @@ enum Fault {
     FAULT_LAUNCH,
     // A kernel faults when it runs (from a stream's queue or a graph replay), as an illegal
     // address would: it does nothing, nor does any kernel after it, and from then on every
-    // synchronisation and cudaGetLastError returns cudaErrorIllegalAddress. Sticky for the
-    // rest of the test, as it is for the rest of a real process.
+    // synchronisation, cudaGetLastError, launch, copy and creation returns
+    // cudaErrorIllegalAddress (frees still free). Sticky for the rest of the test, as it is for
+    // the rest of a real process.
     FAULT_KERNEL,
     FAULT_KINDS
 };
