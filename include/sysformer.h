@@ -703,7 +703,10 @@ sf_status sf_cuda_engine_reset_slot(sf_cuda_engine *engine, int32_t slot);
  * A decode step needs a token sampled for each of its slots by the previous step
  * (SF_ERR_INVALID_ARGUMENT otherwise); sampling and request_sampling together, or a sampling
  * request without its uniform in [0, 1), are SF_ERR_INVALID_ARGUMENT too.
- * If the step fails after validation (a CUDA error), its slots are emptied. */
+ * If the step fails after validation, its slots (and no others) are emptied: SF_ERR_CUDA for a
+ * CUDA error, SF_ERR_OUT_OF_MEMORY when the decode graph cannot be instantiated for lack of
+ * memory. A refused launch leaves the engine usable; after a kernel fault (an illegal address)
+ * the CUDA context is lost and every later call fails. */
 typedef struct sf_cuda_step {
     int32_t n_requests;
     const int32_t *slots;         /* [n_requests] distinct slots in [0, max_slots)           */
