@@ -1,8 +1,9 @@
-/* Host allocations that fail on cue, for tests/test_alloc_faults.cpp: what the library does
- * when malloc returns NULL. The test binary is linked with -Wl,--wrap=malloc (and calloc,
- * realloc, strdup), so every call from the library's objects (and the test's) comes through
- * here; allocations made inside shared libraries (libc's own, jansson's, libstdc++'s operator
- * new) do not. Counting is cheap and always on; a failure is armed for one call. */
+/* Host allocations that fail on cue, for tests/test_alloc_faults.cpp and the CUDA tests' fault
+ * sections on tools/simt: what the library does when malloc returns NULL. The test binary is
+ * linked with -Wl,--wrap=malloc (and calloc, realloc, strdup), so every call from the
+ * library's objects (and the test's) comes through here; allocations made inside shared
+ * libraries (libc's own, jansson's, libstdc++'s operator new) do not. Counting is cheap and
+ * always on; a failure is armed for one call. */
 #include <execinfo.h>
 #include <stddef.h>
 #include <stdio.h>

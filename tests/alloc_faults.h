@@ -17,10 +17,10 @@
 // op(out) runs the operation and, when it succeeds, releases what it made and leaves in *out
 // what to compare. It must succeed when nothing fails; then it runs with each allocation (of
 // those it made; `points` spread over them when there are more) failing, and must return
-// SF_ERR_OUT_OF_MEMORY with a message; after_each (may be empty) checks more after each run. Where the
-// library deliberately carries on without an allocation (the CPU backward's kernels fall back
-// to ones that need no scratch; the tokenizer's cache), degraded != 0: SF_OK is then accepted
-// too, if *out is within that relative distance of the clean run's (1e-30: equal).
+// SF_ERR_OUT_OF_MEMORY with a message; after_each (may be empty) checks more after each run.
+// Where the library deliberately carries on without an allocation (the CPU backward's kernels
+// fall back to ones that need no scratch; the tokenizer's cache), degraded != 0: SF_OK is then
+// accepted too, if *out is within that relative distance of the clean run's (1e-30: equal).
 using AllocOp = std::function<sf_status(std::vector<float> *out)>;
 inline void fail_each_allocation(const std::string &what, const AllocOp &op, double degraded = 0.0,
                                  long long points = 1000,
