@@ -332,6 +332,15 @@ struct Prompts {
     }
 };
 
+// Spans as the device reads them (sf_prompt_spans is five int32: prefix, system, middle, user,
+// suffix), back to back, for a DeviceBuffer.
+inline std::vector<int32_t> flat_spans(const std::vector<sf_prompt_spans> &spans) {
+    std::vector<int32_t> v;
+    for (const sf_prompt_spans &s : spans)
+        v.insert(v.end(), {s.prefix, s.system, s.middle, s.user, s.suffix});
+    return v;
+}
+
 // Chat prompts for the 96-token variants: prefix {1, 90, 91} | system | middle {92, 93} | user |
 // suffix {94, 95, 89}, contents random ids in [3, 89). (system, user) lengths per request.
 inline Prompts tiny_prompts(const std::vector<std::pair<int, int>> &shape, uint64_t seed) {
@@ -422,5 +431,31 @@ inline std::string smollm2_path() {
     struct stat st;
     return stat(p.c_str(), &st) == 0 ? p : std::string();
 }
+
+// s holds part (an error message names what it should).
+inline bool contains(const std::string &s, const char *part) {
+    return s.find(part) != std::string::npos;
+}
+
+#ifdef SIMT_FAULT_INJECTION
+// tools/simt's emulated device: what the process holds of it (simt::resources), for the fault
+// tests of test_cuda_engine.cpp and test_cuda_train.cpp.
+inline std::string describe(const simt::Resources &r) {
+    char b[256];
+    snprintf(b, sizeof b,
+             "%zu device bytes in %zu allocations, %zu pinned, %zu streams, %zu events, "
+             "%zu graphs, %zu cuBLASLt objects, %d NVTX ranges open",
+             r.device_bytes, r.device_allocs, r.pinned_allocs, r.streams, r.events, r.graphs,
+             r.blaslt_objects, r.nvtx_depth);
+    return b;
+}
+
+inline ::testing::AssertionResult holds(const simt::Resources &want) {
+    const simt::Resources now = simt::resources();
+    if (now == want) return ::testing::AssertionSuccess();
+    return ::testing::AssertionFailure()
+           << "the process holds " << describe(now) << "; before: " << describe(want);
+}
+#endif
 
 }  // namespace sf_engine_test

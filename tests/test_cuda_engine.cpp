@@ -83,6 +83,10 @@ struct EngineFree {
     void operator()(sf_cuda_engine *e) const { sf_cuda_engine_free(e); }
 };
 using EnginePtr = std::unique_ptr<sf_cuda_engine, EngineFree>;
+struct SessionFree {
+    void operator()(sf_cuda_session *s) const { sf_cuda_session_free(s); }
+};
+using SessionPtr = std::unique_ptr<sf_cuda_session, SessionFree>;
 
 sf_cuda_engine_options options(int32_t max_slots, int32_t max_context = 0,
                                int32_t max_batch_tokens = 0, bool graphs = true) {
@@ -163,11 +167,7 @@ struct StepOut {
 // stream: the bf16 embeddings [total, d], or an empty vector (with a failure recorded).
 std::vector<uint16_t> guarded_embed(sf_cuda_engine *e, const Prompts &p, int64_t d,
                                     int32_t max_system, int32_t max_user) {
-    std::vector<int32_t> flat;
-    for (const auto &sp : p.spans) {
-        flat.insert(flat.end(), {sp.prefix, sp.system, sp.middle, sp.user, sp.suffix});
-    }
-    DeviceBuffer<int32_t> d_cu(p.cu), d_ids(p.ids), d_spans(flat);
+    DeviceBuffer<int32_t> d_cu(p.cu), d_ids(p.ids), d_spans(flat_spans(p.spans));
     DeviceBuffer<uint16_t> d_out((size_t)p.total() * d);
     if (!d_cu.get() || !d_ids.get() || !d_spans.get() || !d_out.get()) {
         ADD_FAILURE() << "guarded_embed: device buffers";
@@ -713,15 +713,10 @@ TEST_P(CudaEngineVariant, GuardedEmbedMatchesCpuAndCountsBadInputs) {
     ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
     std::unique_ptr<CUstream_st, cudaError_t (*)(cudaStream_t)> stream_guard(stream,
                                                                             cudaStreamDestroy);
-    auto flat = [](const std::vector<sf_prompt_spans> &spans) {
-        std::vector<int32_t> v;
-        for (const auto &s : spans) v.insert(v.end(), {s.prefix, s.system, s.middle, s.user, s.suffix});
-        return v;
-    };
     static_assert(sizeof(sf_prompt_spans) == 5 * sizeof(int32_t), "spans are five int32");
 
     // --- Valid batch.
-    DeviceBuffer<int32_t> d_cu(p.cu), d_ids(p.ids), d_spans(flat(p.spans));
+    DeviceBuffer<int32_t> d_cu(p.cu), d_ids(p.ids), d_spans(flat_spans(p.spans));
     DeviceBuffer<uint16_t> d_out((size_t)total * d);  // NaN-poisoned: unwritten rows show
     DeviceBuffer<int> d_err(1);
     ASSERT_TRUE(d_cu.get() && d_ids.get() && d_spans.get() && d_out.get() && d_err.get());
@@ -801,7 +796,7 @@ TEST_P(CudaEngineVariant, GuardedEmbedMatchesCpuAndCountsBadInputs) {
     h.add(t2, bad);
     h.add(p.request(2), p.spans[2]);
     const int32_t h_max_system = 7, h_max_user = 9;
-    DeviceBuffer<int32_t> h_cu(h.cu), h_ids(h.ids), h_spans(flat(h.spans));
+    DeviceBuffer<int32_t> h_cu(h.cu), h_ids(h.ids), h_spans(flat_spans(h.spans));
     DeviceBuffer<uint16_t> h_out((size_t)h.total() * d);
     ASSERT_TRUE(h_cu.get() && h_ids.get() && h_spans.get() && h_out.get());
     ASSERT_EQ(cudaMemset(d_err.get(), 0, sizeof(int)), cudaSuccess);
@@ -904,7 +899,7 @@ TEST_P(CudaEngineVariant, GuardedEmbedMatchesCpuAndCountsBadInputs) {
         sp[0].prefix += 1000;
         cu[4] += 1000;
         sp[3].prefix += 1000;
-        DeviceBuffer<int32_t> o_cu(cu), o_spans(flat(sp));
+        DeviceBuffer<int32_t> o_cu(cu), o_spans(flat_spans(sp));
         DeviceBuffer<uint16_t> o_out((size_t)total * d);
         ASSERT_TRUE(o_cu.get() && o_spans.get() && o_out.get());
         ASSERT_EQ(cudaMemset(d_err.get(), 0, sizeof(int)), cudaSuccess);
@@ -1298,7 +1293,7 @@ TEST_P(CudaEngineVariant, SessionAdmitsRequestsAsTheyArrive) {
     sf_cuda_session *raw = nullptr;
     ASSERT_EQ(sf_cuda_session_create(e.get(), nullptr, nullptr, 0, nullptr, 0, &raw), SF_OK)
         << sf_last_error();
-    std::unique_ptr<sf_cuda_session, void (*)(sf_cuda_session *)> s(raw, sf_cuda_session_free);
+    SessionPtr s(raw);
     StreamLog log;
     log.tokens.resize((size_t)n);
     int32_t submitted = 0, idle = 0;
@@ -1911,10 +1906,7 @@ TEST_F(CudaEngineTiny, LearnedSystemOffsetMatchesCpu) {
         // (every non-empty span exceeds it: counted, all rows plain).
         auto embed = [&](const Prompts &q, int32_t max_system, int expect_errors,
                          std::vector<uint16_t> *got) {
-            std::vector<int32_t> flat;
-            for (const auto &sp : q.spans)
-                flat.insert(flat.end(), {sp.prefix, sp.system, sp.middle, sp.user, sp.suffix});
-            DeviceBuffer<int32_t> d_cu(q.cu), d_ids(q.ids), d_spans(flat);
+            DeviceBuffer<int32_t> d_cu(q.cu), d_ids(q.ids), d_spans(flat_spans(q.spans));
             DeviceBuffer<uint16_t> d_out((size_t)q.total() * d);
             DeviceBuffer<int> d_err(1);
             ASSERT_TRUE(d_cu.get() && d_ids.get() && d_spans.get() && d_out.get() && d_err.get());
@@ -2302,13 +2294,6 @@ TEST_F(CudaEngineTiny, GuardedEmbedReplaysInsideTheStacksCudaGraph) {
     b.ids.back() = (int32_t)vocab_;  // request 3's last row: a zero row, counted
     ASSERT_EQ(a.cu, b.cu);
     const int32_t n = a.n(), total = a.total(), max_system = 12, max_user = 12;
-    auto flat = [](const Prompts &p) {
-        std::vector<int32_t> v;
-        for (const auto &s : p.spans) {
-            v.insert(v.end(), {s.prefix, s.system, s.middle, s.user, s.suffix});
-        }
-        return v;
-    };
 
     for (sf_embedding_dtype dtype : {SF_EMBEDDING_BF16, SF_EMBEDDING_F16}) {
         SCOPED_TRACE(dtype == SF_EMBEDDING_F16 ? "fp16" : "bf16");
@@ -2362,7 +2347,7 @@ TEST_F(CudaEngineTiny, GuardedEmbedReplaysInsideTheStacksCudaGraph) {
             ASSERT_EQ(cudaMemcpy(d_ids.get(), p->ids.data(), (size_t)total * 4,
                                  cudaMemcpyHostToDevice),
                       cudaSuccess);
-            const std::vector<int32_t> spans = flat(*p);
+            const std::vector<int32_t> spans = flat_spans(p->spans);
             ASSERT_EQ(cudaMemcpy(d_spans.get(), spans.data(), spans.size() * 4,
                                  cudaMemcpyHostToDevice),
                       cudaSuccess);
@@ -2854,7 +2839,7 @@ TEST_F(CudaEngineTiny, SessionCancelsTakesAndRefuses) {
     EXPECT_EQ(raw, nullptr);
     ASSERT_EQ(sf_cuda_session_create(e.get(), nullptr, nullptr, 0, nullptr, 0, &raw), SF_OK)
         << sf_last_error();
-    std::unique_ptr<sf_cuda_session, void (*)(sf_cuda_session *)> s(raw, sf_cuda_session_free);
+    SessionPtr s(raw);
 
     const Prompts p = tiny_prompts({{5, 2}, {3, 4}, {2, 6}, {4, 3}}, 71);
     StreamLog log;
@@ -3117,30 +3102,6 @@ TEST_F(CudaEngineSmolLM2, GenerateMatchesCpu) {
 #ifdef SIMT_FAULT_INJECTION
 #include "alloc_faults.h"  // host allocations failing on cue: tools/simt links alloc_fail.c
 
-struct SessionFree {
-    void operator()(sf_cuda_session *s) const { sf_cuda_session_free(s); }
-};
-using SessionPtr = std::unique_ptr<sf_cuda_session, SessionFree>;
-
-bool contains(const std::string &s, const char *part) { return s.find(part) != std::string::npos; }
-
-std::string describe(const simt::Resources &r) {
-    char b[256];
-    snprintf(b, sizeof b,
-             "%zu device bytes in %zu allocations, %zu pinned, %zu streams, %zu events, "
-             "%zu graphs, %zu cuBLASLt objects, %d NVTX ranges open",
-             r.device_bytes, r.device_allocs, r.pinned_allocs, r.streams, r.events, r.graphs,
-             r.blaslt_objects, r.nvtx_depth);
-    return b;
-}
-
-::testing::AssertionResult holds(const simt::Resources &want) {
-    const simt::Resources now = simt::resources();
-    if (now == want) return ::testing::AssertionSuccess();
-    return ::testing::AssertionFailure()
-           << "the process holds " << describe(now) << "; before: " << describe(want);
-}
-
 // A session's outcome: each request's tokens once all have finished, or the first failure.
 struct Outcome {
     sf_status failed = SF_OK;
@@ -3175,13 +3136,7 @@ class CudaEngineFaults : public CudaEngineTiny {
         return o;
     }
 
-    EnginePtr engine() {
-        const sf_cuda_engine_options o = faults_options();
-        sf_cuda_engine *e = nullptr;
-        const sf_status st = sf_cuda_engine_create(llm_, sf_, &o, &e);
-        EXPECT_EQ(st, SF_OK) << sf_status_string(st) << ": " << sf_last_error();
-        return EnginePtr(st == SF_OK ? e : nullptr);
-    }
+    EnginePtr engine() { return make_engine(llm_, sf_, faults_options()); }
 
     // Runs the requests on a new session of e, to the end or to the first failed step. After a
     // failure it checks what a broken session promises: later steps and submissions repeat the
@@ -3372,10 +3327,7 @@ TEST_F(CudaEngineFaults, AGraphThatCannotBeInstantiatedBreaksTheSessionNotTheEng
 // freeing the engine releases all it held.
 TEST_F(CudaEngineFaults, AKernelFaultFailsEveryLaterCallAndFreesCleanly) {
     // the guarded embedding's inputs, on the device while it still works
-    std::vector<int32_t> flat;
-    for (const sf_prompt_spans &s : two_.spans)
-        flat.insert(flat.end(), {s.prefix, s.system, s.middle, s.user, s.suffix});
-    DeviceBuffer<int32_t> d_cu(two_.cu), d_ids(two_.ids), d_spans(flat);
+    DeviceBuffer<int32_t> d_cu(two_.cu), d_ids(two_.ids), d_spans(flat_spans(two_.spans));
     DeviceBuffer<uint16_t> d_out((size_t)two_.total() *
                                  (size_t)sf_llm_get_config(llm_)->hidden_size);
     ASSERT_TRUE(d_cu.get() && d_ids.get() && d_spans.get() && d_out.get());
@@ -3430,15 +3382,10 @@ TEST_F(CudaEngineFaults, AKernelFaultFailsEveryLaterCallAndFreesCleanly) {
 // 4. sf_cuda_guarded_embed on the stack's own stream, a launch refused at each of its launches:
 // SF_ERR_CUDA, and the next call writes what a call that never failed writes.
 TEST_F(CudaEngineFaults, ARefusedLaunchInTheGuardedEmbeddingIsReported) {
-    sf_cuda_engine_options o = faults_options(true);
-    sf_cuda_engine *raw = nullptr;
-    ASSERT_EQ(sf_cuda_engine_create(llm_, sf_, &o, &raw), SF_OK) << sf_last_error();
-    EnginePtr e(raw);
+    EnginePtr e = make_engine(llm_, sf_, faults_options(true));
+    ASSERT_TRUE(e);
     const int64_t d = sf_llm_get_config(llm_)->hidden_size;
-    std::vector<int32_t> flat;
-    for (const sf_prompt_spans &s : two_.spans)
-        flat.insert(flat.end(), {s.prefix, s.system, s.middle, s.user, s.suffix});
-    DeviceBuffer<int32_t> d_cu(two_.cu), d_ids(two_.ids), d_spans(flat);
+    DeviceBuffer<int32_t> d_cu(two_.cu), d_ids(two_.ids), d_spans(flat_spans(two_.spans));
     DeviceBuffer<uint16_t> d_out((size_t)two_.total() * d);
     DeviceBuffer<int> d_err(1);
     ASSERT_TRUE(d_cu.get() && d_ids.get() && d_spans.get() && d_out.get() && d_err.get());
@@ -3508,11 +3455,7 @@ TEST_F(CudaEngineFaults, AFailedStepEmptiesItsSlotsAndNoOthers) {
         EXPECT_EQ(sf_cuda_engine_read_logits(e, v.data(), n), SF_OK) << sf_last_error();
         return v;
     };
-    auto create = [&] {
-        sf_cuda_engine *e = nullptr;
-        EXPECT_EQ(sf_cuda_engine_create(llm_, sf_, &o, &e), SF_OK) << sf_last_error();
-        return EnginePtr(e);
-    };
+    auto create = [&] { return make_engine(llm_, sf_, o); };
     // The reference: third on slot 2; the pair on 0 and 1; the pair's decode; third's decode.
     // Launches counted per step.
     EnginePtr ref = create();
@@ -3611,9 +3554,8 @@ TEST_F(CudaEngineHostTraffic, AStepNeverWaitsAndCopiesBackOnlyTheSampledIds) {
         SCOPED_TRACE(graphs ? "CUDA graphs" : "eager");
         sf_cuda_engine_options o = faults_options();
         o.cuda_graphs = graphs;
-        sf_cuda_engine *raw = nullptr;
-        ASSERT_EQ(sf_cuda_engine_create(llm_, sf_, &o, &raw), SF_OK) << sf_last_error();
-        EnginePtr e(raw);
+        EnginePtr e = make_engine(llm_, sf_, o);
+        ASSERT_TRUE(e);
         void *const stream = sf_cuda_engine_stream(e.get());
         auto step = [&](const char *what, bool prefill, bool sample, long long d2h_bytes) {
             SCOPED_TRACE(what);
@@ -3658,10 +3600,8 @@ TEST_F(CudaEngineHostTraffic, AStepNeverWaitsAndCopiesBackOnlyTheSampledIds) {
 // stream untouched).
 TEST_F(CudaEngineHostTraffic, TheGuardedEmbeddingNeverWaitsOrCopies) {
     const int64_t d = sf_llm_get_config(llm_)->hidden_size;
-    std::vector<int32_t> flat;
-    for (const sf_prompt_spans &sp : two_.spans)
-        flat.insert(flat.end(), {sp.prefix, sp.system, sp.middle, sp.user, sp.suffix});
-    DeviceBuffer<int32_t> d_cu(two_.cu), d_ids(two_.ids), d_spans(flat), d_flags(2);
+    DeviceBuffer<int32_t> d_cu(two_.cu), d_ids(two_.ids), d_spans(flat_spans(two_.spans)),
+        d_flags(2);
     DeviceBuffer<uint16_t> d_out((size_t)two_.total() * d);
     DeviceBuffer<int> d_err(1);
     ASSERT_TRUE(d_cu.get() && d_ids.get() && d_spans.get() && d_flags.get() && d_out.get() &&
@@ -3672,10 +3612,8 @@ TEST_F(CudaEngineHostTraffic, TheGuardedEmbeddingNeverWaitsOrCopies) {
                                                                              cudaStreamDestroy);
     for (const bool guard_only : {true, false}) {
         SCOPED_TRACE(guard_only ? "guard-only engine" : "full engine");
-        const sf_cuda_engine_options o = faults_options(guard_only);
-        sf_cuda_engine *raw = nullptr;
-        ASSERT_EQ(sf_cuda_engine_create(llm_, sf_, &o, &raw), SF_OK) << sf_last_error();
-        EnginePtr e(raw);
+        EnginePtr e = make_engine(llm_, sf_, faults_options(guard_only));
+        ASSERT_TRUE(e);
         simt::reset_traffic();
         ASSERT_EQ(sf_cuda_guard_check(e.get(), two_.n(), two_.total(), d_cu.get(), d_ids.get(),
                                       (const sf_prompt_spans *)d_spans.get(), 8, 8,
