@@ -49,4 +49,25 @@ const char *cli_finish_name(sf_finish_reason f);
 /* Parses "12,5,7" into a malloc'd array. Returns 0 on success, prints and returns 2 on error. */
 int cli_parse_ids(const char *text, int32_t **ids, int32_t *n);
 
+/* A list of prompts run in order through one generation session (continuous batching: a
+ * finished reply's slot takes the next prompt at once). At most four prompts a slot (and at
+ * least 16) are submitted and not yet finished, so memory stays bounded however long the list;
+ * results are handed over in the list's order as they finish. */
+typedef struct cli_session_list {
+    int64_t total; /* prompts 0 .. total - 1 */
+    int32_t slots; /* the engine's slots */
+    /* Submits prompt i to the session (sf_cuda_session_submit). */
+    sf_status (*submit)(void *user, sf_cuda_session *gen, int64_t i);
+    /* Runs one sf_cuda_session_step, with the caller's stream callback and timing; `done`
+     * prompts have been handed over so far. */
+    sf_status (*step)(void *user, sf_cuda_session *gen, int64_t done);
+    /* Prompt i's result, which the callee owns from here on. */
+    sf_status (*finished)(void *user, int64_t i, sf_generation_result *res);
+    void *user;
+} cli_session_list;
+
+/* Runs the list through gen, a session nothing has been submitted to (its request ids are then
+ * the prompts' numbers). Stops at the first failure and returns it. */
+sf_status cli_run_session(sf_cuda_session *gen, const cli_session_list *list);
+
 #endif

@@ -692,10 +692,43 @@ static sf_status run_cpu(run *r, int m, const sf_sysformer *sf, const encoded *e
     return st;
 }
 
-/* On the GPU: every prompt through one generation session on an engine of --batch slots
- * (continuous batching: a finished reply's slot takes the next prompt at once), with at most
- * four prompts a slot submitted and not yet recorded; the replies are judged and written in
- * order as they finish. The generation time is the sum of the session's steps. */
+/* On the GPU: every prompt through one generation session (cli_run_session) on an engine of
+ * --batch slots; the replies are judged and written in order as they finish. The generation
+ * time is the sum of the session's steps. */
+typedef struct cuda_list {
+    run *r;
+    int m;
+    const encoded *e;
+    sf_eval_method *res;
+    cuda_probe *probe;
+} cuda_list;
+
+static sf_status submit_prompt(void *user, sf_cuda_session *gen, int64_t i) {
+    const cuda_list *l = user;
+    const sf_sampling greedy = {0.0f, 0, 1.0f, 0};
+    int32_t id;
+    return sf_cuda_session_submit(gen, l->e->ids + l->e->off[i],
+                                  (int32_t)(l->e->off[i + 1] - l->e->off[i]), &l->e->spans[i],
+                                  &greedy, l->r->o.max_new_tokens, &id);
+}
+
+static sf_status timed_step(void *user, sf_cuda_session *gen, int64_t done) {
+    const cuda_list *l = user;
+    l->probe->done = done;
+    l->probe->seconds_before = l->res->gen_s;
+    l->probe->t_start = cli_now();
+    const sf_status st = sf_cuda_session_step(gen, probe_token, l->probe, NULL, NULL);
+    l->res->gen_s += cli_now() - l->probe->t_start;
+    return st;
+}
+
+static sf_status record_reply(void *user, int64_t i, sf_generation_result *out) {
+    const cuda_list *l = user;
+    const sf_status st = record(l->r, l->res, l->m, &l->r->items[i], out);
+    sf_generation_result_free(out);
+    return st;
+}
+
 static sf_status run_cuda(run *r, int m, const sf_sysformer *sf, const encoded *e,
                           sf_eval_method *res) {
     sf_cuda_engine *engine = NULL;
@@ -708,31 +741,10 @@ static sf_status run_cuda(run *r, int m, const sf_sysformer *sf, const encoded *
     if (st == SF_OK && !started) st = sf_fail(SF_ERR_OUT_OF_MEMORY, "out of memory");
     cuda_probe probe = {.engine = engine, .started = started, .guarded = sf != NULL,
                         .method = k_methods[m], .total = r->n_items};
-    const int64_t window = 4 * (int64_t)r->o.batch > 16 ? 4 * (int64_t)r->o.batch : 16;
-    const sf_sampling greedy = {0.0f, 0, 1.0f, 0};
-    int64_t next = 0, written = 0;
-    while (st == SF_OK && written < r->n_items) {
-        for (; st == SF_OK && next < r->n_items && next - written < window; next++) {
-            int32_t id;
-            st = sf_cuda_session_submit(gen, e->ids + e->off[next],
-                                        (int32_t)(e->off[next + 1] - e->off[next]),
-                                        &e->spans[next], &greedy, r->o.max_new_tokens, &id);
-        }
-        if (st != SF_OK) break;
-        probe.seconds_before = res->gen_s;
-        probe.t_start = cli_now();
-        st = sf_cuda_session_step(gen, probe_token, &probe, NULL, NULL);
-        res->gen_s += cli_now() - probe.t_start;
-        for (; st == SF_OK && written < next; written++) {
-            sf_generation_result out;
-            bool done = false;
-            st = sf_cuda_session_take(gen, (int32_t)written, &out, &done);
-            if (st != SF_OK || !done) break;
-            st = record(r, res, m, &r->items[written], &out);
-            sf_generation_result_free(&out);
-        }
-        probe.done = written;
-    }
+    cuda_list l = {r, m, e, res, &probe};
+    const cli_session_list list = {r->n_items, r->o.batch, submit_prompt, timed_step,
+                                   record_reply, &l};
+    if (st == SF_OK) st = cli_run_session(gen, &list);
     if (st == SF_OK) {
         res->batches++;
         if (probe.read) {

@@ -479,47 +479,62 @@ static void write_reply(FILE *out, json_t *line, const sf_generation_result *res
     json_decref(row);
 }
 
-/* On the GPU: every line through one generation session, so that a finished reply's slot takes
- * the next line at once across the whole file. At most four lines a slot are submitted and not
- * yet written (memory stays bounded however long the file), and the replies are written in the
- * file's order as they finish. */
+/* On the GPU: every line through one generation session (cli_run_session), the replies
+ * written in the file's order as they finish. A line is encoded again when it is submitted. */
+typedef struct jsonl_gpu {
+    session *s;
+    json_t *rows;
+    const sf_sampling *sampling;
+    const int32_t *limit;
+    FILE *out;
+    live_progress *live;
+    int32_t *buf, ctx; /* one prompt's ids */
+} jsonl_gpu;
+
+static sf_status submit_line(void *user, sf_cuda_session *gen, int64_t i) {
+    jsonl_gpu *j = user;
+    const char *system, *user_text;
+    row_texts(json_array_get(j->rows, (size_t)i), j->s, &system, &user_text);
+    int32_t n = 0, id;
+    sf_prompt_spans spans;
+    sf_status st = sf_chat_encode(j->s->tok, j->s->tmpl, system, NULL, 0, user_text, j->buf,
+                                  j->ctx, &n, &spans);
+    if (st == SF_OK) {
+        st = sf_cuda_session_submit(gen, j->buf, n, &spans, &j->sampling[i], j->limit[i], &id);
+    }
+    return st;
+}
+
+static sf_status step_lines(void *user, sf_cuda_session *gen, int64_t done) {
+    jsonl_gpu *j = user;
+    j->live->done = (int)done;
+    return sf_cuda_session_step(gen, count_token, j->live, NULL, NULL);
+}
+
+static sf_status write_line(void *user, int64_t i, sf_generation_result *res) {
+    jsonl_gpu *j = user;
+    write_reply(j->out, json_array_get(j->rows, (size_t)i), res, j->s->sf != NULL);
+    sf_generation_result_free(res);
+    j->live->done = (int)i + 1;
+    return SF_OK;
+}
+
 static sf_status jsonl_on_gpu(session *s, json_t *rows, const sf_sampling *sampling,
                               const int32_t *limit, FILE *out, live_progress *live) {
     const int total = (int)json_array_size(rows);
-    const int window = 4 * s->engine_slots > 16 ? 4 * s->engine_slots : 16;
-    const int32_t ctx = sf_llm_get_config(s->llm)->max_position_embeddings;
-    int32_t *buf = malloc((size_t)ctx * sizeof *buf);
+    jsonl_gpu j = {s, rows, sampling, limit, out, live, NULL,
+                   sf_llm_get_config(s->llm)->max_position_embeddings};
+    j.buf = malloc((size_t)j.ctx * sizeof *j.buf);
     sf_cuda_session *gen = NULL;
-    sf_status st = buf ? sf_cuda_session_create(s->engine, s->tok, s->stop_ids, s->n_stop_ids,
-                                                s->stops, s->n_stops, &gen)
-                       : sf_fail(SF_ERR_OUT_OF_MEMORY, "out of memory");
-    int next = 0, written = 0;
-    while (st == SF_OK && written < total) {
-        for (; st == SF_OK && next < total && next - written < window; next++) {
-            const char *system, *user;
-            row_texts(json_array_get(rows, (size_t)next), s, &system, &user);
-            int32_t n = 0, id;
-            sf_prompt_spans spans;
-            st = sf_chat_encode(s->tok, s->tmpl, system, NULL, 0, user, buf, ctx, &n, &spans);
-            if (st == SF_OK) {
-                st = sf_cuda_session_submit(gen, buf, n, &spans, &sampling[next], limit[next],
-                                            &id);
-            }
-        }
-        if (st == SF_OK) st = sf_cuda_session_step(gen, count_token, live, NULL, NULL);
-        for (; st == SF_OK && written < next; written++) {
-            sf_generation_result res;
-            bool done = false;
-            st = sf_cuda_session_take(gen, written, &res, &done);
-            if (st != SF_OK || !done) break;
-            write_reply(out, json_array_get(rows, (size_t)written), &res, s->sf != NULL);
-            sf_generation_result_free(&res);
-        }
-        live->done = written;
-    }
+    sf_status st = j.buf ? sf_cuda_session_create(s->engine, s->tok, s->stop_ids, s->n_stop_ids,
+                                                  s->stops, s->n_stops, &gen)
+                         : sf_fail(SF_ERR_OUT_OF_MEMORY, "out of memory");
+    const cli_session_list list = {total, s->engine_slots, submit_line, step_lines, write_line,
+                                   &j};
+    if (st == SF_OK) st = cli_run_session(gen, &list);
     if (st == SF_OK) progress(total, total, live->tokens, cli_now() - live->t0);
     sf_cuda_session_free(gen);
-    free(buf);
+    free(j.buf);
     return st;
 }
 
