@@ -48,6 +48,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "bench_models.h"
 #include "bench_util.h"
 #include "sysformer.h"
 
@@ -65,94 +66,6 @@ typedef struct options {
     bool graphs;
     sf_attention_kernel attention; /* the engine's option: which fused-attention kernel */
 } options;
-
-/* The published shapes of each model, by hand (no files needed). Only shapes matter for
- * throughput; RoPE variants differ only in the cos/sin tables. */
-static bool make_llm_config(const char *name, sf_llm_config *c, const char **note) {
-    memset(c, 0, sizeof *c);
-    c->rms_norm_eps = 1e-5f;
-    c->rope.type = SF_ROPE_DEFAULT;
-    c->rope.factor = 1.0;
-    c->rope.attention_factor = 1.0;
-    c->bos_token_id = -1;
-    *note = "";
-    if (!strcmp(name, "llama3.1-8b")) {
-        c->arch = SF_ARCH_LLAMA;
-        c->vocab_size = 128256;
-        c->hidden_size = 4096;
-        c->intermediate_size = 14336;
-        c->num_layers = 32;
-        c->num_heads = 32;
-        c->num_kv_heads = 8;
-        c->head_dim = 128;
-        c->max_position_embeddings = 131072;
-        c->rope_theta = 500000.0;
-        c->rope.type = SF_ROPE_LLAMA3;
-        c->rope.factor = 8.0;
-        c->rope.low_freq_factor = 1.0;
-        c->rope.high_freq_factor = 4.0;
-        c->rope.original_max_position_embeddings = 8192;
-        *note = "rope llama3 (factor 8, theta 5e5)";
-    } else if (!strcmp(name, "mistral-7b")) {
-        c->arch = SF_ARCH_MISTRAL;
-        c->vocab_size = 32768;
-        c->hidden_size = 4096;
-        c->intermediate_size = 14336;
-        c->num_layers = 32;
-        c->num_heads = 32;
-        c->num_kv_heads = 8;
-        c->head_dim = 128;
-        c->max_position_embeddings = 32768;
-        c->rope_theta = 1e6;
-        c->sliding_window = 0; /* v0.3 has none */
-        *note = "rope default (theta 1e6), no sliding window";
-    } else if (!strcmp(name, "phi3.5-mini")) {
-        c->arch = SF_ARCH_PHI3;
-        c->vocab_size = 32064;
-        c->hidden_size = 3072;
-        c->intermediate_size = 8192;
-        c->num_layers = 32;
-        c->num_heads = 32;
-        c->num_kv_heads = 32;
-        c->head_dim = 96;
-        c->max_position_embeddings = 131072;
-        /* The real model uses longrope (original 4096 positions, per-dimension factors). Only
-         * the shapes matter for throughput and prompts here are far below 4096 positions, where
-         * longrope uses its short factors anyway, so the plain default RoPE is used. */
-        c->rope_theta = 10000.0;
-        *note = "rope DEFAULT theta 1e4 instead of longrope (same cost; shapes are what count)";
-    } else if (!strcmp(name, "smollm2-135m")) {
-        c->arch = SF_ARCH_LLAMA;
-        c->vocab_size = 49152;
-        c->hidden_size = 576;
-        c->intermediate_size = 1536;
-        c->num_layers = 30;
-        c->num_heads = 9;
-        c->num_kv_heads = 3;
-        c->head_dim = 64;
-        c->max_position_embeddings = 8192;
-        c->rope_theta = 100000.0;
-        c->tie_word_embeddings = true;
-        *note = "rope default (theta 1e5), tied embeddings";
-    } else if (!strcmp(name, "tiny")) {
-        /* not a model: for checking this program itself where every kernel is slow (the
-         * emulator of tools/simt) */
-        c->arch = SF_ARCH_LLAMA;
-        c->vocab_size = 512;
-        c->hidden_size = 256;
-        c->intermediate_size = 512;
-        c->num_layers = 2;
-        c->num_heads = 4;
-        c->num_kv_heads = 2;
-        c->head_dim = 64;
-        c->max_position_embeddings = 1024;
-        c->rope_theta = 10000.0;
-        *note = "a test shape, not a model";
-    } else {
-        return false;
-    }
-    return true;
-}
 
 /* sf_sysformer_default_config's values, by hand (there is no CPU sf_llm here). */
 static sf_sysformer_config make_sysformer_config(const sf_llm_config *c) {
@@ -172,42 +85,18 @@ static sf_sysformer_config make_sysformer_config(const sf_llm_config *c) {
     return s;
 }
 
-/* Per-token matmul parameters of one LLM decoder layer. */
-static double llm_layer_params(const sf_llm_config *c) {
-    const double d = c->hidden_size, hd = c->head_dim;
-    return d * hd * (2.0 * c->num_heads + 2.0 * c->num_kv_heads) + 3.0 * d * c->intermediate_size;
-}
-
-/* Visible (query, key) pairs of one causal request of n new tokens starting at position 0. */
-static double causal_pairs(const sf_llm_config *c, int n) {
-    if (c->sliding_window <= 0 || c->sliding_window >= n) return 0.5 * (double)n * (n + 1.0);
-    double s = 0;
-    for (int i = 0; i < n; i++) s += (i + 1 < c->sliding_window) ? i + 1 : c->sliding_window;
-    return s;
-}
-
 static double llm_prefill_flops(const sf_llm_config *c, int R, int P) {
     const double T = (double)R * P;
-    return 2.0 * T * c->num_layers * llm_layer_params(c)
-           + 4.0 * c->head_dim * c->num_heads * c->num_layers * (R * causal_pairs(c, P))
+    return 2.0 * T * c->num_layers * bench_layer_weights(c)
+           + 4.0 * c->head_dim * c->num_heads * c->num_layers * (R * bench_causal_pairs(c, P))
            + 2.0 * (double)c->hidden_size * c->vocab_size * R;
-}
-
-static double sysformer_flops(const sf_sysformer_config *s, int R, int S, int U) {
-    const double d = s->d_model, Rs = (double)R * S, Ru = (double)R * U;
-    const double per_layer = 2.0 * Rs * d * 3.0 * d + 2.0 * Rs * d * d  /* SA projections */
-                             + 4.0 * d * (double)R * S * S              /* SA attention   */
-                             + 2.0 * Rs * d * d + 2.0 * Ru * d * 2.0 * d
-                             + 2.0 * Rs * d * d                         /* CA projections */
-                             + 4.0 * d * (double)R * S * U              /* CA attention   */
-                             + 2.0 * 2.0 * Rs * d * s->dim_feedforward; /* FF             */
-    return per_layer * s->num_layers;
 }
 
 /* Bytes one decode step must read at least: the LLM's matmul weights and LM head (bf16), and
  * the KV cache of every request at an average context ctx. */
 static double decode_bytes(const sf_llm_config *c, int R, double ctx) {
-    const double w = c->num_layers * llm_layer_params(c) + (double)c->hidden_size * c->vocab_size;
+    const double w =
+        c->num_layers * bench_layer_weights(c) + (double)c->hidden_size * c->vocab_size;
     const double kv = (double)R * ctx * c->num_layers * 2.0 * c->num_kv_heads * c->head_dim;
     return 2.0 * (w + kv);
 }
@@ -556,7 +445,7 @@ static sf_status print_plans(const sf_llm_config *c, const sf_sysformer_config *
 static int bench_config(const char *name, const options *o) {
     sf_llm_config c;
     const char *note;
-    if (!make_llm_config(name, &c, &note)) {
+    if (!bench_llm_config(name, &c, &note)) {
         printf("\n== %s: unknown config (known: llama3.1-8b, mistral-7b, phi3.5-mini, "
                "smollm2-135m)\nSUMMARY %s FAILED\n", name, name);
         return 1;
@@ -630,10 +519,10 @@ static int bench_config(const char *name, const options *o) {
 
     const sf_sampling greedy = {.temperature = 0.0f, .top_k = 0, .top_p = 1.0f, .seed = 0};
     const double f_llm = llm_prefill_flops(&c, R, P);
-    const double f_sys = sysformer_flops(&sc, R, S, U);
-    const double f_layers = 2.0 * (double)T * c.num_layers * llm_layer_params(&c)
+    const double f_sys = bench_sysformer_flops(&sc, R, S, U);
+    const double f_layers = 2.0 * (double)T * c.num_layers * bench_layer_weights(&c)
                             + 4.0 * c.head_dim * c.num_heads * c.num_layers *
-                                  (R * causal_pairs(&c, P));
+                                  (R * bench_causal_pairs(&c, P));
     printf("  FLOPs per prefill: LLM %.3f T (layers %.3f T), Sysformer %.4f T (%.2f%% of "
            "guarded)\n",
            f_llm * 1e-12, f_layers * 1e-12, f_sys * 1e-12, 100.0 * f_sys / (f_llm + f_sys));
@@ -830,7 +719,7 @@ static int plans_only(const options *o) {
     for (char *name = strtok_r(list, ",", &save); name; name = strtok_r(NULL, ",", &save)) {
         sf_llm_config c;
         const char *note;
-        if (!make_llm_config(name, &c, &note)) {
+        if (!bench_llm_config(name, &c, &note)) {
             printf("\n== %s: unknown config\n", name);
             failed++;
             continue;
