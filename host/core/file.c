@@ -44,3 +44,13 @@ sf_status sf_read_file(const char *path, size_t max_bytes, char **data, size_t *
     *len = (size_t)size;
     return SF_OK;
 }
+
+char *sf_path_join(const char *dir, const char *name) {
+    const size_t a = strlen(dir), b = strlen(name);
+    char *p = malloc(a + b + 2);
+    if (!p) return NULL;
+    memcpy(p, dir, a);
+    p[a] = '/';
+    memcpy(p + a + 1, name, b + 1);
+    return p;
+}

@@ -14,16 +14,6 @@
 enum { SF_SYSFORMER_JSON_MAX = 1 << 20 };
 static const char k_default_weights[] = "sysformer.safetensors";
 
-static char *path_join(const char *dir, const char *name) {
-    size_t a = strlen(dir), b = strlen(name);
-    char *p = malloc(a + b + 2);
-    if (!p) return NULL;
-    memcpy(p, dir, a);
-    p[a] = '/';
-    memcpy(p + a + 1, name, b + 1);
-    return p;
-}
-
 /* Typed field readers: absent keys keep the default; present keys must have the right type. */
 static sf_status read_int(json_t *root, const char *key, const char *path, int32_t *out) {
     json_t *v = json_object_get(root, key);
@@ -160,7 +150,7 @@ static sf_status load_tensors(sf_sysformer *sf, const sf_st_archive *ar, const c
 sf_status sf_sysformer_load(const char *dir, const sf_llm *llm, sf_sysformer **out) {
     if (!dir || !llm || !out) return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_sysformer_load: NULL");
     *out = NULL;
-    char *json_path = path_join(dir, "sysformer.json");
+    char *json_path = sf_path_join(dir, "sysformer.json");
     if (!json_path) return sf_fail(SF_ERR_OUT_OF_MEMORY, "sf_sysformer_load: out of memory");
     char *text = NULL, *weights_path = NULL;
     size_t len = 0;
@@ -185,7 +175,7 @@ sf_status sf_sysformer_load(const char *dir, const sf_llm *llm, sf_sysformer **o
     if (st == SF_OK && cfg.num_heads == 0) cfg.num_heads = llm->cfg.num_heads;
     if (st == SF_OK) st = sf_sysformer_check_config(&cfg, llm, json_path);
     if (st == SF_OK) {
-        weights_path = path_join(dir, weights_file);
+        weights_path = sf_path_join(dir, weights_file);
         sf = calloc(1, sizeof *sf);
         if (!weights_path || !sf) st = sf_fail(SF_ERR_OUT_OF_MEMORY, "sf_sysformer_load: no memory");
     }
@@ -247,8 +237,8 @@ sf_status sf_sysformer_save(const sf_sysformer *sf, const char *dir) {
     int64_t n = 0;
     sf_sysformer_tensor *t = sf_sysformer_tensors((sf_sysformer *)sf, &n);
     sf_st_entry *entries = calloc((size_t)(n + 1), sizeof *entries);
-    char *st_path = path_join(dir, k_default_weights);
-    char *json_path = path_join(dir, "sysformer.json");
+    char *st_path = sf_path_join(dir, k_default_weights);
+    char *json_path = sf_path_join(dir, "sysformer.json");
     sf_status st = (t && entries && st_path && json_path)
                        ? SF_OK
                        : sf_fail(SF_ERR_OUT_OF_MEMORY, "sf_sysformer_save: out of memory");

@@ -692,16 +692,6 @@ static int32_t template_first_token(const sf_tokenizer *tok, const json_t *pp, i
 /* tokenizer_config.json                                                                       */
 /* ------------------------------------------------------------------------------------------ */
 
-static char *join_path(const char *dir, const char *name) {
-    size_t a = strlen(dir), b = strlen(name);
-    char *p = malloc(a + b + 2);
-    if (!p) return NULL;
-    memcpy(p, dir, a);
-    p[a] = '/';
-    memcpy(p + a + 1, name, b + 1);
-    return p;
-}
-
 /* Reads a file that may be absent: *data = NULL then. */
 static sf_status read_optional(const char *path, size_t max, char **data, size_t *len) {
     struct stat sb;
@@ -730,7 +720,7 @@ typedef struct config_info {
 static sf_status parse_config(sf_tokenizer *tok, const char *dir, config_info *ci) {
     memset(ci, 0, sizeof *ci);
     ci->bos = ci->eos = -1;
-    char *path = join_path(dir, "tokenizer_config.json");
+    char *path = sf_path_join(dir, "tokenizer_config.json");
     if (!path) return oom();
     char *data;
     size_t len;
@@ -789,7 +779,7 @@ static sf_status parse_config(sf_tokenizer *tok, const char *dir, config_info *c
     free(path);
     /* transformers 5 saves the template beside the config instead of inside it. */
     if (st == SF_OK && !tok->chat_template) {
-        path = join_path(dir, "chat_template.jinja");
+        path = sf_path_join(dir, "chat_template.jinja");
         if (!path) return oom();
         st = read_optional(path, CONFIG_MAX_BYTES, &data, &len);
         if (st == SF_OK && data) {
