@@ -759,9 +759,11 @@ sf_status sf_cuda_engine_stage_times(sf_cuda_engine *engine, sf_cuda_stage_times
  *
  * The session owns the engine's slots while it lives: other steps on the engine would corrupt
  * its requests' caches. Not thread-safe: one host thread drives a session and its engine. A
- * session keeps 8 bytes for every request ever submitted, taken or not: a server that runs for
- * good starts a new session now and then. If a step fails (a CUDA error) the session is broken:
- * later submissions and steps return that failure; finished results can still be taken. */
+ * session holds the requests not yet taken: its table of ids spans the oldest one not taken to
+ * the newest (8 bytes each), so a server that takes its results can run one session for good,
+ * up to 2^31 - 1 requests (then submissions fail with SF_ERR_OUT_OF_RANGE). If a step fails (a
+ * CUDA error) the session is broken: later submissions and steps return that failure; finished
+ * results can still be taken. */
 typedef struct sf_cuda_session sf_cuda_session;
 
 /* A session on engine (a full engine, not guard-only: SF_ERR_UNSUPPORTED). tok may be NULL (no
@@ -787,7 +789,9 @@ sf_status sf_cuda_session_submit(sf_cuda_session *session, const int32_t *token_
  * returning false stops that request). Afterwards *running holds the requests in slots and
  * *waiting those queued (either may be NULL); with none of either the call does nothing. The
  * stream callback may submit, cancel and take (a request it cancels that has not yet had its
- * token this round gets none); it may not step (SF_ERR_INVALID_ARGUMENT) or free the session. */
+ * token this round gets none; the request whose token it is given, cancelled, ends with that
+ * token once the callback returns, as if it had returned false, and is taken after that); it
+ * may not step (SF_ERR_INVALID_ARGUMENT) or free the session. */
 sf_status sf_cuda_session_step(sf_cuda_session *session, sf_stream_fn stream, void *user,
                                int32_t *running, int32_t *waiting);
 

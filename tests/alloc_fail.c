@@ -19,10 +19,12 @@ char *__real_strdup(const char *s);
 
 static long long calls;   /* allocation calls so far */
 static long long fail_at; /* the number (from 1) of the call to fail; 0: none */
+static size_t largest;    /* the most bytes one call asked for since the last reset */
 
 /* SF_ALLOC_TRACE=1: where each failed allocation was made, on stderr (addresses; addr2line
  * -f -e sf_alloc_tests turns them into functions and lines). */
-static int fails(void) {
+static int fails(size_t bytes) {
+    if (bytes > largest) largest = bytes;
     if (++calls != fail_at) return 0;
     fail_at = 0;
     if (getenv("SF_ALLOC_TRACE")) {
@@ -33,11 +35,15 @@ static int fails(void) {
     return 1;
 }
 
-void *__wrap_malloc(size_t n) { return fails() ? NULL : __real_malloc(n); }
-void *__wrap_calloc(size_t n, size_t size) { return fails() ? NULL : __real_calloc(n, size); }
-void *__wrap_realloc(void *p, size_t n) { return fails() ? NULL : __real_realloc(p, n); }
-char *__wrap_strdup(const char *s) { return fails() ? NULL : __real_strdup(s); }
+void *__wrap_malloc(size_t n) { return fails(n) ? NULL : __real_malloc(n); }
+void *__wrap_calloc(size_t n, size_t size) {
+    return fails(n * size) ? NULL : __real_calloc(n, size);
+}
+void *__wrap_realloc(void *p, size_t n) { return fails(n) ? NULL : __real_realloc(p, n); }
+char *__wrap_strdup(const char *s) { return fails(strlen(s) + 1) ? NULL : __real_strdup(s); }
 
 void sf_test_alloc_fail(long long after) { fail_at = calls + after + 1; }
 void sf_test_alloc_disarm(void) { fail_at = 0; }
 long long sf_test_alloc_calls(void) { return calls; }
+unsigned long long sf_test_alloc_largest(void) { return largest; }
+void sf_test_alloc_reset_largest(void) { largest = 0; }

@@ -9,6 +9,9 @@ void sf_test_alloc_fail(long long after);
 void sf_test_alloc_disarm(void);
 /* Allocation calls so far. */
 long long sf_test_alloc_calls(void);
+/* The most bytes one call asked for since the last reset (realloc: the new size). */
+unsigned long long sf_test_alloc_largest(void);
+void sf_test_alloc_reset_largest(void);
 #ifdef __cplusplus
 }
 #endif

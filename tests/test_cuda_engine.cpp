@@ -2994,6 +2994,157 @@ TEST_F(CudaEngineTiny, SessionCancelsTakesAndRefuses) {
     EXPECT_EQ(raw, nullptr);
 }
 
+// A session holds its ids in a ring from the oldest not taken to the newest (host/cuda/
+// generate.c): ids keep naming their requests as the ring wraps and grows, whatever order the
+// results are taken in, and requests submitted after thousands of others generate exactly what
+// they do on a fresh session.
+TEST_F(CudaEngineTiny, SessionIdsStayRightAsTheRingWraps) {
+    EnginePtr e = make_engine(llm_, sf_, options(2, 64, 48));
+    ASSERT_TRUE(e);
+    const Prompts p = tiny_prompts({{5, 2}, {3, 4}, {2, 6}}, 75);
+    const int32_t limit[3] = {4, 6, 5};
+    // Submits request r of p, returning its id (-1 when refused).
+    auto submit = [&](sf_cuda_session *s, int32_t r, int32_t max_new) {
+        const std::vector<int32_t> ids = p.request(r);
+        int32_t id = -1;
+        EXPECT_EQ(sf_cuda_session_submit(s, ids.data(), (int32_t)ids.size(), &p.spans[r],
+                                         nullptr, max_new, &id),
+                  SF_OK)
+            << sf_last_error();
+        return id;
+    };
+    // Takes a finished request: its tokens and finish reason.
+    auto take = [](sf_cuda_session *s, int32_t id, sf_finish_reason *finish) {
+        sf_generation_result res = {};
+        bool done = false;
+        EXPECT_EQ(sf_cuda_session_take(s, id, &res, &done), SF_OK) << sf_last_error();
+        EXPECT_TRUE(done) << "request " << id;
+        std::vector<int32_t> tokens(res.tokens, res.tokens + res.n_tokens);
+        *finish = res.finish;
+        sf_generation_result_free(&res);
+        return tokens;
+    };
+    // Runs the three requests of p to the end on s (submitted now), and takes them newest first.
+    auto generate = [&](sf_cuda_session *s) {
+        int32_t first = -1;
+        for (int32_t r = 0; r < 3; r++) {
+            const int32_t id = submit(s, r, limit[r]);
+            if (r == 0) first = id;
+            EXPECT_EQ(id, first + r);
+        }
+        int32_t running = 1, waiting = 0;
+        for (int32_t k = 0; k < 40 && running + waiting > 0; k++) {
+            EXPECT_EQ(sf_cuda_session_step(s, nullptr, nullptr, &running, &waiting), SF_OK)
+                << sf_last_error();
+        }
+        std::vector<std::vector<int32_t>> tokens(3);
+        for (int32_t r = 2; r >= 0; r--) {
+            sf_finish_reason finish;
+            tokens[r] = take(s, first + r, &finish);
+            EXPECT_EQ(finish, SF_FINISH_LENGTH);
+            EXPECT_EQ((int32_t)tokens[r].size(), limit[r]);
+        }
+        return tokens;
+    };
+    sf_cuda_session *raw = nullptr;
+    ASSERT_EQ(sf_cuda_session_create(e.get(), nullptr, nullptr, 0, nullptr, 0, &raw), SF_OK)
+        << sf_last_error();
+    SessionPtr fresh(raw);
+    const std::vector<std::vector<int32_t>> want = generate(fresh.get());
+    fresh.reset();
+
+    ASSERT_EQ(sf_cuda_session_create(e.get(), nullptr, nullptr, 0, nullptr, 0, &raw), SF_OK)
+        << sf_last_error();
+    SessionPtr s(raw);
+    sf_finish_reason finish;
+    // Request 0 is cancelled and held while 300 others come and go, one at a time: the ring
+    // grows past its first 64 entries to span 0 .. 300.
+    ASSERT_EQ(submit(s.get(), 0, 3), 0);
+    ASSERT_EQ(sf_cuda_session_cancel(s.get(), 0), SF_OK) << sf_last_error();
+    for (int32_t id = 1; id <= 300; id++) {
+        ASSERT_EQ(submit(s.get(), id % 3, 2), id);
+        ASSERT_EQ(sf_cuda_session_cancel(s.get(), id), SF_OK) << sf_last_error();
+        EXPECT_TRUE(take(s.get(), id, &finish).empty());
+    }
+    // Then it is taken, the oldest leaves, and 300 more wrap the ring, two at a time with the
+    // newer one taken first.
+    EXPECT_TRUE(take(s.get(), 0, &finish).empty());
+    EXPECT_EQ(finish, SF_FINISH_CALLBACK);
+    for (int32_t id = 301; id <= 600; id += 2) {
+        ASSERT_EQ(submit(s.get(), 1, 2), id);
+        ASSERT_EQ(submit(s.get(), 2, 2), id + 1);
+        for (const int32_t k : {id + 1, id}) {
+            ASSERT_EQ(sf_cuda_session_cancel(s.get(), k), SF_OK) << sf_last_error();
+            EXPECT_TRUE(take(s.get(), k, &finish).empty());
+        }
+    }
+    EXPECT_EQ(generate(s.get()), want);
+    sf_generation_result res = {};
+    bool done = false;
+    for (const int32_t id : {0, 1, 300, 601, 603}) {
+        EXPECT_EQ(sf_cuda_session_take(s.get(), id, &res, &done), SF_ERR_INVALID_ARGUMENT)
+            << "request " << id << " was taken";
+    }
+    EXPECT_EQ(sf_cuda_session_cancel(s.get(), 604), SF_ERR_INVALID_ARGUMENT) << "never given";
+}
+
+// A stream callback that cancels the very request whose token it is given: that request ends
+// with that token (SF_FINISH_CALLBACK, as if the callback had returned false), and a take from
+// inside the same callback finds it still running, so nothing the round still uses is freed.
+TEST_F(CudaEngineTiny, SessionCallbackCancelsItsOwnRequest) {
+    EnginePtr e = make_engine(llm_, sf_, options(2, 64, 48));
+    ASSERT_TRUE(e);
+    sf_cuda_session *raw = nullptr;
+    ASSERT_EQ(sf_cuda_session_create(e.get(), nullptr, nullptr, 0, nullptr, 0, &raw), SF_OK)
+        << sf_last_error();
+    SessionPtr s(raw);
+    const Prompts p = tiny_prompts({{5, 2}, {3, 4}}, 76);
+    for (int32_t r = 0; r < 2; r++) {
+        const std::vector<int32_t> ids = p.request(r);
+        int32_t id = -1;
+        ASSERT_EQ(sf_cuda_session_submit(s.get(), ids.data(), (int32_t)ids.size(), &p.spans[r],
+                                         nullptr, 6, &id),
+                  SF_OK)
+            << sf_last_error();
+    }
+    struct Own {
+        sf_cuda_session *s;
+        StreamLog log;
+        sf_status cancel = SF_ERR_IO, take = SF_ERR_IO;
+        bool done = true;
+    } own = {s.get(), {}};
+    own.log.tokens.resize(2);
+    auto cancel_own = [](void *user, int32_t request, int32_t token, const char *, size_t) {
+        auto *o = static_cast<Own *>(user);
+        record_stream(&o->log, request, token, nullptr, 0);
+        if (request == 0 && o->log.tokens[0].size() == 2) {
+            o->cancel = sf_cuda_session_cancel(o->s, 0);
+            sf_generation_result res = {};
+            o->take = sf_cuda_session_take(o->s, 0, &res, &o->done);
+        }
+        return true;
+    };
+    int32_t running = 1, waiting = 0;
+    for (int32_t k = 0; k < 20 && running + waiting > 0; k++) {
+        ASSERT_EQ(sf_cuda_session_step(s.get(), cancel_own, &own, &running, &waiting), SF_OK)
+            << sf_last_error();
+    }
+    EXPECT_EQ(own.cancel, SF_OK);
+    EXPECT_EQ(own.take, SF_OK);
+    EXPECT_FALSE(own.done) << "taken from inside its own token's callback";
+    for (int32_t r = 0; r < 2; r++) {
+        sf_generation_result res = {};
+        bool done = false;
+        ASSERT_EQ(sf_cuda_session_take(s.get(), r, &res, &done), SF_OK) << sf_last_error();
+        ASSERT_TRUE(done) << "request " << r;
+        EXPECT_EQ(res.n_tokens, r == 0 ? 2 : 6) << "request " << r;
+        EXPECT_EQ(res.finish, r == 0 ? SF_FINISH_CALLBACK : SF_FINISH_LENGTH) << "request " << r;
+        EXPECT_EQ(own.log.tokens[r], std::vector<int32_t>(res.tokens, res.tokens + res.n_tokens))
+            << "request " << r;
+        sf_generation_result_free(&res);
+    }
+}
+
 // ------------------------------------------------------------------------------------------
 // SmolLM2-135M-Instruct (when fetched), guarded by an open Sysformer, on ChatML prompts
 // ------------------------------------------------------------------------------------------
@@ -3634,6 +3785,41 @@ TEST_F(CudaEngineHostTraffic, TheGuardedEmbeddingNeverWaitsOrCopies) {
         EXPECT_EQ(t.streams, std::vector<void *>{(void *)stream});
         ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
     }
+}
+
+// A long-lived session holds what its caller has not taken, not every request it ever had:
+// 100000 requests submitted, cancelled and taken one by one. The largest host allocation in the
+// loop must stay a request's own: its struct, its prompt (15 ids), its result's token buffer
+// (2 ids) and the ring's first 64 entries (512 bytes, the largest, as measured) are each well
+// under 4 KiB, while a table of every id (the session before this ring) reaches 8 B x 2^17 =
+// 1 MiB (measured on that code: 1048576). Counted by tests/alloc_fail.c, which tools/simt
+// links in.
+TEST_F(CudaEngineHostTraffic, ALongSessionHoldsOnlyWhatIsNotTaken) {
+    EnginePtr e = engine();
+    ASSERT_TRUE(e);
+    sf_cuda_session *raw = nullptr;
+    ASSERT_EQ(sf_cuda_session_create(e.get(), nullptr, nullptr, 0, nullptr, 0, &raw), SF_OK)
+        << sf_last_error();
+    SessionPtr s(raw);
+    const std::vector<int32_t> ids = prompts_.request(0);
+    sf_test_alloc_reset_largest();
+    for (int32_t k = 0; k < 100000; k++) {
+        int32_t id = -1;
+        ASSERT_EQ(sf_cuda_session_submit(s.get(), ids.data(), (int32_t)ids.size(),
+                                         &prompts_.spans[0], nullptr, 2, &id),
+                  SF_OK)
+            << sf_last_error();
+        ASSERT_EQ(id, k);
+        ASSERT_EQ(sf_cuda_session_cancel(s.get(), id), SF_OK) << sf_last_error();
+        sf_generation_result res = {};
+        bool done = false;
+        ASSERT_EQ(sf_cuda_session_take(s.get(), id, &res, &done), SF_OK) << sf_last_error();
+        ASSERT_TRUE(done);
+        sf_generation_result_free(&res);
+    }
+    const unsigned long long largest = sf_test_alloc_largest();
+    EXPECT_GT(largest, 0u) << "alloc_fail.c saw no allocation: not linked in?";
+    EXPECT_LT(largest, 4096u) << largest;
 }
 
 #endif  // SIMT_FAULT_INJECTION

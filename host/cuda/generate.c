@@ -1,8 +1,10 @@
 /* sf_generate_cuda and the generation session (sf_cuda_session_*): sf_generate_cpu's loop
  * (host/model/generate.c) driving the CUDA engine, with continuous batching.
  *
- * A session holds its requests by id, in submission order; they take the engine's slots first
- * come, first served, and wait for one when all are taken. Each round is one step:
+ * A session holds its requests by id, in submission order, in a ring that spans the ids from
+ * the oldest not yet taken to the newest (so a long-lived session holds what its caller has not
+ * taken, not every request it ever had); they take the engine's slots first come, first served,
+ * and wait for one when all are taken. Each round is one step:
  *   - when a slot is free and the next waiting prompt fits the step (max_batch_tokens, and the
  *     Sysformer's rows padded to the longest span), a prefill step: the running requests' next
  *     tokens as 1-token chunks (spans {0, 0, 0, 0, 1}: they continue their slots) and the
@@ -105,6 +107,7 @@ typedef struct session_request {
     int32_t slot;            /* while running */
     int32_t length;          /* positions stored in its slot; the next fed token gets this one */
     request_state state;
+    bool cancelled;          /* by its own stream callback: it ends once that returns */
 } session_request;
 
 struct sf_cuda_session {
@@ -114,13 +117,16 @@ struct sf_cuda_session {
     sf_generation rules;      /* the stop rules: stop ids and strings, nothing else */
     int32_t *stop_ids;        /* owned copies behind rules */
     char **stop_strings;
-    session_request **req;    /* [n] by id; NULL once taken */
-    int32_t n, cap;
+    session_request **req;    /* [cap], a power of two: id's request at id & (cap - 1) for ids in
+                                 [base, n), NULL once taken; ids below base are all taken */
+    size_t cap;
+    int32_t base, n;          /* n: the next id to give */
     int32_t next;             /* ids below it have left the queue (started, or cancelled) */
     int32_t *running;         /* [n_running] the ids in slots, ascending */
     int32_t n_running, n_waiting;
     step_plan p;
     bool in_step;             /* a round is running (its stream callback may not step) */
+    int32_t accepting;        /* the request whose token is being accepted (streamed), or -1 */
     sf_status failed;         /* SF_OK, or the failure that broke the session ... */
     char failure[256];        /* ... and its message */
 };
@@ -135,7 +141,9 @@ static void request_free(const char *who, session_request *q) {
 
 void sf_cuda_session_free(sf_cuda_session *s) {
     if (!s) return;
-    for (int32_t i = 0; i < s->n; i++) request_free(s->who, s->req[i]);
+    for (int32_t id = s->base; s->req && id < s->n; id++) {
+        request_free(s->who, s->req[(size_t)id & (s->cap - 1)]);
+    }
     free(s->req);
     free(s->running);
     plan_free(&s->p);
@@ -170,6 +178,7 @@ static sf_status session_new(sf_cuda_engine *e, const sf_tokenizer *tok, const c
     s->e = e;
     s->tok = tok;
     s->who = who;
+    s->accepting = -1;
     const int32_t slots = sf_cuda_engine_max_slots(e);
     s->running = malloc((size_t)slots * sizeof *s->running);
     s->stop_ids = malloc((size_t)(n_stop_ids > 0 ? n_stop_ids : 1) * sizeof *s->stop_ids);
@@ -219,6 +228,20 @@ static sf_status break_session(sf_cuda_session *s, sf_status st) {
     return st;
 }
 
+/* Doubles the ring (64 entries at first), each held id moving to its place in the new one. */
+static sf_status grow_ring(sf_cuda_session *s) {
+    const size_t cap = s->cap ? 2 * s->cap : 64;
+    session_request **ring = calloc(cap, sizeof *ring);
+    if (!ring) return sf_fail(SF_ERR_OUT_OF_MEMORY, "%s: out of memory", s->who);
+    for (int32_t id = s->base; id < s->n; id++) {
+        ring[(size_t)id & (cap - 1)] = s->req[(size_t)id & (s->cap - 1)];
+    }
+    free(s->req);
+    s->req = ring;
+    s->cap = cap;
+    return SF_OK;
+}
+
 /* Queues a request after checking everything a step would refuse of it alone. */
 static sf_status submit(sf_cuda_session *s, const int32_t *ids, int32_t n_ids,
                         const sf_prompt_spans *spans, const sf_sampling *sampling,
@@ -252,13 +275,7 @@ static sf_status submit(sf_cuda_session *s, const int32_t *ids, int32_t n_ids,
                        "Sysformer needs them", s->who, r);
     }
     SF_TRY(sf_cuda_check_prompt(e, s->who, r, ids, n_ids, guarded ? spans : NULL));
-    if (s->n == s->cap) {
-        const int32_t cap = s->cap ? (s->cap > INT32_MAX / 2 ? INT32_MAX : 2 * s->cap) : 64;
-        session_request **more = realloc(s->req, (size_t)cap * sizeof *more);
-        if (!more) return sf_fail(SF_ERR_OUT_OF_MEMORY, "%s: out of memory", s->who);
-        s->req = more;
-        s->cap = cap;
-    }
+    if ((size_t)(s->n - s->base) == s->cap) SF_TRY(grow_ring(s));
     session_request *q = calloc(1, sizeof *q);
     if (!q) return sf_fail(SF_ERR_OUT_OF_MEMORY, "%s: out of memory", s->who);
     q->ids = malloc((size_t)n_ids * sizeof *q->ids);
@@ -274,7 +291,7 @@ static sf_status submit(sf_cuda_session *s, const int32_t *ids, int32_t n_ids,
         return st;
     }
     memcpy(q->ids, ids, (size_t)n_ids * sizeof *ids);
-    s->req[s->n] = q;
+    s->req[(size_t)s->n & (s->cap - 1)] = q;
     *id = s->n++;
     s->n_waiting++;
     return SF_OK;
@@ -290,7 +307,7 @@ sf_status sf_cuda_session_submit(sf_cuda_session *s, const int32_t *token_ids, i
 
 /* The request an id names, or NULL (never given, or taken). */
 static session_request *lookup(const sf_cuda_session *s, int32_t id) {
-    return id >= 0 && id < s->n ? s->req[id] : NULL;
+    return id >= s->base && id < s->n ? s->req[(size_t)id & (s->cap - 1)] : NULL;
 }
 
 /* Request q (in a slot or not) has ended: its text flushed, its slot free for the next. */
@@ -308,7 +325,7 @@ static sf_status finish(sf_cuda_session *s, session_request *q) {
 static void prune_running(sf_cuda_session *s) {
     int32_t k = 0;
     for (int32_t i = 0; i < s->n_running; i++) {
-        const session_request *q = s->req[s->running[i]];
+        const session_request *q = lookup(s, s->running[i]);
         if (q && q->state == RUNNING) s->running[k++] = s->running[i];
     }
     s->n_running = k;
@@ -339,7 +356,7 @@ static sf_status run_round(sf_cuda_session *s, sf_stream_fn stream, void *user) 
     int64_t tokens = running;
     sf_status st = SF_OK;
     while (s->next < s->n && p->n_free > 0) {
-        session_request *q = s->req[s->next];
+        session_request *q = lookup(s, s->next);
         if (!q || q->state != WAITING) { /* cancelled while it waited */
             s->next++;
             continue;
@@ -363,7 +380,7 @@ static sf_status run_round(sf_cuda_session *s, sf_stream_fn stream, void *user) 
     const bool prefill = m > running;
     if (prefill) p->cu[0] = 0;
     for (int32_t i = 0; i < m; i++) {
-        session_request *q = s->req[p->req[i]];
+        session_request *q = lookup(s, p->req[i]);
         p->slots[i] = q->slot;
         p->uniforms[i] = draw(&q->rq, &p->settings[i]);
         if (!prefill) continue;
@@ -389,7 +406,7 @@ static sf_status run_round(sf_cuda_session *s, sf_stream_fn stream, void *user) 
     st = sf_cuda_engine_step(e, &step);
     if (st == SF_OK) st = sf_cuda_engine_read_tokens(e, p->picked, m);
     for (int32_t i = 0; st == SF_OK && i < m; i++) {
-        session_request *q = s->req[p->req[i]];
+        session_request *q = lookup(s, p->req[i]);
         if (!q || q->state != RUNNING) continue; /* cancelled by a callback of this round */
         if (i >= running) { /* its prompt is in its slot now */
             q->length = q->n_ids;
@@ -398,8 +415,14 @@ static sf_status run_round(sf_cuda_session *s, sf_stream_fn stream, void *user) 
         } else {
             q->length++;
         }
+        s->accepting = p->req[i];
         st = sf_gen_accept(&c, p->req[i], p->picked[i], room_of(q, max_context), &q->rq,
                            &q->res);
+        s->accepting = -1;
+        if (st == SF_OK && q->cancelled) {
+            q->rq.done = true;
+            q->res.finish = SF_FINISH_CALLBACK;
+        }
         if (st == SF_OK && q->rq.done) st = finish(s, q);
     }
     if (st != SF_OK) return break_session(s, st);
@@ -431,6 +454,10 @@ sf_status sf_cuda_session_cancel(sf_cuda_session *s, int32_t id) {
                        "submitted, or already taken)", id);
     }
     if (q->state == DONE) return SF_OK;
+    if (id == s->accepting) { /* from its own token's callback, which is still using it */
+        q->cancelled = true;
+        return SF_OK;
+    }
     q->rq.done = true;
     q->res.finish = SF_FINISH_CALLBACK;
     const sf_status st = finish(s, q);
@@ -450,7 +477,9 @@ sf_status sf_cuda_session_take(sf_cuda_session *s, int32_t id, sf_generation_res
     *out = q->res;
     memset(&q->res, 0, sizeof q->res);
     request_free(s->who, q);
-    s->req[id] = NULL;
+    s->req[(size_t)id & (s->cap - 1)] = NULL;
+    while (s->base < s->n && !lookup(s, s->base)) s->base++; /* the taken oldest leave the ring */
+    if (s->next < s->base) s->next = s->base;
     return SF_OK;
 }
 
