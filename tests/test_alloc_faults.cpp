@@ -254,6 +254,29 @@ TEST_F(HostAllocFaultsModel, GuardedGeneration) {
     });
 }
 
+// "No limit" (max_new_tokens = INT32_MAX) ends with the context window, and asks for no more
+// memory than the window allows: a request's token buffer holds window - prompt + 1 ids (the
+// token accepted as the context fills is its last), not max_new_tokens of them (8 GiB here).
+// The model's window is 64 positions, so every allocation of the run is small: the largest
+// (the weights were loaded before) is well under 1 MiB.
+TEST_F(HostAllocFaultsModel, NoLimitAsksOnlyForTheWindow) {
+    const std::vector<int32_t> ids = {1, 5, 9, 13, 17, 21, 25, 29, 33, 37};
+    const std::vector<int32_t> cu = {0, (int32_t)ids.size()};
+    sf_generation g = {};
+    g.n_requests = 1;
+    g.cu_seqlens = cu.data();
+    g.token_ids = ids.data();
+    g.max_new_tokens = INT32_MAX;
+    sf_generation_result res = {};
+    sf_test_alloc_reset_largest();
+    ASSERT_EQ(sf_generate_cpu(llm_, nullptr, nullptr, &g, nullptr, nullptr, &res), SF_OK)
+        << sf_last_error();
+    EXPECT_LT(sf_test_alloc_largest(), 1u << 20);
+    EXPECT_EQ(res.finish, SF_FINISH_CONTEXT);
+    EXPECT_EQ(res.n_tokens, cfg_.max_position_embeddings - (int32_t)ids.size() + 1);
+    sf_generation_result_free(&res);
+}
+
 // A training run of two steps and a validation, on the CPU.
 TEST_F(HostAllocFaultsModel, Training) {
     sf_train_set set = {};

@@ -285,7 +285,8 @@ static sf_status submit(sf_cuda_session *s, const int32_t *ids, int32_t n_ids,
     q->slot = -1;
     q->state = WAITING;
     sf_status st = q->ids ? SF_OK : sf_fail(SF_ERR_OUT_OF_MEMORY, "%s: out of memory", s->who);
-    st = sf_gen_request_start(s->who, st, s->tok, &q->sampling, max_new, &q->rq, &q->res);
+    st = sf_gen_request_start(s->who, st, s->tok, &q->sampling, max_new, n_ids, window, &q->rq,
+                              &q->res);
     if (st != SF_OK) {
         request_free(s->who, q);
         return st;

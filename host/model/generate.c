@@ -129,7 +129,8 @@ sf_status sf_generate_cpu(const sf_llm *llm, const sf_sysformer *sf, const sf_to
         if (cap > llm->cfg.max_position_embeddings) cap = llm->cfg.max_position_embeddings;
         st = sf_kv_cache_create(llm, (int32_t)cap, &own[r]);
         caches[r] = own[r];
-        st = sf_gen_request_init(&c, st, tok, r, &rq[r], &results[r]);
+        st = sf_gen_request_init(&c, st, tok, r, llm->cfg.max_position_embeddings, &rq[r],
+                                 &results[r]);
         rows[r] = g->cu_seqlens[r + 1] - 1;
     }
 

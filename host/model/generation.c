@@ -79,23 +79,28 @@ sf_status sf_gen_check_prompts(const char *who, const sf_generation *g, int32_t 
 }
 
 sf_status sf_gen_request_start(const char *who, sf_status st, const sf_tokenizer *tok,
-                               const sf_sampling *sampling, int32_t max_new, sf_gen_request *rq,
-                               sf_generation_result *res) {
+                               const sf_sampling *sampling, int32_t max_new, int32_t prompt_len,
+                               int32_t window, sf_gen_request *rq, sf_generation_result *res) {
     rq->sampling = sampling;
     rq->rng = sampling->seed;
     rq->max_new = max_new;
+    const int64_t room = (int64_t)window - prompt_len + 1;
+    const int64_t most = room >= 1 && room < max_new ? room : max_new;
     /* Allocated even after a failure, as the caller's cleanup frees every result alike. */
-    res->tokens = malloc((size_t)max_new * sizeof(int32_t));
+    res->tokens = malloc((size_t)(most > 0 ? most : 1) * sizeof(int32_t));
     if (st == SF_OK && !res->tokens) st = sf_fail(SF_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
     if (st == SF_OK && tok) st = sf_detokenizer_create(tok, true, &rq->detok);
     return st;
 }
 
 sf_status sf_gen_request_init(const sf_gen_ctx *c, sf_status st, const sf_tokenizer *tok,
-                              int32_t r, sf_gen_request *rq, sf_generation_result *res) {
+                              int32_t r, int32_t window, sf_gen_request *rq,
+                              sf_generation_result *res) {
     const sf_sampling *sampling =
         c->g->request_sampling ? &c->g->request_sampling[r] : &c->g->sampling;
-    return sf_gen_request_start(c->who, st, tok, sampling, sf_gen_max_new(c->g, r), rq, res);
+    const int32_t len = c->g->cu_seqlens[r + 1] - c->g->cu_seqlens[r];
+    return sf_gen_request_start(c->who, st, tok, sampling, sf_gen_max_new(c->g, r), len, window,
+                                rq, res);
 }
 
 sf_status sf_gen_accept(const sf_gen_ctx *c, int32_t r, int32_t token, sf_gen_room room,

@@ -55,17 +55,22 @@ static inline int32_t sf_gen_max_new(const sf_generation *g, int32_t r) {
 sf_status sf_gen_check_prompts(const char *who, const sf_generation *g, int32_t window,
                                const char *window_name);
 
-/* Sets up a request after the caller's own setup returned st: its sampling setting (borrowed:
- * it must outlive the request) and stream, its limit, its token buffer (allocated even when st
- * is a failure, so that cleanup frees every result alike) and, with a tokenizer, its
- * detokenizer. Returns the first failure. */
+/* Sets up a request of prompt_len tokens, in a context of window positions, after the caller's
+ * own setup returned st: its sampling setting (borrowed: it must outlive the request) and
+ * stream, its limit, its token buffer (allocated even when st is a failure, so that cleanup
+ * frees every result alike) and, with a tokenizer, its detokenizer. The buffer holds what the
+ * request can be given: max_new tokens, or window - prompt_len + 1 when fewer (the token
+ * accepted as the context fills is the last, sf_gen_accept), so a limit far past the window
+ * ("no limit") asks for no more memory than the window allows. Returns the first failure. */
 sf_status sf_gen_request_start(const char *who, sf_status st, const sf_tokenizer *tok,
-                               const sf_sampling *sampling, int32_t max_new, sf_gen_request *rq,
-                               sf_generation_result *res);
+                               const sf_sampling *sampling, int32_t max_new, int32_t prompt_len,
+                               int32_t window, sf_gen_request *rq, sf_generation_result *res);
 
-/* sf_gen_request_start for request r of c->g: its setting and limit from the batch. */
+/* sf_gen_request_start for request r of c->g (its setting, limit and prompt from the batch) in
+ * a context of window positions. */
 sf_status sf_gen_request_init(const sf_gen_ctx *c, sf_status st, const sf_tokenizer *tok,
-                              int32_t r, sf_gen_request *rq, sf_generation_result *res);
+                              int32_t r, int32_t window, sf_gen_request *rq,
+                              sf_generation_result *res);
 
 /* Records one sampled token for request r and decides whether it finishes the request. */
 sf_status sf_gen_accept(const sf_gen_ctx *c, int32_t r, int32_t token, sf_gen_room room,
