@@ -398,8 +398,15 @@ struct Launch {
         }
         apply_mode(launch_count++);
         F fn = f;
+#if EMU_RACECHECK
+        race::st.kernel = name;
+#endif
         const bool ok = emu::launch(g, b, smem, [&] { fn(a...); });
         launches.push_back({name, g, b, ok});
+#if EMU_RACECHECK
+        for (std::string &r : race::st.found) errors.push_back(cfg + ": " + r);
+        race::st.found.clear();
+#endif
         if (!ok) {
             last_error = cudaErrorLaunchFailure;
             errors.push_back(cfg + ": " + ctx.error);

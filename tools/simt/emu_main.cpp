@@ -66,6 +66,10 @@ class LaunchLog : public testing::EmptyTestEventListener {
                emu::ulp_noise, all_.size());
         if (getenv("EMU_LAUNCHES"))
             for (auto &k : all_) printf("    %7d x %s\n", k.second, k.first.c_str());
+#if EMU_RACECHECK
+        printf("[emu] race check: %lld shared-memory accesses checked, %lld races\n",
+               emu::race::st.accesses, emu::race::st.races);
+#endif
         const emu::RuntimeStats &s = emu::stats;
         if (s.queued || s.captures)
             printf("[emu] streams: %llu operations queued, %llu run when waited for; %llu "

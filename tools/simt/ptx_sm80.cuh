@@ -153,7 +153,7 @@ inline uint32_t smem_u32(const void *p) {
     return a;
 }
 
-inline void cp_async_16(uint32_t dst, const void *src, bool pred) {
+inline void cp_async_16(uint32_t dst, const void *src, bool pred, EMU_LOC) {
     emu::Fiber &me = emu::ctx.f[emu::ctx.cur];
     unsigned char *d = emu::shared_pointer(dst, 16);
     if (!d || dst % 16) {
@@ -168,6 +168,8 @@ inline void cp_async_16(uint32_t dst, const void *src, bool pred) {
     emu::AsyncCopy c{d, {}, 16};
     if (pred) memcpy(c.bytes, src, 16);  // src-size 0: zero fill, nothing read
     me.async_open.push_back(c);
+    // the write may land any time until the wait: what it overwrites must be done with now
+    emu::race::access(emu::ctx.cur, d, 16, true, emu::race::site(loc), false);
 }
 inline void cp_async_commit() {
     emu::Fiber &me = emu::ctx.f[emu::ctx.cur];
@@ -175,20 +177,25 @@ inline void cp_async_commit() {
     me.async_open.clear();
 }
 template <int N>
-inline void cp_async_wait() {
+inline void cp_async_wait(EMU_LOC) {
     emu::Fiber &me = emu::ctx.f[emu::ctx.cur];
     while (me.async_groups.size() > (size_t)N) {
-        for (const emu::AsyncCopy &c : me.async_groups.front()) memcpy(c.dst, c.bytes, c.n);
+        for (const emu::AsyncCopy &c : me.async_groups.front()) {
+            memcpy(c.dst, c.bytes, c.n);
+            emu::race::access(emu::ctx.cur, c.dst, c.n, true, emu::race::site(loc));
+        }
         me.async_groups.erase(me.async_groups.begin());
     }
 }
 
 inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr, EMU_LOC) {
+    emu::race::access(emu::ctx.cur, emu::shared_pointer(addr, 16), 16, false, emu::race::site(loc));
     ptx_emu::Ldmatrix io{addr, {}};
     emu::warp_custom(ptx_emu::ldmatrix_x4<false>, &io, 0xffffffffu, loc);
     for (int m = 0; m < 4; m++) r[m] = io.r[m];
 }
 inline void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr, EMU_LOC) {
+    emu::race::access(emu::ctx.cur, emu::shared_pointer(addr, 16), 16, false, emu::race::site(loc));
     ptx_emu::Ldmatrix io{addr, {}};
     emu::warp_custom(ptx_emu::ldmatrix_x4<true>, &io, 0xffffffffu, loc);
     for (int m = 0; m < 4; m++) r[m] = io.r[m];

@@ -52,6 +52,27 @@ struct Wgmma {
     emu::Fiber *self;  // the issuing thread (its pending results)
 };
 
+// Where the race check says a wgmma read its shared-memory operands.
+inline emu::race::Site race_site() {
+#if EMU_RACECHECK
+    return {"a wgmma's shared-memory operand (read at issue, and until its wait)", 1};
+#else
+    return {};
+#endif
+}
+
+// Operands read by thread t for the race check: at issue (outside any fiber) and where the
+// first lane's wait retires the product.
+struct RaceReader {
+#if EMU_RACECHECK
+    int saved;
+    explicit RaceReader(int t) : saved(emu::race::st.attrib) { emu::race::st.attrib = t; }
+    ~RaceReader() { emu::race::st.attrib = saved; }
+#else
+    explicit RaceReader(int) {}
+#endif
+};
+
 // The bf16 at (row, col) of a no-swizzle operand: core matrix (row / 8, col / 8) at
 // (row / 8) * sbo_rows + (col / 8) * lbo_cols from the start, 16 bytes per row of it.
 inline bool desc_elem(uint64_t desc, int major_idx, int minor_idx, bool mn_major, double *out,
@@ -78,8 +99,15 @@ inline bool desc_elem(uint64_t desc, int major_idx, int minor_idx, bool mn_major
         err = "wgmma: operand address " + hex(addr) + " outside shared memory";
         return false;
     }
+    // the race check's read, by the thread the caller names (emu::race::st.attrib): once per
+    // 16-byte core-matrix row (8 contiguous elements, all of which a product reads)
+    if ((mn_major ? mn : k) % 8 == 0)
+        emu::race::access(emu::race::current_thread(), p, 16, false, race_site());
     uint16_t v;
-    memcpy(&v, p, 2);
+    {
+        emu::race::Quiet q;
+        memcpy(&v, p, 2);
+    }
     *out = emu::bf2f(v);
     return true;
 }
@@ -125,9 +153,14 @@ inline void check_unchanged(const emu::PendingAcc &r) {
     if (r.a_src && memcmp(r.a_src, r.a_val, sizeof r.a_val) != 0)
         report("wgmma: register A operand written before the wgmma_wait that retires it");
     Operands &op = *static_cast<Operands *>(r.operands.get());
-    if (++op.retired < 32) return;
     static thread_local double A[16][16], B[16][256];
     std::string err;
+    if (++op.retired == 1) {  // the product is done once one lane's wait returns
+        RaceReader reader(emu::ctx.cur);
+        (void)read_shared_operands(op, A, B, err);
+    }
+    if (op.retired < 32) return;
+    emu::race::Quiet quiet;  // the emulator's own check, not the kernel's
     if (!read_shared_operands(op, A, B, err)) {
         report(err + " (at the wait)");
         return;
@@ -166,7 +199,10 @@ inline bool wgmma(void *const io[32], unsigned mask, std::string &err) {
     op.b_trans = w0.b_trans;
     double (&A)[16][16] = op.A;
     double (&B)[16][256] = op.B;
-    if (!read_shared_operands(op, A, B, err)) return false;
+    {
+        RaceReader reader((int)(w0.self - emu::ctx.f.data()));  // the warp's lane 0
+        if (!read_shared_operands(op, A, B, err)) return false;
+    }
     if (w0.a_in_regs) {
         auto lo = [](uint32_t x) { return (double)emu::bf2f((unsigned short)(x & 0xffffu)); };
         auto hi = [](uint32_t x) { return (double)emu::bf2f((unsigned short)(x >> 16)); };
@@ -242,15 +278,18 @@ inline bool mbar_at(uint32_t bar, const char *op, Mbar *m) {
 }
 // Completes a phase whose arrivals have all happened: its copies land, the parity flips.
 inline void mbar_complete(uint32_t bar, Mbar m) {
+    emu::race::mbar_phase_done(bar);
     std::vector<emu::AsyncCopy> &c = copies_of(bar);
     for (const emu::AsyncCopy &a : c) memcpy(a.dst, a.bytes, a.n);
     c.clear();
     m.set(m.expected(), m.expected(), m.phase() ^ 1);
 }
 inline void mbar_arrive_on(uint32_t bar, const char *op) {
+    emu::race::Quiet quiet;  // the mbarrier's own word
     Mbar m;
     if (!mbar_at(bar, op, &m)) return;
     if (m.pending() == 0) mbar_complete(bar, m);  // a lazily completing phase: it is over now
+    emu::race::mbar_arrive(bar, emu::ctx.cur);    // this arrival belongs to the phase now open
     if (m.pending() > 1) {
         m.set(m.pending() - 1, m.expected(), m.phase());
     } else if (!copies_of(bar).empty() && emu::ctx.rng() % 2) {
@@ -292,6 +331,7 @@ inline void wgmma_wait() {
 }
 
 inline void mbar_init(uint32_t bar, uint32_t count) {
+    emu::race::Quiet quiet;  // the mbarrier's own word
     unsigned char *p = emu::shared_pointer(bar, 8);
     if (!p || bar % 8 || count == 0 || count > 0xFFFFF) {
         ptx_emu::report("mbar_init: address " + ptx_emu::hex(bar) + ", count " +
@@ -312,8 +352,14 @@ inline void mbar_arrive(uint32_t bar) {
     ptx_emu::mbar_arrive_on(bar, "mbar_arrive");
     emu::yield();
 }
-inline void cp_async_mbar_arrive(uint32_t bar) {
+inline void cp_async_mbar_arrive(uint32_t bar, EMU_LOC) {
     emu::Fiber &me = emu::ctx.f[emu::ctx.cur];
+    // the copies' writes, published by this arrival (they land when its phase completes)
+    for (const auto &g : me.async_groups)
+        for (const emu::AsyncCopy &a : g)
+            emu::race::access(emu::ctx.cur, a.dst, a.n, true, emu::race::site(loc));
+    for (const emu::AsyncCopy &a : me.async_open)
+        emu::race::access(emu::ctx.cur, a.dst, a.n, true, emu::race::site(loc));
     std::vector<emu::AsyncCopy> &c = ptx_emu::copies_of(bar);
     for (auto &g : me.async_groups) c.insert(c.end(), g.begin(), g.end());
     c.insert(c.end(), me.async_open.begin(), me.async_open.end());
@@ -323,15 +369,20 @@ inline void cp_async_mbar_arrive(uint32_t bar) {
 }
 inline void mbar_wait(uint32_t bar, uint32_t parity, EMU_LOC) {
     ptx_emu::Mbar m;
-    if (!ptx_emu::mbar_at(bar, "mbar_wait", &m)) return;
+    {
+        emu::race::Quiet quiet;  // the mbarrier's own word (no yield while quiet)
+        if (!ptx_emu::mbar_at(bar, "mbar_wait", &m)) return;
+    }
     // the phase of this parity has completed once the current phase has the other parity (a
     // phase that completes lazily does so now)
     emu::block_until(
         [m, bar, parity] {
+            emu::race::Quiet quiet;
             if (m.pending() == 0) ptx_emu::mbar_complete(bar, m);
             return m.phase() != (parity & 1);
         },
         "mbar_wait", loc);
+    emu::race::mbar_passed(bar, emu::ctx.cur);
 }
 inline void named_bar_sync(int id, int count, EMU_LOC) {
     std::string err;

@@ -43,7 +43,9 @@
 #        planted bug); KEEP=1 keep the build directory; JOBS=n parallel compiles
 #        (default: the number of CPUs); CUDA_HOME (engine, train, backward: the real
 #        cuda_runtime.h and cublasLt.h the C code is built against; default /usr/local/cuda);
-#        EMU_DEVICE_GIB device memory (default 16); EMU_DEBUG=1 full debug info (-g, not -g1).
+#        EMU_DEVICE_GIB device memory (default 16); EMU_DEBUG=1 full debug info (-g, not -g1);
+#        RACE=1 the shared-memory race check (racecheck.h: every kernel load and store checked
+#        against the block's barriers, warp syncs, named barriers and mbarriers; not with SAN).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
@@ -222,13 +224,21 @@ case "${SAN:-}" in
 esac
 KFLAGS=()
 [ "${EMU_FMA:-0}" = 1 ] && KFLAGS=(-O2 -mfma -ffp-contract=fast)
+# RACE=1: the kernels instrumented (GCC's ThreadSanitizer instrumentation, racecheck.cpp's
+# hooks in place of its runtime), and every C++ file built with the check's hooks in shim.h
+RACEF=()
+if [ "${RACE:-0}" = 1 ]; then
+    [ -z "${SAN:-}" ] || { echo "RACE=1 does not go with SAN" >&2; exit 2; }
+    RACEF=(-DEMU_RACECHECK=1)
+    KFLAGS+=(-fsanitize=thread --param=tsan-instrument-func-entry-exit=0)
+fi
 # Line tables only (-g1: backtraces and gdb's `bt` name lines; a quarter less compile time than
 # -g, which EMU_DEBUG=1 restores for a debugger's view of variables)
 G=-g1
 [ "${EMU_DEBUG:-0}" = 1 ] && G=-g
 CXX=(nice -n 19 g++ -std=c++20 -O1 "$G" -fno-strict-aliasing -pthread -Wall -Wno-unknown-pragmas
-     -Wno-unused-function -Wno-unused-variable "${SANF[@]}" -include "$HERE/shim.h" -I"$B/t"
-     -I"$HERE/stubs" -I"$REPO/include" -I"$REPO/host")
+     -Wno-unused-function -Wno-unused-variable "${SANF[@]}" "${RACEF[@]}" -include "$HERE/shim.h"
+     -I"$B/t" -I"$HERE/stubs" -I"$REPO/include" -I"$REPO/host")
 # At most JOBS compiles at a time; a failing one leaves $B/failed.
 JOBS=${JOBS:-$(nproc)}
 spawn() {  # log command...
@@ -249,6 +259,8 @@ for test in "${tests[@]}"; do
     spawn "$B/${test%.cpp}.log" "${CXX[@]}" "${TFLAGS[@]}" -c "$B/t/$test" -o "$B/${test%.cpp}.o"
 done
 spawn "$B/main.log" "${CXX[@]}" -c "$HERE/emu_main.cpp" -o "$B/main.o"
+[ "${RACE:-0}" = 1 ] &&
+    spawn "$B/racecheck.log" "${CXX[@]}" -c "$HERE/racecheck.cpp" -o "$B/racecheck.o"
 spawn "$B/runtime.log" "${CXX[@]}" -c "$HERE/runtime.cpp" -o "$B/runtime.o"
 # With the library's host code (host_lib=1), host allocations that fail on cue too
 # (tests/alloc_fail.c: the harness is linked with --wrap for malloc, calloc, realloc, strdup),
@@ -319,6 +331,7 @@ fi
 # -rdynamic: the device-memory fault report (runtime.cpp) names functions in its backtrace
 if [ "${cli:-0}" = 1 ]; then
     device_objs=("$B"/k_*.o "$B"/engine_*.o "$B/runtime.o" "$B/cublaslt.o" "$B"/prog/*.o)
+    [ "${RACE:-0}" = 1 ] && device_objs+=("$B/racecheck.o")
     for prog in cli:sysformer bench_engine.d:bench_engine bench_train.d:bench_train; do
         nice -n 19 g++ "${SANF[@]}" -pthread -rdynamic "$B/${prog%%:*}"/*.o "${device_objs[@]}" \
             -o "$B/${prog#*:}" "${LIBS[@]}" -lm

@@ -9,7 +9,8 @@
 # whole library; with a learned system offset's gradient and device span check among them,
 # the serving entry point's offset bounds, lent-table check and fp16 embeddings, per-request
 # sampling's order, continuous batching's fed tokens, and a failed step's slots and session),
-# and the wgmma attention's. Others: run.sh with KSRC / ESRC by hand. Most engine and train
+# and the wgmma attention's, and a race only the race check (run.sh RACE=1) sees. Others: run.sh
+# with KSRC / ESRC by hand. Most engine and train
 # plants are in host code (host/cuda), not in a kernel. Two of them only the emulated
 # runtime's queued streams can show (on a CPU that runs everything at once they would pass):
 # an engine step that refills the pinned staging before the previous step's uploads have run;
@@ -19,9 +20,11 @@ set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 rc=0
-plant() {  # suite file old new gtest_filter (file: a .cu in kernels/, else in host/cuda/)
-    local d src=kernels var=KSRC
-    [[ $2 == *.cu ]] || { src=host/cuda; var=ESRC; }
+# suite file old new gtest_filter [RACE=1] (file: a .cu or .cuh in kernels/, else in host/cuda/;
+# with RACE=1 the suite runs with the race check, and only a race it reports counts as caught)
+plant() {
+    local d src=kernels var=KSRC race=${6:-}
+    [[ $2 == *.cu || $2 == *.cuh ]] || { src=host/cuda; var=ESRC; }
     d=$(mktemp -d "${TMPDIR:-/tmp}/simt_bug.XXXXXX")
     cp "$REPO/$src"/* "$d/"
     if ! python3 - "$d/$2" "$3" "$4" <<'PY'
@@ -37,9 +40,14 @@ PY
         rm -rf "$d"
         return
     fi
-    if env "$var=$d" "$HERE/run.sh" "$1" --gtest_filter="$5" >"$d/log" 2>&1; then
+    if env "$var=$d" $race "$HERE/run.sh" "$1" --gtest_filter="$5" >"$d/log" 2>&1; then
         echo "MISSED: $1: $2: '$3' -> '$4' passed"
         rc=1
+    elif [ -n "$race" ] && ! grep -q 'shared-memory race' "$d/log"; then
+        echo "MISSED: $1: $2: '$3' -> '$4' failed, but not as a race"
+        rc=1
+    elif [ -n "$race" ]; then
+        echo "caught: $1: $2: $(grep -m1 -o 'shared-memory race ([a-z ]*)' "$d/log") in $5"
     else
         echo "caught: $1: $2: $(grep -m1 -E '^\[  FAILED  \] [A-Z]' "$d/log" || tail -n 1 "$d/log")"
     fi
@@ -55,6 +63,10 @@ if [ "${1:-}" = --all ]; then
     plant elementwise sampling.cu 'nucleus_sub_bin(pos, b0) <= bin1' \
         'nucleus_sub_bin(pos, b0) < bin1' 'CudaSampling.SplitPrefix*'
     plant optim optim.cu 'k.step_size = lr / bc1;' 'k.step_size = lr;' 'CudaOptim*'
+    # a race no result shows (every lane of a warp writes its partial, all the same value; all
+    # four schedules pass): the race check's to find
+    plant norms norms_common.cuh 'if (lane == 0) partial[warp] = v;' 'partial[warp] = v;' \
+        'CudaNorms.RmsNorm*' RACE=1
     plant elementwise sampling.cu 'partial[row * chunks + c]' 'partial[row * (chunks - 1) + c]' \
         'CudaSampling.Argmax*'
     plant engine step.c '    SF_CUDA_OR_FAIL(cudaEventSynchronize(e->staging_free));' '' \

@@ -3,10 +3,12 @@
 //
 // Model: threads of a block are fibers that run one at a time; a fiber runs until it reaches a
 // sync point (__syncthreads, a warp intrinsic), so atomics are trivially atomic and memory is
-// sequentially consistent. Blocks run serially, so __shared__ = a function-local static that
-// lives in the "emu_shared" section, which the launcher poisons before every block. Dynamic
-// shared memory (extern __shared__, which rewrite.py turns into emu::dynamic_shared()) is the
-// launch's byte count at the end of a mapping, right before a guard page, poisoned per block.
+// sequentially consistent. Blocks run serially, so shared memory is one window of host memory
+// that the launcher poisons before every block: static __shared__ declarations (rewrite.py turns
+// each into a reference from emu::static_shared) are laid out in it in the order the block first
+// reaches them, and dynamic shared memory (extern __shared__, which rewrite.py turns into
+// emu::dynamic_shared()) is the launch's byte count at the end of a mapping, right before a guard
+// page.
 // Warp-wide instructions with wider operands (ldmatrix, mma: tools/simt/ptx_sm80.cuh) are
 // warp ops whose lanes pass their operands by address and one function resolves them all.
 #pragma once
@@ -32,7 +34,8 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__ __attribute__((section("emu_shared"))) static
+// rewrite.py rewrites every __shared__ declaration; one it missed stops the compile here
+#define __shared__ EMU_SHARED_DECLARATION_NOT_REWRITTEN_BY_REWRITE_PY
 
 struct dim3 {
     unsigned x, y, z;
@@ -41,8 +44,6 @@ struct dim3 {
 inline dim3 threadIdx{0, 0, 0}, blockIdx{0, 0, 0}, blockDim{1, 1, 1}, gridDim{1, 1, 1};
 constexpr int warpSize = 32;
 
-extern "C" char __start_emu_shared[] __attribute__((weak));
-extern "C" char __stop_emu_shared[] __attribute__((weak));
 
 // Switches stacks: saves the callee-saved registers on the current stack, stores its sp in
 // *save_sp, loads new_sp and pops the registers saved there (System V x86-64). Opaque to the
@@ -82,6 +83,8 @@ emu_swap:
 namespace emu {
 
 enum State { RUN, BAR, WARP, WAIT, DONE };
+
+constexpr size_t kMaxStaticShared = 48 * 1024;  // a block's static __shared__ bytes, at most
 enum Op { SHFL_IDX, SHFL_UP, SHFL_DOWN, SHFL_XOR, MATCH_ANY, BALLOT, VOTE_ANY, VOTE_ALL, SYNCWARP,
           CUSTOM };
 inline const char *op_name(int op) {
@@ -158,6 +161,11 @@ struct Ctx {
     NamedBarrier named[16];  // the running block's named barriers
 };
 inline Ctx ctx;
+}  // namespace emu
+
+#include "racecheck.h"  // RACE=1: the shared-memory race check's hooks (else empty)
+
+namespace emu {
 
 // AddressSanitizer fiber annotations (SAN=asan), so it knows which stack is live.
 inline const void *main_stack_bottom = nullptr;
@@ -332,6 +340,7 @@ inline bool resolve_warp(int w, int n, bool &bad) {
                 b.res = 0;
             }
         }
+        race::warp_sync(w, m);
         for (int j = 0; j < 32; j++)
             if ((m >> j) & 1u) ctx.f[w * 32 + j].st = RUN;
         ctx.warp_ops++;
@@ -471,6 +480,7 @@ inline bool run_block(int n) {
                 if (ctx.f[i].line != ctx.f[0].line || ctx.f[i].func != ctx.f[0].func)
                     return fail("threads wait at different __syncthreads: " + describe(0) +
                                 " vs " + describe(i));
+            race::block_barrier();
             for (int i = 0; i < n; i++) ctx.f[i].st = RUN;
             ctx.syncs++;
             continue;
@@ -518,9 +528,51 @@ inline void set_dynamic_shared(size_t bytes) {
 // What `extern __shared__ T name[];` names in the running block.
 inline unsigned char *dynamic_shared() { return dyn.base; }
 
+// Static shared memory: each __shared__ declaration's bytes (rewrite.py) at an offset of the
+// launch's window, assigned when a thread of its first block reaches the declaration (the key is
+// a static of that declaration, one per template instantiation), up to CUDA's 48 KB
+// (kMaxStaticShared). The window ends at a guard page, as the dynamic one does.
+struct StaticShared {
+    unsigned char *base = nullptr;
+    size_t used = 0;
+    std::vector<std::pair<const void *, size_t>> slots;  // key, offset
+};
+inline StaticShared stat;
+// A new kernel's static window: mapped once, laid out afresh.
+inline void static_window_reset() {
+    if (!stat.base) {
+        const size_t map = kMaxStaticShared + 4096;
+        void *p = mmap(nullptr, map, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED) {
+            perror("mmap");
+            abort();
+        }
+        stat.base = (unsigned char *)p;
+        mprotect(stat.base + kMaxStaticShared, 4096, PROT_NONE);
+    }
+    stat.used = 0;
+    stat.slots.clear();
+}
+inline unsigned char *static_shared_bytes(const void *key, size_t n, size_t align) {
+    for (const auto &s : stat.slots)
+        if (s.first == key) return stat.base + s.second;
+    const size_t off = (stat.used + align - 1) / align * align;
+    if (off + n > kMaxStaticShared) {
+        fprintf(stderr, "EMULATOR: more than %zu bytes of static __shared__ in one kernel\n",
+                kMaxStaticShared);
+        abort();
+    }
+    stat.slots.push_back({key, off});
+    stat.used = off + n;
+    return stat.base + off;
+}
+template <typename T>
+inline T &static_shared(const void *key) {
+    return *reinterpret_cast<T *>(static_shared_bytes(key, sizeof(T), alignof(T)));
+}
+
 inline void poison_shared() {
-    if (__start_emu_shared && __stop_emu_shared)
-        memset(__start_emu_shared, ctx.poison, (size_t)(__stop_emu_shared - __start_emu_shared));
+    if (stat.base) memset(stat.base, ctx.poison, kMaxStaticShared);
     if (dyn.base) memset(dyn.base, ctx.poison, (size_t)(dyn.end - dyn.base));
 }
 
@@ -534,9 +586,8 @@ inline bool shared_address(const void *p, uint32_t *addr) {
         *addr = (uint32_t)(c - dyn.base);
         return true;
     }
-    if (__start_emu_shared && c >= (const unsigned char *)__start_emu_shared &&
-        c < (const unsigned char *)__stop_emu_shared) {
-        *addr = kStaticSharedBase + (uint32_t)(c - (const unsigned char *)__start_emu_shared);
+    if (stat.base && c >= stat.base && c < stat.base + stat.used) {
+        *addr = kStaticSharedBase + (uint32_t)(c - stat.base);
         return true;
     }
     return false;
@@ -545,8 +596,7 @@ inline unsigned char *shared_pointer(uint32_t addr, size_t n) {
     if (addr < kStaticSharedBase)
         return (size_t)addr + n <= dyn.bytes ? dyn.base + addr : nullptr;
     const size_t off = addr - kStaticSharedBase;
-    const size_t size = __start_emu_shared ? (size_t)(__stop_emu_shared - __start_emu_shared) : 0;
-    return off + n <= size ? (unsigned char *)__start_emu_shared + off : nullptr;
+    return off + n <= stat.used ? stat.base + off : nullptr;
 }
 
 // Launches body on grid x block threads, one block at a time, in the block order of
@@ -560,6 +610,7 @@ inline bool launch(dim3 grid, dim3 block, size_t dynamic_smem, std::function<voi
     gridDim = grid;
     blockDim = block;
     set_dynamic_shared(dynamic_smem);
+    static_window_reset();
     ctx.body = std::move(body);
     const unsigned long long nb = (unsigned long long)grid.x * grid.y * grid.z;
     std::vector<unsigned long long> ord(nb);
@@ -569,6 +620,7 @@ inline bool launch(dim3 grid, dim3 block, size_t dynamic_smem, std::function<voi
         blockIdx = dim3{(unsigned)(b % grid.x), (unsigned)((b / grid.x) % grid.y),
                         (unsigned)(b / ((unsigned long long)grid.x * grid.y))};
         poison_shared();
+        race::block_begin((int)nt, stat.base, dyn.base, dyn.bytes);
         if (!run_block((int)nt)) return false;
     }
     return true;
@@ -648,12 +700,16 @@ inline bool named_barrier(int id, int count, bool wait, std::string &err,
     }
     b.count = count;
     const unsigned round = b.round;
-    if (++b.arrived == count) {
+    const int me = ctx.cur;
+    const bool complete = ++b.arrived == count;
+    race::named_arrive(id, me, complete);
+    if (complete) {
         b.arrived = 0;
         b.round++;
-        return true;
+    } else if (wait) {
+        block_until([&b, round] { return b.round != round; }, "bar.sync", loc);
     }
-    if (wait) block_until([&b, round] { return b.round != round; }, "bar.sync", loc);
+    if (wait) race::named_passed(id, me);
     return true;
 }
 
@@ -720,23 +776,34 @@ inline float __int_as_float(int u) { return emu::unbits<float>(emu::bits(u)); }
 inline long long __double_as_longlong(double d) { return emu::unbits<long long>(emu::bits(d)); }
 inline double __longlong_as_double(long long u) { return emu::unbits<double>(emu::bits(u)); }
 
-// Atomics: fibers never interleave inside one, so plain read-modify-write is atomic.
+// Atomics: fibers never interleave inside one, so plain read-modify-write is atomic (and
+// exempt from the race check: atomics may meet by design).
+// One read-modify-write of *p, exempt from the race check.
+template <typename T, typename F>
+inline T atomic_rmw(T *p, F f) {
+    emu::race::Quiet q;
+    const T o = *p;
+    *p = f(o);
+    return o;
+}
 template <typename T>
-inline T atomicAdd(T *p, T v) { T o = *p; *p = o + v; return o; }
+inline T atomicAdd(T *p, T v) { return atomic_rmw(p, [v](T o) { return o + v; }); }
 template <typename T>
-inline T atomicSub(T *p, T v) { T o = *p; *p = o - v; return o; }
+inline T atomicSub(T *p, T v) { return atomic_rmw(p, [v](T o) { return o - v; }); }
 template <typename T>
-inline T atomicMin(T *p, T v) { T o = *p; *p = v < o ? v : o; return o; }
+inline T atomicMin(T *p, T v) { return atomic_rmw(p, [v](T o) { return v < o ? v : o; }); }
 template <typename T>
-inline T atomicMax(T *p, T v) { T o = *p; *p = v > o ? v : o; return o; }
+inline T atomicMax(T *p, T v) { return atomic_rmw(p, [v](T o) { return v > o ? v : o; }); }
 template <typename T>
-inline T atomicExch(T *p, T v) { T o = *p; *p = v; return o; }
+inline T atomicExch(T *p, T v) { return atomic_rmw(p, [v](T) { return v; }); }
 template <typename T>
-inline T atomicCAS(T *p, T cmp, T v) { T o = *p; if (o == cmp) *p = v; return o; }
+inline T atomicCAS(T *p, T cmp, T v) {
+    return atomic_rmw(p, [=](T o) { return o == cmp ? v : o; });
+}
 template <typename T>
-inline T atomicOr(T *p, T v) { T o = *p; *p = o | v; return o; }
+inline T atomicOr(T *p, T v) { return atomic_rmw(p, [v](T o) { return o | v; }); }
 template <typename T>
-inline T atomicAnd(T *p, T v) { T o = *p; *p = o & v; return o; }
+inline T atomicAnd(T *p, T v) { return atomic_rmw(p, [v](T o) { return o & v; }); }
 inline void __threadfence() {}
 inline void __threadfence_block() {}
 
