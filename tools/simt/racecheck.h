@@ -18,7 +18,7 @@
 //   - named barriers (bar.sync, bar.arrive) and mbarriers: an arrival releases what its thread
 //     knows, a completed bar.sync or mbarrier wait acquires it.
 // Two accesses to one shared 2-byte cell from different threads, at least one a write, with
-// no such order between them, are a race: the first in each launch is reported as an emulator
+// no such order between them, are a race: the first in each block is reported as an emulator
 // error (which fails the test that launched it) with both accesses' code addresses.
 //
 // What it knows is kept per warp, not per thread (FastTrack's epochs over warps): an access
@@ -80,7 +80,7 @@ struct State {
     Clock named_acc[16], named_done[16];
     std::vector<std::pair<uint32_t, std::pair<Clock, Clock>>> mbar;  // address: acc, done
     const char *kernel = "";
-    bool reported = false;          // this launch's race is reported
+    bool reported = false;          // this block's race is reported
     std::vector<std::string> found;  // reports not yet handed to the launch (cuda_emu.h)
     long long accesses = 0, races = 0;
 };
