@@ -61,8 +61,8 @@ inline emu::race::Site race_site() {
 #endif
 }
 
-// Operands read by thread t for the race check: at issue (outside any fiber) and where the
-// first lane's wait retires the product.
+// Operands read at issue (in the resolver, outside any fiber) count as thread t's for the
+// race check; at the retiring wait they are the waiting thread's own.
 struct RaceReader {
 #if EMU_RACECHECK
     int saved;
@@ -155,10 +155,8 @@ inline void check_unchanged(const emu::PendingAcc &r) {
     Operands &op = *static_cast<Operands *>(r.operands.get());
     static thread_local double A[16][16], B[16][256];
     std::string err;
-    if (++op.retired == 1) {  // the product is done once one lane's wait returns
-        RaceReader reader(emu::ctx.cur);
-        (void)read_shared_operands(op, A, B, err);
-    }
+    // the race check's reads: the product is done once one lane's wait returns
+    if (++op.retired == 1 && emu::race::kOn) (void)read_shared_operands(op, A, B, err);
     if (op.retired < 32) return;
     emu::race::Quiet quiet;  // the emulator's own check, not the kernel's
     if (!read_shared_operands(op, A, B, err)) {
@@ -354,15 +352,13 @@ inline void mbar_arrive(uint32_t bar) {
 }
 inline void cp_async_mbar_arrive(uint32_t bar, EMU_LOC) {
     emu::Fiber &me = emu::ctx.f[emu::ctx.cur];
-    // the copies' writes, published by this arrival (they land when its phase completes)
-    for (const auto &g : me.async_groups)
-        for (const emu::AsyncCopy &a : g)
-            emu::race::access(emu::ctx.cur, a.dst, a.n, true, emu::race::site(loc));
-    for (const emu::AsyncCopy &a : me.async_open)
-        emu::race::access(emu::ctx.cur, a.dst, a.n, true, emu::race::site(loc));
     std::vector<emu::AsyncCopy> &c = ptx_emu::copies_of(bar);
+    const size_t first = c.size();
     for (auto &g : me.async_groups) c.insert(c.end(), g.begin(), g.end());
     c.insert(c.end(), me.async_open.begin(), me.async_open.end());
+    // the copies' writes, published by this arrival (they land when its phase completes)
+    for (size_t i = first; i < c.size(); i++)
+        emu::race::access(emu::ctx.cur, c[i].dst, c[i].n, true, emu::race::site(loc));
     me.async_groups.clear();
     me.async_open.clear();
     ptx_emu::mbar_arrive_on(bar, "cp_async_mbar_arrive");

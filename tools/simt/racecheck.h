@@ -35,6 +35,7 @@
 namespace emu::race {
 
 #if EMU_RACECHECK
+constexpr bool kOn = true;
 constexpr int kMaxWarps = 32;
 
 // Where an access was made: a code address (line 0: an instrumented load or store), or a
@@ -297,6 +298,7 @@ inline void mbar_phase_done(uint32_t bar) {
 inline void mbar_passed(uint32_t bar, int t) { acquire(mbar_clocks(bar).second, t); }
 
 #else
+constexpr bool kOn = false;
 struct Quiet {};
 struct Site {};
 inline Site site(const std::source_location &) { return {}; }
