@@ -270,7 +270,7 @@ static bool bench_online(sf_cuda_engine *e, const char *name, const options *o, 
     while (ok && st == SF_OK && (next < N || running > 0 || waiting > 0)) {
         const double t = now_ms() - times.t0;
         for (; st == SF_OK && next < N && arrive[next] <= t; next++) {
-            const sf_sampling greedy = {0.0f, 0, 1.0f, 0};
+            const sf_sampling greedy = {.temperature = 0.0f, .top_p = 1.0f};
             int32_t id = -1;
             st = sf_cuda_session_submit(s, all + (size_t)next * P, P, &sp[next], &greedy,
                                         limit[next], &id);

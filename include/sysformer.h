@@ -455,12 +455,22 @@ typedef struct sf_sampling {
     float top_p;       /* keep the smallest set with probability mass >= top_p; >= 1: off    */
     uint64_t seed;     /* each request draws from its own stream started from this seed, so
                           a request's output does not depend on the rest of the batch       */
+    bool logprobs;     /* generation also reports each generated token's log-probability
+                          (sf_generation_result.logprobs); it does not change the pick      */
 } sf_sampling;
 
 /* Picks one token from a row of logits. *rng_state is the request's stream (start it at
- * sampling->seed); it advances by one draw per sampled token. */
+ * sampling->seed); it advances by one draw per sampled token. sampling->logprobs is not read
+ * (sf_token_logprob gives the pick's log-probability). */
 sf_status sf_sample(const float *logits, int32_t vocab, const sf_sampling *sampling,
                     uint64_t *rng_state, int32_t *token);
+
+/* The log-probability of token under the model's distribution over a row of logits:
+ * logits[token] - log(sum_i exp(logits[i])), in double, rounded once. It is the raw
+ * distribution's (temperature 1, nothing cut), whatever setting picked the token, as the
+ * probability a scorer or a serving API reports. SF_ERR_INVALID_ARGUMENT for NULL, vocab < 1
+ * or token outside [0, vocab). */
+sf_status sf_token_logprob(const float *logits, int32_t vocab, int32_t token, float *logprob);
 
 typedef enum sf_finish_reason {
     SF_FINISH_LENGTH = 0,      /* max_new_tokens reached                     */
@@ -502,6 +512,10 @@ typedef struct sf_generation_result {
     char *text;       /* the decoded reply (special tokens skipped, stop string removed), when
                          a tokenizer was given; else NULL */
     sf_finish_reason finish;
+    float *logprobs;  /* [n_tokens] when the request's sampling asked (sf_sampling.logprobs),
+                         else NULL: tokens[i]'s log-probability under the model's distribution
+                         at its step (sf_token_logprob's; on the GPU computed there in fp32
+                         from the engine's logits); free with the result */
 } sf_generation_result;
 
 /* Generates continuations for every prompt on the CPU: one packed prefill (guarded when
@@ -693,7 +707,10 @@ sf_status sf_cuda_engine_reset_slot(sf_cuda_engine *engine, int32_t slot);
  * caller's order), and one sampling pass per distinct setting. A decode graph then holds the
  * LLM's forward only, and the passes follow it; steps whose requests all share one setting
  * keep the passes in the graph. Settings that act alike count as one (any temperature <= 0 is
- * greedy; top_k <= 0 or >= vocab and top_p outside (0, 1) are off).
+ * greedy; top_k <= 0 or >= vocab and top_p outside (0, 1) are off). When any request's
+ * setting has logprobs set, the step also takes each picked token's log-probability from the
+ * same logits on the device (fp32; the raw distribution's, as sf_token_logprob) and copies
+ * them back with the tokens (sf_cuda_engine_read_logprobs): one more read of the logit rows.
  * Every argument is checked on the host before anything is enqueued: SF_ERR_INVALID_ARGUMENT
  * for a bad slot, a repeated slot, a system span in a non-empty slot, ids outside the vocabulary,
  * spans that do not add up, or (a Sysformer with a learned system offset) a system span that is
@@ -722,6 +739,11 @@ sf_status sf_cuda_engine_step(sf_cuda_engine *engine, const sf_cuda_step *step);
 
 /* Waits for the last step and copies its n sampled tokens to tokens (host). */
 sf_status sf_cuda_engine_read_tokens(sf_cuda_engine *engine, int32_t *tokens, int32_t n);
+
+/* Waits for the last step and copies the log-probabilities of its n sampled tokens to logprobs
+ * (host), in the caller's request order. SF_ERR_INVALID_ARGUMENT when the last step did not
+ * take them (no request's setting had logprobs set) or sampled fewer than n. */
+sf_status sf_cuda_engine_read_logprobs(sf_cuda_engine *engine, float *logprobs, int32_t n);
 
 /* Waits for the last step and copies its logits (fp32 [n, vocab]) to host memory: for tests and
  * tools; a serving loop never needs it. */

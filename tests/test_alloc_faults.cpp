@@ -238,7 +238,7 @@ TEST_F(HostAllocFaultsModel, GuardedGeneration) {
     g.token_ids = ids.data();
     g.spans = spans.data();
     g.max_new_tokens = 5;
-    g.sampling = {0.8f, 10, 0.9f, 11};
+    g.sampling = {0.8f, 10, 0.9f, 11, true};  // with log-probabilities: their buffers too
     g.stop_ids = &stop;
     g.n_stop_ids = 1;
     fail_each_allocation("sf_generate_cpu", [&](std::vector<float> *) {
@@ -247,6 +247,9 @@ TEST_F(HostAllocFaultsModel, GuardedGeneration) {
         for (sf_generation_result &r : res) {
             if (st != SF_OK) {
                 EXPECT_EQ(r.tokens, nullptr) << "a failed generation's result";
+                EXPECT_EQ(r.logprobs, nullptr) << "a failed generation's result";
+            } else {
+                EXPECT_NE(r.logprobs, nullptr);
             }
             sf_generation_result_free(&r);
         }

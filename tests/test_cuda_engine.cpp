@@ -77,7 +77,7 @@ double logit_bound(int llm_layers, int sys_layers) {
 }
 double splice_bound(int sys_layers) { return kUbf16 * (9.0 * sys_layers + 1.0); }
 
-const sf_sampling kGreedy = {0.0f, 0, 1.0f, 0};
+const sf_sampling kGreedy = {0.0f, 0, 1.0f, 0, false};
 
 struct EngineFree {
     void operator()(sf_cuda_engine *e) const { sf_cuda_engine_free(e); }
@@ -250,6 +250,53 @@ bool record_stream(void *user, int32_t request, int32_t token, const char *, siz
     return true;
 }
 
+// log softmax(z)[t] over a row of V fp32 logits, in long double: the exact value to which the
+// device's log-probabilities are compared.
+double exact_logprob(const float *z, int64_t V, int32_t t) {
+    long double m = z[0], sum = 0.0L;
+    for (int64_t i = 1; i < V; i++) m = z[i] > m ? z[i] : m;
+    for (int64_t i = 0; i < V; i++) sum += expl((long double)z[i] - m);
+    return (double)(((long double)z[t] - m) - logl(sum));
+}
+
+// How far the engine's log-probability of token t may be from exact_logprob over the same fp32
+// row: the engine takes it as the cross-entropy of that row with t as the target
+// (kernels/loss.cu's forward, weight 1), whose bound tests/test_cuda_backward.cpp derives:
+//   u (|M - z_t| + 2 log S + sum_i e^(z_i - M) (P + M - z_i) / S) + 2u |ref|,
+// M the row's maximum, S = sum_i e^(z_i - M), P = n_t (VEC + 5) + 58 with n_t = ceil(V / VEC /
+// 512) the chunks a thread reads. The larger of the two paths' P (VEC 1 and 8), so that the
+// bound holds whichever the launcher took.
+double logprob_bound(const float *z, int64_t V, int32_t t, double ref) {
+    const double u = std::ldexp(1.0, -24);
+    const double P = std::max(std::ceil(V / 512.0) * 6.0, std::ceil(V / 4096.0) * 13.0) + 58.0;
+    double M = z[0];
+    for (int64_t i = 1; i < V; i++) M = std::max(M, (double)z[i]);
+    double S = 0.0, E = 0.0;
+    for (int64_t i = 0; i < V; i++) {
+        const double e = std::exp(z[i] - M);
+        S += e;
+        E += e * (P + (M - z[i]));
+    }
+    return u * (std::fabs(M - z[t]) + 2.0 * std::log(S) + E / S) + 2.0 * u * std::fabs(ref);
+}
+
+// Reads the last step's log-probabilities and checks each against exact_logprob over the
+// step's own logits (o.logits, o.tokens: read_step's) within logprob_bound.
+std::vector<float> expect_logprobs_of(sf_cuda_engine *e, const StepOut &o, int64_t vocab,
+                                      const std::string &what) {
+    const int32_t n = (int32_t)o.tokens.size();
+    std::vector<float> lp((size_t)n, NAN);
+    const sf_status st = sf_cuda_engine_read_logprobs(e, lp.data(), n);
+    EXPECT_EQ(st, SF_OK) << what << ": " << sf_last_error();
+    if (st != SF_OK) return lp;
+    for (int32_t r = 0; r < n; r++) {
+        const double want = exact_logprob(o.row(r, vocab), vocab, o.tokens[r]);
+        EXPECT_NEAR(lp[r], want, logprob_bound(o.row(r, vocab), vocab, o.tokens[r], want))
+            << what << ", request " << r;
+    }
+    return lp;
+}
+
 // A step over the given slots (prefill of p, or decode when p is NULL) in which request r
 // samples with set[r] and draw u[r]; reads logits and tokens into out.
 ::testing::AssertionResult sampled_step(sf_cuda_engine *e, const Prompts *p,
@@ -327,7 +374,8 @@ void check_generate(const sf_llm *llm, const sf_sysformer *sf, const sf_tokenize
                     sf_cuda_engine *e, const Prompts &p, int32_t max_new, double bound) {
     const int64_t vocab = sf_llm_get_config(llm)->vocab_size;
     const int32_t n = p.n();
-    const sf_generation g = generation_of(p, max_new);
+    sf_generation g = generation_of(p, max_new);
+    g.sampling.logprobs = true;
 
     std::vector<sf_generation_result> gpu((size_t)n), cpu((size_t)n);
     StreamLog log;
@@ -346,6 +394,8 @@ void check_generate(const sf_llm *llm, const sf_sysformer *sf, const sf_tokenize
         EXPECT_EQ(log.tokens[r], std::vector<int32_t>(gpu[r].tokens, gpu[r].tokens + max_new))
             << "request " << r << ": the stream callback saw other tokens";
         EXPECT_EQ(gpu[r].text != nullptr, tok != nullptr) << "request " << r;
+        ASSERT_NE(gpu[r].logprobs, nullptr) << "request " << r;
+        ASSERT_NE(cpu[r].logprobs, nullptr) << "request " << r;
     }
 
     // 2. The same steps by hand.
@@ -363,6 +413,12 @@ void check_generate(const sf_llm *llm, const sf_sysformer *sf, const sf_tokenize
                                                         << ": the replayed steps differ";
             EXPECT_EQ(d[j].tokens[r], top2(d[j].row(r, vocab), vocab).id)
                 << "request " << r << " token " << j << ": not the greedy pick";
+            // each log-probability is its token's under the step's own logits (the replay's
+            // are the generation's bit for bit)
+            const double own = exact_logprob(d[j].row(r, vocab), vocab, gpu[r].tokens[j]);
+            EXPECT_NEAR(gpu[r].logprobs[j], own,
+                        logprob_bound(d[j].row(r, vocab), vocab, gpu[r].tokens[j], own))
+                << "request " << r << " token " << j;
         }
     }
 
@@ -392,6 +448,18 @@ void check_generate(const sf_llm *llm, const sf_sysformer *sf, const sf_tokenize
         for (int32_t j = 0; j < max_new; j++) {
             expect_logits_close(d[j].row(r, vocab), c[j].data() + (size_t)r * vocab, vocab, bound,
                                 "request " + std::to_string(r) + " token " + std::to_string(j));
+            // Against the CPU's logits: every entry is within bound ||c||_2 of the CPU's (the
+            // normwise bound holds for the largest entry too), and log-sum-exp moves by at
+            // most the largest change, so a log-probability by twice that; plus the device's
+            // fp32 rounding.
+            const float *cr = c[j].data() + (size_t)r * vocab;
+            double norm = 0.0;
+            for (int64_t i = 0; i < vocab; i++) norm += (double)cr[i] * cr[i];
+            const double want = exact_logprob(cr, vocab, gpu[r].tokens[j]);
+            EXPECT_NEAR(gpu[r].logprobs[j], want,
+                        2.0 * bound * std::sqrt(norm) +
+                            logprob_bound(cr, vocab, gpu[r].tokens[j], want))
+                << "request " << r << " token " << j << ": against the CPU";
         }
     }
 
@@ -1235,7 +1303,7 @@ TEST_P(CudaEngineVariant, GenerateRefillsSlotsAsRequestsFinish) {
     const int32_t n = p.n(), slots = 3, budget = 64;
     std::vector<sf_sampling> set;
     for (int32_t r = 0; r < n; r++) {
-        set.push_back(r % 2 ? sf_sampling{0.9f, 0, 1.0f, (uint64_t)(100 + r)} : kGreedy);
+        set.push_back(r % 2 ? sf_sampling{0.9f, 0, 1.0f, (uint64_t)(100 + r), false} : kGreedy);
     }
     sf_generation g = generation_of(p, 0);  // max_new_tokens unused with request limits
     g.request_max_new_tokens = limit.data();
@@ -1288,7 +1356,7 @@ TEST_P(CudaEngineVariant, SessionAdmitsRequestsAsTheyArrive) {
     const int32_t n = p.n();
     std::vector<sf_sampling> set;
     for (int32_t r = 0; r < n; r++) {
-        set.push_back(r % 3 ? sf_sampling{0.8f, 0, 1.0f, (uint64_t)(300 + r)} : kGreedy);
+        set.push_back(r % 3 ? sf_sampling{0.8f, 0, 1.0f, (uint64_t)(300 + r), false} : kGreedy);
     }
     sf_cuda_session *raw = nullptr;
     ASSERT_EQ(sf_cuda_session_create(e.get(), nullptr, nullptr, 0, nullptr, 0, &raw), SF_OK)
@@ -1490,7 +1558,7 @@ TEST_F(CudaEngineTiny, HostileStepsAreRefusedAndTheEngineStaysUsable) {
               SF_ERR_INVALID_ARGUMENT);
     }
     {
-        const sf_sampling hot = {1.0f, 0, 1.0f, 7};
+        const sf_sampling hot = {1.0f, 0, 1.0f, 7, false};
         const std::vector<int32_t> slots = {1}, cu = {0, 3}, ids = random_ids(3);
         sf_cuda_step s = {};
         s.n_requests = 1;
@@ -2460,11 +2528,11 @@ TEST_F(CudaEngineTiny, SetSysformerStepsAsAnEngineCreatedWithIt) {
 // at t 0.9 (written once with top_k and top_p both off, once with top_k 500 > vocab and top_p
 // 1.5, which act alike), and top-k 5 with top-p 0.8 at t 1.3. Greedy requests carry draws
 // outside [0, 1), which the engine must not read.
-const std::vector<sf_sampling> kMix = {{0.9f, 0, 1.0f, 0},
-                                       {0.0f, 0, 1.0f, 0},
-                                       {1.3f, 5, 0.8f, 0},
-                                       {0.9f, 500, 1.5f, 0},
-                                       {-1.0f, 3, 0.5f, 0}};
+const std::vector<sf_sampling> kMix = {{0.9f, 0, 1.0f, 0, false},
+                                       {0.0f, 0, 1.0f, 0, false},
+                                       {1.3f, 5, 0.8f, 0, false},
+                                       {0.9f, 500, 1.5f, 0, false},
+                                       {-1.0f, 3, 0.5f, 0, false}};
 
 std::vector<double> draws(const std::vector<sf_sampling> &set, uint64_t seed) {
     Uniform rng(seed);
@@ -2556,8 +2624,8 @@ TEST_F(CudaEngineTiny, PerRequestSamplingDecodeGraphsEqualEager) {
     ASSERT_TRUE(g && x);
     const Prompts p = tiny_prompts({{5, 2}, {1, 7}, {12, 9}, {3, 4}, {6, 6}}, 53);
     const std::vector<int32_t> all = {4, 0, 2, 1, 5};
-    const sf_sampling hot = {0.9f, 0, 1.0f, 0}, warm = {1.3f, 5, 0.8f, 0};
-    const sf_sampling cold = {0.0f, 0, 1.0f, 0};
+    const sf_sampling hot = {0.9f, 0, 1.0f, 0, false}, warm = {1.3f, 5, 0.8f, 0, false};
+    const sf_sampling cold = {0.0f, 0, 1.0f, 0, false};
     struct Step {
         std::vector<int32_t> slots;
         std::vector<sf_sampling> set;
@@ -2633,19 +2701,26 @@ TEST_F(CudaEngineTiny, GenerateSamplesEachRequestWithItsOwnSettingAndStream) {
     EnginePtr e = make_engine(llm_, sf_, options(5));
     ASSERT_TRUE(e);
     const Prompts p = tiny_prompts({{5, 2}, {1, 7}, {12, 9}, {5, 2}}, 55);
-    const std::vector<sf_sampling> set = {
-        {1.1f, 0, 1.0f, 5}, {0.0f, 0, 1.0f, 0}, {0.8f, 4, 0.9f, 77}, {1.1f, 0, 1.0f, 6}};
+    // requests 1 and 2 also ask for their tokens' log-probabilities
+    const std::vector<sf_sampling> set = {{1.1f, 0, 1.0f, 5, false},
+                                          {0.0f, 0, 1.0f, 0, true},
+                                          {0.8f, 4, 0.9f, 77, true},
+                                          {1.1f, 0, 1.0f, 6, false}};
     const int32_t n = p.n(), max_new = 6;
     sf_generation gen = generation_of(p, max_new);
-    gen.sampling = {2.0f, 2, 0.3f, 999};  // overridden
+    gen.sampling = {2.0f, 2, 0.3f, 999, true};  // overridden
     gen.request_sampling = set.data();
     std::vector<sf_generation_result> res((size_t)n);
     ASSERT_EQ(sf_generate_cuda(e.get(), nullptr, &gen, nullptr, nullptr, res.data()), SF_OK)
         << sf_last_error();
     std::vector<std::vector<int32_t>> tokens;
-    for (auto &r : res) {
-        tokens.emplace_back(r.tokens, r.tokens + r.n_tokens);
-        EXPECT_EQ(r.n_tokens, max_new);
+    std::vector<std::vector<float>> logprobs;
+    for (int32_t r = 0; r < n; r++) {
+        tokens.emplace_back(res[r].tokens, res[r].tokens + res[r].n_tokens);
+        EXPECT_EQ(res[r].n_tokens, max_new);
+        EXPECT_EQ(res[r].logprobs != nullptr, set[r].logprobs) << "request " << r;
+        logprobs.emplace_back();
+        if (res[r].logprobs) logprobs[r].assign(res[r].logprobs, res[r].logprobs + max_new);
     }
     free_results(&res);
 
@@ -2667,8 +2742,13 @@ TEST_F(CudaEngineTiny, GenerateSamplesEachRequestWithItsOwnSettingAndStream) {
         }
         StepOut o;
         ASSERT_TRUE(sampled_step(e.get(), j ? nullptr : &p, slots, set, u, vocab_, &o));
+        std::vector<float> lp((size_t)n);
+        ASSERT_EQ(sf_cuda_engine_read_logprobs(e.get(), lp.data(), n), SF_OK) << sf_last_error();
         for (int32_t r = 0; r < n; r++) {
             EXPECT_EQ(o.tokens[r], tokens[r][j]) << "request " << r << " token " << j;
+            if (set[r].logprobs) {  // the same step on the same engine: the same bits
+                EXPECT_EQ(lp[r], logprobs[r][j]) << "request " << r << " token " << j;
+            }
             int32_t cpu = -1;
             ASSERT_EQ(sf_sample(o.row(r, vocab_), (int32_t)vocab_, &set[r], &cpu_stream[r], &cpu),
                       SF_OK);
@@ -2712,6 +2792,76 @@ TEST_F(CudaEngineTiny, GenerateStopsEachRequestAtItsOwnLimit) {
     std::vector<sf_generation_result> none((size_t)p.n());
     EXPECT_EQ(sf_generate_cuda(e.get(), nullptr, &gen, nullptr, nullptr, none.data()),
               SF_ERR_INVALID_ARGUMENT);
+}
+
+// 10e. Log-probabilities from steps: each is its token's under the step's own logits (read
+// back), within the fp32 bound of the kernel that takes them (logprob_bound), handed back in the
+// caller's order. In turn: a guarded prefill whose requests run grouped by setting (some ask,
+// some not: every request gets one); decode steps with one setting not asking (a graph without
+// them: reading them is refused), then asking (another graph, taking them inside: had the
+// first been replayed, the values read would be the prefill's), replayed; not asking and
+// asking again (each graph replayed); two groups (the passes after the graph). An eager engine
+// gives the same values bit for bit.
+TEST_F(CudaEngineTiny, LogprobsAreThoseOfTheStepsOwnLogits) {
+    EnginePtr g = make_engine(llm_, sf_, options(6, 0, 0, true));
+    EnginePtr x = make_engine(llm_, sf_, options(6, 0, 0, false));
+    ASSERT_TRUE(g && x);
+    const Prompts p = tiny_prompts({{5, 2}, {1, 7}, {12, 9}, {3, 4}, {6, 6}}, 57);
+    const std::vector<int32_t> slots = {4, 0, 2, 1, 5};
+    std::vector<sf_sampling> mix = kMix;
+    mix[0].logprobs = mix[2].logprobs = true;
+    sf_sampling hot = {0.9f, 0, 1.0f, 0, true}, cold = {0.0f, 0, 1.0f, 0, true};
+    sf_sampling hot_quiet = hot;
+    hot_quiet.logprobs = false;
+    struct Step {
+        std::vector<sf_sampling> set;
+        bool asks;
+    };
+    const std::vector<Step> decode_steps = {
+        {{hot_quiet, hot_quiet, hot_quiet, hot_quiet, hot_quiet}, false},
+        {{hot, hot, hot, hot, hot}, true},
+        {{hot, hot, hot, hot, hot}, true},
+        {{hot_quiet, hot_quiet, hot_quiet, hot_quiet, hot_quiet}, false},
+        {{hot, hot, hot, hot, hot}, true},
+        {{cold, hot_quiet, cold, hot, hot_quiet}, true},
+    };
+    std::vector<std::vector<float>> seen[2];  // each pass's values, step after step
+    for (int pass = 0; pass < 2; pass++) {
+        SCOPED_TRACE(pass == 0 ? "graphs" : "eager");
+        sf_cuda_engine *e = pass == 0 ? g.get() : x.get();
+        StepOut o;
+        const std::vector<double> u0 = draws(mix, 58);
+        ASSERT_TRUE(sampled_step(e, &p, slots, mix, u0, vocab_, &o));
+        seen[pass].push_back(expect_logprobs_of(e, o, vocab_, "prefill"));
+        std::vector<float> lp(6);
+        EXPECT_EQ(sf_cuda_engine_read_logprobs(e, lp.data(), 6), SF_ERR_INVALID_ARGUMENT)
+            << "more than the step has";
+        EXPECT_EQ(sf_cuda_engine_read_logprobs(e, nullptr, 1), SF_ERR_INVALID_ARGUMENT);
+        for (size_t k = 0; k < decode_steps.size(); k++) {
+            const std::vector<double> u = draws(decode_steps[k].set, 59 + k);
+            ASSERT_TRUE(sampled_step(e, nullptr, slots, decode_steps[k].set, u, vocab_, &o));
+            const std::string what = "decode " + std::to_string(k);
+            if (decode_steps[k].asks) {
+                seen[pass].push_back(expect_logprobs_of(e, o, vocab_, what));
+            } else {
+                EXPECT_EQ(sf_cuda_engine_read_logprobs(e, lp.data(), 1), SF_ERR_INVALID_ARGUMENT)
+                    << what << ": no request asked";
+                EXPECT_NE(std::string(sf_last_error()).find("logprobs"), std::string::npos)
+                    << sf_last_error();
+            }
+        }
+        // a step without sampling takes none
+        sf_cuda_step s = {};
+        s.n_requests = 2;
+        s.slots = slots.data();
+        ASSERT_EQ(sf_cuda_engine_step(e, &s), SF_OK) << sf_last_error();
+        EXPECT_EQ(sf_cuda_engine_read_logprobs(e, lp.data(), 1), SF_ERR_INVALID_ARGUMENT);
+    }
+    ASSERT_EQ(seen[0].size(), seen[1].size());
+    for (size_t k = 0; k < seen[0].size(); k++) {
+        EXPECT_EQ(0, memcmp(seen[0][k].data(), seen[1][k].data(), seen[0][k].size() * 4))
+            << "step " << k << ": the graph engine's values differ from the eager one's";
+    }
 }
 
 // 9d. sf_set_progress during creation: "uploading weights" rises from 0 to the bf16 bytes of
@@ -3268,10 +3418,13 @@ class CudaEngineFaults : public CudaEngineTiny {
         if (IsSkipped() || HasFatalFailure()) return;
         // Three requests on two slots: the third waits and starts beside a running one, so a
         // run has guarded prefills, mixed rounds, decode graphs (captured, then replayed) and
-        // both samplers (request 1 samples, the others are greedy).
+        // both samplers (request 1 samples, the others are greedy), and the log-probabilities'
+        // pass and copy (request 1 asks for them).
         prompts_ = tiny_prompts({{5, 2}, {3, 4}, {2, 6}}, 81);
         limits_ = {4, 6, 5};
-        sampling_ = {{0.0f, 0, 1.0f, 0}, {0.9f, 0, 1.0f, 77}, {0.0f, 0, 1.0f, 0}};
+        sampling_ = {{0.0f, 0, 1.0f, 0, false},
+                     {0.9f, 0, 1.0f, 77, true},
+                     {0.0f, 0, 1.0f, 0, false}};
         // a batch for the guarded embedding, which takes at most max_slots requests
         for (int32_t r = 0; r < 2; r++) two_.add(prompts_.request(r), prompts_.spans[r]);
     }
@@ -3586,7 +3739,7 @@ TEST_F(CudaEngineFaults, AFailedStepEmptiesItsSlotsAndNoOthers) {
     sf_cuda_engine_options o = faults_options();
     o.max_slots = 3;
     const int64_t vocab = sf_llm_get_config(llm_)->vocab_size;
-    const sf_sampling greedy = {0.0f, 0, 1.0f, 0};
+    const sf_sampling greedy = {0.0f, 0, 1.0f, 0, false};
     const Prompts third = prompts_.only(2);
     const std::vector<int32_t> pair_slots = {0, 1}, third_slot = {2};
     auto step = [&](sf_cuda_engine *e, const Prompts *p, const std::vector<int32_t> &slots) {
@@ -3698,8 +3851,12 @@ TEST_F(CudaEngineFaults, EveryHostAllocationFailingIsReported) {
 
 class CudaEngineHostTraffic : public CudaEngineFaults {};  // the same model and prompts
 
+// A step copies back its sampled ids (4 bytes a request), and their log-probabilities (4 more,
+// a second copy) when asked; a graph that holds the sampling holds those copies too.
 TEST_F(CudaEngineHostTraffic, AStepNeverWaitsAndCopiesBackOnlyTheSampledIds) {
-    const sf_sampling greedy = {0.0f, 0, 1.0f, 0};
+    const sf_sampling greedy = {0.0f, 0, 1.0f, 0, false};
+    sf_sampling greedy_logprobs = greedy;
+    greedy_logprobs.logprobs = true;
     const std::vector<int32_t> slots = {0, 1};
     for (const bool graphs : {true, false}) {
         SCOPED_TRACE(graphs ? "CUDA graphs" : "eager");
@@ -3708,7 +3865,8 @@ TEST_F(CudaEngineHostTraffic, AStepNeverWaitsAndCopiesBackOnlyTheSampledIds) {
         EnginePtr e = make_engine(llm_, sf_, o);
         ASSERT_TRUE(e);
         void *const stream = sf_cuda_engine_stream(e.get());
-        auto step = [&](const char *what, bool prefill, bool sample, long long d2h_bytes) {
+        auto step = [&](const char *what, bool prefill, bool sample, long long d2h_bytes,
+                        bool logprobs = false) {
             SCOPED_TRACE(what);
             sf_cuda_step st = {};
             st.n_requests = 2;
@@ -3718,7 +3876,7 @@ TEST_F(CudaEngineHostTraffic, AStepNeverWaitsAndCopiesBackOnlyTheSampledIds) {
                 st.token_ids = two_.ids.data();
                 st.spans = two_.spans.data();
             }
-            st.sampling = sample ? &greedy : nullptr;
+            st.sampling = !sample ? nullptr : logprobs ? &greedy_logprobs : &greedy;
             simt::reset_traffic();
             ASSERT_EQ(sf_cuda_engine_step(e.get(), &st), SF_OK) << sf_last_error();
             const simt::Traffic t = simt::traffic();
@@ -3729,15 +3887,23 @@ TEST_F(CudaEngineHostTraffic, AStepNeverWaitsAndCopiesBackOnlyTheSampledIds) {
             EXPECT_EQ(t.allocations, 0);
             EXPECT_EQ(t.streams, std::vector<void *>{stream});
             EXPECT_EQ(t.d2h_bytes, d2h_bytes);
-            EXPECT_EQ(t.d2h_copies, d2h_bytes > 0 ? 1 : 0);
+            EXPECT_EQ(t.d2h_copies, d2h_bytes / 8);
             if (sample) {
                 int32_t ids[2];
                 ASSERT_EQ(sf_cuda_engine_read_tokens(e.get(), ids, 2), SF_OK) << sf_last_error();
+            }
+            if (logprobs) {
+                float lp[2];
+                ASSERT_EQ(sf_cuda_engine_read_logprobs(e.get(), lp, 2), SF_OK) << sf_last_error();
             }
         };
         step("guarded prefill", true, true, 8);
         step(graphs ? "decode, its graph captured" : "decode", false, true, 8);
         step(graphs ? "decode, the graph replayed" : "decode again", false, true, graphs ? 0 : 8);
+        step(graphs ? "decode with log-probabilities, captured" : "decode with log-probabilities",
+             false, true, 16, true);
+        step(graphs ? "decode with log-probabilities, replayed" : "and again", false, true,
+             graphs ? 0 : 16, true);
         ASSERT_EQ(sf_cuda_engine_reset_slot(e.get(), 0), SF_OK);
         ASSERT_EQ(sf_cuda_engine_reset_slot(e.get(), 1), SF_OK);
         step("guarded prefill, logits only", true, false, 0);

@@ -47,26 +47,26 @@ TEST(Sample, FrequenciesFollowTheFilteredSoftmax) {
         return std::vector<double>{(double)count[0] / N, (double)count[1] / N, (double)count[2] / N};
     };
     const double tol = 5 * 0.0035;
-    auto f = freqs({1.0f, 0, 1.0f, 7});
+    auto f = freqs({1.0f, 0, 1.0f, 7, false});
     EXPECT_NEAR(f[0], 1.0 / 7, tol);
     EXPECT_NEAR(f[1], 2.0 / 7, tol);
     EXPECT_NEAR(f[2], 4.0 / 7, tol);
-    f = freqs({1.0f, 2, 1.0f, 8});  // top-2: (2/6, 4/6)
+    f = freqs({1.0f, 2, 1.0f, 8, false});  // top-2: (2/6, 4/6)
     EXPECT_EQ(f[0], 0.0);
     EXPECT_NEAR(f[1], 1.0 / 3, tol);
     EXPECT_NEAR(f[2], 2.0 / 3, tol);
-    f = freqs({1.0f, 0, 0.5f, 9});  // 4/7 >= 0.5 already: only the top token
+    f = freqs({1.0f, 0, 0.5f, 9, false});  // 4/7 >= 0.5 already: only the top token
     EXPECT_EQ(f[2], 1.0);
-    f = freqs({1.0f, 0, 0.6f, 10});  // 4/7 < 0.6: the top two
+    f = freqs({1.0f, 0, 0.6f, 10, false});  // 4/7 < 0.6: the top two
     EXPECT_EQ(f[0], 0.0);
     EXPECT_NEAR(f[1], 1.0 / 3, tol);
-    f = freqs({0.5f, 0, 1.0f, 11});  // T = 0.5 squares the odds: (1, 4, 16) / 21
+    f = freqs({0.5f, 0, 1.0f, 11, false});  // T = 0.5 squares the odds: (1, 4, 16) / 21
     EXPECT_NEAR(f[2], 16.0 / 21, tol);
 }
 
 TEST(Sample, SameSeedSameDraws) {
     const float logits[4] = {0.1f, 0.2f, 0.3f, 0.4f};
-    sf_sampling s = {1.0f, 0, 1.0f, 42};
+    sf_sampling s = {1.0f, 0, 1.0f, 42, false};
     uint64_t a = s.seed, b = s.seed, c = 43;
     int diff = 0;
     for (int i = 0; i < 50; i++) {
@@ -78,6 +78,59 @@ TEST(Sample, SameSeedSameDraws) {
         diff += ta != tc;
     }
     EXPECT_GT(diff, 0);
+}
+
+// log softmax(x)[t] in long double, the plain way: log(exp(x_t - m) / sum_i exp(x_i - m)),
+// with m the row's maximum so that nothing overflows.
+double reference_logprob(const std::vector<float> &x, int32_t t) {
+    long double m = x[0], sum = 0.0L;
+    for (float v : x) m = v > m ? v : m;
+    for (float v : x) sum += expl((long double)v - m);
+    return (double)logl(expl((long double)x[t] - m) / sum);
+}
+
+// sf_token_logprob computes in double and rounds once, so it is within a float's half ulp of
+// the exact value, plus the double sum's error: at most V terms of relative error ~2^-52 each,
+// 1e-12 absolute for these rows (V <= 4096) — the slack for results near 0, where the half ulp
+// is tiny. Rows: awkward magnitudes (a maximum of 80, far past where exp overflows in float
+// without the shift), a near-certain token, a uniform row (exactly -log V), a one-token
+// vocabulary (0), and -inf entries (zero probability: -inf for them, nothing for the rest).
+TEST(TokenLogprob, MatchesLogSoftmaxInLongDouble) {
+    std::vector<std::vector<float>> rows;
+    std::vector<float> r;
+    for (int i = 0; i < 4096; i++) r.push_back(80.0f - 0.37f * (float)(i % 97) + 1e-3f * i);
+    rows.push_back(r);
+    rows.push_back({30.0f, -5.0f, 0.0f, -30.0f});
+    rows.push_back(std::vector<float>(1000, 3.25f));
+    rows.push_back({-7.0f});
+    rows.push_back({1.0f, -INFINITY, 2.0f, -INFINITY});
+    for (size_t k = 0; k < rows.size(); k++) {
+        const auto &x = rows[k];
+        const int32_t v = (int32_t)x.size();
+        for (int32_t t : {0, v / 3, v - 1}) {
+            float lp = 1.0f;
+            ASSERT_EQ(sf_token_logprob(x.data(), v, t, &lp), SF_OK) << sf_last_error();
+            const double want = reference_logprob(x, t);
+            if (std::isinf(want)) {
+                EXPECT_EQ(lp, -INFINITY) << "row " << k << " token " << t;
+                continue;
+            }
+            EXPECT_LE(lp, 0.0f);
+            EXPECT_NEAR(lp, want, 0.5 * ldexp(1.0, -23) * fabs(want) + 1e-12)
+                << "row " << k << " token " << t;
+        }
+    }
+    float lp = 0.0f;
+    ASSERT_EQ(sf_token_logprob(rows[2].data(), 1000, 7, &lp), SF_OK);
+    EXPECT_FLOAT_EQ(lp, -logf(1000.0f));
+    ASSERT_EQ(sf_token_logprob(rows[3].data(), 1, 0, &lp), SF_OK);
+    EXPECT_EQ(lp, 0.0f);
+    const float *x = rows[1].data();
+    EXPECT_EQ(sf_token_logprob(x, 4, 4, &lp), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_token_logprob(x, 4, -1, &lp), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_token_logprob(x, 0, 0, &lp), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_token_logprob(nullptr, 4, 0, &lp), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_token_logprob(x, 4, 0, nullptr), SF_ERR_INVALID_ARGUMENT);
 }
 
 class Generate : public ::testing::Test {
@@ -177,7 +230,7 @@ TEST_F(Generate, ContextWindowLimits) {
 TEST_F(Generate, SamplingIsRepeatableAndBatchIndependent) {
     sf_generation g = {};
     g.max_new_tokens = 8;
-    g.sampling = {1.0f, 20, 0.95f, 1234};
+    g.sampling = {1.0f, 20, 0.95f, 1234, false};
     auto a = run(prompts_, g);
     auto b = run(prompts_, g);
     EXPECT_EQ(a, b);
@@ -194,12 +247,15 @@ TEST_F(Generate, SamplingIsRepeatableAndBatchIndependent) {
 // sampled setting again on another prompt (same seed, its own stream).
 TEST_F(Generate, PerRequestSamplingEqualsEachRequestAlone) {
     const std::vector<sf_sampling> set = {
-        {0.0f, 0, 1.0f, 0}, {1.0f, 20, 0.95f, 1234}, {0.7f, 0, 1.0f, 99}, {1.0f, 20, 0.95f, 1234}};
+        {0.0f, 0, 1.0f, 0, false},
+        {1.0f, 20, 0.95f, 1234, false},
+        {0.7f, 0, 1.0f, 99, false},
+        {1.0f, 20, 0.95f, 1234, false}};
     const std::vector<std::vector<int32_t>> prompts = {prompts_[0], prompts_[1], prompts_[2],
                                                        prompts_[0]};
     sf_generation g = {};
     g.max_new_tokens = 12;
-    g.sampling = {1.5f, 3, 0.5f, 7};  // overridden
+    g.sampling = {1.5f, 3, 0.5f, 7, false};  // overridden
     g.request_sampling = set.data();
     const auto batched = run(prompts, g);
     ASSERT_EQ(batched.size(), 4u);
@@ -238,6 +294,96 @@ TEST_F(Generate, PerRequestLimitsStopEachRequestAtItsOwnLength) {
     g.request_max_new_tokens = bad.data();
     run(prompts_, g, nullptr, SF_ERR_INVALID_ARGUMENT);
     EXPECT_NE(strstr(sf_last_error(), "request_max_new_tokens[1] = 0"), nullptr) << sf_last_error();
+}
+
+// Each generated token's log-probability is the one of its row in a full forward of the prompt
+// and the reply (no KV cache: every row recomputed), for greedy and sampled requests mixed in one
+// batch; a request that did not ask gets none, and its tokens are unchanged by the others
+// asking. Bound: the cached decode's logits and the recomputed ones differ only in reduction
+// order, normwise within kReorderTol = 1e-5 (tests/test_llm_forward.cpp derives it), so each
+// entry within 1e-5 ||row||; log-sum-exp moves by at most the largest change, so a
+// log-probability within 2e-5 ||row||, plus the two roundings of the results (a float ulp of
+// |lp| covers both).
+TEST_F(Generate, LogprobsAreThoseOfAFullRecomputation) {
+    const std::vector<sf_sampling> set = {{0.0f, 0, 1.0f, 0, true},
+                                          {0.9f, 0, 1.0f, 5, true},
+                                          {1.0f, 8, 0.9f, 6, false},
+                                          {1.2f, 0, 1.0f, 7, true}};
+    const std::vector<std::vector<int32_t>> prompts = {prompts_[0], prompts_[1], prompts_[2],
+                                                       prompts_[2]};
+    std::vector<int32_t> cu = {0}, ids;
+    for (auto &p : prompts) {
+        ids.insert(ids.end(), p.begin(), p.end());
+        cu.push_back((int32_t)ids.size());
+    }
+    sf_generation g = {};
+    g.n_requests = 4;
+    g.cu_seqlens = cu.data();
+    g.token_ids = ids.data();
+    g.max_new_tokens = 9;
+    g.request_sampling = set.data();
+    std::vector<sf_generation_result> res(4);
+    ASSERT_EQ(sf_generate_cpu(llm_, nullptr, nullptr, &g, nullptr, nullptr, res.data()), SF_OK)
+        << sf_last_error();
+    const int32_t vocab = sf_llm_get_config(llm_)->vocab_size;
+    for (int r = 0; r < 4; r++) {
+        SCOPED_TRACE("request " + std::to_string(r));
+        const sf_generation_result &q = res[r];
+        ASSERT_EQ(q.n_tokens, 9);
+        if (!set[r].logprobs) {
+            EXPECT_EQ(q.logprobs, nullptr);
+            continue;
+        }
+        ASSERT_NE(q.logprobs, nullptr);
+        // the prompt and the reply but its last token, every row's logits
+        std::vector<int32_t> seq = prompts[r];
+        seq.insert(seq.end(), q.tokens, q.tokens + q.n_tokens - 1);
+        const int32_t n = (int32_t)seq.size(), first = (int32_t)prompts[r].size() - 1;
+        std::vector<int32_t> rows(n), seq_cu = {0, n};
+        for (int32_t i = 0; i < n; i++) rows[i] = i;
+        sf_batch b = {};
+        b.n_requests = 1;
+        b.cu_seqlens = seq_cu.data();
+        b.token_ids = seq.data();
+        b.n_logit_rows = n;
+        b.logit_rows = rows.data();
+        std::vector<float> logits((size_t)n * vocab);
+        ASSERT_EQ(sf_llm_forward_cpu(llm_, &b, logits.data()), SF_OK) << sf_last_error();
+        for (int32_t i = 0; i < q.n_tokens; i++) {
+            const float *row = logits.data() + (size_t)(first + i) * vocab;
+            const std::vector<float> x(row, row + vocab);
+            double norm = 0.0;
+            for (float v : x) norm += (double)v * v;
+            const double want = reference_logprob(x, q.tokens[i]);
+            EXPECT_NEAR(q.logprobs[i], want, 2e-5 * sqrt(norm) + ldexp(fabs(want), -23))
+                << "token " << i;
+            EXPECT_LE(q.logprobs[i], 0.0f);
+            if (set[r].temperature <= 0.0f) {  // greedy: the pick is the most likely token
+                EXPECT_EQ(q.tokens[i], (int32_t)(std::max_element(x.begin(), x.end()) -
+                                                 x.begin()));
+            }
+        }
+    }
+    // Not vacuous: sampling at these temperatures leaves the most likely token at least once,
+    // with a log-probability below the greedy ones' maximum.
+    bool below = false;
+    for (int r : {1, 3}) {
+        for (int32_t i = 0; i < res[r].n_tokens; i++) below = below || res[r].logprobs[i] < -1.0f;
+    }
+    EXPECT_TRUE(below);
+    // Asking changes no token: the same batch without logprobs.
+    std::vector<sf_sampling> plain = set;
+    for (auto &p : plain) p.logprobs = false;
+    g.request_sampling = plain.data();
+    std::vector<sf_generation_result> again(4);
+    ASSERT_EQ(sf_generate_cpu(llm_, nullptr, nullptr, &g, nullptr, nullptr, again.data()), SF_OK);
+    for (int r = 0; r < 4; r++) {
+        EXPECT_EQ(std::vector<int32_t>(again[r].tokens, again[r].tokens + again[r].n_tokens),
+                  std::vector<int32_t>(res[r].tokens, res[r].tokens + res[r].n_tokens));
+        EXPECT_EQ(again[r].logprobs, nullptr);
+        sf_generation_result_free(&again[r]);
+        sf_generation_result_free(&res[r]);
+    }
 }
 
 struct StreamLog {

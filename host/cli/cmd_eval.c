@@ -705,7 +705,7 @@ typedef struct cuda_list {
 
 static sf_status submit_prompt(void *user, sf_cuda_session *gen, int64_t i) {
     const cuda_list *l = user;
-    const sf_sampling greedy = {0.0f, 0, 1.0f, 0};
+    const sf_sampling greedy = {.temperature = 0.0f, .top_p = 1.0f};
     int32_t id;
     return sf_cuda_session_submit(gen, l->e->ids + l->e->off[i],
                                   (int32_t)(l->e->off[i + 1] - l->e->off[i]), &l->e->spans[i],

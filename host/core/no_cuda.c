@@ -87,6 +87,11 @@ sf_status sf_cuda_engine_read_tokens(sf_cuda_engine *engine, int32_t *tokens, in
     return no_cuda("sf_cuda_engine_read_tokens");
 }
 
+sf_status sf_cuda_engine_read_logprobs(sf_cuda_engine *engine, float *logprobs, int32_t n) {
+    (void)engine, (void)logprobs, (void)n;
+    return no_cuda("sf_cuda_engine_read_logprobs");
+}
+
 sf_status sf_cuda_engine_read_logits(sf_cuda_engine *engine, float *logits, int32_t n) {
     (void)engine, (void)logits, (void)n;
     return no_cuda("sf_cuda_engine_read_logits");

@@ -78,6 +78,7 @@ typedef struct sf_cuda_arena {
     sf_bf16 *head_x, *head_tmp;   /* [R, d]          */
     float *logits;                /* [R, vocab]      */
     int32_t *sampled;             /* [R]             */
+    float *nll;                   /* [R] -log p of each sampled token (when asked) */
     void *sample_ws;
     size_t sample_ws_bytes;
     void *gemm_ws;
@@ -94,6 +95,7 @@ typedef struct sf_cuda_staging {
     int32_t *ids, *cu_seqlens, *spans, *slots;
     double *uniforms;
     int32_t *tokens; /* [R] sampled ids, copied back asynchronously */
+    float *nll;      /* [R] their -log p, when the step took them, likewise      */
     void *base;
 } sf_cuda_staging;
 
@@ -110,6 +112,7 @@ typedef struct sf_cuda_graph {
     cudaGraphExec_t exec; /* NULL: not captured */
     sf_sampling sampling; /* the one group it samples, canonical (sampling_on) */
     bool sampling_on;     /* false: the forward only, any sampling follows it eagerly */
+    bool logprobs;        /* with sampling_on: the picks' log-probabilities taken inside too */
 } sf_cuda_graph;
 
 struct sf_cuda_engine {
@@ -152,6 +155,7 @@ struct sf_cuda_engine {
     bool reordered;               /* the last step ran its requests in `order`        */
     int32_t last_n;               /* requests in the last step */
     bool last_sampled;
+    bool last_logprobs;           /* the last step took its picks' log-probabilities */
     cudaEvent_t done;             /* the last step's read-back is complete */
     cudaEvent_t staging_free;     /* the last step's uploads have been read */
     cudaEvent_t ev[SF_STAGE_EVENTS];

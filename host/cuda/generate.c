@@ -51,6 +51,7 @@ static double draw(sf_gen_request *rq, sf_sampling *setting) {
  * and settings, and for a prefill step the packed tokens and spans. */
 typedef struct step_plan {
     int32_t *req, *slots, *cu, *ids, *picked;
+    float *logprobs; /* the picked tokens' log-probabilities, when some request asks */
     sf_prompt_spans *spans;
     double *uniforms;
     sf_sampling *settings;
@@ -63,6 +64,7 @@ static void plan_free(step_plan *p) {
     free(p->cu);
     free(p->ids);
     free(p->picked);
+    free(p->logprobs);
     free(p->spans);
     free(p->uniforms);
     free(p->settings);
@@ -77,12 +79,13 @@ static sf_status plan_alloc(step_plan *p, int32_t rows, int32_t tokens) {
     p->cu = malloc((size_t)(rows + 1) * sizeof *p->cu);
     p->ids = malloc((size_t)tokens * sizeof *p->ids);
     p->picked = malloc((size_t)rows * sizeof *p->picked);
+    p->logprobs = malloc((size_t)rows * sizeof *p->logprobs);
     p->spans = malloc((size_t)rows * sizeof *p->spans);
     p->uniforms = malloc((size_t)rows * sizeof *p->uniforms);
     p->settings = malloc((size_t)rows * sizeof *p->settings);
     p->free_slots = malloc((size_t)rows * sizeof *p->free_slots);
-    if (!p->req || !p->slots || !p->cu || !p->ids || !p->picked || !p->spans || !p->uniforms ||
-        !p->settings || !p->free_slots) {
+    if (!p->req || !p->slots || !p->cu || !p->ids || !p->picked || !p->logprobs || !p->spans ||
+        !p->uniforms || !p->settings || !p->free_slots) {
         plan_free(p);
         return sf_fail(SF_ERR_OUT_OF_MEMORY, "out of memory for a step's plan");
     }
@@ -281,7 +284,7 @@ static sf_status submit(sf_cuda_session *s, const int32_t *ids, int32_t n_ids,
     q->ids = malloc((size_t)n_ids * sizeof *q->ids);
     q->n_ids = n_ids;
     if (guarded) q->spans = *spans;
-    q->sampling = sampling ? *sampling : (sf_sampling){0.0f, 0, 1.0f, 0};
+    q->sampling = sampling ? *sampling : (sf_sampling){.temperature = 0.0f, .top_p = 1.0f};
     q->slot = -1;
     q->state = WAITING;
     sf_status st = q->ids ? SF_OK : sf_fail(SF_ERR_OUT_OF_MEMORY, "%s: out of memory", s->who);
@@ -352,6 +355,7 @@ static sf_status run_round(sf_cuda_session *s, sf_stream_fn stream, void *user) 
     /* The spans go to the engine only with a Sysformer: without one the CPU path ignores them. */
     const sf_prompt_spans next_token = {0, 0, 0, 0, 1};
     int32_t m = 0, max_system = 0, max_user = 0;
+    bool logprobs = false;
     for (int32_t i = 0; i < s->n_running; i++) p->req[m++] = s->running[i];
     const int32_t running = m;
     int64_t tokens = running;
@@ -384,6 +388,7 @@ static sf_status run_round(sf_cuda_session *s, sf_stream_fn stream, void *user) 
         session_request *q = lookup(s, p->req[i]);
         p->slots[i] = q->slot;
         p->uniforms[i] = draw(&q->rq, &p->settings[i]);
+        logprobs = logprobs || p->settings[i].logprobs;
         if (!prefill) continue;
         /* a running request feeds the token its slot last picked (the one just accepted); a
          * new one its whole prompt */
@@ -406,6 +411,7 @@ static sf_status run_round(sf_cuda_session *s, sf_stream_fn stream, void *user) 
     };
     st = sf_cuda_engine_step(e, &step);
     if (st == SF_OK) st = sf_cuda_engine_read_tokens(e, p->picked, m);
+    if (st == SF_OK && logprobs) st = sf_cuda_engine_read_logprobs(e, p->logprobs, m);
     for (int32_t i = 0; st == SF_OK && i < m; i++) {
         session_request *q = lookup(s, p->req[i]);
         if (!q || q->state != RUNNING) continue; /* cancelled by a callback of this round */
@@ -417,8 +423,8 @@ static sf_status run_round(sf_cuda_session *s, sf_stream_fn stream, void *user) 
             q->length++;
         }
         s->accepting = p->req[i];
-        st = sf_gen_accept(&c, p->req[i], p->picked[i], room_of(q, max_context), &q->rq,
-                           &q->res);
+        st = sf_gen_accept(&c, p->req[i], p->picked[i], logprobs ? p->logprobs[i] : 0.0f,
+                           room_of(q, max_context), &q->rq, &q->res);
         s->accepting = -1;
         if (st == SF_OK && q->cancelled) {
             q->rq.done = true;

@@ -9,7 +9,8 @@
  *   layers     the LLM's decoder layers
  *   head       last row of each request: final norm, LM head (fp32 logits)
  *   sample     the uniforms uploaded, token choice on the device (one pass per group of
- *              requests with one setting), remembered per slot, copied back asynchronously
+ *              requests with one setting), remembered per slot, the picks' log-probabilities
+ *              when asked, copied back asynchronously
  * Nothing in a step waits for the device, with one exception that a caller never meets in a
  * read-tokens loop: the pinned staging is reused, so a step first waits until the previous
  * step's upload has been consumed.
@@ -25,6 +26,7 @@
 #include "cuda/engine.h"
 #include "embedding.h"
 #include "guard.h"
+#include "loss.h"
 #include "sampling.h"
 
 /* What validation learns about a step. */
@@ -33,6 +35,7 @@ typedef struct step_info {
     bool decode, guarded;
     bool sample, greedy; /* some request samples; every one that does is greedy (no uniforms) */
     bool reorder;        /* the requests run grouped by sampling setting (e->order)          */
+    bool logprobs;       /* some request's setting asks for its pick's log-probability        */
 } step_info;
 
 static bool is_greedy(const sf_sampling *s) { return !(s->temperature > 0.0f); }
@@ -200,6 +203,7 @@ static sf_status validate(const sf_cuda_engine *e, const sf_cuda_step *s, step_i
     info->greedy = true;
     for (int32_t r = 0; info->sample && r < n; r++) {
         const sf_sampling *p = setting(s, r);
+        info->logprobs = info->logprobs || p->logprobs;
         if (is_greedy(p)) continue;
         info->greedy = false;
         if (!s->uniforms) {
@@ -219,11 +223,13 @@ static sf_status validate(const sf_cuda_engine *e, const sf_cuda_step *s, step_i
 
 /* A sampling setting in the one form that settings acting alike share (sf_sample's and the
  * device sampler's rules): any temperature <= 0 (or NaN) is greedy, and top_k and top_p off
- * are 0 and 1; the seed is not the engine's (the caller draws the uniforms). */
+ * are 0 and 1; the seed is not the engine's (the caller draws the uniforms), and logprobs is
+ * the step's (taken for every row when any request asks). */
 static sf_sampling canonical(const sf_sampling *s, int32_t vocab) {
-    if (is_greedy(s)) return (sf_sampling){0.0f, 0, 1.0f, 0};
-    return (sf_sampling){s->temperature, s->top_k > 0 && s->top_k < vocab ? s->top_k : 0,
-                         s->top_p > 0.0f && s->top_p < 1.0f ? s->top_p : 1.0f, 0};
+    if (is_greedy(s)) return (sf_sampling){.temperature = 0.0f, .top_p = 1.0f};
+    return (sf_sampling){.temperature = s->temperature,
+                         .top_k = s->top_k > 0 && s->top_k < vocab ? s->top_k : 0,
+                         .top_p = s->top_p > 0.0f && s->top_p < 1.0f ? s->top_p : 1.0f};
 }
 
 static bool same_setting(const sf_sampling *a, const sf_sampling *b) {
@@ -339,6 +345,18 @@ static sf_status sample_tail(sf_cuda_engine *e, const step_info *info) {
                                        cudaMemcpyDeviceToHost, s) != cudaSuccess) {
         st = sf_fail(SF_ERR_CUDA, "sf_cuda_engine_step: copying the sampled ids back");
     }
+    /* -log p of each pick is its cross-entropy with the pick as the target: the loss kernel's
+     * forward alone, one block a row (every row: the requests that did not ask cost a row's
+     * read each, less than a pass per group would) */
+    if (st == SF_OK && info->logprobs) {
+        st = sf_cuda_cross_entropy(a->nll, NULL, NULL, false, a->logits, false, a->sampled, NULL,
+                                   n, vocab, s);
+    }
+    if (st == SF_OK && info->logprobs &&
+        cudaMemcpyAsync(e->h.nll, a->nll, (size_t)n * sizeof(float), cudaMemcpyDeviceToHost,
+                        s) != cudaSuccess) {
+        st = sf_fail(SF_ERR_CUDA, "sf_cuda_engine_step: copying the log-probabilities back");
+    }
     sf_nvtx_pop();
     return st;
 }
@@ -411,7 +429,8 @@ static bool graph_samples(const sf_cuda_engine *e, const step_info *info) {
 static bool graph_fits(const sf_cuda_graph *g, const sf_cuda_engine *e, const step_info *info) {
     const bool inside = graph_samples(e, info);
     if (g->sampling_on != inside) return false;
-    return !inside || same_setting(&g->sampling, &e->groups[0].sampling);
+    return !inside || (same_setting(&g->sampling, &e->groups[0].sampling) &&
+                       g->logprobs == info->logprobs);
 }
 
 /* Captures the decode body for this batch size and sampling layout (once), then launches it,
@@ -448,6 +467,7 @@ static sf_status decode_graph(sf_cuda_engine *e, const step_info *info) {
         }
         g->sampling_on = inside;
         g->sampling = inside ? e->groups[0].sampling : (sf_sampling){0};
+        g->logprobs = inside && info->logprobs;
     }
     sf_nvtx_push("decode step (graph)");
     cudaError_t err = cudaGraphLaunch(g->exec, e->stream);
@@ -504,6 +524,7 @@ sf_status sf_cuda_engine_step(sf_cuda_engine *e, const sf_cuda_step *s) {
     e->last_n = n;
     e->reordered = info.reorder;
     e->last_sampled = info.sample;
+    e->last_logprobs = info.logprobs;
     e->last_timed = e->timing;
     e->last_graph = graph;
     e->steps++;
@@ -525,6 +546,25 @@ sf_status sf_cuda_engine_read_tokens(sf_cuda_engine *e, int32_t *tokens, int32_t
                        cudaGetErrorString(err));
     }
     for (int32_t r = 0; r < n; r++) tokens[r] = e->h.tokens[e->reordered ? e->row_of[r] : r];
+    return SF_OK;
+}
+
+sf_status sf_cuda_engine_read_logprobs(sf_cuda_engine *e, float *logprobs, int32_t n) {
+    if (!e || !logprobs || n < 0) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_cuda_engine_read_logprobs: bad argument");
+    }
+    if (!e->last_sampled || !e->last_logprobs || n > e->last_n) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                       "sf_cuda_engine_read_logprobs: %d asked; the last step took %d (a "
+                       "request's setting must have logprobs set)",
+                       n, e->last_sampled && e->last_logprobs ? e->last_n : 0);
+    }
+    cudaError_t err = cudaEventSynchronize(e->done);
+    if (err != cudaSuccess) {
+        return sf_fail(SF_ERR_CUDA, "sf_cuda_engine_read_logprobs: the step failed: %s",
+                       cudaGetErrorString(err));
+    }
+    for (int32_t r = 0; r < n; r++) logprobs[r] = -e->h.nll[e->reordered ? e->row_of[r] : r];
     return SF_OK;
 }
 

@@ -87,8 +87,12 @@ sf_status sf_gen_request_start(const char *who, sf_status st, const sf_tokenizer
     const int64_t room = (int64_t)window - prompt_len + 1;
     const int64_t most = room >= 1 && room < max_new ? room : max_new;
     /* Allocated even after a failure, as the caller's cleanup frees every result alike. */
-    res->tokens = malloc((size_t)(most > 0 ? most : 1) * sizeof(int32_t));
-    if (st == SF_OK && !res->tokens) st = sf_fail(SF_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
+    const size_t count = (size_t)(most > 0 ? most : 1);
+    res->tokens = malloc(count * sizeof(int32_t));
+    if (sampling->logprobs) res->logprobs = malloc(count * sizeof(float));
+    if (st == SF_OK && (!res->tokens || (sampling->logprobs && !res->logprobs))) {
+        st = sf_fail(SF_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
+    }
     if (st == SF_OK && tok) st = sf_detokenizer_create(tok, true, &rq->detok);
     return st;
 }
@@ -103,8 +107,8 @@ sf_status sf_gen_request_init(const sf_gen_ctx *c, sf_status st, const sf_tokeni
                                 rq, res);
 }
 
-sf_status sf_gen_accept(const sf_gen_ctx *c, int32_t r, int32_t token, sf_gen_room room,
-                        sf_gen_request *rq, sf_generation_result *res) {
+sf_status sf_gen_accept(const sf_gen_ctx *c, int32_t r, int32_t token, float logprob,
+                        sf_gen_room room, sf_gen_request *rq, sf_generation_result *res) {
     const sf_generation *g = c->g;
     for (int32_t i = 0; i < g->n_stop_ids; i++) {
         if (token == g->stop_ids[i]) {
@@ -113,6 +117,7 @@ sf_status sf_gen_accept(const sf_gen_ctx *c, int32_t r, int32_t token, sf_gen_ro
             return SF_OK;
         }
     }
+    if (res->logprobs) res->logprobs[res->n_tokens] = logprob;
     res->tokens[res->n_tokens++] = token;
     rq->last = token;
     char piece[256];

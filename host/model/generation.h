@@ -57,11 +57,12 @@ sf_status sf_gen_check_prompts(const char *who, const sf_generation *g, int32_t 
 
 /* Sets up a request of prompt_len tokens, in a context of window positions, after the caller's
  * own setup returned st: its sampling setting (borrowed: it must outlive the request) and
- * stream, its limit, its token buffer (allocated even when st is a failure, so that cleanup
- * frees every result alike) and, with a tokenizer, its detokenizer. The buffer holds what the
- * request can be given: max_new tokens, or window - prompt_len + 1 when fewer (the token
- * accepted as the context fills is the last, sf_gen_accept), so a limit far past the window
- * ("no limit") asks for no more memory than the window allows. Returns the first failure. */
+ * stream, its limit, its token buffer and, when the setting asks, its log-probability buffer
+ * (both allocated even when st is a failure, so that cleanup frees every result alike) and,
+ * with a tokenizer, its detokenizer. The buffers hold what the request can be given: max_new
+ * tokens, or window - prompt_len + 1 when fewer (the token accepted as the context fills is
+ * the last, sf_gen_accept), so a limit far past the window ("no limit") asks for no more
+ * memory than the window allows. Returns the first failure. */
 sf_status sf_gen_request_start(const char *who, sf_status st, const sf_tokenizer *tok,
                                const sf_sampling *sampling, int32_t max_new, int32_t prompt_len,
                                int32_t window, sf_gen_request *rq, sf_generation_result *res);
@@ -72,9 +73,10 @@ sf_status sf_gen_request_init(const sf_gen_ctx *c, sf_status st, const sf_tokeni
                               int32_t r, int32_t window, sf_gen_request *rq,
                               sf_generation_result *res);
 
-/* Records one sampled token for request r and decides whether it finishes the request. */
-sf_status sf_gen_accept(const sf_gen_ctx *c, int32_t r, int32_t token, sf_gen_room room,
-                        sf_gen_request *rq, sf_generation_result *res);
+/* Records one sampled token for request r (with its log-probability, kept when the request's
+ * setting asked for them) and decides whether it finishes the request. */
+sf_status sf_gen_accept(const sf_gen_ctx *c, int32_t r, int32_t token, float logprob,
+                        sf_gen_room room, sf_gen_request *rq, sf_generation_result *res);
 
 /* Ends one request: flushes its text into res (when st is SF_OK; a stop string stays removed)
  * and frees its state. Returns st, or the flush's failure. */

@@ -123,8 +123,8 @@ case "$suite" in
         tests=(test_cuda_attention_backward.cpp)
         twins=(host/cpu/attention.c host/cpu/softmax.c) ;;
     engine|train|engine+train|cli)
-        kernels=(device embedding convert rmsnorm layernorm rope activations sampling guard random
-                 attention attention_decode attention_sm90)
+        kernels=(device embedding convert rmsnorm layernorm rope activations sampling loss guard
+                 random attention attention_decode attention_sm90)
         cuda_c=(engine step llm_forward sysformer_forward weights gemm generate)
         host_lib=1
         tests=()
@@ -139,9 +139,9 @@ case "$suite" in
             add_pass EMU_NO_DEVICE=1 'CudaEngineArgs.*'
         fi
         if [ "$suite" != engine ]; then
-            # the training step: its host code, the backward, loss and optimizer kernels (the
-            # cli suite builds them for the CLI, and runs no gtest)
-            kernels+=(attention_backward loss optim)
+            # the training step: its host code, the backward and optimizer kernels (the cli
+            # suite builds them for the CLI, and runs no gtest)
+            kernels+=(attention_backward optim)
             cuda_c+=(train_step)
             if [ "$suite" != cli ]; then
                 tests+=(test_cuda_train.cpp)
