@@ -190,6 +190,24 @@ expect 0 "generate --input again" -- "$cli" generate "${G[@]}" --batch 2 --input
     --output "$tmp/batch2.jsonl"
 cmp -s "$tmp/batch.jsonl" "$tmp/batch2.jsonl" && echo "ok: the same batch twice: the same replies" ||
     fail "the same batch twice gave other replies"
+# --logprobs: the same replies, each with its tokens and their log-probabilities (finite, at
+# most 0), but for a line that says "logprobs": false.
+sed 's/"id": "c"/"id": "c", "logprobs": false/' "$tmp/in.jsonl" >"$tmp/lp.jsonl"
+expect 0 "generate --input --logprobs" -- "$cli" generate "${G[@]}" --batch 2 --logprobs \
+    --input "$tmp/lp.jsonl" --output "$tmp/lp.out"
+python3 - "$tmp/batch.jsonl" "$tmp/lp.out" <<'EOF' && echo "ok: --logprobs: the same replies, with their log-probabilities" ||
+import json, math, sys
+plain = [json.loads(l) for l in open(sys.argv[1])]
+rows = [json.loads(l) for l in open(sys.argv[2])]
+assert [r["response"] for r in rows] == [r["response"] for r in plain], (rows, plain)
+for r in rows:
+    if r["id"] == "c":
+        assert r["logprobs"] is False and "tokens" not in r, r
+        continue
+    assert len(r["tokens"]) == len(r["logprobs"]) == r["n_tokens"], r
+    assert all(math.isfinite(x) and x <= 0 for x in r["logprobs"]), r
+EOF
+    fail "generate --input --logprobs"
 
 # A prompt over the context window (2048): refused with the reason, before any step; in a
 # JSONL file, before anything is generated, naming its line.

@@ -140,8 +140,32 @@ assert rows[2]["n_tokens"] == 3 and rows[2]["finish"] == "length", rows
 assert one[0].startswith(rows[2]["response"]) and len(rows[2]["response"]) < len(one[0]), rows
 PY
         { echo "FAIL: JSONL sampling per line"; fails=$((fails + 1)); }
+    # --logprobs: the same greedy reply, a table of its tokens (each log-probability at most 0)
+    # and their perplexity on stderr; in JSONL, "tokens" and "logprobs" on the lines that ask.
+    expect 0 "generate --prompt --logprobs" -- "$cli" generate --model "$g" --prompt \
+        "What is the capital of France?" --max-new-tokens 16 --device cpu --logprobs
+    grep -q "Paris" "$tmp/out" && grep -q "perplexity" "$tmp/out" &&
+        awk '/^ *[0-9]+  +-?[0-9.]+  "/ { n++; if ($2 > 0) bad = 1 } END { exit !(n > 0 && !bad) }' \
+            "$tmp/out" || { echo "FAIL: --logprobs table"; cat "$tmp/out"; fails=$((fails + 1)); }
+    sed 's/"max_new_tokens": 3}/"max_new_tokens": 3, "logprobs": false}/' "$tmp/own.jsonl" \
+        >"$tmp/lp.jsonl"
+    expect 0 "generate --input JSONL --logprobs" -- "$cli" generate --model "$g" \
+        --input "$tmp/lp.jsonl" --output "$tmp/lp.out" --max-new-tokens 12 --temperature 0.7 \
+        --top-p 0.9 --seed 1 --device cpu --logprobs
+    python3 - "$tmp/own.out" "$tmp/lp.out" <<'PY' ||
+import json, math, sys
+plain = [json.loads(l) for l in open(sys.argv[1])]
+rows = [json.loads(l) for l in open(sys.argv[2])]
+assert [r["response"] for r in rows] == [r["response"] for r in plain], (rows, plain)
+for r in rows[:2]:
+    assert len(r["tokens"]) == len(r["logprobs"]) == r["n_tokens"], r
+    assert all(math.isfinite(x) and x <= 0 for x in r["logprobs"]), r
+assert rows[2]["logprobs"] is False and "tokens" not in rows[2], rows[2]
+PY
+        { echo "FAIL: JSONL --logprobs"; fails=$((fails + 1)); }
+    expect 2 "chat --logprobs" -- "$cli" chat --model "$g" --logprobs
     for bad in '"temperature": "hot"' '"top_k": 1.5' '"seed": -1' '"top_p": null' \
-        '"max_new_tokens": 0'; do
+        '"max_new_tokens": 0' '"logprobs": 1'; do
         echo "{\"prompt\": \"hi\", $bad}" >"$tmp/badfield.jsonl"
         expect 2 "generate, JSONL with $bad" -- "$cli" generate --model "$g" \
             --input "$tmp/badfield.jsonl" --output "$tmp/x.jsonl"

@@ -1,5 +1,7 @@
 /* sysformer generate / chat: text in, text out, optionally guarded by a Sysformer. */
+#include <ctype.h>
 #include <jansson.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -54,8 +56,8 @@ static void usage(FILE *out, const char *cmd) {
         fprintf(out, "Generates a reply to one prompt (--prompt, streamed to stdout), or to every\n"
                      "line of a JSONL file (--input: {\"prompt\": ...} or {\"instruction\": ...},\n"
                      "optionally \"system\", and \"temperature\", \"top_k\", \"top_p\", \"seed\",\n"
-                     "\"max_new_tokens\" for that line alone) written as JSONL to --output, with a\n"
-                     "progress bar.\n\n");
+                     "\"max_new_tokens\", \"logprobs\" for that line alone) written as JSONL to\n"
+                     "--output, with a progress bar.\n\n");
     }
     fprintf(out,
             "  --model PATH          a .gguf file or a Hugging Face model directory\n"
@@ -84,7 +86,11 @@ static void usage(FILE *out, const char *cmd) {
                 "  --output FILE.jsonl   ... and where their replies go\n"
                 "  --batch N             prompts generated together (default 8; with cuda the\n"
                 "                        engine's slots: a finished reply's slot takes the next\n"
-                "                        prompt at once)\n");
+                "                        prompt at once)\n"
+                "  --logprobs            each reply token's log-probability under the model\n"
+                "                        (the raw distribution, whatever the sampling): with\n"
+                "                        --prompt a table on stderr after the reply, with --input\n"
+                "                        \"tokens\" and \"logprobs\" on every output line\n");
     }
 }
 
@@ -97,6 +103,14 @@ static int parse_options(int argc, char **argv, const char *cmd, options *o) {
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
             usage(stdout, cmd);
             return -1;
+        }
+        if (!strcmp(a, "--logprobs")) {
+            if (!strcmp(cmd, "chat")) {
+                fprintf(stderr, "sysformer chat: --logprobs is generate's (see --help)\n");
+                return 2;
+            }
+            o->sampling.logprobs = true;
+            continue;
         }
         if (i + 1 >= argc) {
             fprintf(stderr, "sysformer %s: %s needs a value (see --help)\n", cmd, a);
@@ -400,10 +414,10 @@ static bool count_token(void *user, int32_t request, int32_t token, const char *
 static int row_settings(const json_t *row, const session *s, sf_sampling *out, int32_t *max_new,
                         const char **bad) {
     static const char *const fields[] = {"temperature", "top_k", "top_p", "seed",
-                                         "max_new_tokens"};
+                                         "max_new_tokens", "logprobs"};
     *out = s->sampling;
     *max_new = s->max_new_tokens;
-    for (int i = 0; i < 5; i++) {
+    for (int i = 0; i < 6; i++) {
         const json_t *v = json_object_get(row, fields[i]);
         if (!v) continue;
         const bool integer = json_is_integer(v);
@@ -418,6 +432,8 @@ static int row_settings(const json_t *row, const session *s, sf_sampling *out, i
             out->seed = (uint64_t)k;
         } else if (i == 4 && integer && k >= 1 && k <= INT32_MAX) {
             *max_new = (int32_t)k;
+        } else if (i == 5 && json_is_boolean(v)) {
+            out->logprobs = json_is_true(v);
         } else {
             *bad = fields[i];
             return -1;
@@ -466,14 +482,24 @@ static int check_lengths(const session *s, const options *o, json_t *rows, const
     return rc;
 }
 
-/* One JSONL row of replies: the line's own fields, then its reply. */
+/* One JSONL row of replies: the line's own fields, then its reply (with its tokens and their
+ * log-probabilities when it asked; nine significant digits give a float back exactly). */
 static void write_reply(FILE *out, json_t *line, const sf_generation_result *res, bool guarded) {
     json_t *row = json_deep_copy(line);
     json_object_set_new(row, "response", json_string(res->text ? res->text : ""));
     json_object_set_new(row, "finish", json_string(cli_finish_name(res->finish)));
     json_object_set_new(row, "n_tokens", json_integer(res->n_tokens));
     json_object_set_new(row, "guarded", json_boolean(guarded));
-    char *text = json_dumps(row, JSON_COMPACT | JSON_ENSURE_ASCII);
+    if (res->logprobs) {
+        json_t *ids = json_array(), *lps = json_array();
+        for (int32_t i = 0; i < res->n_tokens; i++) {
+            json_array_append_new(ids, json_integer(res->tokens[i]));
+            json_array_append_new(lps, json_real(res->logprobs[i]));
+        }
+        json_object_set_new(row, "tokens", ids);
+        json_object_set_new(row, "logprobs", lps);
+    }
+    char *text = json_dumps(row, JSON_COMPACT | JSON_ENSURE_ASCII | JSON_REAL_PRECISION(9));
     if (text) fprintf(out, "%s\n", text);
     free(text);
     json_decref(row);
@@ -598,6 +624,7 @@ static int run_jsonl(session *s, const options *o) {
                     line_of[r], bad, !strcmp(bad, "top_k") ? "an integer"
                                      : !strcmp(bad, "seed") ? "an integer >= 0"
                                      : !strcmp(bad, "max_new_tokens") ? "an integer >= 1"
+                                     : !strcmp(bad, "logprobs") ? "true or false"
                                                                       : "a number");
             rc = 2;
         }
@@ -659,6 +686,36 @@ static int run_jsonl(session *s, const options *o) {
     return rc;
 }
 
+/* --logprobs with --prompt: each reply token (its id, log-probability and text, with bytes
+ * outside printable ASCII escaped), then their sum and the reply's perplexity, on stderr. */
+static void print_logprobs(const sf_tokenizer *tok, const sf_generation_result *res) {
+    fprintf(stderr, "%8s  %10s  %s\n", "token", "logprob", "text");
+    double sum = 0.0;
+    for (int32_t i = 0; i < res->n_tokens; i++) {
+        char piece[256];
+        size_t len = 0;
+        if (sf_tokenizer_decode(tok, &res->tokens[i], 1, false, piece, sizeof piece, &len) !=
+            SF_OK) {
+            sf_clear_error();
+            len = 0;
+        }
+        fprintf(stderr, "%8d  %10.4f  \"", res->tokens[i], (double)res->logprobs[i]);
+        for (size_t k = 0; k < len && k < sizeof piece - 1; k++) {
+            const unsigned char c = (unsigned char)piece[k];
+            if (c == '\n') fputs("\\n", stderr);
+            else if (c == '"' || c == '\\') fprintf(stderr, "\\%c", c);
+            else if (c < 0x80 && isprint(c)) fputc(c, stderr);
+            else fprintf(stderr, "\\x%02x", c);
+        }
+        fputs("\"\n", stderr);
+        sum += res->logprobs[i];
+    }
+    if (res->n_tokens > 0) {
+        fprintf(stderr, "sum of log-probabilities %.4f over %d tokens, perplexity %.4f\n", sum,
+                res->n_tokens, exp(-sum / res->n_tokens));
+    }
+}
+
 int cmd_generate(int argc, char **argv) {
     options o;
     int rc = parse_options(argc, argv, "generate", &o);
@@ -692,6 +749,7 @@ int cmd_generate(int argc, char **argv) {
             fprintf(stderr, "[%d tokens, %s, %.1f tokens/s%s%s]\n", res.n_tokens,
                     cli_finish_name(res.finish), dt > 0 ? res.n_tokens / dt : 0.0,
                     s.sf ? ", guarded" : "", s.dev == CLI_DEVICE_CUDA ? ", cuda" : "");
+            if (res.logprobs) print_logprobs(s.tok, &res);
             sf_generation_result_free(&res);
         }
     }
