@@ -828,6 +828,18 @@ sf_status sf_cuda_session_cancel(sf_cuda_session *session, int32_t id);
 sf_status sf_cuda_session_take(sf_cuda_session *session, int32_t id, sf_generation_result *out,
                                bool *done);
 
+/* A borrowed view of a request's reply as it stands, without taking it: for a stream callback
+ * that wants more than the token it is given (its log-probability is view->logprobs
+ * [view->n_tokens - 1] when the request's sampling asked), or a server that shows partial
+ * replies. view->tokens and view->logprobs (NULL unless asked) hold what the request has been
+ * given so far (a waiting request: none); view->text and view->finish are the result's once
+ * *done (text NULL before that, and without a tokenizer: the stream callback has the text as
+ * it comes). The view is the session's: never free it; its pointers stay valid until the
+ * session's next step, take or free. SF_ERR_INVALID_ARGUMENT for an id never given or already
+ * taken, or a NULL argument. */
+sf_status sf_cuda_session_peek(const sf_cuda_session *session, int32_t id,
+                               sf_generation_result *view, bool *done);
+
 /* Frees the session, with every result not taken. The engine is the caller's. */
 void sf_cuda_session_free(sf_cuda_session *session);
 

@@ -2972,6 +2972,97 @@ TEST_F(CudaEngineTiny, StageTimesAreSane) {
     }
 }
 
+// sf_cuda_session_peek. From the stream callback, the reply so far ends with the token being
+// streamed, and for a request that asked, its log-probability there is the one the taken
+// result holds at that place; a waiting request shows no tokens; a finished one its whole
+// reply, still there to take (and gone once taken). No tokenizer: no text. Bad ids and NULL
+// arguments are refused.
+struct PeekLog {
+    sf_cuda_session *s = nullptr;
+    std::vector<std::vector<int32_t>> tokens;
+    std::vector<std::vector<float>> logprobs;
+};
+bool peek_each_token(void *user, int32_t request, int32_t token, const char *, size_t) {
+    auto *log = static_cast<PeekLog *>(user);
+    sf_generation_result view = {};
+    bool done = true;
+    EXPECT_EQ(sf_cuda_session_peek(log->s, request, &view, &done), SF_OK) << sf_last_error();
+    EXPECT_FALSE(done) << "request " << request << " is being given a token";
+    auto &seen = log->tokens[(size_t)request];
+    seen.push_back(token);
+    EXPECT_EQ(std::vector<int32_t>(view.tokens, view.tokens + view.n_tokens), seen)
+        << "request " << request;
+    EXPECT_EQ(view.text, nullptr);
+    if (view.logprobs && view.n_tokens > 0) {
+        log->logprobs[(size_t)request].push_back(view.logprobs[view.n_tokens - 1]);
+    }
+    return true;
+}
+
+TEST_F(CudaEngineTiny, SessionPeekShowsTheReplySoFar) {
+    EnginePtr e = make_engine(llm_, sf_, options(2, 64, 48));
+    ASSERT_TRUE(e);
+    sf_cuda_session *raw = nullptr;
+    ASSERT_EQ(sf_cuda_session_create(e.get(), nullptr, nullptr, 0, nullptr, 0, &raw), SF_OK)
+        << sf_last_error();
+    SessionPtr s(raw);
+    const Prompts p = tiny_prompts({{5, 2}, {3, 4}, {2, 6}}, 73);
+    const std::vector<sf_sampling> set = {{0.0f, 0, 1.0f, 0, true},
+                                          {0.9f, 0, 1.0f, 41, true},
+                                          {0.0f, 0, 1.0f, 0, false}};
+    for (int32_t r = 0; r < 3; r++) {
+        const std::vector<int32_t> ids = p.request(r);
+        int32_t id = -1;
+        ASSERT_EQ(sf_cuda_session_submit(s.get(), ids.data(), (int32_t)ids.size(), &p.spans[r],
+                                         &set[r], 5, &id),
+                  SF_OK)
+            << sf_last_error();
+    }
+    sf_generation_result view = {};
+    bool done = true;
+    ASSERT_EQ(sf_cuda_session_peek(s.get(), 2, &view, &done), SF_OK) << sf_last_error();
+    EXPECT_FALSE(done);
+    EXPECT_EQ(view.n_tokens, 0) << "waiting";
+    EXPECT_EQ(view.logprobs, nullptr) << "it did not ask";
+    EXPECT_EQ(sf_cuda_session_peek(s.get(), 3, &view, &done), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cuda_session_peek(nullptr, 0, &view, &done), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cuda_session_peek(s.get(), 0, nullptr, &done), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cuda_session_peek(s.get(), 0, &view, nullptr), SF_ERR_INVALID_ARGUMENT);
+
+    PeekLog log;
+    log.s = s.get();
+    log.tokens.resize(3);
+    log.logprobs.resize(3);
+    int32_t running = 1, waiting = 1;
+    for (int k = 0; k < 20 && (running > 0 || waiting > 0); k++) {
+        ASSERT_EQ(sf_cuda_session_step(s.get(), peek_each_token, &log, &running, &waiting), SF_OK)
+            << sf_last_error();
+    }
+    ASSERT_EQ(running + waiting, 0);
+    for (int32_t r = 0; r < 3; r++) {
+        SCOPED_TRACE("request " + std::to_string(r));
+        ASSERT_EQ(sf_cuda_session_peek(s.get(), r, &view, &done), SF_OK) << sf_last_error();
+        EXPECT_TRUE(done);
+        EXPECT_EQ(view.n_tokens, 5);
+        EXPECT_EQ(view.finish, SF_FINISH_LENGTH);
+        sf_generation_result res = {};
+        ASSERT_EQ(sf_cuda_session_take(s.get(), r, &res, &done), SF_OK) << sf_last_error();
+        ASSERT_TRUE(done);
+        EXPECT_EQ(std::vector<int32_t>(res.tokens, res.tokens + res.n_tokens), log.tokens[r]);
+        if (set[r].logprobs) {
+            ASSERT_NE(res.logprobs, nullptr);
+            EXPECT_EQ(std::vector<float>(res.logprobs, res.logprobs + res.n_tokens),
+                      log.logprobs[r]);
+        } else {
+            EXPECT_EQ(res.logprobs, nullptr);
+            EXPECT_TRUE(log.logprobs[r].empty());
+        }
+        sf_generation_result_free(&res);
+        EXPECT_EQ(sf_cuda_session_peek(s.get(), r, &view, &done), SF_ERR_INVALID_ARGUMENT)
+            << "taken";
+    }
+}
+
 // Cancelling, taking early, and what a session refuses: a cancelled waiting request never
 // starts, a cancelled running one frees its slot for the next, a result is not there before
 // its request ends; a bad request is refused at submission (never reaching a shared step)

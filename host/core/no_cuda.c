@@ -143,6 +143,12 @@ sf_status sf_cuda_session_take(sf_cuda_session *session, int32_t id, sf_generati
     return no_cuda("sf_cuda_session_take");
 }
 
+sf_status sf_cuda_session_peek(const sf_cuda_session *session, int32_t id,
+                               sf_generation_result *view, bool *done) {
+    (void)session, (void)id, (void)view, (void)done;
+    return no_cuda("sf_cuda_session_peek");
+}
+
 void sf_cuda_session_free(sf_cuda_session *session) { (void)session; }
 
 sf_status sf_generate_cuda(sf_cuda_engine *engine, const sf_tokenizer *tok,

@@ -490,6 +490,18 @@ sf_status sf_cuda_session_take(sf_cuda_session *s, int32_t id, sf_generation_res
     return SF_OK;
 }
 
+sf_status sf_cuda_session_peek(const sf_cuda_session *s, int32_t id, sf_generation_result *view,
+                               bool *done) {
+    const session_request *q = s ? lookup(s, id) : NULL;
+    if (!q || !view || !done) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_cuda_session_peek: no request %d (never "
+                       "submitted, or already taken), or a NULL argument", id);
+    }
+    *done = q->state == DONE;
+    *view = q->res; /* its text is set when it finishes (sf_gen_finish) */
+    return SF_OK;
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* sf_generate_cuda: one session over a fixed set of requests                                  */
 /* ------------------------------------------------------------------------------------------ */
