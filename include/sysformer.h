@@ -449,6 +449,9 @@ sf_status sf_chat_encode_no_system(const sf_tokenizer *tok, sf_template_id tmpl,
 /* Generation                                                                                  */
 /* ------------------------------------------------------------------------------------------ */
 
+/* The most alternatives a token's log-probabilities can list (sf_sampling.top_logprobs). */
+#define SF_MAX_TOP_LOGPROBS 20
+
 typedef struct sf_sampling {
     float temperature; /* <= 0: greedy (argmax; the lowest id wins a tie)                    */
     int32_t top_k;     /* keep the k most likely tokens; <= 0: off                           */
@@ -457,6 +460,9 @@ typedef struct sf_sampling {
                           a request's output does not depend on the rest of the batch       */
     bool logprobs;     /* generation also reports each generated token's log-probability
                           (sf_generation_result.logprobs); it does not change the pick      */
+    int32_t top_logprobs; /* 0..SF_MAX_TOP_LOGPROBS: and, at each step, the n most likely
+                          tokens with their log-probabilities (sf_generation_result.top_ids,
+                          .top_logprobs); n > 0 implies logprobs                             */
 } sf_sampling;
 
 /* Picks one token from a row of logits. *rng_state is the request's stream (start it at
@@ -471,6 +477,13 @@ sf_status sf_sample(const float *logits, int32_t vocab, const sf_sampling *sampl
  * probability a scorer or a serving API reports. SF_ERR_INVALID_ARGUMENT for NULL, vocab < 1
  * or token outside [0, vocab). */
 sf_status sf_token_logprob(const float *logits, int32_t vocab, int32_t token, float *logprob);
+
+/* The n most likely tokens of a row of logits (larger logit first; of equal logits the lower
+ * id; NaN logits never rank) into ids[n], with their log-probabilities as sf_token_logprob's
+ * into logprobs[n]; past the row's non-NaN values, id -1 and NaN. SF_ERR_INVALID_ARGUMENT for
+ * NULL, vocab < 1 or n outside [1, SF_MAX_TOP_LOGPROBS]. */
+sf_status sf_top_logprobs(const float *logits, int32_t vocab, int32_t n, int32_t *ids,
+                          float *logprobs);
 
 typedef enum sf_finish_reason {
     SF_FINISH_LENGTH = 0,      /* max_new_tokens reached                     */
@@ -516,6 +529,11 @@ typedef struct sf_generation_result {
                          else NULL: tokens[i]'s log-probability under the model's distribution
                          at its step (sf_token_logprob's; on the GPU computed there in fp32
                          from the engine's logits); free with the result */
+    int32_t n_top;    /* the request's sampling.top_logprobs (0: none asked)                */
+    int32_t *top_ids; /* [n_tokens * n_top] when n_top > 0, else NULL: at tokens[i]'s step, the
+                         n_top most likely tokens, most likely first (sf_top_logprobs's order),
+                         at top_ids[i * n_top + j]; free with the result                     */
+    float *top_logprobs; /* [n_tokens * n_top]: their log-probabilities                     */
 } sf_generation_result;
 
 /* Generates continuations for every prompt on the CPU: one packed prefill (guarded when
@@ -708,9 +726,11 @@ sf_status sf_cuda_engine_reset_slot(sf_cuda_engine *engine, int32_t slot);
  * LLM's forward only, and the passes follow it; steps whose requests all share one setting
  * keep the passes in the graph. Settings that act alike count as one (any temperature <= 0 is
  * greedy; top_k <= 0 or >= vocab and top_p outside (0, 1) are off). When any request's
- * setting has logprobs set, the step also takes each picked token's log-probability from the
- * same logits on the device (fp32; the raw distribution's, as sf_token_logprob) and copies
- * them back with the tokens (sf_cuda_engine_read_logprobs): one more read of the logit rows.
+ * setting has logprobs set (or top_logprobs > 0), the step also takes each picked token's
+ * log-probability from the same logits on the device (fp32; the raw distribution's, as
+ * sf_token_logprob), and the largest top_logprobs asked of the n most likely tokens of every
+ * row (sf_top_logprobs's), and copies them back with the tokens
+ * (sf_cuda_engine_read_logprobs, _read_top_logprobs): one more read of the logit rows.
  * Every argument is checked on the host before anything is enqueued: SF_ERR_INVALID_ARGUMENT
  * for a bad slot, a repeated slot, a system span in a non-empty slot, ids outside the vocabulary,
  * spans that do not add up, or (a Sysformer with a learned system offset) a system span that is
@@ -719,7 +739,8 @@ sf_status sf_cuda_engine_reset_slot(sf_cuda_engine *engine, int32_t slot);
  * step whose requests padded to its longest system (or user) span pass max_batch_tokens rows.
  * A decode step needs a token sampled for each of its slots by the previous step
  * (SF_ERR_INVALID_ARGUMENT otherwise); sampling and request_sampling together, or a sampling
- * request without its uniform in [0, 1), are SF_ERR_INVALID_ARGUMENT too.
+ * request without its uniform in [0, 1), or a top_logprobs outside [0, SF_MAX_TOP_LOGPROBS],
+ * are SF_ERR_INVALID_ARGUMENT too.
  * If the step fails after validation, its slots (and no others) are emptied: SF_ERR_CUDA for a
  * CUDA error, SF_ERR_OUT_OF_MEMORY when the decode graph cannot be instantiated for lack of
  * memory. A refused launch leaves the engine usable; after a kernel fault (an illegal address)
@@ -744,6 +765,13 @@ sf_status sf_cuda_engine_read_tokens(sf_cuda_engine *engine, int32_t *tokens, in
  * (host), in the caller's request order. SF_ERR_INVALID_ARGUMENT when the last step did not
  * take them (no request's setting had logprobs set) or sampled fewer than n. */
 sf_status sf_cuda_engine_read_logprobs(sf_cuda_engine *engine, float *logprobs, int32_t n);
+
+/* Waits for the last step and copies, for its first n requests (in the caller's order), the k
+ * most likely tokens and their log-probabilities to ids[n * k] and logprobs[n * k] (request r's
+ * j-th at r * k + j). SF_ERR_INVALID_ARGUMENT when the last step took fewer than k a row (the
+ * largest top_logprobs its requests asked) or sampled fewer than n. */
+sf_status sf_cuda_engine_read_top_logprobs(sf_cuda_engine *engine, int32_t *ids, float *logprobs,
+                                           int32_t n, int32_t k);
 
 /* Waits for the last step and copies its logits (fp32 [n, vocab]) to host memory: for tests and
  * tools; a serving loop never needs it. */

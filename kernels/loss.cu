@@ -1,6 +1,7 @@
-// Token cross-entropy with its gradient, fused over the LM head's logits. CPU twin:
-// sf_cpu_cross_entropy (host/cpu/softmax.c, double) and the argmax count of ce_loss
-// (host/model/backward_cpu.c). Contract: loss.h.
+// The LM head's log-softmax: the token cross-entropy with its gradient, fused over the logits
+// (CPU twin: sf_cpu_cross_entropy in host/cpu/softmax.c, double, and the argmax count of
+// ce_loss in host/model/backward_cpu.c), and the log-probabilities generation reports (CPU
+// twins: sf_token_logprob and sf_top_logprobs in host/cpu/softmax.c). Contract: loss.h.
 #include <cuda_bf16.h>
 #include <stdint.h>
 
@@ -17,6 +18,7 @@ constexpr int kBlock = 512;
 constexpr int kWarps = kBlock / 32;
 constexpr int kVec = 8;
 constexpr int kNoIndex = 0x7fffffff;  // "no candidate yet" in the argmax
+constexpr int kMaxTop = SF_MAX_TOP_LOGPROBS;
 
 using sf_vec::aligned16;
 
@@ -73,13 +75,41 @@ __device__ __forceinline__ void merge_lane(Softmax &sm, Best &best, int o) {
     best = better(best, ob);
 }
 
+// A logit's place in the top-n order as one 64-bit value, larger first: the fp32 key whose
+// unsigned order is the logits' (the sign bit flipped for positives, every bit for negatives),
+// then the index complemented, so that of equal logits the lower index ranks first. 0 is no
+// candidate (NaN values never become one; -inf ranks above 0).
+__device__ __forceinline__ uint64_t rank_of(float v, int32_t i) {
+    const uint32_t b = __float_as_uint(v);
+    const uint32_t key = (b & 0x80000000u) ? ~b : b | 0x80000000u;
+    return ((uint64_t)key << 32) | (uint32_t)(0x7fffffff - i);
+}
+__device__ __forceinline__ int32_t index_of(uint64_t r) {
+    return 0x7fffffff - (int32_t)(uint32_t)r;
+}
+
+// A thread's n best candidates so far, best first, in local memory (n <= kMaxTop; a new
+// candidate is compared with the n-th and usually rejected there).
+struct TopList {
+    uint64_t r[kMaxTop];
+    int n, len;
+    __device__ void offer(uint64_t x) {
+        if (len == n && x <= r[n - 1]) return;
+        int k = len < n ? len++ : n - 1;
+        for (; k > 0 && r[k - 1] < x; k--) r[k] = r[k - 1];
+        r[k] = x;
+    }
+};
+
 // ---------------------------------------------------------------------------------------------
-// Kernel
+// Kernels
 // ---------------------------------------------------------------------------------------------
 
 // Pass 1 (one read of the row): per thread, over its chunks of VEC values, the online softmax
 // statistics and the first argmax; then the block's combination in a fixed order (xor butterfly
-// in each warp, then warp 0 over the warps' results). Pass 2: dlogits. dlogits may be logits:
+// in each warp, then warp 0 over the warps' results). A NaN logit makes the sum NaN, as in the
+// CPU's double loop (the statistics alone would drop one whose chunk held nothing else, and
+// combine() a thread that saw nothing but NaN). Pass 2: dlogits. dlogits may be logits:
 // each chunk is read and written by the same thread, and the two values a thread reads before
 // the first barrier (logits[t], logits[0]) are read before any write.
 template <int VEC, typename TIn, typename TOut>
@@ -89,6 +119,7 @@ __global__ void __launch_bounds__(kBlock)
                          const float *__restrict__ weights, int32_t vocab) {
     __shared__ Softmax warp_sm[kWarps];
     __shared__ Best warp_best[kWarps];
+    __shared__ int warp_nan[kWarps];
     __shared__ Softmax row_sm;
 
     const int64_t row = blockIdx.x;
@@ -119,13 +150,15 @@ __global__ void __launch_bounds__(kBlock)
 
     Softmax sm = {-INFINITY, 0.0f};
     Best best = {-INFINITY, kNoIndex};
+    bool nan = false;  // a NaN logit: the row's sum is NaN, as the CPU's (row_nan)
     for (int c = threadIdx.x; c < n_chunks; c += kBlock) {
         float v[VEC];
         load_logits<VEC>(z + (int64_t)c * VEC, v);
         float cm = -INFINITY;
 #pragma unroll
         for (int i = 0; i < VEC; i++) {
-            cm = fmaxf(cm, v[i]);  // ignores NaN; a NaN reaches s through its exponential
+            cm = fmaxf(cm, v[i]);  // ignores NaN
+            nan |= v[i] != v[i];
             // Indices rise within a thread, so a strict > keeps the first maximum.
             if (v[i] == v[i] && (best.i == kNoIndex || v[i] > best.v)) best = {v[i], c * VEC + i};
         }
@@ -142,9 +175,11 @@ __global__ void __launch_bounds__(kBlock)
         merge_lane(sm, best, o);
     }
     const int warp = (int)threadIdx.x / 32, lane = (int)threadIdx.x % 32;
+    nan = __any_sync(0xffffffffu, nan);
     if (lane == 0) {
         warp_sm[warp] = sm;
         warp_best[warp] = best;
+        warp_nan[warp] = nan;
     }
     __syncthreads();
     if (warp == 0) {
@@ -154,6 +189,7 @@ __global__ void __launch_bounds__(kBlock)
         for (int o = kWarps / 2; o > 0; o >>= 1) {
             merge_lane(sm, best, o);
         }
+        if (__any_sync(0xffffffffu, lane < kWarps && warp_nan[lane])) sm.s = NAN;
         if (lane == 0) {
             row_sm = sm;
             if (correct) {
@@ -191,11 +227,135 @@ __global__ void __launch_bounds__(kBlock)
     }
 }
 
+// One read of the row, as the cross-entropy's first pass (the same per-thread online softmax
+// statistics and the same fixed-order combination, so the same rounding of log-sum-exp), with
+// each thread also keeping its n_top best logits (TopList). Then n_top rounds pick the row's
+// best in order: each round, the best of the threads' heads (a butterfly in each warp, then
+// every thread over the warps' results), whose thread moves to its next. Writes nll[row] =
+// -log p(targets[row]) (when nll) and, for j < n_top, top_ids[row n_top + j] and
+// top_lp[row n_top + j] = log p of the row's j-th most likely token (id -1 and NaN past the
+// row's non-NaN values). Every log-probability is formed as the loss is: -((m - z) + log s).
+template <int VEC>
+__global__ void __launch_bounds__(kBlock)
+    logprobs_kernel(float *__restrict__ nll, int32_t *__restrict__ top_ids,
+                    float *__restrict__ top_lp, const float *__restrict__ logits,
+                    const int32_t *__restrict__ targets, int32_t vocab, int n_top) {
+    __shared__ Softmax warp_sm[kWarps];
+    __shared__ int warp_nan[kWarps];
+    __shared__ uint64_t warp_head[kWarps];
+    __shared__ Softmax row_sm;
+
+    const int64_t row = blockIdx.x;
+    const float *z = logits + row * vocab;
+    const int n_chunks = vocab / VEC;
+    TopList top;
+    top.n = n_top > 0 ? n_top : 1;
+    top.len = 0;
+    Softmax sm = {-INFINITY, 0.0f};
+    bool nan = false;
+    for (int c = threadIdx.x; c < n_chunks; c += kBlock) {
+        float v[VEC];
+        load_logits<VEC>(z + (int64_t)c * VEC, v);
+        float cm = -INFINITY;
+#pragma unroll
+        for (int i = 0; i < VEC; i++) {
+            cm = fmaxf(cm, v[i]);
+            nan |= v[i] != v[i];
+            if (n_top > 0 && v[i] == v[i]) top.offer(rank_of(v[i], c * VEC + i));
+        }
+        const float m = fmaxf(sm.m, cm);
+        if (m == -INFINITY) continue;
+        if (m > sm.m) sm.s *= expf(sm.m - m);
+        sm.m = m;
+#pragma unroll
+        for (int i = 0; i < VEC; i++) sm.s += expf(v[i] - m);
+    }
+    Best unused = {-INFINITY, kNoIndex};
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) merge_lane(sm, unused, o);
+    const int warp = (int)threadIdx.x / 32, lane = (int)threadIdx.x % 32;
+    nan = __any_sync(0xffffffffu, nan);
+    if (lane == 0) {
+        warp_sm[warp] = sm;
+        warp_nan[warp] = nan;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        sm = lane < kWarps ? warp_sm[lane] : Softmax{-INFINITY, 0.0f};
+#pragma unroll
+        for (int o = kWarps / 2; o > 0; o >>= 1) merge_lane(sm, unused, o);
+        if (__any_sync(0xffffffffu, lane < kWarps && warp_nan[lane])) sm.s = NAN;
+        if (lane == 0) {
+            row_sm = sm;
+            if (nll) {
+                const int32_t t = targets[row];
+                nll[row] = t >= 0 && t < vocab ? (sm.m - z[t]) + logf(sm.s)
+                                               : __int_as_float(0x7fc00000);
+            }
+        }
+    }
+    if (n_top <= 0) return;
+    __syncthreads();
+    const Softmax fin = row_sm;
+    const float log_s = logf(fin.s);
+    int next = 0;  // this thread's head: top.r[next]
+    for (int j = 0; j < n_top; j++) {
+        uint64_t best = next < top.len ? top.r[next] : 0;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const uint64_t other = __shfl_xor_sync(0xffffffffu, best, o);
+            best = other > best ? other : best;
+        }
+        if (lane == 0) warp_head[warp] = best;
+        __syncthreads();
+        for (int w = 0; w < kWarps; w++) best = warp_head[w] > best ? warp_head[w] : best;
+        if (next < top.len && top.r[next] == best) next++;  // ranks are unique: one thread
+        if (threadIdx.x == 0) {
+            const int64_t out = row * n_top + j;
+            const int32_t i = best ? index_of(best) : -1;
+            top_ids[out] = i;
+            top_lp[out] = i >= 0 ? -((fin.m - z[i]) + log_s) : __int_as_float(0x7fc00000);
+        }
+        __syncthreads();  // warp_head is written again
+    }
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
 // Launcher
 // ---------------------------------------------------------------------------------------------
+
+extern "C" sf_status sf_cuda_logprobs(float *nll, int32_t *top_ids, float *top_lp,
+                                      const float *logits, const int32_t *targets,
+                                      int64_t rows, int32_t vocab, int32_t n_top,
+                                      cudaStream_t stream) {
+    static const char fn[] = "sf_cuda_logprobs";
+    if (rows < 0 || rows > INT32_MAX || (rows > 0 && vocab < 1) || n_top < 0 ||
+        n_top > kMaxTop) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: rows = %lld, vocab = %d, n_top = %d", fn,
+                       (long long)rows, vocab, n_top);
+    }
+    if (rows == 0 || (!nll && n_top == 0)) return SF_OK;
+    if (!logits || (nll && !targets) || (n_top > 0 && (!top_ids || !top_lp))) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: a NULL array", fn);
+    }
+    if (((uintptr_t)logits & 3u) || ((uintptr_t)nll & 3u) || ((uintptr_t)targets & 3u) ||
+        ((uintptr_t)top_ids & 3u) || ((uintptr_t)top_lp & 3u)) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: pointer not aligned to its element", fn);
+    }
+    sf_nvtx_range range(fn);
+    if (vocab % kVec == 0 && aligned16(logits)) {
+        logprobs_kernel<kVec><<<(unsigned)rows, kBlock, 0, stream>>>(nll, top_ids, top_lp,
+                                                                      logits, targets, vocab,
+                                                                      n_top);
+    } else {
+        logprobs_kernel<1><<<(unsigned)rows, kBlock, 0, stream>>>(nll, top_ids, top_lp, logits,
+                                                                   targets, vocab, n_top);
+    }
+    SF_CUDA_TRY(cudaGetLastError());
+    return SF_OK;
+}
 
 extern "C" sf_status sf_cuda_cross_entropy(float *loss, int32_t *correct, void *dlogits,
                                            bool dlogits_bf16, const void *logits,

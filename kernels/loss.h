@@ -1,4 +1,5 @@
-/* Internal: the token cross-entropy of the LM head's logits, with its gradient, on the device
+/* Internal: the token cross-entropy of the LM head's logits, with its gradient, on the device,
+ * and the log-probabilities generation reports
  * (kernels/loss.cu; CPU twin sf_cpu_cross_entropy in host/cpu/softmax.c, with the argmax count
  * of ce_loss in host/model/backward_cpu.c). Device pointers; the launcher enqueues on the given
  * stream, never synchronises, validates its arguments before touching CUDA
@@ -30,7 +31,8 @@ extern "C" {
  * torch-style ignore index such as -100 is a target with weight 0); correct[r] is still
  * computed, as the CPU counts every row. A target outside [0, vocab) on a row with w != 0
  * gives a NaN loss, correct 0 and dlogits = w * softmax (no one-hot term); the host validates
- * targets, the kernel does not fail.
+ * targets, the kernel does not fail. A NaN logit on a row with w != 0 makes its loss and every
+ * dlogits entry NaN (its sum S is NaN), as on the CPU.
  *
  * Method: one block per row; a single pass over the logits keeps a running maximum and the sum
  * of exponentials rescaled to it (online softmax) plus the first argmax, all fp32; the block
@@ -46,6 +48,22 @@ sf_status sf_cuda_cross_entropy(float *loss, int32_t *correct, void *dlogits, bo
                                 const void *logits, bool logits_bf16, const int32_t *targets,
                                 const float *weights, int64_t rows, int32_t vocab,
                                 cudaStream_t stream);
+
+/* The log-probabilities generation reports, over fp32 logits [rows, vocab], with M, S as
+ * above and log p(i) = -((M - logits[r, i]) + log S) formed as the loss is (the same kernel
+ * structure and rounding as sf_cuda_cross_entropy's loss with weight 1):
+ *   nll[r]                       -log p(targets[r])  (NaN for a target outside [0, vocab));
+ *   top_ids[r n_top + j],        the j-th most likely token of row r (larger logit first, the
+ *   top_lp[r n_top + j]          lower id on a tie; NaN logits never rank) and its log p; past
+ *                                the row's non-NaN values, id -1 and NaN.
+ * nll may be NULL (then targets is not read); with n_top = 0 the top arrays are not written.
+ * The top n are exact (comparisons of the fp32 logits); CPU twins sf_token_logprob and
+ * sf_top_logprobs (host/cpu/softmax.c). One read of each row, one block a row.
+ * SF_ERR_INVALID_ARGUMENT for rows < 0 or > INT32_MAX, vocab < 1 (rows > 0), n_top outside
+ * [0, SF_MAX_TOP_LOGPROBS], a NULL array that is needed, or a misaligned pointer. */
+sf_status sf_cuda_logprobs(float *nll, int32_t *top_ids, float *top_lp, const float *logits,
+                           const int32_t *targets, int64_t rows, int32_t vocab, int32_t n_top,
+                           cudaStream_t stream);
 
 #ifdef __cplusplus
 }

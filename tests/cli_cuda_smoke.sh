@@ -191,8 +191,10 @@ expect 0 "generate --input again" -- "$cli" generate "${G[@]}" --batch 2 --input
 cmp -s "$tmp/batch.jsonl" "$tmp/batch2.jsonl" && echo "ok: the same batch twice: the same replies" ||
     fail "the same batch twice gave other replies"
 # --logprobs: the same replies, each with its tokens and their log-probabilities (finite, at
-# most 0), but for a line that says "logprobs": false.
-sed 's/"id": "c"/"id": "c", "logprobs": false/' "$tmp/in.jsonl" >"$tmp/lp.jsonl"
+# most 0), but for a line that says "logprobs": false; line "a" (greedy) also asks for the 2
+# most likely tokens at each step, the first of which is its own token with its own value.
+sed 's/"id": "c"/"id": "c", "logprobs": false/; s/"id": "a"/"id": "a", "top_logprobs": 2/' \
+    "$tmp/in.jsonl" >"$tmp/lp.jsonl"
 expect 0 "generate --input --logprobs" -- "$cli" generate "${G[@]}" --batch 2 --logprobs \
     --input "$tmp/lp.jsonl" --output "$tmp/lp.out"
 python3 - "$tmp/batch.jsonl" "$tmp/lp.out" <<'EOF' && echo "ok: --logprobs: the same replies, with their log-probabilities" ||
@@ -204,8 +206,12 @@ for r in rows:
     if r["id"] == "c":
         assert r["logprobs"] is False and "tokens" not in r, r
         continue
-    assert len(r["tokens"]) == len(r["logprobs"]) == r["n_tokens"], r
-    assert all(math.isfinite(x) and x <= 0 for x in r["logprobs"]), r
+    assert len(r["tokens"]) == len(r["token_logprobs"]) == r["n_tokens"], r
+    assert all(math.isfinite(x) and x <= 0 for x in r["token_logprobs"]), r
+    assert ("top_token_logprobs" in r) == (r["id"] == "a"), r
+a = rows[0]
+for t, lp, alts in zip(a["tokens"], a["token_logprobs"], a["top_token_logprobs"]):
+    assert len(alts) == 2 and alts[0] == [t, lp] and alts[1][1] <= lp, (t, lp, alts)
 EOF
     fail "generate --input --logprobs"
 

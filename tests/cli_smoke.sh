@@ -141,14 +141,22 @@ assert one[0].startswith(rows[2]["response"]) and len(rows[2]["response"]) < len
 PY
         { echo "FAIL: JSONL sampling per line"; fails=$((fails + 1)); }
     # --logprobs: the same greedy reply, a table of its tokens (each log-probability at most 0)
-    # and their perplexity on stderr; in JSONL, "tokens" and "logprobs" on the lines that ask.
+    # and their perplexity on stderr, with --top-logprobs 2 two rows marked "+" under each, the
+    # first the token itself (greedy); in JSONL, "tokens", "token_logprobs" and (a line asking
+    # "top_logprobs") "top_token_logprobs" on the lines that ask.
     expect 0 "generate --prompt --logprobs" -- "$cli" generate --model "$g" --prompt \
-        "What is the capital of France?" --max-new-tokens 16 --device cpu --logprobs
+        "What is the capital of France?" --max-new-tokens 16 --device cpu --logprobs \
+        --top-logprobs 2
     grep -q "Paris" "$tmp/out" && grep -q "perplexity" "$tmp/out" &&
-        awk '/^ *[0-9]+  +-?[0-9.]+  "/ { n++; if ($2 > 0) bad = 1 } END { exit !(n > 0 && !bad) }' \
+        awk '/^  \+ +[0-9]+  +-?[0-9.]+  "/ {
+                 alt++; if ($3 > 0 || (alt % 2 == 1 && ($2 != id || $3 != lp))) bad = 1; next }
+             /^ *[0-9]+  +-?[0-9.]+  "/ { n++; id = $1; lp = $2; if ($2 > 0) bad = 1 }
+             END { exit !(n > 0 && alt == 2 * n && !bad) }' \
             "$tmp/out" || { echo "FAIL: --logprobs table"; cat "$tmp/out"; fails=$((fails + 1)); }
-    sed 's/"max_new_tokens": 3}/"max_new_tokens": 3, "logprobs": false}/' "$tmp/own.jsonl" \
-        >"$tmp/lp.jsonl"
+    expect 2 "generate --top-logprobs 21" -- "$cli" generate --model "$g" --prompt hi \
+        --top-logprobs 21
+    sed -e 's/"max_new_tokens": 3}/"max_new_tokens": 3, "logprobs": false}/' \
+        -e 's/"seed": 5}/"seed": 5, "top_logprobs": 3}/' "$tmp/own.jsonl" >"$tmp/lp.jsonl"
     expect 0 "generate --input JSONL --logprobs" -- "$cli" generate --model "$g" \
         --input "$tmp/lp.jsonl" --output "$tmp/lp.out" --max-new-tokens 12 --temperature 0.7 \
         --top-p 0.9 --seed 1 --device cpu --logprobs
@@ -158,14 +166,20 @@ plain = [json.loads(l) for l in open(sys.argv[1])]
 rows = [json.loads(l) for l in open(sys.argv[2])]
 assert [r["response"] for r in rows] == [r["response"] for r in plain], (rows, plain)
 for r in rows[:2]:
-    assert len(r["tokens"]) == len(r["logprobs"]) == r["n_tokens"], r
-    assert all(math.isfinite(x) and x <= 0 for x in r["logprobs"]), r
+    assert len(r["tokens"]) == len(r["token_logprobs"]) == r["n_tokens"], r
+    assert all(math.isfinite(x) and x <= 0 for x in r["token_logprobs"]), r
 assert rows[2]["logprobs"] is False and "tokens" not in rows[2], rows[2]
+assert "top_token_logprobs" not in rows[0], rows[0]
+top = rows[1]["top_token_logprobs"]  # sampled: its token need not be the first
+assert rows[1]["top_logprobs"] == 3 and len(top) == rows[1]["n_tokens"], rows[1]
+for t, lp, alts in zip(rows[1]["tokens"], rows[1]["token_logprobs"], top):
+    assert len(alts) == 3 and all(a[1] >= b[1] for a, b in zip(alts, alts[1:])), alts
+    assert lp <= alts[0][1] and (lp < alts[2][1] or [t, lp] in alts), (t, lp, alts)
 PY
         { echo "FAIL: JSONL --logprobs"; fails=$((fails + 1)); }
     expect 2 "chat --logprobs" -- "$cli" chat --model "$g" --logprobs
     for bad in '"temperature": "hot"' '"top_k": 1.5' '"seed": -1' '"top_p": null' \
-        '"max_new_tokens": 0' '"logprobs": 1'; do
+        '"max_new_tokens": 0' '"logprobs": 1' '"top_logprobs": 21'; do
         echo "{\"prompt\": \"hi\", $bad}" >"$tmp/badfield.jsonl"
         expect 2 "generate, JSONL with $bad" -- "$cli" generate --model "$g" \
             --input "$tmp/badfield.jsonl" --output "$tmp/x.jsonl"

@@ -238,7 +238,7 @@ TEST_F(HostAllocFaultsModel, GuardedGeneration) {
     g.token_ids = ids.data();
     g.spans = spans.data();
     g.max_new_tokens = 5;
-    g.sampling = {0.8f, 10, 0.9f, 11, true};  // with log-probabilities: their buffers too
+    g.sampling = {0.8f, 10, 0.9f, 11, true, 0};  // with log-probabilities: their buffers too
     g.stop_ids = &stop;
     g.n_stop_ids = 1;
     fail_each_allocation("sf_generate_cpu", [&](std::vector<float> *) {

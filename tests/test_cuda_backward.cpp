@@ -1107,6 +1107,150 @@ TEST(CudaBackward, CrossEntropy) {
     }
 }
 
+// sf_cuda_logprobs against its CPU twins (sf_token_logprob, sf_top_logprobs: double, rounded
+// once). The top n ids are exact (comparisons of the same fp32 logits): equal. Each
+// log-probability is formed as the cross-entropy's loss with weight 1, by the same pass and
+// combination, so the loss's bound above holds for it (ce_row_bounds with that token as the
+// target), plus the twin's own rounding (half an ulp of the result). Rows: normal logits at
+// three scales; one with a tie for the maximum (the lower id first), NaN and -inf entries
+// (NaN never ranks; -inf ranks last, at log p = -inf); and, where the vocabulary is smaller
+// than n, ids -1 with NaN past it. A NaN logit makes every log-probability of its row NaN on
+// both sides (the sum of exponentials is NaN), while the ranking still leaves it out.
+// Vocabularies on both paths (the 128-bit loads need V % 8 == 0 and an aligned row), and a
+// shifted (misaligned) buffer.
+void check_logprobs(int64_t rows, int32_t V, int n_top, int shift, uint64_t seed) {
+    SCOPED_TRACE(testing::Message() << "rows " << rows << ", vocab " << V << ", n_top " << n_top
+                                    << ", shift " << shift);
+    Rng rng(seed);
+    const int64_t n = rows * V;
+    std::vector<float> z(n);
+    static const float kSigma[3] = {1.0f, 4.0f, 10.0f};
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t i = 0; i < V; i++) z[r * V + i] = kSigma[r % 3] * rng.normal();
+    }
+    if (rows > 1 && V > 6) {
+        float *x = &z[1 * V];
+        x[V - 1] = x[2] = 30.0f;  // a tie: id 2 first
+        x[1] = -INFINITY;
+        x[4] = -INFINITY;
+    }
+    if (rows > 2 && V > 6) z[2 * V + 3] = NAN;
+    std::vector<int32_t> targets(rows);
+    for (int64_t r = 0; r < rows; r++) targets[r] = (int32_t)rng.below(V);
+    if (rows > 1 && V > 6) targets[1] = 4;  // a -inf logit: -log p = inf
+
+    DeviceBuffer<float> d_z((size_t)(n + shift)), d_nll(rows);
+    DeviceBuffer<int32_t> d_t(targets), d_ids((size_t)rows * std::max(n_top, 1));
+    DeviceBuffer<float> d_lp((size_t)rows * std::max(n_top, 1));
+    ASSERT_TRUE(d_z.get() && d_nll.get() && d_t.get() && d_ids.get() && d_lp.get());
+    ASSERT_EQ(cudaMemcpy(d_z.get() + shift, z.data(), n * 4, cudaMemcpyHostToDevice),
+              cudaSuccess);
+    ASSERT_EQ(sf_cuda_logprobs(d_nll.get(), d_ids.get(), d_lp.get(), d_z.get() + shift,
+                               d_t.get(), rows, V, n_top, nullptr),
+              SF_OK)
+        << sf_last_error();
+    SF_EXPECT_SYNC();
+    const std::vector<float> nll = d_nll.host(), lp = d_lp.host();
+    const std::vector<int32_t> ids = d_ids.host();
+    const int vec = (V % 8 == 0 && shift == 0) ? 8 : 1;
+    auto bound = [&](const float *zr, int32_t t, double ref) {
+        return ce_row_bounds(zr, V, t, 1.0, -ref, nullptr, vec, false, nullptr) +
+               std::ldexp(std::fabs(ref), -24);
+    };
+    for (int64_t r = 0; r < rows; r++) {
+        const float *zr = &z[r * V];
+        float want = 0.0f;
+        ASSERT_EQ(sf_token_logprob(zr, V, targets[r], &want), SF_OK);
+        if (std::isnan(want)) {
+            EXPECT_TRUE(std::isnan(nll[r])) << "row " << r << ": " << nll[r];
+        } else if (std::isinf(want)) {
+            EXPECT_EQ(nll[r], INFINITY) << "row " << r;
+        } else {
+            EXPECT_NEAR(-nll[r], want, bound(zr, targets[r], want)) << "row " << r;
+        }
+        if (n_top == 0) continue;
+        std::vector<int32_t> want_ids(n_top);
+        std::vector<float> want_lp(n_top);
+        ASSERT_EQ(sf_top_logprobs(zr, V, n_top, want_ids.data(), want_lp.data()), SF_OK);
+        for (int j = 0; j < n_top; j++) {
+            const size_t at = (size_t)r * n_top + j;
+            ASSERT_EQ(ids[at], want_ids[j]) << "row " << r << ", rank " << j;
+            if (want_ids[j] < 0 || std::isinf(want_lp[j]) || std::isnan(want_lp[j])) {
+                EXPECT_TRUE(std::isnan(want_lp[j]) ? std::isnan(lp[at]) : lp[at] == want_lp[j])
+                    << "row " << r << ", rank " << j << ": " << lp[at];
+                continue;
+            }
+            EXPECT_NEAR(lp[at], want_lp[j], bound(zr, want_ids[j], want_lp[j]))
+                << "row " << r << ", rank " << j;
+        }
+    }
+}
+
+TEST(CudaBackward, Logprobs) {
+    SF_SKIP_WITHOUT_GPU();
+    uint64_t seed = 971;
+    const struct {
+        int64_t rows;
+        int32_t vocab;
+    } shapes[] = {{2, 7}, {3, 1000}, {2, 32003}, {3, 49152}, {2, 128256}};
+    for (const auto &sh : shapes) {
+        for (int n_top : {0, 1, 5, SF_MAX_TOP_LOGPROBS}) {
+            check_logprobs(sh.rows, sh.vocab, n_top, 0, seed++);
+            if (HasFailure()) return;
+        }
+        check_logprobs(sh.rows, sh.vocab, 3, 1, seed++);
+    }
+    // No nll wanted (targets not read); no rows.
+    const std::vector<float> z = {0.0f, 1.0f, 2.0f, 3.0f};
+    DeviceBuffer<float> d_z(z), d_lp(2);
+    DeviceBuffer<int32_t> d_ids(2);
+    ASSERT_EQ(sf_cuda_logprobs(nullptr, d_ids.get(), d_lp.get(), d_z.get(), nullptr, 1, 4, 2,
+                               nullptr),
+              SF_OK)
+        << sf_last_error();
+    SF_EXPECT_SYNC();
+    EXPECT_EQ(d_ids.host(), (std::vector<int32_t>{3, 2}));
+    EXPECT_EQ(sf_cuda_logprobs(nullptr, nullptr, nullptr, nullptr, nullptr, 0, 4, 2, nullptr),
+              SF_OK);
+}
+
+// A NaN logit makes the row's loss and every gradient entry NaN, as on the CPU (its sum of
+// exponentials is NaN), on both load paths, wherever the NaN sits: alone in the first chunk a
+// thread reads (which the running statistics alone would drop), or beside finite values.
+TEST(CudaBackward, CrossEntropyOfARowWithANaN) {
+    SF_SKIP_WITHOUT_GPU();
+    const int32_t V = 1000;
+    Rng rng(961);
+    for (int shift : {0, 1}) {
+        for (int32_t at : {3, 517, 999}) {
+            SCOPED_TRACE(testing::Message() << "shift " << shift << ", NaN at " << at);
+            std::vector<float> z = normal(rng, V, 3.0f);
+            z[at] = NAN;
+            const int32_t target = 7;
+            DeviceBuffer<float> d_z((size_t)V + shift), d_loss(1), d_d(V);
+            DeviceBuffer<int32_t> d_t(std::vector<int32_t>{target});
+            ASSERT_EQ(cudaMemcpy(d_z.get() + shift, z.data(), V * 4, cudaMemcpyHostToDevice),
+                      cudaSuccess);
+            ASSERT_EQ(sf_cuda_cross_entropy(d_loss.get(), nullptr, d_d.get(), false,
+                                            d_z.get() + shift, false, d_t.get(), nullptr, 1, V,
+                                            nullptr),
+                      SF_OK)
+                << sf_last_error();
+            SF_EXPECT_SYNC();
+            std::vector<float> ref_d(V);
+            EXPECT_TRUE(std::isnan(sf_cpu_cross_entropy(ref_d.data(), z.data(), &target, nullptr,
+                                                        1, V)));
+            EXPECT_TRUE(std::isnan(d_loss.host()[0]));
+            const std::vector<float> d = d_d.host();
+            EXPECT_EQ(std::count_if(d.begin(), d.end(), [](float x) { return std::isnan(x); }),
+                      V);
+            EXPECT_EQ(std::count_if(ref_d.begin(), ref_d.end(),
+                                    [](float x) { return std::isnan(x); }),
+                      V);
+        }
+    }
+}
+
 // Only some outputs wanted; a masked row's outputs are exact zeros; no rows is a no-op.
 TEST(CudaBackward, CrossEntropyOptionalOutputs) {
     SF_SKIP_WITHOUT_GPU();
@@ -2033,6 +2177,29 @@ TEST(CudaBackwardArgs, ActivationsRejectBadArguments) {
     EXPECT_EQ(sf_cuda_bias_backward((float *)o_odd, false, dy, false, 8, 4, 8, nullptr),
               SF_ERR_INVALID_ARGUMENT);
     EXPECT_EQ(sf_cuda_bias_backward(db, true, nullptr, false, 8, 0, 8, nullptr), SF_OK);
+}
+
+TEST(CudaBackwardArgs, LogprobsRejectBadArguments) {
+    alignas(16) static float f[2][64];
+    alignas(16) static int32_t t[64];
+    float *nll = f[0];
+    const float *z = f[1];
+    sf_clear_error();
+    EXPECT_EQ(sf_cuda_logprobs(nll, t, nll, z, t, -1, 8, 1, nullptr), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_TRUE(mentions("sf_cuda_logprobs")) << sf_last_error();
+    EXPECT_EQ(sf_cuda_logprobs(nll, t, nll, z, t, 4, 0, 1, nullptr), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cuda_logprobs(nll, t, nll, z, t, 4, 8, -1, nullptr), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cuda_logprobs(nll, t, nll, z, t, 4, 8, SF_MAX_TOP_LOGPROBS + 1, nullptr),
+              SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cuda_logprobs(nll, t, nll, nullptr, t, 4, 8, 1, nullptr),
+              SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cuda_logprobs(nll, t, nll, z, nullptr, 4, 8, 1, nullptr),
+              SF_ERR_INVALID_ARGUMENT);  // nll wanted without targets
+    EXPECT_EQ(sf_cuda_logprobs(nll, nullptr, nll, z, t, 4, 8, 1, nullptr),
+              SF_ERR_INVALID_ARGUMENT);  // top wanted without its arrays
+    EXPECT_EQ(sf_cuda_logprobs(nll, t, nll, (const float *)((const char *)z + 2), t, 4, 8, 1,
+                               nullptr),
+              SF_ERR_INVALID_ARGUMENT);  // misaligned logits
 }
 
 TEST(CudaBackwardArgs, CrossEntropyRejectsBadArguments) {

@@ -153,7 +153,7 @@ TEST(CudaElementwiseArgs, RejectBadShapesWithoutTouchingCuda) {
     EXPECT_GT(sf_cuda_sample_workspace_bytes(2, 8193), (size_t)(2 * 16 * 8193));
     EXPECT_EQ(sf_cuda_sample_workspace_bytes(2, 8192), (size_t)(2 * 16 * 8192));
     EXPECT_EQ(sf_cuda_sample_workspace_bytes(INT64_MAX, 1 << 30), (size_t)0);
-    sf_sampling s = {1.0f, 0, 1.0f, 0, false};
+    sf_sampling s = {1.0f, 0, 1.0f, 0, false, 0};
     EXPECT_EQ(sf_cuda_sample_f32(io, f, u, 2, 10, nullptr, ws, need, 0), SF_ERR_INVALID_ARGUMENT);
     EXPECT_EQ(sf_cuda_sample_f32(io, f, u, 2, 0, &s, ws, need, 0), SF_ERR_INVALID_ARGUMENT);
     EXPECT_EQ(sf_cuda_sample_f32(io, f, u, 2, 10, &s, ws, need - 1, 0), SF_ERR_INVALID_ARGUMENT);
@@ -181,7 +181,7 @@ TEST(CudaElementwiseArgs, EmptyWorkSucceedsWithoutTouchingCuda) {
     EXPECT_EQ(sf_cuda_relu_bf16(nullptr, nullptr, 0, 0), SF_OK);
     EXPECT_EQ(sf_cuda_bias_add_bf16(nullptr, nullptr, 5, 0, 0), SF_OK);
     EXPECT_EQ(sf_cuda_argmax_f32(nullptr, nullptr, 0, 10, nullptr, 0, 0), SF_OK);
-    sf_sampling s = {0.8f, 40, 0.9f, 0, false};
+    sf_sampling s = {0.8f, 40, 0.9f, 0, false, 0};
     EXPECT_EQ(sf_cuda_sample_f32(nullptr, nullptr, nullptr, 0, 10, &s, nullptr, 0, 0), SF_OK);
 }
 
@@ -900,7 +900,7 @@ TEST(CudaActivations, BiasAddIsExactFp32SumRoundedOnce) {
 // Argmax and sampling
 // =============================================================================================
 
-sf_sampling greedy() { return sf_sampling{0.0f, 0, 1.0f, 0, false}; }
+sf_sampling greedy() { return sf_sampling{0.0f, 0, 1.0f, 0, false, 0}; }
 
 // Greedy is a comparison, so exact: the GPU must return what sf_sample's loop returns, ties
 // (lowest index), -0 == +0, -inf, and NaN (never wins, except at index 0) included.
@@ -1109,7 +1109,7 @@ TEST(CudaSampling, SamplingInputsHaveMargin) {
                 sample_logits(shape.rows, shape.vocab, shape_seed(sh, ties), ties);
             for (size_t c = 0; c < sizeof kSampleCases / sizeof kSampleCases[0]; c++) {
                 const SampleCase &sc = kSampleCases[c];
-                const sf_sampling s = {sc.temperature, sc.top_k, sc.top_p, 0, false};
+                const sf_sampling s = {sc.temperature, sc.top_k, sc.top_p, 0, false, 0};
                 for (int64_t r = 0; r < shape.rows; r++) {
                     const uint64_t seed = row_seed(sh, c, r);
                     uint64_t state = seed;
@@ -1144,7 +1144,7 @@ void topk_topp_match_cpu(size_t first, size_t last) {
                              << "vocab " << shape.vocab << ", rows " << shape.rows << ", ties "
                              << ties << ", case " << c);
                 const SampleCase &sc = kSampleCases[c];
-                const sf_sampling s = {sc.temperature, sc.top_k, sc.top_p, 0, false};
+                const sf_sampling s = {sc.temperature, sc.top_k, sc.top_p, 0, false, 0};
                 std::vector<int32_t> want(shape.rows);
                 std::vector<double> u(shape.rows);
                 for (int64_t r = 0; r < shape.rows; r++) {
@@ -1223,7 +1223,7 @@ TEST(CudaSampling, SplitPrefixSelectMatchesCpuOnHardRows) {
     for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
         SCOPED_TRACE(testing::Message() << "case " << c);
         const SampleCase &sc = cases[c];
-        const sf_sampling s = {sc.temperature, sc.top_k, sc.top_p, 0, false};
+        const sf_sampling s = {sc.temperature, sc.top_k, sc.top_p, 0, false, 0};
         std::vector<int32_t> want(rows);
         std::vector<double> u(rows);
         for (int64_t r = 0; r < rows; r++) {
@@ -1260,7 +1260,7 @@ TEST(CudaSampling, ExtremeUniformsPickTheEnds) {
     SF_SKIP_WITHOUT_GPU();
     const int32_t vocab = 1000;
     std::vector<float> logits = sample_logits(1, vocab, 77, false);
-    const sf_sampling s = {1.0f, 10, 1.0f, 0, false};
+    const sf_sampling s = {1.0f, 10, 1.0f, 0, false, 0};
     std::vector<std::pair<float, int32_t>> order;
     for (int32_t i = 0; i < vocab; i++) order.push_back({-logits[i], i});
     std::sort(order.begin(), order.end());

@@ -77,7 +77,7 @@ double logit_bound(int llm_layers, int sys_layers) {
 }
 double splice_bound(int sys_layers) { return kUbf16 * (9.0 * sys_layers + 1.0); }
 
-const sf_sampling kGreedy = {0.0f, 0, 1.0f, 0, false};
+const sf_sampling kGreedy = {0.0f, 0, 1.0f, 0, false, 0};
 
 struct EngineFree {
     void operator()(sf_cuda_engine *e) const { sf_cuda_engine_free(e); }
@@ -260,8 +260,9 @@ double exact_logprob(const float *z, int64_t V, int32_t t) {
 }
 
 // How far the engine's log-probability of token t may be from exact_logprob over the same fp32
-// row: the engine takes it as the cross-entropy of that row with t as the target
-// (kernels/loss.cu's forward, weight 1), whose bound tests/test_cuda_backward.cpp derives:
+// row: the engine takes it with sf_cuda_logprobs, whose arithmetic is the cross-entropy's loss
+// with t as the target and weight 1 (kernels/loss.cu), and tests/test_cuda_backward.cpp
+// derives that bound:
 //   u (|M - z_t| + 2 log S + sum_i e^(z_i - M) (P + M - z_i) / S) + 2u |ref|,
 // M the row's maximum, S = sum_i e^(z_i - M), P = n_t (VEC + 5) + 58 with n_t = ceil(V / VEC /
 // 512) the chunks a thread reads. The larger of the two paths' P (VEC 1 and 8), so that the
@@ -281,9 +282,12 @@ double logprob_bound(const float *z, int64_t V, int32_t t, double ref) {
 }
 
 // Reads the last step's log-probabilities and checks each against exact_logprob over the
-// step's own logits (o.logits, o.tokens: read_step's) within logprob_bound.
+// step's own logits (o.logits, o.tokens: read_step's) within logprob_bound; with n_top, also
+// its n_top most likely tokens a row: the ids exactly sf_top_logprobs's over the same logits
+// (a selection by comparisons of the same fp32 values), each log-probability within its bound.
+// Returns every value read, in order.
 std::vector<float> expect_logprobs_of(sf_cuda_engine *e, const StepOut &o, int64_t vocab,
-                                      const std::string &what) {
+                                      const std::string &what, int32_t n_top = 0) {
     const int32_t n = (int32_t)o.tokens.size();
     std::vector<float> lp((size_t)n, NAN);
     const sf_status st = sf_cuda_engine_read_logprobs(e, lp.data(), n);
@@ -294,6 +298,29 @@ std::vector<float> expect_logprobs_of(sf_cuda_engine *e, const StepOut &o, int64
         EXPECT_NEAR(lp[r], want, logprob_bound(o.row(r, vocab), vocab, o.tokens[r], want))
             << what << ", request " << r;
     }
+    if (n_top == 0) return lp;
+    std::vector<int32_t> ids((size_t)n * n_top, -2);
+    std::vector<float> top((size_t)n * n_top, NAN);
+    EXPECT_EQ(sf_cuda_engine_read_top_logprobs(e, ids.data(), top.data(), n, n_top), SF_OK)
+        << what << ": " << sf_last_error();
+    for (int32_t r = 0; r < n; r++) {
+        std::vector<int32_t> want_ids(n_top);
+        std::vector<float> want_lp(n_top);
+        EXPECT_EQ(sf_top_logprobs(o.row(r, vocab), (int32_t)vocab, n_top, want_ids.data(),
+                                  want_lp.data()),
+                  SF_OK);
+        EXPECT_EQ(std::vector<int32_t>(ids.begin() + (size_t)r * n_top,
+                                       ids.begin() + (size_t)(r + 1) * n_top),
+                  want_ids)
+            << what << ", request " << r;
+        for (int32_t j = 0; j < n_top; j++) {
+            const double want = exact_logprob(o.row(r, vocab), vocab, want_ids[j]);
+            EXPECT_NEAR(top[(size_t)r * n_top + j], want,
+                        logprob_bound(o.row(r, vocab), vocab, want_ids[j], want))
+                << what << ", request " << r << ", rank " << j;
+        }
+    }
+    lp.insert(lp.end(), top.begin(), top.end());
     return lp;
 }
 
@@ -376,6 +403,7 @@ void check_generate(const sf_llm *llm, const sf_sysformer *sf, const sf_tokenize
     const int32_t n = p.n();
     sf_generation g = generation_of(p, max_new);
     g.sampling.logprobs = true;
+    g.sampling.top_logprobs = 3;
 
     std::vector<sf_generation_result> gpu((size_t)n), cpu((size_t)n);
     StreamLog log;
@@ -396,6 +424,8 @@ void check_generate(const sf_llm *llm, const sf_sysformer *sf, const sf_tokenize
         EXPECT_EQ(gpu[r].text != nullptr, tok != nullptr) << "request " << r;
         ASSERT_NE(gpu[r].logprobs, nullptr) << "request " << r;
         ASSERT_NE(cpu[r].logprobs, nullptr) << "request " << r;
+        ASSERT_EQ(gpu[r].n_top, 3) << "request " << r;
+        ASSERT_NE(gpu[r].top_ids, nullptr) << "request " << r;
     }
 
     // 2. The same steps by hand.
@@ -418,6 +448,14 @@ void check_generate(const sf_llm *llm, const sf_sysformer *sf, const sf_tokenize
             const double own = exact_logprob(d[j].row(r, vocab), vocab, gpu[r].tokens[j]);
             EXPECT_NEAR(gpu[r].logprobs[j], own,
                         logprob_bound(d[j].row(r, vocab), vocab, gpu[r].tokens[j], own))
+                << "request " << r << " token " << j;
+            // and the most likely tokens: sf_top_logprobs's over those logits
+            int32_t want_ids[3];
+            float want_lp[3];
+            ASSERT_EQ(sf_top_logprobs(d[j].row(r, vocab), (int32_t)vocab, 3, want_ids, want_lp),
+                      SF_OK);
+            EXPECT_EQ(std::vector<int32_t>(gpu[r].top_ids + 3 * j, gpu[r].top_ids + 3 * j + 3),
+                      std::vector<int32_t>(want_ids, want_ids + 3))
                 << "request " << r << " token " << j;
         }
     }
@@ -460,6 +498,13 @@ void check_generate(const sf_llm *llm, const sf_sysformer *sf, const sf_tokenize
                         2.0 * bound * std::sqrt(norm) +
                             logprob_bound(cr, vocab, gpu[r].tokens[j], want))
                 << "request " << r << " token " << j << ": against the CPU";
+            for (int k = 0; k < 3; k++) {
+                const int32_t id = gpu[r].top_ids[3 * j + k];
+                const double ref = exact_logprob(cr, vocab, id);
+                EXPECT_NEAR(gpu[r].top_logprobs[3 * j + k], ref,
+                            2.0 * bound * std::sqrt(norm) + logprob_bound(cr, vocab, id, ref))
+                    << "request " << r << " token " << j << " rank " << k << ": the CPU's";
+            }
         }
     }
 
@@ -1303,7 +1348,7 @@ TEST_P(CudaEngineVariant, GenerateRefillsSlotsAsRequestsFinish) {
     const int32_t n = p.n(), slots = 3, budget = 64;
     std::vector<sf_sampling> set;
     for (int32_t r = 0; r < n; r++) {
-        set.push_back(r % 2 ? sf_sampling{0.9f, 0, 1.0f, (uint64_t)(100 + r), false} : kGreedy);
+        set.push_back(r % 2 ? sf_sampling{0.9f, 0, 1.0f, (uint64_t)(100 + r), false, 0} : kGreedy);
     }
     sf_generation g = generation_of(p, 0);  // max_new_tokens unused with request limits
     g.request_max_new_tokens = limit.data();
@@ -1356,7 +1401,7 @@ TEST_P(CudaEngineVariant, SessionAdmitsRequestsAsTheyArrive) {
     const int32_t n = p.n();
     std::vector<sf_sampling> set;
     for (int32_t r = 0; r < n; r++) {
-        set.push_back(r % 3 ? sf_sampling{0.8f, 0, 1.0f, (uint64_t)(300 + r), false} : kGreedy);
+        set.push_back(r % 3 ? sf_sampling{0.8f, 0, 1.0f, (uint64_t)(300 + r), false, 0} : kGreedy);
     }
     sf_cuda_session *raw = nullptr;
     ASSERT_EQ(sf_cuda_session_create(e.get(), nullptr, nullptr, 0, nullptr, 0, &raw), SF_OK)
@@ -1558,7 +1603,7 @@ TEST_F(CudaEngineTiny, HostileStepsAreRefusedAndTheEngineStaysUsable) {
               SF_ERR_INVALID_ARGUMENT);
     }
     {
-        const sf_sampling hot = {1.0f, 0, 1.0f, 7, false};
+        const sf_sampling hot = {1.0f, 0, 1.0f, 7, false, 0};
         const std::vector<int32_t> slots = {1}, cu = {0, 3}, ids = random_ids(3);
         sf_cuda_step s = {};
         s.n_requests = 1;
@@ -2528,11 +2573,11 @@ TEST_F(CudaEngineTiny, SetSysformerStepsAsAnEngineCreatedWithIt) {
 // at t 0.9 (written once with top_k and top_p both off, once with top_k 500 > vocab and top_p
 // 1.5, which act alike), and top-k 5 with top-p 0.8 at t 1.3. Greedy requests carry draws
 // outside [0, 1), which the engine must not read.
-const std::vector<sf_sampling> kMix = {{0.9f, 0, 1.0f, 0, false},
-                                       {0.0f, 0, 1.0f, 0, false},
-                                       {1.3f, 5, 0.8f, 0, false},
-                                       {0.9f, 500, 1.5f, 0, false},
-                                       {-1.0f, 3, 0.5f, 0, false}};
+const std::vector<sf_sampling> kMix = {{0.9f, 0, 1.0f, 0, false, 0},
+                                       {0.0f, 0, 1.0f, 0, false, 0},
+                                       {1.3f, 5, 0.8f, 0, false, 0},
+                                       {0.9f, 500, 1.5f, 0, false, 0},
+                                       {-1.0f, 3, 0.5f, 0, false, 0}};
 
 std::vector<double> draws(const std::vector<sf_sampling> &set, uint64_t seed) {
     Uniform rng(seed);
@@ -2624,8 +2669,8 @@ TEST_F(CudaEngineTiny, PerRequestSamplingDecodeGraphsEqualEager) {
     ASSERT_TRUE(g && x);
     const Prompts p = tiny_prompts({{5, 2}, {1, 7}, {12, 9}, {3, 4}, {6, 6}}, 53);
     const std::vector<int32_t> all = {4, 0, 2, 1, 5};
-    const sf_sampling hot = {0.9f, 0, 1.0f, 0, false}, warm = {1.3f, 5, 0.8f, 0, false};
-    const sf_sampling cold = {0.0f, 0, 1.0f, 0, false};
+    const sf_sampling hot = {0.9f, 0, 1.0f, 0, false, 0}, warm = {1.3f, 5, 0.8f, 0, false, 0};
+    const sf_sampling cold = {0.0f, 0, 1.0f, 0, false, 0};
     struct Step {
         std::vector<int32_t> slots;
         std::vector<sf_sampling> set;
@@ -2702,13 +2747,13 @@ TEST_F(CudaEngineTiny, GenerateSamplesEachRequestWithItsOwnSettingAndStream) {
     ASSERT_TRUE(e);
     const Prompts p = tiny_prompts({{5, 2}, {1, 7}, {12, 9}, {5, 2}}, 55);
     // requests 1 and 2 also ask for their tokens' log-probabilities
-    const std::vector<sf_sampling> set = {{1.1f, 0, 1.0f, 5, false},
-                                          {0.0f, 0, 1.0f, 0, true},
-                                          {0.8f, 4, 0.9f, 77, true},
-                                          {1.1f, 0, 1.0f, 6, false}};
+    const std::vector<sf_sampling> set = {{1.1f, 0, 1.0f, 5, false, 0},
+                                          {0.0f, 0, 1.0f, 0, true, 0},
+                                          {0.8f, 4, 0.9f, 77, true, 0},
+                                          {1.1f, 0, 1.0f, 6, false, 0}};
     const int32_t n = p.n(), max_new = 6;
     sf_generation gen = generation_of(p, max_new);
-    gen.sampling = {2.0f, 2, 0.3f, 999, true};  // overridden
+    gen.sampling = {2.0f, 2, 0.3f, 999, true, 0};  // overridden
     gen.request_sampling = set.data();
     std::vector<sf_generation_result> res((size_t)n);
     ASSERT_EQ(sf_generate_cuda(e.get(), nullptr, &gen, nullptr, nullptr, res.data()), SF_OK)
@@ -2800,8 +2845,12 @@ TEST_F(CudaEngineTiny, GenerateStopsEachRequestAtItsOwnLimit) {
 // some not: every request gets one); decode steps with one setting not asking (a graph without
 // them: reading them is refused), then asking (another graph, taking them inside: had the
 // first been replayed, the values read would be the prefill's), replayed; not asking and
-// asking again (each graph replayed); two groups (the passes after the graph). An eager engine
-// gives the same values bit for bit.
+// asking again (each graph replayed); asking for the 3, then 5, then 3 most likely tokens
+// (each a graph of its own: the values read are checked, so a graph replayed for another n
+// would fail); two groups (the passes after the graph) asking for up to 5. Every row gets the
+// largest number asked, its ids exactly sf_top_logprobs's over the step's logits. An eager
+// engine gives the same values bit for bit. A setting asking for more than
+// SF_MAX_TOP_LOGPROBS is refused before anything runs.
 TEST_F(CudaEngineTiny, LogprobsAreThoseOfTheStepsOwnLogits) {
     EnginePtr g = make_engine(llm_, sf_, options(6, 0, 0, true));
     EnginePtr x = make_engine(llm_, sf_, options(6, 0, 0, false));
@@ -2810,21 +2859,39 @@ TEST_F(CudaEngineTiny, LogprobsAreThoseOfTheStepsOwnLogits) {
     const std::vector<int32_t> slots = {4, 0, 2, 1, 5};
     std::vector<sf_sampling> mix = kMix;
     mix[0].logprobs = mix[2].logprobs = true;
-    sf_sampling hot = {0.9f, 0, 1.0f, 0, true}, cold = {0.0f, 0, 1.0f, 0, true};
-    sf_sampling hot_quiet = hot;
+    mix[3].top_logprobs = 4;  // and the most likely tokens (every row gets them)
+    sf_sampling hot = {0.9f, 0, 1.0f, 0, true, 0}, cold = {0.0f, 0, 1.0f, 0, true, 0};
+    sf_sampling hot_quiet = hot, hot_top3 = hot, hot_top5 = hot, cold_top = cold;
     hot_quiet.logprobs = false;
+    hot_top3.top_logprobs = 3;
+    hot_top5.top_logprobs = 5;
+    hot_top5.logprobs = false;  // implied
+    cold_top.top_logprobs = 2;
     struct Step {
         std::vector<sf_sampling> set;
         bool asks;
+        int32_t n_top;
     };
     const std::vector<Step> decode_steps = {
-        {{hot_quiet, hot_quiet, hot_quiet, hot_quiet, hot_quiet}, false},
-        {{hot, hot, hot, hot, hot}, true},
-        {{hot, hot, hot, hot, hot}, true},
-        {{hot_quiet, hot_quiet, hot_quiet, hot_quiet, hot_quiet}, false},
-        {{hot, hot, hot, hot, hot}, true},
-        {{cold, hot_quiet, cold, hot, hot_quiet}, true},
+        {{hot_quiet, hot_quiet, hot_quiet, hot_quiet, hot_quiet}, false, 0},
+        {{hot, hot, hot, hot, hot}, true, 0},
+        {{hot, hot, hot, hot, hot}, true, 0},
+        {{hot_quiet, hot_quiet, hot_quiet, hot_quiet, hot_quiet}, false, 0},
+        {{hot, hot, hot, hot, hot}, true, 0},
+        {{hot_top3, hot_top3, hot_top3, hot_top3, hot_top3}, true, 3},
+        {{hot_top5, hot_top5, hot_top5, hot_top5, hot_top5}, true, 5},
+        {{hot_top3, hot_top3, hot_top3, hot_top3, hot_top3}, true, 3},
+        {{cold, hot_quiet, cold_top, hot, hot_top5}, true, 5},
     };
+    {
+        std::vector<sf_sampling> bad = mix;
+        bad[1].top_logprobs = SF_MAX_TOP_LOGPROBS + 1;
+        StepOut o;
+        EXPECT_FALSE(sampled_step(g.get(), &p, slots, bad, draws(bad, 58), vocab_, &o));
+        EXPECT_NE(std::string(sf_last_error()).find("top_logprobs"), std::string::npos)
+            << sf_last_error();
+        EXPECT_EQ(sf_cuda_engine_slot_length(g.get(), slots[0]), 0) << "a refusal ran a step";
+    }
     std::vector<std::vector<float>> seen[2];  // each pass's values, step after step
     for (int pass = 0; pass < 2; pass++) {
         SCOPED_TRACE(pass == 0 ? "graphs" : "eager");
@@ -2832,7 +2899,7 @@ TEST_F(CudaEngineTiny, LogprobsAreThoseOfTheStepsOwnLogits) {
         StepOut o;
         const std::vector<double> u0 = draws(mix, 58);
         ASSERT_TRUE(sampled_step(e, &p, slots, mix, u0, vocab_, &o));
-        seen[pass].push_back(expect_logprobs_of(e, o, vocab_, "prefill"));
+        seen[pass].push_back(expect_logprobs_of(e, o, vocab_, "prefill", 4));
         std::vector<float> lp(6);
         EXPECT_EQ(sf_cuda_engine_read_logprobs(e, lp.data(), 6), SF_ERR_INVALID_ARGUMENT)
             << "more than the step has";
@@ -2842,7 +2909,14 @@ TEST_F(CudaEngineTiny, LogprobsAreThoseOfTheStepsOwnLogits) {
             ASSERT_TRUE(sampled_step(e, nullptr, slots, decode_steps[k].set, u, vocab_, &o));
             const std::string what = "decode " + std::to_string(k);
             if (decode_steps[k].asks) {
-                seen[pass].push_back(expect_logprobs_of(e, o, vocab_, what));
+                seen[pass].push_back(expect_logprobs_of(e, o, vocab_, what,
+                                                        decode_steps[k].n_top));
+                if (decode_steps[k].n_top == 0) {
+                    int32_t id;
+                    EXPECT_EQ(sf_cuda_engine_read_top_logprobs(e, &id, lp.data(), 1, 1),
+                              SF_ERR_INVALID_ARGUMENT)
+                        << what << ": no request asked for the most likely tokens";
+                }
             } else {
                 EXPECT_EQ(sf_cuda_engine_read_logprobs(e, lp.data(), 1), SF_ERR_INVALID_ARGUMENT)
                     << what << ": no request asked";
@@ -3007,9 +3081,9 @@ TEST_F(CudaEngineTiny, SessionPeekShowsTheReplySoFar) {
         << sf_last_error();
     SessionPtr s(raw);
     const Prompts p = tiny_prompts({{5, 2}, {3, 4}, {2, 6}}, 73);
-    const std::vector<sf_sampling> set = {{0.0f, 0, 1.0f, 0, true},
-                                          {0.9f, 0, 1.0f, 41, true},
-                                          {0.0f, 0, 1.0f, 0, false}};
+    const std::vector<sf_sampling> set = {{0.0f, 0, 1.0f, 0, true, 0},
+                                          {0.9f, 0, 1.0f, 41, true, 0},
+                                          {0.0f, 0, 1.0f, 0, false, 0}};
     for (int32_t r = 0; r < 3; r++) {
         const std::vector<int32_t> ids = p.request(r);
         int32_t id = -1;
@@ -3513,9 +3587,9 @@ class CudaEngineFaults : public CudaEngineTiny {
         // pass and copy (request 1 asks for them).
         prompts_ = tiny_prompts({{5, 2}, {3, 4}, {2, 6}}, 81);
         limits_ = {4, 6, 5};
-        sampling_ = {{0.0f, 0, 1.0f, 0, false},
-                     {0.9f, 0, 1.0f, 77, true},
-                     {0.0f, 0, 1.0f, 0, false}};
+        sampling_ = {{0.0f, 0, 1.0f, 0, false, 0},
+                     {0.9f, 0, 1.0f, 77, true, 0},
+                     {0.0f, 0, 1.0f, 0, false, 0}};
         // a batch for the guarded embedding, which takes at most max_slots requests
         for (int32_t r = 0; r < 2; r++) two_.add(prompts_.request(r), prompts_.spans[r]);
     }
@@ -3830,7 +3904,7 @@ TEST_F(CudaEngineFaults, AFailedStepEmptiesItsSlotsAndNoOthers) {
     sf_cuda_engine_options o = faults_options();
     o.max_slots = 3;
     const int64_t vocab = sf_llm_get_config(llm_)->vocab_size;
-    const sf_sampling greedy = {0.0f, 0, 1.0f, 0, false};
+    const sf_sampling greedy = {0.0f, 0, 1.0f, 0, false, 0};
     const Prompts third = prompts_.only(2);
     const std::vector<int32_t> pair_slots = {0, 1}, third_slot = {2};
     auto step = [&](sf_cuda_engine *e, const Prompts *p, const std::vector<int32_t> &slots) {
@@ -3945,7 +4019,7 @@ class CudaEngineHostTraffic : public CudaEngineFaults {};  // the same model and
 // A step copies back its sampled ids (4 bytes a request), and their log-probabilities (4 more,
 // a second copy) when asked; a graph that holds the sampling holds those copies too.
 TEST_F(CudaEngineHostTraffic, AStepNeverWaitsAndCopiesBackOnlyTheSampledIds) {
-    const sf_sampling greedy = {0.0f, 0, 1.0f, 0, false};
+    const sf_sampling greedy = {0.0f, 0, 1.0f, 0, false, 0};
     sf_sampling greedy_logprobs = greedy;
     greedy_logprobs.logprobs = true;
     const std::vector<int32_t> slots = {0, 1};

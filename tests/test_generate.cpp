@@ -47,26 +47,26 @@ TEST(Sample, FrequenciesFollowTheFilteredSoftmax) {
         return std::vector<double>{(double)count[0] / N, (double)count[1] / N, (double)count[2] / N};
     };
     const double tol = 5 * 0.0035;
-    auto f = freqs({1.0f, 0, 1.0f, 7, false});
+    auto f = freqs({1.0f, 0, 1.0f, 7, false, 0});
     EXPECT_NEAR(f[0], 1.0 / 7, tol);
     EXPECT_NEAR(f[1], 2.0 / 7, tol);
     EXPECT_NEAR(f[2], 4.0 / 7, tol);
-    f = freqs({1.0f, 2, 1.0f, 8, false});  // top-2: (2/6, 4/6)
+    f = freqs({1.0f, 2, 1.0f, 8, false, 0});  // top-2: (2/6, 4/6)
     EXPECT_EQ(f[0], 0.0);
     EXPECT_NEAR(f[1], 1.0 / 3, tol);
     EXPECT_NEAR(f[2], 2.0 / 3, tol);
-    f = freqs({1.0f, 0, 0.5f, 9, false});  // 4/7 >= 0.5 already: only the top token
+    f = freqs({1.0f, 0, 0.5f, 9, false, 0});  // 4/7 >= 0.5 already: only the top token
     EXPECT_EQ(f[2], 1.0);
-    f = freqs({1.0f, 0, 0.6f, 10, false});  // 4/7 < 0.6: the top two
+    f = freqs({1.0f, 0, 0.6f, 10, false, 0});  // 4/7 < 0.6: the top two
     EXPECT_EQ(f[0], 0.0);
     EXPECT_NEAR(f[1], 1.0 / 3, tol);
-    f = freqs({0.5f, 0, 1.0f, 11, false});  // T = 0.5 squares the odds: (1, 4, 16) / 21
+    f = freqs({0.5f, 0, 1.0f, 11, false, 0});  // T = 0.5 squares the odds: (1, 4, 16) / 21
     EXPECT_NEAR(f[2], 16.0 / 21, tol);
 }
 
 TEST(Sample, SameSeedSameDraws) {
     const float logits[4] = {0.1f, 0.2f, 0.3f, 0.4f};
-    sf_sampling s = {1.0f, 0, 1.0f, 42, false};
+    sf_sampling s = {1.0f, 0, 1.0f, 42, false, 0};
     uint64_t a = s.seed, b = s.seed, c = 43;
     int diff = 0;
     for (int i = 0; i < 50; i++) {
@@ -131,6 +131,65 @@ TEST(TokenLogprob, MatchesLogSoftmaxInLongDouble) {
     EXPECT_EQ(sf_token_logprob(x, 0, 0, &lp), SF_ERR_INVALID_ARGUMENT);
     EXPECT_EQ(sf_token_logprob(nullptr, 4, 0, &lp), SF_ERR_INVALID_ARGUMENT);
     EXPECT_EQ(sf_token_logprob(x, 4, 0, nullptr), SF_ERR_INVALID_ARGUMENT);
+}
+
+// sf_top_logprobs: the n best of a row in order (larger logit first, the lower id of equal
+// ones; NaN never ranks), each log-probability as sf_token_logprob's (the same rounding), and
+// ids -1 with NaN past the row's rankable values. The reference: a full sort of the row.
+TEST(TopLogprobs, AreTheBestOfASortWithTheirLogprobs) {
+    std::vector<std::vector<float>> rows;
+    std::vector<float> r;
+    for (int i = 0; i < 3000; i++) r.push_back((float)((i * 7919) % 1013) * 0.01f - 5.0f);
+    rows.push_back(r);  // many ties: values repeat every 1013 ids
+    rows.push_back({1.0f, NAN, 3.0f, -INFINITY, 3.0f, 2.0f});
+    rows.push_back({0.5f, NAN, -INFINITY});
+    for (size_t k = 0; k < rows.size(); k++) {
+        const auto &x = rows[k];
+        const int32_t v = (int32_t)x.size();
+        std::vector<int32_t> order;
+        for (int32_t i = 0; i < v; i++) {
+            if (x[i] == x[i]) order.push_back(i);
+        }
+        std::stable_sort(order.begin(), order.end(),
+                         [&](int32_t a, int32_t b) { return x[a] > x[b]; });
+        for (int32_t n : {1, 4, SF_MAX_TOP_LOGPROBS}) {
+            std::vector<int32_t> ids(n, 99);
+            std::vector<float> lp(n, 1.0f);
+            ASSERT_EQ(sf_top_logprobs(x.data(), v, n, ids.data(), lp.data()), SF_OK)
+                << sf_last_error();
+            for (int32_t j = 0; j < n; j++) {
+                SCOPED_TRACE("row " + std::to_string(k) + ", n " + std::to_string(n) +
+                             ", rank " + std::to_string(j));
+                if (j >= (int32_t)order.size()) {
+                    EXPECT_EQ(ids[j], -1);
+                    EXPECT_TRUE(std::isnan(lp[j]));
+                    continue;
+                }
+                EXPECT_EQ(ids[j], order[j]);
+                float want = 0.0f;
+                ASSERT_EQ(sf_token_logprob(x.data(), v, order[j], &want), SF_OK);
+                if (std::isnan(want)) {
+                    EXPECT_TRUE(std::isnan(lp[j]));
+                } else {
+                    EXPECT_EQ(lp[j], want);
+                }
+            }
+        }
+    }
+    // Not vacuous: the tied row's first ranks are equal logits in id order.
+    std::vector<int32_t> ids(4);
+    std::vector<float> lp(4);
+    ASSERT_EQ(sf_top_logprobs(rows[0].data(), 3000, 4, ids.data(), lp.data()), SF_OK);
+    EXPECT_EQ(rows[0][ids[0]], rows[0][ids[1]]);
+    EXPECT_LT(ids[0], ids[1]);
+    EXPECT_EQ(sf_top_logprobs(rows[1].data(), 6, 0, ids.data(), lp.data()),
+              SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_top_logprobs(rows[1].data(), 6, SF_MAX_TOP_LOGPROBS + 1, ids.data(), lp.data()),
+              SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_top_logprobs(rows[1].data(), 0, 1, ids.data(), lp.data()),
+              SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_top_logprobs(nullptr, 6, 1, ids.data(), lp.data()), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_top_logprobs(rows[1].data(), 6, 1, nullptr, lp.data()), SF_ERR_INVALID_ARGUMENT);
 }
 
 class Generate : public ::testing::Test {
@@ -230,7 +289,7 @@ TEST_F(Generate, ContextWindowLimits) {
 TEST_F(Generate, SamplingIsRepeatableAndBatchIndependent) {
     sf_generation g = {};
     g.max_new_tokens = 8;
-    g.sampling = {1.0f, 20, 0.95f, 1234, false};
+    g.sampling = {1.0f, 20, 0.95f, 1234, false, 0};
     auto a = run(prompts_, g);
     auto b = run(prompts_, g);
     EXPECT_EQ(a, b);
@@ -247,15 +306,15 @@ TEST_F(Generate, SamplingIsRepeatableAndBatchIndependent) {
 // sampled setting again on another prompt (same seed, its own stream).
 TEST_F(Generate, PerRequestSamplingEqualsEachRequestAlone) {
     const std::vector<sf_sampling> set = {
-        {0.0f, 0, 1.0f, 0, false},
-        {1.0f, 20, 0.95f, 1234, false},
-        {0.7f, 0, 1.0f, 99, false},
-        {1.0f, 20, 0.95f, 1234, false}};
+        {0.0f, 0, 1.0f, 0, false, 0},
+        {1.0f, 20, 0.95f, 1234, false, 0},
+        {0.7f, 0, 1.0f, 99, false, 0},
+        {1.0f, 20, 0.95f, 1234, false, 0}};
     const std::vector<std::vector<int32_t>> prompts = {prompts_[0], prompts_[1], prompts_[2],
                                                        prompts_[0]};
     sf_generation g = {};
     g.max_new_tokens = 12;
-    g.sampling = {1.5f, 3, 0.5f, 7, false};  // overridden
+    g.sampling = {1.5f, 3, 0.5f, 7, false, 0};  // overridden
     g.request_sampling = set.data();
     const auto batched = run(prompts, g);
     ASSERT_EQ(batched.size(), 4u);
@@ -305,10 +364,11 @@ TEST_F(Generate, PerRequestLimitsStopEachRequestAtItsOwnLength) {
 // log-probability within 2e-5 ||row||, plus the two roundings of the results (a float ulp of
 // |lp| covers both).
 TEST_F(Generate, LogprobsAreThoseOfAFullRecomputation) {
-    const std::vector<sf_sampling> set = {{0.0f, 0, 1.0f, 0, true},
-                                          {0.9f, 0, 1.0f, 5, true},
-                                          {1.0f, 8, 0.9f, 6, false},
-                                          {1.2f, 0, 1.0f, 7, true}};
+    // requests 1 and 3 also ask for the most likely tokens at each step (3 implies logprobs)
+    const std::vector<sf_sampling> set = {{0.0f, 0, 1.0f, 0, true, 0},
+                                          {0.9f, 0, 1.0f, 5, true, 4},
+                                          {1.0f, 8, 0.9f, 6, false, 0},
+                                          {1.2f, 0, 1.0f, 7, false, SF_MAX_TOP_LOGPROBS}};
     const std::vector<std::vector<int32_t>> prompts = {prompts_[0], prompts_[1], prompts_[2],
                                                        prompts_[2]};
     std::vector<int32_t> cu = {0}, ids;
@@ -330,7 +390,10 @@ TEST_F(Generate, LogprobsAreThoseOfAFullRecomputation) {
         SCOPED_TRACE("request " + std::to_string(r));
         const sf_generation_result &q = res[r];
         ASSERT_EQ(q.n_tokens, 9);
-        if (!set[r].logprobs) {
+        EXPECT_EQ(q.n_top, set[r].top_logprobs);
+        EXPECT_EQ(q.top_ids != nullptr, set[r].top_logprobs > 0);
+        EXPECT_EQ(q.top_logprobs != nullptr, set[r].top_logprobs > 0);
+        if (!set[r].logprobs && set[r].top_logprobs == 0) {
             EXPECT_EQ(q.logprobs, nullptr);
             continue;
         }
@@ -362,6 +425,32 @@ TEST_F(Generate, LogprobsAreThoseOfAFullRecomputation) {
                 EXPECT_EQ(q.tokens[i], (int32_t)(std::max_element(x.begin(), x.end()) -
                                                  x.begin()));
             }
+            // The most likely tokens: each log-probability that of its id in the recomputed
+            // row within the bound; in order, and above every token left out, up to twice it
+            // (two near-equal logits may swap places across the two computations).
+            const double tol = 2e-5 * sqrt(norm);
+            for (int32_t j = 0; j < q.n_top; j++) {
+                const int32_t id = q.top_ids[(size_t)i * q.n_top + j];
+                const float lp = q.top_logprobs[(size_t)i * q.n_top + j];
+                ASSERT_GE(id, 0);
+                ASSERT_LT(id, vocab);
+                const double ref = reference_logprob(x, id);
+                EXPECT_NEAR(lp, ref, tol + ldexp(fabs(ref), -23))
+                    << "token " << i << " rank " << j;
+                if (j > 0) {
+                    EXPECT_LE(lp, q.top_logprobs[(size_t)i * q.n_top + j - 1] + 2 * tol);
+                }
+            }
+            if (q.n_top > 0) {
+                const float last = q.top_logprobs[(size_t)i * q.n_top + q.n_top - 1];
+                const int32_t *top = q.top_ids + (size_t)i * q.n_top;
+                for (int32_t id = 0; id < vocab; id++) {
+                    if (std::find(top, top + q.n_top, id) != top + q.n_top) continue;
+                    EXPECT_LE(reference_logprob(x, id), last + 2 * tol) << "token " << i;
+                }
+                // the picked token's log-probability is its own, and at most the best
+                EXPECT_LE(q.logprobs[i], q.top_logprobs[(size_t)i * q.n_top]);
+            }
         }
     }
     // Not vacuous: sampling at these temperatures leaves the most likely token at least once,
@@ -371,12 +460,23 @@ TEST_F(Generate, LogprobsAreThoseOfAFullRecomputation) {
         for (int32_t i = 0; i < res[r].n_tokens; i++) below = below || res[r].logprobs[i] < -1.0f;
     }
     EXPECT_TRUE(below);
-    // Asking changes no token: the same batch without logprobs.
+    // Asking changes no token: the same batch without any.
     std::vector<sf_sampling> plain = set;
-    for (auto &p : plain) p.logprobs = false;
+    for (auto &p : plain) {
+        p.logprobs = false;
+        p.top_logprobs = 0;
+    }
     g.request_sampling = plain.data();
     std::vector<sf_generation_result> again(4);
     ASSERT_EQ(sf_generate_cpu(llm_, nullptr, nullptr, &g, nullptr, nullptr, again.data()), SF_OK);
+    std::vector<sf_sampling> bad = set;
+    bad[2].top_logprobs = SF_MAX_TOP_LOGPROBS + 1;
+    g.request_sampling = bad.data();
+    std::vector<sf_generation_result> refused(4);
+    EXPECT_EQ(sf_generate_cpu(llm_, nullptr, nullptr, &g, nullptr, nullptr, refused.data()),
+              SF_ERR_INVALID_ARGUMENT);
+    EXPECT_NE(strstr(sf_last_error(), "request_sampling[2].top_logprobs"), nullptr)
+        << sf_last_error();
     for (int r = 0; r < 4; r++) {
         EXPECT_EQ(std::vector<int32_t>(again[r].tokens, again[r].tokens + again[r].n_tokens),
                   std::vector<int32_t>(res[r].tokens, res[r].tokens + res[r].n_tokens));

@@ -56,8 +56,9 @@ static void usage(FILE *out, const char *cmd) {
         fprintf(out, "Generates a reply to one prompt (--prompt, streamed to stdout), or to every\n"
                      "line of a JSONL file (--input: {\"prompt\": ...} or {\"instruction\": ...},\n"
                      "optionally \"system\", and \"temperature\", \"top_k\", \"top_p\", \"seed\",\n"
-                     "\"max_new_tokens\", \"logprobs\" for that line alone) written as JSONL to\n"
-                     "--output, with a progress bar.\n\n");
+                     "\"max_new_tokens\", \"logprobs\", \"top_logprobs\" for that line alone) written\n"
+                     "as JSONL to"
+                     " --output, with a progress bar.\n\n");
     }
     fprintf(out,
             "  --model PATH          a .gguf file or a Hugging Face model directory\n"
@@ -90,7 +91,11 @@ static void usage(FILE *out, const char *cmd) {
                 "  --logprobs            each reply token's log-probability under the model\n"
                 "                        (the raw distribution, whatever the sampling): with\n"
                 "                        --prompt a table on stderr after the reply, with --input\n"
-                "                        \"tokens\" and \"logprobs\" on every output line\n");
+                "                        \"tokens\" and \"token_logprobs\" on every output line\n"
+                "  --top-logprobs N      and the N (at most %d) most likely tokens at each step:\n"
+                "                        under each row of the table, or \"top_token_logprobs\" on\n"
+                "                        each line ([id, logprob] pairs, most likely first)\n",
+                SF_MAX_TOP_LOGPROBS);
     }
 }
 
@@ -132,6 +137,8 @@ static int parse_options(int argc, char **argv, const char *cmd, options *o) {
         else if (!strcmp(a, "--top-k")) o->sampling.top_k = (int32_t)strtol(v, &end, 10);
         else if (!strcmp(a, "--top-p")) o->sampling.top_p = strtof(v, &end);
         else if (!strcmp(a, "--seed")) o->sampling.seed = strtoull(v, &end, 10);
+        else if (!strcmp(a, "--top-logprobs") && strcmp(cmd, "chat") != 0)
+            o->sampling.top_logprobs = (int32_t)strtol(v, &end, 10);
         else if (!strcmp(a, "--device")) {
             if (cli_parse_device(cmd, v, &o->dev)) return 2;
         } else if (!strcmp(a, "--attention")) {
@@ -158,6 +165,11 @@ static int parse_options(int argc, char **argv, const char *cmd, options *o) {
     }
     if (o->max_new_tokens < 1 || o->batch < 1) {
         fprintf(stderr, "sysformer %s: --max-new-tokens and --batch must be at least 1\n", cmd);
+        return 2;
+    }
+    if (o->sampling.top_logprobs < 0 || o->sampling.top_logprobs > SF_MAX_TOP_LOGPROBS) {
+        fprintf(stderr, "sysformer %s: --top-logprobs must be 0 to %d\n", cmd,
+                SF_MAX_TOP_LOGPROBS);
         return 2;
     }
     return 0;
@@ -414,10 +426,10 @@ static bool count_token(void *user, int32_t request, int32_t token, const char *
 static int row_settings(const json_t *row, const session *s, sf_sampling *out, int32_t *max_new,
                         const char **bad) {
     static const char *const fields[] = {"temperature", "top_k", "top_p", "seed",
-                                         "max_new_tokens", "logprobs"};
+                                         "max_new_tokens", "logprobs", "top_logprobs"};
     *out = s->sampling;
     *max_new = s->max_new_tokens;
-    for (int i = 0; i < 6; i++) {
+    for (int i = 0; i < 7; i++) {
         const json_t *v = json_object_get(row, fields[i]);
         if (!v) continue;
         const bool integer = json_is_integer(v);
@@ -434,6 +446,8 @@ static int row_settings(const json_t *row, const session *s, sf_sampling *out, i
             *max_new = (int32_t)k;
         } else if (i == 5 && json_is_boolean(v)) {
             out->logprobs = json_is_true(v);
+        } else if (i == 6 && integer && k >= 0 && k <= SF_MAX_TOP_LOGPROBS) {
+            out->top_logprobs = (int32_t)k;
         } else {
             *bad = fields[i];
             return -1;
@@ -482,8 +496,9 @@ static int check_lengths(const session *s, const options *o, json_t *rows, const
     return rc;
 }
 
-/* One JSONL row of replies: the line's own fields, then its reply (with its tokens and their
- * log-probabilities when it asked; nine significant digits give a float back exactly). */
+/* One JSONL row of replies: the line's own fields, then its reply (with its tokens, their
+ * log-probabilities and the most likely tokens at each step when it asked; nine significant
+ * digits give a float back exactly). */
 static void write_reply(FILE *out, json_t *line, const sf_generation_result *res, bool guarded) {
     json_t *row = json_deep_copy(line);
     json_object_set_new(row, "response", json_string(res->text ? res->text : ""));
@@ -497,7 +512,20 @@ static void write_reply(FILE *out, json_t *line, const sf_generation_result *res
             json_array_append_new(lps, json_real(res->logprobs[i]));
         }
         json_object_set_new(row, "tokens", ids);
-        json_object_set_new(row, "logprobs", lps);
+        json_object_set_new(row, "token_logprobs", lps);
+    }
+    if (res->top_ids) {
+        json_t *steps = json_array();
+        for (int32_t i = 0; i < res->n_tokens; i++) {
+            json_t *alts = json_array();
+            for (int32_t j = 0; j < res->n_top; j++) {
+                const size_t at = (size_t)i * (size_t)res->n_top + (size_t)j;
+                json_array_append_new(alts, json_pack("[i,f]", res->top_ids[at],
+                                                      (double)res->top_logprobs[at]));
+            }
+            json_array_append_new(steps, alts);
+        }
+        json_object_set_new(row, "top_token_logprobs", steps);
     }
     char *text = json_dumps(row, JSON_COMPACT | JSON_ENSURE_ASCII | JSON_REAL_PRECISION(9));
     if (text) fprintf(out, "%s\n", text);
@@ -625,6 +653,7 @@ static int run_jsonl(session *s, const options *o) {
                                      : !strcmp(bad, "seed") ? "an integer >= 0"
                                      : !strcmp(bad, "max_new_tokens") ? "an integer >= 1"
                                      : !strcmp(bad, "logprobs") ? "true or false"
+                                     : !strcmp(bad, "top_logprobs") ? "an integer 0 to 20"
                                                                       : "a number");
             rc = 2;
         }
@@ -686,28 +715,37 @@ static int run_jsonl(session *s, const options *o) {
     return rc;
 }
 
-/* --logprobs with --prompt: each reply token (its id, log-probability and text, with bytes
- * outside printable ASCII escaped), then their sum and the reply's perplexity, on stderr. */
+/* One row of the --logprobs table: id, log-probability and the token's text, quoted, with
+ * bytes outside printable ASCII escaped; a prefix marks an alternative. */
+static void print_token_row(const sf_tokenizer *tok, const char *indent, int32_t id, float lp) {
+    char piece[256];
+    size_t len = 0;
+    if (id < 0 || sf_tokenizer_decode(tok, &id, 1, false, piece, sizeof piece, &len) != SF_OK) {
+        sf_clear_error();
+        len = 0;
+    }
+    fprintf(stderr, "%s%8d  %10.4f  \"", indent, id, (double)lp);
+    for (size_t k = 0; k < len && k < sizeof piece - 1; k++) {
+        const unsigned char c = (unsigned char)piece[k];
+        if (c == '\n') fputs("\\n", stderr);
+        else if (c == '"' || c == '\\') fprintf(stderr, "\\%c", c);
+        else if (c < 0x80 && isprint(c)) fputc(c, stderr);
+        else fprintf(stderr, "\\x%02x", c);
+    }
+    fputs("\"\n", stderr);
+}
+
+/* --logprobs with --prompt: each reply token (with --top-logprobs, the most likely tokens at
+ * its step under it, marked "+"), then their sum and the reply's perplexity, on stderr. */
 static void print_logprobs(const sf_tokenizer *tok, const sf_generation_result *res) {
     fprintf(stderr, "%8s  %10s  %s\n", "token", "logprob", "text");
     double sum = 0.0;
     for (int32_t i = 0; i < res->n_tokens; i++) {
-        char piece[256];
-        size_t len = 0;
-        if (sf_tokenizer_decode(tok, &res->tokens[i], 1, false, piece, sizeof piece, &len) !=
-            SF_OK) {
-            sf_clear_error();
-            len = 0;
+        print_token_row(tok, "", res->tokens[i], res->logprobs[i]);
+        for (int32_t j = 0; res->top_ids && j < res->n_top; j++) {
+            const size_t at = (size_t)i * (size_t)res->n_top + (size_t)j;
+            print_token_row(tok, "  + ", res->top_ids[at], res->top_logprobs[at]);
         }
-        fprintf(stderr, "%8d  %10.4f  \"", res->tokens[i], (double)res->logprobs[i]);
-        for (size_t k = 0; k < len && k < sizeof piece - 1; k++) {
-            const unsigned char c = (unsigned char)piece[k];
-            if (c == '\n') fputs("\\n", stderr);
-            else if (c == '"' || c == '\\') fprintf(stderr, "\\%c", c);
-            else if (c < 0x80 && isprint(c)) fputc(c, stderr);
-            else fprintf(stderr, "\\x%02x", c);
-        }
-        fputs("\"\n", stderr);
         sum += res->logprobs[i];
     }
     if (res->n_tokens > 0) {

@@ -92,6 +92,12 @@ sf_status sf_cuda_engine_read_logprobs(sf_cuda_engine *engine, float *logprobs, 
     return no_cuda("sf_cuda_engine_read_logprobs");
 }
 
+sf_status sf_cuda_engine_read_top_logprobs(sf_cuda_engine *engine, int32_t *ids, float *logprobs,
+                                           int32_t n, int32_t k) {
+    (void)engine, (void)ids, (void)logprobs, (void)n, (void)k;
+    return no_cuda("sf_cuda_engine_read_top_logprobs");
+}
+
 sf_status sf_cuda_engine_read_logits(sf_cuda_engine *engine, float *logits, int32_t n) {
     (void)engine, (void)logits, (void)n;
     return no_cuda("sf_cuda_engine_read_logits");

@@ -8,6 +8,9 @@
 
 #include <math.h>
 
+#include "core/error.h"
+#include "sysformer.h"
+
 static float row_max(const float *x, int64_t n) {
     float m = x[0];
     for (int64_t i = 1; i < n; i++)
@@ -81,4 +84,61 @@ double sf_cpu_cross_entropy(float *dlogits, const float *logits, const int32_t *
         }
     }
     return total;
+}
+
+/* The public log-probabilities of generation (sysformer.h), the twins of kernels/loss.cu's
+ * sf_cuda_logprobs. */
+
+/* log softmax(logits)[i] = (logits[i] - *max) - *log_sum, in double: the row's maximum first,
+ * so that no exp overflows and the largest term is exactly 1. */
+static void row_log_softmax(const float *logits, int32_t vocab, double *max, double *log_sum) {
+    double m = logits[0];
+    for (int32_t i = 1; i < vocab; i++) m = logits[i] > m ? logits[i] : m;
+    double sum = 0.0;
+    for (int32_t i = 0; i < vocab; i++) sum += exp((double)logits[i] - m);
+    *max = m;
+    *log_sum = log(sum);
+}
+
+sf_status sf_token_logprob(const float *logits, int32_t vocab, int32_t token, float *logprob) {
+    if (!logits || vocab < 1 || token < 0 || token >= vocab || !logprob) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_token_logprob: bad argument (vocab %d, "
+                       "token %d)", vocab, token);
+    }
+    double max, log_sum;
+    row_log_softmax(logits, vocab, &max, &log_sum);
+    *logprob = (float)(((double)logits[token] - max) - log_sum);
+    return SF_OK;
+}
+
+/* A candidate of the top n: larger logit first, then the lower id. */
+static bool ranks_above(float a, int32_t ia, float b, int32_t ib) {
+    return a != b ? a > b : ia < ib;
+}
+
+sf_status sf_top_logprobs(const float *logits, int32_t vocab, int32_t n, int32_t *ids,
+                          float *logprobs) {
+    if (!logits || vocab < 1 || n < 1 || n > SF_MAX_TOP_LOGPROBS || !ids || !logprobs) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_top_logprobs: bad argument (vocab %d, n %d)",
+                       vocab, n);
+    }
+    /* One pass keeping the best n in order (insertion: n is small), then their log-p. */
+    int32_t len = 0;
+    for (int32_t i = 0; i < vocab; i++) {
+        const float x = logits[i];
+        if (x != x) continue;
+        if (len == n && !ranks_above(x, i, logits[ids[n - 1]], ids[n - 1])) continue;
+        int32_t k = len < n ? len++ : n - 1;
+        for (; k > 0 && ranks_above(x, i, logits[ids[k - 1]], ids[k - 1]); k--) {
+            ids[k] = ids[k - 1];
+        }
+        ids[k] = i;
+    }
+    double max, log_sum;
+    row_log_softmax(logits, vocab, &max, &log_sum);
+    for (int32_t j = 0; j < n; j++) {
+        logprobs[j] = j < len ? (float)(((double)logits[ids[j]] - max) - log_sum) : NAN;
+        if (j >= len) ids[j] = -1;
+    }
+    return SF_OK;
 }

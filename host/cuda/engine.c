@@ -85,6 +85,8 @@ static void carve_step(sf_cuda_engine *e, sf_carver *cv) {
     a->logits = sf_carve(&c, R * (size_t)e->cfg.vocab_size * sizeof(float));
     a->sampled = sf_carve(&c, R * i4);
     a->nll = sf_carve(&c, R * sizeof(float));
+    a->top_ids = sf_carve(&c, R * SF_MAX_TOP_LOGPROBS * i4);
+    a->top_lp = sf_carve(&c, R * SF_MAX_TOP_LOGPROBS * sizeof(float));
     a->sample_ws_bytes = sf_cuda_sample_workspace_bytes((int64_t)R, e->cfg.vocab_size);
     a->sample_ws = sf_carve(&c, a->sample_ws_bytes);
     a->attn_ws_bytes = decode_workspace_bytes(e);
@@ -418,6 +420,8 @@ static sf_status engine_new(const sf_llm_config *cfg, const sf_sysformer_config 
         e->h.uniforms = sf_carve(&hc, R * sizeof(double));
         e->h.tokens = sf_carve(&hc, R * 4);
         e->h.nll = sf_carve(&hc, R * sizeof(float));
+        e->h.top_ids = sf_carve(&hc, R * SF_MAX_TOP_LOGPROBS * 4);
+        e->h.top_lp = sf_carve(&hc, R * SF_MAX_TOP_LOGPROBS * sizeof(float));
         if (pass == 0) {
             cudaError_t err = cudaHostAlloc(&e->h.base, hc.off, cudaHostAllocDefault);
             if (err != cudaSuccess) {

@@ -79,6 +79,8 @@ typedef struct sf_cuda_arena {
     float *logits;                /* [R, vocab]      */
     int32_t *sampled;             /* [R]             */
     float *nll;                   /* [R] -log p of each sampled token (when asked) */
+    int32_t *top_ids;             /* [R, SF_MAX_TOP_LOGPROBS] each row's most likely ... */
+    float *top_lp;                /* ... tokens and their log p (when asked; n_top a row) */
     void *sample_ws;
     size_t sample_ws_bytes;
     void *gemm_ws;
@@ -96,6 +98,8 @@ typedef struct sf_cuda_staging {
     double *uniforms;
     int32_t *tokens; /* [R] sampled ids, copied back asynchronously */
     float *nll;      /* [R] their -log p, when the step took them, likewise      */
+    int32_t *top_ids; /* [R, n_top] each row's most likely tokens, likewise      */
+    float *top_lp;    /* [R, n_top] and their log p                             */
     void *base;
 } sf_cuda_staging;
 
@@ -113,6 +117,7 @@ typedef struct sf_cuda_graph {
     sf_sampling sampling; /* the one group it samples, canonical (sampling_on) */
     bool sampling_on;     /* false: the forward only, any sampling follows it eagerly */
     bool logprobs;        /* with sampling_on: the picks' log-probabilities taken inside too */
+    int32_t n_top;        /* with sampling_on: the most likely tokens a row taken inside     */
 } sf_cuda_graph;
 
 struct sf_cuda_engine {
@@ -156,6 +161,7 @@ struct sf_cuda_engine {
     int32_t last_n;               /* requests in the last step */
     bool last_sampled;
     bool last_logprobs;           /* the last step took its picks' log-probabilities */
+    int32_t last_n_top;           /* and the most likely tokens of each row, this many   */
     cudaEvent_t done;             /* the last step's read-back is complete */
     cudaEvent_t staging_free;     /* the last step's uploads have been read */
     cudaEvent_t ev[SF_STAGE_EVENTS];

@@ -52,6 +52,8 @@ static double draw(sf_gen_request *rq, sf_sampling *setting) {
 typedef struct step_plan {
     int32_t *req, *slots, *cu, *ids, *picked;
     float *logprobs; /* the picked tokens' log-probabilities, when some request asks */
+    int32_t *top_ids; /* [rows * SF_MAX_TOP_LOGPROBS] the most likely tokens ... */
+    float *top_lp;    /* ... and their log-probabilities, when some request asks */
     sf_prompt_spans *spans;
     double *uniforms;
     sf_sampling *settings;
@@ -65,6 +67,8 @@ static void plan_free(step_plan *p) {
     free(p->ids);
     free(p->picked);
     free(p->logprobs);
+    free(p->top_ids);
+    free(p->top_lp);
     free(p->spans);
     free(p->uniforms);
     free(p->settings);
@@ -80,12 +84,15 @@ static sf_status plan_alloc(step_plan *p, int32_t rows, int32_t tokens) {
     p->ids = malloc((size_t)tokens * sizeof *p->ids);
     p->picked = malloc((size_t)rows * sizeof *p->picked);
     p->logprobs = malloc((size_t)rows * sizeof *p->logprobs);
+    p->top_ids = malloc((size_t)rows * SF_MAX_TOP_LOGPROBS * sizeof *p->top_ids);
+    p->top_lp = malloc((size_t)rows * SF_MAX_TOP_LOGPROBS * sizeof *p->top_lp);
     p->spans = malloc((size_t)rows * sizeof *p->spans);
     p->uniforms = malloc((size_t)rows * sizeof *p->uniforms);
     p->settings = malloc((size_t)rows * sizeof *p->settings);
     p->free_slots = malloc((size_t)rows * sizeof *p->free_slots);
-    if (!p->req || !p->slots || !p->cu || !p->ids || !p->picked || !p->logprobs || !p->spans ||
-        !p->uniforms || !p->settings || !p->free_slots) {
+    if (!p->req || !p->slots || !p->cu || !p->ids || !p->picked || !p->logprobs ||
+        !p->top_ids || !p->top_lp || !p->spans || !p->uniforms || !p->settings ||
+        !p->free_slots) {
         plan_free(p);
         return sf_fail(SF_ERR_OUT_OF_MEMORY, "out of memory for a step's plan");
     }
@@ -277,6 +284,7 @@ static sf_status submit(sf_cuda_session *s, const int32_t *ids, int32_t n_ids,
         return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: request %d has no spans; the engine's "
                        "Sysformer needs them", s->who, r);
     }
+    if (sampling) SF_TRY(sf_gen_check_sampling(s->who, "sampling", sampling));
     SF_TRY(sf_cuda_check_prompt(e, s->who, r, ids, n_ids, guarded ? spans : NULL));
     if ((size_t)(s->n - s->base) == s->cap) SF_TRY(grow_ring(s));
     session_request *q = calloc(1, sizeof *q);
@@ -354,7 +362,7 @@ static sf_status run_round(sf_cuda_session *s, sf_stream_fn stream, void *user) 
     const int32_t budget = e->max_batch_tokens, max_context = sf_cuda_engine_max_context(e);
     /* The spans go to the engine only with a Sysformer: without one the CPU path ignores them. */
     const sf_prompt_spans next_token = {0, 0, 0, 0, 1};
-    int32_t m = 0, max_system = 0, max_user = 0;
+    int32_t m = 0, max_system = 0, max_user = 0, n_top = 0;
     bool logprobs = false;
     for (int32_t i = 0; i < s->n_running; i++) p->req[m++] = s->running[i];
     const int32_t running = m;
@@ -388,7 +396,8 @@ static sf_status run_round(sf_cuda_session *s, sf_stream_fn stream, void *user) 
         session_request *q = lookup(s, p->req[i]);
         p->slots[i] = q->slot;
         p->uniforms[i] = draw(&q->rq, &p->settings[i]);
-        logprobs = logprobs || p->settings[i].logprobs;
+        logprobs = logprobs || sf_gen_wants_scores(&p->settings[i]);
+        if (p->settings[i].top_logprobs > n_top) n_top = p->settings[i].top_logprobs;
         if (!prefill) continue;
         /* a running request feeds the token its slot last picked (the one just accepted); a
          * new one its whole prompt */
@@ -412,6 +421,9 @@ static sf_status run_round(sf_cuda_session *s, sf_stream_fn stream, void *user) 
     st = sf_cuda_engine_step(e, &step);
     if (st == SF_OK) st = sf_cuda_engine_read_tokens(e, p->picked, m);
     if (st == SF_OK && logprobs) st = sf_cuda_engine_read_logprobs(e, p->logprobs, m);
+    if (st == SF_OK && n_top > 0) {
+        st = sf_cuda_engine_read_top_logprobs(e, p->top_ids, p->top_lp, m, n_top);
+    }
     for (int32_t i = 0; st == SF_OK && i < m; i++) {
         session_request *q = lookup(s, p->req[i]);
         if (!q || q->state != RUNNING) continue; /* cancelled by a callback of this round */
@@ -423,8 +435,11 @@ static sf_status run_round(sf_cuda_session *s, sf_stream_fn stream, void *user) 
             q->length++;
         }
         s->accepting = p->req[i];
-        st = sf_gen_accept(&c, p->req[i], p->picked[i], logprobs ? p->logprobs[i] : 0.0f,
-                           room_of(q, max_context), &q->rq, &q->res);
+        const sf_gen_scores scores = {logprobs ? p->logprobs[i] : 0.0f,
+                                      p->top_ids + (size_t)i * n_top,
+                                      p->top_lp + (size_t)i * n_top};
+        st = sf_gen_accept(&c, p->req[i], p->picked[i], &scores, room_of(q, max_context),
+                           &q->rq, &q->res);
         s->accepting = -1;
         if (st == SF_OK && q->cancelled) {
             q->rq.done = true;

@@ -36,6 +36,7 @@ typedef struct step_info {
     bool sample, greedy; /* some request samples; every one that does is greedy (no uniforms) */
     bool reorder;        /* the requests run grouped by sampling setting (e->order)          */
     bool logprobs;       /* some request's setting asks for its pick's log-probability        */
+    int32_t n_top;       /* the most likely tokens a row: the largest top_logprobs asked      */
 } step_info;
 
 static bool is_greedy(const sf_sampling *s) { return !(s->temperature > 0.0f); }
@@ -203,7 +204,13 @@ static sf_status validate(const sf_cuda_engine *e, const sf_cuda_step *s, step_i
     info->greedy = true;
     for (int32_t r = 0; info->sample && r < n; r++) {
         const sf_sampling *p = setting(s, r);
-        info->logprobs = info->logprobs || p->logprobs;
+        if (p->top_logprobs < 0 || p->top_logprobs > SF_MAX_TOP_LOGPROBS) {
+            return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                           "sf_cuda_engine_step: request %d's top_logprobs = %d, outside [0, %d]",
+                           r, p->top_logprobs, SF_MAX_TOP_LOGPROBS);
+        }
+        info->logprobs = info->logprobs || p->logprobs || p->top_logprobs > 0;
+        if (p->top_logprobs > info->n_top) info->n_top = p->top_logprobs;
         if (is_greedy(p)) continue;
         info->greedy = false;
         if (!s->uniforms) {
@@ -345,16 +352,21 @@ static sf_status sample_tail(sf_cuda_engine *e, const step_info *info) {
                                        cudaMemcpyDeviceToHost, s) != cudaSuccess) {
         st = sf_fail(SF_ERR_CUDA, "sf_cuda_engine_step: copying the sampled ids back");
     }
-    /* -log p of each pick is its cross-entropy with the pick as the target: the loss kernel's
-     * forward alone, one block a row (every row: the requests that did not ask cost a row's
-     * read each, less than a pass per group would) */
+    /* -log p of each pick (its cross-entropy with the pick as the target) and the most
+     * likely tokens, one read of the logits, one block a row (every row: the requests that did
+     * not ask cost a row's read each, less than a pass per group would) */
+    const size_t n_top = (size_t)info->n_top;
     if (st == SF_OK && info->logprobs) {
-        st = sf_cuda_cross_entropy(a->nll, NULL, NULL, false, a->logits, false, a->sampled, NULL,
-                                   n, vocab, s);
+        st = sf_cuda_logprobs(a->nll, a->top_ids, a->top_lp, a->logits, a->sampled, n, vocab,
+                              info->n_top, s);
     }
     if (st == SF_OK && info->logprobs &&
-        cudaMemcpyAsync(e->h.nll, a->nll, (size_t)n * sizeof(float), cudaMemcpyDeviceToHost,
-                        s) != cudaSuccess) {
+        (cudaMemcpyAsync(e->h.nll, a->nll, (size_t)n * sizeof(float), cudaMemcpyDeviceToHost,
+                         s) != cudaSuccess ||
+         (n_top && cudaMemcpyAsync(e->h.top_ids, a->top_ids, (size_t)n * n_top * 4,
+                                   cudaMemcpyDeviceToHost, s) != cudaSuccess) ||
+         (n_top && cudaMemcpyAsync(e->h.top_lp, a->top_lp, (size_t)n * n_top * sizeof(float),
+                                   cudaMemcpyDeviceToHost, s) != cudaSuccess))) {
         st = sf_fail(SF_ERR_CUDA, "sf_cuda_engine_step: copying the log-probabilities back");
     }
     sf_nvtx_pop();
@@ -430,7 +442,7 @@ static bool graph_fits(const sf_cuda_graph *g, const sf_cuda_engine *e, const st
     const bool inside = graph_samples(e, info);
     if (g->sampling_on != inside) return false;
     return !inside || (same_setting(&g->sampling, &e->groups[0].sampling) &&
-                       g->logprobs == info->logprobs);
+                       g->logprobs == info->logprobs && g->n_top == info->n_top);
 }
 
 /* Captures the decode body for this batch size and sampling layout (once), then launches it,
@@ -468,6 +480,7 @@ static sf_status decode_graph(sf_cuda_engine *e, const step_info *info) {
         g->sampling_on = inside;
         g->sampling = inside ? e->groups[0].sampling : (sf_sampling){0};
         g->logprobs = inside && info->logprobs;
+        g->n_top = inside ? info->n_top : 0;
     }
     sf_nvtx_push("decode step (graph)");
     cudaError_t err = cudaGraphLaunch(g->exec, e->stream);
@@ -525,6 +538,7 @@ sf_status sf_cuda_engine_step(sf_cuda_engine *e, const sf_cuda_step *s) {
     e->reordered = info.reorder;
     e->last_sampled = info.sample;
     e->last_logprobs = info.logprobs;
+    e->last_n_top = info.n_top;
     e->last_timed = e->timing;
     e->last_graph = graph;
     e->steps++;
@@ -565,6 +579,32 @@ sf_status sf_cuda_engine_read_logprobs(sf_cuda_engine *e, float *logprobs, int32
                        cudaGetErrorString(err));
     }
     for (int32_t r = 0; r < n; r++) logprobs[r] = -e->h.nll[e->reordered ? e->row_of[r] : r];
+    return SF_OK;
+}
+
+sf_status sf_cuda_engine_read_top_logprobs(sf_cuda_engine *e, int32_t *ids, float *logprobs,
+                                           int32_t n, int32_t k) {
+    if (!e || !ids || !logprobs || n < 0 || k < 1) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_cuda_engine_read_top_logprobs: bad argument");
+    }
+    const bool took = e->last_sampled && e->last_n_top > 0;
+    if (!took || k > e->last_n_top || n > e->last_n) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                       "sf_cuda_engine_read_top_logprobs: %d x %d asked; the last step took %d "
+                       "x %d (a request's setting must have top_logprobs set)",
+                       n, k, took ? e->last_n : 0, took ? e->last_n_top : 0);
+    }
+    cudaError_t err = cudaEventSynchronize(e->done);
+    if (err != cudaSuccess) {
+        return sf_fail(SF_ERR_CUDA, "sf_cuda_engine_read_top_logprobs: the step failed: %s",
+                       cudaGetErrorString(err));
+    }
+    const size_t stride = (size_t)e->last_n_top;
+    for (int32_t r = 0; r < n; r++) {
+        const size_t from = (size_t)(e->reordered ? e->row_of[r] : r) * stride;
+        memcpy(ids + (size_t)r * k, e->h.top_ids + from, (size_t)k * sizeof *ids);
+        memcpy(logprobs + (size_t)r * k, e->h.top_lp + from, (size_t)k * sizeof *logprobs);
+    }
     return SF_OK;
 }
 

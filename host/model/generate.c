@@ -80,24 +80,12 @@ sf_status sf_sample(const float *logits, int32_t vocab, const sf_sampling *s, ui
     return SF_OK;
 }
 
-sf_status sf_token_logprob(const float *logits, int32_t vocab, int32_t token, float *logprob) {
-    if (!logits || vocab < 1 || token < 0 || token >= vocab || !logprob) {
-        return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_token_logprob: bad argument (vocab %d, "
-                       "token %d)", vocab, token);
-    }
-    /* The row's maximum first, so that no exp overflows and the largest term is exactly 1. */
-    double max = logits[0];
-    for (int32_t i = 1; i < vocab; i++) max = logits[i] > max ? logits[i] : max;
-    double sum = 0.0;
-    for (int32_t i = 0; i < vocab; i++) sum += exp((double)logits[i] - max);
-    *logprob = (float)(((double)logits[token] - max) - log(sum));
-    return SF_OK;
-}
-
 void sf_generation_result_free(sf_generation_result *r) {
     if (!r) return;
     free(r->tokens);
     free(r->logprobs);
+    free(r->top_ids);
+    free(r->top_logprobs);
     free(r->text);
     memset(r, 0, sizeof *r);
 }
@@ -111,14 +99,21 @@ static sf_gen_room room_of(const sf_llm *llm, const sf_kv_cache *cache) {
                          llm->cfg.max_position_embeddings};
 }
 
-/* Request r's next token from its row of logits, with its log-probability when asked. */
+/* Request r's next token from its row of logits, with its scores when asked. */
 static sf_status pick(const sf_gen_ctx *c, int32_t r, const float *logits, int32_t vocab,
                       sf_gen_room room, sf_gen_request *rq, sf_generation_result *res) {
-    int32_t t;
-    float logprob = 0.0f;
-    sf_status st = sf_sample(logits, vocab, rq->sampling, &rq->rng, &t);
-    if (st == SF_OK && rq->sampling->logprobs) st = sf_token_logprob(logits, vocab, t, &logprob);
-    return st == SF_OK ? sf_gen_accept(c, r, t, logprob, room, rq, res) : st;
+    int32_t t, top_ids[SF_MAX_TOP_LOGPROBS];
+    float top_lp[SF_MAX_TOP_LOGPROBS];
+    sf_gen_scores scores = {0.0f, top_ids, top_lp};
+    const sf_sampling *s = rq->sampling;
+    sf_status st = sf_sample(logits, vocab, s, &rq->rng, &t);
+    if (st == SF_OK && sf_gen_wants_scores(s)) {
+        st = sf_token_logprob(logits, vocab, t, &scores.logprob);
+    }
+    if (st == SF_OK && s->top_logprobs > 0) {
+        st = sf_top_logprobs(logits, vocab, s->top_logprobs, top_ids, top_lp);
+    }
+    return st == SF_OK ? sf_gen_accept(c, r, t, &scores, room, rq, res) : st;
 }
 
 sf_status sf_generate_cpu(const sf_llm *llm, const sf_sysformer *sf, const sf_tokenizer *tok,

@@ -3,6 +3,7 @@
  * Messages carry the caller's name, so each entry point reports failures as its own. */
 #include "model/generation.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -35,6 +36,14 @@ static bool ends_with_stop_string(const sf_gen_request *rq, const sf_generation 
     return false;
 }
 
+sf_status sf_gen_check_sampling(const char *who, const char *what, const sf_sampling *s) {
+    if (s->top_logprobs < 0 || s->top_logprobs > SF_MAX_TOP_LOGPROBS) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: %s.top_logprobs = %d, outside [0, %d]", who,
+                       what, s->top_logprobs, SF_MAX_TOP_LOGPROBS);
+    }
+    return SF_OK;
+}
+
 sf_status sf_gen_check_args(const char *who, bool have_model, bool needs_spans,
                             const sf_tokenizer *tok, const sf_generation *g,
                             const sf_generation_result *results) {
@@ -51,6 +60,13 @@ sf_status sf_gen_check_args(const char *who, bool have_model, bool needs_spans,
                            r, g->request_max_new_tokens[r]);
         }
     }
+    sf_status st = sf_gen_check_sampling(who, "sampling", &g->sampling);
+    for (int32_t r = 0; st == SF_OK && g->request_sampling && r < g->n_requests; r++) {
+        char what[48];
+        snprintf(what, sizeof what, "request_sampling[%d]", r);
+        st = sf_gen_check_sampling(who, what, &g->request_sampling[r]);
+    }
+    if (st != SF_OK) return st;
     if (needs_spans && !g->spans) {
         return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: a Sysformer needs each prompt's spans", who);
     }
@@ -88,9 +104,17 @@ sf_status sf_gen_request_start(const char *who, sf_status st, const sf_tokenizer
     const int64_t most = room >= 1 && room < max_new ? room : max_new;
     /* Allocated even after a failure, as the caller's cleanup frees every result alike. */
     const size_t count = (size_t)(most > 0 ? most : 1);
+    const bool scores = sf_gen_wants_scores(sampling);
+    const size_t n_top = sampling->top_logprobs > 0 ? (size_t)sampling->top_logprobs : 0;
     res->tokens = malloc(count * sizeof(int32_t));
-    if (sampling->logprobs) res->logprobs = malloc(count * sizeof(float));
-    if (st == SF_OK && (!res->tokens || (sampling->logprobs && !res->logprobs))) {
+    if (scores) res->logprobs = malloc(count * sizeof(float));
+    if (n_top) {
+        res->n_top = (int32_t)n_top;
+        res->top_ids = malloc(count * n_top * sizeof(int32_t));
+        res->top_logprobs = malloc(count * n_top * sizeof(float));
+    }
+    if (st == SF_OK && (!res->tokens || (scores && !res->logprobs) ||
+                        (n_top && (!res->top_ids || !res->top_logprobs)))) {
         st = sf_fail(SF_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
     }
     if (st == SF_OK && tok) st = sf_detokenizer_create(tok, true, &rq->detok);
@@ -107,8 +131,9 @@ sf_status sf_gen_request_init(const sf_gen_ctx *c, sf_status st, const sf_tokeni
                                 rq, res);
 }
 
-sf_status sf_gen_accept(const sf_gen_ctx *c, int32_t r, int32_t token, float logprob,
-                        sf_gen_room room, sf_gen_request *rq, sf_generation_result *res) {
+sf_status sf_gen_accept(const sf_gen_ctx *c, int32_t r, int32_t token,
+                        const sf_gen_scores *scores, sf_gen_room room, sf_gen_request *rq,
+                        sf_generation_result *res) {
     const sf_generation *g = c->g;
     for (int32_t i = 0; i < g->n_stop_ids; i++) {
         if (token == g->stop_ids[i]) {
@@ -117,7 +142,12 @@ sf_status sf_gen_accept(const sf_gen_ctx *c, int32_t r, int32_t token, float log
             return SF_OK;
         }
     }
-    if (res->logprobs) res->logprobs[res->n_tokens] = logprob;
+    if (res->logprobs) res->logprobs[res->n_tokens] = scores->logprob;
+    if (res->top_ids) {
+        const size_t at = (size_t)res->n_tokens * (size_t)res->n_top;
+        memcpy(res->top_ids + at, scores->top_ids, (size_t)res->n_top * sizeof(int32_t));
+        memcpy(res->top_logprobs + at, scores->top_logprobs, (size_t)res->n_top * sizeof(float));
+    }
     res->tokens[res->n_tokens++] = token;
     rq->last = token;
     char piece[256];

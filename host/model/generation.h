@@ -73,10 +73,28 @@ sf_status sf_gen_request_init(const sf_gen_ctx *c, sf_status st, const sf_tokeni
                               int32_t r, int32_t window, sf_gen_request *rq,
                               sf_generation_result *res);
 
-/* Records one sampled token for request r (with its log-probability, kept when the request's
- * setting asked for them) and decides whether it finishes the request. */
-sf_status sf_gen_accept(const sf_gen_ctx *c, int32_t r, int32_t token, float logprob,
-                        sf_gen_room room, sf_gen_request *rq, sf_generation_result *res);
+/* What a token's step says of it, for a request that asked (sf_gen_wants_scores): its
+ * log-probability, and the setting's top_logprobs most likely tokens with theirs. */
+typedef struct sf_gen_scores {
+    float logprob;
+    const int32_t *top_ids;
+    const float *top_logprobs;
+} sf_gen_scores;
+
+/* The setting asks for log-probabilities (logprobs, or top_logprobs > 0). */
+static inline bool sf_gen_wants_scores(const sf_sampling *s) {
+    return s->logprobs || s->top_logprobs > 0;
+}
+
+/* SF_ERR_INVALID_ARGUMENT, naming who and what, for a top_logprobs outside
+ * [0, SF_MAX_TOP_LOGPROBS]. */
+sf_status sf_gen_check_sampling(const char *who, const char *what, const sf_sampling *s);
+
+/* Records one sampled token for request r (with its scores, kept when the request's setting
+ * asked for them; else scores may be NULL) and decides whether it finishes the request. */
+sf_status sf_gen_accept(const sf_gen_ctx *c, int32_t r, int32_t token,
+                        const sf_gen_scores *scores, sf_gen_room room, sf_gen_request *rq,
+                        sf_generation_result *res);
 
 /* Ends one request: flushes its text into res (when st is SF_OK; a stop string stays removed)
  * and frees its state. Returns st, or the flush's failure. */
