@@ -234,7 +234,8 @@ __global__ void __launch_bounds__(kBlock)
 // every thread over the warps' results), whose thread moves to its next. Writes nll[row] =
 // -log p(targets[row]) (when nll) and, for j < n_top, top_ids[row n_top + j] and
 // top_lp[row n_top + j] = log p of the row's j-th most likely token (id -1 and NaN past the
-// row's non-NaN values). Every log-probability is formed as the loss is: -((m - z) + log s).
+// row's non-NaN values). Every log-probability is formed as the loss is: 0 - ((m - z) + log s)
+// (0 - x, not -x: a certain token's is +0, as on the CPU).
 template <int VEC>
 __global__ void __launch_bounds__(kBlock)
     logprobs_kernel(float *__restrict__ nll, int32_t *__restrict__ top_ids,
@@ -314,7 +315,7 @@ __global__ void __launch_bounds__(kBlock)
             const int64_t out = row * n_top + j;
             const int32_t i = best ? index_of(best) : -1;
             top_ids[out] = i;
-            top_lp[out] = i >= 0 ? -((fin.m - z[i]) + log_s) : __int_as_float(0x7fc00000);
+            top_lp[out] = i >= 0 ? 0.0f - ((fin.m - z[i]) + log_s) : __int_as_float(0x7fc00000);
         }
         __syncthreads();  // warp_head is written again
     }

@@ -35,7 +35,7 @@ typedef struct step_info {
     bool decode, guarded;
     bool sample, greedy; /* some request samples; every one that does is greedy (no uniforms) */
     bool reorder;        /* the requests run grouped by sampling setting (e->order)          */
-    bool logprobs;       /* some request's setting asks for its pick's log-probability        */
+    bool logprobs;       /* some request's setting asks for log-probabilities                 */
     int32_t n_top;       /* the most likely tokens a row: the largest top_logprobs asked      */
 } step_info;
 
@@ -230,8 +230,8 @@ static sf_status validate(const sf_cuda_engine *e, const sf_cuda_step *s, step_i
 
 /* A sampling setting in the one form that settings acting alike share (sf_sample's and the
  * device sampler's rules): any temperature <= 0 (or NaN) is greedy, and top_k and top_p off
- * are 0 and 1; the seed is not the engine's (the caller draws the uniforms), and logprobs is
- * the step's (taken for every row when any request asks). */
+ * are 0 and 1; the seed is not the engine's (the caller draws the uniforms), and logprobs and
+ * top_logprobs are the step's (taken for every row when any request asks). */
 static sf_sampling canonical(const sf_sampling *s, int32_t vocab) {
     if (is_greedy(s)) return (sf_sampling){.temperature = 0.0f, .top_p = 1.0f};
     return (sf_sampling){.temperature = s->temperature,
@@ -578,7 +578,10 @@ sf_status sf_cuda_engine_read_logprobs(sf_cuda_engine *e, float *logprobs, int32
         return sf_fail(SF_ERR_CUDA, "sf_cuda_engine_read_logprobs: the step failed: %s",
                        cudaGetErrorString(err));
     }
-    for (int32_t r = 0; r < n; r++) logprobs[r] = -e->h.nll[e->reordered ? e->row_of[r] : r];
+    /* 0 - nll, not -nll: a certain token's log-probability is +0, as the CPU's */
+    for (int32_t r = 0; r < n; r++) {
+        logprobs[r] = 0.0f - e->h.nll[e->reordered ? e->row_of[r] : r];
+    }
     return SF_OK;
 }
 
