@@ -88,16 +88,17 @@ __device__ __forceinline__ int32_t index_of(uint64_t r) {
     return 0x7fffffff - (int32_t)(uint32_t)r;
 }
 
-// A thread's n best candidates so far, best first, in local memory (n <= kMaxTop; a new
-// candidate is compared with the n-th and usually rejected there).
+// A thread's n best candidates so far, best first, in local memory (n <= kMaxTop). The caller
+// keeps what insert returns in a register (the n-th best once the list is full, else 0) and
+// compares each new candidate with it first, so that most never touch the list.
 struct TopList {
     uint64_t r[kMaxTop];
     int n, len;
-    __device__ void offer(uint64_t x) {
-        if (len == n && x <= r[n - 1]) return;
+    __device__ uint64_t insert(uint64_t x) {
         int k = len < n ? len++ : n - 1;
         for (; k > 0 && r[k - 1] < x; k--) r[k] = r[k - 1];
         r[k] = x;
+        return len == n ? r[n - 1] : 0;
     }
 };
 
@@ -252,6 +253,7 @@ __global__ void __launch_bounds__(kBlock)
     TopList top;
     top.n = n_top > 0 ? n_top : 1;
     top.len = 0;
+    uint64_t floor = 0;  // a candidate must rank above this to enter the list
     Softmax sm = {-INFINITY, 0.0f};
     bool nan = false;
     for (int c = threadIdx.x; c < n_chunks; c += kBlock) {
@@ -262,7 +264,10 @@ __global__ void __launch_bounds__(kBlock)
         for (int i = 0; i < VEC; i++) {
             cm = fmaxf(cm, v[i]);
             nan |= v[i] != v[i];
-            if (n_top > 0 && v[i] == v[i]) top.offer(rank_of(v[i], c * VEC + i));
+            if (n_top > 0 && v[i] == v[i]) {
+                const uint64_t x = rank_of(v[i], c * VEC + i);
+                if (x > floor) floor = top.insert(x);
+            }
         }
         const float m = fmaxf(sm.m, cm);
         if (m == -INFINITY) continue;
