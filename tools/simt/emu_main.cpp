@@ -67,8 +67,9 @@ class LaunchLog : public testing::EmptyTestEventListener {
         if (getenv("EMU_LAUNCHES"))
             for (auto &k : all_) printf("    %7d x %s\n", k.second, k.first.c_str());
 #if EMU_RACECHECK
-        printf("[emu] race check: %lld shared-memory accesses checked, %lld races\n",
-               emu::race::st.accesses, emu::race::st.races);
+        printf("[emu] race check: %lld shared-memory and %lld device-memory accesses checked, "
+               "%lld races\n",
+               emu::race::st.accesses, emu::race::st.global_accesses, emu::race::st.races);
 #endif
         const emu::RuntimeStats &s = emu::stats;
         if (s.queued || s.captures)

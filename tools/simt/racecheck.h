@@ -1,6 +1,7 @@
-// tools/simt: a shared-memory race check (run.sh RACE=1), the emulator's counterpart of
-// compute-sanitizer's racecheck. Included by shim.h; with EMU_RACECHECK unset every hook below
-// is an empty inline function.
+// tools/simt: a race check (run.sh RACE=1) for shared memory, the emulator's counterpart of
+// compute-sanitizer's racecheck, and for device memory between the blocks of a launch, which
+// no CUDA tool checks. Included by shim.h; with EMU_RACECHECK unset every hook below is an
+// empty inline function.
 //
 // RACE=1 compiles the kernels with GCC's -fsanitize=thread instrumentation but without its
 // runtime: every load and store the kernel code makes calls a __tsan_readN / __tsan_writeN
@@ -27,10 +28,25 @@
 // between a thread and a warp-mate of an arriving thread; it never invents one. Atomics are
 // exempt (they may race by design), and so are the emulator's own accesses (the mbarrier
 // words, operand checks).
+//
+// Device memory (global_access below). The blocks of one launch run in no order the kernel
+// may rely on: nothing here uses grid-wide synchronisation, or the fence-and-counter hand-over
+// of a "last block" reduction. So two accesses to one 2-byte cell of a device allocation from
+// different blocks of a launch, at least one a write (not an atomic), are a race, whatever
+// order the emulator ran the blocks in; it reports the first of each launch with both blocks,
+// threads and this access's place. Within a block, device memory is not checked (shared memory
+// is), nor are launches of one block; EMU_RACE_GLOBAL=0 turns this part off.
+// Accesses the instrumentation does not see are not checked either: cp.async's reads of
+// device memory (the emulator's copies), and the cuBLASLt stand-in, which is host code.
 #pragma once
 
 #include <cxxabi.h>
 #include <dlfcn.h>
+
+#include <memory>
+#include <unordered_map>
+
+#include "simt_api.h"
 
 namespace emu::race {
 
@@ -84,8 +100,32 @@ struct State {
     bool reported = false;          // this block's race is reported
     std::vector<std::string> found;  // reports not yet handed to the launch (cuda_emu.h)
     long long accesses = 0, races = 0;
+    long long global_accesses = 0;
 };
 inline State st;
+
+// A 2-byte cell of device memory: the blocks (linear ids) that last wrote and read it in the
+// launch `gen` (-1: none; a read by a second block sets r_block to -2, several), and their
+// threads. 16 bytes: the shadow is 8 times the device memory a launch touches, so the places
+// are not kept (a report names this access's place and the other's block and thread).
+struct GlobalCell {
+    uint32_t gen;
+    int32_t w_block, r_block;
+    int16_t w_tid, r_tid;
+};
+struct Global {
+    static constexpr int kPageShift = 16;  // a shadow page covers 64 KiB of device memory
+    std::unordered_map<uintptr_t, std::unique_ptr<GlobalCell[]>> pages;
+    uintptr_t last_page = UINTPTR_MAX;
+    GlobalCell *last = nullptr;
+    uint32_t gen = 0;                // launches so far
+    uintptr_t dev_lo = 0, dev_hi = 0;   // the last device allocation met (this launch)
+    uintptr_t host_lo = 1, host_hi = 0; // the last range known to hold no device memory
+    bool reported = false;           // this launch's race is reported
+    bool on = false;                 // this launch is checked: more than one block, and not
+                                     // EMU_RACE_GLOBAL=0
+};
+inline Global g;
 
 // The compiler barriers keep the count's change in place: the instrumentation comes after
 // optimisation, which would otherwise drop an increment and decrement with nothing between.
@@ -159,6 +199,8 @@ inline void report(const char *what, const Stamp &p, int t, Site at, const void 
     st.found.push_back(std::string(st.kernel) + ": " + b + msg);
 }
 
+inline void global_access(int t, const void *p, size_t n, bool write, Site at);
+
 inline Cell *cell_of(const unsigned char *p) {
     size_t i;
     if (p >= st.d_lo && p < st.d_hi)
@@ -181,7 +223,10 @@ inline Cell *cell_of(const unsigned char *p) {
 inline void access(int t, const void *p, size_t n, bool write, Site at, bool record = true) {
     if (st.quiet || t < 0 || t >= st.n) return;
     const unsigned char *a = (const unsigned char *)p;
-    if (!((a >= st.d_lo && a < st.d_hi) || (a >= st.s_lo && a < st.s_hi))) return;
+    if (!((a >= st.d_lo && a < st.d_hi) || (a >= st.s_lo && a < st.s_hi))) {
+        global_access(t, p, n, write, at);
+        return;
+    }
     st.accesses++;
     const int w = t / 32;
     const Stamp now{st.C[w], st.S[w], (int16_t)t, (int16_t)w, at.line, at.pc};
@@ -237,6 +282,111 @@ inline void block_begin(int n, const unsigned char *stat, const unsigned char *d
         st.cell_bytes = cell_bytes;
         st.cells.assign(cells * cell_bytes, 0);
         st.gen = 1;
+    }
+}
+
+// A launch starts: no device-memory access yet; allocations may have come and gone since the
+// last one.
+inline void launch_begin() {
+    static const bool enabled = [] {
+        const char *v = getenv("EMU_RACE_GLOBAL");
+        return !v || atoi(v) != 0;
+    }();
+    g.on = enabled && (unsigned long long)gridDim.x * gridDim.y * gridDim.z > 1;
+    g.gen++;
+    g.reported = false;
+    g.dev_lo = g.dev_hi = 0;
+    g.host_lo = 1;
+    g.host_hi = 0;
+}
+
+inline GlobalCell *global_cell(uintptr_t q) {
+    const uintptr_t page = q >> Global::kPageShift;
+    if (page != g.last_page) {
+        auto &slot = g.pages[page];
+        if (!slot) {
+            slot.reset(new GlobalCell[(size_t)1 << (Global::kPageShift - 1)]);
+            for (size_t i = 0; i < (size_t)1 << (Global::kPageShift - 1); i++) slot[i].gen = 0;
+        }
+        g.last_page = page;
+        g.last = slot.get();
+    }
+    GlobalCell *c = &g.last[(q & (((uintptr_t)1 << Global::kPageShift) - 1)) >> 1];
+    if (c->gen != g.gen) *c = GlobalCell{g.gen, -1, -1, -1, -1};
+    return c;
+}
+
+inline std::string block_name(int32_t b) {
+    const unsigned x = gridDim.x, y = gridDim.y;
+    char s[64];
+    snprintf(s, sizeof s, "block (%u,%u,%u)", (unsigned)b % x, ((unsigned)b / x) % y,
+             (unsigned)b / (x * y));
+    return s;
+}
+
+inline void global_report(const char *what, int32_t other_block, int other_tid, int t, Site at,
+                          uintptr_t q) {
+    st.races++;
+    if (g.reported) return;
+    g.reported = true;
+    char b[160];
+    snprintf(b, sizeof b, "device-memory race between blocks (%s) on device byte 0x%zx (%zu "
+             "bytes into its allocation): ", what, (size_t)q, (size_t)(q - g.dev_lo));
+    std::string msg = std::string(st.kernel) + ": " + b;
+    const int32_t me = (int32_t)(blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z));
+    snprintf(b, sizeof b, " thread %d at ", t);
+    msg += block_name(me) + b + where(at.pc, at.line);
+    if (other_block == -2) {
+        msg += ", and other blocks reading it";
+    } else {
+        snprintf(b, sizeof b, " thread %d", other_tid);
+        msg += ", and " + block_name(other_block) + b;
+    }
+    msg += ": the blocks of one launch run in no order";
+    st.found.push_back(msg);
+}
+
+// Thread t of the running block reads or writes [p, p + n), outside shared memory: checked
+// against the launch's other blocks when it is device memory.
+inline void global_access(int t, const void *p, size_t n, bool write, Site at) {
+    if (!g.on) return;
+    const uintptr_t a = (uintptr_t)p;
+    if (a >= g.host_lo && a < g.host_hi) return;
+    if (!(a >= g.dev_lo && a < g.dev_hi)) {
+        // its own stack (the fiber's locals), or the runtime's answer, kept for the next
+        const char *stack = ctx.cur >= 0 && ctx.cur < (int)ctx.stacks.size()
+                                ? ctx.stacks[ctx.cur] : nullptr;
+        if (stack && p >= stack && p < stack + ctx.stack_size) return;
+        uintptr_t lo, hi;
+        if (!simt::device_range(p, &lo, &hi)) {
+            g.host_lo = lo;
+            g.host_hi = hi;
+            return;
+        }
+        g.dev_lo = lo;
+        g.dev_hi = hi;
+    }
+    st.global_accesses++;
+    const int32_t me = (int32_t)(blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z));
+    const uintptr_t end = std::min(a + n, g.dev_hi);
+    for (uintptr_t q = a & ~(uintptr_t)1; q < end; q += 2) {
+        GlobalCell *c = global_cell(q);
+        if (c->w_block >= 0 && c->w_block != me) {
+            global_report(write ? "write after write" : "read after write", c->w_block,
+                          c->w_tid, t, at, q);
+        }
+        if (write) {
+            if (c->r_block == -2 || (c->r_block >= 0 && c->r_block != me)) {
+                global_report("write after read", c->r_block, c->r_tid, t, at, q);
+            }
+            c->w_block = me;
+            c->w_tid = (int16_t)t;
+        } else if (c->r_block == -1 || c->r_block == me) {
+            c->r_block = me;
+            c->r_tid = (int16_t)t;
+        } else {
+            c->r_block = -2;
+        }
     }
 }
 
@@ -304,6 +454,7 @@ struct Site {};
 inline Site site(const std::source_location &) { return {}; }
 inline void access(int, const void *, size_t, bool, Site, bool = true) {}
 inline int current_thread() { return -1; }
+inline void launch_begin() {}
 inline void block_begin(int, const unsigned char *, const unsigned char *, size_t) {}
 inline void block_barrier() {}
 inline void warp_sync(int, unsigned) {}

@@ -44,8 +44,10 @@
 #        (default: the number of CPUs); CUDA_HOME (engine, train, backward: the real
 #        cuda_runtime.h and cublasLt.h the C code is built against; default /usr/local/cuda);
 #        EMU_DEVICE_GIB device memory (default 16); EMU_DEBUG=1 full debug info (-g, not -g1);
-#        RACE=1 the shared-memory race check (racecheck.h: every kernel load and store checked
-#        against the block's barriers, warp syncs, named barriers and mbarriers; not with SAN).
+#        RACE=1 the race check (racecheck.h: every kernel load and store to shared memory
+#        checked against the block's barriers, warp syncs, named barriers and mbarriers, and to
+#        device memory against the launch's other blocks; not with SAN; EMU_RACE_GLOBAL=0
+#        leaves device memory out).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)

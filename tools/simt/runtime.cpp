@@ -332,6 +332,23 @@ int enqueue_op(void *stream, const char *what, std::function<void()> op) {
     return emu::enqueue((cudaStream_t)stream, what, std::move(op)) ? 0 : (int)emu::last_error;
 }
 bool device_span(const void *p, size_t bytes) { return space_of(p, bytes ? bytes : 1) == DEVICE; }
+bool device_range(const void *p, uintptr_t *lo, uintptr_t *hi) {
+    const uintptr_t a = (uintptr_t)p;
+    auto next = allocs.upper_bound(a);
+    *hi = next == allocs.end() ? UINTPTR_MAX : next->first;
+    *lo = 0;
+    if (next != allocs.begin()) {
+        auto it = std::prev(next);
+        const uintptr_t end = it->first + it->second.bytes;
+        if (a < end) {  // inside it
+            *lo = it->first;
+            *hi = end;
+            return !it->second.pinned;
+        }
+        *lo = end;
+    }
+    return false;
+}
 void report(const std::string &msg) { fault(msg); }
 size_t device_memory_bytes() { return device_limit(); }
 

@@ -613,6 +613,7 @@ inline bool launch(dim3 grid, dim3 block, size_t dynamic_smem, std::function<voi
     static_window_reset();
     ctx.body = std::move(body);
     const unsigned long long nb = (unsigned long long)grid.x * grid.y * grid.z;
+    race::launch_begin();
     std::vector<unsigned long long> ord(nb);
     for (unsigned long long b = 0; b < nb; b++) ord[b] = ctx.block_order == 1 ? nb - 1 - b : b;
     if (ctx.block_order == 2) std::shuffle(ord.begin(), ord.end(), ctx.rng);

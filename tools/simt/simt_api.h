@@ -3,6 +3,7 @@
 // included by cuda_emu.h, so that the tests reach the fault injection and the counters.
 #pragma once
 #include <stddef.h>
+#include <stdint.h>
 
 #include <functional>
 #include <string>
@@ -16,6 +17,9 @@ namespace simt {
 int enqueue_op(void *stream, const char *what, std::function<void()> op);
 // [p, p + bytes) lies inside one device allocation.
 bool device_span(const void *p, size_t bytes);
+// The largest range [*lo, *hi) around p that is all one device allocation (true), or that
+// holds no device allocation's byte (false): the race check's cache of where device memory is.
+bool device_range(const void *p, uintptr_t *lo, uintptr_t *hi);
 // An emulator error: printed, and failing the next synchronisation.
 void report(const std::string &msg);
 // The emulated device's memory (EMU_DEVICE_GIB).
