@@ -6,7 +6,7 @@
  * usage: bench_engine [--configs llama3.1-8b,mistral-7b,phi3.5-mini,smollm2-135m]  (or tiny)
  *                     [--requests 32] [--prompt 512] [--system 64] [--user 384] [--decode 32]
  *                     [--repeats 5] [--seed 1] [--peak 989] [--no-graphs]
- *                     [--attention auto|mma|wgmma|wgmma_ws] [--serve N]
+ *                     [--attention auto|mma|wgmma|wgmma_ws] [--serve N] [--top-logprobs N]
  *
  * Each request's prompt is prefix 5 | system S | middle 5 | user U | suffix (the rest) tokens,
  * random ids in [0, vocab) from a fixed-seed generator; all requests are packed into one step.
@@ -28,6 +28,10 @@
  *        + 2·2·Rs·d·ffs                               linear1 and linear2
  * Norms, RoPE, activations, softmax and sampling are not counted (they are memory-bound).
  * MFU = FLOPs / time / peak, with peak = 989 TFLOP/s, the H200's dense bf16 spec (--peak).
+ *
+ * --top-logprobs N: the decode steps run again with every request asking for log-probabilities
+ * and its N most likely tokens (each step then also reads them back), and the difference is
+ * reported: the cost of sf_cuda_logprobs's extra read of the logit rows and the copies.
  *
  * --serve N: generation throughput of N guarded requests (the prompts above, random ids) whose
  * reply limits are drawn uniformly from 1 .. decode (greedy; random weights rarely stop on
@@ -65,6 +69,7 @@ typedef struct options {
     double peak_tflops;
     bool graphs;
     sf_attention_kernel attention; /* the engine's option: which fused-attention kernel */
+    int top_logprobs; /* > 0: decode again taking log-probabilities and this many alternatives */
 } options;
 
 /* sf_sysformer_default_config's values, by hand (there is no CPU sf_llm here). */
@@ -188,6 +193,59 @@ static sf_status timed_step(sf_cuda_engine *e, const sf_cuda_step *step, int32_t
     if (st != SF_OK) return st;
     *wall_ms = now_ms() - t0;
     return sf_cuda_engine_stage_times(e, stages);
+}
+
+/* Decode timing: from a guarded prefill (gstep) of every slot, `steps` decode steps of the R
+ * requests with the given setting (the last one's tokens read each step, and with logprobs
+ * their log-probabilities too: what a server asking for them waits for). The first step's wall
+ * time (it captures the graph), then the medians over the rest of the wall and device times. */
+typedef struct decode_times {
+    double first, wall_med, device_med;
+    bool in_range;
+} decode_times;
+
+static sf_status bench_decode(sf_cuda_engine *e, const sf_cuda_step *gstep,
+                              const sf_sampling *setting, int steps, int vocab, int32_t *tokens,
+                              decode_times *out) {
+    const int R = gstep->n_requests;
+    sf_status st = reset_slots(e, R);
+    double w;
+    sf_cuda_stage_times s;
+    if (st == SF_OK) st = timed_step(e, gstep, tokens, &w, &s);
+    double *dw = malloc((size_t)steps * sizeof *dw), *dd = malloc((size_t)steps * sizeof *dd);
+    float *lp = malloc((size_t)R * (setting->top_logprobs + 1) * sizeof *lp);
+    int32_t *ids = malloc((size_t)R * (setting->top_logprobs + 1) * sizeof *ids);
+    if (st == SF_OK && (!dw || !dd || !lp || !ids)) {
+        printf("  ERROR bench_decode: out of host memory\n");
+        st = SF_ERR_OUT_OF_MEMORY;
+    }
+    const sf_cuda_step dstep = {.n_requests = R, .slots = gstep->slots, .sampling = setting};
+    out->in_range = true;
+    for (int i = 0; i < steps && st == SF_OK; i++) {
+        const double t0 = now_ms();
+        st = sf_cuda_engine_step(e, &dstep);
+        if (st == SF_OK) st = sf_cuda_engine_read_tokens(e, tokens, R);
+        if (st == SF_OK && (setting->logprobs || setting->top_logprobs > 0)) {
+            st = sf_cuda_engine_read_logprobs(e, lp, R);
+        }
+        if (st == SF_OK && setting->top_logprobs > 0) {
+            st = sf_cuda_engine_read_top_logprobs(e, ids, lp, R, setting->top_logprobs);
+        }
+        dw[i] = now_ms() - t0;
+        if (st == SF_OK) st = sf_cuda_engine_stage_times(e, &s);
+        dd[i] = s.total_ms;
+        if (st == SF_OK && !tokens_in_range(tokens, R, vocab)) out->in_range = false;
+    }
+    if (st == SF_OK && steps > 0) {
+        out->first = dw[0];
+        out->wall_med = steps > 1 ? bench_median(dw + 1, steps - 1) : dw[0];
+        out->device_med = steps > 1 ? bench_median(dd + 1, steps - 1) : dd[0];
+    }
+    free(dw);
+    free(dd);
+    free(lp);
+    free(ids);
+    return st;
 }
 
 /* Warm-up 1, then opt->repeats prefills from empty slots. Fills the medians; *same is whether
@@ -569,54 +627,40 @@ static int bench_config(const char *name, const options *o) {
                                     o->peak_tflops
                               : NAN);
 
-    /* Decode after a guarded prefill: step with token_ids = NULL, read tokens each step. */
-    double d_first = NAN, d_med = NAN, d_dev_med = NAN, d_tok_s = NAN;
+    /* Decode after a guarded prefill: step with token_ids = NULL, read tokens each step; with
+     * --top-logprobs, again taking log-probabilities (the same steps otherwise). */
+    double d_med = NAN, d_tok_s = NAN;
     if (o->decode > 0) {
-        SF_TRY("reset before decode", reset_slots(e, R));
-        double w;
-        sf_cuda_stage_times s;
-        SF_TRY("prefill before decode", timed_step(e, &gstep, tokens, &w, &s));
-        sf_cuda_step dstep = {.n_requests = R, .slots = slots, .cu_seqlens = NULL,
-                              .token_ids = NULL, .spans = NULL, .sampling = &greedy,
-                              .uniforms = NULL};
-        double *dw = malloc((size_t)o->decode * sizeof *dw);
-        double *dd = malloc((size_t)o->decode * sizeof *dd);
-        if (!dw || !dd) {
-            free(dw);
-            free(dd);
-            printf("  ERROR out of host memory\n");
-            goto done;
-        }
-        bool d_range = true;
-        sf_status dst = SF_OK;
-        for (int i = 0; i < o->decode && dst == SF_OK; i++) {
-            dst = timed_step(e, &dstep, tokens, &dw[i], &s);
-            dd[i] = s.total_ms;
-            if (dst == SF_OK && !tokens_in_range(tokens, R, V)) d_range = false;
-        }
-        if (dst == SF_OK) {
-            d_first = dw[0];
-            if (o->decode > 1) {
-                d_med = bench_median(dw + 1, o->decode - 1);
-                d_dev_med = bench_median(dd + 1, o->decode - 1);
-            } else {
-                d_med = dw[0];
-                d_dev_med = dd[0];
-            }
-            d_tok_s = R / (d_med * 1e-3);
-        }
-        free(dw);
-        free(dd);
-        SF_TRY("decode step", dst);
+        decode_times dt;
+        SF_TRY("decode", bench_decode(e, &gstep, &greedy, o->decode, V, tokens, &dt));
         const int32_t len0 = sf_cuda_engine_slot_length(e, 0);
-        ok = ok && d_range && len0 == P + o->decode;
+        ok = ok && dt.in_range && len0 == P + o->decode;
+        d_med = dt.wall_med;
+        d_tok_s = R / (d_med * 1e-3);
         const double ctx = P + 0.5 * o->decode;
         printf("  %-22s first %.3f ms%s, then median %.3f ms wall / %.3f ms "
                "device per step: %.0f tokens/s, ~%.0f GB/s of weights+KV; tokens %s, slot 0 "
                "length %d (expect %d)\n",
-               "decode", d_first, o->graphs ? " (graph capture)" : "", d_med, d_dev_med, d_tok_s,
-               decode_bytes(&c, R, ctx) / (d_med * 1e-3) * 1e-9,
-               d_range ? "in range" : "OUT OF RANGE", len0, P + o->decode);
+               "decode", dt.first, o->graphs ? " (graph capture)" : "", d_med, dt.device_med,
+               d_tok_s, decode_bytes(&c, R, ctx) / (d_med * 1e-3) * 1e-9,
+               dt.in_range ? "in range" : "OUT OF RANGE", len0, P + o->decode);
+        if (o->top_logprobs > 0) {
+            sf_sampling with = greedy;
+            with.logprobs = true;
+            with.top_logprobs = o->top_logprobs;
+            decode_times lt;
+            SF_TRY("decode with log-probabilities",
+                   bench_decode(e, &gstep, &with, o->decode, V, tokens, &lt));
+            ok = ok && lt.in_range;
+            printf("  %-22s median %.3f ms wall / %.3f ms device per step (%+.2f%% wall, "
+                   "%+.2f%% device against plain decode); tokens %s\n",
+                   "decode + logprobs", lt.wall_med, lt.device_med,
+                   100.0 * (lt.wall_med / d_med - 1.0),
+                   100.0 * (lt.device_med / dt.device_med - 1.0),
+                   lt.in_range ? "in range" : "OUT OF RANGE");
+            printf("SUMMARY %s decode_logprobs top=%d decode_ms=%.3f logprobs_decode_ms=%.3f\n",
+                   name, o->top_logprobs, d_med, lt.wall_med);
+        }
     }
 
     /* The integration entry point: guarded embeddings into a caller-owned device buffer. */
@@ -738,7 +782,7 @@ static int usage(void) {
             "usage: bench_engine [--configs llama3.1-8b,mistral-7b,phi3.5-mini,smollm2-135m] "
             "[--requests 32] [--prompt 512] [--system 64] [--user 384] [--decode 32] "
             "[--repeats 5] [--seed 1] [--peak 989] [--no-graphs] "
-            "[--attention auto|mma|wgmma|wgmma_ws] [--serve N]\n");
+            "[--attention auto|mma|wgmma|wgmma_ws] [--serve N] [--top-logprobs N]\n");
     return 2;
 }
 
@@ -766,6 +810,10 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--decode")) o.decode = atoi(v);
         else if (!strcmp(a, "--repeats")) o.repeats = atoi(v);
         else if (!strcmp(a, "--serve")) o.serve = atoi(v);
+        else if (!strcmp(a, "--top-logprobs")) {
+            o.top_logprobs = atoi(v);
+            if (o.top_logprobs < 0 || o.top_logprobs > SF_MAX_TOP_LOGPROBS) return usage();
+        }
         else if (!strcmp(a, "--seed")) o.seed = strtoull(v, NULL, 10);
         else if (!strcmp(a, "--peak")) o.peak_tflops = atof(v);
         else if (!strcmp(a, "--attention")) {

@@ -80,7 +80,8 @@ if [[ $mode == quick ]]; then
     gpu_tests "$ws_tests" gpu_tests_wgmma_ws 60
     grep -B 3 -A 12 -E 'Failure|error:' "$OUT/gpu_tests_wgmma_ws.log" | head -n 60
     timeout 90 "$build/bench_engine" --configs smollm2-135m --requests 8 --prompt 256 \
-        --system 32 --user 160 --decode 8 --repeats 3 >"$OUT/bench_engine.log" 2>&1
+        --system 32 --user 160 --decode 8 --repeats 3 --top-logprobs 5 \
+        >"$OUT/bench_engine.log" 2>&1
     row "bench_engine (smollm2, small)" "rc=$?"
     # the CLI's --device cuda paths on random models (about 20 s on the emulator's shapes)
     timeout 90 tests/cli_cuda_smoke.sh "$build/sysformer" >"$OUT/cli_cuda_smoke.log" 2>&1
@@ -133,7 +134,8 @@ if command -v python3 >/dev/null; then
     timeout 120 python3 bench/peer_attention.py >"$OUT/peer_attention.log" 2>&1
     row "peer_attention (torch SDPA)" "rc=$? (table in peer_attention.log)"
 fi
-timeout 150 "$build/bench_engine" >"$OUT/bench_engine.log" 2>&1
+# (decode again with log-probabilities and 5 alternatives a token: what asking for them costs)
+timeout 150 "$build/bench_engine" --top-logprobs 5 >"$OUT/bench_engine.log" 2>&1
 row "bench_engine" "rc=$? $(grep -c '^SUMMARY .*prefill_tok_s' "$OUT/bench_engine.log")/4 configs"
 # The same 8B prefill with every attention on each wgmma kernel (sf_cuda_engine_options.attention):
 # what choosing one by default would change end to end.

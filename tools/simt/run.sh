@@ -351,7 +351,8 @@ cli_script() {  # the CLI's CUDA paths, then the benches', on the emulated devic
     # bench_engine's every measurement at a test shape, so that a GPU run does not find its
     # bugs: eager and graphed, the Hopper kernels, and --serve; numbers mean nothing here
     local rc=0 args
-    for args in "--serve 12" "--no-graphs --attention wgmma_ws" "--attention wgmma"; do
+    for args in "--serve 12" "--no-graphs --attention wgmma_ws" \
+        "--attention wgmma --top-logprobs 3"; do
         # shellcheck disable=SC2086  # args: flags without spaces
         local got=0
         nice -n 19 timeout 300 "$B/bench_engine" --configs tiny --requests 4 --prompt 96 \
@@ -360,7 +361,9 @@ cli_script() {  # the CLI's CUDA paths, then the benches', on the emulated devic
         if [ $got -ne 0 ] || grep -q -e ERROR -e FAILED "$B/bench_engine.out" ||
             ! grep -q "^SUMMARY tiny prefill_tok_s=" "$B/bench_engine.out" ||
             { [ "$args" = "--serve 12" ] &&
-              ! grep -q "^SUMMARY serve_online tiny .*tpot_p90_ms=" "$B/bench_engine.out"; }; then
+              ! grep -q "^SUMMARY serve_online tiny .*tpot_p90_ms=" "$B/bench_engine.out"; } ||
+            { [[ $args == *--top-logprobs* ]] &&
+              ! grep -q "^SUMMARY tiny decode_logprobs top=3 " "$B/bench_engine.out"; }; then
             echo "FAIL: bench_engine $args (exit $got)"
             cat "$B/bench_engine.out"
             rc=1
