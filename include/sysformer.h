@@ -525,8 +525,8 @@ typedef struct sf_generation_result {
     char *text;       /* the decoded reply (special tokens skipped, stop string removed), when
                          a tokenizer was given; else NULL */
     sf_finish_reason finish;
-    float *logprobs;  /* [n_tokens] when the request's sampling asked (sf_sampling.logprobs),
-                         else NULL: tokens[i]'s log-probability under the model's distribution
+    float *logprobs;  /* [n_tokens] when the request's sampling asked (sf_sampling.logprobs or
+                         top_logprobs), else NULL: tokens[i]'s log-probability under the model's distribution
                          at its step (sf_token_logprob's; on the GPU computed there in fp32
                          from the engine's logits); free with the result */
     int32_t n_top;    /* the request's sampling.top_logprobs (0: none asked)                */
@@ -763,7 +763,7 @@ sf_status sf_cuda_engine_read_tokens(sf_cuda_engine *engine, int32_t *tokens, in
 
 /* Waits for the last step and copies the log-probabilities of its n sampled tokens to logprobs
  * (host), in the caller's request order. SF_ERR_INVALID_ARGUMENT when the last step did not
- * take them (no request's setting had logprobs set) or sampled fewer than n. */
+ * take them (no request's setting had logprobs or top_logprobs set) or sampled fewer than n. */
 sf_status sf_cuda_engine_read_logprobs(sf_cuda_engine *engine, float *logprobs, int32_t n);
 
 /* Waits for the last step and copies, for its first n requests (in the caller's order), the k
@@ -826,8 +826,9 @@ sf_status sf_cuda_session_create(sf_cuda_engine *engine, const sf_tokenizer *tok
 /* Queues one request: its prompt (token_ids[0 .. n_tokens), copied), spans (required with a
  * Sysformer, as in sf_guarded_batch; else unused), sampling (NULL: greedy; its seed starts the
  * request's own stream) and limit (>= 1). Checked now, so that a bad request never reaches a
- * step that others share: SF_ERR_INVALID_ARGUMENT for ids outside the vocabulary or spans
- * sf_cuda_engine_step would refuse, SF_ERR_OUT_OF_RANGE for a prompt that leaves no room in
+ * step that others share: SF_ERR_INVALID_ARGUMENT for ids outside the vocabulary, spans
+ * sf_cuda_engine_step would refuse or a top_logprobs outside [0, SF_MAX_TOP_LOGPROBS],
+ * SF_ERR_OUT_OF_RANGE for a prompt that leaves no room in
  * the engine's context window or fits no step alone (more tokens, or a longer system or user
  * span, than max_batch_tokens). *id receives its id. */
 sf_status sf_cuda_session_submit(sf_cuda_session *session, const int32_t *token_ids,
@@ -861,8 +862,8 @@ sf_status sf_cuda_session_take(sf_cuda_session *session, int32_t id, sf_generati
  * [view->n_tokens - 1] when the request's sampling asked), or a server that shows partial
  * replies. view->tokens and view->logprobs (NULL unless asked) hold what the request has been
  * given so far (a waiting request: none); view->text and view->finish are the result's once
- * *done (text NULL before that, and without a tokenizer: the stream callback has the text as
- * it comes). The view is the session's: never free it; its pointers stay valid until the
+ * *done (before that, text is NULL: the stream callback has the text as it comes). The view is
+ * the session's: never free it; its pointers stay valid until the
  * session's next step, take or free. SF_ERR_INVALID_ARGUMENT for an id never given or already
  * taken, or a NULL argument. */
 sf_status sf_cuda_session_peek(const sf_cuda_session *session, int32_t id,

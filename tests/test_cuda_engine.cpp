@@ -3050,7 +3050,8 @@ TEST_F(CudaEngineTiny, StageTimesAreSane) {
 // streamed, and for a request that asked, its log-probability there is the one the taken
 // result holds at that place; a waiting request shows no tokens; a finished one its whole
 // reply, still there to take (and gone once taken). No tokenizer: no text. Bad ids and NULL
-// arguments are refused.
+// arguments are refused, and so is a submission asking for too many alternatives (it takes no
+// id: 3 is never given).
 struct PeekLog {
     sf_cuda_session *s = nullptr;
     std::vector<std::vector<int32_t>> tokens;
@@ -3090,6 +3091,17 @@ TEST_F(CudaEngineTiny, SessionPeekShowsTheReplySoFar) {
         ASSERT_EQ(sf_cuda_session_submit(s.get(), ids.data(), (int32_t)ids.size(), &p.spans[r],
                                          &set[r], 5, &id),
                   SF_OK)
+            << sf_last_error();
+    }
+    {  // refused at submission, taking no id: a top_logprobs past SF_MAX_TOP_LOGPROBS
+        sf_sampling bad = set[0];
+        bad.top_logprobs = SF_MAX_TOP_LOGPROBS + 1;
+        const std::vector<int32_t> ids = p.request(0);
+        int32_t id = -1;
+        EXPECT_EQ(sf_cuda_session_submit(s.get(), ids.data(), (int32_t)ids.size(), &p.spans[0],
+                                         &bad, 5, &id),
+                  SF_ERR_INVALID_ARGUMENT);
+        EXPECT_NE(std::string(sf_last_error()).find("top_logprobs"), std::string::npos)
             << sf_last_error();
     }
     sf_generation_result view = {};
