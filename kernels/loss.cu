@@ -102,6 +102,35 @@ struct TopList {
     }
 };
 
+// One thread's share of a row's first pass, over its chunks of VEC values (chunk c =
+// threadIdx.x + k kBlock): the online softmax statistics, whether a NaN was seen, and each value
+// with its index handed to each(v, i) in rising index order. Both kernels run this, so their
+// log-sum-exp is the same arithmetic (and the same bound).
+template <int VEC, typename TIn, typename Each>
+__device__ __forceinline__ Softmax thread_stats(const TIn *z, int n_chunks, bool &nan,
+                                                Each &&each) {
+    Softmax sm = {-INFINITY, 0.0f};
+    nan = false;
+    for (int c = threadIdx.x; c < n_chunks; c += kBlock) {
+        float v[VEC];
+        load_logits<VEC>(z + (int64_t)c * VEC, v);
+        float cm = -INFINITY;
+#pragma unroll
+        for (int i = 0; i < VEC; i++) {
+            cm = fmaxf(cm, v[i]);  // ignores NaN
+            nan |= v[i] != v[i];
+            each(v[i], c * VEC + i);
+        }
+        const float m = fmaxf(sm.m, cm);
+        if (m == -INFINITY) continue;  // everything so far is -inf: nothing to add
+        if (m > sm.m) sm.s *= expf(sm.m - m);
+        sm.m = m;
+#pragma unroll
+        for (int i = 0; i < VEC; i++) sm.s += expf(v[i] - m);
+    }
+    return sm;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Kernels
 // ---------------------------------------------------------------------------------------------
@@ -149,27 +178,12 @@ __global__ void __launch_bounds__(kBlock)
         z_first = sf_vec::to_f32(z[0]);
     }
 
-    Softmax sm = {-INFINITY, 0.0f};
     Best best = {-INFINITY, kNoIndex};
-    bool nan = false;  // a NaN logit: the row's sum is NaN, as the CPU's (row_nan)
-    for (int c = threadIdx.x; c < n_chunks; c += kBlock) {
-        float v[VEC];
-        load_logits<VEC>(z + (int64_t)c * VEC, v);
-        float cm = -INFINITY;
-#pragma unroll
-        for (int i = 0; i < VEC; i++) {
-            cm = fmaxf(cm, v[i]);  // ignores NaN
-            nan |= v[i] != v[i];
-            // Indices rise within a thread, so a strict > keeps the first maximum.
-            if (v[i] == v[i] && (best.i == kNoIndex || v[i] > best.v)) best = {v[i], c * VEC + i};
-        }
-        const float m = fmaxf(sm.m, cm);
-        if (m == -INFINITY) continue;  // everything so far is -inf: nothing to add
-        if (m > sm.m) sm.s *= expf(sm.m - m);
-        sm.m = m;
-#pragma unroll
-        for (int i = 0; i < VEC; i++) sm.s += expf(v[i] - m);
-    }
+    bool nan;  // a NaN logit: the row's sum is NaN, as the CPU's
+    Softmax sm = thread_stats<VEC>(z, n_chunks, nan, [&](float v, int32_t i) {
+        // Indices rise within a thread, so a strict > keeps the first maximum.
+        if (v == v && (best.i == kNoIndex || v > best.v)) best = {v, i};
+    });
 
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
@@ -228,9 +242,9 @@ __global__ void __launch_bounds__(kBlock)
     }
 }
 
-// One read of the row, as the cross-entropy's first pass (the same per-thread online softmax
-// statistics and the same fixed-order combination, so the same rounding of log-sum-exp), with
-// each thread also keeping its n_top best logits (TopList). Then n_top rounds pick the row's
+// One read of the row, as the cross-entropy's first pass (thread_stats, then the same
+// fixed-order combination, so the same rounding of log-sum-exp), with each thread also keeping
+// its n_top best logits (TopList). Then n_top rounds pick the row's
 // best in order: each round, the best of the threads' heads (a butterfly in each warp, then
 // every thread over the warps' results), whose thread moves to its next. Writes nll[row] =
 // -log p(targets[row]) (when nll) and, for j < n_top, top_ids[row n_top + j] and
@@ -254,28 +268,13 @@ __global__ void __launch_bounds__(kBlock)
     top.n = n_top > 0 ? n_top : 1;
     top.len = 0;
     uint64_t floor = 0;  // a candidate must rank above this to enter the list
-    Softmax sm = {-INFINITY, 0.0f};
-    bool nan = false;
-    for (int c = threadIdx.x; c < n_chunks; c += kBlock) {
-        float v[VEC];
-        load_logits<VEC>(z + (int64_t)c * VEC, v);
-        float cm = -INFINITY;
-#pragma unroll
-        for (int i = 0; i < VEC; i++) {
-            cm = fmaxf(cm, v[i]);
-            nan |= v[i] != v[i];
-            if (n_top > 0 && v[i] == v[i]) {
-                const uint64_t x = rank_of(v[i], c * VEC + i);
-                if (x > floor) floor = top.insert(x);
-            }
+    bool nan;
+    Softmax sm = thread_stats<VEC>(z, n_chunks, nan, [&](float v, int32_t i) {
+        if (n_top > 0 && v == v) {
+            const uint64_t x = rank_of(v, i);
+            if (x > floor) floor = top.insert(x);
         }
-        const float m = fmaxf(sm.m, cm);
-        if (m == -INFINITY) continue;
-        if (m > sm.m) sm.s *= expf(sm.m - m);
-        sm.m = m;
-#pragma unroll
-        for (int i = 0; i < VEC; i++) sm.s += expf(v[i] - m);
-    }
+    });
     Best unused = {-INFINITY, kNoIndex};
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) merge_lane(sm, unused, o);
