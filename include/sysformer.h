@@ -526,9 +526,10 @@ typedef struct sf_generation_result {
                          a tokenizer was given; else NULL */
     sf_finish_reason finish;
     float *logprobs;  /* [n_tokens] when the request's sampling asked (sf_sampling.logprobs or
-                         top_logprobs), else NULL: tokens[i]'s log-probability under the model's distribution
-                         at its step (sf_token_logprob's; on the GPU computed there in fp32
-                         from the engine's logits); free with the result */
+                         top_logprobs), else NULL: tokens[i]'s log-probability under the
+                         model's distribution at its step (sf_token_logprob's; on the GPU
+                         computed there in fp32 from the engine's logits); free with the
+                         result */
     int32_t n_top;    /* the request's sampling.top_logprobs (0: none asked)                */
     int32_t *top_ids; /* [n_tokens * n_top] when n_top > 0, else NULL: at tokens[i]'s step, the
                          n_top most likely tokens, most likely first (sf_top_logprobs's order),

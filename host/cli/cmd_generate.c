@@ -56,8 +56,8 @@ static void usage(FILE *out, const char *cmd) {
         fprintf(out, "Generates a reply to one prompt (--prompt, streamed to stdout), or to every\n"
                      "line of a JSONL file (--input: {\"prompt\": ...} or {\"instruction\": ...},\n"
                      "optionally \"system\", and \"temperature\", \"top_k\", \"top_p\", \"seed\",\n"
-                     "\"max_new_tokens\", \"logprobs\", \"top_logprobs\" for that line alone) written\n"
-                     "as JSONL to"
+                     "\"max_new_tokens\", \"logprobs\", \"top_logprobs\" for that line alone)\n"
+                     "written as JSONL to"
                      " --output, with a progress bar.\n\n");
     }
     fprintf(out,
@@ -93,8 +93,9 @@ static void usage(FILE *out, const char *cmd) {
                 "                        --prompt a table on stderr after the reply, with --input\n"
                 "                        \"tokens\" and \"token_logprobs\" on every output line\n"
                 "  --top-logprobs N      and the N (at most %d) most likely tokens at each step:\n"
-                "                        under each row of the table, or \"top_token_logprobs\" on\n"
-                "                        each line ([id, logprob] pairs, most likely first)\n",
+                "                        under each row of the table, or\n"
+                "                        \"top_token_logprobs\" on each line ([id, logprob]\n"
+                "                        pairs, most likely first)\n",
                 SF_MAX_TOP_LOGPROBS);
     }
 }
