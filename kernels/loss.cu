@@ -131,15 +131,45 @@ __device__ __forceinline__ Softmax thread_stats(const TIn *z, int n_chunks, bool
     return sm;
 }
 
+// The shared memory of combine_block.
+struct BlockScratch {
+    Softmax sm[kWarps];
+    Best best[kWarps];
+    int nan[kWarps];
+};
+
+// The block's combination of its threads' first passes, in a fixed order (bit-identical run to
+// run): an xor butterfly in each warp, then warp 0 over the warps' results. A NaN logit seen
+// by any thread makes the sum NaN, as in the CPU's double loop (the statistics alone would
+// drop one whose chunk held nothing else, and combine() a thread that saw nothing but NaN).
+// Every thread of the block calls it; the row's (sm, best) are then in every lane of warp 0.
+__device__ __forceinline__ void combine_block(Softmax &sm, Best &best, bool nan,
+                                              BlockScratch &scratch) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) merge_lane(sm, best, o);
+    const int warp = (int)threadIdx.x / 32, lane = (int)threadIdx.x % 32;
+    nan = __any_sync(0xffffffffu, nan);
+    if (lane == 0) {
+        scratch.sm[warp] = sm;
+        scratch.best[warp] = best;
+        scratch.nan[warp] = nan;
+    }
+    __syncthreads();
+    if (warp != 0) return;
+    sm = lane < kWarps ? scratch.sm[lane] : Softmax{-INFINITY, 0.0f};
+    best = lane < kWarps ? scratch.best[lane] : Best{-INFINITY, kNoIndex};
+#pragma unroll
+    for (int o = kWarps / 2; o > 0; o >>= 1) merge_lane(sm, best, o);
+    if (__any_sync(0xffffffffu, lane < kWarps && scratch.nan[lane])) sm.s = NAN;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Kernels
 // ---------------------------------------------------------------------------------------------
 
 // Pass 1 (one read of the row): per thread, over its chunks of VEC values, the online softmax
-// statistics and the first argmax; then the block's combination in a fixed order (xor butterfly
-// in each warp, then warp 0 over the warps' results). A NaN logit makes the sum NaN, as in the
-// CPU's double loop (the statistics alone would drop one whose chunk held nothing else, and
-// combine() a thread that saw nothing but NaN). Pass 2: dlogits. dlogits may be logits:
+// statistics and the first argmax; then the block's combination (combine_block). Pass 2:
+// dlogits. dlogits may be logits:
 // each chunk is read and written by the same thread, and the two values a thread reads before
 // the first barrier (logits[t], logits[0]) are read before any write.
 template <int VEC, typename TIn, typename TOut>
@@ -147,9 +177,7 @@ __global__ void __launch_bounds__(kBlock)
     cross_entropy_kernel(float *__restrict__ loss, int32_t *__restrict__ correct, TOut *dlogits,
                          const TIn *logits, const int32_t *__restrict__ targets,
                          const float *__restrict__ weights, int32_t vocab) {
-    __shared__ Softmax warp_sm[kWarps];
-    __shared__ Best warp_best[kWarps];
-    __shared__ int warp_nan[kWarps];
+    __shared__ BlockScratch scratch;
     __shared__ Softmax row_sm;
 
     const int64_t row = blockIdx.x;
@@ -184,40 +212,19 @@ __global__ void __launch_bounds__(kBlock)
         // Indices rise within a thread, so a strict > keeps the first maximum.
         if (v == v && (best.i == kNoIndex || v > best.v)) best = {v, i};
     });
-
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        merge_lane(sm, best, o);
-    }
-    const int warp = (int)threadIdx.x / 32, lane = (int)threadIdx.x % 32;
-    nan = __any_sync(0xffffffffu, nan);
-    if (lane == 0) {
-        warp_sm[warp] = sm;
-        warp_best[warp] = best;
-        warp_nan[warp] = nan;
-    }
-    __syncthreads();
-    if (warp == 0) {
-        sm = lane < kWarps ? warp_sm[lane] : Softmax{-INFINITY, 0.0f};
-        best = lane < kWarps ? warp_best[lane] : Best{-INFINITY, kNoIndex};
-#pragma unroll
-        for (int o = kWarps / 2; o > 0; o >>= 1) {
-            merge_lane(sm, best, o);
+    combine_block(sm, best, nan, scratch);
+    if (threadIdx.x == 0) {
+        row_sm = sm;
+        if (correct) {
+            // The CPU's loop starts at index 0 and only a strictly larger value moves it: a
+            // NaN there, or nothing but NaN, leaves 0.
+            const int32_t arg = (z_first != z_first || best.i == kNoIndex) ? 0 : best.i;
+            correct[row] = arg == target ? 1 : 0;
         }
-        if (__any_sync(0xffffffffu, lane < kWarps && warp_nan[lane])) sm.s = NAN;
-        if (lane == 0) {
-            row_sm = sm;
-            if (correct) {
-                // The CPU's loop starts at index 0 and only a strictly larger value moves it:
-                // a NaN there, or nothing but NaN, leaves 0.
-                const int32_t arg = (z_first != z_first || best.i == kNoIndex) ? 0 : best.i;
-                correct[row] = arg == target ? 1 : 0;
-            }
-            if (loss) {
-                loss[row] = w == 0.0f   ? 0.0f
-                            : target_ok ? w * ((sm.m - z_target) + logf(sm.s))
-                                        : __int_as_float(0x7fc00000);
-            }
+        if (loss) {
+            loss[row] = w == 0.0f   ? 0.0f
+                        : target_ok ? w * ((sm.m - z_target) + logf(sm.s))
+                                    : __int_as_float(0x7fc00000);
         }
     }
     if (!dz) return;
@@ -256,8 +263,7 @@ __global__ void __launch_bounds__(kBlock)
     logprobs_kernel(float *__restrict__ nll, int32_t *__restrict__ top_ids,
                     float *__restrict__ top_lp, const float *__restrict__ logits,
                     const int32_t *__restrict__ targets, int32_t vocab, int n_top) {
-    __shared__ Softmax warp_sm[kWarps];
-    __shared__ int warp_nan[kWarps];
+    __shared__ BlockScratch scratch;
     __shared__ uint64_t warp_head[kWarps];
     __shared__ Softmax row_sm;
 
@@ -275,30 +281,17 @@ __global__ void __launch_bounds__(kBlock)
             if (x > floor) floor = top.insert(x);
         }
     });
-    Best unused = {-INFINITY, kNoIndex};
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) merge_lane(sm, unused, o);
-    const int warp = (int)threadIdx.x / 32, lane = (int)threadIdx.x % 32;
-    nan = __any_sync(0xffffffffu, nan);
-    if (lane == 0) {
-        warp_sm[warp] = sm;
-        warp_nan[warp] = nan;
-    }
-    __syncthreads();
-    if (warp == 0) {
-        sm = lane < kWarps ? warp_sm[lane] : Softmax{-INFINITY, 0.0f};
-#pragma unroll
-        for (int o = kWarps / 2; o > 0; o >>= 1) merge_lane(sm, unused, o);
-        if (__any_sync(0xffffffffu, lane < kWarps && warp_nan[lane])) sm.s = NAN;
-        if (lane == 0) {
-            row_sm = sm;
-            if (nll) {
-                const int32_t t = targets[row];
-                nll[row] = t >= 0 && t < vocab ? (sm.m - z[t]) + logf(sm.s)
-                                               : __int_as_float(0x7fc00000);
-            }
+    Best unused = {-INFINITY, kNoIndex};  // the argmax is not wanted here
+    combine_block(sm, unused, nan, scratch);
+    if (threadIdx.x == 0) {
+        row_sm = sm;
+        if (nll) {
+            const int32_t t = targets[row];
+            nll[row] = t >= 0 && t < vocab ? (sm.m - z[t]) + logf(sm.s)
+                                           : __int_as_float(0x7fc00000);
         }
     }
+    const int warp = (int)threadIdx.x / 32, lane = (int)threadIdx.x % 32;
     if (n_top <= 0) return;
     __syncthreads();
     const Softmax fin = row_sm;
