@@ -149,6 +149,7 @@ struct Ctx {
     size_t stack_size = 512 << 10;
     void *sched_sp = nullptr;
     int cur = -1;
+    const char *stack_lo = nullptr, *stack_hi = nullptr;  // the running fiber's stack (else empty)
     std::function<void()> body;
     std::string error;
     int order = 0;  // 0: ascending thread order, 1: descending, 2: random per sweep
@@ -225,6 +226,8 @@ inline void reset_fiber(int i) {
 
 inline void resume(int i) {
     ctx.cur = i;
+    ctx.stack_lo = ctx.stacks[i];
+    ctx.stack_hi = ctx.stacks[i] + ctx.stack_size;
     threadIdx = dim3{(unsigned)i % blockDim.x, ((unsigned)i / blockDim.x) % blockDim.y,
                      (unsigned)i / (blockDim.x * blockDim.y)};
     ctx.switches++;
@@ -236,6 +239,7 @@ inline void resume(int i) {
     __sanitizer_finish_switch_fiber(nullptr, nullptr, nullptr);
 #endif
     ctx.cur = -1;
+    ctx.stack_lo = ctx.stack_hi = nullptr;
 }
 
 inline std::string describe(int i) {
