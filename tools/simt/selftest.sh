@@ -5,11 +5,12 @@
 # A planted bug that passes means the suite cannot see that kind of error: exit 1. Two
 # suites, two bugs in tensor-core kernels (about a minute of one core; what ctest runs, kept
 # short for CI's budget); --all adds the split top-p's and the split argmax's, one for the
-# optim suite, the engine's and the train suite's (about 8 minutes more: those two build the
-# whole library; with a learned system offset's gradient and device span check among them,
+# optim suite, the engine's and the train suite's (15 minutes in all on two cores: those two
+# build the whole library; with a learned system offset's gradient and device span check among them,
 # the serving entry point's offset bounds, lent-table check and fp16 embeddings, per-request
 # sampling's order, continuous batching's fed tokens, and a failed step's slots and session),
-# and the wgmma attention's, and a race only the race check (run.sh RACE=1) sees. Others: run.sh
+# and the wgmma attention's, and races only the race check (run.sh RACE=1) sees, and two of
+# the warp-specialized kernel's again under it. Others: run.sh
 # with KSRC / ESRC by hand. Most engine and train
 # plants are in host code (host/cuda), not in a kernel. Two of them only the emulated
 # runtime's queued streams can show (on a CPU that runs everything at once they would pass):
@@ -163,5 +164,14 @@ if [ "${1:-}" = --all ]; then
     plant attention attention_sm90.cu $'        take_turn();\n        if (c == 0) hand_over();' \
         $'        take_turn();\n        hand_over();' \
         '*CudaAttention.CrossAttentionOtherLengths/sm90_ws'
+    # the first and the fourth again under the race check, which reports each as a race (a
+    # read of V's stage after the producer's refill; a read of V before its copy's arrival)
+    plant attention attention_sm90.cu \
+        "        wgmma_wait<0>();${i}st.pin();${i}mbar_arrive(v_empty(sv));" \
+        "        mbar_arrive(v_empty(sv));${i}wgmma_wait<0>();${i}st.pin();" \
+        '*CudaAttention.ChunkedPrefillAgainstCache/sm90_ws' RACE=1
+    plant attention attention_sm90.cu \
+        $'        mbar_wait(v_full(sv), ((t - 1) / kStages) & 1);\n' '' \
+        '*CudaAttention.ChunkedPrefillAgainstCache/sm90_ws' RACE=1
 fi
 exit $rc
