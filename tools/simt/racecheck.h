@@ -1,12 +1,14 @@
 // tools/simt: a race check (run.sh RACE=1) for shared memory, the emulator's counterpart of
 // compute-sanitizer's racecheck, and for device memory between the blocks of a launch, which
-// no CUDA tool checks. Included by shim.h; with EMU_RACECHECK unset every hook below is an
-// empty inline function.
+// no CUDA tool checks. Included by shim.h: the check's state and its hooks' declarations (their
+// code is racecheck.cpp's); with EMU_RACECHECK unset every hook below is an empty inline
+// function.
 //
 // RACE=1 compiles the kernels with GCC's -fsanitize=thread instrumentation but without its
 // runtime: every load and store the kernel code makes calls a __tsan_readN / __tsan_writeN
-// defined in racecheck.cpp, which hands those that fall in the block's shared memory (static
-// __shared__ and the launch's dynamic bytes) to access() below. The emulator adds what the
+// defined in racecheck.cpp, which hands those outside the thread's own stack to access(): it
+// checks those in the block's shared memory (static __shared__ and the launch's dynamic
+// bytes), and global_access() those in device memory. The emulator adds what the
 // instrumentation cannot see: ldmatrix's row reads, cp.async writes (checked at issue, recorded
 // where they complete: the wait, or the arrival on an mbarrier), and wgmma's shared-memory
 // operands (read at issue, and again where the first lane's wait retires the product).
@@ -29,7 +31,7 @@
 // exempt (they may race by design), and so are the emulator's own accesses (the mbarrier
 // words, operand checks).
 //
-// Device memory (global_access below). The blocks of one launch run in no order the kernel
+// Device memory (global_access). The blocks of one launch run in no order the kernel
 // may rely on: nothing here uses grid-wide synchronisation, or the fence-and-counter hand-over
 // of a "last block" reduction. So two accesses to one 2-byte cell of a device allocation from
 // different blocks of a launch, at least one a write (not an atomic), are a race, whatever
