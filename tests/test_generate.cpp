@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "cpu/ops.h"
 #include "model_fixtures.h"
 #include "sysformer.h"
 
@@ -190,6 +191,44 @@ TEST(TopLogprobs, AreTheBestOfASortWithTheirLogprobs) {
               SF_ERR_INVALID_ARGUMENT);
     EXPECT_EQ(sf_top_logprobs(nullptr, 6, 1, ids.data(), lp.data()), SF_ERR_INVALID_ARGUMENT);
     EXPECT_EQ(sf_top_logprobs(rows[1].data(), 6, 1, nullptr, lp.data()), SF_ERR_INVALID_ARGUMENT);
+}
+
+// sf_cpu_token_scores, what CPU generation calls for a token that asks for both: one pass of the
+// log-sum-exp for the token's log-probability and the top n, equal bit for bit to the two
+// public calls (each its own pass over the same row, in the same order), and its argument checks.
+TEST(TokenScores, OnePassEqualsTheTwoPublicCalls) {
+    std::vector<float> x;
+    for (int i = 0; i < 777; i++) x.push_back((float)((i * 104729) % 811) * 0.013f - 4.0f);
+    const int32_t v = (int32_t)x.size();
+    for (int32_t token : {0, 6, 776}) {
+        for (int32_t n : {0, 1, 7, SF_MAX_TOP_LOGPROBS}) {
+            SCOPED_TRACE("token " + std::to_string(token) + ", n " + std::to_string(n));
+            std::vector<int32_t> ids(SF_MAX_TOP_LOGPROBS, 99), want_ids(SF_MAX_TOP_LOGPROBS, 99);
+            std::vector<float> lp(SF_MAX_TOP_LOGPROBS, 1.0f), want_lp(SF_MAX_TOP_LOGPROBS, 1.0f);
+            float got = 1.0f, want = 2.0f;
+            ASSERT_EQ(sf_cpu_token_scores(x.data(), v, token, n, &got, ids.data(), lp.data()),
+                      SF_OK) << sf_last_error();
+            ASSERT_EQ(sf_token_logprob(x.data(), v, token, &want), SF_OK);
+            EXPECT_EQ(memcmp(&got, &want, sizeof got), 0) << got << " vs " << want;
+            if (n > 0) {
+                ASSERT_EQ(sf_top_logprobs(x.data(), v, n, want_ids.data(), want_lp.data()), SF_OK);
+            }
+            EXPECT_EQ(ids, want_ids);  // untouched past n, as the public call leaves them
+            EXPECT_EQ(memcmp(lp.data(), want_lp.data(), lp.size() * sizeof(float)), 0);
+        }
+    }
+    int32_t ids[SF_MAX_TOP_LOGPROBS];
+    float lp[SF_MAX_TOP_LOGPROBS], one;
+    EXPECT_EQ(sf_cpu_token_scores(x.data(), v, v, 0, &one, ids, lp), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cpu_token_scores(x.data(), v, -1, 0, &one, ids, lp), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cpu_token_scores(x.data(), v, 0, -1, &one, ids, lp), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cpu_token_scores(x.data(), v, 0, SF_MAX_TOP_LOGPROBS + 1, &one, ids, lp),
+              SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cpu_token_scores(x.data(), v, 0, 2, &one, nullptr, lp), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cpu_token_scores(x.data(), v, 0, 2, &one, ids, nullptr), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cpu_token_scores(x.data(), v, 0, 0, nullptr, ids, lp), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cpu_token_scores(nullptr, v, 0, 0, &one, ids, lp), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cpu_token_scores(x.data(), v, 0, 0, &one, nullptr, nullptr), SF_OK);
 }
 
 class Generate : public ::testing::Test {

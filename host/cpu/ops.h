@@ -127,6 +127,12 @@ void sf_cpu_relu_backward(float *dx, const float *dy, const float *x, int64_t n)
 double sf_cpu_cross_entropy(float *dlogits, const float *logits, const int32_t *targets,
                             const float *weights, int64_t rows, int32_t vocab);
 
+/* softmax.c: a generated token's scores from one pass of the row's log-sum-exp: *logprob of
+ * token (sf_token_logprob's), and with n_top > 0 the n_top most likely tokens and theirs
+ * (sf_top_logprobs', into ids[n_top] and top_lp[n_top]). Arguments as those two check them. */
+sf_status sf_cpu_token_scores(const float *logits, int32_t vocab, int32_t token, int32_t n_top,
+                              float *logprob, int32_t *ids, float *top_lp);
+
 #ifdef __cplusplus
 }
 #endif

@@ -100,29 +100,14 @@ static void row_log_softmax(const float *logits, int32_t vocab, double *max, dou
     *log_sum = log(sum);
 }
 
-sf_status sf_token_logprob(const float *logits, int32_t vocab, int32_t token, float *logprob) {
-    if (!logits || vocab < 1 || token < 0 || token >= vocab || !logprob) {
-        return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_token_logprob: bad argument (vocab %d, "
-                       "token %d)", vocab, token);
-    }
-    double max, log_sum;
-    row_log_softmax(logits, vocab, &max, &log_sum);
-    *logprob = (float)(((double)logits[token] - max) - log_sum);
-    return SF_OK;
-}
-
 /* A candidate of the top n: larger logit first, then the lower id. */
 static bool ranks_above(float a, int32_t ia, float b, int32_t ib) {
     return a != b ? a > b : ia < ib;
 }
 
-sf_status sf_top_logprobs(const float *logits, int32_t vocab, int32_t n, int32_t *ids,
-                          float *logprobs) {
-    if (!logits || vocab < 1 || n < 1 || n > SF_MAX_TOP_LOGPROBS || !ids || !logprobs) {
-        return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_top_logprobs: bad argument (vocab %d, n %d)",
-                       vocab, n);
-    }
-    /* One pass keeping the best n in order (insertion: n is small), then their log-p. */
+/* The n best of the row in order (one pass, insertion: n is small) into ids; returns how many
+ * there are (fewer than n when the row has fewer non-NaN logits). */
+static int32_t top_ids(const float *logits, int32_t vocab, int32_t n, int32_t *ids) {
     int32_t len = 0;
     for (int32_t i = 0; i < vocab; i++) {
         const float x = logits[i];
@@ -134,11 +119,41 @@ sf_status sf_top_logprobs(const float *logits, int32_t vocab, int32_t n, int32_t
         }
         ids[k] = i;
     }
+    return len;
+}
+
+sf_status sf_cpu_token_scores(const float *logits, int32_t vocab, int32_t token, int32_t n_top,
+                              float *logprob, int32_t *ids, float *top_lp) {
+    if (!logits || vocab < 1 || token < 0 || token >= vocab || !logprob || n_top < 0 ||
+        n_top > SF_MAX_TOP_LOGPROBS || (n_top > 0 && (!ids || !top_lp))) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_cpu_token_scores: bad argument (vocab %d, "
+                       "token %d, n_top %d)", vocab, token, n_top);
+    }
     double max, log_sum;
     row_log_softmax(logits, vocab, &max, &log_sum);
-    for (int32_t j = 0; j < n; j++) {
-        logprobs[j] = j < len ? (float)(((double)logits[ids[j]] - max) - log_sum) : NAN;
+    *logprob = (float)(((double)logits[token] - max) - log_sum);
+    const int32_t len = n_top > 0 ? top_ids(logits, vocab, n_top, ids) : 0;
+    for (int32_t j = 0; j < n_top; j++) {
+        top_lp[j] = j < len ? (float)(((double)logits[ids[j]] - max) - log_sum) : NAN;
         if (j >= len) ids[j] = -1;
     }
     return SF_OK;
+}
+
+sf_status sf_token_logprob(const float *logits, int32_t vocab, int32_t token, float *logprob) {
+    if (!logits || vocab < 1 || token < 0 || token >= vocab || !logprob) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_token_logprob: bad argument (vocab %d, "
+                       "token %d)", vocab, token);
+    }
+    return sf_cpu_token_scores(logits, vocab, token, 0, logprob, NULL, NULL);
+}
+
+sf_status sf_top_logprobs(const float *logits, int32_t vocab, int32_t n, int32_t *ids,
+                          float *logprobs) {
+    if (!logits || vocab < 1 || n < 1 || n > SF_MAX_TOP_LOGPROBS || !ids || !logprobs) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_top_logprobs: bad argument (vocab %d, n %d)",
+                       vocab, n);
+    }
+    float unused;
+    return sf_cpu_token_scores(logits, vocab, 0, n, &unused, ids, logprobs);
 }

@@ -11,6 +11,7 @@
 
 #include "core/error.h"
 #include "core/rng.h"
+#include "cpu/ops.h"
 #include "model/generation.h"
 #include "model/llm.h"
 
@@ -108,10 +109,8 @@ static sf_status pick(const sf_gen_ctx *c, int32_t r, const float *logits, int32
     const sf_sampling *s = rq->sampling;
     sf_status st = sf_sample(logits, vocab, s, &rq->rng, &t);
     if (st == SF_OK && sf_gen_wants_scores(s)) {
-        st = sf_token_logprob(logits, vocab, t, &scores.logprob);
-    }
-    if (st == SF_OK && s->top_logprobs > 0) {
-        st = sf_top_logprobs(logits, vocab, s->top_logprobs, top_ids, top_lp);
+        st = sf_cpu_token_scores(logits, vocab, t, s->top_logprobs, &scores.logprob, top_ids,
+                                 top_lp);
     }
     return st == SF_OK ? sf_gen_accept(c, r, t, &scores, room, rq, res) : st;
 }
