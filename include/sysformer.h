@@ -829,9 +829,9 @@ sf_status sf_cuda_session_create(sf_cuda_engine *engine, const sf_tokenizer *tok
  * request's own stream) and limit (>= 1). Checked now, so that a bad request never reaches a
  * step that others share: SF_ERR_INVALID_ARGUMENT for ids outside the vocabulary, spans
  * sf_cuda_engine_step would refuse or a top_logprobs outside [0, SF_MAX_TOP_LOGPROBS],
- * SF_ERR_OUT_OF_RANGE for a prompt that leaves no room in
- * the engine's context window or fits no step alone (more tokens, or a longer system or user
- * span, than max_batch_tokens). *id receives its id. */
+ * SF_ERR_OUT_OF_RANGE for a prompt that leaves no room in the engine's context window or fits
+ * no step alone (more tokens, or a longer system or user span, than max_batch_tokens). *id
+ * receives its id. */
 sf_status sf_cuda_session_submit(sf_cuda_session *session, const int32_t *token_ids,
                                  int32_t n_tokens, const sf_prompt_spans *spans,
                                  const sf_sampling *sampling, int32_t max_new_tokens,
@@ -864,9 +864,8 @@ sf_status sf_cuda_session_take(sf_cuda_session *session, int32_t id, sf_generati
  * replies. view->tokens and view->logprobs (NULL unless asked) hold what the request has been
  * given so far (a waiting request: none); view->text and view->finish are the result's once
  * *done (before that, text is NULL: the stream callback has the text as it comes). The view is
- * the session's: never free it; its pointers stay valid until the
- * session's next step, take or free. SF_ERR_INVALID_ARGUMENT for an id never given or already
- * taken, or a NULL argument. */
+ * the session's: never free it; its pointers stay valid until the session's next step, take or
+ * free. SF_ERR_INVALID_ARGUMENT for an id never given or already taken, or a NULL argument. */
 sf_status sf_cuda_session_peek(const sf_cuda_session *session, int32_t id,
                                sf_generation_result *view, bool *done);
 

@@ -169,9 +169,9 @@ __device__ __forceinline__ void combine_block(Softmax &sm, Best &best, bool nan,
 
 // Pass 1 (one read of the row): per thread, over its chunks of VEC values, the online softmax
 // statistics and the first argmax; then the block's combination (combine_block). Pass 2:
-// dlogits. dlogits may be logits:
-// each chunk is read and written by the same thread, and the two values a thread reads before
-// the first barrier (logits[t], logits[0]) are read before any write.
+// dlogits. dlogits may be logits: each chunk is read and written by the same thread, and the
+// two values a thread reads before the first barrier (logits[t], logits[0]) are read before any
+// write.
 template <int VEC, typename TIn, typename TOut>
 __global__ void __launch_bounds__(kBlock)
     cross_entropy_kernel(float *__restrict__ loss, int32_t *__restrict__ correct, TOut *dlogits,
@@ -249,15 +249,15 @@ __global__ void __launch_bounds__(kBlock)
     }
 }
 
-// One read of the row, as the cross-entropy's first pass (thread_stats, then the same
-// fixed-order combination, so the same rounding of log-sum-exp), with each thread also keeping
-// its n_top best logits (TopList). Then n_top rounds pick the row's
-// best in order: each round, the best of the threads' heads (a butterfly in each warp, then
-// every thread over the warps' results), whose thread moves to its next. Writes nll[row] =
-// -log p(targets[row]) (when nll) and, for j < n_top, top_ids[row n_top + j] and
-// top_lp[row n_top + j] = log p of the row's j-th most likely token (id -1 and NaN past the
-// row's non-NaN values). Every log-probability is formed as the loss is: 0 - ((m - z) + log s)
-// (0 - x, not -x: a certain token's is +0, as on the CPU).
+// One read of the row, as the cross-entropy's first pass (thread_stats, then combine_block, so
+// the same rounding of log-sum-exp), with each thread also keeping its n_top best logits
+// (TopList). Then n_top rounds pick the row's best in order: each round, the best of the
+// threads' heads (a butterfly in each warp, then every thread over the warps' results), whose
+// thread moves to its next. Writes nll[row] = -log p(targets[row]) (when nll) and, for
+// j < n_top, top_ids[row n_top + j] and top_lp[row n_top + j] = log p of the row's j-th most
+// likely token (id -1 and NaN past the row's non-NaN values). Every log-probability is formed
+// as the loss is: 0 - ((m - z) + log s) (0 - x, not -x: a certain token's is +0, as on the
+// CPU).
 template <int VEC>
 __global__ void __launch_bounds__(kBlock)
     logprobs_kernel(float *__restrict__ nll, int32_t *__restrict__ top_ids,
