@@ -44,7 +44,7 @@ static std::string where(const void *pc, uint32_t line) {
     return s + b;
 }
 
-inline uint32_t *knows(int t) { return &st.V[(size_t)t * st.warps]; }
+static uint32_t *knows(int t) { return &st.V[(size_t)t * st.warps]; }
 
 static bool ordered(const Stamp &p, int t) {
     if (p.tid == t) return true;
@@ -73,7 +73,7 @@ static void report(const char *what, const Stamp &p, int t, Site at, const void 
     st.found.push_back(std::string(st.kernel) + ": " + b + msg);
 }
 
-inline Cell *cell_of(const unsigned char *p) {
+static Cell *cell_of(const unsigned char *p) {
     size_t i;
     if (p >= st.d_lo && p < st.d_hi)
         i = st.n_static + (size_t)(p - st.d_lo) / 2;
@@ -167,7 +167,7 @@ void launch_begin() {
     g.host_hi = 0;
 }
 
-inline GlobalCell *global_cell(uintptr_t q) {
+static GlobalCell *global_cell(uintptr_t q) {
     const uintptr_t page = q >> Global::kPageShift;
     if (page != g.last_page) {
         auto &slot = g.pages[page];
@@ -300,7 +300,7 @@ void named_arrive(int id, int t, bool complete) {
 }
 void named_passed(int id, int t) { acquire(st.named_done[id], t); }
 
-inline std::pair<Clock, Clock> &mbar_clocks(uint32_t bar) {
+static std::pair<Clock, Clock> &mbar_clocks(uint32_t bar) {
     for (auto &e : st.mbar)
         if (e.first == bar) return e.second;
     st.mbar.push_back({bar, {}});
