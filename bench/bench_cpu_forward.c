@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "bench_util.h"
+#include "core/native_blas.h"
 #include "model/random_llm.h"
 #include "sysformer.h"
 
@@ -22,6 +23,7 @@ static int fail(const char *what, sf_status st) {
 }
 
 int main(int argc, char **argv) {
+    sf_main_use_native_blas(argv);
     const char *model_dir = NULL;
     int n_req = 4, len = 128, n_decode = 32, repeats = 3;
     for (int i = 1; i + 1 < argc; i += 2) {
@@ -99,6 +101,7 @@ int main(int argc, char **argv) {
     }
     fprintf(stderr, "\r                 \r");
     const double p = bench_median(prefill_s, repeats), d = bench_median(decode_s, repeats);
+    printf("CPU matmul: %s\n", sf_cpu_matmul_backend());
     printf("model: %d layers, d=%d, heads %d/%d, vocab %d\n", c->num_layers, c->hidden_size,
            c->num_heads, c->num_kv_heads, c->vocab_size);
     printf("prefill  %d x %d tokens   %8.3f s  %10.1f tokens/s (CPU, median of %d)\n", n_req, len,

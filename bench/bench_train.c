@@ -73,6 +73,7 @@
 
 #include "bench_models.h"
 #include "bench_util.h"
+#include "core/native_blas.h"
 #include "cuda/train.h"
 #include "model/random_llm.h"
 #include "sysformer.h"
@@ -405,6 +406,7 @@ static int usage(void) {
 }
 
 int main(int argc, char **argv) {
+    sf_main_use_native_blas(argv);
     options o = {.config = "smollm2-135m", .model = NULL, .devices = "cpu,cuda",
                  .batch_tokens = 1024, .prompt = 128, .system = 6, .reply = 16, .repeats = 3,
                  .max_tokens = 8192, .seed = 1, .peak_tflops = 989.0};
@@ -531,6 +533,7 @@ int main(int argc, char **argv) {
                "OMP_NUM_THREADS=%s\n",
                sh.per_step, sh.prompt, PREFIX, sh.system, MIDDLE, sh.user, SUFFIX, sh.reply,
                sh.per_step * sh.rows, o.batch_tokens, o.repeats, omp ? omp : "(unset)");
+        printf("  CPU matmul: %s\n", sf_cpu_matmul_backend());
         printf("  model FLOPs per step %.4f T (Sysformer fwd+bwd %.2f%%): 2 G + 3 A + 2 Hd + "
                "3 F_s, the frozen LLM's backward forming dX only; recompute's extra forward "
                "not counted\n",

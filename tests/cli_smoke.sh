@@ -78,6 +78,20 @@ else
 fi
 gpu=0
 "$cli" version | grep -q "CUDA built, [1-9]" && gpu=1
+# When OpenBLAS takes its generic kernels ("Prescott") on a CPU with AVX2 and FMA, the CLI
+# starts again with OPENBLAS_CORETYPE naming wider ones (core/native_blas.h): `version` says
+# which kernels the CPU path runs. Run without the variable (scripts/test.sh exports the CLI's
+# choice for the test processes), so that the CLI makes that choice here.
+blas=$(env -u OPENBLAS_CORETYPE "$cli" version | sed -n 's/^CPU matmul: //p')
+if [[ -z $blas ]]; then
+    echo "FAIL: version names no CPU matmul"; fails=$((fails + 1))
+elif [[ $blas == *" Prescott "* ]] && grep -qw avx2 /proc/cpuinfo && grep -qw fma /proc/cpuinfo
+then
+    echo "FAIL: the CLI runs OpenBLAS's generic kernels on an AVX2 CPU: $blas"
+    fails=$((fails + 1))
+else
+    echo "ok: CPU matmul: $blas"
+fi
 if [[ $gpu -eq 0 ]]; then
     # Refused before the model loads, with the reason ("built without CUDA" or "no CUDA
     # device"), exit 1, no crash.

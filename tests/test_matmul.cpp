@@ -5,6 +5,8 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -110,6 +112,35 @@ TEST(Matmul, PortableIsDeterministic) {
     sf_cpu_matmul_portable(a.data(), x.data(), w.data(), nullptr, m, n, k);
     sf_cpu_matmul_portable(b.data(), x.data(), w.data(), nullptr, m, n, k);
     EXPECT_EQ(a, b);
+}
+
+
+// OpenBLAS falls back to its generic "Prescott" kernels for a CPU model it does not know: the
+// hint names the widest kernels the CPU's features run, and keeps any other choice OpenBLAS
+// made for itself (a known CPU, or a CPU that really is that old).
+TEST(BlasHint, ReplacesOnlyTheGenericFallback) {
+    EXPECT_STREQ(sf_cpu_blas_hint_for("Prescott", true, true, true), "SkylakeX");
+    EXPECT_STREQ(sf_cpu_blas_hint_for("prescott", true, true, true), "SkylakeX");
+    EXPECT_STREQ(sf_cpu_blas_hint_for("Prescott", false, true, true), "Haswell");
+    EXPECT_STREQ(sf_cpu_blas_hint_for("Prescott", false, false, true), "Sandybridge");
+    EXPECT_EQ(sf_cpu_blas_hint_for("Prescott", false, false, false), nullptr);
+    EXPECT_EQ(sf_cpu_blas_hint_for("Haswell", true, true, true), nullptr);
+    EXPECT_EQ(sf_cpu_blas_hint_for("Zen", true, true, true), nullptr);
+    EXPECT_EQ(sf_cpu_blas_hint_for("SkylakeX", true, true, true), nullptr);
+    EXPECT_EQ(sf_cpu_blas_hint_for(nullptr, true, true, true), nullptr);
+}
+
+// This binary's main (test_main.cpp) takes the CLI's first step: when OpenBLAS loaded its
+// generic kernels on a CPU that runs wider ones, it starts again with OPENBLAS_CORETYPE set.
+// So here, in the second start, nothing is left to hint; if OpenBLAS had refused the name (or
+// the restart had not happened), the hint would still be there. On a machine whose OpenBLAS
+// knows its CPU, or in a build without BLAS, there is nothing to hint in the first place.
+TEST(BlasHint, TestsRunWithTheKernelsTheCpuRuns) {
+    const char *hint = sf_cpu_blas_coretype_hint();
+    const char *env = getenv("OPENBLAS_CORETYPE");
+    EXPECT_STREQ(hint, nullptr) << "OpenBLAS: " << sf_cpu_matmul_backend()
+                                << "; OPENBLAS_CORETYPE=" << (env ? env : "(unset)");
+    EXPECT_GT(strlen(sf_cpu_matmul_backend()), 0u);
 }
 
 } // namespace

@@ -6,6 +6,7 @@
 #include <time.h>
 
 #include "cli/cli.h"
+#include "core/native_blas.h"
 
 int cmd_train(int argc, char **argv); /* cmd_train.c */
 int cmd_judge(int argc, char **argv); /* cmd_judge.c */
@@ -188,6 +189,7 @@ static void print_progress(void *user, const char *what, uint64_t done, uint64_t
 }
 
 int main(int argc, char **argv) {
+    sf_main_use_native_blas(argv);
     static progress_line progress;
     sf_set_progress(print_progress, &progress);
     if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") ||
@@ -212,6 +214,9 @@ int main(int argc, char **argv) {
         printf("sysformer %d.%d.%d (CUDA %s, %d device%s)\n", SF_VERSION_MAJOR, SF_VERSION_MINOR,
                SF_VERSION_PATCH, sf_cuda_built() ? "built" : "not built", devices,
                devices == 1 ? "" : "s");
+        const char *core = getenv("OPENBLAS_CORETYPE"); /* perhaps set by the restart above */
+        printf("CPU matmul: %s%s%s%s\n", sf_cpu_matmul_backend(),
+               core ? " (OPENBLAS_CORETYPE=" : "", core ? core : "", core ? ")" : "");
         return 0;
     }
     fprintf(stderr, "sysformer: unknown command '%s'\n\n", cmd);

@@ -31,6 +31,11 @@ void sf_cpu_matmul(float *out, const float *x, const float *w, const float *bias
 void sf_cpu_matmul_portable(float *out, const float *x, const float *w, const float *bias,
                             int64_t m, int64_t n, int64_t k);
 
+/* matmul.c: the choice sf_cpu_blas_coretype_hint makes, from OpenBLAS's core name and the CPU's
+ * features, apart so that tests can try every case: OPENBLAS_CORETYPE for kernels the CPU
+ * runs when OpenBLAS fell back to its generic ones, else NULL. */
+const char *sf_cpu_blas_hint_for(const char *core, bool avx512, bool avx2_fma, bool avx);
+
 /* rmsnorm.c: out[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * w. out may alias x. */
 void sf_cpu_rmsnorm(float *out, const float *x, const float *w, int64_t rows, int64_t dim,
                     float eps);
