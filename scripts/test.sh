@@ -19,6 +19,13 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} OPENBLAS_NUM_THREADS=${OPENBLAS_NUM
 echo "== 1/3 release build and tests"
 cmake -S . -B "$root" -DCMAKE_BUILD_TYPE=Release >/dev/null
 cmake --build "$root" -j "$jobs"
+# Where OpenBLAS gives this CPU its generic kernels, the CLI and sf_tests start again with
+# OPENBLAS_CORETYPE naming the CPU's own (host/core/native_blas.h); the CLI's choice, exported
+# once here, spares each of ctest's test processes that second start.
+if [[ -z ${OPENBLAS_CORETYPE:-} ]]; then
+    core=$("$root/sysformer" version | sed -n 's/^CPU matmul: .*(OPENBLAS_CORETYPE=\(.*\))$/\1/p')
+    if [[ -n $core ]]; then export OPENBLAS_CORETYPE=$core; fi
+fi
 ctest --test-dir "$root" --output-on-failure -j "$jobs"
 
 echo "== 2/3 sanitizer build (ASan + UBSan) and CPU tests"
