@@ -103,8 +103,12 @@ if [[ $gpu -eq 0 ]]; then
 fi
 
 # Text in, text out on the real model when it has been fetched (weights/fetch_smollm2.sh).
+# SF_SMOLLM2_GGUF names another copy, or "none" to leave the real model's parts out
+# (tools/simt/run.sh does, on the emulated GPU).
 here=$(cd "$(dirname "$0")/.." && pwd)
 g=${SF_SMOLLM2_GGUF:-$here/weights/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
+why="run weights/fetch_smollm2.sh"
+[[ $g == none ]] && why="SF_SMOLLM2_GGUF=none"
 if [[ -f $g ]]; then
     expect 0 "generate --prompt" -- "$cli" generate --model "$g" --prompt "What is the capital of France?" \
         --max-new-tokens 16
@@ -239,7 +243,7 @@ PY
             --tokens 1,2,3 --tokens 4 --device cuda --attention mma
     fi
 else
-    echo "skipped: generate/chat on SmolLM2 (run weights/fetch_smollm2.sh)"
+    echo "skipped: generate/chat on SmolLM2 ($why)"
 fi
 
 # Training: argument and data errors anywhere; a two-example run and its resume on SmolLM2
@@ -259,7 +263,7 @@ if [[ -f $g && -f $ds/harmful_train.json ]]; then
         { echo "FAIL: train wrote no log or checkpoint"; fails=$((fails + 1)); }
     expect 0 "train --resume (finished run)" -- "$cli" train --llm "$g" "${T[@]}" --resume
 else
-    echo "skipped: train on SmolLM2 (needs the GGUF and ../shared/datasets)"
+    echo "skipped: train on SmolLM2 (needs the GGUF and ../shared/datasets; $why)"
 fi
 
 # Evaluation: `eval` end to end on the random model, with the synthetic byte-level tokenizer of
