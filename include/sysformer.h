@@ -74,13 +74,14 @@ void sf_set_progress(sf_progress_fn fn, void *user);
 const char *sf_cpu_matmul_backend(void);
 
 /* OpenBLAS chooses its kernels by CPU model when it is loaded, and gives a model newer than
- * itself its generic SSE3 ones ("Prescott"): on a 2024 Xeon with Debian 12's OpenBLAS 0.3.21
- * that makes the CPU path's prefill about 3x slower (docs/PERF.md). When that has happened on
- * a CPU with wider vector units, this returns the OPENBLAS_CORETYPE value that names kernels
- * it runs ("SkylakeX" with AVX-512, "Haswell" with AVX2 and FMA, "Sandybridge" with AVX);
- * otherwise (OpenBLAS chose for itself, or no BLAS) NULL. OpenBLAS reads the variable only as
- * it loads, so it must be in the environment the program starts with: the sysformer CLI, the
- * tests and the benchmarks set it and start themselves again when this says so. */
+ * itself its generic SSE3 ones ("Prescott"): on a 5th-generation Xeon with Debian 12's
+ * OpenBLAS 0.3.21 that makes the CPU path's prefill about 3x slower (docs/PERF.md). When that
+ * has happened on a CPU with wider vector units, this returns the OPENBLAS_CORETYPE value that
+ * names kernels it runs ("SkylakeX" with AVX-512, "Haswell" with AVX2 and FMA, "Sandybridge"
+ * with AVX); otherwise (OpenBLAS chose for itself, or no BLAS) NULL. OpenBLAS reads the
+ * variable only as it loads, so it must be in the environment the program starts with: the
+ * sysformer CLI, the tests and the benchmarks set it and start themselves again when this
+ * says so. */
 const char *sf_cpu_blas_coretype_hint(void);
 
 /* ------------------------------------------------------------------------------------------ */
