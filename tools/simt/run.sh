@@ -353,10 +353,11 @@ cli_script() {  # the CLI's CUDA paths, then the benches', on the emulated devic
     # SmolLM2 through the emulated engine once instead (the engine suite's CudaEngineSmolLM2
     # tests are filtered out of its default run): the greedy reply names Paris, and a fresh
     # (identity) Sysformer leaves it as it is
-    local g=$REPO/weights/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    local g=${SF_SMOLLM2_GGUF:-$REPO/weights/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
     local q="What is the capital of France?"
     if [ ! -f "$g" ]; then
-        echo "skipped: SmolLM2 on the emulated device (run weights/fetch_smollm2.sh)"
+        echo "skipped: SmolLM2 on the emulated device ($g: run weights/fetch_smollm2.sh, or set" \
+            "SF_SMOLLM2_GGUF)"
     elif ! nice -n 19 timeout 300 "$B/sysformer" generate --model "$g" --system "Be brief." \
             --prompt "$q" --max-new-tokens 12 --device cuda >"$B/smol.txt" 2>"$B/smol.err" ||
         ! grep -q Paris "$B/smol.txt" ||
