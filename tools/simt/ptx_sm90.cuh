@@ -73,10 +73,12 @@ struct RaceReader {
 #endif
 };
 
-// The bf16 at (row, col) of a no-swizzle operand: core matrix (row / 8, col / 8) at
-// (row / 8) * sbo_rows + (col / 8) * lbo_cols from the start, 16 bytes per row of it.
-inline bool desc_elem(uint64_t desc, int major_idx, int minor_idx, bool mn_major, double *out,
-                      std::string &err) {
+// One 16-byte row of a core matrix of a no-swizzle operand, as 8 values: core matrix
+// (mn / 8, k / 8) lies at (mn / 8) * sbo + (k / 8) * lbo from the start, 16 bytes per row.
+// K-major: the row of (mn, k) holds k rounded down to 8 and the 7 after it; MN-major: mn
+// rounded down to 8 and the 7 after it.
+inline bool desc_row(uint64_t desc, int mn, int k, bool mn_major, double (&out)[8],
+                     std::string &err) {
     if (desc >> 62) {
         err = "wgmma: swizzled descriptor (not modelled)";
         return false;
@@ -88,27 +90,21 @@ inline bool desc_elem(uint64_t desc, int major_idx, int minor_idx, bool mn_major
     const uint32_t start = (uint32_t)(desc & 0x3FFF) << 4;
     const uint32_t lbo = (uint32_t)((desc >> 16) & 0x3FFF) << 4;
     const uint32_t sbo = (uint32_t)((desc >> 32) & 0x3FFF) << 4;
-    // K-major: rows are M/N (major_idx), 16-byte chunks along K (minor_idx);
-    // MN-major: rows are K (minor_idx), chunks along M/N (major_idx).
-    const int mn = major_idx, k = minor_idx;
-    const uint32_t addr =
-        mn_major ? start + (mn / 8) * sbo + (k / 8) * lbo + (k % 8) * 16 + (mn % 8) * 2
-                 : start + (mn / 8) * sbo + (k / 8) * lbo + (mn % 8) * 16 + (k % 8) * 2;
-    const unsigned char *p = emu::shared_pointer(addr, 2);
+    const uint32_t addr = start + (mn / 8) * sbo + (k / 8) * lbo +
+                          (mn_major ? (k % 8) * 16 : (mn % 8) * 16);
+    const unsigned char *p = emu::shared_pointer(addr, 16);
     if (!p) {
         err = "wgmma: operand address " + hex(addr) + " outside shared memory";
         return false;
     }
-    // the race check's read, by the thread the caller names (emu::race::st.attrib): once per
-    // 16-byte core-matrix row (8 contiguous elements, all of which a product reads)
-    if ((mn_major ? mn : k) % 8 == 0)
-        emu::race::access(emu::race::current_thread(), p, 16, false, race_site());
-    uint16_t v;
+    // the race check's read, by the thread the caller names (emu::race::st.attrib)
+    emu::race::access(emu::race::current_thread(), p, 16, false, race_site());
+    uint16_t v[8];
     {
         emu::race::Quiet q;
-        memcpy(&v, p, 2);
+        memcpy(v, p, 16);
     }
-    *out = emu::bf2f(v);
+    for (int j = 0; j < 8; j++) out[j] = emu::bf2f(v[j]);
     return true;
 }
 
@@ -135,14 +131,27 @@ struct Operands {
 
 inline bool read_shared_operands(const Operands &op, double (&A)[16][16], double (&B)[16][256],
                                  std::string &err) {
-    if (!op.a_in_regs) {
+    double v[8];
+    if (!op.a_in_regs) {  // K-major: a row holds 8 k
         for (int r = 0; r < 16; r++)
-            for (int k = 0; k < 16; k++)
-                if (!desc_elem(op.a, 16 * op.wq + r, k, false, &A[r][k], err)) return false;
+            for (int k = 0; k < 16; k += 8) {
+                if (!desc_row(op.a, 16 * op.wq + r, k, false, v, err)) return false;
+                for (int j = 0; j < 8; j++) A[r][k + j] = v[j];
+            }
     }
-    for (int k = 0; k < 16; k++)
+    if (op.b_trans) {  // MN-major: a row holds 8 columns
+        for (int k = 0; k < 16; k++)
+            for (int c = 0; c < op.n; c += 8) {
+                if (!desc_row(op.b, c, k, true, v, err)) return false;
+                for (int j = 0; j < 8; j++) B[k][c + j] = v[j];
+            }
+    } else {
         for (int c = 0; c < op.n; c++)
-            if (!desc_elem(op.b, c, k, op.b_trans, &B[k][c], err)) return false;
+            for (int k = 0; k < 16; k += 8) {
+                if (!desc_row(op.b, c, k, false, v, err)) return false;
+                for (int j = 0; j < 8; j++) B[k + j][c] = v[j];
+            }
+    }
     return true;
 }
 
@@ -399,11 +408,13 @@ inline void setmaxnreg_inc() {
 
 template <int N>
 inline void wgmma_ss(float (&d)[N / 2], uint64_t a, uint64_t b, int accumulate, EMU_LOC) {
+    static_assert(N % 8 == 0 && N >= 8 && N <= 256, "wgmma: N a multiple of 8 in [8, 256]");
     ptx_emu::issue({d, N, a, b, {}, nullptr, false, false, accumulate, 0, nullptr}, loc);
 }
 template <int N>
 inline void wgmma_rs_bt(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t b, int accumulate,
                         EMU_LOC) {
+    static_assert(N % 8 == 0 && N >= 8 && N <= 256, "wgmma: N a multiple of 8 in [8, 256]");
     ptx_emu::issue({d, N, 0, b, {a[0], a[1], a[2], a[3]}, a, true, true, accumulate, 0, nullptr},
                    loc);
 }
