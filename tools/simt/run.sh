@@ -339,6 +339,7 @@ if [ "${cli:-0}" = 1 ]; then
             -o "$B/${prog#*:}" "${LIBS[@]}" -lm
     done
 fi
+echo "simt $suite: built in ${SECONDS} s"
 echo "simt $suite: EMU_MODE=${EMU_MODE:-4} EMU_ULP=${EMU_ULP:-0} EMU_FMA=${EMU_FMA:-0} SAN=${SAN:-none}"
 cli_script() {  # the CLI's CUDA paths, then the benches', on the emulated device
     echo "simt $suite: tests/cli_cuda_smoke.sh $B/sysformer $*"
