@@ -84,9 +84,8 @@ static Cell *cell_of(const unsigned char *p) {
     Cell *c = reinterpret_cast<Cell *>(st.cells.data() + i * st.cell_bytes);
     if (c->gen != st.gen) {
         c->gen = st.gen;
+        c->readers = 0;
         c->w = Stamp{};
-        Stamp *r = reinterpret_cast<Stamp *>(c + 1);
-        for (int k = 0; k < st.warps; k++) r[k] = Stamp{};
     }
     return c;
 }
@@ -110,18 +109,20 @@ void access(int t, const void *p, size_t n, bool write, Site at, bool record) {
             report(write ? "write after write" : "read after write", c->w, t, at, (void *)q);
         Stamp *r = reinterpret_cast<Stamp *>(c + 1);
         if (write) {
-            for (int k = 0; k < st.warps; k++)
-                if (r[k].tid != -1 && !ordered(r[k], t))
-                    report("write after read", r[k], t, at, (void *)q);
+            for (uint32_t m = c->readers; m; m &= m - 1) {
+                const int k = __builtin_ctz(m);
+                if (!ordered(r[k], t)) report("write after read", r[k], t, at, (void *)q);
+            }
             if (!record) continue;
             c->w = now;
-            for (int k = 0; k < st.warps; k++) r[k] = Stamp{};
+            c->readers = 0;
         } else if (record) {
             Stamp &mine = r[w];
-            if (mine.tid != -1 && mine.tid != t && mine.c == now.c && mine.s == now.s)
+            if ((c->readers >> w & 1u) && mine.tid != t && mine.c == now.c && mine.s == now.s)
                 mine.tid = -2;
             else
                 mine = now;
+            c->readers |= 1u << w;
         }
     }
 }

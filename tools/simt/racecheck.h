@@ -69,11 +69,14 @@ struct Stamp {
     uint32_t line = 0;
     const void *pc = nullptr;
 };
-// A 2-byte cell of shared memory: the last write, then one read stamp per warp.
+// A 2-byte cell of shared memory: the last write, then one read stamp per warp (warp k's
+// valid when bit k of readers is set: a write then checks only the warps that read).
 struct Cell {
-    uint32_t gen;  // the block whose accesses these are (older: none)
+    uint32_t gen;      // the block whose accesses these are (older: none)
+    uint32_t readers;  // the warps with a read stamp
     Stamp w;
 };
+static_assert(kMaxWarps <= 32, "Cell::readers has a bit per warp");
 
 // A vector clock over warps.
 struct Clock {
