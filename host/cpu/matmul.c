@@ -69,8 +69,9 @@ static float dot_1x1(const float *xr, const float *wr, int64_t len) {
 }
 
 /* One output tile [i0, i1) x [j0, j1), accumulated over k in MM_DEPTH slices. */
-SF_VECTOR_CLONES static void matmul_tile(float *out, const float *x, const float *w, const float *bias,
-                        int64_t n, int64_t k, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+SF_VECTOR_CLONES static void matmul_tile(float *out, const float *x, const float *w,
+                                         const float *bias, int64_t n, int64_t k, int64_t i0,
+                                         int64_t i1, int64_t j0, int64_t j1) {
     for (int64_t i = i0; i < i1; i++)
         for (int64_t j = j0; j < j1; j++) out[i * n + j] = 0.0f;
 
