@@ -677,6 +677,25 @@ sf_status sf_cuda_engine_create_random(const sf_llm_config *llm_cfg,
                                        const sf_cuda_engine_options *options,
                                        sf_cuda_engine **out);
 
+/* Another engine over the LLM weights that base already holds on the device, which are not
+ * uploaded again: for several guard policies on one copy of a frozen LLM (two Sysformers
+ * under an A/B test, a policy per tenant, baselines evaluated side by side), each engine with
+ * its own Sysformer (sysformer, which may be NULL: no rewriting), its own options (slots,
+ * context, batch tokens, attention kernel, graphs, guard_only), KV cache, arena and stream.
+ * The engines may step at the same time, from different threads: the shared weights are only
+ * read. They stay on the device until the last engine reading them is freed, whichever order
+ * the engines are freed in (base may be freed first; an embedding table base borrowed must
+ * outlive them all). options.device must be base's device, options.embedding_table NULL (the
+ * base's table is read) and options.embedding_dtype base's; a full engine cannot share a
+ * guard-only base (which has no decoder layers): SF_ERR_INVALID_ARGUMENT. Otherwise the same
+ * checks and errors as sf_cuda_engine_create, for the options and the Sysformer.
+ * sf_cuda_engine_memory reports only the new engine's own bytes: its Sysformer's weights, KV
+ * cache and arena. The new engine steps bit for bit as one made by sf_cuda_engine_create with
+ * the same LLM, Sysformer and options. */
+sf_status sf_cuda_engine_create_sharing(const sf_cuda_engine *base, const sf_sysformer *sysformer,
+                                        const sf_cuda_engine_options *options,
+                                        sf_cuda_engine **out);
+
 void sf_cuda_engine_free(sf_cuda_engine *engine);
 
 /* Replaces the Sysformer the engine runs (a retrained one, or another under an A/B test)
@@ -695,7 +714,8 @@ sf_status sf_cuda_engine_set_sysformer(sf_cuda_engine *engine, const sf_sysforme
 /* Device bytes the engine holds, by purpose. */
 typedef struct sf_cuda_memory {
     size_t weights;     /* LLM + Sysformer, bf16 (a borrowed embedding table is the
-                           lender's, not counted)                                    */
+                           lender's, not counted; nor is an LLM shared with the engine
+                           sf_cuda_engine_create_sharing made this one from)          */
     size_t kv_cache;    /* max_slots x max_context positions x layers x K and V (0
                            for a guard-only engine)                                  */
     size_t activations; /* the arena: activations, logits, sampling and GEMM scratch */

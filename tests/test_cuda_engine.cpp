@@ -561,6 +561,9 @@ TEST(CudaEngineArgs, RefusesBadArgumentsBeforeTouchingTheDevice) {
     EXPECT_EQ(sf_cuda_engine_create_random(nullptr, nullptr, 1, &d, &e), SF_ERR_INVALID_ARGUMENT);
     EXPECT_EQ(e, nullptr);
     EXPECT_EQ(sf_cuda_engine_create_random(cfg, nullptr, 1, &d, nullptr), SF_ERR_INVALID_ARGUMENT);
+    e = reinterpret_cast<sf_cuda_engine *>(&e);  // anything but NULL
+    EXPECT_EQ(sf_cuda_engine_create_sharing(nullptr, nullptr, &d, &e), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(e, nullptr);
     sf_cuda_engine_options bad = d;
     bad.attention = static_cast<sf_attention_kernel>(4);  // not a kernel
     EXPECT_EQ(sf_cuda_engine_create(llm, nullptr, &bad, &e), SF_ERR_INVALID_ARGUMENT);
@@ -2565,6 +2568,133 @@ TEST_F(CudaEngineTiny, SetSysformerStepsAsAnEngineCreatedWithIt) {
         << "the guard-only engine's embeddings after the swap are not B's";
 }
 
+// 9d. Engines sharing one LLM upload (sf_cuda_engine_create_sharing). From a base engine
+// without a Sysformer: one with Sysformer A, one with B (other options), one without; each
+// steps bit for bit as an engine created with the same LLM, Sysformer and options (prefill,
+// then a decode step), and holds none of the LLM's weights (what it reports, against the
+// engines created whole: the two differ by the Sysformer's bytes and at most the alignment
+// of the LLM's last tensor). The base is then freed first: the sharing engines decode on
+// exactly as before. A guard-only engine shares a sharing engine's LLM and embeds as one
+// created whole. Every refused combination says why and leaves *out NULL.
+TEST_F(CudaEngineTiny, SharingEnginesStepAsEnginesCreatedWholeOnOneLlmCopy) {
+    using SfPtr = std::unique_ptr<sf_sysformer, void (*)(sf_sysformer *)>;
+    sf_sysformer *raw = nullptr;
+    ASSERT_TRUE(make_open_sysformer(llm_, 23, &raw));
+    SfPtr b(raw, sf_sysformer_free);
+    auto share = [](const sf_cuda_engine *base, const sf_sysformer *sf,
+                    const sf_cuda_engine_options &o) {
+        sf_cuda_engine *e = nullptr;
+        const sf_status st = sf_cuda_engine_create_sharing(base, sf, &o, &e);
+        EXPECT_EQ(st, SF_OK) << sf_status_string(st) << ": " << sf_last_error();
+        return EnginePtr(st == SF_OK ? e : nullptr);
+    };
+    auto memory = [](const sf_cuda_engine *e) {
+        sf_cuda_memory m = {};
+        EXPECT_EQ(sf_cuda_engine_memory(e, &m), SF_OK) << sf_last_error();
+        return m;
+    };
+    const sf_cuda_engine_options oa = options(4), ob = options(2, 64, 96), on = options(4);
+    EnginePtr base = make_engine(llm_, nullptr, on);
+    ASSERT_TRUE(base);
+    EnginePtr a = share(base.get(), sf_, oa), sb = share(base.get(), b.get(), ob),
+              none = share(base.get(), nullptr, on);
+    EnginePtr whole_a = make_engine(llm_, sf_, oa), whole_b = make_engine(llm_, b.get(), ob);
+    ASSERT_TRUE(a && sb && none && whole_a && whole_b);
+
+    const sf_cuda_memory m_base = memory(base.get()), m_a = memory(a.get());
+    const sf_cuda_memory m_whole = memory(whole_a.get()), m_none = memory(none.get());
+    EXPECT_GT(m_a.weights, 0u);
+    EXPECT_LE(m_a.weights + m_base.weights, m_whole.weights);
+    EXPECT_LT(m_whole.weights - m_base.weights - m_a.weights, 256u)
+        << "a sharing engine holds more than its Sysformer";
+    EXPECT_EQ(m_a.kv_cache, m_whole.kv_cache);
+    EXPECT_EQ(m_a.activations, m_whole.activations);
+    EXPECT_EQ(m_none.weights, 0u) << "an engine sharing the LLM without a Sysformer";
+
+    const Prompts p = tiny_prompts({{5, 2}, {12, 9}}, 37);
+    struct Pair {
+        sf_cuda_engine *shared, *whole;
+        const char *name;
+    };
+    EnginePtr whole_none = make_engine(llm_, nullptr, on);
+    ASSERT_TRUE(whole_none);
+    const Pair pairs[] = {{a.get(), whole_a.get(), "Sysformer A"},
+                          {sb.get(), whole_b.get(), "Sysformer B, other options"},
+                          {none.get(), whole_none.get(), "no Sysformer"}};
+    std::vector<std::vector<float>> first;
+    for (const Pair &q : pairs) {
+        SCOPED_TRACE(q.name);
+        const bool guarded = q.shared != none.get();
+        StepOut got, want;
+        ASSERT_TRUE(prefill(q.shared, p, {0, 1}, guarded, vocab_, &got));
+        ASSERT_TRUE(prefill(q.whole, p, {0, 1}, guarded, vocab_, &want));
+        EXPECT_EQ(got.logits, want.logits);
+        EXPECT_EQ(got.tokens, want.tokens);
+        ASSERT_TRUE(decode(q.shared, {0, 1}, vocab_, &got));
+        ASSERT_TRUE(decode(q.whole, {0, 1}, vocab_, &want));
+        EXPECT_EQ(got.logits, want.logits) << "decode";
+        first.push_back(want.logits);
+    }
+    EXPECT_NE(first[0], first[1]) << "Sysformers A and B give the same logits: the test is void";
+
+    base.reset();  // freed first: the LLM stays for the engines that read it
+    for (const Pair &q : pairs) {
+        SCOPED_TRACE(std::string(q.name) + ", after the base was freed");
+        StepOut got, want;
+        ASSERT_TRUE(decode(q.shared, {0, 1}, vocab_, &got));
+        ASSERT_TRUE(decode(q.whole, {0, 1}, vocab_, &want));
+        EXPECT_EQ(got.logits, want.logits);
+        EXPECT_EQ(got.tokens, want.tokens);
+    }
+
+    // a guard-only engine sharing a sharing engine's LLM (now held only by the sharers)
+    sf_cuda_engine_options g = options(4);
+    g.guard_only = true;
+    EnginePtr guard = share(a.get(), b.get(), g), guard_whole = make_engine(llm_, b.get(), g);
+    ASSERT_TRUE(guard && guard_whole);
+    const int64_t d = sf_llm_get_config(llm_)->hidden_size;
+    const std::vector<uint16_t> embedded = guarded_embed(guard.get(), p, d, 12, 9);
+    ASSERT_FALSE(embedded.empty());
+    EXPECT_EQ(embedded, guarded_embed(guard_whole.get(), p, d, 12, 9));
+
+    // refusals
+    auto refused = [&](const char *what, const sf_cuda_engine *from,
+                       const sf_cuda_engine_options *o, sf_status want, const char *says) {
+        sf_cuda_engine *e = reinterpret_cast<sf_cuda_engine *>(&e);  // anything but NULL
+        const sf_status st = sf_cuda_engine_create_sharing(from, sf_, o, &e);
+        EXPECT_EQ(st, want) << what << ": " << sf_status_string(st) << ": " << sf_last_error();
+        EXPECT_EQ(e, nullptr) << what;
+        EXPECT_TRUE(contains(sf_last_error(), says)) << what << ": " << sf_last_error();
+    };
+    refused("NULL base", nullptr, &oa, SF_ERR_INVALID_ARGUMENT, "NULL base");
+    EXPECT_EQ(sf_cuda_engine_create_sharing(a.get(), sf_, &oa, nullptr), SF_ERR_INVALID_ARGUMENT);
+    sf_cuda_engine_options o = oa;
+    o.device = 1;
+    refused("another device", a.get(), &o, SF_ERR_INVALID_ARGUMENT, "on device 0");
+    std::vector<uint16_t> table((size_t)vocab_ * (size_t)d);
+    o = g;
+    o.embedding_table = table.data();
+    refused("a table of its own", a.get(), &o, SF_ERR_INVALID_ARGUMENT, "no table of its own");
+    o = g;
+    o.embedding_dtype = SF_EMBEDDING_F16;
+    refused("fp16 embeddings over a bf16 LLM", a.get(), &o, SF_ERR_INVALID_ARGUMENT,
+            "bf16 embeddings");
+    refused("a full engine over a guard-only one", guard.get(), &oa, SF_ERR_INVALID_ARGUMENT,
+            "guard-only");
+    o = oa;
+    o.max_context = sf_llm_get_config(llm_)->max_position_embeddings + 1;
+    refused("a context past the model's", a.get(), &o, SF_ERR_INVALID_ARGUMENT,
+            "max_position_embeddings");
+    o = oa;
+    o.max_slots = 0;
+    refused("no slots", a.get(), &o, SF_ERR_INVALID_ARGUMENT, "max_slots 0");
+
+    StepOut got, want;  // the sharers step on, unharmed
+    ASSERT_TRUE(decode(a.get(), {0, 1}, vocab_, &got));
+    ASSERT_TRUE(decode(whole_a.get(), {0, 1}, vocab_, &want));
+    EXPECT_EQ(got.logits, want.logits);
+}
+
 // ------------------------------------------------------------------------------------------
 // Per-request sampling (sf_cuda_step.request_sampling, sf_generation.request_sampling)
 // ------------------------------------------------------------------------------------------
@@ -3700,9 +3830,9 @@ class CudaEngineFaults : public CudaEngineTiny {
 };
 
 // 1. Each creation call of engine creation failing in turn (an allocation, the pinned
-// staging, the stream, the events, the cuBLASLt handle; the full engine, a guard-only one, and
-// one with random weights): SF_ERR_OUT_OF_MEMORY with a message that says so, *out NULL, and
-// everything created before it released. Then a creation succeeds and steps as ever: a failed
+// staging, the stream, the events, the cuBLASLt handle; the full engine, a guard-only one, one
+// with random weights, and one sharing another engine's LLM): SF_ERR_OUT_OF_MEMORY with a
+// message that says so, *out NULL, and everything created before it released. Then a creation succeeds and steps as ever: a failed
 // creation leaves no error behind for a later launch to report as its own.
 TEST_F(CudaEngineFaults, EveryFailedCreationIsReportedAndReleasesEverything) {
     Outcome ref;
@@ -3711,13 +3841,19 @@ TEST_F(CudaEngineFaults, EveryFailedCreationIsReportedAndReleasesEverything) {
     const sf_llm_config llm_cfg = *sf_llm_get_config(llm_);
     const sf_sysformer_config sys_cfg = *sf_sysformer_get_config(sf_);
 
-    const char *kinds[] = {"full", "guard-only", "random weights"};
-    for (int kind = 0; kind < 3; kind++) {
+    // the base of the fourth kind, an engine sharing its LLM: once freed at the end, nothing a
+    // failed sharing engine held on to is left
+    const simt::Resources at_start = simt::resources();
+    EnginePtr base = make_engine(llm_, nullptr, faults_options());
+    ASSERT_TRUE(base);
+    const char *kinds[] = {"full", "guard-only", "random weights", "sharing the LLM"};
+    for (int kind = 0; kind < 4; kind++) {
         SCOPED_TRACE(kinds[kind]);
         const sf_cuda_engine_options o = faults_options(kind == 1);
         auto create = [&](sf_cuda_engine **e) {
-            return kind == 2 ? sf_cuda_engine_create_random(&llm_cfg, &sys_cfg, 3, &o, e)
-                             : sf_cuda_engine_create(llm_, sf_, &o, e);
+            return kind == 2   ? sf_cuda_engine_create_random(&llm_cfg, &sys_cfg, 3, &o, e)
+                   : kind == 3 ? sf_cuda_engine_create_sharing(base.get(), sf_, &o, e)
+                               : sf_cuda_engine_create(llm_, sf_, &o, e);
         };
         const simt::Resources before = simt::resources();
         const long long c0 = simt::fault_calls(simt::FAULT_CREATE);
@@ -3743,6 +3879,8 @@ TEST_F(CudaEngineFaults, EveryFailedCreationIsReportedAndReleasesEverything) {
             EXPECT_TRUE(holds(before));
         }
     }
+    base.reset();
+    EXPECT_TRUE(holds(at_start)) << "a failed sharing engine kept the LLM's weights";
     EnginePtr e = engine();
     ASSERT_TRUE(e);
     const Outcome again = run(e.get());

@@ -42,6 +42,14 @@ sf_status sf_cuda_engine_create_random(const sf_llm_config *llm_cfg,
     return no_cuda("sf_cuda_engine_create_random");
 }
 
+sf_status sf_cuda_engine_create_sharing(const sf_cuda_engine *base, const sf_sysformer *sysformer,
+                                        const sf_cuda_engine_options *options,
+                                        sf_cuda_engine **out) {
+    (void)base, (void)sysformer, (void)options;
+    if (out) *out = NULL;
+    return no_cuda("sf_cuda_engine_create_sharing");
+}
+
 void sf_cuda_engine_free(sf_cuda_engine *engine) { (void)engine; }
 
 sf_status sf_cuda_engine_set_sysformer(sf_cuda_engine *engine, const sf_sysformer *sysformer) {

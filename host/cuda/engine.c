@@ -1,8 +1,10 @@
 /* The CUDA engine's life cycle: options, sizing, the three device allocations (weights, KV
- * cache, arena) and the pinned staging, made once at creation; slots, timing and accessors.
- * Nothing here runs on the hot path. */
+ * cache, arena) and the pinned staging, made once at creation, or with another engine's LLM
+ * weights (sf_cuda_engine_create_sharing); slots, timing and accessors. Nothing here runs on
+ * the hot path. */
 #include <float.h>
 #include <math.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -158,13 +160,6 @@ static sf_status check_inputs(const sf_llm_config *cfg, const sf_sysformer_confi
                        cfg->hidden_size, cfg->intermediate_size, cfg->num_layers, cfg->num_heads,
                        cfg->num_kv_heads, cfg->vocab_size);
     }
-    if (cfg->rope.type == SF_ROPE_LONGROPE &&
-        (!cfg->rope.short_factor || !cfg->rope.long_factor ||
-         cfg->rope.original_max_position_embeddings <= 0)) {
-        return sf_fail(SF_ERR_INVALID_ARGUMENT,
-                       "sf_cuda_engine: longrope needs short_factor, long_factor and "
-                       "original_max_position_embeddings");
-    }
     if (scfg) {
         if (scfg->d_model != cfg->hidden_size || scfg->num_heads <= 0 ||
             scfg->d_model % scfg->num_heads != 0 || scfg->num_layers < 0 ||
@@ -218,6 +213,19 @@ static sf_status check_inputs(const sf_llm_config *cfg, const sf_sysformer_confi
                        "sf_cuda_engine: max_context %d exceeds the model's "
                        "max_position_embeddings %d",
                        o->max_context, cfg->max_position_embeddings);
+    }
+    return SF_OK;
+}
+
+/* The RoPE settings' check, for an engine that makes its own tables from them (one that shares
+ * another engine's LLM copies that one's). */
+static sf_status check_rope(const sf_llm_config *cfg) {
+    if (cfg->rope.type == SF_ROPE_LONGROPE &&
+        (!cfg->rope.short_factor || !cfg->rope.long_factor ||
+         cfg->rope.original_max_position_embeddings <= 0)) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                       "sf_cuda_engine: longrope needs short_factor, long_factor and "
+                       "original_max_position_embeddings");
     }
     return SF_OK;
 }
@@ -369,11 +377,62 @@ static sf_status check_borrowed_rows(const sf_cuda_engine *e, const sf_llm *llm)
     return st;
 }
 
-/* Everything but the weights' contents. */
+/* The weight allocation of the engine that uploaded an LLM, once made: the engine and every
+ * engine sharing its LLM (sf_cuda_engine_create_sharing) hold one count each, and the last to
+ * be freed, whichever it is, frees it. Counted atomically: engines may be freed on different
+ * threads. */
+struct sf_cuda_llm_hold {
+    void *mem;
+    atomic_int refs;
+};
+
+/* Moves the engine's weight allocation (the LLM's tensors and its Sysformer's) into a hold of
+ * its own. */
+static sf_status llm_hold_new(sf_cuda_engine *e) {
+    struct sf_cuda_llm_hold *h = malloc(sizeof *h);
+    if (!h) return sf_fail(SF_ERR_OUT_OF_MEMORY, "sf_cuda_engine: out of host memory");
+    h->mem = e->weights;
+    atomic_init(&h->refs, 1);
+    e->weights = NULL;
+    e->llm_hold = h;
+    return SF_OK;
+}
+
+static void llm_hold_release(struct sf_cuda_llm_hold *h) {
+    if (h && atomic_fetch_sub_explicit(&h->refs, 1, memory_order_acq_rel) == 1) {
+        cudaFree(h->mem);
+        free(h);
+    }
+}
+
+/* A sharing engine's view of its base's LLM: the tensors' addresses (the LLM's part of the
+ * base's hold, which it now counts in) and the RoPE tables, copied on the engine's stream. */
+static sf_status share_llm(sf_cuda_engine *e, const sf_cuda_engine *base) {
+    atomic_fetch_add_explicit(&base->llm_hold->refs, 1, memory_order_relaxed);
+    e->llm_hold = base->llm_hold;
+    e->embed = base->embed;
+    e->embed_f16 = base->embed_f16;
+    e->final_norm = base->final_norm;
+    e->lm_head = base->lm_head;
+    if (e->guard_only) return SF_OK; /* the embedding table only, no step state */
+    memcpy(e->layers, base->layers, (size_t)e->cfg.num_layers * sizeof *e->layers);
+    e->long_after = base->long_after;
+    e->rope_scale[0] = base->rope_scale[0];
+    e->rope_scale[1] = base->rope_scale[1];
+    SF_CUDA_OR_FAIL(cudaMemcpyAsync(e->a.inv_freq, base->a.inv_freq,
+                                    (size_t)e->cfg.head_dim * sizeof(float),
+                                    cudaMemcpyDeviceToDevice, e->stream));
+    return SF_OK;
+}
+
+/* Everything but the weights' contents. base: the engine whose LLM this one shares, or NULL
+ * for an engine with its own. */
 static sf_status engine_new(const sf_llm_config *cfg, const sf_sysformer_config *scfg,
-                            const sf_cuda_engine_options *opt, sf_cuda_engine **out) {
+                            const sf_cuda_engine_options *opt, const sf_cuda_engine *base,
+                            sf_cuda_engine **out) {
     sf_cuda_engine_options o = opt ? *opt : sf_cuda_engine_default_options();
     sf_status st = check_inputs(cfg, scfg, &o);
+    if (st == SF_OK && !base) st = check_rope(cfg);
     if (st != SF_OK) return st;
     int count = 0;
     st = sf_cuda_device_count(&count);
@@ -392,11 +451,13 @@ static sf_status engine_new(const sf_llm_config *cfg, const sf_sysformer_config 
     sf_cuda_engine *e = calloc(1, sizeof *e);
     if (!e) return sf_fail(SF_ERR_OUT_OF_MEMORY, "sf_cuda_engine: out of host memory");
     *out = e;
+    e->shares_llm = base != NULL;
     st = engine_layout(e, cfg, scfg, &o);
     if (st != SF_OK) return st;
 
     st = sf_cuda_weights_alloc(e);
     if (st != SF_OK) return st;
+    if (!base) SF_TRY(llm_hold_new(e));
     if (!e->guard_only) {
         st = device_alloc((void **)&e->k_cache, e->kv_bytes, "the K cache");
         if (st != SF_OK) return st;
@@ -452,8 +513,9 @@ static sf_status engine_new(const sf_llm_config *cfg, const sf_sysformer_config 
     st = sf_gemm_cache_create(e->a.gemm_ws, SF_GEMM_WORKSPACE_BYTES, &e->gemm);
     if (st != SF_OK) return st;
 
+    if (base) SF_TRY(share_llm(e, base));
     if (e->guard_only) return SF_OK; /* no step state */
-    SF_TRY(rope_tables(e, cfg));
+    if (!base) SF_TRY(rope_tables(e, cfg));
     SF_CUDA_OR_FAIL(cudaMemsetAsync(e->a.slot_len, 0, R * 4, e->stream));
     SF_CUDA_OR_FAIL(cudaMemsetAsync(e->a.slot_next, 0, R * 4, e->stream));
     return SF_OK;
@@ -493,7 +555,7 @@ sf_status sf_cuda_engine_create(const sf_llm *llm, const sf_sysformer *sysformer
         SF_TRY(sf_llm_check_whole(llm, "sf_cuda_engine_create"));
     }
     sf_cuda_engine *e = NULL;
-    sf_status st = engine_new(&llm->cfg, scfg, options, &e);
+    sf_status st = engine_new(&llm->cfg, scfg, options, NULL, &e);
     if (st == SF_OK && e->borrowed_embed) st = check_borrowed_rows(e, llm);
     if (st == SF_OK) st = sf_cuda_weights_upload(e, llm, sysformer);
     if (!e) return st;
@@ -515,8 +577,43 @@ sf_status sf_cuda_engine_create_random(const sf_llm_config *llm_cfg,
                        "it copies (sf_cuda_engine_create)");
     }
     sf_cuda_engine *e = NULL;
-    sf_status st = engine_new(llm_cfg, sysformer_cfg, options, &e);
+    sf_status st = engine_new(llm_cfg, sysformer_cfg, options, NULL, &e);
     if (st == SF_OK) st = sf_cuda_weights_random(e, seed);
+    if (!e) return st;
+    return finish_create(e, st, out);
+}
+
+sf_status sf_cuda_engine_create_sharing(const sf_cuda_engine *base, const sf_sysformer *sysformer,
+                                        const sf_cuda_engine_options *options,
+                                        sf_cuda_engine **out) {
+    static const char fn[] = "sf_cuda_engine_create_sharing";
+    if (out) *out = NULL;
+    if (!base || !out) return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: NULL base engine or out", fn);
+    const sf_cuda_engine_options o = options ? *options : sf_cuda_engine_default_options();
+    const sf_embedding_dtype base_dtype = base->embed_f16 ? SF_EMBEDDING_F16 : SF_EMBEDDING_BF16;
+    if (o.device != base->device || o.embedding_table || o.embedding_dtype != base_dtype) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                       "%s: options device %d, embedding_table %p, embedding_dtype %d; the base "
+                       "engine's LLM is on device %d with %s embeddings (the same device and "
+                       "dtype, and no table of its own, expected)",
+                       fn, o.device, o.embedding_table, (int)o.embedding_dtype, base->device,
+                       base->embed_f16 ? "fp16" : "bf16");
+    }
+    if (base->guard_only && !o.guard_only) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                       "%s: the base engine is guard-only: it holds no decoder layer or LM head "
+                       "to share with a full engine",
+                       fn);
+    }
+    const sf_sysformer_config *scfg = sysformer ? &sysformer->cfg : NULL;
+    if (scfg && scfg->llm_hidden_size && scfg->llm_hidden_size != base->cfg.hidden_size) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                       "%s: the Sysformer was made for hidden size %d, the LLM has %d", fn,
+                       scfg->llm_hidden_size, base->cfg.hidden_size);
+    }
+    sf_cuda_engine *e = NULL;
+    sf_status st = engine_new(&base->cfg, scfg, &o, base, &e);
+    if (st == SF_OK && sysformer) st = sf_cuda_weights_upload_sysformer(e, sysformer);
     if (!e) return st;
     return finish_create(e, st, out);
 }
@@ -567,6 +664,7 @@ void sf_cuda_engine_free(sf_cuda_engine *e) {
         if (e->ev[i]) (void)cudaEventDestroy(e->ev[i]);
     }
     cudaFree(e->weights);
+    llm_hold_release(e->llm_hold);
     cudaFree(e->k_cache);
     cudaFree(e->v_cache);
     cudaFree(e->arena_base);
@@ -599,6 +697,7 @@ sf_status sf_cuda_engine_plan(const sf_llm_config *llm_cfg,
     if (!llm_cfg || !out) return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_cuda_engine_plan: NULL");
     const sf_cuda_engine_options o = options ? *options : sf_cuda_engine_default_options();
     SF_TRY(check_inputs(llm_cfg, sysformer_cfg, &o));
+    SF_TRY(check_rope(llm_cfg));
     sf_cuda_engine *e = calloc(1, sizeof *e);
     if (!e) return sf_fail(SF_ERR_OUT_OF_MEMORY, "sf_cuda_engine_plan: out of host memory");
     const sf_status st = engine_layout(e, llm_cfg, sysformer_cfg, &o);

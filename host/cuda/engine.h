@@ -135,8 +135,14 @@ struct sf_cuda_engine {
 
     cudaStream_t stream;
     sf_gemm_cache *gemm;
-    void *weights;                /* one allocation */
-    size_t weight_bytes;
+    void *weights;                /* the engine's own weight allocation: a sharing engine's
+                                     (its Sysformer's tensors); any other engine's moves into
+                                     llm_hold during creation, leaving NULL                 */
+    size_t weight_bytes;          /* its size: the LLM's tensors and the Sysformer's, or for a
+                                     sharing engine the Sysformer's alone                  */
+    bool shares_llm;              /* the LLM's tensors are another engine's (create_sharing) */
+    struct sf_cuda_llm_hold *llm_hold; /* the allocation holding the LLM's tensors, counted:
+                                     freed with the last engine reading it (engine.c)      */
     sf_bf16 *embed, *final_norm, *lm_head;
     bool borrowed_embed;          /* embed is options.embedding_table, not in weights */
     bool embed_f16;               /* embed holds fp16, not bf16 (SF_EMBEDDING_F16, guard-only) */
@@ -226,7 +232,8 @@ int32_t sf_cuda_engine_max_slots(const sf_cuda_engine *e);
 int32_t sf_cuda_engine_vocab(const sf_cuda_engine *e);
 
 /* weights.c: the layout (host layer arrays, weight_bytes; no device call), then the one
- * device allocation carved by it. */
+ * device allocation carved by it: every tensor the engine holds itself, which for an engine
+ * that shares another's LLM (shares_llm) is only its Sysformer's. */
 sf_status sf_cuda_weights_layout(sf_cuda_engine *e);
 sf_status sf_cuda_weights_alloc(sf_cuda_engine *e);
 sf_status sf_cuda_weights_upload(sf_cuda_engine *e, const sf_llm *llm, const sf_sysformer *sf);

@@ -28,16 +28,18 @@ static bool llm_has_qkv_bias(const sf_llm_config *c) { return c->attention_bias 
 /* The decoder layers the engine holds: none when guard-only. */
 static int llm_layers(const sf_cuda_engine *e) { return e->guard_only ? 0 : e->cfg.num_layers; }
 
+/* The engine's own tensors: the LLM's (unless it shares another engine's) and the
+ * Sysformer's. */
 static size_t carve_weights(sf_cuda_engine *e, char *base) {
     sf_carver c = {base, 0};
     const sf_llm_config *cfg = &e->cfg;
     const size_t d = (size_t)e->d, ff = (size_t)e->ff;
-    if (!e->borrowed_embed) e->embed = carve(&c, (size_t)cfg->vocab_size * d);
-    if (!e->guard_only) {
+    if (!e->borrowed_embed && !e->shares_llm) e->embed = carve(&c, (size_t)cfg->vocab_size * d);
+    if (!e->guard_only && !e->shares_llm) {
         e->final_norm = carve(&c, d);
         e->lm_head = cfg->tie_word_embeddings ? e->embed : carve(&c, (size_t)cfg->vocab_size * d);
     }
-    for (int l = 0; l < llm_layers(e); l++) {
+    for (int l = 0; !e->shares_llm && l < llm_layers(e); l++) {
         sf_cuda_llm_layer *L = &e->layers[l];
         L->attn_norm = carve(&c, d);
         L->w_qkv = carve(&c, (size_t)e->qkv_dim * d);
