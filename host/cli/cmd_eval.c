@@ -255,6 +255,7 @@ typedef struct run {
     int64_t n_items;
     cli_device dev;
     sf_llm *llm;
+    sf_cuda_engine *llm_gpu; /* cuda: the LLM uploaded once, shared by each method's engine */
     sf_tokenizer *tok;
     sf_sysformer *sf, *emb;
     sf_template_id tmpl;
@@ -278,6 +279,7 @@ static void run_free(run *r) {
     sf_sysformer_free(r->sf);
     sf_sysformer_free(r->emb);
     sf_tokenizer_free(r->tok);
+    sf_cuda_engine_free(r->llm_gpu);
     sf_llm_free(r->llm);
     free(r->jsonl_path);
     free(r->json_path);
@@ -511,11 +513,22 @@ static bool probe_token(void *user, int32_t request, int32_t token, const char *
     return true;
 }
 
-/* An engine for one method (its Sysformer, or none): --batch slots of the longest prompt and
- * reply, and steps of as many tokens as the largest run of --batch consecutive prompts needs,
- * so that the scheduler can start that many at once (it starts fewer when they do not fit
- * beside the running requests). */
-static sf_status make_engine(const run *r, const sf_sysformer *sf, const encoded *e,
+/* The LLM on the device, uploaded for the first method and kept for the others: an engine of
+ * one slot of one position, which only holds the weights. Each method's engine shares them. */
+static sf_status llm_on_device(run *r) {
+    if (r->llm_gpu) return SF_OK;
+    sf_cuda_engine_options o = sf_cuda_engine_default_options();
+    o.max_slots = 1;
+    o.max_context = 1;
+    o.cuda_graphs = false;
+    return sf_cuda_engine_create(r->llm, NULL, &o, &r->llm_gpu);
+}
+
+/* An engine for one method (its Sysformer, or none) over the shared LLM: --batch slots of the
+ * longest prompt and reply, and steps of as many tokens as the largest run of --batch
+ * consecutive prompts needs, so that the scheduler can start that many at once (it starts
+ * fewer when they do not fit beside the running requests). */
+static sf_status make_engine(run *r, const sf_sysformer *sf, const encoded *e,
                              sf_cuda_engine **out) {
     const int32_t bs = r->o.batch;
     int64_t need = 0;
@@ -548,7 +561,8 @@ static sf_status make_engine(const run *r, const sf_sysformer *sf, const encoded
     opts.attention = r->o.attention;
     opts.max_context = (int32_t)context;
     opts.max_batch_tokens = need > context ? (int32_t)need : 0; /* 0: max_context */
-    sf_status st = sf_cuda_engine_create(r->llm, sf, &opts, out);
+    sf_status st = llm_on_device(r);
+    if (st == SF_OK) st = sf_cuda_engine_create_sharing(r->llm_gpu, sf, &opts, out);
     if (st == SF_OK && sf) st = sf_cuda_engine_set_timing(*out, true);
     return st;
 }
