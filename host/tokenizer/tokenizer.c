@@ -762,7 +762,9 @@ static sf_status commit(sf_detokenizer *d, const char *what, const char *pending
     int32_t strip_left;
     bool started;
     size_t drop = strip_count(d, &strip_left, &started);
-    sf_status st = deliver(what, d->out.data + drop, d->out.len - drop, out, cap, len);
+    /* (out.data is NULL until something is appended: no arithmetic on it then) */
+    const char *text = d->out.len ? d->out.data + drop : "";
+    sf_status st = deliver(what, text, d->out.len - drop, out, cap, len);
     if (st != SF_OK) return st;
     if (n_pending > 0) memmove(d->pending, pending, n_pending);
     d->n_pending = n_pending;
