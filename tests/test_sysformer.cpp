@@ -441,6 +441,10 @@ TEST_F(SysformerFiles, MalformedJsonAndBadValues) {
     expect_error(SF_ERR_CONFIG, "norm_first");
     write_bad(replace(json_, "\"d_model\": 32,", ""), keep);
     expect_error(SF_ERR_NOT_FOUND, "d_model");
+    // a d_model whose default feed-forward size (4 d) is no int (fuzz_json_files found the
+    // overflow): refused, under UBSan too
+    write_bad(replace(json_, "\"d_model\": 32", "\"d_model\": -1550305456"), keep);
+    expect_error(SF_ERR_CONFIG, "d_model");
     write_bad(replace(json_, "\"weights\": \"sysformer.safetensors\"", "\"weights\": \"../x.safetensors\""), keep);
     expect_error(SF_ERR_FORMAT, "weights");
     write_bad(replace(json_, "\"layer_norm_eps\": ", "\"layer_norm_eps\": -"), keep);

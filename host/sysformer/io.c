@@ -65,7 +65,8 @@ static sf_status parse_config(json_t *root, const char *path, sf_sysformer_confi
     if (st == SF_OK) {
         st = read_int(root, "system_offset_rows", path, &cfg->system_offset_rows);
     }
-    cfg->dim_feedforward = cfg->d_model <= (1 << 28) ? 4 * cfg->d_model : 0;
+    /* default 4 d, when that is an int (a negative d_model is refused later) */
+    cfg->dim_feedforward = cfg->d_model > 0 && cfg->d_model <= (1 << 28) ? 4 * cfg->d_model : 0;
     if (st == SF_OK) st = read_int(root, "dim_feedforward", path, &cfg->dim_feedforward);
     if (st == SF_OK) st = read_bool(root, "norm_first", path, &cfg->norm_first);
     if (st == SF_OK) st = read_bool(root, "final_norm", path, &cfg->final_norm);
