@@ -52,6 +52,16 @@ static inline const char *fuzz_write(const char *name, const uint8_t *data, size
     return path;
 }
 
+/* Copies the file src (at most 1 MiB) as fuzz_dir()/name: a fixed file beside the inputs. */
+static inline void fuzz_copy(const char *src, const char *name) {
+    static uint8_t buf[1 << 20];
+    FILE *f = fopen(src, "rb");
+    const size_t n = f ? fread(buf, 1, sizeof buf, f) : 0;
+    if (!f || n == 0 || n == sizeof buf) abort();
+    fclose(f);
+    fuzz_write(name, buf, n);
+}
+
 /* A failing call must say why (SF_FUZZ_VERBOSE=1 prints it: what the seeds reach). */
 static inline void fuzz_check_message(sf_status st) {
     if (st == SF_OK) return;

@@ -46,24 +46,10 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
     }
     sf_llm_config_release(&cfg);
     atexit(remove_llm);
-    /* the Sysformer's weights, read once */
-    char path[1024];
-    snprintf(path, sizeof path, "%s/sysformer/preln_relu_1layer_8heads/sysformer.safetensors",
-             SF_FUZZ_DATA);
-    FILE *f = fopen(path, "rb");
-    static uint8_t st[1 << 20];
-    const size_t n = f ? fread(st, 1, sizeof st, f) : 0;
-    if (!f || n == 0 || n == sizeof st) abort();
-    fclose(f);
-    fuzz_write("sysformer.safetensors", st, n);
-    snprintf(path, sizeof path, "%s/tokenizer/synthetic/synth-sp-first/tokenizer.json",
-             SF_FUZZ_DATA);
-    f = fopen(path, "rb");
-    static uint8_t tj[1 << 20];
-    const size_t m = f ? fread(tj, 1, sizeof tj, f) : 0;
-    if (!f || m == 0 || m == sizeof tj) abort();
-    fclose(f);
-    fuzz_write("tokenizer.json", tj, m);
+    fuzz_copy(SF_FUZZ_DATA "/sysformer/preln_relu_1layer_8heads/sysformer.safetensors",
+              "sysformer.safetensors");
+    fuzz_copy(SF_FUZZ_DATA "/tokenizer/synthetic/synth-sp-first/tokenizer.json",
+              "tokenizer.json");
     return 0;
 }
 

@@ -11,22 +11,12 @@
 #error "SF_FUZZ_DATA: the repository's tests/golden"
 #endif
 
-static void copy_shard(const char *from, const char *name) {
-    char path[1024];
-    snprintf(path, sizeof path, "%s/%s", SF_FUZZ_DATA, from);
-    static uint8_t buf[1 << 20];
-    FILE *f = fopen(path, "rb");
-    const size_t n = f ? fread(buf, 1, sizeof buf, f) : 0;
-    if (!f || n == 0 || n == sizeof buf) abort();
-    fclose(f);
-    fuzz_write(name, buf, n);
-}
-
 int LLVMFuzzerInitialize(int *argc, char ***argv) {
     (void)argc, (void)argv;
-    copy_shard("llm/llama_gqa_llama3/model.safetensors", "model-00001-of-00002.safetensors");
-    copy_shard("sysformer/preln_relu_1layer_8heads/sysformer.safetensors",
-               "model-00002-of-00002.safetensors");
+    fuzz_copy(SF_FUZZ_DATA "/llm/llama_gqa_llama3/model.safetensors",
+              "model-00001-of-00002.safetensors");
+    fuzz_copy(SF_FUZZ_DATA "/sysformer/preln_relu_1layer_8heads/sysformer.safetensors",
+              "model-00002-of-00002.safetensors");
     return 0;
 }
 
