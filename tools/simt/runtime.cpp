@@ -26,6 +26,10 @@
 //     faults too. EMU_HOST_GUARD=0 turns both off.
 //   - Events time the work between them with the host's clock (the emulated work is what runs
 //     between them); cudaEventElapsedTime refuses untimed, unrecorded and unfinished events.
+//     A cudaEventRecord while the stream captures is no graph node (only
+//     cudaEventRecordExternal makes one): replays never record the event. Waiting on, querying
+//     or timing an event whose last record was such a one is reported as a fault, as the host
+//     code would otherwise read a stale event on a GPU.
 // Kernel errors (emulator faults, bad configurations) are reported by the next synchronisation
 // and are sticky, as a device fault is.
 // Faults can be injected (simt::fail_call, simt_api.h): a creation, a launch or a running
@@ -65,6 +69,7 @@ struct Stream {
 struct Event {
     unsigned flags = 0;
     bool recorded = false, complete = false;
+    bool in_capture = false;  // last recorded while its stream captured: no replay records it
     uint64_t generation = 0;  // a record supersedes the previous one still queued
     double ms = 0;
     Stream *stream = nullptr;
@@ -704,15 +709,14 @@ cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
     if (it == events.end() || !known(s)) return last_error = cudaErrorInvalidResourceHandle;
     std::shared_ptr<Event> ev = it->second;
     Stream *st = s ? stream_of(s) : nullptr;
-    const bool captured = st && st->capturing;
-    if (!captured) {
-        ev->recorded = true;
-        ev->complete = false;
-        ev->stream = st;
-    }
     const uint64_t gen = ++ev->generation;
-    auto op = [ev, gen, captured] {
-        if (captured || ev->generation == gen) {
+    ev->in_capture = st && st->capturing;
+    if (ev->in_capture) return cudaSuccess;  // a capture dependency only, not a node
+    ev->recorded = true;
+    ev->complete = false;
+    ev->stream = st;
+    auto op = [ev, gen] {
+        if (ev->generation == gen) {
             ev->complete = ev->recorded = true;
             ev->ms = now_ms();
         }
@@ -721,12 +725,23 @@ cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
     return cudaSuccess;
 }
 
+// An event last recorded inside a capture: a GPU's replays never record it, so waiting on it,
+// querying or timing it reads whatever it held before; here that is a fault.
+static bool captured_record_ok(const char *call, const Event &ev) {
+    if (!ev.in_capture) return true;
+    fault(std::string(call) + " on an event last recorded while its stream captured: a graph "
+          "replay does not record it (cudaEventRecordExternal would make it a node)");
+    last_error = cudaErrorIllegalState;
+    return false;
+}
+
 cudaError_t cudaEventSynchronize(cudaEvent_t e) {
     traffic.event_syncs++;
     auto it = events.find(e);
     if (it == events.end()) return last_error = cudaErrorInvalidResourceHandle;
     if (forbidden_in_capture("cudaEventSynchronize")) return cudaErrorStreamCaptureUnsupported;
     Event *ev = it->second.get();
+    if (!captured_record_ok("cudaEventSynchronize", *ev)) return last_error;
     // only up to the record: what the stream holds after it has not necessarily run
     while (ev->recorded && !ev->complete && ev->stream && streams.count(ev->stream) &&
            !ev->stream->queue.empty())
@@ -737,6 +752,7 @@ cudaError_t cudaEventSynchronize(cudaEvent_t e) {
 cudaError_t cudaEventQuery(cudaEvent_t e) {
     auto it = events.find(e);
     if (it == events.end()) return last_error = cudaErrorInvalidResourceHandle;
+    if (!captured_record_ok("cudaEventQuery", *it->second)) return last_error;
     return it->second->recorded && !it->second->complete ? cudaErrorNotReady : cudaSuccess;
 }
 
@@ -744,6 +760,9 @@ cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t start, cudaEvent_t end) 
     auto a = events.find(start), b = events.find(end);
     if (a == events.end() || b == events.end()) return last_error = cudaErrorInvalidResourceHandle;
     const Event &s = *a->second, &t = *b->second;
+    if (!captured_record_ok("cudaEventElapsedTime", s) ||
+        !captured_record_ok("cudaEventElapsedTime", t))
+        return last_error;
     if ((s.flags | t.flags) & cudaEventDisableTiming)
         return last_error = cudaErrorInvalidResourceHandle;
     if (!s.recorded || !t.recorded) return last_error = cudaErrorInvalidResourceHandle;
