@@ -638,7 +638,11 @@ __global__ void __launch_bounds__(kWsThreads, 1) attention_sm90_ws_kernel(const 
     // running.
     if (n_tiles > 0) {
         mbar_wait(k_full(0), 0);
-        fence_proxy_async();  // the copies' bytes, seen through the mbarrier, for wgmma's reads
+        // The copies' bytes, seen through the mbarrier, for wgmma's reads. The fence is on the
+        // reading side: the producer's cp.async writes land asynchronously, so it has nothing
+        // to fence when it arrives. (Should a GPU show stale K or V in this kernel alone, the
+        // other order is: cp.async.wait_group, fence.proxy.async, then a plain arrive.)
+        fence_proxy_async();
         take_turn();
         st.pin();
         wgmma_fence();
