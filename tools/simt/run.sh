@@ -47,7 +47,8 @@
 #        RACE=1 the race check (racecheck.h: every kernel load and store to shared memory
 #        checked against the block's barriers, warp syncs, named barriers and mbarriers, and to
 #        device memory against the launch's other blocks; not with SAN; EMU_RACE_GLOBAL=0
-#        leaves device memory out).
+#        leaves device memory out); SIMT_CACHE=dir objects kept for later runs (below; ctest
+#        sets it).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
@@ -241,13 +242,59 @@ G=-g1
 CXX=(nice -n 19 g++ -std=c++20 -O1 "$G" -fno-strict-aliasing -pthread -Wall -Wno-unknown-pragmas
      -Wno-unused-function -Wno-unused-variable "${SANF[@]}" "${RACEF[@]}" -include "$HERE/shim.h"
      -I"$B/t" -I"$HERE/stubs" -I"$REPO/include" -I"$REPO/host")
+# SIMT_CACHE=dir (ctest sets it to the build's simt-cache/): objects shared between runs, so
+# that the suites of one ctest run compile what they have in common (the runtime, the kernels
+# of several suites) once. An object is keyed by its compile command and the source as
+# preprocessed, line markers included (this run's directory written as /simt in both); a run
+# that finds another compiling the same object waits for it. Objects unused for a day are
+# dropped. With it, the run's directory is /simt/ in __FILE__ and in debug information, the
+# same in every run.
+compile() {  # compiler command... -c SRC ... -o OBJ ...
+    [ -n "${SIMT_CACHE:-}" ] || { "$@"; return; }
+    local args=("$@" "-ffile-prefix-map=$B/=/simt/") obj="" pre=() i key
+    for ((i = 0; i < ${#args[@]}; i++)); do
+        case "${args[i]}" in
+            -o) obj=${args[i + 1]}; i=$((i + 1)) ;;
+            -c) pre+=(-E) ;;
+            *) pre+=("${args[i]}") ;;
+        esac
+    done
+    key=$({ echo "$compilers"; printf '%s\n' "${pre[@]}"
+            "${pre[@]}" -o - 2>/dev/null || echo "preprocessing failed: $BASHPID $RANDOM"
+          } | sed "s|$B/|/simt/|g" | sha256sum | cut -c1-40)
+    local hit=$SIMT_CACHE/$key.o lock=$SIMT_CACHE/$key.lock owner
+    for ((i = 0; i < 300; i++)); do  # another run compiling it: wait (5 minutes at most)
+        if [ -f "$hit" ]; then
+            touch "$hit" && cp "$hit" "$obj" && return 0
+        fi
+        if mkdir "$lock" 2>/dev/null; then
+            echo "$BASHPID" >"$lock/pid"
+            break
+        fi
+        # a lock whose compile is gone (its run killed): taken over
+        owner=$(cat "$lock/pid" 2>/dev/null) || owner=""
+        [ -n "$owner" ] && ! kill -0 "$owner" 2>/dev/null && rm -rf "$lock"
+        sleep 1
+    done
+    "${args[@]}" || { rm -rf "$lock"; return 1; }
+    cp "$obj" "$hit.$BASHPID" && mv -f "$hit.$BASHPID" "$hit"
+    rm -rf "$lock"
+    return 0
+}
+if [ -n "${SIMT_CACHE:-}" ]; then
+    mkdir -p "$SIMT_CACHE"
+    compilers=$(gcc --version | head -n 1; g++ --version | head -n 1)
+    # unused objects, and the locks of runs killed while they compiled
+    find "$SIMT_CACHE" -maxdepth 1 -name '*.o' -mmin +1440 -delete 2>/dev/null || true
+    find "$SIMT_CACHE" -maxdepth 1 -name '*.lock' -mmin +10 -exec rm -rf {} + 2>/dev/null || true
+fi
 # At most JOBS compiles at a time; a failing one leaves $B/failed.
 JOBS=${JOBS:-$(nproc)}
-spawn() {  # log command...
+spawn() {  # log compiler command...
     while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || true; done
     local log=$1
     shift
-    { "$@" 2>"$log" || touch "$B/failed"; } &
+    { compile "$@" 2>"$log" || touch "$B/failed"; } &
 }
 for src in "${sources[@]}"; do
     n=$(basename "$src" .cu)
