@@ -419,7 +419,7 @@ static bool bench_serving(sf_cuda_engine *e, const char *name, const options *o,
                                      .token_ids = all + (size_t)first * P,
                                      .spans = sp + first,
                                      .max_new_tokens = o->decode,
-                                     .sampling = {0.0f, 0, 1.0f, 0},
+                                     .sampling = {.temperature = 0.0f, .top_p = 1.0f},
                                      .request_max_new_tokens = limit + first};
             const sf_status st = sf_generate_cuda(e, NULL, &g, NULL, NULL, res + first);
             if (st != SF_OK) {

@@ -317,7 +317,7 @@ static void print_plan(const char *what, const sf_llm_config *c, const sf_sysfor
 int cmd_info(int argc, char **argv) {
     const char *model = NULL;
     sf_cuda_engine_options opts = sf_cuda_engine_default_options();
-    for (int i = 1; i < argc; i++) {
+    for (int i = 1; i < argc; i += 2) { /* every option takes a value */
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
             info_usage(stdout);
@@ -339,7 +339,6 @@ int cmd_info(int argc, char **argv) {
             return 2;
         }
         if (rc) return rc;
-        i++;
     }
     if (!model) {
         info_usage(stderr);
