@@ -29,8 +29,26 @@ fi
 ctest --test-dir "$root" --output-on-failure -j "$jobs"
 
 echo "== 2/3 sanitizer build (ASan + UBSan) and CPU tests"
-cmake -S . -B "$root-asan" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSF_SANITIZE=ON -DSF_CUDA=OFF \
-      -DSF_BUILD_CLI=OFF >/dev/null
+# With clang where it builds and runs a sanitized program (its UBSan also checks arithmetic on
+# NULL pointers, which GCC's does not), else with the default compiler.
+san_cc=()
+san_with="the default compiler"
+probe=$(mktemp -d)
+if command -v clang++ >/dev/null &&
+    echo 'int main(void) { return 0; }' >"$probe/p.c" &&
+    clang -fsanitize=address,undefined "$probe/p.c" -o "$probe/p" 2>/dev/null && "$probe/p"; then
+    san_cc=(-DCMAKE_C_COMPILER=clang -DCMAKE_CXX_COMPILER=clang++)
+    san_with=clang
+fi
+rm -rf "$probe"
+echo "sanitizer build with $san_with"
+# A directory configured with the other compiler starts afresh (CMake, reconfiguring for a new
+# compiler, would drop the options given here).
+[[ $(cat "$root-asan/sanitizer-compiler" 2>/dev/null) == "$san_with" ]] || rm -rf "$root-asan"
+mkdir -p "$root-asan"
+echo "$san_with" >"$root-asan/sanitizer-compiler"
+cmake -S . -B "$root-asan" "${san_cc[@]}" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSF_SANITIZE=ON \
+      -DSF_CUDA=OFF -DSF_BUILD_CLI=OFF >/dev/null
 cmake --build "$root-asan" -j "$jobs"
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
     ctest --test-dir "$root-asan" --output-on-failure -j "$jobs"
