@@ -1,7 +1,8 @@
 /* tests/fuzz: a main for the harnesses without libFuzzer, so that the ordinary builds compile
  * them and ctest replays inputs through them (under the sanitizer build too): runs
  * LLVMFuzzerTestOneInput once on each file named, or on every file of each directory named,
- * in name order. Exit status 0 unless a harness aborts (or a sanitizer stops the process). */
+ * in name order. Exit status 0 unless a harness aborts (or a sanitizer stops the process), a
+ * path is missing, or a directory gives no input. */
 #include <dirent.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -60,6 +61,7 @@ int main(int argc, char **argv) {
         } else if (S_ISDIR(s.st_mode)) {
             struct dirent **list = NULL;
             const int n = scandir(argv[i], &list, NULL, by_name);
+            const long before = g_runs;
             for (int k = 0; k < n; k++) {
                 char path[4096];
                 snprintf(path, sizeof path, "%s/%s", argv[i], list[k]->d_name);
@@ -67,6 +69,10 @@ int main(int argc, char **argv) {
                 free(list[k]);
             }
             free(list);
+            if (g_runs == before) { /* unreadable, or empty: nothing of it was replayed */
+                fprintf(stderr, "replay: no input read from %s\n", argv[i]);
+                bad = 1;
+            }
         } else {
             bad |= run_file(argv[i]);
         }
