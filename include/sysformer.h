@@ -519,7 +519,8 @@ typedef struct sf_generation {
     sf_sampling sampling;
     const int32_t *stop_ids;       /* [n_stop_ids] tokens that end a reply (not emitted)    */
     int32_t n_stop_ids;
-    const char *const *stop_strings; /* [n_stop_strings]; need a tokenizer; removed from text */
+    const char *const *stop_strings; /* [n_stop_strings] valid UTF-8 (an empty one never
+                                        matches); need a tokenizer; removed from the text */
     int32_t n_stop_strings;
     const sf_sampling *request_sampling; /* [n_requests] or NULL: request r samples with
                                             request_sampling[r] (its own temperature, top_k,

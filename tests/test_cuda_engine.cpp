@@ -3294,6 +3294,24 @@ TEST_F(CudaEngineTiny, SessionCancelsTakesAndRefuses) {
               SF_ERR_INVALID_ARGUMENT)
         << "stop strings without a tokenizer";
     EXPECT_EQ(raw, nullptr);
+    // A NULL stop string, and one that is not valid UTF-8 (the CPU path's rule, which
+    // Generate.RefusesBadStopStrings covers case by case).
+    sf_tokenizer *tok = nullptr;
+    ASSERT_EQ(sf_tokenizer_load((std::string(SF_TEST_DATA_DIR) +
+                                 "/tokenizer/synthetic/synth-bytelevel-nfc").c_str(), &tok),
+              SF_OK)
+        << sf_last_error();
+    const char *stops[2] = {"x", nullptr};
+    EXPECT_EQ(sf_cuda_session_create(e.get(), tok, nullptr, 0, stops, 2, &raw),
+              SF_ERR_INVALID_ARGUMENT);
+    EXPECT_NE(strstr(sf_last_error(), "stop string 1 is NULL"), nullptr) << sf_last_error();
+    stops[1] = "\xc3";
+    EXPECT_EQ(sf_cuda_session_create(e.get(), tok, nullptr, 0, stops, 2, &raw),
+              SF_ERR_INVALID_ARGUMENT);
+    EXPECT_NE(strstr(sf_last_error(), "stop string 1 is not valid UTF-8"), nullptr)
+        << sf_last_error();
+    EXPECT_EQ(raw, nullptr);
+    sf_tokenizer_free(tok);
     ASSERT_EQ(sf_cuda_session_create(e.get(), nullptr, nullptr, 0, nullptr, 0, &raw), SF_OK)
         << sf_last_error();
     SessionPtr s(raw);

@@ -593,4 +593,47 @@ TEST_F(Generate, GuardedWithAFreshSysformerAndArgumentChecks) {
     sf_sysformer_free(sf);
 }
 
+// Stop strings are cut from the end of a reply, which is valid UTF-8: a NULL one or one that is
+// not valid UTF-8 (which could cut a character in two) is refused before anything runs, and
+// so are negative list lengths.
+TEST_F(Generate, RefusesBadStopStrings) {
+    sf_tokenizer *tok = nullptr;
+    const std::string dir = std::string(SF_TEST_DATA_DIR) + "/tokenizer/synthetic/synth-bytelevel-nfc";
+    ASSERT_EQ(sf_tokenizer_load(dir.c_str(), &tok), SF_OK) << sf_last_error();
+    std::vector<int32_t> ids = {1, 5, 6, 7}, cu = {0, 4};
+    sf_generation g = {};
+    g.n_requests = 1;
+    g.cu_seqlens = cu.data();
+    g.token_ids = ids.data();
+    g.max_new_tokens = 2;
+    const char *stops[2] = {"\xc3\xa9", nullptr}; // "é", then each bad string in turn
+    g.stop_strings = stops;
+    g.n_stop_strings = 2;
+    sf_generation_result res[1];
+    const struct {
+        const char *stop, *message;
+    } bad[] = {{nullptr, "stop string 1 is NULL"},
+               {"ab\xc3", "stop string 1 is not valid UTF-8 (at byte 2)"},   // cut short
+               {"\xa9", "stop string 1 is not valid UTF-8 (at byte 0)"},     // a continuation
+               {"\xed\xa0\x80", "stop string 1 is not valid UTF-8 (at byte 0)"}}; // a surrogate
+    for (const auto &b : bad) {
+        stops[1] = b.stop;
+        EXPECT_EQ(sf_generate_cpu(llm_, nullptr, tok, &g, nullptr, nullptr, res),
+                  SF_ERR_INVALID_ARGUMENT);
+        EXPECT_NE(strstr(sf_last_error(), b.message), nullptr) << sf_last_error();
+    }
+    stops[1] = "\xe2\x82\xac"; // "€": both valid
+    ASSERT_EQ(sf_generate_cpu(llm_, nullptr, tok, &g, nullptr, nullptr, res), SF_OK)
+        << sf_last_error();
+    sf_generation_result_free(res);
+    g.n_stop_strings = -1;
+    EXPECT_EQ(sf_generate_cpu(llm_, nullptr, tok, &g, nullptr, nullptr, res),
+              SF_ERR_INVALID_ARGUMENT);
+    g.n_stop_strings = 0;
+    g.n_stop_ids = -1;
+    EXPECT_EQ(sf_generate_cpu(llm_, nullptr, tok, &g, nullptr, nullptr, res),
+              SF_ERR_INVALID_ARGUMENT);
+    sf_tokenizer_free(tok);
+}
+
 }  // namespace

@@ -180,9 +180,8 @@ static sf_status session_new(sf_cuda_engine *e, const sf_tokenizer *tok, const c
         return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: %d stop ids, %d stop strings, and their "
                        "arrays %s", who, n_stop_ids, n_stop_strings, "not all given");
     }
-    if (n_stop_strings > 0 && !tok) {
-        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: stop strings need a tokenizer", who);
-    }
+    sf_status st = sf_gen_check_stop_strings(who, tok, stop_strings, n_stop_strings);
+    if (st != SF_OK) return st;
     sf_cuda_session *s = calloc(1, sizeof *s);
     if (!s) return sf_fail(SF_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
     s->e = e;
@@ -194,18 +193,16 @@ static sf_status session_new(sf_cuda_engine *e, const sf_tokenizer *tok, const c
     s->stop_ids = malloc((size_t)(n_stop_ids > 0 ? n_stop_ids : 1) * sizeof *s->stop_ids);
     s->stop_strings = calloc((size_t)(n_stop_strings > 0 ? n_stop_strings : 1),
                              sizeof *s->stop_strings);
-    sf_status st = s->running && s->stop_ids && s->stop_strings
-                       ? SF_OK
-                       : sf_fail(SF_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
+    st = s->running && s->stop_ids && s->stop_strings
+             ? SF_OK
+             : sf_fail(SF_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
     if (st == SF_OK) st = plan_alloc(&s->p, slots, e->max_batch_tokens);
     if (st == SF_OK && n_stop_ids > 0) memcpy(s->stop_ids, stop_ids, (size_t)n_stop_ids * 4);
     s->rules.stop_ids = s->stop_ids;
     s->rules.n_stop_ids = n_stop_ids;
     s->rules.stop_strings = (const char *const *)s->stop_strings;
     for (int32_t i = 0; st == SF_OK && i < n_stop_strings; i++) {
-        if (!stop_strings[i]) {
-            st = sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: stop string %d is NULL", who, i);
-        } else if (!(s->stop_strings[i] = strdup(stop_strings[i]))) {
+        if (!(s->stop_strings[i] = strdup(stop_strings[i]))) {
             st = sf_fail(SF_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
         }
         s->rules.n_stop_strings = i + 1; /* what sf_cuda_session_free releases */

@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "core/error.h"
+#include "tokenizer/tokenizer_internal.h"
 
 static sf_status text_append(const char *who, sf_gen_request *rq, const char *s, size_t n) {
     if (rq->text_len + n + 1 > rq->text_cap) {
@@ -70,11 +71,31 @@ sf_status sf_gen_check_args(const char *who, bool have_model, bool needs_spans,
     if (needs_spans && !g->spans) {
         return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: a Sysformer needs each prompt's spans", who);
     }
-    if (g->n_stop_strings > 0 && !tok) {
+    if (g->n_stop_ids < 0 || g->n_stop_strings < 0 || (g->n_stop_ids > 0 && !g->stop_ids) ||
+        (g->n_stop_strings > 0 && !g->stop_strings)) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: %d stop ids, %d stop strings, and their "
+                       "arrays not all given", who, g->n_stop_ids, g->n_stop_strings);
+    }
+    return sf_gen_check_stop_strings(who, tok, g->stop_strings, g->n_stop_strings);
+}
+
+sf_status sf_gen_check_stop_strings(const char *who, const sf_tokenizer *tok,
+                                    const char *const *stop_strings, int32_t n) {
+    if (n > 0 && !tok) {
         return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: stop strings need a tokenizer", who);
     }
-    if ((g->n_stop_ids > 0 && !g->stop_ids) || (g->n_stop_strings > 0 && !g->stop_strings)) {
-        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: NULL stop list", who);
+    for (int32_t i = 0; i < n; i++) {
+        if (!stop_strings[i]) {
+            return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: stop string %d is NULL", who, i);
+        }
+        /* Replies are valid UTF-8 and a stop string is cut from a reply's end: one that is
+         * not valid UTF-8 could cut a character in two. */
+        const size_t len = strlen(stop_strings[i]);
+        const size_t valid = sf_utf8_validate(stop_strings[i], len);
+        if (valid != len) {
+            return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: stop string %d is not valid UTF-8 "
+                           "(at byte %zu)", who, i, valid);
+        }
     }
     return SF_OK;
 }

@@ -46,6 +46,11 @@ sf_status sf_gen_check_args(const char *who, bool have_model, bool needs_spans,
                             const sf_tokenizer *tok, const sf_generation *g,
                             const sf_generation_result *results);
 
+/* The stop strings of sf_generation and sf_cuda_session_create: they need a tokenizer, and
+ * each must be a valid UTF-8 string (not NULL). */
+sf_status sf_gen_check_stop_strings(const char *who, const sf_tokenizer *tok,
+                                    const char *const *stop_strings, int32_t n);
+
 /* Request r's limit on new tokens: g->request_max_new_tokens[r], or g->max_new_tokens. */
 static inline int32_t sf_gen_max_new(const sf_generation *g, int32_t r) {
     return g->request_max_new_tokens ? g->request_max_new_tokens[r] : g->max_new_tokens;
