@@ -62,6 +62,27 @@ grep -q "cpu or cuda" "$tmp/out" || { echo "FAIL: --device usage message"; fails
 expect 2 "generate --device bogus" -- "$cli" generate --model "$m" --prompt hi --device tpu
 grep -q "cpu or cuda" "$tmp/out" || { echo "FAIL: --device usage message"; fails=$((fails + 1)); }
 expect 2 "chat --device bogus" -- "$cli" chat --model "$m" --device gpu
+# Number flags are read whole and in range: an empty value, a sign on a seed, a value past the
+# type (which strtol/strtoull would wrap or clamp), nan and inf are usage errors that name the
+# flag, never a silent 0 or a wrapped value.
+while IFS='|' read -r c flag value want; do
+    expect 2 "$c $flag '$value'" -- "$cli" $c --model "$m" $flag "$value"
+    grep -q -- "$flag wants $want, not '$value'" "$tmp/out" ||
+        { echo "FAIL: $c $flag '$value' message"; fails=$((fails + 1)); }
+done <<'EOF_FLAGS'
+generate --prompt hi|--temperature||a finite number
+generate --prompt hi|--temperature|nan|a finite number
+generate --prompt hi|--top-p|1e39|a finite number
+generate --prompt hi|--max-new-tokens|4294967297|an integer >= 1
+generate --prompt hi|--top-k|1.5|a 32-bit integer
+generate --prompt hi|--seed|-1|an integer from 0 to 2^64 - 1
+chat|--seed|18446744073709551616|an integer from 0 to 2^64 - 1
+forward --tokens 1|--top|0|an integer >= 1
+init --out /dev/null/sf|--seed|+3|an integer from 0 to 2^64 - 1
+EOF_FLAGS
+expect 2 "random-model --seed x" -- "$cli" random-model --out "$tmp/x" --seed x
+grep -q -- "--seed wants an integer from 0 to 2^64 - 1, not 'x'" "$tmp/out" ||
+    { echo "FAIL: random-model --seed message"; fails=$((fails + 1)); }
 # --attention picks the CUDA engine's attention kernel: an unknown one is a usage error in every
 # command that takes it, and the CPU path ignores it
 for c in "forward --tokens 1" "generate --prompt hi" "chat" "eval"; do

@@ -17,9 +17,20 @@ int cmd_chat(int argc, char **argv);
 /* Prints "sysformer: <what>: <status>: <last error>" to stderr and returns exit code 1. */
 int cli_report(const char *what, sf_status status);
 
-/* Parses a non-negative int32 flag value into *out. Returns 0, or prints "sysformer CMD: FLAG
- * wants a non-negative integer ..." and returns 2 (the usage-error exit code). */
+/* Parses a decimal integer flag value in [lo, hi] into *out. Returns 0, or prints "sysformer
+ * CMD: FLAG wants an integer ..." and returns 2 (the usage-error exit code). */
+int cli_parse_int(const char *cmd, const char *flag, const char *value, int32_t lo, int32_t hi,
+                  int32_t *out);
+
+/* cli_parse_int in [0, INT32_MAX]. */
 int cli_parse_count(const char *cmd, const char *flag, const char *value, int32_t *out);
+
+/* A seed: decimal digits (no sign) up to 2^64 - 1. Returns 0, or prints why and returns 2. */
+int cli_parse_seed(const char *cmd, const char *flag, const char *value, uint64_t *out);
+
+/* A finite number within a float's range (not "nan" or "inf"). Returns 0, or prints why and
+ * returns 2. */
+int cli_parse_float(const char *cmd, const char *flag, const char *value, float *out);
 
 /* Parses --attention's value (auto, mma, wgmma, wgmma_ws: the CUDA engine's fused-attention
  * kernel) into *out. Returns 0, or prints the choices and returns 2. */

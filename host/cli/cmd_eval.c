@@ -128,12 +128,6 @@ static int count_flag(const char *a, const char *v, int32_t *out) {
     return cli_parse_count("eval", a, v, out);
 }
 
-static int bad_number(const char *a, const char *v) {
-    fprintf(stderr, "sysformer eval: %s wants a non-negative number, not '%s' (see --help)\n", a,
-            v);
-    return 2;
-}
-
 /* --methods: a comma list of known, distinct names, in the order given. */
 static int parse_methods(const char *list, int *ids, int *n) {
     *n = 0;
@@ -201,12 +195,8 @@ static int parse_options(int argc, char **argv, options *o) {
         else if (!strcmp(a, "--max-jailbreak-prompts")) rc = count_flag(a, v, &o->max_jb_prompts);
         else if (!strcmp(a, "--max-new-tokens")) rc = count_flag(a, v, &o->max_new_tokens);
         else if (!strcmp(a, "--batch")) rc = count_flag(a, v, &o->batch);
-        else if (!strcmp(a, "--seed")) {
-            char *end = NULL;
-            errno = 0;
-            o->seed = strtoull(v, &end, 10);
-            if (end == v || *end || errno || v[0] == '-') rc = bad_number(a, v);
-        } else if (!strcmp(a, "--device")) {
+        else if (!strcmp(a, "--seed")) rc = cli_parse_seed("eval", a, v, &o->seed);
+        else if (!strcmp(a, "--device")) {
             rc = cli_parse_device("eval", v, &o->dev);
         } else if (!strcmp(a, "--attention")) {
             rc = cli_parse_attention("eval", v, &o->attention);

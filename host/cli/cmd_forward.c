@@ -100,7 +100,8 @@ int cmd_forward(int argc, char **argv) {
     const char *model_dir = NULL, *sysformer_dir = NULL;
     const char *token_lists[MAX_REQUESTS];
     const char *span_lists[MAX_REQUESTS] = {NULL};
-    int n_req = 0, top = 5;
+    int n_req = 0;
+    int32_t top = 5;
     cli_device asked = CLI_DEVICE_CPU;
     sf_attention_kernel attention = SF_ATTENTION_AUTO;
     for (int i = 1; i < argc; i++) {
@@ -133,11 +134,7 @@ int cmd_forward(int argc, char **argv) {
         } else if (!strcmp(a, "--attention")) {
             if (cli_parse_attention("forward", argv[++i], &attention)) return 2;
         } else if (!strcmp(a, "--top")) {
-            top = atoi(argv[++i]);
-            if (top < 1) {
-                fprintf(stderr, "sysformer forward: --top must be at least 1\n");
-                return 2;
-            }
+            if (cli_parse_int("forward", a, argv[++i], 1, INT32_MAX, &top)) return 2;
         } else {
             fprintf(stderr, "sysformer forward: unknown option '%s'\n", a);
             forward_usage(stderr);

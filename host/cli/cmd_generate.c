@@ -123,7 +123,7 @@ static int parse_options(int argc, char **argv, const char *cmd, options *o) {
             return 2;
         }
         const char *v = argv[++i];
-        char *end = NULL;
+        int rc = 0;
         if (!strcmp(a, "--model")) o->model = v;
         else if (!strcmp(a, "--tokenizer")) o->tokenizer = v;
         else if (!strcmp(a, "--sysformer")) o->sysformer = v;
@@ -132,19 +132,20 @@ static int parse_options(int argc, char **argv, const char *cmd, options *o) {
         else if (!strcmp(a, "--prompt")) o->prompt = v;
         else if (!strcmp(a, "--input")) o->input = v;
         else if (!strcmp(a, "--output")) o->output = v;
-        else if (!strcmp(a, "--max-new-tokens")) o->max_new_tokens = (int32_t)strtol(v, &end, 10);
-        else if (!strcmp(a, "--batch")) o->batch = (int32_t)strtol(v, &end, 10);
-        else if (!strcmp(a, "--temperature")) o->sampling.temperature = strtof(v, &end);
-        else if (!strcmp(a, "--top-k")) o->sampling.top_k = (int32_t)strtol(v, &end, 10);
-        else if (!strcmp(a, "--top-p")) o->sampling.top_p = strtof(v, &end);
-        else if (!strcmp(a, "--seed")) o->sampling.seed = strtoull(v, &end, 10);
+        else if (!strcmp(a, "--max-new-tokens"))
+            rc = cli_parse_int(cmd, a, v, 1, INT32_MAX, &o->max_new_tokens);
+        else if (!strcmp(a, "--batch")) rc = cli_parse_int(cmd, a, v, 1, INT32_MAX, &o->batch);
+        else if (!strcmp(a, "--temperature"))
+            rc = cli_parse_float(cmd, a, v, &o->sampling.temperature);
+        else if (!strcmp(a, "--top-k"))
+            rc = cli_parse_int(cmd, a, v, INT32_MIN, INT32_MAX, &o->sampling.top_k);
+        else if (!strcmp(a, "--top-p")) rc = cli_parse_float(cmd, a, v, &o->sampling.top_p);
+        else if (!strcmp(a, "--seed")) rc = cli_parse_seed(cmd, a, v, &o->sampling.seed);
         else if (!strcmp(a, "--top-logprobs") && strcmp(cmd, "chat") != 0)
-            o->sampling.top_logprobs = (int32_t)strtol(v, &end, 10);
-        else if (!strcmp(a, "--device")) {
-            if (cli_parse_device(cmd, v, &o->dev)) return 2;
-        } else if (!strcmp(a, "--attention")) {
-            if (cli_parse_attention(cmd, v, &o->attention)) return 2;
-        } else if (!strcmp(a, "--stop")) {
+            rc = cli_parse_int(cmd, a, v, 0, SF_MAX_TOP_LOGPROBS, &o->sampling.top_logprobs);
+        else if (!strcmp(a, "--device")) rc = cli_parse_device(cmd, v, &o->dev);
+        else if (!strcmp(a, "--attention")) rc = cli_parse_attention(cmd, v, &o->attention);
+        else if (!strcmp(a, "--stop")) {
             if (o->n_stops == 16) {
                 fprintf(stderr, "sysformer %s: at most 16 --stop strings\n", cmd);
                 return 2;
@@ -154,23 +155,11 @@ static int parse_options(int argc, char **argv, const char *cmd, options *o) {
             fprintf(stderr, "sysformer %s: unknown option '%s' (see --help)\n", cmd, a);
             return 2;
         }
-        if (end && *end) {
-            fprintf(stderr, "sysformer %s: %s wants a number, not '%s'\n", cmd, a, v);
-            return 2;
-        }
+        if (rc) return rc;
     }
     if (!o->model) {
         fprintf(stderr, "sysformer %s: --model is required: a .gguf file or a model directory "
                         "(weights/fetch_smollm2.sh fetches SmolLM2-135M-Instruct)\n", cmd);
-        return 2;
-    }
-    if (o->max_new_tokens < 1 || o->batch < 1) {
-        fprintf(stderr, "sysformer %s: --max-new-tokens and --batch must be at least 1\n", cmd);
-        return 2;
-    }
-    if (o->sampling.top_logprobs < 0 || o->sampling.top_logprobs > SF_MAX_TOP_LOGPROBS) {
-        fprintf(stderr, "sysformer %s: --top-logprobs must be 0 to %d\n", cmd,
-                SF_MAX_TOP_LOGPROBS);
         return 2;
     }
     return 0;

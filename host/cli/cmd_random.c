@@ -10,7 +10,7 @@
 
 int cmd_random_model(int argc, char **argv) {
     const char *out = NULL;
-    unsigned long long seed = 1234;
+    uint64_t seed = 1234;
     sf_llm_config cfg = sf_random_llm_default_config();
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
@@ -32,7 +32,10 @@ int cmd_random_model(int argc, char **argv) {
         }
         int rc = 0;
         if (!strcmp(argv[i], "--out")) out = argv[++i];
-        else if (!strcmp(argv[i], "--seed")) seed = strtoull(argv[++i], NULL, 10);
+        else if (!strcmp(argv[i], "--seed")) {
+            rc = cli_parse_seed("random-model", argv[i], argv[i + 1], &seed);
+            i++;
+        }
         else if (!strcmp(argv[i], "--heads")) {
             rc = cli_parse_count("random-model", argv[i], argv[i + 1], &cfg.num_heads);
             i++;
@@ -64,6 +67,7 @@ int cmd_random_model(int argc, char **argv) {
     }
     sf_status st = sf_random_llm_write(out, &cfg, seed);
     if (st != SF_OK) return cli_report("writing the random model", st);
-    printf("wrote %s/config.json and %s/model.safetensors (seed %llu)\n", out, out, seed);
+    printf("wrote %s/config.json and %s/model.safetensors (seed %llu)\n", out, out,
+           (unsigned long long)seed);
     return 0;
 }

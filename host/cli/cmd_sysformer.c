@@ -50,7 +50,7 @@ static const char *base_name(const char *path) {
 
 int cmd_init(int argc, char **argv) {
     const char *model_dir = NULL, *out = NULL, *system_prompt = NULL, *tmpl = NULL;
-    unsigned long long seed = 0;
+    uint64_t seed = 0;
     int32_t layers = 0, heads = 0, ff = 0;
     int post_ln = 0, final_norm = 0, gelu = 0;
     for (int i = 1; i < argc; i++) {
@@ -69,7 +69,7 @@ int cmd_init(int argc, char **argv) {
         int rc = 0;
         if (!strcmp(a, "--model")) model_dir = v;
         else if (!strcmp(a, "--out")) out = v;
-        else if (!strcmp(a, "--seed")) seed = strtoull(v, NULL, 10);
+        else if (!strcmp(a, "--seed")) rc = cli_parse_seed("init", a, v, &seed);
         else if (!strcmp(a, "--layers")) rc = parse_positive(a, v, &layers);
         else if (!strcmp(a, "--heads")) rc = parse_positive(a, v, &heads);
         else if (!strcmp(a, "--ff")) rc = parse_positive(a, v, &ff);
@@ -127,7 +127,7 @@ int cmd_init(int argc, char **argv) {
                "%d heads, ff %d, %s, %s%s (seed %llu)\n",
                out, out, cfg.num_layers, cfg.d_model, cfg.num_heads, cfg.dim_feedforward,
                gelu ? "gelu" : "relu", cfg.norm_first ? "pre-LN" : "post-LN",
-               cfg.final_norm ? ", final norm" : "", seed);
+               cfg.final_norm ? ", final norm" : "", (unsigned long long)seed);
     }
     sf_sysformer_free(sf);
     sf_llm_free(llm);

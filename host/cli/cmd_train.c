@@ -193,11 +193,8 @@ static int parse_options(int argc, char **argv, options *o) {
         else if (!strcmp(a, "--w-compl")) rc = parse_real(a, v, &o->t.w_compl);
         else if (!strcmp(a, "--w-class")) rc = parse_real(a, v, &o->t.w_class);
         else if (!strcmp(a, "--w-recon")) rc = parse_real(a, v, &o->t.w_recon);
-        else if (!strcmp(a, "--seed")) {
-            char *end = NULL;
-            o->t.seed = strtoull(v, &end, 10);
-            if (end == v || *end) rc = bad_number(a, v);
-        } else if (!strcmp(a, "--schedule")) {
+        else if (!strcmp(a, "--seed")) rc = cli_parse_seed("train", a, v, &o->t.seed);
+        else if (!strcmp(a, "--schedule")) {
             if (!strcmp(v, "cosine")) o->t.schedule = SF_LR_COSINE;
             else if (!strcmp(v, "constant")) o->t.schedule = SF_LR_CONSTANT;
             else {

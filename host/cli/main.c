@@ -1,5 +1,7 @@
 /* sysformer — command-line front end of libsysformer. The library never prints; this does. */
 #include <errno.h>
+#include <float.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -41,16 +43,56 @@ int cli_report(const char *what, sf_status status) {
     return 1;
 }
 
-int cli_parse_count(const char *cmd, const char *flag, const char *value, int32_t *out) {
+int cli_parse_int(const char *cmd, const char *flag, const char *value, int32_t lo, int32_t hi,
+                  int32_t *out) {
     char *end = NULL;
     errno = 0;
-    const long x = strtol(value, &end, 10);
-    if (end == value || *end || errno || x < 0 || x > 0x7fffffffL) {
-        fprintf(stderr, "sysformer %s: %s wants a non-negative integer, not '%s' (see --help)\n",
-                cmd, flag, value);
+    const long long x = strtoll(value, &end, 10);
+    if (end == value || *end || errno || x < lo || x > hi) {
+        fprintf(stderr, "sysformer %s: %s wants ", cmd, flag);
+        if (lo == INT32_MIN && hi == INT32_MAX) fprintf(stderr, "a 32-bit integer");
+        else if (lo == 0 && hi == INT32_MAX) fprintf(stderr, "a non-negative integer");
+        else if (hi == INT32_MAX) fprintf(stderr, "an integer >= %d", lo);
+        else fprintf(stderr, "an integer from %d to %d", lo, hi);
+        fprintf(stderr, ", not '%s' (see --help)\n", value);
         return 2;
     }
     *out = (int32_t)x;
+    return 0;
+}
+
+int cli_parse_count(const char *cmd, const char *flag, const char *value, int32_t *out) {
+    return cli_parse_int(cmd, flag, value, 0, INT32_MAX, out);
+}
+
+int cli_parse_seed(const char *cmd, const char *flag, const char *value, uint64_t *out) {
+    char *end = NULL;
+    errno = 0;
+    /* strtoull takes a sign (and wraps "-1" round to 2^64 - 1): only digits are a seed. */
+    const unsigned long long x = value[0] >= '0' && value[0] <= '9' ? strtoull(value, &end, 10)
+                                                                    : 0;
+    if (!end || *end || errno) {
+        fprintf(stderr, "sysformer %s: %s wants an integer from 0 to 2^64 - 1, not '%s' "
+                        "(see --help)\n", cmd, flag, value);
+        return 2;
+    }
+    *out = (uint64_t)x;
+    return 0;
+}
+
+int cli_parse_float(const char *cmd, const char *flag, const char *value, float *out) {
+    char *end = NULL;
+    errno = 0;
+    const double x = strtod(value, &end);
+    /* strtod reads "nan" and "inf", and gives HUGE_VAL with ERANGE past a double's range; a
+     * number past a float's range would become an infinity too. Underflow (ERANGE with a
+     * tiny result) is fine: it is a number close to 0. */
+    if (end == value || *end || !isfinite(x) || fabs(x) > FLT_MAX) {
+        fprintf(stderr, "sysformer %s: %s wants a finite number, not '%s' (see --help)\n", cmd,
+                flag, value);
+        return 2;
+    }
+    *out = (float)x;
     return 0;
 }
 
