@@ -217,8 +217,12 @@ for t, lp, alts in zip(rows[1]["tokens"], rows[1]["token_logprobs"], top):
 PY
         { echo "FAIL: JSONL --logprobs"; fails=$((fails + 1)); }
     expect 2 "chat --logprobs" -- "$cli" chat --model "$g" --logprobs
+    # A line's own fields: each of the wrong type or range is named with its line. 1e39 is past
+    # a float's range (it would become an infinite temperature); "system" must be a string,
+    # not quietly replaced by the default.
     for bad in '"temperature": "hot"' '"top_k": 1.5' '"seed": -1' '"top_p": null' \
-        '"max_new_tokens": 0' '"logprobs": 1' '"top_logprobs": 21'; do
+        '"max_new_tokens": 0' '"logprobs": 1' '"top_logprobs": 21' '"temperature": 1e39' \
+        '"system": 5'; do
         echo "{\"prompt\": \"hi\", $bad}" >"$tmp/badfield.jsonl"
         expect 2 "generate, JSONL with $bad" -- "$cli" generate --model "$g" \
             --input "$tmp/badfield.jsonl" --output "$tmp/x.jsonl"
@@ -226,6 +230,24 @@ PY
         grep -q "badfield.jsonl:1: \"$field\" must be" "$tmp/out" ||
             { echo "FAIL: message for $bad"; cat "$tmp/out"; fails=$((fails + 1)); }
     done
+    # Lines that are not one object with a prompt, each named by its line (blank lines count);
+    # a key given twice is refused rather than one of its values picked.
+    while IFS='|' read -r line want; do
+        printf '{"prompt": "hi"}\n\n%s\n' "$line" >"$tmp/badline.jsonl"
+        expect 2 "generate, JSONL line $line" -- "$cli" generate --model "$g" \
+            --input "$tmp/badline.jsonl" --output "$tmp/x.jsonl"
+        grep -qF "badline.jsonl:3: $want" "$tmp/out" ||
+            { echo "FAIL: message for $line"; cat "$tmp/out"; fails=$((fails + 1)); }
+    done <<'EOF_LINES'
+[{"prompt": "hi"}]|want an object with a string "prompt" or "instruction"
+{"prompt": 7, "instruction": "hi"}|want an object with a string "prompt" or "instruction"
+{"prompt": "a", "prompt": "b"}|duplicate object key
+{"prompt": "a"} {"prompt": "b"}|end of file expected
+EOF_LINES
+    [[ ! -e $tmp/x.jsonl ]] || { echo "FAIL: an output file for a bad input"; fails=$((fails + 1)); }
+    # A reply that cannot be written is a failure, not a short file.
+    expect 1 "generate --output /dev/full" -- "$cli" generate --model "$g" --input "$tmp/in.jsonl" \
+        --output /dev/full --max-new-tokens 2
     # --device cpu is the CPU path as it always was: without a GPU the default is the CPU, and
     # the reply must be byte for byte the same.
     q="What is the capital of France?"

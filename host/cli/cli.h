@@ -54,9 +54,6 @@ char *cli_path_join(const char *dir, const char *name);
 /* A monotonic clock in seconds, for timing and progress. */
 double cli_now(void);
 
-/* How a generation ended, as the JSONL outputs spell it ("length", "stop", ...). */
-const char *cli_finish_name(sf_finish_reason f);
-
 /* Parses "12,5,7" into a malloc'd array. Returns 0 on success, prints and returns 2 on error. */
 int cli_parse_ids(const char *text, int32_t **ids, int32_t *n);
 

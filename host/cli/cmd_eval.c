@@ -22,6 +22,7 @@
 #include <unistd.h>
 
 #include "cli/cli.h"
+#include "cli/jsonl_prompts.h"
 #include "core/error.h"
 #include "eval/eval.h"
 #include "eval/report.h"

@@ -1,5 +1,6 @@
 /* sysformer generate / chat: text in, text out, optionally guarded by a Sysformer. */
 #include <ctype.h>
+#include <errno.h>
 #include <jansson.h>
 #include <math.h>
 #include <stdio.h>
@@ -8,6 +9,7 @@
 #include <unistd.h>
 
 #include "cli/cli.h"
+#include "cli/jsonl_prompts.h"
 #include "core/error.h"
 
 static const char k_default_system[] = "You are a helpful assistant.";
@@ -57,8 +59,8 @@ static void usage(FILE *out, const char *cmd) {
                      "line of a JSONL file (--input: {\"prompt\": ...} or {\"instruction\": ...},\n"
                      "optionally \"system\", and \"temperature\", \"top_k\", \"top_p\", \"seed\",\n"
                      "\"max_new_tokens\", \"logprobs\", \"top_logprobs\" for that line alone)\n"
-                     "written as JSONL to"
-                     " --output, with a progress bar.\n\n");
+                     "written as JSONL to --output, with a progress bar: each line's own fields\n"
+                     "as they were, then \"response\", \"finish\", \"n_tokens\", \"guarded\".\n\n");
     }
     fprintf(out,
             "  --model PATH          a .gguf file or a Hugging Face model directory\n"
@@ -411,72 +413,27 @@ static bool count_token(void *user, int32_t request, int32_t token, const char *
     return true;
 }
 
-/* A JSONL line's own sampling and length fields over the session's: *out and *max_new are the
- * line's. Returns 0, or -1 (and *bad names the field) when one has the wrong type or range. */
-static int row_settings(const json_t *row, const session *s, sf_sampling *out, int32_t *max_new,
-                        const char **bad) {
-    static const char *const fields[] = {"temperature", "top_k", "top_p", "seed",
-                                         "max_new_tokens", "logprobs", "top_logprobs"};
-    *out = s->sampling;
-    *max_new = s->max_new_tokens;
-    for (int i = 0; i < 7; i++) {
-        const json_t *v = json_object_get(row, fields[i]);
-        if (!v) continue;
-        const bool integer = json_is_integer(v);
-        const json_int_t k = integer ? json_integer_value(v) : 0;
-        if (i == 0 && json_is_number(v)) {
-            out->temperature = (float)json_number_value(v);
-        } else if (i == 1 && integer && k >= INT32_MIN && k <= INT32_MAX) {
-            out->top_k = (int32_t)k;
-        } else if (i == 2 && json_is_number(v)) {
-            out->top_p = (float)json_number_value(v);
-        } else if (i == 3 && integer && k >= 0) {
-            out->seed = (uint64_t)k;
-        } else if (i == 4 && integer && k >= 1 && k <= INT32_MAX) {
-            *max_new = (int32_t)k;
-        } else if (i == 5 && json_is_boolean(v)) {
-            out->logprobs = json_is_true(v);
-        } else if (i == 6 && integer && k >= 0 && k <= SF_MAX_TOP_LOGPROBS) {
-            out->top_logprobs = (int32_t)k;
-        } else {
-            *bad = fields[i];
-            return -1;
-        }
-    }
-    return 0;
-}
-
-/* A JSONL line's system and user texts: its own "system" or the session's, and its "prompt" or
- * "instruction" (checked to be a string when the line was read). */
-static void row_texts(json_t *row, const session *s, const char **system, const char **user) {
-    json_t *p = json_object_get(row, "prompt");
-    if (!p) p = json_object_get(row, "instruction");
-    json_t *sys = json_object_get(row, "system");
-    *user = json_string_value(p);
-    *system = json_is_string(sys) ? json_string_value(sys) : s->system;
-}
-
 /* Every line's prompt must fit the model's context window: checked before anything is
  * generated, so that a long file does not fail at its last chunk, and named by its line. Each
  * line's length and spans go to len[] and spans[] (sizing the GPU's engine); its ids are not
  * kept but encoded again when it is generated, which costs little beside generating and never
  * holds a whole file's ids. */
-static int check_lengths(const session *s, const options *o, json_t *rows, const int *line_of,
+static int check_lengths(const session *s, const options *o, const cli_jsonl_prompts *in,
                          int32_t *len, sf_prompt_spans *spans) {
     const int32_t ctx = sf_llm_get_config(s->llm)->max_position_embeddings;
     int32_t *buf = malloc((size_t)ctx * sizeof *buf);
     if (!buf) return cli_report("checking the prompts", SF_ERR_OUT_OF_MEMORY);
     int rc = 0;
-    for (size_t r = 0; !rc && r < json_array_size(rows); r++) {
+    for (size_t r = 0; !rc && r < json_array_size(in->rows); r++) {
         const char *system, *user;
-        row_texts(json_array_get(rows, r), s, &system, &user);
+        cli_jsonl_texts(json_array_get(in->rows, r), s->system, &system, &user);
         len[r] = 0;
         const sf_status st = sf_chat_encode(s->tok, s->tmpl, system, NULL, 0, user, buf, ctx,
                                             &len[r], &spans[r]);
         if (st == SF_ERR_OUT_OF_RANGE || (st == SF_OK && len[r] >= ctx)) {
             sf_clear_error();
             fprintf(stderr, "sysformer generate: %s:%d: the prompt needs %d tokens; the context "
-                            "window is %d\n", o->input, line_of[r], len[r], ctx);
+                            "window is %d\n", o->input, in->line_of[r], len[r], ctx);
             rc = 1;
         } else if (st != SF_OK) {
             rc = cli_report("encoding the prompts", st);
@@ -486,51 +443,15 @@ static int check_lengths(const session *s, const options *o, json_t *rows, const
     return rc;
 }
 
-/* One JSONL row of replies: the line's own fields, then its reply (with its tokens, their
- * log-probabilities and the most likely tokens at each step when it asked; nine significant
- * digits give a float back exactly). */
-static void write_reply(FILE *out, json_t *line, const sf_generation_result *res, bool guarded) {
-    json_t *row = json_deep_copy(line);
-    json_object_set_new(row, "response", json_string(res->text ? res->text : ""));
-    json_object_set_new(row, "finish", json_string(cli_finish_name(res->finish)));
-    json_object_set_new(row, "n_tokens", json_integer(res->n_tokens));
-    json_object_set_new(row, "guarded", json_boolean(guarded));
-    if (res->logprobs) {
-        json_t *ids = json_array(), *lps = json_array();
-        for (int32_t i = 0; i < res->n_tokens; i++) {
-            json_array_append_new(ids, json_integer(res->tokens[i]));
-            json_array_append_new(lps, json_real(res->logprobs[i]));
-        }
-        json_object_set_new(row, "tokens", ids);
-        json_object_set_new(row, "token_logprobs", lps);
-    }
-    if (res->top_ids) {
-        json_t *steps = json_array();
-        for (int32_t i = 0; i < res->n_tokens; i++) {
-            json_t *alts = json_array();
-            for (int32_t j = 0; j < res->n_top; j++) {
-                const size_t at = (size_t)i * (size_t)res->n_top + (size_t)j;
-                json_array_append_new(alts, json_pack("[i,f]", res->top_ids[at],
-                                                      (double)res->top_logprobs[at]));
-            }
-            json_array_append_new(steps, alts);
-        }
-        json_object_set_new(row, "top_token_logprobs", steps);
-    }
-    char *text = json_dumps(row, JSON_COMPACT | JSON_ENSURE_ASCII | JSON_REAL_PRECISION(9));
-    if (text) fprintf(out, "%s\n", text);
-    free(text);
-    json_decref(row);
-}
-
 /* On the GPU: every line through one generation session (cli_run_session), the replies
  * written in the file's order as they finish. A line is encoded again when it is submitted. */
 typedef struct jsonl_gpu {
     session *s;
-    json_t *rows;
+    const cli_jsonl_prompts *in;
     const sf_sampling *sampling;
     const int32_t *limit;
     FILE *out;
+    const char *out_path;
     live_progress *live;
     int32_t *buf, ctx; /* one prompt's ids */
 } jsonl_gpu;
@@ -538,7 +459,7 @@ typedef struct jsonl_gpu {
 static sf_status submit_line(void *user, sf_cuda_session *gen, int64_t i) {
     jsonl_gpu *j = user;
     const char *system, *user_text;
-    row_texts(json_array_get(j->rows, (size_t)i), j->s, &system, &user_text);
+    cli_jsonl_texts(json_array_get(j->in->rows, (size_t)i), j->s->system, &system, &user_text);
     int32_t n = 0, id;
     sf_prompt_spans spans;
     sf_status st = sf_chat_encode(j->s->tok, j->s->tmpl, system, NULL, 0, user_text, j->buf,
@@ -555,18 +476,28 @@ static sf_status step_lines(void *user, sf_cuda_session *gen, int64_t done) {
     return sf_cuda_session_step(gen, count_token, j->live, NULL, NULL);
 }
 
-static sf_status write_line(void *user, int64_t i, sf_generation_result *res) {
-    jsonl_gpu *j = user;
-    write_reply(j->out, json_array_get(j->rows, (size_t)i), res, j->s->sf != NULL);
-    sf_generation_result_free(res);
-    j->live->done = (int)i + 1;
-    return SF_OK;
+/* Line i's reply to out; a failure names the line and the file. */
+static sf_status write_reply(FILE *out, const char *out_path, const cli_jsonl_prompts *in,
+                             size_t i, const sf_generation_result *res, bool guarded) {
+    errno = 0;
+    if (cli_jsonl_write_reply(out, json_array_get(in->rows, i), res, guarded) == 0) return SF_OK;
+    return sf_fail(SF_ERR_IO, "%s: cannot write the reply to line %d%s%s", out_path,
+                   in->line_of[i], errno ? ": " : "", errno ? strerror(errno) : "");
 }
 
-static sf_status jsonl_on_gpu(session *s, json_t *rows, const sf_sampling *sampling,
-                              const int32_t *limit, FILE *out, live_progress *live) {
-    const int total = (int)json_array_size(rows);
-    jsonl_gpu j = {s, rows, sampling, limit, out, live, NULL,
+static sf_status write_line(void *user, int64_t i, sf_generation_result *res) {
+    jsonl_gpu *j = user;
+    const sf_status st = write_reply(j->out, j->out_path, j->in, (size_t)i, res, j->s->sf != NULL);
+    sf_generation_result_free(res);
+    j->live->done = (int)i + 1;
+    return st;
+}
+
+static sf_status jsonl_on_gpu(session *s, const cli_jsonl_prompts *in,
+                              const sf_sampling *sampling, const int32_t *limit, FILE *out,
+                              const char *out_path, live_progress *live) {
+    const int total = (int)json_array_size(in->rows);
+    jsonl_gpu j = {s, in, sampling, limit, out, out_path, live, NULL,
                    sf_llm_get_config(s->llm)->max_position_embeddings};
     j.buf = malloc((size_t)j.ctx * sizeof *j.buf);
     sf_cuda_session *gen = NULL;
@@ -589,67 +520,29 @@ static int run_jsonl(session *s, const options *o) {
         return 1;
     }
     /* Read every line first: the progress bar needs the total. */
-    json_t *rows = json_array();
-    int *line_of = NULL; /* [rows] each row's line in the file */
-    char *line = NULL;
-    size_t cap = 0, line_cap = 0;
-    ssize_t got;
-    int line_no = 0, rc = 0;
-    while ((got = getline(&line, &cap, in)) > 0) {
-        line_no++;
-        if (strspn(line, " \t\r\n") == (size_t)got) continue;
-        json_error_t err;
-        json_t *row = json_loadb(line, (size_t)got, 0, &err);
-        json_t *p = row ? json_object_get(row, "prompt") : NULL;
-        if (!p && row) p = json_object_get(row, "instruction");
-        if (!row || !json_is_string(p)) {
-            fprintf(stderr, "sysformer generate: %s:%d: %s\n", o->input, line_no,
-                    row ? "want an object with a string \"prompt\" or \"instruction\""
-                        : err.text);
-            json_decref(row);
-            rc = 2;
-            break;
-        }
-        if (json_array_size(rows) == line_cap) {
-            line_cap = line_cap ? 2 * line_cap : 256;
-            int *more = realloc(line_of, line_cap * sizeof *line_of);
-            if (!more) {
-                json_decref(row);
-                rc = cli_report("reading --input", SF_ERR_OUT_OF_MEMORY);
-                break;
-            }
-            line_of = more;
-        }
-        line_of[json_array_size(rows)] = line_no;
-        json_array_append_new(rows, row);
-    }
-    free(line);
+    cli_jsonl_prompts prompts;
+    char why[256];
+    int bad_line;
+    int rc = cli_jsonl_read(in, &prompts, &bad_line, why, sizeof why);
     fclose(in);
+    if (rc && bad_line) fprintf(stderr, "sysformer generate: %s:%d: %s\n", o->input, bad_line, why);
+    else if (rc) fprintf(stderr, "sysformer generate: --input %s: %s\n", o->input, why);
+    if (rc) return rc;
     /* Each line's sampling and limit (its own fields over the flags), prompt length and spans,
      * worked out once. */
-    const int total = (int)json_array_size(rows);
+    const int total = (int)json_array_size(prompts.rows);
     const size_t count = (size_t)(total > 0 ? total : 1);
     sf_sampling *sampling = malloc(count * sizeof *sampling);
     int32_t *limit = malloc(count * sizeof *limit), *len = malloc(count * sizeof *len);
     sf_prompt_spans *spans = malloc(count * sizeof *spans);
-    if (!rc && (!sampling || !limit || !len || !spans)) {
+    if (!sampling || !limit || !len || !spans) {
         rc = cli_report("reading --input", SF_ERR_OUT_OF_MEMORY);
     }
     for (int r = 0; !rc && r < total; r++) {
-        const char *bad = NULL;
-        if (row_settings(json_array_get(rows, (size_t)r), s, &sampling[r], &limit[r], &bad) < 0) {
-            fprintf(stderr, "sysformer generate: %s:%d: \"%s\" must be %s\n", o->input,
-                    line_of[r], bad, !strcmp(bad, "top_k") ? "an integer"
-                                     : !strcmp(bad, "seed") ? "an integer >= 0"
-                                     : !strcmp(bad, "max_new_tokens") ? "an integer >= 1"
-                                     : !strcmp(bad, "logprobs") ? "true or false"
-                                     : !strcmp(bad, "top_logprobs") ? "an integer 0 to 20"
-                                                                      : "a number");
-            rc = 2;
-        }
+        cli_jsonl_settings(json_array_get(prompts.rows, (size_t)r), &s->sampling, s->max_new_tokens,
+                           &sampling[r], &limit[r]);
     }
-    if (!rc) rc = check_lengths(s, o, rows, line_of, len, spans);
-    free(line_of);
+    if (!rc) rc = check_lengths(s, o, &prompts, len, spans);
     FILE *out = rc ? NULL : fopen(o->output, "w");
     if (!rc && !out) {
         fprintf(stderr, "sysformer generate: cannot write --output %s\n", o->output);
@@ -663,7 +556,7 @@ static int run_jsonl(session *s, const options *o) {
     live_progress live = {0, total, 0, cli_now(), cli_now()};
     if (!rc) progress(0, total, 0, 0.0);
     if (!rc && s->dev == CLI_DEVICE_CUDA) {
-        const sf_status st = jsonl_on_gpu(s, rows, sampling, limit, out, &live);
+        const sf_status st = jsonl_on_gpu(s, &prompts, sampling, limit, out, o->output, &live);
         if (st != SF_OK) {
             fputc('\n', stderr);
             rc = cli_report("generate", st);
@@ -676,7 +569,8 @@ static int run_jsonl(session *s, const options *o) {
         const char *systems[256], *users[256];
         sf_generation_result results[256];
         for (int r = 0; r < n; r++) {
-            row_texts(json_array_get(rows, (size_t)(i + r)), s, &systems[r], &users[r]);
+            cli_jsonl_texts(json_array_get(prompts.rows, (size_t)(i + r)), s->system, &systems[r],
+                            &users[r]);
         }
         sf_status st = generate_batch(s, n, systems, NULL, 0, users, sampling + i, limit + i,
                                       count_token, &live, results);
@@ -686,8 +580,16 @@ static int run_jsonl(session *s, const options *o) {
             break;
         }
         for (int r = 0; r < n; r++) {
-            write_reply(out, json_array_get(rows, (size_t)(i + r)), &results[r], s->sf != NULL);
+            if (st == SF_OK) {
+                st = write_reply(out, o->output, &prompts, (size_t)(i + r), &results[r],
+                                 s->sf != NULL);
+            }
             sf_generation_result_free(&results[r]);
+        }
+        if (st != SF_OK) {
+            fputc('\n', stderr);
+            rc = cli_report("generate", st);
+            break;
         }
         live.done = i + n;
         progress(live.done, total, live.tokens, cli_now() - live.t0);
@@ -700,7 +602,7 @@ static int run_jsonl(session *s, const options *o) {
         fprintf(stderr, "sysformer generate: error writing %s\n", o->output);
         rc = 1;
     }
-    json_decref(rows);
+    cli_jsonl_free(&prompts);
     if (!rc) fprintf(stderr, "wrote %d replies to %s\n", total, o->output);
     return rc;
 }

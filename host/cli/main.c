@@ -164,17 +164,6 @@ double cli_now(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-const char *cli_finish_name(sf_finish_reason f) {
-    switch (f) {
-    case SF_FINISH_LENGTH: return "length";
-    case SF_FINISH_STOP_TOKEN: return "stop";
-    case SF_FINISH_STOP_STRING: return "stop_string";
-    case SF_FINISH_CONTEXT: return "context";
-    case SF_FINISH_CALLBACK: return "callback";
-    }
-    return "?";
-}
-
 int cli_parse_ids(const char *text, int32_t **ids, int32_t *n) {
     *ids = NULL;
     *n = 0;
