@@ -15,6 +15,8 @@ package needed.
                               SentencePiece prompt, CJK and emoji, empty) for each tokenizer
   json_files/*                byte 0 the reader (0 sysformer.json, 1 jailbreak wrappers,
                               2 prompt set, 3 tokenizer_config.json), then the file
+  cli_jsonl/*                 generate --input files: good ones, and one bad line of each
+                              kind after a good one
 
 Usage: python3 tests/fuzz/make_seeds.py
 """
@@ -184,6 +186,30 @@ def write_other_seeds():
         b"\x03" + read(GOLDEN, "tokenizer", "smollm2", "tokenizer_config.json"))
     put(os.path.join(js, "tokenizer_config_sp_first"),
         b"\x03" + read(SYNTH, "synth-sp-first", "tokenizer_config.json"))
+
+    # generate --input files: every field a line may set, blank and CRLF lines, fields of the
+    # caller's (nested, reals that need 17 digits, one named like a reply field), and a bad
+    # line of each kind at the end of a good file.
+    cj = os.path.join(seeds, "cli_jsonl")
+    good = [
+        {"prompt": "Say hi."},
+        {"instruction": "Name a color.", "id": 7, "system": "Be brief."},
+        {"prompt": "caf\u00e9 \U0001F600 !?", "temperature": 0.7, "top_k": 20, "top_p": 0.9,
+         "seed": 5, "max_new_tokens": 3, "logprobs": True, "top_logprobs": 3},
+        {"prompt": "x", "score": 0.1 + 0.2, "meta": {"a": [1.5, -2e-300, None, True]},
+         "response": "an old reply", "top_logprobs": 1},
+    ]
+    lines = [json.dumps(row) for row in good]
+    put(os.path.join(cj, "good"), ("\n".join(lines) + "\n").encode())
+    put(os.path.join(cj, "blank_and_crlf"),
+        ("\r\n\n" + lines[0] + "\r\n   \n" + lines[2]).encode())
+    bad = ['[{"prompt": "hi"}]', '{"prompt": 7}', '{"prompt": "a", "prompt": "b"}',
+           '{"prompt": "a"} {"prompt": "b"}', '{"prompt": "a", "system": 5}',
+           '{"prompt": "a", "temperature": 1e39}', '{"prompt": "a", "max_new_tokens": 0}',
+           '{"prompt": "a", "top_logprobs": 21}', '{"prompt": "a", "seed": -1}',
+           '{"prompt": "\\ud800"}', '{"prompt": "a\\u0000b"}']
+    for i, line in enumerate(bad):
+        put(os.path.join(cj, "bad%02d" % i), (lines[0] + "\n" + line + "\n").encode())
 
 
 if __name__ == "__main__":

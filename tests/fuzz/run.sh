@@ -2,12 +2,13 @@
 # Coverage-guided fuzzing of everything that reads outside input: the safetensors reader (single
 # files and sharded indexes), the GGUF reader (and the tokenizer, embeddings and model loaded
 # from a GGUF), config.json, tokenizer.json, encoding and decoding with real tokenizers,
-# sysformer.json, jailbreak wrapper files and prompt sets. libFuzzer with AddressSanitizer and
+# sysformer.json, jailbreak wrapper files and prompt sets, and the CLI's JSONL prompt files
+# (generate --input, read and its replies written back). libFuzzer with AddressSanitizer and
 # UndefinedBehaviorSanitizer, the library built for it with clang (CPU path only: no CUDA, no
 # BLAS, no OpenMP).
 #
 # Usage: tests/fuzz/run.sh [SECONDS_PER_TARGET] [TARGET...]   (default 60, every target)
-#   Targets: safetensors gguf llm_config tokenizer_json tokenizer_encode json_files
+#   Targets: safetensors gguf llm_config tokenizer_json tokenizer_encode json_files cli_jsonl
 #   (tests/fuzz/fuzz_TARGET.c). Inputs under tests/fuzz/regressions/TARGET/ (earlier findings,
 #   fixed) are replayed first. A crash, leak or sanitizer report stops that target and leaves
 #   the input that caused it under build-fuzz/findings/TARGET/; the script then exits 1.
@@ -22,7 +23,7 @@ cd "$(dirname "$0")/../.."
 secs=${1:-60}
 shift || true
 targets=("$@")
-all=(safetensors gguf llm_config tokenizer_json tokenizer_encode json_files)
+all=(safetensors gguf llm_config tokenizer_json tokenizer_encode json_files cli_jsonl)
 [[ ${#targets[@]} -gt 0 ]] || targets=("${all[@]}")
 if ! command -v clang >/dev/null; then
     echo "tests/fuzz/run.sh: needs clang (apt-get install clang)" >&2
@@ -40,8 +41,10 @@ libs=$(pkg-config --libs jansson libpcre2-8)
 for t in "${targets[@]}"; do
     data=$PWD/tests/golden
     [[ $t == tokenizer_encode ]] && data=$data/tokenizer
+    extra=()
+    [[ $t == cli_jsonl ]] && extra=(host/cli/jsonl_prompts.c -D_GNU_SOURCE)
     clang "${san[@]}" -fsanitize=fuzzer -Iinclude -Ihost -DSF_FUZZ_DATA="\"$data\"" \
-        "tests/fuzz/fuzz_$t.c" "$B/lib/libsysformer.a" $libs -lm -o "$B/fuzz_$t"
+        "tests/fuzz/fuzz_$t.c" "${extra[@]}" "$B/lib/libsysformer.a" $libs -lm -o "$B/fuzz_$t"
 done
 
 # Seeds: the committed fixtures of each format and tests/fuzz/seeds (for the inputs that carry
@@ -61,6 +64,7 @@ seed llm_config tests/golden/llm/*/config.json
 seed tokenizer_json tests/golden/tokenizer/synthetic/*/tokenizer.json
 seed tokenizer_encode tests/fuzz/seeds/tokenizer_encode/*
 seed json_files tests/fuzz/seeds/json_files/*
+seed cli_jsonl tests/fuzz/seeds/cli_jsonl/*
 
 status=0
 for t in "${targets[@]}"; do
