@@ -346,6 +346,14 @@ if command -v python3 >/dev/null; then
         --template chatml --input "$tmp/long.jsonl" --output "$tmp/long.out" --device cpu
     grep -q "long.jsonl:3: the prompt needs [0-9]* tokens; the context window is 2048" "$tmp/out" &&
         [[ ! -e $tmp/long.out ]] || { echo "FAIL: over-long line message"; fails=$((fails + 1)); }
+    # chat: a conversation grown past the window (two messages of ~1800 tokens) says how to
+    # start over, and after /reset the next message is answered.
+    half=$(python3 -c "print('word ' * 600)")
+    expect 0 "chat past the context window, then /reset" -- bash -c "printf '%s\n%s\n/reset\nhi\n' \
+        '$half' '$half' | '$cli' chat --model '$em' --template chatml --max-new-tokens 2 --device cpu"
+    grep -q "type /reset to start a new conversation" "$tmp/out" &&
+        [[ $(grep -c "^sysformer: chat:" "$tmp/out") -eq 1 ]] ||
+        { echo "FAIL: chat past the window"; sed 's/^/    /' "$tmp/out" | cut -c1-200; fails=$((fails + 1)); }
     E=(--llm "$em" --harmful "$tmp/eh.json" --safe "$tmp/es.json" --max-new-tokens 4)
     expect 0 "eval, five methods with wrappers" -- "$cli" eval "${E[@]}" --sysformer "$tmp/esf" \
         --system-embedder "$tmp/eemb" --jailbreaks "$tmp/ej.json" --max-jailbreak-prompts 2 \

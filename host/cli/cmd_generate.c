@@ -734,11 +734,20 @@ int cmd_chat(int argc, char **argv) {
         fflush(stdout);
         if (st != SF_OK) {
             cli_report("chat", st);
+            if (st == SF_ERR_OUT_OF_RANGE && n_turns > 0) {
+                fprintf(stderr, "(type /reset to start a new conversation)\n");
+            }
             continue;
         }
         turns[n_turns].user = strdup(line);
         turns[n_turns].assistant = strdup(res.text ? res.text : "");
-        if (turns[n_turns].user && turns[n_turns].assistant) n_turns++;
+        if (turns[n_turns].user && turns[n_turns].assistant) {
+            n_turns++;
+        } else { /* out of memory: the turn is not remembered */
+            free((char *)turns[n_turns].user);
+            free((char *)turns[n_turns].assistant);
+            fprintf(stderr, "(out of memory: this turn is left out of the conversation)\n");
+        }
         sf_generation_result_free(&res);
     }
     for (int i = 0; i < n_turns; i++) {
