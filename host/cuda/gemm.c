@@ -274,6 +274,14 @@ static sf_status entry_build(sf_gemm_cache *cache, gemm_entry *e, const gemm_key
                                                 &align_cd, sizeof align_cd));
     LT_TRY(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
                                                 &align_cd, sizeof align_cd));
+    /* Split-K only with fp32 partial sums in the workspace (COMPUTE_TYPE). INPLACE reduces in
+     * the output buffer and OUTPUT_TYPE keeps partial sums in the output type (cublasLt.h):
+     * with a bf16 y either rounds before the sum is complete, where gemm.h promises one
+     * rounding, and INPLACE's order need not repeat from run to run. Algorithms without
+     * split-K (scheme NONE) pass any mask. */
+    const uint32_t reductions = CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;
+    LT_TRY(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
+                                                &reductions, sizeof reductions));
 
     cublasLtMatmulHeuristicResult_t result;
     memset(&result, 0, sizeof result);

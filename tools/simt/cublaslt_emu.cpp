@@ -19,7 +19,14 @@
 //     algorithm; a product whose pointers are less aligned than its algorithm was chosen for is
 //     an emulator error (on a GPU: a kernel that assumes the wider alignment);
 //   - the algorithm is used for the problem (sizes, types, transposes, epilogue) it was chosen for;
-//   - every matrix, the bias and the workspace lie inside one device allocation.
+//   - every matrix, the bias and the workspace lie inside one device allocation;
+//   - D overlaps neither A, B nor the bias, nor C unless C is D (on a GPU: a race);
+//   - the heuristic's preference rules out split-K reductions in the output type
+//     (CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK without INPLACE and OUTPUT_TYPE): this
+//     stand-in rounds D once, which a GPU does only then;
+//   - the algorithm's workspace: the heuristic asks for up to kWorkspace bytes (within the
+//     preference's maximum), and a product handed less, or a workspace that is not 256-byte
+//     aligned, is an error (cublasLt.h: the workspace must hold the algorithm's workspaceSize).
 #include <cublasLt.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -55,7 +62,12 @@ struct Layout {
 struct Pref {
     uint64_t max_workspace = 0;
     uint32_t align[4] = {256, 256, 256, 256};  // A, B, C, D
+    uint32_t reductions = CUBLASLT_REDUCTION_SCHEME_MASK;  // the default: every scheme
 };
+
+// The workspace an algorithm of this stand-in asks for, when the preference allows that much:
+// a product must then be handed at least this many bytes, as a GPU's split-K would need.
+constexpr uint64_t kWorkspace = 1 << 20;
 
 // What an algorithm was chosen for, packed into cublasLtMatmulAlgo_t's 64 bytes.
 struct AlgoInfo {
@@ -63,7 +75,8 @@ struct AlgoInfo {
     uint32_t align[5];  // A, B, C, D, bias (bytes)
     uint64_t m, n, k;
     uint16_t types;  // A, B, D types and transposes and epilogue, folded
-    uint16_t pad[3];
+    uint16_t pad;
+    uint32_t workspace;  // bytes the product needs
 };
 static_assert(sizeof(AlgoInfo) <= sizeof(cublasLtMatmulAlgo_t), "algo info fits");
 constexpr uint32_t kAlgoMagic = 0x414c474fu;
@@ -289,6 +302,8 @@ cublasStatus_t cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulPreference_t p
     switch (attr) {
     case CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES:
         return set_attribute(&p->max_workspace, buf, size);
+    case CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK:
+        return set_attribute(&p->reductions, buf, size);
     case CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES: slot = 0; break;
     case CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES: slot = 1; break;
     case CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES: slot = 2; break;
@@ -314,15 +329,23 @@ cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t handle, cublasLtM
     const std::string why = problem(ds, A, B, *reinterpret_cast<Layout *>(c), D, &m, &n, &k);
     *found = 0;
     if (!why.empty()) return unsupported(why);
+    if (p.reductions & (CUBLASLT_REDUCTION_SCHEME_INPLACE | CUBLASLT_REDUCTION_SCHEME_OUTPUT_TYPE)) {
+        simt::report("cublasLtMatmulAlgoGetHeuristic: the preference allows split-K reductions "
+                     "in the output type (CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK " +
+                     std::to_string(p.reductions) + " has INPLACE or OUTPUT_TYPE): a GPU may then "
+                     "round partial sums to D's type, this stand-in rounds once");
+        return CUBLAS_STATUS_INVALID_VALUE;
+    }
     AlgoInfo info = {};
     info.magic = kAlgoMagic;
     for (int i = 0; i < 4; i++) info.align[i] = p.align[i];
     info.align[4] = ds.epilogue != CUBLASLT_EPILOGUE_DEFAULT ? alignment(ds.bias) : 1;
     info.m = m, info.n = n, info.k = k;
     info.types = fold(ds, D);
+    info.workspace = (uint32_t)(p.max_workspace < kWorkspace ? p.max_workspace : kWorkspace);
     memset(&results[0], 0, sizeof results[0]);
     memcpy(&results[0].algo, &info, sizeof info);
-    results[0].workspaceSize = 0;
+    results[0].workspaceSize = info.workspace;
     results[0].state = CUBLAS_STATUS_SUCCESS;
     results[0].wavesCount = 1.0f;
     *found = 1;
@@ -374,8 +397,24 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t handle, cublasLtMatmulDesc_t desc
                            "-byte aligned, its algorithm was chosen for " +
                            std::to_string(info.align[i]) + "; ";
             }
+            if (info.workspace > 0 && (workspace_bytes < info.workspace || !workspace ||
+                                       (uintptr_t)workspace % 256 != 0))
+                err += "a workspace of " + std::to_string(workspace_bytes) + " bytes at " +
+                       std::to_string(alignment(workspace)) + "-byte alignment for an algorithm "
+                       "that needs " + std::to_string(info.workspace) + " 256-byte aligned; ";
         }
     }
+    // D is written while A, B, C and the bias are read: only C may be D, and only exactly.
+    const size_t d_bytes = span(ld);
+    auto overlaps = [&](const void *p, size_t bytes) {
+        const uintptr_t a0 = (uintptr_t)p, d0 = (uintptr_t)D;
+        return bytes > 0 && d_bytes > 0 && a0 < d0 + d_bytes && d0 < a0 + bytes;
+    };
+    if (overlaps(A, span(la))) err += "D overlaps A; ";
+    if (overlaps(B, span(lb))) err += "D overlaps B; ";
+    if (pr.beta != 0.0f && C != D && overlaps(C, span(lc))) err += "D overlaps C (and is not C); ";
+    if (ds.epilogue != CUBLASLT_EPILOGUE_DEFAULT && overlaps(ds.bias, m * type_size(ld.type)))
+        err += "D overlaps the bias; ";
     if (!simt::device_span(A, span(la))) err += "A is not inside one device allocation; ";
     if (!simt::device_span(B, span(lb))) err += "B is not inside one device allocation; ";
     if (pr.beta != 0.0f && !simt::device_span(C, span(lc)))

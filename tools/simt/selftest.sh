@@ -5,7 +5,7 @@
 # A planted bug that passes means the suite cannot see that kind of error: exit 1. Two
 # suites, two bugs in tensor-core kernels (about a minute of one core; what ctest runs, kept
 # short for CI's budget); --all adds the split top-p's and the split argmax's, one for the
-# optim suite, the engine's and the train suite's (15 minutes in all on two cores: those two
+# optim suite, cuBLASLt's reduction preference (gemm.c on the backward suite), the engine's and the train suite's (15 minutes in all on two cores: those two
 # build the whole library; with a learned system offset's gradient and device span check among them,
 # the serving entry point's offset bounds, lent-table check and fp16 embeddings, per-request
 # sampling's order, continuous batching's fed tokens, and a failed step's slots and session),
@@ -65,6 +65,10 @@ if [ "${1:-}" = --all ]; then
     plant elementwise sampling.cu 'nucleus_sub_bin(pos, b0) <= bin1' \
         'nucleus_sub_bin(pos, b0) < bin1' 'CudaSampling.SplitPrefix*'
     plant optim optim.cu 'k.step_size = lr / bc1;' 'k.step_size = lr;' 'CudaOptim*'
+    # cuBLASLt allowed split-K reductions in the output type (bf16 partial sums, where the
+    # products are promised one rounding): the stand-in's heuristic refuses such a preference
+    plant backward gemm.c 'reductions = CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;' \
+        'reductions = CUBLASLT_REDUCTION_SCHEME_MASK;' 'CudaBackwardGemm.*'
     # a race no result shows (every lane of a warp writes its partial, all the same value; all
     # four schedules pass): the race check's to find
     plant norms norms_common.cuh 'if (lane == 0) partial[warp] = v;' 'partial[warp] = v;' \
