@@ -469,7 +469,8 @@ sf_status sf_chat_encode_no_system(const sf_tokenizer *tok, sf_template_id tmpl,
 #define SF_MAX_TOP_LOGPROBS 20
 
 typedef struct sf_sampling {
-    float temperature; /* <= 0: greedy (argmax; the lowest id wins a tie)                    */
+    float temperature; /* <= 0 (or NaN): greedy (argmax; the lowest id wins a tie); +inf is
+                          refused (every logit would become 0)                              */
     int32_t top_k;     /* keep the k most likely tokens; <= 0: off                           */
     float top_p;       /* keep the smallest set with probability mass >= top_p; >= 1: off    */
     uint64_t seed;     /* each request draws from its own stream started from this seed, so

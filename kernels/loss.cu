@@ -77,9 +77,11 @@ __device__ __forceinline__ void merge_lane(Softmax &sm, Best &best, int o) {
 
 // A logit's place in the top-n order as one 64-bit value, larger first: the fp32 key whose
 // unsigned order is the logits' (the sign bit flipped for positives, every bit for negatives),
-// then the index complemented, so that of equal logits the lower index ranks first. 0 is no
-// candidate (NaN values never become one; -inf ranks above 0).
+// then the index complemented, so that of equal logits the lower index ranks first (-0 is
+// folded onto +0 first: they are equal logits). 0 is no candidate (NaN values never become
+// one; -inf ranks above 0).
 __device__ __forceinline__ uint64_t rank_of(float v, int32_t i) {
+    if (v == 0.0f) v = 0.0f;
     const uint32_t b = __float_as_uint(v);
     const uint32_t key = (b & 0x80000000u) ? ~b : b | 0x80000000u;
     return ((uint64_t)key << 32) | (uint32_t)(0x7fffffff - i);

@@ -63,6 +63,7 @@
 // top_p the nucleus's candidates, in plain sampling the draw's. The full sort remains for rows
 // of at most 8192 logits and for callers whose workspace is not 8-byte aligned.
 #include <limits.h>
+#include <math.h>
 
 #include <type_traits>
 
@@ -1019,6 +1020,9 @@ extern "C" sf_status sf_cuda_sample_f32(int32_t *out, const float *logits, const
     sf_status st = check_rows("sf_cuda_sample_f32", out, logits, n_rows, vocab);
     if (st != SF_OK) return st;
     if (!sampling) return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_cuda_sample_f32: NULL sampling");
+    if (sampling->temperature == INFINITY) {  // sf_sample refuses it too
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_cuda_sample_f32: the temperature is infinite");
+    }
     if (!(sampling->temperature > 0.0f)) {
         // greedy: the split argmax when the workspace can hold its partial maxima
         const bool usable = workspace && ((uintptr_t)workspace & 7u) == 0 &&

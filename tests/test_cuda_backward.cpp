@@ -1212,6 +1212,21 @@ TEST(CudaBackward, Logprobs) {
     EXPECT_EQ(d_ids.host(), (std::vector<int32_t>{3, 2}));
     EXPECT_EQ(sf_cuda_logprobs(nullptr, nullptr, nullptr, nullptr, nullptr, 0, 4, 2, nullptr),
               SF_OK);
+    // -0 and +0 are equal logits, so the lower id ranks first, as sf_top_logprobs ranks them
+    // (their bits differ: a key made of the raw bits put +0 first). V = 8, an aligned row: the
+    // 128-bit path; the rest of the row is below both.
+    const std::vector<float> zeros = {-1.0f, -0.0f, 0.0f, -2.0f, -3.0f, -4.0f, -5.0f, -6.0f};
+    std::vector<int32_t> want_ids(2);
+    std::vector<float> want_lp(2);
+    ASSERT_EQ(sf_top_logprobs(zeros.data(), 8, 2, want_ids.data(), want_lp.data()), SF_OK);
+    ASSERT_EQ(want_ids, (std::vector<int32_t>{1, 2}));
+    DeviceBuffer<float> d_zeros(zeros);
+    ASSERT_EQ(sf_cuda_logprobs(nullptr, d_ids.get(), d_lp.get(), d_zeros.get(), nullptr, 1, 8, 2,
+                               nullptr),
+              SF_OK)
+        << sf_last_error();
+    SF_EXPECT_SYNC();
+    EXPECT_EQ(d_ids.host(), want_ids);
 }
 
 // A NaN logit makes the row's loss and every gradient entry NaN, as on the CPU (its sum of

@@ -162,6 +162,8 @@ TEST(CudaElementwiseArgs, RejectBadShapesWithoutTouchingCuda) {
     EXPECT_EQ(
         sf_cuda_sample_f32(io, f, u, 2, 10, &s, reinterpret_cast<void *>(uintptr_t{258}), need, 0),
         SF_ERR_INVALID_ARGUMENT);
+    s.temperature = INFINITY;  // every logit / inf is 0: refused, as sf_sample refuses it
+    EXPECT_EQ(sf_cuda_sample_f32(io, f, u, 2, 10, &s, ws, need, 0), SF_ERR_INVALID_ARGUMENT);
 }
 
 // Empty work is success and launches nothing, so it also needs no device.

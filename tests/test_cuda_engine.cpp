@@ -2726,7 +2726,8 @@ std::vector<double> draws(const std::vector<sf_sampling> &set, uint64_t seed) {
 // sampler picks from that request's row of the step's own logits with its own setting and
 // draw (exact: the same kernels on the same numbers). Reading fewer tokens than the step has
 // gives the first requests'. Refused: sampling and request_sampling together, a sampling
-// request without uniforms or with a draw outside [0, 1); no slot changes.
+// request without uniforms or with a draw outside [0, 1), an infinite temperature; no slot
+// changes.
 TEST_F(CudaEngineTiny, PerRequestSamplingRunsGroupedAndAnswersInOrder) {
     EnginePtr e = make_engine(llm_, sf_, options(6));
     EnginePtr ref = make_engine(llm_, sf_, options(6));
@@ -2756,6 +2757,14 @@ TEST_F(CudaEngineTiny, PerRequestSamplingRunsGroupedAndAnswersInOrder) {
         bad[2] = 1.0;
         s.uniforms = bad.data();
         EXPECT_EQ(sf_cuda_engine_step(e.get(), &s), SF_ERR_INVALID_ARGUMENT) << "u = 1";
+        std::vector<sf_sampling> hot = kMix;
+        hot[3].temperature = INFINITY;
+        s.request_sampling = hot.data();
+        s.uniforms = u.data();
+        EXPECT_EQ(sf_cuda_engine_step(e.get(), &s), SF_ERR_INVALID_ARGUMENT) << "temperature inf";
+        EXPECT_NE(std::string(sf_last_error()).find("request 3's temperature is infinite"),
+                  std::string::npos)
+            << sf_last_error();
         for (int32_t slot = 0; slot < 6; slot++) {
             EXPECT_EQ(sf_cuda_engine_slot_length(e.get(), slot), 0) << "a refusal filled a slot";
         }
@@ -3295,7 +3304,7 @@ TEST_F(CudaEngineTiny, SessionCancelsTakesAndRefuses) {
         << "stop strings without a tokenizer";
     EXPECT_EQ(raw, nullptr);
     // A NULL stop string, and one that is not valid UTF-8 (the CPU path's rule, which
-    // Generate.RefusesBadStopStrings covers case by case).
+    // Generate.RefusesBadStopStringsAndSettings covers case by case).
     sf_tokenizer *tok = nullptr;
     ASSERT_EQ(sf_tokenizer_load((std::string(SF_TEST_DATA_DIR) +
                                  "/tokenizer/synthetic/synth-bytelevel-nfc").c_str(), &tok),

@@ -27,6 +27,13 @@ TEST(Sample, GreedyTakesTheFirstMaximum) {
         EXPECT_EQ(t, 1);
     }
     EXPECT_EQ(sf_sample(logits, 0, &s, &rng, &t), SF_ERR_INVALID_ARGUMENT);
+    // An infinite temperature makes every logit 0 (a tie the CPU and device samplers would
+    // break differently): refused. NaN stays greedy.
+    s.temperature = INFINITY;
+    EXPECT_EQ(sf_sample(logits, 5, &s, &rng, &t), SF_ERR_INVALID_ARGUMENT);
+    s.temperature = NAN;
+    ASSERT_EQ(sf_sample(logits, 5, &s, &rng, &t), SF_OK);
+    EXPECT_EQ(t, 1);
 }
 
 // Frequencies of N draws from softmax([0, ln 2, ln 4]) = (1/7, 2/7, 4/7). Each count is
@@ -595,8 +602,8 @@ TEST_F(Generate, GuardedWithAFreshSysformerAndArgumentChecks) {
 
 // Stop strings are cut from the end of a reply, which is valid UTF-8: a NULL one or one that is
 // not valid UTF-8 (which could cut a character in two) is refused before anything runs, and
-// so are negative list lengths.
-TEST_F(Generate, RefusesBadStopStrings) {
+// so are negative list lengths and an infinite temperature.
+TEST_F(Generate, RefusesBadStopStringsAndSettings) {
     sf_tokenizer *tok = nullptr;
     const std::string dir = std::string(SF_TEST_DATA_DIR) + "/tokenizer/synthetic/synth-bytelevel-nfc";
     ASSERT_EQ(sf_tokenizer_load(dir.c_str(), &tok), SF_OK) << sf_last_error();
@@ -633,6 +640,21 @@ TEST_F(Generate, RefusesBadStopStrings) {
     g.n_stop_ids = -1;
     EXPECT_EQ(sf_generate_cpu(llm_, nullptr, tok, &g, nullptr, nullptr, res),
               SF_ERR_INVALID_ARGUMENT);
+    g.n_stop_ids = 0;
+    // and an infinite temperature (sf_sample's rule), for the batch or one request
+    g.sampling.temperature = INFINITY;
+    EXPECT_EQ(sf_generate_cpu(llm_, nullptr, tok, &g, nullptr, nullptr, res),
+              SF_ERR_INVALID_ARGUMENT);
+    EXPECT_NE(strstr(sf_last_error(), "sampling.temperature is infinite"), nullptr)
+        << sf_last_error();
+    g.sampling.temperature = 0.0f;
+    sf_sampling own = {};
+    own.temperature = INFINITY;
+    g.request_sampling = &own;
+    EXPECT_EQ(sf_generate_cpu(llm_, nullptr, tok, &g, nullptr, nullptr, res),
+              SF_ERR_INVALID_ARGUMENT);
+    EXPECT_NE(strstr(sf_last_error(), "request_sampling[0].temperature"), nullptr)
+        << sf_last_error();
     sf_tokenizer_free(tok);
 }
 

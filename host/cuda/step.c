@@ -19,6 +19,7 @@
  * from the device and the staging only, so with cuda_graphs they are captured once per batch
  * size (and sampling setting) and replayed: the upload memcpys are graph nodes reading the same
  * pinned buffers, whose contents change between replays. */
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -208,6 +209,10 @@ static sf_status validate(const sf_cuda_engine *e, const sf_cuda_step *s, step_i
             return sf_fail(SF_ERR_INVALID_ARGUMENT,
                            "sf_cuda_engine_step: request %d's top_logprobs = %d, outside [0, %d]",
                            r, p->top_logprobs, SF_MAX_TOP_LOGPROBS);
+        }
+        if (p->temperature == INFINITY) {
+            return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                           "sf_cuda_engine_step: request %d's temperature is infinite", r);
         }
         info->logprobs = info->logprobs || p->logprobs || p->top_logprobs > 0;
         if (p->top_logprobs > info->n_top) info->n_top = p->top_logprobs;

@@ -32,6 +32,11 @@ sf_status sf_sample(const float *logits, int32_t vocab, const sf_sampling *s, ui
     if (!logits || vocab < 1 || !s || !rng_state || !token) {
         return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_sample: bad argument");
     }
+    /* logit / inf is 0 for every finite logit: a tie of all the vocabulary, which the sort
+     * would break by id and the device sampler by logit. Refused everywhere instead. */
+    if (s->temperature == INFINITY) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_sample: the temperature is infinite");
+    }
     if (!(s->temperature > 0.0f)) {
         int32_t best = 0;
         for (int32_t i = 1; i < vocab; i++) best = logits[i] > logits[best] ? i : best;

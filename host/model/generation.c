@@ -3,6 +3,7 @@
  * Messages carry the caller's name, so each entry point reports failures as its own. */
 #include "model/generation.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -38,6 +39,9 @@ static bool ends_with_stop_string(const sf_gen_request *rq, const sf_generation 
 }
 
 sf_status sf_gen_check_sampling(const char *who, const char *what, const sf_sampling *s) {
+    if (s->temperature == INFINITY) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: %s.temperature is infinite", who, what);
+    }
     if (s->top_logprobs < 0 || s->top_logprobs > SF_MAX_TOP_LOGPROBS) {
         return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: %s.top_logprobs = %d, outside [0, %d]", who,
                        what, s->top_logprobs, SF_MAX_TOP_LOGPROBS);
