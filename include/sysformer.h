@@ -948,8 +948,10 @@ sf_status sf_generate_cuda(sf_cuda_engine *engine, const sf_tokenizer *tok,
  * stack may capture it (with sf_cuda_guard_check) into its own CUDA graph: the host arguments
  * are fixed in the graph, the device buffers read at each replay; d_errors is only ever
  * incremented, so a graph that counts resets it too (cudaMemsetAsync before the call).
- * It uses the engine's arena, so it must not run concurrently with the engine's own steps. A
- * stack that runs its own LLM creates the engine with guard_only: the embedding table and the
+ * It launches on the caller's stream, so the engine's device must be the current one (as for
+ * any launch there). It uses the engine's arena, so calls must not overlap one another (one
+ * host thread at a time, and on one stream, or on streams the caller orders) nor the engine's
+ * own steps. A stack that runs its own LLM creates the engine with guard_only: the embedding table and the
  * Sysformer are then all it holds on the device, and with embedding_table it reads the stack's
  * own table instead of a copy. */
 sf_status sf_cuda_guarded_embed(sf_cuda_engine *engine, int32_t n_requests, int32_t n_tokens,

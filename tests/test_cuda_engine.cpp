@@ -4075,8 +4075,9 @@ TEST_F(CudaEngineFaults, ARefusedLaunchInTheGuardedEmbeddingIsReported) {
 // slots, and only those (include/sysformer.h). A launch is refused at points spread over a
 // guarded prefill of two requests, and over the decode step after it (whose graph is captured
 // then), while a third request holds another slot. Afterwards the step's slots are empty, the
-// third's is as it was, and the same steps again give the logits of an engine that never
-// failed, the third request's decode included.
+// third's is as it was, and the third request's decode, then the same steps again, give the
+// logits of an engine that never failed (the decode first: its inputs differ from the failed
+// step's, which the failed step's queued uploads must not read).
 TEST_F(CudaEngineFaults, AFailedStepEmptiesItsSlotsAndNoOthers) {
     sf_cuda_engine_options o = faults_options();
     o.max_slots = 3;
@@ -4145,12 +4146,16 @@ TEST_F(CudaEngineFaults, AFailedStepEmptiesItsSlotsAndNoOthers) {
             EXPECT_EQ(sf_cuda_engine_read_logits(e.get(), &row, 1), SF_ERR_INVALID_ARGUMENT)
                 << "a failed step leaves no results to read";
 
+            // First a step with other inputs (the third request's decode, alone): what the
+            // failed step enqueued before it failed still reads the staging, which this step
+            // must not refill before that has run.
+            ASSERT_EQ(step(e.get(), nullptr, third_slot), SF_OK) << sf_last_error();
+            EXPECT_EQ(logits(e.get(), 1), want_third) << "the third request's slot was touched";
+            EXPECT_EQ(sf_cuda_engine_slot_length(e.get(), 2), third_len + 1);
             ASSERT_EQ(step(e.get(), &two_, pair_slots), SF_OK) << sf_last_error();
             EXPECT_EQ(logits(e.get(), 2), want_prefill);
             ASSERT_EQ(step(e.get(), nullptr, pair_slots), SF_OK) << sf_last_error();
             EXPECT_EQ(logits(e.get(), 2), want_decode);
-            ASSERT_EQ(step(e.get(), nullptr, third_slot), SF_OK) << sf_last_error();
-            EXPECT_EQ(logits(e.get(), 1), want_third) << "the third request's slot was touched";
         }
     }
 }

@@ -730,7 +730,8 @@ sf_status sf_cuda_engine_reset_slot(sf_cuda_engine *e, int32_t slot) {
                        "no slots");
     }
     /* ordered after any step already enqueued; the cache rows need no clearing: a slot's
-     * attention reads only its first slot_len rows */
+     * attention reads only its first slot_len rows. The stream is the engine's device's. */
+    SF_CUDA_OR_FAIL(cudaSetDevice(e->device));
     SF_CUDA_OR_FAIL(cudaMemsetAsync(e->a.slot_len + slot, 0, sizeof(int32_t), e->stream));
     e->host_slot_len[slot] = 0;
     e->host_slot_sampled[slot] = false;
@@ -749,7 +750,7 @@ sf_status sf_cuda_engine_stage_times(sf_cuda_engine *e, sf_cuda_stage_times *out
     if (!e->last_timed) {
         return sf_fail(SF_ERR_INVALID_ARGUMENT,
                        "sf_cuda_engine_stage_times: the last step was not timed "
-                       "(sf_cuda_engine_set_timing before it)");
+                       "(sf_cuda_engine_set_timing before it), or it failed");
     }
     SF_CUDA_OR_FAIL(cudaEventSynchronize(e->ev[SF_STAGE_EVENTS - 1]));
     out->step = e->steps;

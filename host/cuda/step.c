@@ -529,9 +529,18 @@ sf_status sf_cuda_engine_step(sf_cuda_engine *e, const sf_cuda_step *s) {
     sf_nvtx_pop();
     if (st != SF_OK) {
         /* Something failed after validation (a launch or a CUDA call): the slots' device state
-         * may be partly advanced, so every slot of this step is emptied. */
+         * may be partly advanced, so every slot of this step is emptied. What the step
+         * enqueued before the failure still reads the staging when it runs, so staging_free
+         * (and done) are recorded after it, as for a whole step: the next step waits for them
+         * before refilling the staging. The failure's error is cleared, so that the next
+         * step's first launch check does not take it for its own (a sticky error, a fault on
+         * the device, stays and fails every later call). */
+        (void)cudaGetLastError();
         for (int32_t r = 0; r < n; r++) (void)sf_cuda_engine_reset_slot(e, s->slots[r]);
+        (void)cudaEventRecord(e->staging_free, e->stream);
+        (void)cudaEventRecord(e->done, e->stream);
         e->last_n = 0;
+        e->last_timed = false; /* its stage marks are partly this step's */
         return st;
     }
     for (int32_t r = 0; r < n; r++) {
