@@ -951,9 +951,9 @@ sf_status sf_generate_cuda(sf_cuda_engine *engine, const sf_tokenizer *tok,
  * It launches on the caller's stream, so the engine's device must be the current one (as for
  * any launch there). It uses the engine's arena, so calls must not overlap one another (one
  * host thread at a time, and on one stream, or on streams the caller orders) nor the engine's
- * own steps. A stack that runs its own LLM creates the engine with guard_only: the embedding table and the
- * Sysformer are then all it holds on the device, and with embedding_table it reads the stack's
- * own table instead of a copy. */
+ * own steps. A stack that runs its own LLM creates the engine with guard_only: the embedding
+ * table and the Sysformer are then all it holds on the device, and with embedding_table it
+ * reads the stack's own table instead of a copy. */
 sf_status sf_cuda_guarded_embed(sf_cuda_engine *engine, int32_t n_requests, int32_t n_tokens,
                                 const int32_t *d_cu_seqlens, const int32_t *d_token_ids,
                                 const sf_prompt_spans *d_spans, int32_t max_system,

@@ -605,7 +605,8 @@ TEST_F(Generate, GuardedWithAFreshSysformerAndArgumentChecks) {
 // so are negative list lengths and an infinite temperature.
 TEST_F(Generate, RefusesBadStopStringsAndSettings) {
     sf_tokenizer *tok = nullptr;
-    const std::string dir = std::string(SF_TEST_DATA_DIR) + "/tokenizer/synthetic/synth-bytelevel-nfc";
+    const std::string dir =
+        std::string(SF_TEST_DATA_DIR) + "/tokenizer/synthetic/synth-bytelevel-nfc";
     ASSERT_EQ(sf_tokenizer_load(dir.c_str(), &tok), SF_OK) << sf_last_error();
     std::vector<int32_t> ids = {1, 5, 6, 7}, cu = {0, 4};
     sf_generation g = {};

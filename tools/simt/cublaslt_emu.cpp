@@ -329,7 +329,9 @@ cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t handle, cublasLtM
     const std::string why = problem(ds, A, B, *reinterpret_cast<Layout *>(c), D, &m, &n, &k);
     *found = 0;
     if (!why.empty()) return unsupported(why);
-    if (p.reductions & (CUBLASLT_REDUCTION_SCHEME_INPLACE | CUBLASLT_REDUCTION_SCHEME_OUTPUT_TYPE)) {
+    const uint32_t in_output_type =
+        CUBLASLT_REDUCTION_SCHEME_INPLACE | CUBLASLT_REDUCTION_SCHEME_OUTPUT_TYPE;
+    if (p.reductions & in_output_type) {
         simt::report("cublasLtMatmulAlgoGetHeuristic: the preference allows split-K reductions "
                      "in the output type (CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK " +
                      std::to_string(p.reductions) + " has INPLACE or OUTPUT_TYPE): a GPU may then "

@@ -1,21 +1,20 @@
 #!/usr/bin/env bash
-# The emulator's own test: a suite must FAIL when its kernel has a bug. Each case copies
-# kernels/ to a scratch directory, plants one bug (an exact text replacement that must match
-# once) and runs the suite (narrowed to the tests that reach the kernel) expecting a failure.
-# A planted bug that passes means the suite cannot see that kind of error: exit 1. Two
-# suites, two bugs in tensor-core kernels (about a minute of one core; what ctest runs, kept
-# short for CI's budget); --all adds the split top-p's and the split argmax's, one for the
-# optim suite, cuBLASLt's reduction preference (gemm.c on the backward suite), the engine's and the train suite's (15 minutes in all on two cores: those two
-# build the whole library; with a learned system offset's gradient and device span check among them,
-# the serving entry point's offset bounds, lent-table check and fp16 embeddings, per-request
-# sampling's order, continuous batching's fed tokens, and a failed step's slots and session),
-# and the wgmma attention's, and races only the race check (run.sh RACE=1) sees, and two of
-# the warp-specialized kernel's again under it. Others: run.sh
-# with KSRC / ESRC by hand. Most engine and train
-# plants are in host code (host/cuda), not in a kernel. Two of them only the emulated
-# runtime's queued streams can show (on a CPU that runs everything at once they would pass):
-# an engine step that refills the pinned staging before the previous step's uploads have run;
-# a training step that reads S' and S from pinned memory without waiting for their copies.
+# The emulator's own test: a suite must FAIL when its kernel has a bug. Each case copies kernels/ to
+# a scratch directory, plants one bug (an exact text replacement that must match once) and runs the
+# suite (narrowed to the tests that reach the kernel) expecting a failure. A planted bug that passes
+# means the suite cannot see that kind of error: exit 1. Two suites, two bugs in tensor-core kernels
+# (about a minute of one core; what ctest runs, kept short for CI's budget); --all adds the split
+# top-p's and the split argmax's, one for the optim suite, cuBLASLt's reduction preference (gemm.c
+# on the backward suite), the engine's and the train suite's (15 minutes in all on two cores: those
+# two build the whole library; with a learned system offset's gradient and device span check among
+# them, the serving entry point's offset bounds, lent-table check and fp16 embeddings, per-request
+# sampling's order, continuous batching's fed tokens, and a failed step's slots and session), and
+# the wgmma attention's, and races only the race check (run.sh RACE=1) sees, and two of the
+# warp-specialized kernel's again under it. Others: run.sh with KSRC / ESRC by hand. Most engine and
+# train plants are in host code (host/cuda), not in a kernel. Two of them only the emulated
+# runtime's queued streams can show (on a CPU that runs everything at once they would pass): an
+# engine step that refills the pinned staging before the previous step's uploads have run; a
+# training step that reads S' and S from pinned memory without waiting for their copies.
 #   tools/simt/selftest.sh [--all]
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
