@@ -133,7 +133,10 @@ int cli_jsonl_read(FILE *in, cli_jsonl_prompts *out, int *line, char *why, size_
         }
         json_decref(row);
     }
-    if (!rc && ferror(in)) rc = say(why, why_cap, 1, "read error: %s", strerror(errno));
+    /* getline's -1 is the end, a read error (ferror) or no memory for the line (ENOMEM) */
+    if (!rc && (ferror(in) || errno == ENOMEM)) {
+        rc = say(why, why_cap, 1, "read error: %s", strerror(errno));
+    }
     free(text);
     if (rc) cli_jsonl_free(out);
     return rc;
