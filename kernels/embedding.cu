@@ -74,6 +74,13 @@ extern "C" sf_status sf_cuda_embedding_f32(float *out, const float *table, const
                        (long long)n, (long long)dim);
     }
     if (n == 0 || dim == 0) return SF_OK;
+    if (!out || !table || !ids) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_cuda_embedding_f32: NULL pointer");
+    }
+    if (((uintptr_t)out | (uintptr_t)table | (uintptr_t)ids | (uintptr_t)bad_ids) & 3u) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                       "sf_cuda_embedding_f32: pointer not aligned to its element");
+    }
     sf_nvtx_range range("sf_cuda_embedding_f32");
     const int block = 256;
     embedding_f32_kernel<<<(unsigned)n, block, 0, stream>>>(out, table, ids, dim, vocab, bad_ids);
@@ -90,6 +97,10 @@ static sf_status embedding_16bit(const char *fn, uint16_t *out, const uint16_t *
     }
     if (n == 0 || dim == 0) return SF_OK;
     if (!out || !table || !ids) return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: NULL pointer", fn);
+    const uintptr_t halves = (uintptr_t)out | (uintptr_t)table;
+    if ((halves & 1u) || (((uintptr_t)ids | (uintptr_t)bad_ids) & 3u)) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: pointer not aligned to its element", fn);
+    }
     sf_nvtx_range range(fn);
     // The table's rows are 16-byte aligned iff its base is and dim is a multiple of 8.
     if (dim % kVec == 0 && aligned16(out) && aligned16(table)) {

@@ -257,6 +257,9 @@ static sf_status rows_args(const char *fn, const void *dst, int64_t dst_stride, 
     if (n > 0 && dim > 0 && (!dst || !src || !rows)) {
         return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: NULL pointer", fn);
     }
+    if ((((uintptr_t)dst | (uintptr_t)src) & 1u) || ((uintptr_t)rows & 3u)) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: pointer not aligned to its element", fn);
+    }
     return SF_OK;
 }
 

@@ -186,7 +186,7 @@ extern "C" sf_status sf_cuda_layernorm_bf16_variant(sf_bf16 *out, sf_bf16 *resid
                                                     int64_t rows, int64_t dim, float eps,
                                                     int threads_per_row, cudaStream_t stream) {
     static const char fn[] = "sf_cuda_layernorm_bf16";
-    sf_status st = sf_norms::check_args(fn, out, residual_out, x, w, rows, dim, eps,
+    sf_status st = sf_norms::check_args(fn, out, residual_out, x, residual, w, b, rows, dim, eps,
                                         threads_per_row);
     if (st != SF_OK) return st;
     if (rows == 0 || dim == 0) return SF_OK;

@@ -330,11 +330,19 @@ inline sf_status check_shape(const char *fn, int64_t rows, int64_t dim, float ep
 
 // Checks what both norms share; `fn` names the public launcher in the message.
 inline sf_status check_args(const char *fn, const void *out, const void *residual_out,
-                            const void *x, const void *w, int64_t rows, int64_t dim, float eps,
-                            int threads_per_row) {
+                            const void *x, const void *residual, const void *w, const void *b,
+                            int64_t rows, int64_t dim, float eps, int threads_per_row) {
     if (!out || !x || !w) {
         return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: NULL %s", fn,
                        !out ? "out" : !x ? "x" : "w");
+    }
+    // A bf16 pointer off its 2-byte alignment is a corrupt offset, not a view (on a GPU the
+    // scalar path would fault with a misaligned address, which no later call survives).
+    if (((uintptr_t)out | (uintptr_t)residual_out | (uintptr_t)x | (uintptr_t)residual |
+         (uintptr_t)w | (uintptr_t)b) & 1u) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                       "%s: pointer not aligned to its element: out=%p residual_out=%p x=%p "
+                       "residual=%p w=%p b=%p", fn, out, residual_out, x, residual, w, b);
     }
     if (out == residual_out) {
         return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: out and residual_out are the same buffer",

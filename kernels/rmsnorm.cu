@@ -146,8 +146,8 @@ extern "C" sf_status sf_cuda_rmsnorm_bf16_variant(sf_bf16 *out, sf_bf16 *residua
                                                   float eps, int threads_per_row,
                                                   cudaStream_t stream) {
     static const char fn[] = "sf_cuda_rmsnorm_bf16";
-    sf_status st = sf_norms::check_args(fn, out, residual_out, x, w, rows, dim, eps,
-                                        threads_per_row);
+    sf_status st = sf_norms::check_args(fn, out, residual_out, x, residual, w, nullptr, rows, dim,
+                                        eps, threads_per_row);
     if (st != SF_OK) return st;
     if (rows == 0 || dim == 0) return SF_OK;
     const bool vector_ok = dim % 8 == 0 && sf_norms::aligned16(out) &&

@@ -191,6 +191,10 @@ static sf_status rope_launch(const char *fn, sf_bf16 *x, const int32_t *position
     if (!x || !positions || !inv_freq) {
         return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: NULL pointer", fn);
     }
+    const uintptr_t words = (uintptr_t)positions | (uintptr_t)table | (uintptr_t)inv_freq;
+    if (((uintptr_t)x & 1u) || (words & 3u)) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT, "%s: pointer not aligned to its element", fn);
+    }
     sf_nvtx_range range(fn);
     __nv_bfloat16 *xb = reinterpret_cast<__nv_bfloat16 *>(x);
     if ((head_dim / 2) % kVec == 0 && row_stride % kVec == 0 && aligned16(x)) {

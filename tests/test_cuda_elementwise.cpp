@@ -114,6 +114,25 @@ TEST(CudaElementwiseArgs, RejectBadShapesWithoutTouchingCuda) {
     EXPECT_EQ(sf_cuda_rope_bf16(p, ids, 4, -1, 64, 64, f, 1.0f, 0), SF_ERR_INVALID_ARGUMENT);
     EXPECT_EQ(sf_cuda_rope_bf16(p, ids, 4, 8, 64, 512, nullptr, 1.0f, 0), SF_ERR_INVALID_ARGUMENT);
 
+    // A pointer off its element's alignment (a corrupt offset: on a GPU, a misaligned-address
+    // fault that breaks the context) is refused before any CUDA call.
+    sf_bf16 *odd = reinterpret_cast<sf_bf16 *>(uintptr_t{257});
+    const int32_t *odd_ids = reinterpret_cast<const int32_t *>(uintptr_t{258});
+    float *odd_f = reinterpret_cast<float *>(uintptr_t{258});
+    EXPECT_EQ(sf_cuda_rope_bf16(odd, ids, 4, 8, 64, 512, f, 1.0f, 0), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cuda_rope_bf16(p, odd_ids, 4, 8, 64, 512, f, 1.0f, 0), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cuda_rope_bf16(p, ids, 4, 8, 64, 512, odd_f, 1.0f, 0), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cuda_embedding_bf16(odd, p, ids, 4, 8, 10, nullptr, 0), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cuda_embedding_f16(p, p, odd_ids, 4, 8, 10, nullptr, 0),
+              SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cuda_embedding_f32(odd_f, f, ids, 4, 8, 10, nullptr, 0),
+              SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cuda_embedding_f32(fo, f, nullptr, 4, 8, 10, nullptr, 0),
+              SF_ERR_INVALID_ARGUMENT);  // NULL ids
+    EXPECT_EQ(sf_cuda_splice_rows_bf16(p, odd, ids, 3, 8, 0), SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cuda_gather_rows_f16_to_bf16(p, 8, p, 8, odd_ids, 4, 8, 0),
+              SF_ERR_INVALID_ARGUMENT);
+
     EXPECT_EQ(sf_cuda_swiglu_bf16(p, p, p, -1, 0), SF_ERR_INVALID_ARGUMENT);
     EXPECT_EQ(sf_cuda_swiglu_bf16(p, nullptr, p, 3, 0), SF_ERR_INVALID_ARGUMENT);
     EXPECT_EQ(sf_cuda_swiglu_fused_bf16(p, p, -1, 8, 0), SF_ERR_INVALID_ARGUMENT);

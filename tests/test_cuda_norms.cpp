@@ -484,6 +484,11 @@ TEST(CudaNormsArgs, RejectsBadArgumentsBeforeAnyCudaCall) {
         {"warp, scalar path too long", out, res_out, x, w, 4, 513, 1e-5f, 32},
         // rows == 0 and dim == 0 are still checked.
         {"NULL x, no rows", out, res_out, nullptr, w, 0, 64, 1e-5f, 0},
+        // A pointer off its element (on a GPU: a misaligned-address fault).
+        {"w off its element", out, res_out, x, reinterpret_cast<const sf_bf16 *>(
+             reinterpret_cast<const char *>(w) + 1), 4, 64, 1e-5f, 0},
+        {"out off its element", reinterpret_cast<sf_bf16 *>(reinterpret_cast<char *>(out) + 1),
+         res_out, x, w, 4, 64, 1e-5f, 0},
         {"eps < 0, no columns", out, res_out, x, w, 4, 0, -1.0f, 0},
     };
     for (const Bad &c : bad) {
