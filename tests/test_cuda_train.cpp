@@ -443,6 +443,41 @@ TEST_P(CudaTrainVariant, LeavesTheLlmUntouchedAndRepeats) {
     EXPECT_LE(rel_err(g2, g1), 4.0 * kUbf16);
 }
 
+// The downloaded gradient after a clipped step is the one AdamW used (scaled by
+// sf_clip_grad_norm's coefficient max / (norm + 1e-6)), and a loss-only call
+// (sf_cuda_train_loss_grad without grads: no backward) leaves it so. Its norm is then
+// clip_norm * norm / (norm + 1e-6), each element rounded once to fp32 (relative 2^-24) and the
+// norm summed here in double: within 1e-6 / norm + 1e-6 relative of clip_norm.
+TEST_P(CudaTrainVariant, DownloadedGradientStaysTheStepsAfterALossOnlyCall) {
+    const TrainBatch b = make_batch({{{3, 4, 5}}, {{2, 6, 3}}}, 13, 1.0, 1.0, 1.0);
+    const sf_cuda_train_batch bv = b.view();
+    int64_t nw = 0;
+    sf_sysformer_flat(sf_.get(), &nw);
+    sf_cuda_train_update u = {};
+    u.lr = 1e-3;
+    u.step = 1;
+    u.adamw = {0.9, 0.999, 1e-4, 0.1};
+    u.clip_norm = 1e-3;
+    sf_llm_loss_result r;
+    double recon = 0, norm = 0;
+    ASSERT_EQ(sf_cuda_train_step(tr_.get(), &bv, &u, &r, &recon, &norm), SF_OK)
+        << sf_last_error();
+    ASSERT_GT(norm, 10 * u.clip_norm) << "the step must clip for this test to mean anything";
+    std::vector<float> g1((size_t)nw), g2((size_t)nw);
+    ASSERT_EQ(sf_cuda_train_download_state(tr_.get(), nullptr, nullptr, nullptr, g1.data()),
+              SF_OK)
+        << sf_last_error();
+    double sq = 0.0;
+    for (float x : g1) sq += (double)x * x;
+    EXPECT_NEAR(std::sqrt(sq), u.clip_norm, (1e-6 / norm + 1e-6) * u.clip_norm);
+    ASSERT_EQ(sf_cuda_train_loss_grad(tr_.get(), &bv, &r, &recon, nullptr), SF_OK)
+        << sf_last_error();
+    ASSERT_EQ(sf_cuda_train_download_state(tr_.get(), nullptr, nullptr, nullptr, g2.data()),
+              SF_OK)
+        << sf_last_error();
+    EXPECT_EQ(g2, g1) << "a loss-only call changed the gradient the download reports";
+}
+
 // A Sysformer update between calls is seen (its weights are re-read every call).
 TEST_P(CudaTrainVariant, ReadsTheCurrentSysformerWeights) {
     const TrainBatch b = make_batch({{{3, 4, 5}}, {{2, 6, 3}}}, 13, 1.0, 1.0, 1.0);

@@ -179,7 +179,8 @@ sf_status sf_cuda_train_upload_state(sf_cuda_trainer *t, const float *weights, c
  * the master weights, AdamW's m and v, and grads the last step's gradient as AdamW used it:
  * after clipping for sf_cuda_train_step (what sf_clip_grad_norm leaves in place; the norm's
  * coefficient is applied here, on the host, by the same expression), as computed for
- * sf_cuda_train_loss_grad, zeros before either. Exact fp32 values. Synchronises. */
+ * sf_cuda_train_loss_grad (which, without grads, computes none and leaves the last), zeros
+ * before either. Exact fp32 values. Synchronises. */
 sf_status sf_cuda_train_download_state(sf_cuda_trainer *t, float *weights, float *m, float *v,
                                        float *grads);
 

@@ -1497,7 +1497,7 @@ sf_status sf_cuda_train_loss_grad(sf_cuda_trainer *t, const sf_cuda_train_batch 
     sf_status st = upload_weights(t, t->sf->weights);
     plan p;
     stage_inputs(t, batch, &p);
-    t->last_coef = 1.0; /* g will hold a raw gradient */
+    if (grads) t->last_coef = 1.0; /* g will hold a raw gradient (else it keeps the last one) */
     double rec = 0.0;
     if (st == SF_OK && p.T > 0) st = enqueue(t, batch, &p, grads != NULL, &rec);
     if (st == SF_OK && p.T == 0 && grads) {

@@ -6,7 +6,9 @@
  * the optimizer moments, the step count and the batch, and a batch only on the epoch's
  * permutation (a Fisher-Yates shuffle of the identity drawn from the RNG state recorded at the
  * start of the epoch) and the position in it. Those few numbers are the checkpoint, so a run
- * resumed from one continues bit for bit as if it had never stopped. */
+ * resumed from one continues bit for bit as if it had never stopped (on the GPU, while no
+ * attention sees more than 64 keys: past that its backward sums dq with atomics, whose
+ * order, and so dq's last bits, vary from run to run; docs/SYSFORMER.md). */
 #include "train/trainer.h"
 
 #include <errno.h>
@@ -1144,7 +1146,8 @@ sf_status sf_trainer_resume(sf_trainer *t, const char *dir) {
     }
     if (t->gpu) {
         /* The device's state is the trainer's: the checkpoint's goes up (exact fp32 copies, so
-         * the run continues bit for bit). A resume that failed keeps the device's state, and
+         * the run continues as it would have, bit for bit where the GPU's steps are; see the
+         * top of this file). A resume that failed keeps the device's state, and
          * the host copies, which it may have overwritten in part, follow it at the next
          * synchronisation. */
         if (st == SF_OK) st = sf_cuda_train_upload_state(t->gpu, w, t->m, t->v);
