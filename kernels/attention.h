@@ -157,9 +157,12 @@ sf_status sf_attention_check_tensors(const sf_attention_args *a, const char *fn)
  * delta is scratch of the size of lse, [rows, n_heads] fp32: D = rowsum(dout * out) per
  * (query, head), written by the first kernel, read by the second.
  *
- * Determinism: dk and dv are each summed by one thread block in a fixed order (bit-reproducible);
- * dq is summed across key blocks with fp32 atomic adds, so its last bits can change from run to
- * run with the order in which the blocks finish (the values stay within the derived tolerance).
+ * Determinism: dk and dv are each summed by one thread block in a fixed order (bit-reproducible).
+ * By default dq is summed across key blocks with fp32 atomic adds, so its last bits can change
+ * from run to run with the order in which the blocks finish (the values stay within the derived
+ * tolerance). With deterministic set, a third kernel computes dq instead, one thread block per
+ * tile of queries walking over their keys in order, so every output is the same bits on every
+ * run; it recomputes S, P and dP for that (7 matrix products instead of 5).
  *
  * Requirements, checked before any CUDA call, on top of the forward's (a->out, a->q, a->k, a->v
  * as there): a->lse, dout, dq, dk, dv and delta non-NULL; dout 16-byte aligned with dout_stride
@@ -177,9 +180,10 @@ typedef struct sf_attention_grads {
     int64_t dq_stride;   /* elements between consecutive rows of dq                            */
     int64_t dkv_stride;  /* elements between consecutive rows of dk and of dv                  */
     int32_t max_kv_len;  /* upper bound on every request's key count, sizes the grid           */
+    bool deterministic;  /* dq by a separate pass, not atomics: bit-reproducible (see above)   */
 } sf_attention_grads;
 
-/* Enqueues the backward on stream (two kernels). Returns SF_ERR_INVALID_ARGUMENT /
+/* Enqueues the backward on stream (two kernels; three when deterministic). Returns SF_ERR_INVALID_ARGUMENT /
  * SF_ERR_UNSUPPORTED for arguments outside the requirements (before touching CUDA), SF_ERR_CUDA
  * when a launch fails, SF_OK otherwise. Asynchronous; never synchronises. */
 sf_status sf_cuda_attention_backward_bf16(const sf_attention_args *a, const sf_attention_grads *g,

@@ -6,7 +6,7 @@
 // and D = sum_j P_j dP_j = dout . out, per (query, head):
 //   dS_j = P_j (dP_j - D),   dq = scale sum_j dS_j k_j,   dk_j += scale dS_j q,   dv_j += P_j dout.
 //
-// Two kernels:
+// Two kernels (a third when deterministic, below):
 //   1. preprocess, one half-warp per (query, head): D = rowsum(dout * out) in fp32 into the
 //      caller's scratch, and the query's dq zeroed (kernel 2 adds into it).
 //   2. main, one CTA per (key block of 64 keys, kv head, request); warp w owns keys
@@ -26,11 +26,13 @@
 //      ldmatrix.trans) and adds it to the fp32 dq with atomics.
 //
 // Why atomics for dq: every key block contributes to every query row that sees it, so dq needs
-// a reduction across CTAs. A separate dq pass (parallel over query tiles) would be
-// deterministic but recomputes S, P and dP: 3 more of the 5 matrix products. fp32 atomic adds
-// into L2 (vectorised float2 on sm_90) cost far less; the price is that dq's last bits depend on
-// the order the CTAs finish in. dk and dv are summed by one CTA each in a fixed order and are
-// bit-reproducible.
+// a reduction across CTAs. fp32 atomic adds into L2 (vectorised float2 on sm_90) are cheap; the
+// price is that dq's last bits depend on the order the CTAs finish in. dk and dv are summed by
+// one CTA each in a fixed order and are bit-reproducible. With sf_attention_grads.deterministic
+// the main kernel skips its dQ stage and
+//   3. dq, one CTA per (tile of 64 packed rows, kv head, request), walks over the key blocks in
+//      order, recomputing S, P and dP, and stores each dq element once: bit-reproducible, for 7
+//      matrix products instead of 5.
 //
 // Tile shapes (the dispatch at the bottom): M = 64 packed rows for head dims 64, 80, 96, 16 for
 // 128, whose 2 x 128 fp32 dK/dV accumulators per thread leave too little room (M = 32 spilled);
@@ -95,9 +97,11 @@ struct BwdParams {
     int32_t group;  // n_heads / n_kv_heads
     int32_t max_q_len;
     int32_t window;
+    int32_t max_kv_len;  // keys past it get no gradient and give none
     float scale;
     float scale_log2;  // scale * log2(e): P is recomputed with exp2
     bool causal;
+    bool dq_atomic;  // the main kernel adds dq (false: the dq kernel writes it)
 };
 
 // dst[0..1] += (x, y): one vector atomic where the hardware has it (sm_90), two otherwise.
@@ -372,6 +376,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_kernel(const BwdParams
 #pragma unroll
             for (int kc = 0; kc < M / 16; kc++) {
                 pack_c_as_a(dsf[kc], dsa[2 * kc], dsa[2 * kc + 1]);
+                if (!p.dq_atomic) continue;
                 uint16_t *row = sdS + (key_w + g) * kDsRow + kc * 16 + 2 * t4;
                 *reinterpret_cast<uint32_t *>(row) = dsf[kc][0];
                 *reinterpret_cast<uint32_t *>(row + 8 * kDsRow) = dsf[kc][1];
@@ -389,11 +394,11 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_kernel(const BwdParams
                 }
             }
         }
-        __syncthreads();  // all of dS^T is in shared memory
-
         // dQ = dS K for the tile: warp -> rows 16 strip .. +15, columns col0 .. col0 + kDqCols;
-        // scaled and added to dq.
-        {
+        // scaled and added to dq (p.dq_atomic is uniform: every thread takes the barrier or
+        // none does).
+        if (p.dq_atomic) {
+            __syncthreads();  // all of dS^T is in shared memory
             constexpr int kCols = S::kDqCols;
             const int strip = warp / S::kSplit;
             const int col0 = (warp % S::kSplit) * kCols;
@@ -450,6 +455,215 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_kernel(const BwdParams
     }
 }
 
+// The deterministic dq (sf_attention_grads.deterministic): one CTA per (tile of kDqRows packed
+// rows, kv head, request), warp w owning rows 16w .. 16w + 15 of the tile, walks over the
+// 64-key blocks its rows can see, as the forward does, and recomputes per block, on tensor
+// cores:
+//   S  = Q K^T                  A: Q (ldmatrix), B: K (ldmatrix)
+//   P  = exp2(S scale log2 e - lse log2 e), masked (fp32, as the main kernel's)
+//   dP = dO V^T                 A: dO (ldmatrix), B: V (ldmatrix)
+//   dS = P (dP - D), rounded to bf16 as the A operand straight from the accumulators
+//   dQ += dS K                  B: K (ldmatrix.trans)
+// Each dq element is then one fp32 accumulator summed in key order and stored once: the same
+// bits on every run. K and V blocks are double-buffered with cp.async.
+constexpr int kDqRows = kWarps * 16;
+
+template <int D>
+struct DqShape {
+    static constexpr int kRow = D + kPad;
+    static constexpr int kChunks = D / 8;
+    static constexpr size_t kSmemBytes =
+        (size_t)(2 * kDqRows + 4 * kBlockN) * kRow * sizeof(uint16_t);  // Q, dO, 2x K, 2x V
+    static_assert(D % 16 == 0 && (kDqRows * kChunks) % kThreads == 0 &&
+                      (kBlockN * kChunks) % kThreads == 0,
+                  "unsupported head dim");
+};
+
+// Grid: x = packed-row tiles, y = kv head, z = request.
+template <int D>
+__global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const BwdParams p) {
+    using S = DqShape<D>;
+    constexpr int kRow = S::kRow;
+    constexpr int kChunks = S::kChunks;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    uint16_t *sQ = reinterpret_cast<uint16_t *>(smem_raw);  // [kDqRows][kRow]
+    uint16_t *sdO = sQ + kDqRows * kRow;                     // [kDqRows][kRow]
+    uint16_t *sK = sdO + kDqRows * kRow;                     // [2][kBlockN][kRow]
+    uint16_t *sV = sK + 2 * kBlockN * kRow;                  // [2][kBlockN][kRow]
+
+    const int tid = threadIdx.x;
+    const int warp = tid / 32;
+    const int lane = tid % 32;
+    const int g = lane / 4, t4 = lane % 4;
+    const int req = blockIdx.z;
+    const int kv_head = blockIdx.y;
+    const int32_t row0 = (int32_t)blockIdx.x * kDqRows;
+    const int32_t group = p.group;
+
+    const int32_t q_begin = p.cu_q[req];
+    const int32_t q_len = max(min(p.cu_q[req + 1] - q_begin, p.max_q_len), 0);
+    const int32_t prow_end = q_len * group;
+    if (row0 >= prow_end) return;  // whole CTA: past this request's queries
+    const int32_t kv_begin = p.cu_kv[req];
+    const int32_t kv_len = p.kv_len ? p.kv_len[req] : p.cu_kv[req + 1] - kv_begin;
+    const int64_t pos0 = p.q_pos0 ? p.q_pos0[req] : 0;
+
+    // Keys any row of the CTA sees: [lo, hi), the first query's lo and the last one's hi (both
+    // monotone in the position), capped at max_kv_len as the main kernel's grid is; a block
+    // inside [lo_last, hi_first) is visible to every row.
+    int32_t lo, hi_first, lo_last, hi;
+    visible_keys(p.causal, p.window, pos0 + row0 / group, kv_len, &lo, &hi_first);
+    visible_keys(p.causal, p.window, pos0 + (min(row0 + kDqRows, prow_end) - 1) / group, kv_len,
+                 &lo_last, &hi);
+    hi = min(hi, p.max_kv_len);
+    hi_first = min(hi_first, p.max_kv_len);
+    const int32_t n_blocks = hi > lo ? (hi - lo + kBlockN - 1) / kBlockN : 0;
+
+    // Q and dO rows of the tile (rows past prow_end zero-filled), with the first K, V block.
+    for (int c = tid; c < kDqRows * kChunks; c += kThreads) {
+        const int r = c / kChunks, cc = c % kChunks;
+        const int32_t prow = row0 + r;
+        const bool ok = prow < prow_end;
+        const int64_t i = ok ? prow / group : 0;
+        const int64_t h = ok ? kv_head * group + prow % group : 0;
+        const uint16_t *qs = p.q + (ok ? (q_begin + i) * p.q_stride + h * D + cc * 8 : 0);
+        const uint16_t *ds = p.dout + (ok ? (q_begin + i) * p.dout_stride + h * D + cc * 8 : 0);
+        cp_async_16(smem_u32(sQ + r * kRow + cc * 8), qs, ok);
+        cp_async_16(smem_u32(sdO + r * kRow + cc * 8), ds, ok);
+    }
+    const uint16_t *k_base = p.k + (int64_t)kv_begin * p.kv_stride + (int64_t)kv_head * D;
+    const uint16_t *v_base = p.v + (int64_t)kv_begin * p.kv_stride + (int64_t)kv_head * D;
+    // keys j0 .. j0 + kBlockN - 1 into buffer buf; keys past hi zero-filled (masked anyway)
+    auto load_block = [&](int buf, int32_t j0) {
+#pragma unroll
+        for (int it = 0; it < kBlockN * kChunks / kThreads; it++) {
+            const int c = tid + it * kThreads;
+            const int r = c / kChunks, cc = c % kChunks;
+            const bool ok = j0 + r < hi;
+            const int64_t off = ok ? (int64_t)(j0 + r) * p.kv_stride + cc * 8 : 0;
+            cp_async_16(smem_u32(sK + (buf * kBlockN + r) * kRow + cc * 8), k_base + off, ok);
+            cp_async_16(smem_u32(sV + (buf * kBlockN + r) * kRow + cc * 8), v_base + off, ok);
+        }
+    };
+    if (n_blocks > 0) load_block(0, lo);
+    cp_async_commit();
+
+    // This thread's rows g (h = 0) and g + 8 (h = 1) of the warp's 16: lse in log2 units
+    // (+inf for padding rows and rows that see no key: P = exp2(-inf) = 0), D, visible keys.
+    const int32_t warp_row0 = row0 + warp * 16;
+    const bool warp_active = warp_row0 < prow_end;  // warp-uniform
+    float lse2[2], dlt[2];
+    int32_t row_lo[2], row_hi[2];
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const int32_t prow = warp_row0 + g + 8 * h;
+        lse2[h] = INFINITY;
+        dlt[h] = 0.0f;
+        row_lo[h] = row_hi[h] = 0;
+        if (prow < prow_end) {
+            const int64_t i = prow / group;
+            const int64_t idx = (q_begin + i) * p.n_heads + kv_head * group + prow % group;
+            const float l = p.lse[idx];
+            if (l != -INFINITY) lse2[h] = l * 1.4426950408889634f;
+            dlt[h] = p.delta[idx];
+            visible_keys(p.causal, p.window, pos0 + i, kv_len, &row_lo[h], &row_hi[h]);
+        }
+    }
+
+    const int a_row = (lane & 7) + ((lane >> 3) & 1) * 8, a_col = (lane >> 4) * 8;
+    const int k_row = (lane & 7) + (lane >> 4) * 8, k_col = ((lane >> 3) & 1) * 8;
+    const uint16_t *q_w = sQ + warp * 16 * kRow;
+    const uint16_t *do_w = sdO + warp * 16 * kRow;
+
+    float dq[D / 8][4];  // rows g (c[0..1]) and g + 8 (c[2..3]), columns 8 dt + 2 t4, + 1
+#pragma unroll
+    for (int dt = 0; dt < D / 8; dt++) dq[dt][0] = dq[dt][1] = dq[dt][2] = dq[dt][3] = 0.0f;
+
+    for (int32_t blk = 0; blk < n_blocks; blk++) {
+        const int buf = blk & 1;
+        const int32_t j0 = lo + blk * kBlockN;
+        if (blk + 1 < n_blocks) load_block(buf ^ 1, j0 + kBlockN);
+        cp_async_commit();
+        cp_async_wait<1>();  // this block (and Q, dO) have landed
+        __syncthreads();
+
+        if (warp_active) {
+            const uint16_t *k_s = sK + buf * kBlockN * kRow;
+            const uint16_t *v_s = sV + buf * kBlockN * kRow;
+            // S = Q K^T and dP = dO V^T: [16 rows, kBlockN keys] each
+            float s[kBlockN / 8][4], dp[kBlockN / 8][4];
+#pragma unroll
+            for (int nt = 0; nt < kBlockN / 8; nt++) {
+                s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+                dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.0f;
+            }
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk++) {
+                uint32_t qf[4], of[4];
+                ldmatrix_x4(qf, smem_u32(q_w + a_row * kRow + kk * 16 + a_col));
+                ldmatrix_x4(of, smem_u32(do_w + a_row * kRow + kk * 16 + a_col));
+#pragma unroll
+                for (int np = 0; np < kBlockN / 16; np++) {
+                    uint32_t b[4];
+                    ldmatrix_x4(b, smem_u32(k_s + (np * 16 + k_row) * kRow + kk * 16 + k_col));
+                    mma_bf16_16816(s[2 * np], qf, b[0], b[1]);
+                    mma_bf16_16816(s[2 * np + 1], qf, b[2], b[3]);
+                    ldmatrix_x4(b, smem_u32(v_s + (np * 16 + k_row) * kRow + kk * 16 + k_col));
+                    mma_bf16_16816(dp[2 * np], of, b[0], b[1]);
+                    mma_bf16_16816(dp[2 * np + 1], of, b[2], b[3]);
+                }
+            }
+            // dS = P (dP - D); element e of n-tile nt: row g + 8 (e / 2), key j0 + 8 nt + 2 t4
+            // + e % 2
+            const bool need_mask = j0 < lo_last || j0 + kBlockN > hi_first;
+#pragma unroll
+            for (int nt = 0; nt < kBlockN / 8; nt++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int h = e >> 1;
+                    float x = exp2_ftz(fmaf(s[nt][e], p.scale_log2, -lse2[h]));
+                    if (need_mask) {
+                        const int32_t j = j0 + nt * 8 + 2 * t4 + (e & 1);
+                        if (j < row_lo[h] || j >= row_hi[h]) x = 0.0f;
+                    }
+                    s[nt][e] = x * (dp[nt][e] - dlt[h]);
+                }
+            }
+            // dQ += dS K
+#pragma unroll
+            for (int kc = 0; kc < kBlockN / 16; kc++) {
+                uint32_t dsf[4];
+                pack_c_as_a(dsf, s[2 * kc], s[2 * kc + 1]);
+#pragma unroll
+                for (int dpp = 0; dpp < D / 16; dpp++) {
+                    uint32_t b[4];
+                    ldmatrix_x4_trans(b, smem_u32(k_s + (kc * 16 + a_row) * kRow + dpp * 16 + a_col));
+                    mma_bf16_16816(dq[2 * dpp], dsf, b[0], b[1]);
+                    mma_bf16_16816(dq[2 * dpp + 1], dsf, b[2], b[3]);
+                }
+            }
+        }
+        __syncthreads();  // every warp is done with this buffer before the next load into it
+    }
+    cp_async_wait<0>();  // nothing may still be landing when the CTA exits
+
+    // dq (scaled) of the warp's real rows, every head value: rows that see no key get zeros.
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const int32_t prow = warp_row0 + g + 8 * h;
+        if (prow < prow_end) {
+            const int64_t i = prow / group;
+            float *dst = p.dq + (q_begin + i) * p.dq_stride +
+                         (int64_t)(kv_head * group + prow % group) * D + 2 * t4;
+#pragma unroll
+            for (int dt = 0; dt < D / 8; dt++) {
+                *reinterpret_cast<float2 *>(dst + dt * 8) =
+                    make_float2(dq[dt][2 * h] * p.scale, dq[dt][2 * h + 1] * p.scale);
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Launchers
 // ---------------------------------------------------------------------------------------------
@@ -475,6 +689,16 @@ sf_status launch_attention_backward(const BwdParams &p, const sf_attention_args 
         const dim3 grid((unsigned)sf_ceil_div(gr->max_kv_len, kBlockN), (unsigned)a->n_kv_heads,
                         (unsigned)a->n_requests);
         attention_bwd_kernel<D, M><<<grid, kThreads, smem, stream>>>(p);
+        SF_CUDA_TRY(cudaGetLastError());
+    }
+    if (!p.dq_atomic && a->max_q_len > 0 && gr->max_kv_len > 0) {
+        // (with no keys the preprocess's zeros are dq)
+        constexpr size_t smem = DqShape<D>::kSmemBytes;
+        SF_CUDA_TRY(cudaFuncSetAttribute(attention_bwd_dq_kernel<D>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+        const dim3 grid((unsigned)sf_ceil_div((int64_t)a->max_q_len * p.group, kDqRows),
+                        (unsigned)a->n_kv_heads, (unsigned)a->n_requests);
+        attention_bwd_dq_kernel<D><<<grid, kThreads, smem, stream>>>(p);
         SF_CUDA_TRY(cudaGetLastError());
     }
     return SF_OK;
@@ -547,9 +771,11 @@ extern "C" sf_status sf_cuda_attention_backward_bf16(const sf_attention_args *a,
     p.group = a->n_heads / a->n_kv_heads;
     p.max_q_len = a->max_q_len;
     p.window = a->window;
+    p.max_kv_len = gr->max_kv_len;
     p.scale = a->scale;
     p.scale_log2 = a->scale * 1.4426950408889634f;
     p.causal = a->causal;
+    p.dq_atomic = !gr->deterministic;
     switch (d) {
         case 64: return launch_attention_backward<64, 64>(p, a, gr, stream);
         case 80: return launch_attention_backward<80, 64>(p, a, gr, stream);

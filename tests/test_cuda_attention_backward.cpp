@@ -3,7 +3,8 @@
 // bf16-rounded inputs) and a double-precision loop. Every mode the training needs: causal
 // packed-varlen GQA prefill, bidirectional self-attention, cross-attention with per-request kv
 // lengths in KV slots (NaN rows between them), plus sliding windows and q_pos0; every head dim,
-// GQA groups 1, 3, 4; lengths 0, 1, 17, 63, 65, 200 mixed in one batch. The argument tests run
+// GQA groups 1, 3, 4; lengths 0, 1, 17, 63, 65, 200 mixed in one batch; dq by atomics (the
+// default) and by the deterministic pass, bit-reproducible. The argument tests run
 // without a GPU (the launcher checks everything before its first CUDA call); the others skip.
 //
 // Tolerance, derived per output element (a forward error bound, first order in the roundings):
@@ -23,7 +24,8 @@
 //   D:    rowsum(dout * out~) in fp32:            |dD| <= sum_e |dout_e| (|dO_e| + g(d) W_e)
 //   dS_j = P_j (dp_j - D), fp32, then rounded to bf16 for the products:
 //           |d dS_j| <= p_j ((dP_j + u + 2 2^-24) |dp_j - D| + g(d) b_j + |dD|) =: E_j
-//   dq_e = scale sum_j dS_j k_je     (mma within a key block, fp32 atomics across blocks):
+//   dq_e = scale sum_j dS_j k_je     (mma within a key block, fp32 atomics across blocks; or,
+//   deterministic, one mma accumulator over the blocks in order: a sum of 2n terms either way):
 //           |d dq_e| <= scale sum_j (E_j + g(2n) |dS_j|) |k_je|
 //   dk_je = scale sum_(i,h) dS q_ie, dv_je = sum_(i,h) bf16(P) dout_ie over the m (query, head)
 //   rows of the group that see key j:
@@ -329,7 +331,40 @@ void run_case(const Case &c, uint32_t seed) {
     ASSERT_EQ(sf_cuda_attention_bf16(&a, 0), SF_OK) << sf_last_error();
     ASSERT_EQ(sf_cuda_attention_backward_bf16(&a, &gr, 0), SF_OK) << sf_last_error();
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    check_outputs(c, l, in, Outputs{blse.host(), bdq.host(), bdk.host(), bdv.host()});
+    const Outputs atomic{blse.host(), bdq.host(), bdk.host(), bdv.host()};
+    check_outputs(c, l, in, atomic);
+
+    // The deterministic dq pass, twice, each time into freshly poisoned buffers: the same
+    // checks; dk and dv the same bits as above (the main kernel computes them alike either
+    // way); and the second run the same bits as the first. (The emulator runs the blocks of
+    // successive launches in different orders, as a GPU may, so that the atomic dq above would
+    // not pass the last check.)
+    Outputs first;
+    for (int rep = 0; rep < 2; rep++) {
+        SCOPED_TRACE(rep == 0 ? "deterministic" : "deterministic, again");
+        DeviceBuffer<float> ddq(q_rows * l.dq_stride), ddk(kv_rows * l.dkv_stride),
+            ddv(kv_rows * l.dkv_stride);
+        ASSERT_TRUE(ddq.get() && ddk.get() && ddv.get());
+        sf_attention_grads gd = gr;
+        gd.dq = ddq.get();
+        gd.dk = ddk.get();
+        gd.dv = ddv.get();
+        gd.deterministic = true;
+        ASSERT_EQ(sf_cuda_attention_backward_bf16(&a, &gd, 0), SF_OK) << sf_last_error();
+        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+        Outputs got{atomic.lse, ddq.host(), ddk.host(), ddv.host()};
+        auto same_bits = [](const std::vector<float> &x, const std::vector<float> &y) {
+            return x.size() == y.size() && memcmp(x.data(), y.data(), x.size() * 4) == 0;
+        };
+        EXPECT_TRUE(same_bits(got.dk, atomic.dk)) << "dk differs from the atomic run's";
+        EXPECT_TRUE(same_bits(got.dv, atomic.dv)) << "dv differs from the atomic run's";
+        if (rep == 0) {
+            check_outputs(c, l, in, got);
+            first = std::move(got);
+        } else {
+            EXPECT_TRUE(same_bits(got.dq, first.dq)) << "dq differs from run to run";
+        }
+    }
 }
 
 void check_outputs(const Case &c, const Layout &l, const Inputs &in, const Outputs &out) {
