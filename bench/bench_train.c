@@ -2,7 +2,9 @@
  * the frozen LLM, the four losses, the backward through the LLM to its input embeddings (no LLM
  * weight gradients) and on to every Sysformer weight and the classifier head, gradient clipping
  * and the AdamW update. On the CPU (the fp32 reference) and, when the build has CUDA and a device
- * is present, on the GPU; each with the LLM's recompute option off and on.
+ * is present, on the GPU; each with the LLM's recompute option off and on, and on the GPU once
+ * more with the deterministic option (recompute off): its attention backwards compute dq in a
+ * pass of their own instead of with atomics, and the row shows what that costs.
  *
  * usage: bench_train [--config smollm2-135m|tiny] [--model DIR|FILE.gguf] [--devices cpu,cuda]
  *                    [--batch-tokens 1024] [--prompt 128] [--system 6] [--reply 16]
@@ -223,7 +225,7 @@ static sf_status build_set(const shape *sh, int vocab, int n, uint64_t seed, sf_
 }
 
 /* ---------------------------------------------------------------------------------------- */
-/* One row: a device and a recompute setting                                                   */
+/* One row: a device, a recompute setting, deterministic or not                                */
 /* ---------------------------------------------------------------------------------------- */
 
 /* What the step callback saw last. */
@@ -257,9 +259,12 @@ static bool on_event(void *user, const sf_train_event *ev) {
 
 /* Returns 0 when the row was measured. */
 static int bench_row(const sf_llm *llm, const char *config, const options *o, const shape *sh,
-                     const sf_train_set *set, sf_train_device device, bool recompute) {
+                     const sf_train_set *set, sf_train_device device, bool recompute,
+                     bool deterministic) {
     const char *dev_name = device == SF_TRAIN_CUDA ? "cuda" : "cpu";
-    const char *rc_name = recompute ? "on" : "off";
+    /* (the name the progress and ERROR lines give the row) */
+    const char *rc_name = deterministic ? (recompute ? "on, deterministic" : "off, deterministic")
+                                        : recompute ? "on" : "off";
     const sf_llm_config *c = sf_llm_get_config(llm);
     sf_sysformer *sf = NULL;
     sf_trainer *t = NULL;
@@ -278,6 +283,7 @@ static int bench_row(const sf_llm *llm, const char *config, const options *o, co
     to.validate_first = false;
     to.out_dir = NULL;
     to.recompute = recompute;
+    to.deterministic = deterministic;
     to.device = device;
     to.cuda_device = 0;
     step_record rec;
@@ -327,25 +333,26 @@ static int bench_row(const sf_llm *llm, const char *config, const options *o, co
     char mfu[32] = "-";
     if (device == SF_TRAIN_CUDA)
         snprintf(mfu, sizeof mfu, "%.1f%%", 100.0 * tflop_s / o->peak_tflops);
-    printf("  %-4s %-14s recompute %-3s %6d tokens (%3d req)  step %9.4f s (min %.4f max %.4f)  "
-           "%9.1f tokens/s  %8.3f TFLOP/s  MFU %-6s  activations %8.1f MiB  optimizer %6.1f "
-           "MiB  device %8.1f MiB  created in %.2f s%s%s\n",
-           dev_name, config, rc_name, tokens, examples, step_s, lo, hi, tok_s, tflop_s, mfu,
+    printf("  %-4s %-14s recompute %-3s%s %6d tokens (%3d req)  step %9.4f s (min %.4f max "
+           "%.4f)  %9.1f tokens/s  %8.3f TFLOP/s  MFU %-6s  activations %8.1f MiB  optimizer "
+           "%6.1f MiB  device %8.1f MiB  created in %.2f s%s%s\n",
+           dev_name, config, recompute ? "on" : "off", deterministic ? " deterministic" : "",
+           tokens, examples, step_s, lo, hi, tok_s, tflop_s, mfu,
            mib(mem.activations), mib(mem.optimizer), mib(mem.device_total), create_s,
            uniform ? "" : "  WARNING: steps had different token counts",
            finite ? "" : "  CHECK FAILED: non-finite loss or gradient norm");
-    printf("SUMMARY train device=%s config=%s recompute=%s tokens_per_step=%d step_s=%.4f "
-           "tok_s=%.1f tflop_s=%.4f mfu=%s activation_bytes=%zu optimizer_bytes=%zu "
+    printf("SUMMARY train device=%s config=%s recompute=%s deterministic=%d tokens_per_step=%d "
+           "step_s=%.4f tok_s=%.1f tflop_s=%.4f mfu=%s activation_bytes=%zu optimizer_bytes=%zu "
            "device_bytes=%zu loss=%.4f\n",
-           dev_name, config, rc_name, tokens, step_s, tok_s, tflop_s, mfu, mem.activations,
+           dev_name, config, recompute ? "on" : "off", (int)deterministic, tokens, step_s, tok_s, tflop_s, mfu, mem.activations,
            mem.optimizer, mem.device_total, rec.loss);
     summary = true;
     result = finite ? 0 : 1;
 
 done:
     if (!summary)
-        printf("SUMMARY train device=%s config=%s recompute=%s FAILED\n", dev_name, config,
-               rc_name);
+        printf("SUMMARY train device=%s config=%s recompute=%s deterministic=%d FAILED\n",
+               dev_name, config, recompute ? "on" : "off", (int)deterministic);
     fflush(stdout);
     sf_trainer_free(t);
     sf_sysformer_free(sf);
@@ -555,11 +562,13 @@ int main(int argc, char **argv) {
                 fflush(stdout);
                 continue;
             }
-            for (int r = 0; r < 2; r++)
-                failed += bench_row(llm, config, &o, &sh, &set, SF_TRAIN_CUDA, r == 1) != 0;
+            for (int r = 0; r < 3; r++) {
+                failed += bench_row(llm, config, &o, &sh, &set, SF_TRAIN_CUDA, r == 1,
+                                    r == 2) != 0;
+            }
         } else {
             for (int r = 0; r < 2; r++)
-                failed += bench_row(llm, config, &o, &sh, &set, SF_TRAIN_CPU, r == 1) != 0;
+                failed += bench_row(llm, config, &o, &sh, &set, SF_TRAIN_CPU, r == 1, false) != 0;
         }
     }
 

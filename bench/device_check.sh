@@ -154,7 +154,7 @@ row "bench_engine --serve (continuous batching)" \
 # One Sysformer training step at SmolLM2-135M shapes (1008 tokens), GPU rows only (the CPU rows
 # are measured on the developer machine; here they would cost a minute of device time).
 timeout 90 "$build/bench_train" --devices cuda >"$OUT/bench_train.log" 2>&1
-row "bench_train" "rc=$? $(grep -c '^SUMMARY train .*step_s=' "$OUT/bench_train.log")/2 rows"
+row "bench_train" "rc=$? $(grep -c '^SUMMARY train .*step_s=' "$OUT/bench_train.log")/3 rows"
 PYTHONUNBUFFERED=1 timeout 240 python3 bench/peer_e2e.py >"$OUT/peer_e2e.log" 2>&1
 row "peer_e2e (transformers)" "rc=$?"
 

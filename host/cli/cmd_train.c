@@ -86,6 +86,8 @@ static void usage(FILE *out) {
             "  --seed N                 shuffles, samples, templates, initialisation (default 0)\n"
             "  --recompute              recompute each LLM layer's forward in the backward instead\n"
             "                           of storing its activations (less memory, CPU and GPU)\n"
+            "  --deterministic          GPU steps that repeat bit for bit at any length: the\n"
+            "                           attention backward sums dq without atomics (slower)\n"
             "  --device cpu|cuda[:N]    where each step's loss and gradient are computed\n"
             "                           (default cpu: fp32; cuda: the GPU in bf16)\n"
             "  --resume                 continue from DIR's checkpoint (same data and flags)\n"
@@ -143,6 +145,7 @@ static int parse_options(int argc, char **argv, options *o) {
         }
         if (!strcmp(a, "--resume")) { o->resume = true; continue; }
         if (!strcmp(a, "--recompute")) { o->t.recompute = true; continue; }
+        if (!strcmp(a, "--deterministic")) { o->t.deterministic = true; continue; }
         if (!strcmp(a, "--system-embedder")) { o->system_embedder = true; continue; }
         if (!strcmp(a, "--wrap-harmless")) { o->wrap_harmless = true; continue; }
         if (!strcmp(a, "--no-initial-val")) { o->t.validate_first = false; continue; }

@@ -37,7 +37,14 @@ typedef struct sf_cuda_train_options {
                            in the backward: the LLM's saved activations shrink from layers x
                            T x (2 d + 2 q + 2 kv + 2 ff) bf16 + lse to one such set (about one
                            more LLM forward of time); the losses are the same bit for bit,
-                           the gradients up to the attention backward's atomic dq sums       */
+                           the gradients too with deterministic, else up to the attention
+                           backward's atomic dq sums                                          */
+    bool deterministic; /* every attention backward computes dq in a pass of its own instead
+                           of summing it with atomics (kernels/attention.h), so that steps,
+                           and so whole runs, repeat bit for bit whatever the lengths; 7
+                           matrix products in each attention backward instead of 5. Default
+                           false: dq's last bits may vary from run to run once an attention
+                           sees more than 128 keys                                            */
     int32_t gen_slots;  /* > 0: room for greedy generation with the Sysformer being trained
                            (sf_cuda_train_generate): requests at once. The LLM's engine then
                            holds gen_slots KV slots of gen_context positions and the

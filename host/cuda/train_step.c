@@ -137,6 +137,7 @@ struct sf_cuda_trainer {
     float seps;
     int64_t n_w;                  /* floats in sf->weights                                */
     bool recompute;               /* one llm_saved set, refilled per layer in the backward */
+    bool deterministic;           /* attention backwards without dq atomics               */
     int32_t n_sets;               /* llm_saved sets: num_layers, or 1 with recompute      */
 
     /* device: the Sysformer's weights and optimizer state */
@@ -477,6 +478,7 @@ static sf_status layout(sf_cuda_trainer *t, const sf_cuda_train_options *o) {
     t->seps = sf->cfg.layer_norm_eps;
     t->n_w = sf->n_weights;
     t->recompute = o->recompute;
+    t->deterministic = o->deterministic;
     t->n_sets = o->recompute ? (c->num_layers > 0 ? 1 : 0) : c->num_layers;
 
     /* the Sysformer's tensors, by offset into its flat weights (the listing only reads sf) */
@@ -1001,6 +1003,7 @@ static sf_status sys_block_backward(sf_cuda_trainer *t, const plan *p, int i, in
     g.dout = t->da16;
     g.dout_stride = d;
     g.delta = t->delta;
+    g.deterministic = t->deterministic;
     float *gin_w = grad_of(t, M->in_proj_weight), *gin_b = grad_of(t, M->in_proj_bias);
     if (j == 0) {
         at.q = S->qkv;
@@ -1171,6 +1174,7 @@ static sf_status llm_layer_backward(sf_cuda_trainer *t, const plan *p, int l) {
     g.dv = t->dqkv32 + q + t->kv;
     g.dq_stride = g.dkv_stride = qkv;
     g.delta = t->delta;
+    g.deterministic = t->deterministic;
     g.max_kv_len = p->max_len;
     SF_TRY(sf_cuda_attention_backward_bf16(&at, &g, t->s));
     /* v's gradient converted as is; then q's and k's rotated back over their bf16 copies (the

@@ -6,9 +6,9 @@
  * the optimizer moments, the step count and the batch, and a batch only on the epoch's
  * permutation (a Fisher-Yates shuffle of the identity drawn from the RNG state recorded at the
  * start of the epoch) and the position in it. Those few numbers are the checkpoint, so a run
- * resumed from one continues bit for bit as if it had never stopped (on the GPU, while no
- * attention sees more than 64 keys: past that its backward sums dq with atomics, whose
- * order, and so dq's last bits, vary from run to run; docs/SYSFORMER.md). */
+ * resumed from one continues bit for bit as if it had never stopped (on the GPU: at any length
+ * with the deterministic option, else while no attention sees more than 128 keys, past which
+ * the attention backward's atomic dq sums may vary in their last bits; docs/SYSFORMER.md). */
 #include "train/trainer.h"
 
 #include <errno.h>
@@ -450,6 +450,7 @@ sf_status sf_trainer_create(const sf_llm *llm, sf_sysformer *sf, const sf_tokeni
         co.device = o->cuda_device;
         co.max_tokens = t->max_rows;
         co.recompute = o->recompute;
+        co.deterministic = o->deterministic;
         device_validation_room(t, &co);
         st = sf_cuda_train_create(llm, sf, &co, &t->gpu);
     }

@@ -154,6 +154,9 @@ typedef struct sf_train_options {
     uint64_t seed;          /* the per-epoch shuffles                                       */
     bool recompute;         /* the LLM backward recomputes each layer's forward instead of
                                storing its activations (CPU and GPU; see sf_trainer_memory) */
+    bool deterministic;     /* GPU: the attention backward sums dq without atomics, so that
+                               runs (and resumed runs) repeat bit for bit at any length
+                               (sf_cuda_train_options.deterministic); the CPU always does   */
     sf_train_device device; /* SF_TRAIN_CPU (the default, 0) or SF_TRAIN_CUDA               */
     int32_t cuda_device;    /* with SF_TRAIN_CUDA: the CUDA device ordinal                  */
     /* validation (with a validation set) */
