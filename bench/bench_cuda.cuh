@@ -57,12 +57,32 @@ inline void bench_fill_bf16(void *p, int64_t n, uint32_t seed, float lo, float h
     BENCH_CUDA(cudaGetLastError());
 }
 
+// Keeps one SM busy for `cycles` clock cycles.
+__global__ void bench_spin_kernel(long long cycles) {
+    const long long t0 = clock64();
+    while (clock64() - t0 < cycles) {
+    }
+}
+
+// Queues about `ms` milliseconds of waiting on stream (at the SM's peak clock; slower clocks
+// wait longer).
+inline void bench_spin(cudaStream_t stream, double ms) {
+    int dev = 0, khz = 0;
+    BENCH_CUDA(cudaGetDevice(&dev));
+    BENCH_CUDA(cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, dev));
+    bench_spin_kernel<<<1, 1, 0, stream>>>((long long)(ms * khz));
+    BENCH_CUDA(cudaGetLastError());
+}
+
 // The median, in milliseconds, of enqueue(i) for i = warmup .. warmup + reps - 1, after warm-up
 // calls with i = 0 .. warmup - 1 (i counts up so that callers can rotate buffer sets). Each
 // timed call sits between two events on `stream`, and every call is enqueued before any event
-// is read: the GPU runs them back to back, so an interval holds the call's GPU time and not
-// the host's launch latency (which a synchronise per call would add to every short kernel).
-// enqueue must only enqueue work on `stream` (no synchronisation).
+// is read, behind a 20 ms spin kernel: the host has queued them all before the GPU reaches the
+// first, so the GPU runs them back to back and an interval holds the call's GPU time, never
+// the host's launch latency or a library's host-side work (which would otherwise count
+// whenever the GPU outran the host: a few-microsecond decode, a cuDNN execute).
+// enqueue must only enqueue work on `stream` (no synchronisation), and reps calls must take
+// the host well under 20 ms.
 template <typename Enqueue>
 double bench_median_ms(int warmup, int reps, cudaStream_t stream, Enqueue &&enqueue) {
     for (int i = 0; i < warmup; i++) enqueue(i);
@@ -71,6 +91,7 @@ double bench_median_ms(int warmup, int reps, cudaStream_t stream, Enqueue &&enqu
         BENCH_CUDA(cudaEventCreate(&start[i]));
         BENCH_CUDA(cudaEventCreate(&stop[i]));
     }
+    bench_spin(stream, 20.0);
     for (int i = 0; i < reps; i++) {
         BENCH_CUDA(cudaEventRecord(start[i], stream));
         enqueue(warmup + i);

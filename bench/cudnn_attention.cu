@@ -525,6 +525,12 @@ bool cudnn_sdpa_create(const cudnn_sdpa_shape *shape, cudnn_sdpa_plan **out, cha
     if (version / 10000 != CUDNN_MAJOR)
         return e.failf("cudnn_sdpa_create: cuDNN runtime %zu, built against %d.x", version,
                        CUDNN_MAJOR);
+    // cuDNN's own frontend refuses bf16/fp16 SDPA forward on these two releases (known bugs):
+    // a peer that may be wrong is no peer.
+    if (version == 91000 || version == 91001)
+        return e.failf("cudnn_sdpa_create: cuDNN runtime %zu: its SDPA forward has known bugs "
+                       "(9.10.0 and 9.10.1); use another cuDNN 9",
+                       version);
 
     cudnn_sdpa_plan *p = new (std::nothrow) cudnn_sdpa_plan;
     if (!p) return e.failf("cudnn_sdpa_create: out of host memory");
@@ -558,6 +564,7 @@ bool cudnn_sdpa_create(const cudnn_sdpa_shape *shape, cudnn_sdpa_plan **out, cha
             snprintf(first, sizeof first, "%s", msg);
             continue;
         }
+        g = Graph{};  // every descriptor before the handle (which delete p destroys)
         delete p;
         if (first[0])
             return e.failf("%s [with int32 index math: %s]", msg, first);

@@ -124,6 +124,16 @@ else
     row "compute-sanitizer" "not found"
 fi
 
+# The headline pair first: the end-to-end engine and its transformers peer. Their logs are
+# written straight to $DEST as well, so a run the device tool cuts short still brings back
+# what they printed. (decode again with log-probabilities and 5 alternatives a token: what
+# asking for them costs)
+timeout 150 "$build/bench_engine" --top-logprobs 5 2>&1 | tee "$DEST/bench_engine.log" \
+    >"$OUT/bench_engine.log"
+row "bench_engine" "rc=${PIPESTATUS[0]} $(grep -c '^SUMMARY .*prefill_tok_s' "$OUT/bench_engine.log")/4 configs"
+PYTHONUNBUFFERED=1 timeout 240 python3 bench/peer_e2e.py 2>&1 | tee "$DEST/peer_e2e.log" \
+    >"$OUT/peer_e2e.log"
+row "peer_e2e (transformers)" "rc=${PIPESTATUS[0]}"
 for b in bench_norms bench_elementwise bench_attention; do
     if [[ -x "$build/$b" ]]; then
         timeout 120 "$build/$b" >"$OUT/$b.log" 2>&1
@@ -134,9 +144,6 @@ if command -v python3 >/dev/null; then
     timeout 120 python3 bench/peer_attention.py >"$OUT/peer_attention.log" 2>&1
     row "peer_attention (torch SDPA)" "rc=$? (table in peer_attention.log)"
 fi
-# (decode again with log-probabilities and 5 alternatives a token: what asking for them costs)
-timeout 150 "$build/bench_engine" --top-logprobs 5 >"$OUT/bench_engine.log" 2>&1
-row "bench_engine" "rc=$? $(grep -c '^SUMMARY .*prefill_tok_s' "$OUT/bench_engine.log")/4 configs"
 # The same 8B prefill with every attention on each wgmma kernel (sf_cuda_engine_options.attention):
 # what choosing one by default would change end to end.
 for k in wgmma wgmma_ws; do
@@ -155,8 +162,6 @@ row "bench_engine --serve (continuous batching)" \
 # are measured on the developer machine; here they would cost a minute of device time).
 timeout 90 "$build/bench_train" --devices cuda >"$OUT/bench_train.log" 2>&1
 row "bench_train" "rc=$? $(grep -c '^SUMMARY train .*step_s=' "$OUT/bench_train.log")/3 rows"
-PYTHONUNBUFFERED=1 timeout 240 python3 bench/peer_e2e.py >"$OUT/peer_e2e.log" 2>&1
-row "peer_e2e (transformers)" "rc=$?"
 
 finish
 grep -H '^SUMMARY' "$OUT/bench_engine.log" "$OUT/bench_engine_wgmma.log" \

@@ -3,8 +3,11 @@
 
 Times torch.nn.functional.scaled_dot_product_attention in bf16 at bench_attention's shapes, once
 per SDPA backend that accepts the case (cuDNN's fused attention, FlashAttention-2 as built into
-PyTorch), with the same FLOP count (visible (query, key) pairs only) and the same timing method:
-CUDA events around each call after warm-up, median of the repeats.
+PyTorch), with the same FLOP count (visible (query, key) pairs only) and the same timing method
+as bench_cuda.cuh's: after warm-up, CUDA events around each call, every call queued behind a
+~20 ms GPU sleep before any is read, so that an interval holds the call's GPU time and not
+Python's and ATen's dispatch (which, on an idle GPU, would land inside it); median of the
+repeats.
 
 usage: peer_attention.py [--repeats R] [--warmup W]
 Exits 0 with a message when PyTorch or a GPU is missing.
@@ -18,6 +21,10 @@ def visible_pairs(n_req, n_q, n_kv, causal, pos0):
         return n_req * n_q * n_kv
     return n_req * sum(min(n_kv, pos0 + i + 1) for i in range(n_q))
 
+
+# The GPU sleep queued ahead of the timed calls: 4e7 cycles, 20 ms at 2 GHz (the host queues
+# 20 calls in a few milliseconds).
+SLEEP_CYCLES = 40_000_000
 
 SHAPES = [  # name, requests, n_q, n_kv, heads, kv heads, head dim, causal, pos0 of the 1st query
     ("sysformer SA", 32, 256, 256, 32, 32, 128, False, 0),
@@ -69,17 +76,18 @@ def main():
                     def call():
                         return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal,
                                                               enable_gqa=(h != hkv))
-                    times = []
-                    for it in range(args.warmup + args.repeats):
-                        t0 = torch.cuda.Event(enable_timing=True)
-                        t1 = torch.cuda.Event(enable_timing=True)
+                    for _ in range(args.warmup):
+                        call()
+                    ev = [(torch.cuda.Event(enable_timing=True),
+                           torch.cuda.Event(enable_timing=True)) for _ in range(args.repeats)]
+                    torch.cuda.synchronize()
+                    torch.cuda._sleep(SLEEP_CYCLES)
+                    for t0, t1 in ev:
                         t0.record()
                         call()
                         t1.record()
-                        t1.synchronize()
-                        if it >= args.warmup:
-                            times.append(t0.elapsed_time(t1))
-                times.sort()
+                    torch.cuda.synchronize()
+                    times = sorted(t0.elapsed_time(t1) for t0, t1 in ev)
                 ms = times[len(times) // 2]
                 cols.append(f"{ms:9.4f} {flops / (ms * 1e9):10.1f}")
             except RuntimeError as e:

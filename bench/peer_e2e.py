@@ -9,7 +9,14 @@ directly on the GPU in bf16 (no CPU init, no checkpoint), eval mode, SDPA attent
            read_tokens) and CUDA events; one warm-up, median of --repeats;
   decode:  --decode steps of one token per request from that prefill's cache (input = argmax of
            the previous step, copied to the host each step as a generation loop does); first
-           step separately, median of the rest.
+           step separately, median of the rest. On the GPU, SDPA's cuDNN backend is left out of
+           decode: its graphs are cached by exact shape and the cache grows by one key a step,
+           so it would build a new graph every step and the peer would time that. Flash (then
+           memory-efficient, then math) attention decodes instead; prefill keeps SDPA's own
+           choice (its shape repeats, so the warm-up pays any build).
+Like for like with bench_engine: the engine's unguarded prefill (its unguarded_tok_s and
+unguarded_mfu) is this prefill; its guarded one adds the Sysformer. The engine replays decode
+steps as CUDA graphs; this peer decodes eagerly, as transformers does by default.
 FLOPs (no Sysformer here; multiply-add = 2; R requests of P tokens, T = R*P):
   2*T*L*[d*hd*(2*H + 2*Hkv) + 3*d*ff]   q, k, v, o projections and the SwiGLU MLP
   + 4*hd*H*L*R*P*(P+1)/2                QK^T and PV over the visible causal pairs
@@ -23,6 +30,7 @@ layers, and every architecture shrunk), to catch API mistakes where no GPU exist
 Exits 0 with a message when PyTorch, transformers or a GPU is missing.
 """
 import argparse
+import contextlib
 import gc
 import inspect
 import statistics
@@ -210,22 +218,29 @@ def bench_config(name, s, args, device, dtype, emb_std=0.02):
             ids = nxt[:, None]
             out = None
             dw = []
-            for i in range(args.decode):
-                sync()
-                t0 = time.perf_counter()
-                o = model(input_ids=ids, use_cache=True, **{cache_kw: cache, keep_kw: 1})
-                ids = o.logits[:, -1, :].argmax(-1, keepdim=True)
-                ids.cpu()
-                dw.append((time.perf_counter() - t0) * 1e3)
-                cache = out_cache(o)
-                o = None
+            backends = contextlib.nullcontext()
+            if cuda:
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+                backends = sdpa_kernel([SDPBackend.FLASH_ATTENTION,
+                                        SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+            with backends:
+                for i in range(args.decode):
+                    sync()
+                    t0 = time.perf_counter()
+                    o = model(input_ids=ids, use_cache=True, **{cache_kw: cache, keep_kw: 1})
+                    ids = o.logits[:, -1, :].argmax(-1, keepdim=True)
+                    ids.cpu()
+                    dw.append((time.perf_counter() - t0) * 1e3)
+                    cache = out_cache(o)
+                    o = None
             length = cache.get_seq_length()
             assert length == P + args.decode, (length, P + args.decode)
             d_first = dw[0]
             d_med = statistics.median(dw[1:]) if len(dw) > 1 else dw[0]
             d_tok_s = R / (d_med * 1e-3)
             print(f"  {'decode':18s} first {d_first:.3f} ms, then median {d_med:.3f} ms per step:"
-                  f" {d_tok_s:.0f} tokens/s (cache length {length})", flush=True)
+                  f" {d_tok_s:.0f} tokens/s (cache length {length}"
+                  f"{'; SDPA without cuDNN' if cuda else ''})", flush=True)
             cache = None
         if cuda:
             print(f"  peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
