@@ -929,7 +929,8 @@ sf_status sf_generate_cuda(sf_cuda_engine *engine, const sf_tokenizer *tok,
  * every row, with each request's system span replaced by the Sysformer's S' (plain E[token]
  * when the engine has no Sysformer). The caller then feeds the buffer to its own LLM forward
  * (as inputs_embeds).
- *   d_cu_seqlens [n_requests + 1], d_token_ids [n_tokens], d_spans [n_requests]: device memory;
+ *   d_cu_seqlens [n_requests + 1], d_token_ids [n_tokens], d_spans [n_requests]: device memory
+ *   (4-byte aligned, as d_errors);
  *   d_embeds: device [n_tokens, hidden_size] in the engine's embedding_dtype (bf16 unless it
  *   was created with SF_EMBEDDING_F16), 16-byte aligned, written in full;
  *   max_system, max_user: host bounds on any request's system and user span lengths (they size

@@ -212,6 +212,12 @@ extern "C" sf_status sf_cuda_guard_layout(const int32_t *cu_seqlens, const int32
         !user_len) {
         return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_cuda_guard_layout: NULL pointer");
     }
+    if (((uintptr_t)cu_seqlens | (uintptr_t)spans | (uintptr_t)sys_rows | (uintptr_t)user_rows |
+         (uintptr_t)cu_sys | (uintptr_t)cu_user | (uintptr_t)sys_len | (uintptr_t)user_len |
+         (uintptr_t)errors) & 3u) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                       "sf_cuda_guard_layout: an int array not 4-byte aligned");
+    }
     sf_nvtx_range range("sf_cuda_guard_layout");
     guard_layout_kernel<<<n_requests, kBlock, 0, stream>>>(cu_seqlens, spans, n_requests,
                                                            n_tokens, max_system, max_user,
@@ -238,6 +244,10 @@ extern "C" sf_status sf_cuda_guard_check_flags(const int32_t *cu_seqlens, const 
     if (n_requests == 0) return SF_OK;
     if (!cu_seqlens || !flags || (n_tokens > 0 && !ids)) {
         return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_cuda_guard_check_flags: NULL pointer");
+    }
+    if (((uintptr_t)cu_seqlens | (uintptr_t)spans | (uintptr_t)ids | (uintptr_t)flags) & 3u) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                       "sf_cuda_guard_check_flags: an int array not 4-byte aligned");
     }
     sf_nvtx_range range("sf_cuda_guard_check_flags");
     guard_check_kernel<<<n_requests, kBlock, 0, stream>>>(cu_seqlens, spans, ids, n_tokens, vocab,

@@ -999,6 +999,35 @@ TEST_P(CudaEngineVariant, GuardedEmbedMatchesCpuAndCountsBadInputs) {
                                     (const sf_prompt_spans *)d_spans.get(), 12, 9, d_out.get(),
                                     d_err.get(), stream),
               SF_ERR_INVALID_ARGUMENT);
+    // An int array off its 4-byte alignment (a corrupt offset: on a GPU, a misaligned-address
+    // fault that would end the stack's context) is refused, each argument in turn.
+    const auto off2 = [](const void *p) {
+        return reinterpret_cast<const char *>(p) + 2;
+    };
+    const int32_t *cu2 = (const int32_t *)off2(d_cu.get());
+    const int32_t *ids2 = (const int32_t *)off2(d_ids.get());
+    const sf_prompt_spans *spans2 = (const sf_prompt_spans *)off2(d_spans.get());
+    int *err2 = (int *)off2(d_err.get());
+    const sf_prompt_spans *spans0 = (const sf_prompt_spans *)d_spans.get();
+    EXPECT_EQ(sf_cuda_guarded_embed(e.get(), n, total, cu2, d_ids.get(), spans0, 12, 9,
+                                    d_out.get(), d_err.get(), stream),
+              SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cuda_guarded_embed(e.get(), n, total, d_cu.get(), ids2, spans0, 12, 9,
+                                    d_out.get(), d_err.get(), stream),
+              SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cuda_guarded_embed(e.get(), n, total, d_cu.get(), d_ids.get(), spans2, 12, 9,
+                                    d_out.get(), d_err.get(), stream),
+              SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cuda_guarded_embed(e.get(), n, total, d_cu.get(), d_ids.get(), spans0, 12, 9,
+                                    d_out.get(), err2, stream),
+              SF_ERR_INVALID_ARGUMENT);
+    EXPECT_TRUE(strstr(sf_last_error(), "4-byte")) << sf_last_error();
+    EXPECT_EQ(sf_cuda_guard_check(e.get(), n, total, cu2, d_ids.get(), spans0, 12, 9,
+                                  (int32_t *)d_err.get(), stream),
+              SF_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(sf_cuda_guard_check(e.get(), n, total, d_cu.get(), d_ids.get(), spans0, 12, 9,
+                                  (int32_t *)err2, stream),
+              SF_ERR_INVALID_ARGUMENT);
     ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
     EXPECT_EQ(d_err.host()[0], 4);
 

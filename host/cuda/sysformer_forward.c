@@ -228,6 +228,12 @@ static sf_status check_batch(const char *fn, const sf_cuda_engine *e, int32_t n_
     return SF_OK;
 }
 
+/* Any of the int32 device arrays off a 4-byte boundary (a corrupt offset: on a GPU, a
+ * misaligned-address fault that ends the context). */
+static bool misaligned4(const void *a, const void *b, const void *c, const void *d) {
+    return (((uintptr_t)a | (uintptr_t)b | (uintptr_t)c | (uintptr_t)d) & 3u) != 0;
+}
+
 sf_status sf_cuda_guard_check(sf_cuda_engine *e, int32_t n_requests, int32_t n_tokens,
                               const int32_t *d_cu_seqlens, const int32_t *d_token_ids,
                               const sf_prompt_spans *d_spans, int32_t max_system,
@@ -237,6 +243,10 @@ sf_status sf_cuda_guard_check(sf_cuda_engine *e, int32_t n_requests, int32_t n_t
     if (!d_cu_seqlens || !d_flags || (n_tokens > 0 && !d_token_ids) ||
         (e->has_sysformer && !d_spans)) {
         return sf_fail(SF_ERR_INVALID_ARGUMENT, "sf_cuda_guard_check: NULL device pointer");
+    }
+    if (misaligned4(d_cu_seqlens, d_token_ids, d_spans, d_flags)) {
+        return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                       "sf_cuda_guard_check: a device array not 4-byte aligned");
     }
     return sf_cuda_guard_check_flags(
         d_cu_seqlens, e->has_sysformer ? (const int32_t *)d_spans : NULL, d_token_ids,
@@ -252,10 +262,11 @@ sf_status sf_cuda_guarded_embed(sf_cuda_engine *e, int32_t n_requests, int32_t n
                                 void *cuda_stream) {
     SF_TRY(check_batch("sf_cuda_guarded_embed", e, n_requests, n_tokens, max_system, max_user));
     if (n_tokens == 0) return SF_OK;
-    if (!d_cu_seqlens || !d_token_ids || !d_spans || !d_embeds || ((uintptr_t)d_embeds & 15u)) {
+    if (!d_cu_seqlens || !d_token_ids || !d_spans || !d_embeds || ((uintptr_t)d_embeds & 15u) ||
+        misaligned4(d_cu_seqlens, d_token_ids, d_spans, d_errors)) {
         return sf_fail(SF_ERR_INVALID_ARGUMENT,
-                       "sf_cuda_guarded_embed: NULL device pointer, or d_embeds not 16-byte "
-                       "aligned");
+                       "sf_cuda_guarded_embed: NULL device pointer, d_embeds not 16-byte "
+                       "aligned, or an int array not 4-byte aligned");
     }
     cudaStream_t s = (cudaStream_t)cuda_stream;
     sf_nvtx_push("sf_cuda_guarded_embed");

@@ -130,6 +130,7 @@ static sf_status put(uploader *u, uint16_t *dst, const float *src, size_t n, boo
         cudaError_t err = cudaMemcpyAsync(u->stage, src + off, m * sizeof(float),
                                           cudaMemcpyHostToDevice, u->stream);
         if (err != cudaSuccess) {
+            (void)cudaGetLastError(); /* not the next launch check's error */
             return sf_fail(SF_ERR_CUDA, "sf_cuda_engine: weight upload: %s",
                            cudaGetErrorString(err));
         }
