@@ -344,8 +344,8 @@ static int bench_row(const sf_llm *llm, const char *config, const options *o, co
     printf("SUMMARY train device=%s config=%s recompute=%s deterministic=%d tokens_per_step=%d "
            "step_s=%.4f tok_s=%.1f tflop_s=%.4f mfu=%s activation_bytes=%zu optimizer_bytes=%zu "
            "device_bytes=%zu loss=%.4f\n",
-           dev_name, config, recompute ? "on" : "off", (int)deterministic, tokens, step_s, tok_s, tflop_s, mfu, mem.activations,
-           mem.optimizer, mem.device_total, rec.loss);
+           dev_name, config, recompute ? "on" : "off", (int)deterministic, tokens, step_s, tok_s,
+           tflop_s, mfu, mem.activations, mem.optimizer, mem.device_total, rec.loss);
     summary = true;
     result = finite ? 0 : 1;
 

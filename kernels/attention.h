@@ -183,9 +183,10 @@ typedef struct sf_attention_grads {
     bool deterministic;  /* dq by a separate pass, not atomics: bit-reproducible (see above)   */
 } sf_attention_grads;
 
-/* Enqueues the backward on stream (two kernels; three when deterministic). Returns SF_ERR_INVALID_ARGUMENT /
- * SF_ERR_UNSUPPORTED for arguments outside the requirements (before touching CUDA), SF_ERR_CUDA
- * when a launch fails, SF_OK otherwise. Asynchronous; never synchronises. */
+/* Enqueues the backward on stream (two kernels; three when deterministic). Returns
+ * SF_ERR_INVALID_ARGUMENT / SF_ERR_UNSUPPORTED for arguments outside the requirements (before
+ * touching CUDA), SF_ERR_CUDA when a launch fails, SF_OK otherwise. Asynchronous; never
+ * synchronises. */
 sf_status sf_cuda_attention_backward_bf16(const sf_attention_args *a, const sf_attention_grads *g,
                                           cudaStream_t stream);
 

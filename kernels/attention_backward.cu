@@ -637,7 +637,8 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const BwdPar
 #pragma unroll
                 for (int dpp = 0; dpp < D / 16; dpp++) {
                     uint32_t b[4];
-                    ldmatrix_x4_trans(b, smem_u32(k_s + (kc * 16 + a_row) * kRow + dpp * 16 + a_col));
+                    ldmatrix_x4_trans(
+                        b, smem_u32(k_s + (kc * 16 + a_row) * kRow + dpp * 16 + a_col));
                     mma_bf16_16816(dq[2 * dpp], dsf, b[0], b[1]);
                     mma_bf16_16816(dq[2 * dpp + 1], dsf, b[2], b[3]);
                 }
