@@ -708,9 +708,10 @@ void sf_cuda_engine_free(sf_cuda_engine *engine);
  * generation); work the caller enqueued on its own streams (sf_cuda_guarded_embed) must have
  * finished. Returns once the new weights are on the device: later steps and guarded
  * embeddings use them, and sysformer may be freed. SF_ERR_INVALID_ARGUMENT for an engine made
- * without a Sysformer or a Sysformer of another shape, with the engine unchanged; after a
- * device error mid-upload the engine's Sysformer is a mix of both: set one again or free the
- * engine. */
+ * without a Sysformer or a Sysformer of another shape, with the engine unchanged. After a
+ * device error (an upload may stop part-way, leaving a mix of both) the engine refuses guarded
+ * steps and guarded embeddings (SF_ERR_INVALID_ARGUMENT, saying why) until a later call
+ * succeeds; unguarded steps and the requests already in its slots go on. */
 sf_status sf_cuda_engine_set_sysformer(sf_cuda_engine *engine, const sf_sysformer *sysformer);
 
 /* Device bytes the engine holds, by purpose. */

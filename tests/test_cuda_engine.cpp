@@ -4100,6 +4100,87 @@ TEST_F(CudaEngineFaults, ARefusedLaunchInTheGuardedEmbeddingIsReported) {
     }
 }
 
+// 4b. A Sysformer swap whose upload fails part-way (a conversion launch refused, at points spread
+// over the upload) leaves the device with a mix of two Sysformers' weights. The engine then
+// refuses guarded prefill steps and guarded embeddings, saying why, before enqueueing
+// anything; unguarded steps and a request already in a slot go on. A swap that then succeeds
+// makes the engine step exactly as one created with that Sysformer.
+TEST_F(CudaEngineFaults, AFailedSysformerSwapRefusesGuardedWorkUntilOneSucceeds) {
+    sf_sysformer *raw = nullptr;
+    ASSERT_TRUE(make_open_sysformer(llm_, 23, &raw));
+    std::unique_ptr<sf_sysformer, void (*)(sf_sysformer *)> b(raw, sf_sysformer_free);
+    const int64_t d = sf_llm_get_config(llm_)->hidden_size;
+    const Prompts p = tiny_prompts({{5, 2}, {4, 3}}, 91);
+    StepOut want_a, want_b, plain_want;
+    {
+        EnginePtr a_ref = make_engine(llm_, sf_, faults_options());
+        EnginePtr b_ref = make_engine(llm_, b.get(), faults_options());
+        ASSERT_TRUE(a_ref && b_ref);
+        ASSERT_TRUE(prefill(a_ref.get(), p, {0, 1}, true, vocab_, &want_a));
+        ASSERT_TRUE(prefill(b_ref.get(), p, {0, 1}, true, vocab_, &want_b));
+        ASSERT_NE(want_a.logits, want_b.logits) << "A and B give the same logits: void test";
+        ASSERT_EQ(sf_cuda_engine_reset_slot(b_ref.get(), 0), SF_OK);
+        ASSERT_EQ(sf_cuda_engine_reset_slot(b_ref.get(), 1), SF_OK);
+        ASSERT_TRUE(prefill(b_ref.get(), p, {0, 1}, false, vocab_, &plain_want));
+    }
+    EnginePtr e = make_engine(llm_, sf_, faults_options());
+    EnginePtr g = make_engine(llm_, sf_, faults_options(true));  // guard-only
+    ASSERT_TRUE(e && g);
+    const long long c0 = simt::fault_calls(simt::FAULT_LAUNCH);
+    ASSERT_EQ(sf_cuda_engine_set_sysformer(e.get(), sf_), SF_OK) << sf_last_error();
+    const long long launches = simt::fault_calls(simt::FAULT_LAUNCH) - c0;
+    ASSERT_GT(launches, 4) << "one conversion a tensor";
+    const std::vector<int32_t> slots = {0, 1};
+    for (const long long k : spread(launches, 4)) {
+        SCOPED_TRACE("launch " + std::to_string(k) + " of " + std::to_string(launches));
+        for (sf_cuda_engine *x : {e.get(), g.get()}) {
+            simt::fail_call(simt::FAULT_LAUNCH, k);
+            const sf_status st = sf_cuda_engine_set_sysformer(x, b.get());
+            simt::disarm_faults();
+            EXPECT_EQ(st, SF_ERR_CUDA) << sf_last_error();
+        }
+        const long long before = simt::fault_calls(simt::FAULT_LAUNCH);
+        sf_cuda_step s = {};
+        s.n_requests = p.n();
+        s.slots = slots.data();
+        s.cu_seqlens = p.cu.data();
+        s.token_ids = p.ids.data();
+        s.spans = p.spans.data();
+        s.sampling = &kGreedy;
+        EXPECT_EQ(sf_cuda_engine_step(e.get(), &s), SF_ERR_INVALID_ARGUMENT);
+        EXPECT_TRUE(contains(sf_last_error(), "set one again")) << sf_last_error();
+        DeviceBuffer<int32_t> d_cu(p.cu), d_ids(p.ids), d_spans(flat_spans(p.spans));
+        DeviceBuffer<uint16_t> d_out((size_t)p.total() * d);
+        ASSERT_TRUE(d_cu.get() && d_ids.get() && d_spans.get() && d_out.get());
+        EXPECT_EQ(sf_cuda_guarded_embed(g.get(), p.n(), p.total(), d_cu.get(), d_ids.get(),
+                                        (const sf_prompt_spans *)d_spans.get(), 8, 8,
+                                        d_out.get(), nullptr, nullptr),
+                  SF_ERR_INVALID_ARGUMENT);
+        EXPECT_TRUE(contains(sf_last_error(), "incomplete")) << sf_last_error();
+        EXPECT_EQ(simt::fault_calls(simt::FAULT_LAUNCH), before) << "a refusal launched work";
+        // unguarded work goes on
+        StepOut plain;
+        ASSERT_TRUE(prefill(e.get(), p, slots, false, vocab_, &plain));
+        EXPECT_EQ(plain.logits, plain_want.logits);
+        ASSERT_EQ(sf_cuda_engine_reset_slot(e.get(), 0), SF_OK);
+        ASSERT_EQ(sf_cuda_engine_reset_slot(e.get(), 1), SF_OK);
+        // a swap that succeeds: B's logits, then A's again
+        ASSERT_EQ(sf_cuda_engine_set_sysformer(e.get(), b.get()), SF_OK) << sf_last_error();
+        StepOut got;
+        ASSERT_TRUE(prefill(e.get(), p, slots, true, vocab_, &got));
+        EXPECT_EQ(got.logits, want_b.logits);
+        ASSERT_EQ(sf_cuda_engine_reset_slot(e.get(), 0), SF_OK);
+        ASSERT_EQ(sf_cuda_engine_reset_slot(e.get(), 1), SF_OK);
+        ASSERT_EQ(sf_cuda_engine_set_sysformer(e.get(), sf_), SF_OK) << sf_last_error();
+        ASSERT_TRUE(prefill(e.get(), p, slots, true, vocab_, &got));
+        EXPECT_EQ(got.logits, want_a.logits);
+        ASSERT_EQ(sf_cuda_engine_reset_slot(e.get(), 0), SF_OK);
+        ASSERT_EQ(sf_cuda_engine_reset_slot(e.get(), 1), SF_OK);
+        ASSERT_EQ(sf_cuda_engine_set_sysformer(g.get(), sf_), SF_OK) << sf_last_error();
+        EXPECT_FALSE(guarded_embed(g.get(), p, d, 8, 8).empty());
+    }
+}
+
 // 5. The step API (sf_cuda_engine_step): a step that fails after validation empties its own
 // slots, and only those (include/sysformer.h). A launch is refused at points spread over a
 // guarded prefill of two requests, and over the decode step after it (whose graph is captured

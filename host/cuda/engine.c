@@ -618,6 +618,15 @@ sf_status sf_cuda_engine_create_sharing(const sf_cuda_engine *base, const sf_sys
     return finish_create(e, st, out);
 }
 
+sf_status sf_cuda_check_sysformer(const sf_cuda_engine *e, const char *fn) {
+    if (!e->sysformer_torn) return SF_OK;
+    return sf_fail(SF_ERR_INVALID_ARGUMENT,
+                   "%s: the engine's Sysformer is incomplete since a failed "
+                   "sf_cuda_engine_set_sysformer (a mix of two Sysformers' weights): set one "
+                   "again before guarded work",
+                   fn);
+}
+
 sf_status sf_cuda_engine_set_sysformer(sf_cuda_engine *e, const sf_sysformer *sf) {
     if (!e || !sf) {
         return sf_fail(SF_ERR_INVALID_ARGUMENT,
@@ -644,7 +653,11 @@ sf_status sf_cuda_engine_set_sysformer(sf_cuda_engine *e, const sf_sysformer *sf
                        c->llm_hidden_size);
     }
     SF_CUDA_OR_FAIL(cudaSetDevice(e->device));
-    SF_TRY(sf_cuda_weights_upload_sysformer(e, sf));
+    /* Past this point a failure may leave part of the old Sysformer's weights and part of the
+     * new one's on the device: guarded work is refused until a swap succeeds. */
+    const sf_status st = sf_cuda_weights_upload_sysformer(e, sf);
+    e->sysformer_torn = st != SF_OK;
+    if (st != SF_OK) return st;
     e->sys_cfg.activation = c->activation;
     e->sys_cfg.norm_first = c->norm_first;
     e->sys_cfg.layer_norm_eps = c->layer_norm_eps;

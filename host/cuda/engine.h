@@ -123,6 +123,9 @@ typedef struct sf_cuda_graph {
 struct sf_cuda_engine {
     sf_llm_config cfg;            /* rope factor pointers cleared: the tables are on the device */
     bool has_sysformer;
+    bool sysformer_torn;          /* a set_sysformer failed mid-upload: the device holds a mix
+                                     of two Sysformers, and guarded work is refused until a
+                                     set_sysformer succeeds (sf_cuda_check_sysformer)        */
     sf_sysformer_config sys_cfg;  /* provenance strings cleared */
     int32_t device;
     int32_t max_slots, max_context, max_batch_tokens;
@@ -218,6 +221,10 @@ static inline bool sf_cuda_padded_rows_fit(const sf_cuda_engine *e, int64_t n, i
                                            int64_t max_user) {
     return n * max_system <= e->max_batch_tokens && n * max_user <= e->max_batch_tokens;
 }
+
+/* SF_OK, or SF_ERR_INVALID_ARGUMENT naming fn when a failed sf_cuda_engine_set_sysformer left
+ * the engine's Sysformer torn (guarded work would run a mix of two Sysformers' weights). */
+sf_status sf_cuda_check_sysformer(const sf_cuda_engine *e, const char *fn);
 
 /* step.c: the checks of one request's new tokens that need no slot (its ids in the vocabulary;
  * with spans: non-negative, adding up to n, a user span wherever there is a system span, and

@@ -195,6 +195,7 @@ static sf_status validate(const sf_cuda_engine *e, const sf_cuda_step *s, step_i
                                n, info->max_system, info->max_user, e->max_batch_tokens);
             }
             info->guarded = e->has_sysformer && info->max_system > 0;
+            if (info->guarded) SF_TRY(sf_cuda_check_sysformer(e, "sf_cuda_engine_step"));
         }
     }
     if (s->sampling && s->request_sampling) {

@@ -268,6 +268,7 @@ sf_status sf_cuda_guarded_embed(sf_cuda_engine *e, int32_t n_requests, int32_t n
                        "sf_cuda_guarded_embed: NULL device pointer, d_embeds not 16-byte "
                        "aligned, or an int array not 4-byte aligned");
     }
+    if (e->has_sysformer) SF_TRY(sf_cuda_check_sysformer(e, "sf_cuda_guarded_embed"));
     cudaStream_t s = (cudaStream_t)cuda_stream;
     sf_nvtx_push("sf_cuda_guarded_embed");
     const int32_t vocab = e->cfg.vocab_size;
