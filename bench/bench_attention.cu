@@ -22,7 +22,8 @@
 //
 // The peer, in the last three columns: cuDNN's fused flash attention (inference, no dropout)
 // built with cuDNN's backend API in bench/cudnn_attention.cu, on the same q, k, v, timed the same
-// way into its own output: "cuDNN TFLOP/s" (same FLOP count), "ours / cuDNN" (speed ratio,
+// way into its own output (of the up to 4 plans cuDNN's heuristics offer, the fastest in a short
+// timing, each plan's time on stderr): "cuDNN TFLOP/s" (same FLOP count), "ours / cuDNN" (speed ratio,
 // cuDNN's time over ours) and "vs cuDNN rel err" (||ours - cuDNN|| / ||cuDNN|| over the whole
 // output, in double on the host). Prefill is top-left causal; decode at the end of the cache sees
 // every key and runs unmasked. A shape cuDNN refuses reads "n/a", with cuDNN's message on stderr;
@@ -163,6 +164,39 @@ PeerResult cudnn_peer(const Shape &s, const sf_attention_args &a, uint16_t *peer
     }
     // the first call doubles as the check that cuDNN runs this plan at all
     bool ok = cudnn_sdpa_run(plan, peer_out, a.q, a.k, a.v, workspace, 0, err, sizeof err);
+    const int n_plans = cudnn_sdpa_candidates(plan);
+    if (ok && n_plans > 1) {
+        // cuDNN at its best: each candidate that runs, timed briefly (median of 5 after 1);
+        // the fastest is the peer
+        int best = 0;
+        double best_ms = INFINITY;
+        char times[256] = "";
+        for (int i = 0; i < n_plans; i++) {
+            bool run_ok = cudnn_sdpa_select(plan, i) &&
+                          cudnn_sdpa_run(plan, peer_out, a.q, a.k, a.v, workspace, 0, err,
+                                         sizeof err);
+            double t = NAN;
+            if (run_ok) {
+                t = bench_median_ms(1, 5, 0, [&](int) {
+                    if (run_ok) run_ok = cudnn_sdpa_run(plan, peer_out, a.q, a.k, a.v,
+                                                        workspace, 0, err, sizeof err);
+                });
+            }
+            BENCH_CUDA(cudaDeviceSynchronize());
+            if (!run_ok) t = NAN;
+            const size_t used = strlen(times);
+            snprintf(times + used, sizeof times - used, "%s#%d %.4f", i ? ", " : "", i, t);
+            if (run_ok && t < best_ms) {
+                best = i;
+                best_ms = t;
+            }
+        }
+        cudnn_sdpa_select(plan, best);
+        fprintf(stderr, "bench_attention: %s: cuDNN's %d plans (ms: %s): #%d is the peer\n",
+                s.name, n_plans, times, best);
+        // (the chosen one ran above, so the full timing below starts from a plan that runs)
+        ok = cudnn_sdpa_run(plan, peer_out, a.q, a.k, a.v, workspace, 0, err, sizeof err);
+    }
     double ms = 0;
     if (ok) {
         ms = bench_median_ms(warmup, repeats, 0, [&](int) {

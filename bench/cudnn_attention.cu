@@ -30,6 +30,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include <algorithm>
 #include <limits>
 #include <new>
 #include <utility>
@@ -393,11 +394,21 @@ bool build_graph(cudnnHandle_t handle, const cudnn_sdpa_shape &s, IndexMath inde
 // Engine search
 // ---------------------------------------------------------------------------------------------
 
+// One engine configuration's finalized execution plan.
+struct Candidate {
+    Descriptor plan, config;
+    int64_t workspace = 0;
+};
+
+// The most candidates a plan keeps: the caller times them and runs the fastest.
+constexpr size_t kMaxCandidates = 4;
+
 // Asks heuristics mode A, then the fallback mode, for engine configurations of op_graph and keeps
-// the first whose execution plan finalizes (most are for other graphs and refuse: that is the
-// normal way to find out). On success *plan, *config and *workspace are set.
-bool find_plan(cudnnHandle_t handle, cudnnBackendDescriptor_t op_graph, Descriptor *plan,
-               Descriptor *config, int64_t *workspace, ErrorSink e) {
+// those whose execution plan finalizes (most are for other graphs and refuse: that is the normal
+// way to find out), in the heuristic's order, up to kMaxCandidates, from the first mode that
+// gives any. On success *out holds at least one.
+bool find_plans(cudnnHandle_t handle, cudnnBackendDescriptor_t op_graph,
+                std::vector<Candidate> *out, ErrorSink e) {
     const cudnnBackendHeurMode_t modes[] = {CUDNN_HEUR_MODE_A, CUDNN_HEUR_MODE_FALLBACK};
     const char *mode_names[] = {"heuristics mode A", "heuristics fallback mode"};
     char notes[2][512] = {"", ""};
@@ -444,7 +455,7 @@ bool find_plan(cudnnHandle_t handle, cudnnBackendDescriptor_t op_graph, Descript
             continue;
         }
         cudnnStatus_t last = CUDNN_STATUS_NOT_SUPPORTED;
-        for (int64_t i = 0; i < got && i < n; i++) {
+        for (int64_t i = 0; i < got && i < n && out->size() < kMaxCandidates; i++) {
             Descriptor candidate;
             st = candidate.create(CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR);
             if (st == CUDNN_STATUS_SUCCESS)
@@ -462,14 +473,17 @@ bool find_plan(cudnnHandle_t handle, cudnnBackendDescriptor_t op_graph, Descript
             int64_t count = 0, bytes = 0;
             st = cudnnBackendGetAttribute(candidate.get(), CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE,
                                           CUDNN_TYPE_INT64, 1, &count, &bytes);
-            if (st != CUDNN_STATUS_SUCCESS || count != 1 || bytes < 0)
-                return e.fail("execution plan: CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE",
-                              st != CUDNN_STATUS_SUCCESS ? st : CUDNN_STATUS_INTERNAL_ERROR);
-            *plan = std::move(candidate);
-            *config = std::move(configs[i]);
-            *workspace = bytes;
-            return true;
+            if (st != CUDNN_STATUS_SUCCESS || count != 1 || bytes < 0) {
+                last = st != CUDNN_STATUS_SUCCESS ? st : CUDNN_STATUS_INTERNAL_ERROR;
+                continue;  // a plan whose workspace is unknown cannot be run
+            }
+            Candidate c;
+            c.plan = std::move(candidate);
+            c.config = std::move(configs[i]);
+            c.workspace = bytes;
+            out->push_back(std::move(c));
         }
+        if (!out->empty()) return true;
         snprintf(step, sizeof step, "%s: none of %lld engine configurations finalized a plan",
                  mode_names[mi], (long long)got);
         note.fail(step, last);
@@ -486,8 +500,10 @@ bool find_plan(cudnnHandle_t handle, cudnnBackendDescriptor_t op_graph, Descript
 struct cudnn_sdpa_plan {
     cudnnHandle_t handle = nullptr;
     Graph graph;
-    Descriptor config, plan, pack;
-    int64_t workspace = 0;
+    std::vector<Candidate> candidates;
+    size_t active = 0;  // the candidate cudnn_sdpa_run executes
+    Descriptor pack;
+    int64_t workspace = 0;  // the most any candidate needs
     bool causal = false;
     // By-value scalars: the variant pack points at these, so the plan never moves (heap only).
     float scale = 1.0f, neg_inf = 0.0f;
@@ -496,8 +512,7 @@ struct cudnn_sdpa_plan {
     ~cudnn_sdpa_plan() {
         // Every descriptor before the handle they were built on.
         pack.reset();
-        plan.reset();
-        config.reset();
+        candidates.clear();
         graph.ops.clear();
         graph.owned.clear();
         if (handle) cudnnDestroy(handle);
@@ -555,8 +570,10 @@ bool cudnn_sdpa_create(const cudnn_sdpa_shape *shape, cudnn_sdpa_plan **out, cha
         const ErrorSink attempt_err{msg, sizeof msg};
         Graph g;
         if (build_graph(p->handle, s, attempts[a], &g, attempt_err) &&
-            find_plan(p->handle, g.op_graph, &p->plan, &p->config, &p->workspace, attempt_err)) {
+            find_plans(p->handle, g.op_graph, &p->candidates, attempt_err)) {
             p->graph = std::move(g);
+            for (const Candidate &c : p->candidates)
+                p->workspace = std::max(p->workspace, c.workspace);
             *out = p;
             return true;
         }
@@ -576,6 +593,16 @@ bool cudnn_sdpa_create(const cudnn_sdpa_shape *shape, cudnn_sdpa_plan **out, cha
 
 int64_t cudnn_sdpa_workspace_bytes(const cudnn_sdpa_plan *plan) {
     return plan ? plan->workspace : 0;
+}
+
+int cudnn_sdpa_candidates(const cudnn_sdpa_plan *plan) {
+    return plan ? (int)plan->candidates.size() : 0;
+}
+
+bool cudnn_sdpa_select(cudnn_sdpa_plan *plan, int i) {
+    if (!plan || i < 0 || (size_t)i >= plan->candidates.size()) return false;
+    plan->active = (size_t)i;
+    return true;
 }
 
 bool cudnn_sdpa_run(cudnn_sdpa_plan *p, void *out, const void *q, const void *k, const void *v,
@@ -625,7 +652,7 @@ bool cudnn_sdpa_run(cudnn_sdpa_plan *p, void *out, const void *q, const void *k,
         p->pack = std::move(pack);
         memcpy(p->bound, now, sizeof now);
     }
-    st = cudnnBackendExecute(p->handle, p->plan.get(), p->pack.get());
+    st = cudnnBackendExecute(p->handle, p->candidates[p->active].plan.get(), p->pack.get());
     if (st != CUDNN_STATUS_SUCCESS) return e.fail("cudnnBackendExecute", st);
     return true;
 }

@@ -42,13 +42,21 @@ typedef struct cudnn_sdpa_shape {
 typedef struct cudnn_sdpa_plan cudnn_sdpa_plan;
 
 /* Builds the operation graph for shape, asks cuDNN's heuristics for engine configurations and
- * keeps the first one whose execution plan finalizes. Needs a CUDA device. On success *plan owns
- * everything (free it with cudnn_sdpa_destroy); on failure *plan is NULL. */
+ * keeps those whose execution plans finalize, in the heuristic's order, up to 4 candidates; the
+ * first is selected. Needs a CUDA device. On success *plan owns everything (free it with
+ * cudnn_sdpa_destroy); on failure *plan is NULL. */
 bool cudnn_sdpa_create(const cudnn_sdpa_shape *shape, cudnn_sdpa_plan **plan, char *err,
                        size_t err_len);
 
-/* Device workspace bytes cudnn_sdpa_run needs (may be 0). */
+/* Device workspace bytes cudnn_sdpa_run needs with any candidate selected (may be 0). */
 int64_t cudnn_sdpa_workspace_bytes(const cudnn_sdpa_plan *plan);
+
+/* How many candidate plans the plan holds (at least 1), and which one cudnn_sdpa_run executes
+ * (false for an index out of range; the selection is then unchanged). A caller that wants
+ * cuDNN at its best times each and selects the fastest, as cuDNN's own frontend's autotuning
+ * does. */
+int cudnn_sdpa_candidates(const cudnn_sdpa_plan *plan);
+bool cudnn_sdpa_select(cudnn_sdpa_plan *plan, int i);
 
 /* Enqueues out = softmax(scale * q k^T [masked]) v on stream; asynchronous, never synchronises.
  * Pointers are device pointers in the layout above (16-byte aligned; out must not alias the
