@@ -16,7 +16,8 @@
 // FLOPs count the two matrix products over the visible (query, key) pairs only:
 // 4 * head_dim * n_heads * pairs (a causal prefill of n tokens has n (n + 1) / 2 pairs).
 // Time: CUDA events around each launch, launches back to back (bench_cuda.cuh), after warm-up,
-// median of R. Inputs are random bf16 in
+// median of R; successive launches read different copies of q, k and v when one set is smaller
+// than 3x the L2 (InputSets), so that nothing is timed from L2. Inputs are random bf16 in
 // [-1, 1] filled on the device; outputs are poisoned (NaN) before the runs. Exits 0 with a
 // message when there is no GPU.
 //
@@ -79,6 +80,22 @@ double visible_pairs(const Shape &s) {
 
 double g_copy_gbs = 0;  // the measured copy bandwidth, read + write
 
+// Copies of one shape's q, k and v, used in turn (call i reads set i % n): enough that the
+// sets together span three times the L2, so that a set is evicted before it is read again
+// and a small shape (one request's decode: 8 MB of cache) is timed from HBM, not L2, on both
+// sides. One set for shapes already that large.
+struct InputSets {
+    std::vector<uint16_t *> q, k, v;
+    int n() const { return (int)q.size(); }
+    sf_attention_args at(const sf_attention_args &a, int i) const {
+        sf_attention_args r = a;
+        r.q = q[(size_t)(i % n())];
+        r.k = k[(size_t)(i % n())];
+        r.v = v[(size_t)(i % n())];
+        return r;
+    }
+};
+
 // ---------------------------------------------------------------------------------------------
 // The cuDNN peer
 // ---------------------------------------------------------------------------------------------
@@ -130,8 +147,8 @@ bool peer_shape(const Shape &s, float scale, cudnn_sdpa_shape *c, char *err, siz
 // cuDNN's attention over a's q, k, v into peer_out, timed as ours is: CUDA events around each
 // call on the default stream, warmup + repeats calls, median of the repeats. Failures are
 // reported on stderr and leave ok false.
-PeerResult cudnn_peer(const Shape &s, const sf_attention_args &a, uint16_t *peer_out, int warmup,
-                      int repeats) {
+PeerResult cudnn_peer(const Shape &s, const sf_attention_args &a, const InputSets &sets,
+                      uint16_t *peer_out, int warmup, int repeats) {
     PeerResult r;
 #ifdef SF_BENCH_HAVE_CUDNN
     r.built = true;
@@ -177,8 +194,9 @@ PeerResult cudnn_peer(const Shape &s, const sf_attention_args &a, uint16_t *peer
                                          sizeof err);
             double t = NAN;
             if (run_ok) {
-                t = bench_median_ms(1, 5, 0, [&](int) {
-                    if (run_ok) run_ok = cudnn_sdpa_run(plan, peer_out, a.q, a.k, a.v,
+                t = bench_median_ms(1, 5, 0, [&](int j) {
+                    const sf_attention_args x = sets.at(a, j);
+                    if (run_ok) run_ok = cudnn_sdpa_run(plan, peer_out, x.q, x.k, x.v,
                                                         workspace, 0, err, sizeof err);
                 });
             }
@@ -199,10 +217,13 @@ PeerResult cudnn_peer(const Shape &s, const sf_attention_args &a, uint16_t *peer
     }
     double ms = 0;
     if (ok) {
-        ms = bench_median_ms(warmup, repeats, 0, [&](int) {
-            if (ok) ok = cudnn_sdpa_run(plan, peer_out, a.q, a.k, a.v, workspace, 0, err,
+        ms = bench_median_ms(warmup, repeats, 0, [&](int i) {
+            const sf_attention_args x = sets.at(a, i);
+            if (ok) ok = cudnn_sdpa_run(plan, peer_out, x.q, x.k, x.v, workspace, 0, err,
                                         sizeof err);
         });
+        // the output compared below: from set 0, whose values every set holds
+        if (ok) ok = cudnn_sdpa_run(plan, peer_out, a.q, a.k, a.v, workspace, 0, err, sizeof err);
     }
     BENCH_CUDA(cudaDeviceSynchronize());
     cudaFree(workspace);
@@ -215,6 +236,7 @@ PeerResult cudnn_peer(const Shape &s, const sf_attention_args &a, uint16_t *peer
 #else
     (void)s;
     (void)a;
+    (void)sets;
     (void)peer_out;
     (void)warmup;
     (void)repeats;
@@ -287,6 +309,31 @@ Result run_shape(const Shape &s, int warmup, int repeats) {
     bench_fill_bf16(q, q_rows * q_row, 1u, -1.0f, 1.0f);
     bench_fill_bf16(k, kv_rows * kv_row, 2u, -1.0f, 1.0f);
     bench_fill_bf16(v, kv_rows * kv_row, 3u, -1.0f, 1.0f);
+    InputSets sets;
+    {
+        int dev = 0, l2 = 0;
+        BENCH_CUDA(cudaGetDevice(&dev));
+        BENCH_CUDA(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, dev));
+        const int64_t set_bytes = 2 * (q_rows * q_row + 2 * kv_rows * kv_row);
+        const int64_t n_sets = std::min<int64_t>(32, std::max<int64_t>(
+                                                         1, (3 * (int64_t)l2 + set_bytes - 1) /
+                                                                set_bytes));
+        sets.q.push_back(q);
+        sets.k.push_back(k);
+        sets.v.push_back(v);
+        for (int64_t c = 1; c < n_sets; c++) {
+            uint16_t *cq, *ck, *cv;
+            BENCH_CUDA(cudaMalloc(&cq, q_rows * q_row * 2));
+            BENCH_CUDA(cudaMalloc(&ck, kv_rows * kv_row * 2));
+            BENCH_CUDA(cudaMalloc(&cv, kv_rows * kv_row * 2));
+            BENCH_CUDA(cudaMemcpy(cq, q, q_rows * q_row * 2, cudaMemcpyDeviceToDevice));
+            BENCH_CUDA(cudaMemcpy(ck, k, kv_rows * kv_row * 2, cudaMemcpyDeviceToDevice));
+            BENCH_CUDA(cudaMemcpy(cv, v, kv_rows * kv_row * 2, cudaMemcpyDeviceToDevice));
+            sets.q.push_back(cq);
+            sets.k.push_back(ck);
+            sets.v.push_back(cv);
+        }
+    }
     std::vector<int32_t> hcu_q(s.n_requests + 1), hcu_kv(s.n_requests + 1), hpos(s.n_requests);
     for (int r = 0; r <= s.n_requests; r++) {
         hcu_q[r] = r * s.n_q;
@@ -324,12 +371,18 @@ Result run_shape(const Shape &s, int warmup, int repeats) {
         return s.sm90_ws ? sf_cuda_attention_sm90_ws_bf16(args, s.sm90_block_n, stream)
                          : sf_cuda_attention_sm90_tiles_bf16(args, s.sm90_block_n, stream);
     };
-    const double med = bench_median_ms(warmup, repeats, 0, [&](int) {
-        if (attention(&a, 0) != SF_OK) {
+    const double med = bench_median_ms(warmup, repeats, 0, [&](int i) {
+        const sf_attention_args x = sets.at(a, i);
+        if (attention(&x, 0) != SF_OK) {
             fprintf(stderr, "bench_attention: %s: %s\n", s.name, sf_last_error());
             exit(1);
         }
     });
+    // the output compared with cuDNN's: from set 0, whose values every set holds
+    if (attention(&a, 0) != SF_OK) {
+        fprintf(stderr, "bench_attention: %s: %s\n", s.name, sf_last_error());
+        exit(1);
+    }
     const double flops = 4.0 * s.head_dim * s.n_heads * visible_pairs(s);
     // bytes each launch must move at least once: q, k, v in, out back
     const double bytes = 2.0 * (2.0 * q_rows * q_row + 2.0 * kv_rows * kv_row);
@@ -338,7 +391,7 @@ Result run_shape(const Shape &s, int warmup, int repeats) {
     if (s.n_q == 1 && g_copy_gbs > 0)  // decode: bound by streaming the cache
         snprintf(copy_col, sizeof copy_col, "%.1f%%", 100.0 * gbs / g_copy_gbs);
 
-    const PeerResult peer = cudnn_peer(s, a, peer_out, warmup, repeats);
+    const PeerResult peer = cudnn_peer(s, a, sets, peer_out, warmup, repeats);
     char peer_col[32] = "n/a (no cuDNN)", ratio_col[16] = "n/a", err_col[16] = "n/a";
     if (peer.built) snprintf(peer_col, sizeof peer_col, "n/a");
     if (peer.ok) {
@@ -362,9 +415,11 @@ Result run_shape(const Shape &s, int warmup, int repeats) {
            ratio_col, err_col);
     fflush(stdout);
 
-    cudaFree(q);
-    cudaFree(k);
-    cudaFree(v);
+    for (int c = 0; c < sets.n(); c++) {  // set 0 is q, k, v
+        cudaFree(sets.q[(size_t)c]);
+        cudaFree(sets.k[(size_t)c]);
+        cudaFree(sets.v[(size_t)c]);
+    }
     cudaFree(out);
     cudaFree(peer_out);
     cudaFree(cu_q);
