@@ -678,6 +678,9 @@ static int bench_config(const char *name, const options *o) {
                                                 cudaMemcpyHostToDevice));
         CUDA_TRY("cudaMemset errors", cudaMemset(d_errors, 0, sizeof(int)));
         CUDA_TRY("cudaMemset embeds", cudaMemset(d_embeds, 0xff, (size_t)T * (size_t)d * 2));
+        /* The copies and memsets above are on the legacy stream, which the engine's
+         * non-blocking stream does not wait for: they must have landed first. */
+        CUDA_TRY("cudaDeviceSynchronize", cudaDeviceSynchronize());
         CUDA_TRY("cudaEventCreate", cudaEventCreate(&ev0));
         CUDA_TRY("cudaEventCreate", cudaEventCreate(&ev1));
         cudaStream_t stream = (cudaStream_t)sf_cuda_engine_stream(e);
