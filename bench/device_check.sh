@@ -68,6 +68,48 @@ gpu_tests() {  # $1: gtest filter, $2: log name, $3: timeout
     grep -E '^\[  FAILED  \] [A-Z]' "$OUT/$2.log" | sort -u | head -n 20
 }
 
+# A fault on the device is sticky: every later test of the process fails with it; a crash or a
+# hang ends the run with the rest untested. After such a run ($1: its filter, $2: its log
+# name), each suite that did not pass whole runs again in a process of its own (within 100 s
+# in all), so that the first failing suite is the culprit and the others say whether they
+# pass alone. Logs: $2.isolated.<suite>.log.
+sticky='illegal memory access|misaligned address|unspecified launch failure|illegal instruction|device-side assert|an illegal'
+isolate() {
+    local log="$OUT/$2.log" rc=${tests_rc[$2]:-0}
+    [[ $rc -eq 0 ]] && return 0
+    if ! grep -qE "$sticky" "$log" && [[ $rc -ne 124 && $rc -lt 128 ]]; then return 0; fi
+    local neg="" suite="" line s
+    [[ $1 == *-* ]] && neg="-${1#*-}"
+    declare -A listed=() passed=()
+    while IFS= read -r line; do
+        if [[ $line != " "* ]]; then
+            suite=${line%.}
+            listed[$suite]=0
+        elif [[ -n $suite ]]; then
+            listed[$suite]=$((listed[$suite] + 1))
+        fi
+    done < <("$build/tests/sf_tests" --gtest_list_tests --gtest_filter="$1" 2>/dev/null)
+    while read -r s; do
+        passed[$s]=$((${passed[$s]:-0} + 1))
+    done < <(grep -E '^\[       OK \] ' "$log" | sed -E 's/^\[       OK \] ([^.]+)\..*/\1/')
+    local n=0 ok=0 first="" deadline=$((SECONDS + 100))
+    for s in "${!listed[@]}"; do
+        [[ ${passed[$s]:-0} -ge ${listed[$s]} ]] && continue
+        if ((SECONDS >= deadline)); then
+            echo "isolate: out of time before $s"
+            continue
+        fi
+        n=$((n + 1))
+        if timeout 45 "$build/tests/sf_tests" --gtest_filter="$s.*$neg" \
+            >"$OUT/$2.isolated.${s//\//_}.log" 2>&1; then
+            ok=$((ok + 1))
+        else
+            first+=" $s"
+        fi
+    done
+    row "  isolated reruns ($2)" "$ok of $n suites pass alone; still failing:${first:- none}"
+}
+
 # The wgmma kernels have never run on a GPU: a fault there would poison the CUDA context of
 # every later test in the same process (and a warp-specialized kernel whose barriers never
 # complete hangs until the timeout), so each kernel's tests run in a process of their own,
@@ -76,6 +118,7 @@ wgmma_tests='CudaWgmmaProducts.*:*/sm90:*/sm90_n96:*/sm90_n64:*WgmmaAttention*'
 ws_tests='*/sm90_ws:*/sm90_ws_n96:*/sm90_ws_n64:*WgmmaWs*'
 if [[ $mode == quick ]]; then
     gpu_tests "Cuda*:-$wgmma_tests:$ws_tests" gpu_tests 200
+    isolate "Cuda*:-$wgmma_tests:$ws_tests" gpu_tests
     grep -B 3 -A 12 -E 'Failure|error:' "$OUT/gpu_tests.log" | head -n 150
     gpu_tests "$wgmma_tests" gpu_tests_wgmma 60
     grep -B 3 -A 12 -E 'Failure|error:' "$OUT/gpu_tests_wgmma.log" | head -n 100
@@ -99,6 +142,7 @@ fi
 ctest --test-dir "$build" -R cli_ --output-on-failure >"$OUT/ctest.log" 2>&1
 row "ctest cli_smoke, cli_cuda_smoke" "$(grep -E 'tests passed|tests failed' "$OUT/ctest.log" | tail -n 1)"
 gpu_tests "Cuda*:-$wgmma_tests:$ws_tests" gpu_tests 200
+isolate "Cuda*:-$wgmma_tests:$ws_tests" gpu_tests
 gpu_tests "$wgmma_tests" gpu_tests_wgmma 60
 gpu_tests "$ws_tests" gpu_tests_wgmma_ws 60
 # The serving-stack demo, as an integrator builds it: install, find_package, run.
