@@ -190,6 +190,12 @@ expect 0 "generate --input again" -- "$cli" generate "${G[@]}" --batch 2 --input
     --output "$tmp/batch2.jsonl"
 cmp -s "$tmp/batch.jsonl" "$tmp/batch2.jsonl" && echo "ok: the same batch twice: the same replies" ||
     fail "the same batch twice gave other replies"
+# without CUDA graphs: decode steps run eagerly, through the same kernels on the same shapes
+expect 0 "generate --input --no-cuda-graphs" -- "$cli" generate "${G[@]}" --batch 2 \
+    --no-cuda-graphs --input "$tmp/in.jsonl" --output "$tmp/batch3.jsonl"
+cmp -s "$tmp/batch.jsonl" "$tmp/batch3.jsonl" && echo "ok: --no-cuda-graphs: the same replies" ||
+    fail "--no-cuda-graphs gave other replies"
+grep -q "; no CUDA graphs" "$tmp/err" || fail "--no-cuda-graphs: the engine line does not say so"
 # --logprobs: the same replies, each with its tokens and their log-probabilities (finite, at
 # most 0), but for a line that says "logprobs": false; line "a" (greedy) also asks for the 2
 # most likely tokens at each step, the first of which is its own token with its own value.

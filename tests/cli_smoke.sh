@@ -253,6 +253,12 @@ EOF_LINES
     q="What is the capital of France?"
     "$cli" generate --model "$g" --prompt "$q" --max-new-tokens 16 --device cpu >"$tmp/cpu.txt" 2>/dev/null
     grep -q "Paris" "$tmp/cpu.txt" || { echo "FAIL: --device cpu: no Paris"; fails=$((fails + 1)); }
+    # --no-cuda-graphs is the CUDA engine's; the CPU path ignores it
+    "$cli" generate --model "$g" --prompt "$q" --max-new-tokens 16 --device cpu \
+        --no-cuda-graphs >"$tmp/cpu_ng.txt" 2>/dev/null
+    cmp -s "$tmp/cpu.txt" "$tmp/cpu_ng.txt" &&
+        echo "ok: generate --device cpu --no-cuda-graphs prints the same reply" ||
+        { echo "FAIL: --no-cuda-graphs changed the CPU reply"; fails=$((fails + 1)); }
     if [[ $gpu -eq 0 ]]; then
         "$cli" generate --model "$g" --prompt "$q" --max-new-tokens 16 >"$tmp/default.txt" 2>/dev/null
         if cmp -s "$tmp/cpu.txt" "$tmp/default.txt"; then

@@ -29,6 +29,7 @@ typedef struct session {
     int32_t n_stops;
     cli_device dev;           /* CLI_DEVICE_CPU or _CUDA once the session is open */
     sf_attention_kernel attention; /* the engine's fused attention (--attention) */
+    bool no_graphs;           /* --no-cuda-graphs: decode steps run eagerly */
     sf_cuda_engine *engine;   /* with CLI_DEVICE_CUDA, created by session_engine */
     int32_t slots;            /* --batch: the requests generated together */
     int32_t engine_slots;     /* the requests it holds at once */
@@ -45,6 +46,7 @@ typedef struct options {
     int32_t n_stops;
     cli_device dev;
     sf_attention_kernel attention;
+    bool no_graphs;
 } options;
 
 static void usage(FILE *out, const char *cmd) {
@@ -80,7 +82,10 @@ static void usage(FILE *out, const char *cmd) {
             "  --attention K         the CUDA engine's fused attention: auto (default: the\n"
             "                        library's choice), mma (mma.sync, any GPU), wgmma or\n"
             "                        wgmma_ws (Hopper, the pipelined or the warp-specialized\n"
-            "                        kernel); the CPU path ignores it\n",
+            "                        kernel); the CPU path ignores it\n"
+            "  --no-cuda-graphs      the CUDA engine runs decode steps eagerly instead of\n"
+            "                        replaying them as CUDA graphs (same tokens, more launch\n"
+            "                        overhead; for a driver or profiler that refuses graphs)\n",
             k_default_system);
     if (!chat) {
         fprintf(out,
@@ -118,6 +123,10 @@ static int parse_options(int argc, char **argv, const char *cmd, options *o) {
                 return 2;
             }
             o->sampling.logprobs = true;
+            continue;
+        }
+        if (!strcmp(a, "--no-cuda-graphs")) {
+            o->no_graphs = true;
             continue;
         }
         if (i + 1 >= argc) {
@@ -177,6 +186,7 @@ static void session_free(session *s) {
 static int session_open(const options *o, const char *cmd, session *s) {
     memset(s, 0, sizeof *s);
     s->attention = o->attention;
+    s->no_graphs = o->no_graphs;
     int rc = cli_resolve_device(cmd, o->dev, &s->dev);
     if (rc) return rc;
     fprintf(stderr, "loading %s ...\n", o->model);
@@ -248,6 +258,7 @@ static sf_status session_engine(session *s, int32_t slots, int32_t tokens, int32
     opts.max_context = context;
     opts.max_batch_tokens = tokens > context ? tokens : 0; /* 0: max_context */
     opts.attention = s->attention;
+    opts.cuda_graphs = !s->no_graphs;
     sf_cuda_engine_free(s->engine);
     s->engine = NULL;
     sf_status st = sf_cuda_engine_create(s->llm, s->sf, &opts, &s->engine);
@@ -260,10 +271,10 @@ static sf_status session_engine(session *s, int32_t slots, int32_t tokens, int32
     if (st != SF_OK) return st;
     const double mib = 1024.0 * 1024.0;
     fprintf(stderr, "device: cuda %d; engine for %d request%s of up to %d positions: weights "
-                    "%.1f MiB, KV cache %.1f MiB, activations %.1f MiB\n", opts.device,
+                    "%.1f MiB, KV cache %.1f MiB, activations %.1f MiB%s\n", opts.device,
             opts.max_slots, opts.max_slots == 1 ? "" : "s", context,
             (double)mem.weights / mib, (double)mem.kv_cache / mib,
-            (double)mem.activations / mib);
+            (double)mem.activations / mib, opts.cuda_graphs ? "" : "; no CUDA graphs");
     return SF_OK;
 }
 

@@ -466,7 +466,10 @@ static sf_status decode_graph(sf_cuda_engine *e, const step_info *info) {
         cudaGraph_t graph = NULL;
         cudaError_t err = cudaStreamEndCapture(e->stream, &graph);
         if (st == SF_OK && err != cudaSuccess) {
-            st = sf_fail(SF_ERR_CUDA, "sf_cuda_engine_step: capturing the decode graph: %s",
+            st = sf_fail(SF_ERR_CUDA,
+                         "sf_cuda_engine_step: capturing the decode graph: %s (an engine "
+                         "created with cuda_graphs = false decodes without graphs; the CLI: "
+                         "--no-cuda-graphs)",
                          cudaGetErrorString(err));
         }
         if (st == SF_OK) {
