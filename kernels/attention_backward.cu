@@ -567,6 +567,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const BwdPar
             if (l != -INFINITY) lse2[h] = l * 1.4426950408889634f;
             dlt[h] = p.delta[idx];
             visible_keys(p.causal, p.window, pos0 + i, kv_len, &row_lo[h], &row_hi[h]);
+            row_hi[h] = min(row_hi[h], p.max_kv_len);  // as the CTA's range
         }
     }
 
