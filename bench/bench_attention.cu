@@ -6,6 +6,8 @@
 // beside the tests.
 //
 // usage: bench_attention [--repeats R] [--warmup W]
+// (then the attention backward at three training shapes: dq by atomics against the deterministic
+// pass, their times and two checks; see run_backward)
 //   Sysformer self-attention   32 requests x n_s = 256 queries, bidirectional, 32/32 heads, d 128
 //   Sysformer cross-attention  32 requests x 256 queries against n_u = 512 / 2048 keys
 //   causal prefill             1 and 8 requests x 2048 tokens, GQA 32/8, d 128
@@ -24,9 +26,9 @@
 // The peer, in the last three columns: cuDNN's fused flash attention (inference, no dropout)
 // built with cuDNN's backend API in bench/cudnn_attention.cu, on the same q, k, v, timed the same
 // way into its own output (of the up to 4 plans cuDNN's heuristics offer, the fastest in a short
-// timing, each plan's time on stderr): "cuDNN TFLOP/s" (same FLOP count), "ours / cuDNN" (speed ratio,
-// cuDNN's time over ours) and "vs cuDNN rel err" (||ours - cuDNN|| / ||cuDNN|| over the whole
-// output, in double on the host). Prefill is top-left causal; decode at the end of the cache sees
+// timing, each plan's time on stderr): "cuDNN TFLOP/s" (same FLOP count), "ours / cuDNN" (speed
+// ratio, cuDNN's time over ours) and "vs cuDNN rel err" (||ours - cuDNN|| / ||cuDNN|| over the
+// whole output, in double on the host). Prefill is top-left causal; decode at the end of the cache sees
 // every key and runs unmasked. A shape cuDNN refuses reads "n/a", with cuDNN's message on stderr;
 // a build without cuDNN (CMake found none) reads "n/a (no cuDNN)". bench/peer_attention.py times
 // torch SDPA (its cuDNN and flash backends) at the same shapes as a second peer. A last table
@@ -479,6 +481,127 @@ void print_best(const Shape *shapes, const Result *results, int n) {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The backward (training): atomic dq against the deterministic pass
+// ---------------------------------------------------------------------------------------------
+
+// ||x - ref|| / ||ref|| over two fp32 vectors, in double.
+double rel_l2_error_f32(const std::vector<float> &x, const std::vector<float> &ref) {
+    double diff = 0, norm = 0;
+    for (size_t i = 0; i < x.size(); i++) {
+        const double d = (double)x[i] - (double)ref[i];
+        diff += d * d;
+        norm += (double)ref[i] * ref[i];
+    }
+    return sqrt(diff) / sqrt(norm);
+}
+
+// sf_cuda_attention_backward_bf16 at shape s, dq by atomics (the default) and by the
+// deterministic pass: the median time of each, model TFLOP/s (the backward's 5 matrix products
+// over the visible pairs: 10 head_dim n_heads pairs, the same count for both, so the ratio is
+// the time's), and two checks: dk and dv the same bits either way, dq within rounding.
+void run_backward(const Shape &s, int warmup, int repeats) {
+    const int64_t q_rows = (int64_t)s.n_requests * s.n_q, kv_rows = (int64_t)s.n_requests * s.n_kv;
+    const int64_t q_row = (int64_t)s.n_heads * s.head_dim;
+    const int64_t kv_row = (int64_t)s.n_kv_heads * s.head_dim;
+    uint16_t *q, *k, *v, *out, *dout;
+    float *lse, *delta, *dq, *dk, *dv;
+    int32_t *cu_q, *cu_kv;
+    BENCH_CUDA(cudaMalloc(&q, q_rows * q_row * 2));
+    BENCH_CUDA(cudaMalloc(&out, q_rows * q_row * 2));
+    BENCH_CUDA(cudaMalloc(&dout, q_rows * q_row * 2));
+    BENCH_CUDA(cudaMalloc(&k, kv_rows * kv_row * 2));
+    BENCH_CUDA(cudaMalloc(&v, kv_rows * kv_row * 2));
+    BENCH_CUDA(cudaMalloc(&lse, q_rows * s.n_heads * sizeof(float)));
+    BENCH_CUDA(cudaMalloc(&delta, q_rows * s.n_heads * sizeof(float)));
+    BENCH_CUDA(cudaMalloc(&dq, q_rows * q_row * sizeof(float)));
+    BENCH_CUDA(cudaMalloc(&dk, kv_rows * kv_row * sizeof(float)));
+    BENCH_CUDA(cudaMalloc(&dv, kv_rows * kv_row * sizeof(float)));
+    BENCH_CUDA(cudaMalloc(&cu_q, (s.n_requests + 1) * sizeof(int32_t)));
+    BENCH_CUDA(cudaMalloc(&cu_kv, (s.n_requests + 1) * sizeof(int32_t)));
+    bench_fill_bf16(q, q_rows * q_row, 11u, -1.0f, 1.0f);
+    bench_fill_bf16(k, kv_rows * kv_row, 12u, -1.0f, 1.0f);
+    bench_fill_bf16(v, kv_rows * kv_row, 13u, -1.0f, 1.0f);
+    bench_fill_bf16(dout, q_rows * q_row, 14u, -1.0f, 1.0f);
+    std::vector<int32_t> hcu_q(s.n_requests + 1), hcu_kv(s.n_requests + 1);
+    for (int r = 0; r <= s.n_requests; r++) {
+        hcu_q[r] = r * s.n_q;
+        hcu_kv[r] = r * s.n_kv;
+    }
+    BENCH_CUDA(cudaMemcpy(cu_q, hcu_q.data(), hcu_q.size() * 4, cudaMemcpyHostToDevice));
+    BENCH_CUDA(cudaMemcpy(cu_kv, hcu_kv.data(), hcu_kv.size() * 4, cudaMemcpyHostToDevice));
+
+    sf_attention_args a = {};
+    a.out = out;
+    a.lse = lse;
+    a.q = q;
+    a.k = k;
+    a.v = v;
+    a.cu_q = cu_q;
+    a.cu_kv = cu_kv;
+    a.n_requests = s.n_requests;
+    a.max_q_len = s.n_q;
+    a.n_heads = s.n_heads;
+    a.n_kv_heads = s.n_kv_heads;
+    a.head_dim = s.head_dim;
+    a.q_stride = a.out_stride = q_row;
+    a.kv_stride = kv_row;
+    a.causal = s.causal;
+    a.scale = 1.0f / sqrtf((float)s.head_dim);
+    BENCH_SF(sf_cuda_attention_bf16(&a, 0));
+    sf_attention_grads g = {};
+    g.dout = dout;
+    g.dq = dq;
+    g.dk = dk;
+    g.dv = dv;
+    g.delta = delta;
+    g.dout_stride = q_row;
+    g.dq_stride = q_row;
+    g.dkv_stride = kv_row;
+    g.max_kv_len = s.n_kv;
+
+    double ms[2];
+    std::vector<float> got[2][3];
+    for (int det = 0; det < 2; det++) {
+        g.deterministic = det == 1;
+        ms[det] = bench_median_ms(warmup, repeats, 0, [&](int) {
+            if (sf_cuda_attention_backward_bf16(&a, &g, 0) != SF_OK) {
+                fprintf(stderr, "bench_attention: %s backward: %s\n", s.name, sf_last_error());
+                exit(1);
+            }
+        });
+        BENCH_CUDA(cudaDeviceSynchronize());
+        float *bufs[3] = {dq, dk, dv};
+        const int64_t sizes[3] = {q_rows * q_row, kv_rows * kv_row, kv_rows * kv_row};
+        for (int b = 0; b < 3; b++) {
+            got[det][b].resize((size_t)sizes[b]);
+            BENCH_CUDA(cudaMemcpy(got[det][b].data(), bufs[b], sizes[b] * sizeof(float),
+                                  cudaMemcpyDeviceToHost));
+        }
+    }
+    const double flops = 10.0 * s.head_dim * s.n_heads * visible_pairs(s);
+    const bool same_kv = got[0][1] == got[1][1] && got[0][2] == got[1][2];
+    printf("%-26s %4d x %4d q x %5d kv  %2d/%-2d  %3d  %s  %9.4f  %8.1f  %9.4f  %8.1f  %6.2f  "
+           "%9.1e  %s\n",
+           s.name, s.n_requests, s.n_q, s.n_kv, s.n_heads, s.n_kv_heads, s.head_dim,
+           s.causal ? "causal" : "bidir ", ms[0], flops / (ms[0] * 1e9), ms[1],
+           flops / (ms[1] * 1e9), ms[1] / ms[0], rel_l2_error_f32(got[1][0], got[0][0]),
+           same_kv ? "yes" : "NO");
+    fflush(stdout);
+    cudaFree(q);
+    cudaFree(k);
+    cudaFree(v);
+    cudaFree(out);
+    cudaFree(dout);
+    cudaFree(lse);
+    cudaFree(delta);
+    cudaFree(dq);
+    cudaFree(dk);
+    cudaFree(dv);
+    cudaFree(cu_q);
+    cudaFree(cu_kv);
+}
+
 }  // namespace
 
 int main(int argc, char **argv) {
@@ -586,5 +709,19 @@ int main(int argc, char **argv) {
     for (int i = 0; i < kShapes; i++) results[i] = run_shape(shapes[i], warmup, repeats);
     print_best(shapes, results, kShapes);
     release_peer_plans();
+
+    // The training shapes of the backward: a SmolLM2-135M layer at bench_train's step (7 x 144
+    // tokens), a Llama-3.1-8B-shaped layer at long context, and the Sysformer's CA.
+    printf("\nattention backward (sf_cuda_attention_backward_bf16): dq by atomics against the "
+           "deterministic pass\n");
+    printf("%-26s %-27s %-5s  %-3s  %-6s  %9s  %8s  %9s  %8s  %6s  %9s  %s\n", "case", "shape",
+           "heads", "d", "mask", "atomic ms", "TFLOP/s", "determ ms", "TFLOP/s", "ratio",
+           "dq rel", "dk, dv same bits");
+    const Shape backward_shapes[] = {
+        {"smollm2 layer (train)", 7, 144, 144, 9, 3, 64, true, 0},
+        {"llama-8b layer, 2K", 4, 2048, 2048, 32, 8, 128, true, 0},
+        {"sysformer CA d128", 32, 256, 2048, 32, 32, 128, false, 0},
+    };
+    for (const Shape &s : backward_shapes) run_backward(s, warmup, repeats);
     return 0;
 }
