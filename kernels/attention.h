@@ -162,7 +162,10 @@ sf_status sf_attention_check_tensors(const sf_attention_args *a, const char *fn)
  * from run to run with the order in which the blocks finish (the values stay within the derived
  * tolerance). With deterministic set, a third kernel computes dq instead, one thread block per
  * tile of queries walking over their keys in order, so every output is the same bits on every
- * run; it recomputes S, P and dP for that (7 matrix products instead of 5).
+ * run; it recomputes S, P and dP for that (7 matrix products instead of 5). It double-buffers
+ * its K and V blocks where a block's shared memory allows (up to 104 KB at head dim 128), else
+ * single-buffers them (68 KB at head dim 128; SF_ERR_UNSUPPORTED, before anything is enqueued,
+ * on a device that allows less).
  *
  * Requirements, checked before any CUDA call, on top of the forward's (a->out, a->q, a->k, a->v
  * as there): a->lse, dout, dq, dk, dv and delta non-NULL; dout 16-byte aligned with dout_stride

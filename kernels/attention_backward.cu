@@ -188,7 +188,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_kernel(const BwdParams
     const int32_t kv_begin = p.cu_kv[req];
     const int32_t kv_len = p.kv_len ? p.kv_len[req] : p.cu_kv[req + 1] - kv_begin;
     if (j0 >= kv_len) return;  // whole CTA: past this request's keys
-    const int32_t j1 = min(j0 + kBlockN, kv_len);
+    const int32_t j1 = min(j0 + kBlockN, min(kv_len, p.max_kv_len));  // keys past: no gradient
     const int32_t q_begin = p.cu_q[req];
     const int32_t q_len = max(min(p.cu_q[req + 1] - q_begin, p.max_q_len), 0);
     const int64_t pos0 = p.q_pos0 ? p.q_pos0[req] : 0;
@@ -272,6 +272,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_kernel(const BwdParams
                 if (l != -INFINITY) lse2 = l * 1.4426950408889634f;
                 dlt = p.delta[idx];
                 visible_keys(p.causal, p.window, pos0 + i, kv_len, &lo, &hi);
+                hi = min(hi, p.max_kv_len);
             }
             sLse[tid] = lse2;
             sDelta[tid] = dlt;
@@ -291,7 +292,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_kernel(const BwdParams
             visible_keys(p.causal, p.window, pos0 + row0 / group, kv_len, &lo_f, &hi_f);
             visible_keys(p.causal, p.window, pos0 + (min(row0 + M, prow_end) - 1) / group, kv_len,
                          &lo_l, &hi_l);
-            need_mask = j0 < lo_l || j0 + kBlockN > hi_f;
+            need_mask = j0 < lo_l || j0 + kBlockN > min(hi_f, p.max_kv_len);
         }
 
         const uint16_t *q_s = sQ + buf * M * kRow;
@@ -465,31 +466,34 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_kernel(const BwdParams
 //   dS = P (dP - D), rounded to bf16 as the A operand straight from the accumulators
 //   dQ += dS K                  B: K (ldmatrix.trans)
 // Each dq element is then one fp32 accumulator summed in key order and stored once: the same
-// bits on every run. K and V blocks are double-buffered with cp.async.
+// bits on every run. K and V blocks are double-buffered with cp.async (kBuffers = 2: the next
+// block streams in during this one's products), or single-buffered (kBuffers = 1) where the
+// device's shared memory per block cannot hold two: 104 KB at head dim 128 against the 99 KB
+// an sm_86 / sm_89 block may opt in to.
 constexpr int kDqRows = kWarps * 16;
 
-template <int D>
+template <int D, int kBuffers>
 struct DqShape {
     static constexpr int kRow = D + kPad;
     static constexpr int kChunks = D / 8;
-    static constexpr size_t kSmemBytes =
-        (size_t)(2 * kDqRows + 4 * kBlockN) * kRow * sizeof(uint16_t);  // Q, dO, 2x K, 2x V
+    static constexpr size_t kSmemBytes =  // Q, dO, kBuffers x (K, V)
+        (size_t)(2 * kDqRows + 2 * kBuffers * kBlockN) * kRow * sizeof(uint16_t);
     static_assert(D % 16 == 0 && (kDqRows * kChunks) % kThreads == 0 &&
-                      (kBlockN * kChunks) % kThreads == 0,
+                      (kBlockN * kChunks) % kThreads == 0 && (kBuffers == 1 || kBuffers == 2),
                   "unsupported head dim");
 };
 
 // Grid: x = packed-row tiles, y = kv head, z = request.
-template <int D>
+template <int D, int kBuffers>
 __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const BwdParams p) {
-    using S = DqShape<D>;
+    using S = DqShape<D, kBuffers>;
     constexpr int kRow = S::kRow;
     constexpr int kChunks = S::kChunks;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     uint16_t *sQ = reinterpret_cast<uint16_t *>(smem_raw);  // [kDqRows][kRow]
     uint16_t *sdO = sQ + kDqRows * kRow;                     // [kDqRows][kRow]
-    uint16_t *sK = sdO + kDqRows * kRow;                     // [2][kBlockN][kRow]
-    uint16_t *sV = sK + 2 * kBlockN * kRow;                  // [2][kBlockN][kRow]
+    uint16_t *sK = sdO + kDqRows * kRow;                     // [kBuffers][kBlockN][kRow]
+    uint16_t *sV = sK + kBuffers * kBlockN * kRow;           // [kBuffers][kBlockN][kRow]
 
     const int tid = threadIdx.x;
     const int warp = tid / 32;
@@ -581,11 +585,18 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const BwdPar
     for (int dt = 0; dt < D / 8; dt++) dq[dt][0] = dq[dt][1] = dq[dt][2] = dq[dt][3] = 0.0f;
 
     for (int32_t blk = 0; blk < n_blocks; blk++) {
-        const int buf = blk & 1;
+        const int buf = kBuffers == 2 ? blk & 1 : 0;
         const int32_t j0 = lo + blk * kBlockN;
-        if (blk + 1 < n_blocks) load_block(buf ^ 1, j0 + kBlockN);
-        cp_async_commit();
-        cp_async_wait<1>();  // this block (and Q, dO) have landed
+        if (kBuffers == 2) {
+            if (blk + 1 < n_blocks) load_block(buf ^ 1, j0 + kBlockN);
+            cp_async_commit();
+            cp_async_wait<1>();  // this block (and Q, dO) have landed
+        } else {
+            // the one buffer is free: the loop's closing barrier follows its last reader
+            if (blk > 0) load_block(0, j0);
+            cp_async_commit();
+            cp_async_wait<0>();
+        }
         __syncthreads();
 
         if (warp_active) {
@@ -673,6 +684,25 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const BwdPar
 template <int D, int M>
 sf_status launch_attention_backward(const BwdParams &p, const sf_attention_args *a,
                                     const sf_attention_grads *gr, cudaStream_t stream) {
+    // The deterministic dq kernel's K/V buffers (0: dq by atomics, or nothing to compute: with
+    // no keys the preprocess's zeros are dq): two where the device's shared memory per block
+    // holds them, else one; decided before anything is enqueued.
+    int dq_buffers = 0;
+    if (!p.dq_atomic && a->max_q_len > 0 && gr->max_kv_len > 0) {
+        int dev = 0, optin = 0;
+        SF_CUDA_TRY(cudaGetDevice(&dev));
+        SF_CUDA_TRY(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+        dq_buffers = (size_t)optin >= DqShape<D, 2>::kSmemBytes   ? 2
+                     : (size_t)optin >= DqShape<D, 1>::kSmemBytes ? 1
+                                                                  : 0;
+        if (dq_buffers == 0) {
+            return sf_fail(SF_ERR_UNSUPPORTED,
+                           "sf_cuda_attention_backward_bf16: the deterministic dq pass needs "
+                           "%zu bytes of shared memory per block at head dim %d; this device "
+                           "allows %d",
+                           DqShape<D, 1>::kSmemBytes, D, optin);
+        }
+    }
     if (a->max_q_len > 0) {
         const dim3 grid((unsigned)sf_ceil_div((int64_t)a->max_q_len * a->n_heads, kPrepPairs),
                         (unsigned)a->n_requests);
@@ -693,14 +723,22 @@ sf_status launch_attention_backward(const BwdParams &p, const sf_attention_args 
         attention_bwd_kernel<D, M><<<grid, kThreads, smem, stream>>>(p);
         SF_CUDA_TRY(cudaGetLastError());
     }
-    if (!p.dq_atomic && a->max_q_len > 0 && gr->max_kv_len > 0) {
-        // (with no keys the preprocess's zeros are dq)
-        constexpr size_t smem = DqShape<D>::kSmemBytes;
-        SF_CUDA_TRY(cudaFuncSetAttribute(attention_bwd_dq_kernel<D>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    if (dq_buffers > 0) {
         const dim3 grid((unsigned)sf_ceil_div((int64_t)a->max_q_len * p.group, kDqRows),
                         (unsigned)a->n_kv_heads, (unsigned)a->n_requests);
-        attention_bwd_dq_kernel<D><<<grid, kThreads, smem, stream>>>(p);
+        if (dq_buffers == 2) {
+            constexpr size_t smem = DqShape<D, 2>::kSmemBytes;
+            SF_CUDA_TRY(cudaFuncSetAttribute(attention_bwd_dq_kernel<D, 2>,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             (int)smem));
+            attention_bwd_dq_kernel<D, 2><<<grid, kThreads, smem, stream>>>(p);
+        } else {
+            constexpr size_t smem = DqShape<D, 1>::kSmemBytes;
+            SF_CUDA_TRY(cudaFuncSetAttribute(attention_bwd_dq_kernel<D, 1>,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             (int)smem));
+            attention_bwd_dq_kernel<D, 1><<<grid, kThreads, smem, stream>>>(p);
+        }
         SF_CUDA_TRY(cudaGetLastError());
     }
     return SF_OK;

@@ -214,7 +214,11 @@ struct cudaPointerAttributes {
     long reserved[8];
 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
-enum cudaDeviceAttr { cudaDevAttrComputeCapabilityMajor = 75, cudaDevAttrComputeCapabilityMinor = 76 };
+enum cudaDeviceAttr {
+    cudaDevAttrComputeCapabilityMajor = 75,
+    cudaDevAttrComputeCapabilityMinor = 76,
+    cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
+};
 #define cudaStreamDefault 0x00
 #define cudaStreamNonBlocking 0x01
 #define cudaEventDefault 0x00
@@ -285,16 +289,31 @@ inline const void *kernel_key(Tag, F *f) {
         else                                                                 \
             return nullptr;                                                  \
     }(0))
+namespace emu {
+// The dynamic shared memory a kernel may opt in to: an H100's 227 KB, or EMU_SMEM_OPTIN bytes
+// (at most that), to stand for a GPU that allows less (101376 on sm_86 / sm_89, 166912 on an
+// A100), so that a launcher's choice for such a GPU can be tested.
+inline size_t smem_optin() {
+    static const size_t v = [] {
+        const char *s = getenv("EMU_SMEM_OPTIN");
+        const long long n = s ? atoll(s) : 0;
+        return n > 0 && (size_t)n < kMaxDynamicShared ? (size_t)n : kMaxDynamicShared;
+    }();
+    return v;
+}
+}  // namespace emu
 // The emulated device is an sm_90 (kernels that check for one, e.g. attention_sm90.cu, run).
 inline cudaError_t cudaDeviceGetAttribute(int *value, cudaDeviceAttr attr, int device) {
     if (device != 0) return cudaErrorInvalidDevice;
-    *value = attr == cudaDevAttrComputeCapabilityMajor ? 9 : 0;
+    *value = attr == cudaDevAttrComputeCapabilityMajor                ? 9
+             : attr == cudaDevAttrMaxSharedMemoryPerBlockOptin ? (int)emu::smem_optin()
+                                                                       : 0;
     return cudaSuccess;
 }
 template <typename T>
 inline cudaError_t cudaFuncSetAttribute(T *f, cudaFuncAttribute attr, int value) {
     if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 ||
-        (size_t)value > emu::kMaxDynamicShared)
+        (size_t)value > emu::smem_optin())
         return cudaErrorInvalidValue;
     emu::max_dynamic_shared[emu::kernel_key(0, f)] = value;
     return cudaSuccess;
