@@ -467,9 +467,9 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_kernel(const BwdParams
 //   dQ += dS K                  B: K (ldmatrix.trans)
 // Each dq element is then one fp32 accumulator summed in key order and stored once: the same
 // bits on every run. K and V blocks are double-buffered with cp.async (kBuffers = 2: the next
-// block streams in during this one's products), or single-buffered (kBuffers = 1) where the
-// device's shared memory per block cannot hold two: 104 KB at head dim 128 against the 99 KB
-// an sm_86 / sm_89 block may opt in to.
+// block streams in during this one's products), or single-buffered (kBuffers = 1, head dim 128
+// only) where the device's shared memory per block cannot hold two: 104 KB at head dim 128
+// against the 99 KB an sm_86 / sm_89 block may opt in to (80 KB at most below 128).
 constexpr int kDqRows = kWarps * 16;
 
 template <int D, int kBuffers>
@@ -686,21 +686,24 @@ sf_status launch_attention_backward(const BwdParams &p, const sf_attention_args 
                                     const sf_attention_grads *gr, cudaStream_t stream) {
     // The deterministic dq kernel's K/V buffers (0: dq by atomics, or nothing to compute: with
     // no keys the preprocess's zeros are dq): two where the device's shared memory per block
-    // holds them, else one; decided before anything is enqueued.
+    // holds them, else, at head dim 128 (the only one whose two buffers pass an sm_86's 99 KB),
+    // one; decided before anything is enqueued.
+    constexpr bool kSingle = D == 128;  // (a single-buffered D = 64 spills a register on sm_80)
     int dq_buffers = 0;
     if (!p.dq_atomic && a->max_q_len > 0 && gr->max_kv_len > 0) {
         int dev = 0, optin = 0;
         SF_CUDA_TRY(cudaGetDevice(&dev));
         SF_CUDA_TRY(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-        dq_buffers = (size_t)optin >= DqShape<D, 2>::kSmemBytes   ? 2
-                     : (size_t)optin >= DqShape<D, 1>::kSmemBytes ? 1
-                                                                  : 0;
+        const size_t least = kSingle ? DqShape<D, 1>::kSmemBytes : DqShape<D, 2>::kSmemBytes;
+        dq_buffers = (size_t)optin >= DqShape<D, 2>::kSmemBytes ? 2
+                     : (size_t)optin >= least                   ? 1
+                                                                : 0;
         if (dq_buffers == 0) {
             return sf_fail(SF_ERR_UNSUPPORTED,
                            "sf_cuda_attention_backward_bf16: the deterministic dq pass needs "
                            "%zu bytes of shared memory per block at head dim %d; this device "
                            "allows %d",
-                           DqShape<D, 1>::kSmemBytes, D, optin);
+                           least, D, optin);
         }
     }
     if (a->max_q_len > 0) {
@@ -732,7 +735,7 @@ sf_status launch_attention_backward(const BwdParams &p, const sf_attention_args 
                                              cudaFuncAttributeMaxDynamicSharedMemorySize,
                                              (int)smem));
             attention_bwd_dq_kernel<D, 2><<<grid, kThreads, smem, stream>>>(p);
-        } else {
+        } else if constexpr (kSingle) {
             constexpr size_t smem = DqShape<D, 1>::kSmemBytes;
             SF_CUDA_TRY(cudaFuncSetAttribute(attention_bwd_dq_kernel<D, 1>,
                                              cudaFuncAttributeMaxDynamicSharedMemorySize,
