@@ -279,6 +279,43 @@ bool sm90_runs() {
     return sf_cuda_attention_sm90_bf16(&a, 0) == SF_OK;
 }
 
+// The arguments both the forward rows and the backward rows pass for s, every request alike:
+// counts, heads, packed strides, mask, scale, and the request offsets, uploaded to *cu_q and
+// *cu_kv (device, the caller frees them) and, for a causal shape, q_pos0 to *pos0 (NULL
+// otherwise). The tensors and options are the caller's.
+sf_attention_args packed_args(const Shape &s, int32_t **cu_q, int32_t **cu_kv, int32_t **pos0) {
+    std::vector<int32_t> hcu_q(s.n_requests + 1), hcu_kv(s.n_requests + 1);
+    for (int r = 0; r <= s.n_requests; r++) {
+        hcu_q[r] = r * s.n_q;
+        hcu_kv[r] = r * s.n_kv;
+    }
+    const std::vector<int32_t> hpos((size_t)s.n_requests, s.q_pos0);
+    BENCH_CUDA(cudaMalloc(cu_q, hcu_q.size() * 4));
+    BENCH_CUDA(cudaMalloc(cu_kv, hcu_kv.size() * 4));
+    BENCH_CUDA(cudaMemcpy(*cu_q, hcu_q.data(), hcu_q.size() * 4, cudaMemcpyHostToDevice));
+    BENCH_CUDA(cudaMemcpy(*cu_kv, hcu_kv.data(), hcu_kv.size() * 4, cudaMemcpyHostToDevice));
+    *pos0 = nullptr;
+    if (s.causal) {
+        BENCH_CUDA(cudaMalloc(pos0, hpos.size() * 4));
+        BENCH_CUDA(cudaMemcpy(*pos0, hpos.data(), hpos.size() * 4, cudaMemcpyHostToDevice));
+    }
+    sf_attention_args a = {};
+    a.cu_q = *cu_q;
+    a.cu_kv = *cu_kv;
+    a.q_pos0 = *pos0;
+    a.n_requests = s.n_requests;
+    a.max_q_len = s.n_q;
+    a.n_heads = s.n_heads;
+    a.n_kv_heads = s.n_kv_heads;
+    a.head_dim = s.head_dim;
+    a.q_stride = a.out_stride = (int64_t)s.n_heads * s.head_dim;
+    a.kv_stride = (int64_t)s.n_kv_heads * s.head_dim;
+    a.causal = s.causal;
+    a.window = 0;
+    a.scale = 1.0f / sqrtf((float)s.head_dim);
+    return a;
+}
+
 // One row's outcome, for the summary.
 struct Result {
     bool ran = false;
@@ -305,9 +342,6 @@ Result run_shape(const Shape &s, int warmup, int repeats) {
     BENCH_CUDA(cudaMemset(peer_out, 0xff, q_rows * q_row * 2));
     BENCH_CUDA(cudaMalloc(&k, kv_rows * kv_row * 2));
     BENCH_CUDA(cudaMalloc(&v, kv_rows * kv_row * 2));
-    BENCH_CUDA(cudaMalloc(&cu_q, (s.n_requests + 1) * sizeof(int32_t)));
-    BENCH_CUDA(cudaMalloc(&cu_kv, (s.n_requests + 1) * sizeof(int32_t)));
-    BENCH_CUDA(cudaMalloc(&pos0, s.n_requests * sizeof(int32_t)));
     bench_fill_bf16(q, q_rows * q_row, 1u, -1.0f, 1.0f);
     bench_fill_bf16(k, kv_rows * kv_row, 2u, -1.0f, 1.0f);
     bench_fill_bf16(v, kv_rows * kv_row, 3u, -1.0f, 1.0f);
@@ -336,34 +370,11 @@ Result run_shape(const Shape &s, int warmup, int repeats) {
             sets.v.push_back(cv);
         }
     }
-    std::vector<int32_t> hcu_q(s.n_requests + 1), hcu_kv(s.n_requests + 1), hpos(s.n_requests);
-    for (int r = 0; r <= s.n_requests; r++) {
-        hcu_q[r] = r * s.n_q;
-        hcu_kv[r] = r * s.n_kv;
-        if (r < s.n_requests) hpos[r] = s.q_pos0;
-    }
-    BENCH_CUDA(cudaMemcpy(cu_q, hcu_q.data(), hcu_q.size() * 4, cudaMemcpyHostToDevice));
-    BENCH_CUDA(cudaMemcpy(cu_kv, hcu_kv.data(), hcu_kv.size() * 4, cudaMemcpyHostToDevice));
-    BENCH_CUDA(cudaMemcpy(pos0, hpos.data(), hpos.size() * 4, cudaMemcpyHostToDevice));
-
-    sf_attention_args a = {};
+    sf_attention_args a = packed_args(s, &cu_q, &cu_kv, &pos0);
     a.out = out;
     a.q = q;
     a.k = k;
     a.v = v;
-    a.cu_q = cu_q;
-    a.cu_kv = cu_kv;
-    a.q_pos0 = pos0;
-    a.n_requests = s.n_requests;
-    a.max_q_len = s.n_q;
-    a.n_heads = s.n_heads;
-    a.n_kv_heads = s.n_kv_heads;
-    a.head_dim = s.head_dim;
-    a.q_stride = a.out_stride = q_row;
-    a.kv_stride = kv_row;
-    a.causal = s.causal;
-    a.window = 0;
-    a.scale = 1.0f / sqrtf((float)s.head_dim);
     a.max_kv_len = s.max_kv_len;
     a.workspace_bytes = sf_cuda_attention_workspace_bytes(&a);
     if (a.workspace_bytes > 0) BENCH_CUDA(cudaMalloc(&a.workspace, a.workspace_bytes));
@@ -506,7 +517,7 @@ void run_backward(const Shape &s, int warmup, int repeats) {
     const int64_t kv_row = (int64_t)s.n_kv_heads * s.head_dim;
     uint16_t *q, *k, *v, *out, *dout;
     float *lse, *delta, *dq, *dk, *dv;
-    int32_t *cu_q, *cu_kv;
+    int32_t *cu_q, *cu_kv, *pos0;
     BENCH_CUDA(cudaMalloc(&q, q_rows * q_row * 2));
     BENCH_CUDA(cudaMalloc(&out, q_rows * q_row * 2));
     BENCH_CUDA(cudaMalloc(&dout, q_rows * q_row * 2));
@@ -517,37 +528,16 @@ void run_backward(const Shape &s, int warmup, int repeats) {
     BENCH_CUDA(cudaMalloc(&dq, q_rows * q_row * sizeof(float)));
     BENCH_CUDA(cudaMalloc(&dk, kv_rows * kv_row * sizeof(float)));
     BENCH_CUDA(cudaMalloc(&dv, kv_rows * kv_row * sizeof(float)));
-    BENCH_CUDA(cudaMalloc(&cu_q, (s.n_requests + 1) * sizeof(int32_t)));
-    BENCH_CUDA(cudaMalloc(&cu_kv, (s.n_requests + 1) * sizeof(int32_t)));
     bench_fill_bf16(q, q_rows * q_row, 11u, -1.0f, 1.0f);
     bench_fill_bf16(k, kv_rows * kv_row, 12u, -1.0f, 1.0f);
     bench_fill_bf16(v, kv_rows * kv_row, 13u, -1.0f, 1.0f);
     bench_fill_bf16(dout, q_rows * q_row, 14u, -1.0f, 1.0f);
-    std::vector<int32_t> hcu_q(s.n_requests + 1), hcu_kv(s.n_requests + 1);
-    for (int r = 0; r <= s.n_requests; r++) {
-        hcu_q[r] = r * s.n_q;
-        hcu_kv[r] = r * s.n_kv;
-    }
-    BENCH_CUDA(cudaMemcpy(cu_q, hcu_q.data(), hcu_q.size() * 4, cudaMemcpyHostToDevice));
-    BENCH_CUDA(cudaMemcpy(cu_kv, hcu_kv.data(), hcu_kv.size() * 4, cudaMemcpyHostToDevice));
-
-    sf_attention_args a = {};
+    sf_attention_args a = packed_args(s, &cu_q, &cu_kv, &pos0);
     a.out = out;
     a.lse = lse;
     a.q = q;
     a.k = k;
     a.v = v;
-    a.cu_q = cu_q;
-    a.cu_kv = cu_kv;
-    a.n_requests = s.n_requests;
-    a.max_q_len = s.n_q;
-    a.n_heads = s.n_heads;
-    a.n_kv_heads = s.n_kv_heads;
-    a.head_dim = s.head_dim;
-    a.q_stride = a.out_stride = q_row;
-    a.kv_stride = kv_row;
-    a.causal = s.causal;
-    a.scale = 1.0f / sqrtf((float)s.head_dim);
     BENCH_SF(sf_cuda_attention_bf16(&a, 0));
     sf_attention_grads g = {};
     g.dout = dout;
@@ -600,6 +590,7 @@ void run_backward(const Shape &s, int warmup, int repeats) {
     cudaFree(dv);
     cudaFree(cu_q);
     cudaFree(cu_kv);
+    cudaFree(pos0);
 }
 
 }  // namespace
