@@ -26,6 +26,7 @@
 #include <thread>
 #include <vector>
 
+#include "model/generation.h"
 #include "sysformer.h"
 
 #ifndef SF_TEST_DATA_DIR
@@ -1019,6 +1020,48 @@ sf_status load_json_text(const std::string &json, std::string *err = nullptr) {
     }
     sf_tokenizer_free(t);
     return st;
+}
+
+// Generation's token handling (host/model/generation.c, shared by sf_generate_cpu and the CUDA
+// generation and sessions) with a tokenizer that has a 300-byte token and fewer ids than the
+// model: a sampled id past the tokenizer's (an LM head padded past the vocabulary, as Qwen2's)
+// has no text, and a piece longer than the 256-byte buffer arrives whole, in the reply and in
+// the stream. Either used to fail the call, and with it a whole session.
+std::vector<std::string> g_streamed;
+bool keep_piece(void *, int32_t, int32_t, const char *text, size_t len) {
+    g_streamed.emplace_back(text ? std::string(text, len) : std::string("<null>"));
+    return true;
+}
+
+TEST(Generation, AcceptsIdsPastTheTokenizerAndPiecesOfAnyLength) {
+    const std::string long_token(300, 'a');
+    TempDir d;
+    d.write("tokenizer.json", tiny_json(tiny_model(", \"" + long_token + "\": 257")));
+    sf_tokenizer *t = nullptr;
+    ASSERT_EQ(sf_tokenizer_load(d.path().c_str(), &t), SF_OK) << sf_last_error();
+    TokPtr tok(t);
+    ASSERT_EQ(sf_tokenizer_vocab_size(t), 258);
+    sf_generation g = {};
+    sf_sampling s = {};
+    const sf_gen_ctx c = {"test", &g, keep_piece, nullptr};
+    sf_gen_request rq = {};
+    sf_generation_result res = {};
+    ASSERT_EQ(sf_gen_request_start("test", SF_OK, t, &s, 8, 4, 64, &rq, &res), SF_OK);
+    const sf_gen_room room = {5, 64, 64};
+    g_streamed.clear();
+    const std::vector<int32_t> ids = {'h', 257, 258 + 90, 'i'};
+    for (int32_t id : ids) {
+        EXPECT_EQ(sf_gen_accept(&c, 0, id, nullptr, room, &rq, &res), SF_OK) << id << ": "
+                                                                             << sf_last_error();
+    }
+    EXPECT_FALSE(rq.done);
+    EXPECT_EQ(sf_gen_finish("test", SF_OK, &rq, &res), SF_OK) << sf_last_error();
+    ASSERT_EQ(res.n_tokens, 4);
+    EXPECT_EQ(std::vector<int32_t>(res.tokens, res.tokens + 4), ids);
+    ASSERT_NE(res.text, nullptr);
+    EXPECT_EQ(std::string(res.text), "h" + long_token + "i");
+    EXPECT_EQ(g_streamed, (std::vector<std::string>{"h", long_token, "", "i"}));
+    sf_generation_result_free(&res);
 }
 
 TEST(TokenizerJson, TinyTokenizerWorks) {

@@ -143,6 +143,7 @@ sf_status sf_gen_request_start(const char *who, sf_status st, const sf_tokenizer
         st = sf_fail(SF_ERR_OUT_OF_MEMORY, "%s: out of memory", who);
     }
     if (st == SF_OK && tok) st = sf_detokenizer_create(tok, true, &rq->detok);
+    rq->detok_ids = tok ? sf_tokenizer_vocab_size(tok) : 0;
     return st;
 }
 
@@ -175,14 +176,32 @@ sf_status sf_gen_accept(const sf_gen_ctx *c, int32_t r, int32_t token,
     }
     res->tokens[res->n_tokens++] = token;
     rq->last = token;
-    char piece[256];
+    /* The token's text. An id past the tokenizer's (the padded rows of an LM head larger than
+     * the vocabulary, Qwen2's 151936 against its tokenizer's ~151665, can be sampled) has none,
+     * as transformers decodes it to ""; a piece longer than the buffer is pushed again into
+     * one of its size (a refused push leaves the detokenizer as it was). */
+    char small[256];
+    char *piece = small, *grown = NULL;
     size_t piece_len = 0;
-    if (rq->detok) {
-        sf_status st = sf_detokenizer_push(rq->detok, token, piece, sizeof piece, &piece_len);
+    small[0] = '\0';
+    if (rq->detok && token >= 0 && token < rq->detok_ids) {
+        sf_status st = sf_detokenizer_push(rq->detok, token, small, sizeof small, &piece_len);
+        if (st == SF_ERR_OUT_OF_RANGE) {
+            grown = malloc(piece_len + 1);
+            if (!grown) return sf_fail(SF_ERR_OUT_OF_MEMORY, "%s: out of memory", c->who);
+            piece = grown;
+            st = sf_detokenizer_push(rq->detok, token, grown, piece_len + 1, &piece_len);
+        }
         if (st == SF_OK) st = text_append(c->who, rq, piece, piece_len);
-        if (st != SF_OK) return st;
+        if (st != SF_OK) {
+            free(grown);
+            return st;
+        }
     }
-    if (c->stream && !c->stream(c->user, r, token, rq->detok ? piece : NULL, piece_len)) {
+    const bool go_on =
+        !c->stream || c->stream(c->user, r, token, rq->detok ? piece : NULL, piece_len);
+    free(grown);
+    if (!go_on) {
         rq->done = true;
         res->finish = SF_FINISH_CALLBACK;
         return SF_OK;

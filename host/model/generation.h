@@ -16,6 +16,7 @@ extern "C" {
 /* One request's state while generating. */
 typedef struct sf_gen_request {
     sf_detokenizer *detok;
+    int32_t detok_ids;           /* the tokenizer's ids: a sampled id past them has no text   */
     const sf_sampling *sampling; /* the request's setting (g->request_sampling[r] or g->sampling) */
     int32_t max_new;             /* the request's limit (sf_gen_max_new)                        */
     uint64_t rng;     /* the request's own sampling stream, from sampling->seed */
